@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Install the official x402 clients that tests/interop.rs pays our server with:
+#   target/test-deps/node  npm ci of tests/clients/package.json + package-lock.json
+#   target/test-deps/venv  python venv with tests/clients/requirements.txt (fully pinned)
+# Idempotent: a stamp (hash of the lock files, this script, node and python versions) makes a
+# re-run an instant no-op. Exits non-zero if anything cannot be installed, so CI fails loudly
+# instead of the interop tests silently skipping.
+# Env: X402_TEST_DEPS (install dir, default <repo>/target/test-deps), X402_PYTHON (default python3).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CLIENTS="$ROOT/tests/clients"
+DEPS="${X402_TEST_DEPS:-$ROOT/target/test-deps}"
+mkdir -p "$DEPS"
+DEPS="$(cd "$DEPS" && pwd)"
+PY="${X402_PYTHON:-python3}"
+
+log() { printf '[install-test-deps] %s\n' "$*" >&2; }
+die() { printf '[install-test-deps] ERROR: %s\n' "$*" >&2; exit 1; }
+
+command -v node >/dev/null || die "node (>= 20) is required"
+command -v npm >/dev/null || die "npm is required"
+[ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] || die "node >= 20 required (global fetch), found $(node --version)"
+command -v "$PY" >/dev/null || die "$PY not found (set X402_PYTHON)"
+pyver="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' || die "python >= 3.10 required by the x402 SDK, found $pyver"
+
+# Serialise concurrent runs (two terminals, or scripts/test started twice) on the same dir.
+if command -v flock >/dev/null; then
+  exec 9>"$DEPS/.install.lock"
+  flock 9
+fi
+
+stamp_file="$DEPS/.stamp"
+want_stamp="$(cat "$CLIENTS/package.json" "$CLIENTS/package-lock.json" "$CLIENTS/requirements.txt" \
+  "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16) node=$(node --version) python=$pyver"
+
+installed() {
+  [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want_stamp" ] \
+    && [ -d "$DEPS/node/node_modules/@x402/fetch" ] && [ -d "$DEPS/node/node_modules/x402-fetch" ] \
+    && "$DEPS/venv/bin/python" -c 'import sys' 2>/dev/null
+}
+if installed; then
+  log "up to date: $DEPS"
+  exit 0
+fi
+rm -f "$stamp_file" # a half-finished install must never look complete
+
+# apt-get install, once per run (update first: a fresh machine has no package lists).
+apt_updated=0
+apt_install() {
+  [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null || return 1
+  if [ "$apt_updated" = 0 ]; then apt-get update -qq >/dev/null && apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+install_node() {
+  log "npm ci into $DEPS/node"
+  mkdir -p "$DEPS/node"
+  cp "$CLIENTS/package.json" "$CLIENTS/package-lock.json" "$DEPS/node/"
+  # --ignore-scripts: no package here needs an install script (native add-ons such as keccak and
+  # bufferutil have pure-JS fallbacks), and it avoids needing a C toolchain.
+  (cd "$DEPS/node" && npm ci --ignore-scripts --no-audit --no-fund --no-update-notifier --loglevel=error)
+  (cd "$DEPS/node" && node -e 'for (const m of ["@x402/fetch", "@x402/evm/exact/client", "@x402/core",
+    "x402-fetch", "viem", "viem/accounts", "viem/chains"]) require(m)') \
+    || die "installed npm packages do not load"
+}
+
+install_python() {
+  local venv="$DEPS/venv"
+  if ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+    rm -rf "$venv"
+    if ! "$PY" -m venv "$venv" >/dev/null 2>&1; then
+      # Debian splits venv/ensurepip out of the interpreter package.
+      rm -rf "$venv"
+      log "'$PY -m venv' failed; installing python$pyver-venv with apt-get"
+      apt_install "python$pyver-venv" || apt_install python3-venv \
+        || die "'$PY -m venv' failed and python3-venv cannot be installed (needs root + apt-get)"
+      "$PY" -m venv "$venv" || die "'$PY -m venv' still fails"
+    fi
+  fi
+  log "pip install -r tests/clients/requirements.txt into $venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+    -r "$CLIENTS/requirements.txt"
+  "$venv/bin/python" -c 'import x402, x402.mechanisms.evm.exact, eth_account, requests, httpx' \
+    || die "python x402 SDK does not import"
+}
+
+# ---------------------------------------------------------------------------------------------
+# SERVICES HOOK (reserved for later issues; nothing is installed here yet):
+#   - redis-server from Debian (apt_install redis-server) for the Redis NonceStore tests;
+#   - anvil (npm "@foundry-rs/anvil-linux-amd64": "1.7.1", added to tests/clients/package.json
+#     so npm ci brings it) for on-chain settlement tests.
+# Extend this function and installed() together, so the stamp covers what is added.
+install_services() {
+  :
+}
+# ---------------------------------------------------------------------------------------------
+
+t0=$(date +%s)
+install_node
+install_python
+install_services
+printf '%s\n' "$want_stamp" >"$stamp_file"
+log "installed in $(($(date +%s) - t0))s: $DEPS"

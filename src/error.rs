@@ -1,0 +1,38 @@
+//! Configuration errors, and re-exports of the per-concern error enums.
+
+pub use crate::network::NetworkParseError;
+pub use crate::nonce::StoreError;
+pub use crate::price::PriceError;
+pub use crate::proto::header::HeaderError;
+pub use crate::settle::SettleError;
+pub use crate::verify::{SignatureError, VerifyError};
+
+/// A [`PaymentLayer`](crate::PaymentLayer) that cannot be built as configured.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The price does not parse for the asset's decimals.
+    #[error(transparent)]
+    Price(#[from] PriceError),
+    /// A zero price: x402 payments must move some value.
+    #[error("price must be greater than zero")]
+    ZeroPrice,
+    /// No `pay_to` address, or the zero address.
+    #[error("pay_to must be a non-zero address")]
+    PayTo,
+    /// No network/asset for the simple price; or no USDC preset for the network.
+    #[error("no asset: call .asset(..) or .network(..) with a network that has a USDC preset")]
+    NoAsset,
+    /// Neither a price nor payment options nor a pricing function.
+    #[error("no payment option configured")]
+    NoOptions,
+    /// An asset without an EIP-712 name or version: every client and facilitator would fail.
+    #[error("asset {0} lacks the EIP-712 name/version")]
+    MissingEip712Domain(crate::primitives::Address),
+    /// `max_timeout_seconds` of zero.
+    #[error("max timeout must be at least one second")]
+    ZeroTimeout,
+    /// Both protocol versions disabled.
+    #[error("at least one protocol version must be enabled")]
+    NoVersion,
+}

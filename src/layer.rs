@@ -1,0 +1,380 @@
+//! [`PaymentLayer`]: configuration and builder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy_primitives::{Address, U256};
+use http::request::Parts;
+use serde_json::{Map, Value};
+use tower_layer::Layer;
+
+use crate::error::ConfigError;
+use crate::network::Asset;
+use crate::nonce::{MemoryNonceStore, NonceStore};
+use crate::price::parse_price;
+use crate::proto::header::DEFAULT_MAX_HEADER_BYTES;
+use crate::proto::v2::PaymentRequirements;
+use crate::service::Payment;
+use crate::settle::{Settler, VerifyOnly};
+use crate::verify::{ExactEvmVerifier, Verifier};
+use crate::Network;
+
+/// One way to pay for a route: an `exact` payment of `amount` of `asset` to `pay_to`.
+///
+/// ```
+/// use tower_x402::{Asset, PaymentOption};
+/// use tower_x402::primitives::address;
+/// let opt = PaymentOption::exact(
+///     &Asset::usdc_base_sepolia(),
+///     "$0.001",
+///     address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
+/// )
+/// .unwrap();
+/// assert_eq!(opt.requirements().amount.to::<u64>(), 1000);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct PaymentOption {
+    requirements: PaymentRequirements,
+}
+
+impl PaymentOption {
+    /// Default `maxTimeoutSeconds` (the reference's).
+    pub const DEFAULT_MAX_TIMEOUT_SECONDS: u64 = 300;
+
+    /// `price` (e.g. `"$0.001"`, exact decimal) of `asset`, paid to `pay_to`.
+    ///
+    /// # Errors
+    /// The price does not parse, is zero or too precise for the asset's decimals; `pay_to` is
+    /// the zero address; the asset lacks its EIP-712 name or version.
+    pub fn exact(asset: &Asset, price: &str, pay_to: Address) -> Result<Self, ConfigError> {
+        let amount = parse_price(price, asset.decimals)?;
+        Self::exact_atomic(asset, amount, pay_to)
+    }
+
+    /// `amount` atomic units of `asset`, paid to `pay_to`.
+    ///
+    /// # Errors
+    /// As [`PaymentOption::exact`].
+    pub fn exact_atomic(asset: &Asset, amount: U256, pay_to: Address) -> Result<Self, ConfigError> {
+        if amount.is_zero() {
+            return Err(ConfigError::ZeroPrice);
+        }
+        if pay_to.is_zero() {
+            return Err(ConfigError::PayTo);
+        }
+        if asset.eip712_name.is_empty() || asset.eip712_version.is_empty() {
+            return Err(ConfigError::MissingEip712Domain(asset.address));
+        }
+        let mut extra = Map::new();
+        extra.insert("name".into(), Value::String(asset.eip712_name.clone()));
+        extra.insert("version".into(), Value::String(asset.eip712_version.clone()));
+        Ok(Self {
+            requirements: PaymentRequirements {
+                scheme: crate::verify::exact::SCHEME.into(),
+                network: asset.network,
+                amount,
+                asset: asset.address,
+                pay_to,
+                max_timeout_seconds: Self::DEFAULT_MAX_TIMEOUT_SECONDS,
+                extra: Some(extra),
+            },
+        })
+    }
+
+    /// Sets `maxTimeoutSeconds` (default 300): also the longest validity accepted.
+    ///
+    /// # Errors
+    /// Zero seconds.
+    pub fn with_max_timeout(mut self, secs: u64) -> Result<Self, ConfigError> {
+        if secs == 0 {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        self.requirements.max_timeout_seconds = secs;
+        Ok(self)
+    }
+
+    /// The requirements as sent in `accepts`.
+    pub fn requirements(&self) -> &PaymentRequirements {
+        &self.requirements
+    }
+}
+
+/// Decides per request what a call costs: `None` makes the request free.
+pub type PricingFn = dyn Fn(&Parts) -> Option<Arc<[PaymentOption]>> + Send + Sync;
+
+pub(crate) enum Pricing {
+    Static(Arc<[PaymentOption]>),
+    Dynamic(Arc<PricingFn>),
+}
+
+/// What a layer needs per request; shared by every service clone (one refcount per call).
+pub(crate) struct Shared {
+    pub(crate) verifier: Arc<dyn Verifier>,
+    pub(crate) store: Arc<dyn NonceStore>,
+    pub(crate) settler: Arc<dyn Settler>,
+    pub(crate) pricing: Pricing,
+    pub(crate) resource_base: Option<String>,
+    pub(crate) description: Option<String>,
+    pub(crate) mime_type: Option<String>,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) expose_headers: bool,
+    pub(crate) retry_after: Duration,
+    pub(crate) accept_v1: bool,
+    pub(crate) accept_v2: bool,
+}
+
+/// Charges for the requests of the services it wraps, with x402. See the
+/// [crate docs](crate) for the flow and an example.
+#[derive(Clone)]
+#[must_use]
+pub struct PaymentLayer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for PaymentLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaymentLayer").finish_non_exhaustive()
+    }
+}
+
+impl PaymentLayer {
+    /// Starts a configuration; finish it with [`PaymentLayerBuilder::build`].
+    pub fn builder() -> PaymentLayerBuilder {
+        PaymentLayerBuilder::default()
+    }
+}
+
+impl<S> Layer<S> for PaymentLayer {
+    type Service = Payment<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Payment::new(inner, self.shared.clone())
+    }
+}
+
+/// Builder of a [`PaymentLayer`]. Every setter states its default.
+#[must_use]
+pub struct PaymentLayerBuilder {
+    verifier: Arc<dyn Verifier>,
+    store: Option<Arc<dyn NonceStore>>,
+    settler: Arc<dyn Settler>,
+    options: Vec<PaymentOption>,
+    pricing: Option<Arc<PricingFn>>,
+    pay_to: Option<Address>,
+    price: Option<String>,
+    asset: Option<Asset>,
+    network: Option<Network>,
+    max_timeout: Option<u64>,
+    resource_base: Option<String>,
+    description: Option<String>,
+    mime_type: Option<String>,
+    max_header_bytes: usize,
+    expose_headers: bool,
+    retry_after: Duration,
+    accept_v1: bool,
+    accept_v2: bool,
+}
+
+impl Default for PaymentLayerBuilder {
+    fn default() -> Self {
+        Self {
+            verifier: Arc::new(ExactEvmVerifier::new()),
+            store: None,
+            settler: Arc::new(VerifyOnly),
+            options: Vec::new(),
+            pricing: None,
+            pay_to: None,
+            price: None,
+            asset: None,
+            network: None,
+            max_timeout: None,
+            resource_base: None,
+            description: None,
+            mime_type: None,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            expose_headers: false,
+            retry_after: Duration::from_secs(5),
+            accept_v1: true,
+            accept_v2: true,
+        }
+    }
+}
+
+impl PaymentLayerBuilder {
+    /// Who gets paid (for the simple `price` form). Required with [`Self::price`].
+    pub fn pay_to(mut self, address: Address) -> Self {
+        self.pay_to = Some(address);
+        self
+    }
+
+    /// The price of each request, e.g. `"$0.001"` (exact decimal in the asset's units).
+    pub fn price(mut self, price: impl Into<String>) -> Self {
+        self.price = Some(price.into());
+        self
+    }
+
+    /// The network; with no [`Self::asset`], its USDC preset is the asset.
+    pub fn network(mut self, network: Network) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    /// The token to be paid in (default: USDC of [`Self::network`]).
+    pub fn asset(mut self, asset: Asset) -> Self {
+        self.asset = Some(asset);
+        self
+    }
+
+    /// `maxTimeoutSeconds` of the simple price (default 300).
+    pub fn max_timeout(mut self, secs: u64) -> Self {
+        self.max_timeout = Some(secs);
+        self
+    }
+
+    /// Adds a payment option to `accepts` (several may be offered, e.g. two networks).
+    pub fn accept(mut self, option: PaymentOption) -> Self {
+        self.options.push(option);
+        self
+    }
+
+    /// Prices each request from its parts; `None` lets the request through for free. Replaces
+    /// the static price and options.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tower_x402::{Asset, PaymentLayer, PaymentOption};
+    /// use tower_x402::primitives::address;
+    /// let pay_to = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
+    /// let usdc = Asset::usdc_base_sepolia();
+    /// let cheap: Arc<[PaymentOption]> = Arc::new([PaymentOption::exact(&usdc, "$0.001", pay_to).unwrap()]);
+    /// let dear: Arc<[PaymentOption]> = Arc::new([PaymentOption::exact(&usdc, "$0.01", pay_to).unwrap()]);
+    /// let layer = PaymentLayer::builder()
+    ///     .pricing(move |parts| match parts.uri.path() {
+    ///         "/health" => None,
+    ///         p if p.starts_with("/premium") => Some(dear.clone()),
+    ///         _ => Some(cheap.clone()),
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// ```
+    pub fn pricing<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<Arc<[PaymentOption]>> + Send + Sync + 'static,
+    {
+        self.pricing = Some(Arc::new(f));
+        self
+    }
+
+    /// Replaces the verifier (default: in-process [`ExactEvmVerifier`] on the system clock).
+    pub fn verifier(mut self, verifier: impl Verifier) -> Self {
+        self.verifier = Arc::new(verifier);
+        self
+    }
+
+    /// Replaces the replay guard (default: a [`MemoryNonceStore`] of its own). Instances behind
+    /// one load balancer must share a store.
+    pub fn nonce_store(mut self, store: impl NonceStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Replaces the settler (default: [`VerifyOnly`], which moves no money).
+    pub fn settler(mut self, settler: impl Settler) -> Self {
+        self.settler = Arc::new(settler);
+        self
+    }
+
+    /// Base URL for `resource.url` (e.g. `https://api.example.com`); the request path is
+    /// appended. Default: `http://` + the request's `Host` + path.
+    pub fn resource_base(mut self, base: impl Into<String>) -> Self {
+        self.resource_base = Some(base.into().trim_end_matches('/').to_owned());
+        self
+    }
+
+    /// Human description of what is sold (default none).
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        self.description = Some(text.into());
+        self
+    }
+
+    /// MIME type of the paid response (default none).
+    pub fn mime_type(mut self, mime: impl Into<String>) -> Self {
+        self.mime_type = Some(mime.into());
+        self
+    }
+
+    /// Largest payment header accepted, in bytes (default 8 KiB); larger gets 431.
+    pub fn max_header_bytes(mut self, bytes: usize) -> Self {
+        self.max_header_bytes = bytes;
+        self
+    }
+
+    /// Adds `Access-Control-Expose-Headers: PAYMENT-REQUIRED, PAYMENT-RESPONSE,
+    /// X-PAYMENT-RESPONSE` to every response of the layer, so browser clients can read them
+    /// cross-origin (default off; your CORS layer must also allow the request headers).
+    pub fn expose_headers(mut self, on: bool) -> Self {
+        self.expose_headers = on;
+        self
+    }
+
+    /// `Retry-After` sent with 503 when a dependency is down (default 5 s).
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = wait;
+        self
+    }
+
+    /// Which protocol versions are accepted (default both). The 402 always carries both
+    /// forms of the challenge.
+    pub fn versions(mut self, v1: bool, v2: bool) -> Self {
+        self.accept_v1 = v1;
+        self.accept_v2 = v2;
+        self
+    }
+
+    /// Validates the configuration and builds the layer.
+    ///
+    /// # Errors
+    /// See [`ConfigError`]: nothing to sell, a bad price, a zero `pay_to`, a missing asset.
+    pub fn build(self) -> Result<PaymentLayer, ConfigError> {
+        let mut options = self.options;
+        if let Some(price) = &self.price {
+            let asset = match (&self.asset, self.network) {
+                (Some(a), _) => a.clone(),
+                (None, Some(n)) => Asset::usdc(n).ok_or(ConfigError::NoAsset)?,
+                (None, None) => return Err(ConfigError::NoAsset),
+            };
+            let pay_to = self.pay_to.ok_or(ConfigError::PayTo)?;
+            let mut opt = PaymentOption::exact(&asset, price, pay_to)?;
+            if let Some(secs) = self.max_timeout {
+                opt = opt.with_max_timeout(secs)?;
+            }
+            options.insert(0, opt);
+        }
+        let pricing = match self.pricing {
+            Some(f) => Pricing::Dynamic(f),
+            None if options.is_empty() => return Err(ConfigError::NoOptions),
+            None => Pricing::Static(options.into()),
+        };
+        if !self.accept_v1 && !self.accept_v2 {
+            return Err(ConfigError::NoVersion);
+        }
+        Ok(PaymentLayer {
+            shared: Arc::new(Shared {
+                verifier: self.verifier,
+                store: self
+                    .store
+                    .unwrap_or_else(|| Arc::new(MemoryNonceStore::new())),
+                settler: self.settler,
+                pricing,
+                resource_base: self.resource_base,
+                description: self.description,
+                mime_type: self.mime_type,
+                max_header_bytes: self.max_header_bytes,
+                expose_headers: self.expose_headers,
+                retry_after: self.retry_after,
+                accept_v1: self.accept_v1,
+                accept_v2: self.accept_v2,
+            }),
+        })
+    }
+}

@@ -1,0 +1,245 @@
+//! Chains (CAIP-2 `eip155:<id>`, with the v1 short names) and token presets.
+
+use std::fmt;
+use std::str::FromStr;
+
+use alloy_primitives::{Address, address};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// An EVM network, identified by its chain id.
+///
+/// On the wire it is CAIP-2 (`eip155:84532`) in x402 v2 and a short name (`base-sepolia`) in v1.
+/// [`FromStr`] accepts both; [`Network::caip2`] and [`Network::v1_name`] render them.
+///
+/// ```
+/// use tower_x402::Network;
+/// let n: Network = "base-sepolia".parse().unwrap();
+/// assert_eq!(n, Network::BASE_SEPOLIA);
+/// assert_eq!(n.to_string(), "eip155:84532");
+/// assert_eq!("eip155:8453".parse::<Network>().unwrap().v1_name(), Some("base"));
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Network {
+    chain_id: u64,
+}
+
+/// v1 short names and their chain ids (the reference's table, EVM part).
+const V1_NAMES: &[(&str, u64)] = &[
+    ("base", 8453),
+    ("base-sepolia", 84532),
+    ("avalanche", 43114),
+    ("avalanche-fuji", 43113),
+    ("polygon", 137),
+    ("polygon-amoy", 80002),
+    ("sei", 1329),
+    ("sei-testnet", 1328),
+    ("iotex", 4689),
+    ("ethereum", 1),
+    ("sepolia", 11155111),
+    ("arbitrum", 42161),
+    ("arbitrum-sepolia", 421614),
+    ("optimism", 10),
+    ("optimism-sepolia", 11155420),
+];
+
+impl Network {
+    /// Base mainnet, `eip155:8453`.
+    pub const BASE: Network = Network::eip155(8453);
+    /// Base Sepolia testnet, `eip155:84532`.
+    pub const BASE_SEPOLIA: Network = Network::eip155(84532);
+
+    /// The EVM network with this chain id.
+    pub const fn eip155(chain_id: u64) -> Self {
+        Self { chain_id }
+    }
+
+    /// The EIP-155 chain id (the EIP-712 `chainId`).
+    pub const fn chain_id(self) -> u64 {
+        self.chain_id
+    }
+
+    /// CAIP-2 id, e.g. `eip155:8453` (the v2 wire form).
+    pub fn caip2(self) -> String {
+        format!("eip155:{}", self.chain_id)
+    }
+
+    /// The v1 short name, if the chain has one.
+    pub fn v1_name(self) -> Option<&'static str> {
+        V1_NAMES
+            .iter()
+            .find(|(_, id)| *id == self.chain_id)
+            .map(|(name, _)| *name)
+    }
+
+    /// Parses a CAIP-2 `eip155:<decimal chain id>`.
+    pub fn from_caip2(s: &str) -> Result<Self, NetworkParseError> {
+        let id = s
+            .strip_prefix("eip155:")
+            .ok_or(NetworkParseError::Unsupported)?;
+        // Canonical decimal only: no sign, no leading zeros, fits u64.
+        if id.is_empty()
+            || !id.bytes().all(|b| b.is_ascii_digit())
+            || (id.len() > 1 && id.starts_with('0'))
+        {
+            return Err(NetworkParseError::Malformed);
+        }
+        id.parse()
+            .map(Self::eip155)
+            .map_err(|_| NetworkParseError::Malformed)
+    }
+
+    /// Parses a v1 short name such as `base-sepolia`.
+    pub fn from_v1_name(s: &str) -> Result<Self, NetworkParseError> {
+        V1_NAMES
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, id)| Self::eip155(*id))
+            .ok_or(NetworkParseError::Unsupported)
+    }
+}
+
+/// Why a network string was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetworkParseError {
+    /// Not an EVM network we know (another CAIP-2 namespace, or an unknown v1 name).
+    #[error("unsupported network")]
+    Unsupported,
+    /// `eip155:` followed by something that is not a canonical decimal chain id.
+    #[error("malformed eip155 chain id")]
+    Malformed,
+}
+
+impl FromStr for Network {
+    type Err = NetworkParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.contains(':') {
+            Self::from_caip2(s)
+        } else {
+            Self::from_v1_name(s)
+        }
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "eip155:{}", self.chain_id)
+    }
+}
+
+impl fmt::Debug for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Serializes as CAIP-2 (the v2 form); v1 types use [`v1_name`] instead.
+impl Serialize for Network {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Network::from_caip2(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde adapter for the v1 short network names (`base`, `base-sepolia`, ...).
+pub mod v1_name {
+    use super::Network;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the short name; a chain without one is written as CAIP-2.
+    pub fn serialize<S: Serializer>(n: &Network, s: S) -> Result<S::Ok, S::Error> {
+        match n.v1_name() {
+            Some(name) => s.serialize_str(name),
+            None => s.collect_str(n),
+        }
+    }
+
+    /// Reads a short name.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Network, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Network::from_v1_name(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// An EIP-3009 token: where it lives and the EIP-712 domain it signs with.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Asset {
+    /// The network the token contract is deployed on.
+    pub network: Network,
+    /// The token contract (the EIP-712 `verifyingContract`).
+    pub address: Address,
+    /// EIP-712 domain `name` (the contract's `name()`).
+    pub eip712_name: String,
+    /// EIP-712 domain `version` (the contract's `version()`).
+    pub eip712_version: String,
+    /// Decimals used to turn a `$` price into atomic units.
+    pub decimals: u8,
+}
+
+impl Asset {
+    /// USDC on Base mainnet. Note the domain name `USD Coin` (Sepolia's is `USDC`).
+    pub fn usdc_base() -> Self {
+        Self {
+            network: Network::BASE,
+            address: address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
+            eip712_name: "USD Coin".into(),
+            eip712_version: "2".into(),
+            decimals: 6,
+        }
+    }
+
+    /// USDC on Base Sepolia.
+    pub fn usdc_base_sepolia() -> Self {
+        Self {
+            network: Network::BASE_SEPOLIA,
+            address: address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+            eip712_name: "USDC".into(),
+            eip712_version: "2".into(),
+            decimals: 6,
+        }
+    }
+
+    /// The USDC preset for `network`, if we ship one.
+    pub fn usdc(network: Network) -> Option<Self> {
+        match network {
+            Network::BASE => Some(Self::usdc_base()),
+            Network::BASE_SEPOLIA => Some(Self::usdc_base_sepolia()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_forms() {
+        assert_eq!("eip155:8453".parse::<Network>(), Ok(Network::BASE));
+        assert_eq!("base".parse::<Network>(), Ok(Network::BASE));
+        assert_eq!(Network::BASE_SEPOLIA.caip2(), "eip155:84532");
+        assert_eq!(Network::BASE_SEPOLIA.v1_name(), Some("base-sepolia"));
+    }
+
+    #[test]
+    fn refuses_odd_forms() {
+        for bad in [
+            "eip155:",
+            "eip155:+1",
+            "eip155:01",
+            "eip155:0x2105",
+            "eip155:99999999999999999999999",
+            "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp",
+            "Base",
+            "",
+        ] {
+            assert!(bad.parse::<Network>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! In-process nonce store: sharded, expiring, bounded.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use alloy_primitives::map::HashMap;
+use async_trait::async_trait;
+
+use super::{ClaimToken, NonceKey, NonceStore, Reservation, StoreError};
+use crate::clock::{Clock, SystemClock};
+
+const SHARDS: usize = 64;
+
+/// One entry: expiry and the holder's token, with "used" in the top bit of `token`.
+///
+/// With the 80-byte key a slot is 96 bytes plus one control byte; a hash table is between 7/16
+/// and 7/8 full, so an entry costs about 110 to 220 bytes.
+#[derive(Clone, Copy)]
+struct Entry {
+    expires_at: u64,
+    token_and_used: u64,
+}
+
+const USED: u64 = 1 << 63;
+
+struct Shard {
+    map: HashMap<NonceKey, Entry>,
+    /// Sweep expired entries when the map reaches this size (amortized O(1) per insert).
+    next_sweep: usize,
+}
+
+/// A [`NonceStore`] in process memory: right for one instance, or for tests. Instances behind
+/// a load balancer need a shared store (Redis).
+///
+/// Keys are spread over 64 mutex-guarded shards, so concurrent requests rarely contend.
+/// Expired entries are swept as shards grow; `capacity` bounds the total, and a full store
+/// refuses new payments with 503 rather than growing without limit.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use tower_x402::nonce::{MemoryNonceStore, NonceKey, NonceStore, Reservation};
+/// use tower_x402::primitives::{Address, B256};
+/// let store = MemoryNonceStore::new();
+/// let key = NonceKey { chain_id: 8453, asset: Address::ZERO, from: Address::ZERO, nonce: B256::ZERO };
+/// let far = u64::MAX;
+/// let Reservation::Reserved(token) = store.reserve(&key, far).await.unwrap() else { panic!() };
+/// assert_eq!(store.reserve(&key, far).await.unwrap(), Reservation::InUse);
+/// store.consume(&key, token).await.unwrap();
+/// assert_eq!(store.reserve(&key, far).await.unwrap(), Reservation::Used);
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct MemoryNonceStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Box<[Mutex<Shard>]>,
+    capacity_per_shard: usize,
+    clock: Arc<dyn Clock>,
+    next_token: AtomicU64,
+}
+
+impl std::fmt::Debug for MemoryNonceStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryNonceStore")
+            .field("len", &self.len())
+            .field("capacity", &self.capacity())
+            .finish()
+    }
+}
+
+impl Default for MemoryNonceStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryNonceStore {
+    /// Default capacity: one million live proofs (~110-220 MB worst case).
+    pub const DEFAULT_CAPACITY: usize = 1_000_000;
+
+    /// A store with the default capacity on the system clock.
+    pub fn new() -> Self {
+        Self::with_capacity_and_clock(Self::DEFAULT_CAPACITY, SystemClock)
+    }
+
+    /// A store holding at most about `capacity` live entries, expiring them by `clock`.
+    pub fn with_capacity_and_clock(capacity: usize, clock: impl Clock) -> Self {
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    map: HashMap::default(),
+                    next_sweep: 1024,
+                })
+            })
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                shards,
+                capacity_per_shard: capacity.div_ceil(SHARDS).max(1),
+                clock: Arc::new(clock),
+                next_token: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The capacity (rounded up to a multiple of the shard count).
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity_per_shard * SHARDS
+    }
+
+    /// Entries held now, expired ones not yet swept included.
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| lock(s).map.len()).sum()
+    }
+
+    /// True when no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes every expired entry now (also done automatically as shards grow).
+    pub fn sweep(&self) {
+        let now = self.inner.clock.now();
+        for s in self.inner.shards.iter() {
+            sweep(&mut lock(s), now);
+        }
+    }
+
+    fn shard(&self, key: &NonceKey) -> MutexGuard<'_, Shard> {
+        // The nonce is 32 bytes the payer chose; mixing in `from` keeps one payer's crafted
+        // nonces from piling onto one shard. Within the shard the map's seeded hasher rules.
+        let i = (key.nonce[0] ^ key.from[0]) as usize % SHARDS;
+        lock(&self.inner.shards[i])
+    }
+
+    fn update(&self, key: &NonceKey, token: ClaimToken, consume: bool) -> Result<(), StoreError> {
+        let mut shard = self.shard(key);
+        match shard.map.get_mut(key) {
+            Some(e) if e.token_and_used & !USED == token_bits(token) && e.token_and_used & USED == 0 => {
+                if consume {
+                    e.token_and_used |= USED;
+                } else {
+                    shard.map.remove(key);
+                }
+                Ok(())
+            }
+            _ => Err(StoreError::NotHeld),
+        }
+    }
+}
+
+fn token_bits(t: ClaimToken) -> u64 {
+    (t.0 as u64) & !USED
+}
+
+fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while holding a shard cannot leave a half-written entry (all updates are single
+    // writes), so the data is still consistent: keep serving.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn sweep(shard: &mut Shard, now: u64) {
+    shard.map.retain(|_, e| e.expires_at > now);
+    shard.next_sweep = (shard.map.len() * 2).max(1024);
+}
+
+#[async_trait]
+impl NonceStore for MemoryNonceStore {
+    async fn reserve(&self, key: &NonceKey, expires_at: u64) -> Result<Reservation, StoreError> {
+        let now = self.inner.clock.now();
+        let cap = self.inner.capacity_per_shard;
+        let mut shard = self.shard(key);
+        if let Some(e) = shard.map.get(key) {
+            if e.expires_at > now {
+                return Ok(if e.token_and_used & USED != 0 {
+                    Reservation::Used
+                } else {
+                    Reservation::InUse
+                });
+            }
+        }
+        if shard.map.len() >= shard.next_sweep.min(cap) {
+            sweep(&mut shard, now);
+            if shard.map.len() >= cap {
+                return Err(StoreError::Full {
+                    capacity: cap * SHARDS,
+                });
+            }
+        }
+        let t = self.inner.next_token.fetch_add(1, Ordering::Relaxed) & !USED;
+        shard.map.insert(
+            *key,
+            Entry {
+                expires_at,
+                token_and_used: t,
+            },
+        );
+        Ok(Reservation::Reserved(ClaimToken(u128::from(t))))
+    }
+
+    async fn consume(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
+        self.update(key, token, true)
+    }
+
+    async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
+        self.update(key, token, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::FixedClock;
+    use alloy_primitives::{Address, B256};
+
+    fn key(i: u64) -> NonceKey {
+        NonceKey {
+            chain_id: 84532,
+            asset: Address::ZERO,
+            from: Address::repeat_byte(1),
+            nonce: B256::from(alloy_primitives::U256::from(i)),
+        }
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    #[test]
+    fn lifecycle() {
+        block_on(async {
+            let clock = FixedClock::new(1000);
+            let s = MemoryNonceStore::with_capacity_and_clock(1000, clock.clone());
+            let Reservation::Reserved(t) = s.reserve(&key(1), 1100).await.unwrap() else {
+                panic!("first reserve must win")
+            };
+            assert_eq!(s.reserve(&key(1), 1100).await.unwrap(), Reservation::InUse);
+            // A stranger's token changes nothing.
+            assert!(matches!(s.release(&key(1), ClaimToken(t.0 + 1)).await, Err(StoreError::NotHeld)));
+            s.release(&key(1), t).await.unwrap();
+            let Reservation::Reserved(t2) = s.reserve(&key(1), 1100).await.unwrap() else {
+                panic!("released key is free again")
+            };
+            s.consume(&key(1), t2).await.unwrap();
+            assert_eq!(s.reserve(&key(1), 1100).await.unwrap(), Reservation::Used);
+            assert!(s.release(&key(1), t2).await.is_err(), "a used key cannot be released");
+            clock.set(1100);
+            assert!(matches!(s.reserve(&key(1), 1200).await.unwrap(), Reservation::Reserved(_)));
+        });
+    }
+
+    #[test]
+    fn bounded_and_evicting() {
+        block_on(async {
+            let clock = FixedClock::new(0);
+            let s = MemoryNonceStore::with_capacity_and_clock(64 * 4, clock.clone());
+            let mut full = 0;
+            for i in 0..10_000 {
+                match s.reserve(&key(i), 10).await {
+                    Ok(Reservation::Reserved(_)) => {}
+                    Err(StoreError::Full { .. }) => full += 1,
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert!(full > 0 && s.len() <= s.capacity());
+            clock.set(10);
+            for i in 10_000..20_000 {
+                let _ = s.reserve(&key(i), 20).await;
+            }
+            assert!(s.len() <= s.capacity(), "expired entries were evicted");
+            s.sweep();
+            clock.set(20);
+            s.sweep();
+            assert!(s.is_empty());
+        });
+    }
+}

@@ -1,0 +1,149 @@
+//! The x402 wire format: typed messages for protocol v1 and v2, the exact-EVM payload, the
+//! settlement receipt and the base64 header codec.
+//!
+//! Everything is parsed once, here, into typed values (`U256` amounts, `Address`es, `B256`
+//! nonces, [`Network`]); nothing past this module handles protocol strings. Parsing is strict:
+//! integers must be canonical decimal strings (`^(0|[1-9][0-9]*)$`, at most 2^256-1), JSON
+//! numbers, hex or signs in their place are refused, and duplicate keys are an error.
+
+pub mod exact;
+pub mod header;
+pub mod v1;
+pub mod v2;
+
+mod receipt;
+pub use receipt::SettleResponse;
+
+use serde::Deserialize;
+
+use crate::Network;
+
+/// The protocol version of a message (`x402Version`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum X402Version {
+    /// v1: JSON body challenge, `X-PAYMENT`, v1 network names.
+    V1,
+    /// v2: `PAYMENT-REQUIRED` / `PAYMENT-SIGNATURE` / `PAYMENT-RESPONSE`, CAIP-2 networks.
+    V2,
+}
+
+impl X402Version {
+    /// The number on the wire.
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::V1 => 1,
+            Self::V2 => 2,
+        }
+    }
+
+    /// `network` as this version writes it.
+    pub fn network_name(self, network: Network) -> String {
+        match (self, network.v1_name()) {
+            (Self::V1, Some(name)) => name.to_owned(),
+            _ => network.caip2(),
+        }
+    }
+}
+
+/// A decoded payment proof of either protocol version.
+#[derive(Clone, Debug)]
+pub enum PaymentPayload {
+    /// From an `X-PAYMENT` header.
+    V1(v1::PaymentPayload),
+    /// From a `PAYMENT-SIGNATURE` header.
+    V2(v2::PaymentPayload),
+}
+
+impl PaymentPayload {
+    /// The protocol version.
+    pub fn version(&self) -> X402Version {
+        match self {
+            Self::V1(_) => X402Version::V1,
+            Self::V2(_) => X402Version::V2,
+        }
+    }
+
+    /// The scheme the client paid with (`exact`).
+    pub fn scheme(&self) -> &str {
+        match self {
+            Self::V1(p) => &p.scheme,
+            Self::V2(p) => &p.accepted.scheme,
+        }
+    }
+
+    /// The network the client paid on.
+    pub fn network(&self) -> Network {
+        match self {
+            Self::V1(p) => p.network,
+            Self::V2(p) => p.accepted.network,
+        }
+    }
+
+    /// The scheme-specific `payload` object, still as raw JSON.
+    pub fn raw_payload(&self) -> &serde_json::value::RawValue {
+        match self {
+            Self::V1(p) => &p.payload,
+            Self::V2(p) => &p.payload,
+        }
+    }
+}
+
+/// The `x402Version` of a JSON document, read before choosing the typed decoder.
+#[derive(Deserialize)]
+pub(crate) struct VersionProbe {
+    #[serde(rename = "x402Version")]
+    pub(crate) x402_version: u64,
+}
+
+/// Serializes an address in EIP-55 checksummed form, as the reference clients write it.
+pub(crate) fn checksummed<S: serde::Serializer>(a: &alloy_primitives::Address, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&a.to_checksum(None))
+}
+
+/// Serde for uint256 values as canonical decimal strings (`"10000"`).
+pub mod decimal {
+    use alloy_primitives::U256;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `"<decimal>"`.
+    pub fn serialize<S: Serializer>(v: &U256, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    /// Reads a canonical decimal string; see [`parse`].
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        parse(&s).ok_or_else(|| serde::de::Error::custom("expected a canonical decimal uint256 string"))
+    }
+
+    /// `^(0|[1-9][0-9]*)$` and at most 2^256-1, else `None`. No sign, hex, space or exponent.
+    pub fn parse(s: &str) -> Option<U256> {
+        let canonical = !s.is_empty()
+            && s.len() <= 78
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && (s == "0" || !s.starts_with('0'));
+        if !canonical {
+            return None;
+        }
+        U256::from_str_radix(s, 10).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decimal::parse;
+    use alloy_primitives::U256;
+
+    #[test]
+    fn decimal_is_strict() {
+        assert_eq!(parse("0"), Some(U256::ZERO));
+        assert_eq!(parse("10000"), Some(U256::from(10_000)));
+        assert_eq!(parse(&U256::MAX.to_string()), Some(U256::MAX));
+        for bad in [
+            "", "-1", "+1", "01", "0x10", " 1", "1 ", "1e3", "1.0", "１",
+            "115792089237316195423570985008687907853269984665640564039457584007913129639936",
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The one table from refusal to HTTP response: status, reason code, `Retry-After`.
+//!
+//! | Situation | Status | `error` reason | Notes |
+//! |---|---|---|---|
+//! | no payment header on a priced route | 402 | — | challenge: v2 `PAYMENT-REQUIRED` header + v1 JSON body |
+//! | header not canonical base64 / not x402 JSON / repeated / both v1 and v2 headers | 400 | `invalid_payload` | JSON body `{error, message}` |
+//! | header longer than the limit | 431 | `invalid_payload` | |
+//! | `x402Version` wrong for the header, or the route does not speak it | 402 | `invalid_x402_version` | fresh challenge |
+//! | scheme / network / requirements not offered by this route | 402 | `unsupported_scheme`, `invalid_network`, `invalid_payment_requirements` | fresh challenge |
+//! | proof does not verify | 402 | the [`VerifyError::reason`](crate::verify::VerifyError::reason) | fresh challenge |
+//! | proof already used or in use | 402 | `invalid_exact_evm_nonce_already_used` | fresh challenge |
+//! | nonce store, verifier or settler unavailable | 503 | `service_unavailable` | `Retry-After` (default 5 s) |
+//! | settlement refused after the handler ran | 402 | the settle reason | receipt with `success: false`; body withheld |
+//!
+//! Every such response carries `Cache-Control: no-store` and a [`PaymentRejection`] in its
+//! extensions, so outer layers (logging, metrics) can see why.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// Reason codes the layer emits itself (verification reasons come from
+/// [`VerifyError::reason`](crate::verify::VerifyError::reason)).
+pub mod reason {
+    /// The payment header could not be decoded.
+    pub const INVALID_PAYLOAD: &str = "invalid_payload";
+    /// The protocol version is wrong for the header or not served by this route.
+    pub const INVALID_X402_VERSION: &str = "invalid_x402_version";
+    /// The route offers no requirement with this scheme.
+    pub const UNSUPPORTED_SCHEME: &str = "unsupported_scheme";
+    /// The route offers no requirement on this network.
+    pub const INVALID_NETWORK: &str = "invalid_network";
+    /// The echoed requirement (asset, payTo, amount) is not one the route offers.
+    pub const INVALID_PAYMENT_REQUIREMENTS: &str = "invalid_payment_requirements";
+    /// The proof was already used, or is being used by a concurrent request.
+    pub const NONCE_ALREADY_USED: &str = "invalid_exact_evm_nonce_already_used";
+    /// A dependency (nonce store, verifier, settler) is down: retry later.
+    pub const SERVICE_UNAVAILABLE: &str = "service_unavailable";
+}
+
+/// Why the layer answered in place of the handler (in the response's extensions).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PaymentRejection {
+    /// The status sent.
+    pub status: StatusCode,
+    /// The reason code sent (`None` for a plain first challenge).
+    pub reason: Option<&'static str>,
+    /// The `Retry-After` sent, if any.
+    pub retry_after: Option<Duration>,
+}
+
+/// A refusal, before it becomes a response.
+#[derive(Debug)]
+pub(crate) enum Rejection {
+    /// 402 and a fresh challenge.
+    Pay { reason: Option<&'static str> },
+    /// 400: the proof is malformed.
+    BadRequest {
+        reason: &'static str,
+        message: String,
+    },
+    /// 431: the payment header is too large.
+    TooLarge { message: String },
+    /// 503: a dependency is down.
+    Unavailable { retry_after: Duration },
+}
+
+impl Rejection {
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            Self::Pay { .. } => StatusCode::PAYMENT_REQUIRED,
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::TooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub(crate) fn reason(&self) -> Option<&'static str> {
+        match self {
+            Self::Pay { reason } => *reason,
+            Self::BadRequest { reason, .. } => Some(reason),
+            Self::TooLarge { .. } => Some(reason::INVALID_PAYLOAD),
+            Self::Unavailable { .. } => Some(reason::SERVICE_UNAVAILABLE),
+        }
+    }
+
+    pub(crate) fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Unavailable { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn info(&self) -> PaymentRejection {
+        PaymentRejection {
+            status: self.status(),
+            reason: self.reason(),
+            retry_after: self.retry_after(),
+        }
+    }
+}
+
+impl From<crate::proto::header::HeaderError> for Rejection {
+    fn from(e: crate::proto::header::HeaderError) -> Self {
+        use crate::proto::header::HeaderError;
+        match e {
+            HeaderError::TooLarge { .. } => Self::TooLarge {
+                message: e.to_string(),
+            },
+            HeaderError::Version { .. } => Self::Pay {
+                reason: Some(reason::INVALID_X402_VERSION),
+            },
+            _ => Self::BadRequest {
+                reason: e.reason(),
+                message: e.to_string(),
+            },
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! [`Payment`]: the middleware service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::request::Parts;
+use http::{HeaderMap, Request, Response};
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::future::ResponseFuture;
+use crate::layer::{PaymentOption, Pricing, Shared};
+use crate::nonce::Reservation;
+use crate::proto::header::{self, HeaderError, PAYMENT_SIGNATURE, X_PAYMENT};
+use crate::proto::{PaymentPayload, SettleResponse, VersionProbe, v1, v2};
+use crate::rejection::{Rejection, reason};
+use crate::response;
+
+/// The service made by [`PaymentLayer`](crate::PaymentLayer). See the [crate docs](crate).
+#[derive(Clone)]
+pub struct Payment<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> std::fmt::Debug for Payment<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Payment").finish_non_exhaustive()
+    }
+}
+
+impl<S> Payment<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Payment<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let options = match &self.shared.pricing {
+            Pricing::Static(options) => options.clone(),
+            Pricing::Dynamic(price) => {
+                let (parts, body) = req.into_parts();
+                match price(&parts) {
+                    Some(options) => return self.charge(Request::from_parts(parts, body), options),
+                    None => return ResponseFuture::free(self.inner.call(Request::from_parts(parts, body))),
+                }
+            }
+        };
+        self.charge(req, options)
+    }
+}
+
+impl<S> Payment<S> {
+    fn charge<ReqB, ResB>(
+        &mut self,
+        req: Request<ReqB>,
+        options: Arc<[PaymentOption]>,
+    ) -> ResponseFuture<S::Future, ResB, S::Error>
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqB: Send + 'static,
+        ResB: Send + 'static,
+    {
+        let shared = self.shared.clone();
+        let (parts, body) = req.into_parts();
+        let payload = match decode(&shared, &parts.headers) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                let resource = response::resource_url(&shared, &parts);
+                return ResponseFuture::ready(response::reject(
+                    &shared,
+                    &options,
+                    &resource,
+                    Rejection::Pay { reason: None },
+                ));
+            }
+            Err(rejection) => {
+                let resource = response::resource_url(&shared, &parts);
+                return ResponseFuture::ready(response::reject(&shared, &options, &resource, rejection));
+            }
+        };
+        // The readied instance goes into the future; the clone waits for the next poll_ready.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::paid(Box::pin(paid(shared, inner, parts, body, options, payload)))
+    }
+}
+
+/// Reads the payment header: `Ok(None)` when there is none.
+fn decode(shared: &Shared, headers: &HeaderMap) -> Result<Option<PaymentPayload>, Rejection> {
+    let v2 = header::single(headers, &PAYMENT_SIGNATURE)?;
+    let v1 = header::single(headers, &X_PAYMENT)?;
+    let (value, want) = match (v2, v1) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => return Err(HeaderError::Conflicting.into()),
+        (Some(v), None) => (v, 2),
+        (None, Some(v)) => (v, 1),
+    };
+    let json = header::decode_bytes(value, shared.max_header_bytes)?;
+    let probe: VersionProbe = serde_json::from_slice(&json).map_err(HeaderError::Json)?;
+    let enabled = if want == 2 { shared.accept_v2 } else { shared.accept_v1 };
+    if probe.x402_version != want || !enabled {
+        return Err(HeaderError::Version {
+            found: probe.x402_version,
+        }
+        .into());
+    }
+    let payload = if want == 2 {
+        PaymentPayload::V2(serde_json::from_slice::<v2::PaymentPayload>(&json).map_err(HeaderError::Json)?)
+    } else {
+        PaymentPayload::V1(serde_json::from_slice::<v1::PaymentPayload>(&json).map_err(HeaderError::Json)?)
+    };
+    Ok(Some(payload))
+}
+
+/// The server's own option that the payload pays for. The client's `accepted` copy is only
+/// used to pick it: verification runs against the server's requirements.
+fn select<'a>(options: &'a [PaymentOption], payload: &PaymentPayload) -> Result<&'a PaymentOption, Rejection> {
+    let pay = |reason| Rejection::Pay { reason: Some(reason) };
+    let same_scheme = |o: &&PaymentOption| o.requirements().scheme == payload.scheme();
+    if !options.iter().any(|o| same_scheme(&o)) {
+        return Err(pay(reason::UNSUPPORTED_SCHEME));
+    }
+    let on_network = |o: &&PaymentOption| same_scheme(o) && o.requirements().network == payload.network();
+    if !options.iter().any(|o| on_network(&o)) {
+        return Err(pay(reason::INVALID_NETWORK));
+    }
+    match payload {
+        // v1 echoes only scheme and network; recipient and value are checked by the verifier.
+        PaymentPayload::V1(_) => options.iter().find(on_network),
+        PaymentPayload::V2(p) => options.iter().filter(on_network).find(|o| {
+            let r = o.requirements();
+            let a = &p.accepted;
+            r.asset == a.asset && r.pay_to == a.pay_to && r.amount == a.amount
+        }),
+    }
+    .ok_or_else(|| pay(reason::INVALID_PAYMENT_REQUIREMENTS))
+}
+
+/// The paid flow: verify, claim the nonce, run the handler, settle, attach the receipt.
+async fn paid<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    mut parts: Parts,
+    body: ReqB,
+    options: Arc<[PaymentOption]>,
+    payload: PaymentPayload,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
+    let resource = response::resource_url(&shared, &parts);
+    let reject = |rejection| Ok(response::reject(&shared, &options, &resource, rejection));
+    let option = match select(&options, &payload) {
+        Ok(o) => o,
+        Err(r) => return reject(r),
+    };
+    let verified = match shared.verifier.verify(&payload, option.requirements()).await {
+        Ok(v) => v,
+        Err(e) if e.is_retryable() => {
+            return reject(Rejection::Unavailable {
+                retry_after: e.retry_after().unwrap_or(shared.retry_after),
+            });
+        }
+        Err(e) if e.is_malformed() => {
+            return reject(Rejection::BadRequest {
+                reason: e.reason(),
+                message: e.to_string(),
+            });
+        }
+        Err(e) => return reject(Rejection::Pay { reason: Some(e.reason()) }),
+    };
+    let key = verified.nonce_key();
+    let token = match shared.store.reserve(&key, verified.valid_before).await {
+        Ok(Reservation::Reserved(token)) => token,
+        Ok(Reservation::InUse | Reservation::Used) => {
+            return reject(Rejection::Pay {
+                reason: Some(reason::NONCE_ALREADY_USED),
+            });
+        }
+        Err(e) => {
+            return reject(Rejection::Unavailable {
+                retry_after: e.retry_after().unwrap_or(shared.retry_after),
+            });
+        }
+    };
+    let version = verified.version;
+    parts.extensions.insert(verified.clone());
+    let res = match inner.call(Request::from_parts(parts, body)).await {
+        Ok(res) => res,
+        Err(e) => {
+            // No money moved: the client may use the proof again. A failed release leaves
+            // the key blocked until it expires, which is safe (never charged twice).
+            let _ = shared.store.release(&key, token).await;
+            return Err(e);
+        }
+    };
+    if res.status().is_client_error() || res.status().is_server_error() {
+        let _ = shared.store.release(&key, token).await;
+        let mut res = res.map(ResponseBody::inner);
+        response::mark(&shared, res.headers_mut());
+        return Ok(res);
+    }
+    let settled = shared.settler.settle(&verified).await;
+    // Settled or refused after the handler ran, the proof is spent either way: releasing a
+    // refused one would let it buy the handler again. An unknown outcome stays reserved.
+    if !matches!(&settled, Err(e) if e.is_retryable()) {
+        let _ = shared.store.consume(&key, token).await;
+    }
+    match settled {
+        Ok(settlement) => {
+            let receipt = SettleResponse {
+                success: true,
+                error_reason: None,
+                payer: Some(verified.payer),
+                transaction: settlement.transaction,
+                network: verified.network,
+                amount: settlement.amount,
+            };
+            let mut res = res.map(ResponseBody::inner);
+            response::attach_receipt(res.headers_mut(), version, &receipt);
+            response::mark(&shared, res.headers_mut());
+            Ok(res)
+        }
+        Err(e) => {
+            // The handler's body is withheld: it was not paid for.
+            let rejection = if e.is_retryable() {
+                Rejection::Unavailable {
+                    retry_after: e.retry_after().unwrap_or(shared.retry_after),
+                }
+            } else {
+                Rejection::Pay { reason: Some(e.reason()) }
+            };
+            let mut out = response::reject(&shared, &options, &resource, rejection);
+            let receipt = SettleResponse {
+                success: false,
+                error_reason: Some(e.reason().to_owned()),
+                payer: Some(verified.payer),
+                transaction: None,
+                network: verified.network,
+                amount: None,
+            };
+            response::attach_receipt(out.headers_mut(), version, &receipt);
+            Ok(out)
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Settlement: moving the money a verified proof promises.
+//!
+//! [`Settler`] is the pluggable step the layer runs after the handler succeeded. This crate
+//! ships [`VerifyOnly`], which settles **nothing**: it accepts the verified authorization and
+//! leaves it to you to execute later (for instance in a batch). Its receipts say so: the
+//! `transaction` field is empty. On-chain and facilitator settlers plug in here.
+
+use std::time::Duration;
+
+use alloy_primitives::{B256, U256};
+use async_trait::async_trait;
+
+use crate::verify::{BoxError, VerifiedPayment};
+
+/// What a settler did.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Settlement {
+    /// The transaction that moved the money, if one was sent.
+    pub transaction: Option<B256>,
+    /// The amount settled, when it differs from the authorized one.
+    pub amount: Option<U256>,
+}
+
+/// Why a settlement failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettleError {
+    /// Refused (reverted, insufficient funds, nonce used): no money moved.
+    #[error("settlement refused: {reason}")]
+    Refused {
+        /// The x402 `errorReason` code.
+        reason: &'static str,
+        /// The transaction, if one was mined and reverted.
+        transaction: Option<B256>,
+    },
+    /// The settlement backend is unavailable: retry later.
+    #[error("settlement backend unavailable")]
+    Unavailable {
+        /// Suggested wait.
+        retry_after: Option<Duration>,
+        /// The cause (logged, never sent to clients).
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl SettleError {
+    /// The x402 `errorReason` code.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Refused { reason, .. } => reason,
+            Self::Unavailable { .. } => "unexpected_settle_error",
+        }
+    }
+
+    /// True when retrying later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+
+    /// Suggested wait before retrying.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Unavailable { retry_after, .. } => *retry_after,
+            Self::Refused { .. } => None,
+        }
+    }
+}
+
+/// Executes a verified payment.
+#[async_trait]
+pub trait Settler: Send + Sync + 'static {
+    /// Settles `payment`; called once per proof, after the handler answered below 400.
+    async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError>;
+}
+
+#[async_trait]
+impl<T: Settler + ?Sized> Settler for std::sync::Arc<T> {
+    async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
+        (**self).settle(payment).await
+    }
+}
+
+/// Verify-only mode: no money moves, no transaction is sent, and the receipt's `transaction`
+/// is empty. The proof is still claimed once in the nonce store, and the handler can read the
+/// [`VerifiedPayment`] (with the signed authorization) to settle it by other means.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VerifyOnly;
+
+#[async_trait]
+impl Settler for VerifyOnly {
+    async fn settle(&self, _payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
+        Ok(Settlement::default())
+    }
+}

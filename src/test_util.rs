@@ -1,0 +1,101 @@
+//! Signing helpers for tests, demos and benchmarks: build the payment a client would send.
+//!
+//! These use a local private key. A real client signs with any alloy `Signer` the same way:
+//! the digest is [`signing_hash`](crate::verify::exact::signing_hash).
+
+use alloy_primitives::{Address, B256, Bytes, U256};
+use alloy_signer::SignerSync;
+pub use alloy_signer_local::PrivateKeySigner;
+use http::{HeaderName, HeaderValue};
+use serde_json::{Value, json};
+
+use crate::proto::exact::{Authorization, ExactEvmPayload};
+use crate::proto::header::{self, PAYMENT_SIGNATURE, X_PAYMENT};
+use crate::proto::v2::{PaymentRequirements, ResourceInfo};
+use crate::proto::X402Version;
+use crate::verify::exact::{domain_separator, signing_hash};
+
+/// Anvil's well-known account #1 key: public test funds only, never real money.
+pub const DEMO_PAYER_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+
+/// A signer for [`DEMO_PAYER_KEY`].
+pub fn demo_payer() -> PrivateKeySigner {
+    DEMO_PAYER_KEY.parse().expect("the demo key is a valid constant")
+}
+
+/// A fresh random 32-byte nonce.
+pub fn random_nonce() -> B256 {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).expect("OS randomness");
+    B256::from(b)
+}
+
+/// The authorization an official client would sign for `req` at `now`: exact amount to
+/// `payTo`, `validAfter = now - 600`, `validBefore = now + maxTimeoutSeconds`, random nonce.
+pub fn authorization(req: &PaymentRequirements, from: Address, now: u64) -> Authorization {
+    Authorization {
+        from,
+        to: req.pay_to,
+        value: req.amount,
+        valid_after: U256::from(now.saturating_sub(600)),
+        valid_before: U256::from(now + req.max_timeout_seconds),
+        nonce: random_nonce(),
+    }
+}
+
+/// Signs `auth` under `req`'s EIP-712 domain: 65 bytes `r ‖ s ‖ v`, `v ∈ {27, 28}`, low `s`.
+pub fn sign(signer: &impl SignerSync, req: &PaymentRequirements, auth: &Authorization) -> Bytes {
+    let sep = domain_separator(
+        req.extra_str("name").unwrap_or_default(),
+        req.extra_str("version").unwrap_or_default(),
+        req.network.chain_id(),
+        req.asset,
+    );
+    let sig = signer
+        .sign_hash_sync(&signing_hash(sep, auth))
+        .expect("local signing does not fail");
+    Bytes::copy_from_slice(&sig.as_bytes())
+}
+
+/// A signed exact payload for `req`, valid at `now`.
+pub fn exact_payload(signer: &PrivateKeySigner, req: &PaymentRequirements, now: u64) -> ExactEvmPayload {
+    let authorization = authorization(req, signer.address(), now);
+    let signature = sign(signer, req, &authorization);
+    ExactEvmPayload {
+        signature,
+        authorization,
+    }
+}
+
+/// The v2 `PAYMENT-SIGNATURE` JSON for `payload` paying `req` (as a `Value`, to tamper with).
+pub fn v2_json(req: &PaymentRequirements, payload: &ExactEvmPayload, resource: Option<&ResourceInfo>) -> Value {
+    let mut v = json!({ "x402Version": 2, "accepted": req, "payload": payload });
+    if let Some(r) = resource {
+        v["resource"] = json!(r);
+    }
+    v
+}
+
+/// The v1 `X-PAYMENT` JSON for `payload` paying `req`.
+pub fn v1_json(req: &PaymentRequirements, payload: &ExactEvmPayload) -> Value {
+    json!({
+        "x402Version": 1,
+        "scheme": req.scheme,
+        "network": X402Version::V1.network_name(req.network),
+        "payload": payload,
+    })
+}
+
+/// Encodes a JSON document as a header value (base64 of compact JSON).
+pub fn encode(json: &Value) -> HeaderValue {
+    header::encode(json)
+}
+
+/// A complete payment header for `req`: name and value, as the official clients send them.
+pub fn pay(signer: &PrivateKeySigner, req: &PaymentRequirements, now: u64, version: X402Version) -> (HeaderName, HeaderValue) {
+    let payload = exact_payload(signer, req, now);
+    match version {
+        X402Version::V2 => (PAYMENT_SIGNATURE, encode(&v2_json(req, &payload, None))),
+        X402Version::V1 => (X_PAYMENT, encode(&v1_json(req, &payload))),
+    }
+}

@@ -1,0 +1,316 @@
+//! In-process verifier for the `exact` scheme on EVM chains (EIP-3009 on USDC).
+//!
+//! Checks, cheapest first so a hostile proof costs as little as possible:
+//! scheme, network, EIP-712 domain present, payload shape, recipient, exact value,
+//! `validAfter <= now`, `validBefore >= now + headroom` and `<= now + maxTimeoutSeconds +
+//! skew`, then the signature: 65 bytes, `v ∈ {27, 28}`, low `s`, and the recovered signer
+//! equals `from`. The last two mirror what USDC enforces on-chain, so a proof that passes here
+//! does not revert at settlement for a signature reason.
+//!
+//! What is *not* checked here (it needs the chain): the payer's balance, whether the nonce was
+//! already used on-chain, and smart-wallet (ERC-1271/6492) signatures, which are refused.
+
+use std::sync::Arc;
+
+use alloy_primitives::{Address, B256, U256, keccak256};
+use alloy_sol_types::{Eip712Domain, SolStruct, sol};
+use async_trait::async_trait;
+use secp256k1::Message;
+use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
+
+use super::{SignatureError, VerifiedPayment, Verifier, VerifyError};
+use crate::clock::{Clock, SystemClock};
+use crate::proto::exact::{Authorization, ExactEvmPayload};
+use crate::proto::{PaymentPayload, v2::PaymentRequirements};
+
+sol! {
+    /// EIP-3009 authorization; field order and names make the token's typehash.
+    struct TransferWithAuthorization {
+        address from;
+        address to;
+        uint256 value;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+    }
+}
+
+/// secp256k1 n/2: USDC's ECRecover reverts on any larger `s`.
+const HALF_N: [u8; 32] = [
+    0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0x5d, 0x57, 0x6e, 0x73, 0x57, 0xa4, 0x50, 0x1d, 0xdf, 0xe9, 0x2f, 0x46, 0x68, 0x1b, 0x20, 0xa0,
+];
+
+/// The scheme this verifier handles.
+pub const SCHEME: &str = "exact";
+
+/// EIP-712 domain separator of an EIP-3009 token.
+pub fn domain_separator(name: &str, version: &str, chain_id: u64, verifying_contract: Address) -> B256 {
+    Eip712Domain::new(
+        Some(name.to_owned().into()),
+        Some(version.to_owned().into()),
+        Some(U256::from(chain_id)),
+        Some(verifying_contract),
+        None,
+    )
+    .separator()
+}
+
+/// EIP-712 `hashStruct` of the authorization.
+pub fn struct_hash(auth: &Authorization) -> B256 {
+    TransferWithAuthorization {
+        from: auth.from,
+        to: auth.to,
+        value: auth.value,
+        validAfter: auth.valid_after,
+        validBefore: auth.valid_before,
+        nonce: auth.nonce,
+    }
+    .eip712_hash_struct()
+}
+
+/// The digest the payer signs: `keccak256(0x1901 ‖ domainSeparator ‖ hashStruct(auth))`.
+pub fn signing_hash(domain_separator: B256, auth: &Authorization) -> B256 {
+    let mut buf = [0u8; 66];
+    buf[0] = 0x19;
+    buf[1] = 0x01;
+    buf[2..34].copy_from_slice(domain_separator.as_slice());
+    buf[34..66].copy_from_slice(struct_hash(auth).as_slice());
+    keccak256(buf)
+}
+
+/// Recovers the address that signed `digest`, enforcing what USDC enforces on-chain:
+/// exactly 65 bytes `r ‖ s ‖ v`, `v ∈ {27, 28}` and `s <= n/2`. Uses libsecp256k1.
+pub fn recover_signer(digest: B256, signature: &[u8]) -> Result<Address, SignatureError> {
+    let sig: &[u8; 65] = signature
+        .try_into()
+        .map_err(|_| SignatureError::Length(signature.len()))?;
+    let v = sig[64];
+    let recid = match v {
+        27 => RecoveryId::Zero,
+        28 => RecoveryId::One,
+        _ => return Err(SignatureError::V(v)),
+    };
+    // Big-endian byte order makes lexicographic comparison numeric.
+    if sig[32..64] > HALF_N[..] {
+        return Err(SignatureError::HighS);
+    }
+    let rsig =
+        RecoverableSignature::from_compact(&sig[..64], recid).map_err(|_| SignatureError::Invalid)?;
+    let key = rsig
+        .recover(Message::from_digest(digest.0))
+        .map_err(|_| SignatureError::Invalid)?;
+    let uncompressed = key.serialize_uncompressed();
+    Ok(Address::from_slice(&keccak256(&uncompressed[1..])[12..]))
+}
+
+/// In-process `exact` EVM verifier. Cheap to clone.
+///
+/// ```
+/// use tower_x402::verify::ExactEvmVerifier;
+/// use tower_x402::clock::FixedClock;
+/// let verifier = ExactEvmVerifier::new().with_clock(FixedClock::new(1_700_000_000));
+/// ```
+#[derive(Clone)]
+pub struct ExactEvmVerifier {
+    clock: Arc<dyn Clock>,
+    headroom: u64,
+    max_skew: u64,
+}
+
+impl std::fmt::Debug for ExactEvmVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExactEvmVerifier")
+            .field("headroom", &self.headroom)
+            .field("max_skew", &self.max_skew)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ExactEvmVerifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ExactEvmVerifier {
+    /// Seconds a proof must still be valid for, so settlement can land before `validBefore`
+    /// (the reference uses 6).
+    pub const DEFAULT_HEADROOM: u64 = 6;
+    /// Seconds of client clock skew tolerated above `now + maxTimeoutSeconds`.
+    pub const DEFAULT_MAX_SKEW: u64 = 60;
+
+    /// A verifier on the system clock with the default headroom and skew.
+    pub fn new() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            headroom: Self::DEFAULT_HEADROOM,
+            max_skew: Self::DEFAULT_MAX_SKEW,
+        }
+    }
+
+    /// Uses `clock` for validity windows (tests inject a [`crate::clock::FixedClock`]).
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Requires `validBefore >= now + secs` (default 6).
+    #[must_use]
+    pub fn with_headroom(mut self, secs: u64) -> Self {
+        self.headroom = secs;
+        self
+    }
+
+    /// Accepts `validBefore` up to `now + maxTimeoutSeconds + secs` (default 60).
+    #[must_use]
+    pub fn with_max_skew(mut self, secs: u64) -> Self {
+        self.max_skew = secs;
+        self
+    }
+
+    /// The whole check, synchronously. [`Verifier::verify`] calls this.
+    pub fn verify_sync(
+        &self,
+        payload: &PaymentPayload,
+        req: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        if payload.scheme() != SCHEME || req.scheme != SCHEME {
+            return Err(VerifyError::Scheme(payload.scheme().to_owned()));
+        }
+        if payload.network() != req.network {
+            return Err(VerifyError::NetworkMismatch {
+                paid: payload.network(),
+                required: req.network,
+            });
+        }
+        let (Some(name), Some(version)) = (req.extra_str("name"), req.extra_str("version")) else {
+            return Err(VerifyError::MissingEip712Domain);
+        };
+        let exact: ExactEvmPayload =
+            serde_json::from_str(payload.raw_payload().get()).map_err(VerifyError::InvalidPayload)?;
+        let auth = &exact.authorization;
+        if auth.to != req.pay_to {
+            return Err(VerifyError::RecipientMismatch {
+                paid: auth.to,
+                required: req.pay_to,
+            });
+        }
+        if auth.value != req.amount {
+            return Err(VerifyError::ValueMismatch {
+                paid: auth.value,
+                required: req.amount,
+            });
+        }
+        let now = self.clock.now();
+        if auth.valid_after > U256::from(now) {
+            return Err(VerifyError::NotYetValid {
+                valid_after: auth.valid_after,
+            });
+        }
+        if auth.valid_before < U256::from(now.saturating_add(self.headroom)) {
+            return Err(VerifyError::Expired {
+                valid_before: auth.valid_before,
+            });
+        }
+        let latest = now
+            .saturating_add(req.max_timeout_seconds)
+            .saturating_add(self.max_skew);
+        if auth.valid_before > U256::from(latest) {
+            return Err(VerifyError::ValidityTooLong {
+                valid_before: auth.valid_before,
+                max: latest,
+            });
+        }
+        // In range: `valid_before <= latest`, a u64.
+        let valid_before = auth.valid_before.to::<u64>();
+        let separator = domain_separator(name, version, req.network.chain_id(), req.asset);
+        let digest = signing_hash(separator, auth);
+        let recovered = recover_signer(digest, &exact.signature)?;
+        if recovered != auth.from {
+            return Err(VerifyError::WrongSigner {
+                recovered,
+                expected: auth.from,
+            });
+        }
+        Ok(VerifiedPayment {
+            version: payload.version(),
+            network: req.network,
+            asset: req.asset,
+            payer: auth.from,
+            pay_to: req.pay_to,
+            amount: req.amount,
+            valid_before,
+            authorization: exact.authorization,
+            signature: exact.signature,
+        })
+    }
+}
+
+#[async_trait]
+impl Verifier for ExactEvmVerifier {
+    async fn verify(
+        &self,
+        payload: &PaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        self.verify_sync(payload, requirements)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy_primitives::{address, b256, hex};
+
+    // The signed example of the x402 spec (checked in the protocol digest, §3.2).
+    fn spec_auth() -> Authorization {
+        Authorization {
+            from: address!("0x857b06519E91e3A54538791bDbb0E22373e36b66"),
+            to: address!("0x209693Bc6afc0C5328bA36FaF03C514EF312287C"),
+            value: U256::from(10_000),
+            valid_after: U256::from(1_740_672_089_u64),
+            valid_before: U256::from(1_740_672_154_u64),
+            nonce: b256!("0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480"),
+        }
+    }
+    const SPEC_SIG: [u8; 65] = hex!(
+        "2d6a7588d6acca505cbf0d9a4a227e0c52c6c34008c8e8986a1283259764173608a2ce6496642e377d6da8dbbf5836e9bd15092f9ecab05ded3d6293af148b571c"
+    );
+
+    #[test]
+    fn spec_vector() {
+        let sep = domain_separator("USDC", "2", 84532, address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"));
+        assert_eq!(sep, b256!("0x71f17a3b2ff373b803d70a5a07c046c1a2bc8e89c09ef722fcb047abe94c9818"));
+        assert_eq!(
+            struct_hash(&spec_auth()),
+            b256!("0x49ad644555c7bdf3ea4fc022a4940ae5589b230b1dde0065c5504fa19bbe39a4")
+        );
+        let digest = signing_hash(sep, &spec_auth());
+        assert_eq!(digest, b256!("0xf256992871671abcb27ff92885a7afa46218724e5fc0bac35d050115aa1d22e6"));
+        assert_eq!(recover_signer(digest, &SPEC_SIG), Ok(spec_auth().from));
+        let mainnet = domain_separator("USD Coin", "2", 8453, address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"));
+        assert_eq!(mainnet, b256!("0x02fa7265e7c5d81118673727957699e4d68f74cd74b7db77da710fe8a2c7834f"));
+    }
+
+    #[test]
+    fn signature_rules() {
+        let digest = signing_hash(
+            domain_separator("USDC", "2", 84532, address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e")),
+            &spec_auth(),
+        );
+        let mut v0 = SPEC_SIG;
+        v0[64] = 1;
+        assert_eq!(recover_signer(digest, &v0), Err(SignatureError::V(1)));
+        assert_eq!(recover_signer(digest, &SPEC_SIG[..64]), Err(SignatureError::Length(64)));
+        // The malleable twin (n - s, flipped v) recovers the same key off-chain but not on USDC.
+        let n = U256::from_be_bytes(hex!("fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141"));
+        let s = U256::from_be_slice(&SPEC_SIG[32..64]);
+        let mut high = SPEC_SIG;
+        high[32..64].copy_from_slice(&(n - s).to_be_bytes::<32>());
+        high[64] = 27;
+        assert_eq!(recover_signer(digest, &high), Err(SignatureError::HighS));
+        assert_eq!(recover_signer(digest, &[0u8; 65][..64].iter().chain(&[27]).copied().collect::<Vec<_>>()), Err(SignatureError::Invalid));
+    }
+}
