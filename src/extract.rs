@@ -36,7 +36,11 @@ impl<S: Send + Sync> FromRequestParts<S> for VerifiedPayment {
     type Rejection = MissingPayment;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        parts.extensions.get::<VerifiedPayment>().cloned().ok_or(MissingPayment)
+        parts
+            .extensions
+            .get::<VerifiedPayment>()
+            .cloned()
+            .ok_or(MissingPayment)
     }
 }
 
@@ -44,7 +48,10 @@ impl<S: Send + Sync> FromRequestParts<S> for VerifiedPayment {
 impl<S: Send + Sync> OptionalFromRequestParts<S> for VerifiedPayment {
     type Rejection = Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Option<Self>, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
         Ok(parts.extensions.get::<VerifiedPayment>().cloned())
     }
 }

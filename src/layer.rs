@@ -8,6 +8,7 @@ use http::request::Parts;
 use serde_json::{Map, Value};
 use tower_layer::Layer;
 
+use crate::Network;
 use crate::error::ConfigError;
 use crate::network::Asset;
 use crate::nonce::{MemoryNonceStore, NonceStore};
@@ -17,7 +18,6 @@ use crate::proto::v2::PaymentRequirements;
 use crate::service::Payment;
 use crate::settle::{Settler, VerifyOnly};
 use crate::verify::{ExactEvmVerifier, Verifier};
-use crate::Network;
 
 /// One way to pay for a route: an `exact` payment of `amount` of `asset` to `pay_to`.
 ///
@@ -67,7 +67,10 @@ impl PaymentOption {
         }
         let mut extra = Map::new();
         extra.insert("name".into(), Value::String(asset.eip712_name.clone()));
-        extra.insert("version".into(), Value::String(asset.eip712_version.clone()));
+        extra.insert(
+            "version".into(),
+            Value::String(asset.eip712_version.clone()),
+        );
         Ok(Self {
             requirements: PaymentRequirements {
                 scheme: crate::verify::exact::SCHEME.into(),

@@ -84,19 +84,30 @@ mod tests {
         assert_eq!(p("3."), Ok(U256::from(3_000_000)));
         assert_eq!(p("$0.0010000"), Ok(U256::from(1000)));
         assert_eq!(p("0"), Ok(U256::ZERO));
-        assert!(matches!(p("$0.0000001"), Err(PriceError::TooPrecise { .. })));
-        assert!(matches!(p("$0.0000015"), Err(PriceError::TooPrecise { .. })));
+        assert!(matches!(
+            p("$0.0000001"),
+            Err(PriceError::TooPrecise { .. })
+        ));
+        assert!(matches!(
+            p("$0.0000015"),
+            Err(PriceError::TooPrecise { .. })
+        ));
     }
 
     #[test]
     fn refuses_non_decimals() {
-        for bad in ["", "$", ".", "-1", "+1", "1e3", "1,000", "0x10", "1 000", "$$1", "1.2.3", "NaN"] {
+        for bad in [
+            "", "$", ".", "-1", "+1", "1e3", "1,000", "0x10", "1 000", "$$1", "1.2.3", "NaN",
+        ] {
             assert!(
                 matches!(parse_price(bad, 6), Err(PriceError::Malformed(_))),
                 "{bad}"
             );
         }
         let huge = "9".repeat(80);
-        assert!(matches!(parse_price(&huge, 6), Err(PriceError::Overflow(_))));
+        assert!(matches!(
+            parse_price(&huge, 6),
+            Err(PriceError::Overflow(_))
+        ));
     }
 }

@@ -103,17 +103,23 @@ pub(crate) fn reject<B>(
     let mut res = match &rejection {
         Rejection::Pay { reason } => {
             let (v2, v1) = challenge(shared, options, resource, *reason);
-            let mut res = Response::new(ResponseBody::full(serde_json::to_vec(&v1).unwrap_or_default()));
-            res.headers_mut().insert(PAYMENT_REQUIRED, header::encode(&v2));
+            let mut res = Response::new(ResponseBody::full(
+                serde_json::to_vec(&v1).unwrap_or_default(),
+            ));
+            res.headers_mut()
+                .insert(PAYMENT_REQUIRED, header::encode(&v2));
             res
         }
         Rejection::BadRequest { reason, message } => json_error(reason, Some(message)),
-        Rejection::TooLarge { message } => json_error(crate::rejection::reason::INVALID_PAYLOAD, Some(message)),
+        Rejection::TooLarge { message } => {
+            json_error(crate::rejection::reason::INVALID_PAYLOAD, Some(message))
+        }
         Rejection::Unavailable { retry_after } => {
             let mut res = json_error(crate::rejection::reason::SERVICE_UNAVAILABLE, None);
             // Round up: "Retry-After: 0" would invite a hot retry loop.
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            res.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
             res
         }
     };
@@ -125,12 +131,20 @@ pub(crate) fn reject<B>(
 }
 
 fn json_error<B>(reason: &str, message: Option<&str>) -> Response<ResponseBody<B>> {
-    let body = serde_json::to_vec(&ErrorBody { error: reason, message }).unwrap_or_default();
+    let body = serde_json::to_vec(&ErrorBody {
+        error: reason,
+        message,
+    })
+    .unwrap_or_default();
     Response::new(ResponseBody::full(body))
 }
 
 /// Adds the receipt in the header of the client's protocol version.
-pub(crate) fn attach_receipt(headers: &mut HeaderMap, version: X402Version, receipt: &SettleResponse) {
+pub(crate) fn attach_receipt(
+    headers: &mut HeaderMap,
+    version: X402Version,
+    receipt: &SettleResponse,
+) {
     let name = match version {
         X402Version::V1 => X_PAYMENT_RESPONSE,
         X402Version::V2 => PAYMENT_RESPONSE,

@@ -15,6 +15,7 @@ use crate::proto::header::{self, HeaderError, PAYMENT_SIGNATURE, X_PAYMENT};
 use crate::proto::{PaymentPayload, SettleResponse, VersionProbe, v1, v2};
 use crate::rejection::{Rejection, reason};
 use crate::response;
+use crate::settle::SettleError;
 
 /// The service made by [`PaymentLayer`](crate::PaymentLayer). See the [crate docs](crate).
 #[derive(Clone)]
@@ -73,7 +74,11 @@ where
                 let (parts, body) = req.into_parts();
                 match price(&parts) {
                     Some(options) => return self.charge(Request::from_parts(parts, body), options),
-                    None => return ResponseFuture::free(self.inner.call(Request::from_parts(parts, body))),
+                    None => {
+                        return ResponseFuture::free(
+                            self.inner.call(Request::from_parts(parts, body)),
+                        );
+                    }
                 }
             }
         };
@@ -109,7 +114,9 @@ impl<S> Payment<S> {
             }
             Err(rejection) => {
                 let resource = response::resource_url(&shared, &parts);
-                return ResponseFuture::ready(response::reject(&shared, &options, &resource, rejection));
+                return ResponseFuture::ready(response::reject(
+                    &shared, &options, &resource, rejection,
+                ));
             }
         };
         // The readied instance goes into the future; the clone waits for the next poll_ready.
@@ -131,7 +138,11 @@ fn decode(shared: &Shared, headers: &HeaderMap) -> Result<Option<PaymentPayload>
     };
     let json = header::decode_bytes(value, shared.max_header_bytes)?;
     let probe: VersionProbe = serde_json::from_slice(&json).map_err(HeaderError::Json)?;
-    let enabled = if want == 2 { shared.accept_v2 } else { shared.accept_v1 };
+    let enabled = if want == 2 {
+        shared.accept_v2
+    } else {
+        shared.accept_v1
+    };
     if probe.x402_version != want || !enabled {
         return Err(HeaderError::Version {
             found: probe.x402_version,
@@ -139,22 +150,32 @@ fn decode(shared: &Shared, headers: &HeaderMap) -> Result<Option<PaymentPayload>
         .into());
     }
     let payload = if want == 2 {
-        PaymentPayload::V2(serde_json::from_slice::<v2::PaymentPayload>(&json).map_err(HeaderError::Json)?)
+        PaymentPayload::V2(
+            serde_json::from_slice::<v2::PaymentPayload>(&json).map_err(HeaderError::Json)?,
+        )
     } else {
-        PaymentPayload::V1(serde_json::from_slice::<v1::PaymentPayload>(&json).map_err(HeaderError::Json)?)
+        PaymentPayload::V1(
+            serde_json::from_slice::<v1::PaymentPayload>(&json).map_err(HeaderError::Json)?,
+        )
     };
     Ok(Some(payload))
 }
 
 /// The server's own option that the payload pays for. The client's `accepted` copy is only
 /// used to pick it: verification runs against the server's requirements.
-fn select<'a>(options: &'a [PaymentOption], payload: &PaymentPayload) -> Result<&'a PaymentOption, Rejection> {
-    let pay = |reason| Rejection::Pay { reason: Some(reason) };
+fn select<'a>(
+    options: &'a [PaymentOption],
+    payload: &PaymentPayload,
+) -> Result<&'a PaymentOption, Rejection> {
+    let pay = |reason| Rejection::Pay {
+        reason: Some(reason),
+    };
     let same_scheme = |o: &&PaymentOption| o.requirements().scheme == payload.scheme();
     if !options.iter().any(|o| same_scheme(&o)) {
         return Err(pay(reason::UNSUPPORTED_SCHEME));
     }
-    let on_network = |o: &&PaymentOption| same_scheme(o) && o.requirements().network == payload.network();
+    let on_network =
+        |o: &&PaymentOption| same_scheme(o) && o.requirements().network == payload.network();
     if !options.iter().any(|o| on_network(&o)) {
         return Err(pay(reason::INVALID_NETWORK));
     }
@@ -188,7 +209,11 @@ where
         Ok(o) => o,
         Err(r) => return reject(r),
     };
-    let verified = match shared.verifier.verify(&payload, option.requirements()).await {
+    let verified = match shared
+        .verifier
+        .verify(&payload, option.requirements())
+        .await
+    {
         Ok(v) => v,
         Err(e) if e.is_retryable() => {
             return reject(Rejection::Unavailable {
@@ -201,7 +226,11 @@ where
                 message: e.to_string(),
             });
         }
-        Err(e) => return reject(Rejection::Pay { reason: Some(e.reason()) }),
+        Err(e) => {
+            return reject(Rejection::Pay {
+                reason: Some(e.reason()),
+            });
+        }
     };
     let key = verified.nonce_key();
     let token = match shared.store.reserve(&key, verified.valid_before).await {
@@ -217,6 +246,12 @@ where
             });
         }
     };
+    if let Err(e) = shared.settler.check(&verified).await {
+        // Nothing moved and the handler did not run: the proof may be retried (e.g. after
+        // topping up the balance).
+        let _ = shared.store.release(&key, token).await;
+        return reject(settle_rejection(&shared, &e));
+    }
     let version = verified.version;
     parts.extensions.insert(verified.clone());
     let res = match inner.call(Request::from_parts(parts, body)).await {
@@ -257,24 +292,34 @@ where
         }
         Err(e) => {
             // The handler's body is withheld: it was not paid for.
-            let rejection = if e.is_retryable() {
-                Rejection::Unavailable {
-                    retry_after: e.retry_after().unwrap_or(shared.retry_after),
-                }
-            } else {
-                Rejection::Pay { reason: Some(e.reason()) }
-            };
-            let mut out = response::reject(&shared, &options, &resource, rejection);
+            let mut out =
+                response::reject(&shared, &options, &resource, settle_rejection(&shared, &e));
             let receipt = SettleResponse {
                 success: false,
                 error_reason: Some(e.reason().to_owned()),
                 payer: Some(verified.payer),
-                transaction: None,
+                transaction: match &e {
+                    SettleError::Refused { transaction, .. } => *transaction,
+                    _ => None,
+                },
                 network: verified.network,
                 amount: None,
             };
             response::attach_receipt(out.headers_mut(), version, &receipt);
             Ok(out)
+        }
+    }
+}
+
+/// 503 for a settler that is down, 402 with its reason for a refusal.
+fn settle_rejection(shared: &Shared, e: &SettleError) -> Rejection {
+    if e.is_retryable() {
+        Rejection::Unavailable {
+            retry_after: e.retry_after().unwrap_or(shared.retry_after),
+        }
+    } else {
+        Rejection::Pay {
+            reason: Some(e.reason()),
         }
     }
 }

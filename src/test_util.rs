@@ -9,18 +9,21 @@ pub use alloy_signer_local::PrivateKeySigner;
 use http::{HeaderName, HeaderValue};
 use serde_json::{Value, json};
 
+use crate::proto::X402Version;
 use crate::proto::exact::{Authorization, ExactEvmPayload};
 use crate::proto::header::{self, PAYMENT_SIGNATURE, X_PAYMENT};
 use crate::proto::v2::{PaymentRequirements, ResourceInfo};
-use crate::proto::X402Version;
 use crate::verify::exact::{domain_separator, signing_hash};
 
 /// Anvil's well-known account #1 key: public test funds only, never real money.
-pub const DEMO_PAYER_KEY: &str = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+pub const DEMO_PAYER_KEY: &str =
+    "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
 
 /// A signer for [`DEMO_PAYER_KEY`].
 pub fn demo_payer() -> PrivateKeySigner {
-    DEMO_PAYER_KEY.parse().expect("the demo key is a valid constant")
+    DEMO_PAYER_KEY
+        .parse()
+        .expect("the demo key is a valid constant")
 }
 
 /// A fresh random 32-byte nonce.
@@ -58,7 +61,11 @@ pub fn sign(signer: &impl SignerSync, req: &PaymentRequirements, auth: &Authoriz
 }
 
 /// A signed exact payload for `req`, valid at `now`.
-pub fn exact_payload(signer: &PrivateKeySigner, req: &PaymentRequirements, now: u64) -> ExactEvmPayload {
+pub fn exact_payload(
+    signer: &PrivateKeySigner,
+    req: &PaymentRequirements,
+    now: u64,
+) -> ExactEvmPayload {
     let authorization = authorization(req, signer.address(), now);
     let signature = sign(signer, req, &authorization);
     ExactEvmPayload {
@@ -68,7 +75,11 @@ pub fn exact_payload(signer: &PrivateKeySigner, req: &PaymentRequirements, now: 
 }
 
 /// The v2 `PAYMENT-SIGNATURE` JSON for `payload` paying `req` (as a `Value`, to tamper with).
-pub fn v2_json(req: &PaymentRequirements, payload: &ExactEvmPayload, resource: Option<&ResourceInfo>) -> Value {
+pub fn v2_json(
+    req: &PaymentRequirements,
+    payload: &ExactEvmPayload,
+    resource: Option<&ResourceInfo>,
+) -> Value {
     let mut v = json!({ "x402Version": 2, "accepted": req, "payload": payload });
     if let Some(r) = resource {
         v["resource"] = json!(r);
@@ -92,7 +103,12 @@ pub fn encode(json: &Value) -> HeaderValue {
 }
 
 /// A complete payment header for `req`: name and value, as the official clients send them.
-pub fn pay(signer: &PrivateKeySigner, req: &PaymentRequirements, now: u64, version: X402Version) -> (HeaderName, HeaderValue) {
+pub fn pay(
+    signer: &PrivateKeySigner,
+    req: &PaymentRequirements,
+    now: u64,
+    version: X402Version,
+) -> (HeaderName, HeaderValue) {
     let payload = exact_payload(signer, req, now);
     match version {
         X402Version::V2 => (PAYMENT_SIGNATURE, encode(&v2_json(req, &payload, None))),

@@ -141,7 +141,10 @@ impl MemoryNonceStore {
     fn update(&self, key: &NonceKey, token: ClaimToken, consume: bool) -> Result<(), StoreError> {
         let mut shard = self.shard(key);
         match shard.map.get_mut(key) {
-            Some(e) if e.token_and_used & !USED == token_bits(token) && e.token_and_used & USED == 0 => {
+            Some(e)
+                if e.token_and_used & !USED == token_bits(token)
+                    && e.token_and_used & USED == 0 =>
+            {
                 if consume {
                     e.token_and_used |= USED;
                 } else {
@@ -244,16 +247,25 @@ mod tests {
             };
             assert_eq!(s.reserve(&key(1), 1100).await.unwrap(), Reservation::InUse);
             // A stranger's token changes nothing.
-            assert!(matches!(s.release(&key(1), ClaimToken(t.0 + 1)).await, Err(StoreError::NotHeld)));
+            assert!(matches!(
+                s.release(&key(1), ClaimToken(t.0 + 1)).await,
+                Err(StoreError::NotHeld)
+            ));
             s.release(&key(1), t).await.unwrap();
             let Reservation::Reserved(t2) = s.reserve(&key(1), 1100).await.unwrap() else {
                 panic!("released key is free again")
             };
             s.consume(&key(1), t2).await.unwrap();
             assert_eq!(s.reserve(&key(1), 1100).await.unwrap(), Reservation::Used);
-            assert!(s.release(&key(1), t2).await.is_err(), "a used key cannot be released");
+            assert!(
+                s.release(&key(1), t2).await.is_err(),
+                "a used key cannot be released"
+            );
             clock.set(1100);
-            assert!(matches!(s.reserve(&key(1), 1200).await.unwrap(), Reservation::Reserved(_)));
+            assert!(matches!(
+                s.reserve(&key(1), 1200).await.unwrap(),
+                Reservation::Reserved(_)
+            ));
         });
     }
 

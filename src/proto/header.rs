@@ -83,7 +83,10 @@ pub fn encode_json(json: &[u8]) -> HeaderValue {
 pub fn decode_bytes(value: &HeaderValue, max: usize) -> Result<Vec<u8>, HeaderError> {
     let raw = value.as_bytes();
     if raw.len() > max {
-        return Err(HeaderError::TooLarge { len: raw.len(), max });
+        return Err(HeaderError::TooLarge {
+            len: raw.len(),
+            max,
+        });
     }
     // The STANDARD engine refuses '-', '_', whitespace, missing or excess padding and
     // non-zero trailing bits, so every proof has exactly one accepted encoding.
@@ -91,7 +94,10 @@ pub fn decode_bytes(value: &HeaderValue, max: usize) -> Result<Vec<u8>, HeaderEr
 }
 
 /// The single value of `name`, `Ok(None)` if absent, an error if repeated.
-pub fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a HeaderValue>, HeaderError> {
+pub fn single<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'a HeaderValue>, HeaderError> {
     let mut values = headers.get_all(name).iter();
     let first = values.next();
     if values.next().is_some() {
@@ -124,7 +130,10 @@ mod tests {
         let unpadded = STANDARD.encode(b"{}").trim_end_matches('=').to_owned();
         for bad in [url_safe, unpadded, format!(" {ok}"), format!("{ok}=")] {
             let v = HeaderValue::try_from(bad.clone()).unwrap();
-            assert!(matches!(decode_bytes(&v, 100), Err(HeaderError::Base64)), "{bad}");
+            assert!(
+                matches!(decode_bytes(&v, 100), Err(HeaderError::Base64)),
+                "{bad}"
+            );
         }
         let long = HeaderValue::try_from("A".repeat(101)).unwrap();
         assert!(decode_bytes(&long, 100).unwrap_err().is_too_large());

@@ -96,7 +96,10 @@ pub(crate) struct VersionProbe {
 }
 
 /// Serializes an address in EIP-55 checksummed form, as the reference clients write it.
-pub(crate) fn checksummed<S: serde::Serializer>(a: &alloy_primitives::Address, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn checksummed<S: serde::Serializer>(
+    a: &alloy_primitives::Address,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.collect_str(&a.to_checksum(None))
 }
 
@@ -113,7 +116,8 @@ pub mod decimal {
     /// Reads a canonical decimal string; see [`parse`].
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        parse(&s).ok_or_else(|| serde::de::Error::custom("expected a canonical decimal uint256 string"))
+        parse(&s)
+            .ok_or_else(|| serde::de::Error::custom("expected a canonical decimal uint256 string"))
     }
 
     /// `^(0|[1-9][0-9]*)$` and at most 2^256-1, else `None`. No sign, hex, space or exponent.
@@ -140,7 +144,16 @@ mod tests {
         assert_eq!(parse("10000"), Some(U256::from(10_000)));
         assert_eq!(parse(&U256::MAX.to_string()), Some(U256::MAX));
         for bad in [
-            "", "-1", "+1", "01", "0x10", " 1", "1 ", "1e3", "1.0", "１",
+            "",
+            "-1",
+            "+1",
+            "01",
+            "0x10",
+            " 1",
+            "1 ",
+            "1e3",
+            "1.0",
+            "１",
             "115792089237316195423570985008687907853269984665640564039457584007913129639936",
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");

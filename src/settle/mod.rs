@@ -70,12 +70,22 @@ impl SettleError {
 /// Executes a verified payment.
 #[async_trait]
 pub trait Settler: Send + Sync + 'static {
+    /// Checks, before the handler runs, that the payment can still settle (balance, nonce
+    /// unused on-chain). A refusal answers 402 with its reason and the handler does not run.
+    /// Default: nothing to check.
+    async fn check(&self, _payment: &VerifiedPayment) -> Result<(), SettleError> {
+        Ok(())
+    }
+
     /// Settles `payment`; called once per proof, after the handler answered below 400.
     async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError>;
 }
 
 #[async_trait]
 impl<T: Settler + ?Sized> Settler for std::sync::Arc<T> {
+    async fn check(&self, payment: &VerifiedPayment) -> Result<(), SettleError> {
+        (**self).check(payment).await
+    }
     async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
         (**self).settle(payment).await
     }

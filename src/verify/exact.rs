@@ -45,7 +45,12 @@ const HALF_N: [u8; 32] = [
 pub const SCHEME: &str = "exact";
 
 /// EIP-712 domain separator of an EIP-3009 token.
-pub fn domain_separator(name: &str, version: &str, chain_id: u64, verifying_contract: Address) -> B256 {
+pub fn domain_separator(
+    name: &str,
+    version: &str,
+    chain_id: u64,
+    verifying_contract: Address,
+) -> B256 {
     Eip712Domain::new(
         Some(name.to_owned().into()),
         Some(version.to_owned().into()),
@@ -95,8 +100,8 @@ pub fn recover_signer(digest: B256, signature: &[u8]) -> Result<Address, Signatu
     if sig[32..64] > HALF_N[..] {
         return Err(SignatureError::HighS);
     }
-    let rsig =
-        RecoverableSignature::from_compact(&sig[..64], recid).map_err(|_| SignatureError::Invalid)?;
+    let rsig = RecoverableSignature::from_compact(&sig[..64], recid)
+        .map_err(|_| SignatureError::Invalid)?;
     let key = rsig
         .recover(Message::from_digest(digest.0))
         .map_err(|_| SignatureError::Invalid)?;
@@ -188,8 +193,8 @@ impl ExactEvmVerifier {
         let (Some(name), Some(version)) = (req.extra_str("name"), req.extra_str("version")) else {
             return Err(VerifyError::MissingEip712Domain);
         };
-        let exact: ExactEvmPayload =
-            serde_json::from_str(payload.raw_payload().get()).map_err(VerifyError::InvalidPayload)?;
+        let exact: ExactEvmPayload = serde_json::from_str(payload.raw_payload().get())
+            .map_err(VerifyError::InvalidPayload)?;
         let auth = &exact.authorization;
         if auth.to != req.pay_to {
             return Err(VerifyError::RecipientMismatch {
@@ -281,36 +286,75 @@ mod tests {
 
     #[test]
     fn spec_vector() {
-        let sep = domain_separator("USDC", "2", 84532, address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"));
-        assert_eq!(sep, b256!("0x71f17a3b2ff373b803d70a5a07c046c1a2bc8e89c09ef722fcb047abe94c9818"));
+        let sep = domain_separator(
+            "USDC",
+            "2",
+            84532,
+            address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+        );
+        assert_eq!(
+            sep,
+            b256!("0x71f17a3b2ff373b803d70a5a07c046c1a2bc8e89c09ef722fcb047abe94c9818")
+        );
         assert_eq!(
             struct_hash(&spec_auth()),
             b256!("0x49ad644555c7bdf3ea4fc022a4940ae5589b230b1dde0065c5504fa19bbe39a4")
         );
         let digest = signing_hash(sep, &spec_auth());
-        assert_eq!(digest, b256!("0xf256992871671abcb27ff92885a7afa46218724e5fc0bac35d050115aa1d22e6"));
+        assert_eq!(
+            digest,
+            b256!("0xf256992871671abcb27ff92885a7afa46218724e5fc0bac35d050115aa1d22e6")
+        );
         assert_eq!(recover_signer(digest, &SPEC_SIG), Ok(spec_auth().from));
-        let mainnet = domain_separator("USD Coin", "2", 8453, address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"));
-        assert_eq!(mainnet, b256!("0x02fa7265e7c5d81118673727957699e4d68f74cd74b7db77da710fe8a2c7834f"));
+        let mainnet = domain_separator(
+            "USD Coin",
+            "2",
+            8453,
+            address!("0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
+        );
+        assert_eq!(
+            mainnet,
+            b256!("0x02fa7265e7c5d81118673727957699e4d68f74cd74b7db77da710fe8a2c7834f")
+        );
     }
 
     #[test]
     fn signature_rules() {
         let digest = signing_hash(
-            domain_separator("USDC", "2", 84532, address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e")),
+            domain_separator(
+                "USDC",
+                "2",
+                84532,
+                address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+            ),
             &spec_auth(),
         );
         let mut v0 = SPEC_SIG;
         v0[64] = 1;
         assert_eq!(recover_signer(digest, &v0), Err(SignatureError::V(1)));
-        assert_eq!(recover_signer(digest, &SPEC_SIG[..64]), Err(SignatureError::Length(64)));
+        assert_eq!(
+            recover_signer(digest, &SPEC_SIG[..64]),
+            Err(SignatureError::Length(64))
+        );
         // The malleable twin (n - s, flipped v) recovers the same key off-chain but not on USDC.
-        let n = U256::from_be_bytes(hex!("fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141"));
+        let n = U256::from_be_bytes(hex!(
+            "fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141"
+        ));
         let s = U256::from_be_slice(&SPEC_SIG[32..64]);
         let mut high = SPEC_SIG;
         high[32..64].copy_from_slice(&(n - s).to_be_bytes::<32>());
         high[64] = 27;
         assert_eq!(recover_signer(digest, &high), Err(SignatureError::HighS));
-        assert_eq!(recover_signer(digest, &[0u8; 65][..64].iter().chain(&[27]).copied().collect::<Vec<_>>()), Err(SignatureError::Invalid));
+        assert_eq!(
+            recover_signer(
+                digest,
+                &[0u8; 65][..64]
+                    .iter()
+                    .chain(&[27])
+                    .copied()
+                    .collect::<Vec<_>>()
+            ),
+            Err(SignatureError::Invalid)
+        );
     }
 }
