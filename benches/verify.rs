@@ -1,1 +1,90 @@
-fn main(){}
+//! Cost of each step of the paid path, and the whole in-process verification.
+//!
+//! `cargo bench --bench verify --features test-util`. Targets (issue 3): full verification
+//! ≤ 1.15 × one signature recovery (the physical floor), nonce claim ≤ 1 µs.
+
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tower_x402::clock::FixedClock;
+use tower_x402::nonce::{MemoryNonceStore, NonceKey, NonceStore};
+use tower_x402::primitives::{Address, B256, U256, address};
+use tower_x402::proto::header::decode_bytes;
+use tower_x402::proto::{PaymentPayload, v2};
+use tower_x402::test_util::{demo_payer, encode, exact_payload, v2_json};
+use tower_x402::verify::exact::{domain_separator, recover_signer, signing_hash};
+use tower_x402::{Asset, ExactEvmVerifier, PaymentOption};
+
+const NOW: u64 = 1_760_000_000;
+
+/// Polls a future that completes without waiting (the memory store never waits).
+fn now_or_never<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("future did not complete immediately"),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let pay_to = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
+    let option =
+        PaymentOption::exact(&Asset::usdc_base_sepolia(), "$0.001", pay_to).expect("valid option");
+    let req = option.requirements().clone();
+    let signer = demo_payer();
+    let payload = exact_payload(&signer, &req, NOW);
+    let header = encode(&v2_json(&req, &payload, None));
+    let decoded = PaymentPayload::V2(
+        serde_json::from_slice::<v2::PaymentPayload>(&decode_bytes(&header, 8192).expect("b64"))
+            .expect("json"),
+    );
+    let verifier = ExactEvmVerifier::new().with_clock(FixedClock::new(NOW));
+    let sep = domain_separator("USDC", "2", 84532, req.asset);
+    let digest = signing_hash(sep, &payload.authorization);
+
+    let mut g = c.benchmark_group("paid_path");
+    g.bench_function("header_decode", |b| {
+        b.iter(|| {
+            let json = decode_bytes(black_box(&header), 8192).expect("b64");
+            serde_json::from_slice::<v2::PaymentPayload>(&json).expect("json")
+        })
+    });
+    // The verifier caches the separator per token, so the paid path pays only the digest.
+    g.bench_function("eip712_digest", |b| {
+        b.iter(|| signing_hash(black_box(sep), black_box(&payload.authorization)))
+    });
+    g.bench_function("domain_separator_uncached", |b| {
+        b.iter(|| domain_separator("USDC", "2", 84532, black_box(req.asset)))
+    });
+    g.bench_function("recover", |b| {
+        b.iter(|| recover_signer(black_box(digest), black_box(&payload.signature)).expect("valid"))
+    });
+    g.bench_function("full_verify", |b| {
+        b.iter(|| {
+            verifier
+                .verify_sync(black_box(&decoded), black_box(&req))
+                .expect("valid")
+        })
+    });
+    let store = MemoryNonceStore::with_capacity_and_clock(10_000_000, FixedClock::new(NOW));
+    let mut i = 0u64;
+    g.bench_function("nonce_claim", |b| {
+        b.iter(|| {
+            i += 1;
+            let key = NonceKey {
+                chain_id: 84532,
+                asset: req.asset,
+                from: Address::repeat_byte(7),
+                nonce: B256::from(U256::from(i)),
+            };
+            now_or_never(store.reserve(black_box(&key), NOW + 300)).expect("reserved")
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

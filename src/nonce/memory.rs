@@ -3,7 +3,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use alloy_primitives::map::HashMap;
+use std::hash::BuildHasher;
+
+use alloy_primitives::map::{DefaultHashBuilder, HashMap};
 use async_trait::async_trait;
 
 use super::{ClaimToken, NonceKey, NonceStore, Reservation, StoreError};
@@ -62,6 +64,7 @@ struct Inner {
     capacity_per_shard: usize,
     clock: Arc<dyn Clock>,
     next_token: AtomicU64,
+    hasher: DefaultHashBuilder,
 }
 
 impl std::fmt::Debug for MemoryNonceStore {
@@ -104,6 +107,7 @@ impl MemoryNonceStore {
                 capacity_per_shard: capacity.div_ceil(SHARDS).max(1),
                 clock: Arc::new(clock),
                 next_token: AtomicU64::new(1),
+                hasher: DefaultHashBuilder::default(),
             }),
         }
     }
@@ -132,9 +136,9 @@ impl MemoryNonceStore {
     }
 
     fn shard(&self, key: &NonceKey) -> MutexGuard<'_, Shard> {
-        // The nonce is 32 bytes the payer chose; mixing in `from` keeps one payer's crafted
-        // nonces from piling onto one shard. Within the shard the map's seeded hasher rules.
-        let i = (key.nonce[0] ^ key.from[0]) as usize % SHARDS;
+        // Payers choose nonces, so the shard comes from a randomly seeded hash, not raw bytes
+        // a client could aim at one shard.
+        let i = (self.inner.hasher.hash_one(key) >> 58) as usize % SHARDS;
         lock(&self.inner.shards[i])
     }
 
@@ -175,34 +179,40 @@ fn sweep(shard: &mut Shard, now: u64) {
 #[async_trait]
 impl NonceStore for MemoryNonceStore {
     async fn reserve(&self, key: &NonceKey, expires_at: u64) -> Result<Reservation, StoreError> {
+        use alloy_primitives::map::hash_map::Entry as Slot;
         let now = self.inner.clock.now();
         let cap = self.inner.capacity_per_shard;
         let mut shard = self.shard(key);
-        if let Some(e) = shard.map.get(key) {
-            if e.expires_at > now {
-                return Ok(if e.token_and_used & USED != 0 {
+        if shard.map.len() >= shard.next_sweep.min(cap) {
+            sweep(&mut shard, now);
+        }
+        let full = shard.map.len() >= cap;
+        let t = self.inner.next_token.fetch_add(1, Ordering::Relaxed) & !USED;
+        let entry = Entry {
+            expires_at,
+            token_and_used: t,
+        };
+        // One hash lookup: either the live holder answers, or the slot is (re)claimed.
+        match shard.map.entry(*key) {
+            Slot::Occupied(mut e) if e.get().expires_at > now => {
+                return Ok(if e.get_mut().token_and_used & USED != 0 {
                     Reservation::Used
                 } else {
                     Reservation::InUse
                 });
             }
-        }
-        if shard.map.len() >= shard.next_sweep.min(cap) {
-            sweep(&mut shard, now);
-            if shard.map.len() >= cap {
+            Slot::Occupied(mut e) => {
+                e.insert(entry);
+            }
+            Slot::Vacant(_) if full => {
                 return Err(StoreError::Full {
                     capacity: cap * SHARDS,
                 });
             }
+            Slot::Vacant(v) => {
+                v.insert(entry);
+            }
         }
-        let t = self.inner.next_token.fetch_add(1, Ordering::Relaxed) & !USED;
-        shard.map.insert(
-            *key,
-            Entry {
-                expires_at,
-                token_and_used: t,
-            },
-        );
         Ok(Reservation::Reserved(ClaimToken(u128::from(t))))
     }
 

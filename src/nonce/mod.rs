@@ -23,7 +23,13 @@
 //! Only the holder of the [`ClaimToken`] that `reserve` returned can consume or release.
 
 mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+mod redis;
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::RedisNonceStore;
 pub use memory::MemoryNonceStore;
 
 use std::sync::Arc;

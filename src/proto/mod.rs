@@ -46,7 +46,9 @@ impl X402Version {
 }
 
 /// A decoded payment proof of either protocol version.
+// Not boxed: one lives per paid request and is never moved around in bulk.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum PaymentPayload {
     /// From an `X-PAYMENT` header.
     V1(v1::PaymentPayload),

@@ -12,6 +12,10 @@ use async_trait::async_trait;
 
 use crate::verify::{BoxError, VerifiedPayment};
 
+#[cfg(feature = "onchain")]
+#[cfg_attr(docsrs, doc(cfg(feature = "onchain")))]
+pub mod onchain;
+
 /// What a settler did.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Settlement {

@@ -1,0 +1,405 @@
+//! [`RedisNonceStore`]: the replay guard in Redis (feature `redis`). The documentation
+//! (key layout, scripts, atomicity, failure behaviour) is on the type.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{RedisError, Script};
+use alloy_primitives::hex;
+use async_trait::async_trait;
+
+use super::{ClaimToken, NonceKey, NonceStore, Reservation, StoreError};
+
+/// `KEYS[1]` the key, `ARGV[1]` `<token>:r`, `ARGV[2]` expiry in Unix ms, `ARGV[3]` minimum
+/// TTL in ms, `ARGV[4]` `"1"` on a retry. Returns nil when this caller holds the key now, else
+/// the value found.
+const RESERVE: &str = r"
+local t = redis.call('TIME')
+local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
+local at = ARGV[2]
+if tonumber(at) < floor then at = string.format('%d', floor) end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PXAT', at) then return false end
+local v = redis.call('GET', KEYS[1])
+if ARGV[4] == '1' and v == ARGV[1] then return false end
+return v
+";
+
+/// `KEYS[1]` the key, `ARGV[1]` `<token>:r`, `ARGV[2]` `<token>:u`. Returns 1 when the holder
+/// consumed it (now or before), 0 otherwise.
+const CONSUME: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+if v == ARGV[2] then return 1 end
+return 0
+";
+
+/// `KEYS[1]` the key, `ARGV[1]` `<token>:r`. Returns 1 when the holder released it, else 0.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Largest expiry passed to Redis, in ms: keeps the script's arithmetic exact (Lua numbers
+/// are doubles). About the year 287,000.
+const MAX_EXPIRY_MS: u64 = (1 << 53) - 1;
+
+/// Pause before the one retry after a connection error, letting the reconnect start.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+struct Scripts {
+    reserve: Script,
+    consume: Script,
+    release: Script,
+}
+
+/// A [`NonceStore`] in Redis: one atomic claim per proof across every instance that shares
+/// the Redis.
+///
+/// # Key layout
+///
+/// One string key per authorization:
+///
+/// ```text
+/// <prefix><160 lowercase hex digits>
+///          └ chain_id (8 bytes, big-endian) ‖ asset (20) ‖ from (20) ‖ nonce (32)
+/// ```
+///
+/// The prefix defaults to `"x402:nonce:"`. Every field has a fixed width, so two different
+/// [`NonceKey`]s never share a key. The value is `<token>:r` while reserved and `<token>:u`
+/// once used, where `<token>` is the 32 hex digits of the holder's [`ClaimToken`]. Every key
+/// carries an absolute expiry (`PXAT`): the authorization's `validBefore`.
+///
+/// # Scripts and atomicity
+///
+/// Each operation is ONE Lua script, and Redis runs a script atomically: no other command
+/// runs between its reads and its writes, whichever instance sent it.
+///
+/// * **reserve**: `SET key <token>:r NX PXAT <validBefore in ms>`. If the key already exists,
+///   the same script returns its value, so the answer ([`Reservation::InUse`] for `:r`,
+///   [`Reservation::Used`] for `:u`) is read in the same atomic step as the failed `SET`. Exactly
+///   one of any number of concurrent callers, on any number of instances, wins the `SET NX`.
+/// * **consume**: if the value is `<token>:r`, rewrite it to `<token>:u` with `KEEPTTL` (the
+///   key stays blocked until `validBefore`). Consuming again with the same token is a no-op.
+/// * **release**: if the value is `<token>:r`, delete the key.
+///
+/// A caller whose token does not match (a stranger, or a holder whose reservation already
+/// expired) gets [`StoreError::NotHeld`] and changes nothing.
+///
+/// **Expiry already passed.** The script reads Redis's own clock (`TIME`) and never sets an
+/// expiry less than a minimum TTL (default 1 s, see [`RedisNonceStore::with_min_ttl`]) ahead
+/// of it. So an `expires_at` at or before Redis's now (or closer than the minimum TTL) still
+/// answers `Reserved`, and the key lives for the minimum TTL: it can never live forever, yet for that moment concurrent
+/// duplicates are still refused and the holder can still consume or release. (Through the
+/// layer this happens only if Redis's clock runs ahead of the verifier's by more than the
+/// verifier's headroom: keep both NTP-synced.)
+///
+/// Requires Redis 6.2 or later (`PXAT`, `KEEPTTL`), or a compatible server such as Valkey.
+///
+/// # Failure behaviour: fail closed
+///
+/// Every command runs under a deadline (default 500 ms, [`RedisNonceStore::with_timeout`]).
+/// A connection error, a Redis error or the deadline turns into [`StoreError::Unavailable`]:
+/// the layer answers 503 with `Retry-After` and the handler does not run. Nothing here panics.
+///
+/// The [`ConnectionManager`] reconnects by itself: once Redis is back, requests succeed again
+/// without rebuilding the store. After a connection error `reserve` and `consume` are retried
+/// once within the same deadline (both are idempotent for the same token: a retry that finds
+/// its own earlier write counts it), so the first request after Redis returns usually
+/// succeeds. `release` is not retried.
+///
+/// An operation whose reply is lost (deadline hit after Redis ran it) leaves the key reserved:
+/// it stays blocked until `validBefore`, never free twice. A client is never charged twice
+/// for one proof; at worst it must sign a new one.
+///
+/// A Tokio runtime with the time driver enabled (as `#[tokio::main]` gives) is required.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_x402::nonce::RedisNonceStore;
+/// use tower_x402::PaymentLayer;
+/// use tower_x402::primitives::address;
+///
+/// let store = RedisNonceStore::connect("redis://127.0.0.1:6379/")
+///     .await?
+///     .with_prefix("myapp:x402:")
+///     .with_timeout(Duration::from_millis(300))
+///     .with_retry_after(Duration::from_secs(2));
+/// let paywall = PaymentLayer::builder()
+///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+///     .price("$0.001")
+///     .network(tower_x402::Network::BASE_SEPOLIA)
+///     .nonce_store(store)
+///     .build()?;
+/// # let _ = paywall;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisNonceStore {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    prefix: String,
+    timeout: Duration,
+    min_ttl: Duration,
+    retry_after: Option<Duration>,
+}
+
+impl std::fmt::Debug for RedisNonceStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The connection is left out: its address may carry a password.
+        f.debug_struct("RedisNonceStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("min_ttl", &self.min_ttl)
+            .field("retry_after", &self.retry_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisNonceStore {
+    /// Default key prefix.
+    pub const DEFAULT_PREFIX: &str = "x402:nonce:";
+    /// Default deadline for each command.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+    /// Default minimum TTL of a reservation (see [`RedisNonceStore::with_min_ttl`]).
+    pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(1);
+    /// The longest [`RedisNonceStore::connect`] waits for the first connection.
+    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A store on `conn`, with the defaults: prefix `"x402:nonce:"`, 500 ms per command, no
+    /// `Retry-After` of its own (the layer's applies).
+    ///
+    /// The manager's own configuration applies to reconnection; [`RedisNonceStore::connect`]
+    /// chooses one suited to fail-fast use.
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self {
+            conn,
+            scripts: Arc::new(Scripts {
+                reserve: Script::new(RESERVE),
+                consume: Script::new(CONSUME),
+                release: Script::new(RELEASE),
+            }),
+            prefix: Self::DEFAULT_PREFIX.to_owned(),
+            timeout: Self::DEFAULT_TIMEOUT,
+            min_ttl: Self::DEFAULT_MIN_TTL,
+            retry_after: None,
+        }
+    }
+
+    /// Connects to `url` (`redis://[:password@]host[:port][/db]`, `rediss://` needs a TLS
+    /// feature of the `redis` crate) and waits for the first connection, at most
+    /// [`RedisNonceStore::CONNECT_TIMEOUT`].
+    ///
+    /// Each later connection attempt times out after 1 s, and reconnection attempts are at
+    /// most 250 ms apart, so service resumes quickly once Redis is back. For a connection that
+    /// is only made on first use, build a manager with
+    /// [`ConnectionManager::new_lazy_with_config`] and pass it to [`RedisNonceStore::new`].
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`]: the URL does not parse, or Redis cannot be reached in time.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = ::redis::Client::open(url).map_err(|e| unavailable(None, e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_max_delay(Duration::from_millis(250));
+        let conn = match tokio::time::timeout(
+            Self::CONNECT_TIMEOUT,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(unavailable(None, e)),
+            Err(_) => return Err(unavailable(None, Timeout(Self::CONNECT_TIMEOUT))),
+        };
+        Ok(Self::new(conn))
+    }
+
+    /// Sets the key prefix (default `"x402:nonce:"`): give each deployment sharing a Redis
+    /// its own.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets the deadline for each operation, retry included (default 500 ms). Past it the
+    /// request fails closed with 503.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets the `Retry-After` suggested when Redis is unavailable (default none: the
+    /// layer's own `retry_after` applies).
+    pub fn with_retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
+    /// Sets the minimum TTL of a reservation, by Redis's clock (default 1 s, rounded to
+    /// milliseconds). An `expires_at` closer than that, or already past, is held for this
+    /// long instead: never forever, and long enough for the holder to finish.
+    pub fn with_min_ttl(mut self, ttl: Duration) -> Self {
+        self.min_ttl = ttl;
+        self
+    }
+
+    /// The Redis key of `key`: the prefix and 160 hex digits (see the [type docs](RedisNonceStore)).
+    pub fn redis_key(&self, key: &NonceKey) -> String {
+        let mut raw = [0u8; 80];
+        raw[..8].copy_from_slice(&key.chain_id.to_be_bytes());
+        raw[8..28].copy_from_slice(key.asset.as_slice());
+        raw[28..48].copy_from_slice(key.from.as_slice());
+        raw[48..].copy_from_slice(key.nonce.as_slice());
+        let mut out = String::with_capacity(self.prefix.len() + 160);
+        out.push_str(&self.prefix);
+        out.push_str(&hex::encode(raw));
+        out
+    }
+
+    fn unavailable(&self, source: impl Into<crate::verify::BoxError>) -> StoreError {
+        unavailable(self.retry_after, source)
+    }
+
+    /// Runs `script` under the deadline; with `retry`, once more after a connection error.
+    async fn run<T: ::redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[&str],
+        retry: bool,
+    ) -> Result<T, StoreError> {
+        let attempt = |again: bool| {
+            let mut conn = self.conn.clone();
+            let mut inv = script.key(key);
+            for a in args {
+                inv.arg(*a);
+            }
+            if retry {
+                inv.arg(if again { "1" } else { "0" });
+            }
+            async move { inv.invoke_async::<T>(&mut conn).await }
+        };
+        let work = async {
+            match attempt(false).await {
+                Err(e) if retry && is_connection_error(&e) => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    attempt(true).await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.unavailable(e)),
+            Err(_) => Err(self.unavailable(Timeout(self.timeout))),
+        }
+    }
+}
+
+fn unavailable(
+    retry_after: Option<Duration>,
+    source: impl Into<crate::verify::BoxError>,
+) -> StoreError {
+    StoreError::Unavailable {
+        retry_after,
+        source: source.into(),
+    }
+}
+
+fn is_connection_error(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+}
+
+/// A Redis operation ran past its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("redis did not answer within {0:?}")]
+struct Timeout(Duration);
+
+/// A fresh token, unique even if the OS randomness failed (then [`ClaimToken::random`] is
+/// all zeros): a process-wide counter and the time are mixed in.
+fn new_token() -> ClaimToken {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    ClaimToken(ClaimToken::random().0 ^ u128::from(n) ^ (u128::from(nanos) << 64))
+}
+
+fn value(token: ClaimToken, state: char) -> String {
+    format!("{:032x}:{state}", token.0)
+}
+
+#[async_trait]
+impl NonceStore for RedisNonceStore {
+    async fn reserve(&self, key: &NonceKey, expires_at: u64) -> Result<Reservation, StoreError> {
+        let token = new_token();
+        let at = expires_at
+            .saturating_mul(1000)
+            .min(MAX_EXPIRY_MS)
+            .to_string();
+        let min_ttl = self
+            .min_ttl
+            .as_millis()
+            .min(u128::from(u32::MAX))
+            .to_string();
+        let found: Option<String> = self
+            .run(
+                &self.scripts.reserve,
+                &self.redis_key(key),
+                &[&value(token, 'r'), &at, &min_ttl],
+                true,
+            )
+            .await?;
+        Ok(match found {
+            None => Reservation::Reserved(token),
+            Some(v) if v.ends_with(":u") => Reservation::Used,
+            // `:r`, or anything unexpected under our prefix: refuse, never double-serve.
+            Some(_) => Reservation::InUse,
+        })
+    }
+
+    async fn consume(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
+        let done: i64 = self
+            .run(
+                &self.scripts.consume,
+                &self.redis_key(key),
+                &[&value(token, 'r'), &value(token, 'u')],
+                true,
+            )
+            .await?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotHeld)
+        }
+    }
+
+    async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
+        let done: i64 = self
+            .run(
+                &self.scripts.release,
+                &self.redis_key(key),
+                &[&value(token, 'r')],
+                false,
+            )
+            .await?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::NotHeld)
+        }
+    }
+}

@@ -1,0 +1,706 @@
+//! On-chain settlement with alloy: [`OnchainSettler`] executes the verified EIP-3009
+//! authorization itself, from a relayer account you fund with gas money.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use alloy_signer_local::PrivateKeySigner;
+//! use tower_x402::settle::onchain::OnchainSettler;
+//! use tower_x402::{Network, PaymentLayer};
+//! # let pay_to = tower_x402::primitives::Address::repeat_byte(1);
+//! let relayer: PrivateKeySigner = std::env::var("RELAYER_KEY")?.parse()?;
+//! let settler = OnchainSettler::connect("https://sepolia.base.org", relayer)
+//!     .await?
+//!     .with_max_fee_per_gas(1_000_000_000); // never pay more than 1 gwei per gas
+//! let layer = PaymentLayer::builder()
+//!     .pay_to(pay_to)
+//!     .price("$0.001")
+//!     .network(Network::BASE_SEPOLIA)
+//!     .settler(settler)
+//!     .build()?;
+//! # let _ = layer; Ok(()) }
+//! ```
+//!
+//! # Before the handler: [`check`](Settler::check)
+//!
+//! One JSON-RPC batch (one HTTP round trip) of `eth_call`s against the latest block:
+//! `balanceOf(from)`, `authorizationState(from, nonce)` and, unless
+//! [disabled](OnchainSettler::with_simulation), a simulation of the `transferWithAuthorization`
+//! from the relayer. The payment is refused (402, the handler does not run) when the nonce is
+//! already used or canceled on-chain ([`reason::NONCE_ALREADY_USED`]), when the balance is below
+//! the value ([`reason::INSUFFICIENT_FUNDS`]), or when the simulation reverts (the reason of
+//! the revert, see below). An RPC error or timeout is [`SettleError::Unavailable`] (503 with
+//! `Retry-After`). The token is the payment's `asset` and the payment's network must be the
+//! RPC's chain ([`reason::INVALID_NETWORK`] otherwise). Endpoints that refuse JSON-RPC batches
+//! can use [`with_batched_check(false)`](OnchainSettler::with_batched_check): the same calls,
+//! sent concurrently.
+//!
+//! # After the handler: [`settle`](Settler::settle)
+//!
+//! 1. `eth_estimateGas` of the transfer from the relayer (a simulation: a revert is mapped to a
+//!    reason and nothing is sent) and `eth_feeHistory`, concurrently.
+//! 2. `transferWithAuthorization(from, to, value, validAfter, validBefore, nonce, v, r, s)`
+//!    (selector `0xe3ee160e`) for 65-byte signatures (`v` of 0/1 is normalised to 27/28), the
+//!    `bytes signature` overload (`0xcf092995`, FiatToken ≥ 2.2, for ERC-1271 wallets)
+//!    otherwise. ERC-6492 wrapped signatures of undeployed wallets are not unwrapped. The gas
+//!    limit is explicit ([`with_gas_limit`](OnchainSettler::with_gas_limit), default
+//!    120 000); a transfer estimated above it is refused rather than sent.
+//! 3. EIP-1559 fees: `maxFeePerGas = 2 × next base fee + tip` (tip: median 20th-percentile
+//!    reward of the last 5 blocks), clamped to the cap
+//!    ([`with_max_fee_per_gas`](OnchainSettler::with_max_fee_per_gas)). When the base fee plus
+//!    tip alone is above the cap, nothing is sent and the answer is unavailable (503).
+//! 4. The receipt is polled every [`poll_interval`](OnchainSettler::with_poll_interval) until it
+//!    has [`confirmations`](OnchainSettler::with_confirmations) (default 1) or the
+//!    [`receipt timeout`](OnchainSettler::with_receipt_timeout) (default 30 s) passes. Status 1
+//!    settles ([`Settlement::transaction`] is the hash); status 0 is refused with
+//!    [`reason::TRANSACTION_FAILED`] and the hash.
+//!
+//! Revert texts map like the reference facilitator's: used or canceled →
+//! [`reason::NONCE_ALREADY_USED`], expired → [`reason::VALID_BEFORE`], not yet valid →
+//! [`reason::VALID_AFTER`], exceeds balance → [`reason::INSUFFICIENT_BALANCE`], invalid
+//! signature (FiatToken or ECRecover) → [`reason::SIGNATURE`], anything else →
+//! [`reason::TRANSACTION_FAILED`].
+//!
+//! # Unknown outcomes are never resent
+//!
+//! A transaction is sent at most once per `settle` call. When the receipt wait times out (Base
+//! confirmations have been seen taking 10-28 s), the settler looks once more for the receipt,
+//! then reads `authorizationState(from, nonce)`:
+//!
+//! - used: the money moved (the authorization can only be used with its signed `to` and
+//!   `value`), so the payment is settled with the hash that was sent. The one case this gets
+//!   wrong is a payer canceling the authorization (`cancelAuthorization`) while our transaction
+//!   is pending; then ours reverts and no money moved.
+//! - unused: the transaction may still be pending. The answer is
+//!   [`SettleError::Unavailable`] whose source is an [`UnconfirmedTransaction`] carrying the
+//!   hash; the layer keeps the proof's nonce reserved (an unknown outcome is never released),
+//!   so the same proof cannot buy the resource again and the payer is never charged twice for
+//!   it. Reconcile later with [`OnchainSettler::authorization_used`].
+//!
+//! A send whose own outcome is unknown (transport error or timeout on
+//! `eth_sendRawTransaction`) is treated the same way when the node knows the hash, and as
+//! unavailable otherwise.
+//!
+//! # Relayer nonces
+//!
+//! Settlements share the relayer account. Its nonce is managed by the settler: sign-and-send
+//! is serialised by an async mutex (one RPC round trip is held, not the receipt wait), so
+//! concurrent settlements get consecutive nonces and reach the node in order. Any failed send
+//! drops the cached nonce, which is then re-read from the node's `pending` count, and a
+//! "nonce too low" (another program used the account) is retried once with a fresh nonce. A
+//! transaction stuck in the mempool (e.g. under-priced after a fee spike) blocks the later
+//! ones: size the fee cap so that inclusion is the norm, and give each relayer account to
+//! one settler (clones share it).
+//!
+//! # Measuring
+//!
+//! [`OnchainSettler::stats`] counts what was sent, settled, refused and unknown, the gas and
+//! fees the relayer paid, and settlement latencies.
+
+mod relayer;
+mod revert;
+mod stats;
+
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy_network::{Ethereum, EthereumWallet, ReceiptResponse, TransactionBuilder};
+use alloy_primitives::{Address, B256, Bytes, U256};
+use alloy_provider::transport::TransportError;
+use alloy_provider::{DynProvider, Provider, RootProvider};
+use alloy_rpc_types_eth::{BlockNumberOrTag, TransactionReceipt, TransactionRequest};
+use alloy_sol_types::{SolCall, sol};
+use async_trait::async_trait;
+
+pub use stats::OnchainStats;
+
+use self::relayer::{Relayer, SendError, with_timeout};
+use self::revert::Failure;
+use super::{SettleError, Settlement, Settler};
+use crate::proto::exact::Authorization;
+use crate::verify::{BoxError, VerifiedPayment};
+
+/// The `errorReason` codes this settler answers with.
+pub mod reason {
+    /// `check`: the payer's balance is below the value.
+    pub const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
+    /// `settle`: the transfer reverted with "transfer amount exceeds balance".
+    pub const INSUFFICIENT_BALANCE: &str = "invalid_exact_evm_insufficient_balance";
+    /// The authorization's nonce is used or canceled on-chain.
+    pub const NONCE_ALREADY_USED: &str = crate::rejection::reason::NONCE_ALREADY_USED;
+    /// The authorization expired (`validBefore` passed).
+    pub const VALID_BEFORE: &str = "invalid_exact_evm_payload_authorization_valid_before";
+    /// The authorization is not valid yet (`validAfter` not passed).
+    pub const VALID_AFTER: &str = "invalid_exact_evm_payload_authorization_valid_after";
+    /// The token refused the signature.
+    pub const SIGNATURE: &str = "invalid_exact_evm_signature";
+    /// Any other revert, or a transaction mined with status 0.
+    pub const TRANSACTION_FAILED: &str = "invalid_exact_evm_transaction_failed";
+    /// The payment's network is not the RPC's chain.
+    pub const INVALID_NETWORK: &str = crate::rejection::reason::INVALID_NETWORK;
+}
+
+sol! {
+    /// The parts of an EIP-3009 token (Circle's FiatToken v2.2) that settlement uses.
+    interface IEip3009 {
+        function balanceOf(address account) external view returns (uint256);
+        function authorizationState(address authorizer, bytes32 nonce) external view returns (bool);
+        function transferWithAuthorization(
+            address from, address to, uint256 value, uint256 validAfter, uint256 validBefore,
+            bytes32 nonce, uint8 v, bytes32 r, bytes32 s
+        ) external;
+        function transferWithAuthorization(
+            address from, address to, uint256 value, uint256 validAfter, uint256 validBefore,
+            bytes32 nonce, bytes signature
+        ) external;
+    }
+}
+
+/// Calldata executing `authorization` on its token: the `(v, r, s)` overload for a 65-byte
+/// signature (`v` of 0/1 normalised to 27/28), the `bytes signature` overload otherwise.
+/// Public so that batching settlers (e.g. through Multicall3) build the same calls.
+pub fn transfer_calldata(authorization: &Authorization, signature: &[u8]) -> Bytes {
+    let a = authorization;
+    let encoded = match <&[u8; 65]>::try_from(signature) {
+        Ok(sig) => {
+            let (rs, v) = sig.split_at(64);
+            let v = match v[0] {
+                v @ (0 | 1) => v + 27,
+                v => v,
+            };
+            IEip3009::transferWithAuthorization_0Call {
+                from: a.from,
+                to: a.to,
+                value: a.value,
+                validAfter: a.valid_after,
+                validBefore: a.valid_before,
+                nonce: a.nonce,
+                v,
+                r: B256::from_slice(&rs[..32]),
+                s: B256::from_slice(&rs[32..]),
+            }
+            .abi_encode()
+        }
+        Err(_) => IEip3009::transferWithAuthorization_1Call {
+            from: a.from,
+            to: a.to,
+            value: a.value,
+            validAfter: a.valid_after,
+            validBefore: a.valid_before,
+            nonce: a.nonce,
+            signature: Bytes::copy_from_slice(signature),
+        }
+        .abi_encode(),
+    };
+    encoded.into()
+}
+
+/// The source of the [`SettleError::Unavailable`] returned when a sent transaction was not
+/// confirmed in time and its authorization is still unused: the outcome is unknown, and the
+/// transaction may still be mined. Downcast the error's source to read the hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("settlement transaction {transaction} not confirmed within {waited:?}: outcome unknown")]
+pub struct UnconfirmedTransaction {
+    /// The transaction that was sent.
+    pub transaction: B256,
+    /// How long its receipt was waited for.
+    pub waited: Duration,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Config {
+    gas_limit: u64,
+    max_fee_per_gas: u128,
+    receipt_timeout: Duration,
+    confirmations: u64,
+    poll_interval: Duration,
+    rpc_timeout: Duration,
+    simulate: bool,
+    batched_check: bool,
+    chain_id: Option<u64>,
+}
+
+/// What all clones of a settler share.
+#[derive(Debug)]
+struct Shared {
+    relayer: Relayer,
+    chain_id: tokio::sync::OnceCell<u64>,
+    stats: stats::Recorder,
+}
+
+/// Settles `exact` EIP-3009 payments on-chain from a relayer account. Cheap to clone (clones
+/// share the relayer nonce and the stats). See the [module docs](self).
+#[derive(Clone)]
+pub struct OnchainSettler {
+    provider: DynProvider,
+    config: Config,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for OnchainSettler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnchainSettler")
+            .field("relayer", &self.shared.relayer.address())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OnchainSettler {
+    /// Default gas limit of a settlement transaction.
+    pub const DEFAULT_GAS_LIMIT: u64 = 120_000;
+    /// Default fee cap: 5 gwei per gas.
+    pub const DEFAULT_MAX_FEE_PER_GAS: u128 = 5_000_000_000;
+    /// Default receipt wait.
+    pub const DEFAULT_RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default interval between receipt polls.
+    pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+    /// Default limit on each RPC call.
+    pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A settler reading and sending through `provider` (any alloy provider on Ethereum-like
+    /// networks; its fillers and wallet, if any, are not used) and signing with `relayer`,
+    /// which pays the gas. Defaults: gas limit 120 000, fee cap 5 gwei, 1 confirmation, 30 s
+    /// receipt timeout polled every 200 ms, 5 s per RPC call, simulation and batching on, the
+    /// chain id read from the RPC once.
+    pub fn new<P: Provider + 'static>(provider: P, relayer: impl Into<EthereumWallet>) -> Self {
+        Self {
+            provider: provider.erased(),
+            config: Config {
+                gas_limit: Self::DEFAULT_GAS_LIMIT,
+                max_fee_per_gas: Self::DEFAULT_MAX_FEE_PER_GAS,
+                receipt_timeout: Self::DEFAULT_RECEIPT_TIMEOUT,
+                confirmations: 1,
+                poll_interval: Self::DEFAULT_POLL_INTERVAL,
+                rpc_timeout: Self::DEFAULT_RPC_TIMEOUT,
+                simulate: true,
+                batched_check: true,
+                chain_id: None,
+            },
+            shared: Arc::new(Shared {
+                relayer: Relayer::new(relayer.into()),
+                chain_id: tokio::sync::OnceCell::new(),
+                stats: stats::Recorder::default(),
+            }),
+        }
+    }
+
+    /// A settler on the JSON-RPC endpoint `rpc_url` (`http(s)://`; no request is made yet).
+    /// See [`Self::new`] for the defaults.
+    ///
+    /// # Errors
+    /// The URL does not parse or names an unsupported transport.
+    pub async fn connect(
+        rpc_url: &str,
+        relayer: impl Into<EthereumWallet>,
+    ) -> Result<Self, TransportError> {
+        let provider = RootProvider::<Ethereum>::connect(rpc_url).await?;
+        Ok(Self::new(provider, relayer))
+    }
+
+    /// The gas limit of each settlement transaction (default 120 000; a FiatToken transfer
+    /// uses 60-90k). A transfer estimated above it is refused, not sent.
+    pub fn with_gas_limit(mut self, gas: u64) -> Self {
+        self.config.gas_limit = gas;
+        self
+    }
+
+    /// The most the relayer pays per gas, in wei (default 5 gwei). Fees are clamped to it;
+    /// when the next base fee plus tip is above it, settlements answer unavailable (503)
+    /// instead of sending.
+    pub fn with_max_fee_per_gas(mut self, wei: u128) -> Self {
+        self.config.max_fee_per_gas = wei;
+        self
+    }
+
+    /// How long to wait for the receipt (default 30 s). See the module docs for what happens
+    /// after.
+    pub fn with_receipt_timeout(mut self, wait: Duration) -> Self {
+        self.config.receipt_timeout = wait;
+        self
+    }
+
+    /// Blocks the settlement must be buried under, counting its own (default 1).
+    pub fn with_confirmations(mut self, blocks: u64) -> Self {
+        self.config.confirmations = blocks.max(1);
+        self
+    }
+
+    /// Interval between receipt polls (default 200 ms; the first poll is immediate).
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.config.poll_interval = interval;
+        self
+    }
+
+    /// Limit on each RPC call (default 5 s); a call over it counts as the RPC being down.
+    pub fn with_rpc_timeout(mut self, limit: Duration) -> Self {
+        self.config.rpc_timeout = limit;
+        self
+    }
+
+    /// Whether `check` also simulates the transfer (default on): it catches every revert
+    /// before the handler runs, for one more `eth_call` in the same batch.
+    pub fn with_simulation(mut self, on: bool) -> Self {
+        self.config.simulate = on;
+        self
+    }
+
+    /// Whether `check` sends its calls as one JSON-RPC batch (default on) or as concurrent
+    /// requests, for endpoints that refuse batches.
+    pub fn with_batched_check(mut self, on: bool) -> Self {
+        self.config.batched_check = on;
+        self
+    }
+
+    /// The chain id of the RPC, if known (default: read with `eth_chainId` on first use).
+    pub fn with_chain_id(mut self, chain_id: u64) -> Self {
+        self.config.chain_id = Some(chain_id);
+        self
+    }
+
+    /// The relayer's address (fund it with the chain's native coin).
+    pub fn relayer(&self) -> Address {
+        self.shared.relayer.address()
+    }
+
+    /// What this settler (and its clones) did so far.
+    pub fn stats(&self) -> OnchainStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Whether `nonce` of `authorizer` is used or canceled on the token `asset`: how an
+    /// unknown outcome is reconciled.
+    ///
+    /// # Errors
+    /// [`SettleError::Unavailable`] when the RPC fails.
+    pub async fn authorization_used(
+        &self,
+        asset: Address,
+        authorizer: Address,
+        nonce: B256,
+    ) -> Result<bool, SettleError> {
+        self.authorization_state(asset, authorizer, nonce)
+            .await
+            .map_err(Failure::into_settle_error)
+    }
+
+    async fn authorization_state(
+        &self,
+        asset: Address,
+        authorizer: Address,
+        nonce: B256,
+    ) -> Result<bool, Failure> {
+        let call = IEip3009::authorizationStateCall { authorizer, nonce };
+        let out = with_timeout(
+            self.config.rpc_timeout,
+            self.provider.call(view(asset, &call)),
+        )
+        .await?;
+        decode::<IEip3009::authorizationStateCall>(&out)
+    }
+
+    /// The RPC's chain id, read once.
+    async fn chain_id(&self) -> Result<u64, Failure> {
+        if let Some(id) = self.config.chain_id {
+            return Ok(id);
+        }
+        let id = self
+            .shared
+            .chain_id
+            .get_or_try_init(|| with_timeout(self.config.rpc_timeout, self.provider.get_chain_id()))
+            .await?;
+        Ok(*id)
+    }
+
+    /// The chain id, refusing payments on another network.
+    async fn ensure_network(&self, payment: &VerifiedPayment) -> Result<u64, Failure> {
+        let id = self.chain_id().await?;
+        if id != payment.network.chain_id() {
+            return Err(Failure::Revert(reason::INVALID_NETWORK));
+        }
+        Ok(id)
+    }
+
+    /// The settlement transaction, without fees, nonce or chain id.
+    fn transfer(&self, payment: &VerifiedPayment) -> TransactionRequest {
+        TransactionRequest::default()
+            .with_from(self.relayer())
+            .with_to(payment.asset)
+            .with_input(transfer_calldata(
+                &payment.authorization,
+                &payment.signature,
+            ))
+    }
+
+    /// Balance, authorization state and (optionally) the simulation's revert reason, read in
+    /// one batch or concurrently.
+    async fn read_state(
+        &self,
+        payment: &VerifiedPayment,
+    ) -> Result<(U256, bool, Option<&'static str>), Failure> {
+        let a = &payment.authorization;
+        let balance_tx = view(payment.asset, &IEip3009::balanceOfCall { account: a.from });
+        let state_tx = view(
+            payment.asset,
+            &IEip3009::authorizationStateCall {
+                authorizer: a.from,
+                nonce: a.nonce,
+            },
+        );
+        let simulate = self.config.simulate.then(|| self.transfer(payment));
+        let limit = self.config.rpc_timeout;
+        let (balance, state, simulated) = if self.config.batched_check {
+            let latest = BlockNumberOrTag::Latest;
+            let mut batch = alloy_rpc_client::BatchRequest::new(self.provider.client());
+            let mut calls = [Some(&balance_tx), Some(&state_tx), simulate.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|tx| batch.add_call::<_, Bytes>("eth_call", &(tx, latest)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(revert::classify)?
+                .into_iter();
+            let (Some(balance), Some(state)) = (calls.next(), calls.next()) else {
+                unreachable!("two calls were added");
+            };
+            let simulated = calls.next();
+            with_timeout(limit, batch.send()).await?;
+            let simulated = match simulated {
+                Some(waiter) => Some(waiter.await),
+                None => None,
+            };
+            (
+                balance.await.map_err(revert::classify)?,
+                state.await.map_err(revert::classify)?,
+                simulated,
+            )
+        } else {
+            let simulation = async {
+                match &simulate {
+                    Some(tx) => Some(
+                        tokio::time::timeout(limit, self.provider.call(tx.clone()).into_future())
+                            .await,
+                    ),
+                    None => None,
+                }
+            };
+            let (balance, state, simulated) = tokio::join!(
+                with_timeout(limit, self.provider.call(balance_tx)),
+                with_timeout(limit, self.provider.call(state_tx)),
+                simulation,
+            );
+            let simulated = match simulated {
+                Some(Ok(result)) => Some(result),
+                Some(Err(elapsed)) => return Err(Failure::rpc(elapsed)),
+                None => None,
+            };
+            (balance?, state?, simulated)
+        };
+        let revert = match simulated {
+            None | Some(Ok(_)) => None,
+            Some(Err(e)) => match revert::classify(e) {
+                Failure::Revert(reason) => Some(reason),
+                rpc @ Failure::Rpc { .. } => return Err(rpc),
+            },
+        };
+        Ok((
+            decode::<IEip3009::balanceOfCall>(&balance)?,
+            decode::<IEip3009::authorizationStateCall>(&state)?,
+            revert,
+        ))
+    }
+
+    /// Polls for the receipt until it has the wanted confirmations; `None` on timeout.
+    async fn wait_receipt(&self, hash: B256) -> Option<TransactionReceipt> {
+        let limit = self.config.rpc_timeout;
+        let poll = async {
+            loop {
+                if let Ok(Some(receipt)) =
+                    with_timeout(limit, self.provider.get_transaction_receipt(hash)).await
+                {
+                    if self.confirmed(&receipt).await {
+                        return receipt;
+                    }
+                }
+                tokio::time::sleep(self.config.poll_interval).await;
+            }
+        };
+        tokio::time::timeout(self.config.receipt_timeout, poll)
+            .await
+            .ok()
+    }
+
+    async fn confirmed(&self, receipt: &TransactionReceipt) -> bool {
+        let Some(mined) = receipt.block_number() else {
+            return false; // pending
+        };
+        if self.config.confirmations <= 1 {
+            return true;
+        }
+        match with_timeout(self.config.rpc_timeout, self.provider.get_block_number()).await {
+            Ok(head) => head.saturating_sub(mined) + 1 >= self.config.confirmations,
+            Err(_) => false,
+        }
+    }
+
+    /// Books a mined receipt: settled or refused with its hash.
+    fn mined(
+        &self,
+        receipt: &TransactionReceipt,
+        started: Instant,
+    ) -> Result<Settlement, SettleError> {
+        let hash = receipt.transaction_hash;
+        let ok = receipt.status();
+        let latency = started.elapsed();
+        self.shared.stats.update(|s| {
+            s.gas_used += receipt.gas_used;
+            s.fees_wei += u128::from(receipt.gas_used) * receipt.effective_gas_price;
+            if ok {
+                s.settled += 1;
+                s.last_latency = Some(latency);
+                s.total_latency += latency;
+            } else {
+                s.refused += 1;
+            }
+        });
+        if ok {
+            Ok(Settlement {
+                transaction: Some(hash),
+                amount: None,
+            })
+        } else {
+            Err(SettleError::Refused {
+                reason: reason::TRANSACTION_FAILED,
+                transaction: Some(hash),
+            })
+        }
+    }
+
+    /// Books a failure before anything was sent.
+    fn not_sent(&self, failure: Failure) -> SettleError {
+        self.shared.stats.update(|s| match failure {
+            Failure::Revert(_) => s.refused += 1,
+            Failure::Rpc { .. } => s.unavailable += 1,
+        });
+        failure.into_settle_error()
+    }
+
+    /// Books an unknown outcome.
+    fn unknown(&self, source: BoxError) -> SettleError {
+        self.shared.stats.update(|s| s.unknown += 1);
+        SettleError::Unavailable {
+            retry_after: None,
+            source,
+        }
+    }
+
+    /// The receipt did not come in time: settled if the authorization is used, unknown if not.
+    async fn reconcile(
+        &self,
+        payment: &VerifiedPayment,
+        hash: B256,
+        started: Instant,
+    ) -> Result<Settlement, SettleError> {
+        let limit = self.config.rpc_timeout;
+        if let Ok(Some(receipt)) =
+            with_timeout(limit, self.provider.get_transaction_receipt(hash)).await
+        {
+            if receipt.block_number().is_some() {
+                // Mined, short of the wanted confirmations: its status is the answer.
+                return self.mined(&receipt, started);
+            }
+        }
+        let a = &payment.authorization;
+        match self
+            .authorization_state(payment.asset, a.from, a.nonce)
+            .await
+        {
+            Ok(true) => {
+                let latency = started.elapsed();
+                self.shared.stats.update(|s| {
+                    s.settled += 1;
+                    s.last_latency = Some(latency);
+                    s.total_latency += latency;
+                });
+                Ok(Settlement {
+                    transaction: Some(hash),
+                    amount: None,
+                })
+            }
+            Ok(false) | Err(_) => Err(self.unknown(Box::new(UnconfirmedTransaction {
+                transaction: hash,
+                waited: self.config.receipt_timeout,
+            }))),
+        }
+    }
+}
+
+#[async_trait]
+impl Settler for OnchainSettler {
+    async fn check(&self, payment: &VerifiedPayment) -> Result<(), SettleError> {
+        let checked = async {
+            self.ensure_network(payment).await?;
+            let (balance, used, revert) = self.read_state(payment).await?;
+            if used {
+                Err(Failure::Revert(reason::NONCE_ALREADY_USED))
+            } else if balance < payment.authorization.value {
+                Err(Failure::Revert(reason::INSUFFICIENT_FUNDS))
+            } else if let Some(reason) = revert {
+                Err(Failure::Revert(reason))
+            } else {
+                Ok(())
+            }
+        };
+        checked.await.map_err(Failure::into_settle_error)
+    }
+
+    async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
+        let started = Instant::now();
+        let limit = self.config.rpc_timeout;
+        let chain_id = self
+            .ensure_network(payment)
+            .await
+            .map_err(|f| self.not_sent(f))?;
+        let tx = self.transfer(payment).with_chain_id(chain_id);
+        let relayer = &self.shared.relayer;
+        let (estimate, fees) = tokio::join!(
+            with_timeout(limit, self.provider.estimate_gas(tx.clone())),
+            relayer.fees(&self.provider, self.config.max_fee_per_gas, limit),
+        );
+        let estimate = estimate.map_err(|f| self.not_sent(f))?;
+        if estimate > self.config.gas_limit {
+            return Err(self.not_sent(Failure::Revert(reason::TRANSACTION_FAILED)));
+        }
+        let fees = fees.map_err(|f| self.not_sent(f))?;
+        let tx = tx
+            .with_gas_limit(self.config.gas_limit)
+            .with_max_fee_per_gas(fees.max_fee_per_gas)
+            .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
+        let hash = match relayer.send(&self.provider, tx, limit).await {
+            Ok(hash) => hash,
+            Err(SendError::Refused(failure)) => return Err(self.not_sent(failure)),
+            Err(SendError::Unknown { hash, source }) => {
+                // Did it reach the node? Then it may be mined: wait for it like any other.
+                match with_timeout(limit, self.provider.get_transaction_by_hash(hash)).await {
+                    Ok(Some(_)) => hash,
+                    _ => return Err(self.unknown(source)),
+                }
+            }
+        };
+        self.shared.stats.update(|s| s.sent += 1);
+        match self.wait_receipt(hash).await {
+            Some(receipt) => self.mined(&receipt, started),
+            None => self.reconcile(payment, hash, started).await,
+        }
+    }
+}
+
+/// An `eth_call` of a view function.
+fn view(token: Address, call: &impl SolCall) -> TransactionRequest {
+    TransactionRequest::default()
+        .with_to(token)
+        .with_input(call.abi_encode())
+}
+
+fn decode<C: SolCall>(out: &[u8]) -> Result<C::Return, Failure> {
+    C::abi_decode_returns(out).map_err(Failure::rpc)
+}

@@ -1,0 +1,224 @@
+//! The relayer account: its nonce, its fees, and the one place transactions are signed and
+//! sent.
+//!
+//! Sends are serialised per settler by an async mutex around (nonce, sign, `eth_sendRawTransaction`):
+//! concurrent settlements get consecutive nonces and reach the node in nonce order, and a failed
+//! send never leaves a gap. The lock covers one RPC round trip, not the receipt wait, so
+//! settlements still overlap on-chain. The cached nonce is dropped whenever a send fails in a
+//! way that may or may not have consumed it; the next send re-reads the `pending` count.
+
+use std::time::Duration;
+
+use alloy_network::eip2718::Encodable2718;
+use alloy_network::{Ethereum, EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
+use alloy_primitives::{Address, B256};
+use alloy_provider::{DynProvider, Provider};
+use alloy_rpc_types_eth::{BlockNumberOrTag, TransactionRequest};
+use tokio::sync::Mutex;
+
+use super::revert::{self, Failure};
+use crate::verify::BoxError;
+
+/// Blocks of fee history read per settlement (the reward median over them sets the tip).
+const FEE_HISTORY_BLOCKS: u64 = 5;
+/// Reward percentile of those blocks used as the priority fee.
+const REWARD_PERCENTILE: f64 = 20.0;
+
+/// EIP-1559 fees for one transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Fees {
+    pub(super) max_fee_per_gas: u128,
+    pub(super) max_priority_fee_per_gas: u128,
+}
+
+/// Why a fee quote was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("gas price {needed} wei above the cap of {cap} wei")]
+pub(super) struct FeeAboveCap {
+    needed: u128,
+    cap: u128,
+}
+
+/// Fees from the next block's base fee and recent tips: `2 × base + tip`, clamped to `cap`.
+/// Refused when even `base + tip` (what inclusion needs now) is above `cap`.
+pub(super) fn quote(
+    next_base_fee: u128,
+    rewards: &[Vec<u128>],
+    cap: u128,
+) -> Result<Fees, FeeAboveCap> {
+    let estimate = alloy_provider::utils::eip1559_default_estimator(next_base_fee, rewards);
+    let tip = estimate.max_priority_fee_per_gas;
+    let needed = next_base_fee.saturating_add(tip);
+    if needed > cap {
+        return Err(FeeAboveCap { needed, cap });
+    }
+    let max_fee_per_gas = estimate.max_fee_per_gas.max(needed).min(cap);
+    Ok(Fees {
+        max_fee_per_gas,
+        max_priority_fee_per_gas: tip.min(max_fee_per_gas),
+    })
+}
+
+/// How a send failed.
+#[derive(Debug)]
+pub(super) enum SendError {
+    /// The node refused the transaction: nothing is pending.
+    Refused(Failure),
+    /// The send's outcome is unknown (transport error or timeout): the transaction with this
+    /// hash may be in the node's pool.
+    Unknown { hash: B256, source: BoxError },
+}
+
+/// The relayer: a wallet and its serialised nonce.
+#[derive(Debug)]
+pub(super) struct Relayer {
+    wallet: EthereumWallet,
+    address: Address,
+    /// The next nonce to use, or `None` to read it from the node.
+    next_nonce: Mutex<Option<u64>>,
+}
+
+impl Relayer {
+    pub(super) fn new(wallet: EthereumWallet) -> Self {
+        let address = alloy_network::NetworkWallet::<Ethereum>::default_signer_address(&wallet);
+        Self {
+            wallet,
+            address,
+            next_nonce: Mutex::new(None),
+        }
+    }
+
+    pub(super) fn address(&self) -> Address {
+        self.address
+    }
+
+    /// Reads the fee market and quotes fees under `cap`.
+    pub(super) async fn fees(
+        &self,
+        provider: &DynProvider,
+        cap: u128,
+        rpc_timeout: Duration,
+    ) -> Result<Fees, Failure> {
+        let history = with_timeout(
+            rpc_timeout,
+            provider.get_fee_history(
+                FEE_HISTORY_BLOCKS,
+                BlockNumberOrTag::Latest,
+                &[REWARD_PERCENTILE],
+            ),
+        )
+        .await?;
+        let base = history
+            .next_block_base_fee()
+            .or_else(|| history.latest_block_base_fee())
+            .unwrap_or(0);
+        quote(base, history.reward.as_deref().unwrap_or(&[]), cap).map_err(Failure::rpc)
+    }
+
+    /// Signs `tx` (complete but for `from` and `nonce`) with the next nonce and sends it,
+    /// returning its hash once the node accepted it.
+    pub(super) async fn send(
+        &self,
+        provider: &DynProvider,
+        tx: TransactionRequest,
+        rpc_timeout: Duration,
+    ) -> Result<B256, SendError> {
+        let mut next = self.next_nonce.lock().await;
+        let mut retried = false;
+        loop {
+            let nonce = match *next {
+                Some(n) => n,
+                None => with_timeout(
+                    rpc_timeout,
+                    provider.get_transaction_count(self.address).pending(),
+                )
+                .await
+                .map_err(SendError::Refused)?,
+            };
+            let envelope = tx
+                .clone()
+                .with_from(self.address)
+                .with_nonce(nonce)
+                .build(&self.wallet)
+                .await
+                .map_err(|e| SendError::Refused(Failure::rpc(e)))?;
+            let hash = *envelope.tx_hash();
+            let raw = envelope.encoded_2718();
+            match tokio::time::timeout(rpc_timeout, provider.send_raw_transaction(&raw)).await {
+                Ok(Ok(_)) => {
+                    *next = Some(nonce + 1);
+                    return Ok(hash);
+                }
+                // The same bytes were already received (e.g. by a send that timed out).
+                Ok(Err(e)) if revert::is_already_known(&e) => {
+                    *next = Some(nonce + 1);
+                    return Ok(hash);
+                }
+                // Someone else used the relayer account: re-read the nonce once.
+                Ok(Err(e)) if revert::is_nonce_too_low(&e) && !retried => {
+                    *next = None;
+                    retried = true;
+                }
+                Ok(Err(e)) => {
+                    *next = None;
+                    return Err(match e {
+                        e @ alloy_json_rpc::RpcError::ErrorResp(_) => {
+                            SendError::Refused(revert::classify(e))
+                        }
+                        e => SendError::Unknown {
+                            hash,
+                            source: Box::new(e),
+                        },
+                    });
+                }
+                Err(elapsed) => {
+                    *next = None;
+                    return Err(SendError::Unknown {
+                        hash,
+                        source: Box::new(elapsed),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Awaits an RPC call for at most `limit`; a timeout is an RPC failure.
+pub(super) async fn with_timeout<T>(
+    limit: Duration,
+    call: impl std::future::IntoFuture<Output = alloy_provider::transport::TransportResult<T>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(limit, call.into_future()).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(revert::classify(e)),
+        Err(elapsed) => Err(Failure::rpc(elapsed)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GWEI: u128 = 1_000_000_000;
+
+    #[test]
+    fn fees_are_twice_the_base_plus_tip_under_the_cap() {
+        let rewards = vec![vec![2 * GWEI]; 3];
+        let fees = quote(10 * GWEI, &rewards, 100 * GWEI).unwrap();
+        assert_eq!(fees.max_priority_fee_per_gas, 2 * GWEI);
+        assert_eq!(fees.max_fee_per_gas, 22 * GWEI);
+        // Clamped to the cap while inclusion is still affordable.
+        let fees = quote(10 * GWEI, &rewards, 15 * GWEI).unwrap();
+        assert_eq!(fees.max_fee_per_gas, 15 * GWEI);
+        assert_eq!(fees.max_priority_fee_per_gas, 2 * GWEI);
+        // Refused when base + tip is above the cap.
+        assert!(quote(10 * GWEI, &rewards, 11 * GWEI).is_err());
+    }
+
+    #[test]
+    fn empty_history_uses_the_minimum_tip() {
+        let fees = quote(0, &[], GWEI).unwrap();
+        assert!(fees.max_priority_fee_per_gas >= 1);
+        assert!(fees.max_fee_per_gas >= fees.max_priority_fee_per_gas);
+    }
+}
