@@ -16,7 +16,7 @@ use crate::price::parse_price;
 use crate::proto::header::DEFAULT_MAX_HEADER_BYTES;
 use crate::proto::v2::PaymentRequirements;
 use crate::service::Payment;
-use crate::settle::{Settler, VerifyOnly};
+use crate::settle::{SettlementMode, Settler, VerifyOnly};
 use crate::verify::{ExactEvmVerifier, Verifier};
 
 /// One way to pay for a route: an `exact` payment of `amount` of `asset` to `pay_to`.
@@ -115,6 +115,7 @@ pub(crate) struct Shared {
     pub(crate) verifier: Arc<dyn Verifier>,
     pub(crate) store: Arc<dyn NonceStore>,
     pub(crate) settler: Arc<dyn Settler>,
+    pub(crate) mode: SettlementMode,
     pub(crate) pricing: Pricing,
     pub(crate) resource_base: Option<String>,
     pub(crate) description: Option<String>,
@@ -161,6 +162,7 @@ pub struct PaymentLayerBuilder {
     verifier: Arc<dyn Verifier>,
     store: Option<Arc<dyn NonceStore>>,
     settler: Arc<dyn Settler>,
+    mode: SettlementMode,
     options: Vec<PaymentOption>,
     pricing: Option<Arc<PricingFn>>,
     pay_to: Option<Address>,
@@ -184,6 +186,7 @@ impl Default for PaymentLayerBuilder {
             verifier: Arc::new(ExactEvmVerifier::new()),
             store: None,
             settler: Arc::new(VerifyOnly),
+            mode: SettlementMode::AfterHandler,
             options: Vec::new(),
             pricing: None,
             pay_to: None,
@@ -287,6 +290,12 @@ impl PaymentLayerBuilder {
         self
     }
 
+    /// When to settle relative to the handler (default [`SettlementMode::AfterHandler`]).
+    pub fn settlement_mode(mut self, mode: SettlementMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
     /// Base URL for `resource.url` (e.g. `https://api.example.com`); the request path is
     /// appended. Default: `http://` + the request's `Host` + path.
     pub fn resource_base(mut self, base: impl Into<String>) -> Self {
@@ -368,6 +377,7 @@ impl PaymentLayerBuilder {
                     .store
                     .unwrap_or_else(|| Arc::new(MemoryNonceStore::new())),
                 settler: self.settler,
+                mode: self.mode,
                 pricing,
                 resource_base: self.resource_base,
                 description: self.description,

@@ -15,7 +15,8 @@ use crate::proto::header::{self, HeaderError, PAYMENT_SIGNATURE, X_PAYMENT};
 use crate::proto::{PaymentPayload, SettleResponse, VersionProbe, v1, v2};
 use crate::rejection::{Rejection, reason};
 use crate::response;
-use crate::settle::SettleError;
+use crate::settle::{SettleError, Settlement, SettlementMode};
+use crate::verify::VerifiedPayment;
 
 /// The service made by [`PaymentLayer`](crate::PaymentLayer). See the [crate docs](crate).
 #[derive(Clone)]
@@ -252,8 +253,24 @@ where
         let _ = shared.store.release(&key, token).await;
         return reject(settle_rejection(&shared, &e));
     }
-    let version = verified.version;
     parts.extensions.insert(verified.clone());
+    if shared.mode == SettlementMode::BeforeHandler {
+        // The money moves first; the handler's answer, whatever it is, was paid for.
+        let settlement = match shared.settler.settle(&verified).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Refused: nothing moved and nothing was served, so the claim goes back. An
+                // unknown outcome (backend down) stays reserved: never charged twice.
+                if !e.is_retryable() {
+                    let _ = shared.store.release(&key, token).await;
+                }
+                return Ok(settle_failed(&shared, &options, &resource, &verified, &e));
+            }
+        };
+        let _ = shared.store.consume(&key, token).await;
+        let res = inner.call(Request::from_parts(parts, body)).await?;
+        return Ok(settled(&shared, res, &verified, settlement));
+    }
     let res = match inner.call(Request::from_parts(parts, body)).await {
         Ok(res) => res,
         Err(e) => {
@@ -269,46 +286,62 @@ where
         response::mark(&shared, res.headers_mut());
         return Ok(res);
     }
-    let settled = shared.settler.settle(&verified).await;
+    let result = shared.settler.settle(&verified).await;
     // Settled or refused after the handler ran, the proof is spent either way: releasing a
     // refused one would let it buy the handler again. An unknown outcome stays reserved.
-    if !matches!(&settled, Err(e) if e.is_retryable()) {
+    if !matches!(&result, Err(e) if e.is_retryable()) {
         let _ = shared.store.consume(&key, token).await;
     }
-    match settled {
-        Ok(settlement) => {
-            let receipt = SettleResponse {
-                success: true,
-                error_reason: None,
-                payer: Some(verified.payer),
-                transaction: settlement.transaction,
-                network: verified.network,
-                amount: settlement.amount,
-            };
-            let mut res = res.map(ResponseBody::inner);
-            response::attach_receipt(res.headers_mut(), version, &receipt);
-            response::mark(&shared, res.headers_mut());
-            Ok(res)
-        }
-        Err(e) => {
-            // The handler's body is withheld: it was not paid for.
-            let mut out =
-                response::reject(&shared, &options, &resource, settle_rejection(&shared, &e));
-            let receipt = SettleResponse {
-                success: false,
-                error_reason: Some(e.reason().to_owned()),
-                payer: Some(verified.payer),
-                transaction: match &e {
-                    SettleError::Refused { transaction, .. } => *transaction,
-                    _ => None,
-                },
-                network: verified.network,
-                amount: None,
-            };
-            response::attach_receipt(out.headers_mut(), version, &receipt);
-            Ok(out)
-        }
+    match result {
+        Ok(settlement) => Ok(settled(&shared, res, &verified, settlement)),
+        // The handler's body is withheld: it was not paid for.
+        Err(e) => Ok(settle_failed(&shared, &options, &resource, &verified, &e)),
     }
+}
+
+/// The handler's response with the success receipt.
+fn settled<B>(
+    shared: &Shared,
+    res: Response<B>,
+    verified: &VerifiedPayment,
+    settlement: Settlement,
+) -> Response<ResponseBody<B>> {
+    let receipt = SettleResponse {
+        success: true,
+        error_reason: None,
+        payer: Some(verified.payer),
+        transaction: settlement.transaction,
+        network: verified.network,
+        amount: settlement.amount,
+    };
+    let mut res = res.map(ResponseBody::inner);
+    response::attach_receipt(res.headers_mut(), verified.version, &receipt);
+    response::mark(shared, res.headers_mut());
+    res
+}
+
+/// 402 (or 503) with a `success: false` receipt.
+fn settle_failed<B>(
+    shared: &Shared,
+    options: &[PaymentOption],
+    resource: &str,
+    verified: &VerifiedPayment,
+    e: &SettleError,
+) -> Response<ResponseBody<B>> {
+    let mut out = response::reject(shared, options, resource, settle_rejection(shared, e));
+    let receipt = SettleResponse {
+        success: false,
+        error_reason: Some(e.reason().to_owned()),
+        payer: Some(verified.payer),
+        transaction: match e {
+            SettleError::Refused { transaction, .. } => *transaction,
+            _ => None,
+        },
+        network: verified.network,
+        amount: None,
+    };
+    response::attach_receipt(out.headers_mut(), verified.version, &receipt);
+    out
 }
 
 /// 503 for a settler that is down, 402 with its reason for a refusal.

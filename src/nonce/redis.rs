@@ -199,7 +199,8 @@ impl RedisNonceStore {
     /// [`RedisNonceStore::CONNECT_TIMEOUT`].
     ///
     /// Each later connection attempt times out after 1 s, and reconnection attempts are at
-    /// most 250 ms apart, so service resumes quickly once Redis is back. For a connection that
+    /// most 200 ms apart (100 ms plus jitter), so service resumes within the command deadline
+    /// once Redis is back. For a connection that
     /// is only made on first use, build a manager with
     /// [`ConnectionManager::new_lazy_with_config`] and pass it to [`RedisNonceStore::new`].
     ///
@@ -209,7 +210,8 @@ impl RedisNonceStore {
         let client = ::redis::Client::open(url).map_err(|e| unavailable(None, e))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_max_delay(Duration::from_millis(250));
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(100));
         let conn = match tokio::time::timeout(
             Self::CONNECT_TIMEOUT,
             ConnectionManager::new_with_config(client, config),

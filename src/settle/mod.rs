@@ -16,6 +16,22 @@ use crate::verify::{BoxError, VerifiedPayment};
 #[cfg_attr(docsrs, doc(cfg(feature = "onchain")))]
 pub mod onchain;
 
+/// When the layer settles, relative to the handler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SettlementMode {
+    /// verify → handler → settle (the reference behaviour). A handler answer ≥ 400 is not
+    /// settled; a failed settlement answers 402 with a failed receipt and withholds the
+    /// handler's body. The response is held until settlement ends (its body is not read, so
+    /// nothing is buffered, but headers wait for the chain).
+    #[default]
+    AfterHandler,
+    /// verify → settle → handler: the handler runs only once the money moved, and its
+    /// response streams out at once (SSE, LLM tokens). Refund risk is the seller's: a handler
+    /// that fails after settlement was still paid for.
+    BeforeHandler,
+}
+
 /// What a settler did.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Settlement {
