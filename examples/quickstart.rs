@@ -92,31 +92,57 @@ async fn demo(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
 
     println!("\n1. GET /weather without paying");
     let (parts, _) = get(None).await?;
-    let challenge: PaymentRequired =
-        serde_json::from_slice(&b64.decode(parts.headers.get("payment-required").ok_or("no challenge")?)?)?;
+    let challenge: PaymentRequired = serde_json::from_slice(
+        &b64.decode(
+            parts
+                .headers
+                .get("payment-required")
+                .ok_or("no challenge")?,
+        )?,
+    )?;
     let req = challenge.accepts.first().ok_or("empty accepts")?.clone();
-    println!("   {} — pay {} atomic units of {} on {} to {}", parts.status, req.amount, req.asset, req.network, req.pay_to);
+    println!(
+        "   {} — pay {} atomic units of {} on {} to {}",
+        parts.status, req.amount, req.asset, req.network, req.pay_to
+    );
 
     println!("\n2. sign an EIP-3009 authorization (demo key) and retry with PAYMENT-SIGNATURE");
     let payer = demo_payer();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let header = pay(&payer, &req, now, X402Version::V2);
     let (parts, body) = get(Some(header.clone())).await?;
     let receipt = parts.headers.get("payment-response").ok_or("no receipt")?;
     println!("   {} {}", parts.status, String::from_utf8_lossy(&body));
-    println!("   receipt: {}", String::from_utf8_lossy(&b64.decode(receipt)?));
+    println!(
+        "   receipt: {}",
+        String::from_utf8_lossy(&b64.decode(receipt)?)
+    );
     if parts.status != http::StatusCode::OK {
         return Err("payment was not accepted".into());
     }
 
     println!("\n3. replay the same proof");
     let (parts, _) = get(Some(header)).await?;
-    let again: PaymentRequired =
-        serde_json::from_slice(&b64.decode(parts.headers.get("payment-required").ok_or("no challenge")?)?)?;
-    println!("   {} — {}", parts.status, again.error.as_deref().unwrap_or("?"));
+    let again: PaymentRequired = serde_json::from_slice(
+        &b64.decode(
+            parts
+                .headers
+                .get("payment-required")
+                .ok_or("no challenge")?,
+        )?,
+    )?;
+    println!(
+        "   {} — {}",
+        parts.status,
+        again.error.as_deref().unwrap_or("?")
+    );
     if parts.status != http::StatusCode::PAYMENT_REQUIRED {
         return Err("replay was not refused".into());
     }
-    println!("\nverify-only mode: the proof was checked in-process and claimed once; no money moved.");
+    println!(
+        "\nverify-only mode: the proof was checked in-process and claimed once; no money moved."
+    );
     Ok(())
 }

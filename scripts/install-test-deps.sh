@@ -38,7 +38,9 @@ want_stamp="$(cat "$CLIENTS/package.json" "$CLIENTS/package-lock.json" "$CLIENTS
 installed() {
   [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want_stamp" ] \
     && [ -d "$DEPS/node/node_modules/@x402/fetch" ] && [ -d "$DEPS/node/node_modules/x402-fetch" ] \
-    && "$DEPS/venv/bin/python" -c 'import sys' 2>/dev/null
+    && "$DEPS/venv/bin/python" -c 'import sys' 2>/dev/null \
+    && { [ "$(uname -sm)" != "Linux x86_64" ] \
+         || [ -x "$DEPS/node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil" ]; }
 }
 if installed; then
   log "up to date: $DEPS"
@@ -89,11 +91,30 @@ install_python() {
 # ---------------------------------------------------------------------------------------------
 # SERVICES HOOK (reserved for later issues; nothing is installed here yet):
 #   - redis-server from Debian (apt_install redis-server) for the Redis NonceStore tests;
-#   - anvil (npm "@foundry-rs/anvil-linux-amd64": "1.7.1", added to tests/clients/package.json
-#     so npm ci brings it) for on-chain settlement tests.
+#   - anvil (npm "@foundry-rs/anvil-linux-amd64" 1.7.1) for on-chain settlement tests: install_anvil.
 # Extend this function and installed() together, so the stamp covers what is added.
+
+# anvil for tests/onchain.rs: the pinned npm build of foundry's anvil, added next to the clients
+# in $DEPS/node (--no-save: the clients' package.json and lock file stay untouched). The tests find
+# it at $X402_TEST_DEPS/node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil. Only published
+# for Linux x86_64: elsewhere it is skipped (the on-chain tests then SKIP, or fail under CI=true).
+ANVIL_NPM="@foundry-rs/anvil-linux-amd64@1.7.1"
+ANVIL_BIN="$DEPS/node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+# (installed() above checks the binary; the stamp covers this script, so the pinned version.)
+install_anvil() {
+  if [ "$(uname -sm)" != "Linux x86_64" ]; then
+    log "anvil: no npm build for $(uname -sm); on-chain tests will be skipped"
+    return 0
+  fi
+  log "npm install $ANVIL_NPM into $DEPS/node"
+  (cd "$DEPS/node" && npm install --no-save --ignore-scripts --no-audit --no-fund \
+    --no-update-notifier --loglevel=error "$ANVIL_NPM")
+  "$ANVIL_BIN" --version 2>/dev/null | grep -qF "${ANVIL_NPM##*@}" \
+    || die "anvil ${ANVIL_NPM##*@} does not run: $ANVIL_BIN"
+}
+
 install_services() {
-  :
+  install_anvil
 }
 # ---------------------------------------------------------------------------------------------
 

@@ -25,6 +25,17 @@ pin_project! {
     }
 }
 
+impl<B> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.is_from_layer() {
+            "Full"
+        } else {
+            "Inner"
+        };
+        f.debug_tuple("ResponseBody").field(&kind).finish()
+    }
+}
+
 impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         Self {

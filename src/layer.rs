@@ -156,6 +156,15 @@ impl<S> Layer<S> for PaymentLayer {
     }
 }
 
+/// One in-memory store for every layer of the process that was given none: a proof bought
+/// for one route must not buy another route too.
+fn default_store() -> Arc<dyn NonceStore> {
+    static STORE: std::sync::OnceLock<Arc<MemoryNonceStore>> = std::sync::OnceLock::new();
+    STORE
+        .get_or_init(|| Arc::new(MemoryNonceStore::new()))
+        .clone()
+}
+
 /// Builder of a [`PaymentLayer`]. Every setter states its default.
 #[must_use]
 pub struct PaymentLayerBuilder {
@@ -277,8 +286,8 @@ impl PaymentLayerBuilder {
         self
     }
 
-    /// Replaces the replay guard (default: a [`MemoryNonceStore`] of its own). Instances behind
-    /// one load balancer must share a store.
+    /// Replaces the replay guard (default: one [`MemoryNonceStore`] shared by every layer of
+    /// the process). Instances behind one load balancer must share a store (Redis).
     pub fn nonce_store(mut self, store: impl NonceStore) -> Self {
         self.store = Some(Arc::new(store));
         self
@@ -373,9 +382,7 @@ impl PaymentLayerBuilder {
         Ok(PaymentLayer {
             shared: Arc::new(Shared {
                 verifier: self.verifier,
-                store: self
-                    .store
-                    .unwrap_or_else(|| Arc::new(MemoryNonceStore::new())),
+                store: self.store.unwrap_or_else(default_store),
                 settler: self.settler,
                 mode: self.mode,
                 pricing,

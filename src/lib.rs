@@ -78,12 +78,15 @@
 //! | feature | adds |
 //! |---|---|
 //! | `axum` | [`VerifiedPayment`] extractor |
+//! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances |
+//! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
 //! | `test-util` | [`test_util`]: sign payments with a local key for tests and demos |
 //!
 //! [tower]: https://docs.rs/tower
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(clippy::unwrap_used)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod body;
 pub mod clock;

@@ -11,6 +11,7 @@ use crate::body::ResponseBody;
 use crate::future::ResponseFuture;
 use crate::layer::{PaymentOption, Pricing, Shared};
 use crate::nonce::Reservation;
+use crate::proto::exact::ExactEvmPayload;
 use crate::proto::header::{self, HeaderError, PAYMENT_SIGNATURE, X_PAYMENT};
 use crate::proto::{PaymentPayload, SettleResponse, VersionProbe, v1, v2};
 use crate::rejection::{Rejection, reason};
@@ -162,12 +163,12 @@ fn decode(shared: &Shared, headers: &HeaderMap) -> Result<Option<PaymentPayload>
     Ok(Some(payload))
 }
 
-/// The server's own option that the payload pays for. The client's `accepted` copy is only
-/// used to pick it: verification runs against the server's requirements.
+/// The server's own options the payload may pay for, best first. The client's `accepted`
+/// copy only picks them: verification runs against the server's requirements.
 fn select<'a>(
     options: &'a [PaymentOption],
     payload: &PaymentPayload,
-) -> Result<&'a PaymentOption, Rejection> {
+) -> Result<Vec<&'a PaymentOption>, Rejection> {
     let pay = |reason| Rejection::Pay {
         reason: Some(reason),
     };
@@ -177,20 +178,46 @@ fn select<'a>(
     }
     let on_network =
         |o: &&PaymentOption| same_scheme(o) && o.requirements().network == payload.network();
-    if !options.iter().any(|o| on_network(&o)) {
+    let mut candidates: Vec<_> = options.iter().filter(on_network).collect();
+    if candidates.is_empty() {
         return Err(pay(reason::INVALID_NETWORK));
     }
     match payload {
-        // v1 echoes only scheme and network; recipient and value are checked by the verifier.
-        PaymentPayload::V1(_) => options.iter().find(on_network),
-        PaymentPayload::V2(p) => options.iter().filter(on_network).find(|o| {
-            let r = o.requirements();
+        PaymentPayload::V2(p) => {
             let a = &p.accepted;
-            r.asset == a.asset && r.pay_to == a.pay_to && r.amount == a.amount
-        }),
+            candidates.retain(|o| {
+                let r = o.requirements();
+                r.asset == a.asset && r.pay_to == a.pay_to && r.amount == a.amount
+            });
+            if candidates.is_empty() {
+                return Err(pay(reason::INVALID_PAYMENT_REQUIREMENTS));
+            }
+        }
+        // v1 echoes only scheme and network: narrow by what the authorization pays. Options
+        // that differ only by token are told apart by the signature's domain (verify each).
+        // If none matches, the first one's verification gives the precise reason.
+        PaymentPayload::V1(p) => {
+            if let Ok(exact) = serde_json::from_str::<ExactEvmPayload>(p.payload.get()) {
+                let a = &exact.authorization;
+                let paying: Vec<_> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|o| {
+                        o.requirements().pay_to == a.to && o.requirements().amount == a.value
+                    })
+                    .collect();
+                if !paying.is_empty() {
+                    candidates = paying;
+                }
+            }
+            candidates.truncate(MAX_V1_CANDIDATES);
+        }
     }
-    .ok_or_else(|| pay(reason::INVALID_PAYMENT_REQUIREMENTS))
+    Ok(candidates)
 }
+
+/// Bound on signature checks one v1 proof can cost.
+const MAX_V1_CANDIDATES: usize = 4;
 
 /// The paid flow: verify, claim the nonce, run the handler, settle, attach the receipt.
 async fn paid<S, ReqB, ResB>(
@@ -206,15 +233,31 @@ where
 {
     let resource = response::resource_url(&shared, &parts);
     let reject = |rejection| Ok(response::reject(&shared, &options, &resource, rejection));
-    let option = match select(&options, &payload) {
-        Ok(o) => o,
+    let candidates = match select(&options, &payload) {
+        Ok(c) => c,
         Err(r) => return reject(r),
     };
-    let verified = match shared
-        .verifier
-        .verify(&payload, option.requirements())
-        .await
-    {
+    let mut outcome = None;
+    for option in candidates {
+        let result = shared
+            .verifier
+            .verify(&payload, option.requirements())
+            .await;
+        let done = !matches!(&result, Err(e) if !e.is_retryable());
+        // Keep the first refusal: it is about the best-matching option.
+        if done || outcome.is_none() {
+            outcome = Some(result);
+        }
+        if done {
+            break;
+        }
+    }
+    let Some(outcome) = outcome else {
+        return reject(Rejection::Pay {
+            reason: Some(reason::INVALID_PAYMENT_REQUIREMENTS),
+        });
+    };
+    let verified = match outcome {
         Ok(v) => v,
         Err(e) if e.is_retryable() => {
             return reject(Rejection::Unavailable {

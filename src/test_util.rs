@@ -1,7 +1,7 @@
 //! Signing helpers for tests, demos and benchmarks: build the payment a client would send.
 //!
 //! These use a local private key. A real client signs with any alloy `Signer` the same way:
-//! the digest is [`signing_hash`](crate::verify::exact::signing_hash).
+//! the digest is [`signing_hash`].
 
 use alloy_primitives::{Address, B256, Bytes, U256};
 use alloy_signer::SignerSync;

@@ -200,9 +200,8 @@ impl RedisNonceStore {
     ///
     /// Each later connection attempt times out after 1 s, and reconnection attempts are at
     /// most 200 ms apart (100 ms plus jitter), so service resumes within the command deadline
-    /// once Redis is back. For a connection that
-    /// is only made on first use, build a manager with
-    /// [`ConnectionManager::new_lazy_with_config`] and pass it to [`RedisNonceStore::new`].
+    /// once Redis is back. For a connection that is only made on first use, build a manager
+    /// with [`ConnectionManager::new_lazy_with_config`] and pass it to [`RedisNonceStore::new`].
     ///
     /// # Errors
     /// [`StoreError::Unavailable`]: the URL does not parse, or Redis cannot be reached in time.
@@ -246,9 +245,9 @@ impl RedisNonceStore {
         self
     }
 
-    /// Sets the minimum TTL of a reservation, by Redis's clock (default 1 s, rounded to
-    /// milliseconds). An `expires_at` closer than that, or already past, is held for this
-    /// long instead: never forever, and long enough for the holder to finish.
+    /// Sets the minimum TTL of a reservation, by Redis's clock (default 1 s; whole
+    /// milliseconds, at least 1). An `expires_at` closer than that, or already past, is held
+    /// for this long instead: never forever, and long enough for the holder to finish.
     pub fn with_min_ttl(mut self, ttl: Duration) -> Self {
         self.min_ttl = ttl;
         self
@@ -355,7 +354,7 @@ impl NonceStore for RedisNonceStore {
         let min_ttl = self
             .min_ttl
             .as_millis()
-            .min(u128::from(u32::MAX))
+            .clamp(1, u128::from(u32::MAX))
             .to_string();
         let found: Option<String> = self
             .run(

@@ -112,26 +112,29 @@ pub fn recover_signer(digest: B256, signature: &[u8]) -> Result<Address, Signatu
 /// Domain separators of the few tokens a server accepts: computing one costs four keccaks,
 /// as much as the rest of the digest.
 #[derive(Default)]
-struct SeparatorCache(std::sync::RwLock<Vec<(u64, Address, String, String, B256)>>);
+struct SeparatorCache(std::sync::RwLock<Vec<CachedSeparator>>);
+
+/// (chain id, token, EIP-712 name, version) and their separator.
+type CachedSeparator = (u64, Address, String, String, B256);
 
 impl SeparatorCache {
     /// Entries kept; a server offers a handful of tokens, anything beyond is computed each time.
     const MAX: usize = 32;
 
     fn get(&self, name: &str, version: &str, chain_id: u64, asset: Address) -> B256 {
-        let hit = |e: &&(u64, Address, String, String, B256)| {
-            e.0 == chain_id && e.1 == asset && e.2 == name && e.3 == version
-        };
-        if let Ok(cache) = self.0.read() {
-            if let Some(e) = cache.iter().find(hit) {
-                return e.4;
-            }
+        let hit =
+            |e: &&CachedSeparator| e.0 == chain_id && e.1 == asset && e.2 == name && e.3 == version;
+        if let Ok(cache) = self.0.read()
+            && let Some(e) = cache.iter().find(hit)
+        {
+            return e.4;
         }
         let sep = domain_separator(name, version, chain_id, asset);
-        if let Ok(mut cache) = self.0.write() {
-            if cache.len() < Self::MAX && !cache.iter().any(|e| hit(&e)) {
-                cache.push((chain_id, asset, name.to_owned(), version.to_owned(), sep));
-            }
+        if let Ok(mut cache) = self.0.write()
+            && cache.len() < Self::MAX
+            && !cache.iter().any(|e| hit(&e))
+        {
+            cache.push((chain_id, asset, name.to_owned(), version.to_owned(), sep));
         }
         sep
     }

@@ -48,7 +48,8 @@
 //!    reward of the last 5 blocks), clamped to the cap
 //!    ([`with_max_fee_per_gas`](OnchainSettler::with_max_fee_per_gas)). When the base fee plus
 //!    tip alone is above the cap, nothing is sent and the answer is unavailable (503).
-//! 4. The receipt is polled every [`poll_interval`](OnchainSettler::with_poll_interval) until it
+//! 4. The receipt is polled (at once, then with a backoff from 25 ms up to the
+//!    [`poll interval`](OnchainSettler::with_poll_interval), default 200 ms) until it
 //!    has [`confirmations`](OnchainSettler::with_confirmations) (default 1) or the
 //!    [`receipt timeout`](OnchainSettler::with_receipt_timeout) (default 30 s) passes. Status 1
 //!    settles ([`Settlement::transaction`] is the hash); status 0 is refused with
@@ -108,7 +109,7 @@ use alloy_network::{Ethereum, EthereumWallet, ReceiptResponse, TransactionBuilde
 use alloy_primitives::{Address, B256, Bytes, U256};
 use alloy_provider::transport::TransportError;
 use alloy_provider::{DynProvider, Provider, RootProvider};
-use alloy_rpc_types_eth::{BlockNumberOrTag, TransactionReceipt, TransactionRequest};
+use alloy_rpc_types_eth::{BlockId, BlockNumberOrTag, TransactionReceipt, TransactionRequest};
 use alloy_sol_types::{SolCall, sol};
 use async_trait::async_trait;
 
@@ -326,7 +327,8 @@ impl OnchainSettler {
         self
     }
 
-    /// Interval between receipt polls (default 200 ms; the first poll is immediate).
+    /// Longest interval between receipt polls (default 200 ms). The first poll is immediate,
+    /// the next ones 25 ms, 50 ms, ... apart up to this interval.
     pub fn with_poll_interval(mut self, interval: Duration) -> Self {
         self.config.poll_interval = interval;
         self
@@ -393,7 +395,7 @@ impl OnchainSettler {
         let call = IEip3009::authorizationStateCall { authorizer, nonce };
         let out = with_timeout(
             self.config.rpc_timeout,
-            self.provider.call(view(asset, &call)),
+            self.provider.call(view(asset, &call)).block(LATEST),
         )
         .await?;
         decode::<IEip3009::authorizationStateCall>(&out)
@@ -450,12 +452,11 @@ impl OnchainSettler {
         let simulate = self.config.simulate.then(|| self.transfer(payment));
         let limit = self.config.rpc_timeout;
         let (balance, state, simulated) = if self.config.batched_check {
-            let latest = BlockNumberOrTag::Latest;
             let mut batch = alloy_rpc_client::BatchRequest::new(self.provider.client());
             let mut calls = [Some(&balance_tx), Some(&state_tx), simulate.as_ref()]
                 .into_iter()
                 .flatten()
-                .map(|tx| batch.add_call::<_, Bytes>("eth_call", &(tx, latest)))
+                .map(|tx| batch.add_call::<_, Bytes>("eth_call", &(tx, LATEST)))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(revert::classify)?
                 .into_iter();
@@ -477,15 +478,18 @@ impl OnchainSettler {
             let simulation = async {
                 match &simulate {
                     Some(tx) => Some(
-                        tokio::time::timeout(limit, self.provider.call(tx.clone()).into_future())
-                            .await,
+                        tokio::time::timeout(
+                            limit,
+                            self.provider.call(tx.clone()).block(LATEST).into_future(),
+                        )
+                        .await,
                     ),
                     None => None,
                 }
             };
             let (balance, state, simulated) = tokio::join!(
-                with_timeout(limit, self.provider.call(balance_tx)),
-                with_timeout(limit, self.provider.call(state_tx)),
+                with_timeout(limit, self.provider.call(balance_tx).block(LATEST)),
+                with_timeout(limit, self.provider.call(state_tx).block(LATEST)),
                 simulation,
             );
             let simulated = match simulated {
@@ -513,15 +517,18 @@ impl OnchainSettler {
     async fn wait_receipt(&self, hash: B256) -> Option<TransactionReceipt> {
         let limit = self.config.rpc_timeout;
         let poll = async {
+            // Quick first polls (25, 50, 100 ms...) up to the interval: a fast chain answers
+            // within a few tens of milliseconds, a slow one costs a couple of extra calls.
+            let mut delay = FIRST_POLL_DELAY.min(self.config.poll_interval);
             loop {
                 if let Ok(Some(receipt)) =
                     with_timeout(limit, self.provider.get_transaction_receipt(hash)).await
+                    && self.confirmed(&receipt).await
                 {
-                    if self.confirmed(&receipt).await {
-                        return receipt;
-                    }
+                    return receipt;
                 }
-                tokio::time::sleep(self.config.poll_interval).await;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(self.config.poll_interval);
             }
         };
         tokio::time::timeout(self.config.receipt_timeout, poll)
@@ -603,11 +610,10 @@ impl OnchainSettler {
         let limit = self.config.rpc_timeout;
         if let Ok(Some(receipt)) =
             with_timeout(limit, self.provider.get_transaction_receipt(hash)).await
+            && receipt.block_number().is_some()
         {
-            if receipt.block_number().is_some() {
-                // Mined, short of the wanted confirmations: its status is the answer.
-                return self.mined(&receipt, started);
-            }
+            // Mined, short of the wanted confirmations: its status is the answer.
+            return self.mined(&receipt, started);
         }
         let a = &payment.authorization;
         match self
@@ -694,6 +700,13 @@ impl Settler for OnchainSettler {
     }
 }
 
+/// The first wait between receipt polls; doubled up to the configured interval.
+const FIRST_POLL_DELAY: Duration = Duration::from_millis(25);
+
+/// Reads are against the latest block, never `pending` (which some nodes, anvil among them,
+/// use when the block is omitted): "used" must mean mined, not merely in a mempool.
+const LATEST: BlockId = BlockId::Number(BlockNumberOrTag::Latest);
+
 /// An `eth_call` of a view function.
 fn view(token: Address, call: &impl SolCall) -> TransactionRequest {
     TransactionRequest::default()
@@ -703,4 +716,54 @@ fn view(token: Address, call: &impl SolCall) -> TransactionRequest {
 
 fn decode<C: SolCall>(out: &[u8]) -> Result<C::Return, Failure> {
     C::abi_decode_returns(out).map_err(Failure::rpc)
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy_primitives::{address, b256};
+
+    use super::*;
+
+    fn authorization() -> Authorization {
+        Authorization {
+            from: address!("0x857b06519E91e3A54538791bDbb0E22373e36b66"),
+            to: address!("0x209693Bc6afc0C5328bA36FaF03C514EF312287C"),
+            value: U256::from(10_000),
+            valid_after: U256::from(1_740_672_089u64),
+            valid_before: U256::from(1_740_672_154u64),
+            nonce: b256!("0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480"),
+        }
+    }
+
+    #[test]
+    fn eoa_signatures_use_the_vrs_overload() {
+        let mut sig = [0x11u8; 65];
+        sig[64] = 28;
+        let data = transfer_calldata(&authorization(), &sig);
+        assert_eq!(data[..4], [0xe3, 0xee, 0x16, 0x0e]);
+        let call = IEip3009::transferWithAuthorization_0Call::abi_decode(&data).expect("decodes");
+        assert_eq!(
+            (call.v, call.r, call.s),
+            (28, B256::repeat_byte(0x11), B256::repeat_byte(0x11))
+        );
+        assert_eq!(call.nonce, authorization().nonce);
+        // yParity is normalised: USDC only takes 27/28.
+        sig[64] = 0;
+        let call = IEip3009::transferWithAuthorization_0Call::abi_decode(&transfer_calldata(
+            &authorization(),
+            &sig,
+        ))
+        .expect("decodes");
+        assert_eq!(call.v, 27);
+    }
+
+    #[test]
+    fn other_signatures_use_the_bytes_overload() {
+        let sig = vec![0x22u8; 130];
+        let data = transfer_calldata(&authorization(), &sig);
+        assert_eq!(data[..4], [0xcf, 0x09, 0x29, 0x95]);
+        let call = IEip3009::transferWithAuthorization_1Call::abi_decode(&data).expect("decodes");
+        assert_eq!(call.signature.as_ref(), &sig[..]);
+        assert_eq!(call.validBefore, authorization().valid_before);
+    }
 }

@@ -154,8 +154,9 @@ impl Relayer {
                     *next = Some(nonce + 1);
                     return Ok(hash);
                 }
-                // Someone else used the relayer account: re-read the nonce once.
-                Ok(Err(e)) if revert::is_nonce_too_low(&e) && !retried => {
+                // The nonce is taken (the account was used elsewhere, or a dropped send got
+                // through): re-read the pending count once.
+                Ok(Err(e)) if revert::is_nonce_taken(&e) && !retried => {
                     *next = None;
                     retried = true;
                 }
@@ -204,11 +205,11 @@ mod tests {
     #[test]
     fn fees_are_twice_the_base_plus_tip_under_the_cap() {
         let rewards = vec![vec![2 * GWEI]; 3];
-        let fees = quote(10 * GWEI, &rewards, 100 * GWEI).unwrap();
+        let fees = quote(10 * GWEI, &rewards, 100 * GWEI).expect("under the cap");
         assert_eq!(fees.max_priority_fee_per_gas, 2 * GWEI);
         assert_eq!(fees.max_fee_per_gas, 22 * GWEI);
         // Clamped to the cap while inclusion is still affordable.
-        let fees = quote(10 * GWEI, &rewards, 15 * GWEI).unwrap();
+        let fees = quote(10 * GWEI, &rewards, 15 * GWEI).expect("base + tip under the cap");
         assert_eq!(fees.max_fee_per_gas, 15 * GWEI);
         assert_eq!(fees.max_priority_fee_per_gas, 2 * GWEI);
         // Refused when base + tip is above the cap.
@@ -217,7 +218,7 @@ mod tests {
 
     #[test]
     fn empty_history_uses_the_minimum_tip() {
-        let fees = quote(0, &[], GWEI).unwrap();
+        let fees = quote(0, &[], GWEI).expect("under the cap");
         assert!(fees.max_priority_fee_per_gas >= 1);
         assert!(fees.max_fee_per_gas >= fees.max_priority_fee_per_gas);
     }

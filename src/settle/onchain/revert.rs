@@ -93,10 +93,15 @@ pub(super) fn revert_reason(text: &str) -> &'static str {
     }
 }
 
-/// True when a node refused a raw transaction because its nonce was already taken (by a
-/// transaction sent from the relayer account outside this settler).
-pub(super) fn is_nonce_too_low(e: &TransportError) -> bool {
-    error_message(e).is_some_and(|m| m.contains("nonce too low") || m.contains("nonce is too low"))
+/// True when a node refused a raw transaction because its nonce was already taken: mined
+/// ("nonce too low", e.g. the relayer account was used by another program) or pending
+/// ("replacement transaction underpriced", e.g. a send whose future was dropped mid-flight).
+pub(super) fn is_nonce_taken(e: &TransportError) -> bool {
+    error_message(e).is_some_and(|m| {
+        m.contains("nonce too low")
+            || m.contains("nonce is too low")
+            || m.contains("replacement transaction underpriced")
+    })
 }
 
 /// True when the node already has this exact transaction (a resend of a send that timed out).
@@ -157,7 +162,9 @@ mod tests {
         RpcError::ErrorResp(ErrorPayload {
             code,
             message: message.to_owned().into(),
-            data: data.map(|d| serde_json::value::RawValue::from_string(d.to_owned()).unwrap()),
+            data: data.map(|d| {
+                serde_json::value::RawValue::from_string(d.to_owned()).expect("valid json")
+            }),
         })
     }
 
@@ -182,8 +189,13 @@ mod tests {
         assert!(matches!(classify(e), Failure::Rpc { .. }));
         let e = TransportErrorKind::backend_gone();
         assert!(matches!(classify(e), Failure::Rpc { .. }));
-        assert!(is_nonce_too_low(&error_resp(-32003, "nonce too low", None)));
+        assert!(is_nonce_taken(&error_resp(-32003, "nonce too low", None)));
+        assert!(is_nonce_taken(&error_resp(
+            -32000,
+            "replacement transaction underpriced",
+            None
+        )));
         assert!(is_already_known(&error_resp(-32000, "already known", None)));
-        assert!(!is_nonce_too_low(&TransportErrorKind::backend_gone()));
+        assert!(!is_nonce_taken(&TransportErrorKind::backend_gone()));
     }
 }

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Rebuilds contracts/TestUSDC.runtime.hex from contracts/TestUSDC.sol with the pinned solc-js.
+# Maintainers only: the tests etch the committed hex and never compile.
+#   contracts/compile.sh           compile into a temp dir and say whether it matches the committed hex
+#   contracts/compile.sh --write   compile and overwrite contracts/TestUSDC.runtime.hex
+# solc-js is installed (once) into $X402_TEST_DEPS/solc (default <repo>/target/test-deps/solc).
+# Needs node >= 20 and npm.
+set -euo pipefail
+
+SOLC_VERSION=0.8.28
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+SOLC_DIR="${X402_TEST_DEPS:-$ROOT/target/test-deps}/solc"
+
+installed_version() {
+  node -p "require('$SOLC_DIR/node_modules/solc/package.json').version" 2>/dev/null || true
+}
+if [ "$(installed_version)" != "$SOLC_VERSION" ]; then
+  mkdir -p "$SOLC_DIR"
+  [ -f "$SOLC_DIR/package.json" ] || echo '{"private":true}' >"$SOLC_DIR/package.json"
+  (cd "$SOLC_DIR" && npm install --save-exact --ignore-scripts --no-audit --no-fund \
+    --no-update-notifier --loglevel=error "solc@$SOLC_VERSION")
+fi
+
+case "${1:-}" in
+  --write)
+    node "$HERE/compile.mjs" "$SOLC_DIR/node_modules" "$HERE"
+    ;;
+  "")
+    tmp="$(mktemp -d)"
+    trap 'rm -rf "$tmp"' EXIT
+    node "$HERE/compile.mjs" "$SOLC_DIR/node_modules" "$tmp"
+    if cmp -s "$tmp/TestUSDC.runtime.hex" "$HERE/TestUSDC.runtime.hex"; then
+      echo "TestUSDC.runtime.hex: identical to the committed bytecode"
+    else
+      echo "TestUSDC.runtime.hex: DIFFERS from the committed bytecode (contracts/compile.sh --write to update)"
+      exit 1
+    fi
+    ;;
+  *)
+    echo "usage: $0 [--write]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,278 @@
+//! A local chain for the on-chain tests: anvil (chain id 84532, Base Sepolia's) on a free
+//! loopback port, with our `contracts/TestUSDC.sol` runtime bytecode etched at the Base Sepolia
+//! USDC address, so payments signed for `Asset::usdc_base_sepolia()` settle on it unchanged.
+//! 1000 test USDC are minted to anvil accounts #1, #3 and #4. Dropping the [`Chain`] kills
+//! anvil.
+//!
+//! anvil comes from the npm package `@foundry-rs/anvil-linux-amd64` (pinned in
+//! `scripts/install-test-deps.sh`) under `$X402_TEST_DEPS` (default `<repo>/target/test-deps`);
+//! `X402_ANVIL` overrides the binary. When it is missing the tests print a loud SKIPPED and
+//! return, except under `CI=true`, where they fail.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use alloy_network::TransactionBuilder;
+use alloy_primitives::{Address, B256, Bytes, U256, address};
+use alloy_provider::{DynProvider, Provider, RootProvider};
+use alloy_sol_types::{SolCall, sol};
+use serde_json::{Value, json};
+
+sol! {
+    function mint(address to, uint256 value) external;
+    function balanceOf(address account) external view returns (uint256);
+    function authorizationState(address authorizer, bytes32 nonce) external view returns (bool);
+}
+
+/// The Base Sepolia USDC address, where the test token is etched.
+pub const TOKEN: Address = address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e");
+/// Anvil account #0: the relayer.
+pub const RELAYER_KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+/// Anvil account #0's address.
+pub const RELAYER: Address = address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266");
+/// Anvil account #2: receives the payments.
+pub const PAY_TO: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
+/// Anvil account #3 (funded).
+pub const PAYER3_KEY: &str = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6";
+/// Anvil account #4 (funded).
+pub const PAYER4_KEY: &str = "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a";
+/// Accounts #1, #3 and #4, funded with [`MINTED`] each.
+pub const FUNDED: [Address; 3] = [
+    address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8"),
+    address!("0x90F79bf6EB2c4f870365E785982E1f101E93b906"),
+    address!("0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65"),
+];
+/// Test USDC units minted to each funded account (1000 USDC).
+pub const MINTED: u64 = 1_000_000_000;
+/// Anvil account #9 (unlocked): sends the setup transactions, so the relayer's nonce is the
+/// settler's alone.
+const MINTER: Address = address!("0xa0Ee7A142d267C1f36714E4a8F75612F20a79720");
+
+const TOKEN_HEX: &str = include_str!("../../contracts/TestUSDC.runtime.hex");
+
+/// A running anvil with the token; killed on drop.
+pub struct Chain {
+    child: Child,
+    url: String,
+    provider: DynProvider,
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn anvil_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("X402_ANVIL") {
+        return bin.into();
+    }
+    let deps = std::env::var_os("X402_TEST_DEPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-deps"));
+    deps.join("node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
+}
+
+impl Chain {
+    /// Starts a fresh chain, or returns `None` after a loud SKIPPED line when anvil is not
+    /// installed (panics instead under `CI=true`).
+    pub async fn start(test: &str) -> Option<Chain> {
+        let bin = anvil_bin();
+        if !bin.is_file() {
+            let why = format!("{test}: anvil not found at {}", bin.display());
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("{why} (CI=true: run scripts/install-test-deps.sh)");
+            }
+            // Straight to stderr: the test harness hides `eprintln!` of passing tests.
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n*** SKIPPED {why} (run scripts/install-test-deps.sh) ***\n"
+            );
+            return None;
+        }
+        let mut child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", "0", "--chain-id", "84532"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let url = listening_url(&mut child);
+        let provider = RootProvider::connect(&url)
+            .await
+            .expect("anvil url")
+            .erased();
+        let chain = Chain {
+            child,
+            url,
+            provider,
+        };
+        let code = format!("0x{}", TOKEN_HEX.trim());
+        let _: Value = chain
+            .provider
+            .raw_request("anvil_setCode".into(), (TOKEN, code))
+            .await
+            .expect("anvil_setCode");
+        for who in FUNDED {
+            chain.mint(who, U256::from(MINTED)).await;
+        }
+        Some(chain)
+    }
+
+    /// The JSON-RPC URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A provider on the chain.
+    pub fn provider(&self) -> &DynProvider {
+        &self.provider
+    }
+
+    /// Mints test USDC to `to` (a transaction from account #9, mined before returning).
+    pub async fn mint(&self, to: Address, value: U256) {
+        let data = Bytes::from(mintCall { to, value }.abi_encode());
+        self.send_as(MINTER, TOKEN, data).await;
+    }
+
+    /// Sends a transaction from an unlocked anvil account and waits for its successful receipt.
+    pub async fn send_as(&self, from: Address, to: Address, data: Bytes) -> B256 {
+        let hash: B256 = self
+            .provider
+            .raw_request(
+                "eth_sendTransaction".into(),
+                (json!({ "from": from, "to": to, "data": data }),),
+            )
+            .await
+            .expect("eth_sendTransaction");
+        for _ in 0..100 {
+            if let Some(receipt) = self
+                .provider
+                .get_transaction_receipt(hash)
+                .await
+                .expect("receipt")
+            {
+                assert!(receipt.status(), "setup transaction {hash} reverted");
+                return hash;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("setup transaction {hash} was not mined");
+    }
+
+    /// The token balance of `who`.
+    pub async fn balance(&self, who: Address) -> U256 {
+        let out = self.view(balanceOfCall { account: who }).await;
+        balanceOfCall::abi_decode_returns(&out).expect("balanceOf")
+    }
+
+    /// `authorizationState(from, nonce)` on the token.
+    pub async fn authorization_used(&self, from: Address, nonce: B256) -> bool {
+        let out = self
+            .view(authorizationStateCall {
+                authorizer: from,
+                nonce,
+            })
+            .await;
+        authorizationStateCall::abi_decode_returns(&out).expect("authorizationState")
+    }
+
+    /// Turns anvil's automine off (transactions wait in the pool) or back on.
+    pub async fn set_automine(&self, on: bool) {
+        let _: Value = self
+            .provider
+            .raw_request("evm_setAutomine".into(), (on,))
+            .await
+            .expect("evm_setAutomine");
+    }
+
+    /// Mines one block.
+    pub async fn mine(&self) {
+        let _: Value = self
+            .provider
+            .raw_request("evm_mine".into(), ())
+            .await
+            .expect("evm_mine");
+    }
+
+    async fn view(&self, call: impl SolCall) -> Bytes {
+        let tx = alloy_rpc_types_eth::TransactionRequest::default()
+            .with_to(TOKEN)
+            .with_input(call.abi_encode());
+        // The latest block: anvil reads `pending` state when the block is omitted.
+        self.provider
+            .call(tx)
+            .block(alloy_rpc_types_eth::BlockId::latest())
+            .await
+            .expect("eth_call")
+    }
+}
+
+/// Reads anvil's stdout until it says where it listens; keeps draining it afterwards so anvil
+/// never blocks on a full pipe.
+fn listening_url(child: &mut Child) -> String {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel::<Result<String, String>>();
+    let err_tx = tx.clone();
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(addr) = line.strip_prefix("Listening on ") {
+                    let _ = tx.send(Ok(format!("http://{}", addr.trim())));
+                    sent = true;
+                } else if seen.len() < 16_384 {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+            }
+        }
+        if !sent {
+            let _ = tx.send(Err(seen));
+        }
+    });
+    std::thread::spawn(move || {
+        // Until anvil exits; only then does what it said matter.
+        let mut tail = std::collections::VecDeque::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tail.len() == 50 {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+        let _ = err_tx.send(Err(Vec::from(tail).join("\n")));
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(url)) => url,
+        Ok(Err(first)) => {
+            let _ = child.kill();
+            let rest: Vec<String> =
+                std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(1)).ok())
+                    .filter_map(Result::err)
+                    .collect();
+            panic!(
+                "anvil exited before listening:\n{first}\n{}",
+                rest.join("\n")
+            );
+        }
+        Err(_) => {
+            let _ = child.kill();
+            panic!("anvil did not start listening within 30 s");
+        }
+    }
+}
+
+/// A loopback URL where nothing listens.
+pub fn closed_port_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}")
+}
