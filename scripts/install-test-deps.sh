@@ -39,6 +39,7 @@ installed() {
   [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want_stamp" ] \
     && [ -d "$DEPS/node/node_modules/@x402/fetch" ] && [ -d "$DEPS/node/node_modules/x402-fetch" ] \
     && "$DEPS/venv/bin/python" -c 'import sys' 2>/dev/null \
+    && command -v redis-server >/dev/null \
     && { [ "$(uname -sm)" != "Linux x86_64" ] \
          || [ -x "$DEPS/node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil" ]; }
 }
@@ -89,10 +90,16 @@ install_python() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# SERVICES HOOK (reserved for later issues; nothing is installed here yet):
-#   - redis-server from Debian (apt_install redis-server) for the Redis NonceStore tests;
-#   - anvil (npm "@foundry-rs/anvil-linux-amd64" 1.7.1) for on-chain settlement tests: install_anvil.
+# SERVICES: what the tests start themselves (each test runs its own instance on a free port).
+#   - redis-server from Debian (>= 7.0) for tests/redis.rs: install_redis;
+#   - anvil (npm "@foundry-rs/anvil-linux-amd64" 1.7.1) for tests/onchain.rs: install_anvil.
 # Extend this function and installed() together, so the stamp covers what is added.
+
+install_redis() {
+  command -v redis-server >/dev/null && return 0
+  log "apt-get install redis-server"
+  apt_install redis-server || die "redis-server is missing and cannot be installed (needs root + apt-get)"
+}
 
 # anvil for tests/onchain.rs: the pinned npm build of foundry's anvil, added next to the clients
 # in $DEPS/node (--no-save: the clients' package.json and lock file stay untouched). The tests find
@@ -115,6 +122,7 @@ install_anvil() {
 
 install_services() {
   install_anvil
+  install_redis
 }
 # ---------------------------------------------------------------------------------------------
 

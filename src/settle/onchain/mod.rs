@@ -32,7 +32,8 @@
 //! `Retry-After`). The token is the payment's `asset` and the payment's network must be the
 //! RPC's chain ([`reason::INVALID_NETWORK`] otherwise). Endpoints that refuse JSON-RPC batches
 //! can use [`with_batched_check(false)`](OnchainSettler::with_batched_check): the same calls,
-//! sent concurrently.
+//! sent concurrently. The chain id is read once per settler (`eth_chainId`), unless
+//! [given](OnchainSettler::with_chain_id).
 //!
 //! # After the handler: [`settle`](Settler::settle)
 //!
@@ -86,8 +87,10 @@
 //! Settlements share the relayer account. Its nonce is managed by the settler: sign-and-send
 //! is serialised by an async mutex (one RPC round trip is held, not the receipt wait), so
 //! concurrent settlements get consecutive nonces and reach the node in order. Any failed send
-//! drops the cached nonce, which is then re-read from the node's `pending` count, and a
-//! "nonce too low" (another program used the account) is retried once with a fresh nonce. A
+//! drops the cached nonce, which is then re-read from the node's `pending` count, and a send
+//! refused because its nonce is taken ("nonce too low": another program used the account;
+//! "replacement transaction underpriced": a send whose future was dropped got through) is
+//! retried once with a fresh nonce. A
 //! transaction stuck in the mempool (e.g. under-priced after a fee spike) blocks the later
 //! ones: size the fee cap so that inclusion is the norm, and give each relayer account to
 //! one settler (clones share it).
@@ -435,7 +438,11 @@ impl OnchainSettler {
     }
 
     /// Balance, authorization state and (optionally) the simulation's revert reason, read in
-    /// one batch or concurrently.
+    /// one batch or concurrently. Balance and state are read at the latest block (mined
+    /// facts); the simulation runs at the node's default block, like the reference
+    /// facilitator's: `eth_call` at `latest` executes with the latest block's timestamp, which
+    /// on an idle dev chain (anvil mines only on demand) can be older than `validAfter`,
+    /// while anvil's default (`pending`) runs at the current time.
     async fn read_state(
         &self,
         payment: &VerifiedPayment,
@@ -453,17 +460,21 @@ impl OnchainSettler {
         let limit = self.config.rpc_timeout;
         let (balance, state, simulated) = if self.config.batched_check {
             let mut batch = alloy_rpc_client::BatchRequest::new(self.provider.client());
-            let mut calls = [Some(&balance_tx), Some(&state_tx), simulate.as_ref()]
-                .into_iter()
-                .flatten()
-                .map(|tx| batch.add_call::<_, Bytes>("eth_call", &(tx, LATEST)))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(revert::classify)?
-                .into_iter();
-            let (Some(balance), Some(state)) = (calls.next(), calls.next()) else {
-                unreachable!("two calls were added");
+            let balance = batch
+                .add_call::<_, Bytes>("eth_call", &(&balance_tx, LATEST))
+                .map_err(revert::classify)?;
+            let state = batch
+                .add_call::<_, Bytes>("eth_call", &(&state_tx, LATEST))
+                .map_err(revert::classify)?;
+            // No block: the node's default, as in the reference facilitator (see `read_state`).
+            let simulated = match &simulate {
+                Some(tx) => Some(
+                    batch
+                        .add_call::<_, Bytes>("eth_call", &(tx,))
+                        .map_err(revert::classify)?,
+                ),
+                None => None,
             };
-            let simulated = calls.next();
             with_timeout(limit, batch.send()).await?;
             let simulated = match simulated {
                 Some(waiter) => Some(waiter.await),
@@ -478,11 +489,8 @@ impl OnchainSettler {
             let simulation = async {
                 match &simulate {
                     Some(tx) => Some(
-                        tokio::time::timeout(
-                            limit,
-                            self.provider.call(tx.clone()).block(LATEST).into_future(),
-                        )
-                        .await,
+                        tokio::time::timeout(limit, self.provider.call(tx.clone()).into_future())
+                            .await,
                     ),
                     None => None,
                 }

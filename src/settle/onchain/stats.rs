@@ -13,7 +13,8 @@ pub struct OnchainStats {
     pub sent: u64,
     /// Payments settled: mined with status 1, or found used on-chain after a receipt timeout.
     pub settled: u64,
-    /// Payments refused by the token, in simulation or on-chain (status 0).
+    /// Settlements refused, in simulation or on-chain (status 0). Refusals by
+    /// [`check`](crate::settle::Settler::check) are not counted: nothing was spent on them.
     pub refused: u64,
     /// Settlements whose outcome was unknown when the receipt wait timed out (answered as
     /// unavailable; the layer keeps the proof reserved).
