@@ -1,5 +1,5 @@
 //! A local chain for the on-chain tests: anvil (chain id 84532, Base Sepolia's) on a free
-//! loopback port, with our `contracts/TestUSDC.sol` runtime bytecode etched at the Base Sepolia
+//! loopback port, with our `tests/chain/contracts/TestUSDC.sol` runtime bytecode etched at the Base Sepolia
 //! USDC address, so payments signed for `Asset::usdc_base_sepolia()` settle on it unchanged.
 //! 1000 test USDC are minted to anvil accounts #1, #3 and #4. Dropping the [`Chain`] kills
 //! anvil.
@@ -52,7 +52,7 @@ pub const MINTED: u64 = 1_000_000_000;
 /// settler's alone.
 const MINTER: Address = address!("0xa0Ee7A142d267C1f36714E4a8F75612F20a79720");
 
-const TOKEN_HEX: &str = include_str!("../../contracts/TestUSDC.runtime.hex");
+const TOKEN_HEX: &str = include_str!("contracts/TestUSDC.runtime.hex");
 
 /// A running anvil with the token; killed on drop.
 pub struct Chain {

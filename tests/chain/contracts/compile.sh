@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Rebuilds contracts/TestUSDC.runtime.hex from contracts/TestUSDC.sol with the pinned solc-js.
+# Rebuilds tests/chain/contracts/TestUSDC.runtime.hex from tests/chain/contracts/TestUSDC.sol with the pinned solc-js.
 # Maintainers only: the tests etch the committed hex and never compile.
-#   contracts/compile.sh           compile into a temp dir and say whether it matches the committed hex
-#   contracts/compile.sh --write   compile and overwrite contracts/TestUSDC.runtime.hex
+#   tests/chain/contracts/compile.sh           compile into a temp dir and say whether it matches the committed hex
+#   tests/chain/contracts/compile.sh --write   compile and overwrite tests/chain/contracts/TestUSDC.runtime.hex
 # solc-js is installed (once) into $X402_TEST_DEPS/solc (default <repo>/target/test-deps/solc).
 # Needs node >= 20 and npm.
 set -euo pipefail
 
 SOLC_VERSION=0.8.28
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/.." && pwd)"
+ROOT="$(cd "$HERE/../../.." && pwd)"
 SOLC_DIR="${X402_TEST_DEPS:-$ROOT/target/test-deps}/solc"
 
 installed_version() {
@@ -33,7 +33,7 @@ case "${1:-}" in
     if cmp -s "$tmp/TestUSDC.runtime.hex" "$HERE/TestUSDC.runtime.hex"; then
       echo "TestUSDC.runtime.hex: identical to the committed bytecode"
     else
-      echo "TestUSDC.runtime.hex: DIFFERS from the committed bytecode (contracts/compile.sh --write to update)"
+      echo "TestUSDC.runtime.hex: DIFFERS from the committed bytecode (tests/chain/contracts/compile.sh --write to update)"
       exit 1
     fi
     ;;

@@ -1,4 +1,4 @@
-// Compiles contracts/TestUSDC.sol with solc-js and writes its RUNTIME bytecode (hex, no 0x,
+// Compiles tests/chain/contracts/TestUSDC.sol with solc-js and writes its RUNTIME bytecode (hex, no 0x,
 // one line) to <outdir>/TestUSDC.runtime.hex. The tests etch that bytecode with anvil_setCode,
 // so only the runtime part matters (no constructor runs).
 // Usage: node compile.mjs <node_modules dir holding solc> <outdir>   (run by compile.sh)
