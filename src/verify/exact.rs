@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use alloy_primitives::{Address, B256, U256, keccak256};
-use alloy_sol_types::{Eip712Domain, SolStruct, sol};
+use alloy_sol_types::{Eip712Domain, sol};
 use async_trait::async_trait;
 use secp256k1::Message;
 use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
@@ -61,17 +61,25 @@ pub fn domain_separator(
     .separator()
 }
 
+/// `keccak256("TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,uint256 validBefore,bytes32 nonce)")`.
+pub const TRANSFER_WITH_AUTHORIZATION_TYPEHASH: B256 =
+    alloy_primitives::b256!("0x7c7c6cdb67a18743f49ec6fa9b35f50d52ed05cbed4cc592e13b44501c1a2267");
+
 /// EIP-712 `hashStruct` of the authorization.
+///
+/// Encoded into a fixed buffer with the constant typehash: the same bytes as the `sol!`
+/// struct's `eip712_hash_struct` (a unit test pins them together), without its allocations
+/// and typehash keccak, which cost as much as the hash itself on the paid path.
 pub fn struct_hash(auth: &Authorization) -> B256 {
-    TransferWithAuthorization {
-        from: auth.from,
-        to: auth.to,
-        value: auth.value,
-        validAfter: auth.valid_after,
-        validBefore: auth.valid_before,
-        nonce: auth.nonce,
-    }
-    .eip712_hash_struct()
+    let mut buf = [0u8; 224];
+    buf[..32].copy_from_slice(TRANSFER_WITH_AUTHORIZATION_TYPEHASH.as_slice());
+    buf[44..64].copy_from_slice(auth.from.as_slice());
+    buf[76..96].copy_from_slice(auth.to.as_slice());
+    buf[96..128].copy_from_slice(&auth.value.to_be_bytes::<32>());
+    buf[128..160].copy_from_slice(&auth.valid_after.to_be_bytes::<32>());
+    buf[160..192].copy_from_slice(&auth.valid_before.to_be_bytes::<32>());
+    buf[192..].copy_from_slice(auth.nonce.as_slice());
+    keccak256(buf)
 }
 
 /// The digest the payer signs: `keccak256(0x1901 ‖ domainSeparator ‖ hashStruct(auth))`.
@@ -303,6 +311,7 @@ impl Verifier for ExactEvmVerifier {
 mod tests {
     use super::*;
     use alloy_primitives::{address, b256, hex};
+    use alloy_sol_types::SolStruct;
 
     // The signed example of the x402 spec (checked in the protocol digest, §3.2).
     fn spec_auth() -> Authorization {
@@ -351,6 +360,25 @@ mod tests {
             mainnet,
             b256!("0x02fa7265e7c5d81118673727957699e4d68f74cd74b7db77da710fe8a2c7834f")
         );
+    }
+
+    #[test]
+    fn struct_hash_matches_sol_macro() {
+        let mut auth = spec_auth();
+        for value in [U256::ZERO, U256::from(1), U256::MAX] {
+            auth.value = value;
+            auth.nonce = B256::repeat_byte(0xff);
+            let sol = TransferWithAuthorization {
+                from: auth.from,
+                to: auth.to,
+                value: auth.value,
+                validAfter: auth.valid_after,
+                validBefore: auth.valid_before,
+                nonce: auth.nonce,
+            };
+            assert_eq!(struct_hash(&auth), sol.eip712_hash_struct());
+            assert_eq!(sol.eip712_type_hash(), TRANSFER_WITH_AUTHORIZATION_TYPEHASH);
+        }
     }
 
     #[test]
