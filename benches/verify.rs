@@ -77,7 +77,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("nonce_claim", |b| {
         b.iter(|| {
             i += 1;
-            if i % 1_000_000 == 0 {
+            if i.is_multiple_of(1_000_000) {
                 clock.advance(600);
             }
             let key = NonceKey {

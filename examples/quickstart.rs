@@ -92,14 +92,7 @@ async fn demo(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
 
     println!("\n1. GET /weather without paying");
     let (parts, _) = get(None).await?;
-    let challenge: PaymentRequired = serde_json::from_slice(
-        &b64.decode(
-            parts
-                .headers
-                .get("payment-required")
-                .ok_or("no challenge")?,
-        )?,
-    )?;
+    let challenge = decode_challenge(&parts.headers)?;
     let req = challenge.accepts.first().ok_or("empty accepts")?.clone();
     println!(
         "   {} — pay {} atomic units of {} on {} to {}",
@@ -125,14 +118,7 @@ async fn demo(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
 
     println!("\n3. replay the same proof");
     let (parts, _) = get(Some(header)).await?;
-    let again: PaymentRequired = serde_json::from_slice(
-        &b64.decode(
-            parts
-                .headers
-                .get("payment-required")
-                .ok_or("no challenge")?,
-        )?,
-    )?;
+    let again = decode_challenge(&parts.headers)?;
     println!(
         "   {} — {}",
         parts.status,
@@ -145,4 +131,13 @@ async fn demo(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
         "\nverify-only mode: the proof was checked in-process and claimed once; no money moved."
     );
     Ok(())
+}
+
+/// The v2 challenge from a 402's `PAYMENT-REQUIRED` header.
+fn decode_challenge(
+    headers: &http::HeaderMap,
+) -> Result<PaymentRequired, Box<dyn std::error::Error>> {
+    let value = headers.get("payment-required").ok_or("no challenge")?;
+    let json = base64::engine::general_purpose::STANDARD.decode(value)?;
+    Ok(serde_json::from_slice(&json)?)
 }
