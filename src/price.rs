@@ -41,9 +41,6 @@ pub fn parse_price(price: &str, decimals: u8) -> Result<U256, PriceError> {
     if (int.is_empty() && frac.is_empty()) || !digits(int) || !digits(frac) {
         return Err(malformed());
     }
-    if s.ends_with('.') && frac.is_empty() && int.is_empty() {
-        return Err(malformed());
-    }
     if frac.len() > usize::from(decimals) {
         // Trailing zeros carry no value: "$0.0010000" is fine for 6 decimals.
         let (keep, extra) = frac.split_at(usize::from(decimals));

@@ -103,28 +103,21 @@ impl<S> Payment<S> {
     {
         let shared = self.shared.clone();
         let (parts, body) = req.into_parts();
-        let payload = match decode(&shared, &parts.headers) {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                let resource = response::resource_url(&shared, &parts);
-                return ResponseFuture::ready(response::reject(
-                    &shared,
-                    &options,
-                    &resource,
-                    Rejection::Pay { reason: None },
-                ));
+        let rejection = match decode(&shared, &parts.headers) {
+            Ok(Some(payload)) => {
+                // The readied instance goes into the future; the clone waits for the next
+                // poll_ready.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                return ResponseFuture::paid(Box::pin(paid(
+                    shared, inner, parts, body, options, payload,
+                )));
             }
-            Err(rejection) => {
-                let resource = response::resource_url(&shared, &parts);
-                return ResponseFuture::ready(response::reject(
-                    &shared, &options, &resource, rejection,
-                ));
-            }
+            Ok(None) => Rejection::Pay { reason: None },
+            Err(rejection) => rejection,
         };
-        // The readied instance goes into the future; the clone waits for the next poll_ready.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::paid(Box::pin(paid(shared, inner, parts, body, options, payload)))
+        let resource = response::resource_url(&shared, &parts);
+        ResponseFuture::ready(response::reject(&shared, &options, &resource, rejection))
     }
 }
 
