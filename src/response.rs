@@ -2,7 +2,7 @@
 
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, RETRY_AFTER};
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Response};
+use http::{HeaderMap, HeaderValue, Response, Uri};
 use serde::Serialize;
 
 use crate::body::ResponseBody;
@@ -16,18 +16,34 @@ const EXPOSE: HeaderValue =
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 
-/// `resource.url` for this request.
-pub(crate) fn resource_url(shared: &Shared, parts: &Parts) -> String {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    if let Some(base) = &shared.resource_base {
-        return format!("{base}{path}");
+/// What `resource.url` is built from: cheap refcounted copies taken from the request, so the
+/// URL string is only formatted when a challenge is actually sent.
+pub(crate) struct Resource {
+    uri: Uri,
+    host: Option<HeaderValue>,
+}
+
+impl Resource {
+    pub(crate) fn of(parts: &Parts) -> Self {
+        Self {
+            uri: parts.uri.clone(),
+            host: parts.headers.get(HOST).cloned(),
+        }
     }
-    if let (Some(scheme), Some(auth)) = (parts.uri.scheme_str(), parts.uri.authority()) {
-        return format!("{scheme}://{auth}{path}");
-    }
-    match parts.headers.get(HOST).and_then(|h| h.to_str().ok()) {
-        Some(host) => format!("http://{host}{path}"),
-        None => path.to_owned(),
+
+    /// `resource.url` for this request.
+    fn url(&self, shared: &Shared) -> String {
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        if let Some(base) = &shared.resource_base {
+            return format!("{base}{path}");
+        }
+        if let (Some(scheme), Some(auth)) = (self.uri.scheme_str(), self.uri.authority()) {
+            return format!("{scheme}://{auth}{path}");
+        }
+        match self.host.as_ref().and_then(|h| h.to_str().ok()) {
+            Some(host) => format!("http://{host}{path}"),
+            None => path.to_owned(),
+        }
     }
 }
 
@@ -96,13 +112,13 @@ pub(crate) fn mark(shared: &Shared, headers: &mut HeaderMap) {
 pub(crate) fn reject<B>(
     shared: &Shared,
     options: &[PaymentOption],
-    resource: &str,
+    resource: &Resource,
     rejection: Rejection,
 ) -> Response<ResponseBody<B>> {
     let info = rejection.info();
     let mut res = match &rejection {
         Rejection::Pay { reason } => {
-            let (v2, v1) = challenge(shared, options, resource, *reason);
+            let (v2, v1) = challenge(shared, options, &resource.url(shared), *reason);
             let mut res = Response::new(ResponseBody::full(
                 serde_json::to_vec(&v1).unwrap_or_default(),
             ));

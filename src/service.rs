@@ -116,7 +116,7 @@ impl<S> Payment<S> {
             Ok(None) => Rejection::Pay { reason: None },
             Err(rejection) => rejection,
         };
-        let resource = response::resource_url(&shared, &parts);
+        let resource = response::Resource::of(&parts);
         ResponseFuture::ready(response::reject(&shared, &options, &resource, rejection))
     }
 }
@@ -224,7 +224,7 @@ async fn paid<S, ReqB, ResB>(
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
 {
-    let resource = response::resource_url(&shared, &parts);
+    let resource = response::Resource::of(&parts);
     let reject = |rejection| Ok(response::reject(&shared, &options, &resource, rejection));
     let candidates = match select(&options, &payload) {
         Ok(c) => c,
@@ -360,7 +360,7 @@ fn settled<B>(
 fn settle_failed<B>(
     shared: &Shared,
     options: &[PaymentOption],
-    resource: &str,
+    resource: &response::Resource,
     verified: &VerifiedPayment,
     e: &SettleError,
 ) -> Response<ResponseBody<B>> {
