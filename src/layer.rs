@@ -145,10 +145,12 @@ impl Inflight {
         let taken = self
             .now
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < self.max).then(|| n + 1)
             })
             .is_ok();
-        taken.then_some(InflightPermit(&self.now))
+        // `then`, not `then_some`: a permit built eagerly and dropped would give back a slot
+        // it never took.
+        taken.then(|| InflightPermit(&self.now))
     }
 }
 

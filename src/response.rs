@@ -125,11 +125,18 @@ pub(crate) fn reject<B>(
     let mut res = match &rejection {
         Rejection::Pay { reason } => {
             let (v2, v1) = challenge(shared, options, &resource.url(shared), *reason);
-            let mut res = Response::new(ResponseBody::full(
-                serde_json::to_vec(&v1).unwrap_or_default(),
-            ));
-            res.headers_mut()
-                .insert(PAYMENT_REQUIRED, header::encode(&v2));
+            // Only the forms the route accepts: a client offered a v2 header by a v1-only
+            // route would pay in v2 and be refused.
+            let body = if shared.accept_v1 {
+                serde_json::to_vec(&v1)
+            } else {
+                serde_json::to_vec(&v2)
+            };
+            let mut res = Response::new(ResponseBody::full(body.unwrap_or_default()));
+            if shared.accept_v2 {
+                res.headers_mut()
+                    .insert(PAYMENT_REQUIRED, header::encode(&v2));
+            }
             res
         }
         Rejection::BadRequest { reason, message } => json_error(reason, Some(message)),

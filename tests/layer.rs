@@ -1040,6 +1040,10 @@ async fn versions_switch_refuses_the_disabled_header() {
             ),
             "versions({v1}, {v2})"
         );
+        // The challenge offers only the accepted form: a client that prefers v2 must not
+        // be lured into paying in a version the route refuses.
+        assert_eq!(r.header("payment-required").is_some(), v2);
+        assert_eq!(r.json()["x402Version"], json!(if v1 { 1 } else { 2 }));
         assert_eq!(hits.get(), 0);
         let r = get_with(&svc, "/paid", [accepted]).await;
         assert_eq!(

@@ -287,10 +287,15 @@ impl Reply {
         serde_json::from_slice(&self.body).expect("402 body is a v1 PaymentRequired")
     }
 
-    /// The refusal reason: the challenge's `error` on 402, the JSON body's `error` otherwise.
+    /// The refusal reason: the challenge's `error` on 402 (the v1 body's when a v1-only route
+    /// sends no header), the JSON body's `error` otherwise.
     pub fn reason(&self) -> Option<String> {
-        if self.status == StatusCode::PAYMENT_REQUIRED {
+        if self.status == StatusCode::PAYMENT_REQUIRED
+            && self.headers.contains_key("payment-required")
+        {
             self.challenge().error
+        } else if self.status == StatusCode::PAYMENT_REQUIRED {
+            self.v1_challenge().error
         } else {
             self.json()
                 .get("error")
