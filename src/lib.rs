@@ -79,6 +79,7 @@
 //! |---|---|
 //! | `axum` | [`VerifiedPayment`] extractor |
 //! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances |
+//! | `tonic` | [`grpc`]: refusals as trailers-only gRPC statuses, for tonic servers ([`PaymentLayer::grpc`]) |
 //! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
 //! | `test-util` | [`test_util`]: sign payments with a local key for tests and demos |
 //!
@@ -95,6 +96,9 @@ pub mod error;
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
 mod future;
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+pub mod grpc;
 mod layer;
 pub mod network;
 pub mod nonce;
