@@ -242,10 +242,11 @@ where
         if res.extensions_mut().remove::<Rewritten>().is_some() {
             *res.status_mut() = StatusCode::OK;
         }
-        if *this.grpc && res.body().is_from_layer() {
-            if let Some(rejection) = res.extensions().get::<PaymentRejection>().cloned() {
-                res = trailers_only(res, &rejection);
-            }
+        if *this.grpc
+            && res.body().is_from_layer()
+            && let Some(rejection) = res.extensions().get::<PaymentRejection>().cloned()
+        {
+            res = trailers_only(res, &rejection);
         }
         Poll::Ready(Ok(res))
     }
@@ -295,11 +296,11 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut res = ready!(self.project().inner.poll(cx))?;
-        if res.status() == StatusCode::OK {
-            if let Some(code) = error_code(res.headers()) {
-                *res.status_mut() = http_status(code);
-                res.extensions_mut().insert(Rewritten);
-            }
+        if res.status() == StatusCode::OK
+            && let Some(code) = error_code(res.headers())
+        {
+            *res.status_mut() = http_status(code);
+            res.extensions_mut().insert(Rewritten);
         }
         Poll::Ready(Ok(res))
     }
@@ -463,7 +464,7 @@ mod tests {
 
     #[test]
     fn trailers_only_keeps_metadata_and_drops_the_body() {
-        let mut res = Response::new(ResponseBody::<()>::full(&b"{\"x402Version\":1}"[..]));
+        let mut res = Response::new(ResponseBody::<http_body_util::Empty<Bytes>>::full(&b"{\"x402Version\":1}"[..]));
         *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         res.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -490,7 +491,7 @@ mod tests {
 
     #[test]
     fn retry_after_is_added_when_missing_and_rounded_up() {
-        let res = Response::new(ResponseBody::<()>::full(Bytes::new()));
+        let res = Response::new(ResponseBody::<http_body_util::Empty<Bytes>>::full(Bytes::new()));
         let info = PaymentRejection {
             status: StatusCode::TOO_MANY_REQUESTS,
             reason: None,
