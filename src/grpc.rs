@@ -464,7 +464,9 @@ mod tests {
 
     #[test]
     fn trailers_only_keeps_metadata_and_drops_the_body() {
-        let mut res = Response::new(ResponseBody::<http_body_util::Empty<Bytes>>::full(&b"{\"x402Version\":1}"[..]));
+        let mut res = Response::new(ResponseBody::<http_body_util::Empty<Bytes>>::full(
+            &b"{\"x402Version\":1}"[..],
+        ));
         *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         res.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -491,7 +493,9 @@ mod tests {
 
     #[test]
     fn retry_after_is_added_when_missing_and_rounded_up() {
-        let res = Response::new(ResponseBody::<http_body_util::Empty<Bytes>>::full(Bytes::new()));
+        let res = Response::new(ResponseBody::<http_body_util::Empty<Bytes>>::full(
+            Bytes::new(),
+        ));
         let info = PaymentRejection {
             status: StatusCode::TOO_MANY_REQUESTS,
             reason: None,
