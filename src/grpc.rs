@@ -25,12 +25,16 @@
 //! | 402 (pay, or pay again) | `FAILED_PRECONDITION` (9) | `payment-required` | the reason, or `payment required` |
 //! | 400 malformed proof | `INVALID_ARGUMENT` (3) | | `invalid_payload` |
 //! | 431 proof too large | `INVALID_ARGUMENT` (3) | | `invalid_payload` |
-//! | 429 | `RESOURCE_EXHAUSTED` (8) | `retry-after`, `grpc-retry-pushback-ms` | the reason |
-//! | 503 + `Retry-After` | `UNAVAILABLE` (14) | `retry-after` (seconds), `grpc-retry-pushback-ms` | `service_unavailable` |
+//! | 429 + `Retry-After` (a backend rate-limits the layer) | `RESOURCE_EXHAUSTED` (8) | `retry-after` (seconds), `grpc-retry-pushback-ms` | `rate_limited` |
+//! | 503 + `Retry-After` (a dependency is down, overloaded, or a settlement's outcome is unknown) | `UNAVAILABLE` (14) | `retry-after` (seconds), `grpc-retry-pushback-ms` | `service_unavailable`, `overloaded`, `settlement_outcome_unknown` |
 //! | 402 after a refused settlement | `FAILED_PRECONDITION` (9) | `payment-required`, `payment-response` (`success: false`) | the settle reason |
+//! | a hook's refusal | by its status, as [`code`] says (401 `UNAUTHENTICATED`, 403 `PERMISSION_DENIED`, ...) | its headers | `refused_by_hook` |
 //!
-//! Other statuses follow [`code`]. `cache-control: no-store` (and the CORS expose list, if
-//! enabled) stay, as metadata, and the [`PaymentRejection`] stays in the extensions.
+//! Other statuses follow [`code`]. The refusal's headers stay, as metadata (a receipt,
+//! `cache-control: no-store`, the CORS expose list if enabled); its body is dropped, so a hook
+//! that refuses gRPC calls puts what the client needs in headers, or answers with its own
+//! `grpc-status` header, which is then sent unchanged. The [`PaymentRejection`] stays in the
+//! extensions.
 //!
 //! ## Why `FAILED_PRECONDITION`
 //!
@@ -50,9 +54,9 @@
 //! not the code alone, tells a client to pay. A handler's own `FAILED_PRECONDITION` has none.
 //!
 //! A malformed or oversized proof is `INVALID_ARGUMENT` (resending the same bytes cannot
-//! help), and a dependency that is down is `UNAVAILABLE`, the one code gRPC retries for you;
-//! its wait is in `retry-after` (as in HTTP) and `grpc-retry-pushback-ms` (read by gRPC retry
-//! policies).
+//! help), and a dependency that is down is `UNAVAILABLE`, gRPC's code for "retry this call
+//! later", the one retry policies are usually set up for; its wait is in `retry-after` (as in
+//! HTTP) and `grpc-retry-pushback-ms` (the server pushback that gRPC retry policies obey).
 //!
 //! ## Handler errors are not charged
 //!
@@ -242,8 +246,10 @@ where
         if res.extensions_mut().remove::<Rewritten>().is_some() {
             *res.status_mut() = StatusCode::OK;
         }
+        // A hook's refusal that already speaks gRPC is sent as the hook wrote it.
         if *this.grpc
             && res.body().is_from_layer()
+            && !res.headers().contains_key(GRPC_STATUS)
             && let Some(rejection) = res.extensions().get::<PaymentRejection>().cloned()
         {
             res = trailers_only(res, &rejection);

@@ -81,6 +81,7 @@
 //! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances |
 //! | `tonic` | [`grpc`]: refusals as trailers-only gRPC statuses, for tonic servers ([`PaymentLayer::grpc`]) |
 //! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
+//! | `tracing` | a span per paid request (payer, amount, network, outcome, verify/settle timings) and events for refusals |
 //! | `test-util` | [`test_util`]: sign payments with a local key for tests and demos |
 //!
 //! [tower]: https://docs.rs/tower
@@ -99,6 +100,7 @@ mod future;
 #[cfg(feature = "tonic")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
 pub mod grpc;
+pub mod hooks;
 mod layer;
 pub mod network;
 pub mod nonce;

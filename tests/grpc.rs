@@ -26,8 +26,11 @@ use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_x402::grpc::{GrpcPaymentLayer, payment_required};
+use tower_x402::hooks::{HookResponse, PaymentHooks, PaymentRequest};
 use tower_x402::nonce::{ClaimToken, NonceKey, NonceStore, Reservation, StoreError};
-use tower_x402::proto::v2::PaymentRequired;
+use tower_x402::proto::PaymentPayload;
+use tower_x402::proto::v2::{PaymentRequired, PaymentRequirements};
+use tower_x402::verify::{Verifier, VerifyError};
 use tower_x402::{PaymentRejection, VerifiedPayment};
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -299,6 +302,116 @@ async fn a_store_outage_is_unavailable_with_retry_after() {
     );
     assert_eq!(hits.get(), 0);
     server.abort();
+}
+
+/// A verifier whose backend rate-limits us.
+struct RateLimitedVerifier;
+
+#[async_trait]
+impl Verifier for RateLimitedVerifier {
+    async fn verify(
+        &self,
+        _: &PaymentPayload,
+        _: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        Err(VerifyError::RateLimited {
+            retry_after: Some(Duration::from_secs(2)),
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_rate_limited_backend_is_resource_exhausted_with_retry_after() {
+    let clock = clock();
+    let hits = Hits::new();
+    let layer = builder(&clock)
+        .verifier(RateLimitedVerifier)
+        .build()
+        .unwrap();
+    let (channel, server) = serve(layer.grpc(), &hits).await;
+
+    let status = refused(call(&channel, [proof_v2()]).await);
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(status.message(), "rate_limited");
+    assert_eq!(status.metadata().get("retry-after").unwrap(), "2");
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "2000"
+    );
+    assert_eq!(hits.get(), 0);
+    server.abort();
+}
+
+/// A hook that refuses every payment with the response its function builds.
+struct Refuse(fn() -> HookResponse);
+
+#[async_trait]
+impl PaymentHooks for Refuse {
+    async fn before_verify(&self, _: &PaymentRequest<'_>) -> Result<(), HookResponse> {
+        Err((self.0)())
+    }
+}
+
+#[tokio::test]
+async fn hook_refusals_map_by_status_or_pass_when_already_grpc() {
+    let clock = clock();
+    let hits = Hits::new();
+    let grpc_request = || {
+        let mut req = request("/weather.Weather/Forecast", [proof_v2()]);
+        req.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        req
+    };
+
+    // An HTTP-shaped refusal: mapped by its status, its headers kept as metadata.
+    let forbidden = || {
+        http::Response::builder()
+            .status(StatusCode::FORBIDDEN)
+            .header("x-why", "payer blocked")
+            .body(bytes::Bytes::from_static(b"{\"error\":\"blocked\"}"))
+            .unwrap()
+    };
+    let svc = ServiceBuilder::new()
+        .layer(
+            builder(&clock)
+                .hook(Refuse(forbidden))
+                .build()
+                .unwrap()
+                .grpc(),
+        )
+        .service(plain_service(hits.clone()));
+    let r = send(&svc, grpc_request()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("grpc-status"), Some("7"), "PERMISSION_DENIED");
+    assert_eq!(r.header("grpc-message"), Some("refused_by_hook"));
+    assert_eq!(r.header("x-why"), Some("payer blocked"));
+    assert!(r.body.is_empty());
+
+    // A hook that already answers in gRPC is sent unchanged.
+    let grpc_shaped = || {
+        http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "16")
+            .header("grpc-message", "sign%20in%20first")
+            .body(bytes::Bytes::new())
+            .unwrap()
+    };
+    let svc = ServiceBuilder::new()
+        .layer(
+            builder(&clock)
+                .hook(Refuse(grpc_shaped))
+                .build()
+                .unwrap()
+                .grpc(),
+        )
+        .service(plain_service(hits.clone()));
+    let r = send(&svc, grpc_request()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("grpc-status"), Some("16"));
+    assert_eq!(r.header("grpc-message"), Some("sign%20in%20first"));
+    assert_eq!(hits.get(), 0);
 }
 
 #[tokio::test]
