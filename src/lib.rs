@@ -79,6 +79,7 @@
 //! |---|---|
 //! | `axum` | [`VerifiedPayment`] extractor |
 //! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances |
+//! | `tonic` | [`grpc`]: refusals as trailers-only gRPC statuses, for tonic servers ([`PaymentLayer::grpc`]) |
 //! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
 //! | `tracing` | a span per paid request (payer, amount, network, outcome, verify/settle timings) and events for refusals |
 //! | `test-util` | [`test_util`]: sign payments with a local key for tests and demos |
@@ -96,6 +97,9 @@ pub mod error;
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
 mod future;
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+pub mod grpc;
 pub mod hooks;
 mod layer;
 pub mod network;
@@ -120,6 +124,7 @@ pub use rejection::PaymentRejection;
 pub use service::Payment;
 pub use verify::{ExactEvmVerifier, VerifiedPayment, Verifier};
 
-#[cfg(doctest)]
+// The README's gRPC section needs the `tonic` feature (scripts/test runs with all features).
+#[cfg(all(doctest, feature = "tonic"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
