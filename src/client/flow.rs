@@ -17,7 +17,7 @@ use super::retry::is_retryable_server_error;
 use super::signer::{self, Proof};
 use super::{PaymentOutcome, PaymentReport};
 use crate::body::ResponseBody;
-use crate::proto::SettleResponse;
+use crate::proto::{SettleResponse, X402Version};
 use crate::rejection::reason::NONCE_ALREADY_USED;
 use crate::verify::BoxError;
 
@@ -79,7 +79,7 @@ where
         let status = res.status();
         if status == StatusCode::PAYMENT_REQUIRED {
             let Some((_, report)) = paid.take() else {
-                let challenge = read_challenge(res).await?;
+                let challenge = read_challenge(res, shared.only_version).await?;
                 paid = Some(pay(&shared, &challenge).await?);
                 continue;
             };
@@ -132,14 +132,20 @@ where
         .to_bytes())
 }
 
-/// The challenge of a 402: the v2 header, else a v1 JSON body.
-async fn read_challenge<B>(res: Response<B>) -> Result<Challenge, Error>
+/// The challenge of a 402: the v2 header, else a v1 JSON body (only one of them when the
+/// client speaks only one version).
+async fn read_challenge<B>(res: Response<B>, only: Option<X402Version>) -> Result<Challenge, Error>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    if let Some(c) = Challenge::from_headers(res.headers())? {
-        return Ok(c);
+    if only != Some(X402Version::V1) {
+        if let Some(c) = Challenge::from_headers(res.headers())? {
+            return Ok(c);
+        }
+    }
+    if only == Some(X402Version::V2) {
+        return Err(ChallengeError::Missing.into());
     }
     let body = read_body(res.into_body())
         .await
@@ -147,7 +153,11 @@ where
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ChallengeError::Missing.into());
     }
-    Ok(Challenge::from_json(&body)?)
+    let c = Challenge::from_json(&body)?;
+    if only.is_some_and(|v| v != c.version) {
+        return Err(ChallengeError::Missing.into());
+    }
+    Ok(c)
 }
 
 /// Chooses an offer within the policy, cheapest first, and signs it.

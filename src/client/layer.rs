@@ -20,6 +20,7 @@ use super::policy::{Budget, Policy};
 use super::retry::RetryPolicy;
 use crate::body::ResponseBody;
 use crate::clock::{Clock, SystemClock};
+use crate::proto::X402Version;
 use crate::verify::BoxError;
 
 /// A tower layer for outgoing HTTP requests that pays x402 challenges. See the
@@ -30,6 +31,7 @@ pub struct PayingLayer<Sg> {
     retry: RetryPolicy,
     clock: Arc<dyn Clock>,
     balance: Option<Arc<dyn BalanceSource>>,
+    only_version: Option<X402Version>,
 }
 
 impl<Sg> Clone for PayingLayer<Sg> {
@@ -40,6 +42,7 @@ impl<Sg> Clone for PayingLayer<Sg> {
             retry: self.retry.clone(),
             clock: self.clock.clone(),
             balance: self.balance.clone(),
+            only_version: self.only_version,
         }
     }
 }
@@ -64,6 +67,7 @@ impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
             retry: RetryPolicy::default(),
             clock: Arc::new(SystemClock),
             balance: None,
+            only_version: None,
         }
     }
 
@@ -88,6 +92,15 @@ impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
         self
     }
 
+    /// Speaks only `version`: reads only its form of the challenge (v2 `PAYMENT-REQUIRED`
+    /// header, v1 JSON body) and pays in it. Default: both, preferring v2 when a server offers
+    /// both forms. Useful for a server that advertises both forms but accepts only v1.
+    #[must_use]
+    pub fn only_version(mut self, version: X402Version) -> Self {
+        self.only_version = Some(version);
+        self
+    }
+
     /// The shared budget, to read what was spent.
     pub fn budget(&self) -> Option<&Budget> {
         self.policy.shared_budget()
@@ -106,6 +119,7 @@ impl<S, Sg> Layer<S> for PayingLayer<Sg> {
                 retry: self.retry.clone(),
                 clock: self.clock.clone(),
                 balance: self.balance.clone(),
+                only_version: self.only_version,
             }),
         }
     }
@@ -118,6 +132,7 @@ pub(crate) struct Shared<Sg> {
     pub(crate) retry: RetryPolicy,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) balance: Option<Arc<dyn BalanceSource>>,
+    pub(crate) only_version: Option<X402Version>,
 }
 
 /// The service built by [`PayingLayer`]. See the [module docs](super).
