@@ -109,7 +109,10 @@ async fn main() -> Result<(), BoxError> {
 
     let budget = Budget::new(args.budget);
     let client = ServiceBuilder::new()
-        .layer(PayingLayer::new(signer, Policy::new(args.max).budget(budget.clone())))
+        .layer(PayingLayer::new(
+            signer,
+            Policy::new(args.max).budget(budget.clone()),
+        ))
         .service(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
 
     for call in 1..=args.calls {

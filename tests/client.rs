@@ -85,7 +85,9 @@ fn paying(signer: &Counting, policy: Policy) -> PayingLayer<Counting> {
 }
 
 fn get(url: &str) -> Request<Full<Bytes>> {
-    Request::get(url).body(Full::default()).expect("valid request")
+    Request::get(url)
+        .body(Full::default())
+        .expect("valid request")
 }
 
 async fn body_json<B>(res: Response<B>) -> Value
@@ -527,9 +529,13 @@ async fn rate_limit_jitter_stays_within_the_upper_half() {
 #[tokio::test(start_paused = true)]
 async fn rate_limit_retries_are_bounded() {
     let script = Script::new(vec![Step::Status(429, None, None); 10]);
-    let res = call(&script, &Counting::new(), RetryPolicy::default().jitter(false))
-        .await
-        .expect("answer");
+    let res = call(
+        &script,
+        &Counting::new(),
+        RetryPolicy::default().jitter(false),
+    )
+    .await
+    .expect("answer");
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     // 3 retries after 1, 2 and 4 s.
     assert_times(&script, &[0.0, 1.0, 3.0, 7.0]);
@@ -553,9 +559,13 @@ async fn server_errors_retry_after_5_s_doubling_and_bounded() {
         Step::Status(503, None, None),
         Step::Status(200, None, None),
     ]);
-    let res = call(&script, &Counting::new(), RetryPolicy::default().jitter(false))
-        .await
-        .expect("answer");
+    let res = call(
+        &script,
+        &Counting::new(),
+        RetryPolicy::default().jitter(false),
+    )
+    .await
+    .expect("answer");
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_times(&script, &[0.0, 5.0, 15.0]);
 
@@ -563,9 +573,13 @@ async fn server_errors_retry_after_5_s_doubling_and_bounded() {
         Step::Status(503, Some(2), None),
         Step::Status(200, None, None),
     ]);
-    let res = call(&script, &Counting::new(), RetryPolicy::default().jitter(false))
-        .await
-        .expect("answer");
+    let res = call(
+        &script,
+        &Counting::new(),
+        RetryPolicy::default().jitter(false),
+    )
+    .await
+    .expect("answer");
     assert_eq!(res.status(), StatusCode::OK);
     assert_times(&script, &[0.0, 2.0]);
 }
@@ -765,12 +779,19 @@ fn the_agent_example_runs_offline_and_stops_at_its_budget() {
     }
     let out = child.wait_with_output().expect("output");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout.matches("call ").count(), 3, "{stdout}");
     assert_eq!(stdout.matches("  paid 0.001000 ").count(), 2, "{stdout}");
     assert!(
         stdout.contains("call 3: not paid: budget exceeded: 1000 needed, 500 left"),
         "{stdout}"
     );
-    assert!(stdout.contains("signed 0.002000 in total, 0.000500 left"), "{stdout}");
+    assert!(
+        stdout.contains("signed 0.002000 in total, 0.000500 left"),
+        "{stdout}"
+    );
 }

@@ -52,7 +52,10 @@ fn node_deps(test: &str) -> Option<PathBuf> {
     if marker.exists() {
         return Some(dir);
     }
-    let why = format!("{test}: reference servers not installed ({} missing)", marker.display());
+    let why = format!(
+        "{test}: reference servers not installed ({} missing)",
+        marker.display()
+    );
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{why}; run scripts/install-test-deps.sh");
     }
@@ -156,14 +159,20 @@ async fn pays_the_reference_sellers_v2_and_v1_on_chain() {
     assert_eq!(payer.address(), FUNDED[0]);
     let budget = Budget::new(U256::from(3 * PRICE));
     let client = ServiceBuilder::new()
-        .layer(PayingLayer::new(payer.clone(), policy().budget(budget.clone())))
+        .layer(PayingLayer::new(
+            payer.clone(),
+            policy().budget(budget.clone()),
+        ))
         .service(hyper());
 
     for (url, version) in [
         (format!("{}/weather", sellers.v2), X402Version::V2),
         (format!("{}/weather", sellers.v1), X402Version::V1),
     ] {
-        let before = (chain.balance(PAY_TO).await, chain.balance(payer.address()).await);
+        let before = (
+            chain.balance(PAY_TO).await,
+            chain.balance(payer.address()).await,
+        );
         let res = client
             .clone()
             .oneshot(get(&url))
@@ -194,10 +203,25 @@ async fn pays_the_reference_sellers_v2_and_v1_on_chain() {
         assert!(mined.status());
         let json: Value = serde_json::from_slice(&body).expect("JSON body");
         assert_eq!(json["report"]["weather"], "sunny");
-        assert!(chain.authorization_used(payer.address(), paid.nonce()).await);
-        let after = (chain.balance(PAY_TO).await, chain.balance(payer.address()).await);
-        assert_eq!(after.0 - before.0, U256::from(PRICE), "payTo got exactly the price");
-        assert_eq!(before.1 - after.1, U256::from(PRICE), "payer paid exactly the price");
+        assert!(
+            chain
+                .authorization_used(payer.address(), paid.nonce())
+                .await
+        );
+        let after = (
+            chain.balance(PAY_TO).await,
+            chain.balance(payer.address()).await,
+        );
+        assert_eq!(
+            after.0 - before.0,
+            U256::from(PRICE),
+            "payTo got exactly the price"
+        );
+        assert_eq!(
+            before.1 - after.1,
+            U256::from(PRICE),
+            "payer paid exactly the price"
+        );
     }
     assert_eq!(budget.spent(), U256::from(2 * PRICE));
 }

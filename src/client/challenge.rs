@@ -184,9 +184,7 @@ fn decode_receipt(value: &http::HeaderValue) -> Result<SettleResponse, Challenge
     };
     let amount = match w.amount.as_deref() {
         None | Some("") => None,
-        Some(a) => {
-            Some(crate::proto::decimal::parse(a).ok_or(ChallengeError::Receipt("amount"))?)
-        }
+        Some(a) => Some(crate::proto::decimal::parse(a).ok_or(ChallengeError::Receipt("amount"))?),
     };
     Ok(SettleResponse {
         success: w.success,

@@ -86,21 +86,23 @@ where
             // Paid and asked to pay again: stop. One call never signs twice.
             return Ok(refused(res, report, unknown).await);
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            if let Some(wait) = retry.rate_limit_delay(rate_limited, res.headers()) {
-                rate_limited += 1;
-                drop(res);
-                tokio::time::sleep(wait).await;
-                continue;
-            }
+        let wait = if status == StatusCode::TOO_MANY_REQUESTS {
+            let wait = retry.rate_limit_delay(rate_limited, res.headers());
+            rate_limited += 1;
+            wait
         } else if is_retryable_server_error(status) {
-            if let Some(wait) = retry.server_error_delay(server_errors, Some(res.headers())) {
-                server_errors += 1;
-                unknown |= paid.is_some();
-                drop(res);
-                tokio::time::sleep(wait).await;
-                continue;
-            }
+            let wait = retry.server_error_delay(server_errors, Some(res.headers()));
+            server_errors += 1;
+            // A proof was sent and the server failed: it may or may not have settled.
+            unknown |= paid.is_some();
+            wait
+        } else {
+            None
+        };
+        if let Some(wait) = wait {
+            drop(res);
+            tokio::time::sleep(wait).await;
+            continue;
         }
         return Ok(finish(res, paid.map(|(_, r)| r), unknown));
     }
@@ -139,10 +141,10 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    if only != Some(X402Version::V1) {
-        if let Some(c) = Challenge::from_headers(res.headers())? {
-            return Ok(c);
-        }
+    if only != Some(X402Version::V1)
+        && let Some(c) = Challenge::from_headers(res.headers())?
+    {
+        return Ok(c);
     }
     if only == Some(X402Version::V2) {
         return Err(ChallengeError::Missing.into());
@@ -161,7 +163,10 @@ where
 }
 
 /// Chooses an offer within the policy, cheapest first, and signs it.
-async fn pay<Sg>(shared: &Shared<Sg>, challenge: &Challenge) -> Result<(Proof, PaymentReport), Error>
+async fn pay<Sg>(
+    shared: &Shared<Sg>,
+    challenge: &Challenge,
+) -> Result<(Proof, PaymentReport), Error>
 where
     Sg: Signer + Send + Sync,
 {

@@ -182,7 +182,10 @@ mod tests {
         let p = RetryPolicy::new();
         for _ in 0..100 {
             let d = p.server_error_delay(1, None).unwrap();
-            assert!(d >= Duration::from_secs(5) && d <= Duration::from_secs(10), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(5) && d <= Duration::from_secs(10),
+                "{d:?}"
+            );
         }
     }
 }

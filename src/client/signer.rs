@@ -197,12 +197,12 @@ mod tests {
             .requirements()
             .clone();
         let auth = authorization(&req, signer.address(), 1_750_000_000).unwrap();
-        assert_eq!(auth.valid_before, U256::from(1_750_000_000 + req.max_timeout_seconds));
-        let sig = sign(&signer, &req, &auth).await.unwrap();
-        let digest = signing_hash(
-            domain_separator("USD Coin", "2", 8453, req.asset),
-            &auth,
+        assert_eq!(
+            auth.valid_before,
+            U256::from(1_750_000_000 + req.max_timeout_seconds)
         );
+        let sig = sign(&signer, &req, &auth).await.unwrap();
+        let digest = signing_hash(domain_separator("USD Coin", "2", 8453, req.asset), &auth);
         assert_eq!(recover_signer(digest, &sig).unwrap(), signer.address());
     }
 
