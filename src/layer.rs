@@ -1,6 +1,7 @@
 //! [`PaymentLayer`]: configuration and builder.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use alloy_primitives::{Address, U256};
@@ -10,6 +11,7 @@ use tower_layer::Layer;
 
 use crate::Network;
 use crate::error::ConfigError;
+use crate::hooks::PaymentHooks;
 use crate::network::Asset;
 use crate::nonce::{MemoryNonceStore, NonceStore};
 use crate::price::parse_price;
@@ -125,6 +127,35 @@ pub(crate) struct Shared {
     pub(crate) retry_after: Duration,
     pub(crate) accept_v1: bool,
     pub(crate) accept_v2: bool,
+    pub(crate) hooks: Arc<[Arc<dyn PaymentHooks>]>,
+    pub(crate) inflight: Option<Inflight>,
+}
+
+/// A non-blocking counting semaphore: beyond `max`, callers are turned away, not queued.
+pub(crate) struct Inflight {
+    max: usize,
+    now: AtomicUsize,
+}
+
+/// One slot of an [`Inflight`], given back on drop.
+pub(crate) struct InflightPermit<'a>(&'a AtomicUsize);
+
+impl Inflight {
+    pub(crate) fn try_acquire(&self) -> Option<InflightPermit<'_>> {
+        let taken = self
+            .now
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok();
+        taken.then_some(InflightPermit(&self.now))
+    }
+}
+
+impl Drop for InflightPermit<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Charges for the requests of the services it wraps, with x402. See the
@@ -187,6 +218,8 @@ pub struct PaymentLayerBuilder {
     retry_after: Duration,
     accept_v1: bool,
     accept_v2: bool,
+    hooks: Vec<Arc<dyn PaymentHooks>>,
+    max_verifications: Option<usize>,
 }
 
 impl Default for PaymentLayerBuilder {
@@ -211,6 +244,8 @@ impl Default for PaymentLayerBuilder {
             retry_after: Duration::from_secs(5),
             accept_v1: true,
             accept_v2: true,
+            hooks: Vec::new(),
+            max_verifications: None,
         }
     }
 }
@@ -352,6 +387,22 @@ impl PaymentLayerBuilder {
         self
     }
 
+    /// Adds a [lifecycle hook](crate::hooks) (none by default). Hooks run in the order
+    /// added; one that refuses stops the flow.
+    pub fn hook(mut self, hook: impl PaymentHooks) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Caps the verifications in flight in this layer (default: no cap). Beyond it a paid
+    /// request is answered 503 `overloaded` with `Retry-After` at once, before any signature
+    /// work: back-pressure under a flood of (possibly bogus) proofs, and a bound on
+    /// concurrent calls to a remote verifier.
+    pub fn max_concurrent_verifications(mut self, max: usize) -> Self {
+        self.max_verifications = Some(max);
+        self
+    }
+
     /// Validates the configuration and builds the layer.
     ///
     /// # Errors
@@ -394,6 +445,11 @@ impl PaymentLayerBuilder {
                 retry_after: self.retry_after,
                 accept_v1: self.accept_v1,
                 accept_v2: self.accept_v2,
+                hooks: self.hooks.into(),
+                inflight: self.max_verifications.map(|max| Inflight {
+                    max,
+                    now: AtomicUsize::new(0),
+                }),
             }),
         })
     }

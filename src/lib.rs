@@ -81,6 +81,7 @@
 //! | `client` | [`client::PayingLayer`]: pay 402 challenges from any tower HTTP client with an alloy `Signer` |
 //! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances |
 //! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
+//! | `tracing` | a span per paid request (payer, amount, network, outcome, verify/settle timings) and events for refusals |
 //! | `test-util` | [`test_util`]: sign payments with a local key for tests and demos |
 //!
 //! [tower]: https://docs.rs/tower
@@ -99,6 +100,7 @@ pub mod error;
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
 mod future;
+pub mod hooks;
 mod layer;
 pub mod network;
 pub mod nonce;

@@ -9,8 +9,12 @@
 //! | scheme / network / requirements not offered by this route | 402 | `unsupported_scheme`, `invalid_network`, `invalid_payment_requirements` | fresh challenge |
 //! | proof does not verify | 402 | the [`VerifyError::reason`](crate::verify::VerifyError::reason) | fresh challenge |
 //! | proof already used or in use | 402 | `invalid_exact_evm_nonce_already_used` | fresh challenge |
-//! | nonce store, verifier or settler unavailable | 503 | `service_unavailable` | `Retry-After` (default 5 s) |
+//! | nonce store, verifier or settler unavailable (nothing sent) | 503 | `service_unavailable` | `Retry-After` (default 5 s); the proof is released: retry it as is |
+//! | too many verifications in flight ([`max_concurrent_verifications`](crate::layer::PaymentLayerBuilder::max_concurrent_verifications)) | 503 | `overloaded` | `Retry-After`; retry the same proof |
+//! | verifier or settler rate-limits us | 429 | `rate_limited` | `Retry-After` from the backend, else the default; retry the same proof |
+//! | settlement sent, outcome unknown (no receipt in time) | 503 | `settlement_outcome_unknown` | `Retry-After`; failed receipt with the transaction; the proof stays spent: do **not** pay again |
 //! | settlement refused after the handler ran | 402 | the settle reason | receipt with `success: false`; body withheld |
+//! | a hook aborted | the hook's status | the hook's | the hook's response as is |
 //!
 //! Every such response carries `Cache-Control: no-store` and a [`PaymentRejection`] in its
 //! extensions, so outer layers (logging, metrics) can see why.
@@ -36,6 +40,15 @@ pub mod reason {
     pub const NONCE_ALREADY_USED: &str = "invalid_exact_evm_nonce_already_used";
     /// A dependency (nonce store, verifier, settler) is down: retry later.
     pub const SERVICE_UNAVAILABLE: &str = "service_unavailable";
+    /// A dependency (facilitator, RPC) rate-limits the server: retry after `Retry-After`.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// The settlement was sent but its outcome is not known yet: the payment may have gone
+    /// through. Do **not** pay again; retry the same proof after `Retry-After`.
+    pub const SETTLEMENT_OUTCOME_UNKNOWN: &str = "settlement_outcome_unknown";
+    /// A [hook](crate::hooks) answered in place of the handler.
+    pub const REFUSED_BY_HOOK: &str = "refused_by_hook";
+    /// Too many payments are being verified at once: retry after `Retry-After`.
+    pub const OVERLOADED: &str = "overloaded";
 }
 
 /// Why the layer answered in place of the handler (in the response's extensions).
@@ -61,8 +74,13 @@ pub(crate) enum Rejection {
     },
     /// 431: the payment header is too large.
     TooLarge { message: String },
-    /// 503: a dependency is down.
-    Unavailable { retry_after: Duration },
+    /// 503: a dependency is down, the layer is overloaded, or a settlement is in doubt.
+    Unavailable {
+        retry_after: Duration,
+        reason: &'static str,
+    },
+    /// 429: a dependency rate-limits us.
+    RateLimited { retry_after: Duration },
 }
 
 impl Rejection {
@@ -72,6 +90,7 @@ impl Rejection {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::TooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -80,13 +99,16 @@ impl Rejection {
             Self::Pay { reason } => *reason,
             Self::BadRequest { reason, .. } => Some(reason),
             Self::TooLarge { .. } => Some(reason::INVALID_PAYLOAD),
-            Self::Unavailable { .. } => Some(reason::SERVICE_UNAVAILABLE),
+            Self::Unavailable { reason, .. } => Some(reason),
+            Self::RateLimited { .. } => Some(reason::RATE_LIMITED),
         }
     }
 
     pub(crate) fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Unavailable { retry_after } => Some(*retry_after),
+            Self::Unavailable { retry_after, .. } | Self::RateLimited { retry_after } => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }

@@ -1,4 +1,5 @@
 //! Responses the layer writes itself: the 402 challenge, refusals, and receipt headers.
+use std::time::Duration;
 
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, RETRY_AFTER};
 use http::request::Parts;
@@ -29,6 +30,11 @@ impl Resource {
             uri: parts.uri.clone(),
             host: parts.headers.get(HOST).cloned(),
         }
+    }
+
+    /// The request URI.
+    pub(crate) fn uri(&self) -> &Uri {
+        &self.uri
     }
 
     /// `resource.url` for this request.
@@ -130,12 +136,19 @@ pub(crate) fn reject<B>(
         Rejection::TooLarge { message } => {
             json_error(crate::rejection::reason::INVALID_PAYLOAD, Some(message))
         }
-        Rejection::Unavailable { retry_after } => {
-            let mut res = json_error(crate::rejection::reason::SERVICE_UNAVAILABLE, None);
-            // Round up: "Retry-After: 0" would invite a hot retry loop.
-            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            res.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        Rejection::Unavailable {
+            retry_after,
+            reason,
+        } => {
+            let message = (*reason == crate::rejection::reason::SETTLEMENT_OUTCOME_UNKNOWN)
+                .then_some(UNKNOWN_OUTCOME);
+            let mut res = json_error(reason, message);
+            set_retry_after(res.headers_mut(), *retry_after);
+            res
+        }
+        Rejection::RateLimited { retry_after } => {
+            let mut res = json_error(crate::rejection::reason::RATE_LIMITED, None);
+            set_retry_after(res.headers_mut(), *retry_after);
             res
         }
     };
@@ -144,6 +157,15 @@ pub(crate) fn reject<B>(
     mark(shared, res.headers_mut());
     res.extensions_mut().insert(info);
     res
+}
+
+const UNKNOWN_OUTCOME: &str = "the payment may have been settled: do not pay again; \
+     retry with the same proof after Retry-After";
+
+fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
+    // Round up: "Retry-After: 0" would invite a hot retry loop.
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    headers.insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
 }
 
 fn json_error<B>(reason: &str, message: Option<&str>) -> Response<ResponseBody<B>> {

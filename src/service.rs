@@ -1,23 +1,26 @@
 //! [`Payment`]: the middleware service.
 
+use std::error::Error as StdError;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::request::Parts;
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Method, Request, Response};
 use tower_service::Service;
 
 use crate::body::ResponseBody;
 use crate::future::ResponseFuture;
+use crate::hooks::{HookResponse, PaymentFailure, PaymentRequest, Stage};
 use crate::layer::{PaymentOption, Pricing, Shared};
 use crate::nonce::Reservation;
 use crate::proto::exact::ExactEvmPayload;
 use crate::proto::header::{self, HeaderError, PAYMENT_SIGNATURE, X_PAYMENT};
 use crate::proto::{PaymentPayload, SettleResponse, VersionProbe, v1, v2};
-use crate::rejection::{Rejection, reason};
+use crate::rejection::{PaymentRejection, Rejection, reason};
 use crate::response;
 use crate::settle::{SettleError, Settlement, SettlementMode};
-use crate::verify::VerifiedPayment;
+use crate::verify::{VerifiedPayment, VerifyError};
 
 /// The service made by [`PaymentLayer`](crate::PaymentLayer). See the [crate docs](crate).
 #[derive(Clone)]
@@ -109,15 +112,31 @@ impl<S> Payment<S> {
                 // poll_ready.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
-                return ResponseFuture::paid(Box::pin(paid(
-                    shared, inner, parts, body, options, payload,
-                )));
+                let flow = paid(shared, inner, parts, body, options, payload);
+                return ResponseFuture::paid(Box::pin(trace::instrument(flow)));
             }
-            Ok(None) => Rejection::Pay { reason: None },
-            Err(rejection) => rejection,
+            Ok(None) => None,
+            Err(rejection) => Some(rejection),
         };
         let resource = response::Resource::of(&parts);
-        ResponseFuture::ready(response::reject(&shared, &options, &resource, rejection))
+        let challenge = rejection.is_none();
+        let rejection = rejection.unwrap_or(Rejection::Pay { reason: None });
+        let res = response::reject(&shared, &options, &resource, rejection);
+        if shared.hooks.is_empty() {
+            return ResponseFuture::ready(res);
+        }
+        // Hooks are async: only layers that have some pay for boxing the refusal.
+        ResponseFuture::paid(Box::pin(async move {
+            let flow = Flow::new(&shared, &options, resource, parts.method);
+            if challenge {
+                for hook in shared.hooks.iter() {
+                    hook.on_challenge(&flow.method, flow.resource.uri()).await;
+                }
+            } else {
+                flow.failed(Stage::Decode, &res, None, None).await;
+            }
+            Ok(res)
+        }))
     }
 }
 
@@ -212,6 +231,108 @@ fn select<'a>(
 /// Bound on signature checks one v1 proof can cost.
 const MAX_V1_CANDIDATES: usize = 4;
 
+/// What the paid flow needs to answer a refusal and tell the hooks.
+struct Flow<'a> {
+    shared: &'a Shared,
+    options: &'a [PaymentOption],
+    resource: response::Resource,
+    method: Method,
+}
+
+impl<'a> Flow<'a> {
+    fn new(
+        shared: &'a Shared,
+        options: &'a [PaymentOption],
+        resource: response::Resource,
+        method: Method,
+    ) -> Self {
+        Self {
+            shared,
+            options,
+            resource,
+            method,
+        }
+    }
+
+    /// The refusal's response, after telling the hooks.
+    async fn reject<B: Send>(
+        &self,
+        stage: Stage,
+        rejection: Rejection,
+        payment: Option<&VerifiedPayment>,
+        error: Option<&(dyn StdError + Send + Sync)>,
+    ) -> Response<ResponseBody<B>> {
+        let res = response::reject(self.shared, self.options, &self.resource, rejection);
+        self.failed(stage, &res, payment, error).await;
+        res
+    }
+
+    /// Tells the hooks that the layer answered `res` in place of the handler.
+    fn failed<'f, B>(
+        &'f self,
+        stage: Stage,
+        res: &Response<B>,
+        payment: Option<&'f VerifiedPayment>,
+        error: Option<&'f (dyn StdError + Send + Sync)>,
+    ) -> impl Future<Output = ()> + Send + 'f {
+        // Copied out before any await: a response body need not be `Sync`, so no borrow of
+        // the response may live inside the future.
+        let info = res.extensions().get::<PaymentRejection>().cloned();
+        async move {
+            if let Some(info) = info {
+                self.tell(stage, info, payment, error).await;
+            }
+        }
+    }
+
+    async fn tell(
+        &self,
+        stage: Stage,
+        info: PaymentRejection,
+        payment: Option<&VerifiedPayment>,
+        error: Option<&(dyn StdError + Send + Sync)>,
+    ) {
+        trace::failed(stage, &info, error);
+        if self.shared.hooks.is_empty() {
+            return;
+        }
+        let failure = PaymentFailure {
+            method: &self.method,
+            uri: self.resource.uri(),
+            stage,
+            rejection: &info,
+            payment,
+            error,
+        };
+        for hook in self.shared.hooks.iter() {
+            hook.on_failure(&failure).await;
+        }
+    }
+
+    /// A hook's refusal, sent as is.
+    async fn hook_refused<B: Send>(
+        &self,
+        res: HookResponse,
+        payment: Option<&VerifiedPayment>,
+    ) -> Response<ResponseBody<B>> {
+        let info = PaymentRejection {
+            status: res.status(),
+            reason: Some(reason::REFUSED_BY_HOOK),
+            retry_after: res
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_secs),
+        };
+        let mut res = res.map(ResponseBody::full);
+        response::mark(self.shared, res.headers_mut());
+        res.extensions_mut().insert(info);
+        self.failed(Stage::Hook, &res, payment, None).await;
+        res
+    }
+}
+
 /// The paid flow: verify, claim the nonce, run the handler, settle, attach the receipt.
 async fn paid<S, ReqB, ResB>(
     shared: Arc<Shared>,
@@ -223,12 +344,43 @@ async fn paid<S, ReqB, ResB>(
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Send,
 {
-    let resource = response::Resource::of(&parts);
-    let reject = |rejection| Ok(response::reject(&shared, &options, &resource, rejection));
+    let flow = Flow::new(
+        &shared,
+        &options,
+        response::Resource::of(&parts),
+        parts.method.clone(),
+    );
+    for hook in shared.hooks.iter() {
+        let request = PaymentRequest {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            payload: &payload,
+        };
+        if let Err(res) = hook.before_verify(&request).await {
+            return Ok(flow.hook_refused(res, None).await);
+        }
+    }
     let candidates = match select(&options, &payload) {
         Ok(c) => c,
-        Err(r) => return reject(r),
+        Err(r) => return Ok(flow.reject(Stage::Select, r, None, None).await),
+    };
+    let started = Instant::now();
+    // Held while verifying: a cap on the CPU (or facilitator calls) one burst can take.
+    let permit = match &shared.inflight {
+        Some(inflight) => match inflight.try_acquire() {
+            Some(permit) => Some(permit),
+            None => {
+                let overloaded = Rejection::Unavailable {
+                    retry_after: shared.retry_after,
+                    reason: reason::OVERLOADED,
+                };
+                return Ok(flow.reject(Stage::Overload, overloaded, None, None).await);
+            }
+        },
+        None => None,
     };
     let mut outcome = None;
     for option in candidates {
@@ -245,65 +397,75 @@ where
             break;
         }
     }
-    let Some(outcome) = outcome else {
-        return reject(Rejection::Pay {
-            reason: Some(reason::INVALID_PAYMENT_REQUIREMENTS),
-        });
-    };
+    drop(permit);
     let verified = match outcome {
-        Ok(v) => v,
-        Err(e) if e.is_retryable() => {
-            return reject(Rejection::Unavailable {
-                retry_after: e.retry_after().unwrap_or(shared.retry_after),
-            });
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            let rejection = verify_rejection(&shared, &e);
+            return Ok(flow.reject(Stage::Verify, rejection, None, Some(&e)).await);
         }
-        Err(e) if e.is_malformed() => {
-            return reject(Rejection::BadRequest {
-                reason: e.reason(),
-                message: e.to_string(),
-            });
-        }
-        Err(e) => {
-            return reject(Rejection::Pay {
-                reason: Some(e.reason()),
-            });
+        None => {
+            let rejection = Rejection::Pay {
+                reason: Some(reason::INVALID_PAYMENT_REQUIREMENTS),
+            };
+            return Ok(flow.reject(Stage::Select, rejection, None, None).await);
         }
     };
+    let verify_time = started.elapsed();
+    trace::verified(&verified, verify_time);
+    for hook in shared.hooks.iter() {
+        if let Err(res) = hook.after_verify(&verified, verify_time).await {
+            return Ok(flow.hook_refused(res, Some(&verified)).await);
+        }
+    }
     let key = verified.nonce_key();
     let token = match shared.store.reserve(&key, verified.valid_before).await {
         Ok(Reservation::Reserved(token)) => token,
         Ok(Reservation::InUse | Reservation::Used) => {
-            return reject(Rejection::Pay {
+            let replay = Rejection::Pay {
                 reason: Some(reason::NONCE_ALREADY_USED),
-            });
+            };
+            return Ok(flow
+                .reject(Stage::Reserve, replay, Some(&verified), None)
+                .await);
         }
         Err(e) => {
-            return reject(Rejection::Unavailable {
+            let down = Rejection::Unavailable {
                 retry_after: e.retry_after().unwrap_or(shared.retry_after),
-            });
+                reason: reason::SERVICE_UNAVAILABLE,
+            };
+            return Ok(flow
+                .reject(Stage::Reserve, down, Some(&verified), Some(&e))
+                .await);
         }
     };
     if let Err(e) = shared.settler.check(&verified).await {
         // Nothing moved and the handler did not run: the proof may be retried (e.g. after
         // topping up the balance).
         let _ = shared.store.release(&key, token).await;
-        return reject(settle_rejection(&shared, &e));
+        let rejection = settle_rejection(&shared, &e);
+        return Ok(flow
+            .reject(Stage::Check, rejection, Some(&verified), Some(&e))
+            .await);
     }
     parts.extensions.insert(verified.clone());
     if shared.mode == SettlementMode::BeforeHandler {
         // The money moves first; the handler's answer, whatever it is, was paid for.
-        let settlement = match shared.settler.settle(&verified).await {
+        let started = Instant::now();
+        let result = shared.settler.settle(&verified).await;
+        let settle_time = started.elapsed();
+        let settlement = match result {
             Ok(s) => s,
             Err(e) => {
-                // Refused: nothing moved and nothing was served, so the claim goes back. An
-                // unknown outcome (backend down) stays reserved: never charged twice.
-                if !e.is_retryable() {
+                // Nothing was served: unless the money may have moved, the claim goes back.
+                if !e.is_unknown() {
                     let _ = shared.store.release(&key, token).await;
                 }
-                return Ok(settle_failed(&shared, &options, &resource, &verified, &e));
+                return Ok(settle_failed(&flow, &verified, &e).await);
             }
         };
         let _ = shared.store.consume(&key, token).await;
+        after_settle(&shared, &verified, &settlement, settle_time).await;
         let res = inner.call(Request::from_parts(parts, body)).await?;
         return Ok(settled(&shared, res, &verified, settlement));
     }
@@ -322,16 +484,43 @@ where
         response::mark(&shared, res.headers_mut());
         return Ok(res);
     }
+    let started = Instant::now();
     let result = shared.settler.settle(&verified).await;
-    // Settled or refused after the handler ran, the proof is spent either way: releasing a
-    // refused one would let it buy the handler again. An unknown outcome stays reserved.
-    if !matches!(&result, Err(e) if e.is_retryable()) {
-        let _ = shared.store.consume(&key, token).await;
+    let settle_time = started.elapsed();
+    match &result {
+        // Refused after the handler ran, the proof is spent: releasing it would let it buy
+        // the handler again.
+        Ok(_) | Err(SettleError::Refused { .. }) => {
+            let _ = shared.store.consume(&key, token).await;
+        }
+        // Nothing was sent and the handler's answer is withheld: the same proof may come
+        // back and be served then.
+        Err(e) if !e.is_unknown() => {
+            let _ = shared.store.release(&key, token).await;
+        }
+        // The money may have moved: the claim stays until the proof expires, so it can
+        // never buy a second settlement.
+        Err(_) => {}
     }
     match result {
-        Ok(settlement) => Ok(settled(&shared, res, &verified, settlement)),
+        Ok(settlement) => {
+            after_settle(&shared, &verified, &settlement, settle_time).await;
+            Ok(settled(&shared, res, &verified, settlement))
+        }
         // The handler's body is withheld: it was not paid for.
-        Err(e) => Ok(settle_failed(&shared, &options, &resource, &verified, &e)),
+        Err(e) => Ok(settle_failed(&flow, &verified, &e).await),
+    }
+}
+
+async fn after_settle(
+    shared: &Shared,
+    verified: &VerifiedPayment,
+    settlement: &Settlement,
+    elapsed: Duration,
+) {
+    trace::settled(settlement, elapsed);
+    for hook in shared.hooks.iter() {
+        hook.after_settle(verified, settlement, elapsed).await;
     }
 }
 
@@ -356,39 +545,174 @@ fn settled<B>(
     res
 }
 
-/// 402 (or 503) with a `success: false` receipt.
-fn settle_failed<B>(
-    shared: &Shared,
-    options: &[PaymentOption],
-    resource: &response::Resource,
+/// 402, 429 or 503 with a `success: false` receipt.
+async fn settle_failed<B: Send>(
+    flow: &Flow<'_>,
     verified: &VerifiedPayment,
     e: &SettleError,
 ) -> Response<ResponseBody<B>> {
-    let mut out = response::reject(shared, options, resource, settle_rejection(shared, e));
+    let rejection = settle_rejection(flow.shared, e);
+    let mut out = response::reject(flow.shared, flow.options, &flow.resource, rejection);
     let receipt = SettleResponse {
         success: false,
         error_reason: Some(e.reason().to_owned()),
         payer: Some(verified.payer),
-        transaction: match e {
-            SettleError::Refused { transaction, .. } => *transaction,
-            _ => None,
-        },
+        transaction: e.transaction(),
         network: verified.network,
         amount: None,
     };
     response::attach_receipt(out.headers_mut(), verified.version, &receipt);
+    flow.failed(Stage::Settle, &out, Some(verified), Some(e))
+        .await;
     out
 }
 
-/// 503 for a settler that is down, 402 with its reason for a refusal.
-fn settle_rejection(shared: &Shared, e: &SettleError) -> Rejection {
-    if e.is_retryable() {
+/// 503 for a verifier that is down, 429 when it rate-limits us, 400 for a malformed proof,
+/// 402 with its reason for a refusal.
+fn verify_rejection(shared: &Shared, e: &VerifyError) -> Rejection {
+    let retry_after = e.retry_after().unwrap_or(shared.retry_after);
+    if e.is_rate_limited() {
+        Rejection::RateLimited { retry_after }
+    } else if e.is_retryable() {
         Rejection::Unavailable {
-            retry_after: e.retry_after().unwrap_or(shared.retry_after),
+            retry_after,
+            reason: reason::SERVICE_UNAVAILABLE,
+        }
+    } else if e.is_malformed() {
+        Rejection::BadRequest {
+            reason: e.reason(),
+            message: e.to_string(),
         }
     } else {
         Rejection::Pay {
             reason: Some(e.reason()),
         }
+    }
+}
+
+/// 402 with the reason for a refusal, 429 when rate-limited, 503 for a settler that is down
+/// or whose outcome is unknown.
+fn settle_rejection(shared: &Shared, e: &SettleError) -> Rejection {
+    let retry_after = e.retry_after().unwrap_or(shared.retry_after);
+    match e {
+        SettleError::Refused { reason, .. } => Rejection::Pay {
+            reason: Some(reason),
+        },
+        SettleError::RateLimited { .. } => Rejection::RateLimited { retry_after },
+        SettleError::Unknown { .. } => Rejection::Unavailable {
+            retry_after,
+            reason: reason::SETTLEMENT_OUTCOME_UNKNOWN,
+        },
+        SettleError::Unavailable { .. } => Rejection::Unavailable {
+            retry_after,
+            reason: reason::SERVICE_UNAVAILABLE,
+        },
+    }
+}
+
+/// Spans and events with the `tracing` feature; nothing without it.
+#[cfg(feature = "tracing")]
+mod trace {
+    use std::error::Error as StdError;
+    use std::future::Future;
+    use std::time::Duration;
+
+    use http::Response;
+    use tracing::field::Empty;
+    use tracing::{Instrument, Span};
+
+    use crate::hooks::Stage;
+    use crate::rejection::PaymentRejection;
+    use crate::settle::Settlement;
+    use crate::verify::VerifiedPayment;
+
+    /// Runs the paid flow in an `x402.payment` span that ends with its outcome.
+    pub(super) fn instrument<B, E>(
+        flow: impl Future<Output = Result<Response<B>, E>> + Send,
+    ) -> impl Future<Output = Result<Response<B>, E>> + Send {
+        let span = tracing::info_span!(
+            "x402.payment",
+            payer = Empty,
+            amount = Empty,
+            network = Empty,
+            verify_us = Empty,
+            settle_us = Empty,
+            transaction = Empty,
+            status = Empty,
+            outcome = Empty,
+        );
+        async move {
+            let out = flow.await;
+            let span = Span::current();
+            match &out {
+                Ok(res) => {
+                    span.record("status", res.status().as_u16());
+                    let outcome = res
+                        .extensions()
+                        .get::<PaymentRejection>()
+                        .map_or("paid", |r| r.reason.unwrap_or("challenge"));
+                    span.record("outcome", outcome);
+                }
+                Err(_) => {
+                    span.record("outcome", "handler_error");
+                }
+            }
+            out
+        }
+        .instrument(span)
+    }
+
+    pub(super) fn verified(payment: &VerifiedPayment, elapsed: Duration) {
+        let span = Span::current();
+        span.record("payer", tracing::field::display(payment.payer));
+        span.record("amount", tracing::field::display(payment.amount));
+        span.record("network", tracing::field::display(payment.network));
+        span.record("verify_us", elapsed.as_micros() as u64);
+    }
+
+    pub(super) fn settled(settlement: &Settlement, elapsed: Duration) {
+        let span = Span::current();
+        span.record("settle_us", elapsed.as_micros() as u64);
+        if let Some(tx) = settlement.transaction {
+            span.record("transaction", tracing::field::display(tx));
+        }
+    }
+
+    pub(super) fn failed(
+        stage: Stage,
+        info: &PaymentRejection,
+        error: Option<&(dyn StdError + Send + Sync)>,
+    ) {
+        let reason = info.reason.unwrap_or("challenge");
+        match error {
+            Some(e) if info.status.is_server_error() => {
+                tracing::warn!(?stage, reason, status = info.status.as_u16(), error = %e, "x402 payment not served")
+            }
+            _ => tracing::debug!(
+                ?stage,
+                reason,
+                status = info.status.as_u16(),
+                "x402 payment refused"
+            ),
+        }
+    }
+}
+
+#[cfg(not(feature = "tracing"))]
+mod trace {
+    use std::error::Error as StdError;
+    use std::time::Duration;
+
+    use crate::hooks::Stage;
+    use crate::rejection::PaymentRejection;
+    use crate::settle::Settlement;
+    use crate::verify::VerifiedPayment;
+
+    pub(super) fn instrument<F>(flow: F) -> F {
+        flow
+    }
+    pub(super) fn verified(_: &VerifiedPayment, _: Duration) {}
+    pub(super) fn settled(_: &Settlement, _: Duration) {}
+    pub(super) fn failed(_: Stage, _: &PaymentRejection, _: Option<&(dyn StdError + Send + Sync)>) {
     }
 }

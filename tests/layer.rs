@@ -561,7 +561,7 @@ async fn refused_settlement_withholds_the_body_and_spends_the_proof() {
 }
 
 #[tokio::test]
-async fn unavailable_settler_is_503_and_keeps_the_proof_reserved() {
+async fn unavailable_settler_is_503_and_releases_the_proof() {
     let clock = clock();
     let hits = Hits::new();
     let svc = stack(builder(&clock).settler(DownSettler).build().unwrap(), &hits);
@@ -583,13 +583,17 @@ async fn unavailable_settler_is_503_and_keeps_the_proof_reserved() {
     let receipt = r.receipt();
     assert_eq!(receipt["success"], json!(false));
     assert_eq!(receipt["errorReason"], json!("unexpected_settle_error"));
-    // The outcome is unknown: the proof stays blocked rather than risk a double charge.
+    // Nothing was sent: the same proof may come back (and is served again, since the first
+    // answer was withheld), instead of being refused as a replay.
     let again = get_with(&svc, "/paid", [proof]).await;
     assert_eq!(
         again.outcome(),
-        (StatusCode::PAYMENT_REQUIRED, Some(NONCE_USED.into()))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("service_unavailable".into())
+        )
     );
-    assert_eq!(hits.get(), 1);
+    assert_eq!(hits.get(), 2);
 }
 
 #[tokio::test]

@@ -564,13 +564,20 @@ async fn receipt_timeout_is_unknown_and_never_resent() {
     // The transaction waits in the pool: the outcome is unknown.
     chain.set_automine(false).await;
     let e = settler.settle(&payment).await.unwrap_err();
-    let SettleError::Unavailable { source, .. } = &e else {
-        panic!("want unavailable, got {e:?}");
+    let SettleError::Unknown {
+        source,
+        transaction,
+        ..
+    } = &e
+    else {
+        panic!("want unknown, got {e:?}");
     };
+    assert!(e.is_unknown() && e.is_retryable());
     let pending = source
         .downcast_ref::<UnconfirmedTransaction>()
         .expect("the hash that was sent")
         .transaction;
+    assert_eq!(*transaction, Some(pending));
     assert!(
         !chain
             .authorization_used(payer.address(), payload.authorization.nonce)

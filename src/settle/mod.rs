@@ -53,9 +53,31 @@ pub enum SettleError {
         /// The transaction, if one was mined and reverted.
         transaction: Option<B256>,
     },
-    /// The settlement backend is unavailable: retry later.
+    /// The settlement backend is unavailable and **nothing was sent**: retrying later with
+    /// the same proof is safe. The layer answers 503 and releases the proof.
     #[error("settlement backend unavailable")]
     Unavailable {
+        /// Suggested wait.
+        retry_after: Option<Duration>,
+        /// The cause (logged, never sent to clients).
+        #[source]
+        source: BoxError,
+    },
+    /// The settlement backend rate-limits us and nothing was sent. The layer answers 429 with
+    /// `Retry-After` and releases the proof.
+    #[error("settlement backend rate-limited")]
+    RateLimited {
+        /// Suggested wait.
+        retry_after: Option<Duration>,
+    },
+    /// The settlement **may** have gone through (sent, but no receipt in time; connection lost
+    /// after sending). The layer keeps the proof reserved, so it cannot buy a second
+    /// settlement, and answers 503 with reason `settlement_outcome_unknown` and a receipt
+    /// carrying the transaction, if known: the client must not pay again.
+    #[error("settlement outcome unknown")]
+    Unknown {
+        /// The transaction that may settle the payment, if one was sent.
+        transaction: Option<B256>,
         /// Suggested wait.
         retry_after: Option<Duration>,
         /// The cause (logged, never sent to clients).
@@ -70,18 +92,45 @@ impl SettleError {
         match self {
             Self::Refused { reason, .. } => reason,
             Self::Unavailable { .. } => "unexpected_settle_error",
+            Self::RateLimited { .. } => crate::rejection::reason::RATE_LIMITED,
+            Self::Unknown { .. } => crate::rejection::reason::SETTLEMENT_OUTCOME_UNKNOWN,
         }
     }
 
-    /// True when retrying later may succeed.
+    /// True when retrying later may succeed (unavailable, rate-limited or unknown).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable { .. })
+        !self.is_refused()
+    }
+
+    /// True when the payment was refused and no money moved.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Self::Refused { .. })
+    }
+
+    /// True when the backend rate-limits us.
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::RateLimited { .. })
+    }
+
+    /// True when the money may have moved: the proof must stay spent.
+    pub fn is_unknown(&self) -> bool {
+        matches!(self, Self::Unknown { .. })
+    }
+
+    /// The transaction involved, if any (a reverted or possibly pending one).
+    pub fn transaction(&self) -> Option<B256> {
+        match self {
+            Self::Refused { transaction, .. } | Self::Unknown { transaction, .. } => *transaction,
+            Self::Unavailable { .. } | Self::RateLimited { .. } => None,
+        }
     }
 
     /// Suggested wait before retrying.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Unavailable { retry_after, .. } => *retry_after,
+            Self::Unavailable { retry_after, .. }
+            | Self::RateLimited { retry_after }
+            | Self::Unknown { retry_after, .. } => *retry_after,
             Self::Refused { .. } => None,
         }
     }

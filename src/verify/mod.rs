@@ -184,6 +184,12 @@ pub enum VerifyError {
         #[source]
         source: BoxError,
     },
+    /// A verifier backend (facilitator) rate-limits us: answered with 429 and `Retry-After`.
+    #[error("verifier backend rate-limited")]
+    RateLimited {
+        /// Suggested wait.
+        retry_after: Option<Duration>,
+    },
     /// Any other refusal, with its reason code.
     #[error("payment refused: {reason}")]
     Other {
@@ -208,6 +214,7 @@ impl VerifyError {
             }
             Self::Signature(_) | Self::WrongSigner { .. } => "invalid_exact_evm_signature",
             Self::Unavailable { .. } => "unexpected_verify_error",
+            Self::RateLimited { .. } => crate::rejection::reason::RATE_LIMITED,
             Self::Other { reason } => reason,
         }
     }
@@ -217,15 +224,22 @@ impl VerifyError {
         matches!(self, Self::InvalidPayload(_))
     }
 
-    /// True when the failure is ours, not the client's: retry later (503).
+    /// True when the failure is ours, not the client's: retry later (503, or 429).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable { .. })
+        matches!(self, Self::Unavailable { .. } | Self::RateLimited { .. })
+    }
+
+    /// True when a backend rate-limits us (429).
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Self::RateLimited { .. })
     }
 
     /// How long to wait before retrying, for retryable errors.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Unavailable { retry_after, .. } => *retry_after,
+            Self::Unavailable { retry_after, .. } | Self::RateLimited { retry_after } => {
+                *retry_after
+            }
             _ => None,
         }
     }

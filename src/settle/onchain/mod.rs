@@ -73,8 +73,8 @@
 //!   wrong is a payer canceling the authorization (`cancelAuthorization`) while our transaction
 //!   is pending; then ours reverts and no money moved.
 //! - unused: the transaction may still be pending. The answer is
-//!   [`SettleError::Unavailable`] whose source is an [`UnconfirmedTransaction`] carrying the
-//!   hash; the layer keeps the proof's nonce reserved (an unknown outcome is never released),
+//!   [`SettleError::Unknown`] with the hash, whose source is an [`UnconfirmedTransaction`];
+//!   the layer answers 503 `settlement_outcome_unknown` and keeps the proof's nonce reserved (an unknown outcome is never released),
 //!   so the same proof cannot buy the resource again and the payer is never charged twice for
 //!   it. Reconcile later with [`OnchainSettler::authorization_used`].
 //!
@@ -199,7 +199,7 @@ pub fn transfer_calldata(authorization: &Authorization, signature: &[u8]) -> Byt
     encoded.into()
 }
 
-/// The source of the [`SettleError::Unavailable`] returned when a sent transaction was not
+/// The source of the [`SettleError::Unknown`] returned when a sent transaction was not
 /// confirmed in time and its authorization is still unused: the outcome is unknown, and the
 /// transaction may still be mined. Downcast the error's source to read the hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -599,10 +599,11 @@ impl OnchainSettler {
         failure.into_settle_error()
     }
 
-    /// Books an unknown outcome.
-    fn unknown(&self, source: BoxError) -> SettleError {
+    /// Books an unknown outcome: `transaction` may still be mined.
+    fn unknown(&self, transaction: B256, source: BoxError) -> SettleError {
         self.shared.stats.update(|s| s.unknown += 1);
-        SettleError::Unavailable {
+        SettleError::Unknown {
+            transaction: Some(transaction),
             retry_after: None,
             source,
         }
@@ -640,10 +641,13 @@ impl OnchainSettler {
                     amount: None,
                 })
             }
-            Ok(false) | Err(_) => Err(self.unknown(Box::new(UnconfirmedTransaction {
-                transaction: hash,
-                waited: self.config.receipt_timeout,
-            }))),
+            Ok(false) | Err(_) => Err(self.unknown(
+                hash,
+                Box::new(UnconfirmedTransaction {
+                    transaction: hash,
+                    waited: self.config.receipt_timeout,
+                }),
+            )),
         }
     }
 }
@@ -696,7 +700,7 @@ impl Settler for OnchainSettler {
                 // Did it reach the node? Then it may be mined: wait for it like any other.
                 match with_timeout(limit, self.provider.get_transaction_by_hash(hash)).await {
                     Ok(Some(_)) => hash,
-                    _ => return Err(self.unknown(source)),
+                    _ => return Err(self.unknown(hash, source)),
                 }
             }
         };
