@@ -332,6 +332,9 @@ enum Step {
     Paid,
     /// The transport fails (the request may or may not have arrived).
     Fail,
+    /// 503 `settlement_outcome_unknown`, `Retry-After: 1`, a failed receipt naming a
+    /// transaction (what our server answers when a settlement does not confirm in time).
+    OutcomeUnknown,
 }
 
 fn challenge() -> Step {
@@ -458,6 +461,24 @@ fn respond(step: Step) -> Result<Response<Full<Bytes>>, std::io::Error> {
             );
         }
         Step::Fail => return Err(std::io::Error::other("connection reset")),
+        Step::OutcomeUnknown => {
+            *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            res.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+            let receipt = json!({
+                "success": false,
+                "errorReason": "settlement_outcome_unknown",
+                "transaction": format!("{:#x}", B256::repeat_byte(0xef)),
+                "network": "eip155:84532",
+            });
+            res.headers_mut().insert(
+                PAYMENT_RESPONSE,
+                STANDARD.encode(receipt.to_string()).parse().unwrap(),
+            );
+            *res.body_mut() = Full::new(Bytes::from(
+                json!({ "error": "settlement_outcome_unknown" }).to_string(),
+            ));
+        }
     }
     Ok(res)
 }
@@ -641,6 +662,29 @@ async fn settlement_outcome_unknown_resends_the_same_proof() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn outcome_unknown_to_the_end_is_reported_unknown_not_refused() {
+    let script = Script::new([
+        challenge(),
+        Step::OutcomeUnknown,
+        Step::OutcomeUnknown,
+        Step::OutcomeUnknown,
+    ]);
+    let signer = Counting::new();
+    let res = call(&script, &signer, RetryPolicy::default().jitter(false))
+        .await
+        .expect("answer");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let paid = report(&res);
+    assert_eq!(paid.outcome, PaymentOutcome::Unknown);
+    assert_eq!(paid.attempts, 3);
+    assert_eq!(paid.transaction(), Some(B256::repeat_byte(0xef)));
+    let payments = script.payments();
+    assert!(payments[1..].iter().all(|p| *p == payments[1]), "one proof");
+    assert_eq!(signer.signatures(), 1);
+    assert_times(&script, &[0.0, 0.0, 1.0, 2.0]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn nonce_already_used_after_an_unknown_outcome_is_reported_not_repaid() {
     let script = Script::new([
         challenge(),
@@ -794,4 +838,65 @@ fn the_agent_example_runs_offline_and_stops_at_its_budget() {
         stdout.contains("signed 0.002000 in total, 0.000500 left"),
         "{stdout}"
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Our server says the settlement outcome is unknown
+
+/// A settler whose transaction never confirms in time: the layer answers 503
+/// `settlement_outcome_unknown` and keeps the proof spent.
+#[derive(Clone, Default)]
+struct NeverConfirms {
+    calls: Arc<AtomicUsize>,
+}
+
+#[async_trait]
+impl tower_x402::settle::Settler for NeverConfirms {
+    async fn settle(
+        &self,
+        _: &tower_x402::VerifiedPayment,
+    ) -> Result<tower_x402::settle::Settlement, tower_x402::settle::SettleError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(tower_x402::settle::SettleError::Unknown {
+            transaction: Some(B256::repeat_byte(0xcd)),
+            retry_after: Some(Duration::from_secs(2)),
+            source: "no receipt in time".into(),
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn our_servers_outcome_unknown_is_retried_with_the_same_proof_then_reported_spent() {
+    let hits = Hits::new();
+    let settler = NeverConfirms::default();
+    let server = ServiceBuilder::new()
+        .layer(
+            common::builder(&clock())
+                .settler(settler.clone())
+                .build()
+                .expect("valid layer"),
+        )
+        .service(common::plain_service(hits.clone()));
+    let signer = Counting::new();
+    let start = Instant::now();
+    let res = ServiceBuilder::new()
+        .layer(paying(&signer, policy()).retry(RetryPolicy::default().jitter(false)))
+        .service(server)
+        .oneshot(get("http://api.test/paid"))
+        .await
+        .expect("answer");
+    assert_eq!(res.status(), StatusCode::PAYMENT_REQUIRED);
+    let paid = report(&res);
+    assert_eq!(paid.outcome, PaymentOutcome::AlreadyUsed, "{paid:?}");
+    assert_eq!(paid.attempts, 2);
+    // The 503's receipt named the pending transaction: the caller can reconcile it.
+    assert_eq!(paid.transaction(), Some(B256::repeat_byte(0xcd)));
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(2),
+        "waited the Retry-After"
+    );
+    assert_eq!(signer.signatures(), 1, "never signed again");
+    assert_eq!(hits.get(), 1, "the handler ran once");
+    assert_eq!(settler.calls.load(Ordering::SeqCst), 1);
 }

@@ -93,8 +93,12 @@ where
         } else if is_retryable_server_error(status) {
             let wait = retry.server_error_delay(server_errors, Some(res.headers()));
             server_errors += 1;
-            // A proof was sent and the server failed: it may or may not have settled.
-            unknown |= paid.is_some();
+            // A proof was sent and the server failed: it may or may not have settled. A 503
+            // `settlement_outcome_unknown` may name the pending transaction: keep it.
+            if let Some((_, report)) = &mut paid {
+                unknown = true;
+                report.receipt = decoded_receipt(res.headers()).or(report.receipt.take());
+            }
             wait
         } else {
             None
@@ -283,7 +287,8 @@ where
             Err(_) => ResponseBody::full(Bytes::new()),
         },
     };
-    report.receipt = receipt;
+    // Without a receipt now, keep the one an earlier (outcome unknown) answer gave.
+    report.receipt = receipt.or(report.receipt.take());
     report.outcome = if unknown && reason.as_deref() == Some(NONCE_ALREADY_USED) {
         // An earlier attempt with this very proof may have gone through: spent or pending.
         PaymentOutcome::AlreadyUsed
@@ -302,18 +307,22 @@ fn finish<B>(
 ) -> Response<ResponseBody<B>> {
     let (mut parts, body) = res.into_parts();
     if let Some(mut report) = report {
+        let earlier = report.receipt.take();
         report.receipt = decoded_receipt(&parts.headers);
+        let status = parts.status;
         report.outcome = match &report.receipt {
             Some(r) if r.success => PaymentOutcome::Settled,
+            // A 5xx (even with a failed receipt, as for `settlement_outcome_unknown`) does not
+            // say the money did not move.
+            _ if status.is_server_error() => PaymentOutcome::Unknown,
             Some(r) => PaymentOutcome::Refused {
                 reason: r.error_reason.clone(),
             },
-            None if parts.status.is_success() || parts.status.is_redirection() => {
-                PaymentOutcome::Accepted
-            }
-            None if unknown || parts.status.is_server_error() => PaymentOutcome::Unknown,
+            None if status.is_success() || status.is_redirection() => PaymentOutcome::Accepted,
+            None if unknown => PaymentOutcome::Unknown,
             None => PaymentOutcome::NotCharged,
         };
+        report.receipt = report.receipt.take().or(earlier);
         parts.extensions.insert(report);
     }
     Response::from_parts(parts, ResponseBody::inner(body))
