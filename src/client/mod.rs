@@ -34,7 +34,9 @@
 //! A server built with this crate answers 503 `settlement_outcome_unknown` when it cannot tell
 //! whether the money moved: the resend with the same proof either gets the paid response or a
 //! 402 `invalid_exact_evm_nonce_already_used`, which is reported as
-//! [`PaymentOutcome::AlreadyUsed`], never paid again. See [`RetryPolicy`] for the bounds.
+//! [`PaymentOutcome::AlreadyUsed`], never paid again; the report keeps the 503's receipt, so
+//! [`PaymentReport::transaction`] names the pending transaction to reconcile. See
+//! [`RetryPolicy`] for the bounds.
 //!
 //! ## The request body is replayed
 //!
