@@ -78,6 +78,7 @@
 //! | feature | adds |
 //! |---|---|
 //! | `axum` | [`VerifiedPayment`] extractor |
+//! | `client` | [`client::PayingLayer`]: pay 402 challenges from any tower HTTP client with an alloy `Signer` |
 //! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances |
 //! | `tonic` | [`grpc`]: refusals as trailers-only gRPC statuses, for tonic servers ([`PaymentLayer::grpc`]) |
 //! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
@@ -91,6 +92,9 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod body;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 pub mod clock;
 pub mod error;
 #[cfg(feature = "axum")]

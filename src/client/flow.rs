@@ -1,0 +1,333 @@
+//! One call: send, pay once on 402, retry 429/5xx, never sign twice.
+
+use std::sync::Arc;
+
+use alloy_signer::Signer;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+use tower_service::Service;
+
+use super::challenge::{self, Challenge, MAX_CHALLENGE_BYTES};
+use super::error::{ChallengeError, Error, Refusals};
+use super::layer::Shared;
+use super::policy::Refusal;
+use super::retry::is_retryable_server_error;
+use super::signer::{self, Proof};
+use super::{PaymentOutcome, PaymentReport};
+use crate::body::ResponseBody;
+use crate::proto::{SettleResponse, X402Version};
+use crate::rejection::reason::NONCE_ALREADY_USED;
+use crate::verify::BoxError;
+
+pub(crate) async fn run<S, Sg, B, ResBody>(
+    shared: Arc<Shared<Sg>>,
+    mut svc: S,
+    req: Request<B>,
+) -> Result<Response<ResponseBody<ResBody>>, Error>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    B: Clone,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+    Sg: Signer + Send + Sync,
+{
+    let retry = &shared.retry;
+    // The one proof of this call, once signed; every later attempt resends it unchanged.
+    let mut paid: Option<(Proof, PaymentReport)> = None;
+    // A paid attempt ended without a definite answer (5xx, transport error).
+    let mut unknown = false;
+    let (mut rate_limited, mut server_errors) = (0u32, 0u32);
+    let mut readied = true;
+    loop {
+        let mut attempt = req.clone();
+        if let Some((proof, report)) = &mut paid {
+            attempt
+                .headers_mut()
+                .insert(proof.name.clone(), proof.value.clone());
+            report.attempts += 1;
+        }
+        let sent = send(&mut svc, attempt, readied).await;
+        readied = false;
+        let res = match sent {
+            Ok(res) => res,
+            Err(e) => {
+                let Some((proof, mut report)) = paid.take() else {
+                    return Err(Error::Transport(e));
+                };
+                // The proof may have reached the server: only ever resend this same one.
+                unknown = true;
+                match retry.server_error_delay(server_errors, None) {
+                    Some(wait) => {
+                        server_errors += 1;
+                        paid = Some((proof, report));
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    None => {
+                        report.outcome = PaymentOutcome::Unknown;
+                        return Err(Error::OutcomeUnknown {
+                            report: Box::new(report),
+                            source: e,
+                        });
+                    }
+                }
+            }
+        };
+        let status = res.status();
+        if status == StatusCode::PAYMENT_REQUIRED {
+            let Some((_, report)) = paid.take() else {
+                let challenge = read_challenge(res, shared.only_version).await?;
+                paid = Some(pay(&shared, &challenge).await?);
+                continue;
+            };
+            // Paid and asked to pay again: stop. One call never signs twice.
+            return Ok(refused(res, report, unknown).await);
+        }
+        let wait = if status == StatusCode::TOO_MANY_REQUESTS {
+            let wait = retry.rate_limit_delay(rate_limited, res.headers());
+            rate_limited += 1;
+            wait
+        } else if is_retryable_server_error(status) {
+            let wait = retry.server_error_delay(server_errors, Some(res.headers()));
+            server_errors += 1;
+            // A proof was sent and the server failed: it may or may not have settled. A 503
+            // `settlement_outcome_unknown` may name the pending transaction: keep it.
+            if let Some((_, report)) = &mut paid {
+                unknown = true;
+                report.receipt = decoded_receipt(res.headers()).or(report.receipt.take());
+            }
+            wait
+        } else {
+            None
+        };
+        if let Some(wait) = wait {
+            drop(res);
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        return Ok(finish(res, paid.map(|(_, r)| r), unknown));
+    }
+}
+
+/// Waits for readiness (except for the first attempt, readied by the caller) and calls.
+async fn send<S, B, R>(svc: &mut S, req: Request<B>, readied: bool) -> Result<R, BoxError>
+where
+    S: Service<Request<B>, Response = R>,
+    S::Error: Into<BoxError>,
+{
+    if !readied {
+        std::future::poll_fn(|cx| svc.poll_ready(cx))
+            .await
+            .map_err(Into::into)?;
+    }
+    svc.call(req).await.map_err(Into::into)
+}
+
+/// Reads the body, at most `MAX_CHALLENGE_BYTES`.
+async fn read_body<B>(body: B) -> Result<Bytes, BoxError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    Ok(Limited::new(body, MAX_CHALLENGE_BYTES)
+        .collect()
+        .await?
+        .to_bytes())
+}
+
+/// The challenge of a 402: the v2 header, else a v1 JSON body (only one of them when the
+/// client speaks only one version).
+async fn read_challenge<B>(res: Response<B>, only: Option<X402Version>) -> Result<Challenge, Error>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if only != Some(X402Version::V1)
+        && let Some(c) = Challenge::from_headers(res.headers())?
+    {
+        return Ok(c);
+    }
+    if only == Some(X402Version::V2) {
+        return Err(ChallengeError::Missing.into());
+    }
+    let body = read_body(res.into_body())
+        .await
+        .map_err(ChallengeError::Body)?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ChallengeError::Missing.into());
+    }
+    let c = Challenge::from_json(&body)?;
+    if only.is_some_and(|v| v != c.version) {
+        return Err(ChallengeError::Missing.into());
+    }
+    Ok(c)
+}
+
+/// Chooses an offer within the policy, cheapest first, and signs it.
+async fn pay<Sg>(
+    shared: &Shared<Sg>,
+    challenge: &Challenge,
+) -> Result<(Proof, PaymentReport), Error>
+where
+    Sg: Signer + Send + Sync,
+{
+    let policy = &shared.policy;
+    let mut verdicts: Vec<Option<Refusal>> = challenge
+        .offers
+        .iter()
+        .map(|o| match o {
+            Ok(offer) => policy.refusal(&offer.requirements),
+            Err(r) => Some(*r),
+        })
+        .collect();
+    let mut candidates: Vec<_> = challenge
+        .offers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| Some((i, o.as_ref().ok()?)))
+        .filter(|(i, _)| verdicts.get(*i).is_some_and(Option::is_none))
+        .collect();
+    candidates.sort_by_key(|(_, o)| o.requirements.amount);
+    let refusals = |v: &[Option<Refusal>]| Refusals(v.iter().flatten().copied().collect());
+    let Some(cheapest) = candidates.first().map(|(_, o)| o.requirements.amount) else {
+        return Err(Error::NoAcceptableOption(refusals(&verdicts)));
+    };
+    // Cheap check first, so a spent budget costs no balance lookup.
+    if let Some(budget) = policy.shared_budget() {
+        let remaining = budget.remaining();
+        if cheapest > remaining {
+            return Err(Error::BudgetExceeded {
+                amount: cheapest,
+                remaining,
+            });
+        }
+    }
+    let payer = shared.signer.address();
+    let mut chosen = None;
+    for (i, offer) in candidates {
+        if let Some(source) = &shared.balance {
+            let r = &offer.requirements;
+            let balance = source
+                .balance(r.network, r.asset, payer)
+                .await
+                .map_err(Error::Balance)?;
+            if balance.is_some_and(|b| b < r.amount) {
+                if let Some(v) = verdicts.get_mut(i) {
+                    *v = Some(Refusal::InsufficientBalance);
+                }
+                continue;
+            }
+        }
+        chosen = Some(offer);
+        break;
+    }
+    let Some(offer) = chosen else {
+        return Err(Error::NoAcceptableOption(refusals(&verdicts)));
+    };
+    let amount = offer.requirements.amount;
+    if let Some(budget) = policy.shared_budget() {
+        budget
+            .try_spend(amount)
+            .map_err(|remaining| Error::BudgetExceeded { amount, remaining })?;
+    }
+    let proof = match signer::proof(&*shared.signer, challenge, offer, shared.clock.now()).await {
+        Ok(proof) => proof,
+        Err(e) => {
+            // Nothing was signed: give the amount back.
+            if let Some(budget) = policy.shared_budget() {
+                budget.refund(amount);
+            }
+            return Err(Error::Signing(e));
+        }
+    };
+    let report = PaymentReport {
+        version: challenge.version,
+        requirements: offer.requirements.clone(),
+        authorization: proof.authorization.clone(),
+        payment_id: proof.payment_id.clone(),
+        attempts: 0,
+        receipt: None,
+        outcome: PaymentOutcome::Unknown,
+    };
+    Ok((proof, report))
+}
+
+/// A 402 to a paid attempt: returned to the caller with why.
+async fn refused<B>(
+    res: Response<B>,
+    mut report: PaymentReport,
+    unknown: bool,
+) -> Response<ResponseBody<B>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = res.into_parts();
+    let receipt = decoded_receipt(&parts.headers);
+    let mut reason = receipt.as_ref().and_then(|r| r.error_reason.clone());
+    let body = match Challenge::from_headers(&parts.headers) {
+        Ok(Some(c)) => {
+            reason = reason.or(c.error);
+            ResponseBody::inner(body)
+        }
+        // v1 (or no header): the reason is in the JSON body, which the caller still gets.
+        _ => match read_body(body).await {
+            Ok(bytes) => {
+                if reason.is_none() {
+                    reason = Challenge::from_json(&bytes)
+                        .ok()
+                        .and_then(|c| c.error)
+                        .or_else(|| challenge::body_reason(&bytes));
+                }
+                ResponseBody::full(bytes)
+            }
+            Err(_) => ResponseBody::full(Bytes::new()),
+        },
+    };
+    // Without a receipt now, keep the one an earlier (outcome unknown) answer gave.
+    report.receipt = receipt.or(report.receipt.take());
+    report.outcome = if unknown && reason.as_deref() == Some(NONCE_ALREADY_USED) {
+        // An earlier attempt with this very proof may have gone through: spent or pending.
+        PaymentOutcome::AlreadyUsed
+    } else {
+        PaymentOutcome::Refused { reason }
+    };
+    parts.extensions.insert(report);
+    Response::from_parts(parts, body)
+}
+
+/// The final answer; with a report when a proof was sent.
+fn finish<B>(
+    res: Response<B>,
+    report: Option<PaymentReport>,
+    unknown: bool,
+) -> Response<ResponseBody<B>> {
+    let (mut parts, body) = res.into_parts();
+    if let Some(mut report) = report {
+        let earlier = report.receipt.take();
+        report.receipt = decoded_receipt(&parts.headers);
+        let status = parts.status;
+        report.outcome = match &report.receipt {
+            Some(r) if r.success => PaymentOutcome::Settled,
+            // A 5xx (even with a failed receipt, as for `settlement_outcome_unknown`) does not
+            // say the money did not move.
+            _ if status.is_server_error() => PaymentOutcome::Unknown,
+            Some(r) => PaymentOutcome::Refused {
+                reason: r.error_reason.clone(),
+            },
+            None if status.is_success() || status.is_redirection() => PaymentOutcome::Accepted,
+            None if unknown => PaymentOutcome::Unknown,
+            None => PaymentOutcome::NotCharged,
+        };
+        report.receipt = report.receipt.take().or(earlier);
+        parts.extensions.insert(report);
+    }
+    Response::from_parts(parts, ResponseBody::inner(body))
+}
+
+fn decoded_receipt(headers: &http::HeaderMap) -> Option<SettleResponse> {
+    challenge::receipt(headers).and_then(Result::ok)
+}

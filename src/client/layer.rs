@@ -1,0 +1,212 @@
+//! [`PayingLayer`] and the [`Paying`] service it builds.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use alloy_signer::Signer;
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::balance::BalanceSource;
+use super::error::Error;
+use super::flow;
+use super::policy::{Budget, Policy};
+use super::retry::RetryPolicy;
+use crate::body::ResponseBody;
+use crate::clock::{Clock, SystemClock};
+use crate::proto::X402Version;
+use crate::verify::BoxError;
+
+/// A tower layer for outgoing HTTP requests that pays x402 challenges. See the
+/// [module docs](super).
+pub struct PayingLayer<Sg> {
+    signer: Arc<Sg>,
+    policy: Policy,
+    retry: RetryPolicy,
+    clock: Arc<dyn Clock>,
+    balance: Option<Arc<dyn BalanceSource>>,
+    only_version: Option<X402Version>,
+}
+
+impl<Sg> Clone for PayingLayer<Sg> {
+    fn clone(&self) -> Self {
+        Self {
+            signer: self.signer.clone(),
+            policy: self.policy.clone(),
+            retry: self.retry.clone(),
+            clock: self.clock.clone(),
+            balance: self.balance.clone(),
+            only_version: self.only_version,
+        }
+    }
+}
+
+impl<Sg> fmt::Debug for PayingLayer<Sg> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PayingLayer")
+            .field("policy", &self.policy)
+            .field("retry", &self.retry)
+            .field("balance_check", &self.balance.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
+    /// Pays with `signer` (any alloy [`Signer`]: a local key, a Ledger, AWS KMS, ...) within
+    /// `policy`, with the default [`RetryPolicy`], the system clock and no balance check.
+    pub fn new(signer: Sg, policy: Policy) -> Self {
+        Self {
+            signer: Arc::new(signer),
+            policy,
+            retry: RetryPolicy::default(),
+            clock: Arc::new(SystemClock),
+            balance: None,
+            only_version: None,
+        }
+    }
+
+    /// Replaces the retry rules. Default: [`RetryPolicy::default`].
+    #[must_use]
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The clock the validity window is computed from. Default: the system clock.
+    #[must_use]
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Checks the payer's balance before signing. Default: no check.
+    #[must_use]
+    pub fn balance_source(mut self, source: impl BalanceSource) -> Self {
+        self.balance = Some(Arc::new(source));
+        self
+    }
+
+    /// Speaks only `version`: reads only its form of the challenge (v2 `PAYMENT-REQUIRED`
+    /// header, v1 JSON body) and pays in it. Default: both, preferring v2 when a server offers
+    /// both forms. Useful for a server that advertises both forms but accepts only v1.
+    #[must_use]
+    pub fn only_version(mut self, version: X402Version) -> Self {
+        self.only_version = Some(version);
+        self
+    }
+
+    /// The shared budget, to read what was spent.
+    pub fn budget(&self) -> Option<&Budget> {
+        self.policy.shared_budget()
+    }
+}
+
+impl<S, Sg> Layer<S> for PayingLayer<Sg> {
+    type Service = Paying<S, Sg>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Paying {
+            inner,
+            shared: Arc::new(Shared {
+                signer: self.signer.clone(),
+                policy: self.policy.clone(),
+                retry: self.retry.clone(),
+                clock: self.clock.clone(),
+                balance: self.balance.clone(),
+                only_version: self.only_version,
+            }),
+        }
+    }
+}
+
+/// Per-service configuration, one refcount bump per call.
+pub(crate) struct Shared<Sg> {
+    pub(crate) signer: Arc<Sg>,
+    pub(crate) policy: Policy,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) balance: Option<Arc<dyn BalanceSource>>,
+    pub(crate) only_version: Option<X402Version>,
+}
+
+/// The service built by [`PayingLayer`]. See the [module docs](super).
+pub struct Paying<S, Sg> {
+    inner: S,
+    shared: Arc<Shared<Sg>>,
+}
+
+impl<S: Clone, Sg> Clone for Paying<S, Sg> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, Sg> fmt::Debug for Paying<S, Sg> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Paying")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, Sg, B, ResBody> Service<Request<B>> for Paying<S, Sg>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Clone + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+    Sg: Signer + Send + Sync + 'static,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = Error;
+    type Future = ResponseFuture<ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| Error::Transport(e.into()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The readied instance goes into the future; the clone waits for the next poll_ready.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            inner: Box::pin(flow::run(self.shared.clone(), inner, req)),
+        }
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The future of [`Paying`]: the whole call, retries included.
+// Boxed: the call awaits the network, a signer and timers, so one allocation is noise, and a
+// hand-written state machine over a generic async `Signer` would be large.
+pub struct ResponseFuture<ResBody> {
+    inner: BoxFuture<Result<Response<ResponseBody<ResBody>>, Error>>,
+}
+
+impl<ResBody> fmt::Debug for ResponseFuture<ResBody> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<ResBody> Future for ResponseFuture<ResBody> {
+    type Output = Result<Response<ResponseBody<ResBody>>, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}

@@ -1,0 +1,165 @@
+//! The paying side: a tower layer for outgoing requests that answers x402 challenges.
+//!
+//! [`PayingLayer`] wraps any tower HTTP client (`Service<http::Request<B>>`, e.g. hyper-util's
+//! legacy `Client`). A request that gets **402** is paid once and sent again:
+//!
+//! 1. The challenge is read: v2 `PAYMENT-REQUIRED` header (base64 JSON), else a v1 JSON body.
+//! 2. The [`Policy`] picks the cheapest offer it allows (scheme `exact`, allowed network and
+//!    token, at most the cap per request), optionally skipping offers the payer's balance
+//!    cannot cover ([`BalanceSource`]), and counts it against the shared [`Budget`]. Any
+//!    refusal happens **before** signing and is an [`Error`].
+//! 3. The EIP-3009 `TransferWithAuthorization` is signed with the alloy [`Signer`] (domain
+//!    `name`/`version` from `extra`, chain id from the network, `verifyingContract` = token),
+//!    valid from 10 minutes ago until `maxTimeoutSeconds` from now, with a random nonce. If
+//!    the challenge offers the `payment-identifier` extension, an idempotency id goes with it.
+//! 4. The request is sent again with `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1). The answer
+//!    carries a [`PaymentReport`] in its extensions: what was paid, the decoded receipt
+//!    (`PAYMENT-RESPONSE` / `X-PAYMENT-RESPONSE`) and the [`PaymentOutcome`].
+//!
+//! [`Signer`]: alloy_signer::Signer
+//!
+//! ## Failure table
+//!
+//! | answer | what the client does |
+//! |---|---|
+//! | 402, not paid yet | pay once (above) and resend |
+//! | 402 after paying | stop, never sign again; the 402 goes back with [`PaymentOutcome::Refused`] and the reason |
+//! | 402 `invalid_exact_evm_nonce_already_used` after an unknown outcome | stop: [`PaymentOutcome::AlreadyUsed`] (the proof was spent or is pending) |
+//! | 401 | returned as is, no retry |
+//! | 429 | wait (`Retry-After`, else exponential backoff with jitter) and resend, bounded |
+//! | 500/502/503/504 | wait (`Retry-After`, else ~5 s doubling) and resend, bounded; after a proof was sent the outcome is unknown, so the **same** proof is resent |
+//! | transport error before paying | [`Error::Transport`] |
+//! | transport error after paying | resend the same proof, bounded; then [`Error::OutcomeUnknown`] |
+//!
+//! A server built with this crate answers 503 `settlement_outcome_unknown` when it cannot tell
+//! whether the money moved: the resend with the same proof either gets the paid response or a
+//! 402 `invalid_exact_evm_nonce_already_used`, which is reported as
+//! [`PaymentOutcome::AlreadyUsed`], never paid again; the report keeps the 503's receipt, so
+//! [`PaymentReport::transaction`] names the pending transaction to reconcile. See
+//! [`RetryPolicy`] for the bounds.
+//!
+//! ## The request body is replayed
+//!
+//! A paid call sends the request at least twice, so the body type must be `Clone`: use a
+//! buffered body such as `http_body_util::Full<Bytes>` or `String` (streaming bodies cannot be
+//! replayed; buffer them first).
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_x402::client::{Budget, PayingLayer, PaymentReport, Policy};
+//! use tower_x402::primitives::U256;
+//! use tower_x402::Asset;
+//!
+//! # async fn agent() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let signer: alloy_signer_local::PrivateKeySigner = std::env::var("PAYER_KEY")?.parse()?;
+//! let policy = Policy::new(U256::from(10_000))           // ≤ $0.01 per request
+//!     .allow_asset(&Asset::usdc_base())
+//!     .budget(Budget::new(U256::from(1_000_000)));        // ≤ $1 in total
+//! let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let mut client = ServiceBuilder::new()
+//!     .layer(PayingLayer::new(signer, policy))
+//!     .service(http);
+//! let req = http::Request::get("http://api.example/weather").body(Full::default())?;
+//! let res = client.ready().await?.call(req).await?;
+//! if let Some(paid) = res.extensions().get::<PaymentReport>() {
+//!     println!("paid {} to {}: {:?}", paid.amount(), paid.requirements.pay_to, paid.outcome);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod balance;
+mod challenge;
+mod error;
+mod flow;
+mod layer;
+mod policy;
+mod retry;
+mod signer;
+
+use alloy_primitives::{Address, B256, U256};
+
+pub use balance::BalanceSource;
+#[cfg(feature = "onchain")]
+#[cfg_attr(docsrs, doc(cfg(feature = "onchain")))]
+pub use balance::ProviderBalance;
+pub use error::{ChallengeError, Error, Refusals};
+pub use layer::{Paying, PayingLayer, ResponseFuture};
+pub use policy::{Budget, Policy, Refusal};
+pub use retry::RetryPolicy;
+
+use crate::proto::exact::Authorization;
+use crate::proto::v2::PaymentRequirements;
+use crate::proto::{SettleResponse, X402Version};
+
+/// What a call paid, in the response extensions (and in [`Error::OutcomeUnknown`]) whenever a
+/// proof was sent.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct PaymentReport {
+    /// The dialect spoken.
+    pub version: X402Version,
+    /// The option paid (v1 offers normalized: `amount` is `maxAmountRequired`).
+    pub requirements: PaymentRequirements,
+    /// The signed authorization: payer (`from`), `nonce`, validity window.
+    pub authorization: Authorization,
+    /// The `payment-identifier` id sent, if the server offered the extension.
+    pub payment_id: Option<String>,
+    /// Requests sent with the proof (1 unless retried).
+    pub attempts: u32,
+    /// The decoded receipt of the final answer, if it had one.
+    pub receipt: Option<SettleResponse>,
+    /// How it ended.
+    pub outcome: PaymentOutcome,
+}
+
+impl PaymentReport {
+    /// The amount authorized, in atomic token units.
+    pub fn amount(&self) -> U256 {
+        self.requirements.amount
+    }
+
+    /// The payer.
+    pub fn payer(&self) -> Address {
+        self.authorization.from
+    }
+
+    /// The authorization nonce (with the payer and token, what identifies it on-chain).
+    pub fn nonce(&self) -> B256 {
+        self.authorization.nonce
+    }
+
+    /// The settlement transaction, if the receipt names one.
+    pub fn transaction(&self) -> Option<B256> {
+        self.receipt.as_ref().and_then(|r| r.transaction)
+    }
+}
+
+/// How a paid call ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PaymentOutcome {
+    /// The server sent a receipt with `success: true`.
+    Settled,
+    /// The server answered below 400 without a receipt (it did not say whether it settled).
+    Accepted,
+    /// The server answered 4xx (not 402) to the paid request: x402 servers do not settle
+    /// those, but the signed authorization stays valid until it expires.
+    NotCharged,
+    /// The server refused the proof (402 or a failed receipt); the reason code if it gave one.
+    Refused {
+        /// The x402 `error` / `errorReason`.
+        reason: Option<String>,
+    },
+    /// After an unknown outcome, the server says the proof's nonce is already used: the
+    /// payment went through or is pending. It was not signed again.
+    AlreadyUsed,
+    /// No definite answer (5xx or transport errors to the end): it may have settled.
+    Unknown,
+}

@@ -1,0 +1,223 @@
+//! Signing an `exact` EIP-3009 payment with any alloy [`Signer`] and encoding the proof header.
+//!
+//! The digest is EIP-712 over `TransferWithAuthorization` with the domain `name`/`version`
+//! from the requirement's `extra`, `chainId` from its network and `verifyingContract` = the
+//! token. Signing goes through [`Signer::sign_typed_data`], so hardware wallets that refuse
+//! raw hashes (Ledger) sign the typed data they can display.
+
+use alloy_primitives::{Address, B256, Bytes, U256};
+use alloy_signer::Signer;
+use alloy_sol_types::{Eip712Domain, sol};
+use http::{HeaderName, HeaderValue};
+use serde_json::{Map, Value, json};
+
+use super::challenge::{Challenge, Offer};
+use crate::proto::X402Version;
+use crate::proto::exact::{Authorization, ExactEvmPayload};
+use crate::proto::header::{self, PAYMENT_SIGNATURE, X_PAYMENT};
+use crate::proto::v2::PaymentRequirements;
+
+sol! {
+    /// EIP-3009 authorization (the token's typehash fixes field names and order).
+    struct TransferWithAuthorization {
+        address from;
+        address to;
+        uint256 value;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+    }
+}
+
+/// The x402 extension that carries an idempotency id.
+pub(crate) const PAYMENT_IDENTIFIER: &str = "payment-identifier";
+
+/// How far back `validAfter` is set, as the reference client does: tolerates a server clock
+/// that runs behind ours.
+const VALID_AFTER_SLACK: u64 = 600;
+
+/// A signed proof, ready to send (and to resend unchanged).
+#[derive(Clone, Debug)]
+pub(crate) struct Proof {
+    pub(crate) name: HeaderName,
+    pub(crate) value: HeaderValue,
+    pub(crate) authorization: Authorization,
+    pub(crate) payment_id: Option<String>,
+}
+
+/// 32 bytes of OS randomness, `None` if the OS has none to give.
+pub(crate) fn random_b256() -> Option<B256> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).ok()?;
+    Some(B256::from(b))
+}
+
+fn no_randomness() -> alloy_signer::Error {
+    alloy_signer::Error::other("no OS randomness for the authorization nonce")
+}
+
+/// The EIP-712 domain of the token in `req`, `None` without `extra.name`/`extra.version`.
+pub(crate) fn domain(req: &PaymentRequirements) -> Option<Eip712Domain> {
+    Some(Eip712Domain::new(
+        Some(req.extra_str("name")?.to_owned().into()),
+        Some(req.extra_str("version")?.to_owned().into()),
+        Some(U256::from(req.network.chain_id())),
+        Some(req.asset),
+        None,
+    ))
+}
+
+/// Signs `auth` for `req` with `signer`: 65 bytes `r ‖ s ‖ v`, `v ∈ {27, 28}`, low `s`.
+pub(crate) async fn sign<Sg>(
+    signer: &Sg,
+    req: &PaymentRequirements,
+    auth: &Authorization,
+) -> Result<Bytes, alloy_signer::Error>
+where
+    Sg: Signer + Send + Sync,
+{
+    let domain = domain(req).ok_or_else(|| {
+        alloy_signer::Error::other("requirement lacks the EIP-712 name/version in extra")
+    })?;
+    let message = TransferWithAuthorization {
+        from: auth.from,
+        to: auth.to,
+        value: auth.value,
+        validAfter: auth.valid_after,
+        validBefore: auth.valid_before,
+        nonce: auth.nonce,
+    };
+    let sig = signer.sign_typed_data(&message, &domain).await?;
+    // USDC rejects high-s; remote signers do not all normalize.
+    let sig = sig.normalize_s().unwrap_or(sig);
+    Ok(Bytes::copy_from_slice(&sig.as_bytes()))
+}
+
+/// The authorization to sign for `req` at `now` (Unix seconds), with a random nonce.
+pub(crate) fn authorization(
+    req: &PaymentRequirements,
+    from: Address,
+    now: u64,
+) -> Result<Authorization, alloy_signer::Error> {
+    Ok(Authorization {
+        from,
+        to: req.pay_to,
+        value: req.amount,
+        valid_after: U256::from(now.saturating_sub(VALID_AFTER_SLACK)),
+        valid_before: U256::from(now.saturating_add(req.max_timeout_seconds)),
+        nonce: random_b256().ok_or_else(no_randomness)?,
+    })
+}
+
+/// A fresh `payment-identifier` id: `pay_` and 32 hex digits (the reference's form).
+fn payment_id() -> Option<String> {
+    let r = random_b256()?;
+    Some(format!("pay_{}", alloy_primitives::hex::encode(&r[..16])))
+}
+
+/// Signs a proof for `offer` of `challenge` and encodes its header.
+pub(crate) async fn proof<Sg>(
+    signer: &Sg,
+    challenge: &Challenge,
+    offer: &Offer,
+    now: u64,
+) -> Result<Proof, alloy_signer::Error>
+where
+    Sg: Signer + Send + Sync,
+{
+    let req = &offer.requirements;
+    let authorization = authorization(req, signer.address(), now)?;
+    let signature = sign(signer, req, &authorization).await?;
+    let payload = ExactEvmPayload {
+        signature,
+        authorization: authorization.clone(),
+    };
+    let mut payment_id = None;
+    let (name, doc) = match challenge.version {
+        X402Version::V1 => (
+            X_PAYMENT,
+            json!({
+                "x402Version": 1,
+                "scheme": req.scheme,
+                "network": X402Version::V1.network_name(req.network),
+                "payload": payload,
+            }),
+        ),
+        X402Version::V2 => {
+            let mut doc = json!({ "x402Version": 2, "payload": payload });
+            doc["accepted"] = match &offer.raw {
+                Some(raw) => serde_json::from_str(raw.get()).unwrap_or_else(|_| json!(req)),
+                None => json!(req),
+            };
+            if let Some(resource) = &challenge.resource {
+                doc["resource"] = serde_json::from_str(resource.get()).unwrap_or(Value::Null);
+            }
+            if let Some(ext) = &challenge.extensions {
+                let mut ext = ext.clone();
+                payment_id = add_payment_id(&mut ext);
+                doc["extensions"] = Value::Object(ext);
+            }
+            (PAYMENT_SIGNATURE, doc)
+        }
+    };
+    let json = serde_json::to_vec(&doc).map_err(alloy_signer::Error::other)?;
+    Ok(Proof {
+        name,
+        value: header::encode_json(&json),
+        authorization,
+        payment_id,
+    })
+}
+
+/// Adds an id to a declared `payment-identifier` extension (`info` an object), as the
+/// reference client does; leaves other extensions as the server wrote them.
+fn add_payment_id(ext: &mut Map<String, Value>) -> Option<String> {
+    let info = ext
+        .get_mut(PAYMENT_IDENTIFIER)?
+        .as_object_mut()?
+        .get_mut("info")?
+        .as_object_mut()?;
+    let id = payment_id()?;
+    info.insert("id".into(), Value::String(id.clone()));
+    Some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify::exact::{domain_separator, recover_signer, signing_hash};
+    use crate::{Asset, PaymentOption};
+    use alloy_signer_local::PrivateKeySigner;
+
+    #[tokio::test]
+    async fn signature_recovers_to_the_signer_under_the_crate_digest() {
+        let signer = PrivateKeySigner::random();
+        let req = PaymentOption::exact(&Asset::usdc_base(), "$0.01", Address::repeat_byte(7))
+            .unwrap()
+            .requirements()
+            .clone();
+        let auth = authorization(&req, signer.address(), 1_750_000_000).unwrap();
+        assert_eq!(
+            auth.valid_before,
+            U256::from(1_750_000_000 + req.max_timeout_seconds)
+        );
+        let sig = sign(&signer, &req, &auth).await.unwrap();
+        let digest = signing_hash(domain_separator("USD Coin", "2", 8453, req.asset), &auth);
+        assert_eq!(recover_signer(digest, &sig).unwrap(), signer.address());
+    }
+
+    #[test]
+    fn payment_id_goes_into_a_declared_extension_only() {
+        let mut ext: Map<String, Value> = serde_json::from_str(
+            r#"{"payment-identifier":{"info":{"required":true},"schema":{}},"bazaar":{"info":{}}}"#,
+        )
+        .unwrap();
+        let id = add_payment_id(&mut ext).unwrap();
+        assert!(id.starts_with("pay_") && id.len() == 36);
+        assert_eq!(ext["payment-identifier"]["info"]["id"], id.as_str());
+        assert_eq!(ext["payment-identifier"]["info"]["required"], true);
+        assert!(ext["bazaar"]["info"].get("id").is_none());
+        let mut none = Map::new();
+        assert_eq!(add_payment_id(&mut none), None);
+    }
+}
