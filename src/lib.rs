@@ -79,6 +79,7 @@
 //! |---|---|
 //! | `axum` | [`VerifiedPayment`] extractor |
 //! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances |
+//! | `facilitator` | [`facilitator::FacilitatorClient`]: verify and settle through a remote x402 facilitator (HTTP, rustls) |
 //! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
 //! | `tracing` | a span per paid request (payer, amount, network, outcome, verify/settle timings) and events for refusals |
 //! | `test-util` | [`test_util`]: sign payments with a local key for tests and demos |
@@ -95,6 +96,9 @@ pub mod error;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
+#[cfg(feature = "facilitator")]
+#[cfg_attr(docsrs, doc(cfg(feature = "facilitator")))]
+pub mod facilitator;
 mod future;
 pub mod hooks;
 mod layer;
