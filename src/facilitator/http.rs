@@ -108,9 +108,11 @@ impl Transport {
                 Failure::MaybeSent(FacilitatorError::Transport(e.into()))
             }
         })?;
-        let too_large = || Failure::MaybeSent(FacilitatorError::TooLarge {
-            limit: self.max_body,
-        });
+        let too_large = || {
+            Failure::MaybeSent(FacilitatorError::TooLarge {
+                limit: self.max_body,
+            })
+        };
         if res
             .content_length()
             .is_some_and(|n| n > self.max_body as u64)
@@ -177,7 +179,10 @@ mod tests {
         assert_eq!(retry_after(&h, cap), None);
         h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
         assert_eq!(retry_after(&h, cap), Some(Duration::from_secs(7)));
-        h.insert(RETRY_AFTER, HeaderValue::from_static("99999999999999999999999"));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("99999999999999999999999"),
+        );
         assert_eq!(retry_after(&h, cap), Some(cap));
         h.insert(RETRY_AFTER, HeaderValue::from_static("-1"));
         assert_eq!(retry_after(&h, cap), None);
@@ -191,7 +196,10 @@ mod tests {
         let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
         h.insert(RETRY_AFTER, HeaderValue::try_from(later).unwrap());
         let got = retry_after(&h, cap).unwrap();
-        assert!(got > Duration::from_secs(27) && got <= Duration::from_secs(30), "{got:?}");
+        assert!(
+            got > Duration::from_secs(27) && got <= Duration::from_secs(30),
+            "{got:?}"
+        );
         let far = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3600));
         h.insert(RETRY_AFTER, HeaderValue::try_from(far).unwrap());
         assert_eq!(retry_after(&h, cap), Some(cap));

@@ -69,10 +69,10 @@ pub mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::http::StatusCode;
 use alloy_primitives::{Address, B256, U256};
 use async_trait::async_trait;
 use bytes::Bytes;
-use ::http::StatusCode;
 
 pub use auth::{AuthFn, AuthHeaders, AuthRequest, BearerToken, Endpoint, NoAuth, auth_fn};
 pub use error::{BuildError, FacilitatorError};
@@ -161,7 +161,9 @@ impl FacilitatorClient {
         self.inner
             .cache
             .current()
-            .ok_or(FacilitatorError::Inconsistent("supported cache is poisoned"))
+            .ok_or(FacilitatorError::Inconsistent(
+                "supported cache is poisoned",
+            ))
     }
 
     /// The cached `/supported` answer, if one was fetched.
@@ -188,7 +190,8 @@ impl FacilitatorClient {
         if !i.check_supported {
             return None;
         }
-        let refusal = |s: &Supported| s.refusal(payload.version(), payload.scheme(), payload.network());
+        let refusal =
+            |s: &Supported| s.refusal(payload.version(), payload.scheme(), payload.network());
         match i.cache.lookup(i.refresh_every, i.retry_every) {
             Lookup::Cached { copy, refresh } => {
                 if refresh {
@@ -239,7 +242,10 @@ impl FacilitatorClient {
         loop {
             let (error, wait) = match i.transport.call(endpoint, body.clone(), timeout).await {
                 Ok(reply) if !retryable_status(reply.status) => return Ok(reply),
-                Ok(reply) => (status_error(&reply), retry_after(&reply.headers, i.max_retry_after)),
+                Ok(reply) => (
+                    status_error(&reply),
+                    retry_after(&reply.headers, i.max_retry_after),
+                ),
                 Err(failure) => (failure.into_error(), None),
             };
             // A facilitator asking for a longer pause than our backoff is not hammered.
@@ -315,11 +321,16 @@ fn status_error(reply: &Reply) -> FacilitatorError {
     }
 }
 
+/// A reply document: a JSON object of type `T`. (serde would also read a struct from a JSON
+/// array of its fields in order, so `[true]` would pass as `{"isValid": true}`.)
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FacilitatorError> {
-    serde_json::from_slice(body).map_err(|source| FacilitatorError::Malformed {
+    let malformed = |source| FacilitatorError::Malformed {
         source,
         excerpt: error::excerpt(&String::from_utf8_lossy(body), 200),
-    })
+    };
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(malformed)?;
+    T::deserialize(serde_json::Value::Object(object)).map_err(malformed)
 }
 
 /// A 32-byte `0x` hash, or `None` (absent, empty or malformed).
@@ -502,7 +513,10 @@ fn settle_reply(
     };
     let transaction = tx_hash(answer.transaction.as_deref());
     if !answer.success {
-        let detail = wire::detail(answer.error_reason.as_deref(), answer.error_message.as_deref());
+        let detail = wire::detail(
+            answer.error_reason.as_deref(),
+            answer.error_message.as_deref(),
+        );
         if answer.error_reason.as_deref() == Some(wire::reason::SETTLEMENT_PENDING) {
             return Err(unknown(FacilitatorError::Pending { detail }, transaction));
         }
@@ -779,7 +793,10 @@ mod tests {
         assert!(FacilitatorClient::new("https://x402.org/facilitator/").is_ok());
         let c = FacilitatorClient::new("http://127.0.0.1:9/base//").unwrap();
         assert_eq!(c.url(), "http://127.0.0.1:9/base");
-        assert_eq!(c.inner.transport.settle.url.as_str(), "http://127.0.0.1:9/base/settle");
+        assert_eq!(
+            c.inner.transport.settle.url.as_str(),
+            "http://127.0.0.1:9/base/settle"
+        );
         for bad in ["", "x402.org", "ftp://x402.org", "/facilitator", "http://"] {
             assert!(
                 matches!(FacilitatorClient::new(bad), Err(BuildError::Url(_))),
@@ -792,7 +809,9 @@ mod tests {
             .build();
         assert!(matches!(slow_connect, Err(BuildError::Setting(_))));
         assert!(matches!(
-            FacilitatorClient::builder("http://h").max_attempts(0).build(),
+            FacilitatorClient::builder("http://h")
+                .max_attempts(0)
+                .build(),
             Err(BuildError::Setting(_))
         ));
     }

@@ -174,7 +174,10 @@ mod tests {
         let s = reference();
         let v2 = X402Version::V2;
         assert_eq!(s.refusal(v2, "exact", Network::BASE_SEPOLIA), None);
-        assert_eq!(s.refusal(X402Version::V1, "exact", Network::BASE_SEPOLIA), None);
+        assert_eq!(
+            s.refusal(X402Version::V1, "exact", Network::BASE_SEPOLIA),
+            None
+        );
         assert_eq!(
             s.refusal(v2, "exact", Network::BASE),
             Some("invalid_network")
@@ -187,7 +190,11 @@ mod tests {
             s.refusal(v2, "streaming", Network::BASE_SEPOLIA),
             Some("unsupported_scheme")
         );
-        assert_eq!(s.refusal(v2, "upto", Network::BASE), None, "eip155:* pattern");
+        assert_eq!(
+            s.refusal(v2, "upto", Network::BASE),
+            None,
+            "eip155:* pattern"
+        );
         let v2_only = Supported {
             kinds: vec![s.kinds[0].clone()],
             ..Supported::default()

@@ -194,7 +194,10 @@ mod tests {
             reason::map(Some("invalid_exact_evm_insufficient_balance")),
             "invalid_exact_evm_insufficient_balance"
         );
-        assert_eq!(reason::map(Some("unsupported_scheme")), "unsupported_scheme");
+        assert_eq!(
+            reason::map(Some("unsupported_scheme")),
+            "unsupported_scheme"
+        );
         for hostile in [
             "<script>alert(1)</script>",
             "Error: connect ECONNREFUSED 10.0.0.3:5432",
@@ -205,9 +208,10 @@ mod tests {
         }
         assert_eq!(reason::map(None), reason::FACILITATOR_REJECTED);
         // Codes are plain snake_case ASCII: safe in a header and a JSON body.
-        assert!(reason::KNOWN.iter().all(|k| k
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')));
+        assert!(reason::KNOWN.iter().all(|k| {
+            k.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        }));
     }
 
     #[test]
