@@ -77,11 +77,16 @@ impl Transport {
             method: endpoint.method(),
             uri: target.uri.clone(),
         };
-        let mut headers = self
-            .auth
-            .headers(&auth)
-            .await
-            .map_err(|e| Failure::NotSent(FacilitatorError::Auth(e)))?;
+        // A provider minting tokens remotely is bounded by the same deadline; nothing is sent
+        // before it returns.
+        let mut headers = match tokio::time::timeout(timeout, self.auth.headers(&auth)).await {
+            Ok(Ok(headers)) => headers,
+            Ok(Err(e)) => return Err(Failure::NotSent(FacilitatorError::Auth(e))),
+            Err(_) => {
+                let e = format!("auth header provider did not answer within {timeout:?}");
+                return Err(Failure::NotSent(FacilitatorError::Auth(e.into())));
+            }
+        };
         headers.insert(http::header::ACCEPT, JSON);
         let mut req = self
             .client

@@ -154,7 +154,7 @@ impl FacilitatorClient {
     /// The facilitator could not be reached or answered something else than a
     /// `SupportedResponse`.
     pub async fn supported(&self) -> Result<Arc<Supported>, FacilitatorError> {
-        let fetched = self.fetch_supported().await;
+        let fetched = self.fetch_supported_with(true).await;
         let ok = fetched.as_ref().ok().cloned();
         self.inner.cache.store(ok);
         fetched?;
@@ -171,12 +171,19 @@ impl FacilitatorClient {
         self.inner.cache.current()
     }
 
-    async fn fetch_supported(&self) -> Result<Supported, FacilitatorError> {
+    /// `GET /supported`, retried when `retry`; a request waiting for it makes one attempt.
+    async fn fetch_supported_with(&self, retry: bool) -> Result<Supported, FacilitatorError> {
         let i = &self.inner;
-        let reply = self
-            .idempotent(Endpoint::Supported, None, i.supported_timeout)
-            .await
-            .map_err(|(e, _)| e)?;
+        let reply = if retry {
+            self.idempotent(Endpoint::Supported, None, i.supported_timeout)
+                .await
+                .map_err(|(e, _)| e)?
+        } else {
+            i.transport
+                .call(Endpoint::Supported, None, i.supported_timeout)
+                .await
+                .map_err(Failure::into_error)?
+        };
         if !reply.status.is_success() {
             return Err(status_error(&reply));
         }
@@ -204,7 +211,9 @@ impl FacilitatorClient {
                 let _first = i.cache.first_fetch().await;
                 // Whoever held the lock before us may have fetched it (or failed to).
                 if let Lookup::Missing = i.cache.lookup(i.refresh_every, i.retry_every) {
-                    let fetched = self.fetch_supported().await;
+                    // One bounded attempt: paying requests wait for it, and `/verify` decides
+                    // without it.
+                    let fetched = self.fetch_supported_with(false).await;
                     trace_supported_failure(&fetched);
                     i.cache.store(fetched.ok());
                 }
@@ -218,7 +227,7 @@ impl FacilitatorClient {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    let fetched = this.fetch_supported().await;
+                    let fetched = this.fetch_supported_with(true).await;
                     trace_supported_failure(&fetched);
                     this.inner.cache.store(fetched.ok());
                 });
