@@ -81,6 +81,7 @@
 //! | `client` | [`client::PayingLayer`]: pay 402 challenges from any tower HTTP client with an alloy `Signer` |
 //! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances |
 //! | `tonic` | [`grpc`]: refusals as trailers-only gRPC statuses, for tonic servers ([`PaymentLayer::grpc`]) |
+//! | `facilitator` | [`facilitator::FacilitatorClient`]: verify and settle through a remote x402 facilitator (HTTP, rustls) |
 //! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
 //! | `tracing` | a span per paid request (payer, amount, network, outcome, verify/settle timings) and events for refusals |
 //! | `test-util` | [`test_util`]: sign payments with a local key for tests and demos |
@@ -100,6 +101,9 @@ pub mod error;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
+#[cfg(feature = "facilitator")]
+#[cfg_attr(docsrs, doc(cfg(feature = "facilitator")))]
+pub mod facilitator;
 mod future;
 #[cfg(feature = "tonic")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]

@@ -87,6 +87,7 @@ fn verified(payload: &ExactEvmPayload) -> VerifiedPayment {
         authorization: a.clone(),
         signature: payload.signature.clone(),
         valid_before: a.valid_before.saturating_to(),
+        facilitator_request: None,
     }
 }
 

@@ -292,6 +292,7 @@ impl ExactEvmVerifier {
             valid_before,
             authorization: exact.authorization,
             signature: exact.signature,
+            facilitator_request: None,
         })
     }
 }

@@ -70,6 +70,11 @@ pub struct VerifiedPayment {
     pub signature: Bytes,
     /// `validBefore` as Unix seconds; the proof is worthless afterwards.
     pub valid_before: u64,
+    /// The `{x402Version, paymentPayload, paymentRequirements}` JSON a remote facilitator
+    /// approved (set by the `facilitator` feature's `FacilitatorClient`, `None` for
+    /// in-process verifiers). Its settlement sends these very bytes to `POST /settle`, so the
+    /// facilitator settles exactly the proof and the server requirements it verified.
+    pub facilitator_request: Option<Bytes>,
 }
 
 impl VerifiedPayment {
@@ -190,6 +195,16 @@ pub enum VerifyError {
         /// Suggested wait.
         retry_after: Option<Duration>,
     },
+    /// A remote verifier (facilitator) refused the proof. `reason` is its x402 code when this
+    /// crate knows it, else `facilitator_rejected`: the facilitator is not trusted to put
+    /// arbitrary text into our responses. `detail` keeps its own words, bounded, for logs.
+    #[error("facilitator refused the payment: {reason} ({detail})")]
+    Rejected {
+        /// The x402 reason code sent to the client.
+        reason: &'static str,
+        /// The facilitator's `invalidReason` and `invalidMessage`, sanitized and truncated.
+        detail: String,
+    },
     /// Any other refusal, with its reason code.
     #[error("payment refused: {reason}")]
     Other {
@@ -215,7 +230,7 @@ impl VerifyError {
             Self::Signature(_) | Self::WrongSigner { .. } => "invalid_exact_evm_signature",
             Self::Unavailable { .. } => "unexpected_verify_error",
             Self::RateLimited { .. } => crate::rejection::reason::RATE_LIMITED,
-            Self::Other { reason } => reason,
+            Self::Rejected { reason, .. } | Self::Other { reason } => reason,
         }
     }
 

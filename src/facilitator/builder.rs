@@ -1,0 +1,239 @@
+//! [`FacilitatorClientBuilder`]: settings, their defaults, and validation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::auth::{AuthHeaders, Endpoint, NoAuth};
+use super::error::BuildError;
+use super::http::{Target, Transport};
+use super::supported::Cache;
+use super::{FacilitatorClient, Inner};
+use crate::clock::{Clock, SystemClock};
+
+/// Configures a [`FacilitatorClient`]. Every setting has a default suited to a public
+/// facilitator on Base.
+#[must_use]
+pub struct FacilitatorClientBuilder {
+    url: String,
+    auth: Arc<dyn AuthHeaders>,
+    connect_timeout: Duration,
+    verify_timeout: Duration,
+    settle_timeout: Duration,
+    supported_timeout: Duration,
+    attempts: u32,
+    backoff_base: Duration,
+    backoff_cap: Duration,
+    max_retry_after: Duration,
+    max_body: usize,
+    check_supported: bool,
+    refresh_every: Duration,
+    retry_every: Duration,
+    clock: Arc<dyn Clock>,
+    max_skew: u64,
+    v1_resource: String,
+}
+
+impl std::fmt::Debug for FacilitatorClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FacilitatorClientBuilder")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FacilitatorClientBuilder {
+    pub(super) fn new(url: String) -> Self {
+        Self {
+            url,
+            auth: Arc::new(NoAuth),
+            connect_timeout: Duration::from_secs(3),
+            verify_timeout: Duration::from_secs(10),
+            settle_timeout: Duration::from_secs(60),
+            supported_timeout: Duration::from_secs(10),
+            attempts: 3,
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(2),
+            max_retry_after: Duration::from_secs(60),
+            max_body: 64 * 1024,
+            check_supported: true,
+            refresh_every: Duration::from_secs(600),
+            retry_every: Duration::from_secs(30),
+            clock: Arc::new(SystemClock),
+            max_skew: crate::verify::ExactEvmVerifier::DEFAULT_MAX_SKEW,
+            v1_resource: "x402:resource".to_owned(),
+        }
+    }
+
+    /// Auth headers for every call (default: none). See [`AuthHeaders`].
+    pub fn auth(mut self, auth: impl AuthHeaders) -> Self {
+        self.auth = Arc::new(auth);
+        self
+    }
+
+    /// Time to open a connection (TCP + TLS), default 3 s. Must be shorter than every call
+    /// timeout: a call that fails to connect surely sent nothing, and may be retried.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Deadline of one `/verify` attempt, reply body included (default 10 s).
+    pub fn verify_timeout(mut self, timeout: Duration) -> Self {
+        self.verify_timeout = timeout;
+        self
+    }
+
+    /// Deadline of the `/settle` call, reply body included (default 60 s: facilitators wait
+    /// for the transaction's receipt). Past it the outcome is unknown (503, proof kept).
+    pub fn settle_timeout(mut self, timeout: Duration) -> Self {
+        self.settle_timeout = timeout;
+        self
+    }
+
+    /// Deadline of one `/supported` attempt (default 10 s).
+    pub fn supported_timeout(mut self, timeout: Duration) -> Self {
+        self.supported_timeout = timeout;
+        self
+    }
+
+    /// Attempts per call where repeating is safe (default 3, at least 1): `/verify` and
+    /// `/supported` on transport errors, 408 and 5xx; `/settle` only when nothing was sent.
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts;
+        self
+    }
+
+    /// Backoff before retry n: a random wait in `[d/2, d]`, `d = base * 2^(n-1)`, at most
+    /// `cap` (default 100 ms and 2 s).
+    pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_cap = cap;
+        self
+    }
+
+    /// Longest `Retry-After` passed on from the facilitator (default 60 s).
+    pub fn max_retry_after(mut self, cap: Duration) -> Self {
+        self.max_retry_after = cap;
+        self
+    }
+
+    /// Largest reply body read (default 64 KiB, at least 1 KiB); larger replies fail the call.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Refuse early (402) payments the cached `/supported` rules out (default on).
+    pub fn check_supported(mut self, on: bool) -> Self {
+        self.check_supported = on;
+        self
+    }
+
+    /// How old the cached `/supported` may get before a background refresh (default 10 min).
+    /// After a failed fetch, the next is tried after 30 s.
+    pub fn supported_refresh(mut self, every: Duration) -> Self {
+        self.refresh_every = every;
+        self
+    }
+
+    /// Time source for the upper bound on `validBefore` (tests inject a fixed clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Accepts `validBefore` up to `now + maxTimeoutSeconds + secs` (default 60), as
+    /// [`ExactEvmVerifier::with_max_skew`](crate::verify::ExactEvmVerifier::with_max_skew).
+    pub fn max_skew(mut self, secs: u64) -> Self {
+        self.max_skew = secs;
+        self
+    }
+
+    /// `resource` of the v1 requirements sent for v1 payments (a verifier does not see the
+    /// request URL, and v1 facilitators require a non-empty string; default `x402:resource`).
+    pub fn v1_resource(mut self, resource: impl Into<String>) -> Self {
+        self.v1_resource = resource.into();
+        self
+    }
+
+    /// Builds the client.
+    ///
+    /// # Errors
+    /// The URL is not absolute `http(s)`; the connect timeout is not shorter than every call
+    /// timeout; zero attempts; a body cap under 1 KiB; an empty v1 resource; the TLS stack
+    /// cannot be set up.
+    pub fn build(self) -> Result<FacilitatorClient, BuildError> {
+        let base = self.url.trim_end_matches('/').to_owned();
+        let target = |endpoint: Endpoint| -> Result<Target, BuildError> {
+            let full = format!("{base}{}", endpoint.path());
+            let url = reqwest::Url::parse(&full).map_err(|_| BuildError::Url(self.url.clone()))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(BuildError::Url(self.url.clone()));
+            }
+            let uri = full
+                .parse::<::http::Uri>()
+                .map_err(|_| BuildError::Url(self.url.clone()))?;
+            Ok(Target { url, uri })
+        };
+        let (verify, settle, supported) = (
+            target(Endpoint::Verify)?,
+            target(Endpoint::Settle)?,
+            target(Endpoint::Supported)?,
+        );
+        let shortest = self
+            .verify_timeout
+            .min(self.settle_timeout)
+            .min(self.supported_timeout);
+        if self.connect_timeout >= shortest {
+            return Err(BuildError::Setting(
+                "connect timeout must be shorter than every call timeout",
+            ));
+        }
+        if self.attempts == 0 {
+            return Err(BuildError::Setting("max_attempts must be at least 1"));
+        }
+        if self.max_body < 1024 {
+            return Err(BuildError::Setting("max_body_bytes must be at least 1024"));
+        }
+        if self.v1_resource.is_empty() {
+            return Err(BuildError::Setting("v1_resource must not be empty"));
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(self.connect_timeout)
+            // A redirected POST /settle would be sent twice; facilitators are called at their
+            // final URL.
+            .redirect(reqwest::redirect::Policy::none())
+            // Every repeat is decided above, where it is known to be safe.
+            .retry(reqwest::retry::never())
+            .user_agent(concat!("tower-x402/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| BuildError::Http(e.into()))?;
+        Ok(FacilitatorClient {
+            inner: Arc::new(Inner {
+                transport: Transport {
+                    client,
+                    auth: self.auth,
+                    verify,
+                    settle,
+                    supported,
+                    max_body: self.max_body,
+                },
+                base,
+                verify_timeout: self.verify_timeout,
+                settle_timeout: self.settle_timeout,
+                supported_timeout: self.supported_timeout,
+                attempts: self.attempts,
+                backoff_base: self.backoff_base,
+                backoff_cap: self.backoff_cap,
+                max_retry_after: self.max_retry_after,
+                check_supported: self.check_supported,
+                refresh_every: self.refresh_every,
+                retry_every: self.retry_every,
+                cache: Cache::default(),
+                clock: self.clock,
+                max_skew: self.max_skew,
+                v1_resource: self.v1_resource,
+            }),
+        })
+    }
+}

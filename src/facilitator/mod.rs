@@ -1,0 +1,601 @@
+//! Verify and settle through a remote x402 facilitator over HTTP(S).
+//!
+//! [`FacilitatorClient`] implements both [`Verifier`] and [`Settler`]: give a clone to each.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_x402::facilitator::{BearerToken, FacilitatorClient};
+//! use tower_x402::primitives::address;
+//! use tower_x402::{Network, PaymentLayer};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let facilitator = FacilitatorClient::builder("https://x402.org/facilitator")
+//!     .auth(BearerToken::new("my-api-key")?) // x402.org needs none; hosted ones do
+//!     .verify_timeout(Duration::from_secs(5))
+//!     .build()?;
+//! let layer = PaymentLayer::builder()
+//!     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+//!     .price("$0.001")
+//!     .network(Network::BASE_SEPOLIA)
+//!     .verifier(facilitator.clone())
+//!     .settler(facilitator)
+//!     .build()?;
+//! # let _ = layer; Ok(()) }
+//! ```
+//!
+//! ## Calls
+//!
+//! | endpoint | when | body |
+//! |---|---|---|
+//! | `GET /supported` | first paid request (or [`FacilitatorClient::supported`]), then refreshed in the background every [`supported_refresh`](FacilitatorClientBuilder::supported_refresh) | — |
+//! | `POST /verify` | each paid request, before the handler | `{x402Version, paymentPayload, paymentRequirements}` (v1 or v2 dialect) |
+//! | `POST /settle` | after the handler answered below 400 | the same bytes `/verify` approved |
+//!
+//! The requirements sent are always the server's own (never the client's echo). A payment the
+//! cached `/supported` says the facilitator cannot take is refused at once (402,
+//! `invalid_x402_version` / `unsupported_scheme` / `invalid_network`), and a request never
+//! waits for a refresh when a cached copy exists.
+//!
+//! ## Failures, and what is retried
+//!
+//! `/verify` has no side effect, so it is retried (transport errors, timeouts, 408, 5xx) up to
+//! [`max_attempts`](FacilitatorClientBuilder::max_attempts) with exponential backoff and
+//! jitter. `/settle` moves money and the facilitator has no status endpoint, so it is only
+//! repeated when the request **surely** did not reach it (connection refused, DNS, TLS);
+//! anything that may have reached it is [`SettleError::Unknown`] and never resent:
+//!
+//! | facilitator | verify | settle |
+//! |---|---|---|
+//! | `isValid: false` / `success: false` | 402 with its reason ([`wire::reason::map`]) | 402 with its reason, body withheld |
+//! | `success: false`, `settlement_pending` | — | `Unknown`: 503 `settlement_outcome_unknown` |
+//! | 429 (+ `Retry-After`, seconds or date, capped) | 429, same `Retry-After` | 429, proof released |
+//! | connection refused / DNS / TLS | retried, then 503 | retried, then 503, proof released |
+//! | timeout, reset after sending, 5xx | retried, then 503 | `Unknown`: 503, proof kept |
+//! | other 4xx, 3xx | 503 | 503, proof released (it refused to process the call) |
+//! | oversized, malformed or inconsistent reply | 503 | `Unknown` (2xx) |
+//!
+//! Every reply is hostile input: bodies are capped
+//! ([`max_body_bytes`](FacilitatorClientBuilder::max_body_bytes), 64 KiB), typed parsing
+//! never panics, a facilitator's `payer` must be the authorization's `from`, and reason
+//! strings reach clients only if they are known x402 codes; others become
+//! `facilitator_rejected`, their text kept (bounded) in the error for logs.
+
+mod auth;
+mod builder;
+mod error;
+mod http;
+mod supported;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::http::StatusCode;
+use alloy_primitives::{Address, B256, U256};
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use auth::{AuthFn, AuthHeaders, AuthRequest, BearerToken, Endpoint, NoAuth, auth_fn};
+pub use builder::FacilitatorClientBuilder;
+pub use error::{BuildError, FacilitatorError};
+pub use supported::{Supported, SupportedKind};
+
+use self::http::{Failure, Reply, Transport, backoff, retry_after};
+use self::supported::{Cache, Lookup};
+use crate::Network;
+use crate::clock::Clock;
+use crate::proto::PaymentPayload;
+use crate::proto::exact::ExactEvmPayload;
+use crate::proto::v2::PaymentRequirements;
+use crate::settle::{SettleError, Settlement, Settler};
+use crate::verify::{VerifiedPayment, Verifier, VerifyError};
+
+/// An x402 facilitator over HTTP(S): a [`Verifier`] and a [`Settler`]. Cheap to clone (one
+/// `Arc`); clones share the connection pool and the `/supported` cache. See the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct FacilitatorClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Transport,
+    base: String,
+    verify_timeout: Duration,
+    settle_timeout: Duration,
+    supported_timeout: Duration,
+    attempts: u32,
+    backoff_base: Duration,
+    backoff_cap: Duration,
+    max_retry_after: Duration,
+    check_supported: bool,
+    refresh_every: Duration,
+    retry_every: Duration,
+    cache: Cache,
+    clock: Arc<dyn Clock>,
+    max_skew: u64,
+    v1_resource: String,
+}
+
+impl std::fmt::Debug for FacilitatorClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let i = &self.inner;
+        f.debug_struct("FacilitatorClient")
+            .field("url", &i.base)
+            .field("verify_timeout", &i.verify_timeout)
+            .field("settle_timeout", &i.settle_timeout)
+            .field("max_attempts", &i.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FacilitatorClient {
+    /// A client for the facilitator at `url` with the defaults of [`FacilitatorClientBuilder`].
+    ///
+    /// # Errors
+    /// As [`FacilitatorClientBuilder::build`].
+    pub fn new(url: impl Into<String>) -> Result<Self, BuildError> {
+        Self::builder(url).build()
+    }
+
+    /// A builder for the facilitator at `url` (e.g. `https://x402.org/facilitator`; a trailing
+    /// `/` is dropped).
+    pub fn builder(url: impl Into<String>) -> FacilitatorClientBuilder {
+        FacilitatorClientBuilder::new(url.into())
+    }
+
+    /// The base URL.
+    pub fn url(&self) -> &str {
+        &self.inner.base
+    }
+
+    /// Fetches `GET /supported` now (with retries) and caches it: call it at startup to fail
+    /// fast on a wrong URL or credentials, and so the first paid request does not wait for it.
+    ///
+    /// # Errors
+    /// The facilitator could not be reached or answered something else than a
+    /// `SupportedResponse`.
+    pub async fn supported(&self) -> Result<Arc<Supported>, FacilitatorError> {
+        let fetched = self.fetch_supported_with(true).await;
+        let ok = fetched.as_ref().ok().cloned();
+        self.inner.cache.store(ok);
+        fetched?;
+        self.inner
+            .cache
+            .current()
+            .ok_or(FacilitatorError::Inconsistent(
+                "supported cache is poisoned",
+            ))
+    }
+
+    /// The cached `/supported` answer, if one was fetched.
+    pub fn cached_supported(&self) -> Option<Arc<Supported>> {
+        self.inner.cache.current()
+    }
+
+    /// `GET /supported`, retried when `retry`; a request waiting for it makes one attempt.
+    async fn fetch_supported_with(&self, retry: bool) -> Result<Supported, FacilitatorError> {
+        let i = &self.inner;
+        let reply = if retry {
+            self.idempotent(Endpoint::Supported, None, i.supported_timeout)
+                .await
+                .map_err(|(e, _)| e)?
+        } else {
+            i.transport
+                .call(Endpoint::Supported, None, i.supported_timeout)
+                .await
+                .map_err(Failure::into_error)?
+        };
+        if !reply.status.is_success() {
+            return Err(status_error(&reply));
+        }
+        parse(&reply.body)
+    }
+
+    /// Why the cached `/supported` refuses this payment, fetching it first if there is none
+    /// yet. `None` when allowed, or when nothing is known (`/verify` then decides).
+    async fn supported_refusal(&self, payload: &PaymentPayload) -> Option<&'static str> {
+        let i = &self.inner;
+        if !i.check_supported {
+            return None;
+        }
+        let refusal =
+            |s: &Supported| s.refusal(payload.version(), payload.scheme(), payload.network());
+        match i.cache.lookup(i.refresh_every, i.retry_every) {
+            Lookup::Cached { copy, refresh } => {
+                if refresh {
+                    self.spawn_refresh();
+                }
+                refusal(&copy)
+            }
+            Lookup::Unknown => None,
+            Lookup::Missing => {
+                let _first = i.cache.first_fetch().await;
+                // Whoever held the lock before us may have fetched it (or failed to).
+                if let Lookup::Missing = i.cache.lookup(i.refresh_every, i.retry_every) {
+                    // One bounded attempt: paying requests wait for it, and `/verify` decides
+                    // without it.
+                    let fetched = self.fetch_supported_with(false).await;
+                    trace_supported_failure(&fetched);
+                    i.cache.store(fetched.ok());
+                }
+                i.cache.current().and_then(|s| refusal(&s))
+            }
+        }
+    }
+
+    fn spawn_refresh(&self) {
+        let this = self.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let fetched = this.fetch_supported_with(true).await;
+                    trace_supported_failure(&fetched);
+                    this.inner.cache.store(fetched.ok());
+                });
+            }
+            // Not on a runtime (cannot happen inside a served request): try again next time.
+            Err(_) => self.inner.cache.abandon_refresh(),
+        }
+    }
+
+    /// One call, repeated while repeating is safe (the endpoint has no side effect): on
+    /// transport failures, 408 and 5xx. Returns the first other answer, or the last failure
+    /// and the `Retry-After` it came with.
+    async fn idempotent(
+        &self,
+        endpoint: Endpoint,
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<Reply, (FacilitatorError, Option<Duration>)> {
+        let i = &self.inner;
+        let mut attempt = 1;
+        loop {
+            let (error, wait) = match i.transport.call(endpoint, body.clone(), timeout).await {
+                Ok(reply) if !retryable_status(reply.status) => return Ok(reply),
+                Ok(reply) => (
+                    status_error(&reply),
+                    retry_after(&reply.headers, i.max_retry_after),
+                ),
+                Err(failure) => (failure.into_error(), None),
+            };
+            // A facilitator asking for a longer pause than our backoff is not hammered.
+            let pause = backoff(attempt, i.backoff_base, i.backoff_cap);
+            if attempt >= i.attempts || wait.is_some_and(|w| w > i.backoff_cap) {
+                return Err((error, wait));
+            }
+            tokio::time::sleep(wait.map_or(pause, |w| w.max(pause))).await;
+            attempt += 1;
+        }
+    }
+
+    /// Cheap checks before spending a facilitator call, and the typed authorization the
+    /// [`VerifiedPayment`] is built from.
+    fn precheck(
+        &self,
+        payload: &PaymentPayload,
+        req: &PaymentRequirements,
+    ) -> Result<(ExactEvmPayload, u64), VerifyError> {
+        if payload.scheme() != req.scheme {
+            return Err(VerifyError::Scheme(payload.scheme().to_owned()));
+        }
+        if payload.network() != req.network {
+            return Err(VerifyError::NetworkMismatch {
+                paid: payload.network(),
+                required: req.network,
+            });
+        }
+        // The layer needs the EIP-3009 authorization (replay key, expiry, handler info), so
+        // only that payload shape can pass, whatever else the facilitator supports.
+        let exact: ExactEvmPayload = serde_json::from_str(payload.raw_payload().get())
+            .map_err(VerifyError::InvalidPayload)?;
+        let auth = &exact.authorization;
+        if auth.to != req.pay_to {
+            return Err(VerifyError::RecipientMismatch {
+                paid: auth.to,
+                required: req.pay_to,
+            });
+        }
+        if auth.value != req.amount {
+            return Err(VerifyError::ValueMismatch {
+                paid: auth.value,
+                required: req.amount,
+            });
+        }
+        // Bounds how long the nonce store keeps the proof, as the in-process verifier does;
+        // the reference facilitator sets no upper bound.
+        let latest = self
+            .inner
+            .clock
+            .now()
+            .saturating_add(req.max_timeout_seconds)
+            .saturating_add(self.inner.max_skew);
+        if auth.valid_before > U256::from(latest) {
+            return Err(VerifyError::ValidityTooLong {
+                valid_before: auth.valid_before,
+                max: latest,
+            });
+        }
+        let valid_before = auth.valid_before.to::<u64>();
+        Ok((exact, valid_before))
+    }
+}
+
+fn retryable_status(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT
+}
+
+fn status_error(reply: &Reply) -> FacilitatorError {
+    FacilitatorError::Status {
+        status: reply.status,
+        excerpt: error::excerpt(&String::from_utf8_lossy(&reply.body), 200),
+    }
+}
+
+/// A reply document: a JSON object of type `T`. (serde would also read a struct from a JSON
+/// array of its fields in order, so `[true]` would pass as `{"isValid": true}`.)
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FacilitatorError> {
+    let malformed = |source| FacilitatorError::Malformed {
+        source,
+        excerpt: error::excerpt(&String::from_utf8_lossy(body), 200),
+    };
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(malformed)?;
+    T::deserialize(serde_json::Value::Object(object)).map_err(malformed)
+}
+
+/// A 32-byte `0x` hash, or `None` (absent, empty or malformed).
+fn tx_hash(s: Option<&str>) -> Option<B256> {
+    s.filter(|s| !s.is_empty())?.parse().ok()
+}
+
+fn unavailable(e: FacilitatorError, retry_after: Option<Duration>) -> VerifyError {
+    VerifyError::Unavailable {
+        retry_after,
+        source: Box::new(e),
+    }
+}
+
+#[cfg(feature = "tracing")]
+fn trace_supported_failure(r: &Result<Supported, FacilitatorError>) {
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "x402 facilitator: GET /supported failed; keeping the cached copy");
+    }
+}
+
+#[cfg(not(feature = "tracing"))]
+fn trace_supported_failure(_: &Result<Supported, FacilitatorError>) {}
+
+#[async_trait]
+impl Verifier for FacilitatorClient {
+    async fn verify(
+        &self,
+        payload: &PaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        let (exact, valid_before) = self.precheck(payload, requirements)?;
+        if let Some(reason) = self.supported_refusal(payload).await {
+            return Err(VerifyError::Other { reason });
+        }
+        let i = &self.inner;
+        let body = wire::request_body(payload, requirements, &i.v1_resource).map_err(|source| {
+            unavailable(
+                FacilitatorError::Malformed {
+                    source,
+                    excerpt: String::new(),
+                },
+                None,
+            )
+        })?;
+        let body = Bytes::from(body);
+        let reply = self
+            .idempotent(Endpoint::Verify, Some(body.clone()), i.verify_timeout)
+            .await
+            .map_err(|(e, wait)| unavailable(e, wait))?;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(VerifyError::RateLimited {
+                retry_after: retry_after(&reply.headers, i.max_retry_after),
+            });
+        }
+        let answer = match parse::<wire::VerifyReply>(&reply.body) {
+            Ok(a) if reply.status.is_success() => a,
+            // A refusal in an error status is still a refusal (the reference client reads
+            // `isValid` from any status).
+            Ok(a) if !a.is_valid => a,
+            Ok(_) => return Err(unavailable(status_error(&reply), None)),
+            Err(e) if reply.status.is_success() => return Err(unavailable(e, None)),
+            Err(_) => return Err(unavailable(status_error(&reply), None)),
+        };
+        let auth = &exact.authorization;
+        if !answer.is_valid {
+            let reason = wire::reason::map(answer.invalid_reason.as_deref());
+            return Err(VerifyError::Rejected {
+                reason,
+                detail: wire::detail(
+                    answer.invalid_reason.as_deref(),
+                    answer.invalid_message.as_deref(),
+                ),
+            });
+        }
+        if let Some(payer) = &answer.payer {
+            let Ok(payer) = payer.parse::<Address>() else {
+                return Err(unavailable(
+                    FacilitatorError::Inconsistent("payer is not an address"),
+                    None,
+                ));
+            };
+            // The facilitator vouches for someone else than the authorization's signer.
+            if payer != auth.from {
+                return Err(VerifyError::WrongSigner {
+                    recovered: payer,
+                    expected: auth.from,
+                });
+            }
+        }
+        Ok(VerifiedPayment {
+            version: payload.version(),
+            network: requirements.network,
+            asset: requirements.asset,
+            payer: auth.from,
+            pay_to: requirements.pay_to,
+            amount: requirements.amount,
+            authorization: exact.authorization,
+            signature: exact.signature,
+            valid_before,
+            facilitator_request: Some(body.into()),
+        })
+    }
+}
+
+#[async_trait]
+impl Settler for FacilitatorClient {
+    async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
+        let i = &self.inner;
+        let Some(body) = payment.facilitator_request.clone() else {
+            return Err(SettleError::Unavailable {
+                retry_after: None,
+                source: Box::new(FacilitatorError::NotVerifiedByFacilitator),
+            });
+        };
+        let body: Bytes = body.0;
+        let mut attempt = 1;
+        let reply = loop {
+            match i
+                .transport
+                .call(Endpoint::Settle, Some(body.clone()), i.settle_timeout)
+                .await
+            {
+                Ok(reply) => break reply,
+                // Never reached the facilitator: repeating cannot settle twice.
+                Err(Failure::NotSent(e)) if attempt < i.attempts => {
+                    let _ = e;
+                    tokio::time::sleep(backoff(attempt, i.backoff_base, i.backoff_cap)).await;
+                    attempt += 1;
+                }
+                Err(Failure::NotSent(e)) => {
+                    return Err(SettleError::Unavailable {
+                        retry_after: None,
+                        source: Box::new(e),
+                    });
+                }
+                // May have reached it, and it has no status endpoint to ask: never resent.
+                Err(Failure::MaybeSent(e)) => {
+                    return Err(SettleError::Unknown {
+                        transaction: None,
+                        retry_after: None,
+                        source: Box::new(e),
+                    });
+                }
+            }
+        };
+        settle_reply(i, payment, &reply)
+    }
+}
+
+/// What a `/settle` answer means for the payment.
+fn settle_reply(
+    i: &Inner,
+    payment: &VerifiedPayment,
+    reply: &Reply,
+) -> Result<Settlement, SettleError> {
+    let wait = retry_after(&reply.headers, i.max_retry_after);
+    let unknown = |e: FacilitatorError, transaction| SettleError::Unknown {
+        transaction,
+        retry_after: wait,
+        source: Box::new(e),
+    };
+    if reply.status == StatusCode::TOO_MANY_REQUESTS {
+        return Err(SettleError::RateLimited { retry_after: wait });
+    }
+    // It may have broadcast before failing: whatever the body says, the outcome is unknown.
+    if reply.status.is_server_error() {
+        return Err(unknown(status_error(reply), None));
+    }
+    let answer = match parse::<wire::SettleReply>(&reply.body) {
+        Ok(a) if reply.status.is_success() || !a.success => a,
+        Err(e) if reply.status.is_success() => return Err(unknown(e, None)),
+        // A 3xx/4xx without a typed refusal: it declined to process the call.
+        _ => {
+            return Err(SettleError::Unavailable {
+                retry_after: wait,
+                source: Box::new(status_error(reply)),
+            });
+        }
+    };
+    let transaction = tx_hash(answer.transaction.as_deref());
+    if !answer.success {
+        let detail = wire::detail(
+            answer.error_reason.as_deref(),
+            answer.error_message.as_deref(),
+        );
+        if answer.error_reason.as_deref() == Some(wire::reason::SETTLEMENT_PENDING) {
+            return Err(unknown(FacilitatorError::Pending { detail }, transaction));
+        }
+        let reason = wire::reason::map(answer.error_reason.as_deref());
+        #[cfg(feature = "tracing")]
+        tracing::info!(reason, detail, "x402 facilitator refused the settlement");
+        return Err(SettleError::Refused {
+            reason,
+            transaction,
+        });
+    }
+    let Some(transaction) = transaction else {
+        return Err(unknown(
+            FacilitatorError::Inconsistent("success without a transaction hash"),
+            None,
+        ));
+    };
+    if let Some(network) = &answer.network
+        && network.parse::<Network>() != Ok(payment.network)
+    {
+        return Err(unknown(
+            FacilitatorError::Inconsistent("settled on another network"),
+            Some(transaction),
+        ));
+    }
+    if let Some(payer) = &answer.payer
+        && payer.parse::<Address>() != Ok(payment.payer)
+    {
+        return Err(unknown(
+            FacilitatorError::Inconsistent("settled for another payer"),
+            Some(transaction),
+        ));
+    }
+    Ok(Settlement {
+        transaction: Some(transaction),
+        amount: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_validates() {
+        assert!(FacilitatorClient::new("https://x402.org/facilitator/").is_ok());
+        let c = FacilitatorClient::new("http://127.0.0.1:9/base//").unwrap();
+        assert_eq!(c.url(), "http://127.0.0.1:9/base");
+        assert_eq!(
+            c.inner.transport.settle.url.as_str(),
+            "http://127.0.0.1:9/base/settle"
+        );
+        for bad in ["", "x402.org", "ftp://x402.org", "/facilitator", "http://"] {
+            assert!(
+                matches!(FacilitatorClient::new(bad), Err(BuildError::Url(_))),
+                "{bad:?}"
+            );
+        }
+        let slow_connect = FacilitatorClient::builder("http://h")
+            .connect_timeout(Duration::from_secs(5))
+            .verify_timeout(Duration::from_secs(5))
+            .build();
+        assert!(matches!(slow_connect, Err(BuildError::Setting(_))));
+        assert!(matches!(
+            FacilitatorClient::builder("http://h")
+                .max_attempts(0)
+                .build(),
+            Err(BuildError::Setting(_))
+        ));
+    }
+}
