@@ -7,7 +7,7 @@
 //! | header longer than the limit | 431 | `invalid_payload` | |
 //! | `x402Version` wrong for the header, or the route does not speak it | 402 | `invalid_x402_version` | fresh challenge |
 //! | scheme / network / requirements not offered by this route | 402 | `unsupported_scheme`, `invalid_network`, `invalid_payment_requirements` | fresh challenge |
-//! | proof does not verify | 402 | the [`VerifyError::reason`](crate::verify::VerifyError::reason) | fresh challenge |
+//! | proof does not verify | 402 | the [`VerifyError::reason`](crate::verify::VerifyError::reason) | fresh challenge; a facilitator's reason passes through when it is a known x402 code, else `facilitator_rejected` |
 //! | proof already used or in use | 402 | `invalid_exact_evm_nonce_already_used` | fresh challenge |
 //! | nonce store, verifier or settler unavailable (nothing sent) | 503 | `service_unavailable` | `Retry-After` (default 5 s); the proof is released: retry it as is |
 //! | too many verifications in flight ([`max_concurrent_verifications`](crate::layer::PaymentLayerBuilder::max_concurrent_verifications)) | 503 | `overloaded` | `Retry-After`; retry the same proof |
