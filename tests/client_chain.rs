@@ -265,3 +265,90 @@ async fn the_balance_check_refuses_an_unfunded_payer_before_signing() {
     assert_eq!(res.status(), StatusCode::OK, "sellers:\n{}", sellers.log());
     assert_eq!(chain.balance(PAY_TO).await - before, U256::from(PRICE));
 }
+
+/// Our own seller, settling on the chain: `PaymentLayer` + `OnchainSettler` behind axum.
+async fn our_seller(chain: &Chain) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use axum::{Router, routing::get};
+    use tower_x402::PaymentLayer;
+    use tower_x402::settle::onchain::OnchainSettler;
+
+    let relayer: PrivateKeySigner = chain::RELAYER_KEY.parse().expect("anvil key #0");
+    let settler = OnchainSettler::connect(chain.url(), relayer)
+        .await
+        .expect("settler");
+    let paywall = PaymentLayer::builder()
+        .pay_to(PAY_TO)
+        .price("$0.01")
+        .network(Network::BASE_SEPOLIA)
+        .settler(settler)
+        .nonce_store(tower_x402::MemoryNonceStore::new())
+        .build()
+        .expect("layer");
+    let app = Router::new()
+        .route(
+            "/weather",
+            get(|| async { "{\"report\":{\"weather\":\"sunny\"}}" }),
+        )
+        .route_layer(paywall);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("serve");
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn pays_our_server_settling_on_chain_v2_and_v1() {
+    let Some(chain) = Chain::start("pays_our_server_settling_on_chain_v2_and_v1").await else {
+        return;
+    };
+    let (addr, _server) = our_seller(&chain).await;
+    let payer = demo_payer();
+    for version in [X402Version::V2, X402Version::V1] {
+        let client = ServiceBuilder::new()
+            .layer(PayingLayer::new(payer.clone(), policy()).only_version(version))
+            .service(hyper());
+        let before = (
+            chain.balance(PAY_TO).await,
+            chain.balance(payer.address()).await,
+        );
+        let res = client
+            .oneshot(get(&format!("http://{addr}/weather")))
+            .await
+            .expect("paid call");
+        assert_eq!(res.status(), StatusCode::OK, "{version:?}");
+        let paid = res
+            .extensions()
+            .get::<PaymentReport>()
+            .cloned()
+            .expect("report");
+        assert_eq!(
+            (paid.version, &paid.outcome),
+            (version, &PaymentOutcome::Settled)
+        );
+        let tx = paid
+            .transaction()
+            .expect("the receipt names the settlement");
+        let mined = chain
+            .provider()
+            .get_transaction_receipt(tx)
+            .await
+            .expect("rpc")
+            .expect("mined");
+        assert!(mined.status());
+        assert!(
+            chain
+                .authorization_used(payer.address(), paid.nonce())
+                .await
+        );
+        let after = (
+            chain.balance(PAY_TO).await,
+            chain.balance(payer.address()).await,
+        );
+        assert_eq!(after.0 - before.0, U256::from(PRICE), "{version:?}");
+        assert_eq!(before.1 - after.1, U256::from(PRICE), "{version:?}");
+    }
+}
