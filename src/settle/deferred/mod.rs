@@ -295,7 +295,8 @@ impl DeferredSettlerBuilder {
     /// See [`DeferredError`].
     pub fn start(self) -> Result<DeferredSettler, DeferredError> {
         let path = self.journal.ok_or(DeferredError::NoJournal)?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| DeferredError::NoRuntime)?;
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| DeferredError::NoRuntime)?;
         let (journal, live, next_id) =
             Journal::open(&path).map_err(|source| DeferredError::Journal {
                 path: path.clone(),

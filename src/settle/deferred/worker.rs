@@ -109,10 +109,7 @@ async fn round(shared: &Arc<Shared>) {
     if !to_send.is_empty() {
         let payments: Vec<VerifiedPayment> = to_send.iter().map(|t| t.payment.clone()).collect();
         let ids: Vec<u64> = to_send.iter().map(|t| t.id).collect();
-        let log = JournalLog {
-            shared,
-            ids: &ids,
-        };
+        let log = JournalLog { shared, ids: &ids };
         let results = shared.batch.settle_batch(&payments, &log).await;
         let mut results = results.into_iter();
         for id in ids.iter().copied() {

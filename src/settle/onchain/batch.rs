@@ -161,10 +161,13 @@ impl OnchainSettler {
             self.provider.call(self.aggregate(payments, live)),
         )
         .await?;
-        let results = IMulticall3::aggregate3Call::abi_decode_returns(&out)
-            .map_err(|e| Failure::rpc(format!("no Multicall3 at {}: {e}", self.config.multicall)))?;
+        let results = IMulticall3::aggregate3Call::abi_decode_returns(&out).map_err(|e| {
+            Failure::rpc(format!("no Multicall3 at {}: {e}", self.config.multicall))
+        })?;
         if results.len() != live.len() {
-            return Err(Failure::rpc("Multicall3 returned the wrong number of results"));
+            return Err(Failure::rpc(
+                "Multicall3 returned the wrong number of results",
+            ));
         }
         Ok(live
             .iter()
@@ -213,7 +216,9 @@ impl OnchainSettler {
                 let used = used_in(&receipt, live.len(), |p| {
                     live.iter().position(|i| {
                         let p2 = &payments[*i];
-                        p2.asset == p.0 && p2.authorization.from == p.1 && p2.authorization.nonce == p.2
+                        p2.asset == p.0
+                            && p2.authorization.from == p.1
+                            && p2.authorization.nonce == p.2
                     })
                 });
                 let settled = used.iter().filter(|u| **u).count() as u64;
@@ -247,7 +252,10 @@ impl OnchainSettler {
                 for i in live {
                     let a = &payments[*i].authorization;
                     out.push(
-                        match self.authorization_state(payments[*i].asset, a.from, a.nonce).await {
+                        match self
+                            .authorization_state(payments[*i].asset, a.from, a.nonce)
+                            .await
+                        {
                             Ok(true) => {
                                 self.shared.stats.update(|s| s.settled += 1);
                                 Ok(Settled::new(Some(hash), None))
@@ -356,7 +364,11 @@ fn used_in(
 
 #[async_trait]
 impl BatchSettler for OnchainSettler {
-    async fn check(&self, payment: &VerifiedPayment, owed: alloy_primitives::U256) -> Result<(), SettleError> {
+    async fn check(
+        &self,
+        payment: &VerifiedPayment,
+        owed: alloy_primitives::U256,
+    ) -> Result<(), SettleError> {
         self.check_owed(payment, owed).await
     }
 
@@ -364,7 +376,11 @@ impl BatchSettler for OnchainSettler {
         self.batch(payments, log).await
     }
 
-    async fn state(&self, payment: &VerifiedPayment, sent: &[B256]) -> Result<ChainState, SettleError> {
+    async fn state(
+        &self,
+        payment: &VerifiedPayment,
+        sent: &[B256],
+    ) -> Result<ChainState, SettleError> {
         self.chain_state(payment, sent).await
     }
 }

@@ -265,7 +265,8 @@ impl OnchainSettler {
     /// Default limit on each RPC call.
     pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
     /// Multicall3's address, the same on every chain it is deployed to (Base included).
-    pub const MULTICALL3: Address = alloy_primitives::address!("0xcA11bde05977b3631167028862bE2a173976CA11");
+    pub const MULTICALL3: Address =
+        alloy_primitives::address!("0xcA11bde05977b3631167028862bE2a173976CA11");
 
     /// A settler reading and sending through `provider` (any alloy provider on Ethereum-like
     /// networks; its fillers and wallet, if any, are not used) and signing with `relayer`,

@@ -64,10 +64,11 @@ pub(super) fn quote(
 /// Called with a transaction's hash after it is signed and before it is broadcast (a journal
 /// records it there, so a crash can never leave a sent transaction it does not know about). An
 /// error means: do not broadcast.
-pub(super) type BeforeSend<'a> =
-    &'a (dyn Fn(B256) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>>
-             + Send
-             + Sync);
+pub(super) type BeforeSend<'a> = &'a (
+        dyn Fn(B256) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>>
+            + Send
+            + Sync
+    );
 
 /// How a send failed.
 #[derive(Debug)]
