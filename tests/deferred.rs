@@ -387,19 +387,37 @@ async fn n_payments_take_ceil_n_over_batch_transactions_and_a_bad_one_fails_alon
 }
 
 #[tokio::test]
-async fn rpc_down_at_request_time_answers_503_and_journals_nothing() {
-    let onchain = onchain(&chain::closed_port_url()).await;
+async fn rpc_down_at_request_time_answers_503_unless_the_precheck_is_off() {
+    let down = onchain(&chain::closed_port_url()).await;
     let path = journal("deferred_rpc_down");
-    let (settler, _rx) = deferred(onchain, &path, 8, Duration::from_millis(50));
-    let app = app(settler.clone());
+    let (settler, _rx) = deferred(down, &path, 8, Duration::from_millis(50));
+    let checked = app(settler.clone());
     let req = option("$0.01").requirements().clone();
-    let (status, res) = app
+    let (status, res) = checked
         .get(pay(&demo_payer(), &req, now(), X402Version::V2))
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(res.contains_key(http::header::RETRY_AFTER));
-    assert_eq!(app.hits(), 0);
+    assert_eq!(checked.hits(), 0);
     assert_eq!(settler.pending(), 0);
+
+    // Without the on-chain pre-check the chain is not asked at request time: served and
+    // journaled (settled when the RPC answers); a replay is refused from the journal.
+    let optimistic = DeferredSettler::builder(onchain(&chain::closed_port_url()).await)
+        .journal(journal("deferred_optimistic"))
+        .max_wait(Duration::from_secs(600))
+        .precheck(false)
+        .start()
+        .expect("deferred settler");
+    let served = app(optimistic.clone());
+    let header = pay(&demo_payer(), &req, now(), X402Version::V2);
+    let (status, _) = served.get(header.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(served.hits(), 1);
+    assert_eq!(optimistic.pending(), 1);
+    let (status, res) = served.get(header).await;
+    assert_eq!(refusal(status, &res), reason::NONCE_ALREADY_USED);
+    assert_eq!(served.hits(), 1);
 }
 
 /// A TCP proxy to anvil that can be cut (every connection dropped, new ones refused) and

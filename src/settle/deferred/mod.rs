@@ -235,6 +235,7 @@ pub struct DeferredSettlerBuilder {
     max_wait: Duration,
     retry: (Duration, Duration),
     compact_after: u64,
+    precheck: bool,
     hook: Option<Hook>,
 }
 
@@ -279,6 +280,17 @@ impl DeferredSettlerBuilder {
     /// live ones (default 10 000).
     pub fn compact_after(mut self, records: u64) -> Self {
         self.compact_after = records;
+        self
+    }
+
+    /// Whether [`check`](Settler::check) asks the chain before the handler runs (default on).
+    /// Off, a paid request costs no RPC round trip at all (verification and the journal's
+    /// sync only), and a proof is refused before the handler only when its nonce is already
+    /// journaled: a payer without the funds, or whose authorization is already used on-chain,
+    /// is served and the payment fails later in the worker. For sellers who price that risk
+    /// in (tiny prices, known payers).
+    pub fn precheck(mut self, on: bool) -> Self {
+        self.precheck = on;
         self
     }
 
@@ -336,6 +348,7 @@ impl DeferredSettlerBuilder {
                 max_wait: self.max_wait,
                 retry: self.retry,
                 compact_after: self.compact_after,
+                precheck: self.precheck,
             },
             hook: self.hook,
         });
@@ -353,6 +366,7 @@ struct Config {
     max_wait: Duration,
     retry: (Duration, Duration),
     compact_after: u64,
+    precheck: bool,
 }
 
 /// A payment in the journal, not final yet.
@@ -500,6 +514,7 @@ impl DeferredSettler {
             max_wait: Duration::from_secs(2),
             retry: (Duration::from_secs(1), Duration::from_secs(300)),
             compact_after: 10_000,
+            precheck: true,
             hook: None,
         }
     }
@@ -553,6 +568,9 @@ impl Settler for DeferredSettler {
                 .copied()
                 .unwrap_or_default()
         };
+        if !self.shared.config.precheck {
+            return Ok(());
+        }
         self.shared.batch.check(payment, owed).await
     }
 
