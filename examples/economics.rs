@@ -35,7 +35,6 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use alloy_primitives::Address;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
@@ -312,7 +311,7 @@ async fn main() -> Result<(), BoxError> {
     let option = PaymentOption::exact(
         &Asset::usdc_base_sepolia(),
         &format!("${}", args.price_usd),
-        Address::from(chain::PAY_TO),
+        chain::PAY_TO,
     )?;
 
     // The same handler without the layer, with the same header: the baseline.

@@ -108,7 +108,7 @@ pub(super) enum Record {
     /// Accepted, not settled yet.
     Pending {
         id: u64,
-        payment: StoredPayment,
+        payment: Box<StoredPayment>,
         /// Unix milliseconds.
         accepted_ms: u64,
     },
@@ -155,7 +155,7 @@ impl LiveSet {
             } => {
                 self.next_id = self.next_id.max(id + 1);
                 self.entries.entry(*id).or_insert_with(|| Live {
-                    payment: payment.clone(),
+                    payment: (**payment).clone(),
                     accepted_ms: *accepted_ms,
                     sent: Vec::new(),
                 });
@@ -184,7 +184,7 @@ impl LiveSet {
         for (id, live) in &self.entries {
             out.push(Record::Pending {
                 id: *id,
-                payment: live.payment.clone(),
+                payment: Box::new(live.payment.clone()),
                 accepted_ms: live.accepted_ms,
             });
             out.extend(live.sent.iter().map(|tx| Record::Sent {
@@ -450,7 +450,7 @@ mod tests {
     fn pending(id: u64) -> Record {
         Record::Pending {
             id,
-            payment: payment(id as u8),
+            payment: Box::new(payment(id as u8)),
             accepted_ms: 7,
         }
     }

@@ -591,7 +591,7 @@ impl Settler for DeferredSettler {
         let accepted_ms = unix_ms();
         let record = Record::Pending {
             id,
-            payment: StoredPayment::from(payment),
+            payment: Box::new(StoredPayment::from(payment)),
             accepted_ms,
         };
         if let Err(e) = self.shared.journal.append(&[record]).await {

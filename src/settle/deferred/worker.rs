@@ -60,6 +60,9 @@ fn due_in(shared: &Shared) -> Option<Duration> {
     }
 }
 
+/// A final outcome: settled, or failed with a reason and maybe a transaction.
+type Final = (u64, Result<Settled, (String, Option<B256>)>);
+
 /// A payment taken for this round.
 struct Taken {
     id: u64,
@@ -86,7 +89,7 @@ async fn round(shared: &Arc<Shared>) {
             })
             .collect()
     };
-    let mut finals: Vec<(u64, Result<Settled, (String, Option<B256>)>)> = Vec::new();
+    let mut finals: Vec<Final> = Vec::new();
     let mut to_send = Vec::new();
     for t in taken {
         if !t.recovered && t.sent.is_empty() {
@@ -127,7 +130,7 @@ async fn round(shared: &Arc<Shared>) {
 }
 
 /// Journals final outcomes (one sync for all), forgets them and reports them.
-async fn finish(shared: &Shared, finals: Vec<(u64, Result<Settled, (String, Option<B256>)>)>) {
+async fn finish(shared: &Shared, finals: Vec<Final>) {
     if finals.is_empty() {
         return;
     }
