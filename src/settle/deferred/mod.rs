@@ -338,6 +338,7 @@ impl DeferredSettlerBuilder {
         }
         let (pending, _) = watch::channel(state.items.len());
         let shared = Arc::new(Shared {
+            runtime: runtime.clone(),
             batch: self.batch,
             journal,
             state: Mutex::new(state),
@@ -419,6 +420,7 @@ impl State {
 }
 
 struct Shared {
+    runtime: tokio::runtime::Handle,
     batch: Arc<dyn BatchSettler>,
     journal: Journal,
     state: Mutex<State>,
@@ -588,25 +590,48 @@ impl Settler for DeferredSettler {
             state.next_id += 1;
             state.next_id - 1
         };
+        // In a task of its own: a request dropped mid-way (client gone) must not leave a
+        // payment in the journal that the worker's queue does not know about.
+        let shared = self.shared.clone();
+        let payment = payment.clone();
+        let journaled = self
+            .shared
+            .runtime
+            .spawn(async move { shared.accept(id, payment).await });
+        match journaled.await {
+            // Accepted, not settled: no transaction yet (see the module docs).
+            Ok(Ok(())) => Ok(Settlement::default()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(SettleError::Unavailable {
+                retry_after: None,
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
+impl Shared {
+    /// Journals `payment` under `id` (its nonce key already claimed) and queues it.
+    async fn accept(&self, id: u64, payment: VerifiedPayment) -> Result<(), SettleError> {
         let accepted_ms = unix_ms();
         let record = Record::Pending {
             id,
-            payment: Box::new(StoredPayment::from(payment)),
+            payment: Box::new(StoredPayment::from(&payment)),
             accepted_ms,
         };
-        if let Err(e) = self.shared.journal.append(&[record]).await {
-            self.shared.lock().keys.remove(&key);
+        if let Err(e) = self.journal.append(&[record]).await {
+            self.lock().keys.remove(&payment.nonce_key());
             return Err(SettleError::Unavailable {
                 retry_after: None,
                 source: Box::new(e),
             });
         }
         let pending = {
-            let mut state = self.shared.lock();
+            let mut state = self.lock();
             state.insert(
                 id,
                 Item {
-                    payment: payment.clone(),
+                    payment,
                     accepted_ms,
                     sent: Vec::new(),
                     recovered: false,
@@ -617,9 +642,8 @@ impl Settler for DeferredSettler {
             );
             state.items.len()
         };
-        self.shared.pending.send_replace(pending);
-        self.shared.wake.notify_one();
-        // Accepted, not settled: no transaction yet (see the module docs).
-        Ok(Settlement::default())
+        self.pending.send_replace(pending);
+        self.wake.notify_one();
+        Ok(())
     }
 }
