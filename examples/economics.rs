@@ -277,6 +277,89 @@ async fn run_mode(env: &Env, args: &Args, mode: &str) -> Result<Row, BoxError> {
     })
 }
 
+/// The journal alone: `settle` of a deferred settler whose worker never runs (a dead RPC,
+/// batches that never fill), sequential and 16 at a time, next to a raw `write` +
+/// `fdatasync` of the same size on the same disk.
+async fn journal_bench(env: &Env, n: usize) -> Result<(), BoxError> {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("tower-x402-economics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let raw_path = dir.join("raw.bin");
+    let mut raw = std::fs::File::create(&raw_path)?;
+    let record = vec![b'x'; 760];
+    let mut raw_times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        raw.write_all(&record)?;
+        raw.sync_data()?;
+        raw_times.push(t.elapsed());
+    }
+    drop(raw);
+    let _ = std::fs::remove_file(&raw_path);
+
+    let dead = OnchainSettler::connect("http://127.0.0.1:1", env.relayer.clone()).await?;
+    let path = dir.join("bench.journal");
+    let _ = std::fs::remove_file(&path);
+    let settler = DeferredSettler::builder(dead)
+        .journal(&path)
+        .max_batch(usize::MAX)
+        .max_wait(Duration::from_secs(3600))
+        .precheck(false)
+        .start()?;
+    let payments: Vec<VerifiedPayment> = (0..n * 2)
+        .map(|i| {
+            let payer = &env.payers[i % env.payers.len()];
+            let payload =
+                tower_x402::test_util::exact_payload(payer, env.option.requirements(), now());
+            let a = &payload.authorization;
+            VerifiedPayment {
+                version: X402Version::V2,
+                network: tower_x402::Network::BASE_SEPOLIA,
+                asset: env.option.requirements().asset,
+                payer: a.from,
+                pay_to: a.to,
+                amount: a.value,
+                authorization: a.clone(),
+                signature: payload.signature.clone(),
+                valid_before: a.valid_before.saturating_to(),
+            }
+        })
+        .collect();
+    let mut seq = Vec::with_capacity(n);
+    for p in &payments[..n] {
+        let t = Instant::now();
+        settler.settle(p).await?;
+        seq.push(t.elapsed());
+    }
+    let concurrent: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for chunk in payments[n..].chunks(n.div_ceil(16)) {
+        let (settler, chunk, times) = (settler.clone(), chunk.to_vec(), concurrent.clone());
+        tasks.spawn(async move {
+            for p in &chunk {
+                let t = Instant::now();
+                let _ = settler.settle(p).await;
+                times.lock().expect("lock").push(t.elapsed());
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let wall = started.elapsed();
+    let concurrent = concurrent.lock().expect("lock").clone();
+    println!(
+        "journal ({n} appends each): raw write+fdatasync p50 {} p99 {}; deferred settle sequential p50 {} p99 {}; 16 concurrent p50 {} p99 {}, {:.0} payments/s",
+        us(percentile(&raw_times, 0.5)),
+        us(percentile(&raw_times, 0.99)),
+        us(percentile(&seq, 0.5)),
+        us(percentile(&seq, 0.99)),
+        us(percentile(&concurrent, 0.5)),
+        us(percentile(&concurrent, 0.99)),
+        concurrent.len() as f64 / wall.as_secs_f64(),
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = parse_args()?;
@@ -335,6 +418,8 @@ async fn main() -> Result<(), BoxError> {
         args.price_usd,
         us(env.baseline)
     );
+    journal_bench(&env, 1000).await?;
+    println!();
     let mut rows = Vec::new();
     for mode in [
         "after",

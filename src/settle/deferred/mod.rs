@@ -333,12 +333,12 @@ impl DeferredSettlerBuilder {
                     attempts: 0,
                     not_before: None,
                     queued: due,
+                    held: false,
                 },
             );
         }
         let (pending, _) = watch::channel(state.items.len());
         let shared = Arc::new(Shared {
-            runtime: runtime.clone(),
             batch: self.batch,
             journal,
             state: Mutex::new(state),
@@ -383,6 +383,8 @@ struct Item {
     not_before: Option<Instant>,
     /// When it entered this process's queue (for `max_wait`).
     queued: Instant,
+    /// Its journal append is in progress: not the worker's yet.
+    held: bool,
 }
 
 /// What the request path and the worker share.
@@ -420,7 +422,6 @@ impl State {
 }
 
 struct Shared {
-    runtime: tokio::runtime::Handle,
     batch: Arc<dyn BatchSettler>,
     journal: Journal,
     state: Mutex<State>,
@@ -578,72 +579,86 @@ impl Settler for DeferredSettler {
 
     async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
         let key = payment.nonce_key();
+        let accepted_ms = unix_ms();
         let id = {
             let mut state = self.shared.lock();
             // One journal entry per authorization, even if a nonce store forgot it (restart).
-            if !state.keys.insert(key) {
+            if state.keys.contains(&key) {
                 return Err(SettleError::Refused {
                     reason: reason::NONCE_ALREADY_USED,
                     transaction: None,
                 });
             }
             state.next_id += 1;
-            state.next_id - 1
-        };
-        // In a task of its own: a request dropped mid-way (client gone) must not leave a
-        // payment in the journal that the worker's queue does not know about.
-        let shared = self.shared.clone();
-        let payment = payment.clone();
-        let journaled = self
-            .shared
-            .runtime
-            .spawn(async move { shared.accept(id, payment).await });
-        match journaled.await {
-            // Accepted, not settled: no transaction yet (see the module docs).
-            Ok(Ok(())) => Ok(Settlement::default()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(SettleError::Unavailable {
-                retry_after: None,
-                source: Box::new(e),
-            }),
-        }
-    }
-}
-
-impl Shared {
-    /// Journals `payment` under `id` (its nonce key already claimed) and queues it.
-    async fn accept(&self, id: u64, payment: VerifiedPayment) -> Result<(), SettleError> {
-        let accepted_ms = unix_ms();
-        let record = Record::Pending {
-            id,
-            payment: Box::new(StoredPayment::from(&payment)),
-            accepted_ms,
-        };
-        if let Err(e) = self.journal.append(&[record]).await {
-            self.lock().keys.remove(&payment.nonce_key());
-            return Err(SettleError::Unavailable {
-                retry_after: None,
-                source: Box::new(e),
-            });
-        }
-        let pending = {
-            let mut state = self.lock();
+            let id = state.next_id - 1;
+            // Queued at once (its amount counts as owed), held from the worker until durable.
             state.insert(
                 id,
                 Item {
-                    payment,
+                    payment: payment.clone(),
                     accepted_ms,
                     sent: Vec::new(),
                     recovered: false,
                     attempts: 0,
                     not_before: None,
                     queued: Instant::now(),
+                    held: true,
                 },
             );
+            id
+        };
+        let mut hold = Hold {
+            shared: &self.shared,
+            id,
+            armed: true,
+        };
+        let record = Record::Pending {
+            id,
+            payment: Box::new(StoredPayment::from(payment)),
+            accepted_ms,
+        };
+        let appended = self.shared.journal.append(&[record]).await;
+        hold.armed = false;
+        let pending = {
+            let mut state = self.shared.lock();
+            if let Err(e) = appended {
+                state.remove(id);
+                return Err(SettleError::Unavailable {
+                    retry_after: None,
+                    source: Box::new(e),
+                });
+            }
+            if let Some(item) = state.items.get_mut(&id) {
+                item.held = false;
+            }
             state.items.len()
         };
-        self.pending.send_replace(pending);
-        self.wake.notify_one();
-        Ok(())
+        self.shared.pending.send_replace(pending);
+        self.shared.wake.notify_one();
+        // Accepted, not settled: no transaction yet (see the module docs).
+        Ok(Settlement::default())
+    }
+}
+
+/// Releases a held payment to the worker when `settle` is dropped mid-append (client gone):
+/// the append goes on without it, and a payment in the journal must be in the queue too.
+/// (Should the append then fail, the worker still settles it, as for a handler that ran.)
+struct Hold<'a> {
+    shared: &'a Shared,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(item) = self.shared.lock().items.get_mut(&self.id) {
+            item.held = false;
+            // Durable or not is unknown: read the chain before sending, like a recovered one.
+            item.recovered = true;
+        }
+        self.shared.wake.notify_one();
     }
 }

@@ -40,7 +40,7 @@ fn due_in(shared: &Shared) -> Option<Duration> {
     let mut eligible = 0;
     let mut oldest: Option<Instant> = None;
     let mut backoff: Option<Instant> = None;
-    for item in state.items.values() {
+    for item in state.items.values().filter(|i| !i.held) {
         match item.not_before {
             Some(t) if t > now => backoff = Some(backoff.map_or(t, |b| b.min(t))),
             _ => {
@@ -79,7 +79,7 @@ async fn round(shared: &Arc<Shared>) {
         state
             .items
             .iter()
-            .filter(|(_, i)| i.not_before.is_none_or(|t| t <= now))
+            .filter(|(_, i)| !i.held && i.not_before.is_none_or(|t| t <= now))
             .take(shared.config.max_batch)
             .map(|(id, i)| Taken {
                 id: *id,
