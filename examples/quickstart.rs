@@ -8,8 +8,32 @@
 //!
 //! `GET /` is free; `GET /weather` costs $0.001 in Base Sepolia USDC, checked in-process
 //! (verify-only: no chain is needed, and no money moves).
+//!
+//! # Settling on a real chain
+//!
+//! With `--rpc-url URL` (and the `onchain` feature; `deferred` for `--mode deferred`) the
+//! payments are settled on that chain by an `OnchainSettler`, from the relayer whose private
+//! key (hex) is in the `X402_RELAYER_KEY` environment variable; it pays the gas. The chain must
+//! be Base Sepolia (84532) or a local fork of it, e.g. anvil with the test token
+//! (`cargo run --example economics` starts one).
+//!
+//! ```sh
+//! X402_RELAYER_KEY=0x... cargo run --example quickstart --features axum,test-util,onchain,deferred -- \
+//!     --rpc-url https://sepolia.base.org [--mode after|before|deferred] [--serve]
+//! ```
+//!
+//! | option | meaning |
+//! |---|---|
+//! | `--mode after` (default) | settle after the handler; the receipt carries the transaction hash |
+//! | `--mode before` | settle before the handler, which then streams |
+//! | `--mode deferred` | journal the payment and answer at once (receipt `transaction` empty); settle in batches |
+//! | `--journal PATH` | deferred: the journal file (default `x402-quickstart.journal`) |
+//! | `--max-batch N`, `--max-wait-ms N` | deferred: batch size (default 32) and longest wait (default 2000) |
+//!
+//! Deferred outcomes are printed as JSON lines (`{"outcome": ...}`) on stdout.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::{Json, Router, routing::get};
 use base64::Engine;
@@ -20,6 +44,7 @@ use serde_json::{Value, json};
 use tower_x402::primitives::address;
 use tower_x402::proto::X402Version;
 use tower_x402::proto::v2::PaymentRequired;
+use tower_x402::settle::{SettlementMode, Settler};
 use tower_x402::test_util::{demo_payer, pay};
 use tower_x402::{Network, PaymentLayer, VerifiedPayment};
 
@@ -31,8 +56,12 @@ async fn weather(payment: VerifiedPayment) -> Json<Value> {
     }))
 }
 
-fn app() -> Result<Router, tower_x402::error::ConfigError> {
-    let paywall = PaymentLayer::builder()
+fn app(settle: Option<Settle>) -> Result<Router, tower_x402::error::ConfigError> {
+    let mut paywall = PaymentLayer::builder();
+    if let Some(settle) = settle {
+        paywall = paywall.settler(settle.settler).settlement_mode(settle.mode);
+    }
+    let paywall = paywall
         // Anvil's account #2: a public test address.
         .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
         .price("$0.001")
@@ -47,31 +76,129 @@ fn app() -> Result<Router, tower_x402::error::ConfigError> {
         .route("/", get(|| async { "free: try GET /weather\n" })))
 }
 
+/// How payments settle when `--rpc-url` is given.
+struct Settle {
+    settler: Arc<dyn Settler>,
+    mode: SettlementMode,
+    /// Set in deferred mode: wait for it before the demo exits.
+    #[cfg(feature = "deferred")]
+    deferred: Option<tower_x402::settle::deferred::DeferredSettler>,
+}
+
+/// The value after `--name`, if given.
+fn arg<'a>(args: &'a [String], name: &str) -> Result<Option<&'a str>, String> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .map(|v| Some(v.as_str()))
+            .ok_or_else(|| format!("{name} needs a value")),
+        None => Ok(None),
+    }
+}
+
+#[cfg(feature = "onchain")]
+async fn settle(args: &[String], rpc_url: &str) -> Result<Settle, Box<dyn std::error::Error>> {
+    use tower_x402::settle::onchain::OnchainSettler;
+    let key = std::env::var("X402_RELAYER_KEY")
+        .map_err(|_| "--rpc-url needs the relayer's private key in X402_RELAYER_KEY")?;
+    let relayer: tower_x402::test_util::PrivateKeySigner = key
+        .trim()
+        .parse()
+        .map_err(|e| format!("X402_RELAYER_KEY: {e}"))?;
+    let chain = OnchainSettler::connect(rpc_url, relayer).await?;
+    let mode = arg(args, "--mode")?.unwrap_or("after");
+    let (settler, mode): (Arc<dyn Settler>, _) = match mode {
+        "after" => (Arc::new(chain), SettlementMode::AfterHandler),
+        "before" => (Arc::new(chain), SettlementMode::BeforeHandler),
+        #[cfg(feature = "deferred")]
+        "deferred" => {
+            use tower_x402::settle::deferred::{DeferredSettler, OutcomeStatus};
+            let ms = |name, default| -> Result<u64, Box<dyn std::error::Error>> {
+                Ok(arg(args, name)?
+                    .map(str::parse)
+                    .transpose()?
+                    .unwrap_or(default))
+            };
+            let deferred = DeferredSettler::builder(chain)
+                .journal(arg(args, "--journal")?.unwrap_or("x402-quickstart.journal"))
+                .max_batch(usize::try_from(ms("--max-batch", 32)?)?)
+                .max_wait(std::time::Duration::from_millis(ms("--max-wait-ms", 2000)?))
+                .on_outcome(|o| {
+                    let (settled, reason) = match &o.status {
+                        OutcomeStatus::Settled => (true, None),
+                        OutcomeStatus::Failed(r) => (false, Some(r.clone())),
+                        _ => (false, None),
+                    };
+                    println!(
+                        "{}",
+                        json!({ "outcome": {
+                            "payer": o.payer, "nonce": o.nonce, "settled": settled,
+                            "reason": reason, "transaction": o.transaction,
+                            "gasUsed": o.gas_used, "latencyMs": o.latency.as_millis() as u64,
+                        }})
+                    );
+                })
+                .start()?;
+            let settle = Settle {
+                settler: Arc::new(deferred.clone()),
+                mode: SettlementMode::AfterHandler,
+                deferred: Some(deferred),
+            };
+            return Ok(settle);
+        }
+        other => return Err(format!("--mode {other}: want after, before or deferred").into()),
+    };
+    Ok(Settle {
+        settler,
+        mode,
+        #[cfg(feature = "deferred")]
+        deferred: None,
+    })
+}
+
+#[cfg(not(feature = "onchain"))]
+async fn settle(_: &[String], _: &str) -> Result<Settle, Box<dyn std::error::Error>> {
+    Err("--rpc-url needs the `onchain` feature: cargo run --example quickstart --features axum,test-util,onchain,deferred -- --rpc-url URL".into())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let serve = args.iter().any(|a| a == "--serve");
-    let port = match args.iter().position(|a| a == "--port") {
-        Some(i) => args.get(i + 1).ok_or("--port needs a value")?.parse()?,
+    let port = match arg(&args, "--port")? {
+        Some(p) => p.parse()?,
         None if serve => 4021,
         None => 0,
     };
+    let settle = match arg(&args, "--rpc-url")? {
+        Some(url) => Some(settle(&args, url).await?),
+        None => None,
+    };
+    let onchain = settle.is_some();
+    #[cfg(feature = "deferred")]
+    let deferred = settle.as_ref().and_then(|s| s.deferred.clone());
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     let addr = listener.local_addr()?;
     println!("listening on http://{addr}");
-    let app = app()?;
+    let app = app(settle)?;
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     if serve {
         server.await??;
         return Ok(());
     }
-    demo(addr).await?;
+    demo(addr, onchain).await?;
+    #[cfg(feature = "deferred")]
+    if let Some(deferred) = deferred {
+        println!("\nwaiting for the deferred settlement...");
+        deferred.flush();
+        deferred.idle().await;
+    }
     server.abort();
     Ok(())
 }
 
 /// Walks the whole loop as a client would.
-async fn demo(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+async fn demo(addr: SocketAddr, onchain: bool) -> Result<(), Box<dyn std::error::Error>> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let url = format!("http://{addr}/weather");
     let get = |header: Option<(http::HeaderName, http::HeaderValue)>| {
@@ -127,9 +254,11 @@ async fn demo(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     if parts.status != http::StatusCode::PAYMENT_REQUIRED {
         return Err("replay was not refused".into());
     }
-    println!(
-        "\nverify-only mode: the proof was checked in-process and claimed once; no money moved."
-    );
+    if !onchain {
+        println!(
+            "\nverify-only mode: the proof was checked in-process and claimed once; no money moved."
+        );
+    }
     Ok(())
 }
 

@@ -83,6 +83,7 @@
 //! | `tonic` | [`grpc`]: refusals as trailers-only gRPC statuses, for tonic servers ([`PaymentLayer::grpc`]) |
 //! | `facilitator` | [`facilitator::FacilitatorClient`]: verify and settle through a remote x402 facilitator (HTTP, rustls) |
 //! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
+//! | `deferred` | [`settle::deferred`]: journal payments durably, answer at once, settle later in batches |
 //! | `tracing` | a span per paid request (payer, amount, network, outcome, verify/settle timings) and events for refusals |
 //! | `test-util` | [`test_util`]: sign payments with a local key for tests and demos |
 //!

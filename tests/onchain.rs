@@ -77,18 +77,13 @@ fn signed(signer: &PrivateKeySigner) -> (ExactEvmPayload, (HeaderName, HeaderVal
 /// The proof as the layer hands it to the settler.
 fn verified(payload: &ExactEvmPayload) -> VerifiedPayment {
     let a = &payload.authorization;
-    VerifiedPayment {
-        version: X402Version::V2,
-        network: Network::BASE_SEPOLIA,
-        asset: TOKEN,
-        payer: a.from,
-        pay_to: a.to,
-        amount: a.value,
-        authorization: a.clone(),
-        signature: payload.signature.clone(),
-        valid_before: a.valid_before.saturating_to(),
-        facilitator_request: None,
-    }
+    VerifiedPayment::exact(
+        X402Version::V2,
+        Network::BASE_SEPOLIA,
+        TOKEN,
+        a.clone(),
+        payload.signature.clone(),
+    )
 }
 
 /// A paid route counting its calls, behind the layer with `settler`.

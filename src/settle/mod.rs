@@ -12,6 +12,9 @@ use async_trait::async_trait;
 
 use crate::verify::{BoxError, VerifiedPayment};
 
+#[cfg(feature = "deferred")]
+#[cfg_attr(docsrs, doc(cfg(feature = "deferred")))]
+pub mod deferred;
 #[cfg(feature = "onchain")]
 #[cfg_attr(docsrs, doc(cfg(feature = "onchain")))]
 pub mod onchain;

@@ -50,7 +50,11 @@ impl<T: Verifier + ?Sized> Verifier for Arc<T> {
 
 /// A payment that passed verification (not yet settled). The layer puts it into the request
 /// extensions, so handlers can see who paid what.
+///
+/// Non-exhaustive so fields can be added: verifiers outside this crate build one with
+/// [`VerifiedPayment::exact`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VerifiedPayment {
     /// The protocol version the client spoke.
     pub version: X402Version,
@@ -78,6 +82,30 @@ pub struct VerifiedPayment {
 }
 
 impl VerifiedPayment {
+    /// An `exact` EIP-3009 payment, from its signed authorization: payer, recipient, amount
+    /// and expiry are the authorization's. Only for a proof that was verified (the signature
+    /// recovers to `from`); the layer trusts what a verifier returns.
+    pub fn exact(
+        version: X402Version,
+        network: Network,
+        asset: Address,
+        authorization: Authorization,
+        signature: Bytes,
+    ) -> Self {
+        Self {
+            version,
+            network,
+            asset,
+            payer: authorization.from,
+            pay_to: authorization.to,
+            amount: authorization.value,
+            valid_before: authorization.valid_before.saturating_to(),
+            authorization,
+            signature,
+            facilitator_request: None,
+        }
+    }
+
     /// The replay-guard key of this proof: (chain, token, payer, nonce).
     pub fn nonce_key(&self) -> NonceKey {
         NonceKey {

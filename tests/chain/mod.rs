@@ -1,8 +1,10 @@
 //! A local chain for the on-chain tests: anvil (chain id 84532, Base Sepolia's) on a free
 //! loopback port, with our `tests/chain/contracts/TestUSDC.sol` runtime bytecode etched at the Base Sepolia
 //! USDC address, so payments signed for `Asset::usdc_base_sepolia()` settle on it unchanged.
-//! 1000 test USDC are minted to anvil accounts #1, #3 and #4. Dropping the [`Chain`] kills
-//! anvil.
+//! 1000 test USDC are minted to anvil accounts #1, #3 and #4. `MiniMulticall3` (the
+//! `aggregate3` subset of Multicall3, `tests/chain/contracts/MiniMulticall3.sol`) is etched at
+//! the canonical Multicall3 address, where batched settlements find it on real chains.
+//! Dropping the [`Chain`] kills anvil.
 //!
 //! anvil comes from the npm package `@foundry-rs/anvil-linux-amd64` (pinned in
 //! `scripts/install-test-deps.sh`) under `$X402_TEST_DEPS` (default `<repo>/target/test-deps`);
@@ -52,7 +54,11 @@ pub const MINTED: u64 = 1_000_000_000;
 /// settler's alone.
 const MINTER: Address = address!("0xa0Ee7A142d267C1f36714E4a8F75612F20a79720");
 
+/// Multicall3's address on every chain (Base and Base Sepolia included).
+pub const MULTICALL3: Address = address!("0xcA11bde05977b3631167028862bE2a173976CA11");
+
 const TOKEN_HEX: &str = include_str!("contracts/TestUSDC.runtime.hex");
+const MULTICALL_HEX: &str = include_str!("contracts/MiniMulticall3.runtime.hex");
 
 /// A running anvil with the token; killed on drop.
 pub struct Chain {
@@ -112,12 +118,14 @@ impl Chain {
             url,
             provider,
         };
-        let code = format!("0x{}", TOKEN_HEX.trim());
-        let _: Value = chain
-            .provider
-            .raw_request("anvil_setCode".into(), (TOKEN, code))
-            .await
-            .expect("anvil_setCode");
+        for (at, hex) in [(TOKEN, TOKEN_HEX), (MULTICALL3, MULTICALL_HEX)] {
+            let code = format!("0x{}", hex.trim());
+            let _: Value = chain
+                .provider
+                .raw_request("anvil_setCode".into(), (at, code))
+                .await
+                .expect("anvil_setCode");
+        }
         for who in FUNDED {
             chain.mint(who, U256::from(MINTED)).await;
         }

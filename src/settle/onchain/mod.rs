@@ -100,6 +100,8 @@
 //! [`OnchainSettler::stats`] counts what was sent, settled, refused and unknown, the gas and
 //! fees the relayer paid, and settlement latencies.
 
+#[cfg(feature = "deferred")]
+mod batch;
 mod relayer;
 mod revert;
 mod stats;
@@ -118,7 +120,7 @@ use async_trait::async_trait;
 
 pub use stats::OnchainStats;
 
-use self::relayer::{Relayer, SendError, with_timeout};
+use self::relayer::{BeforeSend, Relayer, SendError, with_timeout};
 use self::revert::Failure;
 use super::{SettleError, Settlement, Settler};
 use crate::proto::exact::Authorization;
@@ -222,6 +224,7 @@ struct Config {
     simulate: bool,
     batched_check: bool,
     chain_id: Option<u64>,
+    multicall: Address,
 }
 
 /// What all clones of a settler share.
@@ -261,6 +264,9 @@ impl OnchainSettler {
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
     /// Default limit on each RPC call.
     pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Multicall3's address, the same on every chain it is deployed to (Base included).
+    pub const MULTICALL3: Address =
+        alloy_primitives::address!("0xcA11bde05977b3631167028862bE2a173976CA11");
 
     /// A settler reading and sending through `provider` (any alloy provider on Ethereum-like
     /// networks; its fillers and wallet, if any, are not used) and signing with `relayer`,
@@ -280,6 +286,7 @@ impl OnchainSettler {
                 simulate: true,
                 batched_check: true,
                 chain_id: None,
+                multicall: Self::MULTICALL3,
             },
             shared: Arc::new(Shared {
                 relayer: Relayer::new(relayer.into()),
@@ -354,6 +361,13 @@ impl OnchainSettler {
     /// requests, for endpoints that refuse batches.
     pub fn with_batched_check(mut self, on: bool) -> Self {
         self.config.batched_check = on;
+        self
+    }
+
+    /// The Multicall3 contract batched settlements go through (default [`Self::MULTICALL3`]).
+    /// Only the `deferred` feature's batches use it.
+    pub fn with_multicall(mut self, address: Address) -> Self {
+        self.config.multicall = address;
         self
     }
 
@@ -652,15 +666,23 @@ impl OnchainSettler {
     }
 }
 
-#[async_trait]
-impl Settler for OnchainSettler {
-    async fn check(&self, payment: &VerifiedPayment) -> Result<(), SettleError> {
+impl OnchainSettler {
+    /// [`Settler::check`] for a payer who already owes `owed` of the same token in payments
+    /// accepted but not settled yet (deferred settlement): the balance must cover both.
+    ///
+    /// # Errors
+    /// As [`Settler::check`]: refused with a reason, or unavailable.
+    pub async fn check_owed(
+        &self,
+        payment: &VerifiedPayment,
+        owed: U256,
+    ) -> Result<(), SettleError> {
         let checked = async {
             self.ensure_network(payment).await?;
             let (balance, used, revert) = self.read_state(payment).await?;
             if used {
                 Err(Failure::Revert(reason::NONCE_ALREADY_USED))
-            } else if balance < payment.authorization.value {
+            } else if balance < payment.authorization.value.saturating_add(owed) {
                 Err(Failure::Revert(reason::INSUFFICIENT_FUNDS))
             } else if let Some(reason) = revert {
                 Err(Failure::Revert(reason))
@@ -671,44 +693,111 @@ impl Settler for OnchainSettler {
         checked.await.map_err(Failure::into_settle_error)
     }
 
-    async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
+    /// Settles one payment with its own `transferWithAuthorization` transaction.
+    async fn settle_one(
+        &self,
+        payment: &VerifiedPayment,
+        before: Option<BeforeSend<'_>>,
+    ) -> Result<(Settlement, Option<u64>), SettleError> {
         let started = Instant::now();
-        let limit = self.config.rpc_timeout;
         let chain_id = self
             .ensure_network(payment)
             .await
             .map_err(|f| self.not_sent(f))?;
         let tx = self.transfer(payment).with_chain_id(chain_id);
+        match self.submit(tx, 1, before).await {
+            Err(Submit::NotSent(failure)) => Err(self.not_sent(failure)),
+            Err(Submit::Unknown { hash, source }) => Err(self.unknown(hash, source)),
+            Ok(Sent::Mined(receipt)) => self
+                .mined(&receipt, started)
+                .map(|s| (s, Some(receipt.gas_used))),
+            Ok(Sent::Unconfirmed(hash)) => self
+                .reconcile(payment, hash, started)
+                .await
+                .map(|s| (s, None)),
+        }
+    }
+
+    /// Estimates, prices, signs, sends and waits for `tx` (complete but for gas, fees, nonce
+    /// and `from`), which carries `calls` transfers: its gas limit is the configured one per
+    /// transfer. Counts it as sent.
+    async fn submit(
+        &self,
+        tx: TransactionRequest,
+        calls: u64,
+        before: Option<BeforeSend<'_>>,
+    ) -> Result<Sent, Submit> {
+        let limit = self.config.rpc_timeout;
         let relayer = &self.shared.relayer;
         let (estimate, fees) = tokio::join!(
             with_timeout(limit, self.provider.estimate_gas(tx.clone())),
             relayer.fees(&self.provider, self.config.max_fee_per_gas, limit),
         );
-        let estimate = estimate.map_err(|f| self.not_sent(f))?;
-        if estimate > self.config.gas_limit {
-            return Err(self.not_sent(Failure::Revert(reason::TRANSACTION_FAILED)));
+        let estimate = estimate.map_err(Submit::NotSent)?;
+        let cap = self.config.gas_limit.saturating_mul(calls.max(1));
+        if estimate > cap {
+            return Err(Submit::NotSent(Failure::Revert(reason::TRANSACTION_FAILED)));
         }
-        let fees = fees.map_err(|f| self.not_sent(f))?;
+        // One transfer: the configured limit, as always. A batch: the estimate with a quarter
+        // of headroom (state may move between estimate and inclusion), never above the cap.
+        let gas_limit = if calls <= 1 {
+            self.config.gas_limit
+        } else {
+            estimate.saturating_add(estimate / 4).min(cap)
+        };
+        let fees = fees.map_err(Submit::NotSent)?;
         let tx = tx
-            .with_gas_limit(self.config.gas_limit)
+            .with_gas_limit(gas_limit)
             .with_max_fee_per_gas(fees.max_fee_per_gas)
             .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
-        let hash = match relayer.send(&self.provider, tx, limit).await {
+        let hash = match relayer.send(&self.provider, tx, limit, before).await {
             Ok(hash) => hash,
-            Err(SendError::Refused(failure)) => return Err(self.not_sent(failure)),
+            Err(SendError::Refused(failure)) => return Err(Submit::NotSent(failure)),
             Err(SendError::Unknown { hash, source }) => {
                 // Did it reach the node? Then it may be mined: wait for it like any other.
                 match with_timeout(limit, self.provider.get_transaction_by_hash(hash)).await {
                     Ok(Some(_)) => hash,
-                    _ => return Err(self.unknown(hash, source)),
+                    _ => return Err(Submit::Unknown { hash, source }),
                 }
             }
         };
         self.shared.stats.update(|s| s.sent += 1);
-        match self.wait_receipt(hash).await {
-            Some(receipt) => self.mined(&receipt, started),
-            None => self.reconcile(payment, hash, started).await,
-        }
+        Ok(match self.wait_receipt(hash).await {
+            Some(receipt) => Sent::Mined(Box::new(receipt)),
+            None => Sent::Unconfirmed(hash),
+        })
+    }
+}
+
+/// A transaction that went out.
+enum Sent {
+    /// With its receipt.
+    Mined(Box<TransactionReceipt>),
+    /// Not confirmed within the receipt timeout.
+    Unconfirmed(B256),
+}
+
+/// Why a transaction did not go out, or may have.
+enum Submit {
+    /// Nothing was sent.
+    NotSent(Failure),
+    /// The send's outcome is unknown and the node does not know the hash (yet).
+    Unknown {
+        /// The hash of the signed transaction.
+        hash: B256,
+        /// Why the send failed.
+        source: BoxError,
+    },
+}
+
+#[async_trait]
+impl Settler for OnchainSettler {
+    async fn check(&self, payment: &VerifiedPayment) -> Result<(), SettleError> {
+        self.check_owed(payment, U256::ZERO).await
+    }
+
+    async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
+        self.settle_one(payment, None).await.map(|(s, _)| s)
     }
 }
 

@@ -7,6 +7,8 @@
 //! settlements still overlap on-chain. The cached nonce is dropped whenever a send fails in a
 //! way that may or may not have consumed it; the next send re-reads the `pending` count.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use alloy_network::eip2718::Encodable2718;
@@ -58,6 +60,15 @@ pub(super) fn quote(
         max_priority_fee_per_gas: tip.min(max_fee_per_gas),
     })
 }
+
+/// Called with a transaction's hash after it is signed and before it is broadcast (a journal
+/// records it there, so a crash can never leave a sent transaction it does not know about). An
+/// error means: do not broadcast.
+pub(super) type BeforeSend<'a> = &'a (
+        dyn Fn(B256) -> Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'a>>
+            + Send
+            + Sync
+    );
 
 /// How a send failed.
 #[derive(Debug)]
@@ -116,12 +127,14 @@ impl Relayer {
     }
 
     /// Signs `tx` (complete but for `from` and `nonce`) with the next nonce and sends it,
-    /// returning its hash once the node accepted it.
+    /// returning its hash once the node accepted it. `before` sees each signed hash before it
+    /// is broadcast.
     pub(super) async fn send(
         &self,
         provider: &DynProvider,
         tx: TransactionRequest,
         rpc_timeout: Duration,
+        before: Option<BeforeSend<'_>>,
     ) -> Result<B256, SendError> {
         let mut next = self.next_nonce.lock().await;
         let mut retried = false;
@@ -143,6 +156,12 @@ impl Relayer {
                 .await
                 .map_err(|e| SendError::Refused(Failure::rpc(e)))?;
             let hash = *envelope.tx_hash();
+            if let Some(before) = before {
+                // Nothing was broadcast: the nonce is still ours.
+                before(hash)
+                    .await
+                    .map_err(|e| SendError::Refused(Failure::rpc(e)))?;
+            }
             let raw = envelope.encoded_2718();
             match tokio::time::timeout(rpc_timeout, provider.send_raw_transaction(&raw)).await {
                 Ok(Ok(_)) => {

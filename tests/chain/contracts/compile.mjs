@@ -1,6 +1,6 @@
-// Compiles tests/chain/contracts/TestUSDC.sol with solc-js and writes its RUNTIME bytecode (hex, no 0x,
-// one line) to <outdir>/TestUSDC.runtime.hex. The tests etch that bytecode with anvil_setCode,
-// so only the runtime part matters (no constructor runs).
+// Compiles tests/chain/contracts/{TestUSDC,MiniMulticall3}.sol with solc-js and writes their RUNTIME
+// bytecode (hex, no 0x, one line) to <outdir>/<Name>.runtime.hex. The tests etch that bytecode with
+// anvil_setCode, so only the runtime part matters (no constructor runs).
 // Usage: node compile.mjs <node_modules dir holding solc> <outdir>   (run by compile.sh)
 import { createRequire } from "node:module";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -15,9 +15,14 @@ if (!modules || !outDir) {
 }
 const solc = createRequire(join(resolve(modules), "x.js"))("solc");
 
+const contracts = { "TestUSDC.sol": "TestUSDC", "MiniMulticall3.sol": "MiniMulticall3" };
+const sources = {};
+for (const file of Object.keys(contracts)) {
+  sources[file] = { content: readFileSync(join(here, file), "utf8") };
+}
 const input = {
   language: "Solidity",
-  sources: { "TestUSDC.sol": { content: readFileSync(join(here, "TestUSDC.sol"), "utf8") } },
+  sources,
   settings: {
     optimizer: { enabled: true, runs: 200 },
     // Shanghai (PUSH0) runs on anvil's default hardfork and on Base.
@@ -25,14 +30,16 @@ const input = {
     // No metadata hash or CBOR trailer: the bytecode depends on the source text only through
     // the code itself, so comment edits do not churn the committed hex.
     metadata: { bytecodeHash: "none", appendCBOR: false },
-    outputSelection: { "*": { TestUSDC: ["evm.deployedBytecode.object"] } },
+    outputSelection: { "*": { "*": ["evm.deployedBytecode.object"] } },
   },
 };
 const out = JSON.parse(solc.compile(JSON.stringify(input)));
 for (const e of out.errors ?? []) console.error(e.formattedMessage);
 if ((out.errors ?? []).some((e) => e.severity === "error")) process.exit(1);
 
-const hex = out.contracts["TestUSDC.sol"].TestUSDC.evm.deployedBytecode.object;
 mkdirSync(outDir, { recursive: true });
-writeFileSync(join(outDir, "TestUSDC.runtime.hex"), hex + "\n");
-console.log(`TestUSDC: ${hex.length / 2} bytes of runtime code (solc ${solc.version()})`);
+for (const [file, name] of Object.entries(contracts)) {
+  const hex = out.contracts[file][name].evm.deployedBytecode.object;
+  writeFileSync(join(outDir, `${name}.runtime.hex`), hex + "\n");
+  console.log(`${name}: ${hex.length / 2} bytes of runtime code (solc ${solc.version()})`);
+}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Rebuilds tests/chain/contracts/TestUSDC.runtime.hex from tests/chain/contracts/TestUSDC.sol with the pinned solc-js.
+# Rebuilds tests/chain/contracts/{TestUSDC,MiniMulticall3}.runtime.hex from their .sol sources with the
+# pinned solc-js.
 # Maintainers only: the tests etch the committed hex and never compile.
 #   tests/chain/contracts/compile.sh           compile into a temp dir and say whether it matches the committed hex
-#   tests/chain/contracts/compile.sh --write   compile and overwrite tests/chain/contracts/TestUSDC.runtime.hex
+#   tests/chain/contracts/compile.sh --write   compile and overwrite the committed *.runtime.hex
 # solc-js is installed (once) into $X402_TEST_DEPS/solc (default <repo>/target/test-deps/solc).
 # Needs node >= 20 and npm.
 set -euo pipefail
@@ -30,12 +31,16 @@ case "${1:-}" in
     tmp="$(mktemp -d)"
     trap 'rm -rf "$tmp"' EXIT
     node "$HERE/compile.mjs" "$SOLC_DIR/node_modules" "$tmp"
-    if cmp -s "$tmp/TestUSDC.runtime.hex" "$HERE/TestUSDC.runtime.hex"; then
-      echo "TestUSDC.runtime.hex: identical to the committed bytecode"
-    else
-      echo "TestUSDC.runtime.hex: DIFFERS from the committed bytecode (tests/chain/contracts/compile.sh --write to update)"
-      exit 1
-    fi
+    rc=0
+    for name in TestUSDC MiniMulticall3; do
+      if cmp -s "$tmp/$name.runtime.hex" "$HERE/$name.runtime.hex"; then
+        echo "$name.runtime.hex: identical to the committed bytecode"
+      else
+        echo "$name.runtime.hex: DIFFERS from the committed bytecode (tests/chain/contracts/compile.sh --write to update)"
+        rc=1
+      fi
+    done
+    exit $rc
     ;;
   *)
     echo "usage: $0 [--write]" >&2

@@ -1,0 +1,471 @@
+//! Unit economics of settlement: what each mode costs in gas and adds in latency.
+//!
+//! ```sh
+//! cargo run --release --example economics --features axum,test-util,onchain,deferred
+//! cargo run --release --example economics --features axum,test-util,onchain,deferred -- \
+//!     --payments 64 --batch 32 --gas-price-gwei 0.01 --eth-usd 2500 --price-usd 0.001
+//! ```
+//!
+//! Without `--rpc-url` it starts its own anvil (from `target/test-deps`, installed by
+//! `scripts/install-test-deps.sh`) with the test token at the Base Sepolia USDC address and
+//! Multicall3 at its canonical address — the harness of the tests, `tests/chain/mod.rs`, is
+//! compiled in. With `--rpc-url URL` it uses that chain (Base Sepolia or a fork of it): the
+//! relayer key is read from `X402_RELAYER_KEY` and the payer key (which needs test USDC) from
+//! `X402_PAYER_KEY`.
+//!
+//! For each mode — after the handler, before it, deferred one transfer per payment, deferred
+//! in batches — it sends `--payments` paid requests one after the other through a real
+//! `PaymentLayer` and prints:
+//!
+//! - gas per payment (relayer gas of the mined transactions over the payments settled),
+//! - added request latency p50/p99: the paid request minus the same handler without payment,
+//!   and the pre-check (`check`) and `settle` steps alone (a last row runs deferred batches
+//!   without the on-chain pre-check: verification and the journal only),
+//! - settlement latency p50/p99 (request → receipt; deferred: journaled → mined),
+//! - failures, and the break-even price: the price at which the gas equals the revenue, for a
+//!   gas price and an ETH price given as arguments. Defaults, Base-like: 0.01 gwei (Base
+//!   Mainnet's minimum base fee is 0.002 gwei, docs.base.org "Network Fees"; 0.01 gwei allows
+//!   for busier blocks) and $2500 per ETH (the reference price of that page). Only the L2
+//!   execution gas is measured: on Base an L1 data fee comes on top, per byte of calldata.
+
+#[path = "../tests/chain/mod.rs"]
+mod chain;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response};
+use http_body_util::Full;
+use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_x402::proto::X402Version;
+use tower_x402::settle::deferred::{DeferredSettler, Outcome};
+use tower_x402::settle::onchain::OnchainSettler;
+use tower_x402::settle::{SettleError, Settlement, SettlementMode, Settler};
+use tower_x402::test_util::{PrivateKeySigner, pay};
+use tower_x402::{Asset, PaymentLayer, PaymentOption, VerifiedPayment};
+
+type BoxError = Box<dyn std::error::Error>;
+
+struct Args {
+    rpc_url: Option<String>,
+    payments: usize,
+    batch: usize,
+    max_wait: Duration,
+    gas_price_gwei: f64,
+    eth_usd: f64,
+    price_usd: f64,
+}
+
+fn parse_args() -> Result<Args, BoxError> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let get = |name: &str| -> Result<Option<&str>, BoxError> {
+        match argv.iter().position(|a| a == name) {
+            Some(i) => Ok(Some(
+                argv.get(i + 1)
+                    .ok_or_else(|| format!("{name} needs a value"))?,
+            )),
+            None => Ok(None),
+        }
+    };
+    Ok(Args {
+        rpc_url: get("--rpc-url")?.map(str::to_owned),
+        payments: get("--payments")?.map_or(Ok(40), str::parse)?,
+        batch: get("--batch")?.map_or(Ok(20), str::parse)?,
+        max_wait: Duration::from_millis(get("--max-wait-ms")?.map_or(Ok(500), str::parse)?),
+        gas_price_gwei: get("--gas-price-gwei")?.map_or(Ok(0.01), str::parse)?,
+        eth_usd: get("--eth-usd")?.map_or(Ok(2500.0), str::parse)?,
+        price_usd: get("--price-usd")?.map_or(Ok(0.001), str::parse)?,
+    })
+}
+
+/// Records how long `check` and `settle` take.
+#[derive(Clone)]
+struct Timed<S> {
+    inner: S,
+    check: Arc<Mutex<Vec<Duration>>>,
+    settle: Arc<Mutex<Vec<Duration>>>,
+}
+
+impl<S> Timed<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            check: Arc::default(),
+            settle: Arc::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl<S: Settler> Settler for Timed<S> {
+    async fn check(&self, payment: &VerifiedPayment) -> Result<(), SettleError> {
+        let t = Instant::now();
+        let r = self.inner.check(payment).await;
+        self.check.lock().expect("lock").push(t.elapsed());
+        r
+    }
+    async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
+        let t = Instant::now();
+        let r = self.inner.settle(payment).await;
+        self.settle.lock().expect("lock").push(t.elapsed());
+        r
+    }
+}
+
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((s.len() - 1) as f64 * p).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+fn us(d: Duration) -> String {
+    if d >= Duration::from_millis(10) {
+        format!("{:.1} ms", d.as_secs_f64() * 1e3)
+    } else {
+        format!("{} µs", d.as_micros())
+    }
+}
+
+async fn handler(_req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::new(Full::new(Bytes::from_static(
+        b"paid content",
+    ))))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Requests, each with a fresh signed payment (signed before timing starts).
+fn requests(
+    payers: &[PrivateKeySigner],
+    option: &PaymentOption,
+    n: usize,
+) -> Vec<Request<Full<Bytes>>> {
+    (0..n)
+        .map(|i| {
+            let (name, value): (HeaderName, HeaderValue) = pay(
+                &payers[i % payers.len()],
+                option.requirements(),
+                now(),
+                X402Version::V2,
+            );
+            Request::get("http://api.test/paid")
+                .header(name, value)
+                .body(Full::new(Bytes::new()))
+                .expect("valid request")
+        })
+        .collect()
+}
+
+/// One mode's numbers.
+struct Row {
+    mode: String,
+    payments: usize,
+    transactions: u64,
+    gas_per_payment: Option<u64>,
+    added: (Duration, Duration),
+    check: Duration,
+    settle: (Duration, Duration),
+    settlement: (Duration, Duration),
+    failures: u64,
+}
+
+struct Env {
+    rpc_url: String,
+    relayer: PrivateKeySigner,
+    payers: Vec<PrivateKeySigner>,
+    option: PaymentOption,
+    baseline: Duration,
+}
+
+async fn run_mode(env: &Env, args: &Args, mode: &str) -> Result<Row, BoxError> {
+    let chain = OnchainSettler::connect(&env.rpc_url, env.relayer.clone()).await?;
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+    let (settler, layer_mode, deferred): (Arc<dyn Settler>, _, _) = match mode {
+        "after" => (Arc::new(chain.clone()), SettlementMode::AfterHandler, None),
+        "before" => (Arc::new(chain.clone()), SettlementMode::BeforeHandler, None),
+        _ => {
+            let batch = if mode == "deferred-1" { 1 } else { args.batch };
+            let precheck = mode != "deferred-optimistic";
+            let dir =
+                std::env::temp_dir().join(format!("tower-x402-economics-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join(format!("{mode}.journal"));
+            let _ = std::fs::remove_file(&path);
+            let sink = outcomes.clone();
+            let d = DeferredSettler::builder(chain.clone())
+                .journal(&path)
+                .max_batch(batch)
+                .max_wait(args.max_wait)
+                .precheck(precheck)
+                .on_outcome(move |o| sink.lock().expect("lock").push(o.clone()))
+                .start()?;
+            (Arc::new(d.clone()), SettlementMode::AfterHandler, Some(d))
+        }
+    };
+    let timed = Timed::new(settler);
+    let layer = PaymentLayer::builder()
+        .accept(env.option.clone())
+        .settler(timed.clone())
+        .settlement_mode(layer_mode)
+        .build()?;
+    let mut svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(handler));
+    let mut latencies = Vec::with_capacity(args.payments);
+    let mut failures = 0u64;
+    let started = Instant::now();
+    for req in requests(&env.payers, &env.option, args.payments) {
+        let t = Instant::now();
+        let res = svc.ready().await?.call(req).await?;
+        latencies.push(t.elapsed());
+        if !res.status().is_success() {
+            failures += 1;
+        }
+    }
+    if let Some(d) = &deferred {
+        d.flush();
+        tokio::time::timeout(Duration::from_secs(120), d.idle()).await?;
+    }
+    let _elapsed = started.elapsed();
+    let stats = chain.stats();
+    let added = |p| percentile(&latencies, p).saturating_sub(env.baseline);
+    let checks = timed.check.lock().expect("lock").clone();
+    let settles = timed.settle.lock().expect("lock").clone();
+    let settlement = match &deferred {
+        None => settles.clone(),
+        Some(_) => outcomes
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|o| o.latency)
+            .collect(),
+    };
+    let failed_outcomes = outcomes
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|o| !o.is_settled())
+        .count() as u64;
+    Ok(Row {
+        mode: match mode {
+            "after" => "AfterHandler".into(),
+            "before" => "BeforeHandler".into(),
+            "deferred-1" => "Deferred, unbatched".into(),
+            "deferred-optimistic" => format!("Deferred, batches of {}, no pre-check", args.batch),
+            _ => format!("Deferred, batches of {}", args.batch),
+        },
+        payments: args.payments,
+        transactions: stats.sent,
+        gas_per_payment: stats.gas_per_settlement(),
+        added: (added(0.5), added(0.99)),
+        check: percentile(&checks, 0.5),
+        settle: (percentile(&settles, 0.5), percentile(&settles, 0.99)),
+        settlement: (percentile(&settlement, 0.5), percentile(&settlement, 0.99)),
+        failures: failures + failed_outcomes + stats.refused + stats.unknown,
+    })
+}
+
+/// The journal alone: `settle` of a deferred settler whose worker never runs (a dead RPC,
+/// batches that never fill), sequential and 16 at a time, next to a raw `write` +
+/// `fdatasync` of the same size on the same disk.
+async fn journal_bench(env: &Env, n: usize) -> Result<(), BoxError> {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("tower-x402-economics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let raw_path = dir.join("raw.bin");
+    let mut raw = std::fs::File::create(&raw_path)?;
+    let record = vec![b'x'; 760];
+    let mut raw_times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        raw.write_all(&record)?;
+        raw.sync_data()?;
+        raw_times.push(t.elapsed());
+    }
+    drop(raw);
+    let _ = std::fs::remove_file(&raw_path);
+
+    let dead = OnchainSettler::connect("http://127.0.0.1:1", env.relayer.clone()).await?;
+    let path = dir.join("bench.journal");
+    let _ = std::fs::remove_file(&path);
+    let settler = DeferredSettler::builder(dead)
+        .journal(&path)
+        .max_batch(usize::MAX)
+        .max_wait(Duration::from_secs(3600))
+        .precheck(false)
+        .start()?;
+    let payments: Vec<VerifiedPayment> = (0..n * 2)
+        .map(|i| {
+            let payer = &env.payers[i % env.payers.len()];
+            let payload =
+                tower_x402::test_util::exact_payload(payer, env.option.requirements(), now());
+            let a = &payload.authorization;
+            VerifiedPayment::exact(
+                X402Version::V2,
+                tower_x402::Network::BASE_SEPOLIA,
+                env.option.requirements().asset,
+                a.clone(),
+                payload.signature.clone(),
+            )
+        })
+        .collect();
+    let mut seq = Vec::with_capacity(n);
+    for p in &payments[..n] {
+        let t = Instant::now();
+        settler.settle(p).await?;
+        seq.push(t.elapsed());
+    }
+    let concurrent: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for chunk in payments[n..].chunks(n.div_ceil(16)) {
+        let (settler, chunk, times) = (settler.clone(), chunk.to_vec(), concurrent.clone());
+        tasks.spawn(async move {
+            for p in &chunk {
+                let t = Instant::now();
+                let _ = settler.settle(p).await;
+                times.lock().expect("lock").push(t.elapsed());
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let wall = started.elapsed();
+    let concurrent = concurrent.lock().expect("lock").clone();
+    println!(
+        "journal ({n} appends each): raw write+fdatasync p50 {} p99 {}; deferred settle sequential p50 {} p99 {}; 16 concurrent p50 {} p99 {}, {:.0} payments/s",
+        us(percentile(&raw_times, 0.5)),
+        us(percentile(&raw_times, 0.99)),
+        us(percentile(&seq, 0.5)),
+        us(percentile(&seq, 0.99)),
+        us(percentile(&concurrent, 0.5)),
+        us(percentile(&concurrent, 0.99)),
+        concurrent.len() as f64 / wall.as_secs_f64(),
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args = parse_args()?;
+    let local;
+    let (rpc_url, relayer, payers) = match &args.rpc_url {
+        Some(url) => {
+            let relayer: PrivateKeySigner = std::env::var("X402_RELAYER_KEY")
+                .map_err(|_| "--rpc-url needs X402_RELAYER_KEY")?
+                .trim()
+                .parse()?;
+            let payer: PrivateKeySigner = std::env::var("X402_PAYER_KEY")
+                .map_err(|_| "--rpc-url needs X402_PAYER_KEY (an account holding test USDC)")?
+                .trim()
+                .parse()?;
+            (url.clone(), relayer, vec![payer])
+        }
+        None => {
+            local = chain::Chain::start("economics")
+                .await
+                .ok_or("anvil not found: run scripts/install-test-deps.sh or pass --rpc-url")?;
+            let payers = [
+                tower_x402::test_util::DEMO_PAYER_KEY,
+                chain::PAYER3_KEY,
+                chain::PAYER4_KEY,
+            ]
+            .iter()
+            .map(|k| k.parse())
+            .collect::<Result<Vec<PrivateKeySigner>, _>>()?;
+            (local.url().to_owned(), chain::RELAYER_KEY.parse()?, payers)
+        }
+    };
+    let option = PaymentOption::exact(
+        &Asset::usdc_base_sepolia(),
+        &format!("${}", args.price_usd),
+        chain::PAY_TO,
+    )?;
+
+    // The same handler without the layer, with the same header: the baseline.
+    let mut bare = service_fn(handler);
+    let mut base = Vec::new();
+    for req in requests(&payers, &option, args.payments.max(200)) {
+        let t = Instant::now();
+        let _ = bare.ready().await?.call(req).await?;
+        base.push(t.elapsed());
+    }
+    let env = Env {
+        rpc_url,
+        relayer,
+        payers,
+        option,
+        baseline: percentile(&base, 0.5),
+    };
+    println!(
+        "{} payments per mode at ${} each, sequential requests; bare handler p50 {}\n",
+        args.payments,
+        args.price_usd,
+        us(env.baseline)
+    );
+    journal_bench(&env, 1000).await?;
+    println!();
+    let mut rows = Vec::new();
+    for mode in [
+        "after",
+        "before",
+        "deferred-1",
+        "deferred-batch",
+        "deferred-optimistic",
+    ] {
+        let row = run_mode(&env, &args, mode).await?;
+        eprintln!("{}: done", row.mode);
+        rows.push(row);
+    }
+
+    let usd_per_gas = args.gas_price_gwei * 1e-9 * args.eth_usd;
+    let single = rows.first().and_then(|r| r.gas_per_payment);
+    println!(
+        "| mode | txs | gas / payment | vs one tx each | added latency p50 / p99 | check p50 | settle step p50 / p99 | settlement p50 / p99 | failures | gas cost / payment | break-even price |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let gas = r.gas_per_payment.unwrap_or(0);
+        let cost = gas as f64 * usd_per_gas;
+        let ratio = single
+            .filter(|s| *s > 0)
+            .map(|s| format!("{:.0} %", 100.0 * gas as f64 / s as f64))
+            .unwrap_or_default();
+        println!(
+            "| {} | {} for {} | {} | {} | {} / {} | {} | {} / {} | {} / {} | {} | ${:.7} | ${:.7} ({:.2} % of ${}) |",
+            r.mode,
+            r.transactions,
+            r.payments,
+            gas,
+            ratio,
+            us(r.added.0),
+            us(r.added.1),
+            us(r.check),
+            us(r.settle.0),
+            us(r.settle.1),
+            us(r.settlement.0),
+            us(r.settlement.1),
+            r.failures,
+            cost,
+            cost,
+            100.0 * cost / args.price_usd,
+            args.price_usd,
+        );
+    }
+    println!(
+        "\ngas price {} gwei, ETH ${}: 1 gas = ${:.3e}. Break-even price: the price at which the settlement gas eats the whole payment (L2 execution gas only; Base adds an L1 data fee).",
+        args.gas_price_gwei, args.eth_usd, usd_per_gas
+    );
+    Ok(())
+}
