@@ -41,6 +41,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use alloy_provider::Provider as _;
 use axum::Router;
 use axum::routing::get;
 use base64::Engine as _;
@@ -726,24 +727,33 @@ fn recover_loop(args: &[String]) -> Result<(), BoxError> {
         }
         n += made.len() as u64;
     }
-    println!("RECOVER {:.1}", n as f64 / t0.elapsed().as_secs_f64());
+    let cpu = cpu_secs(std::process::id()).max(1e-9);
+    // Wall rate and the rate per CPU second (what the core gave us, neighbours aside).
+    println!(
+        "RECOVER {:.1} {:.1}",
+        n as f64 / t0.elapsed().as_secs_f64(),
+        n as f64 / cpu
+    );
     Ok(())
 }
 
-fn recovery_limit(cfg: &Config) -> Result<f64, BoxError> {
+/// Recoveries per wall second and per CPU second of one core.
+fn recovery_limit(cfg: &Config) -> Result<(f64, f64), BoxError> {
     let exe = std::env::current_exe()?;
     let out = pinned(cfg, 1, &exe.to_string_lossy())
         .args(["recover", "--secs", &cfg.recover.as_secs_f64().to_string()])
         .stderr(Stdio::inherit())
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let rate = text
+    let line = text
         .lines()
         .find_map(|l| l.strip_prefix("RECOVER "))
-        .ok_or_else(|| format!("recover loop failed: {text}"))?
-        .trim()
-        .parse()?;
-    Ok(rate)
+        .ok_or_else(|| format!("recover loop failed: {text}"))?;
+    let mut rates = line.split_whitespace().map(str::parse::<f64>);
+    match (rates.next(), rates.next()) {
+        (Some(Ok(wall)), Some(Ok(cpu))) => Ok((wall, cpu)),
+        _ => Err(format!("recover loop said {line:?}").into()),
+    }
 }
 
 /// A `redis-server` on a free loopback port (pinned to the load generator's core), killed on
@@ -863,7 +873,10 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
     let mut rows = Vec::new();
 
     let recover = recovery_limit(&cfg)?;
-    eprintln!("  recovery limit: {recover:.0} /s");
+    eprintln!(
+        "  recovery limit: {:.0} /s wall, {:.0} per CPU second",
+        recover.0, recover.1
+    );
 
     for (name, source, expect) in [
         ("bare", Source::None, StatusCode::OK),
@@ -916,6 +929,20 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
                 "SKIPPED: anvil not installed",
             )),
             Some(chain) => {
+                // x402-chain-eip155 refuses to start unless the EIP-6492 validator, Permit2
+                // and its x402 Permit2 proxy have code. Verifying an EOA's EIP-3009 payment
+                // calls none of them (only the token: balanceOf, transferWithAuthorization
+                // simulated), so a one-byte STOP stands in for each on the local chain.
+                for contract in [
+                    "0xdAcD51A54883eb67D95FAEb2BBfdC4a9a6BD2a3B",
+                    "0x000000000022D473030F116dDEE9F6B43aC78BA3",
+                    "0x402085c248EeA27D92E8b30b2C58ed07f9E20001",
+                ] {
+                    let _: Value = chain
+                        .provider()
+                        .raw_request("anvil_setCode".into(), (contract, "0x00"))
+                        .await?;
+                }
                 let mut cmd = pinned(&cfg, 1, bin);
                 cmd.args(["--rpc", chain.url()]);
                 let server = Server::spawn("peer", cmd)?;
@@ -1051,7 +1078,8 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 /// Prints the table and the ratios; true when a request got an unexpected status.
-fn report(cfg: &Config, rows: &[Row], recover: f64, million: Option<&Million>) -> bool {
+fn report(cfg: &Config, rows: &[Row], recover: (f64, f64), million: Option<&Million>) -> bool {
+    let (recover, recover_cpu) = recover;
     let mut failed = false;
     println!(
         "\n{:<16} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} | {:>10} {:>10} | {:>7}",
@@ -1104,8 +1132,11 @@ fn report(cfg: &Config, rows: &[Row], recover: f64, million: Option<&Million>) -
         }
     }
     println!(
-        "{:<16} {:>9.0}   (libsecp256k1 recover + address keccak, one core)",
-        "recovery limit", recover
+        "{:<16} {:>9.0}   ({:.0} per CPU second = {:.1} µs; libsecp256k1 recover + address keccak)",
+        "recovery limit",
+        recover,
+        recover_cpu,
+        1e6 / recover_cpu
     );
 
     let get = |name: &str| {
@@ -1125,12 +1156,13 @@ fn report(cfg: &Config, rows: &[Row], recover: f64, million: Option<&Million>) -
             "  paid(memory) / recovery limit      = {r:.2}   (target ≥ 0.80: {})",
             verdict(r >= 0.8)
         );
-        // Not capped by the client: the server's own CPU per request against one recovery.
-        let r_cpu = (1e6 / recover) / paid.cpu_us_per_req;
+        // Robust to neighbours: the server's CPU per request against one recovery's CPU.
+        let r_cpu = (1e6 / recover_cpu) / paid.cpu_us_per_req;
         println!(
-            "    by server CPU per request        = {r_cpu:.2}   ({:.1} µs/req vs {:.1} µs/recovery)",
+            "    by CPU time per request          = {r_cpu:.2}   ({:.1} µs/req vs {:.1} µs/recovery; target ≥ 0.80: {})",
             paid.cpu_us_per_req,
-            1e6 / recover
+            1e6 / recover_cpu,
+            verdict(r_cpu >= 0.8)
         );
     }
     if let (Some(ch), Some(bare)) = (get("challenge"), get("bare")) {
@@ -1139,11 +1171,12 @@ fn report(cfg: &Config, rows: &[Row], recover: f64, million: Option<&Million>) -
             "  challenge / bare                   = {r:.2}   (target ≥ 0.90: {})",
             verdict(r >= 0.9)
         );
+        let r_cpu = bare.cpu_us_per_req / ch.cpu_us_per_req;
         println!(
-            "    by server CPU per request        = {:.2}   ({:.1} vs {:.1} µs/req)",
-            bare.cpu_us_per_req / ch.cpu_us_per_req,
+            "    by CPU time per request          = {r_cpu:.2}   ({:.1} vs {:.1} µs/req; target ≥ 0.90: {})",
             ch.cpu_us_per_req,
-            bare.cpu_us_per_req
+            bare.cpu_us_per_req,
+            verdict(r_cpu >= 0.9)
         );
     }
     match (single("paid-deferred"), single("paid-memory")) {
