@@ -560,8 +560,7 @@ async fn connection(
 
 /// Drives `conns` connections for warmup + measure; stats over the measured window.
 async fn run_load(
-    server_pid: u32,
-    addr: SocketAddr,
+    server: &Server,
     header: HeaderName,
     source: Source,
     expect: StatusCode,
@@ -569,6 +568,7 @@ async fn run_load(
     warmup: Duration,
     measure: Duration,
 ) -> Result<Stats, BoxError> {
+    let (server_pid, addr) = (server.pid(), server.addr);
     let start = Instant::now() + Duration::from_millis(20);
     let window = (start + warmup, start + warmup + measure);
     let shared = Rc::new(RefCell::new(Shared::default()));
@@ -657,8 +657,7 @@ async fn measure(
 ) -> Result<Row, BoxError> {
     let (source, alone) = source.split();
     let loaded = run_load(
-        server.pid(),
-        server.addr,
+        server,
         header.clone(),
         source,
         expect,
@@ -668,8 +667,7 @@ async fn measure(
     )
     .await?;
     let single = run_load(
-        server.pid(),
-        server.addr,
+        server,
         header,
         alone,
         expect,
@@ -854,7 +852,11 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
     let load0 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!(
         "load harness: {} mode, {} connections, {} s warmup + {} s measured, pinning {}",
-        if cfg.smoke { "SMOKE" } else { "full" },
+        if cfg.smoke {
+            "SMOKE (checks only: numbers from a debug build mean nothing)"
+        } else {
+            "full"
+        },
         cfg.conns,
         cfg.warmup.as_secs_f64(),
         cfg.measure.as_secs_f64(),
