@@ -1,6 +1,9 @@
 //! Responses the layer writes itself: the 402 challenge, refusals, and receipt headers.
+
+use std::cell::RefCell;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, RETRY_AFTER};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Response, Uri};
@@ -9,6 +12,7 @@ use serde::Serialize;
 use crate::body::ResponseBody;
 use crate::layer::{PaymentOption, Shared};
 use crate::proto::header::{self, PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
+use crate::proto::v2::PaymentRequirements;
 use crate::proto::{SettleResponse, X402Version, v1, v2};
 use crate::rejection::Rejection;
 
@@ -98,6 +102,84 @@ pub(crate) fn challenge(
     (v2, v1)
 }
 
+/// A challenge as sent (`PAYMENT-REQUIRED` value and v1 body) and everything it was built
+/// from, so a hit is exactly what building it again would give.
+struct CachedChallenge {
+    url: String,
+    reason: Option<&'static str>,
+    requirements: Vec<PaymentRequirements>,
+    description: Option<String>,
+    mime_type: Option<String>,
+    /// Which forms were built (v1 body, v2 header).
+    versions: (bool, bool),
+    header: Option<HeaderValue>,
+    body: Bytes,
+}
+
+/// Challenges kept per thread (a handful of priced routes; more just rebuild).
+const CHALLENGE_SLOTS: usize = 8;
+
+thread_local! {
+    /// A priced route answers every unpaid request with the same 402. Building it costs about
+    /// 50,000 instructions (two JSON documents, four EIP-55 checksums, base64); finding it
+    /// here costs a URL and a few comparisons. Slots are reused round-robin.
+    static CHALLENGES: RefCell<(Vec<CachedChallenge>, usize)> = const { RefCell::new((Vec::new(), 0)) };
+}
+
+/// The encoded challenge for `url` and `reason`: from this thread's cache, or built (and kept).
+fn encoded_challenge(
+    shared: &Shared,
+    options: &[PaymentOption],
+    url: String,
+    reason: Option<&'static str>,
+) -> (Option<HeaderValue>, Bytes) {
+    let versions = (shared.accept_v1, shared.accept_v2);
+    let same = |c: &CachedChallenge, url: &str| {
+        c.url == url
+            && c.reason == reason
+            && c.versions == versions
+            && c.description == shared.description
+            && c.mime_type == shared.mime_type
+            && c.requirements.len() == options.len()
+            && c.requirements
+                .iter()
+                .zip(options)
+                .all(|(r, o)| r == o.requirements())
+    };
+    CHALLENGES.with_borrow_mut(|(slots, next)| {
+        if let Some(c) = slots.iter().find(|c| same(c, &url)) {
+            return (c.header.clone(), c.body.clone());
+        }
+        let (v2, v1) = challenge(shared, options, &url, reason);
+        // Only the forms the route accepts: a client offered a v2 header by a v1-only route
+        // would pay in v2 and be refused.
+        let header = shared.accept_v2.then(|| header::encode(&v2));
+        let body = if shared.accept_v1 {
+            serde_json::to_vec(&v1)
+        } else {
+            serde_json::to_vec(&v2)
+        };
+        let body = Bytes::from(body.unwrap_or_default());
+        let entry = CachedChallenge {
+            url,
+            reason,
+            requirements: options.iter().map(|o| o.requirements().clone()).collect(),
+            description: shared.description.clone(),
+            mime_type: shared.mime_type.clone(),
+            versions,
+            header: header.clone(),
+            body: body.clone(),
+        };
+        if slots.len() < CHALLENGE_SLOTS {
+            slots.push(entry);
+        } else {
+            slots[*next] = entry;
+            *next = (*next + 1) % CHALLENGE_SLOTS;
+        }
+        (header, body)
+    })
+}
+
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,
@@ -124,18 +206,10 @@ pub(crate) fn reject<B>(
     let info = rejection.info();
     let mut res = match &rejection {
         Rejection::Pay { reason } => {
-            let (v2, v1) = challenge(shared, options, &resource.url(shared), *reason);
-            // Only the forms the route accepts: a client offered a v2 header by a v1-only
-            // route would pay in v2 and be refused.
-            let body = if shared.accept_v1 {
-                serde_json::to_vec(&v1)
-            } else {
-                serde_json::to_vec(&v2)
-            };
-            let mut res = Response::new(ResponseBody::full(body.unwrap_or_default()));
-            if shared.accept_v2 {
-                res.headers_mut()
-                    .insert(PAYMENT_REQUIRED, header::encode(&v2));
+            let (header, body) = encoded_challenge(shared, options, resource.url(shared), *reason);
+            let mut res = Response::new(ResponseBody::full(body));
+            if let Some(header) = header {
+                res.headers_mut().insert(PAYMENT_REQUIRED, header);
             }
             res
         }
@@ -195,4 +269,71 @@ pub(crate) fn attach_receipt(
         X402Version::V2 => PAYMENT_RESPONSE,
     };
     headers.insert(name, header::encode_json(&receipt.to_json(version)));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use alloy_primitives::address;
+    use http::{HeaderValue, Request, StatusCode};
+    use serde_json::Value;
+    use tower_layer::Layer;
+    use tower_service::Service;
+
+    use crate::proto::header::{PAYMENT_REQUIRED, PAYMENT_SIGNATURE, decode_bytes};
+    use crate::{Network, PaymentLayer};
+
+    fn now_or_never<F: Future>(f: F) -> F::Output {
+        match pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(v) => v,
+            Poll::Pending => panic!("the challenge path never waits"),
+        }
+    }
+
+    /// The v2 challenge a layer priced at `price` answers on this thread.
+    fn challenge(price: &str, description: &str, payment: Option<&'static str>) -> Value {
+        let layer = PaymentLayer::builder()
+            .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+            .price(price)
+            .network(Network::BASE_SEPOLIA)
+            .description(description)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(tower::service_fn(|_: Request<String>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+        }));
+        let mut req = Request::get("http://api.example/weather")
+            .body(String::new())
+            .unwrap();
+        if let Some(p) = payment {
+            req.headers_mut()
+                .insert(PAYMENT_SIGNATURE, HeaderValue::from_static(p));
+        }
+        let res = now_or_never(svc.call(req)).unwrap();
+        assert_eq!(res.status(), StatusCode::PAYMENT_REQUIRED);
+        let h = res.headers().get(PAYMENT_REQUIRED).unwrap();
+        serde_json::from_slice(&decode_bytes(h, 1 << 16).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn cached_challenges_match_what_is_sold() {
+        // Same thread, same URL: the per-thread cache must still tell these apart.
+        for _ in 0..2 {
+            let a = challenge("$0.001", "a", None);
+            let b = challenge("$0.002", "a", None);
+            let c = challenge("$0.001", "c", None);
+            assert_eq!(a["accepts"][0]["amount"], "1000");
+            assert_eq!(b["accepts"][0]["amount"], "2000");
+            assert_eq!(c["resource"]["description"], "c");
+            assert_eq!(a["resource"]["url"], "http://api.example/weather");
+            assert!(a.get("error").is_none());
+            // {"x402Version":1} in the v2 header: refused with a reason, then no reason again.
+            let refused = challenge("$0.001", "a", Some("eyJ4NDAyVmVyc2lvbiI6MX0="));
+            assert_eq!(refused["error"], "invalid_x402_version");
+            assert!(challenge("$0.001", "a", None).get("error").is_none());
+        }
+    }
 }
