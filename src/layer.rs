@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use tower_layer::Layer;
 
 use crate::Network;
+use crate::challenge::ChallengeKeys;
 use crate::error::ConfigError;
 use crate::network::Asset;
 use crate::nonce::{MemoryNonceStore, NonceStore};
@@ -125,6 +126,7 @@ pub(crate) struct Shared {
     pub(crate) retry_after: Duration,
     pub(crate) accept_v1: bool,
     pub(crate) accept_v2: bool,
+    pub(crate) challenges: Option<ChallengeKeys>,
 }
 
 /// Charges for the requests of the services it wraps, with x402. See the
@@ -187,6 +189,7 @@ pub struct PaymentLayerBuilder {
     retry_after: Duration,
     accept_v1: bool,
     accept_v2: bool,
+    challenges: Option<ChallengeKeys>,
 }
 
 impl Default for PaymentLayerBuilder {
@@ -211,6 +214,7 @@ impl Default for PaymentLayerBuilder {
             retry_after: Duration::from_secs(5),
             accept_v1: true,
             accept_v2: true,
+            challenges: None,
         }
     }
 }
@@ -352,6 +356,16 @@ impl PaymentLayerBuilder {
         self
     }
 
+    /// Binds each 402 requirement to this resource, method and price with a signed,
+    /// expiring challenge id in `extra.challenge`, which v2 clients echo back; a proof without
+    /// a valid one gets 402 `invalid_challenge` or `challenge_expired` (default off). v1
+    /// proofs cannot echo it and are refused unless
+    /// [`ChallengeKeys::accept_unbound_v1`]. See [`crate::challenge`].
+    pub fn bind_challenges(mut self, keys: ChallengeKeys) -> Self {
+        self.challenges = Some(keys);
+        self
+    }
+
     /// Validates the configuration and builds the layer.
     ///
     /// # Errors
@@ -376,7 +390,13 @@ impl PaymentLayerBuilder {
             None if options.is_empty() => return Err(ConfigError::NoOptions),
             None => Pricing::Static(options.into()),
         };
-        if !self.accept_v1 && !self.accept_v2 {
+        // A v1 payload cannot echo a challenge id: a bound layer takes it only if told to.
+        let accept_v1 = self.accept_v1
+            && self
+                .challenges
+                .as_ref()
+                .is_none_or(ChallengeKeys::accepts_unbound_v1);
+        if !accept_v1 && !self.accept_v2 {
             return Err(ConfigError::NoVersion);
         }
         Ok(PaymentLayer {
@@ -392,8 +412,9 @@ impl PaymentLayerBuilder {
                 max_header_bytes: self.max_header_bytes,
                 expose_headers: self.expose_headers,
                 retry_after: self.retry_after,
-                accept_v1: self.accept_v1,
+                accept_v1,
                 accept_v2: self.accept_v2,
+                challenges: self.challenges,
             }),
         })
     }

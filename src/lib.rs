@@ -89,6 +89,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod body;
+pub mod challenge;
 pub mod clock;
 pub mod error;
 #[cfg(feature = "axum")]
@@ -110,6 +111,7 @@ pub mod test_util;
 pub mod verify;
 
 pub use alloy_primitives as primitives;
+pub use challenge::ChallengeKeys;
 pub use future::ResponseFuture;
 pub use layer::{PaymentLayer, PaymentLayerBuilder, PaymentOption, PricingFn};
 pub use network::{Asset, Network};

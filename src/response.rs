@@ -2,10 +2,11 @@
 
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, RETRY_AFTER};
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Response, Uri};
+use http::{HeaderMap, HeaderValue, Method, Response, Uri};
 use serde::Serialize;
 
 use crate::body::ResponseBody;
+use crate::challenge::{Binding, EXTRA_FIELD};
 use crate::layer::{PaymentOption, Shared};
 use crate::proto::header::{self, PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
 use crate::proto::{SettleResponse, X402Version, v1, v2};
@@ -21,6 +22,8 @@ const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 pub(crate) struct Resource {
     uri: Uri,
     host: Option<HeaderValue>,
+    /// Bound challenges cover the method.
+    pub(crate) method: Method,
 }
 
 impl Resource {
@@ -28,11 +31,12 @@ impl Resource {
         Self {
             uri: parts.uri.clone(),
             host: parts.headers.get(HOST).cloned(),
+            method: parts.method.clone(),
         }
     }
 
     /// `resource.url` for this request.
-    fn url(&self, shared: &Shared) -> String {
+    pub(crate) fn url(&self, shared: &Shared) -> String {
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
         if let Some(base) = &shared.resource_base {
             return format!("{base}{path}");
@@ -52,6 +56,7 @@ pub(crate) fn challenge(
     shared: &Shared,
     options: &[PaymentOption],
     resource: &str,
+    method: &Method,
     reason: Option<&'static str>,
 ) -> (v2::PaymentRequired, v1::PaymentRequired) {
     let v2 = v2::PaymentRequired {
@@ -62,7 +67,10 @@ pub(crate) fn challenge(
             description: shared.description.clone(),
             mime_type: shared.mime_type.clone(),
         },
-        accepts: options.iter().map(|o| o.requirements().clone()).collect(),
+        accepts: options
+            .iter()
+            .map(|o| bound(shared, o, resource, method))
+            .collect(),
         extensions: None,
     };
     let v1 = v1::PaymentRequired {
@@ -92,6 +100,28 @@ pub(crate) fn challenge(
     (v2, v1)
 }
 
+/// The v2 requirement of `option`, with a challenge id in `extra` when binding is on. The
+/// v1 body gets none: a v1 payload cannot echo it.
+fn bound(
+    shared: &Shared,
+    option: &PaymentOption,
+    resource: &str,
+    method: &Method,
+) -> v2::PaymentRequirements {
+    let mut req = option.requirements().clone();
+    if let Some(keys) = &shared.challenges {
+        let id = keys.issue(&Binding {
+            url: resource,
+            method: method.as_str(),
+            requirements: option.requirements(),
+        });
+        req.extra
+            .get_or_insert_with(Default::default)
+            .insert(EXTRA_FIELD.into(), serde_json::Value::String(id));
+    }
+    req
+}
+
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: &'a str,
@@ -118,7 +148,13 @@ pub(crate) fn reject<B>(
     let info = rejection.info();
     let mut res = match &rejection {
         Rejection::Pay { reason } => {
-            let (v2, v1) = challenge(shared, options, &resource.url(shared), *reason);
+            let (v2, v1) = challenge(
+                shared,
+                options,
+                &resource.url(shared),
+                &resource.method,
+                *reason,
+            );
             let mut res = Response::new(ResponseBody::full(
                 serde_json::to_vec(&v1).unwrap_or_default(),
             ));

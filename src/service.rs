@@ -8,6 +8,7 @@ use http::{HeaderMap, Request, Response};
 use tower_service::Service;
 
 use crate::body::ResponseBody;
+use crate::challenge::Binding;
 use crate::future::ResponseFuture;
 use crate::layer::{PaymentOption, Pricing, Shared};
 use crate::nonce::Reservation;
@@ -157,10 +158,13 @@ fn decode(shared: &Shared, headers: &HeaderMap) -> Result<Option<PaymentPayload>
 }
 
 /// The server's own options the payload may pay for, best first. The client's `accepted`
-/// copy only picks them: verification runs against the server's requirements.
+/// copy only picks them: verification runs against the server's requirements. With bound
+/// challenges, a v2 `accepted` must also carry a valid challenge id for this request.
 fn select<'a>(
+    shared: &Shared,
     options: &'a [PaymentOption],
     payload: &PaymentPayload,
+    resource: &response::Resource,
 ) -> Result<Vec<&'a PaymentOption>, Rejection> {
     let pay = |reason| Rejection::Pay {
         reason: Some(reason),
@@ -184,6 +188,16 @@ fn select<'a>(
             });
             if candidates.is_empty() {
                 return Err(pay(reason::INVALID_PAYMENT_REQUIREMENTS));
+            }
+            if let (Some(keys), Some(first)) = (&shared.challenges, candidates.first()) {
+                // The candidates agree on everything the id binds (scheme, network, asset,
+                // payTo, amount): one check covers them all.
+                let binding = Binding {
+                    url: &resource.url(shared),
+                    method: resource.method.as_str(),
+                    requirements: first.requirements(),
+                };
+                keys.check_echo(a, &binding).map_err(|e| pay(e.reason()))?;
             }
         }
         // v1 echoes only scheme and network: narrow by what the authorization pays. Options
@@ -226,7 +240,7 @@ where
 {
     let resource = response::Resource::of(&parts);
     let reject = |rejection| Ok(response::reject(&shared, &options, &resource, rejection));
-    let candidates = match select(&options, &payload) {
+    let candidates = match select(&shared, &options, &payload, &resource) {
         Ok(c) => c,
         Err(r) => return reject(r),
     };
