@@ -264,12 +264,14 @@ impl ChallengeKeys {
 
     /// A fresh challenge id for `binding`, signed with the current key.
     pub fn issue(&self, binding: &Binding<'_>) -> String {
-        let ttl = self
-            .ttl
-            .unwrap_or(binding.requirements.max_timeout_seconds);
+        let ttl = self.ttl.unwrap_or(binding.requirements.max_timeout_seconds);
         let expiry = self.clock.now().saturating_add(ttl);
         let salt = salt();
-        let tag = self.current.mac(expiry, &salt, binding).finalize().into_bytes();
+        let tag = self
+            .current
+            .mac(expiry, &salt, binding)
+            .finalize()
+            .into_bytes();
         let mut raw = [0u8; RAW_LEN];
         raw[0] = VERSION;
         raw[1..5].copy_from_slice(&self.current.id);
@@ -311,7 +313,11 @@ impl ChallengeKeys {
             }
             known = true;
             // Constant-time comparison of the truncated tag.
-            if key.mac(expiry, salt, binding).verify_truncated_left(tag).is_ok() {
+            if key
+                .mac(expiry, salt, binding)
+                .verify_truncated_left(tag)
+                .is_ok()
+            {
                 authentic = true;
                 break;
             }
@@ -391,7 +397,10 @@ mod tests {
         let id = keys.issue(&binding(&r));
         assert_eq!(id.len(), ENCODED_LEN);
         assert_eq!(ENCODED_LEN, 60);
-        assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
         assert_eq!(keys.check(&id, &binding(&r)), Ok(()));
         // Expiry is the requirement's maxTimeoutSeconds by default, inclusive.
         clock.set(1_000 + r.max_timeout_seconds);
