@@ -15,7 +15,10 @@
 //!
 //! It is **not** a replay guard (one challenge id may back several payments while it is valid;
 //! each payment's nonce is still claimed once in the [`NonceStore`](crate::NonceStore)), and
-//! it does not bind the payer: whoever sees a challenge can pay with it.
+//! it does not bind the payer: whoever sees a challenge can pay with it. Nor does it bind a
+//! *signed payment* to the resource: the id travels in `accepted`, which the payer does not
+//! sign (EIP-3009 signs only `from`, `to`, `value`, the validity window and the nonce), so
+//! whoever holds an unused proof can attach a fresh id for another route of the same price.
 //!
 //! # Wire format
 //!
