@@ -3,7 +3,7 @@
 //! | Situation | Status | `error` reason | Notes |
 //! |---|---|---|---|
 //! | no payment header on a priced route | 402 | — | challenge: v2 `PAYMENT-REQUIRED` header + v1 JSON body |
-//! | header not canonical base64 / not x402 JSON / repeated / both v1 and v2 headers | 400 | `invalid_payload` | JSON body `{error, message}` |
+//! | header not canonical base64 / not UTF-8 x402 JSON / repeated / both v1 and v2 headers | 400 | `invalid_payload` | JSON body `{error, message}` |
 //! | header longer than the limit | 431 | `invalid_payload` | |
 //! | `x402Version` wrong for the header, or the route does not speak it (v1 under bound challenges, unless allowed) | 402 | `invalid_x402_version` | fresh challenge |
 //! | scheme / network / requirements not offered by this route | 402 | `unsupported_scheme`, `invalid_network`, `invalid_payment_requirements` | fresh challenge |

@@ -357,6 +357,26 @@ fn v1_template_pays_unbound_only() {
     );
 }
 
+/// Found by the `layer` fuzz target: serde skips an unknown field's string without checking
+/// its UTF-8, so a valid proof with invalid bytes there used to pay. JSON is UTF-8: 400.
+#[test]
+fn invalid_utf8_in_an_ignored_field_is_refused() {
+    let [v2_doc, _, _] = checks::template_docs();
+    let mut json = serde_json::to_vec(&v2_doc).unwrap();
+    assert_eq!(json.pop(), Some(b'}'));
+    json.extend_from_slice(b",\"note\":\"\xe3\"}");
+    let headers = [(PAYMENT_SIGNATURE, encode_json(&json))];
+    assert_eq!(
+        checks::send_once(&headers, false),
+        (StatusCode::BAD_REQUEST, false)
+    );
+    // The same document with valid UTF-8 there pays.
+    let n = json.len();
+    json[n - 3] = b'e';
+    let headers = [(PAYMENT_SIGNATURE, encode_json(&json))];
+    assert_eq!(checks::send_once(&headers, false), (StatusCode::OK, true));
+}
+
 // ------------------------------------------------------------------------------------------------
 // Kept fuzz inputs
 

@@ -304,7 +304,7 @@ pub mod flag {
 /// The headers an input describes (after the flags byte).
 fn headers(mode: Mode, rest: &[u8]) -> Vec<(HeaderName, HeaderValue)> {
     let name = |sel: u8| {
-        if sel % 2 == 0 {
+        if sel.is_multiple_of(2) {
             PAYMENT_SIGNATURE
         } else {
             X_PAYMENT
