@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use tower_layer::Layer;
 
 use crate::Network;
+use crate::challenge::ChallengeKeys;
 use crate::error::ConfigError;
 use crate::hooks::PaymentHooks;
 use crate::network::Asset;
@@ -129,6 +130,7 @@ pub(crate) struct Shared {
     pub(crate) accept_v2: bool,
     pub(crate) hooks: Arc<[Arc<dyn PaymentHooks>]>,
     pub(crate) inflight: Option<Inflight>,
+    pub(crate) challenges: Option<ChallengeKeys>,
 }
 
 /// A non-blocking counting semaphore: beyond `max`, callers are turned away, not queued.
@@ -222,6 +224,7 @@ pub struct PaymentLayerBuilder {
     accept_v2: bool,
     hooks: Vec<Arc<dyn PaymentHooks>>,
     max_verifications: Option<usize>,
+    challenges: Option<ChallengeKeys>,
 }
 
 impl Default for PaymentLayerBuilder {
@@ -248,6 +251,7 @@ impl Default for PaymentLayerBuilder {
             accept_v2: true,
             hooks: Vec::new(),
             max_verifications: None,
+            challenges: None,
         }
     }
 }
@@ -405,6 +409,16 @@ impl PaymentLayerBuilder {
         self
     }
 
+    /// Binds each 402 requirement to this resource, method and price with a signed,
+    /// expiring challenge id in `extra.challenge`, which v2 clients echo back; a proof without
+    /// a valid one gets 402 `invalid_challenge` or `challenge_expired` (default off). v1
+    /// proofs cannot echo it and are refused unless
+    /// [`ChallengeKeys::accept_unbound_v1`]. See [`crate::challenge`].
+    pub fn bind_challenges(mut self, keys: ChallengeKeys) -> Self {
+        self.challenges = Some(keys);
+        self
+    }
+
     /// Validates the configuration and builds the layer.
     ///
     /// # Errors
@@ -429,7 +443,13 @@ impl PaymentLayerBuilder {
             None if options.is_empty() => return Err(ConfigError::NoOptions),
             None => Pricing::Static(options.into()),
         };
-        if !self.accept_v1 && !self.accept_v2 {
+        // A v1 payload cannot echo a challenge id: a bound layer takes it only if told to.
+        let accept_v1 = self.accept_v1
+            && self
+                .challenges
+                .as_ref()
+                .is_none_or(ChallengeKeys::accepts_unbound_v1);
+        if !accept_v1 && !self.accept_v2 {
             return Err(ConfigError::NoVersion);
         }
         Ok(PaymentLayer {
@@ -445,13 +465,14 @@ impl PaymentLayerBuilder {
                 max_header_bytes: self.max_header_bytes,
                 expose_headers: self.expose_headers,
                 retry_after: self.retry_after,
-                accept_v1: self.accept_v1,
+                accept_v1,
                 accept_v2: self.accept_v2,
                 hooks: self.hooks.into(),
                 inflight: self.max_verifications.map(|max| Inflight {
                     max,
                     now: AtomicUsize::new(0),
                 }),
+                challenges: self.challenges,
             }),
         })
     }

@@ -94,6 +94,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod body;
+pub mod challenge;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
@@ -125,6 +126,7 @@ pub mod test_util;
 pub mod verify;
 
 pub use alloy_primitives as primitives;
+pub use challenge::ChallengeKeys;
 pub use future::ResponseFuture;
 pub use layer::{PaymentLayer, PaymentLayerBuilder, PaymentOption, PricingFn};
 pub use network::{Asset, Network};

@@ -3,11 +3,13 @@
 //! | Situation | Status | `error` reason | Notes |
 //! |---|---|---|---|
 //! | no payment header on a priced route | 402 | — | challenge: v2 `PAYMENT-REQUIRED` header + v1 JSON body |
-//! | header not canonical base64 / not x402 JSON / repeated / both v1 and v2 headers | 400 | `invalid_payload` | JSON body `{error, message}` |
+//! | header not canonical base64 / not UTF-8 x402 JSON / repeated / both v1 and v2 headers | 400 | `invalid_payload` | JSON body `{error, message}` |
 //! | header longer than the limit | 431 | `invalid_payload` | |
-//! | `x402Version` wrong for the header, or the route does not speak it | 402 | `invalid_x402_version` | fresh challenge |
+//! | `x402Version` wrong for the header, or the route does not speak it (v1 under bound challenges, unless allowed) | 402 | `invalid_x402_version` | fresh challenge |
 //! | scheme / network / requirements not offered by this route | 402 | `unsupported_scheme`, `invalid_network`, `invalid_payment_requirements` | fresh challenge |
 //! | proof does not verify | 402 | the [`VerifyError::reason`](crate::verify::VerifyError::reason) | fresh challenge; a facilitator's reason passes through when it is a known x402 code, else `facilitator_rejected` |
+//! | bound challenges on: `accepted.extra.challenge` missing, tampered, unknown key, or issued for another resource, method or price | 402 | `invalid_challenge` | fresh challenge; see [`crate::challenge`] |
+//! | bound challenges on: the echoed challenge id expired | 402 | `challenge_expired` | fresh challenge |
 //! | proof already used or in use | 402 | `invalid_exact_evm_nonce_already_used` | fresh challenge |
 //! | nonce store, verifier or settler unavailable (nothing sent) | 503 | `service_unavailable` | `Retry-After` (default 5 s); the proof is released: retry it as is |
 //! | too many verifications in flight ([`max_concurrent_verifications`](crate::layer::PaymentLayerBuilder::max_concurrent_verifications)) | 503 | `overloaded` | `Retry-After`; retry the same proof |
@@ -36,6 +38,11 @@ pub mod reason {
     pub const INVALID_NETWORK: &str = "invalid_network";
     /// The echoed requirement (asset, payTo, amount) is not one the route offers.
     pub const INVALID_PAYMENT_REQUIREMENTS: &str = "invalid_payment_requirements";
+    /// Bound challenges: the echoed challenge id is missing, malformed, tampered, made with an
+    /// unknown key, or issued for another resource, method or price.
+    pub const INVALID_CHALLENGE: &str = "invalid_challenge";
+    /// Bound challenges: the echoed challenge id is authentic but expired.
+    pub const CHALLENGE_EXPIRED: &str = "challenge_expired";
     /// The proof was already used, or is being used by a concurrent request.
     pub const NONCE_ALREADY_USED: &str = "invalid_exact_evm_nonce_already_used";
     /// A dependency (nonce store, verifier, settler) is down: retry later.

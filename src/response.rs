@@ -6,10 +6,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, RETRY_AFTER};
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Response, Uri};
+use http::{HeaderMap, HeaderValue, Method, Response, Uri};
 use serde::Serialize;
 
 use crate::body::ResponseBody;
+use crate::challenge::{Binding, EXTRA_FIELD};
 use crate::layer::{PaymentOption, Shared};
 use crate::proto::header::{self, PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
 use crate::proto::v2::PaymentRequirements;
@@ -26,6 +27,8 @@ const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 pub(crate) struct Resource {
     uri: Uri,
     host: Option<HeaderValue>,
+    /// Bound challenges cover the method.
+    pub(crate) method: Method,
 }
 
 impl Resource {
@@ -33,6 +36,7 @@ impl Resource {
         Self {
             uri: parts.uri.clone(),
             host: parts.headers.get(HOST).cloned(),
+            method: parts.method.clone(),
         }
     }
 
@@ -42,7 +46,7 @@ impl Resource {
     }
 
     /// `resource.url` for this request.
-    fn url(&self, shared: &Shared) -> String {
+    pub(crate) fn url(&self, shared: &Shared) -> String {
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
         if let Some(base) = &shared.resource_base {
             return format!("{base}{path}");
@@ -62,6 +66,7 @@ pub(crate) fn challenge(
     shared: &Shared,
     options: &[PaymentOption],
     resource: &str,
+    method: &Method,
     reason: Option<&'static str>,
 ) -> (v2::PaymentRequired, v1::PaymentRequired) {
     let v2 = v2::PaymentRequired {
@@ -72,7 +77,10 @@ pub(crate) fn challenge(
             description: shared.description.clone(),
             mime_type: shared.mime_type.clone(),
         },
-        accepts: options.iter().map(|o| o.requirements().clone()).collect(),
+        accepts: options
+            .iter()
+            .map(|o| bound(shared, o, resource, method))
+            .collect(),
         extensions: None,
     };
     let v1 = v1::PaymentRequired {
@@ -89,7 +97,9 @@ pub(crate) fn challenge(
                     max_amount_required: r.amount,
                     resource: resource.to_owned(),
                     description: shared.description.clone().unwrap_or_default(),
-                    mime_type: shared.mime_type.clone(),
+                    // Always present, as the reference sends it (`mimeType ?? ""`): the v1 JS
+                    // client's schema refuses a challenge without it.
+                    mime_type: Some(shared.mime_type.clone().unwrap_or_default()),
                     output_schema: None,
                     pay_to: r.pay_to,
                     max_timeout_seconds: r.max_timeout_seconds,
@@ -100,6 +110,22 @@ pub(crate) fn challenge(
             .collect(),
     };
     (v2, v1)
+}
+
+/// The `PAYMENT-REQUIRED` value and the body. Only the forms the route accepts: a client
+/// offered a v2 header by a v1-only route would pay in v2 and be refused.
+fn encode(
+    shared: &Shared,
+    v2: &v2::PaymentRequired,
+    v1: &v1::PaymentRequired,
+) -> (Option<HeaderValue>, Bytes) {
+    let header = shared.accept_v2.then(|| header::encode(v2));
+    let body = if shared.accept_v1 {
+        serde_json::to_vec(v1)
+    } else {
+        serde_json::to_vec(v2)
+    };
+    (header, Bytes::from(body.unwrap_or_default()))
 }
 
 /// A challenge as sent (`PAYMENT-REQUIRED` value and v1 body) and everything it was built
@@ -131,8 +157,14 @@ fn encoded_challenge(
     shared: &Shared,
     options: &[PaymentOption],
     url: String,
+    method: &Method,
     reason: Option<&'static str>,
 ) -> (Option<HeaderValue>, Bytes) {
+    if shared.challenges.is_some() {
+        // Bound challenges carry a fresh id each: nothing to share between requests.
+        let (v2, v1) = challenge(shared, options, &url, method, reason);
+        return encode(shared, &v2, &v1);
+    }
     let versions = (shared.accept_v1, shared.accept_v2);
     let same = |c: &CachedChallenge, url: &str| {
         c.url == url
@@ -150,16 +182,8 @@ fn encoded_challenge(
         if let Some(c) = slots.iter().find(|c| same(c, &url)) {
             return (c.header.clone(), c.body.clone());
         }
-        let (v2, v1) = challenge(shared, options, &url, reason);
-        // Only the forms the route accepts: a client offered a v2 header by a v1-only route
-        // would pay in v2 and be refused.
-        let header = shared.accept_v2.then(|| header::encode(&v2));
-        let body = if shared.accept_v1 {
-            serde_json::to_vec(&v1)
-        } else {
-            serde_json::to_vec(&v2)
-        };
-        let body = Bytes::from(body.unwrap_or_default());
+        let (v2, v1) = challenge(shared, options, &url, method, reason);
+        let (header, body) = encode(shared, &v2, &v1);
         let entry = CachedChallenge {
             url,
             reason,
@@ -178,6 +202,28 @@ fn encoded_challenge(
         }
         (header, body)
     })
+}
+
+/// The v2 requirement of `option`, with a challenge id in `extra` when binding is on. The
+/// v1 body gets none: a v1 payload cannot echo it.
+fn bound(
+    shared: &Shared,
+    option: &PaymentOption,
+    resource: &str,
+    method: &Method,
+) -> v2::PaymentRequirements {
+    let mut req = option.requirements().clone();
+    if let Some(keys) = &shared.challenges {
+        let id = keys.issue(&Binding {
+            url: resource,
+            method: method.as_str(),
+            requirements: option.requirements(),
+        });
+        req.extra
+            .get_or_insert_with(Default::default)
+            .insert(EXTRA_FIELD.into(), serde_json::Value::String(id));
+    }
+    req
 }
 
 #[derive(Serialize)]
@@ -206,7 +252,13 @@ pub(crate) fn reject<B>(
     let info = rejection.info();
     let mut res = match &rejection {
         Rejection::Pay { reason } => {
-            let (header, body) = encoded_challenge(shared, options, resource.url(shared), *reason);
+            let (header, body) = encoded_challenge(
+                shared,
+                options,
+                resource.url(shared),
+                &resource.method,
+                *reason,
+            );
             let mut res = Response::new(ResponseBody::full(body));
             if let Some(header) = header {
                 res.headers_mut().insert(PAYMENT_REQUIRED, header);

@@ -10,6 +10,7 @@ use http::{HeaderMap, Method, Request, Response};
 use tower_service::Service;
 
 use crate::body::ResponseBody;
+use crate::challenge::Binding;
 use crate::future::ResponseFuture;
 use crate::hooks::{HookResponse, PaymentFailure, PaymentRequest, Stage};
 use crate::layer::{PaymentOption, Pricing, Shared};
@@ -176,10 +177,13 @@ fn decode(shared: &Shared, headers: &HeaderMap) -> Result<Option<PaymentPayload>
 }
 
 /// The server's own options the payload may pay for, best first. The client's `accepted`
-/// copy only picks them: verification runs against the server's requirements.
+/// copy only picks them: verification runs against the server's requirements. With bound
+/// challenges, a v2 `accepted` must also carry a valid challenge id for this request.
 fn select<'a>(
+    shared: &Shared,
     options: &'a [PaymentOption],
     payload: &PaymentPayload,
+    resource: &response::Resource,
 ) -> Result<Vec<&'a PaymentOption>, Rejection> {
     let pay = |reason| Rejection::Pay {
         reason: Some(reason),
@@ -203,6 +207,16 @@ fn select<'a>(
             });
             if candidates.is_empty() {
                 return Err(pay(reason::INVALID_PAYMENT_REQUIREMENTS));
+            }
+            if let (Some(keys), Some(first)) = (&shared.challenges, candidates.first()) {
+                // The candidates agree on everything the id binds (scheme, network, asset,
+                // payTo, amount): one check covers them all.
+                let binding = Binding {
+                    url: &resource.url(shared),
+                    method: resource.method.as_str(),
+                    requirements: first.requirements(),
+                };
+                keys.check_echo(a, &binding).map_err(|e| pay(e.reason()))?;
             }
         }
         // v1 echoes only scheme and network: narrow by what the authorization pays. Options
@@ -363,7 +377,7 @@ where
             return Ok(flow.hook_refused(res, None).await);
         }
     }
-    let candidates = match select(&options, &payload) {
+    let candidates = match select(&shared, &options, &payload, &flow.resource) {
         Ok(c) => c,
         Err(r) => return Ok(flow.reject(Stage::Select, r, None, None).await),
     };

@@ -41,6 +41,9 @@ pub enum HeaderError {
     /// Not padded standard base64 (URL-safe alphabets, missing padding and stray bytes included).
     #[error("payment header is not canonical standard base64")]
     Base64,
+    /// Decoded bytes are not UTF-8 (JSON is).
+    #[error("payment header does not decode to UTF-8")]
+    Utf8,
     /// Decoded bytes are not the JSON message expected.
     #[error("payment header is not valid x402 JSON: {0}")]
     Json(#[source] serde_json::Error),
@@ -79,7 +82,8 @@ pub fn encode_json(json: &[u8]) -> HeaderValue {
     HeaderValue::try_from(b64).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// Decodes a header value to its JSON bytes, enforcing `max` bytes on the encoded form.
+/// Decodes a header value to its JSON bytes (checked to be UTF-8), enforcing `max` bytes on
+/// the encoded form.
 pub fn decode_bytes(value: &HeaderValue, max: usize) -> Result<Vec<u8>, HeaderError> {
     let raw = value.as_bytes();
     if raw.len() > max {
@@ -90,7 +94,13 @@ pub fn decode_bytes(value: &HeaderValue, max: usize) -> Result<Vec<u8>, HeaderEr
     }
     // The STANDARD engine refuses '-', '_', whitespace, missing or excess padding and
     // non-zero trailing bits, so every proof has exactly one accepted encoding.
-    STANDARD.decode(raw).map_err(|_| HeaderError::Base64)
+    let bytes = STANDARD.decode(raw).map_err(|_| HeaderError::Base64)?;
+    // serde_json skips the strings of unknown fields without checking their UTF-8, so a
+    // proof with invalid bytes there would otherwise pass (found by the `layer` fuzz target).
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(HeaderError::Utf8);
+    }
+    Ok(bytes)
 }
 
 /// The single value of `name`, `Ok(None)` if absent, an error if repeated.
@@ -122,8 +132,8 @@ mod tests {
 
     #[test]
     fn refuses_non_canonical_base64() {
-        // These bytes encode to a string with both `+` and `/`.
-        let ok = STANDARD.encode([0xfb_u8, 0xff, 0xbf, 0x01]);
+        // This UTF-8 text encodes to a string with both `+` and `/`.
+        let ok = STANDARD.encode(" \u{fe}\u{ff}\u{e9}");
         assert!(ok.contains('+') && ok.contains('/') && ok.ends_with('='));
         assert!(decode_bytes(&HeaderValue::try_from(ok.clone()).unwrap(), 100).is_ok());
         let url_safe = ok.replace('+', "-").replace('/', "_");
@@ -135,6 +145,10 @@ mod tests {
                 "{bad}"
             );
         }
+        // Valid base64 of bytes that are not UTF-8 (inside an otherwise ignorable JSON string).
+        let not_utf8 = STANDARD.encode(b"{\"x402Version\":2,\"x\":\"\xe3\"}");
+        let v = HeaderValue::try_from(not_utf8).unwrap();
+        assert!(matches!(decode_bytes(&v, 100), Err(HeaderError::Utf8)));
         let long = HeaderValue::try_from("A".repeat(101)).unwrap();
         assert!(decode_bytes(&long, 100).unwrap_err().is_too_large());
     }

@@ -1,0 +1,3 @@
+//! Shared checks of the fuzz targets (also compiled into `tests/proptest.rs`).
+mod checks;
+pub use checks::*;
