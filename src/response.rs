@@ -69,7 +69,7 @@ pub(crate) fn challenge(
             mime_type: shared.mime_type.clone(),
         },
         accepts: options.iter().map(|o| o.requirements().clone()).collect(),
-        extensions: None,
+        extensions: shared.extensions.clone(),
     };
     let v1 = v1::PaymentRequired {
         x402_version: 1,
@@ -153,6 +153,7 @@ pub(crate) fn reject<B>(
             set_retry_after(res.headers_mut(), *retry_after);
             res
         }
+        Rejection::Conflict { reason } => json_error(reason, None),
         Rejection::RateLimited { retry_after } => {
             let mut res = json_error(crate::rejection::reason::RATE_LIMITED, None);
             set_retry_after(res.headers_mut(), *retry_after);
