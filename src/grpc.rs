@@ -206,7 +206,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqB: Send + 'static,
-    ResB: Send + 'static,
+    ResB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
