@@ -82,7 +82,9 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
             KindProj::Inner { body } => body.poll_frame(cx),
             KindProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
             KindProj::Buffered { body, trailers } => match body.poll_frame(cx) {
-                Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(|never| match never {}))),
+                Poll::Ready(Some(frame)) => {
+                    Poll::Ready(Some(frame.map_err(|never| match never {})))
+                }
                 Poll::Ready(None) => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
                 Poll::Pending => Poll::Pending,
             },

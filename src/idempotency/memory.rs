@@ -333,16 +333,26 @@ mod tests {
                 panic!("first begin wins")
             };
             assert_eq!(s.begin(&key(1), fp, 5000).await.unwrap(), Begin::InProgress);
-            assert_eq!(s.begin(&key(1), other, 5000).await.unwrap(), Begin::Conflict);
+            assert_eq!(
+                s.begin(&key(1), other, 5000).await.unwrap(),
+                Begin::Conflict
+            );
             let stranger = ClaimToken(t.0 + 1);
-            assert!(s.complete(&key(1), stranger, &response(b"x")).await.is_err());
+            assert!(
+                s.complete(&key(1), stranger, &response(b"x"))
+                    .await
+                    .is_err()
+            );
             assert!(s.abort(&key(1), stranger).await.is_err());
             s.complete(&key(1), t, &response(b"hello")).await.unwrap();
             assert_eq!(
                 s.begin(&key(1), fp, 5000).await.unwrap(),
                 Begin::Done(Box::new(response(b"hello")))
             );
-            assert_eq!(s.begin(&key(1), other, 5000).await.unwrap(), Begin::Conflict);
+            assert_eq!(
+                s.begin(&key(1), other, 5000).await.unwrap(),
+                Begin::Conflict
+            );
             assert!(s.abort(&key(1), t).await.is_err(), "done is not aborted");
             // The byte budget: a second response that does not fit is refused.
             let Begin::Started(t2) = s.begin(&key(2), fp, 5000).await.unwrap() else {

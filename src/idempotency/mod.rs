@@ -457,7 +457,11 @@ pub(crate) fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         .map(|s| s.trim().to_ascii_lowercase())
         .collect();
     let mut out = headers.clone();
-    for name in HOP_BY_HOP.iter().copied().chain(named.iter().map(String::as_str)) {
+    for name in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
         out.remove(name);
     }
     out

@@ -241,7 +241,9 @@ fn in_progress(fingerprint: Fingerprint, token: ClaimToken) -> Vec<u8> {
 }
 
 fn millis(d: Duration) -> String {
-    d.as_millis().clamp(1, u128::from(MAX_EXPIRY_MS)).to_string()
+    d.as_millis()
+        .clamp(1, u128::from(MAX_EXPIRY_MS))
+        .to_string()
 }
 
 #[async_trait]

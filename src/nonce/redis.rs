@@ -385,7 +385,11 @@ impl NonceStore for RedisNonceStore {
             .run(
                 &self.scripts.reserve,
                 &self.redis_key(key),
-                &[value(token, 'r').as_bytes(), at.as_bytes(), min_ttl.as_bytes()],
+                &[
+                    value(token, 'r').as_bytes(),
+                    at.as_bytes(),
+                    min_ttl.as_bytes(),
+                ],
                 true,
             )
             .await?;
