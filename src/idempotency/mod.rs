@@ -65,10 +65,12 @@
 //! * A request dropped mid-flight (the client hung up while the handler ran) leaves its id
 //!   in progress until it expires, like its nonce reservation: retries get 503
 //!   `payment_in_progress` until then.
+//! * A retry is verified again and passes the `before_verify`/`after_verify`
+//!   [hooks](crate::hooks) like any request; a replay then tells no other hook.
 //! * v1 payloads have no extensions: v1 payments run without idempotency, and
 //!   `idempotency_required` does not apply to them.
 //! * Stored responses are replayed without the handler's response extensions; one the layer
-//!   wrote itself gets its [`PaymentRejection`](crate::PaymentRejection) back, and every
+//!   wrote itself gets its [`PaymentRejection`] back, and every
 //!   replay carries an [`IdempotentReplay`] marker.
 
 mod memory;
