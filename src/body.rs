@@ -4,6 +4,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use pin_project_lite::pin_project;
@@ -22,6 +23,9 @@ pin_project! {
     enum Kind<B> {
         Inner { #[pin] body: B },
         Full { #[pin] body: Full<Bytes> },
+        // The handler's body, read to the end by the layer (to store it for idempotent
+        // replay), then its trailers.
+        Buffered { #[pin] body: Full<Bytes>, trailers: Option<HeaderMap> },
     }
 }
 
@@ -51,6 +55,15 @@ impl<B> ResponseBody<B> {
         }
     }
 
+    pub(crate) fn buffered(bytes: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self {
+            kind: Kind::Buffered {
+                body: Full::new(bytes),
+                trailers,
+            },
+        }
+    }
+
     /// True when the layer wrote this body (a refusal or challenge), not the handler.
     pub fn is_from_layer(&self) -> bool {
         matches!(self.kind, Kind::Full { .. })
@@ -68,6 +81,13 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
             KindProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
+            KindProj::Buffered { body, trailers } => match body.poll_frame(cx) {
+                Poll::Ready(Some(frame)) => {
+                    Poll::Ready(Some(frame.map_err(|never| match never {})))
+                }
+                Poll::Ready(None) => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
@@ -75,13 +95,14 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Full { body } => body.is_end_stream(),
+            Kind::Buffered { body, trailers } => body.is_end_stream() && trailers.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
-            Kind::Full { body } => body.size_hint(),
+            Kind::Full { body } | Kind::Buffered { body, .. } => body.size_hint(),
         }
     }
 }

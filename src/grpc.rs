@@ -25,6 +25,7 @@
 //! | 402 (pay, or pay again) | `FAILED_PRECONDITION` (9) | `payment-required` | the reason, or `payment required` |
 //! | 400 malformed proof | `INVALID_ARGUMENT` (3) | | `invalid_payload` |
 //! | 431 proof too large | `INVALID_ARGUMENT` (3) | | `invalid_payload` |
+//! | 409 payment identifier reused with another proof or request | `ALREADY_EXISTS` (6) | | `payment_identifier_conflict` |
 //! | 429 + `Retry-After` (a backend rate-limits the layer) | `RESOURCE_EXHAUSTED` (8) | `retry-after` (seconds), `grpc-retry-pushback-ms` | `rate_limited` |
 //! | 503 + `Retry-After` (a dependency is down, overloaded, or a settlement's outcome is unknown) | `UNAVAILABLE` (14) | `retry-after` (seconds), `grpc-retry-pushback-ms` | `service_unavailable`, `overloaded`, `settlement_outcome_unknown` |
 //! | 402 after a refused settlement | `FAILED_PRECONDITION` (9) | `payment-required`, `payment-response` (`success: false`) | the settle reason |
@@ -206,7 +207,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqB: Send + 'static,
-    ResB: Send + 'static,
+    ResB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
@@ -325,6 +326,8 @@ pub fn code(rejection: &PaymentRejection) -> Code {
         }
         StatusCode::UNAUTHORIZED => Code::Unauthenticated,
         StatusCode::FORBIDDEN => Code::PermissionDenied,
+        // The payment identifier was used with another proof or request.
+        StatusCode::CONFLICT => Code::AlreadyExists,
         StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
         StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
         s if s.is_server_error() && rejection.retry_after.is_some() => Code::Unavailable,
@@ -439,6 +442,7 @@ mod tests {
         let cases = [
             (StatusCode::PAYMENT_REQUIRED, None, Code::FailedPrecondition),
             (StatusCode::BAD_REQUEST, None, Code::InvalidArgument),
+            (StatusCode::CONFLICT, None, Code::AlreadyExists),
             (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 None,

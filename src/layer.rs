@@ -13,6 +13,7 @@ use crate::Network;
 use crate::challenge::ChallengeKeys;
 use crate::error::ConfigError;
 use crate::hooks::PaymentHooks;
+use crate::idempotency::IdempotencyStore;
 use crate::network::Asset;
 use crate::nonce::{MemoryNonceStore, NonceStore};
 use crate::price::parse_price;
@@ -131,6 +132,16 @@ pub(crate) struct Shared {
     pub(crate) hooks: Arc<[Arc<dyn PaymentHooks>]>,
     pub(crate) inflight: Option<Inflight>,
     pub(crate) challenges: Option<ChallengeKeys>,
+    pub(crate) idempotency: Option<Idempotency>,
+    /// `extensions` of the v2 challenge (`None` when no extension is offered).
+    pub(crate) extensions: Option<Map<String, Value>>,
+}
+
+/// Idempotent retries (see [`crate::idempotency`]).
+pub(crate) struct Idempotency {
+    pub(crate) store: Arc<dyn IdempotencyStore>,
+    pub(crate) required: bool,
+    pub(crate) max_body: usize,
 }
 
 /// A non-blocking counting semaphore: beyond `max`, callers are turned away, not queued.
@@ -225,6 +236,9 @@ pub struct PaymentLayerBuilder {
     hooks: Vec<Arc<dyn PaymentHooks>>,
     max_verifications: Option<usize>,
     challenges: Option<ChallengeKeys>,
+    idempotency: Option<Arc<dyn IdempotencyStore>>,
+    idempotency_required: bool,
+    idempotency_max_body: usize,
 }
 
 impl Default for PaymentLayerBuilder {
@@ -252,6 +266,9 @@ impl Default for PaymentLayerBuilder {
             hooks: Vec::new(),
             max_verifications: None,
             challenges: None,
+            idempotency: None,
+            idempotency_required: false,
+            idempotency_max_body: crate::idempotency::DEFAULT_MAX_BODY,
         }
     }
 }
@@ -419,6 +436,45 @@ impl PaymentLayerBuilder {
         self
     }
 
+    /// Enables idempotent retries with the x402 `payment-identifier` extension (default off):
+    /// the v2 challenge advertises it, and a v2 payment carrying an id is served once, its
+    /// response replayed to retries with the same id and proof. See [`crate::idempotency`]
+    /// for the rules. Instances behind a load balancer must share the store (Redis).
+    ///
+    /// ```
+    /// use tower_x402::{Network, PaymentLayer};
+    /// use tower_x402::idempotency::MemoryIdempotencyStore;
+    /// use tower_x402::primitives::address;
+    /// let layer = PaymentLayer::builder()
+    ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+    ///     .price("$0.001")
+    ///     .network(Network::BASE_SEPOLIA)
+    ///     .idempotency(MemoryIdempotencyStore::new())
+    ///     .idempotency_required(true)
+    ///     .build()
+    ///     .unwrap();
+    /// ```
+    pub fn idempotency(mut self, store: impl IdempotencyStore) -> Self {
+        self.idempotency = Some(Arc::new(store));
+        self
+    }
+
+    /// Requires a payment identifier in v2 payments (default `false`; advertised as
+    /// `info.required`): a v2 payment without one gets 400 `payment_identifier_required`.
+    /// v1 payments cannot carry one and are served without idempotency. Only with
+    /// [`Self::idempotency`].
+    pub fn idempotency_required(mut self, required: bool) -> Self {
+        self.idempotency_required = required;
+        self
+    }
+
+    /// Largest response body stored for replay (default 64 KiB). Larger and streaming bodies
+    /// pass through unbuffered and are not replayable (see [`crate::idempotency`]).
+    pub fn idempotency_max_body(mut self, bytes: usize) -> Self {
+        self.idempotency_max_body = bytes;
+        self
+    }
+
     /// Validates the configuration and builds the layer.
     ///
     /// # Errors
@@ -452,6 +508,19 @@ impl PaymentLayerBuilder {
         if !accept_v1 && !self.accept_v2 {
             return Err(ConfigError::NoVersion);
         }
+        let idempotency = self.idempotency.map(|store| Idempotency {
+            store,
+            required: self.idempotency_required,
+            max_body: self.idempotency_max_body,
+        });
+        let extensions = idempotency.as_ref().map(|i| {
+            let mut m = Map::new();
+            m.insert(
+                crate::idempotency::EXTENSION.to_owned(),
+                crate::idempotency::declaration(i.required),
+            );
+            m
+        });
         Ok(PaymentLayer {
             shared: Arc::new(Shared {
                 verifier: self.verifier,
@@ -473,6 +542,8 @@ impl PaymentLayerBuilder {
                     now: AtomicUsize::new(0),
                 }),
                 challenges: self.challenges,
+                idempotency,
+                extensions,
             }),
         })
     }

@@ -111,6 +111,7 @@ mod future;
 #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
 pub mod grpc;
 pub mod hooks;
+pub mod idempotency;
 mod layer;
 pub mod network;
 pub mod nonce;

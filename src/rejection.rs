@@ -17,6 +17,11 @@
 //! | settlement sent, outcome unknown (no receipt in time) | 503 | `settlement_outcome_unknown` | `Retry-After`; failed receipt with the transaction; the proof stays spent: do **not** pay again |
 //! | settlement refused after the handler ran | 402 | the settle reason | receipt with `success: false`; body withheld |
 //! | a hook aborted | the hook's status | the hook's | the hook's response as is |
+//! | [idempotency](crate::idempotency) on, v2 payload without a `payment-identifier` id and [`idempotency_required`](crate::layer::PaymentLayerBuilder::idempotency_required) | 400 | `payment_identifier_required` | |
+//! | `payment-identifier` id not 16–128 characters of `[A-Za-z0-9_-]` | 400 | `invalid_payment_identifier` | |
+//! | same id, same proof, first request still running | 503 | `payment_in_progress` | `Retry-After: 1`; retry the same request |
+//! | same id, another proof or another request target | 409 | `payment_identifier_conflict` | pick a new id for a new payment |
+//! | same id, same proof, first request finished | its status | — | the stored response, replayed as is (no second handler run or settlement) |
 //!
 //! Every such response carries `Cache-Control: no-store` and a [`PaymentRejection`] in its
 //! extensions, so outer layers (logging, metrics) can see why.
@@ -56,6 +61,38 @@ pub mod reason {
     pub const REFUSED_BY_HOOK: &str = "refused_by_hook";
     /// Too many payments are being verified at once: retry after `Retry-After`.
     pub const OVERLOADED: &str = "overloaded";
+    /// A request with the same payment identifier and proof is still being served: retry
+    /// after `Retry-After` to get its response.
+    pub const PAYMENT_IN_PROGRESS: &str = "payment_in_progress";
+    /// The payment identifier is already bound to another proof or request.
+    pub const PAYMENT_IDENTIFIER_CONFLICT: &str = "payment_identifier_conflict";
+    /// The route requires a `payment-identifier` id and the payload has none.
+    pub const PAYMENT_IDENTIFIER_REQUIRED: &str = "payment_identifier_required";
+    /// The `payment-identifier` id is malformed.
+    pub const INVALID_PAYMENT_IDENTIFIER: &str = "invalid_payment_identifier";
+
+    /// The layer's own reason spelled `s`, if any (to restore a stored refusal).
+    pub(crate) fn known(s: &str) -> Option<&'static str> {
+        [
+            INVALID_PAYLOAD,
+            INVALID_X402_VERSION,
+            UNSUPPORTED_SCHEME,
+            INVALID_NETWORK,
+            INVALID_PAYMENT_REQUIREMENTS,
+            NONCE_ALREADY_USED,
+            SERVICE_UNAVAILABLE,
+            RATE_LIMITED,
+            SETTLEMENT_OUTCOME_UNKNOWN,
+            REFUSED_BY_HOOK,
+            OVERLOADED,
+            PAYMENT_IN_PROGRESS,
+            PAYMENT_IDENTIFIER_CONFLICT,
+            PAYMENT_IDENTIFIER_REQUIRED,
+            INVALID_PAYMENT_IDENTIFIER,
+        ]
+        .into_iter()
+        .find(|r| *r == s)
+    }
 }
 
 /// Why the layer answered in place of the handler (in the response's extensions).
@@ -88,6 +125,8 @@ pub(crate) enum Rejection {
     },
     /// 429: a dependency rate-limits us.
     RateLimited { retry_after: Duration },
+    /// 409: the payment identifier is bound to another proof.
+    Conflict { reason: &'static str },
 }
 
 impl Rejection {
@@ -98,6 +137,7 @@ impl Rejection {
             Self::TooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
         }
     }
 
@@ -108,6 +148,7 @@ impl Rejection {
             Self::TooLarge { .. } => Some(reason::INVALID_PAYLOAD),
             Self::Unavailable { reason, .. } => Some(reason),
             Self::RateLimited { .. } => Some(reason::RATE_LIMITED),
+            Self::Conflict { reason } => Some(reason),
         }
     }
 

@@ -81,7 +81,7 @@ pub(crate) fn challenge(
             .iter()
             .map(|o| bound(shared, o, resource, method))
             .collect(),
-        extensions: None,
+        extensions: shared.extensions.clone(),
     };
     let v1 = v1::PaymentRequired {
         x402_version: 1,
@@ -138,6 +138,7 @@ struct CachedChallenge {
     mime_type: Option<String>,
     /// Which forms were built (v1 body, v2 header).
     versions: (bool, bool),
+    extensions: Option<serde_json::Map<String, serde_json::Value>>,
     header: Option<HeaderValue>,
     body: Bytes,
 }
@@ -170,6 +171,7 @@ fn encoded_challenge(
         c.url == url
             && c.reason == reason
             && c.versions == versions
+            && c.extensions == shared.extensions
             && c.description == shared.description
             && c.mime_type == shared.mime_type
             && c.requirements.len() == options.len()
@@ -191,6 +193,7 @@ fn encoded_challenge(
             description: shared.description.clone(),
             mime_type: shared.mime_type.clone(),
             versions,
+            extensions: shared.extensions.clone(),
             header: header.clone(),
             body: body.clone(),
         };
@@ -279,6 +282,7 @@ pub(crate) fn reject<B>(
             set_retry_after(res.headers_mut(), *retry_after);
             res
         }
+        Rejection::Conflict { reason } => json_error(reason, None),
         Rejection::RateLimited { retry_after } => {
             let mut res = json_error(crate::rejection::reason::RATE_LIMITED, None);
             set_retry_after(res.headers_mut(), *retry_after);

@@ -5,15 +5,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Response};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
 use tower_service::Service;
 
 use crate::body::ResponseBody;
 use crate::challenge::Binding;
 use crate::future::ResponseFuture;
 use crate::hooks::{HookResponse, PaymentFailure, PaymentRequest, Stage};
-use crate::layer::{PaymentOption, Pricing, Shared};
+use crate::idempotency::{
+    self, Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotentReplay, PaymentId,
+    StoredResponse,
+};
+use crate::layer::{Idempotency, PaymentOption, Pricing, Shared};
 use crate::nonce::Reservation;
 use crate::proto::exact::ExactEvmPayload;
 use crate::proto::header::{self, HeaderError, PAYMENT_SIGNATURE, X_PAYMENT};
@@ -63,7 +70,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqB: Send + 'static,
-    ResB: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
@@ -103,7 +110,7 @@ impl<S> Payment<S> {
         S::Future: Send + 'static,
         S::Error: Send + 'static,
         ReqB: Send + 'static,
-        ResB: Send + 'static,
+        ResB: Body<Data = Bytes> + Send + 'static,
     {
         let shared = self.shared.clone();
         let (parts, body) = req.into_parts();
@@ -347,18 +354,18 @@ impl<'a> Flow<'a> {
     }
 }
 
-/// The paid flow: verify, claim the nonce, run the handler, settle, attach the receipt.
+/// The paid flow: verify, claim the payment id (idempotency), then [`serve`].
 async fn paid<S, ReqB, ResB>(
     shared: Arc<Shared>,
-    mut inner: S,
-    mut parts: Parts,
+    inner: S,
+    parts: Parts,
     body: ReqB,
     options: Arc<[PaymentOption]>,
     payload: PaymentPayload,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
-    ResB: Send,
+    ResB: Body<Data = Bytes> + Send,
 {
     let flow = Flow::new(
         &shared,
@@ -380,6 +387,10 @@ where
     let candidates = match select(&shared, &options, &payload, &flow.resource) {
         Ok(c) => c,
         Err(r) => return Ok(flow.reject(Stage::Select, r, None, None).await),
+    };
+    let requested = match requested_id(&shared, &payload) {
+        Ok(id) => id,
+        Err(r) => return Ok(flow.reject(Stage::Decode, r, None, None).await),
     };
     let started = Instant::now();
     // Held while verifying: a cap on the CPU (or facilitator calls) one burst can take.
@@ -432,6 +443,85 @@ where
             return Ok(flow.hook_refused(res, Some(&verified)).await);
         }
     }
+    // After verification (junk cannot fill the store), before the nonce is claimed (a
+    // retry of a served request must not meet its own spent nonce).
+    let mut claim = None;
+    if let (Some(id), Some(idem)) = (requested, &shared.idempotency) {
+        let key = IdempotencyKey {
+            payer: verified.payer,
+            id,
+        };
+        let fingerprint = Fingerprint::of(&verified, &parts.method, &parts.uri);
+        let refusal = match idem
+            .store
+            .begin(&key, fingerprint, verified.valid_before)
+            .await
+        {
+            Ok(Begin::Started(token)) => {
+                claim = Some(Claim { key, token });
+                None
+            }
+            Ok(Begin::Done(stored)) => return Ok(replay(*stored)),
+            Ok(Begin::InProgress) => Some((
+                Rejection::Unavailable {
+                    retry_after: IN_PROGRESS_RETRY,
+                    reason: reason::PAYMENT_IN_PROGRESS,
+                },
+                None,
+            )),
+            Ok(Begin::Conflict) => Some((
+                Rejection::Conflict {
+                    reason: reason::PAYMENT_IDENTIFIER_CONFLICT,
+                },
+                None,
+            )),
+            Err(e) => Some((
+                Rejection::Unavailable {
+                    retry_after: e.retry_after().unwrap_or(shared.retry_after),
+                    reason: reason::SERVICE_UNAVAILABLE,
+                },
+                Some(e),
+            )),
+        };
+        if let Some((rejection, e)) = refusal {
+            let e = e.as_ref().map(|e| e as &(dyn StdError + Send + Sync));
+            return Ok(flow
+                .reject(Stage::Reserve, rejection, Some(&verified), e)
+                .await);
+        }
+    }
+    let out = serve(&shared, &flow, inner, parts, body, &verified).await;
+    let (Some(claim), Some(idem)) = (claim, &shared.idempotency) else {
+        return out.map(|(res, _)| res);
+    };
+    match out {
+        Ok((res, true)) => Ok(remember(&shared, idem, claim, res).await),
+        Ok((res, false)) => {
+            claim.forget(idem).await;
+            Ok(res)
+        }
+        Err(e) => {
+            claim.forget(idem).await;
+            Err(e)
+        }
+    }
+}
+
+/// Claims the nonce, runs the handler and settles. The flag says whether the proof is spent
+/// (settled, refused after the handler, or outcome unknown): then a retry must see this very
+/// response; otherwise the claim went back and a retry may run afresh.
+async fn serve<S, ReqB, ResB>(
+    shared: &Shared,
+    flow: &Flow<'_>,
+    mut inner: S,
+    mut parts: Parts,
+    body: ReqB,
+    verified: &VerifiedPayment,
+) -> Result<(Response<ResponseBody<ResB>>, bool), S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Send,
+{
     let key = verified.nonce_key();
     let token = match shared.store.reserve(&key, verified.valid_before).await {
         Ok(Reservation::Reserved(token)) => token,
@@ -439,34 +529,40 @@ where
             let replay = Rejection::Pay {
                 reason: Some(reason::NONCE_ALREADY_USED),
             };
-            return Ok(flow
-                .reject(Stage::Reserve, replay, Some(&verified), None)
-                .await);
+            return Ok((
+                flow.reject(Stage::Reserve, replay, Some(verified), None)
+                    .await,
+                false,
+            ));
         }
         Err(e) => {
             let down = Rejection::Unavailable {
                 retry_after: e.retry_after().unwrap_or(shared.retry_after),
                 reason: reason::SERVICE_UNAVAILABLE,
             };
-            return Ok(flow
-                .reject(Stage::Reserve, down, Some(&verified), Some(&e))
-                .await);
+            return Ok((
+                flow.reject(Stage::Reserve, down, Some(verified), Some(&e))
+                    .await,
+                false,
+            ));
         }
     };
-    if let Err(e) = shared.settler.check(&verified).await {
+    if let Err(e) = shared.settler.check(verified).await {
         // Nothing moved and the handler did not run: the proof may be retried (e.g. after
         // topping up the balance).
         let _ = shared.store.release(&key, token).await;
-        let rejection = settle_rejection(&shared, &e);
-        return Ok(flow
-            .reject(Stage::Check, rejection, Some(&verified), Some(&e))
-            .await);
+        let rejection = settle_rejection(shared, &e);
+        return Ok((
+            flow.reject(Stage::Check, rejection, Some(verified), Some(&e))
+                .await,
+            false,
+        ));
     }
     parts.extensions.insert(verified.clone());
     if shared.mode == SettlementMode::BeforeHandler {
         // The money moves first; the handler's answer, whatever it is, was paid for.
         let started = Instant::now();
-        let result = shared.settler.settle(&verified).await;
+        let result = shared.settler.settle(verified).await;
         let settle_time = started.elapsed();
         let settlement = match result {
             Ok(s) => s,
@@ -475,13 +571,13 @@ where
                 if !e.is_unknown() {
                     let _ = shared.store.release(&key, token).await;
                 }
-                return Ok(settle_failed(&flow, &verified, &e).await);
+                return Ok((settle_failed(flow, verified, &e).await, e.is_unknown()));
             }
         };
         let _ = shared.store.consume(&key, token).await;
-        after_settle(&shared, &verified, &settlement, settle_time).await;
+        after_settle(shared, verified, &settlement, settle_time).await;
         let res = inner.call(Request::from_parts(parts, body)).await?;
-        return Ok(settled(&shared, res, &verified, settlement));
+        return Ok((settled(shared, res, verified, settlement), true));
     }
     let res = match inner.call(Request::from_parts(parts, body)).await {
         Ok(res) => res,
@@ -495,11 +591,11 @@ where
     if res.status().is_client_error() || res.status().is_server_error() {
         let _ = shared.store.release(&key, token).await;
         let mut res = res.map(ResponseBody::inner);
-        response::mark(&shared, res.headers_mut());
-        return Ok(res);
+        response::mark(shared, res.headers_mut());
+        return Ok((res, false));
     }
     let started = Instant::now();
-    let result = shared.settler.settle(&verified).await;
+    let result = shared.settler.settle(verified).await;
     let settle_time = started.elapsed();
     match &result {
         // Refused after the handler ran, the proof is spent: releasing it would let it buy
@@ -518,14 +614,136 @@ where
     }
     match result {
         Ok(settlement) => {
-            after_settle(&shared, &verified, &settlement, settle_time).await;
-            Ok(settled(&shared, res, &verified, settlement))
+            after_settle(shared, verified, &settlement, settle_time).await;
+            Ok((settled(shared, res, verified, settlement), true))
         }
         // The handler's body is withheld: it was not paid for.
-        Err(e) => Ok(settle_failed(&flow, &verified, &e).await),
+        Err(e) => {
+            let spent = e.is_refused() || e.is_unknown();
+            Ok((settle_failed(flow, verified, &e).await, spent))
+        }
     }
 }
 
+/// `Retry-After` of 503 `payment_in_progress`: the first request is usually done by then.
+const IN_PROGRESS_RETRY: Duration = Duration::from_secs(1);
+
+/// The payment identifier of a v2 payload, when the layer does idempotency.
+fn requested_id(shared: &Shared, payload: &PaymentPayload) -> Result<Option<PaymentId>, Rejection> {
+    let Some(idem) = &shared.idempotency else {
+        return Ok(None);
+    };
+    match idempotency::requested(payload) {
+        Ok(None) if idem.required && matches!(payload, PaymentPayload::V2(_)) => {
+            Err(Rejection::BadRequest {
+                reason: reason::PAYMENT_IDENTIFIER_REQUIRED,
+                message: "this route requires extensions[\"payment-identifier\"].info.id".into(),
+            })
+        }
+        Ok(id) => Ok(id),
+        Err(e) => Err(Rejection::BadRequest {
+            reason: reason::INVALID_PAYMENT_IDENTIFIER,
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// A payment identifier this request holds: it ends stored or forgotten.
+struct Claim {
+    key: IdempotencyKey,
+    token: ClaimToken,
+}
+
+impl Claim {
+    /// The next request with this id runs afresh. A failed abort leaves the id in progress
+    /// until it expires: retries get 503, never a second run.
+    async fn forget(self, idem: &Idempotency) {
+        let _ = idem.store.abort(&self.key, self.token).await;
+    }
+}
+
+/// Stores `res` for replay when its body is known to fit, and returns it (the same status,
+/// headers and bytes). Otherwise the id is forgotten and `res` passes through untouched.
+async fn remember<B>(
+    shared: &Shared,
+    idem: &Idempotency,
+    claim: Claim,
+    res: Response<ResponseBody<B>>,
+) -> Response<ResponseBody<B>>
+where
+    B: Body<Data = Bytes> + Send,
+{
+    // Only a body bounded by its size hint is buffered: streams keep streaming.
+    let fits = res
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= idem.max_body as u64);
+    if !fits {
+        claim.forget(idem).await;
+        return res;
+    }
+    let from_layer = res.body().is_from_layer();
+    let (parts, body) = res.into_parts();
+    // `.ok()` at once: the body's error type need not be `Send`.
+    let Some(collected) = body.collect().await.ok() else {
+        claim.forget(idem).await;
+        let mut res = Response::new(ResponseBody::full(Bytes::new()));
+        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        response::mark(shared, res.headers_mut());
+        return res;
+    };
+    let trailers = collected.trailers().cloned();
+    let bytes = collected.to_bytes();
+    let rejection = parts.extensions.get::<PaymentRejection>().cloned();
+    let status = parts.status;
+    let headers = idempotency::storable_headers(&parts.headers);
+    let rebuilt = |bytes: Bytes, trailers| {
+        let body = if from_layer {
+            ResponseBody::full(bytes)
+        } else {
+            ResponseBody::buffered(bytes, trailers)
+        };
+        Response::from_parts(parts, body)
+    };
+    if trailers.is_some() {
+        // Trailers (gRPC) are not stored: not replayable.
+        claim.forget(idem).await;
+        return rebuilt(bytes, trailers);
+    }
+    let stored = StoredResponse {
+        status,
+        headers,
+        body: bytes.clone(),
+        rejection,
+    };
+    if idem
+        .store
+        .complete(&claim.key, claim.token, &stored)
+        .await
+        .is_err()
+    {
+        claim.forget(idem).await;
+    }
+    rebuilt(bytes, None)
+}
+
+/// A stored response, as it was sent.
+fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
+    let body = if stored.rejection.is_some() {
+        ResponseBody::full(stored.body)
+    } else {
+        ResponseBody::buffered(stored.body, None)
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = stored.status;
+    *res.headers_mut() = stored.headers;
+    if let Some(rejection) = stored.rejection {
+        res.extensions_mut().insert(rejection);
+    }
+    res.extensions_mut().insert(IdempotentReplay);
+    res
+}
 async fn after_settle(
     shared: &Shared,
     verified: &VerifiedPayment,

@@ -751,3 +751,277 @@ fn store_debug_hides_the_connection() {
         assert!(started.elapsed() < Duration::from_secs(1));
     });
 }
+
+// ------------------------------------------------------------------------------------------------
+// Idempotency (payment-identifier) in Redis
+
+mod idempotency {
+    use super::*;
+    use tower_x402::idempotency::{
+        Begin, Fingerprint, IdempotencyKey, IdempotencyStore, PaymentId, RedisIdempotencyStore,
+        StoredResponse,
+    };
+    use tower_x402::proto::header::PAYMENT_SIGNATURE;
+    use tower_x402::test_util::{encode, exact_payload, v2_json};
+
+    const ID: &str = "pay_0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+
+    fn key(id: &str) -> IdempotencyKey {
+        IdempotencyKey {
+            payer: Address::repeat_byte(0x22),
+            id: PaymentId::parse(id).unwrap(),
+        }
+    }
+
+    fn stored(body: &'static str) -> StoredResponse {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-test", HeaderValue::from_static("1"));
+        StoredResponse {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(body.as_bytes()),
+            rejection: None,
+        }
+    }
+
+    /// A v2 proof with `id` in `extensions["payment-identifier"].info.id`.
+    fn proof(t: u64, id: &str) -> (HeaderName, HeaderValue) {
+        let req = option().requirements().clone();
+        let payload = exact_payload(&demo_payer(), &req, t);
+        let mut json = v2_json(&req, &payload, None);
+        json["extensions"] = serde_json::json!({ "payment-identifier": { "info": { "required": false, "id": id } } });
+        (PAYMENT_SIGNATURE, encode(&json))
+    }
+
+    /// `GET /paid` behind a layer with both stores on `server`; the handler counts its runs
+    /// and answers with a per-run body, so a second run would show.
+    async fn serve(
+        server: &RedisServer,
+        clock_now: u64,
+        hits: Arc<AtomicUsize>,
+        gate: Arc<tokio::sync::Semaphore>,
+    ) -> (String, tokio::task::JoinHandle<()>) {
+        let nonces = store(server).await;
+        let ids = RedisIdempotencyStore::new(nonces.connection());
+        let layer = PaymentLayer::builder()
+            .accept(option())
+            .verifier(ExactEvmVerifier::new().with_clock(FixedClock::new(clock_now)))
+            .nonce_store(nonces)
+            .idempotency(ids)
+            .build()
+            .expect("layer");
+        let app = Router::new()
+            .route(
+                "/paid",
+                get(move || {
+                    let n = hits.fetch_add(1, Ordering::SeqCst);
+                    let gate = gate.clone();
+                    async move {
+                        let _permit = gate.acquire().await;
+                        format!("paid content, run {n}")
+                    }
+                }),
+            )
+            .route_layer(layer);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/paid", listener.local_addr().expect("addr"));
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (url, task)
+    }
+
+    fn reason(headers: &http::HeaderMap, body: &Bytes) -> Option<String> {
+        challenge_reason(headers).or_else(|| {
+            let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+            v.get("error")?.as_str().map(str::to_owned)
+        })
+    }
+
+    #[tokio::test]
+    async fn idempotency_store_lifecycle_key_layout_and_expiry() {
+        let Some(server) = RedisServer::start("idempotency_store_lifecycle_key_layout_and_expiry")
+        else {
+            return;
+        };
+        let s = RedisIdempotencyStore::connect(&server.url())
+            .await
+            .unwrap()
+            .with_prefix("i1:");
+        let mut r = raw(&server).await;
+        let k = key(ID);
+        let fp = Fingerprint(B256::repeat_byte(1));
+        let other = Fingerprint(B256::repeat_byte(2));
+        let far = now() + 60;
+
+        let Begin::Started(t) = s.begin(&k, fp, far).await.unwrap() else {
+            panic!("first begin wins")
+        };
+        assert_eq!(s.begin(&k, fp, far).await.unwrap(), Begin::InProgress);
+        assert_eq!(s.begin(&k, other, far).await.unwrap(), Begin::Conflict);
+        let stranger = ClaimToken(t.0 ^ 1);
+        assert!(matches!(
+            s.complete(&k, stranger, &stored("x")).await,
+            Err(StoreError::NotHeld)
+        ));
+        assert!(matches!(
+            s.abort(&k, stranger).await,
+            Err(StoreError::NotHeld)
+        ));
+        s.complete(&k, t, &stored("hello")).await.unwrap();
+        s.complete(&k, t, &stored("hello")).await.unwrap(); // a retried complete
+        assert_eq!(
+            s.begin(&k, fp, far).await.unwrap(),
+            Begin::Done(Box::new(stored("hello")))
+        );
+        assert_eq!(s.begin(&k, other, far).await.unwrap(), Begin::Conflict);
+        assert!(
+            matches!(s.abort(&k, t).await, Err(StoreError::NotHeld)),
+            "done stays"
+        );
+
+        // Layout: prefix, payer hex, ':', id; expiry at validBefore, kept by complete.
+        let redis_key = format!("i1:{}:{ID}", "22".repeat(20));
+        assert_eq!(s.redis_key(&k), redis_key);
+        let v: Vec<u8> = r.get(&redis_key).await.unwrap();
+        assert_eq!(v[0], b'd');
+        let at: i64 = redis::cmd("PEXPIRETIME")
+            .arg(&redis_key)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert_eq!(at, i64::try_from(far * 1000).unwrap());
+
+        // Aborted ids are free again.
+        let k2 = key("pay_aborted_0123456789");
+        let Begin::Started(t2) = s.begin(&k2, fp, far).await.unwrap() else {
+            panic!()
+        };
+        s.abort(&k2, t2).await.unwrap();
+        assert!(matches!(
+            s.begin(&k2, other, far).await.unwrap(),
+            Begin::Started(_)
+        ));
+
+        // Capped at the maximum TTL, by Redis's clock: gone after it.
+        let short = s
+            .clone()
+            .with_max_ttl(Duration::from_millis(300))
+            .with_min_ttl(Duration::from_millis(100));
+        let k3 = key("pay_expiring_0123456789");
+        let Begin::Started(t3) = short.begin(&k3, fp, far).await.unwrap() else {
+            panic!()
+        };
+        short.complete(&k3, t3, &stored("soon gone")).await.unwrap();
+        let pttl: i64 = r.pttl(short.redis_key(&k3)).await.unwrap();
+        assert!(pttl > 0 && pttl <= 300, "pttl {pttl}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(matches!(
+            short.begin(&k3, other, far).await.unwrap(),
+            Begin::Started(_)
+        ));
+
+        // A value that does not decode fails closed.
+        let k4 = key("pay_corrupt_0123456789");
+        let _: () = r
+            .set(s.redis_key(&k4), format!("d{}junk", "01".repeat(32)))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.begin(&k4, fp, far).await,
+            Err(StoreError::Unavailable { .. })
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_servers_one_redis_replay_the_stored_response() {
+        let Some(mut server) =
+            RedisServer::start("two_servers_one_redis_replay_the_stored_response")
+        else {
+            return;
+        };
+        let t = now();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let (url_a, task_a) = serve(&server, t, hits.clone(), gate.clone()).await;
+        let (url_b, task_b) = serve(&server, t, hits.clone(), gate.clone()).await;
+        let client = client();
+
+        // 64 duplicates over both servers while the first run is held in its handler.
+        let header = proof(t, ID);
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let url = if i % 2 == 0 {
+                    url_a.clone()
+                } else {
+                    url_b.clone()
+                };
+                let (client, header) = (client.clone(), header.clone());
+                tokio::spawn(async move { get_paid(&client, &url, &header).await })
+            })
+            .collect();
+        let started = Instant::now();
+        while hits.load(Ordering::SeqCst) == 0 {
+            assert!(started.elapsed() < Duration::from_secs(5), "no handler run");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        gate.add_permits(1000);
+        let mut ok = Vec::new();
+        let mut in_progress = 0;
+        for task in tasks {
+            let (status, headers, body) = task.await.unwrap();
+            match status {
+                StatusCode::OK => ok.push((headers, body)),
+                StatusCode::SERVICE_UNAVAILABLE
+                    if reason(&headers, &body).as_deref() == Some("payment_in_progress") =>
+                {
+                    in_progress += 1
+                }
+                other => panic!("unexpected {other}: {:?}", reason(&headers, &body)),
+            }
+        }
+        eprintln!(
+            "64 duplicates over two servers: {} x 200, {in_progress} x 503",
+            ok.len()
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "exactly one handler run");
+        assert_eq!(ok.len() + in_progress, 64);
+
+        // A retry on either server gets the stored response: same body, same receipt.
+        let (status, headers, body) = get_paid(&client, &url_a, &header).await;
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::OK, &b"paid content, run 0"[..])
+        );
+        let receipt = headers.get("payment-response").cloned().expect("receipt");
+        for url in [&url_a, &url_b] {
+            let (s2, h2, b2) = get_paid(&client, url, &header).await;
+            assert_eq!((s2, &b2), (StatusCode::OK, &body));
+            assert_eq!(h2.get("payment-response"), Some(&receipt));
+        }
+        for (h, b) in &ok {
+            assert_eq!((b, h.get("payment-response")), (&body, Some(&receipt)));
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+        // Another proof with the same id: 409 on either server.
+        let (status, headers, body) = get_paid(&client, &url_b, &proof(t, ID)).await;
+        assert_eq!(
+            (status, reason(&headers, &body).as_deref()),
+            (StatusCode::CONFLICT, Some("payment_identifier_conflict"))
+        );
+
+        // Redis down: fails closed before the handler.
+        server.stop();
+        let (status, headers, _) =
+            get_paid(&client, &url_a, &proof(t, "pay_while_redis_is_down_01")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(headers.contains_key("retry-after"));
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        task_a.abort();
+        task_b.abort();
+    }
+}

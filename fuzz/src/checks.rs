@@ -507,7 +507,12 @@ pub fn layer(data: &[u8]) {
             let body = block_on(res.into_body().collect())
                 .expect("body")
                 .to_bytes();
-            serde_json::from_slice::<v1::PaymentRequired>(&body).expect("v1 body");
+            if !bound || unbound_v1 {
+                serde_json::from_slice::<v1::PaymentRequired>(&body).expect("v1 body");
+            } else {
+                // v1 refused (bound): only the v2 form is offered, the body included.
+                serde_json::from_slice::<v2::PaymentRequired>(&body).expect("v2 body");
+            }
         }
     }
 }

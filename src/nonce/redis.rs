@@ -46,7 +46,7 @@ return 0
 
 /// Largest expiry passed to Redis, in ms: keeps the script's arithmetic exact (Lua numbers
 /// are doubles). About the year 287,000.
-const MAX_EXPIRY_MS: u64 = (1 << 53) - 1;
+pub(crate) const MAX_EXPIRY_MS: u64 = (1 << 53) - 1;
 
 /// Pause before the one retry after a connection error, letting the reconnect start.
 const RETRY_PAUSE: Duration = Duration::from_millis(10);
@@ -206,22 +206,13 @@ impl RedisNonceStore {
     /// # Errors
     /// [`StoreError::Unavailable`]: the URL does not parse, or Redis cannot be reached in time.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let client = ::redis::Client::open(url).map_err(|e| unavailable(None, e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(100));
-        let conn = match tokio::time::timeout(
-            Self::CONNECT_TIMEOUT,
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(unavailable(None, e)),
-            Err(_) => return Err(unavailable(None, Timeout(Self::CONNECT_TIMEOUT))),
-        };
-        Ok(Self::new(conn))
+        Ok(Self::new(connect(url, Self::CONNECT_TIMEOUT).await?))
+    }
+
+    /// The connection manager (cheap to clone): e.g. for a
+    /// [`RedisIdempotencyStore`](crate::idempotency::RedisIdempotencyStore) on the same Redis.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
     }
 
     /// Sets the key prefix (default `"x402:nonce:"`): give each deployment sharing a Redis
@@ -266,47 +257,81 @@ impl RedisNonceStore {
         out
     }
 
-    fn unavailable(&self, source: impl Into<crate::verify::BoxError>) -> StoreError {
-        unavailable(self.retry_after, source)
-    }
-
     /// Runs `script` under the deadline; with `retry`, once more after a connection error.
     async fn run<T: ::redis::FromRedisValue>(
         &self,
         script: &Script,
         key: &str,
-        args: &[&str],
+        args: &[&[u8]],
         retry: bool,
     ) -> Result<T, StoreError> {
-        let attempt = |again: bool| {
-            let mut conn = self.conn.clone();
-            let mut inv = script.key(key);
-            for a in args {
-                inv.arg(*a);
-            }
-            if retry {
-                inv.arg(if again { "1" } else { "0" });
-            }
-            async move { inv.invoke_async::<T>(&mut conn).await }
-        };
-        let work = async {
-            match attempt(false).await {
-                Err(e) if retry && is_connection_error(&e) => {
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                    attempt(true).await
-                }
-                other => other,
-            }
-        };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.unavailable(e)),
-            Err(_) => Err(self.unavailable(Timeout(self.timeout))),
-        }
+        run_script(
+            &self.conn,
+            script,
+            key,
+            args,
+            retry,
+            self.timeout,
+            self.retry_after,
+        )
+        .await
     }
 }
 
-fn unavailable(
+/// Runs `script` on `key` under `timeout`; with `retry`, once more after a connection error,
+/// with a last argument `"1"` (`"0"` on the first attempt) so the script can recognise its
+/// own earlier write. Every failure is [`StoreError::Unavailable`].
+pub(crate) async fn run_script<T: ::redis::FromRedisValue>(
+    conn: &ConnectionManager,
+    script: &Script,
+    key: &str,
+    args: &[&[u8]],
+    retry: bool,
+    timeout: Duration,
+    retry_after: Option<Duration>,
+) -> Result<T, StoreError> {
+    let attempt = |again: bool| {
+        let mut conn = conn.clone();
+        let mut inv = script.key(key);
+        for a in args {
+            inv.arg(*a);
+        }
+        if retry {
+            inv.arg(if again { "1" } else { "0" });
+        }
+        async move { inv.invoke_async::<T>(&mut conn).await }
+    };
+    let work = async {
+        match attempt(false).await {
+            Err(e) if retry && is_connection_error(&e) => {
+                tokio::time::sleep(RETRY_PAUSE).await;
+                attempt(true).await
+            }
+            other => other,
+        }
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(retry_after, e)),
+        Err(_) => Err(unavailable(retry_after, Timeout(timeout))),
+    }
+}
+
+/// Connects a manager configured for fail-fast use (see [`RedisNonceStore::connect`]).
+pub(crate) async fn connect(url: &str, within: Duration) -> Result<ConnectionManager, StoreError> {
+    let client = ::redis::Client::open(url).map_err(|e| unavailable(None, e))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(100));
+    match tokio::time::timeout(within, ConnectionManager::new_with_config(client, config)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(unavailable(None, e)),
+        Err(_) => Err(unavailable(None, Timeout(within))),
+    }
+}
+
+pub(crate) fn unavailable(
     retry_after: Option<Duration>,
     source: impl Into<crate::verify::BoxError>,
 ) -> StoreError {
@@ -330,7 +355,7 @@ struct Timeout(Duration);
 
 /// A fresh token, unique even if the OS randomness failed (then [`ClaimToken::random`] is
 /// all zeros): a process-wide counter and the time are mixed in.
-fn new_token() -> ClaimToken {
+pub(crate) fn new_token() -> ClaimToken {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let nanos = SystemTime::now()
@@ -360,7 +385,11 @@ impl NonceStore for RedisNonceStore {
             .run(
                 &self.scripts.reserve,
                 &self.redis_key(key),
-                &[&value(token, 'r'), &at, &min_ttl],
+                &[
+                    value(token, 'r').as_bytes(),
+                    at.as_bytes(),
+                    min_ttl.as_bytes(),
+                ],
                 true,
             )
             .await?;
@@ -377,7 +406,7 @@ impl NonceStore for RedisNonceStore {
             .run(
                 &self.scripts.consume,
                 &self.redis_key(key),
-                &[&value(token, 'r'), &value(token, 'u')],
+                &[value(token, 'r').as_bytes(), value(token, 'u').as_bytes()],
                 true,
             )
             .await?;
@@ -393,7 +422,7 @@ impl NonceStore for RedisNonceStore {
             .run(
                 &self.scripts.release,
                 &self.redis_key(key),
-                &[&value(token, 'r')],
+                &[value(token, 'r').as_bytes()],
                 false,
             )
             .await?;
