@@ -7,7 +7,7 @@
 
 use alloy_primitives::{Address, B256, Bytes, U256};
 use alloy_signer::Signer;
-use alloy_sol_types::{Eip712Domain, sol};
+use alloy_sol_types::Eip712Domain;
 use http::{HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 
@@ -17,17 +17,8 @@ use crate::proto::exact::{Authorization, ExactEvmPayload};
 use crate::proto::header::{self, PAYMENT_SIGNATURE, X_PAYMENT};
 use crate::proto::v2::PaymentRequirements;
 
-sol! {
-    /// EIP-3009 authorization (the token's typehash fixes field names and order).
-    struct TransferWithAuthorization {
-        address from;
-        address to;
-        uint256 value;
-        uint256 validAfter;
-        uint256 validBefore;
-        bytes32 nonce;
-    }
-}
+// The same struct the verifier hashes: what the client signs is what the server checks.
+use crate::verify::exact::TransferWithAuthorization;
 
 /// The x402 extension that carries an idempotency id.
 pub(crate) const PAYMENT_IDENTIFIER: &str = "payment-identifier";

@@ -287,21 +287,8 @@ impl FacilitatorClient {
         }
         // The layer needs the EIP-3009 authorization (replay key, expiry, handler info), so
         // only that payload shape can pass, whatever else the facilitator supports.
-        let exact: ExactEvmPayload = serde_json::from_str(payload.raw_payload().get())
-            .map_err(VerifyError::InvalidPayload)?;
+        let exact = crate::verify::exact::paying(payload, req)?;
         let auth = &exact.authorization;
-        if auth.to != req.pay_to {
-            return Err(VerifyError::RecipientMismatch {
-                paid: auth.to,
-                required: req.pay_to,
-            });
-        }
-        if auth.value != req.amount {
-            return Err(VerifyError::ValueMismatch {
-                paid: auth.value,
-                required: req.amount,
-            });
-        }
         // Bounds how long the nonce store keeps the proof, as the in-process verifier does;
         // the reference facilitator sets no upper bound.
         let latest = self

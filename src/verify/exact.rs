@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use alloy_primitives::{Address, B256, U256, keccak256};
-use alloy_sol_types::{Eip712Domain, sol};
+use alloy_sol_types::Eip712Domain;
 use async_trait::async_trait;
 use secp256k1::Message;
 use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
@@ -23,17 +23,45 @@ use crate::clock::{Clock, SystemClock};
 use crate::proto::exact::{Authorization, ExactEvmPayload};
 use crate::proto::{PaymentPayload, v2::PaymentRequirements};
 
-sol! {
-    /// EIP-3009 authorization; field order and names make the token's typehash.
-    struct TransferWithAuthorization {
-        address from;
-        address to;
-        uint256 value;
-        uint256 validAfter;
-        uint256 validBefore;
-        bytes32 nonce;
+/// The exact-EVM payload of `payload`, if it pays `req`'s recipient exactly `req`'s amount
+/// (what every verifier checks before trusting anything else in it).
+pub(crate) fn paying(
+    payload: &PaymentPayload,
+    req: &PaymentRequirements,
+) -> Result<ExactEvmPayload, VerifyError> {
+    let exact: ExactEvmPayload =
+        serde_json::from_str(payload.raw_payload().get()).map_err(VerifyError::InvalidPayload)?;
+    let auth = &exact.authorization;
+    if auth.to != req.pay_to {
+        return Err(VerifyError::RecipientMismatch {
+            paid: auth.to,
+            required: req.pay_to,
+        });
+    }
+    if auth.value != req.amount {
+        return Err(VerifyError::ValueMismatch {
+            paid: auth.value,
+            required: req.amount,
+        });
+    }
+    Ok(exact)
+}
+
+/// The EIP-712 struct, in a private module: `sol!` makes its items `pub`, and it is not API.
+mod eip712 {
+    alloy_sol_types::sol! {
+        /// EIP-3009 authorization; field order and names make the token's typehash.
+        struct TransferWithAuthorization {
+            address from;
+            address to;
+            uint256 value;
+            uint256 validAfter;
+            uint256 validBefore;
+            bytes32 nonce;
+        }
     }
 }
+pub(crate) use eip712::TransferWithAuthorization;
 
 /// secp256k1 n/2: USDC's ECRecover reverts on any larger `s`.
 const HALF_N: [u8; 32] = [
@@ -234,21 +262,8 @@ impl ExactEvmVerifier {
         let (Some(name), Some(version)) = (req.extra_str("name"), req.extra_str("version")) else {
             return Err(VerifyError::MissingEip712Domain);
         };
-        let exact: ExactEvmPayload = serde_json::from_str(payload.raw_payload().get())
-            .map_err(VerifyError::InvalidPayload)?;
+        let exact = paying(payload, req)?;
         let auth = &exact.authorization;
-        if auth.to != req.pay_to {
-            return Err(VerifyError::RecipientMismatch {
-                paid: auth.to,
-                required: req.pay_to,
-            });
-        }
-        if auth.value != req.amount {
-            return Err(VerifyError::ValueMismatch {
-                paid: auth.value,
-                required: req.amount,
-            });
-        }
         let now = self.clock.now();
         if auth.valid_after > U256::from(now) {
             return Err(VerifyError::NotYetValid {
