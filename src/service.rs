@@ -576,7 +576,9 @@ fn prepaid_rejection(
 ) -> (Stage, Rejection, Option<Box<dyn StdError + Send + Sync>>) {
     use crate::prepaid::{reason as prepaid, siwx};
     match refusal {
-        Refusal::Siwx(siwx::SiwxError::Header(e)) => (Stage::Decode, e.into(), None),
+        Refusal::Siwx(siwx::SiwxError::Header(e)) if e.is_too_large() => {
+            (Stage::Decode, e.into(), None)
+        }
         Refusal::Siwx(e) if e.is_malformed() => (
             Stage::Decode,
             Rejection::BadRequest {
