@@ -559,3 +559,92 @@ fn prepaid_needs_a_public_origin() {
     let zero = prepaid(&clock, Bundle::calls(0)).build();
     assert!(matches!(zero, Err(ConfigError::Prepaid(_))));
 }
+
+/// The official JS client, unmodified (`tests/clients/siwx.mjs`): buys a 3-call bundle, signs
+/// in for the next two calls, and buys again when the credit runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_js_client_buys_a_bundle_then_signs_in() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let deps = std::env::var_os("X402_TEST_DEPS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo.join("target/test-deps"));
+    let marker = deps.join("node/node_modules/@x402/extensions/package.json");
+    if !marker.exists() {
+        let why = format!("JS clients not installed ({} missing)", marker.display());
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{why}; CI must run this test: run scripts/install-test-deps.sh first");
+        }
+        use std::io::Write as _;
+        let _ = std::io::stderr().write_all(format!("\n*** SKIPPED {why} ***\n").as_bytes());
+        return;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let runs = Runs::default();
+    // Real clocks: the JS client signs with the wall clock.
+    let layer = tower_x402::PaymentLayer::builder()
+        .pay_to(PAY_TO)
+        .network(tower_x402::Network::BASE_SEPOLIA)
+        .resource_base(format!("http://{addr}"))
+        .prepaid(Bundle::calls(3).for_price("$0.003"))
+        .build()
+        .unwrap();
+    let app = axum::Router::new().route_service("/paid", layer.layer(runs.service()));
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("node")
+            .arg(repo.join("tests/clients/siwx.mjs"))
+            .args(["--url", &format!("http://{addr}/paid"), "--calls", "4"])
+            .env("X402_TEST_DEPS", &deps)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the JS client finishes within 60 s")
+    .expect("node runs");
+    server.abort();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let r: Value = serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "no JSON line ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(r["error"], Value::Null, "{r}");
+    let statuses: Vec<_> = r["calls"].as_array().unwrap().iter().collect();
+    assert_eq!(
+        statuses,
+        [
+            &json!({"status": 200, "receipt": true}),
+            &json!({"status": 200, "receipt": false}),
+            &json!({"status": 200, "receipt": false}),
+            &json!({"status": 200, "receipt": true}),
+        ],
+        "{r}"
+    );
+    // On the wire: each call starts unauthenticated (402), retries signed in, and pays only
+    // when the signed-in retry is a 402 too (first call: no credit; fourth: used up).
+    let wire: Vec<(bool, bool, u64)> = r["wire"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["siwx"].as_bool().unwrap(),
+                w["payment"].as_bool().unwrap(),
+                w["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let buy = [(false, false, 402), (true, false, 402), (false, true, 200)];
+    let sign_in = [(false, false, 402), (true, false, 200)];
+    let want: Vec<_> = [&buy[..], &sign_in, &sign_in, &buy].concat();
+    assert_eq!(wire, want, "{r}");
+    assert_eq!(runs.get(), 4, "two paid and two signed-in handler runs");
+}
