@@ -406,7 +406,8 @@ async fn sign_ins_bound_elsewhere_or_altered_are_401() {
     buy(&svc, clock.now()).await;
     let decl = declaration(&get_with(&svc, "/paid", []).await);
     let me = payer();
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Value)>)> = vec![
+    type Tweak = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(&str, Tweak)> = vec![
         (
             "invalid_siwx_domain_mismatch",
             Box::new(|p| p["domain"] = json!("evil.test")),

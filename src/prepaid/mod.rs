@@ -40,8 +40,9 @@
 //!
 //! **Deployment.** Messages are bound to [`resource_base`](crate::PaymentLayerBuilder::resource_base)
 //! (required), never to the request's `Host`. Instances behind one load balancer must share
-//! the nonce key ([`Prepaid::nonce_key`]), the [`NonceStore`](crate::NonceStore) and the
-//! ledger (e.g. [`RedisCreditLedger`]).
+//! the nonce key ([`Prepaid::nonce_key`]), the [`NonceStore`] and the
+//! ledger: only [`MemoryCreditLedger`] (one process) ships so far; a shared store implements
+//! [`CreditLedger`] with one atomic step per method (e.g. a Redis Lua script).
 //!
 //! ```
 //! use std::time::Duration;
