@@ -35,4 +35,7 @@ pub enum ConfigError {
     /// Both protocol versions disabled.
     #[error("at least one protocol version must be enabled")]
     NoVersion,
+    /// A [prepaid](crate::prepaid) route that cannot be built.
+    #[error(transparent)]
+    Prepaid(#[from] crate::prepaid::BundleError),
 }

@@ -135,6 +135,8 @@ pub(crate) struct Shared {
     pub(crate) idempotency: Option<Idempotency>,
     /// `extensions` of the v2 challenge (`None` when no extension is offered).
     pub(crate) extensions: Option<Map<String, Value>>,
+    /// Prepaid bundles and sign-in (see [`crate::prepaid`]).
+    pub(crate) prepaid: Option<crate::prepaid::State>,
 }
 
 /// Idempotent retries (see [`crate::idempotency`]).
@@ -239,6 +241,7 @@ pub struct PaymentLayerBuilder {
     idempotency: Option<Arc<dyn IdempotencyStore>>,
     idempotency_required: bool,
     idempotency_max_body: usize,
+    prepaid: Option<crate::prepaid::Prepaid>,
 }
 
 impl Default for PaymentLayerBuilder {
@@ -269,6 +272,7 @@ impl Default for PaymentLayerBuilder {
             idempotency: None,
             idempotency_required: false,
             idempotency_max_body: crate::idempotency::DEFAULT_MAX_BODY,
+            prepaid: None,
         }
     }
 }
@@ -475,13 +479,28 @@ impl PaymentLayerBuilder {
         self
     }
 
+    /// Sells a prepaid [`Bundle`](crate::prepaid::Bundle) instead of single calls (default
+    /// off): the 402 asks for the bundle price and declares `sign-in-with-x`; later calls sign
+    /// in with `SIGN-IN-WITH-X` and spend the credit. Requires [`Self::resource_base`]. See
+    /// [`crate::prepaid`].
+    pub fn prepaid(mut self, prepaid: impl Into<crate::prepaid::Prepaid>) -> Self {
+        self.prepaid = Some(prepaid.into());
+        self
+    }
+
     /// Validates the configuration and builds the layer.
     ///
     /// # Errors
     /// See [`ConfigError`]: nothing to sell, a bad price, a zero `pay_to`, a missing asset.
     pub fn build(self) -> Result<PaymentLayer, ConfigError> {
         let mut options = self.options;
-        if let Some(price) = &self.price {
+        let price = self
+            .prepaid
+            .as_ref()
+            .and_then(|p| p.price())
+            .map(str::to_owned)
+            .or(self.price);
+        if let Some(price) = &price {
             let asset = match (&self.asset, self.network) {
                 (Some(a), _) => a.clone(),
                 (None, Some(n)) => Asset::usdc(n).ok_or(ConfigError::NoAsset)?,
@@ -521,6 +540,10 @@ impl PaymentLayerBuilder {
             );
             m
         });
+        let prepaid = match self.prepaid {
+            Some(p) => Some(p.build(self.resource_base.as_deref())?),
+            None => None,
+        };
         Ok(PaymentLayer {
             shared: Arc::new(Shared {
                 verifier: self.verifier,
@@ -544,6 +567,7 @@ impl PaymentLayerBuilder {
                 challenges: self.challenges,
                 idempotency,
                 extensions,
+                prepaid,
             }),
         })
     }

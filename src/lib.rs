@@ -115,6 +115,7 @@ pub mod idempotency;
 mod layer;
 pub mod network;
 pub mod nonce;
+pub mod prepaid;
 pub mod price;
 pub mod proto;
 pub mod rejection;

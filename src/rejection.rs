@@ -22,6 +22,10 @@
 //! | same id, same proof, first request still running | 503 | `payment_in_progress` | `Retry-After: 1`; retry the same request |
 //! | same id, another proof or another request target | 409 | `payment_identifier_conflict` | pick a new id for a new payment |
 //! | same id, same proof, first request finished | its status | — | the stored response, replayed as is (no second handler run or settlement) |
+//! | [prepaid](crate::prepaid) route: `SIGN-IN-WITH-X` header unreadable | 400 | `invalid_siwx_payload`, `invalid_siwx_malformed_signature` | 431 `invalid_payload` when too large |
+//! | prepaid route: sign-in for another domain/uri/chain, forged or expired nonce, wrong signer | 401 | `invalid_siwx_*` (see [`crate::prepaid`]) | `WWW-Authenticate: SIWX` |
+//! | prepaid route: sign-in nonce already used (replayed message) | 401 | `invalid_siwx_nonce_reused` | |
+//! | prepaid route: valid sign-in, credit used up / expired | 402 | `prepaid_credit_exhausted` / `prepaid_credit_expired` | fresh challenge (with a fresh sign-in nonce) |
 //!
 //! Every such response carries `Cache-Control: no-store` and a [`PaymentRejection`] in its
 //! extensions, so outer layers (logging, metrics) can see why.
@@ -127,6 +131,11 @@ pub(crate) enum Rejection {
     RateLimited { retry_after: Duration },
     /// 409: the payment identifier is bound to another proof.
     Conflict { reason: &'static str },
+    /// 401: a sign-in proof (prepaid routes) is invalid or replayed.
+    Unauthorized {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl Rejection {
@@ -138,6 +147,7 @@ impl Rejection {
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -149,6 +159,7 @@ impl Rejection {
             Self::Unavailable { reason, .. } => Some(reason),
             Self::RateLimited { .. } => Some(reason::RATE_LIMITED),
             Self::Conflict { reason } => Some(reason),
+            Self::Unauthorized { reason, .. } => Some(reason),
         }
     }
 

@@ -81,7 +81,11 @@ pub(crate) fn challenge(
             .iter()
             .map(|o| bound(shared, o, resource, method))
             .collect(),
-        extensions: shared.extensions.clone(),
+        extensions: match &shared.prepaid {
+            // A fresh sign-in nonce per challenge, next to the layer's other extensions.
+            Some(p) => Some(p.extensions(shared.extensions.as_ref(), resource, options)),
+            None => shared.extensions.clone(),
+        },
     };
     let v1 = v1::PaymentRequired {
         x402_version: 1,
@@ -161,8 +165,9 @@ fn encoded_challenge(
     method: &Method,
     reason: Option<&'static str>,
 ) -> (Option<HeaderValue>, Bytes) {
-    if shared.challenges.is_some() {
-        // Bound challenges carry a fresh id each: nothing to share between requests.
+    if shared.challenges.is_some() || shared.prepaid.is_some() {
+        // Bound challenges carry a fresh id each, prepaid ones a fresh sign-in nonce:
+        // nothing to share between requests.
         let (v2, v1) = challenge(shared, options, &url, method, reason);
         return encode(shared, &v2, &v1);
     }
@@ -283,6 +288,14 @@ pub(crate) fn reject<B>(
             res
         }
         Rejection::Conflict { reason } => json_error(reason, None),
+        Rejection::Unauthorized { reason, message } => {
+            let mut res = json_error(reason, Some(message));
+            res.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("SIWX"),
+            );
+            res
+        }
         Rejection::RateLimited { retry_after } => {
             let mut res = json_error(crate::rejection::reason::RATE_LIMITED, None);
             set_retry_after(res.headers_mut(), *retry_after);

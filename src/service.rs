@@ -22,6 +22,8 @@ use crate::idempotency::{
 };
 use crate::layer::{Idempotency, PaymentOption, Pricing, Shared};
 use crate::nonce::Reservation;
+use crate::prepaid::siwx::SIGN_IN_WITH_X;
+use crate::prepaid::{Refusal, SignedIn};
 use crate::proto::exact::ExactEvmPayload;
 use crate::proto::header::{self, HeaderError, PAYMENT_SIGNATURE, X_PAYMENT};
 use crate::proto::{PaymentPayload, SettleResponse, VersionProbe, v1, v2};
@@ -121,6 +123,12 @@ impl<S> Payment<S> {
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
                 let flow = paid(shared, inner, parts, body, options, payload);
+                return ResponseFuture::paid(Box::pin(trace::instrument(flow)));
+            }
+            Ok(None) if shared.prepaid.is_some() && parts.headers.contains_key(SIGN_IN_WITH_X) => {
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                let flow = signed_in(shared, inner, parts, body, options);
                 return ResponseFuture::paid(Box::pin(trace::instrument(flow)));
             }
             Ok(None) => None,
@@ -507,6 +515,119 @@ where
     }
 }
 
+/// A prepaid call: a `SIGN-IN-WITH-X` proof in place of a payment (see [`crate::prepaid`]).
+async fn signed_in<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    mut parts: Parts,
+    body: ReqB,
+    options: Arc<[PaymentOption]>,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body<Data = Bytes> + Send,
+{
+    let flow = Flow::new(
+        &shared,
+        &options,
+        response::Resource::of(&parts),
+        parts.method.clone(),
+    );
+    let Some(prepaid) = &shared.prepaid else {
+        let pay = Rejection::Pay { reason: None };
+        return Ok(flow.reject(Stage::Decode, pay, None, None).await);
+    };
+    let signed: SignedIn = match prepaid
+        .sign_in(
+            &*shared.store,
+            &parts.headers,
+            &options,
+            shared.max_header_bytes,
+        )
+        .await
+    {
+        Ok(s) => s,
+        Err(refusal) => {
+            let (stage, rejection, error) = prepaid_rejection(&shared, refusal);
+            let error = error.as_deref();
+            return Ok(flow.reject(stage, rejection, None, error).await);
+        }
+    };
+    parts.extensions.insert(signed);
+    let res = match inner.call(Request::from_parts(parts, body)).await {
+        Ok(res) => res,
+        Err(e) => {
+            prepaid.refund(signed.payer).await;
+            return Err(e);
+        }
+    };
+    if res.status().is_client_error() || res.status().is_server_error() {
+        prepaid.refund(signed.payer).await;
+    }
+    let mut res = res.map(ResponseBody::inner);
+    response::mark(&shared, res.headers_mut());
+    Ok(res)
+}
+
+/// Status and reason of a refused sign-in; the error, if any, goes to hooks and traces.
+fn prepaid_rejection(
+    shared: &Shared,
+    refusal: Refusal,
+) -> (Stage, Rejection, Option<Box<dyn StdError + Send + Sync>>) {
+    use crate::prepaid::{reason as prepaid, siwx};
+    match refusal {
+        Refusal::Siwx(siwx::SiwxError::Header(e)) if e.is_too_large() => {
+            (Stage::Decode, e.into(), None)
+        }
+        Refusal::Siwx(e) if e.is_malformed() => (
+            Stage::Decode,
+            Rejection::BadRequest {
+                reason: e.reason(),
+                message: e.to_string(),
+            },
+            None,
+        ),
+        Refusal::Siwx(e) => (
+            Stage::Verify,
+            Rejection::Unauthorized {
+                reason: e.reason(),
+                message: e.to_string(),
+            },
+            Some(Box::new(e)),
+        ),
+        Refusal::Replayed => (
+            Stage::Reserve,
+            Rejection::Unauthorized {
+                reason: siwx::reason::NONCE_REUSED,
+                message: "this sign-in message was already used: sign a fresh challenge".into(),
+            },
+            None,
+        ),
+        Refusal::Exhausted => (
+            Stage::Check,
+            Rejection::Pay {
+                reason: Some(prepaid::CREDIT_EXHAUSTED),
+            },
+            None,
+        ),
+        Refusal::Expired => (
+            Stage::Check,
+            Rejection::Pay {
+                reason: Some(prepaid::CREDIT_EXPIRED),
+            },
+            None,
+        ),
+        Refusal::Unavailable(e) => (
+            Stage::Reserve,
+            Rejection::Unavailable {
+                retry_after: e.retry_after().unwrap_or(shared.retry_after),
+                reason: reason::SERVICE_UNAVAILABLE,
+            },
+            Some(Box::new(e)),
+        ),
+    }
+}
+
 /// Claims the nonce, runs the handler and settles. The flag says whether the proof is spent
 /// (settled, refused after the handler, or outcome unknown): then a retry must see this very
 /// response; otherwise the claim went back and a retry may run afresh.
@@ -751,6 +872,9 @@ async fn after_settle(
     elapsed: Duration,
 ) {
     trace::settled(settlement, elapsed);
+    if let Some(prepaid) = &shared.prepaid {
+        prepaid.granted(verified.payer).await;
+    }
     for hook in shared.hooks.iter() {
         hook.after_settle(verified, settlement, elapsed).await;
     }

@@ -1,0 +1,376 @@
+//! Prepaid access: pay once for a bundle of calls (or a time window), then sign in.
+//!
+//! A route with [`PaymentLayerBuilder::prepaid`](crate::PaymentLayerBuilder::prepaid) sells a
+//! [`Bundle`] instead of a single call:
+//!
+//! 1. Its 402 asks for the bundle price (an ordinary `exact` requirement) and declares the
+//!    x402 [`sign-in-with-x`](siwx::EXTENSION) extension with a fresh, server-issued nonce.
+//! 2. A settled payment grants the payer the bundle in the [`CreditLedger`]; the paying call
+//!    is served and counts as the bundle's first call.
+//! 3. Later calls carry a `SIGN-IN-WITH-X` header instead of a payment: an EIP-4361 message
+//!    the payer signed over the nonce of a 402 (EIP-191 `personal_sign`). A valid one spends
+//!    its nonce, takes one call from the ledger and runs the handler, with no payment and no
+//!    settlement. The handler finds a [`SignedIn`] in the request extensions.
+//! 4. No credit left, or credit expired: 402 again (`prepaid_credit_exhausted`,
+//!    `prepaid_credit_expired`) with a fresh challenge, to buy another bundle.
+//!
+//! | Situation | Status | `error` reason |
+//! |---|---|---|
+//! | header not base64 JSON of a sign-in message, a field with a line break, a bad address | 400 | `invalid_siwx_payload` |
+//! | signature not 65 bytes of `0x` hex | 400 | `invalid_siwx_malformed_signature` |
+//! | header larger than `max_header_bytes` | 431 | `invalid_payload` |
+//! | `domain` / `uri` not this server's (`resource_base`) | 401 | `invalid_siwx_domain_mismatch` / `invalid_siwx_uri_mismatch` |
+//! | version ≠ 1, type ≠ `eip191`, a chain the route does not offer, an ERC-1271/6492 scheme | 401 | `invalid_siwx_unsupported_chain` |
+//! | nonce not issued by this server, or its `issuedAt`/`expirationTime` altered | 401 | `invalid_siwx_nonce` |
+//! | message older than its `expirationTime` ([`Prepaid::message_ttl`]) | 401 | `invalid_siwx_expired` |
+//! | signature does not recover to `address` | 401 | `invalid_siwx_signature` |
+//! | nonce already used (a replayed message) | 401 | `invalid_siwx_nonce_reused` |
+//! | valid sign-in, no credit / credit used up | 402 | `prepaid_credit_exhausted` |
+//! | valid sign-in, credit expired | 402 | `prepaid_credit_expired` |
+//! | nonce store or ledger down | 503 | `service_unavailable` |
+//!
+//! A handler answering ≥ 400 (or failing) gets its call refunded.
+//!
+//! **Official client.** `@x402/fetch` 2.27.0 signs in by itself once the `x402Client` has the
+//! `@x402/extensions` SIWX client extension registered
+//! (`client.registerExtension(createSIWxClientExtension({signers: [account]}))`): on a 402
+//! that declares `sign-in-with-x` it retries once with the header; if that is still a 402, it
+//! pays the first challenge. So every prepaid call costs it two round trips (402, then the
+//! signed call), and the first purchase three.
+//!
+//! **Deployment.** Messages are bound to [`resource_base`](crate::PaymentLayerBuilder::resource_base)
+//! (required), never to the request's `Host`. Instances behind one load balancer must share
+//! the nonce key ([`Prepaid::nonce_key`]), the [`NonceStore`] and the
+//! ledger: only [`MemoryCreditLedger`] (one process) ships so far; a shared store implements
+//! [`CreditLedger`] with one atomic step per method (e.g. a Redis Lua script).
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_x402::{Network, PaymentLayer};
+//! use tower_x402::prepaid::Bundle;
+//! use tower_x402::primitives::address;
+//! let layer = PaymentLayer::builder()
+//!     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+//!     .network(Network::BASE_SEPOLIA)
+//!     .resource_base("https://api.example.com")
+//!     .prepaid(Bundle::calls(200).within(Duration::from_secs(86_400)).for_price("$0.10"))
+//!     .build()
+//!     .unwrap();
+//! ```
+
+pub mod ledger;
+pub mod siwx;
+
+pub use ledger::{CreditLedger, Debit, Grant, MemoryCreditLedger};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use alloy_primitives::Address;
+use http::HeaderMap;
+use serde_json::{Map, Value};
+
+use crate::Network;
+use crate::clock::{Clock, SystemClock};
+use crate::layer::PaymentOption;
+use crate::nonce::{NonceKey, NonceStore, Reservation, StoreError};
+
+/// What one payment buys: a number of calls, a time window, or both.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct Bundle {
+    calls: Option<u64>,
+    window: Option<Duration>,
+    price: Option<String>,
+}
+
+impl Bundle {
+    /// `n` calls (the paying call included), with no time limit unless [`Self::within`].
+    pub fn calls(n: u64) -> Self {
+        Self {
+            calls: Some(n),
+            window: None,
+            price: None,
+        }
+    }
+
+    /// Unlimited calls for `window` from the payment.
+    pub fn window(window: Duration) -> Self {
+        Self {
+            calls: None,
+            window: Some(window),
+            price: None,
+        }
+    }
+
+    /// Limits the bundle's calls to `window` from the payment.
+    pub fn within(mut self, window: Duration) -> Self {
+        self.window = Some(window);
+        self
+    }
+
+    /// The bundle's price, e.g. `"$0.10"`; replaces the layer's
+    /// [`price`](crate::PaymentLayerBuilder::price) (default: that price).
+    pub fn for_price(mut self, price: impl Into<String>) -> Self {
+        self.price = Some(price.into());
+        self
+    }
+
+    /// What a payment at `now` adds to the ledger: the paying call is already taken.
+    fn grant(&self, now: u64) -> Grant {
+        Grant {
+            calls: self.calls.map(|n| n.saturating_sub(1)),
+            expires_at: self.window.map(|w| now.saturating_add(w.as_secs())),
+        }
+    }
+}
+
+/// Prepaid configuration: the bundle sold and how sign-ins are checked and counted.
+#[must_use]
+pub struct Prepaid {
+    bundle: Bundle,
+    ledger: Arc<dyn CreditLedger>,
+    clock: Arc<dyn Clock>,
+    nonce_key: Option<[u8; 32]>,
+    ttl: Duration,
+    statement: Option<String>,
+}
+
+impl std::fmt::Debug for Prepaid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepaid")
+            .field("bundle", &self.bundle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl From<Bundle> for Prepaid {
+    fn from(bundle: Bundle) -> Self {
+        Self::new(bundle)
+    }
+}
+
+impl Prepaid {
+    /// Sells `bundle`, with a fresh [`MemoryCreditLedger`], the system clock, a random nonce
+    /// key and 5-minute sign-in messages.
+    pub fn new(bundle: Bundle) -> Self {
+        Self {
+            bundle,
+            ledger: Arc::new(MemoryCreditLedger::new()),
+            clock: Arc::new(SystemClock),
+            nonce_key: None,
+            ttl: Duration::from_secs(300),
+            statement: None,
+        }
+    }
+
+    /// Replaces the ledger (default: a [`MemoryCreditLedger`] of this layer only).
+    pub fn ledger(mut self, ledger: impl CreditLedger) -> Self {
+        self.ledger = Arc::new(ledger);
+        self
+    }
+
+    /// Replaces the clock of nonces, messages and credit expiry (default: system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The key that authenticates nonces (default: random per layer). Instances behind one
+    /// load balancer must share it, or a nonce issued by one is refused by the others.
+    pub fn nonce_key(mut self, key: [u8; 32]) -> Self {
+        self.nonce_key = Some(key);
+        self
+    }
+
+    /// How long a challenge's sign-in message stays valid (default 5 minutes, whole seconds).
+    pub fn message_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// A human statement shown by wallets in the message (default none).
+    pub fn statement(mut self, text: impl Into<String>) -> Self {
+        self.statement = Some(text.into());
+        self
+    }
+
+    /// The bundle price, if the bundle sets one.
+    pub(crate) fn price(&self) -> Option<&str> {
+        self.bundle.price.as_deref()
+    }
+
+    pub(crate) fn build(self, resource_base: Option<&str>) -> Result<State, BundleError> {
+        let origin = siwx::Origin::parse(resource_base.ok_or(BundleError::NoOrigin)?)
+            .ok_or(BundleError::BadOrigin)?;
+        if self.bundle.calls == Some(0) {
+            return Err(BundleError::ZeroCalls);
+        }
+        if self.bundle.window.is_some_and(|w| w.as_secs() == 0) || self.ttl.as_secs() == 0 {
+            return Err(BundleError::ZeroWindow);
+        }
+        let key = self.nonce_key.unwrap_or_else(|| {
+            let mut k = [0u8; 32];
+            // Without OS randomness a layer still works, but its nonces could be forged:
+            // deployments should set a key (and must, with several instances).
+            let _ = getrandom::fill(&mut k);
+            k
+        });
+        Ok(State {
+            bundle: self.bundle,
+            ledger: self.ledger,
+            clock: self.clock,
+            nonces: siwx::Nonces::new(key, self.ttl.as_secs()),
+            statement: self.statement,
+            origin,
+            schema: siwx::schema(),
+        })
+    }
+}
+
+/// A prepaid configuration that cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleError {
+    /// No `resource_base`: sign-in messages must be bound to the public origin.
+    #[error("prepaid routes need resource_base(..): the public origin sign-ins are bound to")]
+    NoOrigin,
+    /// `resource_base` is not an `http(s)://host[:port][/path]` URL without credentials.
+    #[error("resource_base is not an http(s) URL usable as a sign-in origin")]
+    BadOrigin,
+    /// A bundle of zero calls.
+    #[error("a bundle must hold at least one call")]
+    ZeroCalls,
+    /// A window or message lifetime under one second.
+    #[error("bundle window and message lifetime must be at least one second")]
+    ZeroWindow,
+}
+
+/// A request served on prepaid credit, in the request extensions for the handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SignedIn {
+    /// Who signed in (and paid for the bundle).
+    pub payer: Address,
+    /// Calls left after this one (`None`: a time window).
+    pub remaining: Option<u64>,
+}
+
+/// `asset` of the [`NonceKey`]s of sign-in nonces: no token lives there, so they never meet
+/// an EIP-3009 authorization's key.
+const SIWX_NONCE_SPACE: Address = Address::new(*b"tower-x402/siwx\0\0\0\0\0");
+
+/// A prepaid layer's per-request state (in `Shared`).
+pub(crate) struct State {
+    bundle: Bundle,
+    ledger: Arc<dyn CreditLedger>,
+    clock: Arc<dyn Clock>,
+    nonces: siwx::Nonces,
+    statement: Option<String>,
+    origin: siwx::Origin,
+    schema: Value,
+}
+
+/// Why a sign-in was not served: the layer maps it to a response.
+pub(crate) enum Refusal {
+    /// 400 / 401 / 431.
+    Siwx(siwx::SiwxError),
+    /// 401: the nonce was used before.
+    Replayed,
+    /// 402: no credit.
+    Exhausted,
+    /// 402: credit expired.
+    Expired,
+    /// 503: nonce store or ledger down.
+    Unavailable(StoreError),
+}
+
+/// Reason codes of prepaid refusals (sign-in reasons are in [`siwx::reason`]).
+pub mod reason {
+    /// A valid sign-in with no calls left: buy another bundle.
+    pub const CREDIT_EXHAUSTED: &str = "prepaid_credit_exhausted";
+    /// A valid sign-in whose credit expired: buy another bundle.
+    pub const CREDIT_EXPIRED: &str = "prepaid_credit_expired";
+}
+
+impl State {
+    /// The v2 challenge's `extensions`: the layer's own plus a fresh `sign-in-with-x`.
+    pub(crate) fn extensions(
+        &self,
+        base: Option<&Map<String, Value>>,
+        url: &str,
+        options: &[PaymentOption],
+    ) -> Map<String, Value> {
+        let mut map = base.cloned().unwrap_or_default();
+        let decl = siwx::declaration(
+            &self.nonces,
+            &self.origin,
+            self.statement.as_deref(),
+            url,
+            options.iter().map(|o| o.requirements().network),
+            self.clock.now(),
+            &self.schema,
+        );
+        map.insert(siwx::EXTENSION.to_owned(), decl);
+        map
+    }
+
+    /// Checks the `SIGN-IN-WITH-X` proof, spends its nonce and takes one call.
+    pub(crate) async fn sign_in(
+        &self,
+        store: &dyn NonceStore,
+        headers: &HeaderMap,
+        options: &[PaymentOption],
+        max_header_bytes: usize,
+    ) -> Result<SignedIn, Refusal> {
+        let payload = match siwx::decode(headers, max_header_bytes) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Err(Refusal::Exhausted),
+            Err(e) => return Err(Refusal::Siwx(e)),
+        };
+        let chains: Vec<Network> = options.iter().map(|o| o.requirements().network).collect();
+        let now = self.clock.now();
+        let signed = siwx::check(&payload, &self.nonces, &self.origin, &chains, now)
+            .map_err(Refusal::Siwx)?;
+        let key = NonceKey {
+            chain_id: signed.chain_id,
+            asset: SIWX_NONCE_SPACE,
+            from: signed.address,
+            nonce: signed.nonce,
+        };
+        // Spent for good, whatever follows: a signed message buys at most one attempt.
+        match store.reserve(&key, signed.expires_at).await {
+            Ok(Reservation::Reserved(token)) => {
+                // A failed consume leaves it reserved until it expires: still one use.
+                let _ = store.consume(&key, token).await;
+            }
+            Ok(Reservation::InUse | Reservation::Used) => return Err(Refusal::Replayed),
+            Err(e) => return Err(Refusal::Unavailable(e)),
+        }
+        match self.ledger.debit(signed.address, now).await {
+            Ok(Debit::Debited { remaining }) => Ok(SignedIn {
+                payer: signed.address,
+                remaining,
+            }),
+            Ok(Debit::Exhausted) => Err(Refusal::Exhausted),
+            Ok(Debit::Expired) => Err(Refusal::Expired),
+            Err(e) => Err(Refusal::Unavailable(e)),
+        }
+    }
+
+    /// The handler did not serve the call: give it back.
+    pub(crate) async fn refund(&self, payer: Address) {
+        let _ = self.ledger.refund(payer).await;
+    }
+
+    /// A bundle was paid for and settled: credit the payer (the paying call is served).
+    pub(crate) async fn granted(&self, payer: Address) {
+        let now = self.clock.now();
+        if let Err(_e) = self.ledger.grant(payer, self.bundle.grant(now), now).await {
+            // The money moved and this call is served; the rest of the bundle is lost unless
+            // the operator credits it by hand.
+            #[cfg(feature = "tracing")]
+            tracing::error!(payer = %payer, error = %_e, "x402 prepaid credit not granted");
+        }
+    }
+}
