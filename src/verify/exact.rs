@@ -61,6 +61,7 @@ mod eip712 {
         }
     }
 }
+#[cfg(any(feature = "client", test))]
 pub(crate) use eip712::TransferWithAuthorization;
 
 /// secp256k1 n/2: USDC's ECRecover reverts on any larger `s`.

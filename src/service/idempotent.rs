@@ -1,0 +1,126 @@
+//! Idempotent retries: the payment identifier a request claims, stored or forgotten.
+
+use super::*;
+
+/// `Retry-After` of 503 `payment_in_progress`: the first request is usually done by then.
+pub(super) const IN_PROGRESS_RETRY: Duration = Duration::from_secs(1);
+
+/// The payment identifier of a v2 payload, when the layer does idempotency.
+pub(super) fn requested_id(
+    shared: &Shared,
+    payload: &PaymentPayload,
+) -> Result<Option<PaymentId>, Rejection> {
+    let Some(idem) = &shared.idempotency else {
+        return Ok(None);
+    };
+    match idempotency::requested(payload) {
+        Ok(None) if idem.required && matches!(payload, PaymentPayload::V2(_)) => {
+            Err(Rejection::BadRequest {
+                reason: reason::PAYMENT_IDENTIFIER_REQUIRED,
+                message: "this route requires extensions[\"payment-identifier\"].info.id".into(),
+            })
+        }
+        Ok(id) => Ok(id),
+        Err(e) => Err(Rejection::BadRequest {
+            reason: reason::INVALID_PAYMENT_IDENTIFIER,
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// A payment identifier this request holds: it ends stored or forgotten.
+pub(super) struct Claim {
+    pub(super) key: IdempotencyKey,
+    pub(super) token: ClaimToken,
+}
+
+impl Claim {
+    /// The next request with this id runs afresh. A failed abort leaves the id in progress
+    /// until it expires: retries get 503, never a second run.
+    pub(super) async fn forget(self, idem: &Idempotency) {
+        let _ = idem.store.abort(&self.key, self.token).await;
+    }
+}
+
+/// Stores `res` for replay when its body is known to fit, and returns it (the same status,
+/// headers and bytes). Otherwise the id is forgotten and `res` passes through untouched.
+pub(super) async fn remember<B>(
+    shared: &Shared,
+    idem: &Idempotency,
+    claim: Claim,
+    res: Response<ResponseBody<B>>,
+) -> Response<ResponseBody<B>>
+where
+    B: Body<Data = Bytes> + Send,
+{
+    // Only a body bounded by its size hint is buffered: streams keep streaming.
+    let fits = res
+        .body()
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= idem.max_body as u64);
+    if !fits {
+        claim.forget(idem).await;
+        return res;
+    }
+    let from_layer = res.body().is_from_layer();
+    let (parts, body) = res.into_parts();
+    // `.ok()` at once: the body's error type need not be `Send`.
+    let Some(collected) = body.collect().await.ok() else {
+        claim.forget(idem).await;
+        let mut res = Response::new(ResponseBody::full(Bytes::new()));
+        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        response::mark(shared, res.headers_mut());
+        return res;
+    };
+    let trailers = collected.trailers().cloned();
+    let bytes = collected.to_bytes();
+    let rejection = parts.extensions.get::<PaymentRejection>().cloned();
+    let status = parts.status;
+    let headers = idempotency::storable_headers(&parts.headers);
+    let rebuilt = |bytes: Bytes, trailers| {
+        let body = if from_layer {
+            ResponseBody::full(bytes)
+        } else {
+            ResponseBody::buffered(bytes, trailers)
+        };
+        Response::from_parts(parts, body)
+    };
+    if trailers.is_some() {
+        // Trailers (gRPC) are not stored: not replayable.
+        claim.forget(idem).await;
+        return rebuilt(bytes, trailers);
+    }
+    let stored = StoredResponse {
+        status,
+        headers,
+        body: bytes.clone(),
+        rejection,
+    };
+    if idem
+        .store
+        .complete(&claim.key, claim.token, &stored)
+        .await
+        .is_err()
+    {
+        claim.forget(idem).await;
+    }
+    rebuilt(bytes, None)
+}
+
+/// A stored response, as it was sent.
+pub(super) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
+    let body = if stored.rejection.is_some() {
+        ResponseBody::full(stored.body)
+    } else {
+        ResponseBody::buffered(stored.body, None)
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = stored.status;
+    *res.headers_mut() = stored.headers;
+    if let Some(rejection) = stored.rejection {
+        res.extensions_mut().insert(rejection);
+    }
+    res.extensions_mut().insert(IdempotentReplay);
+    res
+}
