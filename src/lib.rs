@@ -110,6 +110,9 @@ mod future;
 pub mod grpc;
 pub mod hooks;
 mod layer;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 pub mod network;
 pub mod nonce;
 pub mod price;
