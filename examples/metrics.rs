@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --example metrics --features axum,metrics,test-util              # self-demo, then exit
-//! cargo run --example metrics --features axum,metrics,test-util -- --serve   # keep serving (port 4022)
+//! cargo run --example metrics --features axum,metrics,test-util -- --serve   # keep serving (port 4023)
 //! ```
 //!
 //! The demo serves on a free port, sends one unpaid and one paid request (signed with the
@@ -57,7 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let serve = args.iter().any(|a| a == "--serve");
     // Installed once, before any request: the `metrics` macros then record into it.
     let prometheus = PrometheusBuilder::new().install_recorder()?;
-    let port = if serve { 4022 } else { 0 };
+    let port = if serve { 4023 } else { 0 };
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     let addr = listener.local_addr()?;
     println!("listening on http://{addr} (GET /weather costs $0.001, GET /metrics is free)");
