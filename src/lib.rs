@@ -1,79 +1,136 @@
 //! # tower-x402
 //!
 //! Charge per request with [x402](https://x402.org) — HTTP 402 Payment Required as a
-//! machine-to-machine payment handshake — in any [tower] server: axum, tonic, hyper.
+//! machine-to-machine payment handshake — in any [tower] server: axum, tonic, hyper. A client
+//! (often an agent) pays each call with a signed EIP-3009 USDC authorization: no account, no
+//! API key, no checkout.
 //!
 //! ## The flow
 //!
-//! 1. A request without payment gets **402** with a challenge: what to pay, to whom, on which
-//!    chain, in which token. It carries both protocol dialects at once: the v2
-//!    `PAYMENT-REQUIRED` header and the v1 JSON body, so v1 and v2 clients both pay.
-//! 2. The client signs an EIP-3009 `TransferWithAuthorization` (EIP-712) and retries with
-//!    `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1).
-//! 3. The layer decodes it, matches it against the requirements this route offers **now**
-//!    (never the client's copy), verifies it in-process ([`ExactEvmVerifier`]: one secp256k1
-//!    recovery, tens of microseconds), and claims its nonce once in a [`NonceStore`].
-//! 4. The handler runs with the [`VerifiedPayment`] in its request extensions (and, with the
-//!    `axum` feature, as an extractor).
-//! 5. A handler answer below 400 is settled by the [`Settler`](settle::Settler) and gets the
-//!    `PAYMENT-RESPONSE` (v1: `X-PAYMENT-RESPONSE`) receipt; 400 and above releases the claim
-//!    (nothing is charged, the proof may be retried) and gets no receipt.
+//! ```text
+//!  client                                   PaymentLayer                         handler
+//!    │ GET /weather ───────────────────────────▶│
+//!    │◀── 402 + challenge (what, to whom, where) │  1. challenge
+//!    │ sign EIP-3009 authorization               │  2. pay
+//!    │ GET /weather + PAYMENT-SIGNATURE ────────▶│  3. verify (in-process, ~50 µs)
+//!    │                                           │  4. claim the nonce (once, atomically)
+//!    │                                           │── 5. request + VerifiedPayment ──▶│
+//!    │                                           │◀───────────── response ───────────│
+//!    │                                           │  6. settle (if the handler said < 400)
+//!    │◀── response + PAYMENT-RESPONSE receipt ───│  7. receipt
+//! ```
 //!
-//! ## The three traits
+//! 1. **Challenge.** A request without payment gets **402**: what to pay, to whom, on which
+//!    chain, in which token. It carries both protocol dialects: the v2 `PAYMENT-REQUIRED`
+//!    header and the v1 JSON body, so v1 and v2 clients both pay.
+//! 2. **Pay.** The client signs an EIP-3009 `TransferWithAuthorization` (EIP-712) and retries
+//!    with `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1).
+//! 3. **Verify.** The layer decodes the proof, matches it against the requirements this route
+//!    offers **now** (never the client's copy) and verifies it with the [`Verifier`]
+//!    (default [`ExactEvmVerifier`]: in-process, one secp256k1 recovery).
+//! 4. **Claim.** The proof's nonce is reserved once in the [`NonceStore`]: a replay, or a
+//!    concurrent copy, is refused and never reaches the handler.
+//! 5. **Handler.** Your handler runs with the [`VerifiedPayment`] in its request extensions
+//!    (and, with the `axum` feature, as an extractor).
+//! 6. **Settle.** A handler answer below 400 is settled by the [`Settler`](settle::Settler);
+//!    400 and above releases the claim (nothing is charged, the proof may be retried).
+//!    [`SettlementMode::BeforeHandler`](settle::SettlementMode::BeforeHandler) settles first,
+//!    for streaming responses.
+//! 7. **Receipt.** The response gets `PAYMENT-RESPONSE` (v1: `X-PAYMENT-RESPONSE`): payer,
+//!    network, transaction.
 //!
-//! | trait | default | role |
-//! |---|---|---|
-//! | [`Verifier`] | [`ExactEvmVerifier`] | does the proof pay what is asked? |
-//! | [`NonceStore`] | [`MemoryNonceStore`] | one proof, one use (atomic reservation) |
-//! | [`Settler`](settle::Settler) | [`VerifyOnly`](settle::VerifyOnly) | move the money (verify-only moves none; receipts then carry an empty `transaction`) |
+//! ## The three traits, and hooks
+//!
+//! | trait | default | role | others |
+//! |---|---|---|---|
+//! | [`Verifier`] | [`ExactEvmVerifier`] | does the proof pay what is asked? | `FacilitatorClient` (`facilitator`) |
+//! | [`NonceStore`] | [`MemoryNonceStore`] | one proof, one use (atomic reservation) | `RedisNonceStore` (`redis`) for several instances |
+//! | [`Settler`](settle::Settler) | [`VerifyOnly`](settle::VerifyOnly) | move the money (verify-only moves none; receipts then carry an empty `transaction`) | `OnchainSettler` (`onchain`), `FacilitatorClient` (`facilitator`) |
+//!
+//! [`PaymentHooks`](hooks::PaymentHooks) observe or steer each payment: `on_challenge`,
+//! `before_verify`, `after_verify` (may refuse, e.g. a per-payer limit), `after_settle`,
+//! `on_failure`. Add them with [`PaymentLayerBuilder::hook`]; `PaymentMetrics` (`metrics`)
+//! is one.
 //!
 //! ## Example
 //!
+//! A paid axum route, an unpaid request (402) and a paid one (200 with a receipt):
+//!
 //! ```
-//! use tower::{ServiceBuilder, ServiceExt, service_fn};
-//! use http::{Request, Response, StatusCode};
-//! use http_body_util::Full;
-//! use bytes::Bytes;
-//! use tower_x402::{Network, PaymentLayer};
+//! use axum::{Extension, Router, body::Body, routing::get};
+//! use http::{Request, StatusCode};
+//! use tower::ServiceExt;
 //! use tower_x402::primitives::address;
+//! use tower_x402::{Network, PaymentLayer, VerifiedPayment};
 //!
-//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
-//! let layer = PaymentLayer::builder()
+//! async fn weather(Extension(payment): Extension<VerifiedPayment>) -> String {
+//!     format!("sunny; {} paid {} units", payment.payer, payment.amount)
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let paywall = PaymentLayer::builder()
 //!     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
-//!     .price("$0.001")
-//!     .network(Network::BASE_SEPOLIA)
+//!     .price("$0.001") // exact decimal: 1000 atomic units of USDC
+//!     .network(Network::BASE_SEPOLIA) // USDC preset: address, EIP-712 domain, decimals
 //!     .build()?;
-//! let svc = ServiceBuilder::new().layer(layer).service(service_fn(|_req: Request<()>| async {
-//!     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("paid content"))))
-//! }));
-//! let res = svc.oneshot(Request::get("http://api.test/data").body(()).unwrap()).await?;
+//! let app = Router::new()
+//!     .route("/weather", get(weather))
+//!     .route_layer(paywall) // charges matched routes only: a 404 stays a 404
+//!     .route("/", get(|| async { "free" }));
+//!
+//! // 1. No payment: 402 and a challenge.
+//! let res = app.clone().oneshot(Request::get("/weather").body(Body::empty())?).await?;
 //! assert_eq!(res.status(), StatusCode::PAYMENT_REQUIRED);
-//! assert!(res.headers().contains_key("payment-required"));
-//! # Ok::<_, Box<dyn std::error::Error>>(())
-//! # }).unwrap();
+//! let challenge = tower_x402::proto::header::decode_bytes(&res.headers()["payment-required"], 64 * 1024)?;
+//! let challenge: tower_x402::proto::v2::PaymentRequired = serde_json::from_slice(&challenge)?;
+//!
+//! // 2. Pay (here with the public test key of `test_util`; a client signs with any alloy
+//! //    `Signer`, see `client::PayingLayer`) and retry.
+//! # #[cfg(feature = "test-util")] {
+//! use tower_x402::{proto::X402Version, test_util};
+//! let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+//! let (name, value) = test_util::pay(&test_util::demo_payer(), &challenge.accepts[0], now, X402Version::V2);
+//! let paid = Request::get("/weather").header(name, value).body(Body::empty())?;
+//! let res = app.oneshot(paid).await?;
+//! assert_eq!(res.status(), StatusCode::OK);
+//! assert!(res.headers().contains_key("payment-response")); // the receipt
+//! # }
+//! # Ok(())
+//! # }
 //! ```
 //!
-//! ## Failure table
+//! ## Failures
 //!
-//! See [`rejection`] for every status and reason the layer emits: 402 (pay, or pay again with
-//! a reason), 400 (malformed proof), 431 (oversized header), 503 + `Retry-After` (a
-//! dependency is down; the handler never runs on an unverified payment).
+//! The layer answers in place of the handler with 402 (pay, or pay again: the challenge says
+//! why), 400 (malformed proof), 431 (oversized header), 429 or 503 with `Retry-After` (a
+//! dependency rate-limits or is down: retry the **same** proof; the handler never runs on an
+//! unverified payment), or a hook's own response. The [`rejection`] module docs list every
+//! status, reason code and `Retry-After` in one table, which `tests/catalogue.rs` checks
+//! against the code.
 //!
 //! ## Security model in brief
 //!
 //! Checked in-process: scheme, network, asset, recipient, exact amount, validity window (with
 //! 6 s headroom and an upper bound of `maxTimeoutSeconds`), EIP-712 signature by `from` with
 //! low `s` and `v ∈ {27, 28}`, one use per (chain, token, payer, nonce). Not checked without
-//! a chain: the payer's balance and on-chain nonce state (a settler does that); smart-wallet
-//! signatures are refused. Responses that went through payment get `Cache-Control: no-store`.
+//! a chain: the payer's balance and on-chain nonce state (a settler's `check` does that);
+//! smart-wallet signatures are refused. Hostile headers and backend replies are size-capped
+//! and parsed into types, never panicked on. Responses that went through payment get
+//! `Cache-Control: no-store`.
 //!
 //! ## Deployment caveats
 //!
 //! * Several instances must share a [`NonceStore`]; the in-memory one guards one process.
+//! * The default settler is verify-only: it moves no money. Use an on-chain or facilitator
+//!   settler to get paid.
 //! * `route_layer` in axum charges only matched routes (404s stay 404s); `layer` charges all.
 //! * Browser clients need CORS: see [`PaymentLayerBuilder::expose_headers`].
 //!
 //! ## Features
+//!
+//! The default build is the layer, the wire format, the in-process verifier and the memory
+//! nonce store: no async runtime, no network client.
 //!
 //! | feature | adds |
 //! |---|---|
@@ -84,8 +141,11 @@
 //! | `facilitator` | [`facilitator::FacilitatorClient`]: verify and settle through a remote x402 facilitator (HTTP, rustls) |
 //! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
 //! | `deferred` | [`settle::deferred`]: journal payments durably, answer at once, settle later in batches |
+//! | `metrics` | [`metrics::PaymentMetrics`]: counters and latency histograms through the `metrics` facade |
 //! | `tracing` | a span per paid request (payer, amount, network, outcome, verify/settle timings) and events for refusals |
 //! | `test-util` | [`test_util`]: sign payments with a local key for tests and demos |
+//!
+//! MSRV: Rust 1.94.1. Examples: `examples/README.md` in the repository.
 //!
 //! [tower]: https://docs.rs/tower
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -113,6 +173,9 @@ pub mod grpc;
 pub mod hooks;
 pub mod idempotency;
 mod layer;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 pub mod network;
 pub mod nonce;
 pub mod prepaid;

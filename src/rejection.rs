@@ -1,31 +1,68 @@
 //! The one table from refusal to HTTP response: status, reason code, `Retry-After`.
 //!
-//! | Situation | Status | `error` reason | Notes |
-//! |---|---|---|---|
-//! | no payment header on a priced route | 402 | — | challenge: v2 `PAYMENT-REQUIRED` header + v1 JSON body |
-//! | header not canonical base64 / not UTF-8 x402 JSON / repeated / both v1 and v2 headers | 400 | `invalid_payload` | JSON body `{error, message}` |
-//! | header longer than the limit | 431 | `invalid_payload` | |
-//! | `x402Version` wrong for the header, or the route does not speak it (v1 under bound challenges, unless allowed) | 402 | `invalid_x402_version` | fresh challenge |
-//! | scheme / network / requirements not offered by this route | 402 | `unsupported_scheme`, `invalid_network`, `invalid_payment_requirements` | fresh challenge |
-//! | proof does not verify | 402 | the [`VerifyError::reason`](crate::verify::VerifyError::reason) | fresh challenge; a facilitator's reason passes through when it is a known x402 code, else `facilitator_rejected` |
-//! | bound challenges on: `accepted.extra.challenge` missing, tampered, unknown key, or issued for another resource, method or price | 402 | `invalid_challenge` | fresh challenge; see [`crate::challenge`] |
-//! | bound challenges on: the echoed challenge id expired | 402 | `challenge_expired` | fresh challenge |
-//! | proof already used or in use | 402 | `invalid_exact_evm_nonce_already_used` | fresh challenge |
-//! | nonce store, verifier or settler unavailable (nothing sent) | 503 | `service_unavailable` | `Retry-After` (default 5 s); the proof is released: retry it as is |
-//! | too many verifications in flight ([`max_concurrent_verifications`](crate::layer::PaymentLayerBuilder::max_concurrent_verifications)) | 503 | `overloaded` | `Retry-After`; retry the same proof |
-//! | verifier or settler rate-limits us | 429 | `rate_limited` | `Retry-After` from the backend, else the default; retry the same proof |
-//! | settlement sent, outcome unknown (no receipt in time) | 503 | `settlement_outcome_unknown` | `Retry-After`; failed receipt with the transaction; the proof stays spent: do **not** pay again |
-//! | settlement refused after the handler ran | 402 | the settle reason | receipt with `success: false`; body withheld |
-//! | a hook aborted | the hook's status | the hook's | the hook's response as is |
-//! | [idempotency](crate::idempotency) on, v2 payload without a `payment-identifier` id and [`idempotency_required`](crate::layer::PaymentLayerBuilder::idempotency_required) | 400 | `payment_identifier_required` | |
-//! | `payment-identifier` id not 16–128 characters of `[A-Za-z0-9_-]` | 400 | `invalid_payment_identifier` | |
-//! | same id, same proof, first request still running | 503 | `payment_in_progress` | `Retry-After: 1`; retry the same request |
-//! | same id, another proof or another request target | 409 | `payment_identifier_conflict` | pick a new id for a new payment |
-//! | same id, same proof, first request finished | its status | — | the stored response, replayed as is (no second handler run or settlement) |
-//! | [prepaid](crate::prepaid) route: `SIGN-IN-WITH-X` header unreadable | 400 | `invalid_siwx_payload`, `invalid_siwx_malformed_signature` | 431 `invalid_payload` when too large |
-//! | prepaid route: sign-in for another domain/uri/chain, forged or expired nonce, wrong signer | 401 | `invalid_siwx_*` (see [`crate::prepaid`]) | `WWW-Authenticate: SIWX` |
-//! | prepaid route: sign-in nonce already used (replayed message) | 401 | `invalid_siwx_nonce_reused` | |
-//! | prepaid route: valid sign-in, credit used up / expired | 402 | `prepaid_credit_exhausted` / `prepaid_credit_expired` | fresh challenge (with a fresh sign-in nonce) |
+//! This is the catalogue of every answer the layer sends in place of the handler. `reason` is
+//! the `error` field of the 402 challenge (v2 `PAYMENT-REQUIRED` header and v1 JSON body) or
+//! of the JSON body `{error, message}` of a 400/429/431/503; `Retry-After` is in seconds.
+//! `tests/catalogue.rs` drives the layer into every row and checks the status, reason and
+//! `Retry-After` it really sends, so this table cannot drift from the code.
+//!
+//! | Situation | Status | Reason | Retry-After | What the client does |
+//! |---|---|---|---|---|
+//! | no payment header on a priced route | 402 | — | no | pay: the challenge lists what to pay (v2 `PAYMENT-REQUIRED` header + v1 JSON body) |
+//! | header not canonical base64 / not UTF-8 x402 JSON / repeated / both v1 and v2 headers | 400 | `invalid_payload` | no | fix the client |
+//! | the scheme payload is not an exact-EVM payload ([`VerifyError::InvalidPayload`](crate::verify::VerifyError::InvalidPayload)) | 400 | `invalid_payload` | no | fix the client |
+//! | header longer than the limit ([`max_header_bytes`](crate::layer::PaymentLayerBuilder::max_header_bytes)) | 431 | `invalid_payload` | no | fix the client |
+//! | `x402Version` wrong for the header, or the route does not speak it | 402 | `invalid_x402_version` | no | pay again with a version the challenge offers |
+//! | scheme not offered by this route | 402 | `unsupported_scheme` | no | pay again with an offered option |
+//! | network not offered by this route | 402 | `invalid_network` | no | pay again with an offered option |
+//! | echoed requirements (asset, payTo, amount) not offered by this route | 402 | `invalid_payment_requirements` | no | pay again with an offered option |
+//! | proof does not verify ([`VerifyError::reason`](crate::verify::VerifyError::reason)) | 402 | `invalid_exact_evm_scheme`, `invalid_exact_evm_network_mismatch`, `invalid_exact_evm_missing_eip712_domain`, `invalid_exact_evm_recipient_mismatch`, `invalid_exact_evm_authorization_value`, `invalid_exact_evm_payload_authorization_valid_after`, `invalid_exact_evm_payload_authorization_valid_before`, `invalid_exact_evm_signature` | no | sign a new, correct proof |
+//! | a remote verifier (facilitator) refuses the proof | 402 | its code when it is one of [`KNOWN`](crate::facilitator::wire::reason::KNOWN), else `facilitator_rejected` | no | sign a new, correct proof |
+//! | proof already used, or in use by a concurrent request | 402 | `invalid_exact_evm_nonce_already_used` | no | sign a new proof |
+//! | the settler refuses: in its pre-check (handler not run), or at settlement (handler ran, its body withheld, failed receipt) | 402 | `insufficient_funds`, `invalid_exact_evm_insufficient_balance`, `invalid_exact_evm_nonce_already_used`, `invalid_exact_evm_payload_authorization_valid_before`, `invalid_exact_evm_payload_authorization_valid_after`, `invalid_exact_evm_signature`, `invalid_exact_evm_transaction_failed`, `invalid_network` ([`onchain::reason`](crate::settle::onchain::reason)); a facilitator's [`KNOWN`](crate::facilitator::wire::reason::KNOWN) code | no | fix the cause (e.g. top up), sign a new proof |
+//! | too many verifications in flight ([`max_concurrent_verifications`](crate::layer::PaymentLayerBuilder::max_concurrent_verifications)) | 503 | `overloaded` | yes | retry the same proof after `Retry-After` |
+//! | nonce store, verifier or settler unavailable, nothing sent | 503 | `service_unavailable` | yes | retry the same proof after `Retry-After` (the proof was released) |
+//! | verifier or settler rate-limits the server | 429 | `rate_limited` | yes | retry the same proof after `Retry-After` |
+//! | settlement sent, outcome unknown (no receipt in time) | 503 | `settlement_outcome_unknown` | yes | do **not** pay again: the proof stays spent; check the receipt's transaction |
+//! | a [hook](crate::hooks) refused | the hook's | `refused_by_hook` | the hook's | as the hook's response says |
+//!
+//! Opt-in features add their own answers. Each row is driven by the feature's own test
+//! (`tests/challenge.rs`, `tests/idempotency.rs`, `tests/prepaid.rs`); `tests/catalogue.rs`
+//! checks that every reason code the layer defines is in one of the two tables.
+//!
+//! | Opt-in situation | Status | Reason | Retry-After | What the client does |
+//! |---|---|---|---|---|
+//! | bound challenges on ([`crate::challenge`]): `accepted.extra.challenge` missing, tampered, unknown key, or issued for another resource, method or price | 402 | `invalid_challenge` | no | pay again against the fresh challenge |
+//! | bound challenges on: the echoed challenge id expired | 402 | `challenge_expired` | no | pay again against the fresh challenge |
+//! | [idempotency](crate::idempotency) required, v2 payload without a `payment-identifier` id ([`idempotency_required`](crate::layer::PaymentLayerBuilder::idempotency_required)) | 400 | `payment_identifier_required` | no | send an id |
+//! | `payment-identifier` id not 16–128 characters of `[A-Za-z0-9_-]` | 400 | `invalid_payment_identifier` | no | fix the client |
+//! | same id, same proof, first request still running | 503 | `payment_in_progress` | yes | retry the same request |
+//! | same id, another proof or another request target | 409 | `payment_identifier_conflict` | no | pick a new id for a new payment |
+//! | same id, same proof, first request finished | the first answer's | — | the first answer's | the stored response, replayed as is (no second handler run or settlement) |
+//! | [prepaid](crate::prepaid) route: `SIGN-IN-WITH-X` header unreadable | 400 | `invalid_siwx_payload`, `invalid_siwx_malformed_signature` | no | fix the client (431 `invalid_payload` when too large) |
+//! | prepaid route: sign-in for another domain/uri/chain, forged or expired nonce, wrong signer | 401 | `invalid_siwx_*` (see [`crate::prepaid`]) | no | sign in again against a fresh challenge (`WWW-Authenticate: SIWX`) |
+//! | prepaid route: sign-in nonce already used (replayed message) | 401 | `invalid_siwx_nonce_reused` | no | sign in again with a fresh nonce |
+//! | prepaid route: valid sign-in, credit used up / expired | 402 | `prepaid_credit_exhausted`, `prepaid_credit_expired` | no | buy the bundle again (fresh challenge, fresh sign-in nonce) |
+//!
+//! `Retry-After` is the backend's suggestion when it gave one, else
+//! [`PaymentLayerBuilder::retry_after`](crate::layer::PaymentLayerBuilder::retry_after)
+//! (5 s by default). A hook's refusal is its own response, sent as is: `refused_by_hook` is
+//! only in the [`PaymentRejection`] extension, not in the body.
+//!
+//! A settlement that fails after the handler ran also carries a failed receipt
+//! (`PAYMENT-RESPONSE`, v1 `X-PAYMENT-RESPONSE`, `success: false`) whose `errorReason` is the
+//! [`SettleError::reason`](crate::settle::SettleError::reason):
+//!
+//! | Settlement failure | Status | Receipt `errorReason` |
+//! |---|---|---|
+//! | refused | 402 | the refusal's reason (rows above) |
+//! | backend unavailable, nothing sent | 503 | `unexpected_settle_error` |
+//! | backend rate-limits the server | 429 | `rate_limited` |
+//! | outcome unknown | 503 | `settlement_outcome_unknown` |
+//!
+//! [`VerifyError::Unavailable`](crate::verify::VerifyError::Unavailable) has the x402 code
+//! `unexpected_verify_error` (what a facilitator reports); the layer answers it with 503
+//! `service_unavailable`, as every dependency outage.
 //!
 //! Every such response carries `Cache-Control: no-store` and a [`PaymentRejection`] in its
 //! extensions, so outer layers (logging, metrics) can see why.

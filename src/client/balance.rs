@@ -38,6 +38,7 @@ impl<T: BalanceSource + ?Sized> BalanceSource for std::sync::Arc<T> {
 }
 
 #[cfg(feature = "onchain")]
+#[cfg_attr(docsrs, doc(cfg(feature = "onchain")))]
 pub use onchain::ProviderBalance;
 
 #[cfg(feature = "onchain")]
