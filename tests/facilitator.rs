@@ -36,9 +36,11 @@ const PRICE: u64 = 1000;
 const PAYER_1: &str = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8";
 /// The reference facilitator's refusals of a used or unfunded authorization. Its precise
 /// diagnosis (`…_nonce_already_used`, `…_insufficient_balance`) needs Multicall3, which the
-/// test chain does not deploy, so it says `…_transaction_simulation_failed` there.
+/// test chain etches at its canonical address (tests/chain/mod.rs); without it the reference
+/// says `…_transaction_simulation_failed`.
 const NONCE_USED: &str = "invalid_exact_evm_nonce_already_used";
 const SIMULATION_FAILED: &str = "invalid_exact_evm_transaction_simulation_failed";
+const INSUFFICIENT_BALANCE: &str = "invalid_exact_evm_insufficient_balance";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -393,7 +395,7 @@ async fn reference_supported_and_refusal_reach_our_types() {
     let json = tower_x402::test_util::v2_json(&req, &payload, None);
     let payload = tower_x402::proto::PaymentPayload::V2(serde_json::from_value(json).unwrap());
     let err = client.verify(&payload, &req).await.unwrap_err();
-    assert_eq!(err.reason(), SIMULATION_FAILED, "{err:?}\n{}", stack.logs());
+    assert_eq!(err.reason(), INSUFFICIENT_BALANCE, "{err:?}\n{}", stack.logs());
     // The facilitator's own words stay in the error for logs (bounded), not in the 402.
     assert!(err.to_string().contains("exceeds balance"), "{err}");
 }
