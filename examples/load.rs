@@ -157,6 +157,10 @@ fn main() -> Result<(), BoxError> {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("recover") => recover_loop(&args[1..]),
+        Some("http-count") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(tokio::task::LocalSet::new().run_until(http_count(&args[1..]))),
         _ => {
             let cfg = Config::from_args(&args)?;
             tokio::runtime::Builder::new_current_thread()
@@ -301,6 +305,19 @@ impl Server {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+}
+
+impl Server {
+    /// Closes stdin and waits for the exit, however long it takes (valgrind writes its
+    /// counts at exit, so it must not be killed).
+    fn stop(mut self) -> Result<(), BoxError> {
+        drop(self.child.stdin.take());
+        let status = self.child.wait()?;
+        if !status.success() {
+            return Err(format!("{}: server exited with {status}", self.name).into());
+        }
+        Ok(())
     }
 }
 
@@ -1120,6 +1137,116 @@ async fn deferred_row(
     }
     eprintln!("    {name}: {}", row.note);
     Ok(row)
+}
+
+/// `load http-count [--n1 N] [--n2 N] [--out DIR] [scenario...]`: the whole HTTP request
+/// (hyper + axum + the layer, server side) counted by callgrind. Each scenario's server runs
+/// under `valgrind --tool=callgrind` twice, serving n1 and then n2 requests sent one after the
+/// other on one keep-alive connection; (Ir(n2) − Ir(n1)) / (n2 − n1) is one request's
+/// user-space instructions, process start and shutdown cancelled out. System calls (socket
+/// reads and writes, epoll) run in the kernel and are not counted: they are the part of the
+/// server's CPU time per request that this count leaves out. Prints `IR <scenario> <per req>`.
+async fn http_count(args: &[String]) -> Result<(), BoxError> {
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let n1: usize = value("--n1").map_or(Ok(200), |v| v.parse())?;
+    let n2: usize = value("--n2").map_or(Ok(1200), |v| v.parse())?;
+    let out = std::path::PathBuf::from(value("--out").map_or("target/callgrind", |v| v));
+    std::fs::create_dir_all(&out)?;
+    let mut scenarios: Vec<&str> = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+        } else if a.starts_with("--") {
+            skip = true;
+        } else {
+            scenarios.push(a);
+        }
+    }
+    if scenarios.is_empty() {
+        scenarios = vec!["bare", "challenge", "paid-memory"];
+    }
+    let req = option().requirements().clone();
+    let ours: Arc<Wrap> = {
+        let req = req.clone();
+        Arc::new(move |p| v2_json(&req, p, None))
+    };
+    let signed = sign_headers(&req, n2, ours);
+    let exe = std::env::current_exe()?;
+    for scenario in scenarios {
+        let (headers, expect) = match scenario {
+            "bare" => (None, StatusCode::OK),
+            "challenge" => (None, StatusCode::PAYMENT_REQUIRED),
+            "paid-memory" => (Some(&signed[..]), StatusCode::OK),
+            other => return Err(format!("http-count: no scenario {other}").into()),
+        };
+        let mut ir = Vec::new();
+        for n in [n1, n2] {
+            let file = out.join(format!("http-{scenario}.{n}.out"));
+            let log = out.join(format!("http-{scenario}.{n}.log"));
+            let mut cmd = Command::new("valgrind");
+            cmd.arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", file.display()))
+                .arg(format!("--log-file={}", log.display()))
+                .arg(&exe)
+                .args(["serve", scenario]);
+            let server = Server::spawn(scenario, cmd)?;
+            sequential(server.addr, headers, n, expect).await?;
+            server.stop()?;
+            let text = std::fs::read_to_string(&log)?;
+            let count = text
+                .lines()
+                .find_map(|l| l.split_once("Collected : ").map(|(_, r)| r.trim()))
+                .ok_or_else(|| format!("no callgrind total in {}", log.display()))?
+                .parse::<u64>()?;
+            ir.push(count);
+        }
+        let per = (ir[1] as f64 - ir[0] as f64) / (n2 - n1) as f64;
+        println!(
+            "IR {scenario} {per:.0}   (Ir {} at n={n1}, {} at n={n2})",
+            ir[0], ir[1]
+        );
+    }
+    Ok(())
+}
+
+/// `n` requests one after the other on one connection; each must answer `expect`.
+async fn sequential(
+    addr: SocketAddr,
+    headers: Option<&[HeaderValue]>,
+    n: usize,
+    expect: StatusCode,
+) -> Result<(), BoxError> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::task::spawn_local(async move {
+        let _ = conn.await;
+    });
+    let host = HeaderValue::from_str(&addr.to_string())?;
+    for i in 0..n {
+        let mut req = Request::get(PATH).header(http::header::HOST, host.clone());
+        if let Some(h) = headers {
+            req = req.header(
+                PAYMENT_SIGNATURE,
+                h.get(i).ok_or("too few payments")?.clone(),
+            );
+        }
+        send.ready().await?;
+        let res = send.send_request(req.body(Empty::<Bytes>::new())?).await?;
+        let status = res.status();
+        res.into_body().collect().await?;
+        if status != expect {
+            return Err(format!("request {i}: got {status}, expected {expect}").into());
+        }
+    }
+    drop(send);
+    let _ = conn.await;
+    Ok(())
 }
 
 struct Million {
