@@ -22,6 +22,8 @@
 //!   After the load the harness waits for the payee's on-chain balance to reach one price per
 //!   200 served, so every answered request is shown to have settled;
 //! * `deferred-optimistic`: the same with `precheck(false)` (no RPC on the request path);
+//! * `deferred tmpfs`, `deferred-opt tmpfs`: both again with the journal on `/dev/shm`, where
+//!   `fdatasync` is free: what the settler itself adds, as on a disk with fast syncs;
 //! * `peer`: the same paid route behind the Rust peer x402-axum (bench/peer, built separately,
 //!   verification through its in-process facilitator against a local anvil on core 0);
 //! * `recover`: a raw libsecp256k1 recovery loop on core 1 (the physical limit of the paid path).
@@ -990,9 +992,35 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
 
     // Deferred settlement on a fresh anvil each (the same pre-signed payments, unused there).
     // The smoke run keeps the seller's configuration only (pre-check on).
-    rows.push(deferred_row(&cfg, "paid-deferred", &headers).await?);
+    let disk = std::env::temp_dir();
+    rows.push(deferred_row(&cfg, "paid-deferred", "paid-deferred", &disk, &headers).await?);
     if !cfg.smoke {
-        rows.push(deferred_row(&cfg, "deferred-optimistic", &headers).await?);
+        rows.push(
+            deferred_row(
+                &cfg,
+                "deferred-optimistic",
+                "deferred-optimistic",
+                &disk,
+                &headers,
+            )
+            .await?,
+        );
+        // The journal on tmpfs: fdatasync costs nothing there, so these rows show what the
+        // settler itself adds (pre-check RPC, journal code), as on a disk with fast syncs.
+        let shm = std::path::Path::new("/dev/shm");
+        if shm.is_dir() {
+            rows.push(deferred_row(&cfg, "deferred tmpfs", "paid-deferred", shm, &headers).await?);
+            rows.push(
+                deferred_row(
+                    &cfg,
+                    "deferred-opt tmpfs",
+                    "deferred-optimistic",
+                    shm,
+                    &headers,
+                )
+                .await?,
+            );
+        }
     }
 
     match &cfg.peer {
@@ -1082,14 +1110,16 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
 async fn deferred_row(
     cfg: &Config,
     name: &str,
+    scenario: &str,
+    journal_dir: &std::path::Path,
     headers: &Rc<Vec<HeaderValue>>,
 ) -> Result<Row, BoxError> {
     let Some(chain) = chain::Chain::start("load harness").await else {
         return Ok(Row::skipped(name, "SKIPPED: anvil not installed"));
     };
-    let dir = std::env::temp_dir().join(format!("tower-x402-load-{}", std::process::id()));
+    let dir = journal_dir.join(format!("tower-x402-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let journal = dir.join(format!("{name}.journal"));
+    let journal = dir.join(format!("{scenario}.journal"));
     let _ = std::fs::remove_file(&journal);
     let journal_arg = journal.to_string_lossy().into_owned();
     let mut extra = vec!["--rpc", chain.url(), "--journal", &journal_arg];
@@ -1097,7 +1127,7 @@ async fn deferred_row(
         // Drain in a moment instead of the default 2 s batch wait.
         extra.extend(["--max-wait-ms", "100"]);
     }
-    let server = our_server(cfg, name, &extra)?;
+    let server = our_server(cfg, scenario, &extra)?;
     let mut row = measure(
         cfg,
         name,
@@ -1437,6 +1467,8 @@ fn report(cfg: &Config, rows: &[Row], recover: (f64, f64), million: Option<&Mill
     for (name, label) in [
         ("paid-deferred", "deferred p50 − verify-only p50    "),
         ("deferred-optimistic", "  without the pre-check           "),
+        ("deferred tmpfs", "  journal on tmpfs                "),
+        ("deferred-opt tmpfs", "  tmpfs, without the pre-check    "),
     ] {
         match (
             single(name),

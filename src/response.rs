@@ -332,12 +332,15 @@ fn json_error<B>(reason: &str, message: Option<&str>) -> Response<ResponseBody<B
 /// Receipts kept per thread (payers who pay again; more just re-encode).
 const RECEIPT_SLOTS: usize = 8;
 
+/// An encoded receipt and what it encodes.
+type CachedReceipt = (X402Version, SettleResponse, HeaderValue);
+
 thread_local! {
     /// A receipt without a transaction (verify-only, deferred) is the same for every payment
     /// of one payer and price. Encoding it costs about 10,000 instructions (half of them the
     /// payer's EIP-55 checksum, a Keccak; then JSON and base64); finding it here, a few
     /// comparisons. Slots are reused round-robin.
-    static RECEIPTS: RefCell<(Vec<(X402Version, SettleResponse, HeaderValue)>, usize)> =
+    static RECEIPTS: RefCell<(Vec<CachedReceipt>, usize)> =
         const { RefCell::new((Vec::new(), 0)) };
 }
 
