@@ -15,8 +15,15 @@
 //! * `challenge`: the same route behind `PaymentLayer`, no payment → 402 challenge;
 //! * `paid-memory`: a valid unique payment per request → 200, `MemoryNonceStore`, verify-only;
 //! * `paid-redis`: the same with `RedisNonceStore` on a local `redis-server` (pinned to core 0);
-//! * `paid-deferred`: the same with deferred on-chain settlement on anvil — a SLOT: the
-//!   `DeferredSettler` is not in this branch yet, so the run prints "not run (pending merge)";
+//! * `paid-deferred`: the same with `DeferredSettler` over `OnchainSettler` (Multicall3
+//!   batches) on a local anvil (core 0), pre-check on as a seller runs it: each request reads
+//!   the payer's balance and the nonce's state on-chain, then is journaled (fdatasync, in a
+//!   temp dir) before the handler's answer goes out; the worker settles in the background.
+//!   After the load the harness waits for the payee's on-chain balance to reach one price per
+//!   200 served, so every answered request is shown to have settled;
+//! * `deferred-optimistic`: the same with `precheck(false)` (no RPC on the request path);
+//! * `deferred tmpfs`, `deferred-opt tmpfs`: both again with the journal on `/dev/shm`, where
+//!   `fdatasync` is free: what the settler itself adds, as on a disk with fast syncs;
 //! * `peer`: the same paid route behind the Rust peer x402-axum (bench/peer, built separately,
 //!   verification through its in-process facilitator against a local anvil on core 0);
 //! * `recover`: a raw libsecp256k1 recovery loop on core 1 (the physical limit of the paid path).
@@ -57,7 +64,11 @@ use tower_x402::primitives::{Address, B256, Bytes as ABytes, U256, address};
 use tower_x402::proto::exact::{Authorization, ExactEvmPayload};
 use tower_x402::proto::header::PAYMENT_SIGNATURE;
 use tower_x402::proto::v2::PaymentRequirements;
-use tower_x402::test_util::{DEMO_PAYER_KEY, demo_payer, encode, random_nonce, v2_json};
+use tower_x402::settle::deferred::DeferredSettler;
+use tower_x402::settle::onchain::OnchainSettler;
+use tower_x402::test_util::{
+    DEMO_PAYER_KEY, PrivateKeySigner, demo_payer, encode, random_nonce, v2_json,
+};
 use tower_x402::verify::exact::{domain_separator, recover_signer, signing_hash};
 use tower_x402::{Asset, Network, PaymentLayer, PaymentOption};
 
@@ -148,6 +159,10 @@ fn main() -> Result<(), BoxError> {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("recover") => recover_loop(&args[1..]),
+        Some("http-count") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(tokio::task::LocalSet::new().run_until(http_count(&args[1..]))),
         _ => {
             let cfg = Config::from_args(&args)?;
             tokio::runtime::Builder::new_current_thread()
@@ -161,7 +176,10 @@ fn main() -> Result<(), BoxError> {
 // ------------------------------------------------------------------------------------------------
 // Servers (child processes)
 
-fn layer(store: Option<RedisNonceStore>) -> Result<PaymentLayer, BoxError> {
+fn layer(
+    store: Option<RedisNonceStore>,
+    deferred: Option<DeferredSettler>,
+) -> Result<PaymentLayer, BoxError> {
     let builder = PaymentLayer::builder()
         .pay_to(PAY_TO)
         .price(PRICE)
@@ -170,20 +188,51 @@ fn layer(store: Option<RedisNonceStore>) -> Result<PaymentLayer, BoxError> {
         Some(redis) => builder.nonce_store(redis),
         None => builder.nonce_store(MemoryNonceStore::new()),
     };
-    // Slot for the deferred scenario: once `DeferredSettler` (src/settle/deferred/) is merged,
-    // `paid-deferred` builds it here on the anvil URL and sets `.settler(..)`.
+    let builder = match deferred {
+        Some(settler) => builder.settler(settler),
+        None => builder,
+    };
     Ok(builder.build()?)
 }
 
-/// `load serve <bare|challenge|paid-memory|paid-redis> [--redis URL]`: prints
+/// The deferred settler of `paid-deferred` / `deferred-optimistic`: `OnchainSettler` on the
+/// harness's anvil (anvil account #0 relays), journal at `--journal`, defaults otherwise
+/// (batches of 32) except `--max-wait-ms` (the smoke run shortens it to drain quickly).
+async fn deferred_settler(
+    value: &dyn Fn(&str) -> Option<String>,
+    precheck: bool,
+) -> Result<DeferredSettler, BoxError> {
+    let rpc = value("--rpc").ok_or("deferred scenarios need --rpc URL")?;
+    let journal = value("--journal").ok_or("deferred scenarios need --journal PATH")?;
+    let relayer: PrivateKeySigner = chain::RELAYER_KEY.parse()?;
+    let onchain = OnchainSettler::connect(&rpc, relayer).await?;
+    let mut builder = DeferredSettler::builder(onchain)
+        .journal(journal)
+        .precheck(precheck);
+    if let Some(ms) = value("--max-wait-ms") {
+        builder = builder.max_wait(Duration::from_millis(ms.parse()?));
+    }
+    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sink = failed.clone();
+    builder = builder.on_outcome(move |o| {
+        if !o.is_settled() && sink.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            let _ = writeln!(std::io::stderr(), "deferred: first failed outcome: {o:?}");
+        }
+    });
+    Ok(builder.start()?)
+}
+
+/// `load serve <scenario> [--redis URL] [--rpc URL --journal PATH [--max-wait-ms MS]]`: prints
 /// `LISTENING <port>`, serves on one thread until stdin closes.
 fn serve(args: &[String]) -> Result<(), BoxError> {
     let scenario = args.first().ok_or("serve: which scenario?")?.clone();
-    let redis_url = args
-        .iter()
-        .position(|a| a == "--redis")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let value = |name: &str| -> Option<String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let redis_url = value("--redis");
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -191,15 +240,21 @@ fn serve(args: &[String]) -> Result<(), BoxError> {
             let hello = get(|| async { "hello" });
             let app = match scenario.as_str() {
                 "bare" => Router::new().route(PATH, hello),
-                "challenge" | "paid-memory" => {
-                    Router::new().route(PATH, hello).route_layer(layer(None)?)
-                }
+                "challenge" | "paid-memory" => Router::new()
+                    .route(PATH, hello)
+                    .route_layer(layer(None, None)?),
                 "paid-redis" => {
                     let url = redis_url.ok_or("paid-redis needs --redis URL")?;
                     let store = RedisNonceStore::connect(&url).await?;
                     Router::new()
                         .route(PATH, hello)
-                        .route_layer(layer(Some(store))?)
+                        .route_layer(layer(Some(store), None)?)
+                }
+                "paid-deferred" | "deferred-optimistic" => {
+                    let settler = deferred_settler(&value, scenario == "paid-deferred").await?;
+                    Router::new()
+                        .route(PATH, hello)
+                        .route_layer(layer(None, Some(settler))?)
                 }
                 other => return Err(format!("unknown scenario {other}").into()),
             };
@@ -252,6 +307,19 @@ impl Server {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+}
+
+impl Server {
+    /// Closes stdin and waits for the exit, however long it takes (valgrind writes its
+    /// counts at exit, so it must not be killed).
+    fn stop(mut self) -> Result<(), BoxError> {
+        drop(self.child.stdin.take());
+        let status = self.child.wait()?;
+        if !status.success() {
+            return Err(format!("{}: server exited with {status}", self.name).into());
+        }
+        Ok(())
     }
 }
 
@@ -455,6 +523,8 @@ struct Shared {
     exhausted: Option<Instant>,
     /// Every completed request (the million run reports progress from it).
     done: u64,
+    /// Every response with the expected status, warmup included.
+    accepted: u64,
 }
 
 struct Stats {
@@ -465,21 +535,32 @@ struct Stats {
     cpu: f64,
     /// Server CPU µs per request.
     cpu_us_per_req: f64,
+    /// Of which in the kernel (stime).
+    sys_us_per_req: f64,
     ok: u64,
+    /// Responses with the expected status, warmup included (what the server sold).
+    accepted: u64,
     errors: u64,
     first_error: Option<String>,
 }
 
 /// Reads utime + stime of `pid` in seconds (USER_HZ is 100 on Linux).
 fn cpu_secs(pid: u32) -> f64 {
+    let (user, sys) = cpu_split(pid);
+    user + sys
+}
+
+/// utime and stime of `pid` in seconds: user space, and the kernel on its behalf (socket
+/// reads and writes, epoll; what callgrind does not count).
+fn cpu_split(pid: u32) -> (f64, f64) {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
+        return (0.0, 0.0);
     };
     // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 /// Resident set size of `pid`, in MiB.
@@ -551,7 +632,10 @@ async fn connection(
                     String::from_utf8_lossy(&body[..body.len().min(300)])
                 ));
             }
-        } else if t1 >= window.0 && t1 < window.1 {
+        } else {
+            s.accepted += 1;
+        }
+        if status == expect && t1 >= window.0 && t1 < window.1 {
             s.ok += 1;
             s.lat.push((t1 - t0).as_nanos() as u64);
         }
@@ -585,7 +669,8 @@ async fn run_load(
         })
         .collect();
     tokio::time::sleep_until(window.0.into()).await;
-    let cpu0 = cpu_secs(server_pid);
+    let (user0, sys0) = cpu_split(server_pid);
+    let cpu0 = user0 + sys0;
     let t0 = Instant::now();
     // The window closes at its end, or when the pre-signed headers run out.
     loop {
@@ -594,7 +679,8 @@ async fn run_load(
             break;
         }
     }
-    let cpu1 = cpu_secs(server_pid);
+    let (user1, sys1) = cpu_split(server_pid);
+    let cpu1 = user1 + sys1;
     let end = shared
         .borrow()
         .exhausted
@@ -612,12 +698,18 @@ async fn run_load(
         p50_us: percentile(&s.lat, 0.50),
         p99_us: percentile(&s.lat, 0.99),
         cpu: (cpu1 - cpu0) / elapsed,
+        sys_us_per_req: if n > 0.0 {
+            (sys1 - sys0) * 1e6 / n
+        } else {
+            f64::NAN
+        },
         cpu_us_per_req: if n > 0.0 {
             (cpu1 - cpu0) * 1e6 / n
         } else {
             f64::NAN
         },
         ok: s.ok,
+        accepted: s.accepted,
         errors: s.errors,
         first_error: s.first_error,
     })
@@ -632,6 +724,8 @@ struct Row {
     single: Option<Stats>,
     rss: f64,
     note: String,
+    /// A check after the load failed (the deferred drain).
+    failed: bool,
 }
 
 impl Row {
@@ -642,6 +736,7 @@ impl Row {
             single: None,
             rss: f64::NAN,
             note: note.into(),
+            failed: false,
         }
     }
 }
@@ -678,12 +773,13 @@ async fn measure(
     .await?;
     let rss = rss_mib(server.pid());
     eprintln!(
-        "  {name}: {:.0} req/s, p50 {:.0} µs (1 conn: {:.0} µs), server CPU {:.0} % = {:.1} µs/req",
+        "  {name}: {:.0} req/s, p50 {:.0} µs (1 conn: {:.0} µs), server CPU {:.0} % = {:.1} µs/req ({:.1} in the kernel)",
         loaded.rps,
         loaded.p50_us,
         single.p50_us,
         loaded.cpu * 100.0,
-        loaded.cpu_us_per_req
+        loaded.cpu_us_per_req,
+        loaded.sys_us_per_req
     );
     Ok(Row {
         name: name.into(),
@@ -691,6 +787,7 @@ async fn measure(
         single: Some(single),
         rss,
         note: String::new(),
+        failed: false,
     })
 }
 
@@ -910,11 +1007,38 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
         )),
     }
 
-    // The deferred-settlement scenario is a slot until `DeferredSettler` lands in this branch.
-    rows.push(Row::skipped(
-        "paid-deferred",
-        "not run (pending merge of DeferredSettler)",
-    ));
+    // Deferred settlement on a fresh anvil each (the same pre-signed payments, unused there).
+    // The smoke run keeps the seller's configuration only (pre-check on).
+    let disk = std::env::temp_dir();
+    rows.push(deferred_row(&cfg, "paid-deferred", "paid-deferred", &disk, &headers).await?);
+    if !cfg.smoke {
+        rows.push(
+            deferred_row(
+                &cfg,
+                "deferred-optimistic",
+                "deferred-optimistic",
+                &disk,
+                &headers,
+            )
+            .await?,
+        );
+        // The journal on tmpfs: fdatasync costs nothing there, so these rows show what the
+        // settler itself adds (pre-check RPC, journal code), as on a disk with fast syncs.
+        let shm = std::path::Path::new("/dev/shm");
+        if shm.is_dir() {
+            rows.push(deferred_row(&cfg, "deferred tmpfs", "paid-deferred", shm, &headers).await?);
+            rows.push(
+                deferred_row(
+                    &cfg,
+                    "deferred-opt tmpfs",
+                    "deferred-optimistic",
+                    shm,
+                    &headers,
+                )
+                .await?,
+            );
+        }
+    }
 
     match &cfg.peer {
         None => rows.push(Row::skipped(
@@ -994,6 +1118,181 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
     if failed {
         return Err("some requests got an unexpected status (see above)".into());
     }
+    Ok(())
+}
+
+/// One deferred scenario on a fresh anvil (inheriting the harness's core 0): the load, then
+/// the drain: the payee's on-chain balance must reach exactly one price per 200 served, so
+/// every answered request is shown to have settled.
+async fn deferred_row(
+    cfg: &Config,
+    name: &str,
+    scenario: &str,
+    journal_dir: &std::path::Path,
+    headers: &Rc<Vec<HeaderValue>>,
+) -> Result<Row, BoxError> {
+    let Some(chain) = chain::Chain::start("load harness").await else {
+        return Ok(Row::skipped(name, "SKIPPED: anvil not installed"));
+    };
+    let dir = journal_dir.join(format!("tower-x402-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let journal = dir.join(format!("{scenario}.journal"));
+    let _ = std::fs::remove_file(&journal);
+    let journal_arg = journal.to_string_lossy().into_owned();
+    let mut extra = vec!["--rpc", chain.url(), "--journal", &journal_arg];
+    if cfg.smoke {
+        // Drain in a moment instead of the default 2 s batch wait.
+        extra.extend(["--max-wait-ms", "100"]);
+    }
+    let server = our_server(cfg, scenario, &extra)?;
+    let mut row = measure(
+        cfg,
+        name,
+        &server,
+        PAYMENT_SIGNATURE,
+        Source::signed(headers),
+        StatusCode::OK,
+    )
+    .await?;
+    let sold: u64 = [&row.loaded, &row.single]
+        .into_iter()
+        .flatten()
+        .map(|s| s.accepted)
+        .sum();
+    let want = option().requirements().amount * U256::from(sold);
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(if cfg.smoke { 30 } else { 180 });
+    let settled = loop {
+        let got = chain.balance(PAY_TO).await;
+        if got >= want || t0.elapsed() > limit {
+            break got;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let drain = t0.elapsed().as_secs_f64();
+    drop(server);
+    drop(chain);
+    let _ = std::fs::remove_file(&journal);
+    let _ = std::fs::remove_dir(&dir);
+    if settled == want {
+        row.note = format!("{sold} sold, all settled on-chain {drain:.1} s after the load");
+    } else {
+        row.note = format!(
+            "FAILED: {sold} sold but the payee received {settled} units, not {want}, {drain:.0} s after the load"
+        );
+        row.failed = true;
+    }
+    eprintln!("    {name}: {}", row.note);
+    Ok(row)
+}
+
+/// `load http-count [--n1 N] [--n2 N] [--out DIR] [scenario...]`: the whole HTTP request
+/// (hyper + axum + the layer, server side) counted by callgrind. Each scenario's server runs
+/// under `valgrind --tool=callgrind` twice, serving n1 and then n2 requests sent one after the
+/// other on one keep-alive connection; (Ir(n2) − Ir(n1)) / (n2 − n1) is one request's
+/// user-space instructions, process start and shutdown cancelled out. System calls (socket
+/// reads and writes, epoll) run in the kernel and are not counted: they are the part of the
+/// server's CPU time per request that this count leaves out. Prints `IR <scenario> <per req>`.
+async fn http_count(args: &[String]) -> Result<(), BoxError> {
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let n1: usize = value("--n1").map_or(Ok(200), |v| v.parse())?;
+    let n2: usize = value("--n2").map_or(Ok(1200), |v| v.parse())?;
+    let out = std::path::PathBuf::from(value("--out").map_or("target/callgrind", |v| v));
+    std::fs::create_dir_all(&out)?;
+    let mut scenarios: Vec<&str> = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+        } else if a.starts_with("--") {
+            skip = true;
+        } else {
+            scenarios.push(a);
+        }
+    }
+    if scenarios.is_empty() {
+        scenarios = vec!["bare", "challenge", "paid-memory"];
+    }
+    let req = option().requirements().clone();
+    let ours: Arc<Wrap> = {
+        let req = req.clone();
+        Arc::new(move |p| v2_json(&req, p, None))
+    };
+    let signed = sign_headers(&req, n2, ours);
+    let exe = std::env::current_exe()?;
+    for scenario in scenarios {
+        let (headers, expect) = match scenario {
+            "bare" => (None, StatusCode::OK),
+            "challenge" => (None, StatusCode::PAYMENT_REQUIRED),
+            "paid-memory" => (Some(&signed[..]), StatusCode::OK),
+            other => return Err(format!("http-count: no scenario {other}").into()),
+        };
+        let mut ir = Vec::new();
+        for n in [n1, n2] {
+            let file = out.join(format!("http-{scenario}.{n}.out"));
+            let log = out.join(format!("http-{scenario}.{n}.log"));
+            let mut cmd = Command::new("valgrind");
+            cmd.arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", file.display()))
+                .arg(format!("--log-file={}", log.display()))
+                .arg(&exe)
+                .args(["serve", scenario]);
+            let server = Server::spawn(scenario, cmd)?;
+            sequential(server.addr, headers, n, expect).await?;
+            server.stop()?;
+            let text = std::fs::read_to_string(&log)?;
+            let count = text
+                .lines()
+                .find_map(|l| l.split_once("Collected : ").map(|(_, r)| r.trim()))
+                .ok_or_else(|| format!("no callgrind total in {}", log.display()))?
+                .parse::<u64>()?;
+            ir.push(count);
+        }
+        let per = (ir[1] as f64 - ir[0] as f64) / (n2 - n1) as f64;
+        println!(
+            "IR {scenario} {per:.0}   (Ir {} at n={n1}, {} at n={n2})",
+            ir[0], ir[1]
+        );
+    }
+    Ok(())
+}
+
+/// `n` requests one after the other on one connection; each must answer `expect`.
+async fn sequential(
+    addr: SocketAddr,
+    headers: Option<&[HeaderValue]>,
+    n: usize,
+    expect: StatusCode,
+) -> Result<(), BoxError> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::task::spawn_local(async move {
+        let _ = conn.await;
+    });
+    let host = HeaderValue::from_str(&addr.to_string())?;
+    for i in 0..n {
+        let mut req = Request::get(PATH).header(http::header::HOST, host.clone());
+        if let Some(h) = headers {
+            req = req.header(
+                PAYMENT_SIGNATURE,
+                h.get(i).ok_or("too few payments")?.clone(),
+            );
+        }
+        send.ready().await?;
+        let res = send.send_request(req.body(Empty::<Bytes>::new())?).await?;
+        let status = res.status();
+        res.into_body().collect().await?;
+        if status != expect {
+            return Err(format!("request {i}: got {status}, expected {expect}").into());
+        }
+    }
+    drop(send);
+    let _ = conn.await;
     Ok(())
 }
 
@@ -1084,7 +1383,7 @@ fn report(cfg: &Config, rows: &[Row], recover: (f64, f64), million: Option<&Mill
     let (recover, recover_cpu) = recover;
     let mut failed = false;
     println!(
-        "\n{:<16} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} | {:>10} {:>10} | {:>7}",
+        "\n{:<19} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} | {:>10} {:>10} | {:>7}",
         "scenario",
         "req/s",
         "p50 µs",
@@ -1100,7 +1399,7 @@ fn report(cfg: &Config, rows: &[Row], recover: (f64, f64), million: Option<&Mill
         match (&r.loaded, &r.single) {
             (Some(l), Some(s)) => {
                 println!(
-                    "{:<16} {:>9.0} {:>9.0} {:>9.0} {:>6.0}% {:>9.1} {:>8.1} | {:>10.0} {:>10.0} | {:>7}{}",
+                    "{:<19} {:>9.0} {:>9.0} {:>9.0} {:>6.0}% {:>9.1} {:>8.1} | {:>10.0} {:>10.0} | {:>7}{}",
                     r.name,
                     l.rps,
                     l.p50_us,
@@ -1130,11 +1429,12 @@ fn report(cfg: &Config, rows: &[Row], recover: (f64, f64), million: Option<&Mill
                     failed = true;
                 }
             }
-            _ => println!("{:<16} {}", r.name, r.note),
+            _ => println!("{:<19} {}", r.name, r.note),
         }
+        failed |= r.failed;
     }
     println!(
-        "{:<16} {:>9.0}   ({:.0} per CPU second = {:.1} µs; libsecp256k1 recover + address keccak)",
+        "{:<19} {:>9.0}   ({:.0} per CPU second = {:.1} µs; libsecp256k1 recover + address keccak)",
         "recovery limit",
         recover,
         recover_cpu,
@@ -1166,6 +1466,12 @@ fn report(cfg: &Config, rows: &[Row], recover: (f64, f64), million: Option<&Mill
             1e6 / recover_cpu,
             verdict(r_cpu >= 0.8)
         );
+        let user = paid.cpu_us_per_req - paid.sys_us_per_req;
+        println!(
+            "    by user-space CPU only           = {:.2}   ({user:.1} µs/req user + {:.1} kernel)",
+            (1e6 / recover_cpu) / user,
+            paid.sys_us_per_req
+        );
     }
     if let (Some(ch), Some(bare)) = (get("challenge"), get("bare")) {
         let r = ch.rps / bare.rps;
@@ -1180,16 +1486,37 @@ fn report(cfg: &Config, rows: &[Row], recover: (f64, f64), million: Option<&Mill
             bare.cpu_us_per_req,
             verdict(r_cpu >= 0.9)
         );
+        println!(
+            "    kernel CPU µs/req                = {:.1} (challenge) vs {:.1} (bare)",
+            ch.sys_us_per_req, bare.sys_us_per_req
+        );
     }
-    match (single("paid-deferred"), single("paid-memory")) {
-        (Some(d), Some(v)) => {
-            let diff = d.p50_us - v.p50_us;
-            println!(
-                "  deferred p50 − verify-only p50     = {diff:.0} µs (target < 100 µs: {})",
-                verdict(diff < 100.0)
-            );
+    for (name, label) in [
+        ("paid-deferred", "deferred p50 − verify-only p50    "),
+        ("deferred-optimistic", "  without the pre-check           "),
+        ("deferred tmpfs", "  journal on tmpfs                "),
+        ("deferred-opt tmpfs", "  tmpfs, without the pre-check    "),
+    ] {
+        match (
+            single(name),
+            single("paid-memory"),
+            get(name),
+            get("paid-memory"),
+        ) {
+            (Some(d), Some(v), Some(dl), Some(vl)) => {
+                let diff = d.p50_us - v.p50_us;
+                println!(
+                    "  {label} = {diff:.0} µs 1 conn ({:.0} vs {:.0}; target < 100 µs: {}); {:.0} µs at {} conns",
+                    d.p50_us,
+                    v.p50_us,
+                    verdict(diff < 100.0),
+                    dl.p50_us - vl.p50_us,
+                    cfg.conns
+                );
+            }
+            _ if name == "paid-deferred" => println!("  {label} = not run"),
+            _ => {}
         }
-        _ => println!("  deferred p50 − verify-only p50     = not run (pending merge)"),
     }
     if let (Some(ours), Some(peer)) = (get("paid-memory"), get("peer x402-axum")) {
         println!(

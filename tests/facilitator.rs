@@ -395,7 +395,12 @@ async fn reference_supported_and_refusal_reach_our_types() {
     let json = tower_x402::test_util::v2_json(&req, &payload, None);
     let payload = tower_x402::proto::PaymentPayload::V2(serde_json::from_value(json).unwrap());
     let err = client.verify(&payload, &req).await.unwrap_err();
-    assert_eq!(err.reason(), INSUFFICIENT_BALANCE, "{err:?}\n{}", stack.logs());
+    assert_eq!(
+        err.reason(),
+        INSUFFICIENT_BALANCE,
+        "{err:?}\n{}",
+        stack.logs()
+    );
     // The facilitator's own words stay in the error for logs (bounded), not in the 402.
     assert!(err.to_string().contains("exceeds balance"), "{err}");
 }
