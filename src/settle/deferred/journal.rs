@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use alloy_primitives::{Address, B256, Bytes, U256, keccak256};
 use serde::{Deserialize, Serialize};
@@ -227,6 +227,12 @@ struct Progress {
 #[derive(Debug)]
 pub(super) struct Journal {
     path: PathBuf,
+    state: Arc<State>,
+}
+
+/// What the sync leader needs, shared with the blocking task that writes and syncs.
+#[derive(Debug)]
+struct State {
     io: Mutex<Io>,
     group: Mutex<Group>,
     progress: watch::Sender<Progress>,
@@ -307,29 +313,31 @@ impl Journal {
         let next_id = live.next_id;
         let journal = Self {
             path: path.to_owned(),
-            io: Mutex::new(Io {
-                file,
-                records: records.len() as u64,
+            state: Arc::new(State {
+                io: Mutex::new(Io {
+                    file,
+                    records: records.len() as u64,
+                }),
+                group: Mutex::new(Group {
+                    live,
+                    ..Group::default()
+                }),
+                progress: watch::Sender::new(Progress::default()),
             }),
-            group: Mutex::new(Group {
-                live,
-                ..Group::default()
-            }),
-            progress: watch::Sender::new(Progress::default()),
         };
         Ok((journal, entries, next_id))
     }
 
     /// Appends `records` and returns once they are on disk (`fdatasync`). Appends that arrive
-    /// while a sync runs share the next one. The write and sync run on the calling thread.
+    /// while a sync runs share the next one. The write and sync run on a blocking thread.
     ///
     /// # Errors
     /// The write or sync failed (then every later append fails too: the file's tail is
     /// unknown until it is reopened).
     pub(super) async fn append(&self, records: &[Record]) -> io::Result<()> {
         let (mine, lead) = {
-            let mut g = lock(&self.group);
-            if self.progress.borrow().failed {
+            let mut g = lock(&self.state.group);
+            if self.state.progress.borrow().failed {
                 return Err(io::Error::other("journal failed earlier; reopen it"));
             }
             for r in records {
@@ -342,9 +350,14 @@ impl Journal {
             (g.appended, lead)
         };
         if lead {
-            return self.lead();
+            // A blocking task: a sync on the request's thread would stall a current-thread
+            // runtime, and no other append could join this group while it runs.
+            let state = self.state.clone();
+            return tokio::task::spawn_blocking(move || state.lead())
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
         }
-        let mut rx = self.progress.subscribe();
+        let mut rx = self.state.progress.subscribe();
         let done = rx
             .wait_for(|p| p.synced >= mine || p.failed)
             .await
@@ -357,35 +370,10 @@ impl Journal {
         }
     }
 
-    /// Writes and syncs whatever is queued until nothing is.
-    fn lead(&self) -> io::Result<()> {
-        loop {
-            let (buf, upto) = {
-                let mut g = lock(&self.group);
-                if g.buf.is_empty() {
-                    g.syncing = false;
-                    return Ok(());
-                }
-                (std::mem::take(&mut g.buf), g.appended)
-            };
-            let written = {
-                let mut io = lock(&self.io);
-                io.records += count_frames(&buf);
-                io.file.write_all(&buf).and_then(|()| io.file.sync_data())
-            };
-            if let Err(e) = written {
-                lock(&self.group).syncing = false;
-                self.progress.send_modify(|p| p.failed = true);
-                return Err(e);
-            }
-            self.progress.send_modify(|p| p.synced = upto);
-        }
-    }
-
     /// Records in the file and live payments.
     pub(super) fn sizes(&self) -> (u64, usize) {
-        let records = lock(&self.io).records;
-        (records, lock(&self.group).live.entries.len())
+        let records = lock(&self.state.io).records;
+        (records, lock(&self.state.group).live.entries.len())
     }
 
     /// Rewrites the file with the live payments only. Blocking (file I/O and syncs).
@@ -393,8 +381,8 @@ impl Journal {
     /// # Errors
     /// Any I/O error; the old file is then left as it was.
     pub(super) fn compact(&self) -> io::Result<()> {
-        let mut io = lock(&self.io);
-        let records = lock(&self.group).live.records();
+        let mut io = lock(&self.state.io);
+        let records = lock(&self.state.group).live.records();
         let mut buf = Vec::new();
         for r in &records {
             frame(r, &mut buf);
@@ -422,6 +410,33 @@ fn count_frames(buf: &[u8]) -> u64 {
         n += 1;
     }
     n
+}
+
+impl State {
+    /// Writes and syncs whatever is queued until nothing is.
+    fn lead(&self) -> io::Result<()> {
+        loop {
+            let (buf, upto) = {
+                let mut g = lock(&self.group);
+                if g.buf.is_empty() {
+                    g.syncing = false;
+                    return Ok(());
+                }
+                (std::mem::take(&mut g.buf), g.appended)
+            };
+            let written = {
+                let mut io = lock(&self.io);
+                io.records += count_frames(&buf);
+                io.file.write_all(&buf).and_then(|()| io.file.sync_data())
+            };
+            if let Err(e) = written {
+                lock(&self.group).syncing = false;
+                self.progress.send_modify(|p| p.failed = true);
+                return Err(e);
+            }
+            self.progress.send_modify(|p| p.synced = upto);
+        }
+    }
 }
 
 #[cfg(test)]
