@@ -1,9 +1,9 @@
 //! A paid API in a few lines, and a demo client that pays it.
 //!
 //! ```sh
-//! cargo run --example quickstart              # serve, pay once as a demo client, replay, exit
-//! cargo run --example quickstart -- --serve   # keep serving for outside clients (port 4021)
-//! cargo run --example quickstart -- --serve --port 0   # any free port, printed on the first line
+//! cargo run --example quickstart --features axum,test-util   # serve, pay once as a demo client, replay, exit
+//! cargo run --example quickstart --features axum,test-util -- --serve   # keep serving (port 4021)
+//! cargo run --example quickstart --features axum,test-util -- --serve --port 0   # any free port
 //! ```
 //!
 //! `GET /` is free; `GET /weather` costs $0.001 in Base Sepolia USDC, checked in-process
@@ -15,7 +15,7 @@
 //! payments are settled on that chain by an `OnchainSettler`, from the relayer whose private
 //! key (hex) is in the `X402_RELAYER_KEY` environment variable; it pays the gas. The chain must
 //! be Base Sepolia (84532) or a local fork of it, e.g. anvil with the test token
-//! (`cargo run --example economics` starts one).
+//! (`cargo run --release --example economics --features test-util,onchain,deferred` starts one).
 //!
 //! ```sh
 //! X402_RELAYER_KEY=0x... cargo run --example quickstart --features axum,test-util,onchain,deferred -- \
