@@ -791,39 +791,7 @@ async fn the_signed_window_follows_the_clock_and_max_timeout() {
 
 #[test]
 fn the_agent_example_runs_offline_and_stops_at_its_budget() {
-    // The test binary is <target>/<profile>/deps/client-<hash>; examples are in
-    // <target>/<profile>/examples (cargo test builds them).
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("target/<profile> dir")
-        .join("examples/agent");
-    assert!(
-        bin.exists(),
-        "{} not found: build it with `cargo build --all-features --examples`",
-        bin.display()
-    );
-    let mut child = std::process::Command::new(&bin)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn the agent");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("try_wait").is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the agent did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::run_example("agent");
     assert_eq!(stdout.matches("call ").count(), 3, "{stdout}");
     assert_eq!(stdout.matches("  paid 0.001000 ").count(), 2, "{stdout}");
     assert!(
