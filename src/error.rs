@@ -35,6 +35,13 @@ pub enum ConfigError {
     /// Both protocol versions disabled.
     #[error("at least one protocol version must be enabled")]
     NoVersion,
+    /// An `upto` option without the account that settles it.
+    #[error("an upto option needs a non-zero facilitator (settling) address")]
+    UptoFacilitator,
+    /// An `upto` option with [`SettlementMode::BeforeHandler`](crate::settle::SettlementMode):
+    /// the amount to settle is known only once the handler has run.
+    #[error("upto payments settle after the handler: use SettlementMode::AfterHandler")]
+    UptoBeforeHandler,
     /// A [prepaid](crate::prepaid) route that cannot be built.
     #[error(transparent)]
     Prepaid(#[from] crate::prepaid::BundleError),

@@ -7,6 +7,7 @@ use axum_core::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::request::Parts;
 
+use crate::upto::Usage;
 use crate::verify::VerifiedPayment;
 
 /// `VerifiedPayment` was extracted on a route that no [`PaymentLayer`](crate::PaymentLayer)
@@ -53,5 +54,32 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for VerifiedPayment {
         _state: &S,
     ) -> Result<Option<Self>, Self::Rejection> {
         Ok(parts.extensions.get::<VerifiedPayment>().cloned())
+    }
+}
+
+/// The [`Usage`] meter of an `upto` payment; 500 ([`MissingPayment`]) when the request was not
+/// paid with `upto` (a route without an `upto` option, or an `exact` payment: use
+/// `Option<Usage>` on routes that accept both).
+impl<S: Send + Sync> FromRequestParts<S> for Usage {
+    type Rejection = MissingPayment;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Usage>()
+            .cloned()
+            .ok_or(MissingPayment)
+    }
+}
+
+/// `Option<Usage>`: `None` unless the request was paid with `upto`.
+impl<S: Send + Sync> OptionalFromRequestParts<S> for Usage {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<Usage>().cloned())
     }
 }

@@ -88,6 +88,72 @@ impl PaymentOption {
         })
     }
 
+    /// An `upto` payment (metered billing, x402 `scheme_upto_evm`): the client signs a Permit2
+    /// permit for at most `max_price` of `asset`, the handler reports what the call used
+    /// through [`crate::upto::Usage`], and the layer settles that much (or nothing) once.
+    ///
+    /// `facilitator` is the account that sends the settlement transaction, e.g.
+    /// [`OnchainSettler::relayer`](crate::settle::onchain::OnchainSettler::relayer): the
+    /// payer signs it into the permit, and the upto proxy refuses any other sender. The payer
+    /// must have approved Permit2 for `asset` beforehand (a one-time ERC-20 `approve`).
+    ///
+    /// ```
+    /// use tower_x402::{Asset, PaymentOption};
+    /// use tower_x402::primitives::address;
+    /// let opt = PaymentOption::upto(
+    ///     &Asset::usdc_base_sepolia(),
+    ///     "$0.05",
+    ///     address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
+    ///     address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"),
+    /// )
+    /// .unwrap();
+    /// assert_eq!(opt.requirements().scheme, "upto");
+    /// assert_eq!(opt.requirements().amount.to::<u64>(), 50_000);
+    /// ```
+    ///
+    /// # Errors
+    /// As [`PaymentOption::exact`]; also a zero `facilitator`.
+    pub fn upto(
+        asset: &Asset,
+        max_price: &str,
+        pay_to: Address,
+        facilitator: Address,
+    ) -> Result<Self, ConfigError> {
+        let max = parse_price(max_price, asset.decimals)?;
+        Self::upto_atomic(asset, max, pay_to, facilitator)
+    }
+
+    /// As [`PaymentOption::upto`], with the maximum in atomic units.
+    ///
+    /// # Errors
+    /// As [`PaymentOption::upto`].
+    pub fn upto_atomic(
+        asset: &Asset,
+        max: U256,
+        pay_to: Address,
+        facilitator: Address,
+    ) -> Result<Self, ConfigError> {
+        if facilitator.is_zero() {
+            return Err(ConfigError::UptoFacilitator);
+        }
+        let mut opt = Self::exact_atomic(asset, max, pay_to)?;
+        opt.requirements.scheme = crate::verify::upto::SCHEME.into();
+        // The upto client reads only `facilitatorAddress`; name and version stay for clients
+        // that show the token.
+        if let Some(extra) = opt.requirements.extra.as_mut() {
+            extra.insert(
+                crate::verify::upto::FACILITATOR_ADDRESS.into(),
+                Value::String(facilitator.to_checksum(None)),
+            );
+        }
+        Ok(opt)
+    }
+
+    /// True for an `upto` option.
+    pub fn is_upto(&self) -> bool {
+        self.requirements.scheme == crate::verify::upto::SCHEME
+    }
+
     /// Sets `maxTimeoutSeconds` (default 300): also the longest validity accepted.
     ///
     /// # Errors
@@ -512,6 +578,11 @@ impl PaymentLayerBuilder {
                 opt = opt.with_max_timeout(secs)?;
             }
             options.insert(0, opt);
+        }
+        // A dynamic price is checked per request (see `service::charge`).
+        if self.mode == SettlementMode::BeforeHandler && options.iter().any(PaymentOption::is_upto)
+        {
+            return Err(ConfigError::UptoBeforeHandler);
         }
         let pricing = match self.pricing {
             Some(f) => Pricing::Dynamic(f),

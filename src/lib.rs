@@ -188,6 +188,7 @@ pub mod settle;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;
+pub mod upto;
 pub mod verify;
 
 pub use alloy_primitives as primitives;

@@ -109,7 +109,8 @@ pub(crate) fn challenge(
         error: reason.map(str::to_owned),
         accepts: options
             .iter()
-            .filter(|o| o.requirements().network.v1_name().is_some())
+            // `upto` is a v2 scheme: no v1 client speaks it.
+            .filter(|o| o.requirements().network.v1_name().is_some() && !o.is_upto())
             .map(|o| {
                 let r = o.requirements();
                 v1::PaymentRequirements {

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::proto::X402Version;
 use crate::proto::exact::{Authorization, ExactEvmPayload};
 use crate::proto::header::{self, PAYMENT_SIGNATURE, X_PAYMENT};
+use crate::proto::upto::{Permit2Authorization, TokenPermissions, UptoEvmPayload, UptoWitness};
 use crate::proto::v2::{PaymentRequirements, ResourceInfo};
 use crate::verify::exact::{domain_separator, signing_hash};
 
@@ -114,4 +115,64 @@ pub fn pay(
         X402Version::V2 => (PAYMENT_SIGNATURE, encode(&v2_json(req, &payload, None))),
         X402Version::V1 => (X_PAYMENT, encode(&v1_json(req, &payload))),
     }
+}
+
+/// The Permit2 permit the official `UptoEvmScheme` client signs for `req` at `now`: the
+/// maximum `req.amount` of `req.asset`, spender = the upto proxy, `witness.to = payTo`,
+/// `witness.facilitator = extra.facilitatorAddress`, `validAfter = 0`,
+/// `deadline = now + maxTimeoutSeconds`, a random 256-bit nonce.
+pub fn upto_permit(req: &PaymentRequirements, from: Address, now: u64) -> Permit2Authorization {
+    let facilitator = req
+        .extra_str(crate::verify::upto::FACILITATOR_ADDRESS)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_default();
+    Permit2Authorization {
+        from,
+        permitted: TokenPermissions {
+            token: req.asset,
+            amount: req.amount,
+        },
+        spender: crate::verify::upto::UPTO_PROXY,
+        nonce: U256::from_be_bytes(random_nonce().0),
+        deadline: U256::from(now + req.max_timeout_seconds),
+        witness: UptoWitness {
+            to: req.pay_to,
+            facilitator,
+            valid_after: U256::ZERO,
+        },
+    }
+}
+
+/// Signs `permit` under Permit2's EIP-712 domain on `req`'s chain.
+pub fn sign_upto(
+    signer: &impl SignerSync,
+    req: &PaymentRequirements,
+    permit: &Permit2Authorization,
+) -> Bytes {
+    let digest = crate::verify::upto::signing_hash(req.network.chain_id(), permit);
+    let sig = signer
+        .sign_hash_sync(&digest)
+        .expect("local signing does not fail");
+    Bytes::copy_from_slice(&sig.as_bytes())
+}
+
+/// A signed `upto` payload for `req`, valid at `now`.
+pub fn upto_payload(
+    signer: &PrivateKeySigner,
+    req: &PaymentRequirements,
+    now: u64,
+) -> UptoEvmPayload {
+    let permit2_authorization = upto_permit(req, signer.address(), now);
+    let signature = sign_upto(signer, req, &permit2_authorization);
+    UptoEvmPayload {
+        signature,
+        permit2_authorization,
+    }
+}
+
+/// A complete v2 `PAYMENT-SIGNATURE` header paying `req` (an `upto` requirement) with
+/// `payload`.
+pub fn pay_upto(req: &PaymentRequirements, payload: &UptoEvmPayload) -> (HeaderName, HeaderValue) {
+    let json = json!({ "x402Version": 2, "accepted": req, "payload": payload });
+    (PAYMENT_SIGNATURE, encode(&json))
 }

@@ -279,6 +279,13 @@ impl FacilitatorClient {
         if payload.scheme() != req.scheme {
             return Err(VerifyError::Scheme(payload.scheme().to_owned()));
         }
+        // `upto` goes through the in-process verifier and `OnchainSettler` only: its /settle
+        // must carry the metered amount, not the verified request's maximum.
+        if req.scheme != crate::verify::exact::SCHEME {
+            return Err(VerifyError::Other {
+                reason: crate::rejection::reason::UNSUPPORTED_SCHEME,
+            });
+        }
         if payload.network() != req.network {
             return Err(VerifyError::NetworkMismatch {
                 paid: payload.network(),
@@ -430,6 +437,7 @@ impl Verifier for FacilitatorClient {
             signature: exact.signature,
             valid_before,
             facilitator_request: Some(body.into()),
+            permit2: None,
         })
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod exact;
 pub mod header;
+pub mod upto;
 pub mod v1;
 pub mod v2;
 

@@ -309,7 +309,12 @@ where
         ));
     }
     parts.extensions.insert(verified.clone());
-    if shared.mode == SettlementMode::BeforeHandler {
+    // upto: the handler meters the call; the amount to settle is known only afterwards.
+    let meter = verified.is_upto().then(|| Usage::new(verified.amount));
+    if let Some(meter) = &meter {
+        parts.extensions.insert(meter.clone());
+    }
+    if shared.mode == SettlementMode::BeforeHandler && meter.is_none() {
         // The money moves first; the handler's answer, whatever it is, was paid for.
         let started = Instant::now();
         let result = shared.settler.settle(verified).await;
@@ -344,8 +349,45 @@ where
         response::mark(shared, res.headers_mut());
         return Ok((res, false));
     }
+    let metered;
+    let to_settle = match meter.map(|m| m.settle_amount()) {
+        None => verified,
+        Some(Err(_overrun)) => {
+            // The handler ran past what the payer signed for: nothing is settled above the
+            // maximum, and nothing below it either (the body is withheld, unpaid). Spent:
+            // the same proof would buy the same run again.
+            let _ = shared.store.consume(&key, token).await;
+            let refused = SettleError::Refused {
+                reason: crate::upto::SETTLEMENT_EXCEEDS_AMOUNT,
+                transaction: None,
+            };
+            return Ok((settle_failed(flow, verified, &refused).await, true));
+        }
+        Some(Ok(total)) if total.is_zero() => {
+            // Nothing used, nothing to move: no transaction at all.
+            let _ = shared.store.consume(&key, token).await;
+            let settlement = Settlement {
+                transaction: None,
+                amount: Some(total),
+            };
+            after_settle(shared, verified, &settlement, Duration::ZERO).await;
+            return Ok((settled(shared, res, verified, settlement), true));
+        }
+        Some(Ok(total)) => {
+            metered = VerifiedPayment {
+                amount: total,
+                ..verified.clone()
+            };
+            &metered
+        }
+    };
     let started = Instant::now();
-    let result = shared.settler.settle(verified).await;
+    let result = shared.settler.settle(to_settle).await.map(|mut s| {
+        if to_settle.is_upto() {
+            s.amount = Some(to_settle.amount);
+        }
+        s
+    });
     let settle_time = started.elapsed();
     match &result {
         // Refused after the handler ran, the proof is spent: releasing it would let it buy
@@ -364,13 +406,13 @@ where
     }
     match result {
         Ok(settlement) => {
-            after_settle(shared, verified, &settlement, settle_time).await;
-            Ok((settled(shared, res, verified, settlement), true))
+            after_settle(shared, to_settle, &settlement, settle_time).await;
+            Ok((settled(shared, res, to_settle, settlement), true))
         }
         // The handler's body is withheld: it was not paid for.
         Err(e) => {
             let spent = e.is_refused() || e.is_unknown();
-            Ok((settle_failed(flow, verified, &e).await, spent))
+            Ok((settle_failed(flow, to_settle, &e).await, spent))
         }
     }
 }

@@ -41,6 +41,7 @@ use crate::proto::{PaymentPayload, SettleResponse, VersionProbe, v1, v2};
 use crate::rejection::{PaymentRejection, Rejection, reason};
 use crate::response;
 use crate::settle::{SettleError, Settlement, SettlementMode};
+use crate::upto::Usage;
 use crate::verify::{VerifiedPayment, VerifyError};
 
 /// The service made by [`PaymentLayer`](crate::PaymentLayer). See the [crate docs](crate).

@@ -177,7 +177,8 @@ impl SeparatorCache {
     }
 }
 
-/// In-process `exact` EVM verifier. Cheap to clone.
+/// In-process EVM verifier: `exact` (EIP-3009) here, and `upto` (Permit2, see
+/// [`super::upto`]) for requirements whose scheme is `upto`. Cheap to clone.
 ///
 /// ```
 /// use tower_x402::verify::ExactEvmVerifier;
@@ -251,6 +252,10 @@ impl ExactEvmVerifier {
         payload: &PaymentPayload,
         req: &PaymentRequirements,
     ) -> Result<VerifiedPayment, VerifyError> {
+        if req.scheme == super::upto::SCHEME {
+            let now = self.clock.now();
+            return super::upto::verify(payload, req, now, self.headroom, self.max_skew);
+        }
         if payload.scheme() != SCHEME || req.scheme != SCHEME {
             return Err(VerifyError::Scheme(payload.scheme().to_owned()));
         }
@@ -309,6 +314,7 @@ impl ExactEvmVerifier {
             authorization: exact.authorization,
             signature: exact.signature,
             facilitator_request: None,
+            permit2: None,
         })
     }
 }

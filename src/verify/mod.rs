@@ -5,6 +5,7 @@
 //! never moves money: settlement is a separate step ([`crate::settle`]).
 
 pub mod exact;
+pub mod upto;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ pub use exact::ExactEvmVerifier;
 use crate::Network;
 use crate::nonce::NonceKey;
 use crate::proto::exact::Authorization;
+use crate::proto::upto::Permit2Authorization;
 use crate::proto::{PaymentPayload, X402Version, v2::PaymentRequirements};
 
 /// Boxed error for backend causes.
@@ -66,9 +68,13 @@ pub struct VerifiedPayment {
     pub payer: Address,
     /// Who receives the money.
     pub pay_to: Address,
-    /// Atomic units paid.
+    /// Atomic units paid; for `upto`, the most that may be charged (the layer settles the
+    /// metered usage, see [`crate::upto`]).
     pub amount: U256,
-    /// The signed authorization, needed to settle.
+    /// The signed authorization, needed to settle. For `upto` it mirrors the Permit2 permit
+    /// (`from`, `witness.to`, the maximum, `validAfter`, `deadline`, the nonce as 32 bytes)
+    /// so that every payment has the same shape; it is not an EIP-3009 authorization and
+    /// settles only through [`Self::permit2`].
     pub authorization: Authorization,
     /// Its signature.
     pub signature: Bytes,
@@ -79,6 +85,8 @@ pub struct VerifiedPayment {
     /// in-process verifiers). Its settlement sends these very bytes to `POST /settle`, so the
     /// facilitator settles exactly the proof and the server requirements it verified.
     pub facilitator_request: Option<Bytes>,
+    /// The signed Permit2 permit of an `upto` payment (`None` for `exact`).
+    pub permit2: Option<Permit2Authorization>,
 }
 
 impl VerifiedPayment {
@@ -103,14 +111,56 @@ impl VerifiedPayment {
             authorization,
             signature,
             facilitator_request: None,
+            permit2: None,
         }
     }
 
-    /// The replay-guard key of this proof: (chain, token, payer, nonce).
+    /// An `upto` Permit2 payment, from its signed permit: payer, recipient, maximum and
+    /// expiry are the permit's. Only for a proof that was verified.
+    pub fn upto(
+        version: X402Version,
+        network: Network,
+        permit: Permit2Authorization,
+        signature: Bytes,
+    ) -> Self {
+        let authorization = Authorization {
+            from: permit.from,
+            to: permit.witness.to,
+            value: permit.permitted.amount,
+            valid_after: permit.witness.valid_after,
+            valid_before: permit.deadline,
+            nonce: B256::from(permit.nonce),
+        };
+        Self {
+            version,
+            network,
+            asset: permit.permitted.token,
+            payer: permit.from,
+            pay_to: permit.witness.to,
+            amount: permit.permitted.amount,
+            valid_before: permit.deadline.saturating_to(),
+            authorization,
+            signature,
+            facilitator_request: None,
+            permit2: Some(permit),
+        }
+    }
+
+    /// True for an `upto` payment: [`Self::amount`] is a maximum.
+    pub fn is_upto(&self) -> bool {
+        self.permit2.is_some()
+    }
+
+    /// The replay-guard key of this proof: (chain, token, payer, nonce). Permit2 nonces are
+    /// per owner across all tokens, so an `upto` proof's key names Permit2, not the token.
     pub fn nonce_key(&self) -> NonceKey {
         NonceKey {
             chain_id: self.network.chain_id(),
-            asset: self.asset,
+            asset: if self.is_upto() {
+                upto::PERMIT2
+            } else {
+                self.asset
+            },
             from: self.authorization.from,
             nonce: self.authorization.nonce,
         }

@@ -97,6 +97,7 @@ impl StoredPayment {
             valid_before: self.valid_before,
             // Batch settlers settle from the authorization itself, never through a facilitator.
             facilitator_request: None,
+            permit2: None,
         }
     }
 }

@@ -558,6 +558,14 @@ fn unix_ms() -> u64 {
 #[async_trait]
 impl Settler for DeferredSettler {
     async fn check(&self, payment: &VerifiedPayment) -> Result<(), SettleError> {
+        if payment.is_upto() {
+            // Batches are Multicall3 calls, and the upto proxy takes only the signed
+            // facilitator as sender: settle `upto` with an `OnchainSettler`.
+            return Err(SettleError::Refused {
+                reason: crate::rejection::reason::UNSUPPORTED_SCHEME,
+                transaction: None,
+            });
+        }
         let owed = {
             let state = self.shared.lock();
             if state.keys.contains(&payment.nonce_key()) {

@@ -191,7 +191,10 @@ impl OnchainSettler {
         let started = Instant::now();
         let tx = self.aggregate(payments, live).with_chain_id(chain_id);
         let hook = |hash| log.sending(hash, live);
-        match self.submit(tx, live.len() as u64, Some(&hook)).await {
+        match self
+            .submit(tx, live.len() as u64, self.config.gas_limit, Some(&hook))
+            .await
+        {
             Err(Submit::NotSent(f)) => {
                 self.shared.stats.update(|s| match f {
                     Failure::Revert(_) => s.refused += live.len() as u64,

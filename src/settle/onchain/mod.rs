@@ -105,6 +105,7 @@ mod batch;
 mod relayer;
 mod revert;
 mod stats;
+mod upto;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -256,6 +257,9 @@ impl std::fmt::Debug for OnchainSettler {
 impl OnchainSettler {
     /// Default gas limit of a settlement transaction.
     pub const DEFAULT_GAS_LIMIT: u64 = 120_000;
+    /// Gas limit of an `upto` settlement (Permit2 through the x402 upto proxy), unless the
+    /// configured [gas limit](Self::with_gas_limit) is higher.
+    pub const UPTO_GAS_LIMIT: u64 = 200_000;
     /// Default fee cap: 5 gwei per gas.
     pub const DEFAULT_MAX_FEE_PER_GAS: u128 = 5_000_000_000;
     /// Default receipt wait.
@@ -442,13 +446,42 @@ impl OnchainSettler {
 
     /// The settlement transaction, without fees, nonce or chain id.
     fn transfer(&self, payment: &VerifiedPayment) -> TransactionRequest {
-        TransactionRequest::default()
-            .with_from(self.relayer())
-            .with_to(payment.asset)
-            .with_input(transfer_calldata(
+        let tx = TransactionRequest::default().with_from(self.relayer());
+        match &payment.permit2 {
+            // upto: the proxy pulls `amount` (the metered usage, at most the permit's maximum).
+            Some(permit) => tx
+                .with_to(upto::UPTO_PROXY)
+                .with_input(upto::settle_calldata(
+                    permit,
+                    payment.amount,
+                    &payment.signature,
+                )),
+            None => tx.with_to(payment.asset).with_input(transfer_calldata(
                 &payment.authorization,
                 &payment.signature,
-            ))
+            )),
+        }
+    }
+
+    /// Whether the payment's authorization (EIP-3009) or permit nonce (Permit2) is used.
+    async fn proof_used(&self, payment: &VerifiedPayment) -> Result<bool, Failure> {
+        let Some(permit) = &payment.permit2 else {
+            let a = &payment.authorization;
+            return self
+                .authorization_state(payment.asset, a.from, a.nonce)
+                .await;
+        };
+        let out = with_timeout(
+            self.config.rpc_timeout,
+            self.provider
+                .call(view(upto::PERMIT2, &upto::nonce_bitmap_call(permit)))
+                .block(LATEST),
+        )
+        .await?;
+        Ok(upto::nonce_used(
+            permit,
+            decode::<upto::IPermit2::nonceBitmapCall>(&out)?,
+        ))
     }
 
     /// Balance, authorization state and (optionally) the simulation's revert reason, read in
@@ -457,12 +490,24 @@ impl OnchainSettler {
     /// facilitator's: `eth_call` at `latest` executes with the latest block's timestamp, which
     /// on an idle dev chain (anvil mines only on demand) can be older than `validAfter`,
     /// while anvil's default (`pending`) runs at the current time.
-    async fn read_state(
-        &self,
-        payment: &VerifiedPayment,
-    ) -> Result<(U256, bool, Option<&'static str>), Failure> {
+    async fn read_state(&self, payment: &VerifiedPayment) -> Result<State, Failure> {
         let a = &payment.authorization;
         let balance_tx = view(payment.asset, &IEip3009::balanceOfCall { account: a.from });
+        let simulate = self.config.simulate.then(|| self.transfer(payment));
+        if let Some(permit) = &payment.permit2 {
+            let views = [
+                balance_tx,
+                view(payment.asset, &upto::allowance_call(permit.from)),
+                view(upto::PERMIT2, &upto::nonce_bitmap_call(permit)),
+            ];
+            let (out, revert) = self.read_views(&views, simulate).await?;
+            return Ok(State {
+                balance: decode::<IEip3009::balanceOfCall>(&out[0])?,
+                allowance: Some(decode::<upto::IErc20Allowance::allowanceCall>(&out[1])?),
+                used: upto::nonce_used(permit, decode::<upto::IPermit2::nonceBitmapCall>(&out[2])?),
+                revert,
+            });
+        }
         let state_tx = view(
             payment.asset,
             &IEip3009::authorizationStateCall {
@@ -470,15 +515,29 @@ impl OnchainSettler {
                 nonce: a.nonce,
             },
         );
-        let simulate = self.config.simulate.then(|| self.transfer(payment));
+        let (out, revert) = self.read_views(&[balance_tx, state_tx], simulate).await?;
+        Ok(State {
+            balance: decode::<IEip3009::balanceOfCall>(&out[0])?,
+            allowance: None,
+            used: decode::<IEip3009::authorizationStateCall>(&out[1])?,
+            revert,
+        })
+    }
+
+    /// `views` (at most three) at the latest block and (optionally) the simulation's revert
+    /// reason, read in one batch or concurrently.
+    async fn read_views(
+        &self,
+        views: &[TransactionRequest],
+        simulate: Option<TransactionRequest>,
+    ) -> Result<(Vec<Bytes>, Option<&'static str>), Failure> {
         let limit = self.config.rpc_timeout;
-        let (balance, state, simulated) = if self.config.batched_check {
+        let (out, simulated) = if self.config.batched_check {
             let mut batch = alloy_rpc_client::BatchRequest::new(self.provider.client());
-            let balance = batch
-                .add_call::<_, Bytes>("eth_call", &(&balance_tx, LATEST))
-                .map_err(revert::classify)?;
-            let state = batch
-                .add_call::<_, Bytes>("eth_call", &(&state_tx, LATEST))
+            let waiters = views
+                .iter()
+                .map(|tx| batch.add_call::<_, Bytes>("eth_call", &(tx, LATEST)))
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(revert::classify)?;
             // No block: the node's default, as in the reference facilitator (see `read_state`).
             let simulated = match &simulate {
@@ -494,11 +553,11 @@ impl OnchainSettler {
                 Some(waiter) => Some(waiter.await),
                 None => None,
             };
-            (
-                balance.await.map_err(revert::classify)?,
-                state.await.map_err(revert::classify)?,
-                simulated,
-            )
+            let mut out = Vec::with_capacity(waiters.len());
+            for waiter in waiters {
+                out.push(waiter.await.map_err(revert::classify)?);
+            }
+            (out, simulated)
         } else {
             let simulation = async {
                 match &simulate {
@@ -509,17 +568,22 @@ impl OnchainSettler {
                     None => None,
                 }
             };
-            let (balance, state, simulated) = tokio::join!(
-                with_timeout(limit, self.provider.call(balance_tx).block(LATEST)),
-                with_timeout(limit, self.provider.call(state_tx).block(LATEST)),
-                simulation,
-            );
+            let read = |i: usize| async move {
+                match views.get(i) {
+                    Some(tx) => Some(
+                        with_timeout(limit, self.provider.call(tx.clone()).block(LATEST)).await,
+                    ),
+                    None => None,
+                }
+            };
+            let (a, b, c, simulated) = tokio::join!(read(0), read(1), read(2), simulation);
             let simulated = match simulated {
                 Some(Ok(result)) => Some(result),
                 Some(Err(elapsed)) => return Err(Failure::rpc(elapsed)),
                 None => None,
             };
-            (balance?, state?, simulated)
+            let reads = [a, b, c].into_iter().flatten();
+            (reads.collect::<Result<Vec<_>, _>>()?, simulated)
         };
         let revert = match simulated {
             None | Some(Ok(_)) => None,
@@ -528,11 +592,7 @@ impl OnchainSettler {
                 rpc @ Failure::Rpc { .. } => return Err(rpc),
             },
         };
-        Ok((
-            decode::<IEip3009::balanceOfCall>(&balance)?,
-            decode::<IEip3009::authorizationStateCall>(&state)?,
-            revert,
-        ))
+        Ok((out, revert))
     }
 
     /// Polls for the receipt until it has the wanted confirmations; `None` on timeout.
@@ -638,11 +698,7 @@ impl OnchainSettler {
             // Mined, short of the wanted confirmations: its status is the answer.
             return self.mined(&receipt, started);
         }
-        let a = &payment.authorization;
-        match self
-            .authorization_state(payment.asset, a.from, a.nonce)
-            .await
-        {
+        match self.proof_used(payment).await {
             Ok(true) => {
                 let latency = started.elapsed();
                 self.shared.stats.update(|s| {
@@ -679,12 +735,21 @@ impl OnchainSettler {
     ) -> Result<(), SettleError> {
         let checked = async {
             self.ensure_network(payment).await?;
-            let (balance, used, revert) = self.read_state(payment).await?;
-            if used {
+            if let Some(permit) = &payment.permit2
+                && permit.witness.facilitator != self.relayer()
+            {
+                // The upto proxy lets only the signed facilitator settle: this relayer can't.
+                return Err(Failure::Revert(upto::reason::FACILITATOR_MISMATCH));
+            }
+            let state = self.read_state(payment).await?;
+            let needed = payment.authorization.value.saturating_add(owed);
+            if state.used {
                 Err(Failure::Revert(reason::NONCE_ALREADY_USED))
-            } else if balance < payment.authorization.value.saturating_add(owed) {
+            } else if state.balance < needed {
                 Err(Failure::Revert(reason::INSUFFICIENT_FUNDS))
-            } else if let Some(reason) = revert {
+            } else if state.allowance.is_some_and(|a| a < needed) {
+                Err(Failure::Revert(upto::reason::ALLOWANCE_REQUIRED))
+            } else if let Some(reason) = state.revert {
                 Err(Failure::Revert(reason))
             } else {
                 Ok(())
@@ -704,8 +769,17 @@ impl OnchainSettler {
             .ensure_network(payment)
             .await
             .map_err(|f| self.not_sent(f))?;
+        if payment.is_upto() && payment.amount > payment.authorization.value {
+            return Err(self.not_sent(Failure::Revert(upto::reason::SETTLEMENT_EXCEEDS_AMOUNT)));
+        }
+        // Permit2 through the proxy costs more than a bare EIP-3009 transfer.
+        let per_call = if payment.is_upto() {
+            self.config.gas_limit.max(Self::UPTO_GAS_LIMIT)
+        } else {
+            self.config.gas_limit
+        };
         let tx = self.transfer(payment).with_chain_id(chain_id);
-        match self.submit(tx, 1, before).await {
+        match self.submit(tx, 1, per_call, before).await {
             Err(Submit::NotSent(failure)) => Err(self.not_sent(failure)),
             Err(Submit::Unknown { hash, source }) => Err(self.unknown(hash, source)),
             Ok(Sent::Mined(receipt)) => self
@@ -719,12 +793,13 @@ impl OnchainSettler {
     }
 
     /// Estimates, prices, signs, sends and waits for `tx` (complete but for gas, fees, nonce
-    /// and `from`), which carries `calls` transfers: its gas limit is the configured one per
-    /// transfer. Counts it as sent.
+    /// and `from`), which carries `calls` transfers of at most `per_call` gas each. Counts it
+    /// as sent.
     async fn submit(
         &self,
         tx: TransactionRequest,
         calls: u64,
+        per_call: u64,
         before: Option<BeforeSend<'_>>,
     ) -> Result<Sent, Submit> {
         let limit = self.config.rpc_timeout;
@@ -734,14 +809,14 @@ impl OnchainSettler {
             relayer.fees(&self.provider, self.config.max_fee_per_gas, limit),
         );
         let estimate = estimate.map_err(Submit::NotSent)?;
-        let cap = self.config.gas_limit.saturating_mul(calls.max(1));
+        let cap = per_call.saturating_mul(calls.max(1));
         if estimate > cap {
             return Err(Submit::NotSent(Failure::Revert(reason::TRANSACTION_FAILED)));
         }
         // One transfer: the configured limit, as always. A batch: the estimate with a quarter
         // of headroom (state may move between estimate and inclusion), never above the cap.
         let gas_limit = if calls <= 1 {
-            self.config.gas_limit
+            per_call
         } else {
             estimate.saturating_add(estimate / 4).min(cap)
         };
@@ -767,6 +842,17 @@ impl OnchainSettler {
             None => Sent::Unconfirmed(hash),
         })
     }
+}
+
+/// What [`OnchainSettler::check`] reads before the handler runs.
+struct State {
+    balance: U256,
+    /// The payer's ERC-20 allowance to Permit2 (`upto` only).
+    allowance: Option<U256>,
+    /// The authorization or permit nonce is used on-chain.
+    used: bool,
+    /// Why the simulation reverted.
+    revert: Option<&'static str>,
 }
 
 /// A transaction that went out.

@@ -56,9 +56,11 @@ pub(super) fn classify(e: TransportError) -> Failure {
     if let RpcError::ErrorResp(payload) = &e {
         // Code 3 is the standard "execution reverted"; some nodes only say it in the message.
         if payload.code == 3 || payload.message.to_ascii_lowercase().contains("revert") {
-            let decoded = payload
-                .as_revert_data()
-                .and_then(|data| decode_revert_reason(&data));
+            let data = payload.as_revert_data();
+            if let Some(reason) = data.as_ref().and_then(|d| super::upto::custom_error(d)) {
+                return Failure::Revert(reason);
+            }
+            let decoded = data.and_then(|data| decode_revert_reason(&data));
             let text = decoded.as_deref().unwrap_or(&payload.message);
             return Failure::Revert(revert_reason(text));
         }

@@ -1,0 +1,178 @@
+//! In-process verification of `upto` EVM payments: a Permit2 `PermitWitnessTransferFrom`
+//! through the x402 upto proxy (x402 `scheme_upto_evm`, as `@x402/evm` 2.27 signs it).
+//!
+//! [`ExactEvmVerifier`](super::ExactEvmVerifier) handles both schemes: a requirement whose
+//! `scheme` is `upto` is checked here. The checks follow the reference facilitator's order,
+//! cheapest first: scheme, network, payload shape, spender = the upto proxy, `witness.to` =
+//! `payTo`, `witness.facilitator` = the requirement's `extra.facilitatorAddress`, the deadline
+//! (at least the headroom ahead, at most `maxTimeoutSeconds` + skew), `validAfter <= now`,
+//! the permitted maximum = the requirement's `amount`, the token = `asset`, then the EIP-712
+//! signature (65 bytes, `v ∈ {27, 28}`, low `s`, recovering to `from`).
+//!
+//! Not checked here (it needs the chain): the payer's balance, its Permit2 allowance and
+//! whether the Permit2 nonce is used; [`OnchainSettler`](crate::settle::onchain) checks them
+//! before the handler runs.
+
+use alloy_primitives::{Address, U256, address};
+use alloy_sol_types::{Eip712Domain, SolStruct};
+
+use super::exact::recover_signer;
+use super::{VerifiedPayment, VerifyError};
+use crate::proto::upto::{Permit2Authorization, UptoEvmPayload};
+use crate::proto::{PaymentPayload, v2::PaymentRequirements};
+
+/// The scheme name.
+pub const SCHEME: &str = "upto";
+
+/// The canonical Permit2 contract (the same address on every chain).
+pub const PERMIT2: Address = address!("0x000000000022D473030F116dDEE9F6B43aC78BA3");
+
+/// The x402 upto Permit2 proxy (`x402UptoPermit2Proxy`), the permit's only valid spender.
+pub const UPTO_PROXY: Address = address!("0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002");
+
+/// The requirement's `extra` key naming the account allowed to settle.
+pub const FACILITATOR_ADDRESS: &str = "facilitatorAddress";
+
+/// The `invalidReason` codes of `upto` refusals (the reference facilitator's names).
+pub mod reason {
+    /// Scheme is not `upto`.
+    pub const SCHEME: &str = "invalid_upto_evm_scheme";
+    /// Payload and requirement name different networks.
+    pub const NETWORK_MISMATCH: &str = "invalid_upto_evm_network_mismatch";
+    /// The permit's spender is not the upto proxy.
+    pub const SPENDER: &str = "invalid_permit2_spender";
+    /// `witness.to` is not `payTo`.
+    pub const RECIPIENT_MISMATCH: &str = "invalid_permit2_recipient_mismatch";
+    /// `witness.facilitator` is not the server's settling account.
+    pub const FACILITATOR_MISMATCH: &str = "upto_facilitator_mismatch";
+    /// The deadline passed, or is too close to settle.
+    pub const DEADLINE_EXPIRED: &str = "permit2_deadline_expired";
+    /// The deadline is further ahead than `maxTimeoutSeconds` allows.
+    pub const DEADLINE_TOO_FAR: &str = "permit2_deadline_too_far";
+    /// `validAfter` is in the future.
+    pub const NOT_YET_VALID: &str = "permit2_not_yet_valid";
+    /// The permitted maximum differs from the requirement's amount.
+    pub const AMOUNT_MISMATCH: &str = "permit2_amount_mismatch";
+    /// The permit is for another token.
+    pub const TOKEN_MISMATCH: &str = "permit2_token_mismatch";
+    /// The signature is malformed or not the payer's.
+    pub const SIGNATURE: &str = "invalid_permit2_signature";
+    /// The metered usage is above the signed maximum: nothing is settled.
+    pub const SETTLEMENT_EXCEEDS_AMOUNT: &str =
+        "invalid_upto_evm_payload_settlement_exceeds_amount";
+}
+
+/// The EIP-712 structs, private: `sol!` makes its items `pub`, and they are not API.
+mod eip712 {
+    alloy_sol_types::sol! {
+        struct TokenPermissions {
+            address token;
+            uint256 amount;
+        }
+        struct Witness {
+            address to;
+            address facilitator;
+            uint256 validAfter;
+        }
+        /// Permit2's witness transfer; with `Witness` its typehash is the one Permit2
+        /// builds from the proxy's `WITNESS_TYPE_STRING`.
+        struct PermitWitnessTransferFrom {
+            TokenPermissions permitted;
+            address spender;
+            uint256 nonce;
+            uint256 deadline;
+            Witness witness;
+        }
+    }
+}
+
+/// The digest the payer signs: Permit2's domain (`name: "Permit2"`, no version) on
+/// `chain_id`, and the permit with its witness.
+pub fn signing_hash(chain_id: u64, permit: &Permit2Authorization) -> alloy_primitives::B256 {
+    let domain = Eip712Domain::new(
+        Some("Permit2".into()),
+        None,
+        Some(U256::from(chain_id)),
+        Some(PERMIT2),
+        None,
+    );
+    let message = eip712::PermitWitnessTransferFrom {
+        permitted: eip712::TokenPermissions {
+            token: permit.permitted.token,
+            amount: permit.permitted.amount,
+        },
+        spender: permit.spender,
+        nonce: permit.nonce,
+        deadline: permit.deadline,
+        witness: eip712::Witness {
+            to: permit.witness.to,
+            facilitator: permit.witness.facilitator,
+            validAfter: permit.witness.valid_after,
+        },
+    };
+    message.eip712_signing_hash(&domain)
+}
+
+fn refuse(reason: &'static str) -> VerifyError {
+    VerifyError::Other { reason }
+}
+
+/// Verifies an `upto` payment at time `now`; see the [module docs](self).
+pub(super) fn verify(
+    payload: &PaymentPayload,
+    req: &PaymentRequirements,
+    now: u64,
+    headroom: u64,
+    max_skew: u64,
+) -> Result<VerifiedPayment, VerifyError> {
+    if payload.scheme() != SCHEME || req.scheme != SCHEME {
+        return Err(refuse(reason::SCHEME));
+    }
+    if payload.network() != req.network {
+        return Err(refuse(reason::NETWORK_MISMATCH));
+    }
+    let upto: UptoEvmPayload =
+        serde_json::from_str(payload.raw_payload().get()).map_err(VerifyError::InvalidPayload)?;
+    let permit = &upto.permit2_authorization;
+    if permit.spender != UPTO_PROXY {
+        return Err(refuse(reason::SPENDER));
+    }
+    if permit.witness.to != req.pay_to {
+        return Err(refuse(reason::RECIPIENT_MISMATCH));
+    }
+    let facilitator = req
+        .extra_str(FACILITATOR_ADDRESS)
+        .and_then(|a| a.parse::<Address>().ok());
+    if facilitator != Some(permit.witness.facilitator) {
+        return Err(refuse(reason::FACILITATOR_MISMATCH));
+    }
+    if permit.deadline < U256::from(now.saturating_add(headroom)) {
+        return Err(refuse(reason::DEADLINE_EXPIRED));
+    }
+    let latest = now
+        .saturating_add(req.max_timeout_seconds)
+        .saturating_add(max_skew);
+    if permit.deadline > U256::from(latest) {
+        return Err(refuse(reason::DEADLINE_TOO_FAR));
+    }
+    if permit.witness.valid_after > U256::from(now) {
+        return Err(refuse(reason::NOT_YET_VALID));
+    }
+    if permit.permitted.amount != req.amount {
+        return Err(refuse(reason::AMOUNT_MISMATCH));
+    }
+    if permit.permitted.token != req.asset {
+        return Err(refuse(reason::TOKEN_MISMATCH));
+    }
+    let digest = signing_hash(req.network.chain_id(), permit);
+    match recover_signer(digest, &upto.signature) {
+        Ok(signer) if signer == permit.from => {}
+        _ => return Err(refuse(reason::SIGNATURE)),
+    }
+    Ok(VerifiedPayment::upto(
+        payload.version(),
+        req.network,
+        upto.permit2_authorization,
+        upto.signature,
+    ))
+}
