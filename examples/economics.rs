@@ -14,10 +14,13 @@
 //! `X402_PAYER_KEY`.
 //!
 //! For each mode — after the handler, before it, deferred one transfer per payment, deferred
-//! in batches — it sends `--payments` paid requests one after the other through a real
-//! `PaymentLayer` and prints:
+//! in batches, `upto` (Permit2, the handler meters one price's worth per call), and a prepaid
+//! bundle of `--bundle` calls (one `exact` payment, then sign-in-with-x calls with no
+//! transaction) — it sends `--payments` paid requests (the prepaid mode: `--bundle` calls) one
+//! after the other through a real `PaymentLayer` and prints (`--modes after,prepaid` picks
+//! some):
 //!
-//! - gas per payment (relayer gas of the mined transactions over the payments settled),
+//! - gas per payment (relayer gas of the mined transactions over the calls served),
 //! - added request latency p50/p99: the paid request minus the same handler without payment,
 //!   and the pre-check (`check`) and `settle` steps alone (a last row runs deferred batches
 //!   without the on-chain pre-check: verification and the journal only),
@@ -39,12 +42,18 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::Full;
+use tower::util::BoxCloneService;
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_x402::body::ResponseBody;
+use tower_x402::prepaid::Bundle;
+use tower_x402::primitives::U256;
 use tower_x402::proto::X402Version;
+use tower_x402::proto::v2::PaymentRequirements;
 use tower_x402::settle::deferred::{DeferredSettler, Outcome};
 use tower_x402::settle::onchain::OnchainSettler;
 use tower_x402::settle::{SettleError, Settlement, SettlementMode, Settler};
-use tower_x402::test_util::{PrivateKeySigner, pay};
+use tower_x402::test_util::{PrivateKeySigner, pay, pay_upto, sign_in_with_x, upto_payload};
+use tower_x402::upto::Usage;
 use tower_x402::{Asset, PaymentLayer, PaymentOption, VerifiedPayment};
 
 type BoxError = Box<dyn std::error::Error>;
@@ -57,6 +66,8 @@ struct Args {
     gas_price_gwei: f64,
     eth_usd: f64,
     price_usd: f64,
+    bundle: u64,
+    modes: Option<Vec<String>>,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -78,6 +89,8 @@ fn parse_args() -> Result<Args, BoxError> {
         gas_price_gwei: get("--gas-price-gwei")?.map_or(Ok(0.01), str::parse)?,
         eth_usd: get("--eth-usd")?.map_or(Ok(2500.0), str::parse)?,
         price_usd: get("--price-usd")?.map_or(Ok(0.001), str::parse)?,
+        bundle: get("--bundle")?.map_or(Ok(100), str::parse)?,
+        modes: get("--modes")?.map(|m| m.split(',').map(str::to_owned).collect()),
     })
 }
 
@@ -139,6 +152,27 @@ async fn handler(_req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, In
     ))))
 }
 
+/// The `upto` handler: meters one price's worth per call.
+async fn metered(req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let charged = match (
+        req.extensions().get::<Usage>(),
+        req.extensions().get::<Price>(),
+    ) {
+        (Some(usage), Some(price)) => usage.charge(price.0).is_ok(),
+        _ => false,
+    };
+    let body: &'static [u8] = if charged {
+        b"metered content"
+    } else {
+        b"unmetered"
+    };
+    Ok(Response::new(Full::new(Bytes::from_static(body))))
+}
+
+/// What the `upto` handler charges per call (atomic units).
+#[derive(Clone, Copy)]
+struct Price(U256);
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -168,6 +202,64 @@ fn requests(
         .collect()
 }
 
+/// `upto` requests, each with a fresh signed Permit2 permit.
+fn upto_requests(
+    payers: &[PrivateKeySigner],
+    option: &PaymentOption,
+    n: usize,
+) -> Vec<Request<Full<Bytes>>> {
+    (0..n)
+        .map(|i| {
+            let req = option.requirements();
+            let payload = upto_payload(&payers[i % payers.len()], req, now());
+            let (name, value) = pay_upto(req, &payload);
+            Request::get("http://api.test/paid")
+                .header(name, value)
+                .body(Full::new(Bytes::new()))
+                .expect("valid request")
+        })
+        .collect()
+}
+
+/// A prepaid bundle's calls: the paying call, then `bundle - 1` sign-ins, each answering a
+/// 402 of its own (a sign-in nonce is good for one call).
+async fn prepaid_requests(
+    svc: &mut BoxCloneService<
+        Request<Full<Bytes>>,
+        Response<ResponseBody<Full<Bytes>>>,
+        Infallible,
+    >,
+    payer: &PrivateKeySigner,
+    bundle: u64,
+) -> Result<Vec<Request<Full<Bytes>>>, BoxError> {
+    let get = || {
+        Request::get("http://api.test/paid")
+            .body(Full::new(Bytes::new()))
+            .expect("valid request")
+    };
+    let mut out = Vec::new();
+    for i in 0..bundle {
+        let res = svc.ready().await?.call(get()).await?;
+        let challenge = res
+            .headers()
+            .get("payment-required")
+            .ok_or("no PAYMENT-REQUIRED header")?;
+        let json = tower_x402::proto::header::decode_bytes(challenge, 64 * 1024)?;
+        let required: serde_json::Value = serde_json::from_slice(&json)?;
+        let (name, value) = if i == 0 {
+            let accepts: PaymentRequirements =
+                serde_json::from_value(required["accepts"][0].clone())?;
+            pay(payer, &accepts, now(), X402Version::V2)
+        } else {
+            sign_in_with_x(payer, &required["extensions"]["sign-in-with-x"])
+        };
+        let mut req = get();
+        req.headers_mut().insert(name, value);
+        out.push(req);
+    }
+    Ok(out)
+}
+
 /// One mode's numbers.
 struct Row {
     mode: String,
@@ -186,6 +278,7 @@ struct Env {
     relayer: PrivateKeySigner,
     payers: Vec<PrivateKeySigner>,
     option: PaymentOption,
+    price_usd: f64,
     baseline: Duration,
 }
 
@@ -193,7 +286,9 @@ async fn run_mode(env: &Env, args: &Args, mode: &str) -> Result<Row, BoxError> {
     let chain = OnchainSettler::connect(&env.rpc_url, env.relayer.clone()).await?;
     let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let (settler, layer_mode, deferred): (Arc<dyn Settler>, _, _) = match mode {
-        "after" => (Arc::new(chain.clone()), SettlementMode::AfterHandler, None),
+        "after" | "upto" | "prepaid" => {
+            (Arc::new(chain.clone()), SettlementMode::AfterHandler, None)
+        }
         "before" => (Arc::new(chain.clone()), SettlementMode::BeforeHandler, None),
         _ => {
             let batch = if mode == "deferred-1" { 1 } else { args.batch };
@@ -215,18 +310,60 @@ async fn run_mode(env: &Env, args: &Args, mode: &str) -> Result<Row, BoxError> {
         }
     };
     let timed = Timed::new(settler);
-    let layer = PaymentLayer::builder()
-        .accept(env.option.clone())
+    let builder = PaymentLayer::builder()
         .settler(timed.clone())
-        .settlement_mode(layer_mode)
-        .build()?;
-    let mut svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(service_fn(handler));
-    let mut latencies = Vec::with_capacity(args.payments);
+        .settlement_mode(layer_mode);
+    // Requests are signed (and sign-in challenges fetched) before timing starts.
+    let (mut svc, reqs) = match mode {
+        "upto" => {
+            let price = Price(env.option.requirements().amount);
+            // The client authorises ten prices; the handler meters one.
+            let upto = PaymentOption::upto_atomic(
+                &Asset::usdc_base_sepolia(),
+                price.0 * U256::from(10),
+                chain::PAY_TO,
+                chain.relayer(),
+            )?;
+            let layer = builder.accept(upto.clone()).build()?;
+            let svc = ServiceBuilder::new()
+                .layer(layer)
+                .map_request(move |mut r: Request<Full<Bytes>>| {
+                    r.extensions_mut().insert(price);
+                    r
+                })
+                .service(service_fn(metered))
+                .boxed_clone();
+            (svc, upto_requests(&env.payers, &upto, args.payments))
+        }
+        "prepaid" => {
+            let bundle_price = env.price_usd * args.bundle as f64;
+            let layer = builder
+                .pay_to(chain::PAY_TO)
+                .asset(Asset::usdc_base_sepolia())
+                .resource_base("http://api.test")
+                .prepaid(Bundle::calls(args.bundle).for_price(format!("${bundle_price}")))
+                .build()?;
+            let mut svc = ServiceBuilder::new()
+                .layer(layer)
+                .service(service_fn(handler))
+                .boxed_clone();
+            let reqs = prepaid_requests(&mut svc, &env.payers[0], args.bundle).await?;
+            (svc, reqs)
+        }
+        _ => {
+            let layer = builder.accept(env.option.clone()).build()?;
+            let svc = ServiceBuilder::new()
+                .layer(layer)
+                .service(service_fn(handler))
+                .boxed_clone();
+            (svc, requests(&env.payers, &env.option, args.payments))
+        }
+    };
+    let calls = reqs.len();
+    let mut latencies = Vec::with_capacity(calls);
     let mut failures = 0u64;
     let started = Instant::now();
-    for req in requests(&env.payers, &env.option, args.payments) {
+    for req in reqs {
         let t = Instant::now();
         let res = svc.ready().await?.call(req).await?;
         latencies.push(t.elapsed());
@@ -264,11 +401,14 @@ async fn run_mode(env: &Env, args: &Args, mode: &str) -> Result<Row, BoxError> {
             "before" => "BeforeHandler".into(),
             "deferred-1" => "Deferred, unbatched".into(),
             "deferred-optimistic" => format!("Deferred, batches of {}, no pre-check", args.batch),
+            "upto" => "upto (Permit2), one settlement per call".into(),
+            "prepaid" => format!("Prepaid bundle of {} calls (SIWX)", args.bundle),
             _ => format!("Deferred, batches of {}", args.batch),
         },
-        payments: args.payments,
+        payments: calls,
         transactions: stats.sent,
-        gas_per_payment: stats.gas_per_settlement(),
+        // Over the calls served: a prepaid bundle's one transaction pays for all its calls.
+        gas_per_payment: (stats.settled > 0).then(|| stats.gas_used / calls.max(1) as u64),
         added: (added(0.5), added(0.99)),
         check: percentile(&checks, 0.5),
         settle: (percentile(&settles, 0.5), percentile(&settles, 0.99)),
@@ -406,6 +546,7 @@ async fn main() -> Result<(), BoxError> {
         relayer,
         payers,
         option,
+        price_usd: args.price_usd,
         baseline: percentile(&base, 0.5),
     };
     println!(
@@ -414,16 +555,32 @@ async fn main() -> Result<(), BoxError> {
         args.price_usd,
         us(env.baseline)
     );
-    journal_bench(&env, 1000).await?;
-    println!();
+    if args
+        .modes
+        .as_ref()
+        .is_none_or(|m| m.iter().any(|x| x == "journal"))
+    {
+        journal_bench(&env, 1000).await?;
+        println!();
+    }
     let mut rows = Vec::new();
-    for mode in [
+    let all = [
         "after",
         "before",
         "deferred-1",
         "deferred-batch",
         "deferred-optimistic",
-    ] {
+        "upto",
+        "prepaid",
+    ];
+    for mode in all {
+        if args
+            .modes
+            .as_ref()
+            .is_some_and(|m| !m.iter().any(|x| x == mode))
+        {
+            continue;
+        }
         let row = run_mode(&env, &args, mode).await?;
         eprintln!("{}: done", row.mode);
         rows.push(row);

@@ -176,3 +176,36 @@ pub fn pay_upto(req: &PaymentRequirements, payload: &UptoEvmPayload) -> (HeaderN
     let json = json!({ "x402Version": 2, "accepted": req, "payload": payload });
     (PAYMENT_SIGNATURE, encode(&json))
 }
+
+/// A `SIGN-IN-WITH-X` header answering `declaration` (the `sign-in-with-x` extension of a
+/// 402) for `signer`, on the first chain it offers: what `@x402/extensions`' SIWX client
+/// sends (an EIP-4361 message signed with EIP-191 `personal_sign`).
+///
+/// # Panics
+/// When `declaration` is not a sign-in declaration of this crate's shape (test input).
+pub fn sign_in_with_x(signer: &PrivateKeySigner, declaration: &Value) -> (HeaderName, HeaderValue) {
+    use base64::Engine as _;
+    let chain = &declaration["supportedChains"][0];
+    let mut p = declaration["info"].clone();
+    p["address"] = json!(signer.address().to_checksum(None));
+    p["chainId"] = chain["chainId"].clone();
+    p["type"] = chain["type"].clone();
+    p["signature"] = json!("0x");
+    let chain_id = chain["chainId"]
+        .as_str()
+        .and_then(|c| c.strip_prefix("eip155:"))
+        .and_then(|c| c.parse().ok())
+        .expect("an eip155 chain");
+    let fields: crate::prepaid::siwx::Payload =
+        serde_json::from_value(p.clone()).expect("a sign-in declaration");
+    let text = crate::prepaid::siwx::message(&fields, signer.address(), chain_id);
+    let sig = signer
+        .sign_message_sync(text.as_bytes())
+        .expect("local signing does not fail");
+    p["signature"] = json!(Bytes::copy_from_slice(&sig.as_bytes()));
+    let value = base64::engine::general_purpose::STANDARD.encode(p.to_string());
+    (
+        crate::prepaid::siwx::SIGN_IN_WITH_X,
+        HeaderValue::try_from(value).expect("base64 is a header value"),
+    )
+}
