@@ -202,6 +202,9 @@ fn requests(
         .collect()
 }
 
+/// The layered service of a mode.
+type Svc = BoxCloneService<Request<Full<Bytes>>, Response<ResponseBody<Full<Bytes>>>, Infallible>;
+
 /// `upto` requests, each with a fresh signed Permit2 permit.
 fn upto_requests(
     payers: &[PrivateKeySigner],
@@ -224,11 +227,7 @@ fn upto_requests(
 /// A prepaid bundle's calls: the paying call, then `bundle - 1` sign-ins, each answering a
 /// 402 of its own (a sign-in nonce is good for one call).
 async fn prepaid_requests(
-    svc: &mut BoxCloneService<
-        Request<Full<Bytes>>,
-        Response<ResponseBody<Full<Bytes>>>,
-        Infallible,
-    >,
+    svc: &mut Svc,
     payer: &PrivateKeySigner,
     bundle: u64,
 ) -> Result<Vec<Request<Full<Bytes>>>, BoxError> {
