@@ -4,6 +4,10 @@
 //! 1000 test USDC are minted to anvil accounts #1, #3 and #4. `MiniMulticall3` (the
 //! `aggregate3` subset of Multicall3, `tests/chain/contracts/MiniMulticall3.sol`) is etched at
 //! the canonical Multicall3 address, where batched settlements find it on real chains.
+//! For the x402 `upto` scheme, the canonical Permit2 runtime code is etched at [`PERMIT2`] and
+//! the x402 upto Permit2 proxy (built from coinbase/x402's source to its canonical init code) at
+//! [`UPTO_PROXY`]; [`upto`] (`tests/common/upto.rs`) signs the client's Permit2 message and
+//! encodes `settle`. Where the bytecode comes from: `tests/chain/contracts/SOURCES.md`.
 //! Dropping the [`Chain`] kills anvil.
 //!
 //! anvil comes from the npm package `@foundry-rs/anvil-linux-amd64` (pinned in
@@ -24,10 +28,17 @@ use alloy_provider::{DynProvider, Provider, RootProvider};
 use alloy_sol_types::{SolCall, sol};
 use serde_json::{Value, json};
 
+#[path = "../common/upto.rs"]
+pub mod upto;
+pub use upto::{PERMIT2, UPTO_PROXY};
+
 sol! {
     function mint(address to, uint256 value) external;
     function balanceOf(address account) external view returns (uint256);
     function authorizationState(address authorizer, bytes32 nonce) external view returns (bool);
+    function approve(address spender, uint256 value) external returns (bool);
+    function allowance(address owner, address spender) external view returns (uint256);
+    function nonceBitmap(address owner, uint256 wordPos) external view returns (uint256);
 }
 
 /// The Base Sepolia USDC address, where the test token is etched.
@@ -59,6 +70,12 @@ pub const MULTICALL3: Address = address!("0xcA11bde05977b3631167028862bE2a173976
 
 const TOKEN_HEX: &str = include_str!("contracts/TestUSDC.runtime.hex");
 const MULTICALL_HEX: &str = include_str!("contracts/MiniMulticall3.runtime.hex");
+const PERMIT2_HEX: &str = include_str!("contracts/Permit2.runtime.hex");
+const UPTO_PROXY_HEX: &str = include_str!("contracts/x402UptoPermit2Proxy.runtime.hex");
+/// OpenZeppelin `ReentrancyGuard`'s ERC-7201 slot: the proxy's constructor sets it to 1
+/// (NOT_ENTERED); etching skips the constructor, so the harness writes it.
+const REENTRANCY_GUARD_SLOT: B256 =
+    alloy_primitives::b256!("0x9b779b17422d0df92223018b32b4d1fa46e071723d6817e2486d003becc55f00");
 
 /// A running anvil with the token; killed on drop.
 pub struct Chain {
@@ -118,7 +135,12 @@ impl Chain {
             url,
             provider,
         };
-        for (at, hex) in [(TOKEN, TOKEN_HEX), (MULTICALL3, MULTICALL_HEX)] {
+        for (at, hex) in [
+            (TOKEN, TOKEN_HEX),
+            (MULTICALL3, MULTICALL_HEX),
+            (PERMIT2, PERMIT2_HEX),
+            (UPTO_PROXY, UPTO_PROXY_HEX),
+        ] {
             let code = format!("0x{}", hex.trim());
             let _: Value = chain
                 .provider
@@ -126,6 +148,14 @@ impl Chain {
                 .await
                 .expect("anvil_setCode");
         }
+        let _: Value = chain
+            .provider
+            .raw_request(
+                "anvil_setStorageAt".into(),
+                (UPTO_PROXY, REENTRANCY_GUARD_SLOT, B256::with_last_byte(1)),
+            )
+            .await
+            .expect("anvil_setStorageAt");
         for who in FUNDED {
             chain.mint(who, U256::from(MINTED)).await;
         }
@@ -177,6 +207,87 @@ impl Chain {
     pub async fn balance(&self, who: Address) -> U256 {
         let out = self.view(balanceOfCall { account: who }).await;
         balanceOfCall::abi_decode_returns(&out).expect("balanceOf")
+    }
+
+    /// `owner` approves [`PERMIT2`] for `type(uint256).max` on the token (the one-time setup of
+    /// a Permit2 payer), sent as `owner` through anvil's impersonation and mined before
+    /// returning.
+    pub async fn approve_permit2(&self, owner: Address) {
+        let _: Value = self
+            .provider
+            .raw_request("anvil_impersonateAccount".into(), (owner,))
+            .await
+            .expect("anvil_impersonateAccount");
+        if self
+            .provider
+            .get_balance(owner)
+            .await
+            .expect("eth_getBalance")
+            < U256::from(10).pow(U256::from(17))
+        {
+            let _: Value = self
+                .provider
+                .raw_request(
+                    "anvil_setBalance".into(),
+                    (owner, U256::from(10).pow(U256::from(18))),
+                )
+                .await
+                .expect("anvil_setBalance");
+        }
+        let data = Bytes::from(
+            approveCall {
+                spender: PERMIT2,
+                value: U256::MAX,
+            }
+            .abi_encode(),
+        );
+        self.send_as(owner, TOKEN, data).await;
+        let _: Value = self
+            .provider
+            .raw_request("anvil_stopImpersonatingAccount".into(), (owner,))
+            .await
+            .expect("anvil_stopImpersonatingAccount");
+    }
+
+    /// The token allowance `owner` gave `spender`.
+    pub async fn allowance(&self, owner: Address, spender: Address) -> U256 {
+        let out = self.view(allowanceCall { owner, spender }).await;
+        allowanceCall::abi_decode_returns(&out).expect("allowance")
+    }
+
+    /// Whether Permit2 has consumed `owner`'s unordered `nonce`: bit `nonce & 0xff` of
+    /// `nonceBitmap(owner, nonce >> 8)`.
+    pub async fn permit2_nonce_used(&self, owner: Address, nonce: U256) -> bool {
+        let call = nonceBitmapCall {
+            owner,
+            wordPos: nonce >> 8,
+        };
+        let out = self
+            .call_as(Address::ZERO, PERMIT2, call.abi_encode().into())
+            .await
+            .unwrap_or_else(|revert| panic!("nonceBitmap reverted: {revert:?}"));
+        let word = nonceBitmapCall::abi_decode_returns(&out).expect("nonceBitmap");
+        let bit = nonce & U256::from(0xff);
+        (word >> bit) & U256::from(1) == U256::from(1)
+    }
+
+    /// `eth_call` of `data` from `from` to `to` on the latest block: the return data, or
+    /// `Err(revert data)` when it reverts (`Err(None)`: the node gave no revert data).
+    pub async fn call_as(
+        &self,
+        from: Address,
+        to: Address,
+        data: Bytes,
+    ) -> Result<Bytes, Option<Bytes>> {
+        let tx = alloy_rpc_types_eth::TransactionRequest::default()
+            .with_from(from)
+            .with_to(to)
+            .with_input(data);
+        self.provider
+            .call(tx)
+            .block(alloy_rpc_types_eth::BlockId::latest())
+            .await
+            .map_err(|e| e.as_error_resp().and_then(|resp| resp.as_revert_data()))
     }
 
     /// `authorizationState(from, nonce)` on the token.

@@ -1,0 +1,307 @@
+//! The local-chain fixture of the x402 `upto` scheme, proven end to end without the crate: the
+//! canonical Permit2 and the x402 upto Permit2 proxy etched on anvil (`tests/chain/mod.rs`), a
+//! payer's Permit2 `PermitWitnessTransferFrom` signed in Rust (`tests/common/upto.rs`), and
+//! `proxy.settle` sent by the facilitator for less than the signed maximum. The Rust digest and
+//! signature are checked against the official `@x402/evm` upto client and viem, and a payload
+//! made by that official client settles on the same chain. Without anvil (or the node
+//! packages, for the cross-check) the tests print SKIPPED, and fail under `CI=true`.
+#![cfg(all(feature = "onchain", feature = "test-util"))]
+
+mod chain;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use alloy_primitives::{Address, B256, Bytes, U256, b256};
+use alloy_signer_local::PrivateKeySigner;
+use alloy_sol_types::{SolCall, SolError, sol};
+use serde_json::{Value, json};
+
+use chain::upto::{
+    AmountExceedsPermitted, BASE_SEPOLIA_CHAIN_ID, InvalidNonce, InvalidSigner,
+    UnauthorizedFacilitator, permit2_domain, settle_calldata, sign_upto_permit, upto_message,
+    upto_message_from_json, upto_payload_json, upto_signing_hash,
+};
+use chain::{
+    Chain, FUNDED, MINTED, PAY_TO, PAYER3_KEY, PAYER4_KEY, PERMIT2, RELAYER, TOKEN, UPTO_PROXY,
+};
+
+sol! {
+    function DOMAIN_SEPARATOR() external view returns (bytes32);
+    function PERMIT2() external view returns (address);
+    function WITNESS_TYPEHASH() external view returns (bytes32);
+}
+
+/// The signed ceiling: 0.05 test USDC.
+const MAX: u64 = 50_000;
+/// What the server settles: 0.0123 test USDC.
+const ACTUAL: u64 = 12_300;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn signer(key: &str) -> PrivateKeySigner {
+    key.parse().expect("test key")
+}
+
+/// Asserts `result` is a revert whose data starts with `selector`.
+fn assert_reverts_with(result: Result<Bytes, Option<Bytes>>, selector: [u8; 4], what: &str) {
+    match result {
+        Ok(out) => panic!("{what}: expected a revert, the call returned {out}"),
+        Err(Some(data)) => assert!(
+            data.starts_with(&selector),
+            "{what}: reverted with {data}, expected selector 0x{}",
+            alloy_primitives::hex::encode(selector)
+        ),
+        Err(None) => panic!("{what}: reverted without revert data"),
+    }
+}
+
+#[tokio::test]
+async fn upto_permit_settles_the_actual_amount_once_and_only_for_the_facilitator() {
+    let Some(chain) = Chain::start("upto_permit_settles_the_actual_amount").await else {
+        return;
+    };
+    let payer = signer(PAYER3_KEY);
+    let owner = payer.address();
+    assert_eq!(owner, FUNDED[1]);
+
+    // The etched contracts are what the client signs for.
+    let separator = chain
+        .call_as(
+            Address::ZERO,
+            PERMIT2,
+            DOMAIN_SEPARATORCall {}.abi_encode().into(),
+        )
+        .await
+        .expect("DOMAIN_SEPARATOR");
+    assert_eq!(
+        B256::from_slice(&separator),
+        permit2_domain(BASE_SEPOLIA_CHAIN_ID).separator(),
+        "Permit2 must recompute its domain separator for chain 84532 at its canonical address"
+    );
+    let permit2 = chain
+        .call_as(
+            Address::ZERO,
+            UPTO_PROXY,
+            PERMIT2Call {}.abi_encode().into(),
+        )
+        .await
+        .expect("PERMIT2()");
+    assert_eq!(
+        PERMIT2Call::abi_decode_returns(&permit2).expect("address"),
+        PERMIT2
+    );
+    let typehash = chain
+        .call_as(
+            Address::ZERO,
+            UPTO_PROXY,
+            WITNESS_TYPEHASHCall {}.abi_encode().into(),
+        )
+        .await
+        .expect("WITNESS_TYPEHASH()");
+    assert_eq!(
+        B256::from_slice(&typehash),
+        alloy_primitives::keccak256("Witness(address to,address facilitator,uint256 validAfter)")
+    );
+
+    chain.approve_permit2(owner).await;
+    assert_eq!(chain.allowance(owner, PERMIT2).await, U256::MAX);
+
+    // A nonce in a high bitmap word, bit 0x5a, like the client's random 256-bit nonces.
+    let nonce = U256::from_be_bytes(
+        b256!("0x8000000000000000000000000000000000000000000000000000000000001f5a").0,
+    );
+    let message = upto_message(TOKEN, U256::from(MAX), PAY_TO, RELAYER, nonce, now() + 300);
+    let signature = sign_upto_permit(&payer, &message, BASE_SEPOLIA_CHAIN_ID);
+    assert_eq!(signature.len(), 65);
+    assert!(!chain.permit2_nonce_used(owner, nonce).await);
+
+    // Over the signed maximum: refused by the proxy before Permit2 is reached.
+    let over = settle_calldata(&message, U256::from(MAX + 1), owner, &signature);
+    assert_reverts_with(
+        chain.call_as(RELAYER, UPTO_PROXY, over).await,
+        AmountExceedsPermitted::SELECTOR,
+        "amount > max",
+    );
+    // A valid settle sent by anyone but witness.facilitator.
+    let call = settle_calldata(&message, U256::from(ACTUAL), owner, &signature);
+    assert_reverts_with(
+        chain.call_as(PAY_TO, UPTO_PROXY, call.clone()).await,
+        UnauthorizedFacilitator::SELECTOR,
+        "non-facilitator sender",
+    );
+    // A settle naming another owner: the signature does not recover to them.
+    let wrong_owner = settle_calldata(&message, U256::from(ACTUAL), FUNDED[2], &signature);
+    assert_reverts_with(
+        chain.call_as(RELAYER, UPTO_PROXY, wrong_owner).await,
+        InvalidSigner::SELECTOR,
+        "wrong owner",
+    );
+    // The facilitator's call simulates fine.
+    chain
+        .call_as(RELAYER, UPTO_PROXY, call.clone())
+        .await
+        .unwrap_or_else(|revert| panic!("settle simulation reverted: {revert:?}"));
+    assert!(
+        !chain.permit2_nonce_used(owner, nonce).await,
+        "eth_call must not consume the nonce"
+    );
+
+    let (payer_before, pay_to_before) = (chain.balance(owner).await, chain.balance(PAY_TO).await);
+    assert_eq!(payer_before, U256::from(MINTED));
+    chain.send_as(RELAYER, UPTO_PROXY, call.clone()).await;
+    assert_eq!(
+        chain.balance(PAY_TO).await,
+        pay_to_before + U256::from(ACTUAL)
+    );
+    assert_eq!(
+        chain.balance(owner).await,
+        payer_before - U256::from(ACTUAL)
+    );
+    assert!(chain.permit2_nonce_used(owner, nonce).await);
+    assert!(
+        !chain.permit2_nonce_used(owner, nonce + U256::from(1)).await,
+        "only the permit's own bit is set"
+    );
+
+    // The same permit again, even for a different amount: the nonce is spent.
+    assert_reverts_with(
+        chain.call_as(RELAYER, UPTO_PROXY, call).await,
+        InvalidNonce::SELECTOR,
+        "second settle of the same permit",
+    );
+    let again = settle_calldata(&message, U256::from(1), owner, &signature);
+    assert_reverts_with(
+        chain.call_as(RELAYER, UPTO_PROXY, again).await,
+        InvalidNonce::SELECTOR,
+        "second settle, other amount",
+    );
+    assert_eq!(
+        chain.balance(owner).await,
+        payer_before - U256::from(ACTUAL)
+    );
+}
+
+fn deps(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("X402_TEST_DEPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-deps"));
+    let marker = dir.join("node/node_modules/@x402/evm/package.json");
+    if marker.exists() {
+        return Some(dir);
+    }
+    let why = format!("{test}: {} missing", marker.display());
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why}; run scripts/install-test-deps.sh");
+    }
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {why} ***\n");
+    None
+}
+
+/// Runs `tests/chain/upto-sign.mjs`: the official client's payload for `requirements` with
+/// `key`, viem's digest of it and viem's own signature.
+fn official_upto_payload(deps: &Path, key: &str, requirements: &Value) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chain/upto-sign.mjs");
+    let out = Command::new("node")
+        .arg(&script)
+        .arg(key)
+        .arg(requirements.to_string())
+        .env("X402_TEST_DEPS", deps)
+        .output()
+        .expect("run node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "upto-sign.mjs failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("upto-sign.mjs output ({e}): {stdout}"))
+}
+
+#[tokio::test]
+async fn rust_signing_matches_the_official_client_and_its_payload_settles() {
+    let test = "rust_signing_matches_the_official_client";
+    let Some(deps) = deps(test) else { return };
+    let Some(chain) = Chain::start(test).await else {
+        return;
+    };
+    let payer = signer(PAYER4_KEY);
+    let owner = payer.address();
+    let requirements = json!({
+        "scheme": "upto",
+        "network": "eip155:84532",
+        "asset": TOKEN.to_checksum(None),
+        "amount": MAX.to_string(),
+        "payTo": PAY_TO.to_checksum(None),
+        "maxTimeoutSeconds": 300,
+        "extra": { "facilitatorAddress": RELAYER.to_checksum(None), "name": "USDC", "version": "2" },
+    });
+    let official = official_upto_payload(&deps, PAYER4_KEY, &requirements);
+    let payload = &official["payload"]["payload"];
+    let (from, message) =
+        upto_message_from_json(&payload["permit2Authorization"]).expect("permit2Authorization");
+    assert_eq!(from, owner);
+    // What the official client chose is what upto_message builds.
+    let deadline: u64 = message.deadline.to::<u64>();
+    assert_eq!(
+        message,
+        upto_message(
+            TOKEN,
+            U256::from(MAX),
+            PAY_TO,
+            RELAYER,
+            message.nonce,
+            deadline
+        )
+    );
+    assert!(deadline > now() && deadline <= now() + 300);
+
+    let digest = upto_signing_hash(&message, BASE_SEPOLIA_CHAIN_ID);
+    assert_eq!(
+        digest.to_string(),
+        official["digest"].as_str().expect("digest")
+    );
+    let ours = sign_upto_permit(&payer, &message, BASE_SEPOLIA_CHAIN_ID);
+    assert_eq!(
+        ours.to_string(),
+        official["viemSignature"].as_str().expect("viem signature")
+    );
+    assert_eq!(
+        ours.to_string(),
+        payload["signature"].as_str().expect("signature")
+    );
+    // Our payload JSON is the official client's, field for field.
+    assert_eq!(&upto_payload_json(owner, &message, &ours), payload);
+    assert_eq!(official["payload"]["x402Version"], 2);
+    assert!(
+        official["payload"].get("extensions").is_none(),
+        "no extension without server declaration"
+    );
+
+    // And the official payload settles through the fixture.
+    chain.approve_permit2(owner).await;
+    let signature: Bytes = payload["signature"]
+        .as_str()
+        .expect("signature")
+        .parse()
+        .expect("hex");
+    let before = chain.balance(owner).await;
+    chain
+        .send_as(
+            RELAYER,
+            UPTO_PROXY,
+            settle_calldata(&message, U256::from(ACTUAL), owner, &signature),
+        )
+        .await;
+    assert_eq!(chain.balance(owner).await, before - U256::from(ACTUAL));
+    assert!(chain.permit2_nonce_used(owner, message.nonce).await);
+}
