@@ -5,7 +5,7 @@
 //! signature are checked against the official `@x402/evm` upto client and viem, and a payload
 //! made by that official client settles on the same chain. Without anvil (or the node
 //! packages, for the cross-check) the tests print SKIPPED, and fail under `CI=true`.
-#![cfg(all(feature = "onchain", feature = "test-util"))]
+#![cfg(all(feature = "onchain", feature = "test-util", feature = "axum"))]
 
 mod chain;
 
@@ -304,4 +304,210 @@ async fn rust_signing_matches_the_official_client_and_its_payload_settles() {
         .await;
     assert_eq!(chain.balance(owner).await, before - U256::from(ACTUAL));
     assert!(chain.permit2_nonce_used(owner, message.nonce).await);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The layer on the chain: `PaymentOption::upto` + `OnchainSettler`, paid by the official client.
+
+mod layer {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use alloy_provider::Provider as _;
+    use axum::Router;
+    use axum::routing::get;
+    use tower::ServiceExt as _;
+    use tower_x402::settle::onchain::OnchainSettler;
+    use tower_x402::test_util::{pay_upto, upto_payload};
+    use tower_x402::upto::Usage;
+    use tower_x402::{Asset, PaymentLayer, PaymentOption};
+
+    use super::*;
+
+    /// What the handler meters per call unless `?use=N` says otherwise.
+    const USED: u64 = 1_234;
+
+    /// A route metering `?use=N` (default [`USED`]) behind an `upto` option of `MAX`, settled
+    /// on `chain` by the relayer; counts handler runs.
+    async fn app(chain: &Chain) -> (Router, OnchainSettler, Arc<AtomicUsize>) {
+        let settler = OnchainSettler::connect(chain.url(), signer(chain::RELAYER_KEY))
+            .await
+            .expect("settler");
+        let option = PaymentOption::upto_atomic(
+            &Asset::usdc_base_sepolia(),
+            U256::from(MAX),
+            PAY_TO,
+            settler.relayer(),
+        )
+        .expect("option");
+        let layer = PaymentLayer::builder()
+            .accept(option)
+            .settler(settler.clone())
+            .build()
+            .expect("layer");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let route = get(move |usage: Usage, uri: http::Uri| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let want = uri
+                    .query()
+                    .and_then(|q| q.strip_prefix("use="))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(USED);
+                match usage.charge_atomic(want) {
+                    Ok(total) => format!("generated; charged {total}"),
+                    Err(e) => format!("stopped: {e}"),
+                }
+            }
+        });
+        (Router::new().route("/generate", route).layer(layer), settler, runs)
+    }
+
+    fn requirements(settler: &OnchainSettler) -> tower_x402::proto::v2::PaymentRequirements {
+        PaymentOption::upto_atomic(
+            &Asset::usdc_base_sepolia(),
+            U256::from(MAX),
+            PAY_TO,
+            settler.relayer(),
+        )
+        .expect("option")
+        .requirements()
+        .clone()
+    }
+
+    async fn call(app: &Router, path: &str, headers: Vec<(http::HeaderName, http::HeaderValue)>) -> (http::StatusCode, http::HeaderMap, String) {
+        let mut req = http::Request::get(format!("http://api.test{path}"))
+            .body(axum::body::Body::empty())
+            .expect("request");
+        req.headers_mut().extend(headers);
+        let res = app.clone().oneshot(req).await.expect("infallible");
+        let (parts, body) = res.into_parts();
+        let body = axum::body::to_bytes(body, 1 << 20).await.expect("body");
+        (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn reason(headers: &http::HeaderMap) -> Option<String> {
+        let v = headers.get("payment-response")?;
+        let json = tower_x402::proto::header::decode_bytes(v, 1 << 16).ok()?;
+        let receipt: Value = serde_json::from_slice(&json).ok()?;
+        receipt["errorReason"].as_str().map(str::to_owned)
+    }
+
+    /// `node tests/clients/upto.mjs --url URL --key KEY --replay`: its one JSON line.
+    fn official_client(deps: &Path, url: &str, key: &str) -> Value {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/upto.mjs");
+        let out = Command::new("node")
+            .arg(&script)
+            .args(["--url", url, "--key", key, "--replay"])
+            .env("X402_TEST_DEPS", deps)
+            .output()
+            .expect("run node");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(line).unwrap_or_else(|e| {
+            panic!(
+                "upto.mjs output ({e}): {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    #[tokio::test]
+    async fn the_official_client_pays_upto_and_exactly_the_metered_amount_moves() {
+        let Some(deps) = deps("upto_chain") else { return };
+        let Some(chain) = Chain::start("upto_chain").await else { return };
+        let payer = signer(PAYER3_KEY).address();
+        chain.approve_permit2(payer).await;
+        let (app, settler, runs) = app(&chain).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let (to_before, from_before) = (chain.balance(PAY_TO).await, chain.balance(payer).await);
+
+        let url = format!("http://{addr}/generate");
+        let out = tokio::task::spawn_blocking(move || official_client(&deps, &url, PAYER3_KEY))
+            .await
+            .expect("client thread");
+        server.abort();
+        assert_eq!(out["status"], json!(200), "{out}");
+        assert_eq!(out["body"], json!(format!("generated; charged {USED}")), "{out}");
+        let receipt = &out["paymentResponse"];
+        assert_eq!(receipt["success"], json!(true), "{out}");
+        assert_eq!(receipt["amount"], json!(USED.to_string()), "{out}");
+        let tx: B256 = receipt["transaction"].as_str().and_then(|t| t.parse().ok()).expect("a transaction hash");
+        // The replayed proof is refused and does not run the handler again.
+        assert_eq!(out["replayStatus"], json!(402), "{out}");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+        // Exactly the metered amount moved, once, by the transaction in the receipt.
+        assert_eq!(chain.balance(PAY_TO).await, to_before + U256::from(USED));
+        assert_eq!(chain.balance(payer).await, from_before - U256::from(USED));
+        let mined = chain.provider().get_transaction_receipt(tx).await.expect("rpc").expect("mined");
+        assert!(mined.status());
+        let auth = &out["paymentPayload"]["payload"]["permit2Authorization"];
+        let nonce: U256 = auth["nonce"].as_str().and_then(|n| n.parse().ok()).expect("nonce");
+        assert!(chain.permit2_nonce_used(payer, nonce).await);
+        let stats = settler.stats();
+        assert_eq!((stats.sent, stats.settled), (1, 1));
+        eprintln!("upto settlement gas: {}", stats.gas_used);
+    }
+
+    #[tokio::test]
+    async fn usage_above_the_maximum_sends_nothing_and_zero_usage_too() {
+        let Some(chain) = Chain::start("upto_chain_refusals").await else { return };
+        let payer = signer(PAYER4_KEY);
+        chain.approve_permit2(payer.address()).await;
+        let (app, settler, runs) = app(&chain).await;
+        let req = requirements(&settler);
+        let before = chain.balance(payer.address()).await;
+
+        // Above the maximum: 402 with the reason, body withheld, no transaction.
+        let over = upto_payload(&payer, &req, now());
+        let (status, headers, body) =
+            call(&app, &format!("/generate?use={}", MAX + 1), vec![pay_upto(&req, &over)]).await;
+        assert_eq!(status, http::StatusCode::PAYMENT_REQUIRED, "{body}");
+        assert_eq!(reason(&headers).as_deref(), Some("invalid_upto_evm_payload_settlement_exceeds_amount"));
+        assert!(!body.contains("stopped"), "the handler's body is withheld");
+
+        // Nothing used: 200, no transaction.
+        let zero = upto_payload(&payer, &req, now());
+        let (status, headers, body) = call(&app, "/generate?use=0", vec![pay_upto(&req, &zero)]).await;
+        assert_eq!(status, http::StatusCode::OK, "{body}");
+        let receipt: Value = serde_json::from_slice(
+            &tower_x402::proto::header::decode_bytes(headers.get("payment-response").expect("receipt"), 1 << 16).expect("base64"),
+        )
+        .expect("json");
+        assert_eq!((receipt["amount"].clone(), receipt["transaction"].clone()), (json!("0"), json!("")));
+
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(settler.stats().sent, 0, "no transaction for either");
+        assert_eq!(chain.balance(payer.address()).await, before);
+        for p in [&over, &zero] {
+            assert!(!chain.permit2_nonce_used(payer.address(), p.permit2_authorization.nonce).await);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_payer_without_a_permit2_allowance_is_refused_before_the_handler() {
+        let Some(chain) = Chain::start("upto_chain_allowance").await else { return };
+        let payer = signer(PAYER4_KEY); // no approve_permit2
+        let (app, settler, runs) = app(&chain).await;
+        let req = requirements(&settler);
+        let proof = upto_payload(&payer, &req, now());
+        let (status, headers, body) = call(&app, "/generate", vec![pay_upto(&req, &proof)]).await;
+        assert_eq!(status, http::StatusCode::PAYMENT_REQUIRED, "{body}");
+        let challenge = headers.get("payment-required").expect("challenge");
+        let json = tower_x402::proto::header::decode_bytes(challenge, 1 << 16).expect("base64");
+        let challenge: Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(challenge["error"], json!("permit2_allowance_required"), "{challenge}");
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        assert_eq!(settler.stats().sent, 0);
+        // Approved, the same proof goes through (it was released, not spent).
+        chain.approve_permit2(payer.address()).await;
+        let (status, _, body) = call(&app, "/generate", vec![pay_upto(&req, &proof)]).await;
+        assert_eq!(status, http::StatusCode::OK, "{body}");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
 }
