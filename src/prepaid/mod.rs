@@ -41,8 +41,24 @@
 //! **Deployment.** Messages are bound to [`resource_base`](crate::PaymentLayerBuilder::resource_base)
 //! (required), never to the request's `Host`. Instances behind one load balancer must share
 //! the nonce key ([`Prepaid::nonce_key`]), the [`NonceStore`] and the
-//! ledger: only [`MemoryCreditLedger`] (one process) ships so far; a shared store implements
-//! [`CreditLedger`] with one atomic step per method (e.g. a Redis Lua script).
+//! ledger. [`MemoryCreditLedger`] (the default) lives in one process; with feature `redis`,
+//! `RedisCreditLedger` keeps the credit in Redis (one Lua script per operation), next to
+//! `RedisNonceStore` on the same connection:
+//!
+//! ```no_run
+//! # #[cfg(feature = "redis")]
+//! # async fn demo(key: [u8; 32]) -> Result<(), Box<dyn std::error::Error>> {
+//! use tower_x402::nonce::RedisNonceStore;
+//! use tower_x402::prepaid::{Bundle, Prepaid, RedisCreditLedger};
+//! let nonces = RedisNonceStore::connect("redis://127.0.0.1:6379/").await?;
+//! let prepaid = Prepaid::new(Bundle::calls(100).for_price("$0.10"))
+//!     .ledger(RedisCreditLedger::new(nonces.connection()))
+//!     .nonce_key(key); // the same key on every instance
+//! // PaymentLayer::builder()...nonce_store(nonces).prepaid(prepaid)
+//! # let _ = prepaid;
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! ```
 //! use std::time::Duration;
@@ -59,8 +75,14 @@
 //! ```
 
 pub mod ledger;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+mod redis;
 pub mod siwx;
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::RedisCreditLedger;
 pub use ledger::{CreditLedger, Debit, Grant, MemoryCreditLedger};
 
 use std::sync::Arc;

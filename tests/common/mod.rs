@@ -4,6 +4,8 @@
 //! Every test file uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod siwx;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
