@@ -9,9 +9,10 @@
 //! Without `--rpc-url` it starts its own anvil (from `target/test-deps`, installed by
 //! `scripts/install-test-deps.sh`) with the test token at the Base Sepolia USDC address and
 //! Multicall3 at its canonical address — the harness of the tests, `tests/chain/mod.rs`, is
-//! compiled in. With `--rpc-url URL` it uses that chain (Base Sepolia or a fork of it): the
-//! relayer key is read from `X402_RELAYER_KEY` and the payer key (which needs test USDC) from
-//! `X402_PAYER_KEY`.
+//! compiled in, with Permit2 and the x402 upto proxy etched and the payers' Permit2 approvals
+//! given. With `--rpc-url URL` it uses that chain (Base Sepolia or a fork of it): the
+//! relayer key is read from `X402_RELAYER_KEY` and the payer key (which needs test USDC, and
+//! for `upto` an approval of Permit2) from `X402_PAYER_KEY`.
 //!
 //! For each mode — after the handler, before it, deferred one transfer per payment, deferred
 //! in batches, `upto` (Permit2, the handler meters one price's worth per call), and a prepaid
@@ -523,6 +524,10 @@ async fn main() -> Result<(), BoxError> {
             .iter()
             .map(|k| k.parse())
             .collect::<Result<Vec<PrivateKeySigner>, _>>()?;
+            // The `upto` mode pulls through Permit2: a one-time approval per payer.
+            for p in &payers {
+                local.approve_permit2(p.address()).await;
+            }
             (local.url().to_owned(), chain::RELAYER_KEY.parse()?, payers)
         }
     };
