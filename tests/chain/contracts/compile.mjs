@@ -1,6 +1,7 @@
-// Compiles tests/chain/contracts/{TestUSDC,MiniMulticall3}.sol with solc-js and writes their RUNTIME
-// bytecode (hex, no 0x, one line) to <outdir>/<Name>.runtime.hex. The tests etch that bytecode with
-// anvil_setCode, so only the runtime part matters (no constructor runs).
+// Compiles tests/chain/contracts/{TestUSDC,MiniMulticall3,TestWallet}.sol with solc-js and writes the
+// RUNTIME bytecode (hex, no 0x, one line) of TestUSDC, MiniMulticall3 and TestWalletFactory to
+// <outdir>/<Name>.runtime.hex. The tests etch that bytecode with anvil_setCode, so only the runtime
+// part matters (no constructor runs; the factory's runtime embeds TestWallet's creation code).
 // Usage: node compile.mjs <node_modules dir holding solc> <outdir>   (run by compile.sh)
 import { createRequire } from "node:module";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -15,9 +16,14 @@ if (!modules || !outDir) {
 }
 const solc = createRequire(join(resolve(modules), "x.js"))("solc");
 
-const contracts = { "TestUSDC.sol": "TestUSDC", "MiniMulticall3.sol": "MiniMulticall3" };
+// [source file, contract whose runtime code is written]
+const contracts = [
+  ["TestUSDC.sol", "TestUSDC"],
+  ["MiniMulticall3.sol", "MiniMulticall3"],
+  ["TestWallet.sol", "TestWalletFactory"],
+];
 const sources = {};
-for (const file of Object.keys(contracts)) {
+for (const file of new Set(contracts.map(([file]) => file))) {
   sources[file] = { content: readFileSync(join(here, file), "utf8") };
 }
 const input = {
@@ -38,7 +44,7 @@ for (const e of out.errors ?? []) console.error(e.formattedMessage);
 if ((out.errors ?? []).some((e) => e.severity === "error")) process.exit(1);
 
 mkdirSync(outDir, { recursive: true });
-for (const [file, name] of Object.entries(contracts)) {
+for (const [file, name] of contracts) {
   const hex = out.contracts[file][name].evm.deployedBytecode.object;
   writeFileSync(join(outDir, `${name}.runtime.hex`), hex + "\n");
   console.log(`${name}: ${hex.length / 2} bytes of runtime code (solc ${solc.version()})`);

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuilds tests/chain/contracts/{TestUSDC,MiniMulticall3}.runtime.hex from their .sol sources with the
+# Rebuilds tests/chain/contracts/{TestUSDC,MiniMulticall3,TestWalletFactory}.runtime.hex from their .sol sources with the
 # pinned solc-js.
 # Maintainers only: the tests etch the committed hex and never compile.
 #   tests/chain/contracts/compile.sh           compile into a temp dir and say whether it matches the committed hex
@@ -32,7 +32,7 @@ case "${1:-}" in
     trap 'rm -rf "$tmp"' EXIT
     node "$HERE/compile.mjs" "$SOLC_DIR/node_modules" "$tmp"
     rc=0
-    for name in TestUSDC MiniMulticall3; do
+    for name in TestUSDC MiniMulticall3 TestWalletFactory; do
       if cmp -s "$tmp/$name.runtime.hex" "$HERE/$name.runtime.hex"; then
         echo "$name.runtime.hex: identical to the committed bytecode"
       else
