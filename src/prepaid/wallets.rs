@@ -19,12 +19,15 @@ use async_trait::async_trait;
 use crate::verify::BoxError;
 
 /// The 32 bytes that end an ERC-6492 wrapped signature.
-pub const ERC6492_SUFFIX: B256 =
-    B256::new(hex!("6492649264926492649264926492649264926492649264926492649264926492"));
+pub const ERC6492_SUFFIX: B256 = B256::new(hex!(
+    "6492649264926492649264926492649264926492649264926492649264926492"
+));
 
 /// Longest signature (decoded bytes) sent to the chain; longer sign-ins are refused as
 /// malformed before any call. Real wallets stay far below (a passkey or multisig signature
-/// wrapped in ERC-6492 is a few hundred bytes to 2 KiB).
+/// wrapped in ERC-6492 is a few hundred bytes to 2 KiB). Under the layer's default 8 KiB
+/// [header cap](crate::PaymentLayerBuilder::max_header_bytes) the header bound (about 2.8 KiB
+/// of signature, hex in base64 JSON) is met first.
 pub const MAX_SIGNATURE_BYTES: usize = 8 * 1024;
 
 /// Creation code of the ERC-6492 universal signature validator, for a deployless `eth_call`
@@ -198,11 +201,8 @@ pub struct Erc6492Error;
 /// constructor arguments.
 pub fn validator_call_data(signer: Address, hash: B256, signature: &[u8]) -> Bytes {
     type Args = (sol_data::Address, sol_data::FixedBytes<32>, sol_data::Bytes);
-    let args = <Args as SolType>::abi_encode_params(&(
-        signer,
-        hash,
-        Bytes::copy_from_slice(signature),
-    ));
+    let args =
+        <Args as SolType>::abi_encode_params(&(signer, hash, Bytes::copy_from_slice(signature)));
     let mut data = Vec::with_capacity(ERC6492_VALIDATOR_BYTECODE.len() + args.len());
     data.extend_from_slice(ERC6492_VALIDATOR_BYTECODE);
     data.extend_from_slice(&args);
