@@ -404,6 +404,22 @@ async fn smart_wallets_sign_in_through_the_chain() {
     assert_eq!(own.status, StatusCode::OK, "{:?}", own.body);
     assert_eq!(runs.get(), 4);
     assert_eq!(checker.calls(), 6, "the EOA path never asks the chain");
+
+    // A long signature for an address without code: the validator reverts (ecrecover needs 65
+    // bytes), which is a refusal, not an outage.
+    let p = challenge(&svc, eoa.address()).await;
+    let mut long = personal_sign(&eoa, &p);
+    long.push(0);
+    let reverted = get_with(&svc, "/paid", [header(&signed(p, &long))]).await;
+    assert_eq!(
+        reverted.outcome(),
+        (
+            StatusCode::UNAUTHORIZED,
+            Some("invalid_siwx_signature".into())
+        )
+    );
+    assert_eq!(checker.calls(), 7);
+    assert_eq!(runs.get(), 4);
 }
 
 /// (d) The RPC is unreachable: 503 with `Retry-After`, the handler does not run and the
