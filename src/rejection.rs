@@ -43,6 +43,7 @@
 //! | prepaid route: sign-in for another domain/uri/chain, forged or expired nonce, wrong signer | 401 | `invalid_siwx_*` (see [`crate::prepaid`]) | no | sign in again against a fresh challenge (`WWW-Authenticate: SIWX`) |
 //! | prepaid route: sign-in nonce already used (replayed message) | 401 | `invalid_siwx_nonce_reused` | no | sign in again with a fresh nonce |
 //! | prepaid route: valid sign-in, credit used up / expired | 402 | `prepaid_credit_exhausted`, `prepaid_credit_expired` | no | buy the bundle again (fresh challenge, fresh sign-in nonce) |
+//! | prepaid route with [`contract_signatures`](crate::prepaid::Prepaid::contract_signatures): the chain's ERC-1271/6492 check failed or timed out | 503 | `service_unavailable` | yes | retry the same sign-in header after `Retry-After` (its nonce was not spent) |
 //!
 //! `Retry-After` is the backend's suggestion when it gave one, else
 //! [`PaymentLayerBuilder::retry_after`](crate::layer::PaymentLayerBuilder::retry_after)

@@ -362,7 +362,11 @@ mod layer {
                 }
             }
         });
-        (Router::new().route("/generate", route).layer(layer), settler, runs)
+        (
+            Router::new().route("/generate", route).layer(layer),
+            settler,
+            runs,
+        )
     }
 
     fn requirements(settler: &OnchainSettler) -> tower_x402::proto::v2::PaymentRequirements {
@@ -377,7 +381,11 @@ mod layer {
         .clone()
     }
 
-    async fn call(app: &Router, path: &str, headers: Vec<(http::HeaderName, http::HeaderValue)>) -> (http::StatusCode, http::HeaderMap, String) {
+    async fn call(
+        app: &Router,
+        path: &str,
+        headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    ) -> (http::StatusCode, http::HeaderMap, String) {
         let mut req = http::Request::get(format!("http://api.test{path}"))
             .body(axum::body::Body::empty())
             .expect("request");
@@ -385,7 +393,11 @@ mod layer {
         let res = app.clone().oneshot(req).await.expect("infallible");
         let (parts, body) = res.into_parts();
         let body = axum::body::to_bytes(body, 1 << 20).await.expect("body");
-        (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
     }
 
     fn reason(headers: &http::HeaderMap) -> Option<String> {
@@ -416,12 +428,18 @@ mod layer {
 
     #[tokio::test]
     async fn the_official_client_pays_upto_and_exactly_the_metered_amount_moves() {
-        let Some(deps) = deps("upto_chain") else { return };
-        let Some(chain) = Chain::start("upto_chain").await else { return };
+        let Some(deps) = deps("upto_chain") else {
+            return;
+        };
+        let Some(chain) = Chain::start("upto_chain").await else {
+            return;
+        };
         let payer = signer(PAYER3_KEY).address();
         chain.approve_permit2(payer).await;
         let (app, settler, runs) = app(&chain).await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
         let (to_before, from_before) = (chain.balance(PAY_TO).await, chain.balance(payer).await);
@@ -432,11 +450,18 @@ mod layer {
             .expect("client thread");
         server.abort();
         assert_eq!(out["status"], json!(200), "{out}");
-        assert_eq!(out["body"], json!(format!("generated; charged {USED}")), "{out}");
+        assert_eq!(
+            out["body"],
+            json!(format!("generated; charged {USED}")),
+            "{out}"
+        );
         let receipt = &out["paymentResponse"];
         assert_eq!(receipt["success"], json!(true), "{out}");
         assert_eq!(receipt["amount"], json!(USED.to_string()), "{out}");
-        let tx: B256 = receipt["transaction"].as_str().and_then(|t| t.parse().ok()).expect("a transaction hash");
+        let tx: B256 = receipt["transaction"]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .expect("a transaction hash");
         // The replayed proof is refused and does not run the handler again.
         assert_eq!(out["replayStatus"], json!(402), "{out}");
         assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -444,10 +469,18 @@ mod layer {
         // Exactly the metered amount moved, once, by the transaction in the receipt.
         assert_eq!(chain.balance(PAY_TO).await, to_before + U256::from(USED));
         assert_eq!(chain.balance(payer).await, from_before - U256::from(USED));
-        let mined = chain.provider().get_transaction_receipt(tx).await.expect("rpc").expect("mined");
+        let mined = chain
+            .provider()
+            .get_transaction_receipt(tx)
+            .await
+            .expect("rpc")
+            .expect("mined");
         assert!(mined.status());
         let auth = &out["paymentPayload"]["payload"]["permit2Authorization"];
-        let nonce: U256 = auth["nonce"].as_str().and_then(|n| n.parse().ok()).expect("nonce");
+        let nonce: U256 = auth["nonce"]
+            .as_str()
+            .and_then(|n| n.parse().ok())
+            .expect("nonce");
         assert!(chain.permit2_nonce_used(payer, nonce).await);
         let stats = settler.stats();
         assert_eq!((stats.sent, stats.settled), (1, 1));
@@ -456,7 +489,9 @@ mod layer {
 
     #[tokio::test]
     async fn usage_above_the_maximum_sends_nothing_and_zero_usage_too() {
-        let Some(chain) = Chain::start("upto_chain_refusals").await else { return };
+        let Some(chain) = Chain::start("upto_chain_refusals").await else {
+            return;
+        };
         let payer = signer(PAYER4_KEY);
         chain.approve_permit2(payer.address()).await;
         let (app, settler, runs) = app(&chain).await;
@@ -465,33 +500,54 @@ mod layer {
 
         // Above the maximum: 402 with the reason, body withheld, no transaction.
         let over = upto_payload(&payer, &req, now());
-        let (status, headers, body) =
-            call(&app, &format!("/generate?use={}", MAX + 1), vec![pay_upto(&req, &over)]).await;
+        let (status, headers, body) = call(
+            &app,
+            &format!("/generate?use={}", MAX + 1),
+            vec![pay_upto(&req, &over)],
+        )
+        .await;
         assert_eq!(status, http::StatusCode::PAYMENT_REQUIRED, "{body}");
-        assert_eq!(reason(&headers).as_deref(), Some("invalid_upto_evm_payload_settlement_exceeds_amount"));
+        assert_eq!(
+            reason(&headers).as_deref(),
+            Some("invalid_upto_evm_payload_settlement_exceeds_amount")
+        );
         assert!(!body.contains("stopped"), "the handler's body is withheld");
 
         // Nothing used: 200, no transaction.
         let zero = upto_payload(&payer, &req, now());
-        let (status, headers, body) = call(&app, "/generate?use=0", vec![pay_upto(&req, &zero)]).await;
+        let (status, headers, body) =
+            call(&app, "/generate?use=0", vec![pay_upto(&req, &zero)]).await;
         assert_eq!(status, http::StatusCode::OK, "{body}");
         let receipt: Value = serde_json::from_slice(
-            &tower_x402::proto::header::decode_bytes(headers.get("payment-response").expect("receipt"), 1 << 16).expect("base64"),
+            &tower_x402::proto::header::decode_bytes(
+                headers.get("payment-response").expect("receipt"),
+                1 << 16,
+            )
+            .expect("base64"),
         )
         .expect("json");
-        assert_eq!((receipt["amount"].clone(), receipt["transaction"].clone()), (json!("0"), json!("")));
+        assert_eq!(
+            (receipt["amount"].clone(), receipt["transaction"].clone()),
+            (json!("0"), json!(""))
+        );
 
         assert_eq!(runs.load(Ordering::SeqCst), 2);
         assert_eq!(settler.stats().sent, 0, "no transaction for either");
         assert_eq!(chain.balance(payer.address()).await, before);
         for p in [&over, &zero] {
-            assert!(!chain.permit2_nonce_used(payer.address(), p.permit2_authorization.nonce).await);
+            assert!(
+                !chain
+                    .permit2_nonce_used(payer.address(), p.permit2_authorization.nonce)
+                    .await
+            );
         }
     }
 
     #[tokio::test]
     async fn a_payer_without_a_permit2_allowance_is_refused_before_the_handler() {
-        let Some(chain) = Chain::start("upto_chain_allowance").await else { return };
+        let Some(chain) = Chain::start("upto_chain_allowance").await else {
+            return;
+        };
         let payer = signer(PAYER4_KEY); // no approve_permit2
         let (app, settler, runs) = app(&chain).await;
         let req = requirements(&settler);
@@ -501,7 +557,11 @@ mod layer {
         let challenge = headers.get("payment-required").expect("challenge");
         let json = tower_x402::proto::header::decode_bytes(challenge, 1 << 16).expect("base64");
         let challenge: Value = serde_json::from_slice(&json).expect("json");
-        assert_eq!(challenge["error"], json!("permit2_allowance_required"), "{challenge}");
+        assert_eq!(
+            challenge["error"],
+            json!("permit2_allowance_required"),
+            "{challenge}"
+        );
         assert_eq!(runs.load(Ordering::SeqCst), 0);
         assert_eq!(settler.stats().sent, 0);
         // Approved, the same proof goes through (it was released, not spent).

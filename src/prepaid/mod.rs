@@ -10,24 +10,27 @@
 //! 3. Later calls carry a `SIGN-IN-WITH-X` header instead of a payment: an EIP-4361 message
 //!    the payer signed over the nonce of a 402 (EIP-191 `personal_sign`). A valid one spends
 //!    its nonce, takes one call from the ledger and runs the handler, with no payment and no
-//!    settlement. The handler finds a [`SignedIn`] in the request extensions.
+//!    settlement. The handler finds a [`SignedIn`] in the request extensions. EOA signatures
+//!    are recovered in-process; smart wallets (ERC-1271, and ERC-6492 for wallets not deployed
+//!    yet) sign in when [`Prepaid::contract_signatures`] is set (e.g. [`ProviderSignatures`]
+//!    with the `onchain` feature), which asks the chain (see [`siwx`] and [`wallets`]).
 //! 4. No credit left, or credit expired: 402 again (`prepaid_credit_exhausted`,
 //!    `prepaid_credit_expired`) with a fresh challenge, to buy another bundle.
 //!
 //! | Situation | Status | `error` reason |
 //! |---|---|---|
 //! | header not base64 JSON of a sign-in message, a field with a line break, a bad address | 400 | `invalid_siwx_payload` |
-//! | signature not 65 bytes of `0x` hex | 400 | `invalid_siwx_malformed_signature` |
+//! | signature not 65 bytes of `0x` hex (with [`Prepaid::contract_signatures`]: not 1 to 8 KiB of `0x` hex, or a broken ERC-6492 wrapping) | 400 | `invalid_siwx_malformed_signature` |
 //! | header larger than `max_header_bytes` | 431 | `invalid_payload` |
 //! | `domain` / `uri` not this server's (`resource_base`) | 401 | `invalid_siwx_domain_mismatch` / `invalid_siwx_uri_mismatch` |
-//! | version ≠ 1, type ≠ `eip191`, a chain the route does not offer, an ERC-1271/6492 scheme | 401 | `invalid_siwx_unsupported_chain` |
+//! | version ≠ 1, type ≠ `eip191`, `signatureScheme` ≠ `eip191`, a chain the route does not offer | 401 | `invalid_siwx_unsupported_chain` |
 //! | nonce not issued by this server, or its `issuedAt`/`expirationTime` altered | 401 | `invalid_siwx_nonce` |
 //! | message older than its `expirationTime` ([`Prepaid::message_ttl`]) | 401 | `invalid_siwx_expired` |
-//! | signature does not recover to `address` | 401 | `invalid_siwx_signature` |
+//! | signature does not recover to `address` and (with [`Prepaid::contract_signatures`]) the chain's ERC-1271/6492 check says invalid, or has no RPC for the chain | 401 | `invalid_siwx_signature` |
 //! | nonce already used (a replayed message) | 401 | `invalid_siwx_nonce_reused` |
 //! | valid sign-in, no credit / credit used up | 402 | `prepaid_credit_exhausted` |
 //! | valid sign-in, credit expired | 402 | `prepaid_credit_expired` |
-//! | nonce store or ledger down | 503 | `service_unavailable` |
+//! | nonce store or ledger down; the chain's ERC-1271/6492 check failed or timed out (nonce not spent) | 503 | `service_unavailable` |
 //!
 //! A handler answering ≥ 400 (or failing) gets its call refunded.
 //!
@@ -79,11 +82,16 @@ pub mod ledger;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 mod redis;
 pub mod siwx;
+pub mod wallets;
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::RedisCreditLedger;
 pub use ledger::{CreditLedger, Debit, Grant, MemoryCreditLedger};
+#[cfg(feature = "onchain")]
+#[cfg_attr(docsrs, doc(cfg(feature = "onchain")))]
+pub use wallets::ProviderSignatures;
+pub use wallets::{ContractSignatureError, ContractSignatures};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -156,6 +164,7 @@ pub struct Prepaid {
     nonce_key: Option<[u8; 32]>,
     ttl: Duration,
     statement: Option<String>,
+    contracts: Option<Arc<dyn ContractSignatures>>,
 }
 
 impl std::fmt::Debug for Prepaid {
@@ -183,6 +192,7 @@ impl Prepaid {
             nonce_key: None,
             ttl: Duration::from_secs(300),
             statement: None,
+            contracts: None,
         }
     }
 
@@ -217,6 +227,17 @@ impl Prepaid {
         self
     }
 
+    /// Lets smart wallets sign in: signatures that do not recover in-process to the claimed
+    /// address (ERC-1271, ERC-6492) are checked by `checker`, which asks the chain (e.g.
+    /// [`ProviderSignatures`] with the `onchain` feature). Default: none, EOA signatures only.
+    ///
+    /// Each such sign-in costs one chain call before the handler runs; a chain failure is
+    /// answered 503 with `Retry-After` and leaves the message usable.
+    pub fn contract_signatures(mut self, checker: impl ContractSignatures) -> Self {
+        self.contracts = Some(Arc::new(checker));
+        self
+    }
+
     /// The bundle price, if the bundle sets one.
     pub(crate) fn price(&self) -> Option<&str> {
         self.bundle.price.as_deref()
@@ -244,6 +265,7 @@ impl Prepaid {
             clock: self.clock,
             nonces: siwx::Nonces::new(key, self.ttl.as_secs()),
             statement: self.statement,
+            contracts: self.contracts,
             origin,
             schema: siwx::schema(),
         })
@@ -289,6 +311,7 @@ pub(crate) struct State {
     clock: Arc<dyn Clock>,
     nonces: siwx::Nonces,
     statement: Option<String>,
+    contracts: Option<Arc<dyn ContractSignatures>>,
     origin: siwx::Origin,
     schema: Value,
 }
@@ -305,6 +328,8 @@ pub(crate) enum Refusal {
     Expired,
     /// 503: nonce store or ledger down.
     Unavailable(StoreError),
+    /// 503: the chain could not judge a contract signature.
+    Chain(ContractSignatureError),
 }
 
 /// Reason codes of prepaid refusals (sign-in reasons are in [`siwx::reason`]).
@@ -352,23 +377,60 @@ impl State {
         };
         let chains: Vec<Network> = options.iter().map(|o| o.requirements().network).collect();
         let now = self.clock.now();
-        let signed = siwx::check(&payload, &self.nonces, &self.origin, &chains, now)
-            .map_err(Refusal::Siwx)?;
+        let checked = siwx::check(
+            &payload,
+            &self.nonces,
+            &self.origin,
+            &chains,
+            now,
+            self.contracts.is_some(),
+        )
+        .map_err(Refusal::Siwx)?;
+        let (signed, contract) = match checked {
+            siwx::Checked::Signed(signed) => (signed, None),
+            siwx::Checked::Contract {
+                sign_in,
+                hash,
+                signature,
+            } => (sign_in, Some((hash, signature))),
+        };
         let key = NonceKey {
             chain_id: signed.chain_id,
             asset: SIWX_NONCE_SPACE,
             from: signed.address,
             nonce: signed.nonce,
         };
-        // Spent for good, whatever follows: a signed message buys at most one attempt.
-        match store.reserve(&key, signed.expires_at).await {
-            Ok(Reservation::Reserved(token)) => {
-                // A failed consume leaves it reserved until it expires: still one use.
-                let _ = store.consume(&key, token).await;
-            }
+        // Reserved before any chain call, so a replayed message never reaches the chain.
+        let token = match store.reserve(&key, signed.expires_at).await {
+            Ok(Reservation::Reserved(token)) => token,
             Ok(Reservation::InUse | Reservation::Used) => return Err(Refusal::Replayed),
             Err(e) => return Err(Refusal::Unavailable(e)),
+        };
+        if let Some((hash, signature)) = contract {
+            let answer = match &self.contracts {
+                Some(checker) => {
+                    checker
+                        .is_valid(signed.chain_id, signed.address, hash, &signature)
+                        .await
+                }
+                // Never reached (`check` hands a signature back only with a checker): closed.
+                None => Ok(false),
+            };
+            if !matches!(answer, Ok(true)) {
+                // Not a valid message (or no answer): the nonce was not spent by it, so a
+                // chain outage does not burn the client's sign-in.
+                let _ = store.release(&key, token).await;
+                return Err(match answer {
+                    Err(e) if e.is_unavailable() => Refusal::Chain(e),
+                    _ => Refusal::Siwx(siwx::SiwxError::ContractSignature {
+                        claimed: signed.address,
+                    }),
+                });
+            }
         }
+        // Spent for good, whatever follows: a signed message buys at most one attempt. A
+        // failed consume leaves it reserved until it expires: still one use.
+        let _ = store.consume(&key, token).await;
         match self.ledger.debit(signed.address, now).await {
             Ok(Debit::Debited { remaining }) => Ok(SignedIn {
                 payer: signed.address,

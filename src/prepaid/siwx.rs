@@ -2,13 +2,27 @@
 //! the server declares, the `SIGN-IN-WITH-X` proof it checks, and the server-issued nonces.
 //!
 //! The message is rebuilt exactly as `@x402/extensions` 2.27.0 has the client build it
-//! (`formatSIWEMessage`, through `@signinwithethereum/siwe` 4.2.1 `toMessage`), then the
-//! EIP-191 `personal_sign` signature is recovered in-process. Only EOA signatures verify:
-//! ERC-1271 and ERC-6492 (smart wallets) would need a chain and are refused.
+//! (`formatSIWEMessage`, through `@signinwithethereum/siwe` 4.2.1 `toMessage`), then its
+//! EIP-191 hash is checked:
+//!
+//! 1. A 65-byte signature is recovered in-process (EIP-191 `personal_sign`, no I/O). If it
+//!    recovers to `address`, the sign-in is an EOA's and the chain is never asked.
+//! 2. Otherwise, when [`Prepaid::contract_signatures`](super::Prepaid::contract_signatures) is
+//!    set, the signature (any length up to [`MAX_SIGNATURE_BYTES`] decoded) goes to the chain:
+//!    ERC-1271 `isValidSignature` of a deployed smart wallet, or ERC-6492 (a signature
+//!    ending in [`ERC6492_SUFFIX`], wrapping the factory call that would deploy the wallet)
+//!    for one not deployed yet. The chain's answer decides: a long signature from an address
+//!    with code is never accepted on its own. The sign-in nonce is reserved before the call
+//!    (a replayed message never reaches the chain), kept only when the chain says valid, and
+//!    released when it says invalid or cannot answer (503): the same message may be retried.
+//! 3. Without a checker, only EOA signatures verify, as before: other lengths are malformed
+//!    (400) and a 65-byte signature of another key is refused (401).
+//!
+//! Smart wallets sign the same EIP-191 message, so `supportedChains` stays `type: "eip191"`.
 
 use std::str::FromStr;
 
-use alloy_primitives::{Address, B256, eip191_hash_message, hex};
+use alloy_primitives::{Address, B256, Bytes, eip191_hash_message, hex};
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderName};
 use serde::Deserialize;
@@ -16,6 +30,7 @@ use serde_json::{Map, Value, json};
 use sha2::Sha256;
 
 use crate::Network;
+use crate::prepaid::wallets::{ERC6492_SUFFIX, Erc6492, MAX_SIGNATURE_BYTES};
 use crate::proto::header::{self, HeaderError};
 use crate::verify::exact::recover_signer;
 
@@ -35,7 +50,9 @@ pub enum SiwxError {
     /// signed text be read as another message).
     #[error("malformed sign-in message: {0}")]
     Malformed(&'static str),
-    /// The signature is not 65 bytes of hex.
+    /// The signature is not `0x` hex of 65 bytes (or, with a contract-signature checker, of
+    /// 1 to [`MAX_SIGNATURE_BYTES`] bytes, a well-formed ERC-6492 wrapping if it ends in the
+    /// suffix).
     #[error("malformed signature")]
     MalformedSignature,
     /// `domain` is not this server's.
@@ -67,6 +84,13 @@ pub enum SiwxError {
         /// What the signature recovers to, if anything.
         recovered: Option<Address>,
     },
+    /// The chain says the signature is not `address`'s (ERC-1271 / ERC-6492), or no RPC is
+    /// configured for the message's chain.
+    #[error("the chain does not accept this signature for {claimed}")]
+    ContractSignature {
+        /// The address claimed.
+        claimed: Address,
+    },
 }
 
 impl SiwxError {
@@ -81,7 +105,7 @@ impl SiwxError {
             Self::Nonce => reason::INVALID_NONCE,
             Self::Expired { .. } => reason::EXPIRED,
             Self::NotBefore => reason::NOT_BEFORE,
-            Self::Signature { .. } => reason::INVALID_SIGNATURE,
+            Self::Signature { .. } | Self::ContractSignature { .. } => reason::INVALID_SIGNATURE,
         }
     }
 
@@ -99,7 +123,7 @@ impl SiwxError {
 pub mod reason {
     /// The header is not base64 JSON of a sign-in message.
     pub const INVALID_SIWX_PAYLOAD: &str = "invalid_siwx_payload";
-    /// The signature is not 65 bytes of hex.
+    /// The signature is not 65 bytes of hex (or too long, or a broken ERC-6492 wrapping).
     pub const MALFORMED_SIGNATURE: &str = "invalid_siwx_malformed_signature";
     /// `domain` is not this server's.
     pub const DOMAIN_MISMATCH: &str = "invalid_siwx_domain_mismatch";
@@ -115,7 +139,7 @@ pub mod reason {
     pub const EXPIRED: &str = "invalid_siwx_expired";
     /// `notBefore` is not supported.
     pub const NOT_BEFORE: &str = "invalid_siwx_not_before";
-    /// The signature does not recover to `address`.
+    /// The signature does not recover to `address`, and the chain (if asked) refused it.
     pub const INVALID_SIGNATURE: &str = "invalid_siwx_signature";
 }
 
@@ -320,7 +344,7 @@ pub(crate) fn schema() -> Value {
 }
 
 /// A checked sign-in: who signed and the nonce to spend (once).
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct SignIn {
     pub(crate) address: Address,
     pub(crate) chain_id: u64,
@@ -329,23 +353,66 @@ pub(crate) struct SignIn {
     pub(crate) expires_at: u64,
 }
 
+/// What [`check`] concluded.
+#[derive(Debug)]
+pub(crate) enum Checked {
+    /// An EOA signature, recovered in-process.
+    Signed(SignIn),
+    /// Everything holds but the signature, which only the chain can judge.
+    Contract {
+        sign_in: SignIn,
+        /// The EIP-191 hash of the message.
+        hash: B256,
+        signature: Bytes,
+    },
+}
+
+/// A decoded signature: 65 bytes on the stack (the EOA fast path), or a longer one.
+enum Signature {
+    Eoa([u8; 65]),
+    Long(Bytes),
+}
+
+/// Decodes `0x`-hex: 65 bytes always; other lengths (1 to [`MAX_SIGNATURE_BYTES`], a
+/// well-formed ERC-6492 wrapping when it has the suffix) only when `long` is allowed.
+fn signature(text: &str, long: bool) -> Result<Signature, SiwxError> {
+    let digits = text
+        .strip_prefix("0x")
+        .ok_or(SiwxError::MalformedSignature)?;
+    if digits.len() == 130 {
+        let mut sig = [0u8; 65];
+        return hex::decode_to_slice(digits, &mut sig)
+            .map(|()| Signature::Eoa(sig))
+            .map_err(|_| SiwxError::MalformedSignature);
+    }
+    // Bounded before decoding, and long before any chain call.
+    if !long || digits.is_empty() || digits.len() > 2 * MAX_SIGNATURE_BYTES {
+        return Err(SiwxError::MalformedSignature);
+    }
+    let bytes = hex::decode(digits).map_err(|_| SiwxError::MalformedSignature)?;
+    if bytes.ends_with(ERC6492_SUFFIX.as_slice())
+        && Erc6492::decode(&bytes).is_some_and(|w| w.is_err())
+    {
+        return Err(SiwxError::MalformedSignature);
+    }
+    Ok(Signature::Long(bytes.into()))
+}
+
 /// Checks everything but the nonce's single use, cheapest first: fields, origin, chain, the
-/// nonce's MAC and age, then the signature.
+/// nonce's MAC and age, then the signature in-process. With `contracts` (a
+/// contract-signature checker is configured), a signature that is not the EOA's of `address`
+/// is handed back for the chain to judge.
 pub(crate) fn check(
     payload: &Payload,
     nonces: &Nonces,
     origin: &Origin,
     chains: &[Network],
     now: u64,
-) -> Result<SignIn, SiwxError> {
+    contracts: bool,
+) -> Result<Checked, SiwxError> {
     let address = Address::from_str(&payload.address)
         .map_err(|_| SiwxError::Malformed("address is not a 20-byte hex address"))?;
-    let signature = payload
-        .signature
-        .strip_prefix("0x")
-        .and_then(|s| hex::decode(s).ok())
-        .filter(|b| b.len() == 65)
-        .ok_or(SiwxError::MalformedSignature)?;
+    let signature = signature(&payload.signature, contracts)?;
     if payload.domain != origin.domain {
         return Err(SiwxError::Domain(payload.domain.clone()));
     }
@@ -387,19 +454,34 @@ pub(crate) fn check(
     if payload.not_before.is_some() {
         return Err(SiwxError::NotBefore);
     }
-    let message = message(payload, address, chain);
-    let recovered = recover_signer(eip191_hash_message(message.as_bytes()), &signature).ok();
-    if recovered != Some(address) {
-        return Err(SiwxError::Signature {
-            claimed: address,
-            recovered,
-        });
-    }
-    Ok(SignIn {
+    let hash = eip191_hash_message(message(payload, address, chain).as_bytes());
+    let sign_in = SignIn {
         address,
         chain_id: chain,
         nonce,
         expires_at,
+    };
+    let signature = match signature {
+        Signature::Eoa(sig) => {
+            let recovered = recover_signer(hash, &sig).ok();
+            if recovered == Some(address) {
+                return Ok(Checked::Signed(sign_in));
+            }
+            if !contracts {
+                return Err(SiwxError::Signature {
+                    claimed: address,
+                    recovered,
+                });
+            }
+            // An owner's key signing for its wallet, say: the wallet decides.
+            Bytes::copy_from_slice(&sig)
+        }
+        Signature::Long(sig) => sig,
+    };
+    Ok(Checked::Contract {
+        sign_in,
+        hash,
+        signature,
     })
 }
 

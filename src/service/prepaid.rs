@@ -112,5 +112,13 @@ pub(super) fn prepaid_rejection(
             },
             Some(Box::new(e)),
         ),
+        Refusal::Chain(e) => (
+            Stage::Verify,
+            Rejection::Unavailable {
+                retry_after: shared.retry_after,
+                reason: reason::SERVICE_UNAVAILABLE,
+            },
+            Some(Box::new(e)),
+        ),
     }
 }

@@ -172,6 +172,16 @@ impl Chain {
         &self.provider
     }
 
+    /// Places runtime bytecode (hex, with or without `0x`) at `at` (`anvil_setCode`).
+    pub async fn set_code(&self, at: Address, hex: &str) {
+        let code = format!("0x{}", hex.trim().trim_start_matches("0x"));
+        let _: Value = self
+            .provider
+            .raw_request("anvil_setCode".into(), (at, code))
+            .await
+            .expect("anvil_setCode");
+    }
+
     /// Mints test USDC to `to` (a transaction from account #9, mined before returning).
     pub async fn mint(&self, to: Address, value: U256) {
         let data = Bytes::from(mintCall { to, value }.abi_encode());

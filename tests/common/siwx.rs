@@ -115,6 +115,31 @@ pub fn siwe_message(p: &Value) -> String {
     m
 }
 
+/// The unsigned payload for `decl`'s first chain, claiming `claimed`.
+pub fn unsigned(claimed: Address, decl: &Value) -> Value {
+    let chain = &decl["supportedChains"][0];
+    let mut p = decl["info"].clone();
+    p["address"] = json!(claimed.to_checksum(None));
+    p["chainId"] = chain["chainId"].clone();
+    p["type"] = chain["type"].clone();
+    p
+}
+
+/// `key`'s EIP-191 `personal_sign` signature of `p`'s message (65 bytes, `v` 27/28).
+pub fn personal_sign(key: &PrivateKeySigner, p: &Value) -> Vec<u8> {
+    key.sign_message_sync(siwe_message(p).as_bytes())
+        .expect("signs")
+        .as_bytes()
+        .to_vec()
+}
+
+/// `p` with `signature` as `0x` hex.
+pub fn signed(mut p: Value, signature: &[u8]) -> Value {
+    let hex: String = signature.iter().map(|x| format!("{x:02x}")).collect();
+    p["signature"] = json!(format!("0x{hex}"));
+    p
+}
+
 /// The payload the official client would send for `decl`, signed by `signer` on behalf of
 /// `claimed`, after `tweak` edits it (before signing).
 pub fn payload(
@@ -123,18 +148,10 @@ pub fn payload(
     decl: &Value,
     tweak: impl FnOnce(&mut Value),
 ) -> Value {
-    let chain = &decl["supportedChains"][0];
-    let mut p = decl["info"].clone();
-    p["address"] = json!(claimed.to_checksum(None));
-    p["chainId"] = chain["chainId"].clone();
-    p["type"] = chain["type"].clone();
+    let mut p = unsigned(claimed, decl);
     tweak(&mut p);
-    let sig = signer
-        .sign_message_sync(siwe_message(&p).as_bytes())
-        .expect("signs");
-    let hex: String = sig.as_bytes().iter().map(|x| format!("{x:02x}")).collect();
-    p["signature"] = json!(format!("0x{hex}"));
-    p
+    let sig = personal_sign(signer, &p);
+    signed(p, &sig)
 }
 
 /// The `SIGN-IN-WITH-X` header carrying `p`.

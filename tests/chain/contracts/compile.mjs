@@ -1,8 +1,9 @@
-// Compiles tests/chain/contracts/{TestUSDC,MiniMulticall3}.sol and the vendored
+// Compiles tests/chain/contracts/{TestUSDC,MiniMulticall3,TestWallet}.sol and the vendored
 // vendor/x402/x402UptoPermit2Proxy.sol with solc-js and writes their RUNTIME bytecode (hex, no 0x,
-// one line) to <outdir>/<Name>.runtime.hex. The tests etch that bytecode with anvil_setCode, so
-// only the runtime part matters (no constructor runs): the proxy's one immutable (PERMIT2) is
-// patched into its runtime code here, where its constructor would have written it.
+// one line) to <outdir>/<Name>.runtime.hex (for TestWallet.sol: TestWalletFactory, whose runtime
+// embeds TestWallet's creation code). The tests etch that bytecode with anvil_setCode, so only the
+// runtime part matters (no constructor runs): the proxy's one immutable (PERMIT2) is patched into
+// its runtime code here, where its constructor would have written it.
 // Usage: node compile.mjs <node_modules dir holding solc> <outdir> <node_modules dir holding viem>
 //   (run by compile.sh)
 import { createRequire } from "node:module";
@@ -19,9 +20,14 @@ if (!modules || !outDir || !viemModules) {
 const solc = createRequire(join(resolve(modules), "x.js"))("solc");
 const { keccak256, getContractAddress } = createRequire(join(resolve(viemModules), "x.js"))("viem");
 
-const contracts = { "TestUSDC.sol": "TestUSDC", "MiniMulticall3.sol": "MiniMulticall3" };
+// [source file, contract whose runtime code is written]
+const contracts = [
+  ["TestUSDC.sol", "TestUSDC"],
+  ["MiniMulticall3.sol", "MiniMulticall3"],
+  ["TestWallet.sol", "TestWalletFactory"],
+];
 const sources = {};
-for (const file of Object.keys(contracts)) {
+for (const file of new Set(contracts.map(([file]) => file))) {
   sources[file] = { content: readFileSync(join(here, file), "utf8") };
 }
 const input = {
@@ -47,7 +53,7 @@ function compile(input) {
 }
 
 mkdirSync(outDir, { recursive: true });
-for (const [file, name] of Object.entries(contracts)) {
+for (const [file, name] of contracts) {
   const hex = out.contracts[file][name].evm.deployedBytecode.object;
   writeFileSync(join(outDir, `${name}.runtime.hex`), hex + "\n");
   console.log(`${name}: ${hex.length / 2} bytes of runtime code (solc ${solc.version()})`);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Rebuilds tests/chain/contracts/*.runtime.hex: {TestUSDC,MiniMulticall3} and the vendored
-# x402UptoPermit2Proxy from their .sol sources with the pinned solc-js, and Permit2 extracted from
-# Uniswap/permit2's DeployPermit2.sol at the pinned commit (see SOURCES.md).
+# Rebuilds tests/chain/contracts/*.runtime.hex: {TestUSDC,MiniMulticall3,TestWalletFactory} and the
+# vendored x402UptoPermit2Proxy from their .sol sources with the pinned solc-js, and Permit2
+# extracted from Uniswap/permit2's DeployPermit2.sol at the pinned commit (see SOURCES.md).
 # Maintainers only: the tests etch the committed hex and never compile.
 #   tests/chain/contracts/compile.sh           build into a temp dir and say whether it matches the committed hex
 #   tests/chain/contracts/compile.sh --write   build and overwrite the committed *.runtime.hex
@@ -58,7 +58,7 @@ case "${1:-}" in
     trap 'rm -rf "$tmp"' EXIT
     build "$tmp"
     rc=0
-    for name in TestUSDC MiniMulticall3 x402UptoPermit2Proxy Permit2; do
+    for name in TestUSDC MiniMulticall3 TestWalletFactory x402UptoPermit2Proxy Permit2; do
       if cmp -s "$tmp/$name.runtime.hex" "$HERE/$name.runtime.hex"; then
         echo "$name.runtime.hex: identical to the committed bytecode"
       else
