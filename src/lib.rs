@@ -47,6 +47,16 @@
 //! | [`NonceStore`] | [`MemoryNonceStore`] | one proof, one use (atomic reservation) | `RedisNonceStore` (`redis`) for several instances |
 //! | [`Settler`](settle::Settler) | [`VerifyOnly`](settle::VerifyOnly) | move the money (verify-only moves none; receipts then carry an empty `transaction`) | `OnchainSettler` (`onchain`), `FacilitatorClient` (`facilitator`) |
 //!
+//! ## Pricing models
+//!
+//! | model | how | on-chain transactions | pick it when |
+//! |---|---|---|---|
+//! | pay per call (`exact`) | [`PaymentLayerBuilder::price`] | one per call (or per batch with `deferred`) | calls are worth well above the gas (≳ $0.01 on Base-like fees) |
+//! | metered (`upto`) | [`PaymentOption::upto`], the handler charges a [`upto::Usage`] | one per call, for what was used (none when nothing was) | the cost is known only afterwards (tokens, bytes, rows) |
+//! | prepaid bundle | [`PaymentLayerBuilder::prepaid`] ([`prepaid`]) | one per bundle of N calls | many small calls by the same payer: the gas per call is divided by N |
+//!
+//! The README's "Unit economics" section has the measured gas and latency of each.
+//!
 //! [`PaymentHooks`](hooks::PaymentHooks) observe or steer each payment: `on_challenge`,
 //! `before_verify`, `after_verify` (may refuse, e.g. a per-payer limit), `after_settle`,
 //! `on_failure`. Add them with [`PaymentLayerBuilder::hook`]; `PaymentMetrics` (`metrics`)
@@ -134,12 +144,12 @@
 //!
 //! | feature | adds |
 //! |---|---|
-//! | `axum` | [`VerifiedPayment`] extractor |
+//! | `axum` | [`VerifiedPayment`] and [`upto::Usage`] extractors |
 //! | `client` | [`client::PayingLayer`]: pay 402 challenges from any tower HTTP client with an alloy `Signer` |
-//! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances |
+//! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances; `RedisIdempotencyStore` and [`prepaid::RedisCreditLedger`] for idempotent retries and prepaid credit across instances |
 //! | `tonic` | [`grpc`]: refusals as trailers-only gRPC statuses, for tonic servers ([`PaymentLayer::grpc`]) |
 //! | `facilitator` | [`facilitator::FacilitatorClient`]: verify and settle through a remote x402 facilitator (HTTP, rustls) |
-//! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` through an alloy provider |
+//! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` (and `upto` through the x402 Permit2 proxy) with an alloy provider; [`prepaid::wallets::ProviderSignatures`] for smart-wallet sign-ins |
 //! | `deferred` | [`settle::deferred`]: journal payments durably, answer at once, settle later in batches |
 //! | `metrics` | [`metrics::PaymentMetrics`]: counters and latency histograms through the `metrics` facade |
 //! | `tracing` | a span per paid request (payer, amount, network, outcome, verify/settle timings) and events for refusals |

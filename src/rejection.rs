@@ -10,7 +10,7 @@
 //! |---|---|---|---|---|
 //! | no payment header on a priced route | 402 | — | no | pay: the challenge lists what to pay (v2 `PAYMENT-REQUIRED` header + v1 JSON body) |
 //! | header not canonical base64 / not UTF-8 x402 JSON / repeated / both v1 and v2 headers | 400 | `invalid_payload` | no | fix the client |
-//! | the scheme payload is not an exact-EVM payload ([`VerifyError::InvalidPayload`](crate::verify::VerifyError::InvalidPayload)) | 400 | `invalid_payload` | no | fix the client |
+//! | the scheme payload is not an exact-EVM (or upto-EVM) payload ([`VerifyError::InvalidPayload`](crate::verify::VerifyError::InvalidPayload)) | 400 | `invalid_payload` | no | fix the client |
 //! | header longer than the limit ([`max_header_bytes`](crate::layer::PaymentLayerBuilder::max_header_bytes)) | 431 | `invalid_payload` | no | fix the client |
 //! | `x402Version` wrong for the header, or the route does not speak it | 402 | `invalid_x402_version` | no | pay again with a version the challenge offers |
 //! | scheme not offered by this route | 402 | `unsupported_scheme` | no | pay again with an offered option |
@@ -27,7 +27,8 @@
 //! | a [hook](crate::hooks) refused | the hook's | `refused_by_hook` | the hook's | as the hook's response says |
 //!
 //! Opt-in features add their own answers. Each row is driven by the feature's own test
-//! (`tests/challenge.rs`, `tests/idempotency.rs`, `tests/prepaid.rs`); `tests/catalogue.rs`
+//! (`tests/challenge.rs`, `tests/idempotency.rs`, `tests/prepaid.rs`, `tests/upto.rs`,
+//! `tests/upto_chain.rs`); `tests/catalogue.rs`
 //! checks that every reason code the layer defines is in one of the two tables.
 //!
 //! | Opt-in situation | Status | Reason | Retry-After | What the client does |
@@ -43,6 +44,10 @@
 //! | prepaid route: sign-in for another domain/uri/chain, forged or expired nonce, wrong signer | 401 | `invalid_siwx_*` (see [`crate::prepaid`]) | no | sign in again against a fresh challenge (`WWW-Authenticate: SIWX`) |
 //! | prepaid route: sign-in nonce already used (replayed message) | 401 | `invalid_siwx_nonce_reused` | no | sign in again with a fresh nonce |
 //! | prepaid route: valid sign-in, credit used up / expired | 402 | `prepaid_credit_exhausted`, `prepaid_credit_expired` | no | buy the bundle again (fresh challenge, fresh sign-in nonce) |
+//! | [`upto`](crate::upto) route: the Permit2 permit does not verify ([`verify::upto::reason`](crate::verify::upto::reason)) | 402 | `invalid_upto_evm_scheme`, `invalid_upto_evm_network_mismatch`, `invalid_permit2_spender`, `invalid_permit2_recipient_mismatch`, `upto_facilitator_mismatch`, `permit2_deadline_expired`, `permit2_deadline_too_far`, `permit2_not_yet_valid`, `permit2_amount_mismatch`, `permit2_token_mismatch`, `invalid_permit2_signature` | no | sign a new, correct permit |
+//! | upto route, on-chain pre-check (handler not run): no Permit2 allowance, low balance, Permit2 nonce used | 402 | `permit2_allowance_required`, `insufficient_funds`, `invalid_exact_evm_nonce_already_used` | no | approve Permit2 / top up, sign a new permit |
+//! | upto route: the handler metered more than the signed maximum (body withheld, nothing settled) | 402 | `invalid_upto_evm_payload_settlement_exceeds_amount` | no | authorise a higher maximum if the route offers one |
+//! | upto route: settlement refused by Permit2 or the proxy (handler ran, body withheld) | 402 | `permit2_invalid_nonce`, `permit2_deadline_expired`, `invalid_permit2_signature`, `permit2_payment_too_early`, `upto_facilitator_mismatch`, `invalid_exact_evm_transaction_failed` | no | sign a new permit |
 //! | prepaid route with [`contract_signatures`](crate::prepaid::Prepaid::contract_signatures): the chain's ERC-1271/6492 check failed or timed out | 503 | `service_unavailable` | yes | retry the same sign-in header after `Retry-After` (its nonce was not spent) |
 //!
 //! `Retry-After` is the backend's suggestion when it gave one, else
