@@ -85,7 +85,6 @@ use self::supported::{Cache, Lookup};
 use crate::Network;
 use crate::clock::Clock;
 use crate::proto::PaymentPayload;
-use crate::proto::exact::ExactEvmPayload;
 use crate::proto::v2::PaymentRequirements;
 use crate::settle::{SettleError, Settlement, Settler};
 use crate::verify::{VerifiedPayment, Verifier, VerifyError};
@@ -269,22 +268,15 @@ impl FacilitatorClient {
         }
     }
 
-    /// Cheap checks before spending a facilitator call, and the typed authorization the
-    /// [`VerifiedPayment`] is built from.
+    /// Cheap checks before spending a facilitator call, and the [`VerifiedPayment`] the
+    /// facilitator is asked to vouch for (its `facilitator_request` is set after `/verify`).
     fn precheck(
         &self,
         payload: &PaymentPayload,
         req: &PaymentRequirements,
-    ) -> Result<(ExactEvmPayload, u64), VerifyError> {
+    ) -> Result<VerifiedPayment, VerifyError> {
         if payload.scheme() != req.scheme {
             return Err(VerifyError::Scheme(payload.scheme().to_owned()));
-        }
-        // `upto` goes through the in-process verifier and `OnchainSettler` only: its /settle
-        // must carry the metered amount, not the verified request's maximum.
-        if req.scheme != crate::verify::exact::SCHEME {
-            return Err(VerifyError::Other {
-                reason: crate::rejection::reason::UNSUPPORTED_SCHEME,
-            });
         }
         if payload.network() != req.network {
             return Err(VerifyError::NetworkMismatch {
@@ -292,10 +284,6 @@ impl FacilitatorClient {
                 required: req.network,
             });
         }
-        // The layer needs the EIP-3009 authorization (replay key, expiry, handler info), so
-        // only that payload shape can pass, whatever else the facilitator supports.
-        let exact = crate::verify::exact::paying(payload, req)?;
-        let auth = &exact.authorization;
         // Bounds how long the nonce store keeps the proof, as the in-process verifier does;
         // the reference facilitator sets no upper bound.
         let latest = self
@@ -304,14 +292,34 @@ impl FacilitatorClient {
             .now()
             .saturating_add(req.max_timeout_seconds)
             .saturating_add(self.inner.max_skew);
-        if auth.valid_before > U256::from(latest) {
+        // The layer needs the typed proof (replay key, expiry, handler info), so only the
+        // payload shapes it knows can pass, whatever else the facilitator supports.
+        let verified = match req.scheme.as_str() {
+            crate::verify::exact::SCHEME => {
+                let exact = crate::verify::exact::paying(payload, req)?;
+                VerifiedPayment::exact(
+                    payload.version(),
+                    req.network,
+                    req.asset,
+                    exact.authorization,
+                    exact.signature,
+                )
+            }
+            crate::verify::upto::SCHEME => crate::verify::upto::unverified(payload, req)?,
+            _ => {
+                return Err(VerifyError::Other {
+                    reason: crate::rejection::reason::UNSUPPORTED_SCHEME,
+                });
+            }
+        };
+        let valid_before = verified.authorization.valid_before;
+        if valid_before > U256::from(latest) {
             return Err(VerifyError::ValidityTooLong {
-                valid_before: auth.valid_before,
+                valid_before,
                 max: latest,
             });
         }
-        let valid_before = auth.valid_before.to::<u64>();
-        Ok((exact, valid_before))
+        Ok(verified)
     }
 }
 
@@ -367,7 +375,7 @@ impl Verifier for FacilitatorClient {
         payload: &PaymentPayload,
         requirements: &PaymentRequirements,
     ) -> Result<VerifiedPayment, VerifyError> {
-        let (exact, valid_before) = self.precheck(payload, requirements)?;
+        let mut verified = self.precheck(payload, requirements)?;
         if let Some(reason) = self.supported_refusal(payload).await {
             return Err(VerifyError::Other { reason });
         }
@@ -400,7 +408,6 @@ impl Verifier for FacilitatorClient {
             Err(e) if reply.status.is_success() => return Err(unavailable(e, None)),
             Err(_) => return Err(unavailable(status_error(&reply), None)),
         };
-        let auth = &exact.authorization;
         if !answer.is_valid {
             let reason = wire::reason::map(answer.invalid_reason.as_deref());
             return Err(VerifyError::Rejected {
@@ -419,26 +426,15 @@ impl Verifier for FacilitatorClient {
                 ));
             };
             // The facilitator vouches for someone else than the authorization's signer.
-            if payer != auth.from {
+            if payer != verified.payer {
                 return Err(VerifyError::WrongSigner {
                     recovered: payer,
-                    expected: auth.from,
+                    expected: verified.payer,
                 });
             }
         }
-        Ok(VerifiedPayment {
-            version: payload.version(),
-            network: requirements.network,
-            asset: requirements.asset,
-            payer: auth.from,
-            pay_to: requirements.pay_to,
-            amount: requirements.amount,
-            authorization: exact.authorization,
-            signature: exact.signature,
-            valid_before,
-            facilitator_request: Some(body.into()),
-            permit2: None,
-        })
+        verified.facilitator_request = Some(body.into());
+        Ok(verified)
     }
 }
 
@@ -452,7 +448,19 @@ impl Settler for FacilitatorClient {
                 source: Box::new(FacilitatorError::NotVerifiedByFacilitator),
             });
         };
-        let body: Bytes = body.0;
+        let body: Bytes = if payment.is_upto() {
+            // The request /verify approved, with the metered amount to settle in place of
+            // the maximum (the reference facilitator re-verifies against the permit's own).
+            wire::with_amount(&body, payment.amount).map_err(|source| SettleError::Unavailable {
+                retry_after: None,
+                source: Box::new(FacilitatorError::Malformed {
+                    source,
+                    excerpt: String::new(),
+                }),
+            })?
+        } else {
+            body.0
+        };
         let mut attempt = 1;
         let reply = loop {
             match i
@@ -556,9 +564,22 @@ fn settle_reply(
             Some(transaction),
         ));
     }
+    // upto: what it says it moved must be what we asked for.
+    let amount = match answer.amount.as_deref().filter(|a| !a.is_empty()) {
+        None => None,
+        Some(a) => match crate::proto::decimal::parse(a) {
+            Some(a) if !payment.is_upto() || a == payment.amount => Some(a),
+            _ => {
+                return Err(unknown(
+                    FacilitatorError::Inconsistent("settled another amount"),
+                    Some(transaction),
+                ));
+            }
+        },
+    };
     Ok(Settlement {
         transaction: Some(transaction),
-        amount: None,
+        amount: amount.filter(|_| payment.is_upto()),
     })
 }
 

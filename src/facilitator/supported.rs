@@ -35,6 +35,10 @@ pub struct SupportedKind {
     /// The network as that version writes it (`base-sepolia`, `eip155:84532`), or a CAIP-2
     /// pattern (`eip155:*`).
     pub network: String,
+    /// Scheme data: for `upto`, the `facilitatorAddress` that settles (and that payers sign
+    /// into their permits).
+    #[serde(default)]
+    pub extra: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl SupportedKind {
@@ -47,6 +51,24 @@ impl SupportedKind {
 }
 
 impl Supported {
+    /// The account that settles `upto` payments on `network` (`extra.facilitatorAddress` of
+    /// its v2 `upto` kind): what to pass to
+    /// [`PaymentOption::upto`](crate::PaymentOption::upto) when this facilitator settles.
+    pub fn upto_facilitator(&self, network: Network) -> Option<alloy_primitives::Address> {
+        self.kinds
+            .iter()
+            .filter(|k| k.x402_version == 2 && k.scheme == crate::verify::upto::SCHEME)
+            .filter(|k| k.covers(network))
+            .find_map(|k| {
+                k.extra
+                    .as_ref()?
+                    .get(crate::verify::upto::FACILITATOR_ADDRESS)?
+                    .as_str()?
+                    .parse()
+                    .ok()
+            })
+    }
+
     /// Why a payment of `version`/`scheme` on `network` cannot go to this facilitator:
     /// `None` when it can. The reason is the one the layer would give for a route that does
     /// not offer it (`invalid_x402_version`, `unsupported_scheme`, `invalid_network`).

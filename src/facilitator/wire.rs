@@ -85,6 +85,27 @@ pub(crate) struct SettleReply {
     pub(crate) transaction: Option<String>,
     #[serde(default)]
     pub(crate) network: Option<String>,
+    #[serde(default)]
+    pub(crate) amount: Option<String>,
+}
+
+/// `body` (a `/verify` request of this crate) with `paymentRequirements.amount` set to
+/// `amount`: an `upto` settlement of the metered amount.
+pub(crate) fn with_amount(
+    body: &[u8],
+    amount: alloy_primitives::U256,
+) -> Result<bytes::Bytes, serde_json::Error> {
+    let mut doc: serde_json::Value = serde_json::from_slice(body)?;
+    if let Some(req) = doc
+        .get_mut("paymentRequirements")
+        .and_then(|r| r.as_object_mut())
+    {
+        req.insert(
+            "amount".into(),
+            serde_json::Value::String(amount.to_string()),
+        );
+    }
+    serde_json::to_vec(&doc).map(Into::into)
 }
 
 /// Reason codes: the facilitator's strings mapped onto the crate's static ones.

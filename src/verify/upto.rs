@@ -4,10 +4,10 @@
 //! [`ExactEvmVerifier`](super::ExactEvmVerifier) handles both schemes: a requirement whose
 //! `scheme` is `upto` is checked here. The checks follow the reference facilitator's order,
 //! cheapest first: scheme, network, payload shape, spender = the upto proxy, `witness.to` =
-//! `payTo`, `witness.facilitator` = the requirement's `extra.facilitatorAddress`, the deadline
-//! (at least the headroom ahead, at most `maxTimeoutSeconds` + skew), `validAfter <= now`,
-//! the permitted maximum = the requirement's `amount`, the token = `asset`, then the EIP-712
-//! signature (65 bytes, `v ∈ {27, 28}`, low `s`, recovering to `from`).
+//! `payTo`, `witness.facilitator` = the requirement's `extra.facilitatorAddress`, the
+//! permitted maximum = the requirement's `amount`, the token = `asset`, the deadline (at least
+//! the headroom ahead, at most `maxTimeoutSeconds` + skew), `validAfter <= now`, then the
+//! EIP-712 signature (65 bytes, `v ∈ {27, 28}`, low `s`, recovering to `from`).
 //!
 //! Not checked here (it needs the chain): the payer's balance, its Permit2 allowance and
 //! whether the Permit2 nonce is used; [`OnchainSettler`](crate::settle::onchain) checks them
@@ -117,14 +117,13 @@ fn refuse(reason: &'static str) -> VerifyError {
     VerifyError::Other { reason }
 }
 
-/// Verifies an `upto` payment at time `now`; see the [module docs](self).
-pub(super) fn verify(
+/// The `upto` payload of `payload`, if it names the server's requirement: scheme, network,
+/// spender, recipient, facilitator, maximum and token (what every verifier checks before
+/// trusting anything else in it; no signature, no clock).
+fn naming(
     payload: &PaymentPayload,
     req: &PaymentRequirements,
-    now: u64,
-    headroom: u64,
-    max_skew: u64,
-) -> Result<VerifiedPayment, VerifyError> {
+) -> Result<UptoEvmPayload, VerifyError> {
     if payload.scheme() != SCHEME || req.scheme != SCHEME {
         return Err(refuse(reason::SCHEME));
     }
@@ -146,6 +145,40 @@ pub(super) fn verify(
     if facilitator != Some(permit.witness.facilitator) {
         return Err(refuse(reason::FACILITATOR_MISMATCH));
     }
+    if permit.permitted.amount != req.amount {
+        return Err(refuse(reason::AMOUNT_MISMATCH));
+    }
+    if permit.permitted.token != req.asset {
+        return Err(refuse(reason::TOKEN_MISMATCH));
+    }
+    Ok(upto)
+}
+
+/// The typed payment of an `upto` payload that names `req`, before anyone checked its
+/// signature or validity window: for verifiers that delegate those (a facilitator).
+pub(crate) fn unverified(
+    payload: &PaymentPayload,
+    req: &PaymentRequirements,
+) -> Result<VerifiedPayment, VerifyError> {
+    let upto = naming(payload, req)?;
+    Ok(VerifiedPayment::upto(
+        payload.version(),
+        req.network,
+        upto.permit2_authorization,
+        upto.signature,
+    ))
+}
+
+/// Verifies an `upto` payment at time `now`; see the [module docs](self).
+pub(super) fn verify(
+    payload: &PaymentPayload,
+    req: &PaymentRequirements,
+    now: u64,
+    headroom: u64,
+    max_skew: u64,
+) -> Result<VerifiedPayment, VerifyError> {
+    let upto = naming(payload, req)?;
+    let permit = &upto.permit2_authorization;
     if permit.deadline < U256::from(now.saturating_add(headroom)) {
         return Err(refuse(reason::DEADLINE_EXPIRED));
     }
@@ -157,12 +190,6 @@ pub(super) fn verify(
     }
     if permit.witness.valid_after > U256::from(now) {
         return Err(refuse(reason::NOT_YET_VALID));
-    }
-    if permit.permitted.amount != req.amount {
-        return Err(refuse(reason::AMOUNT_MISMATCH));
-    }
-    if permit.permitted.token != req.asset {
-        return Err(refuse(reason::TOKEN_MISMATCH));
     }
     let digest = signing_hash(req.network.chain_id(), permit);
     match recover_signer(digest, &upto.signature) {

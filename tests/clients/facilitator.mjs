@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// The reference x402 facilitator (@x402/core x402Facilitator + @x402/evm exact scheme, v2 and v1)
-// on loopback, settling on a local chain (tests/chain: anvil, chain id 84532, TestUSDC at the Base
+// The reference x402 facilitator (@x402/core x402Facilitator + @x402/evm exact scheme, v2 and v1, and
+// the v2 upto scheme) on loopback, settling on a local chain (tests/chain: anvil, chain id 84532, TestUSDC at the Base
 // Sepolia USDC address) from anvil account #0. Used by tests/facilitator.rs.
 //   node facilitator.mjs --rpc URL [--port 0] [--key HEX]
 // First stdout line: `listening on http://127.0.0.1:PORT`. Then one stderr line per call.
@@ -46,6 +46,7 @@ const { createWalletClient, http: httpTransport, publicActions, defineChain } = 
 const { privateKeyToAccount } = need("viem/accounts");
 const { x402Facilitator } = need("@x402/core/facilitator");
 const { registerExactEvmScheme } = need("@x402/evm/exact/facilitator");
+const { UptoEvmScheme } = need("@x402/evm/upto/facilitator");
 const { toFacilitatorEvmSigner } = need("@x402/evm");
 
 const chain = defineChain({
@@ -62,6 +63,9 @@ const signer = toFacilitatorEvmSigner({ ...client, address: account.address });
 const facilitator = new x402Facilitator();
 // v2 on eip155:84532, and (inside registerExactEvmScheme) v1 on the short names incl. base-sepolia.
 registerExactEvmScheme(facilitator, { signer, networks: `eip155:${CHAIN_ID}` });
+// v2 `upto` (Permit2 through the x402 upto proxy); /supported advertises the settling account
+// as `extra.facilitatorAddress`.
+facilitator.register(`eip155:${CHAIN_ID}`, new UptoEvmScheme(signer));
 
 const json = (obj) => JSON.stringify(obj, (_k, v) => (typeof v === "bigint" ? v.toString() : v));
 function send(res, status, obj) {
