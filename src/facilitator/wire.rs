@@ -210,6 +210,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn upto_settle_requests_carry_the_metered_amount() {
+        let body = br#"{"x402Version":2,"paymentPayload":{"x":1},"paymentRequirements":{"scheme":"upto","amount":"50000","payTo":"0x1"}}"#;
+        let out = with_amount(body, alloy_primitives::U256::from(1234)).unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(doc["paymentRequirements"]["amount"], "1234");
+        assert_eq!(doc["paymentRequirements"]["scheme"], "upto");
+        assert_eq!(doc["paymentPayload"]["x"], 1, "the payload is untouched");
+        assert!(with_amount(b"not json", alloy_primitives::U256::ZERO).is_err());
+    }
+
+    #[test]
     fn known_reasons_pass_unknown_become_generic() {
         assert_eq!(
             reason::map(Some("invalid_exact_evm_insufficient_balance")),
