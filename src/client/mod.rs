@@ -95,6 +95,7 @@ pub use policy::{Budget, Policy, Refusal};
 pub use retry::RetryPolicy;
 
 use crate::proto::exact::Authorization;
+use crate::proto::upto::Permit2Authorization;
 use crate::proto::v2::PaymentRequirements;
 use crate::proto::{SettleResponse, X402Version};
 
@@ -105,10 +106,16 @@ use crate::proto::{SettleResponse, X402Version};
 pub struct PaymentReport {
     /// The dialect spoken.
     pub version: X402Version,
-    /// The option paid (v1 offers normalized: `amount` is `maxAmountRequired`).
+    /// The option paid (v1 offers normalized: `amount` is `maxAmountRequired`; for `upto`,
+    /// `amount` is the maximum).
     pub requirements: PaymentRequirements,
-    /// The signed authorization: payer (`from`), `nonce`, validity window.
+    /// The signed authorization: payer (`from`), `nonce`, validity window. For `upto` it
+    /// mirrors the Permit2 permit in the same terms (`from`, `witness.to`, the maximum,
+    /// `validAfter`, `deadline`, the Permit2 nonce as 32 bytes); the permit itself is
+    /// [`Self::permit2`].
     pub authorization: Authorization,
+    /// The signed Permit2 permit of an `upto` payment (`None` for `exact`).
+    pub permit2: Option<Permit2Authorization>,
     /// The `payment-identifier` id sent, if the server offered the extension.
     pub payment_id: Option<String>,
     /// Requests sent with the proof (1 unless retried).
@@ -120,9 +127,36 @@ pub struct PaymentReport {
 }
 
 impl PaymentReport {
-    /// The amount authorized, in atomic token units.
+    /// What the call is charged, in atomic token units: the price for `exact`; for `upto`
+    /// the [settled amount](Self::settled_amount) once a successful receipt states it, else
+    /// the [maximum](Self::max_amount) (the most the permit can still cost). This is what the
+    /// [`Budget`] ends up counting for the call.
     pub fn amount(&self) -> U256 {
+        match self.settled_amount() {
+            Some(settled) if self.is_upto() => settled.min(self.max_amount()),
+            _ => self.max_amount(),
+        }
+    }
+
+    /// The most the signature authorises: the price for `exact`, the signed maximum for
+    /// `upto` (the requirement's `amount`).
+    pub fn max_amount(&self) -> U256 {
         self.requirements.amount
+    }
+
+    /// The amount the server says it settled: the `amount` of a successful receipt, `None`
+    /// without one (or when the receipt omits it). For `upto`, the metered usage (`0` when
+    /// nothing was used and nothing sent on-chain).
+    pub fn settled_amount(&self) -> Option<U256> {
+        self.receipt
+            .as_ref()
+            .filter(|r| r.success)
+            .and_then(|r| r.amount)
+    }
+
+    /// True for a metered `upto` payment.
+    pub fn is_upto(&self) -> bool {
+        self.permit2.is_some()
     }
 
     /// The payer.
@@ -130,7 +164,8 @@ impl PaymentReport {
         self.authorization.from
     }
 
-    /// The authorization nonce (with the payer and token, what identifies it on-chain).
+    /// The authorization nonce (with the payer and token, what identifies it on-chain; for
+    /// `upto`, the Permit2 nonce, per payer across tokens, as 32 big-endian bytes).
     pub fn nonce(&self) -> B256 {
         self.authorization.nonce
     }
