@@ -571,3 +571,233 @@ mod layer {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }
+
+// ------------------------------------------------------------------------------------------------
+// Our own client: `PayingLayer` with `Policy::allow_upto` over a hyper-util client pays a
+// `PaymentLayer` + `OnchainSettler` upto route on the chain.
+
+#[cfg(feature = "client")]
+mod paying_client {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use alloy_primitives::{ChainId, Signature};
+    use alloy_provider::Provider as _;
+    use alloy_signer::Signer;
+    use axum::Router;
+    use axum::routing::get;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt as _, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+    use tower::{ServiceBuilder, ServiceExt as _};
+    use tower_x402::client::{
+        Budget, Error, PayingLayer, PaymentOutcome, PaymentReport, Policy, Refusal,
+    };
+    use tower_x402::settle::onchain::OnchainSettler;
+    use tower_x402::upto::Usage;
+    use tower_x402::{Asset, PaymentLayer, PaymentOption};
+
+    use super::*;
+
+    /// What the handler meters on every call.
+    const USED: u64 = 4_321;
+
+    /// A payer key counting the signatures it makes.
+    #[derive(Clone)]
+    struct Counting {
+        key: PrivateKeySigner,
+        count: Arc<AtomicUsize>,
+    }
+
+    impl Counting {
+        fn new(key: &str) -> Self {
+            Self {
+                key: signer(key),
+                count: Arc::default(),
+            }
+        }
+
+        fn signatures(&self) -> usize {
+            self.count.load(Ordering::SeqCst)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Signer for Counting {
+        async fn sign_hash(&self, hash: &B256) -> alloy_signer::Result<Signature> {
+            self.count.fetch_add(1, Ordering::SeqCst);
+            self.key.sign_hash(hash).await
+        }
+
+        fn address(&self) -> Address {
+            self.key.address()
+        }
+
+        fn chain_id(&self) -> Option<ChainId> {
+            None
+        }
+
+        fn set_chain_id(&mut self, _: Option<ChainId>) {}
+    }
+
+    /// Serves a route metering [`USED`] behind an `upto` option of `MAX`, settled on `chain`
+    /// by the relayer; counts handler runs.
+    async fn serve(
+        chain: &Chain,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<()>,
+        OnchainSettler,
+        Arc<AtomicUsize>,
+    ) {
+        let settler = OnchainSettler::connect(chain.url(), signer(chain::RELAYER_KEY))
+            .await
+            .expect("settler");
+        let option = PaymentOption::upto_atomic(
+            &Asset::usdc_base_sepolia(),
+            U256::from(MAX),
+            PAY_TO,
+            settler.relayer(),
+        )
+        .expect("option");
+        let layer = PaymentLayer::builder()
+            .accept(option)
+            .settler(settler.clone())
+            .build()
+            .expect("layer");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let route = get(move |usage: Usage| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                match usage.charge_atomic(USED) {
+                    Ok(total) => format!("generated; charged {total}"),
+                    Err(e) => format!("stopped: {e}"),
+                }
+            }
+        });
+        let app = Router::new().route("/generate", route).layer(layer);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("serve");
+        });
+        (addr, task, settler, runs)
+    }
+
+    fn hyper() -> Client<HttpConnector, Full<Bytes>> {
+        Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    fn get_generate(addr: std::net::SocketAddr) -> http::Request<Full<Bytes>> {
+        http::Request::get(format!("http://{addr}/generate"))
+            .body(Full::default())
+            .expect("request")
+    }
+
+    /// At most `MAX` per request, Base Sepolia USDC only, within `budget`.
+    fn policy(budget: &Budget) -> Policy {
+        Policy::new(U256::from(MAX))
+            .allow_asset(&Asset::usdc_base_sepolia())
+            .budget(budget.clone())
+    }
+
+    #[tokio::test]
+    async fn our_client_pays_upto_and_the_budget_spends_exactly_the_metered_amount() {
+        let Some(chain) = Chain::start("upto_chain_our_client").await else {
+            return;
+        };
+        let payer = Counting::new(PAYER3_KEY);
+        let owner = payer.address();
+        chain.approve_permit2(owner).await;
+        let (addr, server, settler, runs) = serve(&chain).await;
+        let (to_before, from_before) = (chain.balance(PAY_TO).await, chain.balance(owner).await);
+        let budget = Budget::new(U256::from(10 * MAX));
+
+        let res = ServiceBuilder::new()
+            .layer(PayingLayer::new(
+                payer.clone(),
+                policy(&budget).allow_upto(),
+            ))
+            .service(hyper())
+            .oneshot(get_generate(addr))
+            .await
+            .expect("paid call");
+        server.abort();
+        let status = res.status();
+        let report = res.extensions().get::<PaymentReport>().cloned();
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert_eq!(status, http::StatusCode::OK, "{report:?} {body}");
+        assert_eq!(body, format!("generated; charged {USED}"));
+        let report = report.expect("a report");
+        assert_eq!(report.outcome, PaymentOutcome::Settled, "{report:?}");
+        assert!(report.is_upto());
+        assert_eq!(report.settled_amount(), Some(U256::from(USED)));
+        assert_eq!(report.amount(), U256::from(USED), "what was charged");
+        assert_eq!(report.max_amount(), U256::from(MAX), "what was authorised");
+        assert_eq!(report.attempts, 1);
+        assert_eq!(payer.signatures(), 1);
+        assert_eq!(
+            budget.spent(),
+            U256::from(USED),
+            "MAX reserved, MAX - USED given back"
+        );
+
+        // Exactly the metered amount moved, once, by the transaction in the receipt.
+        assert_eq!(chain.balance(PAY_TO).await, to_before + U256::from(USED));
+        assert_eq!(chain.balance(owner).await, from_before - U256::from(USED));
+        let tx = report.transaction().expect("a settlement transaction");
+        let mined = chain
+            .provider()
+            .get_transaction_receipt(tx)
+            .await
+            .expect("rpc")
+            .expect("mined");
+        assert!(mined.status());
+        let permit = report.permit2.as_ref().expect("the signed permit");
+        assert_eq!(permit.from, owner);
+        assert_eq!(permit.witness.facilitator, settler.relayer());
+        assert!(chain.permit2_nonce_used(owner, permit.nonce).await);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let stats = settler.stats();
+        assert_eq!((stats.sent, stats.settled), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn without_allow_upto_our_client_refuses_before_signing() {
+        let Some(chain) = Chain::start("upto_chain_our_client_refuses").await else {
+            return;
+        };
+        let payer = Counting::new(PAYER4_KEY);
+        let owner = payer.address();
+        chain.approve_permit2(owner).await;
+        let (addr, server, settler, runs) = serve(&chain).await;
+        let (to_before, from_before) = (chain.balance(PAY_TO).await, chain.balance(owner).await);
+        let budget = Budget::new(U256::from(10 * MAX));
+
+        let err = ServiceBuilder::new()
+            .layer(PayingLayer::new(payer.clone(), policy(&budget)))
+            .service(hyper())
+            .oneshot(get_generate(addr))
+            .await
+            .expect_err("refused");
+        server.abort();
+        assert!(err.is_refused(), "{err}");
+        match &err {
+            Error::NoAcceptableOption(r) => assert_eq!(r.0, vec![Refusal::UptoNotAllowed]),
+            other => panic!("{other}"),
+        }
+        assert_eq!(payer.signatures(), 0, "nothing signed");
+        assert_eq!(budget.spent(), U256::ZERO);
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "the handler never ran");
+        assert_eq!(settler.stats().sent, 0, "no transaction");
+        assert_eq!(chain.balance(PAY_TO).await, to_before);
+        assert_eq!(chain.balance(owner).await, from_before);
+    }
+}

@@ -22,7 +22,8 @@ pub enum Error {
     #[error("request failed")]
     Transport(#[source] BoxError),
     /// A proof was sent and every attempt failed in transport: the server may have settled
-    /// it. The report names the authorization (payer, nonce) to reconcile on-chain.
+    /// it. The report names the authorization (payer, nonce) to reconcile on-chain (for
+    /// `upto`, the Permit2 permit: its nonce is spent once settled).
     #[error("payment outcome unknown after {} attempts", report.attempts)]
     OutcomeUnknown {
         /// What was signed and sent.
@@ -40,7 +41,7 @@ pub enum Error {
     /// The cheapest acceptable option costs more than the budget has left; nothing was signed.
     #[error("budget exceeded: {amount} needed, {remaining} left")]
     BudgetExceeded {
-        /// The price asked.
+        /// The price asked (for `upto`, the maximum).
         amount: U256,
         /// What the budget has left.
         remaining: U256,

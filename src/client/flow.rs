@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use alloy_primitives::U256;
 use alloy_signer::Signer;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -12,7 +13,7 @@ use tower_service::Service;
 use super::challenge::{self, Challenge, MAX_CHALLENGE_BYTES};
 use super::error::{ChallengeError, Error, Refusals};
 use super::layer::Shared;
-use super::policy::Refusal;
+use super::policy::{Budget, Refusal};
 use super::retry::is_retryable_server_error;
 use super::signer::{self, Proof};
 use super::{PaymentOutcome, PaymentReport};
@@ -108,7 +109,12 @@ where
             tokio::time::sleep(wait).await;
             continue;
         }
-        return Ok(finish(res, paid.map(|(_, r)| r), unknown));
+        return Ok(finish(
+            res,
+            paid.map(|(_, r)| r),
+            unknown,
+            shared.policy.shared_budget(),
+        ));
     }
 }
 
@@ -166,7 +172,8 @@ where
     Ok(c)
 }
 
-/// Chooses an offer within the policy, cheapest first, and signs it.
+/// Chooses an offer within the policy, cheapest first (an `upto` offer costs its maximum),
+/// counts it against the budget and signs it.
 async fn pay<Sg>(
     shared: &Shared<Sg>,
     challenge: &Challenge,
@@ -179,7 +186,7 @@ where
         .offers
         .iter()
         .map(|o| match o {
-            Ok(offer) => policy.refusal(&offer.requirements),
+            Ok(offer) => policy.refusal(challenge.version, &offer.requirements),
             Err(r) => Some(*r),
         })
         .collect();
@@ -247,6 +254,7 @@ where
         version: challenge.version,
         requirements: offer.requirements.clone(),
         authorization: proof.authorization.clone(),
+        permit2: proof.permit.clone(),
         payment_id: proof.payment_id.clone(),
         attempts: 0,
         receipt: None,
@@ -299,11 +307,13 @@ where
     Response::from_parts(parts, body)
 }
 
-/// The final answer; with a report when a proof was sent.
+/// The final answer; with a report when a proof was sent. A settled `upto` payment gives the
+/// unsettled part of its maximum back to the budget.
 fn finish<B>(
     res: Response<B>,
     report: Option<PaymentReport>,
     unknown: bool,
+    budget: Option<&Budget>,
 ) -> Response<ResponseBody<B>> {
     let (mut parts, body) = res.into_parts();
     if let Some(mut report) = report {
@@ -323,11 +333,196 @@ fn finish<B>(
             None => PaymentOutcome::NotCharged,
         };
         report.receipt = report.receipt.take().or(earlier);
+        if let (Some(budget), Some(unused)) = (budget, unsettled(&report)) {
+            budget.refund(unused);
+        }
         parts.extensions.insert(report);
     }
     Response::from_parts(parts, ResponseBody::inner(body))
 }
 
+/// What a settled `upto` payment did not use of its maximum (counted when it was signed):
+/// `max − amount` when the answer's successful receipt states the settled `amount`. `None`
+/// for `exact`, and when the receipt is missing, failed or silent on the amount (the permit
+/// may still be settled up to its maximum).
+fn unsettled(report: &PaymentReport) -> Option<U256> {
+    if !report.is_upto() || report.outcome != PaymentOutcome::Settled {
+        return None;
+    }
+    let settled = report.settled_amount()?;
+    Some(report.max_amount().saturating_sub(settled))
+}
+
 fn decoded_receipt(headers: &http::HeaderMap) -> Option<SettleResponse> {
     challenge::receipt(headers).and_then(Result::ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::FixedClock;
+    use crate::proto::SettleResponse;
+    use crate::{Asset, Network, PaymentOption};
+    use alloy_primitives::{Address, B256};
+    use alloy_signer_local::PrivateKeySigner;
+    use serde_json::json;
+
+    use super::super::Policy;
+
+    const NOW: u64 = 1_750_000_000;
+
+    fn shared(policy: Policy) -> Shared<PrivateKeySigner> {
+        Shared {
+            signer: Arc::new(PrivateKeySigner::random()),
+            policy,
+            retry: super::super::RetryPolicy::none(),
+            clock: Arc::new(FixedClock::new(NOW)),
+            balance: None,
+            only_version: None,
+        }
+    }
+
+    fn exact(price: u64) -> serde_json::Value {
+        let opt =
+            PaymentOption::exact_atomic(&Asset::usdc_base_sepolia(), U256::from(price), PAY_TO)
+                .unwrap();
+        json!(opt.requirements())
+    }
+
+    fn upto(max: u64) -> serde_json::Value {
+        let opt = PaymentOption::upto_atomic(
+            &Asset::usdc_base_sepolia(),
+            U256::from(max),
+            PAY_TO,
+            Address::repeat_byte(0xfa),
+        )
+        .unwrap();
+        json!(opt.requirements())
+    }
+
+    const PAY_TO: Address = Address::repeat_byte(0x11);
+
+    fn challenge(accepts: &[serde_json::Value]) -> Challenge {
+        let doc = json!({"x402Version": 2, "resource": {"url": "http://x/y"}, "accepts": accepts});
+        Challenge::from_json(&serde_json::to_vec(&doc).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn cheapest_first_compares_exact_prices_with_upto_maxima() {
+        let allow = || Policy::new(U256::from(100_000)).allow_upto();
+        let (_, r) = pay(&shared(allow()), &challenge(&[exact(10_000), upto(5_000)]))
+            .await
+            .unwrap();
+        assert!(r.is_upto());
+        assert_eq!(r.max_amount(), U256::from(5_000));
+        let permit = r.permit2.as_ref().unwrap();
+        assert_eq!(permit.permitted.amount, U256::from(5_000));
+        assert_eq!(r.authorization.nonce, B256::from(permit.nonce));
+
+        let (_, r) = pay(&shared(allow()), &challenge(&[upto(5_000), exact(3_000)]))
+            .await
+            .unwrap();
+        assert!(!r.is_upto() && r.permit2.is_none());
+        assert_eq!(r.amount(), U256::from(3_000));
+
+        // Without allow_upto the cheaper upto offer is passed over.
+        let s = shared(Policy::new(U256::from(100_000)));
+        let (_, r) = pay(&s, &challenge(&[upto(5_000), exact(10_000)]))
+            .await
+            .unwrap();
+        assert!(!r.is_upto());
+        // And an upto-only challenge is refused before signing.
+        let err = pay(&s, &challenge(&[upto(5_000)])).await.unwrap_err();
+        match err {
+            Error::NoAcceptableOption(r) => assert_eq!(r.0, vec![Refusal::UptoNotAllowed]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_budget_counts_the_maximum_and_refuses_when_it_does_not_fit() {
+        let budget = Budget::new(U256::from(7_000));
+        let s = shared(Policy::new(U256::MAX).allow_upto().budget(budget.clone()));
+        let (_, r) = pay(&s, &challenge(&[upto(5_000)])).await.unwrap();
+        assert_eq!(budget.spent(), U256::from(5_000), "the maximum is reserved");
+        assert_eq!(r.amount(), U256::from(5_000), "no receipt yet: the maximum");
+        let err = pay(&s, &challenge(&[upto(5_000)])).await.unwrap_err();
+        assert!(err.is_budget_exceeded(), "{err:?}");
+        assert_eq!(budget.spent(), U256::from(5_000));
+    }
+
+    fn receipt(success: bool, amount: Option<u64>) -> SettleResponse {
+        SettleResponse {
+            success,
+            error_reason: None,
+            payer: None,
+            transaction: None,
+            network: Network::BASE_SEPOLIA,
+            amount: amount.map(U256::from),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_settled_upto_gives_back_what_it_did_not_use() {
+        let budget = Budget::new(U256::from(100_000));
+        let s = shared(Policy::new(U256::MAX).allow_upto().budget(budget.clone()));
+        let (_, mut r) = pay(&s, &challenge(&[upto(50_000)])).await.unwrap();
+        assert_eq!(budget.spent(), U256::from(50_000));
+
+        // Nothing to give back without a definite, successful, stated amount.
+        r.outcome = PaymentOutcome::Settled;
+        assert_eq!(unsettled(&r), None, "no receipt");
+        r.receipt = Some(receipt(true, None));
+        assert_eq!(unsettled(&r), None, "receipt without amount");
+        r.receipt = Some(receipt(false, Some(1_234)));
+        r.outcome = PaymentOutcome::Refused { reason: None };
+        assert_eq!(unsettled(&r), None, "failed receipt");
+        r.receipt = Some(receipt(true, Some(1_234)));
+        r.outcome = PaymentOutcome::Unknown;
+        assert_eq!(unsettled(&r), None, "outcome unknown");
+
+        r.outcome = PaymentOutcome::Settled;
+        assert_eq!(unsettled(&r), Some(U256::from(50_000 - 1_234)));
+        assert_eq!(r.settled_amount(), Some(U256::from(1_234)));
+        assert_eq!(r.amount(), U256::from(1_234));
+        assert_eq!(r.max_amount(), U256::from(50_000));
+        // Through finish, as a call ends.
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            crate::proto::header::PAYMENT_RESPONSE,
+            crate::proto::header::encode_json(
+                &serde_json::to_vec(&json!({
+                    "success": true, "transaction": "", "network": "eip155:84532",
+                    "amount": "1234",
+                }))
+                .unwrap(),
+            ),
+        );
+        let mut res = Response::new(String::new());
+        *res.headers_mut() = h;
+        r.receipt = None;
+        let res = finish(res, Some(r.clone()), false, Some(&budget));
+        let report = res.extensions().get::<PaymentReport>().unwrap();
+        assert_eq!(report.outcome, PaymentOutcome::Settled);
+        assert_eq!(
+            budget.spent(),
+            U256::from(1_234),
+            "the budget spent the usage"
+        );
+
+        // Zero usage gives the whole maximum back; an amount above it (a broken server)
+        // gives nothing back.
+        r.receipt = Some(receipt(true, Some(0)));
+        assert_eq!(unsettled(&r), Some(U256::from(50_000)));
+        assert_eq!(r.amount(), U256::ZERO);
+        r.receipt = Some(receipt(true, Some(60_000)));
+        assert_eq!(unsettled(&r), Some(U256::ZERO));
+        assert_eq!(r.amount(), U256::from(50_000));
+
+        // exact: the price stays counted whatever the receipt says.
+        let (_, mut e) = pay(&s, &challenge(&[exact(2_000)])).await.unwrap();
+        e.outcome = PaymentOutcome::Settled;
+        e.receipt = Some(receipt(true, Some(2_000)));
+        assert_eq!(unsettled(&e), None);
+    }
 }

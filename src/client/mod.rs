@@ -4,17 +4,25 @@
 //! legacy `Client`). A request that gets **402** is paid once and sent again:
 //!
 //! 1. The challenge is read: v2 `PAYMENT-REQUIRED` header (base64 JSON), else a v1 JSON body.
-//! 2. The [`Policy`] picks the cheapest offer it allows (scheme `exact`, allowed network and
-//!    token, at most the cap per request), optionally skipping offers the payer's balance
-//!    cannot cover ([`BalanceSource`]), and counts it against the shared [`Budget`]. Any
-//!    refusal happens **before** signing and is an [`Error`].
-//! 3. The EIP-3009 `TransferWithAuthorization` is signed with the alloy [`Signer`] (domain
-//!    `name`/`version` from `extra`, chain id from the network, `verifyingContract` = token),
-//!    valid from 10 minutes ago until `maxTimeoutSeconds` from now, with a random nonce. If
-//!    the challenge offers the `payment-identifier` extension, an idempotency id goes with it.
+//! 2. The [`Policy`] picks the cheapest offer it allows (scheme `exact`, and `upto` with
+//!    [`Policy::allow_upto`]; allowed network and token, at most the cap per request),
+//!    optionally skipping offers the payer's balance cannot cover ([`BalanceSource`]), and
+//!    counts it against the shared [`Budget`]. An `upto` offer costs its **maximum** in all of
+//!    these (cap, order, balance, budget). Any refusal happens **before** signing and is an
+//!    [`Error`].
+//! 3. `exact`: the EIP-3009 `TransferWithAuthorization` is signed with the alloy [`Signer`]
+//!    (domain `name`/`version` from `extra`, chain id from the network, `verifyingContract` =
+//!    token), valid from 10 minutes ago until `maxTimeoutSeconds` from now, with a random
+//!    nonce. `upto` (v2 only): a Permit2 `PermitWitnessTransferFrom` for the maximum, spender
+//!    the x402 upto proxy, witness `{to: payTo, facilitator: extra.facilitatorAddress,
+//!    validAfter: 0}`, deadline `maxTimeoutSeconds` from now, a random 256-bit nonce, as
+//!    `@x402/evm`'s `UptoEvmScheme` signs it. If the challenge offers the
+//!    `payment-identifier` extension, an idempotency id goes with it.
 //! 4. The request is sent again with `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1). The answer
 //!    carries a [`PaymentReport`] in its extensions: what was paid, the decoded receipt
-//!    (`PAYMENT-RESPONSE` / `X-PAYMENT-RESPONSE`) and the [`PaymentOutcome`].
+//!    (`PAYMENT-RESPONSE` / `X-PAYMENT-RESPONSE`) and the [`PaymentOutcome`]. For `upto`, a
+//!    successful receipt's `amount` is what was settled
+//!    ([`PaymentReport::settled_amount`]); the budget gets back the rest of the maximum.
 //!
 //! [`Signer`]: alloy_signer::Signer
 //!
@@ -25,6 +33,9 @@
 //! | 402, not paid yet | pay once (above) and resend |
 //! | 402 after paying | stop, never sign again; the 402 goes back with [`PaymentOutcome::Refused`] and the reason |
 //! | 402 `invalid_exact_evm_nonce_already_used` after an unknown outcome | stop: [`PaymentOutcome::AlreadyUsed`] (the proof was spent or is pending) |
+//! | `upto`: 402 `permit2_allowance_required` | stop, as any 402 after paying: the payer has not approved Permit2 for the token (a one-time on-chain transaction this client does not send) |
+//! | `upto`: 402 `invalid_upto_evm_payload_settlement_exceeds_amount` | stop: the server metered more than the maximum and settled nothing; the body is withheld |
+//! | `upto`: 2xx with a successful receipt | [`PaymentOutcome::Settled`]; the budget keeps the receipt's `amount` (`0`: nothing sent on-chain) and gets back the rest of the maximum |
 //! | 401 | returned as is, no retry |
 //! | 429 | wait (`Retry-After`, else exponential backoff with jitter) and resend, bounded |
 //! | 500/502/503/504 | wait (`Retry-After`, else ~5 s doubling) and resend, bounded; after a proof was sent the outcome is unknown, so the **same** proof is resent |
@@ -37,6 +48,10 @@
 //! [`PaymentOutcome::AlreadyUsed`], never paid again; the report keeps the 503's receipt, so
 //! [`PaymentReport::transaction`] names the pending transaction to reconcile. See
 //! [`RetryPolicy`] for the bounds.
+//!
+//! Whenever an `upto` payment does not end with a successful receipt stating its `amount`
+//! (refused, no receipt, outcome unknown), the budget keeps its whole maximum counted: the
+//! permit can still be settled, by its facilitator only, up to that maximum until its deadline.
 //!
 //! ## The request body is replayed
 //!
@@ -95,6 +110,7 @@ pub use policy::{Budget, Policy, Refusal};
 pub use retry::RetryPolicy;
 
 use crate::proto::exact::Authorization;
+use crate::proto::upto::Permit2Authorization;
 use crate::proto::v2::PaymentRequirements;
 use crate::proto::{SettleResponse, X402Version};
 
@@ -105,10 +121,16 @@ use crate::proto::{SettleResponse, X402Version};
 pub struct PaymentReport {
     /// The dialect spoken.
     pub version: X402Version,
-    /// The option paid (v1 offers normalized: `amount` is `maxAmountRequired`).
+    /// The option paid (v1 offers normalized: `amount` is `maxAmountRequired`; for `upto`,
+    /// `amount` is the maximum).
     pub requirements: PaymentRequirements,
-    /// The signed authorization: payer (`from`), `nonce`, validity window.
+    /// The signed authorization: payer (`from`), `nonce`, validity window. For `upto` it
+    /// mirrors the Permit2 permit in the same terms (`from`, `witness.to`, the maximum,
+    /// `validAfter`, `deadline`, the Permit2 nonce as 32 bytes); the permit itself is
+    /// [`Self::permit2`].
     pub authorization: Authorization,
+    /// The signed Permit2 permit of an `upto` payment (`None` for `exact`).
+    pub permit2: Option<Permit2Authorization>,
     /// The `payment-identifier` id sent, if the server offered the extension.
     pub payment_id: Option<String>,
     /// Requests sent with the proof (1 unless retried).
@@ -120,9 +142,36 @@ pub struct PaymentReport {
 }
 
 impl PaymentReport {
-    /// The amount authorized, in atomic token units.
+    /// What the call is charged, in atomic token units: the price for `exact`; for `upto`
+    /// the [settled amount](Self::settled_amount) once a successful receipt states it, else
+    /// the [maximum](Self::max_amount) (the most the permit can still cost). This is what the
+    /// [`Budget`] ends up counting for the call.
     pub fn amount(&self) -> U256 {
+        match self.settled_amount() {
+            Some(settled) if self.is_upto() => settled.min(self.max_amount()),
+            _ => self.max_amount(),
+        }
+    }
+
+    /// The most the signature authorises: the price for `exact`, the signed maximum for
+    /// `upto` (the requirement's `amount`).
+    pub fn max_amount(&self) -> U256 {
         self.requirements.amount
+    }
+
+    /// The amount the server says it settled: the `amount` of a successful receipt, `None`
+    /// without one (or when the receipt omits it). For `upto`, the metered usage (`0` when
+    /// nothing was used and nothing sent on-chain).
+    pub fn settled_amount(&self) -> Option<U256> {
+        self.receipt
+            .as_ref()
+            .filter(|r| r.success)
+            .and_then(|r| r.amount)
+    }
+
+    /// True for a metered `upto` payment.
+    pub fn is_upto(&self) -> bool {
+        self.permit2.is_some()
     }
 
     /// The payer.
@@ -130,7 +179,8 @@ impl PaymentReport {
         self.authorization.from
     }
 
-    /// The authorization nonce (with the payer and token, what identifies it on-chain).
+    /// The authorization nonce (with the payer and token, what identifies it on-chain; for
+    /// `upto`, the Permit2 nonce, per payer across tokens, as 32 big-endian bytes).
     pub fn nonce(&self) -> B256 {
         self.authorization.nonce
     }

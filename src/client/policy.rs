@@ -5,8 +5,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use alloy_primitives::{Address, U256};
 
+use crate::proto::X402Version;
 use crate::proto::v2::PaymentRequirements;
-use crate::verify::exact::SCHEME;
+use crate::verify::{exact, upto};
 use crate::{Asset, Network};
 
 /// The client's spending rules, checked on every 402 challenge **before** anything is signed.
@@ -14,6 +15,9 @@ use crate::{Asset, Network};
 /// Amounts are atomic units of the token (USDC has 6 decimals: `10_000` is $0.01). A cap is
 /// only meaningful per token, so restrict the assets with [`Policy::allow_asset`] when a
 /// server may offer several.
+///
+/// By default only the `exact` scheme is paid; [`Policy::allow_upto`] adds metered `upto`
+/// offers, whose maximum is what the cap, the budget and the "cheapest first" order look at.
 ///
 /// ```
 /// use tower_x402::client::{Budget, Policy};
@@ -31,6 +35,7 @@ pub struct Policy {
     assets: Vec<(Network, Address)>,
     max_per_request: U256,
     budget: Option<Budget>,
+    upto: bool,
 }
 
 impl Policy {
@@ -42,7 +47,35 @@ impl Policy {
             assets: Vec::new(),
             max_per_request,
             budget: None,
+            upto: false,
         }
+    }
+
+    /// Also pays metered `upto` offers (x402 `scheme_upto_evm`): the client signs a Permit2
+    /// permit for the offer's **maximum**, and the server settles what the call used, at most
+    /// that. Default: off, only `exact` is paid.
+    ///
+    /// Off by default because Permit2 pulls the tokens: the payer must first approve the
+    /// Permit2 contract (`0x000000000022D473030F116dDEE9F6B43aC78BA3`) for the token, once,
+    /// in an on-chain transaction of its own (servers refuse the permit with 402
+    /// `permit2_allowance_required` until then). That standing approval is a choice the
+    /// payer makes, not one this client makes for it.
+    ///
+    /// An `upto` offer is eligible when its maximum (the requirement's `amount`) is within
+    /// [`Policy::max_per_request`], its network and token are allowed, and its
+    /// `extra.facilitatorAddress` (the only account that may settle the permit) is an
+    /// address. Offers are tried cheapest first, comparing `exact` prices with `upto` maxima
+    /// (on a tie, the server's order). The [`Budget`] counts the maximum when signing and
+    /// gets back what the server's receipt says it did not settle. `upto` is x402 v2 only.
+    #[must_use]
+    pub fn allow_upto(mut self) -> Self {
+        self.upto = true;
+        self
+    }
+
+    /// True when `upto` offers are paid ([`Policy::allow_upto`]).
+    pub fn upto_allowed(&self) -> bool {
+        self.upto
     }
 
     /// Allows `network` (may be called several times). Default: every network.
@@ -85,9 +118,23 @@ impl Policy {
         self.budget.as_ref()
     }
 
-    /// Why `req` may not be paid, or `None` if it may (budget aside).
-    pub(crate) fn refusal(&self, req: &PaymentRequirements) -> Option<Refusal> {
-        if req.scheme != SCHEME {
+    /// Why `req`, offered in a `version` challenge, may not be paid, or `None` if it may
+    /// (budget and balance aside).
+    pub(crate) fn refusal(
+        &self,
+        version: X402Version,
+        req: &PaymentRequirements,
+    ) -> Option<Refusal> {
+        let is_upto = req.scheme == upto::SCHEME;
+        if is_upto {
+            if !self.upto {
+                return Some(Refusal::UptoNotAllowed);
+            }
+            // `upto` is a v2 scheme: there is no v1 payload for it.
+            if version != X402Version::V2 {
+                return Some(Refusal::Scheme);
+            }
+        } else if req.scheme != exact::SCHEME {
             return Some(Refusal::Scheme);
         }
         if !self.networks.is_empty() && !self.networks.contains(&req.network) {
@@ -99,10 +146,15 @@ impl Policy {
         if req.amount.is_zero() {
             return Some(Refusal::ZeroAmount);
         }
+        // For `upto`, `amount` is the maximum: the most the signature can ever cost.
         if req.amount > self.max_per_request {
             return Some(Refusal::OverCap);
         }
-        // Only EIP-3009 is signed here; Permit2 needs another payload.
+        if is_upto {
+            // The permit names the one account allowed to settle it: without it, no permit.
+            return facilitator(req).is_none().then_some(Refusal::Facilitator);
+        }
+        // Only EIP-3009 is signed for `exact`; its Permit2 variant needs another payload.
         let method = req.extra_str("assetTransferMethod").unwrap_or("eip3009");
         if method != "eip3009" {
             return Some(Refusal::TransferMethod);
@@ -114,38 +166,53 @@ impl Policy {
     }
 }
 
+/// The `extra.facilitatorAddress` of an `upto` requirement, if it is a non-zero address.
+pub(crate) fn facilitator(req: &PaymentRequirements) -> Option<Address> {
+    req.extra_str(upto::FACILITATOR_ADDRESS)?
+        .parse::<Address>()
+        .ok()
+        .filter(|a| !a.is_zero())
+}
+
 /// Why an offered payment option was not taken.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Refusal {
-    /// Not the `exact` scheme.
+    /// A scheme this client does not pay (neither `exact` nor `upto`, or `upto` in a v1
+    /// challenge).
     Scheme,
+    /// An `upto` offer, and the policy does not allow them ([`Policy::allow_upto`]).
+    UptoNotAllowed,
     /// A network the policy does not allow (or one this crate cannot sign for).
     Network,
     /// A token the policy does not allow.
     Asset,
     /// An amount of zero: nothing to sign.
     ZeroAmount,
-    /// More than the cap per request.
+    /// More than the cap per request (for `upto`, the maximum is).
     OverCap,
+    /// An `upto` offer without an `extra.facilitatorAddress` that is an address.
+    Facilitator,
     /// Not an EIP-3009 transfer (Permit2 is not supported).
     TransferMethod,
     /// `extra` lacks the EIP-712 `name`/`version`: the signature could not verify.
     MissingDomain,
     /// The entry is not a valid x402 requirement.
     Malformed,
-    /// The payer's balance is below the amount.
+    /// The payer's balance is below the amount (for `upto`, the maximum).
     InsufficientBalance,
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Self::Scheme => "scheme is not exact",
+            Self::Scheme => "scheme not supported",
+            Self::UptoNotAllowed => "upto not allowed by the policy",
             Self::Network => "network not allowed",
             Self::Asset => "asset not allowed",
             Self::ZeroAmount => "zero amount",
             Self::OverCap => "amount over the per-request cap",
+            Self::Facilitator => "no valid extra.facilitatorAddress for upto",
             Self::TransferMethod => "transfer method is not EIP-3009",
             Self::MissingDomain => "no EIP-712 name/version in extra",
             Self::Malformed => "malformed requirement",
@@ -160,6 +227,11 @@ impl fmt::Display for Refusal {
 /// settled it: a signed EIP-3009 authorization can be settled by whoever holds it until it
 /// expires, so this is the most the signer can lose. Retries reuse the signed proof and are
 /// not counted twice.
+///
+/// An `upto` permit is counted at its maximum when signed; when the paid answer carries a
+/// successful receipt with the settled `amount`, the difference is given back, so the tally
+/// ends at what was settled. Without such a receipt (refused, no receipt, outcome unknown)
+/// the maximum stays counted: the permit can still be settled up to it until its deadline.
 #[derive(Clone)]
 pub struct Budget(Arc<Mutex<Tally>>);
 
@@ -220,7 +292,8 @@ impl Budget {
         Ok(())
     }
 
-    /// Gives back an amount counted by [`Budget::try_spend`] that was never signed.
+    /// Gives back an amount counted by [`Budget::try_spend`] that was never signed (or, for
+    /// `upto`, the part of the maximum that was not settled).
     pub(crate) fn refund(&self, amount: U256) {
         let mut t = self.lock();
         t.spent = t.spent.saturating_sub(amount);
@@ -250,26 +323,121 @@ mod tests {
             .requirements()
             .clone();
         let p = Policy::new(U256::from(10_000)).allow_asset(&asset);
-        assert_eq!(p.refusal(&req), None);
+        assert_eq!(p.refusal(V2, &req), None);
+        assert_eq!(p.refusal(V1, &req), None);
         assert_eq!(
-            Policy::new(U256::from(9_999)).refusal(&req),
+            Policy::new(U256::from(9_999)).refusal(V2, &req),
             Some(Refusal::OverCap)
         );
         assert_eq!(
             Policy::new(U256::MAX)
                 .allow_network(Network::BASE)
-                .refusal(&req),
+                .refusal(V2, &req),
             Some(Refusal::Network)
         );
         assert_eq!(
             Policy::new(U256::MAX)
                 .allow_asset(&Asset::usdc_base())
-                .refusal(&req),
+                .refusal(V2, &req),
             Some(Refusal::Asset)
         );
         req.extra = None;
-        assert_eq!(p.refusal(&req), Some(Refusal::MissingDomain));
-        req.scheme = "upto".into();
-        assert_eq!(p.refusal(&req), Some(Refusal::Scheme));
+        assert_eq!(p.refusal(V2, &req), Some(Refusal::MissingDomain));
+        req.scheme = "deferred".into();
+        assert_eq!(p.refusal(V2, &req), Some(Refusal::Scheme));
+    }
+
+    const V1: X402Version = X402Version::V1;
+    const V2: X402Version = X402Version::V2;
+
+    fn upto_req(max: u64) -> PaymentRequirements {
+        crate::PaymentOption::upto_atomic(
+            &Asset::usdc_base_sepolia(),
+            U256::from(max),
+            Address::repeat_byte(1),
+            Address::repeat_byte(0xfa),
+        )
+        .unwrap()
+        .requirements()
+        .clone()
+    }
+
+    #[test]
+    fn upto_is_off_by_default() {
+        let req = upto_req(50_000);
+        let p = Policy::new(U256::MAX);
+        assert!(!p.upto_allowed());
+        assert_eq!(p.refusal(V2, &req), Some(Refusal::UptoNotAllowed));
+        let p = p.allow_upto();
+        assert!(p.upto_allowed());
+        assert_eq!(p.refusal(V2, &req), None);
+        // No v1 payload exists for upto.
+        assert_eq!(p.refusal(V1, &req), Some(Refusal::Scheme));
+    }
+
+    #[test]
+    fn upto_is_capped_on_its_maximum_and_follows_networks_and_tokens() {
+        let asset = Asset::usdc_base_sepolia();
+        let req = upto_req(50_000);
+        let capped = |cap: u64| Policy::new(U256::from(cap)).allow_upto();
+        assert_eq!(capped(50_000).refusal(V2, &req), None);
+        assert_eq!(capped(49_999).refusal(V2, &req), Some(Refusal::OverCap));
+        assert_eq!(capped(50_000).allow_asset(&asset).refusal(V2, &req), None);
+        assert_eq!(
+            capped(50_000)
+                .allow_asset(&Asset::usdc_base())
+                .refusal(V2, &req),
+            Some(Refusal::Asset)
+        );
+        assert_eq!(
+            capped(50_000)
+                .allow_network(Network::BASE)
+                .refusal(V2, &req),
+            Some(Refusal::Network)
+        );
+        let mut zero = req.clone();
+        zero.amount = U256::ZERO;
+        assert_eq!(capped(50_000).refusal(V2, &zero), Some(Refusal::ZeroAmount));
+        // The EIP-3009 domain and transfer method do not matter to a Permit2 permit.
+        let mut bare = req.clone();
+        let extra = bare.extra.as_mut().unwrap();
+        extra.remove("name");
+        extra.remove("version");
+        extra.insert("assetTransferMethod".into(), "permit2".into());
+        assert_eq!(capped(50_000).refusal(V2, &bare), None);
+    }
+
+    #[test]
+    fn upto_without_a_usable_facilitator_address_is_refused() {
+        let p = Policy::new(U256::MAX).allow_upto();
+        let with = |value: Option<serde_json::Value>| {
+            let mut req = upto_req(50_000);
+            let extra = req.extra.as_mut().unwrap();
+            match value {
+                Some(v) => extra.insert(upto::FACILITATOR_ADDRESS.into(), v),
+                None => extra.remove(upto::FACILITATOR_ADDRESS),
+            };
+            p.refusal(V2, &req)
+        };
+        assert_eq!(with(None), Some(Refusal::Facilitator));
+        for garbage in [
+            "".into(),
+            "0xnot-an-address".into(),
+            "0x1234".into(),
+            format!("{}", Address::ZERO).into(),
+            serde_json::json!(42),
+            serde_json::json!({"address": "0xfa"}),
+        ] {
+            assert_eq!(
+                with(Some(garbage.clone())),
+                Some(Refusal::Facilitator),
+                "{garbage}"
+            );
+        }
+        let lower = alloy_primitives::hex::encode_prefixed(Address::repeat_byte(0xfa));
+        assert_eq!(with(Some(lower.into())), None, "any address form parses");
+        let mut no_extra = upto_req(50_000);
+        no_extra.extra = None;
+        assert_eq!(p.refusal(V2, &no_extra), Some(Refusal::Facilitator));
     }
 }

@@ -1,9 +1,16 @@
-//! Signing an `exact` EIP-3009 payment with any alloy [`Signer`] and encoding the proof header.
+//! Signing a payment with any alloy [`Signer`] and encoding the proof header.
 //!
-//! The digest is EIP-712 over `TransferWithAuthorization` with the domain `name`/`version`
-//! from the requirement's `extra`, `chainId` from its network and `verifyingContract` = the
-//! token. Signing goes through [`Signer::sign_typed_data`], so hardware wallets that refuse
-//! raw hashes (Ledger) sign the typed data they can display.
+//! `exact`: EIP-712 over `TransferWithAuthorization` with the domain `name`/`version` from the
+//! requirement's `extra`, `chainId` from its network and `verifyingContract` = the token.
+//!
+//! `upto`: EIP-712 over Permit2's `PermitWitnessTransferFrom` (domain `name: "Permit2"`,
+//! `chainId`, `verifyingContract` = Permit2), as `@x402/evm` 2.27's `UptoEvmScheme` signs it:
+//! the maximum of `asset`, spender = the x402 upto proxy, a random 256-bit nonce, deadline
+//! `now + maxTimeoutSeconds`, witness `{to: payTo, facilitator: extra.facilitatorAddress,
+//! validAfter: 0}`.
+//!
+//! Signing goes through [`Signer::sign_typed_data`], so hardware wallets that refuse raw
+//! hashes (Ledger) sign the typed data they can display.
 
 use alloy_primitives::{Address, B256, Bytes, U256};
 use alloy_signer::Signer;
@@ -12,13 +19,16 @@ use http::{HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 
 use super::challenge::{Challenge, Offer};
+use super::policy::facilitator;
 use crate::proto::X402Version;
 use crate::proto::exact::{Authorization, ExactEvmPayload};
 use crate::proto::header::{self, PAYMENT_SIGNATURE, X_PAYMENT};
+use crate::proto::upto::{Permit2Authorization, TokenPermissions, UptoEvmPayload, UptoWitness};
 use crate::proto::v2::PaymentRequirements;
 
 // The same struct the verifier hashes: what the client signs is what the server checks.
 use crate::verify::exact::TransferWithAuthorization;
+use crate::verify::upto;
 
 /// The x402 extension that carries an idempotency id.
 pub(crate) const PAYMENT_IDENTIFIER: &str = "payment-identifier";
@@ -32,7 +42,10 @@ const VALID_AFTER_SLACK: u64 = 600;
 pub(crate) struct Proof {
     pub(crate) name: HeaderName,
     pub(crate) value: HeaderValue,
+    /// For `upto`, the permit's mirror (see [`PaymentReport`](super::PaymentReport)).
     pub(crate) authorization: Authorization,
+    /// The signed Permit2 permit of an `upto` payment.
+    pub(crate) permit: Option<Permit2Authorization>,
     pub(crate) payment_id: Option<String>,
 }
 
@@ -100,6 +113,65 @@ pub(crate) fn authorization(
     })
 }
 
+/// The Permit2 permit to sign for the `upto` requirement `req` at `now` (Unix seconds): what
+/// `@x402/evm` 2.27's `UptoEvmScheme` builds.
+pub(crate) fn permit(
+    req: &PaymentRequirements,
+    from: Address,
+    now: u64,
+) -> Result<Permit2Authorization, alloy_signer::Error> {
+    let facilitator = facilitator(req).ok_or_else(|| {
+        alloy_signer::Error::other("upto requirement lacks extra.facilitatorAddress")
+    })?;
+    Ok(Permit2Authorization {
+        from,
+        permitted: TokenPermissions {
+            token: req.asset,
+            amount: req.amount,
+        },
+        spender: upto::UPTO_PROXY,
+        nonce: U256::from_be_bytes(random_b256().ok_or_else(no_randomness)?.0),
+        deadline: U256::from(now.saturating_add(req.max_timeout_seconds)),
+        witness: UptoWitness {
+            to: req.pay_to,
+            facilitator,
+            // The official client's choice: valid at once, however the clocks differ.
+            valid_after: U256::ZERO,
+        },
+    })
+}
+
+/// Signs `permit` on `req`'s chain: 65 bytes `r ‖ s ‖ v`, low `s`.
+pub(crate) async fn sign_permit<Sg>(
+    signer: &Sg,
+    req: &PaymentRequirements,
+    permit: &Permit2Authorization,
+) -> Result<Bytes, alloy_signer::Error>
+where
+    Sg: Signer + Send + Sync,
+{
+    let domain = upto::permit2_domain(req.network.chain_id());
+    let sig = signer
+        .sign_typed_data(&upto::typed_message(permit), &domain)
+        .await?;
+    // The server (like USDC for `exact`) refuses high-s signatures.
+    let sig = sig.normalize_s().unwrap_or(sig);
+    Ok(Bytes::copy_from_slice(&sig.as_bytes()))
+}
+
+/// The permit's terms in the EIP-3009 shape every report has: payer, recipient, maximum,
+/// window and nonce (as 32 bytes). Not an EIP-3009 authorization: nothing settles it.
+fn mirror(permit: &Permit2Authorization) -> Authorization {
+    Authorization {
+        from: permit.from,
+        to: permit.witness.to,
+        value: permit.permitted.amount,
+        valid_after: permit.witness.valid_after,
+        valid_before: permit.deadline,
+        nonce: B256::from(permit.nonce),
+    }
+}
+
 /// A fresh `payment-identifier` id: `pay_` and 32 hex digits (the reference's form).
 fn payment_id() -> Option<String> {
     let r = random_b256()?;
@@ -117,11 +189,28 @@ where
     Sg: Signer + Send + Sync,
 {
     let req = &offer.requirements;
-    let authorization = authorization(req, signer.address(), now)?;
-    let signature = sign(signer, req, &authorization).await?;
-    let payload = ExactEvmPayload {
-        signature,
-        authorization: authorization.clone(),
+    let (payload, authorization, permit) = if req.scheme == upto::SCHEME {
+        if challenge.version != X402Version::V2 {
+            // The policy refuses these; never send a payload no v1 server reads.
+            return Err(alloy_signer::Error::other("upto is an x402 v2 scheme"));
+        }
+        let permit = permit(req, signer.address(), now)?;
+        let signature = sign_permit(signer, req, &permit).await?;
+        let payload = UptoEvmPayload {
+            signature,
+            permit2_authorization: permit.clone(),
+        };
+        let payload = serde_json::to_value(payload).map_err(alloy_signer::Error::other)?;
+        (payload, mirror(&permit), Some(permit))
+    } else {
+        let authorization = authorization(req, signer.address(), now)?;
+        let signature = sign(signer, req, &authorization).await?;
+        let payload = ExactEvmPayload {
+            signature,
+            authorization: authorization.clone(),
+        };
+        let payload = serde_json::to_value(payload).map_err(alloy_signer::Error::other)?;
+        (payload, authorization, None)
     };
     let mut payment_id = None;
     let (name, doc) = match challenge.version {
@@ -156,6 +245,7 @@ where
         name,
         value: header::encode_json(&json),
         authorization,
+        permit,
         payment_id,
     })
 }
@@ -195,6 +285,66 @@ mod tests {
         let sig = sign(&signer, &req, &auth).await.unwrap();
         let digest = signing_hash(domain_separator("USD Coin", "2", 8453, req.asset), &auth);
         assert_eq!(recover_signer(digest, &sig).unwrap(), signer.address());
+    }
+
+    #[tokio::test]
+    async fn upto_proof_is_the_official_permit_and_passes_the_crate_verifier() {
+        use crate::clock::FixedClock;
+        use crate::proto::{PaymentPayload, v2};
+        use crate::verify::ExactEvmVerifier;
+
+        const NOW: u64 = 1_750_000_000;
+        let signer = PrivateKeySigner::random();
+        let facilitator = Address::repeat_byte(0xfa);
+        let req = PaymentOption::upto_atomic(
+            &Asset::usdc_base_sepolia(),
+            U256::from(50_000),
+            Address::repeat_byte(7),
+            facilitator,
+        )
+        .unwrap()
+        .requirements()
+        .clone();
+        let doc = json!({"x402Version": 2, "resource": {"url": "http://x/y"}, "accepts": [req]});
+        let challenge = Challenge::from_json(&serde_json::to_vec(&doc).unwrap()).unwrap();
+        let offer = challenge.offers[0].as_ref().unwrap();
+        let proof = proof(&signer, &challenge, offer, NOW).await.unwrap();
+        assert_eq!(proof.name, PAYMENT_SIGNATURE);
+
+        let permit = proof.permit.clone().unwrap();
+        assert_eq!(permit.from, signer.address());
+        assert_eq!(permit.permitted.token, req.asset);
+        assert_eq!(permit.permitted.amount, U256::from(50_000));
+        assert_eq!(permit.spender, upto::UPTO_PROXY);
+        assert_eq!(permit.deadline, U256::from(NOW + req.max_timeout_seconds));
+        assert_eq!(permit.witness.to, req.pay_to);
+        assert_eq!(permit.witness.facilitator, facilitator);
+        assert_eq!(permit.witness.valid_after, U256::ZERO);
+        assert_eq!(proof.authorization, mirror(&permit));
+
+        let json = header::decode_bytes(&proof.value, 1 << 16).unwrap();
+        let sent: Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(sent["accepted"], json!(req));
+        assert!(sent["payload"]["authorization"].is_null());
+        let payload: UptoEvmPayload = serde_json::from_value(sent["payload"].clone()).unwrap();
+        assert_eq!(payload.permit2_authorization, permit);
+        let digest = upto::signing_hash(84532, &permit);
+        assert_eq!(
+            recover_signer(digest, &payload.signature).unwrap(),
+            signer.address()
+        );
+        let payload =
+            PaymentPayload::V2(serde_json::from_slice::<v2::PaymentPayload>(&json).unwrap());
+        let verified = ExactEvmVerifier::new()
+            .with_clock(FixedClock::new(NOW + 1))
+            .verify_sync(&payload, &req)
+            .unwrap();
+        assert!(verified.is_upto());
+        assert_eq!(verified.payer, signer.address());
+
+        // Two proofs never share a Permit2 nonce.
+        let again = super::proof(&signer, &challenge, offer, NOW).await.unwrap();
+        assert_ne!(again.permit.unwrap().nonce, permit.nonce);
     }
 
     #[test]

@@ -62,8 +62,8 @@ pub mod reason {
         "invalid_upto_evm_payload_settlement_exceeds_amount";
 }
 
-/// The EIP-712 structs, private: `sol!` makes its items `pub`, and they are not API.
-mod eip712 {
+/// The EIP-712 structs, crate-private: `sol!` makes its items `pub`, and they are not API.
+pub(crate) mod eip712 {
     alloy_sol_types::sol! {
         struct TokenPermissions {
             address token;
@@ -86,17 +86,20 @@ mod eip712 {
     }
 }
 
-/// The digest the payer signs: Permit2's domain (`name: "Permit2"`, no version) on
-/// `chain_id`, and the permit with its witness.
-pub fn signing_hash(chain_id: u64, permit: &Permit2Authorization) -> alloy_primitives::B256 {
-    let domain = Eip712Domain::new(
+/// Permit2's EIP-712 domain on `chain_id`: `name: "Permit2"`, no version.
+pub(crate) fn permit2_domain(chain_id: u64) -> Eip712Domain {
+    Eip712Domain::new(
         Some("Permit2".into()),
         None,
         Some(U256::from(chain_id)),
         Some(PERMIT2),
         None,
-    );
-    let message = eip712::PermitWitnessTransferFrom {
+    )
+}
+
+/// The typed message of `permit` (what a wallet displays and signs).
+pub(crate) fn typed_message(permit: &Permit2Authorization) -> eip712::PermitWitnessTransferFrom {
+    eip712::PermitWitnessTransferFrom {
         permitted: eip712::TokenPermissions {
             token: permit.permitted.token,
             amount: permit.permitted.amount,
@@ -109,8 +112,13 @@ pub fn signing_hash(chain_id: u64, permit: &Permit2Authorization) -> alloy_primi
             facilitator: permit.witness.facilitator,
             validAfter: permit.witness.valid_after,
         },
-    };
-    message.eip712_signing_hash(&domain)
+    }
+}
+
+/// The digest the payer signs: Permit2's domain (`name: "Permit2"`, no version) on
+/// `chain_id`, and the permit with its witness.
+pub fn signing_hash(chain_id: u64, permit: &Permit2Authorization) -> alloy_primitives::B256 {
+    typed_message(permit).eip712_signing_hash(&permit2_domain(chain_id))
 }
 
 fn refuse(reason: &'static str) -> VerifyError {
