@@ -398,3 +398,20 @@ fn upto_cannot_settle_before_the_handler() {
     let zero = PaymentOption::upto(&Asset::usdc_base_sepolia(), "$0.05", PAY_TO, Address::ZERO);
     assert!(matches!(zero, Err(ConfigError::UptoFacilitator)));
 }
+
+/// `examples/metered.rs`: our client pays the metered route; each receipt names what was used.
+#[cfg(feature = "client")]
+#[test]
+fn the_metered_example_charges_what_each_call_used() {
+    let out = run_example("metered");
+    for line in [
+        "charged 300 units (Settled)",
+        "charged 4000 units (Settled)",
+        "charged 0 units (Settled)",
+        "charged 10000 units (Settled)",
+        "[stopped: maximum reached]",
+        "budget: 14300 units spent",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
