@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use axum::body::Body;
 use base64::Engine as _;
@@ -430,61 +429,11 @@ async fn v1_refused_by_default_accepted_unbound_when_allowed() {
 // ------------------------------------------------------------------------------------------------
 // Official clients against a bound server (real clock: the clients sign with the wall clock)
 
-/// The client install dir, or `None` with a loud SKIPPED (a failure under `CI=true`).
-fn deps(marker: &str, test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("X402_TEST_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-deps"));
-    if dir.join(marker).exists() {
-        return Some(dir);
-    }
-    let why = format!("{test}: x402 clients not installed ({marker} missing)");
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{why}; run scripts/install-test-deps.sh first");
-    }
-    let _ = std::io::stderr().write_all(format!("\n*** SKIPPED {why} ***\n").as_bytes());
-    None
-}
-
 /// Runs a driver (bounded in time) and returns its JSON line.
 fn run_client(deps: &Path, program: &str, args: &[&str]) -> Value {
-    let mut child = Command::new(program)
-        .args(args)
-        .env("X402_TEST_DEPS", deps)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{program} {args:?} timed out");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (out, err) = (out.join().unwrap(), err.join().unwrap());
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("{program}: no JSON line ({e})\nstdout: {out}\nstderr: {err}"))
+    let mut cmd = Command::new(program);
+    cmd.args(args).env("X402_TEST_DEPS", deps);
+    process::run_json(&mut cmd, Duration::from_secs(60), String::new)
 }
 
 /// Serves the default price on `/paid`, bound, on the system clock; returns its URL.
@@ -527,7 +476,10 @@ fn assert_paid_bound(r: &Value, hits: &Hits) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_v2_client_echoes_the_id_and_pays() {
-    let Some(deps) = deps("node/node_modules/@x402/fetch/package.json", "js_v2_bound") else {
+    let Some(deps) = process::test_deps(
+        "js_v2_bound",
+        &["node/node_modules/@x402/fetch/package.json"],
+    ) else {
         return;
     };
     let hits = Hits::new();
@@ -549,7 +501,10 @@ async fn js_v2_client_echoes_the_id_and_pays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_v1_client_never_signs_for_a_bound_route() {
-    let Some(deps) = deps("node/node_modules/x402-fetch/package.json", "js_v1_bound") else {
+    let Some(deps) = process::test_deps(
+        "js_v1_bound",
+        &["node/node_modules/x402-fetch/package.json"],
+    ) else {
         return;
     };
     let hits = Hits::new();
@@ -574,7 +529,7 @@ async fn js_v1_client_never_signs_for_a_bound_route() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_v2_client_echoes_the_id_and_pays() {
-    let Some(deps) = deps("venv/bin/python", "python_v2_bound") else {
+    let Some(deps) = process::test_deps("python_v2_bound", &["venv/bin/python"]) else {
         return;
     };
     let hits = Hits::new();

@@ -11,11 +11,8 @@
 
 mod chain;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread;
+use std::process::Command;
 use std::time::Duration;
 
 use alloy_primitives::U256;
@@ -34,104 +31,45 @@ use tower_x402::proto::X402Version;
 use tower_x402::test_util::{PrivateKeySigner, demo_payer};
 use tower_x402::{Asset, Network};
 
+use chain::process::{self, repo};
 use chain::{Chain, FUNDED, PAY_TO};
 
 /// What the reference sellers charge: `$0.01` in 6-decimal units.
 const PRICE: u64 = 10_000;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// The node packages' dir, or `None` after a loud SKIPPED (a panic under `CI=true`).
 fn node_deps(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("X402_TEST_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/test-deps"));
-    let marker = dir.join("node/node_modules/@x402/express/package.json");
-    if marker.exists() {
-        return Some(dir);
-    }
-    let why = format!(
-        "{test}: reference servers not installed ({} missing)",
-        marker.display()
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{why}; run scripts/install-test-deps.sh");
-    }
-    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {why} ***\n");
-    None
+    process::test_deps(test, &["node/node_modules/@x402/express/package.json"])
 }
 
 /// `reference-server.mjs` running; killed on drop.
 struct Sellers {
-    child: Child,
+    process: process::Server,
     v2: String,
     v1: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Drop for Sellers {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Sellers {
     fn start(deps: &Path, rpc: &str) -> Sellers {
-        let script = repo().join("tests/clients/reference-server.mjs");
-        let mut child = Command::new("node")
-            .arg(&script)
+        let mut cmd = Command::new("node");
+        cmd.arg(repo().join("tests/clients/reference-server.mjs"))
             .args(["--rpc", rpc, "--pay-to", &PAY_TO.to_checksum(None)])
-            .env("X402_TEST_DEPS", deps)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn node {}: {e}", script.display()));
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().expect("piped stderr");
-        let err_log = log.clone();
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                err_log
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next().and_then(Result::ok));
-            for _ in lines {}
-        });
-        let line = rx.recv_timeout(Duration::from_secs(60)).ok().flatten();
-        let Some(line) = line else {
-            let _ = child.kill();
-            panic!(
-                "reference-server.mjs did not start; stderr:\n{}",
-                log.lock().unwrap()
-            );
-        };
-        let urls: Value = serde_json::from_str(&line).expect("a JSON line");
+            .env("X402_TEST_DEPS", deps);
+        // Its first line is JSON: `{"v2": URL, "v1": URL}`.
+        let (process, line) =
+            process::Server::start("reference-server.mjs", &mut cmd, Duration::from_secs(60));
+        let urls: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}\n{}", process.log()));
         let url = |k: &str| urls[k].as_str().expect("url").to_owned();
         Sellers {
             v2: url("v2"),
             v1: url("v1"),
-            child,
-            log,
+            process,
         }
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
+        self.process.log()
     }
 }
 

@@ -13,10 +13,9 @@
 
 mod chain;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -40,6 +39,7 @@ use tower_x402::settle::onchain::{OnchainSettler, reason};
 use tower_x402::test_util::{PrivateKeySigner, demo_payer, exact_payload, pay, sign};
 use tower_x402::{Asset, ExactEvmVerifier, Network, PaymentLayer, PaymentOption, VerifiedPayment};
 
+use chain::process;
 use chain::{Chain, PAY_TO, PAYER3_KEY, PAYER4_KEY, RELAYER, RELAYER_KEY, TOKEN};
 
 /// `$0.01` in 6-decimal USDC units.
@@ -523,65 +523,29 @@ async fn rpc_down_after_journaling_keeps_the_payment_and_settles_when_back() {
 
 /// `quickstart --serve --rpc-url .. --mode deferred`; killed (SIGKILL) on drop.
 struct Server {
-    child: Child,
+    process: process::Server,
     base: String,
-    lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
     fn start(rpc: &str, journal: &Path, max_batch: usize, max_wait_ms: u64) -> Server {
-        let exe = std::env::current_exe().expect("current_exe");
-        let bin = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile> dir")
-            .join("examples/quickstart");
-        assert!(
-            bin.exists(),
-            "{} not found: build it with `cargo build --all-features --examples` (scripts/test does)",
-            bin.display()
-        );
-        let mut child = Command::new(&bin)
-            .args([
-                "--serve",
-                "--port",
-                "0",
-                "--rpc-url",
-                rpc,
-                "--mode",
-                "deferred",
-            ])
-            .arg("--journal")
-            .arg(journal)
-            .args(["--max-wait-ms", &max_wait_ms.to_string()])
-            .args(["--max-batch", &max_batch.to_string()])
-            .env("X402_RELAYER_KEY", RELAYER_KEY)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        let stdout = child.stdout.take().expect("piped");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (first_tx, first_rx) = std::sync::mpsc::channel();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            let mut first = Some(first_tx);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(line.clone());
-                }
-                sink.lock().expect("lock").push(line);
-            }
-        });
-        let first = first_rx
-            .recv_timeout(WAIT)
-            .expect("quickstart printed its address");
-        let base = first
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-            .to_owned();
-        Server { child, base, lines }
+        let mut cmd = Command::new(process::example_bin("quickstart"));
+        cmd.args([
+            "--serve",
+            "--port",
+            "0",
+            "--rpc-url",
+            rpc,
+            "--mode",
+            "deferred",
+        ])
+        .arg("--journal")
+        .arg(journal)
+        .args(["--max-wait-ms", &max_wait_ms.to_string()])
+        .args(["--max-batch", &max_batch.to_string()])
+        .env("X402_RELAYER_KEY", RELAYER_KEY);
+        let (process, base) = process::Server::listening("quickstart", &mut cmd, WAIT);
+        Server { process, base }
     }
 
     async fn get(&self, header: (HeaderName, HeaderValue)) -> (StatusCode, HeaderMap) {
@@ -596,28 +560,19 @@ impl Server {
         (res.status(), res.headers().clone())
     }
 
-    /// The deferred outcomes it printed.
+    /// The deferred outcomes it printed (JSON lines on stdout; its log on stderr is not JSON).
     fn outcomes(&self) -> Vec<Value> {
-        self.lines
-            .lock()
-            .expect("lock")
-            .iter()
+        self.process
+            .log()
+            .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter_map(|v| v.get("outcome").cloned())
             .collect()
     }
 
     /// `kill -9`.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn kill(self) {
+        self.process.kill();
     }
 }
 

@@ -19,15 +19,13 @@
 #[path = "chain/mod.rs"]
 mod chain;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
 use alloy_primitives::{B256, U256};
 use alloy_provider::Provider;
+use chain::process::{self, Log, repo};
 use chain::{Chain, PAY_TO};
 use serde_json::Value;
 
@@ -44,97 +42,17 @@ const INSUFFICIENT_BALANCE: &str = "invalid_exact_evm_insufficient_balance";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn deps_dir() -> PathBuf {
-    std::env::var_os("X402_TEST_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/test-deps"))
-}
-
-/// The deps dir when `marker` (relative to it) exists; else fails under `CI=true`, or skips.
-fn deps(marker: &str, test: &str) -> Option<PathBuf> {
-    let dir = deps_dir();
-    if dir.join(marker).exists() {
-        return Some(dir);
-    }
-    let why = format!("{test}: {} missing", dir.join(marker).display());
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{why}; CI must run this test: run scripts/install-test-deps.sh first");
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n*** SKIPPED {why} (run scripts/test to install the test dependencies) ***\n"
-    );
-    None
-}
-
 /// A child process that prints `listening on URL` first; killed on drop. Its output is kept
 /// for failure messages.
 struct Proc {
-    child: Child,
+    process: process::Server,
     url: String,
-    log: Arc<Mutex<String>>,
 }
 
 impl Proc {
     fn start(name: &str, mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let log = Arc::new(Mutex::new(String::new()));
-        let (first_tx, first_rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let out_log = log.clone();
-        thread::spawn(move || {
-            let mut first = Some(first_tx);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(line.clone());
-                }
-                out_log.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        });
-        let stderr = child.stderr.take().unwrap();
-        let err_log = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                err_log.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        });
-        let mut proc = Proc {
-            child,
-            url: String::new(),
-            log,
-        };
-        let first = first_rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
-            panic!(
-                "{name} printed nothing within {START_TIMEOUT:?}; log:\n{}",
-                proc.log()
-            )
-        });
-        proc.url = first
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("{name}: unexpected first line {first:?}"))
-            .trim_end_matches('/')
-            .to_owned();
-        proc
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let (process, url) = process::Server::listening(name, &mut cmd, START_TIMEOUT);
+        Proc { process, url }
     }
 }
 
@@ -148,27 +66,15 @@ struct Stack {
 
 impl Stack {
     async fn start(test: &str, marker: &str) -> Option<Stack> {
-        deps("node/node_modules/@x402/core/package.json", test)?;
-        let deps = deps(marker, test)?;
+        let deps =
+            process::test_deps(test, &["node/node_modules/@x402/core/package.json", marker])?;
         let chain = Chain::start(test).await?;
         let mut node = Command::new("node");
         node.arg(repo().join("tests/clients/facilitator.mjs"))
             .args(["--rpc", chain.url()])
             .env("X402_TEST_DEPS", &deps);
         let facilitator = Proc::start("facilitator.mjs", node);
-        // <target>/debug/deps/facilitator-<hash> → <target>/debug/examples/facilitator
-        let exe = std::env::current_exe().expect("current_exe");
-        let bin = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .join("examples/facilitator");
-        assert!(
-            bin.exists(),
-            "{} not found: build it with `cargo build --all-features --examples` (scripts/test does)",
-            bin.display()
-        );
-        let mut example = Command::new(&bin);
+        let mut example = Command::new(process::example_bin("facilitator"));
         example.args(["--facilitator", &facilitator.url, "--port", "0"]);
         let server = Proc::start("examples/facilitator", example);
         Some(Stack {
@@ -180,20 +86,23 @@ impl Stack {
     }
 
     fn logs(&self) -> String {
-        format!(
-            "--- facilitator.mjs ---\n{}\n--- examples/facilitator ---\n{}",
-            self.facilitator.log(),
-            self.server.log()
+        logs(
+            &self.facilitator.process.log_handle(),
+            &self.server.process.log_handle(),
         )
     }
 
     /// Runs a client driver (blocking, in a thread) and returns its JSON line.
     async fn pay(&self, program: String, args: Vec<String>) -> Value {
-        let deps = self.deps.clone();
-        let logs = self.logs();
-        tokio::task::spawn_blocking(move || run_client(&deps, &program, &args, &logs))
-            .await
-            .expect("client thread")
+        let mut cmd = Command::new(program);
+        cmd.args(args).env("X402_TEST_DEPS", &self.deps);
+        let facilitator = self.facilitator.process.log_handle();
+        let server = self.server.process.log_handle();
+        tokio::task::spawn_blocking(move || {
+            process::run_json(&mut cmd, CLIENT_TIMEOUT, || logs(&facilitator, &server))
+        })
+        .await
+        .expect("client thread")
     }
 
     async fn pay_js(&self, client: &str) -> Value {
@@ -275,48 +184,13 @@ impl Stack {
     }
 }
 
-fn run_client(deps: &Path, program: &str, args: &[String], logs: &str) -> Value {
-    let mut child = Command::new(program)
-        .args(args)
-        .env("X402_TEST_DEPS", deps)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
-    let drain = |mut r: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + CLIENT_TIMEOUT;
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{program} timed out\nstderr: {}\n{logs}",
-                err.join().unwrap_or_default()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let (out, err) = (out.join().unwrap(), err.join().unwrap());
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!("{program} printed no JSON line ({e})\nstdout: {out}\nstderr: {err}\n{logs}")
-    })
+/// Both servers' output, for failure messages.
+fn logs(facilitator: &Log, server: &Log) -> String {
+    format!(
+        "--- facilitator.mjs ---\n{}\n--- examples/facilitator ---\n{}",
+        facilitator.text(),
+        server.text()
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,14 +8,14 @@
 //! The quickstart needs the `axum` and `test-util` features, hence the gate below.
 #![cfg(all(feature = "axum", feature = "test-util"))]
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "common/process.rs"]
+mod process;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::Value;
@@ -33,43 +33,20 @@ const NONCE_USED: &str = "invalid_exact_evm_nonce_already_used";
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-// ------------------------------------------------------------------------------------------------
-// Installed clients
-
 #[derive(Clone, Copy)]
 enum Lang {
     Js,
     Python,
 }
 
-/// The install dir when the clients for `lang` are installed. Otherwise fails under `CI=true`
-/// (CI must run them) and returns `None` with a loud SKIPPED elsewhere.
+/// The install dir when the clients for `lang` are installed; else `None` after a loud SKIPPED
+/// (a failure under `CI=true`: CI must run them).
 fn deps(lang: Lang, test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("X402_TEST_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/test-deps"));
     let marker = match lang {
-        Lang::Js => dir.join("node/node_modules/@x402/fetch/package.json"),
-        Lang::Python => dir.join("venv/bin/python"),
+        Lang::Js => "node/node_modules/@x402/fetch/package.json",
+        Lang::Python => "venv/bin/python",
     };
-    if marker.exists() {
-        return Some(dir);
-    }
-    let why = format!(
-        "{test}: x402 clients not installed ({} missing)",
-        marker.display()
-    );
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{why}; CI must run the interop tests: run scripts/install-test-deps.sh first");
-    }
-    // Straight to the process's stderr: libtest would swallow an eprintln! of a passing test.
-    let msg = format!("\n*** SKIPPED {why} (run scripts/test to install the clients) ***\n");
-    let _ = std::io::stderr().write_all(msg.as_bytes());
-    None
+    process::test_deps(test, &[marker])
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -77,75 +54,17 @@ fn deps(lang: Lang, test: &str) -> Option<PathBuf> {
 
 /// A running `quickstart --serve --port 0`; killed on drop, also when the test panics.
 struct Server {
-    child: Child,
+    process: process::Server,
     base: String,
-    log: Arc<Mutex<String>>,
 }
 
 impl Server {
     fn start() -> Server {
-        // The test binary is <target>/debug/deps/interop-<hash>; examples are <target>/debug/examples.
-        let exe = std::env::current_exe().expect("current_exe");
-        let bin = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile> dir")
-            .join("examples/quickstart");
-        assert!(
-            bin.exists(),
-            "{} not found: build it with `cargo build --all-features --examples` (scripts/test does)",
-            bin.display()
-        );
-        let mut child = Command::new(&bin)
-            .args(["--serve", "--port", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        let log = Arc::new(Mutex::new(String::new()));
-        // Drain both pipes for the server's whole life (a full pipe would block it) into `log`,
-        // and hand the first stdout line to us.
-        let (first_tx, first_rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        let out_log = log.clone();
-        thread::spawn(move || {
-            let mut first = Some(first_tx);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(line.clone());
-                }
-                out_log.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        });
-        let stderr = child.stderr.take().unwrap();
-        let err_log = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                err_log.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        });
-        let mut server = Server {
-            child,
-            base: String::new(),
-            log,
-        };
-        let first = first_rx
-            .recv_timeout(SERVER_START_TIMEOUT)
-            .unwrap_or_else(|_| {
-                panic!(
-                    "quickstart printed no first line within {SERVER_START_TIMEOUT:?}; log:\n{}",
-                    server.log()
-                )
-            });
-        server.base = first
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                panic!("unexpected first line {first:?}, want `listening on http://...`")
-            })
-            .trim_end_matches('/')
-            .to_owned();
-        server
+        let mut cmd = Command::new(process::example_bin("quickstart"));
+        cmd.args(["--serve", "--port", "0"]);
+        let (process, base) =
+            process::Server::listening("quickstart", &mut cmd, SERVER_START_TIMEOUT);
+        Server { process, base }
     }
 
     fn url(&self, path: &str) -> String {
@@ -153,14 +72,7 @@ impl Server {
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.log()
     }
 }
 
@@ -170,52 +82,15 @@ impl Drop for Server {
 /// Runs a driver and returns its JSON line; panics (with all output) on a timeout or bad output.
 /// A non-zero exit is not a panic here: the JSON says why, and the caller asserts on it.
 fn run_client(deps: &Path, server: &Server, program: &str, args: &[&str]) -> Value {
-    let mut child = Command::new(program)
-        .args(args)
-        .env("X402_TEST_DEPS", deps)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
-    let drain = |mut r: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + CLIENT_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{program} {args:?} timed out after {CLIENT_TIMEOUT:?}\nstderr: {}\nserver log:\n{}",
-                err.join().unwrap_or_default(),
-                server.log()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let (out, err) = (out.join().unwrap(), err.join().unwrap());
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!("{program} {args:?} ({status}) printed no JSON line ({e})\nstdout: {out}\nstderr: {err}\nserver log:\n{}", server.log())
+    let mut cmd = Command::new(program);
+    cmd.args(args).env("X402_TEST_DEPS", deps);
+    process::run_json(&mut cmd, CLIENT_TIMEOUT, || {
+        format!("server log:\n{}", server.log())
     })
 }
 
 fn pay_js(deps: &Path, server: &Server, client: &str, key: Option<&str>) -> Value {
-    let script = repo().join("tests/clients/pay.mjs");
+    let script = process::repo().join("tests/clients/pay.mjs");
     let url = server.url("/weather");
     let mut args = vec![
         script.to_str().unwrap(),
@@ -230,7 +105,7 @@ fn pay_js(deps: &Path, server: &Server, client: &str, key: Option<&str>) -> Valu
 }
 
 fn pay_py(deps: &Path, server: &Server, transport: &str) -> Value {
-    let script = repo().join("tests/clients/pay.py");
+    let script = process::repo().join("tests/clients/pay.py");
     let python = deps.join("venv/bin/python");
     let url = server.url("/weather");
     let args = [

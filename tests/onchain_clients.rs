@@ -17,11 +17,8 @@
 
 mod chain;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use alloy_primitives::{Address, B256, U256};
@@ -29,6 +26,7 @@ use alloy_provider::Provider;
 use base64::Engine as _;
 use serde_json::Value;
 
+use chain::process::{self, repo};
 use chain::{Chain, PAY_TO, RELAYER, RELAYER_KEY, TOKEN};
 
 /// The quickstart's price, `$0.001`.
@@ -36,151 +34,47 @@ const PRICE_UNITS: u64 = 1_000;
 const NONCE_USED: &str = "invalid_exact_evm_nonce_already_used";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// The clients' install dir, or `None` after a loud SKIPPED (a panic under `CI=true`).
 fn deps(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("X402_TEST_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/test-deps"));
-    let markers = [
-        dir.join("node/node_modules/@x402/fetch/package.json"),
-        dir.join("node/node_modules/x402-fetch/package.json"),
-        dir.join("venv/bin/python"),
-    ];
-    match markers.iter().find(|m| !m.exists()) {
-        None => Some(dir),
-        Some(missing) => {
-            let why = format!(
-                "{test}: x402 clients not installed ({} missing)",
-                missing.display()
-            );
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{why}; run scripts/install-test-deps.sh");
-            }
-            let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {why} ***\n");
-            None
-        }
-    }
+    process::test_deps(
+        test,
+        &[
+            "node/node_modules/@x402/fetch/package.json",
+            "node/node_modules/x402-fetch/package.json",
+            "venv/bin/python",
+        ],
+    )
 }
 
 /// `quickstart --serve --port 0 --rpc-url .. --mode ..`; killed on drop.
 struct Server {
-    child: Child,
+    process: process::Server,
     base: String,
-    log: Arc<Mutex<String>>,
 }
 
 impl Server {
     fn start(rpc: &str, mode: &str, journal: &Path) -> Server {
-        let exe = std::env::current_exe().expect("current_exe");
-        let bin = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile> dir")
-            .join("examples/quickstart");
-        assert!(
-            bin.exists(),
-            "{} not found: build it with `cargo build --all-features --examples` (scripts/test does)",
-            bin.display()
-        );
-        let mut child = Command::new(&bin)
-            .args(["--serve", "--port", "0", "--rpc-url", rpc, "--mode", mode])
+        let mut cmd = Command::new(process::example_bin("quickstart"));
+        cmd.args(["--serve", "--port", "0", "--rpc-url", rpc, "--mode", mode])
             .args(["--max-wait-ms", "100"])
             .arg("--journal")
             .arg(journal)
-            .env("X402_RELAYER_KEY", RELAYER_KEY)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-        let log = Arc::new(Mutex::new(String::new()));
-        let (first_tx, first_rx) = std::sync::mpsc::channel();
-        let stdout = child.stdout.take().expect("piped");
-        let out_log = log.clone();
-        thread::spawn(move || {
-            let mut first = Some(first_tx);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(line.clone());
-                }
-                out_log.lock().expect("lock").push_str(&format!("{line}\n"));
-            }
-        });
-        let stderr = child.stderr.take().expect("piped");
-        let err_log = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                err_log.lock().expect("lock").push_str(&format!("{line}\n"));
-            }
-        });
-        let first = first_rx.recv_timeout(TIMEOUT).unwrap_or_else(|_| {
-            panic!(
-                "quickstart printed nothing; log:\n{}",
-                log.lock().expect("lock")
-            )
-        });
-        let base = first
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
-            .to_owned();
-        Server { child, base, log }
+            .env("X402_RELAYER_KEY", RELAYER_KEY);
+        let (process, base) = process::Server::listening("quickstart", &mut cmd, TIMEOUT);
+        Server { process, base }
     }
 
     fn log(&self) -> String {
-        self.log.lock().expect("lock").clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.log()
     }
 }
 
 /// Runs a client driver (`tests/clients/pay.mjs` / `pay.py`) and returns its JSON line.
 fn run(deps: &Path, server: &Server, program: &Path, args: &[&str]) -> Value {
-    let mut child = Command::new(program)
-        .args(args)
-        .env("X402_TEST_DEPS", deps)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-    let drain = |mut r: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().expect("piped")));
-    let err = drain(Box::new(child.stderr.take().expect("piped")));
-    let deadline = Instant::now() + TIMEOUT;
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{args:?} timed out; server log:\n{}", server.log());
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let (out, err) = (out.join().expect("stdout"), err.join().expect("stderr"));
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "{args:?} printed no JSON ({e})\nstdout: {out}\nstderr: {err}\nserver log:\n{}",
-            server.log()
-        )
+    let mut cmd = Command::new(program);
+    cmd.args(args).env("X402_TEST_DEPS", deps);
+    process::run_json(&mut cmd, TIMEOUT, || {
+        format!("server log:\n{}", server.log())
     })
 }
 

@@ -399,20 +399,12 @@ fn prepaid_needs_a_public_origin() {
 /// in for the next two calls, and buys again when the credit runs out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_js_client_buys_a_bundle_then_signs_in() {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let deps = std::env::var_os("X402_TEST_DEPS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| repo.join("target/test-deps"));
-    let marker = deps.join("node/node_modules/@x402/extensions/package.json");
-    if !marker.exists() {
-        let why = format!("JS clients not installed ({} missing)", marker.display());
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{why}; CI must run this test: run scripts/install-test-deps.sh first");
-        }
-        use std::io::Write as _;
-        let _ = std::io::stderr().write_all(format!("\n*** SKIPPED {why} ***\n").as_bytes());
+    let Some(deps) = process::test_deps(
+        "official_js_client_buys_a_bundle_then_signs_in",
+        &["node/node_modules/@x402/extensions/package.json"],
+    ) else {
         return;
-    }
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let runs = Runs::default();
@@ -426,31 +418,16 @@ async fn official_js_client_buys_a_bundle_then_signs_in() {
         .unwrap();
     let app = axum::Router::new().route_service("/paid", layer.layer(runs.service()));
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new("node")
-            .arg(repo.join("tests/clients/siwx.mjs"))
-            .args(["--url", &format!("http://{addr}/paid"), "--calls", "4"])
-            .env("X402_TEST_DEPS", &deps)
-            .kill_on_drop(true)
-            .output(),
-    )
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(process::repo().join("tests/clients/siwx.mjs"))
+        .args(["--url", &format!("http://{addr}/paid"), "--calls", "4"])
+        .env("X402_TEST_DEPS", &deps);
+    let r = tokio::task::spawn_blocking(move || {
+        process::run_json(&mut cmd, Duration::from_secs(60), String::new)
+    })
     .await
-    .expect("the JS client finishes within 60 s")
-    .expect("node runs");
+    .expect("client thread");
     server.abort();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("");
-    let r: Value = serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "no JSON line ({e}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
     assert_eq!(r["error"], Value::Null, "{r}");
     let statuses: Vec<_> = r["calls"].as_array().unwrap().iter().collect();
     assert_eq!(

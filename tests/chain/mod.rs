@@ -16,10 +16,8 @@
 //! return, except under `CI=true`, where they fail.
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use alloy_network::TransactionBuilder;
@@ -28,6 +26,10 @@ use alloy_provider::{DynProvider, Provider, RootProvider};
 use alloy_sol_types::{SolCall, sol};
 use serde_json::{Value, json};
 
+// A test with both `chain` and `common` (which declares it too) loads it twice: harmless.
+#[allow(clippy::duplicate_mod)]
+#[path = "../common/process.rs"]
+pub mod process;
 #[path = "../common/upto.rs"]
 pub mod upto;
 pub use upto::{PERMIT2, UPTO_PROXY};
@@ -77,28 +79,18 @@ const UPTO_PROXY_HEX: &str = include_str!("contracts/x402UptoPermit2Proxy.runtim
 const REENTRANCY_GUARD_SLOT: B256 =
     alloy_primitives::b256!("0x9b779b17422d0df92223018b32b4d1fa46e071723d6817e2486d003becc55f00");
 
-/// A running anvil with the token; killed on drop.
+/// A running anvil with the token; killed on drop (with its [`process::Server`]).
 pub struct Chain {
-    child: Child,
+    anvil: process::Server,
     url: String,
     provider: DynProvider,
-}
-
-impl Drop for Chain {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn anvil_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("X402_ANVIL") {
         return bin.into();
     }
-    let deps = std::env::var_os("X402_TEST_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-deps"));
-    deps.join("node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
+    process::deps_dir().join("node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil")
 }
 
 impl Chain {
@@ -107,31 +99,23 @@ impl Chain {
     pub async fn start(test: &str) -> Option<Chain> {
         let bin = anvil_bin();
         if !bin.is_file() {
-            let why = format!("{test}: anvil not found at {}", bin.display());
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{why} (CI=true: run scripts/install-test-deps.sh)");
-            }
-            // Straight to stderr: the test harness hides `eprintln!` of passing tests.
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n*** SKIPPED {why} (run scripts/install-test-deps.sh) ***\n"
-            );
+            process::skip(format_args!("{test}: anvil not found at {}", bin.display()));
             return None;
         }
-        let mut child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", "0", "--chain-id", "84532"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let url = listening_url(&mut child);
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--host", "127.0.0.1", "--port", "0", "--chain-id", "84532"]);
+        // anvil prints a banner first; its address comes with `Listening on`.
+        let (anvil, url) =
+            process::Server::start_until("anvil", &mut cmd, Duration::from_secs(30), |line| {
+                line.strip_prefix("Listening on ")
+                    .map(|addr| format!("http://{}", addr.trim()))
+            });
         let provider = RootProvider::connect(&url)
             .await
             .expect("anvil url")
             .erased();
         let chain = Chain {
-            child,
+            anvil,
             url,
             provider,
         };
@@ -165,6 +149,11 @@ impl Chain {
     /// The JSON-RPC URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// What anvil printed so far (for failure messages).
+    pub fn log(&self) -> String {
+        self.anvil.log()
     }
 
     /// A provider on the chain.
@@ -339,62 +328,6 @@ impl Chain {
             .block(alloy_rpc_types_eth::BlockId::latest())
             .await
             .expect("eth_call")
-    }
-}
-
-/// Reads anvil's stdout until it says where it listens; keeps draining it afterwards so anvil
-/// never blocks on a full pipe.
-fn listening_url(child: &mut Child) -> String {
-    let stdout = child.stdout.take().expect("piped stdout");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = mpsc::channel::<Result<String, String>>();
-    let err_tx = tx.clone();
-    std::thread::spawn(move || {
-        let mut seen = String::new();
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !sent {
-                if let Some(addr) = line.strip_prefix("Listening on ") {
-                    let _ = tx.send(Ok(format!("http://{}", addr.trim())));
-                    sent = true;
-                } else if seen.len() < 16_384 {
-                    seen.push_str(&line);
-                    seen.push('\n');
-                }
-            }
-        }
-        if !sent {
-            let _ = tx.send(Err(seen));
-        }
-    });
-    std::thread::spawn(move || {
-        // Until anvil exits; only then does what it said matter.
-        let mut tail = std::collections::VecDeque::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tail.len() == 50 {
-                tail.pop_front();
-            }
-            tail.push_back(line);
-        }
-        let _ = err_tx.send(Err(Vec::from(tail).join("\n")));
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(Ok(url)) => url,
-        Ok(Err(first)) => {
-            let _ = child.kill();
-            let rest: Vec<String> =
-                std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(1)).ok())
-                    .filter_map(Result::err)
-                    .collect();
-            panic!(
-                "anvil exited before listening:\n{first}\n{}",
-                rest.join("\n")
-            );
-        }
-        Err(_) => {
-            let _ = child.kill();
-            panic!("anvil did not start listening within 30 s");
-        }
     }
 }
 

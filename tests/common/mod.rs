@@ -4,6 +4,7 @@
 //! Every test file uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod siwx;
 
 use std::convert::Infallible;
@@ -434,54 +435,14 @@ pub async fn wire(
 /// stdout; fails on a non-zero exit or after 60 s. The binary is built by `cargo build
 /// --all-targets` (scripts/test does), next to this test's `deps/` dir.
 pub fn run_example(name: &str) -> String {
-    use std::io::Read;
-    use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
-
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("target/<profile> dir")
-        .join("examples")
-        .join(name);
+    let mut cmd = std::process::Command::new(process::example_bin(name));
+    let out = process::run(&mut cmd, Duration::from_secs(60), String::new);
     assert!(
-        bin.exists(),
-        "{} not found: build it with `cargo build --all-features --examples` (scripts/test does)",
-        bin.display()
+        out.status.success(),
+        "{name} example: {}\n{}\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
     );
-    let mut child = Command::new(&bin)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-    // Drain both pipes while it runs, so a chatty example cannot block on a full pipe.
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the example") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{name} example still running after 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (out, err) = (out.join().expect("stdout"), err.join().expect("stderr"));
-    assert!(status.success(), "{name} example: {status}\n{out}\n{err}");
-    out
+    out.stdout
 }
