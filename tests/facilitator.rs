@@ -3,7 +3,8 @@
 //! `examples/facilitator.rs` (our layer with the client as verifier and settler). The official
 //! clients pay it (`tests/clients/pay.mjs` JS v2 and v1, `tests/clients/pay.py` Python v2); each
 //! test checks that the payee's balance rose by exactly the price, that the receipt carries the
-//! mined transaction, and that the same proof replayed is refused.
+//! mined transaction, and that the same proof replayed is refused. The `upto` scheme goes
+//! through the same facilitator (its `UptoEvmScheme`), settling exactly the metered amount.
 //!
 //! Needs node + the pinned packages, the Python venv and anvil in `$X402_TEST_DEPS` (default
 //! `<repo>/target/test-deps`, from `scripts/install-test-deps.sh`), and the example binary
@@ -277,4 +278,138 @@ async fn reference_supported_and_refusal_reach_our_types() {
     );
     // The facilitator's own words stay in the error for logs (bounded), not in the 402.
     assert!(err.to_string().contains("exceeds balance"), "{err}");
+}
+
+/// `upto` through the reference facilitator: its `/supported` names the settling account, our
+/// `FacilitatorClient` verifies the official-shaped permit there and settles exactly the
+/// metered amount (`/settle` gets the verified request with `amount` = the usage); zero usage
+/// and usage above the maximum send nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn upto_through_the_reference_facilitator_settles_the_metered_amount() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::routing::get;
+    use tower::ServiceExt as _;
+    use tower_x402::facilitator::FacilitatorClient;
+    use tower_x402::test_util::{PrivateKeySigner, pay_upto, upto_payload};
+    use tower_x402::upto::Usage;
+    use tower_x402::{Asset, Network, PaymentLayer, PaymentOption};
+
+    const MAX: u64 = 50_000;
+    let Some(stack) = Stack::start(
+        "upto_facilitator",
+        "node/node_modules/@x402/evm/package.json",
+    )
+    .await
+    else {
+        return;
+    };
+    let client = FacilitatorClient::new(stack.facilitator.url.clone()).unwrap();
+    let supported = client.supported().await.expect("GET /supported");
+    let facilitator = supported
+        .upto_facilitator(Network::BASE_SEPOLIA)
+        .unwrap_or_else(|| panic!("no upto kind with a facilitatorAddress: {supported:?}"));
+    assert_eq!(
+        facilitator,
+        chain::RELAYER,
+        "facilitator.mjs settles from anvil #0"
+    );
+    let payer: PrivateKeySigner = chain::PAYER3_KEY.parse().unwrap();
+    stack.chain.approve_permit2(payer.address()).await;
+    let option = PaymentOption::upto_atomic(
+        &Asset::usdc_base_sepolia(),
+        U256::from(MAX),
+        PAY_TO,
+        facilitator,
+    )
+    .unwrap();
+    let req = option.requirements().clone();
+    let layer = PaymentLayer::builder()
+        .accept(option)
+        .verifier(client.clone())
+        .settler(client)
+        .build()
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let app = Router::new()
+        .route(
+            "/generate",
+            get(move |usage: Usage, uri: http::Uri| {
+                let counted = counted.clone();
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let want: u64 = uri
+                        .query()
+                        .and_then(|q| q.strip_prefix("use="))
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                    let _ = usage.charge_atomic(want);
+                    format!("used {}", usage.total())
+                }
+            }),
+        )
+        .layer(layer);
+    let call = |path: String| {
+        let app = app.clone();
+        let header = pay_upto(&req, &upto_payload(&payer, &req, now()));
+        async move {
+            let mut request = http::Request::get(format!("http://api.test{path}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            request.headers_mut().insert(header.0, header.1);
+            let res = app.oneshot(request).await.unwrap();
+            let receipt = res
+                .headers()
+                .get("payment-response")
+                .map(|v| tower_x402::proto::header::decode_bytes(v, 1 << 16).unwrap())
+                .map(|j| serde_json::from_slice::<Value>(&j).unwrap());
+            (res.status(), receipt)
+        }
+    };
+    let (to_before, from_before) = (
+        stack.chain.balance(PAY_TO).await,
+        stack.chain.balance(payer.address()).await,
+    );
+
+    let (status, receipt) = call("/generate?use=1234".into()).await;
+    let receipt = receipt.expect("a receipt");
+    assert_eq!(status, http::StatusCode::OK, "{receipt}\n{}", stack.logs());
+    assert_eq!(receipt["amount"], "1234", "{receipt}");
+    let tx: B256 = receipt["transaction"].as_str().unwrap().parse().unwrap();
+    let mined = stack
+        .chain
+        .provider()
+        .get_transaction_receipt(tx)
+        .await
+        .unwrap();
+    assert!(mined.is_some_and(|r| r.status()), "{}", stack.logs());
+
+    let (status, receipt) = call("/generate?use=0".into()).await;
+    assert_eq!(status, http::StatusCode::OK);
+    assert_eq!(receipt.expect("a receipt")["transaction"], "");
+    let (status, _) = call(format!("/generate?use={}", MAX + 1)).await;
+    assert_eq!(status, http::StatusCode::PAYMENT_REQUIRED);
+
+    // Exactly the metered amount moved, once.
+    assert_eq!(
+        stack.chain.balance(PAY_TO).await,
+        to_before + U256::from(1234)
+    );
+    assert_eq!(
+        stack.chain.balance(payer.address()).await,
+        from_before - U256::from(1234)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    let settles = stack.facilitator.process.log().matches("/settle").count();
+    assert_eq!(settles, 1, "one /settle call:\n{}", stack.logs());
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }

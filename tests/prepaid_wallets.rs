@@ -16,7 +16,6 @@
 mod chain;
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -595,18 +594,14 @@ async fn signatures_are_bounded_and_eoa_only_without_a_checker() {
 /// `constants/contracts.ts`); the installed viem is the pinned one.
 #[test]
 fn the_validator_bytecode_is_viems() {
-    let deps = std::env::var_os("X402_TEST_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-deps"));
-    let viem = deps.join("node/node_modules/viem");
-    let Ok(source) = std::fs::read_to_string(viem.join("constants/contracts.ts")) else {
-        let why = format!("viem not found at {}", viem.display());
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{why} (CI=true: run scripts/install-test-deps.sh)");
-        }
-        eprintln!("\n*** SKIPPED the_validator_bytecode_is_viems: {why} ***\n");
+    let Some(deps) = common::process::test_deps(
+        "the_validator_bytecode_is_viems",
+        &["node/node_modules/viem/constants/contracts.ts"],
+    ) else {
         return;
     };
+    let viem = deps.join("node/node_modules/viem");
+    let source = std::fs::read_to_string(viem.join("constants/contracts.ts")).expect("readable");
     let package = std::fs::read_to_string(viem.join("package.json")).expect("package.json");
     assert!(
         package.contains("\"version\": \"2.57.20\""),

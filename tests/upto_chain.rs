@@ -9,9 +9,9 @@
 
 mod chain;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use alloy_primitives::{Address, B256, Bytes, U256, b256};
@@ -190,41 +190,18 @@ async fn upto_permit_settles_the_actual_amount_once_and_only_for_the_facilitator
 }
 
 fn deps(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("X402_TEST_DEPS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-deps"));
-    let marker = dir.join("node/node_modules/@x402/evm/package.json");
-    if marker.exists() {
-        return Some(dir);
-    }
-    let why = format!("{test}: {} missing", marker.display());
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{why}; run scripts/install-test-deps.sh");
-    }
-    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED {why} ***\n");
-    None
+    chain::process::test_deps(test, &["node/node_modules/@x402/evm/package.json"])
 }
 
 /// Runs `tests/chain/upto-sign.mjs`: the official client's payload for `requirements` with
 /// `key`, viem's digest of it and viem's own signature.
 fn official_upto_payload(deps: &Path, key: &str, requirements: &Value) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chain/upto-sign.mjs");
-    let out = Command::new("node")
-        .arg(&script)
+    let mut cmd = Command::new("node");
+    cmd.arg(chain::process::repo().join("tests/chain/upto-sign.mjs"))
         .arg(key)
         .arg(requirements.to_string())
-        .env("X402_TEST_DEPS", deps)
-        .output()
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "upto-sign.mjs failed: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("upto-sign.mjs output ({e}): {stdout}"))
+        .env("X402_TEST_DEPS", deps);
+    chain::process::run_json(&mut cmd, Duration::from_secs(60), String::new)
 }
 
 #[tokio::test]
@@ -409,21 +386,11 @@ mod layer {
 
     /// `node tests/clients/upto.mjs --url URL --key KEY --replay`: its one JSON line.
     fn official_client(deps: &Path, url: &str, key: &str) -> Value {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/upto.mjs");
-        let out = Command::new("node")
-            .arg(&script)
+        let mut cmd = Command::new("node");
+        cmd.arg(chain::process::repo().join("tests/clients/upto.mjs"))
             .args(["--url", url, "--key", key, "--replay"])
-            .env("X402_TEST_DEPS", deps)
-            .output()
-            .expect("run node");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(line).unwrap_or_else(|e| {
-            panic!(
-                "upto.mjs output ({e}): {stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+            .env("X402_TEST_DEPS", deps);
+        chain::process::run_json(&mut cmd, Duration::from_secs(60), String::new)
     }
 
     #[tokio::test]
@@ -800,4 +767,45 @@ mod paying_client {
         assert_eq!(chain.balance(PAY_TO).await, to_before);
         assert_eq!(chain.balance(owner).await, from_before);
     }
+}
+
+/// `examples/economics.rs` on its own anvil, in its `upto` and prepaid modes, small: every call
+/// served, the upto row settles one transaction per call, the prepaid bundle one for all its
+/// calls (the README's cost table comes from the same program, in release, at full size).
+#[cfg(feature = "deferred")]
+#[test]
+fn the_economics_example_measures_upto_and_a_prepaid_bundle() {
+    let mut cmd = Command::new(chain::process::example_bin("economics"));
+    cmd.args([
+        "--modes",
+        "upto,prepaid",
+        "--payments",
+        "3",
+        "--bundle",
+        "5",
+    ]);
+    let out = chain::process::run(&mut cmd, Duration::from_secs(120), String::new);
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    let row = |mode: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {mode}")))
+            .unwrap_or_else(|| panic!("no {mode} row in:\n{}", out.stdout))
+            .split('|')
+            .map(str::trim)
+            .collect::<Vec<_>>()
+    };
+    let upto = row("upto");
+    assert_eq!(upto[2], "3 for 3", "{upto:?}");
+    assert_eq!(upto[9], "0", "failures: {upto:?}");
+    let gas: u64 = upto[3].parse().expect("gas per call");
+    assert!((60_000..150_000).contains(&gas), "{upto:?}");
+    let prepaid = row("Prepaid bundle of 5 calls");
+    assert_eq!(prepaid[2], "1 for 5", "{prepaid:?}");
+    assert_eq!(prepaid[9], "0", "failures: {prepaid:?}");
+    let per_call: u64 = prepaid[3].parse().expect("gas per call");
+    assert!(
+        per_call < gas / 4,
+        "a bundle of 5 divides one settlement's gas: {prepaid:?}"
+    );
 }

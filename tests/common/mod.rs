@@ -435,7 +435,13 @@ pub async fn wire(
 /// stdout; fails on a non-zero exit or after 60 s. The binary is built by `cargo build
 /// --all-targets` (scripts/test does), next to this test's `deps/` dir.
 pub fn run_example(name: &str) -> String {
+    run_example_with(name, &[])
+}
+
+/// [`run_example`] with command-line arguments.
+pub fn run_example_with(name: &str, args: &[&str]) -> String {
     let mut cmd = std::process::Command::new(process::example_bin(name));
+    cmd.args(args);
     let out = process::run(&mut cmd, Duration::from_secs(60), String::new);
     assert!(
         out.status.success(),
