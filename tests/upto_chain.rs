@@ -306,7 +306,7 @@ mod layer {
 
     /// A route metering `?use=N` (default [`USED`]) behind an `upto` option of `MAX`, settled
     /// on `chain` by the relayer; counts handler runs.
-    async fn app(chain: &Chain) -> (Router, OnchainSettler, Arc<AtomicUsize>) {
+    pub(super) async fn app(chain: &Chain) -> (Router, OnchainSettler, Arc<AtomicUsize>) {
         let settler = OnchainSettler::connect(chain.url(), signer(chain::RELAYER_KEY))
             .await
             .expect("settler");
@@ -551,8 +551,7 @@ mod paying_client {
     use alloy_primitives::{ChainId, Signature};
     use alloy_provider::Provider as _;
     use alloy_signer::Signer;
-    use axum::Router;
-    use axum::routing::get;
+
     use bytes::Bytes;
     use http_body_util::{BodyExt as _, Full};
     use hyper_util::client::legacy::Client;
@@ -563,8 +562,8 @@ mod paying_client {
         Budget, Error, PayingLayer, PaymentOutcome, PaymentReport, Policy, Refusal,
     };
     use tower_x402::settle::onchain::OnchainSettler;
-    use tower_x402::upto::Usage;
-    use tower_x402::{Asset, PaymentLayer, PaymentOption};
+
+    use tower_x402::Asset;
 
     use super::*;
 
@@ -609,8 +608,8 @@ mod paying_client {
         fn set_chain_id(&mut self, _: Option<ChainId>) {}
     }
 
-    /// Serves a route metering [`USED`] behind an `upto` option of `MAX`, settled on `chain`
-    /// by the relayer; counts handler runs.
+    /// Serves [`super::layer::app`] on loopback: a route metering `?use=N` behind an `upto`
+    /// option of `MAX`, settled on `chain` by the relayer; counts handler runs.
     async fn serve(
         chain: &Chain,
     ) -> (
@@ -619,34 +618,7 @@ mod paying_client {
         OnchainSettler,
         Arc<AtomicUsize>,
     ) {
-        let settler = OnchainSettler::connect(chain.url(), signer(chain::RELAYER_KEY))
-            .await
-            .expect("settler");
-        let option = PaymentOption::upto_atomic(
-            &Asset::usdc_base_sepolia(),
-            U256::from(MAX),
-            PAY_TO,
-            settler.relayer(),
-        )
-        .expect("option");
-        let layer = PaymentLayer::builder()
-            .accept(option)
-            .settler(settler.clone())
-            .build()
-            .expect("layer");
-        let runs = Arc::new(AtomicUsize::new(0));
-        let counted = runs.clone();
-        let route = get(move |usage: Usage| {
-            let counted = counted.clone();
-            async move {
-                counted.fetch_add(1, Ordering::SeqCst);
-                match usage.charge_atomic(USED) {
-                    Ok(total) => format!("generated; charged {total}"),
-                    Err(e) => format!("stopped: {e}"),
-                }
-            }
-        });
-        let app = Router::new().route("/generate", route).layer(layer);
+        let (app, settler, runs) = super::layer::app(chain).await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -662,7 +634,7 @@ mod paying_client {
     }
 
     fn get_generate(addr: std::net::SocketAddr) -> http::Request<Full<Bytes>> {
-        http::Request::get(format!("http://{addr}/generate"))
+        http::Request::get(format!("http://{addr}/generate?use={USED}"))
             .body(Full::default())
             .expect("request")
     }

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use super::{
     Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotencyStore, StoreError, StoredResponse,
 };
-use crate::nonce::redis::{MAX_EXPIRY_MS, connect, new_token, run_script, unavailable};
+use crate::nonce::redis::{MAX_EXPIRY_MS, new_token, run_script, unavailable};
 
 /// `KEYS[1]` the key, `ARGV[1]` the in-progress value, `ARGV[2]` expiry in Unix ms,
 /// `ARGV[3]` minimum and `ARGV[4]` maximum TTL in ms, `ARGV[5]` `"1"` on a retry. Returns nil
@@ -118,6 +118,8 @@ pub struct RedisIdempotencyStore {
     retry_after: Option<Duration>,
 }
 
+crate::nonce::redis::redis_store_builders!(RedisIdempotencyStore, "x402:idem:");
+
 impl std::fmt::Debug for RedisIdempotencyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The connection is left out: its address may carry a password.
@@ -159,33 +161,6 @@ impl RedisIdempotencyStore {
             max_ttl: Self::DEFAULT_MAX_TTL,
             retry_after: None,
         }
-    }
-
-    /// Connects to `url` as [`RedisNonceStore::connect`](crate::nonce::RedisNonceStore::connect)
-    /// does.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`]: the URL does not parse or Redis cannot be reached in time.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Ok(Self::new(connect(url, Self::CONNECT_TIMEOUT).await?))
-    }
-
-    /// Sets the key prefix (default `"x402:idem:"`).
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// Sets the deadline of each operation, retry included (default 500 ms).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Sets the `Retry-After` suggested when Redis is unavailable (default none: the layer's).
-    pub fn with_retry_after(mut self, wait: Duration) -> Self {
-        self.retry_after = Some(wait);
-        self
     }
 
     /// Sets the longest life of an entry (default 1 h), by Redis's clock.

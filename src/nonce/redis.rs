@@ -152,6 +152,8 @@ pub struct RedisNonceStore {
     retry_after: Option<Duration>,
 }
 
+redis_store_builders!(RedisNonceStore, "x402:nonce:");
+
 impl std::fmt::Debug for RedisNonceStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The connection is left out: its address may carry a password.
@@ -192,48 +194,6 @@ impl RedisNonceStore {
             min_ttl: Self::DEFAULT_MIN_TTL,
             retry_after: None,
         }
-    }
-
-    /// Connects to `url` (`redis://[:password@]host[:port][/db]`, `rediss://` needs a TLS
-    /// feature of the `redis` crate) and waits for the first connection, at most
-    /// [`RedisNonceStore::CONNECT_TIMEOUT`].
-    ///
-    /// Each later connection attempt times out after 1 s, and reconnection attempts are at
-    /// most 200 ms apart (100 ms plus jitter), so service resumes within the command deadline
-    /// once Redis is back. For a connection that is only made on first use, build a manager
-    /// with [`ConnectionManager::new_lazy_with_config`] and pass it to [`RedisNonceStore::new`].
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`]: the URL does not parse, or Redis cannot be reached in time.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Ok(Self::new(connect(url, Self::CONNECT_TIMEOUT).await?))
-    }
-
-    /// The connection manager (cheap to clone): e.g. for a
-    /// [`RedisIdempotencyStore`](crate::idempotency::RedisIdempotencyStore) on the same Redis.
-    pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
-    }
-
-    /// Sets the key prefix (default `"x402:nonce:"`): give each deployment sharing a Redis
-    /// its own.
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// Sets the deadline for each operation, retry included (default 500 ms). Past it the
-    /// request fails closed with 503.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Sets the `Retry-After` suggested when Redis is unavailable (default none: the
-    /// layer's own `retry_after` applies).
-    pub fn with_retry_after(mut self, wait: Duration) -> Self {
-        self.retry_after = Some(wait);
-        self
     }
 
     /// Sets the minimum TTL of a reservation, by Redis's clock (default 1 s; whole
@@ -277,6 +237,62 @@ impl RedisNonceStore {
         .await
     }
 }
+
+/// The builder methods every Redis store of this crate shares; the type has `conn`, `prefix`,
+/// `timeout` and `retry_after` fields, `new(ConnectionManager)` and a `CONNECT_TIMEOUT`.
+macro_rules! redis_store_builders {
+    ($ty:ident, $prefix:literal) => {
+        impl $ty {
+            #[doc = concat!(
+                "Connects to `url` (`redis://[:password@]host[:port][/db]`; `rediss://` needs a ",
+                "TLS feature of the `redis` crate) and waits for the first connection, at most [`",
+                stringify!($ty), "::CONNECT_TIMEOUT`].\n\n",
+                "Each later connection attempt times out after 1 s, and reconnection attempts are ",
+                "at most 200 ms apart (100 ms plus jitter), so service resumes within the command ",
+                "deadline once Redis is back. For a connection made only on first use, build a ",
+                "manager with `ConnectionManager::new_lazy_with_config` and pass it to [`",
+                stringify!($ty), "::new`].\n\n",
+                "# Errors\n[`StoreError::Unavailable`](crate::nonce::StoreError::Unavailable): ",
+                "the URL does not parse, or Redis cannot be reached in time."
+            )]
+            pub async fn connect(url: &str) -> Result<Self, $crate::nonce::StoreError> {
+                Ok(Self::new(
+                    $crate::nonce::redis::connect(url, Self::CONNECT_TIMEOUT).await?,
+                ))
+            }
+
+            /// The connection manager (cheap to clone): open the crate's other Redis stores
+            /// (nonces, idempotency, prepaid credit) on the same Redis with it.
+            pub fn connection(&self) -> ::redis::aio::ConnectionManager {
+                self.conn.clone()
+            }
+
+            #[doc = concat!(
+                "Sets the key prefix (default `\"", $prefix, "\"`): give each deployment (and ",
+                "each prepaid route) sharing a Redis its own."
+            )]
+            pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+                self.prefix = prefix.into();
+                self
+            }
+
+            /// Sets the deadline of each operation, retry included (default 500 ms). Past it
+            /// the request fails closed with 503.
+            pub fn with_timeout(mut self, timeout: ::std::time::Duration) -> Self {
+                self.timeout = timeout;
+                self
+            }
+
+            /// Sets the `Retry-After` suggested when Redis is unavailable (default none: the
+            /// layer's own `retry_after` applies).
+            pub fn with_retry_after(mut self, wait: ::std::time::Duration) -> Self {
+                self.retry_after = Some(wait);
+                self
+            }
+        }
+    };
+}
+pub(crate) use redis_store_builders;
 
 /// Runs `script` on `key` under `timeout`; with `retry`, once more after a connection error,
 /// with a last argument `"1"` (`"0"` on the first attempt) so the script can recognise its

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 
 use super::ledger::{CreditLedger, Debit, Grant};
 use crate::nonce::StoreError;
-use crate::nonce::redis::{MAX_EXPIRY_MS, connect, run_script, unavailable};
+use crate::nonce::redis::{MAX_EXPIRY_MS, run_script, unavailable};
 
 /// Shared head of the three scripts. An entry is `<calls>:<expires_at>`, each side decimal
 /// digits or empty (`None`). `ARGV[1]` is the retention in ms. `put` writes an entry with its
@@ -200,6 +200,8 @@ pub struct RedisCreditLedger {
     retry_after: Option<Duration>,
 }
 
+crate::nonce::redis::redis_store_builders!(RedisCreditLedger, "x402:credit:");
+
 impl std::fmt::Debug for RedisCreditLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The connection is left out: its address may carry a password.
@@ -239,39 +241,6 @@ impl RedisCreditLedger {
             retention: Self::DEFAULT_RETENTION,
             retry_after: None,
         }
-    }
-
-    /// Connects to `url` as [`RedisNonceStore::connect`](crate::nonce::RedisNonceStore::connect)
-    /// does.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`]: the URL does not parse or Redis cannot be reached in time.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Ok(Self::new(connect(url, Self::CONNECT_TIMEOUT).await?))
-    }
-
-    /// The connection manager (cheap to clone).
-    pub fn connection(&self) -> ConnectionManager {
-        self.conn.clone()
-    }
-
-    /// Sets the key prefix (default `"x402:credit:"`): one per prepaid route and deployment.
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
-        self
-    }
-
-    /// Sets the deadline of each operation (default 500 ms). Past it a sign-in fails closed
-    /// with 503.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Sets the `Retry-After` suggested when Redis is unavailable (default none: the layer's).
-    pub fn with_retry_after(mut self, wait: Duration) -> Self {
-        self.retry_after = Some(wait);
-        self
     }
 
     /// Sets how long Redis keeps credit after it expired or was spent (default 1 day; whole

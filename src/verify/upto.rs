@@ -164,6 +164,7 @@ fn naming(
 
 /// The typed payment of an `upto` payload that names `req`, before anyone checked its
 /// signature or validity window: for verifiers that delegate those (a facilitator).
+#[cfg(feature = "facilitator")]
 pub(crate) fn unverified(
     payload: &PaymentPayload,
     req: &PaymentRequirements,
