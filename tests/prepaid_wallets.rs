@@ -28,10 +28,9 @@ use alloy_sol_types::{SolCall, sol};
 use async_trait::async_trait;
 use axum::body::Body;
 use chain::{Chain, RELAYER};
-use common::siwx::{declaration, header, personal_sign, signed, unsigned};
+use common::siwx::{Runs, declaration, header, personal_sign, signed, unsigned};
 use common::*;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use serde_json::{Value, json};
 use tower::Layer;
 use tower_x402::Network;
@@ -39,7 +38,7 @@ use tower_x402::clock::FixedClock;
 use tower_x402::prepaid::wallets::{ERC6492_VALIDATOR_BYTECODE, Erc6492};
 use tower_x402::prepaid::{
     Bundle, ContractSignatureError, ContractSignatures, CreditLedger, Grant, MemoryCreditLedger,
-    Prepaid, ProviderSignatures, SignedIn,
+    Prepaid, ProviderSignatures,
 };
 use tower_x402::test_util::PrivateKeySigner;
 
@@ -56,43 +55,6 @@ const CALLS: u64 = 5;
 
 // ------------------------------------------------------------------------------------------------
 // Harness
-
-/// A handler that counts its runs and names who signed in.
-#[derive(Clone, Default)]
-struct Runs(Arc<AtomicUsize>);
-
-impl Runs {
-    fn get(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-
-    fn service(
-        &self,
-    ) -> impl tower::Service<
-        Request<Body>,
-        Response = Response<Full<bytes::Bytes>>,
-        Error = std::convert::Infallible,
-        Future: Send,
-    > + Clone
-    + Send
-    + 'static {
-        let runs = self.0.clone();
-        tower::service_fn(move |req: Request<Body>| {
-            let runs = runs.clone();
-            async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                let signed = req.extensions().get::<SignedIn>().copied();
-                let body = json!({
-                    "signedIn": signed.map(|s| s.payer.to_checksum(None)),
-                    "remaining": signed.and_then(|s| s.remaining),
-                });
-                Ok(Response::new(Full::new(bytes::Bytes::from(
-                    body.to_string(),
-                ))))
-            }
-        })
-    }
-}
 
 /// A checker that counts its calls and can be switched to a dead RPC.
 struct Switch {
