@@ -1,7 +1,8 @@
 //! Cost of each step of the paid path, and the whole in-process verification.
 //!
 //! `cargo bench --bench verify --features test-util`. Targets (issue 3): full verification
-//! ≤ 1.15 × one signature recovery (the physical floor), nonce claim ≤ 1 µs.
+//! ≤ 1.15 × one signature recovery (the physical floor), nonce claim ≤ 1 µs. `upto_*`: the
+//! same for a Permit2 `upto` proof (its digest takes six keccaks to `exact`'s two).
 
 use std::future::Future;
 use std::hint::black_box;
@@ -14,8 +15,9 @@ use tower_x402::nonce::{MemoryNonceStore, NonceKey, NonceStore};
 use tower_x402::primitives::{Address, B256, U256, address};
 use tower_x402::proto::header::decode_bytes;
 use tower_x402::proto::{PaymentPayload, v2};
-use tower_x402::test_util::{demo_payer, encode, exact_payload, v2_json};
+use tower_x402::test_util::{demo_payer, encode, exact_payload, pay_upto, upto_payload, v2_json};
 use tower_x402::verify::exact::{domain_separator, recover_signer, signing_hash};
+use tower_x402::verify::upto::signing_hash as upto_signing_hash;
 use tower_x402::{Asset, ExactEvmVerifier, PaymentOption};
 
 const NOW: u64 = 1_760_000_000;
@@ -66,6 +68,29 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             verifier
                 .verify_sync(black_box(&decoded), black_box(&req))
+                .expect("valid")
+        })
+    });
+    // upto: the Permit2 witness digest (alloy's `sol!` EIP-712, with its nested struct
+    // hashes) and the same one recovery.
+    let upto_option = PaymentOption::upto(&Asset::usdc_base_sepolia(), "$0.05", pay_to, pay_to)
+        .expect("valid upto option");
+    let upto_req = upto_option.requirements().clone();
+    let upto = upto_payload(&signer, &upto_req, NOW);
+    let (_, upto_header) = pay_upto(&upto_req, &upto);
+    let upto_decoded = PaymentPayload::V2(
+        serde_json::from_slice::<v2::PaymentPayload>(
+            &decode_bytes(&upto_header, 8192).expect("b64"),
+        )
+        .expect("json"),
+    );
+    g.bench_function("upto_digest", |b| {
+        b.iter(|| upto_signing_hash(84532, black_box(&upto.permit2_authorization)))
+    });
+    g.bench_function("upto_full_verify", |b| {
+        b.iter(|| {
+            verifier
+                .verify_sync(black_box(&upto_decoded), black_box(&upto_req))
                 .expect("valid")
         })
     });

