@@ -29,7 +29,7 @@ use tower_x402::primitives::{B256, Bytes, address};
 use tower_x402::proto::header::PAYMENT_SIGNATURE;
 use tower_x402::proto::header::decode_bytes;
 use tower_x402::proto::{PaymentPayload, v2};
-use tower_x402::test_util::{demo_payer, encode, exact_payload, v2_json};
+use tower_x402::test_util::{demo_payer, encode, exact_payload, pay_upto, upto_payload, v2_json};
 use tower_x402::verify::exact::{domain_separator, recover_signer, signing_hash};
 use tower_x402::{Asset, ExactEvmVerifier, PaymentLayer, PaymentOption};
 
@@ -102,7 +102,9 @@ fn main() {
         args.first(),
         args.get(1).and_then(|k| k.parse::<usize>().ok()),
     ) else {
-        eprintln!("usage: verify_count <verify|recover|decode> <K>");
+        eprintln!(
+            "usage: verify_count <verify|verify-upto|recover|decode|bare|challenge|paid> <K>"
+        );
         std::process::exit(2);
     };
     let pay_to = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
@@ -161,6 +163,19 @@ fn main() {
             for i in 0..k {
                 let payload = decode(black_box(&headers[i % MADE])).expect("decodes");
                 ok += usize::from(verifier.verify_sync(&payload, &req).is_ok());
+            }
+        }
+        "verify-upto" => {
+            // The same, for a Permit2 `upto` proof of the same payer.
+            let upto = PaymentOption::upto(&Asset::usdc_base_sepolia(), "$0.05", pay_to, pay_to)
+                .expect("upto option");
+            let upto_req = upto.requirements().clone();
+            let headers: Vec<HeaderValue> = (0..MADE)
+                .map(|_| pay_upto(&upto_req, &upto_payload(&signer, &upto_req, NOW)).1)
+                .collect();
+            for i in 0..k {
+                let payload = decode(black_box(&headers[i % MADE])).expect("decodes");
+                ok += usize::from(verifier.verify_sync(&payload, &upto_req).is_ok());
             }
         }
         "recover" => {
