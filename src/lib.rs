@@ -193,6 +193,8 @@ pub mod price;
 pub mod proto;
 pub mod rejection;
 mod response;
+#[cfg(any(feature = "client", feature = "facilitator"))]
+mod retry_after;
 mod service;
 pub mod settle;
 #[cfg(feature = "test-util")]

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, StatusCode, header::RETRY_AFTER};
+use http::{HeaderMap, StatusCode};
 
 /// Retries of a call on 429 (rate limited) and 500/502/503/504 or a transport error after a
 /// proof was sent (outcome unknown). A 402 is never retried with a new signature, and 401 and
@@ -140,10 +140,9 @@ fn fraction(max: Duration) -> Duration {
     max.mul_f64(r)
 }
 
-/// `Retry-After` in delta-seconds.
+/// `Retry-After`: delta-seconds or an HTTP date (a date in the past is no wait).
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    v.parse::<u64>().ok().map(Duration::from_secs)
+    crate::retry_after::parse(headers, std::time::SystemTime::now())
 }
 
 /// Statuses retried as server errors.
@@ -159,6 +158,8 @@ pub(crate) fn is_retryable_server_error(status: StatusCode) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use http::header::RETRY_AFTER;
+
     use super::*;
     use http::HeaderValue;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 
 use super::auth::{AuthHeaders, AuthRequest, Endpoint};
@@ -148,15 +148,7 @@ impl Transport {
 /// `Retry-After` as a wait: delay-seconds or an HTTP date, at most `cap`. A date in the past
 /// is no wait; garbage is ignored.
 pub(crate) fn retry_after(headers: &HeaderMap, cap: Duration) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    let wait = if value.bytes().all(|b| b.is_ascii_digit()) && !value.is_empty() {
-        // More digits than a u64 holds is "very long": capped below.
-        Duration::from_secs(value.parse().unwrap_or(u64::MAX))
-    } else {
-        let at = httpdate::parse_http_date(value).ok()?;
-        at.duration_since(SystemTime::now()).unwrap_or_default()
-    };
-    Some(wait.min(cap))
+    crate::retry_after::parse(headers, SystemTime::now()).map(|wait| wait.min(cap))
 }
 
 /// Exponential backoff with jitter before retry `attempt` (1-based): a random wait in
@@ -175,6 +167,8 @@ pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    use http::header::RETRY_AFTER;
+
     use super::*;
 
     #[test]
