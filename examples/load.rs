@@ -1007,10 +1007,12 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
         )),
     }
 
-    // Deferred settlement on a fresh anvil each (the same pre-signed payments, unused there).
-    // The smoke run keeps the seller's configuration only (pre-check on).
+    // Deferred settlement on a fresh anvil each, with payments signed for it (the run's first
+    // batch would have expired by the last rows: a proof is valid for 300 s). The smoke run
+    // keeps the seller's configuration only (pre-check on).
+    let sign = || Rc::new(sign_headers(&req, cfg.headers / 4, ours.clone()));
     let disk = std::env::temp_dir();
-    rows.push(deferred_row(&cfg, "paid-deferred", "paid-deferred", &disk, &headers).await?);
+    rows.push(deferred_row(&cfg, "paid-deferred", "paid-deferred", &disk, &sign()).await?);
     if !cfg.smoke {
         rows.push(
             deferred_row(
@@ -1018,7 +1020,7 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
                 "deferred-optimistic",
                 "deferred-optimistic",
                 &disk,
-                &headers,
+                &sign(),
             )
             .await?,
         );
@@ -1026,14 +1028,14 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
         // settler itself adds (pre-check RPC, journal code), as on a disk with fast syncs.
         let shm = std::path::Path::new("/dev/shm");
         if shm.is_dir() {
-            rows.push(deferred_row(&cfg, "deferred tmpfs", "paid-deferred", shm, &headers).await?);
+            rows.push(deferred_row(&cfg, "deferred tmpfs", "paid-deferred", shm, &sign()).await?);
             rows.push(
                 deferred_row(
                     &cfg,
                     "deferred-opt tmpfs",
                     "deferred-optimistic",
                     shm,
-                    &headers,
+                    &sign(),
                 )
                 .await?,
             );
@@ -1161,7 +1163,8 @@ async fn deferred_row(
         .sum();
     let want = option().requirements().amount * U256::from(sold);
     let t0 = Instant::now();
-    let limit = Duration::from_secs(if cfg.smoke { 30 } else { 180 });
+    // Under the proofs' 300 s validity: what is not settled by then never will be.
+    let limit = Duration::from_secs(if cfg.smoke { 30 } else { 280 });
     let settled = loop {
         let got = chain.balance(PAY_TO).await;
         if got >= want || t0.elapsed() > limit {

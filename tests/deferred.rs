@@ -416,6 +416,39 @@ async fn rpc_down_at_request_time_answers_503_unless_the_precheck_is_off() {
     assert_eq!(served.hits(), 1);
 }
 
+/// `max_pending`: with the backlog full, a new payment gets 503 with `Retry-After: 1`
+/// before the handler, and keeps its proof (served once the backlog drains).
+#[tokio::test]
+async fn a_full_backlog_answers_503_and_keeps_the_proof() {
+    // The RPC is down, so nothing drains: the backlog only grows.
+    let settler = DeferredSettler::builder(onchain(&chain::closed_port_url()).await)
+        .journal(journal("deferred_backlog"))
+        .max_wait(Duration::from_secs(600))
+        .precheck(false)
+        .max_pending(2)
+        .start()
+        .expect("deferred settler");
+    let served = app(settler.clone());
+    let req = option("$0.01").requirements().clone();
+    for _ in 0..2 {
+        let (status, _) = served
+            .get(pay(&demo_payer(), &req, now(), X402Version::V2))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(settler.pending(), 2);
+    let third = pay(&demo_payer(), &req, now(), X402Version::V2);
+    let (status, res) = served.get(third).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        res.get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    assert_eq!(served.hits(), 2, "the third handler did not run");
+    assert_eq!(settler.pending(), 2, "nothing journaled for it");
+}
+
 /// A TCP proxy to anvil that can be cut (every connection dropped, new ones refused) and
 /// restored.
 struct Proxy {
