@@ -27,6 +27,32 @@ fn prepaid(clock: &FixedClock, bundle: Bundle) -> PaymentLayerBuilder {
         .prepaid(Prepaid::new(bundle).clock(clock.clone()))
 }
 
+/// A prepaid route selling `bundle`, bought once by [`payer`] at the clock's time: the clock,
+/// the handler's counter and the service.
+async fn bought(
+    bundle: Bundle,
+) -> (
+    FixedClock,
+    Runs,
+    impl tower::Service<
+        http::Request<axum::body::Body>,
+        Response = http::Response<
+            tower_x402::body::ResponseBody<http_body_util::Full<bytes::Bytes>>,
+        >,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone,
+) {
+    let clock = clock();
+    let runs = Runs::default();
+    let svc = prepaid(&clock, bundle)
+        .build()
+        .unwrap()
+        .layer(runs.service());
+    buy(&svc, clock.now()).await;
+    (clock, runs, svc)
+}
+
 #[tokio::test]
 async fn the_402_sells_the_bundle_and_declares_sign_in() {
     let clock = clock();
@@ -131,13 +157,7 @@ async fn a_ten_call_bundle_serves_nine_sign_ins_under_64_concurrent_calls() {
 
 #[tokio::test]
 async fn a_replayed_sign_in_is_refused_with_a_reason() {
-    let clock = clock();
-    let runs = Runs::default();
-    let svc = prepaid(&clock, Bundle::calls(10))
-        .build()
-        .unwrap()
-        .layer(runs.service());
-    buy(&svc, clock.now()).await;
+    let (_, runs, svc) = bought(Bundle::calls(10)).await;
     let h = signed_header(&svc, &payer()).await;
     assert_eq!(
         get_with(&svc, "/paid", [h.clone()]).await.status,
@@ -157,13 +177,7 @@ async fn a_replayed_sign_in_is_refused_with_a_reason() {
 
 #[tokio::test]
 async fn expired_bundles_get_a_fresh_402() {
-    let clock = clock();
-    let runs = Runs::default();
-    let svc = prepaid(&clock, Bundle::calls(100).within(Duration::from_secs(3600)))
-        .build()
-        .unwrap()
-        .layer(runs.service());
-    buy(&svc, clock.now()).await;
+    let (clock, runs, svc) = bought(Bundle::calls(100).within(Duration::from_secs(3600))).await;
     clock.advance(3599);
     let ok = get_with(&svc, "/paid", [signed_header(&svc, &payer()).await]).await;
     assert_eq!(ok.json()["remaining"], json!(98));
@@ -200,13 +214,7 @@ async fn expired_bundles_get_a_fresh_402() {
 
 #[tokio::test]
 async fn a_sign_in_signed_by_another_key_is_401() {
-    let clock = clock();
-    let runs = Runs::default();
-    let svc = prepaid(&clock, Bundle::calls(10))
-        .build()
-        .unwrap()
-        .layer(runs.service());
-    buy(&svc, clock.now()).await;
+    let (_, runs, svc) = bought(Bundle::calls(10)).await;
     let thief = PrivateKeySigner::random();
     let decl = declaration(&get_with(&svc, "/paid", []).await);
     // Claims the payer's address, signed by another key.
@@ -231,13 +239,7 @@ async fn a_sign_in_signed_by_another_key_is_401() {
 
 #[tokio::test]
 async fn sign_ins_bound_elsewhere_or_altered_are_401() {
-    let clock = clock();
-    let runs = Runs::default();
-    let svc = prepaid(&clock, Bundle::calls(10))
-        .build()
-        .unwrap()
-        .layer(runs.service());
-    buy(&svc, clock.now()).await;
+    let (clock, runs, svc) = bought(Bundle::calls(10)).await;
     let decl = declaration(&get_with(&svc, "/paid", []).await);
     let me = payer();
     type Tweak = Box<dyn FnOnce(&mut Value)>;
@@ -300,13 +302,7 @@ async fn sign_ins_bound_elsewhere_or_altered_are_401() {
 
 #[tokio::test]
 async fn malformed_sign_in_headers_are_400() {
-    let clock = clock();
-    let runs = Runs::default();
-    let svc = prepaid(&clock, Bundle::calls(10))
-        .build()
-        .unwrap()
-        .layer(runs.service());
-    buy(&svc, clock.now()).await;
+    let (_, runs, svc) = bought(Bundle::calls(10)).await;
     let decl = declaration(&get_with(&svc, "/paid", []).await);
     let me = payer();
     let good = payload(&me, me.address(), &decl, |_| {});
@@ -365,13 +361,7 @@ async fn malformed_sign_in_headers_are_400() {
 
 #[tokio::test]
 async fn a_failed_handler_gives_the_call_back() {
-    let clock = clock();
-    let runs = Runs::default();
-    let svc = prepaid(&clock, Bundle::calls(2))
-        .build()
-        .unwrap()
-        .layer(runs.service());
-    buy(&svc, clock.now()).await;
+    let (_, runs, svc) = bought(Bundle::calls(2)).await;
     let fail = (
         HeaderName::from_static(STATUS_HEADER),
         HeaderValue::from_static("500"),

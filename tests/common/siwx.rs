@@ -43,9 +43,11 @@ impl Runs {
         Response = Response<Full<Bytes>>,
         Error = std::convert::Infallible,
         Future: Send,
-    > + Clone
+    >
+    + Clone
     + Send
-    + 'static {
+    + 'static
+    + use<> {
         let runs = self.0.clone();
         tower::service_fn(move |req: Request<Body>| {
             let runs = runs.clone();
