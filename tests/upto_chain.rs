@@ -346,6 +346,27 @@ mod layer {
         )
     }
 
+    /// Serves [`app`] on loopback: a route metering `?use=N` behind an `upto`
+    /// option of `MAX`, settled on `chain` by the relayer; counts handler runs.
+    pub(super) async fn serve(
+        chain: &Chain,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<()>,
+        OnchainSettler,
+        Arc<AtomicUsize>,
+    ) {
+        let (app, settler, runs) = app(chain).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("serve");
+        });
+        (addr, task, settler, runs)
+    }
+
     fn requirements(settler: &OnchainSettler) -> tower_x402::proto::v2::PaymentRequirements {
         PaymentOption::upto_atomic(
             &Asset::usdc_base_sepolia(),
@@ -403,12 +424,7 @@ mod layer {
         };
         let payer = signer(PAYER3_KEY).address();
         chain.approve_permit2(payer).await;
-        let (app, settler, runs) = app(&chain).await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let (addr, server, settler, runs) = serve(&chain).await;
         let (to_before, from_before) = (chain.balance(PAY_TO).await, chain.balance(payer).await);
 
         let url = format!("http://{addr}/generate");
@@ -561,7 +577,6 @@ mod paying_client {
     use tower_x402::client::{
         Budget, Error, PayingLayer, PaymentOutcome, PaymentReport, Policy, Refusal,
     };
-    use tower_x402::settle::onchain::OnchainSettler;
 
     use tower_x402::Asset;
 
@@ -608,27 +623,6 @@ mod paying_client {
         fn set_chain_id(&mut self, _: Option<ChainId>) {}
     }
 
-    /// Serves [`super::layer::app`] on loopback: a route metering `?use=N` behind an `upto`
-    /// option of `MAX`, settled on `chain` by the relayer; counts handler runs.
-    async fn serve(
-        chain: &Chain,
-    ) -> (
-        std::net::SocketAddr,
-        tokio::task::JoinHandle<()>,
-        OnchainSettler,
-        Arc<AtomicUsize>,
-    ) {
-        let (app, settler, runs) = super::layer::app(chain).await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("serve");
-        });
-        (addr, task, settler, runs)
-    }
-
     fn hyper() -> Client<HttpConnector, Full<Bytes>> {
         Client::builder(TokioExecutor::new()).build_http()
     }
@@ -654,7 +648,7 @@ mod paying_client {
         let payer = Counting::new(PAYER3_KEY);
         let owner = payer.address();
         chain.approve_permit2(owner).await;
-        let (addr, server, settler, runs) = serve(&chain).await;
+        let (addr, server, settler, runs) = super::layer::serve(&chain).await;
         let (to_before, from_before) = (chain.balance(PAY_TO).await, chain.balance(owner).await);
         let budget = Budget::new(U256::from(10 * MAX));
 
@@ -716,7 +710,7 @@ mod paying_client {
         let payer = Counting::new(PAYER4_KEY);
         let owner = payer.address();
         chain.approve_permit2(owner).await;
-        let (addr, server, settler, runs) = serve(&chain).await;
+        let (addr, server, settler, runs) = super::layer::serve(&chain).await;
         let (to_before, from_before) = (chain.balance(PAY_TO).await, chain.balance(owner).await);
         let budget = Budget::new(U256::from(10 * MAX));
 
