@@ -564,22 +564,20 @@ fn settle_reply(
             Some(transaction),
         ));
     }
-    // upto: what it says it moved must be what we asked for.
-    let amount = match answer.amount.as_deref().filter(|a| !a.is_empty()) {
-        None => None,
-        Some(a) => match crate::proto::decimal::parse(a) {
-            Some(a) if !payment.is_upto() || a == payment.amount => Some(a),
-            _ => {
-                return Err(unknown(
-                    FacilitatorError::Inconsistent("settled another amount"),
-                    Some(transaction),
-                ));
-            }
-        },
-    };
+    // upto: what it says it moved must be what we asked for (the layer writes the receipt's
+    // amount); an exact reply's `amount` is not read.
+    if payment.is_upto()
+        && let Some(amount) = answer.amount.as_deref().filter(|a| !a.is_empty())
+        && crate::proto::decimal::parse(amount) != Some(payment.amount)
+    {
+        return Err(unknown(
+            FacilitatorError::Inconsistent("settled another amount"),
+            Some(transaction),
+        ));
+    }
     Ok(Settlement {
         transaction: Some(transaction),
-        amount: amount.filter(|_| payment.is_upto()),
+        amount: None,
     })
 }
 
