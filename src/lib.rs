@@ -163,6 +163,7 @@
 #![warn(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod alert;
 pub mod body;
 pub mod challenge;
 #[cfg(feature = "client")]

@@ -1,6 +1,8 @@
 //! The paid flow: verify, hooks, claim the nonce, run the handler, settle, receipt.
 
 use super::*;
+use crate::alert::{Alert, alert};
+use crate::nonce::{ClaimToken, NonceKey};
 
 /// What the paid flow needs to answer a refusal and tell the hooks.
 pub(super) struct Flow<'a> {
@@ -300,7 +302,7 @@ where
     if let Err(e) = shared.settler.check(verified).await {
         // Nothing moved and the handler did not run: the proof may be retried (e.g. after
         // topping up the balance).
-        let _ = shared.store.release(&key, token).await;
+        release(shared, &key, token).await;
         let rejection = settle_rejection(shared, &e);
         return Ok((
             flow.reject(Stage::Check, rejection, Some(verified), Some(&e))
@@ -324,12 +326,12 @@ where
             Err(e) => {
                 // Nothing was served: unless the money may have moved, the claim goes back.
                 if !e.is_unknown() {
-                    let _ = shared.store.release(&key, token).await;
+                    release(shared, &key, token).await;
                 }
                 return Ok((settle_failed(flow, verified, &e).await, e.is_unknown()));
             }
         };
-        let _ = shared.store.consume(&key, token).await;
+        consume(shared, &key, token).await;
         after_settle(shared, verified, &settlement, settle_time).await;
         let res = inner.call(Request::from_parts(parts, body)).await?;
         return Ok((settled(shared, res, verified, settlement), true));
@@ -339,12 +341,12 @@ where
         Err(e) => {
             // No money moved: the client may use the proof again. A failed release leaves
             // the key blocked until it expires, which is safe (never charged twice).
-            let _ = shared.store.release(&key, token).await;
+            release(shared, &key, token).await;
             return Err(e);
         }
     };
     if res.status().is_client_error() || res.status().is_server_error() {
-        let _ = shared.store.release(&key, token).await;
+        release(shared, &key, token).await;
         let mut res = res.map(ResponseBody::inner);
         response::mark(shared, res.headers_mut());
         return Ok((res, false));
@@ -356,7 +358,7 @@ where
             // The handler ran past what the payer signed for: nothing is settled above the
             // maximum, and nothing below it either (the body is withheld, unpaid). Spent:
             // the same proof would buy the same run again.
-            let _ = shared.store.consume(&key, token).await;
+            consume(shared, &key, token).await;
             let refused = SettleError::Refused {
                 reason: crate::upto::SETTLEMENT_EXCEEDS_AMOUNT,
                 transaction: None,
@@ -365,7 +367,7 @@ where
         }
         Some(Ok(total)) if total.is_zero() => {
             // Nothing used, nothing to move: no transaction at all.
-            let _ = shared.store.consume(&key, token).await;
+            consume(shared, &key, token).await;
             let settlement = Settlement {
                 transaction: None,
                 amount: Some(total),
@@ -393,12 +395,12 @@ where
         // Refused after the handler ran, the proof is spent: releasing it would let it buy
         // the handler again.
         Ok(_) | Err(SettleError::Refused { .. }) => {
-            let _ = shared.store.consume(&key, token).await;
+            consume(shared, &key, token).await;
         }
         // Nothing was sent and the handler's answer is withheld: the same proof may come
         // back and be served then.
         Err(e) if !e.is_unknown() => {
-            let _ = shared.store.release(&key, token).await;
+            release(shared, &key, token).await;
         }
         // The money may have moved: the claim stays until the proof expires, so it can
         // never buy a second settlement.
@@ -515,5 +517,29 @@ pub(super) fn settle_rejection(shared: &Shared, e: &SettleError) -> Rejection {
             retry_after,
             reason: reason::SERVICE_UNAVAILABLE,
         },
+    }
+}
+
+/// Marks a settled (or spent) proof used. A failure leaves it reserved until it expires:
+/// still never accepted twice, so it is only raised.
+pub(super) async fn consume(shared: &Shared, key: &NonceKey, token: ClaimToken) {
+    if let Err(e) = shared.store.consume(key, token).await {
+        alert!(
+            Alert::NonceConsume,
+            cause = &e,
+            "nonce store could not mark a spent proof used (it stays reserved until it expires)"
+        );
+    }
+}
+
+/// Gives a proof back. A failure leaves it blocked until it expires (safe: the client signs a
+/// new one), so it is only raised.
+pub(super) async fn release(shared: &Shared, key: &NonceKey, token: ClaimToken) {
+    if let Err(e) = shared.store.release(key, token).await {
+        alert!(
+            Alert::NonceRelease,
+            cause = &e,
+            "nonce store could not give a proof back (blocked until it expires)"
+        );
     }
 }
