@@ -241,3 +241,56 @@ impl From<crate::proto::header::HeaderError> for Rejection {
         }
     }
 }
+
+/// The one mapping from a verifier's error: 503 for a verifier that is down, 429 when it
+/// rate-limits us, 400 for a malformed proof, 402 with its reason for a refusal.
+pub(crate) fn of_verify(e: &crate::verify::VerifyError, default_wait: Duration) -> Rejection {
+    let retry_after = e.retry_after().unwrap_or(default_wait);
+    if e.is_rate_limited() {
+        Rejection::RateLimited { retry_after }
+    } else if e.is_retryable() {
+        Rejection::Unavailable {
+            retry_after,
+            reason: reason::SERVICE_UNAVAILABLE,
+        }
+    } else if e.is_malformed() {
+        Rejection::BadRequest {
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    } else {
+        Rejection::Pay {
+            reason: Some(e.reason()),
+        }
+    }
+}
+
+/// The one mapping from a settler's error: 402 with the reason for a refusal, 429 when
+/// rate-limited, 503 for a settler that is down or whose outcome is unknown.
+pub(crate) fn of_settle(e: &crate::settle::SettleError, default_wait: Duration) -> Rejection {
+    use crate::settle::SettleError;
+    let retry_after = e.retry_after().unwrap_or(default_wait);
+    match e {
+        SettleError::Refused { reason, .. } => Rejection::Pay {
+            reason: Some(reason),
+        },
+        SettleError::RateLimited { .. } => Rejection::RateLimited { retry_after },
+        SettleError::Unknown { .. } => Rejection::Unavailable {
+            retry_after,
+            reason: reason::SETTLEMENT_OUTCOME_UNKNOWN,
+        },
+        SettleError::Unavailable { .. } => Rejection::Unavailable {
+            retry_after,
+            reason: reason::SERVICE_UNAVAILABLE,
+        },
+    }
+}
+
+/// The one mapping from a store's error (nonce, idempotency, credit): the store is down or
+/// full, the request fails closed with 503 and the store's wait, else the layer's.
+pub(crate) fn of_store(e: &crate::nonce::StoreError, default_wait: Duration) -> Rejection {
+    Rejection::Unavailable {
+        retry_after: e.retry_after().unwrap_or(default_wait),
+        reason: reason::SERVICE_UNAVAILABLE,
+    }
+}

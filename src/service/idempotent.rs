@@ -124,3 +124,82 @@ pub(super) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
     res.extensions_mut().insert(IdempotentReplay);
     res
 }
+
+/// Why the idempotency stage answered before the claim: a stored answer, or a refusal.
+pub(super) enum Early<B> {
+    /// The same id and proof finished before: its response, replayed.
+    Replay(Response<ResponseBody<B>>),
+    /// In progress, conflicting, or the store is down.
+    Refused(Rejection, Option<idempotency::StoreError>),
+}
+
+/// A payment identifier this request holds, with where it is stored.
+pub(super) struct IdemClaim<'a> {
+    idem: &'a Idempotency,
+    claim: Claim,
+}
+
+impl<'a> IdemClaim<'a> {
+    /// Claims `id` for this payer and proof.
+    pub(super) async fn begin<B>(
+        idem: &'a Idempotency,
+        retry_after: Duration,
+        id: PaymentId,
+        verified: &VerifiedPayment,
+        parts: &Parts,
+    ) -> Result<Self, Early<B>> {
+        let key = IdempotencyKey {
+            payer: verified.payer,
+            id,
+        };
+        let fingerprint = Fingerprint::of(verified, &parts.method, &parts.uri);
+        match idem
+            .store
+            .begin(&key, fingerprint, verified.valid_before)
+            .await
+        {
+            Ok(Begin::Started(token)) => Ok(Self {
+                idem,
+                claim: Claim { key, token },
+            }),
+            Ok(Begin::Done(stored)) => Err(Early::Replay(replay(*stored))),
+            Ok(Begin::InProgress) => Err(Early::Refused(
+                Rejection::Unavailable {
+                    retry_after: IN_PROGRESS_RETRY,
+                    reason: reason::PAYMENT_IN_PROGRESS,
+                },
+                None,
+            )),
+            Ok(Begin::Conflict) => Err(Early::Refused(
+                Rejection::Conflict {
+                    reason: reason::PAYMENT_IDENTIFIER_CONFLICT,
+                },
+                None,
+            )),
+            Err(e) => Err(Early::Refused(
+                Rejection::Unavailable {
+                    retry_after: e.retry_after().unwrap_or(retry_after),
+                    reason: reason::SERVICE_UNAVAILABLE,
+                },
+                Some(e),
+            )),
+        }
+    }
+
+    /// Stores the answer of a spent proof for replay; otherwise the id goes back.
+    pub(super) async fn end<B>(
+        self,
+        flow: &Flow<'_>,
+        (res, spent): (Response<ResponseBody<B>>, bool),
+    ) -> Response<ResponseBody<B>>
+    where
+        B: Body<Data = Bytes> + Send,
+    {
+        if spent {
+            remember(flow.shared, self.idem, self.claim, res).await
+        } else {
+            self.claim.forget(self.idem).await;
+            res
+        }
+    }
+}

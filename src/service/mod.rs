@@ -1,48 +1,45 @@
 //! [`Payment`]: the middleware service. The request is read here (price, payment header,
-//! sign-in); the paid flow is in `flow`, its idempotent retries in `idempotent`, prepaid calls
-//! in `prepaid`, and spans in `trace`.
+//! sign-in); the paid flow's stages are in `flow` (up to verification and idempotency) and
+//! `settle` (from the claim on), the proof's fate in `claim`, the header and option choice in
+//! `decode`, idempotent retries in `idempotent`, prepaid calls in `prepaid`, spans in `trace`.
 
+mod claim;
+mod decode;
 mod flow;
 mod idempotent;
 mod prepaid;
+mod settle;
 mod trace;
-
-use flow::*;
-use idempotent::*;
-use prepaid::*;
 
 use std::error::Error as StdError;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower_service::Service;
 
+use self::decode::decode;
+use self::flow::{Flow, paid};
+use self::prepaid::signed_in;
 use crate::body::ResponseBody;
-use crate::challenge::Binding;
 use crate::future::ResponseFuture;
-use crate::hooks::{HookResponse, PaymentFailure, PaymentRequest, Stage};
+use crate::hooks::Stage;
 use crate::idempotency::{
     self, Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotentReplay, PaymentId,
     StoredResponse,
 };
 use crate::layer::{Idempotency, PaymentOption, Pricing, Shared};
-use crate::nonce::Reservation;
 use crate::prepaid::siwx::SIGN_IN_WITH_X;
 use crate::prepaid::{Refusal, SignedIn};
-use crate::proto::exact::ExactEvmPayload;
-use crate::proto::header::{self, HeaderError, PAYMENT_SIGNATURE, X_PAYMENT};
-use crate::proto::{PaymentPayload, SettleResponse, VersionProbe, v1, v2};
+use crate::proto::PaymentPayload;
 use crate::rejection::{PaymentRejection, Rejection, reason};
 use crate::response;
-use crate::settle::{SettleError, Settlement, SettlementMode};
-use crate::upto::Usage;
-use crate::verify::{VerifiedPayment, VerifyError};
+use crate::verify::VerifiedPayment;
 
 /// The service made by [`PaymentLayer`](crate::PaymentLayer). See the [crate docs](crate).
 #[derive(Clone)]
@@ -167,107 +164,3 @@ impl<S> Payment<S> {
         }))
     }
 }
-
-/// Reads the payment header: `Ok(None)` when there is none.
-fn decode(shared: &Shared, headers: &HeaderMap) -> Result<Option<PaymentPayload>, Rejection> {
-    let v2 = header::single(headers, &PAYMENT_SIGNATURE)?;
-    let v1 = header::single(headers, &X_PAYMENT)?;
-    let (value, want) = match (v2, v1) {
-        (None, None) => return Ok(None),
-        (Some(_), Some(_)) => return Err(HeaderError::Conflicting.into()),
-        (Some(v), None) => (v, 2),
-        (None, Some(v)) => (v, 1),
-    };
-    let json = header::decode_bytes(value, shared.max_header_bytes)?;
-    let probe: VersionProbe = serde_json::from_slice(&json).map_err(HeaderError::Json)?;
-    let enabled = if want == 2 {
-        shared.accept_v2
-    } else {
-        shared.accept_v1
-    };
-    if probe.x402_version != want || !enabled {
-        return Err(HeaderError::Version {
-            found: probe.x402_version,
-        }
-        .into());
-    }
-    let payload = if want == 2 {
-        PaymentPayload::V2(
-            serde_json::from_slice::<v2::PaymentPayload>(&json).map_err(HeaderError::Json)?,
-        )
-    } else {
-        PaymentPayload::V1(
-            serde_json::from_slice::<v1::PaymentPayload>(&json).map_err(HeaderError::Json)?,
-        )
-    };
-    Ok(Some(payload))
-}
-
-/// The server's own options the payload may pay for, best first. The client's `accepted`
-/// copy only picks them: verification runs against the server's requirements. With bound
-/// challenges, a v2 `accepted` must also carry a valid challenge id for this request.
-fn select<'a>(
-    shared: &Shared,
-    options: &'a [PaymentOption],
-    payload: &PaymentPayload,
-    resource: &response::Resource,
-) -> Result<Vec<&'a PaymentOption>, Rejection> {
-    let pay = |reason| Rejection::Pay {
-        reason: Some(reason),
-    };
-    let same_scheme = |o: &&PaymentOption| o.requirements().scheme == payload.scheme();
-    if !options.iter().any(|o| same_scheme(&o)) {
-        return Err(pay(reason::UNSUPPORTED_SCHEME));
-    }
-    let on_network =
-        |o: &&PaymentOption| same_scheme(o) && o.requirements().network == payload.network();
-    let mut candidates: Vec<_> = options.iter().filter(on_network).collect();
-    if candidates.is_empty() {
-        return Err(pay(reason::INVALID_NETWORK));
-    }
-    match payload {
-        PaymentPayload::V2(p) => {
-            let a = &p.accepted;
-            candidates.retain(|o| {
-                let r = o.requirements();
-                r.asset == a.asset && r.pay_to == a.pay_to && r.amount == a.amount
-            });
-            if candidates.is_empty() {
-                return Err(pay(reason::INVALID_PAYMENT_REQUIREMENTS));
-            }
-            if let (Some(keys), Some(first)) = (&shared.challenges, candidates.first()) {
-                // The candidates agree on everything the id binds (scheme, network, asset,
-                // payTo, amount): one check covers them all.
-                let binding = Binding {
-                    url: &resource.url(shared),
-                    method: resource.method.as_str(),
-                    requirements: first.requirements(),
-                };
-                keys.check_echo(a, &binding).map_err(|e| pay(e.reason()))?;
-            }
-        }
-        // v1 echoes only scheme and network: narrow by what the authorization pays. Options
-        // that differ only by token are told apart by the signature's domain (verify each).
-        // If none matches, the first one's verification gives the precise reason.
-        PaymentPayload::V1(p) => {
-            if let Ok(exact) = serde_json::from_str::<ExactEvmPayload>(p.payload.get()) {
-                let a = &exact.authorization;
-                let paying: Vec<_> = candidates
-                    .iter()
-                    .copied()
-                    .filter(|o| {
-                        o.requirements().pay_to == a.to && o.requirements().amount == a.value
-                    })
-                    .collect();
-                if !paying.is_empty() {
-                    candidates = paying;
-                }
-            }
-            candidates.truncate(MAX_V1_CANDIDATES);
-        }
-    }
-    Ok(candidates)
-}
-
-/// Bound on signature checks one v1 proof can cost.
-const MAX_V1_CANDIDATES: usize = 4;
