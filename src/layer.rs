@@ -21,7 +21,7 @@ use crate::proto::header::DEFAULT_MAX_HEADER_BYTES;
 use crate::proto::v2::PaymentRequirements;
 use crate::service::Payment;
 use crate::settle::{SettlementMode, Settler, VerifyOnly};
-use crate::verify::{ExactEvmVerifier, Verifier};
+use crate::verify::{EvmVerifier, Verifier};
 
 /// One way to pay for a route: an `exact` payment of `amount` of `asset` to `pay_to`.
 ///
@@ -313,7 +313,7 @@ pub struct PaymentLayerBuilder {
 impl Default for PaymentLayerBuilder {
     fn default() -> Self {
         Self {
-            verifier: Arc::new(ExactEvmVerifier::new()),
+            verifier: Arc::new(EvmVerifier::new()),
             store: None,
             settler: Arc::new(VerifyOnly),
             mode: SettlementMode::AfterHandler,
@@ -408,7 +408,7 @@ impl PaymentLayerBuilder {
         self
     }
 
-    /// Replaces the verifier (default: in-process [`ExactEvmVerifier`] on the system clock).
+    /// Replaces the verifier (default: in-process [`EvmVerifier`], `exact` and `upto`, on the system clock).
     pub fn verifier(mut self, verifier: impl Verifier) -> Self {
         self.verifier = Arc::new(verifier);
         self

@@ -27,7 +27,7 @@
 //!    with `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1).
 //! 3. **Verify.** The layer decodes the proof, matches it against the requirements this route
 //!    offers **now** (never the client's copy) and verifies it with the [`Verifier`]
-//!    (default [`ExactEvmVerifier`]: in-process, one secp256k1 recovery).
+//!    (default [`EvmVerifier`]: in-process, one secp256k1 recovery).
 //! 4. **Claim.** The proof's nonce is reserved once in the [`NonceStore`]: a replay, or a
 //!    concurrent copy, is refused and never reaches the handler.
 //! 5. **Handler.** Your handler runs with the [`VerifiedPayment`] in its request extensions
@@ -43,7 +43,7 @@
 //!
 //! | trait | default | role | others |
 //! |---|---|---|---|
-//! | [`Verifier`] | [`ExactEvmVerifier`] | does the proof pay what is asked? | `FacilitatorClient` (`facilitator`) |
+//! | [`Verifier`] | [`EvmVerifier`] (`exact` + `upto`) | does the proof pay what is asked? | `FacilitatorClient` (`facilitator`) |
 //! | [`NonceStore`] | [`MemoryNonceStore`] | one proof, one use (atomic reservation) | `RedisNonceStore` (`redis`) for several instances |
 //! | [`Settler`](settle::Settler) | [`VerifyOnly`](settle::VerifyOnly) | move the money (verify-only moves none; receipts then carry an empty `transaction`) | `OnchainSettler` (`onchain`), `FacilitatorClient` (`facilitator`) |
 //!
@@ -212,7 +212,7 @@ pub use network::{Asset, Network};
 pub use nonce::{MemoryNonceStore, NonceStore};
 pub use rejection::PaymentRejection;
 pub use service::Payment;
-pub use verify::{ExactEvmVerifier, VerifiedPayment, Verifier};
+pub use verify::{EvmVerifier, ExactEvmVerifier, Proof, VerifiedPayment, Verifier};
 
 // The README's gRPC section needs the `tonic` feature (scripts/test runs with all features).
 #[cfg(all(doctest, feature = "tonic"))]

@@ -290,8 +290,8 @@ async fn verified_payment_is_in_the_request_extensions() {
     assert_eq!(p.payer, payer().address());
     assert_eq!(p.pay_to, PAY_TO);
     assert_eq!(p.amount, U256::from(1000));
-    assert_eq!(p.authorization, payload.authorization);
-    assert_eq!(p.signature, payload.signature);
+    assert_eq!(p.eip3009().map(|(a, _)| a), Some(&payload.authorization));
+    assert_eq!(p.signature(), &payload.signature);
     assert_eq!(p.valid_before, NOW + 300);
     assert_eq!(p.nonce(), payload.authorization.nonce);
 }

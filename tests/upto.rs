@@ -21,7 +21,7 @@ use tower_x402::settle::{Settlement, SettlementMode, Settler};
 use tower_x402::test_util::{pay_upto, sign_upto, upto_payload};
 use tower_x402::upto::Usage;
 use tower_x402::{
-    Asset, ExactEvmVerifier, MemoryNonceStore, PaymentLayer, PaymentOption, VerifiedPayment,
+    Asset, EvmVerifier, MemoryNonceStore, PaymentLayer, PaymentOption, VerifiedPayment,
 };
 
 /// The account allowed to settle (the relayer).
@@ -53,7 +53,13 @@ impl Settler for Recording {
     async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
         assert!(payment.is_upto());
         assert!(
-            payment.amount <= payment.authorization.value,
+            payment.amount
+                <= payment
+                    .permit2()
+                    .expect("an upto permit")
+                    .0
+                    .permitted
+                    .amount,
             "never above the maximum"
         );
         self.0.lock().unwrap().push(payment.amount);
@@ -80,7 +86,7 @@ fn service(
     let layer = PaymentLayer::builder()
         .accept(upto_option())
         .accept(option())
-        .verifier(ExactEvmVerifier::new().with_clock(clock.clone()))
+        .verifier(EvmVerifier::new().with_clock(clock.clone()))
         .nonce_store(MemoryNonceStore::with_capacity_and_clock(1000, clock))
         .settler(settler.clone())
         .build()
@@ -354,7 +360,7 @@ async fn a_failed_handler_settles_nothing_and_releases_the_proof() {
     let clock = clock();
     let layer = PaymentLayer::builder()
         .accept(upto_option())
-        .verifier(ExactEvmVerifier::new().with_clock(clock.clone()))
+        .verifier(EvmVerifier::new().with_clock(clock.clone()))
         .nonce_store(MemoryNonceStore::with_capacity_and_clock(1000, clock))
         .settler(settler.clone())
         .build()

@@ -204,7 +204,7 @@ fn verify(p: &PaymentPayload) {
             (req.amount, req.pay_to, req.asset, req.network),
             "verified payment must pay the server's requirement"
         );
-        assert_eq!(v.payer, v.authorization.from);
+        assert_eq!(Some(v.payer), v.eip3009().map(|(a, _)| a.from));
     }
 }
 
@@ -385,7 +385,7 @@ fn independently_valid(
         _ => return None,
     };
     let v = verifier().verify_sync(&payload, &req).ok()?;
-    Some((v.payer, v.authorization.nonce))
+    Some((v.payer, v.nonce()))
 }
 
 /// The layer of [`layer`]: $0.001 to [`PAY_TO`], frozen clock, fresh memory store; bound with

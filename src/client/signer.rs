@@ -291,7 +291,6 @@ mod tests {
     async fn upto_proof_is_the_official_permit_and_passes_the_crate_verifier() {
         use crate::clock::FixedClock;
         use crate::proto::{PaymentPayload, v2};
-        use crate::verify::ExactEvmVerifier;
 
         const NOW: u64 = 1_750_000_000;
         let signer = PrivateKeySigner::random();
@@ -335,7 +334,7 @@ mod tests {
         );
         let payload =
             PaymentPayload::V2(serde_json::from_slice::<v2::PaymentPayload>(&json).unwrap());
-        let verified = ExactEvmVerifier::new()
+        let verified = crate::verify::UptoEvmVerifier::new()
             .with_clock(FixedClock::new(NOW + 1))
             .verify_sync(&payload, &req)
             .unwrap();

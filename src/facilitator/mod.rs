@@ -312,7 +312,7 @@ impl FacilitatorClient {
                 });
             }
         };
-        let valid_before = verified.authorization.valid_before;
+        let valid_before = U256::from(verified.valid_before);
         if valid_before > U256::from(latest) {
             return Err(VerifyError::ValidityTooLong {
                 valid_before,
@@ -375,7 +375,7 @@ impl Verifier for FacilitatorClient {
         payload: &PaymentPayload,
         requirements: &PaymentRequirements,
     ) -> Result<VerifiedPayment, VerifyError> {
-        let mut verified = self.precheck(payload, requirements)?;
+        let verified = self.precheck(payload, requirements)?;
         if let Some(reason) = self.supported_refusal(payload).await {
             return Err(VerifyError::Other { reason });
         }
@@ -433,16 +433,22 @@ impl Verifier for FacilitatorClient {
                 });
             }
         }
-        verified.facilitator_request = Some(body.into());
-        Ok(verified)
+        Ok(verified.with_backend_data(FacilitatorRequest(body.into())))
     }
 }
+
+/// The `{x402Version, paymentPayload, paymentRequirements}` JSON `/verify` approved, carried
+/// from verification to settlement inside the payment: `/settle` sends these very bytes, so
+/// the facilitator settles exactly the proof and the server requirements it verified.
+#[derive(Clone)]
+struct FacilitatorRequest(Bytes);
 
 #[async_trait]
 impl Settler for FacilitatorClient {
     async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
         let i = &self.inner;
-        let Some(body) = payment.facilitator_request.clone() else {
+        let Some(FacilitatorRequest(body)) = payment.backend_data::<FacilitatorRequest>().cloned()
+        else {
             return Err(SettleError::Unavailable {
                 retry_after: None,
                 source: Box::new(FacilitatorError::NotVerifiedByFacilitator),
@@ -459,7 +465,7 @@ impl Settler for FacilitatorClient {
                 }),
             })?
         } else {
-            body.0
+            body
         };
         let mut attempt = 1;
         let reply = loop {

@@ -170,14 +170,14 @@ impl Fingerprint {
     pub fn of(payment: &VerifiedPayment, method: &Method, uri: &Uri) -> Self {
         let target = uri.path_and_query().map_or("/", |p| p.as_str());
         let mut buf = Vec::with_capacity(
-            80 + 12 + payment.signature.len() + method.as_str().len() + target.len(),
+            80 + 12 + payment.signature().len() + method.as_str().len() + target.len(),
         );
         buf.extend_from_slice(&payment.network.chain_id().to_be_bytes());
         buf.extend_from_slice(payment.asset.as_slice());
-        buf.extend_from_slice(payment.authorization.from.as_slice());
-        buf.extend_from_slice(payment.authorization.nonce.as_slice());
+        buf.extend_from_slice(payment.payer.as_slice());
+        buf.extend_from_slice(payment.nonce().as_slice());
         for part in [
-            &payment.signature[..],
+            &payment.signature()[..],
             method.as_str().as_bytes(),
             target.as_bytes(),
         ] {

@@ -197,10 +197,8 @@ async fn metered<B: Send>(
             (settled(flow.shared, res, verified, settlement), true)
         }
         Ok(total) => {
-            let metered = VerifiedPayment {
-                amount: total,
-                ..verified.clone()
-            };
+            let mut metered = verified.clone();
+            metered.amount = total;
             settle_after(flow, res, &metered, claim).await
         }
     }

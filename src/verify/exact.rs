@@ -177,8 +177,8 @@ impl SeparatorCache {
     }
 }
 
-/// In-process EVM verifier: `exact` (EIP-3009) here, and `upto` (Permit2, see
-/// [`super::upto`]) for requirements whose scheme is `upto`. Cheap to clone.
+/// In-process verifier of `exact` (EIP-3009) payments on EVM chains; any other scheme is
+/// refused ([`super::EvmVerifier`], the layer's default, also takes `upto`). Cheap to clone.
 ///
 /// ```
 /// use tower_x402::verify::ExactEvmVerifier;
@@ -252,10 +252,6 @@ impl ExactEvmVerifier {
         payload: &PaymentPayload,
         req: &PaymentRequirements,
     ) -> Result<VerifiedPayment, VerifyError> {
-        if req.scheme == super::upto::SCHEME {
-            let now = self.clock.now();
-            return super::upto::verify(payload, req, now, self.headroom, self.max_skew);
-        }
         if payload.scheme() != SCHEME || req.scheme != SCHEME {
             return Err(VerifyError::Scheme(payload.scheme().to_owned()));
         }
@@ -303,19 +299,16 @@ impl ExactEvmVerifier {
                 expected: auth.from,
             });
         }
-        Ok(VerifiedPayment {
-            version: payload.version(),
-            network: req.network,
-            asset: req.asset,
-            payer: auth.from,
-            pay_to: req.pay_to,
-            amount: req.amount,
-            valid_before,
-            authorization: exact.authorization,
-            signature: exact.signature,
-            facilitator_request: None,
-            permit2: None,
-        })
+        let mut verified = VerifiedPayment::exact(
+            payload.version(),
+            req.network,
+            req.asset,
+            exact.authorization,
+            exact.signature,
+        );
+        // In range (checked above); the rest are the authorization's, equal to `req`'s.
+        verified.valid_before = valid_before;
+        Ok(verified)
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod exact;
 pub mod upto;
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,8 +15,10 @@ use alloy_primitives::{Address, B256, Bytes, U256};
 use async_trait::async_trait;
 
 pub use exact::ExactEvmVerifier;
+pub use upto::UptoEvmVerifier;
 
 use crate::Network;
+use crate::clock::Clock;
 use crate::nonce::NonceKey;
 use crate::proto::exact::Authorization;
 use crate::proto::upto::Permit2Authorization;
@@ -50,11 +53,85 @@ impl<T: Verifier + ?Sized> Verifier for Arc<T> {
     }
 }
 
+/// The layer's default verifier: every scheme this crate verifies in-process on EVM chains,
+/// each by its own verifier, chosen by the requirement's `scheme` (the one place a scheme's
+/// verifier is picked): `exact` by [`ExactEvmVerifier`], `upto` by [`UptoEvmVerifier`].
+///
+/// ```
+/// use tower_x402::verify::EvmVerifier;
+/// use tower_x402::clock::FixedClock;
+/// let verifier = EvmVerifier::new().with_clock(FixedClock::new(1_700_000_000));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct EvmVerifier {
+    exact: ExactEvmVerifier,
+    upto: UptoEvmVerifier,
+}
+
+impl EvmVerifier {
+    /// Both verifiers on the system clock with the default headroom and skew.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses `clock` for every validity window.
+    #[must_use]
+    pub fn with_clock(self, clock: impl Clock) -> Self {
+        let clock = Arc::new(clock);
+        Self {
+            exact: self.exact.with_clock(clock.clone()),
+            upto: self.upto.with_clock(clock),
+        }
+    }
+
+    /// Requires a proof to stay valid `secs` more (default 6), so settlement lands in time.
+    #[must_use]
+    pub fn with_headroom(self, secs: u64) -> Self {
+        Self {
+            exact: self.exact.with_headroom(secs),
+            upto: self.upto.with_headroom(secs),
+        }
+    }
+
+    /// Tolerates `secs` of client clock skew above `now + maxTimeoutSeconds` (default 60).
+    #[must_use]
+    pub fn with_max_skew(self, secs: u64) -> Self {
+        Self {
+            exact: self.exact.with_max_skew(secs),
+            upto: self.upto.with_max_skew(secs),
+        }
+    }
+
+    /// The whole check, synchronously.
+    pub fn verify_sync(
+        &self,
+        payload: &PaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        match requirements.scheme.as_str() {
+            upto::SCHEME => self.upto.verify_sync(payload, requirements),
+            _ => self.exact.verify_sync(payload, requirements),
+        }
+    }
+}
+
+#[async_trait]
+impl Verifier for EvmVerifier {
+    async fn verify(
+        &self,
+        payload: &PaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        self.verify_sync(payload, requirements)
+    }
+}
+
 /// A payment that passed verification (not yet settled). The layer puts it into the request
 /// extensions, so handlers can see who paid what.
 ///
-/// Non-exhaustive so fields can be added: verifiers outside this crate build one with
-/// [`VerifiedPayment::exact`].
+/// The fields are what every scheme has; [`Self::proof`] is the scheme's own signed object,
+/// which its settlement needs. Non-exhaustive so fields can be added: verifiers outside this
+/// crate build one with [`VerifiedPayment::exact`] or [`VerifiedPayment::upto`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VerifiedPayment {
@@ -64,29 +141,80 @@ pub struct VerifiedPayment {
     pub network: Network,
     /// The token paid in.
     pub asset: Address,
-    /// Who paid (the authorization's `from`, proven by the signature).
+    /// Who paid (proven by the signature).
     pub payer: Address,
     /// Who receives the money.
     pub pay_to: Address,
     /// Atomic units paid; for `upto`, the most that may be charged (the layer settles the
     /// metered usage, see [`crate::upto`]).
     pub amount: U256,
-    /// The signed authorization, needed to settle. For `upto` it mirrors the Permit2 permit
-    /// (`from`, `witness.to`, the maximum, `validAfter`, `deadline`, the nonce as 32 bytes)
-    /// so that every payment has the same shape; it is not an EIP-3009 authorization and
-    /// settles only through [`Self::permit2`].
-    pub authorization: Authorization,
-    /// Its signature.
-    pub signature: Bytes,
-    /// `validBefore` as Unix seconds; the proof is worthless afterwards.
+    /// Unix seconds after which the proof is worthless (`validBefore`, a permit's deadline).
     pub valid_before: u64,
-    /// The `{x402Version, paymentPayload, paymentRequirements}` JSON a remote facilitator
-    /// approved (set by the `facilitator` feature's `FacilitatorClient`, `None` for
-    /// in-process verifiers). Its settlement sends these very bytes to `POST /settle`, so the
-    /// facilitator settles exactly the proof and the server requirements it verified.
-    pub facilitator_request: Option<Bytes>,
-    /// The signed Permit2 permit of an `upto` payment (`None` for `exact`).
-    pub permit2: Option<Permit2Authorization>,
+    /// The scheme's signed object.
+    pub proof: Proof,
+    /// Data a verifier hands to its own settler (a facilitator's approved request), not API.
+    backend: BackendData,
+}
+
+/// The scheme-specific part of a [`VerifiedPayment`]: the signed object its settlement needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Proof {
+    /// `exact` on EVM: an EIP-3009 `transferWithAuthorization`.
+    ExactEvm {
+        /// The signed authorization.
+        authorization: Authorization,
+        /// Its signature.
+        signature: Bytes,
+    },
+    /// `upto` on EVM: a Permit2 `permitWitnessTransferFrom` for at most the amount.
+    UptoEvm {
+        /// The signed permit.
+        permit: Permit2Authorization,
+        /// Its signature.
+        signature: Bytes,
+    },
+}
+
+impl Proof {
+    /// The x402 scheme name.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Self::ExactEvm { .. } => exact::SCHEME,
+            Self::UptoEvm { .. } => upto::SCHEME,
+        }
+    }
+
+    /// The payer's signature.
+    pub fn signature(&self) -> &Bytes {
+        match self {
+            Self::ExactEvm { signature, .. } | Self::UptoEvm { signature, .. } => signature,
+        }
+    }
+
+    /// The proof's one-time nonce (EIP-3009 nonce; Permit2 nonce as 32 bytes).
+    pub fn nonce(&self) -> B256 {
+        match self {
+            Self::ExactEvm { authorization, .. } => authorization.nonce,
+            Self::UptoEvm { permit, .. } => B256::from(permit.nonce),
+        }
+    }
+}
+
+/// Opaque data a verifier attaches for its own settler; ignored by equality and `Debug`.
+#[derive(Clone, Default)]
+struct BackendData(Option<Arc<dyn Any + Send + Sync>>);
+
+impl PartialEq for BackendData {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for BackendData {}
+impl std::fmt::Debug for BackendData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
 }
 
 impl VerifiedPayment {
@@ -108,10 +236,11 @@ impl VerifiedPayment {
             pay_to: authorization.to,
             amount: authorization.value,
             valid_before: authorization.valid_before.saturating_to(),
-            authorization,
-            signature,
-            facilitator_request: None,
-            permit2: None,
+            proof: Proof::ExactEvm {
+                authorization,
+                signature,
+            },
+            backend: BackendData::default(),
         }
     }
 
@@ -123,14 +252,6 @@ impl VerifiedPayment {
         permit: Permit2Authorization,
         signature: Bytes,
     ) -> Self {
-        let authorization = Authorization {
-            from: permit.from,
-            to: permit.witness.to,
-            value: permit.permitted.amount,
-            valid_after: permit.witness.valid_after,
-            valid_before: permit.deadline,
-            nonce: B256::from(permit.nonce),
-        };
         Self {
             version,
             network,
@@ -139,16 +260,43 @@ impl VerifiedPayment {
             pay_to: permit.witness.to,
             amount: permit.permitted.amount,
             valid_before: permit.deadline.saturating_to(),
-            authorization,
-            signature,
-            facilitator_request: None,
-            permit2: Some(permit),
+            proof: Proof::UptoEvm { permit, signature },
+            backend: BackendData::default(),
         }
+    }
+
+    /// The x402 scheme paid with.
+    pub fn scheme(&self) -> &'static str {
+        self.proof.scheme()
     }
 
     /// True for an `upto` payment: [`Self::amount`] is a maximum.
     pub fn is_upto(&self) -> bool {
-        self.permit2.is_some()
+        matches!(self.proof, Proof::UptoEvm { .. })
+    }
+
+    /// The EIP-3009 authorization and signature of an `exact` payment.
+    pub fn eip3009(&self) -> Option<(&Authorization, &Bytes)> {
+        match &self.proof {
+            Proof::ExactEvm {
+                authorization,
+                signature,
+            } => Some((authorization, signature)),
+            _ => None,
+        }
+    }
+
+    /// The Permit2 permit and signature of an `upto` payment.
+    pub fn permit2(&self) -> Option<(&Permit2Authorization, &Bytes)> {
+        match &self.proof {
+            Proof::UptoEvm { permit, signature } => Some((permit, signature)),
+            _ => None,
+        }
+    }
+
+    /// The payer's signature.
+    pub fn signature(&self) -> &Bytes {
+        self.proof.signature()
     }
 
     /// The replay-guard key of this proof: (chain, token, payer, nonce). Permit2 nonces are
@@ -161,14 +309,27 @@ impl VerifiedPayment {
             } else {
                 self.asset
             },
-            from: self.authorization.from,
-            nonce: self.authorization.nonce,
+            from: self.payer,
+            nonce: self.proof.nonce(),
         }
     }
 
-    /// The authorization nonce.
+    /// The proof's nonce.
     pub fn nonce(&self) -> B256 {
-        self.authorization.nonce
+        self.proof.nonce()
+    }
+
+    /// Attaches data for the settler that pairs with this payment's verifier (e.g. the exact
+    /// request a remote facilitator approved). A custom verifier/settler pair may use it;
+    /// nothing else reads it.
+    pub fn with_backend_data<T: Any + Send + Sync>(mut self, data: T) -> Self {
+        self.backend = BackendData(Some(Arc::new(data)));
+        self
+    }
+
+    /// The data attached with [`Self::with_backend_data`], if it is a `T`.
+    pub fn backend_data<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.backend.0.as_deref()?.downcast_ref()
     }
 }
 

@@ -1,8 +1,8 @@
 //! In-process verification of `upto` EVM payments: a Permit2 `PermitWitnessTransferFrom`
 //! through the x402 upto proxy (x402 `scheme_upto_evm`, as `@x402/evm` 2.27 signs it).
 //!
-//! [`ExactEvmVerifier`](super::ExactEvmVerifier) handles both schemes: a requirement whose
-//! `scheme` is `upto` is checked here. The checks follow the reference facilitator's order,
+//! [`UptoEvmVerifier`] verifies it; [`EvmVerifier`](super::EvmVerifier), the layer's default,
+//! sends every requirement whose `scheme` is `upto` here. The checks follow the reference facilitator's order,
 //! cheapest first: scheme, network, payload shape, spender = the upto proxy, `witness.to` =
 //! `payTo`, `witness.facilitator` = the requirement's `extra.facilitatorAddress`, the
 //! permitted maximum = the requirement's `amount`, the token = `asset`, the deadline (at least
@@ -13,14 +13,17 @@
 //! whether the Permit2 nonce is used; [`OnchainSettler`](crate::settle::onchain) checks them
 //! before the handler runs.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
+
+use async_trait::async_trait;
 
 use alloy_primitives::{Address, B256, U256, address, keccak256};
 #[cfg(any(feature = "client", test))]
 use alloy_sol_types::Eip712Domain;
 
 use super::exact::recover_signer;
-use super::{VerifiedPayment, VerifyError};
+use super::{VerifiedPayment, Verifier, VerifyError};
+use crate::clock::{Clock, SystemClock};
 use crate::proto::upto::{Permit2Authorization, UptoEvmPayload};
 use crate::proto::{PaymentPayload, v2::PaymentRequirements};
 
@@ -236,8 +239,91 @@ pub(crate) fn unverified(
     ))
 }
 
+/// In-process verifier of `upto` (Permit2) payments on EVM chains; any other scheme is
+/// refused. Same validity margins as [`ExactEvmVerifier`](super::ExactEvmVerifier).
+///
+/// ```
+/// use tower_x402::verify::upto::UptoEvmVerifier;
+/// use tower_x402::clock::FixedClock;
+/// let verifier = UptoEvmVerifier::new().with_clock(FixedClock::new(1_700_000_000));
+/// ```
+#[derive(Clone)]
+pub struct UptoEvmVerifier {
+    clock: Arc<dyn Clock>,
+    headroom: u64,
+    max_skew: u64,
+}
+
+impl std::fmt::Debug for UptoEvmVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UptoEvmVerifier")
+            .field("headroom", &self.headroom)
+            .field("max_skew", &self.max_skew)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for UptoEvmVerifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UptoEvmVerifier {
+    /// A verifier on the system clock with the default headroom and skew (those of
+    /// [`ExactEvmVerifier`](super::ExactEvmVerifier)).
+    pub fn new() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            headroom: super::ExactEvmVerifier::DEFAULT_HEADROOM,
+            max_skew: super::ExactEvmVerifier::DEFAULT_MAX_SKEW,
+        }
+    }
+
+    /// Uses `clock` for validity windows.
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Requires `deadline >= now + secs` (default 6).
+    #[must_use]
+    pub fn with_headroom(mut self, secs: u64) -> Self {
+        self.headroom = secs;
+        self
+    }
+
+    /// Accepts a deadline up to `now + maxTimeoutSeconds + secs` (default 60).
+    #[must_use]
+    pub fn with_max_skew(mut self, secs: u64) -> Self {
+        self.max_skew = secs;
+        self
+    }
+
+    /// The whole check, synchronously.
+    pub fn verify_sync(
+        &self,
+        payload: &PaymentPayload,
+        req: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        verify(payload, req, self.clock.now(), self.headroom, self.max_skew)
+    }
+}
+
+#[async_trait]
+impl Verifier for UptoEvmVerifier {
+    async fn verify(
+        &self,
+        payload: &PaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        self.verify_sync(payload, requirements)
+    }
+}
+
 /// Verifies an `upto` payment at time `now`; see the [module docs](self).
-pub(super) fn verify(
+fn verify(
     payload: &PaymentPayload,
     req: &PaymentRequirements,
     now: u64,

@@ -33,7 +33,7 @@ use tower_x402::proto::X402Version;
 use tower_x402::proto::v2::{PaymentRequired, PaymentRequirements};
 use tower_x402::test_util::{PrivateKeySigner, demo_payer, pay};
 use tower_x402::{
-    Asset, ExactEvmVerifier, MemoryNonceStore, Network, PaymentLayer, PaymentLayerBuilder,
+    Asset, EvmVerifier, MemoryNonceStore, Network, PaymentLayer, PaymentLayerBuilder,
     PaymentOption, PaymentRejection, VerifiedPayment,
 };
 
@@ -78,7 +78,7 @@ pub fn builder(clock: &FixedClock) -> PaymentLayerBuilder {
         .pay_to(PAY_TO)
         .price(PRICE)
         .network(Network::BASE_SEPOLIA)
-        .verifier(ExactEvmVerifier::new().with_clock(clock.clone()))
+        .verifier(EvmVerifier::new().with_clock(clock.clone()))
         .nonce_store(MemoryNonceStore::with_capacity_and_clock(
             10_000,
             clock.clone(),

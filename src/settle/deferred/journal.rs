@@ -63,42 +63,44 @@ pub(super) struct StoredPayment {
     valid_before: u64,
 }
 
-impl From<&VerifiedPayment> for StoredPayment {
-    fn from(p: &VerifiedPayment) -> Self {
-        Self {
+impl StoredPayment {
+    /// The stored form of an `exact` payment; `None` for any other proof (a deferred settler
+    /// settles EIP-3009 authorizations only).
+    pub(super) fn of(p: &VerifiedPayment) -> Option<Self> {
+        let (authorization, signature) = p.eip3009()?;
+        Some(Self {
             version: p.version.number(),
             network: p.network,
             asset: p.asset,
             payer: p.payer,
             pay_to: p.pay_to,
             amount: p.amount,
-            authorization: p.authorization.clone(),
-            signature: p.signature.clone(),
+            authorization: authorization.clone(),
+            signature: signature.clone(),
             valid_before: p.valid_before,
-        }
+        })
     }
-}
 
-impl StoredPayment {
     pub(super) fn to_payment(&self) -> VerifiedPayment {
-        VerifiedPayment {
-            version: if self.version == 1 {
+        // Batch settlers settle from the authorization itself, never through a facilitator.
+        let mut payment = VerifiedPayment::exact(
+            if self.version == 1 {
                 X402Version::V1
             } else {
                 X402Version::V2
             },
-            network: self.network,
-            asset: self.asset,
-            payer: self.payer,
-            pay_to: self.pay_to,
-            amount: self.amount,
-            authorization: self.authorization.clone(),
-            signature: self.signature.clone(),
-            valid_before: self.valid_before,
-            // Batch settlers settle from the authorization itself, never through a facilitator.
-            facilitator_request: None,
-            permit2: None,
-        }
+            self.network,
+            self.asset,
+            self.authorization.clone(),
+            self.signature.clone(),
+        );
+        // As verified (an upto-style amount never reaches a deferred journal, but the stored
+        // fields are the ones that were acknowledged).
+        payment.payer = self.payer;
+        payment.pay_to = self.pay_to;
+        payment.amount = self.amount;
+        payment.valid_before = self.valid_before;
+        payment
     }
 }
 

@@ -624,6 +624,11 @@ impl Settler for DeferredSettler {
     }
 
     async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
+        // Only EIP-3009 authorizations batch (see `check`).
+        let stored = StoredPayment::of(payment).ok_or(SettleError::Refused {
+            reason: crate::rejection::reason::UNSUPPORTED_SCHEME,
+            transaction: None,
+        })?;
         let key = payment.nonce_key();
         let accepted_ms = unix_ms();
         let id = {
@@ -660,7 +665,7 @@ impl Settler for DeferredSettler {
         };
         let record = Record::Pending {
             id,
-            payment: Box::new(StoredPayment::from(payment)),
+            payment: Box::new(stored),
             accepted_ms,
         };
         let appended = self.shared.journal.append(&[record]).await;

@@ -182,7 +182,7 @@ async fn finish(shared: &Shared, finals: Vec<Final>) {
                 asset: p.asset,
                 pay_to: p.pay_to,
                 amount: p.amount,
-                nonce: p.authorization.nonce,
+                nonce: p.nonce(),
                 transaction,
                 gas_used,
                 status,

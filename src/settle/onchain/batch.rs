@@ -137,7 +137,14 @@ impl OnchainSettler {
                 IMulticall3::Call3 {
                     target: p.asset,
                     allowFailure: true,
-                    callData: transfer_calldata(&p.authorization, &p.signature),
+                    callData: match p.eip3009() {
+                        Some((authorization, signature)) => {
+                            transfer_calldata(authorization, signature)
+                        }
+                        // Not EIP-3009 (deferred batches refuse other proofs before this):
+                        // an empty call that fails alone, never a transfer.
+                        None => Default::default(),
+                    },
                 }
             })
             .collect();
@@ -221,9 +228,7 @@ impl OnchainSettler {
                 let used = used_in(&receipt, live.len(), |p| {
                     live.iter().position(|i| {
                         let p2 = &payments[*i];
-                        p2.asset == p.0
-                            && p2.authorization.from == p.1
-                            && p2.authorization.nonce == p.2
+                        p2.asset == p.0 && p2.payer == p.1 && p2.nonce() == p.2
                     })
                 });
                 let settled = used.iter().filter(|u| **u).count() as u64;
@@ -255,12 +260,9 @@ impl OnchainSettler {
             Ok(Sent::Unconfirmed(hash)) => {
                 let mut out = Vec::with_capacity(live.len());
                 for i in live {
-                    let a = &payments[*i].authorization;
+                    let p = &payments[*i];
                     out.push(
-                        match self
-                            .authorization_state(payments[*i].asset, a.from, a.nonce)
-                            .await
-                        {
+                        match self.authorization_state(p.asset, p.payer, p.nonce()).await {
                             Ok(true) => {
                                 self.shared.stats.update(|s| s.settled += 1);
                                 Ok(Settled::new(Some(hash), None))
@@ -291,7 +293,7 @@ impl OnchainSettler {
         sent: &[B256],
     ) -> Result<ChainState, SettleError> {
         let limit = self.config.rpc_timeout;
-        let a = &payment.authorization;
+        let (p_from, p_nonce) = (payment.payer, payment.nonce());
         let mut in_flight = None;
         for hash in sent {
             let receipt = with_timeout(limit, self.provider.get_transaction_receipt(*hash))
@@ -300,7 +302,7 @@ impl OnchainSettler {
             match receipt {
                 Some(r) if r.block_number().is_some() => {
                     let used = used_in(&r, 1, |(asset, from, nonce)| {
-                        (asset == payment.asset && from == a.from && nonce == a.nonce).then_some(0)
+                        (asset == payment.asset && from == p_from && nonce == p_nonce).then_some(0)
                     });
                     if r.status() && used.first() == Some(&true) {
                         let count = count_used(&r);
@@ -321,7 +323,7 @@ impl OnchainSettler {
             }
         }
         if self
-            .authorization_state(payment.asset, a.from, a.nonce)
+            .authorization_state(payment.asset, p_from, p_nonce)
             .await
             .map_err(Failure::into_settle_error)?
         {

@@ -125,7 +125,7 @@ use self::relayer::{BeforeSend, Relayer, SendError, with_timeout};
 use self::revert::Failure;
 use super::{SettleError, Settlement, Settler};
 use crate::proto::exact::Authorization;
-use crate::verify::{BoxError, VerifiedPayment};
+use crate::verify::{BoxError, Proof, VerifiedPayment};
 
 /// The `errorReason` codes this settler answers with.
 pub mod reason {
@@ -447,28 +447,25 @@ impl OnchainSettler {
     /// The settlement transaction, without fees, nonce or chain id.
     fn transfer(&self, payment: &VerifiedPayment) -> TransactionRequest {
         let tx = TransactionRequest::default().with_from(self.relayer());
-        match &payment.permit2 {
+        match &payment.proof {
             // upto: the proxy pulls `amount` (the metered usage, at most the permit's maximum).
-            Some(permit) => tx
+            Proof::UptoEvm { permit, signature } => tx
                 .with_to(upto::UPTO_PROXY)
-                .with_input(upto::settle_calldata(
-                    permit,
-                    payment.amount,
-                    &payment.signature,
-                )),
-            None => tx.with_to(payment.asset).with_input(transfer_calldata(
-                &payment.authorization,
-                &payment.signature,
-            )),
+                .with_input(upto::settle_calldata(permit, payment.amount, signature)),
+            Proof::ExactEvm {
+                authorization,
+                signature,
+            } => tx
+                .with_to(payment.asset)
+                .with_input(transfer_calldata(authorization, signature)),
         }
     }
 
     /// Whether the payment's authorization (EIP-3009) or permit nonce (Permit2) is used.
     async fn proof_used(&self, payment: &VerifiedPayment) -> Result<bool, Failure> {
-        let Some(permit) = &payment.permit2 else {
-            let a = &payment.authorization;
+        let Some((permit, _)) = payment.permit2() else {
             return self
-                .authorization_state(payment.asset, a.from, a.nonce)
+                .authorization_state(payment.asset, payment.payer, payment.nonce())
                 .await;
         };
         let out = with_timeout(
@@ -491,10 +488,14 @@ impl OnchainSettler {
     /// on an idle dev chain (anvil mines only on demand) can be older than `validAfter`,
     /// while anvil's default (`pending`) runs at the current time.
     async fn read_state(&self, payment: &VerifiedPayment) -> Result<State, Failure> {
-        let a = &payment.authorization;
-        let balance_tx = view(payment.asset, &IEip3009::balanceOfCall { account: a.from });
+        let balance_tx = view(
+            payment.asset,
+            &IEip3009::balanceOfCall {
+                account: payment.payer,
+            },
+        );
         let simulate = self.config.simulate.then(|| self.transfer(payment));
-        if let Some(permit) = &payment.permit2 {
+        if let Some((permit, _)) = payment.permit2() {
             let views = [
                 balance_tx,
                 view(payment.asset, &upto::allowance_call(permit.from)),
@@ -511,8 +512,8 @@ impl OnchainSettler {
         let state_tx = view(
             payment.asset,
             &IEip3009::authorizationStateCall {
-                authorizer: a.from,
-                nonce: a.nonce,
+                authorizer: payment.payer,
+                nonce: payment.nonce(),
             },
         );
         let (out, revert) = self.read_views(&[balance_tx, state_tx], simulate).await?;
@@ -737,14 +738,14 @@ impl OnchainSettler {
     ) -> Result<(), SettleError> {
         let checked = async {
             self.ensure_network(payment).await?;
-            if let Some(permit) = &payment.permit2
+            if let Some((permit, _)) = payment.permit2()
                 && permit.witness.facilitator != self.relayer()
             {
                 // The upto proxy lets only the signed facilitator settle: this relayer can't.
                 return Err(Failure::Revert(upto::reason::FACILITATOR_MISMATCH));
             }
             let state = self.read_state(payment).await?;
-            let needed = payment.authorization.value.saturating_add(owed);
+            let needed = max_amount(payment).saturating_add(owed);
             if state.used {
                 Err(Failure::Revert(reason::NONCE_ALREADY_USED))
             } else if state.balance < needed {
@@ -771,7 +772,7 @@ impl OnchainSettler {
             .ensure_network(payment)
             .await
             .map_err(|f| self.not_sent(f))?;
-        if payment.is_upto() && payment.amount > payment.authorization.value {
+        if payment.is_upto() && payment.amount > max_amount(payment) {
             return Err(self.not_sent(Failure::Revert(upto::reason::SETTLEMENT_EXCEEDS_AMOUNT)));
         }
         // Permit2 through the proxy costs more than a bare EIP-3009 transfer.
@@ -955,4 +956,12 @@ mod tests {
         assert_eq!(call.signature.as_ref(), &sig[..]);
         assert_eq!(call.validBefore, authorization().valid_before);
     }
+}
+
+/// What the payer signed for: an upto permit's maximum (the payment's amount may be the
+/// smaller metered usage), else the amount itself.
+fn max_amount(payment: &VerifiedPayment) -> U256 {
+    payment
+        .permit2()
+        .map_or(payment.amount, |(permit, _)| permit.permitted.amount)
 }
