@@ -433,7 +433,7 @@ impl Verifier for FacilitatorClient {
                 });
             }
         }
-        Ok(verified.with_backend_data(FacilitatorRequest(body.into())))
+        Ok(verified.with_backend_data(FacilitatorRequest(body)))
     }
 }
 

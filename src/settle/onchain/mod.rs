@@ -908,6 +908,14 @@ fn decode<C: SolCall>(out: &[u8]) -> Result<C::Return, Failure> {
     C::abi_decode_returns(out).map_err(Failure::rpc)
 }
 
+/// What the payer signed for: an upto permit's maximum (the payment's amount may be the
+/// smaller metered usage), else the amount itself.
+fn max_amount(payment: &VerifiedPayment) -> U256 {
+    payment
+        .permit2()
+        .map_or(payment.amount, |(permit, _)| permit.permitted.amount)
+}
+
 #[cfg(test)]
 mod tests {
     use alloy_primitives::{address, b256};
@@ -956,12 +964,4 @@ mod tests {
         assert_eq!(call.signature.as_ref(), &sig[..]);
         assert_eq!(call.validBefore, authorization().valid_before);
     }
-}
-
-/// What the payer signed for: an upto permit's maximum (the payment's amount may be the
-/// smaller metered usage), else the amount itself.
-fn max_amount(payment: &VerifiedPayment) -> U256 {
-    payment
-        .permit2()
-        .map_or(payment.amount, |(permit, _)| permit.permitted.amount)
 }
