@@ -42,6 +42,10 @@ pub enum ConfigError {
     /// the amount to settle is known only once the handler has run.
     #[error("upto payments settle after the handler: use SettlementMode::AfterHandler")]
     UptoBeforeHandler,
+    /// Builder calls that contradict each other (one would silently undo the other); the
+    /// message says which and what to do.
+    #[error("contradictory configuration: {0}")]
+    Contradictory(&'static str),
     /// A [prepaid](crate::prepaid) route that cannot be built.
     #[error(transparent)]
     Prepaid(#[from] crate::prepaid::BundleError),

@@ -1,245 +1,27 @@
 //! [`PaymentLayer`]: configuration and builder.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use alloy_primitives::{Address, U256};
+use alloy_primitives::Address;
 use http::request::Parts;
-use serde_json::{Map, Value};
+use serde_json::Map;
 use tower_layer::Layer;
 
 use crate::Network;
 use crate::challenge::ChallengeKeys;
 use crate::error::ConfigError;
 use crate::hooks::PaymentHooks;
-use crate::idempotency::IdempotencyStore;
 use crate::network::Asset;
 use crate::nonce::{MemoryNonceStore, NonceStore};
-use crate::price::parse_price;
 use crate::proto::header::DEFAULT_MAX_HEADER_BYTES;
-use crate::proto::v2::PaymentRequirements;
 use crate::service::Payment;
 use crate::settle::{SettlementMode, Settler, VerifyOnly};
 use crate::verify::{EvmVerifier, Verifier};
 
-/// One way to pay for a route: an `exact` payment of `amount` of `asset` to `pay_to`.
-///
-/// ```
-/// use tower_x402::{Asset, PaymentOption};
-/// use tower_x402::primitives::address;
-/// let opt = PaymentOption::exact(
-///     &Asset::usdc_base_sepolia(),
-///     "$0.001",
-///     address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
-/// )
-/// .unwrap();
-/// assert_eq!(opt.requirements().amount.to::<u64>(), 1000);
-/// ```
-#[derive(Clone, Debug, PartialEq)]
-pub struct PaymentOption {
-    requirements: PaymentRequirements,
-}
-
-impl PaymentOption {
-    /// Default `maxTimeoutSeconds` (the reference's).
-    pub const DEFAULT_MAX_TIMEOUT_SECONDS: u64 = 300;
-
-    /// `price` (e.g. `"$0.001"`, exact decimal) of `asset`, paid to `pay_to`.
-    ///
-    /// # Errors
-    /// The price does not parse, is zero or too precise for the asset's decimals; `pay_to` is
-    /// the zero address; the asset lacks its EIP-712 name or version.
-    pub fn exact(asset: &Asset, price: &str, pay_to: Address) -> Result<Self, ConfigError> {
-        let amount = parse_price(price, asset.decimals)?;
-        Self::exact_atomic(asset, amount, pay_to)
-    }
-
-    /// `amount` atomic units of `asset`, paid to `pay_to`.
-    ///
-    /// # Errors
-    /// As [`PaymentOption::exact`].
-    pub fn exact_atomic(asset: &Asset, amount: U256, pay_to: Address) -> Result<Self, ConfigError> {
-        if amount.is_zero() {
-            return Err(ConfigError::ZeroPrice);
-        }
-        if pay_to.is_zero() {
-            return Err(ConfigError::PayTo);
-        }
-        if asset.eip712_name.is_empty() || asset.eip712_version.is_empty() {
-            return Err(ConfigError::MissingEip712Domain(asset.address));
-        }
-        let mut extra = Map::new();
-        extra.insert("name".into(), Value::String(asset.eip712_name.clone()));
-        extra.insert(
-            "version".into(),
-            Value::String(asset.eip712_version.clone()),
-        );
-        Ok(Self {
-            requirements: PaymentRequirements {
-                scheme: crate::verify::exact::SCHEME.into(),
-                network: asset.network,
-                amount,
-                asset: asset.address,
-                pay_to,
-                max_timeout_seconds: Self::DEFAULT_MAX_TIMEOUT_SECONDS,
-                extra: Some(extra),
-            },
-        })
-    }
-
-    /// An `upto` payment (metered billing, x402 `scheme_upto_evm`): the client signs a Permit2
-    /// permit for at most `max_price` of `asset`, the handler reports what the call used
-    /// through [`crate::upto::Usage`], and the layer settles that much (or nothing) once.
-    ///
-    /// `facilitator` is the account that sends the settlement transaction, e.g.
-    /// [`OnchainSettler::relayer`](crate::settle::onchain::OnchainSettler::relayer): the
-    /// payer signs it into the permit, and the upto proxy refuses any other sender. The payer
-    /// must have approved Permit2 for `asset` beforehand (a one-time ERC-20 `approve`).
-    ///
-    /// ```
-    /// use tower_x402::{Asset, PaymentOption};
-    /// use tower_x402::primitives::address;
-    /// let opt = PaymentOption::upto(
-    ///     &Asset::usdc_base_sepolia(),
-    ///     "$0.05",
-    ///     address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
-    ///     address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"),
-    /// )
-    /// .unwrap();
-    /// assert_eq!(opt.requirements().scheme, "upto");
-    /// assert_eq!(opt.requirements().amount.to::<u64>(), 50_000);
-    /// ```
-    ///
-    /// # Errors
-    /// As [`PaymentOption::exact`]; also a zero `facilitator`.
-    pub fn upto(
-        asset: &Asset,
-        max_price: &str,
-        pay_to: Address,
-        facilitator: Address,
-    ) -> Result<Self, ConfigError> {
-        let max = parse_price(max_price, asset.decimals)?;
-        Self::upto_atomic(asset, max, pay_to, facilitator)
-    }
-
-    /// As [`PaymentOption::upto`], with the maximum in atomic units.
-    ///
-    /// # Errors
-    /// As [`PaymentOption::upto`].
-    pub fn upto_atomic(
-        asset: &Asset,
-        max: U256,
-        pay_to: Address,
-        facilitator: Address,
-    ) -> Result<Self, ConfigError> {
-        if facilitator.is_zero() {
-            return Err(ConfigError::UptoFacilitator);
-        }
-        let mut opt = Self::exact_atomic(asset, max, pay_to)?;
-        opt.requirements.scheme = crate::verify::upto::SCHEME.into();
-        // The upto client reads only `facilitatorAddress`; name and version stay for clients
-        // that show the token.
-        if let Some(extra) = opt.requirements.extra.as_mut() {
-            extra.insert(
-                crate::verify::upto::FACILITATOR_ADDRESS.into(),
-                Value::String(facilitator.to_checksum(None)),
-            );
-        }
-        Ok(opt)
-    }
-
-    /// True for an `upto` option.
-    pub fn is_upto(&self) -> bool {
-        self.requirements.scheme == crate::verify::upto::SCHEME
-    }
-
-    /// Sets `maxTimeoutSeconds` (default 300): also the longest validity accepted.
-    ///
-    /// # Errors
-    /// Zero seconds.
-    pub fn with_max_timeout(mut self, secs: u64) -> Result<Self, ConfigError> {
-        if secs == 0 {
-            return Err(ConfigError::ZeroTimeout);
-        }
-        self.requirements.max_timeout_seconds = secs;
-        Ok(self)
-    }
-
-    /// The requirements as sent in `accepts`.
-    pub fn requirements(&self) -> &PaymentRequirements {
-        &self.requirements
-    }
-}
-
-/// Decides per request what a call costs: `None` makes the request free.
-pub type PricingFn = dyn Fn(&Parts) -> Option<Arc<[PaymentOption]>> + Send + Sync;
-
-pub(crate) enum Pricing {
-    Static(Arc<[PaymentOption]>),
-    Dynamic(Arc<PricingFn>),
-}
-
-/// What a layer needs per request; shared by every service clone (one refcount per call).
-pub(crate) struct Shared {
-    pub(crate) verifier: Arc<dyn Verifier>,
-    pub(crate) store: Arc<dyn NonceStore>,
-    pub(crate) settler: Arc<dyn Settler>,
-    pub(crate) mode: SettlementMode,
-    pub(crate) pricing: Pricing,
-    pub(crate) resource_base: Option<String>,
-    pub(crate) description: Option<String>,
-    pub(crate) mime_type: Option<String>,
-    pub(crate) max_header_bytes: usize,
-    pub(crate) expose_headers: bool,
-    pub(crate) retry_after: Duration,
-    pub(crate) accept_v1: bool,
-    pub(crate) accept_v2: bool,
-    pub(crate) hooks: Arc<[Arc<dyn PaymentHooks>]>,
-    pub(crate) inflight: Option<Inflight>,
-    pub(crate) challenges: Option<ChallengeKeys>,
-    pub(crate) idempotency: Option<Idempotency>,
-    /// `extensions` of the v2 challenge (`None` when no extension is offered).
-    pub(crate) extensions: Option<Map<String, Value>>,
-    /// Prepaid bundles and sign-in (see [`crate::prepaid`]).
-    pub(crate) prepaid: Option<crate::prepaid::State>,
-}
-
-/// Idempotent retries (see [`crate::idempotency`]).
-pub(crate) struct Idempotency {
-    pub(crate) store: Arc<dyn IdempotencyStore>,
-    pub(crate) required: bool,
-    pub(crate) max_body: usize,
-}
-
-/// A non-blocking counting semaphore: beyond `max`, callers are turned away, not queued.
-pub(crate) struct Inflight {
-    max: usize,
-    now: AtomicUsize,
-}
-
-/// One slot of an [`Inflight`], given back on drop.
-pub(crate) struct InflightPermit<'a>(&'a AtomicUsize);
-
-impl Inflight {
-    pub(crate) fn try_acquire(&self) -> Option<InflightPermit<'_>> {
-        let taken = self
-            .now
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then(|| n + 1)
-            })
-            .is_ok();
-        // `then`, not `then_some`: a permit built eagerly and dropped would give back a slot
-        // it never took.
-        taken.then(|| InflightPermit(&self.now))
-    }
-}
-
-impl Drop for InflightPermit<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+pub use crate::config::PricingFn;
+use crate::config::{Idempotency, Inflight, Pricing, Shared};
+pub use crate::option::PaymentOption;
 
 /// Charges for the requests of the services it wraps, with x402. See the
 /// [crate docs](crate) for the flow and an example.
@@ -304,9 +86,9 @@ pub struct PaymentLayerBuilder {
     hooks: Vec<Arc<dyn PaymentHooks>>,
     max_verifications: Option<usize>,
     challenges: Option<ChallengeKeys>,
-    idempotency: Option<Arc<dyn IdempotencyStore>>,
-    idempotency_required: bool,
-    idempotency_max_body: usize,
+    idempotency: Option<Idempotency>,
+    idempotency_required: Option<bool>,
+    idempotency_max_body: Option<usize>,
     prepaid: Option<crate::prepaid::Prepaid>,
 }
 
@@ -336,8 +118,8 @@ impl Default for PaymentLayerBuilder {
             max_verifications: None,
             challenges: None,
             idempotency: None,
-            idempotency_required: false,
-            idempotency_max_body: crate::idempotency::DEFAULT_MAX_BODY,
+            idempotency_required: None,
+            idempotency_max_body: None,
             prepaid: None,
         }
     }
@@ -513,35 +295,39 @@ impl PaymentLayerBuilder {
     ///
     /// ```
     /// use tower_x402::{Network, PaymentLayer};
-    /// use tower_x402::idempotency::MemoryIdempotencyStore;
+    /// use tower_x402::idempotency::{Idempotency, MemoryIdempotencyStore};
     /// use tower_x402::primitives::address;
     /// let layer = PaymentLayer::builder()
     ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
     ///     .price("$0.001")
     ///     .network(Network::BASE_SEPOLIA)
-    ///     .idempotency(MemoryIdempotencyStore::new())
-    ///     .idempotency_required(true)
+    ///     .idempotency(Idempotency::new(MemoryIdempotencyStore::new()).required(true))
     ///     .build()
     ///     .unwrap();
     /// ```
-    pub fn idempotency(mut self, store: impl IdempotencyStore) -> Self {
-        self.idempotency = Some(Arc::new(store));
+    ///
+    /// A bare store is taken too (`.idempotency(store)`: ids optional, 64 KiB bodies).
+    pub fn idempotency(mut self, idempotency: impl Into<Idempotency>) -> Self {
+        self.idempotency = Some(idempotency.into());
         self
     }
 
     /// Requires a payment identifier in v2 payments (default `false`; advertised as
     /// `info.required`): a v2 payment without one gets 400 `payment_identifier_required`.
     /// v1 payments cannot carry one and are served without idempotency. Only with
-    /// [`Self::idempotency`].
+    /// [`Self::idempotency`] (else [`build`](Self::build) fails): prefer
+    /// [`Idempotency::required`](crate::idempotency::Idempotency::required).
     pub fn idempotency_required(mut self, required: bool) -> Self {
-        self.idempotency_required = required;
+        self.idempotency_required = Some(required);
         self
     }
 
     /// Largest response body stored for replay (default 64 KiB). Larger and streaming bodies
-    /// pass through unbuffered and are not replayable (see [`crate::idempotency`]).
+    /// pass through unbuffered and are not replayable (see [`crate::idempotency`]). Only with
+    /// [`Self::idempotency`] (else [`build`](Self::build) fails): prefer
+    /// [`Idempotency::max_body`](crate::idempotency::Idempotency::max_body).
     pub fn idempotency_max_body(mut self, bytes: usize) -> Self {
-        self.idempotency_max_body = bytes;
+        self.idempotency_max_body = Some(bytes);
         self
     }
 
@@ -559,6 +345,11 @@ impl PaymentLayerBuilder {
     /// # Errors
     /// See [`ConfigError`]: nothing to sell, a bad price, a zero `pay_to`, a missing asset.
     pub fn build(self) -> Result<PaymentLayer, ConfigError> {
+        if self.pricing.is_some() && (self.price.is_some() || !self.options.is_empty()) {
+            return Err(ConfigError::Contradictory(
+                ".pricing(f) decides every request's options: drop .price(..) / .accept(..), or drop .pricing",
+            ));
+        }
         let mut options = self.options;
         let price = self
             .prepaid
@@ -598,11 +389,19 @@ impl PaymentLayerBuilder {
         if !accept_v1 && !self.accept_v2 {
             return Err(ConfigError::NoVersion);
         }
-        let idempotency = self.idempotency.map(|store| Idempotency {
-            store,
-            required: self.idempotency_required,
-            max_body: self.idempotency_max_body,
-        });
+        let idempotency = match self.idempotency {
+            Some(mut idem) => {
+                idem.required = self.idempotency_required.unwrap_or(idem.required);
+                idem.max_body = self.idempotency_max_body.unwrap_or(idem.max_body);
+                Some(idem)
+            }
+            None if self.idempotency_required.is_some() || self.idempotency_max_body.is_some() => {
+                return Err(ConfigError::Contradictory(
+                    "idempotency_required / idempotency_max_body do nothing without .idempotency(store)",
+                ));
+            }
+            None => None,
+        };
         let extensions = idempotency.as_ref().map(|i| {
             let mut m = Map::new();
             m.insert(
@@ -631,10 +430,7 @@ impl PaymentLayerBuilder {
                 accept_v1,
                 accept_v2: self.accept_v2,
                 hooks: self.hooks.into(),
-                inflight: self.max_verifications.map(|max| Inflight {
-                    max,
-                    now: AtomicUsize::new(0),
-                }),
+                inflight: self.max_verifications.map(Inflight::new),
                 challenges: self.challenges,
                 idempotency,
                 extensions,

@@ -170,6 +170,7 @@ pub mod challenge;
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
 pub mod clock;
+mod config;
 pub mod error;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
@@ -189,6 +190,7 @@ mod layer;
 pub mod metrics;
 pub mod network;
 pub mod nonce;
+mod option;
 pub mod prepaid;
 pub mod price;
 pub mod proto;

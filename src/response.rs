@@ -11,7 +11,8 @@ use serde::Serialize;
 
 use crate::body::ResponseBody;
 use crate::challenge::{Binding, EXTRA_FIELD};
-use crate::layer::{PaymentOption, Shared};
+use crate::config::Shared;
+use crate::option::PaymentOption;
 use crate::proto::header::{self, PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
 use crate::proto::v2::PaymentRequirements;
 use crate::proto::{SettleResponse, X402Version, v1, v2};

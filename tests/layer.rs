@@ -796,7 +796,7 @@ async fn pricing_closure_frees_and_prices_per_request() {
     let cheap: Arc<[PaymentOption]> = Arc::new([option()]);
     let dear_option = PaymentOption::exact(&usdc, "$0.01", PAY_TO).unwrap();
     let dear: Arc<[PaymentOption]> = Arc::new([dear_option.clone()]);
-    let layer = builder(&clock)
+    let layer = unpriced_builder(&clock)
         .pricing(move |parts| match parts.uri.path() {
             "/free" => None,
             "/premium" => Some(dear.clone()),

@@ -92,6 +92,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde_json::{Value, json};
 
+pub use crate::config::Idempotency;
 pub use crate::nonce::{ClaimToken, StoreError};
 use crate::proto::PaymentPayload;
 use crate::rejection::PaymentRejection;

@@ -102,8 +102,8 @@ use serde_json::{Map, Value};
 
 use crate::Network;
 use crate::clock::{Clock, SystemClock};
-use crate::layer::PaymentOption;
 use crate::nonce::{NonceKey, NonceStore, Reservation, StoreError};
+use crate::option::PaymentOption;
 
 /// What one payment buys: a number of calls, a time window, or both.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,7 +3,8 @@
 use http::HeaderMap;
 
 use crate::challenge::Binding;
-use crate::layer::{PaymentOption, Shared};
+use crate::config::Shared;
+use crate::option::PaymentOption;
 use crate::proto::exact::ExactEvmPayload;
 use crate::proto::header::{self, HeaderError, PAYMENT_SIGNATURE, X_PAYMENT};
 use crate::proto::{PaymentPayload, VersionProbe, v1, v2};

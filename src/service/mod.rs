@@ -27,13 +27,14 @@ use self::decode::decode;
 use self::flow::{Flow, paid};
 use self::prepaid::signed_in;
 use crate::body::ResponseBody;
+use crate::config::{Idempotency, Pricing, Shared};
 use crate::future::ResponseFuture;
 use crate::hooks::Stage;
 use crate::idempotency::{
     self, Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotentReplay, PaymentId,
     StoredResponse,
 };
-use crate::layer::{Idempotency, PaymentOption, Pricing, Shared};
+use crate::option::PaymentOption;
 use crate::prepaid::siwx::SIGN_IN_WITH_X;
 use crate::prepaid::{Refusal, SignedIn};
 use crate::proto::PaymentPayload;

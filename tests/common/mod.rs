@@ -74,10 +74,15 @@ pub fn requirements() -> PaymentRequirements {
 
 /// A builder charging [`PRICE`] in Base Sepolia USDC, verifying and expiring by `clock`.
 pub fn builder(clock: &FixedClock) -> PaymentLayerBuilder {
-    PaymentLayer::builder()
+    unpriced_builder(clock)
         .pay_to(PAY_TO)
         .price(PRICE)
         .network(Network::BASE_SEPOLIA)
+}
+
+/// A builder verifying and expiring by `clock`, with nothing to sell yet (for `.pricing`).
+pub fn unpriced_builder(clock: &FixedClock) -> PaymentLayerBuilder {
+    PaymentLayer::builder()
         .verifier(EvmVerifier::new().with_clock(clock.clone()))
         .nonce_store(MemoryNonceStore::with_capacity_and_clock(
             10_000,

@@ -1,0 +1,158 @@
+//! [`PaymentOption`]: one way to pay for a route, as sent in the challenge's `accepts`.
+
+use alloy_primitives::{Address, U256};
+use serde_json::{Map, Value};
+
+use crate::error::ConfigError;
+use crate::network::Asset;
+use crate::price::parse_price;
+use crate::proto::v2::PaymentRequirements;
+
+/// One way to pay for a route: an `exact` payment of `amount` of `asset` to `pay_to`.
+///
+/// ```
+/// use tower_x402::{Asset, PaymentOption};
+/// use tower_x402::primitives::address;
+/// let opt = PaymentOption::exact(
+///     &Asset::usdc_base_sepolia(),
+///     "$0.001",
+///     address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
+/// )
+/// .unwrap();
+/// assert_eq!(opt.requirements().amount.to::<u64>(), 1000);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct PaymentOption {
+    requirements: PaymentRequirements,
+}
+
+impl PaymentOption {
+    /// Default `maxTimeoutSeconds` (the reference's).
+    pub const DEFAULT_MAX_TIMEOUT_SECONDS: u64 = 300;
+
+    /// `price` (e.g. `"$0.001"`, exact decimal) of `asset`, paid to `pay_to`.
+    ///
+    /// # Errors
+    /// The price does not parse, is zero or too precise for the asset's decimals; `pay_to` is
+    /// the zero address; the asset lacks its EIP-712 name or version.
+    pub fn exact(asset: &Asset, price: &str, pay_to: Address) -> Result<Self, ConfigError> {
+        let amount = parse_price(price, asset.decimals)?;
+        Self::exact_atomic(asset, amount, pay_to)
+    }
+
+    /// `amount` atomic units of `asset`, paid to `pay_to`.
+    ///
+    /// # Errors
+    /// As [`PaymentOption::exact`].
+    pub fn exact_atomic(asset: &Asset, amount: U256, pay_to: Address) -> Result<Self, ConfigError> {
+        if amount.is_zero() {
+            return Err(ConfigError::ZeroPrice);
+        }
+        if pay_to.is_zero() {
+            return Err(ConfigError::PayTo);
+        }
+        if asset.eip712_name.is_empty() || asset.eip712_version.is_empty() {
+            return Err(ConfigError::MissingEip712Domain(asset.address));
+        }
+        let mut extra = Map::new();
+        extra.insert("name".into(), Value::String(asset.eip712_name.clone()));
+        extra.insert(
+            "version".into(),
+            Value::String(asset.eip712_version.clone()),
+        );
+        Ok(Self {
+            requirements: PaymentRequirements {
+                scheme: crate::verify::exact::SCHEME.into(),
+                network: asset.network,
+                amount,
+                asset: asset.address,
+                pay_to,
+                max_timeout_seconds: Self::DEFAULT_MAX_TIMEOUT_SECONDS,
+                extra: Some(extra),
+            },
+        })
+    }
+
+    /// An `upto` payment (metered billing, x402 `scheme_upto_evm`): the client signs a Permit2
+    /// permit for at most `max_price` of `asset`, the handler reports what the call used
+    /// through [`crate::upto::Usage`], and the layer settles that much (or nothing) once.
+    ///
+    /// `facilitator` is the account that sends the settlement transaction, e.g.
+    /// [`OnchainSettler::relayer`](crate::settle::onchain::OnchainSettler::relayer): the
+    /// payer signs it into the permit, and the upto proxy refuses any other sender. The payer
+    /// must have approved Permit2 for `asset` beforehand (a one-time ERC-20 `approve`).
+    ///
+    /// ```
+    /// use tower_x402::{Asset, PaymentOption};
+    /// use tower_x402::primitives::address;
+    /// let opt = PaymentOption::upto(
+    ///     &Asset::usdc_base_sepolia(),
+    ///     "$0.05",
+    ///     address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
+    ///     address!("0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266"),
+    /// )
+    /// .unwrap();
+    /// assert_eq!(opt.requirements().scheme, "upto");
+    /// assert_eq!(opt.requirements().amount.to::<u64>(), 50_000);
+    /// ```
+    ///
+    /// # Errors
+    /// As [`PaymentOption::exact`]; also a zero `facilitator`.
+    pub fn upto(
+        asset: &Asset,
+        max_price: &str,
+        pay_to: Address,
+        facilitator: Address,
+    ) -> Result<Self, ConfigError> {
+        let max = parse_price(max_price, asset.decimals)?;
+        Self::upto_atomic(asset, max, pay_to, facilitator)
+    }
+
+    /// As [`PaymentOption::upto`], with the maximum in atomic units.
+    ///
+    /// # Errors
+    /// As [`PaymentOption::upto`].
+    pub fn upto_atomic(
+        asset: &Asset,
+        max: U256,
+        pay_to: Address,
+        facilitator: Address,
+    ) -> Result<Self, ConfigError> {
+        if facilitator.is_zero() {
+            return Err(ConfigError::UptoFacilitator);
+        }
+        let mut opt = Self::exact_atomic(asset, max, pay_to)?;
+        opt.requirements.scheme = crate::verify::upto::SCHEME.into();
+        // The upto client reads only `facilitatorAddress`; name and version stay for clients
+        // that show the token.
+        if let Some(extra) = opt.requirements.extra.as_mut() {
+            extra.insert(
+                crate::verify::upto::FACILITATOR_ADDRESS.into(),
+                Value::String(facilitator.to_checksum(None)),
+            );
+        }
+        Ok(opt)
+    }
+
+    /// True for an `upto` option.
+    pub fn is_upto(&self) -> bool {
+        self.requirements.scheme == crate::verify::upto::SCHEME
+    }
+
+    /// Sets `maxTimeoutSeconds` (default 300): also the longest validity accepted.
+    ///
+    /// # Errors
+    /// Zero seconds.
+    pub fn with_max_timeout(mut self, secs: u64) -> Result<Self, ConfigError> {
+        if secs == 0 {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        self.requirements.max_timeout_seconds = secs;
+        Ok(self)
+    }
+
+    /// The requirements as sent in `accepts`.
+    pub fn requirements(&self) -> &PaymentRequirements {
+        &self.requirements
+    }
+}
