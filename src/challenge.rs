@@ -170,7 +170,7 @@ impl ChallengeError {
     /// The x402 reason code sent with the 402:
     /// [`CHALLENGE_EXPIRED`](crate::rejection::reason::CHALLENGE_EXPIRED) when expired,
     /// [`INVALID_CHALLENGE`](crate::rejection::reason::INVALID_CHALLENGE) otherwise.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::rejection::Reason {
         match self {
             Self::Expired { .. } => crate::rejection::reason::CHALLENGE_EXPIRED,
             _ => crate::rejection::reason::INVALID_CHALLENGE,

@@ -393,8 +393,8 @@ fn trailers_only<B>(
     parts.headers.remove(CONTENT_LENGTH);
     parts.headers.insert(CONTENT_TYPE, GRPC_CONTENT_TYPE);
     let code = code(rejection);
-    let message = match (rejection.reason, code) {
-        (Some(reason), _) => reason,
+    let message = match (&rejection.reason, code) {
+        (Some(reason), _) => reason.as_str(),
         (None, Code::FailedPrecondition) => "payment required",
         (None, _) => rejection.status.canonical_reason().unwrap_or("refused"),
     };
@@ -486,7 +486,7 @@ mod tests {
             .insert(RETRY_AFTER, HeaderValue::from_static("3"));
         let info = PaymentRejection {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            reason: Some("service_unavailable"),
+            reason: Some(crate::rejection::Reason::ServiceUnavailable),
             retry_after: Some(Duration::from_millis(2500)),
         };
         let res = trailers_only(res, &info);

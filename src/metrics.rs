@@ -209,7 +209,13 @@ impl PaymentHooks for PaymentMetrics {
 
     async fn on_failure(&self, failure: &PaymentFailure<'_>) {
         let rejection = failure.rejection;
-        let reason = SharedString::const_str(rejection.reason.unwrap_or("none"));
+        let reason = match &rejection.reason {
+            None => SharedString::const_str("none"),
+            Some(r) => r.as_static().map_or_else(
+                || SharedString::from(r.as_str().to_owned()),
+                SharedString::const_str,
+            ),
+        };
         counter!(
             name::REJECTED,
             self.labels(&[

@@ -16,7 +16,7 @@ use crate::option::PaymentOption;
 use crate::proto::header::{self, PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
 use crate::proto::v2::PaymentRequirements;
 use crate::proto::{SettleResponse, X402Version, v1, v2};
-use crate::rejection::Rejection;
+use crate::rejection::{Reason, Rejection};
 
 const EXPOSE: HeaderValue =
     HeaderValue::from_static("PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE");
@@ -85,11 +85,11 @@ pub(crate) fn challenge(
     options: &[PaymentOption],
     resource: &str,
     method: &Method,
-    reason: Option<&'static str>,
+    reason: Option<&Reason>,
 ) -> (v2::PaymentRequired, v1::PaymentRequired) {
     let v2 = v2::PaymentRequired {
         x402_version: 2,
-        error: reason.map(str::to_owned),
+        error: reason.map(|r| r.as_str().to_owned()),
         resource: v2::ResourceInfo {
             url: resource.to_owned(),
             description: shared.description.clone(),
@@ -107,7 +107,7 @@ pub(crate) fn challenge(
     };
     let v1 = v1::PaymentRequired {
         x402_version: 1,
-        error: reason.map(str::to_owned),
+        error: reason.map(|r| r.as_str().to_owned()),
         accepts: options
             .iter()
             // `upto` is a v2 scheme: no v1 client speaks it.
@@ -155,7 +155,7 @@ fn encode(
 /// from, so a hit is exactly what building it again would give.
 struct CachedChallenge {
     url: String,
-    reason: Option<&'static str>,
+    reason: Option<Reason>,
     requirements: Vec<PaymentRequirements>,
     description: Option<String>,
     mime_type: Option<String>,
@@ -183,7 +183,7 @@ fn encoded_challenge(
     shared: &Shared,
     options: &[PaymentOption],
     resource: &Resource,
-    reason: Option<&'static str>,
+    reason: Option<&Reason>,
 ) -> (Option<HeaderValue>, Bytes) {
     let method = &resource.method;
     if shared.challenges.is_some() || shared.prepaid.is_some() {
@@ -195,7 +195,7 @@ fn encoded_challenge(
     }
     let versions = (shared.accept_v1, shared.accept_v2);
     let same = |c: &CachedChallenge| {
-        c.reason == reason
+        c.reason.as_ref() == reason
             && resource.url_is(shared, &c.url)
             && c.versions == versions
             && c.extensions == shared.extensions
@@ -216,7 +216,7 @@ fn encoded_challenge(
         let (header, body) = encode(shared, &v2, &v1);
         let entry = CachedChallenge {
             url,
-            reason,
+            reason: reason.cloned(),
             requirements: options.iter().map(|o| o.requirements().clone()).collect(),
             description: shared.description.clone(),
             mime_type: shared.mime_type.clone(),
@@ -283,38 +283,42 @@ pub(crate) fn reject<B>(
     let info = rejection.info();
     let mut res = match &rejection {
         Rejection::Pay { reason } => {
-            let (header, body) = encoded_challenge(shared, options, resource, *reason);
+            let (header, body) = encoded_challenge(shared, options, resource, reason.as_ref());
             let mut res = Response::new(ResponseBody::full(body));
             if let Some(header) = header {
                 res.headers_mut().insert(PAYMENT_REQUIRED, header);
             }
             res
         }
-        Rejection::BadRequest { reason, message } => json_error(reason, Some(message)),
-        Rejection::TooLarge { message } => {
-            json_error(crate::rejection::reason::INVALID_PAYLOAD, Some(message))
-        }
+        Rejection::BadRequest { reason, message } => json_error(reason.as_str(), Some(message)),
+        Rejection::TooLarge { message } => json_error(
+            crate::rejection::reason::INVALID_PAYLOAD.as_str(),
+            Some(message),
+        ),
         Rejection::Unavailable {
             retry_after,
             reason,
         } => {
             let message = (*reason == crate::rejection::reason::SETTLEMENT_OUTCOME_UNKNOWN)
                 .then_some(UNKNOWN_OUTCOME);
-            let mut res = json_error(reason, message);
+            let mut res = json_error(reason.as_str(), message);
             set_retry_after(res.headers_mut(), *retry_after);
             res
         }
-        Rejection::Conflict { reason } => json_error(reason, None),
+        Rejection::Conflict { reason } => json_error(reason.as_str(), None),
         Rejection::Unauthorized { reason, message } => {
-            let mut res = json_error(reason, Some(message));
+            let mut res = json_error(reason.as_str(), Some(message));
             res.headers_mut().insert(
                 http::header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("SIWX"),
             );
             res
         }
+        Rejection::Policy {
+            reason, message, ..
+        } => json_error(reason.as_str(), Some(message)),
         Rejection::RateLimited { retry_after } => {
-            let mut res = json_error(crate::rejection::reason::RATE_LIMITED, None);
+            let mut res = json_error(crate::rejection::reason::RATE_LIMITED.as_str(), None);
             set_retry_after(res.headers_mut(), *retry_after);
             res
         }

@@ -1140,7 +1140,10 @@ async fn every_bad_input_is_refused_with_its_status_and_reason() {
             ),
             (!r.has_no_receipt(), "a receipt on a refusal"),
             (
-                r.rejection.as_ref().map(|x| (x.status, x.reason)) != Some((status, Some(reason))),
+                r.rejection
+                    .as_ref()
+                    .map(|x| (x.status, x.reason.as_ref().map(|r| r.as_str())))
+                    != Some((status, Some(reason))),
                 "PaymentRejection extension disagrees",
             ),
             (

@@ -32,6 +32,7 @@ use tower_x402::nonce::{ClaimToken, NonceKey, Reservation, StoreError};
 use tower_x402::primitives::{Address, U256};
 use tower_x402::proto::PaymentPayload;
 use tower_x402::proto::v2::PaymentRequirements;
+use tower_x402::rejection::Reason;
 use tower_x402::settle::{SettleError, Settlement, Settler};
 use tower_x402::test_util::{encode, exact_payload, v2_json};
 use tower_x402::verify::{SignatureError, VerifyError};
@@ -50,9 +51,9 @@ fn source(path: &str) -> String {
     std::fs::read_to_string(&full).unwrap_or_else(|e| panic!("read {}: {e}", full.display()))
 }
 
-/// The module docs of src/rejection.rs.
+/// The module docs of src/rejection/mod.rs.
 fn docs() -> String {
-    source("src/rejection.rs")
+    source("src/rejection/mod.rs")
         .lines()
         .filter_map(|l| l.strip_prefix("//!"))
         .map(str::trim)
@@ -156,23 +157,90 @@ fn rows() -> Vec<Row> {
 // ------------------------------------------------------------------------------------------------
 // Reason codes, parsed from the source
 
-/// The string values of the `pub const NAME: &str = "value";` items of `path`'s
-/// `pub mod reason` (constants aliasing others are followed by their own check).
-fn reason_consts(path: &str) -> BTreeSet<String> {
-    let src = source(path);
-    let body = src
-        .split("pub mod reason {")
-        .nth(1)
-        .unwrap_or_else(|| panic!("{path} has no `pub mod reason`"));
-    let body = &body[..body.find("\n}").expect("end of mod reason")];
-    body.lines()
-        .filter(|l| l.trim_start().starts_with("pub const") && l.contains(": &str = \""))
-        .map(|l| l.split('"').nth(1).expect("a string literal").to_owned())
+/// The wire string of each `Reason` variant, by its Rust name (the typed catalogue).
+fn variants() -> std::collections::BTreeMap<String, String> {
+    tower_x402::rejection::Reason::ALL
+        .iter()
+        .map(|r| (format!("{r:?}"), r.as_str().to_owned()))
         .collect()
 }
 
-/// The string literals of the `pub fn reason(&self) -> &'static str` of `path` (the first
-/// one after `after`).
+/// The wire strings named by `text`: every `Reason::Variant`, and every
+/// `rejection::reason::CONST` alias followed to its variant.
+fn named_reasons(text: &str) -> BTreeSet<String> {
+    let variants = variants();
+    let aliases = reason_consts("src/rejection/reason.rs", "");
+    let mut out = BTreeSet::new();
+    for part in text.split("Reason::").skip(1) {
+        let name: String = part.chars().take_while(|c| c.is_alphanumeric()).collect();
+        if let Some(wire) = variants.get(&name) {
+            out.insert(wire.clone());
+        }
+    }
+    for part in text.split("rejection::reason::").skip(1) {
+        let name: String = part
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        if let Some(wire) = aliases.get(&name) {
+            out.insert(wire.clone());
+        }
+    }
+    out
+}
+
+/// `NAME → wire` of the `pub const NAME: Reason = Reason::Variant;` items of `path`, inside
+/// its `pub mod reason {` (or the whole file when `module` is empty).
+fn reason_consts(path: &str, module: &str) -> std::collections::BTreeMap<String, String> {
+    let src = source(path);
+    let body = if module.is_empty() {
+        src.as_str()
+    } else {
+        let body = src
+            .split(module)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{path} has no `{module}`"));
+        &body[..body.find("\n}").expect("end of mod reason")]
+    };
+    let variants = variants();
+    let mut out = std::collections::BTreeMap::new();
+    // A const may wrap over two lines: join each item up to its `;`.
+    for item in body.split(';') {
+        let Some(at) = item.find("pub const ") else {
+            continue;
+        };
+        let item = &item[at + "pub const ".len()..];
+        let name: String = item
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let Some(rhs) = item.split('=').nth(1) else {
+            continue;
+        };
+        let rhs = rhs.trim();
+        if let Some(v) = rhs
+            .rsplit("Reason::")
+            .next()
+            .filter(|_| rhs.contains("Reason::"))
+            && let Some(wire) = variants.get(v.trim())
+        {
+            out.insert(name, wire.clone());
+        } else if let Some(alias) = rhs
+            .rsplit("reason::")
+            .next()
+            .filter(|_| rhs.contains("reason::"))
+        {
+            // An alias of a layer code: resolved against the layer's own constants.
+            let layer = reason_consts("src/rejection/reason.rs", "");
+            if let Some(wire) = layer.get(alias.trim()) {
+                out.insert(name, wire.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The codes returned by the `pub fn reason(&self)` of `path` (the first one after `after`).
 fn reason_fn_literals(path: &str, after: &str) -> BTreeSet<String> {
     let src = source(path);
     let from = src
@@ -180,15 +248,11 @@ fn reason_fn_literals(path: &str, after: &str) -> BTreeSet<String> {
         .unwrap_or_else(|| panic!("{after} in {path}"));
     let body = &src[from..];
     let start = body
-        .find("pub fn reason(&self) -> &'static str {")
+        .find("pub fn reason(&self) -> ")
         .unwrap_or_else(|| panic!("no reason() in {path}"));
     let body = &body[start..];
     let body = &body[..body.find("\n    }\n").expect("end of fn reason")];
-    body.split('"')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_owned)
-        .collect()
+    named_reasons(body)
 }
 
 #[test]
@@ -207,18 +271,22 @@ fn every_reason_code_in_the_source_is_in_the_catalogue() {
     .collect();
     assert!(opt_in.contains("payment_identifier_conflict"), "{opt_in:?}");
 
-    let layer = reason_consts("src/rejection.rs");
-    let onchain = reason_consts("src/settle/onchain/mod.rs");
+    let layer: BTreeSet<String> = reason_consts("src/rejection/reason.rs", "")
+        .into_values()
+        .collect();
+    let onchain: BTreeSet<String> = reason_consts("src/settle/onchain/mod.rs", "pub mod reason {")
+        .into_values()
+        .collect();
     let verify = reason_fn_literals("src/verify/mod.rs", "impl VerifyError");
     let settle = reason_fn_literals("src/settle/mod.rs", "impl SettleError");
     let header = reason_fn_literals("src/proto/header.rs", "impl HeaderError");
     // The parser sees what it should (a parser finding nothing would pass vacuously).
     assert!(
-        layer.contains(tower_x402::rejection::reason::OVERLOADED),
+        layer.contains(tower_x402::rejection::reason::OVERLOADED.as_str()),
         "{layer:?}"
     );
     assert!(layer.len() >= 11, "{layer:?}");
-    assert!(onchain.contains(tower_x402::settle::onchain::reason::INSUFFICIENT_FUNDS));
+    assert!(onchain.contains(tower_x402::settle::onchain::reason::INSUFFICIENT_FUNDS.as_str()));
     assert!(verify.contains("invalid_exact_evm_signature") && verify.len() >= 9);
     assert!(settle.contains("unexpected_settle_error"), "{settle:?}");
     assert!(header.contains("invalid_x402_version"), "{header:?}");
@@ -462,11 +530,13 @@ fn verify_errors() -> Vec<(MakeVerifyError, Option<u64>)> {
         ),
         e(|| VerifyError::RateLimited { retry_after: None }),
         e(|| VerifyError::Rejected {
-            reason: "facilitator_rejected",
+            reason: tower_x402::rejection::Reason::from_wire("facilitator_rejected")
+                .expect("a catalogued reason"),
             detail: "no".into(),
         }),
         e(|| VerifyError::Other {
-            reason: "invalid_exact_evm_signature",
+            reason: tower_x402::rejection::Reason::from_wire("invalid_exact_evm_signature")
+                .expect("a catalogued reason"),
         }),
     ]
 }
@@ -562,7 +632,7 @@ async fn drive() -> Vec<Case> {
             format!("facilitator /verify refuses with {code}"),
             move |b| {
                 b.verifier(Refusing(Arc::new(move || VerifyError::Rejected {
-                    reason: code,
+                    reason: Reason::from_wire(code).expect("KNOWN codes are catalogued"),
                     detail: String::new(),
                 })))
             },
@@ -605,7 +675,7 @@ async fn drive() -> Vec<Case> {
     .await;
 
     // Settlement: pre-check and settle, every kind of failure.
-    let mut refusals: Vec<&'static str> = {
+    let mut refusals: Vec<Reason> = {
         use tower_x402::settle::onchain::reason::*;
         vec![
             INSUFFICIENT_FUNDS,
@@ -618,15 +688,24 @@ async fn drive() -> Vec<Case> {
             INVALID_NETWORK,
         ]
     };
-    let onchain_codes = reason_consts("src/settle/onchain/mod.rs");
+    let onchain_codes: Vec<String> = reason_consts("src/settle/onchain/mod.rs", "pub mod reason {")
+        .into_values()
+        .collect();
     assert!(
-        onchain_codes.iter().all(|c| refusals.contains(&c.as_str())),
+        onchain_codes
+            .iter()
+            .all(|c| refusals.iter().any(|r| r.as_str() == c)),
         "a new onchain::reason const: add it to this list ({onchain_codes:?})"
     );
-    refusals.extend(tower_x402::facilitator::wire::reason::KNOWN);
+    refusals.extend(
+        tower_x402::facilitator::wire::reason::KNOWN
+            .iter()
+            .filter_map(|k| Reason::from_wire(k)),
+    );
     for reason in refusals {
+        let code = reason.clone();
         let refused: MakeSettleError = Arc::new(move || SettleError::Refused {
-            reason,
+            reason: code.clone(),
             transaction: None,
         });
         let check = refused.clone();
@@ -747,12 +826,12 @@ fn sent_reason(reply: &Reply) -> Option<String> {
         .as_ref()
         .expect("a PaymentRejection extension");
     if info.reason == Some(tower_x402::rejection::reason::REFUSED_BY_HOOK) {
-        return info.reason.map(str::to_owned);
+        return info.reason.as_ref().map(|r| r.to_string());
     }
     let sent = reply.reason();
     assert_eq!(
         sent.as_deref(),
-        info.reason,
+        info.reason.as_ref().map(|r| r.as_str()),
         "the extension and the response disagree"
     );
     // Both dialects carry the same reason (a v2-only route sends no v1 body).

@@ -344,7 +344,7 @@ async fn n_payments_take_ceil_n_over_batch_transactions_and_a_bad_one_fails_alon
     assert_eq!(failed[0].nonce, forged.authorization.nonce);
     assert_eq!(
         failed[0].status,
-        OutcomeStatus::Failed(reason::SIGNATURE.to_owned())
+        OutcomeStatus::Failed(reason::SIGNATURE.to_string())
     );
     let mut hashes: Vec<B256> = done.iter().filter_map(|o| o.transaction).collect();
     hashes.sort();

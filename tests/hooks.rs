@@ -119,7 +119,7 @@ impl PaymentHooks for Recorder {
             "failure {:?} {} {} payer={}",
             f.stage,
             f.rejection.status.as_u16(),
-            f.rejection.reason.unwrap_or("-"),
+            f.rejection.reason.as_ref().map_or("-", |r| r.as_str()),
             f.payment.is_some(),
         ));
     }
@@ -193,7 +193,7 @@ async fn before_verify_can_refuse_with_its_own_response() {
     assert_eq!(r.header("cache-control"), Some("no-store"));
     assert_eq!(
         r.rejection.as_ref().unwrap().reason,
-        Some("refused_by_hook")
+        Some(tower_x402::rejection::Reason::RefusedByHook)
     );
     assert_eq!(hits.get(), 0);
     assert_eq!(rec.count("after_verify"), 0, "refused before verification");

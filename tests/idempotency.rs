@@ -87,7 +87,10 @@ impl Settler for CountingSettler {
                 source: "receipt timed out".into(),
             }),
             REFUSE => Err(SettleError::Refused {
-                reason: "invalid_exact_evm_insufficient_balance",
+                reason: tower_x402::rejection::Reason::from_wire(
+                    "invalid_exact_evm_insufficient_balance",
+                )
+                .expect("a catalogued reason"),
                 transaction: None,
             }),
             _ => Ok(Settlement {

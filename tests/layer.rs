@@ -452,7 +452,10 @@ struct RefusingSettler;
 impl Settler for RefusingSettler {
     async fn settle(&self, _: &VerifiedPayment) -> Result<Settlement, SettleError> {
         Err(SettleError::Refused {
-            reason: "invalid_exact_evm_insufficient_balance",
+            reason: tower_x402::rejection::Reason::from_wire(
+                "invalid_exact_evm_insufficient_balance",
+            )
+            .expect("a catalogued reason"),
             transaction: None,
         })
     }

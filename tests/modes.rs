@@ -32,7 +32,10 @@ impl Settler for RecordingSettler {
         self.log.0.lock().unwrap().push("settle");
         if self.refuse {
             return Err(SettleError::Refused {
-                reason: "invalid_exact_evm_insufficient_balance",
+                reason: tower_x402::rejection::Reason::from_wire(
+                    "invalid_exact_evm_insufficient_balance",
+                )
+                .expect("a catalogued reason"),
                 transaction: None,
             });
         }

@@ -341,7 +341,7 @@ async fn nonce_used_on_chain_is_refused_before_the_handler() {
     // Settling it again is refused in simulation: no second transaction.
     let again = settler.settle(&verified(&payload)).await;
     assert!(
-        matches!(again, Err(SettleError::Refused { reason: r, transaction: None }) if r == reason::NONCE_ALREADY_USED),
+        matches!(again, Err(SettleError::Refused { reason: ref r, transaction: None }) if *r == reason::NONCE_ALREADY_USED),
         "{again:?}"
     );
     assert_eq!(settler.stats().sent, 1);
@@ -470,7 +470,7 @@ async fn token_reverts_map_to_reasons_without_sending() {
         (&malleable, reason::SIGNATURE),
         (&poor, reason::INSUFFICIENT_BALANCE),
     ];
-    for (payment, want) in cases {
+    for (payment, want) in cases.clone() {
         let got = settler.settle(payment).await;
         assert!(
             matches!(&got, Err(SettleError::Refused { reason, transaction: None }) if *reason == want),

@@ -151,7 +151,7 @@ pub fn header(data: &[u8]) {
         Err(e) => {
             assert_eq!(e.is_too_large(), data.len() > DEFAULT_MAX_HEADER_BYTES);
             assert!(matches!(
-                e.reason(),
+                e.reason().as_str(),
                 "invalid_payload" | "invalid_x402_version"
             ));
         }

@@ -297,7 +297,7 @@ where
     };
     // Without a receipt now, keep the one an earlier (outcome unknown) answer gave.
     report.receipt = receipt.or(report.receipt.take());
-    report.outcome = if unknown && reason.as_deref() == Some(NONCE_ALREADY_USED) {
+    report.outcome = if unknown && reason.as_deref() == Some(NONCE_ALREADY_USED.as_str()) {
         // An earlier attempt with this very proof may have gone through: spent or pending.
         PaymentOutcome::AlreadyUsed
     } else {

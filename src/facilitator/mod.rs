@@ -193,7 +193,10 @@ impl FacilitatorClient {
 
     /// Why the cached `/supported` refuses this payment, fetching it first if there is none
     /// yet. `None` when allowed, or when nothing is known (`/verify` then decides).
-    async fn supported_refusal(&self, payload: &PaymentPayload) -> Option<&'static str> {
+    async fn supported_refusal(
+        &self,
+        payload: &PaymentPayload,
+    ) -> Option<crate::rejection::Reason> {
         let i = &self.inner;
         if !i.check_supported {
             return None;
@@ -537,12 +540,16 @@ fn settle_reply(
             answer.error_reason.as_deref(),
             answer.error_message.as_deref(),
         );
-        if answer.error_reason.as_deref() == Some(wire::reason::SETTLEMENT_PENDING) {
+        if answer.error_reason.as_deref() == Some(wire::reason::SETTLEMENT_PENDING.as_str()) {
             return Err(unknown(FacilitatorError::Pending { detail }, transaction));
         }
         let reason = wire::reason::map(answer.error_reason.as_deref());
         #[cfg(feature = "tracing")]
-        tracing::info!(reason, detail, "x402 facilitator refused the settlement");
+        tracing::info!(
+            reason = reason.as_str(),
+            detail,
+            "x402 facilitator refused the settlement"
+        );
         return Err(SettleError::Refused {
             reason,
             transaction,

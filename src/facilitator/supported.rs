@@ -77,7 +77,7 @@ impl Supported {
         version: X402Version,
         scheme: &str,
         network: Network,
-    ) -> Option<&'static str> {
+    ) -> Option<crate::rejection::Reason> {
         use crate::rejection::reason;
         let number = u64::from(version.number());
         let same_version = || self.kinds.iter().filter(|k| k.x402_version == number);
@@ -202,15 +202,15 @@ mod tests {
         );
         assert_eq!(
             s.refusal(v2, "exact", Network::BASE),
-            Some("invalid_network")
+            Some(crate::rejection::Reason::InvalidNetwork)
         );
         assert_eq!(
             s.refusal(X402Version::V1, "exact", Network::BASE),
-            Some("invalid_network")
+            Some(crate::rejection::Reason::InvalidNetwork)
         );
         assert_eq!(
             s.refusal(v2, "streaming", Network::BASE_SEPOLIA),
-            Some("unsupported_scheme")
+            Some(crate::rejection::Reason::UnsupportedScheme)
         );
         assert_eq!(
             s.refusal(v2, "upto", Network::BASE),
@@ -223,7 +223,7 @@ mod tests {
         };
         assert_eq!(
             v2_only.refusal(X402Version::V1, "exact", Network::BASE_SEPOLIA),
-            Some("invalid_x402_version")
+            Some(crate::rejection::Reason::InvalidX402Version)
         );
     }
 

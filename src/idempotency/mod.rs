@@ -225,8 +225,8 @@ impl StoredResponse {
         let reason = self
             .rejection
             .as_ref()
-            .and_then(|r| r.reason)
-            .map_or(0, str::len);
+            .and_then(|r| r.reason.as_ref())
+            .map_or(0, |r| r.as_str().len());
         1 + 2 + 2 + headers + 1 + 2 + reason + 8 + 4 + self.body.len()
     }
 
@@ -250,7 +250,7 @@ impl StoredResponse {
             None => out.push(0),
             Some(r) => {
                 out.push(1);
-                let reason = r.reason.unwrap_or("");
+                let reason = r.reason.as_ref().map_or("", |r| r.as_str());
                 out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
                 out.extend_from_slice(reason.as_bytes());
                 let ms = r.retry_after.map_or(u64::MAX, |d| d.as_millis() as u64);
@@ -289,7 +289,11 @@ impl StoredResponse {
                 let ms = r.u64()?;
                 Some(PaymentRejection {
                     status,
-                    reason: crate::rejection::reason::known(reason),
+                    // A code outside the catalogue is a server-chosen (policy) one.
+                    reason: (!reason.is_empty()).then(|| {
+                        crate::rejection::Reason::from_wire(reason)
+                            .unwrap_or_else(|| crate::rejection::Reason::custom(reason.to_owned()))
+                    }),
                     retry_after: (ms != u64::MAX).then(|| Duration::from_millis(ms)),
                 })
             }

@@ -335,9 +335,11 @@ pub(crate) enum Refusal {
 /// Reason codes of prepaid refusals (sign-in reasons are in [`siwx::reason`]).
 pub mod reason {
     /// A valid sign-in with no calls left: buy another bundle.
-    pub const CREDIT_EXHAUSTED: &str = "prepaid_credit_exhausted";
+    pub const CREDIT_EXHAUSTED: crate::rejection::Reason =
+        crate::rejection::Reason::PrepaidCreditExhausted;
     /// A valid sign-in whose credit expired: buy another bundle.
-    pub const CREDIT_EXPIRED: &str = "prepaid_credit_expired";
+    pub const CREDIT_EXPIRED: crate::rejection::Reason =
+        crate::rejection::Reason::PrepaidCreditExpired;
 }
 
 impl State {

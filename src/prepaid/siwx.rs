@@ -95,7 +95,7 @@ pub enum SiwxError {
 
 impl SiwxError {
     /// The reason code sent to the client (the `@x402/extensions` codes where they exist).
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::rejection::Reason {
         match self {
             Self::Header(_) | Self::Malformed(_) => reason::INVALID_SIWX_PAYLOAD,
             Self::MalformedSignature => reason::MALFORMED_SIGNATURE,
@@ -122,25 +122,32 @@ impl SiwxError {
 /// Reason codes of sign-in refusals.
 pub mod reason {
     /// The header is not base64 JSON of a sign-in message.
-    pub const INVALID_SIWX_PAYLOAD: &str = "invalid_siwx_payload";
+    pub const INVALID_SIWX_PAYLOAD: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidSiwxPayload;
     /// The signature is not 65 bytes of hex (or too long, or a broken ERC-6492 wrapping).
-    pub const MALFORMED_SIGNATURE: &str = "invalid_siwx_malformed_signature";
+    pub const MALFORMED_SIGNATURE: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidSiwxMalformedSignature;
     /// `domain` is not this server's.
-    pub const DOMAIN_MISMATCH: &str = "invalid_siwx_domain_mismatch";
+    pub const DOMAIN_MISMATCH: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidSiwxDomainMismatch;
     /// `uri` is not on this server's origin.
-    pub const URI_MISMATCH: &str = "invalid_siwx_uri_mismatch";
+    pub const URI_MISMATCH: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidSiwxUriMismatch;
     /// Version, signature type or chain not offered.
-    pub const UNSUPPORTED_CHAIN: &str = "invalid_siwx_unsupported_chain";
+    pub const UNSUPPORTED_CHAIN: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidSiwxUnsupportedChain;
     /// The nonce was not issued by this server.
-    pub const INVALID_NONCE: &str = "invalid_siwx_nonce";
+    pub const INVALID_NONCE: crate::rejection::Reason = crate::rejection::Reason::InvalidSiwxNonce;
     /// The nonce was already used: a replayed message.
-    pub const NONCE_REUSED: &str = "invalid_siwx_nonce_reused";
+    pub const NONCE_REUSED: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidSiwxNonceReused;
     /// The message expired.
-    pub const EXPIRED: &str = "invalid_siwx_expired";
+    pub const EXPIRED: crate::rejection::Reason = crate::rejection::Reason::InvalidSiwxExpired;
     /// `notBefore` is not supported.
-    pub const NOT_BEFORE: &str = "invalid_siwx_not_before";
+    pub const NOT_BEFORE: crate::rejection::Reason = crate::rejection::Reason::InvalidSiwxNotBefore;
     /// The signature does not recover to `address`, and the chain (if asked) refused it.
-    pub const INVALID_SIGNATURE: &str = "invalid_siwx_signature";
+    pub const INVALID_SIGNATURE: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidSiwxSignature;
 }
 
 /// The `SIGN-IN-WITH-X` payload (field names of `@x402/extensions`' `SIWxPayloadSchema`).

@@ -57,10 +57,10 @@ pub enum HeaderError {
 
 impl HeaderError {
     /// The x402 reason code sent to the client.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::rejection::Reason {
         match self {
-            Self::Version { .. } => "invalid_x402_version",
-            _ => "invalid_payload",
+            Self::Version { .. } => crate::rejection::Reason::InvalidX402Version,
+            _ => crate::rejection::Reason::InvalidPayload,
         }
     }
 

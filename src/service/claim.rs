@@ -129,7 +129,7 @@ mod tests {
 
     fn refused() -> SettleError {
         SettleError::Refused {
-            reason: "insufficient_funds",
+            reason: crate::rejection::Reason::InsufficientFunds,
             transaction: None,
         }
     }

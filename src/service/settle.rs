@@ -250,7 +250,7 @@ async fn settle_failed<B: Send>(
     let mut out = response::reject(flow.shared, flow.options, &flow.resource, rejection);
     let receipt = SettleResponse {
         success: false,
-        error_reason: Some(e.reason().to_owned()),
+        error_reason: Some(e.reason().to_string()),
         payer: Some(verified.payer),
         transaction: e.transaction(),
         network: verified.network,

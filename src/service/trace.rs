@@ -36,10 +36,15 @@ mod imp {
             match &out {
                 Ok(res) => {
                     span.record("status", res.status().as_u16());
-                    let outcome = res
-                        .extensions()
-                        .get::<PaymentRejection>()
-                        .map_or("paid", |r| r.reason.unwrap_or("challenge"));
+                    let outcome =
+                        res.extensions()
+                            .get::<PaymentRejection>()
+                            .map_or("paid".to_owned(), |r| {
+                                r.reason
+                                    .as_ref()
+                                    .map_or("challenge", |r| r.as_str())
+                                    .to_owned()
+                            });
                     span.record("outcome", outcome);
                 }
                 Err(_) => {
@@ -72,7 +77,7 @@ mod imp {
         info: &PaymentRejection,
         error: Option<&(dyn StdError + Send + Sync)>,
     ) {
-        let reason = info.reason.unwrap_or("challenge");
+        let reason = info.reason.as_ref().map_or("challenge", |r| r.as_str());
         match error {
             Some(e) if info.status.is_server_error() => {
                 tracing::warn!(?stage, reason, status = info.status.as_u16(), error = %e, "x402 payment not served")

@@ -10,6 +10,7 @@ use std::time::Duration;
 use alloy_primitives::{B256, U256};
 use async_trait::async_trait;
 
+use crate::rejection::Reason;
 use crate::verify::{BoxError, VerifiedPayment};
 
 #[cfg(feature = "deferred")]
@@ -52,7 +53,7 @@ pub enum SettleError {
     #[error("settlement refused: {reason}")]
     Refused {
         /// The x402 `errorReason` code.
-        reason: &'static str,
+        reason: Reason,
         /// The transaction, if one was mined and reverted.
         transaction: Option<B256>,
     },
@@ -91,12 +92,12 @@ pub enum SettleError {
 
 impl SettleError {
     /// The x402 `errorReason` code.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::Refused { reason, .. } => reason,
-            Self::Unavailable { .. } => "unexpected_settle_error",
-            Self::RateLimited { .. } => crate::rejection::reason::RATE_LIMITED,
-            Self::Unknown { .. } => crate::rejection::reason::SETTLEMENT_OUTCOME_UNKNOWN,
+            Self::Refused { reason, .. } => reason.clone(),
+            Self::Unavailable { .. } => Reason::UnexpectedSettleError,
+            Self::RateLimited { .. } => Reason::RateLimited,
+            Self::Unknown { .. } => Reason::SettlementOutcomeUnknown,
         }
     }
 

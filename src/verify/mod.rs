@@ -23,6 +23,7 @@ use crate::nonce::NonceKey;
 use crate::proto::exact::Authorization;
 use crate::proto::upto::Permit2Authorization;
 use crate::proto::{PaymentPayload, X402Version, v2::PaymentRequirements};
+use crate::rejection::Reason;
 
 /// Boxed error for backend causes.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -440,37 +441,58 @@ pub enum VerifyError {
     #[error("facilitator refused the payment: {reason} ({detail})")]
     Rejected {
         /// The x402 reason code sent to the client.
-        reason: &'static str,
+        reason: Reason,
         /// The facilitator's `invalidReason` and `invalidMessage`, sanitized and truncated.
         detail: String,
     },
-    /// Any other refusal, with its reason code.
+    /// A scheme's refusal, with its reason code (e.g. an `upto` permit naming another
+    /// spender: [`upto::reason`]).
     #[error("payment refused: {reason}")]
     Other {
         /// The x402 reason code.
-        reason: &'static str,
+        reason: Reason,
+    },
+    /// A policy refusal by a custom verifier: answered with its own `status` (e.g. 403) and a
+    /// JSON body `{"error": reason, "message": message}`, not with a challenge. For a rule
+    /// that depends only on who pays or what was asked (deny-lists, quotas), see also
+    /// [hooks](crate::hooks).
+    #[error("payment refused by policy: {reason}: {message}")]
+    Policy {
+        /// The status sent (4xx; anything else is sent as 403).
+        status: http::StatusCode,
+        /// The code sent, often [`Reason::custom`].
+        reason: Reason,
+        /// Human-readable, sent to the client.
+        message: String,
     },
 }
 
 impl VerifyError {
     /// The x402 `invalidReason` code for this error (current reference names).
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::Scheme(_) => "invalid_exact_evm_scheme",
-            Self::NetworkMismatch { .. } => "invalid_exact_evm_network_mismatch",
-            Self::MissingEip712Domain => "invalid_exact_evm_missing_eip712_domain",
-            Self::InvalidPayload(_) => "invalid_payload",
-            Self::RecipientMismatch { .. } => "invalid_exact_evm_recipient_mismatch",
-            Self::ValueMismatch { .. } => "invalid_exact_evm_authorization_value",
-            Self::NotYetValid { .. } => "invalid_exact_evm_payload_authorization_valid_after",
+            Self::Scheme(_) => Reason::InvalidExactEvmScheme,
+            Self::NetworkMismatch { .. } => Reason::InvalidExactEvmNetworkMismatch,
+            Self::MissingEip712Domain => Reason::InvalidExactEvmMissingEip712Domain,
+            Self::InvalidPayload(_) => Reason::InvalidPayload,
+            Self::RecipientMismatch { .. } => Reason::InvalidExactEvmRecipientMismatch,
+            Self::ValueMismatch { .. } => Reason::InvalidExactEvmAuthorizationValue,
+            Self::NotYetValid { .. } => Reason::InvalidExactEvmPayloadAuthorizationValidAfter,
             Self::Expired { .. } | Self::ValidityTooLong { .. } => {
-                "invalid_exact_evm_payload_authorization_valid_before"
+                Reason::InvalidExactEvmPayloadAuthorizationValidBefore
             }
-            Self::Signature(_) | Self::WrongSigner { .. } => "invalid_exact_evm_signature",
-            Self::Unavailable { .. } => "unexpected_verify_error",
-            Self::RateLimited { .. } => crate::rejection::reason::RATE_LIMITED,
-            Self::Rejected { reason, .. } | Self::Other { reason } => reason,
+            Self::Signature(_) | Self::WrongSigner { .. } => Reason::InvalidExactEvmSignature,
+            Self::Unavailable { .. } => Reason::UnexpectedVerifyError,
+            Self::RateLimited { .. } => Reason::RateLimited,
+            Self::Rejected { reason, .. }
+            | Self::Other { reason }
+            | Self::Policy { reason, .. } => reason.clone(),
         }
+    }
+
+    /// True for a custom verifier's policy refusal ([`Self::Policy`]).
+    pub fn is_policy(&self) -> bool {
+        matches!(self, Self::Policy { .. })
     }
 
     /// True when the client's proof was malformed (answered with 400, not 402).

@@ -42,30 +42,39 @@ pub const FACILITATOR_ADDRESS: &str = "facilitatorAddress";
 /// The `invalidReason` codes of `upto` refusals (the reference facilitator's names).
 pub mod reason {
     /// Scheme is not `upto`.
-    pub const SCHEME: &str = "invalid_upto_evm_scheme";
+    pub const SCHEME: crate::rejection::Reason = crate::rejection::Reason::InvalidUptoEvmScheme;
     /// Payload and requirement name different networks.
-    pub const NETWORK_MISMATCH: &str = "invalid_upto_evm_network_mismatch";
+    pub const NETWORK_MISMATCH: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidUptoEvmNetworkMismatch;
     /// The permit's spender is not the upto proxy.
-    pub const SPENDER: &str = "invalid_permit2_spender";
+    pub const SPENDER: crate::rejection::Reason = crate::rejection::Reason::InvalidPermit2Spender;
     /// `witness.to` is not `payTo`.
-    pub const RECIPIENT_MISMATCH: &str = "invalid_permit2_recipient_mismatch";
+    pub const RECIPIENT_MISMATCH: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidPermit2RecipientMismatch;
     /// `witness.facilitator` is not the server's settling account.
-    pub const FACILITATOR_MISMATCH: &str = "upto_facilitator_mismatch";
+    pub const FACILITATOR_MISMATCH: crate::rejection::Reason =
+        crate::rejection::Reason::UptoFacilitatorMismatch;
     /// The deadline passed, or is too close to settle.
-    pub const DEADLINE_EXPIRED: &str = "permit2_deadline_expired";
+    pub const DEADLINE_EXPIRED: crate::rejection::Reason =
+        crate::rejection::Reason::Permit2DeadlineExpired;
     /// The deadline is further ahead than `maxTimeoutSeconds` allows.
-    pub const DEADLINE_TOO_FAR: &str = "permit2_deadline_too_far";
+    pub const DEADLINE_TOO_FAR: crate::rejection::Reason =
+        crate::rejection::Reason::Permit2DeadlineTooFar;
     /// `validAfter` is in the future.
-    pub const NOT_YET_VALID: &str = "permit2_not_yet_valid";
+    pub const NOT_YET_VALID: crate::rejection::Reason =
+        crate::rejection::Reason::Permit2NotYetValid;
     /// The permitted maximum differs from the requirement's amount.
-    pub const AMOUNT_MISMATCH: &str = "permit2_amount_mismatch";
+    pub const AMOUNT_MISMATCH: crate::rejection::Reason =
+        crate::rejection::Reason::Permit2AmountMismatch;
     /// The permit is for another token.
-    pub const TOKEN_MISMATCH: &str = "permit2_token_mismatch";
+    pub const TOKEN_MISMATCH: crate::rejection::Reason =
+        crate::rejection::Reason::Permit2TokenMismatch;
     /// The signature is malformed or not the payer's.
-    pub const SIGNATURE: &str = "invalid_permit2_signature";
+    pub const SIGNATURE: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidPermit2Signature;
     /// The metered usage is above the signed maximum: nothing is settled.
-    pub const SETTLEMENT_EXCEEDS_AMOUNT: &str =
-        "invalid_upto_evm_payload_settlement_exceeds_amount";
+    pub const SETTLEMENT_EXCEEDS_AMOUNT: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidUptoEvmPayloadSettlementExceedsAmount;
 }
 
 /// The EIP-712 structs, crate-private: `sol!` makes its items `pub`, and they are not API.
@@ -182,7 +191,7 @@ pub fn signing_hash(chain_id: u64, permit: &Permit2Authorization) -> B256 {
     keccak256(digest)
 }
 
-fn refuse(reason: &'static str) -> VerifyError {
+fn refuse(reason: crate::rejection::Reason) -> VerifyError {
     VerifyError::Other { reason }
 }
 

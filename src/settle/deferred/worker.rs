@@ -121,7 +121,7 @@ async fn round(shared: &Arc<Shared>) {
                 Some(Err(SettleError::Refused {
                     reason,
                     transaction,
-                })) => finals.push((id, Err((reason.to_owned(), transaction)))),
+                })) => finals.push((id, Err((reason.to_string(), transaction)))),
                 Some(Err(_)) | None => back_off(shared, id),
             }
         }

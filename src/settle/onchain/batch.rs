@@ -53,7 +53,7 @@ type Outcome = Result<Settled, SettleError>;
 fn each(failure: &Failure) -> SettleError {
     match failure {
         Failure::Revert(reason) => SettleError::Refused {
-            reason,
+            reason: reason.clone(),
             transaction: None,
         },
         Failure::Rpc {
@@ -161,7 +161,7 @@ impl OnchainSettler {
         &self,
         payments: &[VerifiedPayment],
         live: &[usize],
-    ) -> Result<Vec<(usize, &'static str)>, Failure> {
+    ) -> Result<Vec<(usize, crate::rejection::Reason)>, Failure> {
         // The node's default block, like the single-transfer simulation (see `read_state`).
         let out = with_timeout(
             self.config.rpc_timeout,

@@ -130,21 +130,28 @@ use crate::verify::{BoxError, Proof, VerifiedPayment};
 /// The `errorReason` codes this settler answers with.
 pub mod reason {
     /// `check`: the payer's balance is below the value.
-    pub const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
+    pub const INSUFFICIENT_FUNDS: crate::rejection::Reason =
+        crate::rejection::Reason::InsufficientFunds;
     /// `settle`: the transfer reverted with "transfer amount exceeds balance".
-    pub const INSUFFICIENT_BALANCE: &str = "invalid_exact_evm_insufficient_balance";
+    pub const INSUFFICIENT_BALANCE: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidExactEvmInsufficientBalance;
     /// The authorization's nonce is used or canceled on-chain.
-    pub const NONCE_ALREADY_USED: &str = crate::rejection::reason::NONCE_ALREADY_USED;
+    pub const NONCE_ALREADY_USED: crate::rejection::Reason =
+        crate::rejection::reason::NONCE_ALREADY_USED;
     /// The authorization expired (`validBefore` passed).
-    pub const VALID_BEFORE: &str = "invalid_exact_evm_payload_authorization_valid_before";
+    pub const VALID_BEFORE: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidExactEvmPayloadAuthorizationValidBefore;
     /// The authorization is not valid yet (`validAfter` not passed).
-    pub const VALID_AFTER: &str = "invalid_exact_evm_payload_authorization_valid_after";
+    pub const VALID_AFTER: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidExactEvmPayloadAuthorizationValidAfter;
     /// The token refused the signature.
-    pub const SIGNATURE: &str = "invalid_exact_evm_signature";
+    pub const SIGNATURE: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidExactEvmSignature;
     /// Any other revert, or a transaction mined with status 0.
-    pub const TRANSACTION_FAILED: &str = "invalid_exact_evm_transaction_failed";
+    pub const TRANSACTION_FAILED: crate::rejection::Reason =
+        crate::rejection::Reason::InvalidExactEvmTransactionFailed;
     /// The payment's network is not the RPC's chain.
-    pub const INVALID_NETWORK: &str = crate::rejection::reason::INVALID_NETWORK;
+    pub const INVALID_NETWORK: crate::rejection::Reason = crate::rejection::reason::INVALID_NETWORK;
 }
 
 sol! {
@@ -531,7 +538,7 @@ impl OnchainSettler {
         &self,
         views: &[TransactionRequest],
         simulate: Option<TransactionRequest>,
-    ) -> Result<(Vec<Bytes>, Option<&'static str>), Failure> {
+    ) -> Result<(Vec<Bytes>, Option<crate::rejection::Reason>), Failure> {
         let limit = self.config.rpc_timeout;
         let (out, simulated) = if self.config.batched_check {
             let mut batch = alloy_rpc_client::BatchRequest::new(self.provider.client());
@@ -855,7 +862,7 @@ struct State {
     /// The authorization or permit nonce is used on-chain.
     used: bool,
     /// Why the simulation reverted.
-    revert: Option<&'static str>,
+    revert: Option<crate::rejection::Reason>,
 }
 
 /// A transaction that went out.

@@ -77,70 +77,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-/// Reason codes the layer emits itself (verification reasons come from
-/// [`VerifyError::reason`](crate::verify::VerifyError::reason)).
-pub mod reason {
-    /// The payment header could not be decoded.
-    pub const INVALID_PAYLOAD: &str = "invalid_payload";
-    /// The protocol version is wrong for the header or not served by this route.
-    pub const INVALID_X402_VERSION: &str = "invalid_x402_version";
-    /// The route offers no requirement with this scheme.
-    pub const UNSUPPORTED_SCHEME: &str = "unsupported_scheme";
-    /// The route offers no requirement on this network.
-    pub const INVALID_NETWORK: &str = "invalid_network";
-    /// The echoed requirement (asset, payTo, amount) is not one the route offers.
-    pub const INVALID_PAYMENT_REQUIREMENTS: &str = "invalid_payment_requirements";
-    /// Bound challenges: the echoed challenge id is missing, malformed, tampered, made with an
-    /// unknown key, or issued for another resource, method or price.
-    pub const INVALID_CHALLENGE: &str = "invalid_challenge";
-    /// Bound challenges: the echoed challenge id is authentic but expired.
-    pub const CHALLENGE_EXPIRED: &str = "challenge_expired";
-    /// The proof was already used, or is being used by a concurrent request.
-    pub const NONCE_ALREADY_USED: &str = "invalid_exact_evm_nonce_already_used";
-    /// A dependency (nonce store, verifier, settler) is down: retry later.
-    pub const SERVICE_UNAVAILABLE: &str = "service_unavailable";
-    /// A dependency (facilitator, RPC) rate-limits the server: retry after `Retry-After`.
-    pub const RATE_LIMITED: &str = "rate_limited";
-    /// The settlement was sent but its outcome is not known yet: the payment may have gone
-    /// through. Do **not** pay again; retry the same proof after `Retry-After`.
-    pub const SETTLEMENT_OUTCOME_UNKNOWN: &str = "settlement_outcome_unknown";
-    /// A [hook](crate::hooks) answered in place of the handler.
-    pub const REFUSED_BY_HOOK: &str = "refused_by_hook";
-    /// Too many payments are being verified at once: retry after `Retry-After`.
-    pub const OVERLOADED: &str = "overloaded";
-    /// A request with the same payment identifier and proof is still being served: retry
-    /// after `Retry-After` to get its response.
-    pub const PAYMENT_IN_PROGRESS: &str = "payment_in_progress";
-    /// The payment identifier is already bound to another proof or request.
-    pub const PAYMENT_IDENTIFIER_CONFLICT: &str = "payment_identifier_conflict";
-    /// The route requires a `payment-identifier` id and the payload has none.
-    pub const PAYMENT_IDENTIFIER_REQUIRED: &str = "payment_identifier_required";
-    /// The `payment-identifier` id is malformed.
-    pub const INVALID_PAYMENT_IDENTIFIER: &str = "invalid_payment_identifier";
+pub mod reason;
 
-    /// The layer's own reason spelled `s`, if any (to restore a stored refusal).
-    pub(crate) fn known(s: &str) -> Option<&'static str> {
-        [
-            INVALID_PAYLOAD,
-            INVALID_X402_VERSION,
-            UNSUPPORTED_SCHEME,
-            INVALID_NETWORK,
-            INVALID_PAYMENT_REQUIREMENTS,
-            NONCE_ALREADY_USED,
-            SERVICE_UNAVAILABLE,
-            RATE_LIMITED,
-            SETTLEMENT_OUTCOME_UNKNOWN,
-            REFUSED_BY_HOOK,
-            OVERLOADED,
-            PAYMENT_IN_PROGRESS,
-            PAYMENT_IDENTIFIER_CONFLICT,
-            PAYMENT_IDENTIFIER_REQUIRED,
-            INVALID_PAYMENT_IDENTIFIER,
-        ]
-        .into_iter()
-        .find(|r| *r == s)
-    }
-}
+pub use reason::Reason;
 
 /// Why the layer answered in place of the handler (in the response's extensions).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,7 +87,7 @@ pub struct PaymentRejection {
     /// The status sent.
     pub status: StatusCode,
     /// The reason code sent (`None` for a plain first challenge).
-    pub reason: Option<&'static str>,
+    pub reason: Option<Reason>,
     /// The `Retry-After` sent, if any.
     pub retry_after: Option<Duration>,
 }
@@ -157,26 +96,26 @@ pub struct PaymentRejection {
 #[derive(Debug)]
 pub(crate) enum Rejection {
     /// 402 and a fresh challenge.
-    Pay { reason: Option<&'static str> },
+    Pay { reason: Option<Reason> },
     /// 400: the proof is malformed.
-    BadRequest {
-        reason: &'static str,
-        message: String,
-    },
+    BadRequest { reason: Reason, message: String },
     /// 431: the payment header is too large.
     TooLarge { message: String },
     /// 503: a dependency is down, the layer is overloaded, or a settlement is in doubt.
     Unavailable {
         retry_after: Duration,
-        reason: &'static str,
+        reason: Reason,
     },
     /// 429: a dependency rate-limits us.
     RateLimited { retry_after: Duration },
     /// 409: the payment identifier is bound to another proof.
-    Conflict { reason: &'static str },
+    Conflict { reason: Reason },
     /// 401: a sign-in proof (prepaid routes) is invalid or replayed.
-    Unauthorized {
-        reason: &'static str,
+    Unauthorized { reason: Reason, message: String },
+    /// A custom verifier's policy refusal, with its own status (e.g. 403).
+    Policy {
+        status: StatusCode,
+        reason: Reason,
         message: String,
     },
 }
@@ -191,18 +130,20 @@ impl Rejection {
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Policy { status, .. } => *status,
         }
     }
 
-    pub(crate) fn reason(&self) -> Option<&'static str> {
+    pub(crate) fn reason(&self) -> Option<Reason> {
         match self {
-            Self::Pay { reason } => *reason,
-            Self::BadRequest { reason, .. } => Some(reason),
+            Self::Pay { reason } => reason.clone(),
             Self::TooLarge { .. } => Some(reason::INVALID_PAYLOAD),
-            Self::Unavailable { reason, .. } => Some(reason),
             Self::RateLimited { .. } => Some(reason::RATE_LIMITED),
-            Self::Conflict { reason } => Some(reason),
-            Self::Unauthorized { reason, .. } => Some(reason),
+            Self::BadRequest { reason, .. }
+            | Self::Unavailable { reason, .. }
+            | Self::Conflict { reason }
+            | Self::Unauthorized { reason, .. }
+            | Self::Policy { reason, .. } => Some(reason.clone()),
         }
     }
 
@@ -246,6 +187,24 @@ impl From<crate::proto::header::HeaderError> for Rejection {
 /// rate-limits us, 400 for a malformed proof, 402 with its reason for a refusal.
 pub(crate) fn of_verify(e: &crate::verify::VerifyError, default_wait: Duration) -> Rejection {
     let retry_after = e.retry_after().unwrap_or(default_wait);
+    if let crate::verify::VerifyError::Policy {
+        status,
+        reason,
+        message,
+    } = e
+    {
+        // A policy answer is a client error: anything else is sent as 403.
+        let status = if status.is_client_error() {
+            *status
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        return Rejection::Policy {
+            status,
+            reason: reason.clone(),
+            message: message.clone(),
+        };
+    }
     if e.is_rate_limited() {
         Rejection::RateLimited { retry_after }
     } else if e.is_retryable() {
@@ -272,7 +231,7 @@ pub(crate) fn of_settle(e: &crate::settle::SettleError, default_wait: Duration) 
     let retry_after = e.retry_after().unwrap_or(default_wait);
     match e {
         SettleError::Refused { reason, .. } => Rejection::Pay {
-            reason: Some(reason),
+            reason: Some(reason.clone()),
         },
         SettleError::RateLimited { .. } => Rejection::RateLimited { retry_after },
         SettleError::Unknown { .. } => Rejection::Unavailable {
