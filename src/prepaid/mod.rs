@@ -30,9 +30,18 @@
 //! | nonce already used (a replayed message) | 401 | `invalid_siwx_nonce_reused` |
 //! | valid sign-in, no credit / credit used up | 402 | `prepaid_credit_exhausted` |
 //! | valid sign-in, credit expired | 402 | `prepaid_credit_expired` |
-//! | nonce store or ledger down; the chain's ERC-1271/6492 check failed or timed out (nonce not spent) | 503 | `service_unavailable` |
+//! | nonce store or ledger down; the chain's ERC-1271/6492 check failed or timed out (nonce not spent: the same header works once it is back) | 503 | `service_unavailable` |
 //!
 //! A handler answering ≥ 400 (or failing) gets its call refunded.
+//!
+//! **Ledger failures after a payment.** The money moved, so the paying call is served with
+//! its receipt even if the ledger cannot take the bundle's credit. The grant is tried three
+//! times; if the ledger is still down, it is kept in this instance's memory and applied before
+//! the payer's next sign-in here (which answers 503 `service_unavailable` while the ledger
+//! stays down, never `prepaid_credit_exhausted`), and
+//! [`Alert::CreditGrant`](crate::alert::Alert::CreditGrant) is raised at error level: after a
+//! restart, or at another instance, the seller must credit it by hand. A refund after a failed
+//! call is handled the same way ([`Alert::CreditRefund`](crate::alert::Alert::CreditRefund)).
 //!
 //! **Official client.** `@x402/fetch` 2.27.0 signs in by itself once the `x402Client` has the
 //! `@x402/extensions` SIWX client extension registered
@@ -497,6 +506,21 @@ impl State {
                 });
             }
         }
+        let debit = match self.ledger.debit(signed.address, now).await {
+            Ok(debit) => debit,
+            Err(e) => {
+                // Nothing was taken: the message may come back once the ledger answers (503
+                // with Retry-After, the same header works then).
+                if let Err(e) = store.release(&key, token).await {
+                    alert!(
+                        Alert::NonceRelease,
+                        cause = &e,
+                        "nonce store could not give a sign-in nonce back (blocked until it expires)"
+                    );
+                }
+                return Err(Refusal::Unavailable(e));
+            }
+        };
         // Spent for good, whatever follows: a signed message buys at most one attempt. A
         // failed consume leaves it reserved until it expires: still one use, so the call goes
         // on and the failure is only raised.
@@ -507,14 +531,13 @@ impl State {
                 "nonce store could not mark a sign-in nonce used (it stays reserved until it expires)"
             );
         }
-        match self.ledger.debit(signed.address, now).await {
-            Ok(Debit::Debited { remaining }) => Ok(SignedIn {
+        match debit {
+            Debit::Debited { remaining } => Ok(SignedIn {
                 payer: signed.address,
                 remaining,
             }),
-            Ok(Debit::Exhausted) => Err(Refusal::Exhausted),
-            Ok(Debit::Expired) => Err(Refusal::Expired),
-            Err(e) => Err(Refusal::Unavailable(e)),
+            Debit::Exhausted => Err(Refusal::Exhausted),
+            Debit::Expired => Err(Refusal::Expired),
         }
     }
 
