@@ -311,7 +311,8 @@ async fn a_check_then_set_store_would_run_the_handler_more_than_once_here() {
             if self.0.lock().unwrap().contains(key) {
                 return Ok(Reservation::Used);
             }
-            tokio::task::yield_now().await;
+            // The gap between the check and the set (a round trip to a remote store).
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             self.0.lock().unwrap().insert(*key);
             Ok(Reservation::Reserved(ClaimToken::random()))
         }
