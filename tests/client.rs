@@ -536,7 +536,10 @@ async fn rate_limited_backs_off_exponentially_and_honours_retry_after() {
 async fn first_retry_waits(status: u16, n: usize) -> Vec<f64> {
     let mut waits = Vec::with_capacity(n);
     for _ in 0..n {
-        let script = Script::new([Step::Status(status, None, None), Step::Status(200, None, None)]);
+        let script = Script::new([
+            Step::Status(status, None, None),
+            Step::Status(200, None, None),
+        ]);
         call(&script, &Counting::new(), RetryPolicy::default())
             .await
             .expect("answer");
@@ -556,7 +559,10 @@ async fn jitter_lengthens_the_first_retry_never_shortens_it() {
         let waits = first_retry_waits(status, 200).await;
         let min = waits.iter().copied().fold(f64::MAX, f64::min);
         let max = waits.iter().copied().fold(0.0, f64::max);
-        assert!(min >= base - 0.001, "{status}: retried after {min} s < {base} s");
+        assert!(
+            min >= base - 0.001,
+            "{status}: retried after {min} s < {base} s"
+        );
         assert!(max <= base * 1.5 + 0.01, "{status}: retried after {max} s");
         let later = waits.iter().filter(|w| **w > base + 0.01).count();
         assert!(later > 150, "{status}: only {later}/200 waits lengthened");

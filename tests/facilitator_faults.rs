@@ -309,12 +309,20 @@ fn counting_client(url: &str) -> (FacilitatorClient, Arc<Mutex<Vec<String>>>) {
         seen.lock().unwrap().push(req.uri.path().to_owned());
         async { Ok(HeaderMap::new()) }
     });
-    let client = client_builder(url).auth(auth).build().expect("valid client");
+    let client = client_builder(url)
+        .auth(auth)
+        .build()
+        .expect("valid client");
     (client, attempts)
 }
 
 fn attempts_at(attempts: &Mutex<Vec<String>>, path: &str) -> usize {
-    attempts.lock().unwrap().iter().filter(|p| *p == path).count()
+    attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| *p == path)
+        .count()
 }
 
 fn client_builder(url: &str) -> tower_x402::facilitator::FacilitatorClientBuilder {
@@ -704,7 +712,11 @@ async fn verify_connection_refused_is_503() {
         )
     );
     assert_eq!(p.hits.get(), 0);
-    assert_eq!(attempts_at(&attempts, "/verify"), 3, "nothing sent: retried");
+    assert_eq!(
+        attempts_at(&attempts, "/verify"),
+        3,
+        "nothing sent: retried"
+    );
 }
 
 #[tokio::test]

@@ -33,7 +33,7 @@ use tower_x402::primitives::{B256, U256};
 use tower_x402::proto::header::PAYMENT_SIGNATURE;
 use tower_x402::settle::{SettleError, Settlement, Settler};
 use tower_x402::test_util::faults::{
-    FailingBody, FaultyIdempotencyStore, FaultyLedger, FaultyNonceStore, Faults, Op,
+    FailingBody, Faults, FaultyIdempotencyStore, FaultyLedger, FaultyNonceStore, Op,
 };
 use tower_x402::test_util::{encode, exact_payload, v2_json};
 use tower_x402::{MemoryNonceStore, PaymentLayerBuilder, VerifiedPayment};
@@ -61,7 +61,8 @@ impl Alerts {
         alert::snapshot()
             .into_iter()
             .zip(&self.0)
-            .filter_map(|((kind, n), (_, before))| (n > *before).then(|| (kind, n - before)))
+            .filter(|((_, n), (_, before))| n > before)
+            .map(|((kind, n), (_, before))| (kind, n - before))
             .collect()
     }
 }
@@ -129,7 +130,8 @@ impl Paid {
     + 'static {
         let mut b = self.builder();
         if idempotency {
-            let ids = MemoryIdempotencyStore::with_limits_and_clock(100, 1 << 20, self.clock.clone());
+            let ids =
+                MemoryIdempotencyStore::with_limits_and_clock(100, 1 << 20, self.clock.clone());
             b = b.idempotency(FaultyIdempotencyStore::with_faults(ids, self.ids.clone()));
         }
         let (h1, h2) = (self.hits.clone(), self.hits.clone());
@@ -148,7 +150,9 @@ impl Paid {
                     Body::new(FailingBody::new(["partial"]).unbounded())
                 }),
             );
-        b.build().expect("valid layer").layer(Router::new().merge(app))
+        b.build()
+            .expect("valid layer")
+            .layer(Router::new().merge(app))
     }
 
     fn runs(&self) -> (usize, usize) {
@@ -160,7 +164,8 @@ impl Paid {
 fn proof_with_id(id: &str) -> (HeaderName, HeaderValue) {
     let payload = exact_payload(&payer(), &requirements(), NOW);
     let mut json = v2_json(&requirements(), &payload, None);
-    json["extensions"] = json!({ "payment-identifier": { "info": { "required": false, "id": id } } });
+    json["extensions"] =
+        json!({ "payment-identifier": { "info": { "required": false, "id": id } } });
     (PAYMENT_SIGNATURE, encode(&json))
 }
 
@@ -172,7 +177,10 @@ fn status(code: &'static str) -> (HeaderName, HeaderValue) {
 }
 
 fn same(a: &Reply, b: &Reply) {
-    assert_eq!((a.status, &a.headers, &a.body), (b.status, &b.headers, &b.body));
+    assert_eq!(
+        (a.status, &a.headers, &a.body),
+        (b.status, &b.headers, &b.body)
+    );
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -211,7 +219,11 @@ async fn release_failing_after_a_handler_error_keeps_its_answer_and_blocks_the_p
     let alerts = Alerts::now();
     let p = proof_v2();
     let r = get_with(&svc, "/paid", [p.clone(), status("500")]).await;
-    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "the handler's answer");
+    assert_eq!(
+        r.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the handler's answer"
+    );
     assert_eq!(r.json()["handler"], "ran");
     assert!(r.has_no_receipt(), "nothing was charged");
     assert_eq!(s.runs(), (1, 0));
@@ -237,12 +249,19 @@ async fn reserve_failing_is_503_with_the_store_retry_after_and_the_proof_stays_u
     let r = get_with(&svc, "/paid", [p.clone()]).await;
     assert_eq!(
         r.outcome(),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("service_unavailable".into()))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("service_unavailable".into())
+        )
     );
     assert_eq!(r.header("retry-after"), Some(INJECTED));
     assert!(r.has_no_receipt());
     assert_eq!(s.runs(), (0, 0));
-    assert_eq!(alerts.since(), vec![], "a refusal before acceptance is no alert");
+    assert_eq!(
+        alerts.since(),
+        vec![],
+        "a refusal before acceptance is no alert"
+    );
     let again = get_with(&svc, "/paid", [p]).await;
     assert_eq!(again.status, StatusCode::OK);
     assert_eq!(s.runs(), (1, 1));
@@ -262,7 +281,10 @@ async fn begin_failing_is_503_before_the_handler_and_the_retry_runs() {
     let r = get_with(&svc, "/paid", [p.clone()]).await;
     assert_eq!(
         r.outcome(),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("service_unavailable".into()))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("service_unavailable".into())
+        )
     );
     assert_eq!(r.header("retry-after"), Some(INJECTED));
     assert_eq!(s.runs(), (0, 0));
@@ -309,7 +331,10 @@ async fn complete_failing_keeps_the_id_in_progress_never_nonce_used() {
     let retry = get_with(&svc, "/paid", [p]).await;
     assert_eq!(
         retry.outcome(),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("payment_in_progress".into()))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("payment_in_progress".into())
+        )
     );
     assert_eq!(s.runs(), (1, 1));
 }
@@ -323,14 +348,21 @@ async fn abort_failing_after_a_handler_error_keeps_the_id_in_progress() {
     let alerts = Alerts::now();
     let p = proof_with_id(ID);
     let r = get_with(&svc, "/paid", [p.clone(), status("503")]).await;
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "the handler's answer");
+    assert_eq!(
+        r.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the handler's answer"
+    );
     assert!(r.has_no_receipt());
     assert_eq!(alerts.since(), vec![(Alert::IdempotencyStore, 1)]);
     s.ids.heal();
     let retry = get_with(&svc, "/paid", [p]).await;
     assert_eq!(
         retry.outcome(),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("payment_in_progress".into()))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("payment_in_progress".into())
+        )
     );
     assert_eq!(s.runs(), (1, 0), "never a second run, nothing charged");
 }
@@ -348,10 +380,17 @@ async fn a_paid_body_failing_is_500_with_the_receipt_and_the_retry_gets_the_same
     let first = get_with(&svc, "/broken", [p.clone()]).await;
     assert_eq!(
         first.outcome(),
-        (StatusCode::INTERNAL_SERVER_ERROR, Some("response_body_failed".into()))
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some("response_body_failed".into())
+        )
     );
     let receipt = first.receipt();
-    assert_eq!(receipt["success"], json!(true), "the money moved: {receipt}");
+    assert_eq!(
+        receipt["success"],
+        json!(true),
+        "the money moved: {receipt}"
+    );
     assert_eq!(
         receipt["transaction"],
         json!(format!("{:#x}", B256::from(U256::from(1))))
@@ -397,21 +436,13 @@ async fn a_streamed_paid_body_failing_still_carries_the_receipt_in_its_headers()
 // Prepaid ledger
 
 /// A prepaid route selling `bundle` with a faulty ledger, bought once by the payer.
-fn prepaid(
-    bundle: Bundle,
-    nonces: Faults,
-) -> (
-    Faults,
-    Runs,
-    impl tower::Service<
-        http::Request<Body>,
-        Response = http::Response<
-            tower_x402::body::ResponseBody<http_body_util::Full<bytes::Bytes>>,
-        >,
-        Error = std::convert::Infallible,
-        Future: Send,
-    > + Clone,
-) {
+type PrepaidSvc = tower::util::BoxCloneService<
+    http::Request<Body>,
+    http::Response<tower_x402::body::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
+    std::convert::Infallible,
+>;
+
+fn prepaid(bundle: Bundle, nonces: Faults) -> (Faults, Runs, PrepaidSvc) {
     let clock = clock();
     let ledger = FaultyLedger::new(MemoryCreditLedger::new());
     let faults = ledger.faults().clone();
@@ -428,7 +459,7 @@ fn prepaid(
         .build()
         .unwrap()
         .layer(runs.service());
-    (faults, runs, svc)
+    (faults, runs, PrepaidSvc::new(svc))
 }
 
 #[tokio::test]
@@ -447,7 +478,10 @@ async fn a_grant_failing_after_settlement_serves_the_call_and_the_credit_is_owed
     let r = get_with(&svc, "/paid", [h.clone()]).await;
     assert_eq!(
         r.outcome(),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("service_unavailable".into()))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("service_unavailable".into())
+        )
     );
     assert_eq!(r.header("retry-after"), Some(INJECTED));
     assert_eq!(runs.get(), 1);
@@ -509,7 +543,10 @@ async fn a_debit_failing_is_503_and_the_same_sign_in_works_once_the_ledger_is_ba
     let r = get_with(&svc, "/paid", [h.clone()]).await;
     assert_eq!(
         r.outcome(),
-        (StatusCode::SERVICE_UNAVAILABLE, Some("service_unavailable".into()))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("service_unavailable".into())
+        )
     );
     assert_eq!(r.header("retry-after"), Some(INJECTED));
     assert_eq!(runs.get(), 1);
@@ -536,7 +573,10 @@ async fn a_sign_in_nonce_consume_failing_serves_the_call_and_the_message_stays_s
     let again = get_with(&svc, "/paid", [h]).await;
     assert_eq!(
         again.outcome(),
-        (StatusCode::UNAUTHORIZED, Some("invalid_siwx_nonce_reused".into()))
+        (
+            StatusCode::UNAUTHORIZED,
+            Some("invalid_siwx_nonce_reused".into())
+        )
     );
     assert_eq!(runs.get(), 2);
 }

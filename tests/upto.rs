@@ -291,7 +291,11 @@ async fn one_proof_one_handler_run_under_64_concurrent_copies() {
     assert_eq!(ok, 1);
     assert_eq!(hits.get(), 1, "one handler run");
     assert_eq!(settler.amounts(), vec![U256::from(7)], "one settlement");
-    assert_eq!(faults.calls(Op::Reserve), 64, "every copy reached the store");
+    assert_eq!(
+        faults.calls(Op::Reserve),
+        64,
+        "every copy reached the store"
+    );
     assert_eq!(faults.calls(Op::Consume), 1);
 }
 

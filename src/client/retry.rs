@@ -187,7 +187,10 @@ mod tests {
         assert!(*min >= base, "{min:?} < {base:?}");
         assert!(*max <= base.mul_f64(1.5), "{max:?}");
         let above = draws.iter().filter(|d| **d > base).count();
-        assert!(above > 450, "jitter lengthens almost every wait: {above}/500");
+        assert!(
+            above > 450,
+            "jitter lengthens almost every wait: {above}/500"
+        );
         // Spread over the range, not piled up at one point.
         assert!(*max - *min > base / 4, "{min:?}..{max:?}");
     }
@@ -215,9 +218,18 @@ mod tests {
             .collect();
         assert!(draws.iter().all(|d| *d >= Duration::from_secs(4)));
         assert!(draws.iter().all(|d| *d <= Duration::from_millis(4400)));
-        assert!(draws.iter().filter(|d| **d > Duration::from_secs(4)).count() > 450);
+        assert!(
+            draws
+                .iter()
+                .filter(|d| **d > Duration::from_secs(4))
+                .count()
+                > 450
+        );
         // Without jitter: exactly the base.
         let off = RetryPolicy::new().jitter(false);
-        assert_eq!(off.server_error_delay(0, None), Some(Duration::from_secs(5)));
+        assert_eq!(
+            off.server_error_delay(0, None),
+            Some(Duration::from_secs(5))
+        );
     }
 }

@@ -216,7 +216,10 @@ mod tests {
             assert!(min >= wait, "attempt {attempt}: {min:?} < {wait:?}");
             assert!(max <= wait.mul_f64(1.5), "attempt {attempt}: {max:?}");
             let above = draws.iter().filter(|d| **d > wait).count();
-            assert!(above > 450, "attempt {attempt}: only {above}/500 lengthened");
+            assert!(
+                above > 450,
+                "attempt {attempt}: only {above}/500 lengthened"
+            );
             assert!(max - min > wait / 4, "attempt {attempt}: {min:?}..{max:?}");
         }
     }

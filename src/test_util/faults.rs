@@ -377,7 +377,7 @@ impl Body for FailingBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
@@ -425,8 +425,14 @@ mod tests {
         assert!(block_on(store.consume(&key, token)).is_err());
         faults.heal();
         assert!(block_on(store.consume(&key, token)).is_ok());
-        assert_eq!((faults.calls(Op::Reserve), faults.failures(Op::Reserve)), (3, 2));
-        assert_eq!((faults.calls(Op::Consume), faults.failures(Op::Consume)), (3, 2));
+        assert_eq!(
+            (faults.calls(Op::Reserve), faults.failures(Op::Reserve)),
+            (3, 2)
+        );
+        assert_eq!(
+            (faults.calls(Op::Consume), faults.failures(Op::Consume)),
+            (3, 2)
+        );
         assert_eq!(faults.calls(Op::Release), 0);
     }
 
