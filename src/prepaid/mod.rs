@@ -39,9 +39,9 @@
 //! times; if the ledger is still down, it is kept in this instance's memory and applied before
 //! the payer's next sign-in here (which answers 503 `service_unavailable` while the ledger
 //! stays down, never `prepaid_credit_exhausted`), and
-//! [`Alert::CreditGrant`](crate::alert::Alert::CreditGrant) is raised at error level: after a
+//! [`Alert::CreditGrant`] is raised at error level: after a
 //! restart, or at another instance, the seller must credit it by hand. A refund after a failed
-//! call is handled the same way ([`Alert::CreditRefund`](crate::alert::Alert::CreditRefund)).
+//! call is handled the same way ([`Alert::CreditRefund`]).
 //!
 //! **Official client.** `@x402/fetch` 2.27.0 signs in by itself once the `x402Client` has the
 //! `@x402/extensions` SIWX client extension registered
