@@ -4,6 +4,7 @@ use super::*;
 use crate::alert::{Alert, alert};
 use crate::nonce::StoreError;
 use crate::proto::header::{PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
+use http::HeaderMap;
 
 /// `Retry-After` of 503 `payment_in_progress`: the first request is usually done by then.
 pub(super) const IN_PROGRESS_RETRY: Duration = Duration::from_secs(1);
