@@ -345,6 +345,10 @@ async fn a_check_then_set_store_would_run_the_handler_more_than_once_here() {
     for t in tasks {
         t.await.unwrap();
     }
+    eprintln!(
+        "64 copies through a check-then-set store: {} handler runs",
+        hits.get()
+    );
     assert!(hits.get() > 1, "runs: {}", hits.get());
     assert_eq!(settler.amounts().len(), hits.get());
 }
