@@ -297,6 +297,35 @@ async fn connection(
 // The paid service
 
 fn client(url: &str) -> FacilitatorClient {
+    client_builder(url).build().expect("valid client")
+}
+
+/// [`client`] whose auth provider records the path of every attempt, the ones that never
+/// reach the facilitator (refused connections) included.
+fn counting_client(url: &str) -> (FacilitatorClient, Arc<Mutex<Vec<String>>>) {
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = attempts.clone();
+    let auth = auth_fn(move |req: AuthRequest| {
+        seen.lock().unwrap().push(req.uri.path().to_owned());
+        async { Ok(HeaderMap::new()) }
+    });
+    let client = client_builder(url)
+        .auth(auth)
+        .build()
+        .expect("valid client");
+    (client, attempts)
+}
+
+fn attempts_at(attempts: &Mutex<Vec<String>>, path: &str) -> usize {
+    attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| *p == path)
+        .count()
+}
+
+fn client_builder(url: &str) -> tower_x402::facilitator::FacilitatorClientBuilder {
     FacilitatorClient::builder(url)
         .connect_timeout(Duration::from_millis(100))
         .verify_timeout(CALL_TIMEOUT)
@@ -304,8 +333,6 @@ fn client(url: &str) -> FacilitatorClient {
         .supported_timeout(CALL_TIMEOUT)
         .backoff(Duration::from_millis(10), Duration::from_millis(40))
         .clock(clock())
-        .build()
-        .expect("valid client")
 }
 
 type Svc = tower::util::BoxCloneService<
@@ -674,7 +701,8 @@ async fn verify_connection_refused_is_503() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
-    let p = paid(client(&url));
+    let (facilitator, attempts) = counting_client(&url);
+    let p = paid(facilitator);
     let r = p.get(proof_v2()).await;
     assert_eq!(
         r.outcome(),
@@ -684,6 +712,11 @@ async fn verify_connection_refused_is_503() {
         )
     );
     assert_eq!(p.hits.get(), 0);
+    assert_eq!(
+        attempts_at(&attempts, "/verify"),
+        3,
+        "nothing sent: retried"
+    );
 }
 
 #[tokio::test]
@@ -966,7 +999,8 @@ async fn settle_connection_refused_is_retried_then_503_and_released() {
         ..Script::default()
     })
     .await;
-    let p = paid(client(&fake.url()));
+    let (facilitator, attempts) = counting_client(&fake.url());
+    let p = paid(facilitator);
     let proof = proof_v2();
     let r = p.get(proof.clone()).await;
     assert_eq!(
@@ -979,6 +1013,8 @@ async fn settle_connection_refused_is_retried_then_503_and_released() {
     assert_eq!(p.hits.get(), 1);
     assert_withheld(&r);
     assert_eq!(fake.count("/settle"), 0, "nothing reached the facilitator");
+    // Surely not sent, so safe to repeat: three attempts, each refused.
+    assert_eq!(attempts_at(&attempts, "/settle"), 3);
     // Nothing was sent, so the proof was released: once the facilitator is back, it pays.
     fake.set(|s| s.verify = vec![valid()]);
     fake.restart().await;

@@ -18,6 +18,7 @@ use tower_x402::error::{ConfigError, SettleError};
 use tower_x402::primitives::{Address, B256, U256, address};
 use tower_x402::proto::v2::PaymentRequirements;
 use tower_x402::settle::{Settlement, SettlementMode, Settler};
+use tower_x402::test_util::faults::{FaultyNonceStore, Op};
 use tower_x402::test_util::{pay_upto, sign_upto, upto_payload};
 use tower_x402::upto::Usage;
 use tower_x402::{
@@ -63,6 +64,8 @@ impl Settler for Recording {
             "never above the maximum"
         );
         self.0.lock().unwrap().push(payment.amount);
+        // A settlement takes time: other requests run meanwhile.
+        tokio::task::yield_now().await;
         Ok(Settlement {
             transaction: Some(B256::repeat_byte(0xab)),
             amount: None,
@@ -82,12 +85,29 @@ fn service(
 > + Clone
 + Send
 + 'static {
+    let store = MemoryNonceStore::with_capacity_and_clock(1000, clock());
+    service_with(settler, hits, store)
+}
+
+/// [`service`] with `store` as the replay guard.
+fn service_with(
+    settler: &Recording,
+    hits: &Hits,
+    store: impl tower_x402::NonceStore,
+) -> impl tower::Service<
+    http::Request<axum::body::Body>,
+    Response = http::Response<tower_x402::body::ResponseBody<axum::body::Body>>,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
     let clock = clock();
     let layer = PaymentLayer::builder()
         .accept(upto_option())
         .accept(option())
         .verifier(EvmVerifier::new().with_clock(clock.clone()))
-        .nonce_store(MemoryNonceStore::with_capacity_and_clock(1000, clock))
+        .nonce_store(store)
         .settler(settler.clone())
         .build()
         .expect("valid layer");
@@ -236,27 +256,101 @@ async fn exact_payments_have_no_meter() {
     assert_eq!(reply.body, "meter: false");
 }
 
-#[tokio::test]
+/// 64 copies of one permit released together on four worker threads, through a nonce store
+/// that yields inside every call and a settler that yields: the copies really interleave
+/// between reservation and settlement, and still one handler run, one settlement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_proof_one_handler_run_under_64_concurrent_copies() {
     let (settler, hits) = (Recording::default(), Hits::new());
-    let svc = service(&settler, &hits);
+    let store = FaultyNonceStore::new(MemoryNonceStore::with_capacity_and_clock(1000, clock()));
+    let faults = store.faults().clone();
+    faults.yield_each_call(true);
+    let svc = service_with(&settler, &hits, store);
     let header = proof();
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
     let mut tasks = Vec::new();
     for _ in 0..64 {
-        let (svc, header) = (svc.clone(), header.clone());
+        let (svc, header, barrier) = (svc.clone(), header.clone(), barrier.clone());
         tasks.push(tokio::spawn(async move {
-            get_with(&svc, "/generate?use=7", [header]).await.status
+            barrier.wait().await;
+            let r = get_with(&svc, "/generate?use=7", [header]).await;
+            match r.status {
+                StatusCode::OK => (r.status, None),
+                _ => r.outcome(),
+            }
         }));
     }
     let mut ok = 0;
     for t in tasks {
-        if t.await.unwrap() == StatusCode::OK {
-            ok += 1;
+        match t.await.unwrap() {
+            (StatusCode::OK, _) => ok += 1,
+            (StatusCode::PAYMENT_REQUIRED, Some(reason)) if reason == NONCE_USED => {}
+            other => panic!("unexpected answer {other:?}"),
         }
     }
     assert_eq!(ok, 1);
-    assert_eq!(hits.get(), 1);
-    assert_eq!(settler.amounts(), vec![U256::from(7)]);
+    assert_eq!(hits.get(), 1, "one handler run");
+    assert_eq!(settler.amounts(), vec![U256::from(7)], "one settlement");
+    assert_eq!(
+        faults.calls(Op::Reserve),
+        64,
+        "every copy reached the store"
+    );
+    assert_eq!(faults.calls(Op::Consume), 1);
+}
+
+/// The same 64 copies through a check-then-set store (the anti-pattern the `NonceStore`
+/// contract forbids): the handler runs more than once. This shows the conditions above do let
+/// requests race inside the store, so its single run is the atomic reserve's doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_check_then_set_store_would_run_the_handler_more_than_once_here() {
+    use tower_x402::nonce::{ClaimToken, NonceKey, Reservation, StoreError};
+
+    #[derive(Default)]
+    struct CheckThenSet(Mutex<std::collections::HashSet<NonceKey>>);
+
+    #[async_trait]
+    impl tower_x402::NonceStore for CheckThenSet {
+        async fn reserve(&self, key: &NonceKey, _: u64) -> Result<Reservation, StoreError> {
+            if self.0.lock().unwrap().contains(key) {
+                return Ok(Reservation::Used);
+            }
+            // The gap between the check and the set (a round trip to a remote store).
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            self.0.lock().unwrap().insert(*key);
+            Ok(Reservation::Reserved(ClaimToken::random()))
+        }
+        async fn consume(&self, _: &NonceKey, _: ClaimToken) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn release(&self, key: &NonceKey, _: ClaimToken) -> Result<(), StoreError> {
+            self.0.lock().unwrap().remove(key);
+            Ok(())
+        }
+    }
+
+    let (settler, hits) = (Recording::default(), Hits::new());
+    let svc = service_with(&settler, &hits, CheckThenSet::default());
+    let header = proof();
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (svc, header, barrier) = (svc.clone(), header.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                get_with(&svc, "/generate?use=7", [header]).await.status
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eprintln!(
+        "64 copies through a check-then-set store: {} handler runs",
+        hits.get()
+    );
+    assert!(hits.get() > 1, "runs: {}", hits.get());
+    assert_eq!(settler.amounts().len(), hits.get());
 }
 
 /// Changes one field of a signed permit.

@@ -8,12 +8,13 @@ use http::{HeaderMap, StatusCode};
 /// proof was sent (outcome unknown). A 402 is never retried with a new signature, and 401 and
 /// other statuses are never retried.
 ///
-/// The wait before retry `n` (from 0) is `Retry-After` when the server sends one (in
-/// seconds; the HTTP-date form is not read), else `base × 2ⁿ`, capped at
-/// [`RetryPolicy::max_delay`]. With jitter on (the default) the exponential wait is drawn
-/// uniformly from its upper half and a `Retry-After` wait is lengthened by up to 10 % (at most
-/// 1 s), so clients told the same thing do not return in lockstep. A `Retry-After` above
-/// `max_delay` ends the retries: the response goes back to the caller.
+/// The wait before retry `n` (from 0) is `Retry-After` when the server sends one (seconds or
+/// an HTTP date), else `base × 2ⁿ`, capped at [`RetryPolicy::max_delay`]. Jitter (on by
+/// default) only ever lengthens a wait, never shortens it below what the server or the
+/// x402 error table asks ("500: retry after 5 seconds with backoff"): the exponential wait
+/// `w` becomes a uniform draw from `[w, 1.5 w]`, and a `Retry-After` wait is lengthened by up
+/// to 10 % (at most 1 s), so clients told the same thing do not return in lockstep. A
+/// `Retry-After` above `max_delay` ends the retries: the response goes back to the caller.
 ///
 /// Retries re-send the request, so it must be safe to repeat: an x402 server runs the handler
 /// at most once per settled proof, but a handler that failed with a 5xx may run again.
@@ -123,7 +124,7 @@ impl RetryPolicy {
             .saturating_mul(2u32.saturating_pow(n))
             .min(self.max_delay);
         Some(if self.jitter {
-            wait / 2 + fraction(wait / 2)
+            wait + fraction(wait / 2)
         } else {
             wait
         })
@@ -178,15 +179,57 @@ mod tests {
         assert_eq!(p.rate_limit_delay(0, &h), None);
     }
 
+    /// Many draws: never below the base wait, never above 1.5 × it, and spread (without
+    /// jitter every draw would be the base).
+    fn spread(draw: impl Fn() -> Duration, base: Duration) {
+        let draws: Vec<Duration> = (0..500).map(|_| draw()).collect();
+        let (min, max) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+        assert!(*min >= base, "{min:?} < {base:?}");
+        assert!(*max <= base.mul_f64(1.5), "{max:?}");
+        let above = draws.iter().filter(|d| **d > base).count();
+        assert!(
+            above > 450,
+            "jitter lengthens almost every wait: {above}/500"
+        );
+        // Spread over the range, not piled up at one point.
+        assert!(*max - *min > base / 4, "{min:?}..{max:?}");
+    }
+
     #[test]
-    fn jitter_stays_in_bounds() {
+    fn jitter_lengthens_the_wait_never_shortens_it() {
         let p = RetryPolicy::new();
-        for _ in 0..100 {
-            let d = p.server_error_delay(1, None).unwrap();
-            assert!(
-                d >= Duration::from_secs(5) && d <= Duration::from_secs(10),
-                "{d:?}"
-            );
-        }
+        spread(
+            || p.server_error_delay(0, None).unwrap(),
+            Duration::from_secs(5),
+        );
+        spread(
+            || p.server_error_delay(1, None).unwrap(),
+            Duration::from_secs(10),
+        );
+        spread(
+            || p.rate_limit_delay(0, &HeaderMap::new()).unwrap(),
+            Duration::from_secs(1),
+        );
+        // A Retry-After is lengthened by at most 10 % (1 s at most).
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("4"));
+        let draws: Vec<Duration> = (0..500)
+            .map(|_| p.rate_limit_delay(0, &h).unwrap())
+            .collect();
+        assert!(draws.iter().all(|d| *d >= Duration::from_secs(4)));
+        assert!(draws.iter().all(|d| *d <= Duration::from_millis(4400)));
+        assert!(
+            draws
+                .iter()
+                .filter(|d| **d > Duration::from_secs(4))
+                .count()
+                > 450
+        );
+        // Without jitter: exactly the base.
+        let off = RetryPolicy::new().jitter(false);
+        assert_eq!(
+            off.server_error_delay(0, None),
+            Some(Duration::from_secs(5))
+        );
     }
 }

@@ -103,8 +103,8 @@ impl FacilitatorClientBuilder {
         self
     }
 
-    /// Backoff before retry n: a random wait in `[d/2, d]`, `d = base * 2^(n-1)`, at most
-    /// `cap` (default 100 ms and 2 s).
+    /// Backoff before retry n: a random wait in `[d, 1.5 d]`, `d = base * 2^(n-1)` at most
+    /// `cap` (default 100 ms and 2 s): jitter never shortens the wait.
     pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
         self.backoff_base = base;
         self.backoff_cap = cap;

@@ -152,17 +152,16 @@ pub(crate) fn retry_after(headers: &HeaderMap, cap: Duration) -> Option<Duration
 }
 
 /// Exponential backoff with jitter before retry `attempt` (1-based): a random wait in
-/// `[d/2, d]` with `d = base * 2^(attempt-1)`, at most `cap`. The jitter spreads the retries
-/// of many requests that failed together.
+/// `[d, 1.5 d]` with `d = base * 2^(attempt-1)` at most `cap`. The jitter spreads the retries
+/// of many requests that failed together, and only ever lengthens the wait: never shorter
+/// than the backoff asked for.
 pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     let exp = base
         .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
         .min(cap);
-    let half = exp / 2;
-    // Randomness failing is no reason to fail a call: the midpoint is a fine wait.
+    // Randomness failing is no reason to fail a call: a quarter more is a fine wait.
     let r = getrandom::u32().unwrap_or(u32::MAX / 2);
-    let jitter = half.mul_f64(f64::from(r) / f64::from(u32::MAX));
-    half + jitter
+    exp + (exp / 2).mul_f64(f64::from(r) / f64::from(u32::MAX))
 }
 
 #[cfg(test)]
@@ -208,13 +207,20 @@ mod tests {
     fn backoff_grows_jitters_and_caps() {
         let base = Duration::from_millis(100);
         let cap = Duration::from_secs(1);
-        for _ in 0..50 {
-            let first = backoff(1, base, cap);
-            assert!(first >= base / 2 && first <= base, "{first:?}");
-            let third = backoff(3, base, cap);
-            assert!(third >= base * 2 && third <= base * 4, "{third:?}");
-            let late = backoff(40, base, cap);
-            assert!(late >= cap / 2 && late <= cap, "{late:?}");
+        // Many draws per attempt: never below the exponential wait, at most 1.5 × it, and
+        // spread (without jitter every draw would equal the wait).
+        for (attempt, wait) in [(1, base), (3, base * 4), (40, cap)] {
+            let draws: Vec<Duration> = (0..500).map(|_| backoff(attempt, base, cap)).collect();
+            let min = *draws.iter().min().unwrap();
+            let max = *draws.iter().max().unwrap();
+            assert!(min >= wait, "attempt {attempt}: {min:?} < {wait:?}");
+            assert!(max <= wait.mul_f64(1.5), "attempt {attempt}: {max:?}");
+            let above = draws.iter().filter(|d| **d > wait).count();
+            assert!(
+                above > 450,
+                "attempt {attempt}: only {above}/500 lengthened"
+            );
+            assert!(max - min > wait / 4, "attempt {attempt}: {min:?}..{max:?}");
         }
     }
 }

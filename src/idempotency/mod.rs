@@ -52,8 +52,25 @@
 //! larger one or one with trailers passes through unbuffered and is **not replayable**: the
 //! id is forgotten, so a retry with the same proof meets the replay guard and gets 402
 //! `invalid_exact_evm_nonce_already_used` (never a second handler run, never a second
-//! charge). The same happens when storing fails. A buffered body that fails while being
-//! read is answered with a bare 500.
+//! charge).
+//!
+//! # Failures after the payment settled
+//!
+//! * **The store cannot keep the response** ([`IdempotencyStore::complete`] fails twice): the
+//!   client still gets the response, and the id stays in progress until it expires, so a
+//!   retry gets 503 `payment_in_progress`, never a second run and never the misleading 402
+//!   `nonce_already_used` that would invite it to pay again. Raised as
+//!   [`Alert::IdempotencyStore`](crate::alert::Alert::IdempotencyStore), as is a failed
+//!   [`abort`](IdempotencyStore::abort) (the id then stays in progress the same way).
+//! * **The handler's buffered body fails while being read**: the client gets 500
+//!   `{"error": "response_body_failed"}` **with the success receipt** (the money moved), and
+//!   that answer is stored under the id, so a retry gets it again. Raised as
+//!   [`Alert::ResponseBody`](crate::alert::Alert::ResponseBody): the payer paid for content
+//!   they did not get, and the seller must refund or serve it by hand.
+//! * **A streamed (unbuffered) body fails**: its status and receipt already went out with the
+//!   headers; the server cuts the connection mid-body. The id was forgotten (the body is not
+//!   replayable), so a retry gets 402 `nonce_already_used`; the receipt the client holds
+//!   shows the payment.
 //!
 //! # Scope and lifetime
 //!
@@ -104,6 +121,9 @@ pub const EXTENSION: &str = "payment-identifier";
 pub const MIN_ID_LEN: usize = 16;
 /// Longest id accepted.
 pub const MAX_ID_LEN: usize = 128;
+/// `error` of the 500 sent (and stored for replay) when a paid response's body failed after
+/// the payment settled; the response carries the success receipt.
+pub const RESPONSE_BODY_FAILED: &str = "response_body_failed";
 /// Default limit of a stored body (64 KiB).
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 

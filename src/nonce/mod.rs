@@ -57,12 +57,29 @@ pub struct ClaimToken(pub u128);
 
 impl ClaimToken {
     /// A random token (distinct across instances sharing a store).
+    ///
+    /// A token only has to be distinct from every other holder's (it is not a secret: the
+    /// store compares it). If the OS generator fails, a process counter, the process id and
+    /// the time stand in: still distinct within the process, and across instances unless two
+    /// processes with the same pid draw in the same nanosecond. A constant token would let a
+    /// late holder release a reservation another request took over, so that is never used.
     pub fn random() -> Self {
         let mut b = [0u8; 16];
-        // No OS randomness means no safe tokens; a fixed token would still be correct within
-        // one process, so fall back rather than fail requests.
-        let _ = getrandom::fill(&mut b);
-        Self(u128::from_le_bytes(b))
+        match getrandom::fill(&mut b) {
+            Ok(()) => Self(u128::from_le_bytes(b)),
+            Err(_) => Self::fallback(),
+        }
+    }
+
+    fn fallback() -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let low = n ^ (u64::from(std::process::id()) << 32);
+        Self((u128::from(nanos) << 64) | u128::from(low))
     }
 }
 
@@ -142,5 +159,19 @@ impl<T: NonceStore + ?Sized> NonceStore for Arc<T> {
     }
     async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
         (**self).release(key, token).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_tokens_are_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            assert!(seen.insert(ClaimToken::fallback()));
+        }
+        assert_ne!(ClaimToken::random(), ClaimToken::random());
     }
 }

@@ -30,9 +30,18 @@
 //! | nonce already used (a replayed message) | 401 | `invalid_siwx_nonce_reused` |
 //! | valid sign-in, no credit / credit used up | 402 | `prepaid_credit_exhausted` |
 //! | valid sign-in, credit expired | 402 | `prepaid_credit_expired` |
-//! | nonce store or ledger down; the chain's ERC-1271/6492 check failed or timed out (nonce not spent) | 503 | `service_unavailable` |
+//! | nonce store or ledger down; the chain's ERC-1271/6492 check failed or timed out (nonce not spent: the same header works once it is back) | 503 | `service_unavailable` |
 //!
 //! A handler answering ≥ 400 (or failing) gets its call refunded.
+//!
+//! **Ledger failures after a payment.** The money moved, so the paying call is served with
+//! its receipt even if the ledger cannot take the bundle's credit. The grant is tried three
+//! times; if the ledger is still down, it is kept in this instance's memory and applied before
+//! the payer's next sign-in here (which answers 503 `service_unavailable` while the ledger
+//! stays down, never `prepaid_credit_exhausted`), and
+//! [`Alert::CreditGrant`] is raised at error level: after a
+//! restart, or at another instance, the seller must credit it by hand. A refund after a failed
+//! call is handled the same way ([`Alert::CreditRefund`]).
 //!
 //! **Official client.** `@x402/fetch` 2.27.0 signs in by itself once the `x402Client` has the
 //! `@x402/extensions` SIWX client extension registered
@@ -93,7 +102,8 @@ pub use ledger::{CreditLedger, Debit, Grant, MemoryCreditLedger};
 pub use wallets::ProviderSignatures;
 pub use wallets::{ContractSignatureError, ContractSignatures};
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use alloy_primitives::Address;
@@ -101,6 +111,7 @@ use http::HeaderMap;
 use serde_json::{Map, Value};
 
 use crate::Network;
+use crate::alert::{Alert, alert};
 use crate::clock::{Clock, SystemClock};
 use crate::nonce::{NonceKey, NonceStore, Reservation, StoreError};
 use crate::option::PaymentOption;
@@ -252,13 +263,10 @@ impl Prepaid {
         if self.bundle.window.is_some_and(|w| w.as_secs() == 0) || self.ttl.as_secs() == 0 {
             return Err(BundleError::ZeroWindow);
         }
-        let key = self.nonce_key.unwrap_or_else(|| {
-            let mut k = [0u8; 32];
-            // Without OS randomness a layer still works, but its nonces could be forged:
-            // deployments should set a key (and must, with several instances).
-            let _ = getrandom::fill(&mut k);
-            k
-        });
+        let key = match self.nonce_key {
+            Some(key) => key,
+            None => random_key(getrandom::fill)?,
+        };
         Ok(State {
             bundle: self.bundle,
             ledger: self.ledger,
@@ -268,8 +276,19 @@ impl Prepaid {
             contracts: self.contracts,
             origin,
             schema: siwx::schema(),
+            owed: Mutex::default(),
         })
     }
+}
+
+/// A fresh nonce key from `fill` (the OS generator). A failure is a build error: a key that
+/// is not secret (all zeros) would let anyone forge sign-in nonces.
+fn random_key(
+    fill: impl FnOnce(&mut [u8]) -> Result<(), getrandom::Error>,
+) -> Result<[u8; 32], BundleError> {
+    let mut key = [0u8; 32];
+    fill(&mut key).map_err(|e| BundleError::NoRandomness(e.to_string()))?;
+    Ok(key)
 }
 
 /// A prepaid configuration that cannot be built.
@@ -288,6 +307,9 @@ pub enum BundleError {
     /// A window or message lifetime under one second.
     #[error("bundle window and message lifetime must be at least one second")]
     ZeroWindow,
+    /// No [`Prepaid::nonce_key`] and the OS random source failed: a random key cannot be made.
+    #[error("the OS random source failed ({0}): set Prepaid::nonce_key")]
+    NoRandomness(String),
 }
 
 /// A request served on prepaid credit, in the request extensions for the handler.
@@ -314,6 +336,49 @@ pub(crate) struct State {
     contracts: Option<Arc<dyn ContractSignatures>>,
     origin: siwx::Origin,
     schema: Value,
+    /// Credit the ledger failed to take (grants after a settled payment, refunds after a
+    /// failed call), per payer: applied before the payer's next sign-in on this instance.
+    owed: Mutex<HashMap<Address, Owed>>,
+}
+
+/// What the ledger owes one payer.
+#[derive(Default)]
+struct Owed {
+    grants: Vec<Grant>,
+    refunds: u32,
+}
+
+impl Owed {
+    fn is_empty(&self) -> bool {
+        self.grants.is_empty() && self.refunds == 0
+    }
+}
+
+/// Tries of a ledger write whose failure costs the payer (grant, refund): a blip is absorbed,
+/// a ledger that stays down is not waited on.
+const LEDGER_TRIES: u32 = 3;
+
+/// Payers whose credit is kept in memory at most during a ledger outage.
+const MAX_OWED: usize = 100_000;
+
+/// `op`, tried up to [`LEDGER_TRIES`] times while its error is retryable.
+///
+/// A write that landed but reported an error (a timeout after the store applied it) is
+/// repeated: the payer may get a call or a bundle twice. That is the seller's loss, bounded by
+/// the outage, and preferred to the payer losing what they paid for.
+async fn with_retries<F, Fut>(mut op: F) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    let mut tries = 1;
+    loop {
+        match op().await {
+            Ok(()) => return Ok(()),
+            Err(e) if tries >= LEDGER_TRIES || !e.is_retryable() => return Err(e),
+            Err(_) => tries += 1,
+        }
+    }
 }
 
 /// Why a sign-in was not served: the layer maps it to a response.
@@ -396,6 +461,12 @@ impl State {
                 signature,
             } => (sign_in, Some((hash, signature))),
         };
+        // A valid signature by this payer: first hand over credit the ledger still owes them,
+        // so a refusal below never says "exhausted" about credit that was paid for. If the
+        // ledger is still down, 503 (the nonce is not spent yet).
+        if let Err(e) = self.pay_owed(signed.address, now).await {
+            return Err(Refusal::Unavailable(e));
+        }
         let key = NonceKey {
             chain_id: signed.chain_id,
             asset: SIWX_NONCE_SPACE,
@@ -420,8 +491,15 @@ impl State {
             };
             if !matches!(answer, Ok(true)) {
                 // Not a valid message (or no answer): the nonce was not spent by it, so a
-                // chain outage does not burn the client's sign-in.
-                let _ = store.release(&key, token).await;
+                // chain outage does not burn the client's sign-in. A failed release leaves it
+                // reserved until it expires: the client signs a fresh challenge.
+                if let Err(e) = store.release(&key, token).await {
+                    alert!(
+                        Alert::NonceRelease,
+                        cause = &e,
+                        "nonce store could not give a sign-in nonce back (blocked until it expires)"
+                    );
+                }
                 return Err(match answer {
                     Err(e) if e.is_unavailable() => Refusal::Chain(e),
                     _ => Refusal::Siwx(siwx::SiwxError::ContractSignature {
@@ -430,33 +508,149 @@ impl State {
                 });
             }
         }
+        let debit = match self.ledger.debit(signed.address, now).await {
+            Ok(debit) => debit,
+            Err(e) => {
+                // Nothing was taken: the message may come back once the ledger answers (503
+                // with Retry-After, the same header works then).
+                if let Err(e) = store.release(&key, token).await {
+                    alert!(
+                        Alert::NonceRelease,
+                        cause = &e,
+                        "nonce store could not give a sign-in nonce back (blocked until it expires)"
+                    );
+                }
+                return Err(Refusal::Unavailable(e));
+            }
+        };
         // Spent for good, whatever follows: a signed message buys at most one attempt. A
-        // failed consume leaves it reserved until it expires: still one use.
-        let _ = store.consume(&key, token).await;
-        match self.ledger.debit(signed.address, now).await {
-            Ok(Debit::Debited { remaining }) => Ok(SignedIn {
+        // failed consume leaves it reserved until it expires: still one use, so the call goes
+        // on and the failure is only raised.
+        if let Err(e) = store.consume(&key, token).await {
+            alert!(
+                Alert::NonceConsume,
+                cause = &e,
+                "nonce store could not mark a sign-in nonce used (it stays reserved until it expires)"
+            );
+        }
+        match debit {
+            Debit::Debited { remaining } => Ok(SignedIn {
                 payer: signed.address,
                 remaining,
             }),
-            Ok(Debit::Exhausted) => Err(Refusal::Exhausted),
-            Ok(Debit::Expired) => Err(Refusal::Expired),
-            Err(e) => Err(Refusal::Unavailable(e)),
+            Debit::Exhausted => Err(Refusal::Exhausted),
+            Debit::Expired => Err(Refusal::Expired),
         }
     }
 
-    /// The handler did not serve the call: give it back.
+    /// The handler did not serve the call: give it back. The ledger is tried
+    /// [`LEDGER_TRIES`] times; if it still fails, the refund is kept in memory and applied
+    /// before the payer's next sign-in here, and [`Alert::CreditRefund`] is raised.
     pub(crate) async fn refund(&self, payer: Address) {
-        let _ = self.ledger.refund(payer).await;
+        if let Err(e) = with_retries(|| self.ledger.refund(payer)).await {
+            let kept = self.owe(payer, |o| o.refunds = o.refunds.saturating_add(1));
+            alert!(
+                Alert::CreditRefund,
+                cause = &e,
+                "prepaid call of {payer} failed and its credit could not be refunded; {}",
+                if kept {
+                    "kept in memory, refunded at the payer's next sign-in on this instance (lost on restart)"
+                } else {
+                    "too much credit owed already: refund it by hand"
+                }
+            );
+        }
     }
 
     /// A bundle was paid for and settled: credit the payer (the paying call is served).
-    pub(crate) async fn granted(&self, payer: Address) {
+    ///
+    /// The money moved, so the paying call is served with its receipt whatever happens here.
+    /// The ledger is tried [`LEDGER_TRIES`] times; if it still fails, the grant is kept in
+    /// memory and applied before the payer's next sign-in on this instance (which answers 503
+    /// while the ledger stays down, never "exhausted"), and [`Alert::CreditGrant`] is raised
+    /// at error level: across a restart, or at another instance, the seller must credit it by
+    /// hand. True when the credit is in the ledger.
+    pub(crate) async fn granted(&self, payer: Address) -> bool {
         let now = self.clock.now();
-        if let Err(_e) = self.ledger.grant(payer, self.bundle.grant(now), now).await {
-            // The money moved and this call is served; the rest of the bundle is lost unless
-            // the operator credits it by hand.
-            #[cfg(feature = "tracing")]
-            tracing::error!(payer = %payer, error = %_e, "x402 prepaid credit not granted");
+        let grant = self.bundle.grant(now);
+        let Err(e) = with_retries(|| self.ledger.grant(payer, grant, now)).await else {
+            return true;
+        };
+        let kept = self.owe(payer, |o| o.grants.push(grant));
+        alert!(
+            Alert::CreditGrant,
+            cause = &e,
+            "prepaid bundle paid by {payer} (calls {:?}, expiry {:?}) could not be credited; {}",
+            grant.calls,
+            grant.expires_at,
+            if kept {
+                "kept in memory, credited at the payer's next sign-in on this instance (lost on restart)"
+            } else {
+                "too much credit owed already: credit it by hand"
+            }
+        );
+        false
+    }
+
+    fn owed(&self) -> MutexGuard<'_, HashMap<Address, Owed>> {
+        // The map is consistent after any panic (each change is one call): keep using it.
+        self.owed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records credit owed to `payer`; false when the map is full.
+    fn owe(&self, payer: Address, add: impl FnOnce(&mut Owed)) -> bool {
+        let mut owed = self.owed();
+        if owed.len() >= MAX_OWED && !owed.contains_key(&payer) {
+            return false;
         }
+        add(owed.entry(payer).or_default());
+        true
+    }
+
+    /// Applies what the ledger owes `payer`; what it cannot apply stays owed.
+    async fn pay_owed(&self, payer: Address, now: u64) -> Result<(), StoreError> {
+        let Some(mut owed) = self.owed().remove(&payer) else {
+            return Ok(());
+        };
+        let mut result = Ok(());
+        while let Some(grant) = owed.grants.first().copied() {
+            if let Err(e) = self.ledger.grant(payer, grant, now).await {
+                result = Err(e);
+                break;
+            }
+            owed.grants.remove(0);
+        }
+        while result.is_ok() && owed.refunds > 0 {
+            match self.ledger.refund(payer).await {
+                Ok(()) => owed.refunds -= 1,
+                Err(e) => result = Err(e),
+            }
+        }
+        if !owed.is_empty() {
+            let mut map = self.owed();
+            let entry = map.entry(payer).or_default();
+            owed.grants.append(&mut entry.grants);
+            entry.grants = owed.grants;
+            entry.refunds = entry.refunds.saturating_add(owed.refunds);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_random_source_fails_the_build_instead_of_a_zero_key() {
+        let failed = random_key(|_| Err(getrandom::Error::UNSUPPORTED));
+        assert!(matches!(failed, Err(BundleError::NoRandomness(_))));
+        let key = random_key(getrandom::fill).expect("the OS source works here");
+        assert_ne!(key, [0u8; 32]);
+        // Through the public builder path: a set key needs no randomness.
+        let state = Prepaid::new(Bundle::calls(2))
+            .nonce_key([7; 32])
+            .build(Some("https://api.example.com"));
+        assert!(state.is_ok());
     }
 }

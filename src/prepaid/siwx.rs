@@ -21,6 +21,7 @@
 //! Smart wallets sign the same EIP-191 message, so `supportedChains` stays `type: "eip191"`.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use alloy_primitives::{Address, B256, Bytes, eip191_hash_message, hex};
 use hmac::{Hmac, Mac};
@@ -264,9 +265,14 @@ impl Nonces {
     pub(crate) fn issue(&self, now: u64, domain: &str) -> B256 {
         let mut bytes = [0u8; 32];
         bytes[..8].copy_from_slice(&now.to_be_bytes());
-        // Without OS randomness the nonce is still unique per second and MAC'd; the one-use
-        // store then refuses a second message with it.
-        let _ = getrandom::fill(&mut bytes[8..16]);
+        // The MAC, not these bytes, makes the nonce unforgeable; they only make it unique. So
+        // if the OS generator fails, a process counter stands in rather than failing the 402
+        // (a repeat across instances in one second is refused by the one-use store: 401).
+        if getrandom::fill(&mut bytes[8..16]).is_err() {
+            static COUNTER: AtomicU64 = AtomicU64::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            bytes[8..16].copy_from_slice(&n.to_be_bytes());
+        }
         let mut head = [0u8; 16];
         head.copy_from_slice(&bytes[..16]);
         bytes[16..].copy_from_slice(&self.mac(&head, domain));

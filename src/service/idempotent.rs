@@ -1,6 +1,10 @@
 //! Idempotent retries: the payment identifier a request claims, stored or forgotten.
 
 use super::*;
+use crate::alert::{Alert, alert};
+use crate::nonce::StoreError;
+use crate::proto::header::{PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
+use http::HeaderMap;
 
 /// `Retry-After` of 503 `payment_in_progress`: the first request is usually done by then.
 pub(super) const IN_PROGRESS_RETRY: Duration = Duration::from_secs(1);
@@ -36,9 +40,36 @@ pub(super) struct Claim {
 
 impl Claim {
     /// The next request with this id runs afresh. A failed abort leaves the id in progress
-    /// until it expires: retries get 503, never a second run.
+    /// until it expires: retries get 503, never a second run (raised, not lost).
     pub(super) async fn forget(self, idem: &Idempotency) {
-        let _ = idem.store.abort(&self.key, self.token).await;
+        if let Err(e) = idem.store.abort(&self.key, self.token).await {
+            alert!(
+                Alert::IdempotencyStore,
+                cause = &e,
+                "idempotency store could not forget a payment id: retries with it get 503 \
+                 payment_in_progress until it expires"
+            );
+        }
+    }
+
+    /// Stores the final response for replay (a second try absorbs a blip; completing twice is
+    /// a no-op). If the store still fails, the id is left in progress, not forgotten: a retry
+    /// with it gets 503 `payment_in_progress` until it expires, never the misleading 402
+    /// `nonce_already_used` that would invite the client to pay again.
+    async fn keep(self, idem: &Idempotency, stored: &StoredResponse) {
+        let mut result = idem.store.complete(&self.key, self.token, stored).await;
+        if result.as_ref().is_err_and(StoreError::is_retryable) {
+            result = idem.store.complete(&self.key, self.token, stored).await;
+        }
+        if let Err(e) = result {
+            alert!(
+                Alert::IdempotencyStore,
+                cause = &e,
+                "idempotency store could not keep a paid response (status {}): retries with \
+                 its payment id get 503 payment_in_progress until it expires",
+                stored.status
+            );
+        }
     }
 }
 
@@ -65,13 +96,10 @@ where
     }
     let from_layer = res.body().is_from_layer();
     let (parts, body) = res.into_parts();
-    // `.ok()` at once: the body's error type need not be `Send`.
+    // `.ok()` at once: the body's error type need not be `Send` (so it cannot live across an
+    // await) nor `Error`; the failure itself is raised in `body_failed`.
     let Some(collected) = body.collect().await.ok() else {
-        claim.forget(idem).await;
-        let mut res = Response::new(ResponseBody::full(Bytes::new()));
-        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-        response::mark(shared, res.headers_mut());
-        return res;
+        return body_failed(shared, idem, claim, &parts.headers).await;
     };
     let trailers = collected.trailers().cloned();
     let bytes = collected.to_bytes();
@@ -97,19 +125,63 @@ where
         body: bytes.clone(),
         rejection,
     };
-    if idem
-        .store
-        .complete(&claim.key, claim.token, &stored)
-        .await
-        .is_err()
-    {
-        claim.forget(idem).await;
-    }
+    claim.keep(idem, &stored).await;
     rebuilt(bytes, None)
+}
+
+/// The body of a response whose proof is spent failed while being read (only bodies of the
+/// handler can fail, and they reach here only once the money moved). The client gets a 500
+/// that carries the receipt: the payment happened and its transaction is the client's claim
+/// for a refund. The same answer is stored under the payment id, so a retry gets it again
+/// instead of a second run or `nonce_already_used`.
+async fn body_failed<B>(
+    shared: &Shared,
+    idem: &Idempotency,
+    claim: Claim,
+    handler_headers: &HeaderMap,
+) -> Response<ResponseBody<B>> {
+    alert!(
+        Alert::ResponseBody,
+        "a paid response's body failed after settlement: the client got 500 with the receipt \
+         (the money moved, the content did not); refund or serve it by hand"
+    );
+    let mut headers = HeaderMap::new();
+    for name in [PAYMENT_RESPONSE, X_PAYMENT_RESPONSE] {
+        if let Some(value) = handler_headers.get(&name) {
+            headers.insert(name, value.clone());
+        }
+    }
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response::mark(shared, &mut headers);
+    let body = Bytes::from(
+        serde_json::json!({
+            "error": idempotency::RESPONSE_BODY_FAILED,
+            "message": "the response failed after the payment settled; the receipt shows the payment",
+        })
+        .to_string(),
+    );
+    let stored = StoredResponse {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        headers,
+        body,
+        rejection: None,
+    };
+    claim.keep(idem, &stored).await;
+    replay_body(stored)
 }
 
 /// A stored response, as it was sent.
 pub(super) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
+    let mut res = replay_body(stored);
+    res.extensions_mut().insert(IdempotentReplay);
+    res
+}
+
+/// `stored` as a response (status, headers, body, the layer's refusal info).
+fn replay_body<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
     let body = if stored.rejection.is_some() {
         ResponseBody::full(stored.body)
     } else {
@@ -121,7 +193,6 @@ pub(super) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
     if let Some(rejection) = stored.rejection {
         res.extensions_mut().insert(rejection);
     }
-    res.extensions_mut().insert(IdempotentReplay);
     res
 }
 

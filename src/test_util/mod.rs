@@ -2,6 +2,10 @@
 //!
 //! These use a local private key. A real client signs with any alloy `Signer` the same way:
 //! the digest is [`signing_hash`].
+//!
+//! [`faults`] wraps stores, ledgers and bodies so that tests can make them fail on command.
+
+pub mod faults;
 
 use alloy_primitives::{Address, B256, Bytes, U256};
 use alloy_signer::SignerSync;
