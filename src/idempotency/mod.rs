@@ -123,7 +123,8 @@ pub const MIN_ID_LEN: usize = 16;
 pub const MAX_ID_LEN: usize = 128;
 /// `error` of the 500 sent (and stored for replay) when a paid response's body failed after
 /// the payment settled; the response carries the success receipt.
-pub const RESPONSE_BODY_FAILED: &str = "response_body_failed";
+pub const RESPONSE_BODY_FAILED: crate::rejection::Reason =
+    crate::rejection::Reason::ResponseBodyFailed;
 /// Default limit of a stored body (64 KiB).
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 

@@ -204,6 +204,8 @@ reasons! {
     RateLimited = "rate_limited",
     /// `refused_by_hook`
     RefusedByHook = "refused_by_hook",
+    /// `response_body_failed`
+    ResponseBodyFailed = "response_body_failed",
     /// `service_unavailable`
     ServiceUnavailable = "service_unavailable",
     /// `settlement_outcome_unknown`

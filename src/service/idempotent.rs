@@ -158,7 +158,7 @@ async fn body_failed<B>(
     response::mark(shared, &mut headers);
     let body = Bytes::from(
         serde_json::json!({
-            "error": idempotency::RESPONSE_BODY_FAILED,
+            "error": idempotency::RESPONSE_BODY_FAILED.as_str(),
             "message": "the response failed after the payment settled; the receipt shows the payment",
         })
         .to_string(),
