@@ -52,8 +52,13 @@
 //! worker settles, and concurrent first requests of one payer are checked against the same
 //! balance. Such payments end `failed` in the outcome hook.
 
+mod faults;
 mod journal;
 mod worker;
+
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub use self::faults::JournalFaults;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -64,6 +69,7 @@ use alloy_primitives::{Address, B256, U256};
 use async_trait::async_trait;
 use tokio::sync::{Notify, watch};
 
+use self::faults::JournalFaults as Faults;
 use self::journal::{Journal, Record, StoredPayment};
 use super::{SettleError, Settlement, Settler};
 use crate::nonce::NonceKey;
@@ -239,6 +245,7 @@ pub struct DeferredSettlerBuilder {
     precheck: bool,
     max_pending: Option<usize>,
     hook: Option<Hook>,
+    faults: Faults,
 }
 
 impl std::fmt::Debug for DeferredSettlerBuilder {
@@ -318,6 +325,15 @@ impl DeferredSettlerBuilder {
         self
     }
 
+    /// Makes the journal's writes, syncs, compaction rename and directory syncs fail on
+    /// command (test builds only: the `test-util` feature). See [`JournalFaults`].
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    pub fn journal_faults(mut self, faults: JournalFaults) -> Self {
+        self.faults = faults;
+        self
+    }
+
     /// Opens the journal, recovers what it holds, and starts the worker.
     ///
     /// # Errors
@@ -327,7 +343,7 @@ impl DeferredSettlerBuilder {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| DeferredError::NoRuntime)?;
         let (journal, live, next_id) =
-            Journal::open(&path).map_err(|source| DeferredError::Journal {
+            Journal::open(&path, self.faults).map_err(|source| DeferredError::Journal {
                 path: path.clone(),
                 source,
             })?;
@@ -539,6 +555,7 @@ impl DeferredSettler {
             precheck: true,
             max_pending: None,
             hook: None,
+            faults: Faults::default(),
         }
     }
 
@@ -668,9 +685,12 @@ impl Settler for DeferredSettler {
         let pending = {
             let mut state = self.shared.lock();
             if let Err(e) = appended {
+                // Not accepted (raised by the journal as `journal_write`): the layer answers
+                // 503 and releases the proof. The journal cuts the failed write back, so a
+                // retry a moment later can land.
                 state.remove(id);
                 return Err(SettleError::Unavailable {
-                    retry_after: None,
+                    retry_after: Some(Duration::from_secs(1)),
                     source: Box::new(e),
                 });
             }

@@ -10,16 +10,25 @@ use async_trait::async_trait;
 
 use super::journal::Record;
 use super::{ChainState, Outcome, OutcomeStatus, SendLog, Settled, Shared, unix_ms};
+use crate::alert::{Alert, alert};
 use crate::settle::SettleError;
 use crate::verify::{BoxError, VerifiedPayment};
 
+/// After a failed compaction, the next try waits this long (the journal works meanwhile).
+const COMPACT_RETRY: Duration = Duration::from_secs(60);
+
 /// The worker task: runs until aborted.
 pub(super) async fn run(shared: Arc<Shared>) {
+    let mut compact_not_before: Option<Instant> = None;
     loop {
         match due_in(&shared) {
             Some(wait) if wait.is_zero() => {
                 round(&shared).await;
-                compact_if_needed(&shared).await;
+                if compact_not_before.is_none_or(|t| t <= Instant::now())
+                    && !compact_if_needed(&shared).await
+                {
+                    compact_not_before = Instant::now().checked_add(COMPACT_RETRY);
+                }
             }
             Some(wait) => {
                 tokio::select! {
@@ -106,7 +115,16 @@ async fn round(shared: &Arc<Shared>) {
                 }
                 to_send.push(t);
             }
-            Err(_) => back_off(shared, t.id),
+            Err(e) => {
+                alert!(
+                    Alert::SettlementRetry,
+                    cause = &e,
+                    "deferred: could not read where payment {} stands on-chain; retrying \
+                     with backoff",
+                    t.id
+                );
+                back_off(shared, t.id);
+            }
         }
     }
     if !to_send.is_empty() {
@@ -115,6 +133,7 @@ async fn round(shared: &Arc<Shared>) {
         let log = JournalLog { shared, ids: &ids };
         let results = shared.batch.settle_batch(&payments, &log).await;
         let mut results = results.into_iter();
+        let (mut retried, mut first) = (0usize, None);
         for id in ids.iter().copied() {
             match results.next() {
                 Some(Ok(s)) => finals.push((id, Ok(s))),
@@ -122,7 +141,27 @@ async fn round(shared: &Arc<Shared>) {
                     reason,
                     transaction,
                 })) => finals.push((id, Err((reason.to_owned(), transaction)))),
-                Some(Err(_)) | None => back_off(shared, id),
+                Some(Err(e)) => {
+                    retried += 1;
+                    first.get_or_insert(e);
+                    back_off(shared, id);
+                }
+                // A batch settler that answered for fewer payments than it was given.
+                None => {
+                    retried += 1;
+                    back_off(shared, id);
+                }
+            }
+        }
+        if retried > 0 {
+            let detail = format_args!(
+                "deferred: {retried} of {} payments did not settle this round; retrying with \
+                 backoff (read from the chain first if they may have been sent)",
+                ids.len()
+            );
+            match &first {
+                Some(e) => alert!(Alert::SettlementRetry, cause = e, "{detail}"),
+                None => alert!(Alert::SettlementRetry, "{detail}"),
             }
         }
     }
@@ -149,8 +188,15 @@ async fn finish(shared: &Shared, finals: Vec<Final>) {
             },
         })
         .collect();
-    if shared.journal.append(&records).await.is_err() {
+    if let Err(e) = shared.journal.append(&records).await {
         // Not durable: keep them, and read the chain again before anything else happens.
+        alert!(
+            Alert::SettlementRetry,
+            cause = &e,
+            "deferred: {} final outcomes could not be journaled; they are read from the chain \
+             again next round",
+            finals.len()
+        );
         let mut state = shared.lock();
         for (id, _) in &finals {
             if let Some(item) = state.items.get_mut(id) {
@@ -217,14 +263,28 @@ fn wait(shared: &Shared, id: u64, delay: Duration) {
     }
 }
 
-async fn compact_if_needed(shared: &Arc<Shared>) {
+/// Compacts the journal if it is due; false if that failed (raised).
+async fn compact_if_needed(shared: &Arc<Shared>) -> bool {
     let (records, live) = shared.journal.sizes();
-    if records <= shared.config.compact_after || records <= 2 * live as u64 {
-        return;
+    if records <= shared.config.compact_after || records <= (live as u64).saturating_mul(2) {
+        return true;
     }
-    let shared = shared.clone();
-    // Blocking file I/O and syncs: off the runtime's threads. A failure leaves the old file.
-    let _ = tokio::task::spawn_blocking(move || shared.journal.compact()).await;
+    let worker = shared.clone();
+    // Blocking file I/O and syncs: off the runtime's threads.
+    let compacted = tokio::task::spawn_blocking(move || worker.journal.compact())
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    if let Err(e) = &compacted {
+        alert!(
+            Alert::JournalCompaction,
+            cause = e,
+            "deferred: journal compaction failed ({records} records, {live} live); appends \
+             go on safely, the next try is in {}s",
+            COMPACT_RETRY.as_secs()
+        );
+    }
+    compacted.is_ok()
 }
 
 /// Journals `sent(tx)` for the round's payments before the batch settler broadcasts.
