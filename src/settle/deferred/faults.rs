@@ -131,6 +131,19 @@ mod on {
             self.0.sync_delay_us.store(us, Ordering::SeqCst);
         }
 
+        /// Failures armed and not injected yet (0 once every armed one has happened).
+        pub fn armed(&self) -> u32 {
+            [
+                &self.0.writes,
+                &self.0.syncs,
+                &self.0.renames,
+                &self.0.dir_syncs,
+            ]
+            .iter()
+            .map(|c| c.load(Ordering::SeqCst))
+            .fold(0, u32::saturating_add)
+        }
+
         /// Append syncs that succeeded so far (one per group commit).
         pub fn syncs(&self) -> u64 {
             self.0.synced.load(Ordering::SeqCst)
