@@ -45,6 +45,32 @@
 //!   the token's reason: that is the risk deferring takes, and why the retry ceiling is short
 //!   next to the usual validity window.
 //!
+//! # When the journal fails
+//!
+//! Every failure is raised through [`alert`](crate::alert) (counted, logged without any
+//! feature, a metric with `metrics`); none stops the settler for good.
+//!
+//! - A write or `fdatasync` fails on a request's append: that payment is **not accepted**.
+//!   The layer answers **503** with `Retry-After` and a failed receipt, withholds the
+//!   handler's answer and releases the proof, so the client may send it again unchanged
+//!   ([`Alert::JournalWrite`](crate::alert::Alert::JournalWrite)). The journal cuts the failed
+//!   bytes back by itself; the next append works if the disk does.
+//! - The worker's `sent` record fails: nothing is broadcast; the round is retried with backoff
+//!   ([`Alert::SettlementRetry`](crate::alert::Alert::SettlementRetry)), as are failed
+//!   rounds, chain reads and final records that could not be journaled (those payments are
+//!   read from the chain again before anything is resent).
+//! - Compaction fails ([`Alert::JournalCompaction`](crate::alert::Alert::JournalCompaction)):
+//!   before its rename, the old file stays; after it (the directory sync), the new file is
+//!   used and the next append syncs the directory before it is acknowledged. Appends never go
+//!   to a replaced file. The next try is a minute later.
+//! - At start, a record that checks out but cannot be read (a downgrade), or damage followed
+//!   by valid records, makes [`start`](DeferredSettlerBuilder::start) fail with
+//!   [`DeferredError::Journal`] naming the byte offset
+//!   ([`Alert::JournalUnreadable`](crate::alert::Alert::JournalUnreadable)); the file is left
+//!   as it is. Only a torn tail (a crash mid-write, never acknowledged) is cut.
+//!
+//! Tests inject each of these with [`JournalFaults`] (the `test-util` feature).
+//!
 //! # Risks you take by deferring
 //!
 //! The handler's answer goes out before the money moves. The pre-check makes a refusal
@@ -580,6 +606,7 @@ impl DeferredSettler {
     /// Resolves once no payment is pending (immediately if none is).
     pub async fn idle(&self) {
         let mut rx = self.shared.pending.subscribe();
+        // Errs only when the sender is gone, which `self` prevents: nothing to report.
         let _ = rx.wait_for(|n| *n == 0).await;
     }
 }

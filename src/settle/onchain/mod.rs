@@ -216,8 +216,8 @@ pub struct UnconfirmedTransaction {
 }
 
 /// The source of a [`SettleError`] when an RPC reply had impossible values (a receipt whose
-/// fee overflows, a nonce at its limit, fees that overflow): the reply is not trusted, and
-/// [`Alert::HostileReply`](crate::alert::Alert::HostileReply) is raised.
+/// fee overflows `u128` wei, a relayer nonce at its limit): the reply is not trusted, and
+/// [`Alert::HostileReply`] is raised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("hostile RPC reply: {0}")]
 pub struct HostileReply(&'static str);
