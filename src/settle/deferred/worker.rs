@@ -23,7 +23,10 @@ pub(super) async fn run(shared: Arc<Shared>) {
     loop {
         match due_in(&shared) {
             Some(wait) if wait.is_zero() => {
-                round(&shared).await;
+                if !guarded_round(&shared).await {
+                    tokio::time::sleep(shared.config.retry.0).await;
+                    continue;
+                }
                 if compact_not_before.is_none_or(|t| t <= Instant::now())
                     && !compact_if_needed(&shared).await
                 {
@@ -37,6 +40,37 @@ pub(super) async fn run(shared: Arc<Shared>) {
                 }
             }
             None => shared.wake.notified().await,
+        }
+    }
+}
+
+/// Aborts the round's task when the worker itself is stopped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs one round in its own task, so a panic in it (a bug here or in the batch settler)
+/// cannot stop settlement for good. False if it panicked (raised): its payments stay queued,
+/// and any that may have been sent carry their `sent` hash, so they are read from the chain
+/// before a resend.
+async fn guarded_round(shared: &Arc<Shared>) -> bool {
+    let worker = shared.clone();
+    let mut task = AbortOnDrop(tokio::spawn(async move { round(&worker).await }));
+    match (&mut task.0).await {
+        Ok(()) => true,
+        Err(e) => {
+            alert!(
+                Alert::SettlementRetry,
+                cause = &e,
+                "deferred: a settlement round panicked; its payments stay queued and are \
+                 retried in {:?}",
+                shared.config.retry.0
+            );
+            false
         }
     }
 }
@@ -316,5 +350,85 @@ impl SendLog for JournalLog<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use alloy_primitives::{Address, Bytes, U256};
+
+    use super::super::{BatchSettler, DeferredSettler};
+    use super::*;
+    use crate::Network;
+    use crate::proto::X402Version;
+    use crate::proto::exact::Authorization;
+    use crate::settle::Settler;
+
+    /// Panics in its first `settle_batch`, settles everything after.
+    #[derive(Default)]
+    struct PanicsOnce {
+        batches: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl BatchSettler for PanicsOnce {
+        async fn check(&self, _: &VerifiedPayment, _: U256) -> Result<(), SettleError> {
+            Ok(())
+        }
+
+        async fn settle_batch(
+            &self,
+            payments: &[VerifiedPayment],
+            _: &dyn SendLog,
+        ) -> Vec<Result<Settled, SettleError>> {
+            if self.batches.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("injected panic in a batch settler");
+            }
+            payments.iter().map(|_| Ok(Settled::default())).collect()
+        }
+
+        async fn state(&self, _: &VerifiedPayment, _: &[B256]) -> Result<ChainState, SettleError> {
+            Ok(ChainState::Unused)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_panicking_round_does_not_stop_the_worker() {
+        let dir = std::env::temp_dir().join(format!("tower-x402-worker-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let batch = Arc::new(PanicsOnce::default());
+        let settler = DeferredSettler::builder(batch.clone())
+            .journal(dir.join("j.log"))
+            .max_wait(Duration::ZERO)
+            .retry(Duration::from_millis(10), Duration::from_millis(20))
+            .start()
+            .unwrap();
+        let retries = crate::alert::count(Alert::SettlementRetry);
+        let payment = VerifiedPayment::exact(
+            X402Version::V2,
+            Network::BASE_SEPOLIA,
+            Address::repeat_byte(1),
+            Authorization {
+                from: Address::repeat_byte(2),
+                to: Address::repeat_byte(3),
+                value: U256::from(1000),
+                valid_after: U256::ZERO,
+                valid_before: U256::from(u64::MAX),
+                nonce: B256::repeat_byte(7),
+            },
+            Bytes::from(vec![1; 65]),
+        );
+        settler.settle(&payment).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), settler.idle())
+            .await
+            .expect("settled after the panicking round");
+        assert_eq!(batch.batches.load(Ordering::SeqCst), 2);
+        assert!(
+            crate::alert::count(Alert::SettlementRetry) > retries,
+            "raised"
+        );
     }
 }
