@@ -169,33 +169,33 @@ struct LiveSet {
 }
 
 impl LiveSet {
-    fn apply(&mut self, record: &Record) {
+    fn apply(&mut self, record: Record) {
         match record {
-            Record::Meta { next_id } => self.next_id = self.next_id.max(*next_id),
+            Record::Meta { next_id } => self.next_id = self.next_id.max(next_id),
             Record::Pending {
                 id,
                 payment,
                 accepted_ms,
             } => {
-                self.next_id = self.next_id.max(id + 1);
-                self.entries.entry(*id).or_insert_with(|| Live {
-                    payment: (**payment).clone(),
-                    accepted_ms: *accepted_ms,
+                self.next_id = self.next_id.max(id.saturating_add(1));
+                self.entries.entry(id).or_insert_with(|| Live {
+                    payment: *payment,
+                    accepted_ms,
                     sent: Vec::new(),
                 });
             }
             Record::Sent { ids, tx } => {
                 for id in ids {
-                    if let Some(live) = self.entries.get_mut(id)
-                        && !live.sent.contains(tx)
+                    if let Some(live) = self.entries.get_mut(&id)
+                        && !live.sent.contains(&tx)
                     {
-                        live.sent.push(*tx);
+                        live.sent.push(tx);
                     }
                 }
             }
             Record::Settled { id, .. } | Record::Failed { id, .. } => {
-                self.next_id = self.next_id.max(id + 1);
-                self.entries.remove(id);
+                self.next_id = self.next_id.max(id.saturating_add(1));
+                self.entries.remove(&id);
             }
         }
     }
@@ -418,8 +418,9 @@ impl Journal {
         if data.is_empty() {
             faults.sync_dir(path)?;
         }
+        let count = records.len() as u64;
         let mut live = LiveSet::default();
-        for r in &records {
+        for r in records {
             live.apply(r);
         }
         let entries = live.entries.clone();
@@ -430,7 +431,7 @@ impl Journal {
                 io: Mutex::new(Io {
                     file,
                     len: valid as u64,
-                    records: records.len() as u64,
+                    records: count,
                     torn: false,
                     dir_unsynced: false,
                 }),
@@ -581,7 +582,7 @@ impl State {
                 Ok(()) => {
                     io.records = io.records.saturating_add(records.len() as u64);
                     let mut g = lock(&self.group);
-                    for r in &records {
+                    for r in records {
                         g.live.apply(r);
                     }
                 }

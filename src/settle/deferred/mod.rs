@@ -679,8 +679,9 @@ impl Settler for DeferredSettler {
                     transaction: None,
                 });
             }
-            state.next_id += 1;
-            let id = state.next_id - 1;
+            // Ids come from the journal file: saturate rather than panic on a crafted one.
+            let id = state.next_id;
+            state.next_id = id.saturating_add(1);
             // Queued at once (its amount counts as owed), held from the worker until durable.
             state.insert(
                 id,
