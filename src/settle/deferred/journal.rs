@@ -589,8 +589,9 @@ impl State {
                 Err(e) => alert!(
                     Alert::JournalWrite,
                     cause = e,
-                    "journal {}: a write or sync failed; its {} records were not accepted \
-                     (their requests get 503 and may retry) and the file was cut back",
+                    "journal {}: a write or sync failed; its {} records were refused (a paid \
+                     request's gets 503 and may retry, the worker retries its own) and the \
+                     file is cut back to its synced length",
                     self.path.display(),
                     records.len()
                 ),
