@@ -19,9 +19,9 @@ fn sync_parent(path: &Path) -> io::Result<()> {
 mod off {
     use super::*;
 
-    /// No faults: each call is the plain `std` one.
+    /// No faults: each call is the plain `std` one (zero-sized).
     #[derive(Clone, Debug, Default)]
-    pub(in crate::settle::deferred) struct JournalFaults;
+    pub(in crate::settle::deferred) struct JournalFaults(());
 
     impl JournalFaults {
         #[inline]

@@ -982,6 +982,7 @@ mod tests {
 
     /// A mined receipt as a hostile node could send it: `gasUsed × effectiveGasPrice` is more
     /// wei than `u128` holds.
+    #[cfg(feature = "test-util")]
     fn hostile_receipt_json(status: &str) -> TransactionReceipt {
         serde_json::from_value(serde_json::json!({
             "type": "0x2",
