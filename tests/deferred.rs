@@ -598,7 +598,12 @@ impl Server {
         .args(["--max-wait-ms", &max_wait_ms.to_string()])
         .args(["--max-batch", &max_batch.to_string()])
         .env("X402_RELAYER_KEY", RELAYER_KEY);
-        let (process, base) = process::Server::listening("quickstart", &mut cmd, WAIT);
+        // A restarted server's worker may print a recovered payment's outcome before the
+        // `listening on` line: wait for that line, keeping every line in the log.
+        let (process, base) = process::Server::start_until("quickstart", &mut cmd, WAIT, |line| {
+            line.strip_prefix("listening on ")
+                .map(|url| url.trim_end_matches('/').to_owned())
+        });
         Server { process, base }
     }
 
