@@ -417,28 +417,29 @@ async fn rpc_down_at_request_time_answers_503_unless_the_precheck_is_off() {
 }
 
 /// `max_pending`: with the backlog full, a new payment gets 503 with `Retry-After: 1`
-/// before the handler, and keeps its proof (served once the backlog drains).
-#[tokio::test]
+/// before the handler, and keeps its proof: re-sent once the backlog drained, it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_backlog_answers_503_and_keeps_the_proof() {
-    // The RPC is down, so nothing drains: the backlog only grows.
-    let settler = DeferredSettler::builder(onchain(&chain::closed_port_url()).await)
+    let Some(chain) = Chain::start("deferred_backlog").await else {
+        return;
+    };
+    // Nothing drains until `flush` (max_wait 600 s): the backlog only grows meanwhile.
+    let settler = DeferredSettler::builder(onchain(chain.url()).await)
         .journal(journal("deferred_backlog"))
         .max_wait(Duration::from_secs(600))
-        .precheck(false)
         .max_pending(2)
         .start()
         .expect("deferred settler");
     let served = app(settler.clone());
+    let before = chain.balance(PAY_TO).await;
     let req = option("$0.01").requirements().clone();
-    for _ in 0..2 {
-        let (status, _) = served
-            .get(pay(&demo_payer(), &req, now(), X402Version::V2))
-            .await;
+    for payer in &payers()[..2] {
+        let (status, _) = served.get(pay(payer, &req, now(), X402Version::V2)).await;
         assert_eq!(status, StatusCode::OK);
     }
     assert_eq!(settler.pending(), 2);
-    let third = pay(&demo_payer(), &req, now(), X402Version::V2);
-    let (status, res) = served.get(third).await;
+    let third = pay(&payers()[2], &req, now(), X402Version::V2);
+    let (status, res) = served.get(third.clone()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         res.get(http::header::RETRY_AFTER)
@@ -447,6 +448,26 @@ async fn a_full_backlog_answers_503_and_keeps_the_proof() {
     );
     assert_eq!(served.hits(), 2, "the third handler did not run");
     assert_eq!(settler.pending(), 2, "nothing journaled for it");
+
+    // The backlog drains; the refused proof, sent again unchanged, is served and settles.
+    settler.flush();
+    tokio::time::timeout(WAIT, settler.idle())
+        .await
+        .expect("the backlog drains");
+    let (status, res) = served.get(third.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{res:?}");
+    assert_eq!(header_json(&res, "payment-response")["success"], true);
+    assert_eq!(served.hits(), 3, "its handler ran once");
+    settler.flush();
+    tokio::time::timeout(WAIT, settler.idle())
+        .await
+        .expect("settled");
+    let (from, nonce) = nonce_of(&third.1);
+    assert!(chain.authorization_used(from, nonce).await);
+    assert_eq!(
+        chain.balance(PAY_TO).await,
+        before + U256::from(3 * PRICE_UNITS)
+    );
 }
 
 /// A TCP proxy to anvil that can be cut (every connection dropped, new ones refused) and
@@ -577,7 +598,12 @@ impl Server {
         .args(["--max-wait-ms", &max_wait_ms.to_string()])
         .args(["--max-batch", &max_batch.to_string()])
         .env("X402_RELAYER_KEY", RELAYER_KEY);
-        let (process, base) = process::Server::listening("quickstart", &mut cmd, WAIT);
+        // A restarted server's worker may print a recovered payment's outcome before the
+        // `listening on` line: wait for that line, keeping every line in the log.
+        let (process, base) = process::Server::start_until("quickstart", &mut cmd, WAIT, |line| {
+            line.strip_prefix("listening on ")
+                .map(|url| url.trim_end_matches('/').to_owned())
+        });
         Server { process, base }
     }
 

@@ -18,16 +18,35 @@
 //! that does not check out and truncates the file there (everything before it was acknowledged
 //! only after its sync, everything after it never was).
 //!
+//! Opening **refuses** (an `InvalidData` error naming the byte offset, the file left as it is,
+//! [`Alert::JournalUnreadable`]) rather than truncate when that could drop an acknowledged
+//! record: a frame that checks out but does not parse (written by another version: a
+//! downgrade), or damaged bytes followed by a frame that checks out (not a torn tail). Skipping
+//! such a record could silently drop a payment or its final state; a server that will not start
+//! until an operator looks loses nothing.
+//!
 //! Records: `pending` (the verified payment), `sent` (a transaction hash that carries it,
 //! written **before** the transaction is broadcast), `settled` / `failed` (final). Replaying
 //! is idempotent, so a record written twice (compaction racing an append) is harmless.
+//!
+//! # Write failures
+//!
+//! A failed write or sync fails every append of its group (raised as
+//! [`Alert::JournalWrite`]; the deferred settler answers those requests 503) and cuts the file
+//! back to its last synced length, at once or before the next write, so the journal recovers
+//! by itself: the next append works if the disk does. A crash between the failure and the cut
+//! can leave the refused records in the file; they are then settled like the others (the
+//! payer's proof was released with the 503, so a retry of it is refused as already used and
+//! the payer pays once).
 //!
 //! # Compaction
 //!
 //! Final records make a payment dead weight. [`Journal::compact`] rewrites the file with the
 //! live payments only (to a temporary file, synced, renamed over the journal, directory
 //! synced); the worker runs it when the file holds more than `compact_after` records and more
-//! than twice the live ones.
+//! than twice the live ones. Appends wait while it runs and then go to the new file, which is
+//! opened before the rename: a failure at any step never leaves them going to the replaced,
+//! unlinked file.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -39,7 +58,9 @@ use alloy_primitives::{Address, B256, Bytes, U256, keccak256};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::faults::JournalFaults;
 use crate::Network;
+use crate::alert::{Alert, alert};
 use crate::proto::X402Version;
 use crate::proto::exact::Authorization;
 use crate::verify::VerifiedPayment;
@@ -150,33 +171,33 @@ struct LiveSet {
 }
 
 impl LiveSet {
-    fn apply(&mut self, record: &Record) {
+    fn apply(&mut self, record: Record) {
         match record {
-            Record::Meta { next_id } => self.next_id = self.next_id.max(*next_id),
+            Record::Meta { next_id } => self.next_id = self.next_id.max(next_id),
             Record::Pending {
                 id,
                 payment,
                 accepted_ms,
             } => {
-                self.next_id = self.next_id.max(id + 1);
-                self.entries.entry(*id).or_insert_with(|| Live {
-                    payment: (**payment).clone(),
-                    accepted_ms: *accepted_ms,
+                self.next_id = self.next_id.max(id.saturating_add(1));
+                self.entries.entry(id).or_insert_with(|| Live {
+                    payment: *payment,
+                    accepted_ms,
                     sent: Vec::new(),
                 });
             }
             Record::Sent { ids, tx } => {
                 for id in ids {
-                    if let Some(live) = self.entries.get_mut(id)
-                        && !live.sent.contains(tx)
+                    if let Some(live) = self.entries.get_mut(&id)
+                        && !live.sent.contains(&tx)
                     {
-                        live.sent.push(*tx);
+                        live.sent.push(tx);
                     }
                 }
             }
             Record::Settled { id, .. } | Record::Failed { id, .. } => {
-                self.next_id = self.next_id.max(id + 1);
-                self.entries.remove(id);
+                self.next_id = self.next_id.max(id.saturating_add(1));
+                self.entries.remove(&id);
             }
         }
     }
@@ -201,44 +222,104 @@ impl LiveSet {
     }
 }
 
-/// Appends not yet synced, and who leads the next sync.
-#[derive(Debug, Default)]
+/// One group commit's outcome: `None` while it runs, then whether its records are on disk.
+type Batch = Arc<watch::Sender<Option<bool>>>;
+
+fn new_batch() -> Batch {
+    Arc::new(watch::Sender::new(None))
+}
+
+/// Appends not yet written, and who leads the next write + sync.
+#[derive(Debug)]
 struct Group {
     buf: Vec<u8>,
-    /// Appends queued so far (each `append` call counts one).
-    appended: u64,
+    /// The records framed in `buf`: they join `live` once they are on disk.
+    records: Vec<Record>,
+    /// What the appends in `buf` wait for.
+    batch: Batch,
     syncing: bool,
+    /// Built from durable records only, so compaction never keeps a refused append.
     live: LiveSet,
 }
 
 #[derive(Debug)]
 struct Io {
+    /// Opened for appending to the file the journal's path names (compaction swaps it under
+    /// this lock, so an append never goes to a replaced file).
     file: File,
+    /// Bytes known to be on disk: a failed write is cut back to here.
+    len: u64,
     /// Records in the file (for the compaction threshold).
     records: u64,
+    /// A write or sync failed and its bytes may be in the file: cut them before writing more.
+    torn: bool,
+    /// A compaction's directory sync failed: its rename may not survive a crash, so the
+    /// directory is synced before anything more is acknowledged.
+    dir_unsynced: bool,
 }
 
-/// How far the file is synced.
-#[derive(Clone, Copy, Debug, Default)]
-struct Progress {
-    synced: u64,
-    /// A write or sync failed: the file's tail is unknown, nothing more is acknowledged.
-    failed: bool,
+impl Io {
+    /// Writes and syncs one group. On failure the file is cut back to its synced length, at
+    /// once or, if that fails too, before the next write.
+    fn commit(&mut self, buf: &[u8], path: &Path, faults: &JournalFaults) -> io::Result<()> {
+        if self.torn {
+            self.cut()?;
+        }
+        let written = faults
+            .write(&mut self.file, buf)
+            .and_then(|()| faults.sync(&self.file))
+            .and_then(|()| {
+                if self.dir_unsynced {
+                    faults.sync_dir(path)?;
+                    self.dir_unsynced = false;
+                }
+                Ok(())
+            });
+        match written {
+            Ok(()) => {
+                self.len = self.len.saturating_add(buf.len() as u64);
+                Ok(())
+            }
+            Err(e) => {
+                self.torn = true;
+                if let Err(cut) = self.cut() {
+                    alert!(
+                        Alert::JournalWrite,
+                        cause = &cut,
+                        "journal {}: could not cut a failed write back to {} bytes yet \
+                         (retried before the next append)",
+                        path.display(),
+                        self.len
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops whatever a failed write left after the synced length.
+    fn cut(&mut self) -> io::Result<()> {
+        self.file.set_len(self.len)?;
+        self.file.sync_data()?;
+        self.torn = false;
+        Ok(())
+    }
 }
 
 /// The journal file. See the module docs.
 #[derive(Debug)]
 pub(super) struct Journal {
-    path: PathBuf,
     state: Arc<State>,
 }
 
 /// What the sync leader needs, shared with the blocking task that writes and syncs.
 #[derive(Debug)]
 struct State {
+    path: PathBuf,
+    /// Locked before `group` whenever both are held.
     io: Mutex<Io>,
     group: Mutex<Group>,
-    progress: watch::Sender<Progress>,
+    faults: JournalFaults,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -255,42 +336,66 @@ fn frame(record: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(&payload);
 }
 
-/// Parses frames from `data`: the records and the length of the valid prefix.
-fn parse(data: &[u8]) -> (Vec<Record>, usize) {
-    let mut records = Vec::new();
-    let mut at = 0;
-    while let Some(head) = data.get(at..at + HEADER) {
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if len == 0 || len > MAX_FRAME {
-            break;
-        }
-        let Some(payload) = data.get(at + HEADER..at + HEADER + len) else {
-            break; // torn tail
-        };
-        if keccak256(payload)[..4] != head[4..8] {
-            break;
-        }
-        let Ok(record) = serde_json::from_slice::<Record>(payload) else {
-            break;
-        };
-        records.push(record);
-        at += HEADER + len;
+/// The frame at `at`: its payload, if it is whole and checks out.
+fn frame_at(data: &[u8], at: usize) -> Option<&[u8]> {
+    let head = data.get(at..at.checked_add(HEADER)?)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return None;
     }
-    (records, at)
+    let start = at + HEADER;
+    let payload = data.get(start..start.checked_add(len)?)?;
+    (keccak256(payload)[..4] == head[4..8]).then_some(payload)
 }
 
-fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+/// Parses frames from `data`: the records and the length of the valid prefix, after which
+/// only a torn tail may follow.
+///
+/// # Errors
+/// `InvalidData` when cutting there could lose an acknowledged record: a frame that checks
+/// out but does not parse (written by another version), or damaged bytes followed by a frame
+/// that checks out (not a torn tail).
+fn parse(data: &[u8]) -> io::Result<(Vec<Record>, usize)> {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while let Some(payload) = frame_at(data, at) {
+        let record = serde_json::from_slice::<Record>(payload).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the record at byte {at} checks out but cannot be read ({e}): written by \
+                     another version? Refusing to open rather than drop it and the records \
+                     after it"
+                ),
+            )
+        })?;
+        records.push(record);
+        at += HEADER + payload.len();
+    }
+    // A crash tears at most the last group write, so nothing whole can follow the tear.
+    if let Some(next) = (at + 1..data.len()).find(|i| frame_at(data, *i).is_some()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "bytes {at}..{next} are damaged and a valid record follows them: not a torn \
+                 tail. Refusing to open rather than drop the records after byte {at}"
+            ),
+        ));
+    }
+    Ok((records, at))
 }
 
 impl Journal {
     /// Opens (or creates) the journal at `path`, replays it and cuts a torn tail. Returns the
     /// live payments by id and the next free id.
-    pub(super) fn open(path: &Path) -> io::Result<(Self, BTreeMap<u64, Live>, u64)> {
+    ///
+    /// # Errors
+    /// I/O errors, and `InvalidData` for a record it cannot read (see [`parse`]): the file is
+    /// then left untouched for an operator to look at.
+    pub(super) fn open(
+        path: &Path,
+        faults: JournalFaults,
+    ) -> io::Result<(Self, BTreeMap<u64, Live>, u64)> {
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -298,7 +403,14 @@ impl Journal {
             .open(path)?;
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
-        let (records, valid) = parse(&data);
+        let (records, valid) = parse(&data).inspect_err(|e| {
+            alert!(
+                Alert::JournalUnreadable,
+                cause = e,
+                "journal {} not opened (left as it is; nothing settles until it is fixed)",
+                path.display()
+            );
+        })?;
         if valid < data.len() {
             file.set_len(valid as u64)?;
             file.sync_all()?;
@@ -306,26 +418,33 @@ impl Journal {
         file.seek(SeekFrom::End(0))?;
         // A new file must survive a crash by name too.
         if data.is_empty() {
-            sync_dir(path)?;
+            faults.sync_dir(path)?;
         }
+        let count = records.len() as u64;
         let mut live = LiveSet::default();
-        for r in &records {
+        for r in records {
             live.apply(r);
         }
         let entries = live.entries.clone();
         let next_id = live.next_id;
         let journal = Self {
-            path: path.to_owned(),
             state: Arc::new(State {
+                path: path.to_owned(),
                 io: Mutex::new(Io {
                     file,
-                    records: records.len() as u64,
+                    len: valid as u64,
+                    records: count,
+                    torn: false,
+                    dir_unsynced: false,
                 }),
                 group: Mutex::new(Group {
+                    buf: Vec::new(),
+                    records: Vec::new(),
+                    batch: new_batch(),
+                    syncing: false,
                     live,
-                    ..Group::default()
                 }),
-                progress: watch::Sender::new(Progress::default()),
+                faults,
             }),
         };
         Ok((journal, entries, next_id))
@@ -335,41 +454,35 @@ impl Journal {
     /// while a sync runs share the next one. The write and sync run on a blocking thread.
     ///
     /// # Errors
-    /// The write or sync failed (then every later append fails too: the file's tail is
-    /// unknown until it is reopened).
+    /// The write or sync of this append's group failed (raised as
+    /// [`Alert::JournalWrite`]): nothing of it counts, and the file is cut back so the next
+    /// append starts clean.
     pub(super) async fn append(&self, records: &[Record]) -> io::Result<()> {
-        let (mine, lead) = {
+        let (batch, lead) = {
             let mut g = lock(&self.state.group);
-            if self.state.progress.borrow().failed {
-                return Err(io::Error::other("journal failed earlier; reopen it"));
-            }
             for r in records {
                 frame(r, &mut g.buf);
-                g.live.apply(r);
             }
-            g.appended += 1;
+            g.records.extend_from_slice(records);
             let lead = !g.syncing;
             g.syncing = true;
-            (g.appended, lead)
+            (g.batch.subscribe(), lead)
         };
         if lead {
             // A blocking task: a sync on the request's thread would stall a current-thread
             // runtime, and no other append could join this group while it runs.
             let state = self.state.clone();
-            return tokio::task::spawn_blocking(move || state.lead())
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)));
+            if let Err(e) = tokio::task::spawn_blocking(move || state.lead()).await {
+                // It panicked (its guard failed every queued append) or never ran.
+                return Err(io::Error::other(e));
+            }
         }
-        let mut rx = self.state.progress.subscribe();
-        let done = rx
-            .wait_for(|p| p.synced >= mine || p.failed)
-            .await
-            .map(|p| p.synced >= mine)
-            .unwrap_or(false);
-        if done {
-            Ok(())
-        } else {
-            Err(io::Error::other("journal write failed"))
+        let mut batch = batch;
+        match batch.wait_for(Option::is_some).await.map(|done| *done) {
+            Ok(Some(true)) => Ok(()),
+            _ => Err(io::Error::other(
+                "the journal could not write or sync this record",
+            )),
         }
     }
 
@@ -381,63 +494,112 @@ impl Journal {
 
     /// Rewrites the file with the live payments only. Blocking (file I/O and syncs).
     ///
+    /// Appends wait meanwhile, and from the rename on go to the new file: the file to append
+    /// to is opened before the rename, so no append can land in the replaced one.
+    ///
     /// # Errors
-    /// Any I/O error; the old file is then left as it was.
+    /// An error before the rename leaves the old file as it was. One after it (the directory
+    /// sync) leaves the new file in place, and every append syncs the directory before it is
+    /// acknowledged until that works.
     pub(super) fn compact(&self) -> io::Result<()> {
-        let mut io = lock(&self.state.io);
-        let records = lock(&self.state.group).live.records();
+        let state = &self.state;
+        let mut io = lock(&state.io);
+        let records = lock(&state.group).live.records();
         let mut buf = Vec::new();
         for r in &records {
             frame(r, &mut buf);
         }
-        let tmp = self.path.with_extension("compacting");
-        {
+        let tmp = state.path.with_extension("compacting");
+        let replaced = (|| {
             let mut f = File::create(&tmp)?;
             f.write_all(&buf)?;
             f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path)?;
-        sync_dir(&self.path)?;
-        io.file = OpenOptions::new().append(true).open(&self.path)?;
+            let appender = OpenOptions::new().append(true).open(&tmp)?;
+            state.faults.rename(&tmp, &state.path)?;
+            Ok(appender)
+        })();
+        let appender = match replaced {
+            Ok(f) => f,
+            Err(e) => {
+                // Best effort: a leftover temporary file is never read, and the next
+                // compaction truncates it.
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        io.file = appender;
+        io.len = buf.len() as u64;
         io.records = records.len() as u64;
+        // The old file's torn bytes went with it.
+        io.torn = false;
+        if let Err(e) = state.faults.sync_dir(&state.path) {
+            io.dir_unsynced = true;
+            return Err(e);
+        }
         Ok(())
     }
 }
 
-fn count_frames(buf: &[u8]) -> u64 {
-    let mut n = 0;
-    let mut at = 0;
-    while let Some(head) = buf.get(at..at + HEADER) {
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        at += HEADER + len;
-        n += 1;
+/// Fails every queued append if the leader panics, so none waits forever.
+struct Leading<'a>(&'a State);
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut g = lock(&self.0.group);
+        g.syncing = false;
+        g.buf.clear();
+        g.records.clear();
+        let queued = std::mem::replace(&mut g.batch, new_batch());
+        queued.send_replace(Some(false));
+        // The write in progress may have left bytes: cut them before the next one.
+        drop(g);
+        lock(&self.0.io).torn = true;
     }
-    n
 }
 
 impl State {
     /// Writes and syncs whatever is queued until nothing is.
-    fn lead(&self) -> io::Result<()> {
+    fn lead(&self) {
+        let _leading = Leading(self);
         loop {
-            let (buf, upto) = {
+            let mut io = lock(&self.io);
+            let (buf, records, batch) = {
                 let mut g = lock(&self.group);
                 if g.buf.is_empty() {
                     g.syncing = false;
-                    return Ok(());
+                    return;
                 }
-                (std::mem::take(&mut g.buf), g.appended)
+                let batch = std::mem::replace(&mut g.batch, new_batch());
+                (
+                    std::mem::take(&mut g.buf),
+                    std::mem::take(&mut g.records),
+                    batch,
+                )
             };
-            let written = {
-                let mut io = lock(&self.io);
-                io.records += count_frames(&buf);
-                io.file.write_all(&buf).and_then(|()| io.file.sync_data())
-            };
-            if let Err(e) = written {
-                lock(&self.group).syncing = false;
-                self.progress.send_modify(|p| p.failed = true);
-                return Err(e);
+            let result = io.commit(&buf, &self.path, &self.faults);
+            match &result {
+                Ok(()) => {
+                    io.records = io.records.saturating_add(records.len() as u64);
+                    let mut g = lock(&self.group);
+                    for r in records {
+                        g.live.apply(r);
+                    }
+                }
+                Err(e) => alert!(
+                    Alert::JournalWrite,
+                    cause = e,
+                    "journal {}: a write or sync failed; its {} records were refused (a paid \
+                     request's gets 503 and may retry, the worker retries its own) and the \
+                     file is cut back to its synced length",
+                    self.path.display(),
+                    records.len()
+                ),
             }
-            self.progress.send_modify(|p| p.synced = upto);
+            drop(io);
+            batch.send_replace(Some(result.is_ok()));
         }
     }
 }
@@ -488,7 +650,7 @@ mod tests {
         let d = dir("replay");
         let path = d.join("j.log");
         {
-            let (j, live, next) = Journal::open(&path).unwrap();
+            let (j, live, next) = open(&path);
             assert!(live.is_empty());
             assert_eq!(next, 0);
             j.append(&[pending(0), pending(1)]).await.unwrap();
@@ -513,7 +675,7 @@ mod tests {
         f.write_all(&torn[..torn.len() - 3]).unwrap();
         drop(f);
 
-        let (j, live, next) = Journal::open(&path).unwrap();
+        let (j, live, next) = open(&path);
         assert_eq!(live.keys().copied().collect::<Vec<_>>(), vec![1]);
         assert_eq!(live[&1].sent, vec![B256::repeat_byte(9)]);
         assert_eq!(live[&1].payment, payment(1));
@@ -521,7 +683,7 @@ mod tests {
         // Appends after the cut are readable.
         j.append(&[pending(2)]).await.unwrap();
         drop(j);
-        let (_, live, next) = Journal::open(&path).unwrap();
+        let (_, live, next) = open(&path);
         assert_eq!(live.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(next, 3);
     }
@@ -530,7 +692,7 @@ mod tests {
     async fn compaction_keeps_only_live_payments() {
         let d = dir("compact");
         let path = d.join("j.log");
-        let (j, _, _) = Journal::open(&path).unwrap();
+        let (j, _, _) = open(&path);
         for id in 0..50 {
             j.append(&[pending(id)]).await.unwrap();
             if id != 17 {
@@ -556,17 +718,28 @@ mod tests {
         assert_eq!(j.sizes(), (3, 1));
         j.append(&[pending(50)]).await.unwrap();
         drop(j);
-        let (_, live, next) = Journal::open(&path).unwrap();
+        let (_, live, next) = open(&path);
         assert_eq!(live.keys().copied().collect::<Vec<_>>(), vec![17, 50]);
         assert_eq!(live[&17].sent, vec![B256::repeat_byte(4)]);
         assert_eq!(next, 51);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    fn open(path: &Path) -> (Journal, BTreeMap<u64, Live>, u64) {
+        Journal::open(path, JournalFaults::default()).unwrap()
+    }
+
+    fn ids(live: &BTreeMap<u64, Live>) -> Vec<u64> {
+        live.keys().copied().collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_appends_share_syncs_and_all_land() {
         let d = dir("group");
         let path = d.join("j.log");
-        let (j, _, _) = Journal::open(&path).unwrap();
+        let faults = JournalFaults::new();
+        // A slow disk (5 ms per fdatasync): appends arriving during a sync must share the next.
+        faults.delay_syncs(std::time::Duration::from_millis(5));
+        let (j, _, _) = Journal::open(&path, faults.clone()).unwrap();
         let j = std::sync::Arc::new(j);
         let mut tasks = Vec::new();
         for id in 0..64 {
@@ -576,8 +749,208 @@ mod tests {
         for t in tasks {
             t.await.unwrap().unwrap();
         }
+        let syncs = faults.syncs();
+        eprintln!("{syncs} fdatasync calls for 64 concurrent appends");
+        assert!(syncs >= 1, "nothing was synced");
+        assert!(
+            syncs < 64 / 4,
+            "{syncs} syncs for 64 concurrent appends: not shared"
+        );
         drop(j);
-        let (_, live, _) = Journal::open(&path).unwrap();
-        assert_eq!(live.len(), 64);
+        let (_, live, _) = open(&path);
+        assert_eq!(ids(&live), (0..64).collect::<Vec<_>>());
+    }
+
+    /// One injected failure (`fail`) on the first append; the journal must refuse that append,
+    /// accept the next one without a reopen, and after a reopen hold exactly what was accepted.
+    async fn recovers_after(name: &str, fail: impl Fn(&JournalFaults)) {
+        let d = dir(name);
+        let path = d.join("j.log");
+        let faults = JournalFaults::new();
+        let (j, _, _) = Journal::open(&path, faults.clone()).unwrap();
+        j.append(&[pending(0)]).await.unwrap();
+        let synced = std::fs::metadata(&path).unwrap().len();
+        fail(&faults);
+        assert!(
+            j.append(&[pending(1)]).await.is_err(),
+            "the failure is reported"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            synced,
+            "the failed write was cut back"
+        );
+        j.append(&[pending(2)]).await.unwrap();
+        assert_eq!(
+            j.sizes(),
+            (2, 2),
+            "the refused record is not counted or live"
+        );
+        drop(j);
+        let (_, live, next) = open(&path);
+        assert_eq!(
+            ids(&live),
+            vec![0, 2],
+            "accepted ones kept, the refused one gone"
+        );
+        assert_eq!(next, 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_cut_back_and_the_next_append_lands() {
+        let before = crate::alert::count(Alert::JournalWrite);
+        recovers_after("write", |f| f.fail_writes(1)).await;
+        assert!(crate::alert::count(Alert::JournalWrite) > before, "raised");
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_is_cut_back_and_the_next_append_lands() {
+        let before = crate::alert::count(Alert::JournalWrite);
+        recovers_after("sync", |f| f.fail_syncs(1)).await;
+        assert!(crate::alert::count(Alert::JournalWrite) > before, "raised");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failed_group_fails_only_its_appends_and_keeps_exactly_the_accepted() {
+        let d = dir("group-fail");
+        let path = d.join("j.log");
+        let faults = JournalFaults::new();
+        faults.delay_syncs(std::time::Duration::from_millis(5));
+        let (j, _, _) = Journal::open(&path, faults.clone()).unwrap();
+        let j = std::sync::Arc::new(j);
+        j.append(&[pending(0)]).await.unwrap();
+        // The first group of 48 concurrent appends fails its sync; later groups land.
+        faults.fail_syncs(1);
+        let mut tasks = Vec::new();
+        for id in 1..49u64 {
+            let j = j.clone();
+            tasks.push(tokio::spawn(async move {
+                (id, j.append(&[pending(id)]).await.is_ok())
+            }));
+        }
+        let mut accepted = vec![0];
+        let mut refused = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                (id, true) => accepted.push(id),
+                (_, false) => refused += 1,
+            }
+        }
+        j.append(&[pending(49)]).await.unwrap();
+        accepted.push(49);
+        accepted.sort_unstable();
+        assert!(refused > 0, "the injected failure refused some appends");
+        assert_eq!(j.sizes().1, accepted.len());
+        drop(j);
+        let (_, live, _) = open(&path);
+        assert_eq!(ids(&live), accepted, "exactly the acknowledged appends");
+    }
+
+    /// 50 payments, 49 final: a journal due for compaction.
+    async fn compactable(path: &Path, faults: &JournalFaults) -> Journal {
+        let (j, _, _) = Journal::open(path, faults.clone()).unwrap();
+        for id in 0..50 {
+            j.append(&[pending(id)]).await.unwrap();
+            if id != 17 {
+                j.append(&[Record::Failed {
+                    id,
+                    reason: "x".into(),
+                    tx: None,
+                }])
+                .await
+                .unwrap();
+            }
+        }
+        j
+    }
+
+    #[tokio::test]
+    async fn a_failed_compaction_rename_keeps_the_old_file_and_appends_land() {
+        let d = dir("compact-rename");
+        let path = d.join("j.log");
+        let faults = JournalFaults::new();
+        let j = compactable(&path, &faults).await;
+        faults.fail_renames(1);
+        assert!(j.compact().is_err());
+        assert_eq!(j.sizes(), (99, 1), "the old file, as it was");
+        j.append(&[pending(50)]).await.unwrap();
+        drop(j);
+        let (_, live, next) = open(&path);
+        assert_eq!(ids(&live), vec![17, 50]);
+        assert_eq!(next, 51);
+        assert!(!d.join("j.compacting").exists(), "no temporary file left");
+    }
+
+    #[tokio::test]
+    async fn a_failed_directory_sync_after_the_rename_appends_to_the_new_file() {
+        let d = dir("compact-dirsync");
+        let path = d.join("j.log");
+        let faults = JournalFaults::new();
+        let j = compactable(&path, &faults).await;
+        // The compaction's directory sync and the retry before the next append both fail:
+        // that append is refused; the one after it syncs the directory and lands.
+        faults.fail_dir_syncs(2);
+        assert!(j.compact().is_err());
+        assert_eq!(j.sizes(), (2, 1), "renamed: the new file is the journal");
+        assert!(j.append(&[pending(50)]).await.is_err());
+        j.append(&[pending(51)]).await.unwrap();
+        assert_eq!(j.sizes(), (3, 2));
+        drop(j);
+        let (_, live, next) = open(&path);
+        assert_eq!(
+            ids(&live),
+            vec![17, 51],
+            "nothing went to the unlinked file"
+        );
+        assert_eq!(next, 52);
+    }
+
+    #[tokio::test]
+    async fn a_readable_checksum_with_an_unknown_record_refuses_to_open() {
+        let d = dir("unknown-record");
+        let path = d.join("j.log");
+        let (j, _, _) = open(&path);
+        j.append(&[pending(0)]).await.unwrap();
+        drop(j);
+        let at = std::fs::metadata(&path).unwrap().len();
+        // A record from a newer version: checks out, does not parse. Then an acknowledged one.
+        let mut bytes = Vec::new();
+        let payload = br#"{"t":"fromTheFuture","id":1}"#;
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&keccak256(payload)[..4]);
+        bytes.extend_from_slice(payload);
+        frame(&pending(2), &mut bytes);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&bytes).unwrap();
+        drop(f);
+        let len = std::fs::metadata(&path).unwrap().len();
+
+        let before = crate::alert::count(Alert::JournalUnreadable);
+        let e = Journal::open(&path, JournalFaults::default()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains(&format!("byte {at}")), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "nothing cut");
+        assert!(crate::alert::count(Alert::JournalUnreadable) > before);
+    }
+
+    #[tokio::test]
+    async fn damage_followed_by_a_valid_record_is_not_a_torn_tail() {
+        let d = dir("damage");
+        let path = d.join("j.log");
+        let (j, _, _) = open(&path);
+        j.append(&[pending(0)]).await.unwrap();
+        j.append(&[pending(1)]).await.unwrap();
+        j.append(&[pending(2)]).await.unwrap();
+        drop(j);
+        // Flip a byte inside the second record's payload.
+        let mut data = std::fs::read(&path).unwrap();
+        let first = HEADER + u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
+        data[first + HEADER + 3] ^= 0xff;
+        std::fs::write(&path, &data).unwrap();
+
+        let e = Journal::open(&path, JournalFaults::default()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains(&format!("bytes {first}..")), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), data, "nothing cut");
     }
 }

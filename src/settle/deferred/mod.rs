@@ -45,6 +45,32 @@
 //!   the token's reason: that is the risk deferring takes, and why the retry ceiling is short
 //!   next to the usual validity window.
 //!
+//! # When the journal fails
+//!
+//! Every failure is raised through [`alert`](crate::alert) (counted, logged without any
+//! feature, a metric with `metrics`); none stops the settler for good.
+//!
+//! - A write or `fdatasync` fails on a request's append: that payment is **not accepted**.
+//!   The layer answers **503** with `Retry-After` and a failed receipt, withholds the
+//!   handler's answer and releases the proof, so the client may send it again unchanged
+//!   ([`Alert::JournalWrite`](crate::alert::Alert::JournalWrite)). The journal cuts the failed
+//!   bytes back by itself; the next append works if the disk does.
+//! - The worker's `sent` record fails: nothing is broadcast; the round is retried with backoff
+//!   ([`Alert::SettlementRetry`](crate::alert::Alert::SettlementRetry)), as are failed
+//!   rounds, chain reads and final records that could not be journaled (those payments are
+//!   read from the chain again before anything is resent).
+//! - Compaction fails ([`Alert::JournalCompaction`](crate::alert::Alert::JournalCompaction)):
+//!   before its rename, the old file stays; after it (the directory sync), the new file is
+//!   used and the next append syncs the directory before it is acknowledged. Appends never go
+//!   to a replaced file. The next try is a minute later.
+//! - At start, a record that checks out but cannot be read (a downgrade), or damage followed
+//!   by valid records, makes [`start`](DeferredSettlerBuilder::start) fail with
+//!   [`DeferredError::Journal`] naming the byte offset
+//!   ([`Alert::JournalUnreadable`](crate::alert::Alert::JournalUnreadable)); the file is left
+//!   as it is. Only a torn tail (a crash mid-write, never acknowledged) is cut.
+//!
+//! Tests inject each of these with [`JournalFaults`] (the `test-util` feature).
+//!
 //! # Risks you take by deferring
 //!
 //! The handler's answer goes out before the money moves. The pre-check makes a refusal
@@ -52,8 +78,13 @@
 //! worker settles, and concurrent first requests of one payer are checked against the same
 //! balance. Such payments end `failed` in the outcome hook.
 
+mod faults;
 mod journal;
 mod worker;
+
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub use self::faults::JournalFaults;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -64,6 +95,7 @@ use alloy_primitives::{Address, B256, U256};
 use async_trait::async_trait;
 use tokio::sync::{Notify, watch};
 
+use self::faults::JournalFaults as Faults;
 use self::journal::{Journal, Record, StoredPayment};
 use super::{SettleError, Settlement, Settler};
 use crate::nonce::NonceKey;
@@ -239,6 +271,7 @@ pub struct DeferredSettlerBuilder {
     precheck: bool,
     max_pending: Option<usize>,
     hook: Option<Hook>,
+    faults: Faults,
 }
 
 impl std::fmt::Debug for DeferredSettlerBuilder {
@@ -318,6 +351,15 @@ impl DeferredSettlerBuilder {
         self
     }
 
+    /// Makes the journal's writes, syncs, compaction rename and directory syncs fail on
+    /// command (test builds only: the `test-util` feature). See [`JournalFaults`].
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    pub fn journal_faults(mut self, faults: JournalFaults) -> Self {
+        self.faults = faults;
+        self
+    }
+
     /// Opens the journal, recovers what it holds, and starts the worker.
     ///
     /// # Errors
@@ -327,7 +369,7 @@ impl DeferredSettlerBuilder {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| DeferredError::NoRuntime)?;
         let (journal, live, next_id) =
-            Journal::open(&path).map_err(|source| DeferredError::Journal {
+            Journal::open(&path, self.faults).map_err(|source| DeferredError::Journal {
                 path: path.clone(),
                 source,
             })?;
@@ -539,6 +581,7 @@ impl DeferredSettler {
             precheck: true,
             max_pending: None,
             hook: None,
+            faults: Faults::default(),
         }
     }
 
@@ -563,6 +606,7 @@ impl DeferredSettler {
     /// Resolves once no payment is pending (immediately if none is).
     pub async fn idle(&self) {
         let mut rx = self.shared.pending.subscribe();
+        // Errs only when the sender is gone, which `self` prevents: nothing to report.
         let _ = rx.wait_for(|n| *n == 0).await;
     }
 }
@@ -640,8 +684,9 @@ impl Settler for DeferredSettler {
                     transaction: None,
                 });
             }
-            state.next_id += 1;
-            let id = state.next_id - 1;
+            // Ids come from the journal file: saturate rather than panic on a crafted one.
+            let id = state.next_id;
+            state.next_id = id.saturating_add(1);
             // Queued at once (its amount counts as owed), held from the worker until durable.
             state.insert(
                 id,
@@ -673,9 +718,12 @@ impl Settler for DeferredSettler {
         let pending = {
             let mut state = self.shared.lock();
             if let Err(e) = appended {
+                // Not accepted (raised by the journal as `journal_write`): the layer answers
+                // 503 and releases the proof. The journal cuts the failed write back, so a
+                // retry a moment later can land.
                 state.remove(id);
                 return Err(SettleError::Unavailable {
-                    retry_after: None,
+                    retry_after: Some(Duration::from_secs(1)),
                     source: Box::new(e),
                 });
             }

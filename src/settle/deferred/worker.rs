@@ -10,16 +10,28 @@ use async_trait::async_trait;
 
 use super::journal::Record;
 use super::{ChainState, Outcome, OutcomeStatus, SendLog, Settled, Shared, unix_ms};
+use crate::alert::{Alert, alert};
 use crate::settle::SettleError;
 use crate::verify::{BoxError, VerifiedPayment};
 
+/// After a failed compaction, the next try waits this long (the journal works meanwhile).
+const COMPACT_RETRY: Duration = Duration::from_secs(60);
+
 /// The worker task: runs until aborted.
 pub(super) async fn run(shared: Arc<Shared>) {
+    let mut compact_not_before: Option<Instant> = None;
     loop {
         match due_in(&shared) {
             Some(wait) if wait.is_zero() => {
-                round(&shared).await;
-                compact_if_needed(&shared).await;
+                if !guarded_round(&shared).await {
+                    tokio::time::sleep(shared.config.retry.0).await;
+                    continue;
+                }
+                if compact_not_before.is_none_or(|t| t <= Instant::now())
+                    && !compact_if_needed(&shared).await
+                {
+                    compact_not_before = Instant::now().checked_add(COMPACT_RETRY);
+                }
             }
             Some(wait) => {
                 tokio::select! {
@@ -28,6 +40,37 @@ pub(super) async fn run(shared: Arc<Shared>) {
                 }
             }
             None => shared.wake.notified().await,
+        }
+    }
+}
+
+/// Aborts the round's task when the worker itself is stopped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs one round in its own task, so a panic in it (a bug here or in the batch settler)
+/// cannot stop settlement for good. False if it panicked (raised): its payments stay queued,
+/// and any that may have been sent carry their `sent` hash, so they are read from the chain
+/// before a resend.
+async fn guarded_round(shared: &Arc<Shared>) -> bool {
+    let worker = shared.clone();
+    let mut task = AbortOnDrop(tokio::spawn(async move { round(&worker).await }));
+    match (&mut task.0).await {
+        Ok(()) => true,
+        Err(e) => {
+            alert!(
+                Alert::SettlementRetry,
+                cause = &e,
+                "deferred: a settlement round panicked; its payments stay queued and are \
+                 retried in {:?}",
+                shared.config.retry.0
+            );
+            false
         }
     }
 }
@@ -106,7 +149,16 @@ async fn round(shared: &Arc<Shared>) {
                 }
                 to_send.push(t);
             }
-            Err(_) => back_off(shared, t.id),
+            Err(e) => {
+                alert!(
+                    Alert::SettlementRetry,
+                    cause = &e,
+                    "deferred: could not read where payment {} stands on-chain; retrying \
+                     with backoff",
+                    t.id
+                );
+                back_off(shared, t.id);
+            }
         }
     }
     if !to_send.is_empty() {
@@ -115,6 +167,7 @@ async fn round(shared: &Arc<Shared>) {
         let log = JournalLog { shared, ids: &ids };
         let results = shared.batch.settle_batch(&payments, &log).await;
         let mut results = results.into_iter();
+        let (mut retried, mut first) = (0usize, None);
         for id in ids.iter().copied() {
             match results.next() {
                 Some(Ok(s)) => finals.push((id, Ok(s))),
@@ -122,7 +175,27 @@ async fn round(shared: &Arc<Shared>) {
                     reason,
                     transaction,
                 })) => finals.push((id, Err((reason.to_string(), transaction)))),
-                Some(Err(_)) | None => back_off(shared, id),
+                Some(Err(e)) => {
+                    retried += 1;
+                    first.get_or_insert(e);
+                    back_off(shared, id);
+                }
+                // A batch settler that answered for fewer payments than it was given.
+                None => {
+                    retried += 1;
+                    back_off(shared, id);
+                }
+            }
+        }
+        if retried > 0 {
+            let detail = format_args!(
+                "deferred: {retried} of {} payments did not settle this round; retrying with \
+                 backoff (read from the chain first if they may have been sent)",
+                ids.len()
+            );
+            match &first {
+                Some(e) => alert!(Alert::SettlementRetry, cause = e, "{detail}"),
+                None => alert!(Alert::SettlementRetry, "{detail}"),
             }
         }
     }
@@ -149,8 +222,15 @@ async fn finish(shared: &Shared, finals: Vec<Final>) {
             },
         })
         .collect();
-    if shared.journal.append(&records).await.is_err() {
+    if let Err(e) = shared.journal.append(&records).await {
         // Not durable: keep them, and read the chain again before anything else happens.
+        alert!(
+            Alert::SettlementRetry,
+            cause = &e,
+            "deferred: {} final outcomes could not be journaled; they are read from the chain \
+             again next round",
+            finals.len()
+        );
         let mut state = shared.lock();
         for (id, _) in &finals {
             if let Some(item) = state.items.get_mut(id) {
@@ -217,14 +297,28 @@ fn wait(shared: &Shared, id: u64, delay: Duration) {
     }
 }
 
-async fn compact_if_needed(shared: &Arc<Shared>) {
+/// Compacts the journal if it is due; false if that failed (raised).
+async fn compact_if_needed(shared: &Arc<Shared>) -> bool {
     let (records, live) = shared.journal.sizes();
-    if records <= shared.config.compact_after || records <= 2 * live as u64 {
-        return;
+    if records <= shared.config.compact_after || records <= (live as u64).saturating_mul(2) {
+        return true;
     }
-    let shared = shared.clone();
-    // Blocking file I/O and syncs: off the runtime's threads. A failure leaves the old file.
-    let _ = tokio::task::spawn_blocking(move || shared.journal.compact()).await;
+    let worker = shared.clone();
+    // Blocking file I/O and syncs: off the runtime's threads.
+    let compacted = tokio::task::spawn_blocking(move || worker.journal.compact())
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    if let Err(e) = &compacted {
+        alert!(
+            Alert::JournalCompaction,
+            cause = e,
+            "deferred: journal compaction failed ({records} records, {live} live); appends \
+             go on safely, the next try is in {}s",
+            COMPACT_RETRY.as_secs()
+        );
+    }
+    compacted.is_ok()
 }
 
 /// Journals `sent(tx)` for the round's payments before the batch settler broadcasts.
@@ -256,5 +350,85 @@ impl SendLog for JournalLog<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use alloy_primitives::{Address, Bytes, U256};
+
+    use super::super::{BatchSettler, DeferredSettler};
+    use super::*;
+    use crate::Network;
+    use crate::proto::X402Version;
+    use crate::proto::exact::Authorization;
+    use crate::settle::Settler;
+
+    /// Panics in its first `settle_batch`, settles everything after.
+    #[derive(Default)]
+    struct PanicsOnce {
+        batches: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl BatchSettler for PanicsOnce {
+        async fn check(&self, _: &VerifiedPayment, _: U256) -> Result<(), SettleError> {
+            Ok(())
+        }
+
+        async fn settle_batch(
+            &self,
+            payments: &[VerifiedPayment],
+            _: &dyn SendLog,
+        ) -> Vec<Result<Settled, SettleError>> {
+            if self.batches.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("injected panic in a batch settler");
+            }
+            payments.iter().map(|_| Ok(Settled::default())).collect()
+        }
+
+        async fn state(&self, _: &VerifiedPayment, _: &[B256]) -> Result<ChainState, SettleError> {
+            Ok(ChainState::Unused)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_panicking_round_does_not_stop_the_worker() {
+        let dir = std::env::temp_dir().join(format!("tower-x402-worker-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let batch = Arc::new(PanicsOnce::default());
+        let settler = DeferredSettler::builder(batch.clone())
+            .journal(dir.join("j.log"))
+            .max_wait(Duration::ZERO)
+            .retry(Duration::from_millis(10), Duration::from_millis(20))
+            .start()
+            .unwrap();
+        let retries = crate::alert::count(Alert::SettlementRetry);
+        let payment = VerifiedPayment::exact(
+            X402Version::V2,
+            Network::BASE_SEPOLIA,
+            Address::repeat_byte(1),
+            Authorization {
+                from: Address::repeat_byte(2),
+                to: Address::repeat_byte(3),
+                value: U256::from(1000),
+                valid_after: U256::ZERO,
+                valid_before: U256::from(u64::MAX),
+                nonce: B256::repeat_byte(7),
+            },
+            Bytes::from(vec![1; 65]),
+        );
+        settler.settle(&payment).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), settler.idle())
+            .await
+            .expect("settled after the panicking round");
+        assert_eq!(batch.batches.load(Ordering::SeqCst), 2);
+        assert!(
+            crate::alert::count(Alert::SettlementRetry) > retries,
+            "raised"
+        );
     }
 }

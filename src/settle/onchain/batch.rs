@@ -29,7 +29,9 @@ use async_trait::async_trait;
 
 use super::relayer::with_timeout;
 use super::revert::{Failure, revert_reason};
-use super::{OnchainSettler, Sent, Submit, UnconfirmedTransaction, reason, transfer_calldata};
+use super::{
+    OnchainSettler, Sent, Submit, UnconfirmedTransaction, reason, stats, transfer_calldata,
+};
 use crate::settle::SettleError;
 use crate::settle::deferred::{BatchSettler, ChainState, SendLog, Settled};
 use crate::verify::VerifiedPayment;
@@ -233,15 +235,26 @@ impl OnchainSettler {
                 });
                 let settled = used.iter().filter(|u| **u).count() as u64;
                 let latency = started.elapsed();
+                let Some(fee) = stats::fee(receipt.gas_used, receipt.effective_gas_price) else {
+                    // Not trusted: every payment in it is in doubt, read from the chain again.
+                    let e = self.hostile_receipt(hash);
+                    return live
+                        .iter()
+                        .map(|_| {
+                            Err(SettleError::Unknown {
+                                transaction: Some(hash),
+                                retry_after: None,
+                                source: Box::new(e),
+                            })
+                        })
+                        .collect();
+                };
                 self.shared.stats.update(|s| {
-                    s.gas_used += receipt.gas_used;
-                    s.fees_wei += u128::from(receipt.gas_used) * receipt.effective_gas_price;
-                    s.settled += settled;
-                    s.refused += live.len() as u64 - settled;
-                    if settled > 0 {
-                        s.last_latency = Some(latency);
-                        s.total_latency += latency * settled as u32;
-                    }
+                    s.add_mined(receipt.gas_used, fee);
+                    s.add_settled(settled, latency);
+                    s.refused = s
+                        .refused
+                        .saturating_add((live.len() as u64).saturating_sub(settled));
                 });
                 let gas = receipt.gas_used.checked_div(settled);
                 used.into_iter()

@@ -124,6 +124,7 @@ pub use stats::OnchainStats;
 use self::relayer::{BeforeSend, Relayer, SendError, with_timeout};
 use self::revert::Failure;
 use super::{SettleError, Settlement, Settler};
+use crate::alert::{Alert, alert};
 use crate::proto::exact::Authorization;
 use crate::verify::{BoxError, Proof, VerifiedPayment};
 
@@ -220,6 +221,13 @@ pub struct UnconfirmedTransaction {
     /// How long its receipt was waited for.
     pub waited: Duration,
 }
+
+/// The source of a [`SettleError`] when an RPC reply had impossible values (a receipt whose
+/// fee overflows `u128` wei, a relayer nonce at its limit): the reply is not trusted, and
+/// [`Alert::HostileReply`] is raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("hostile RPC reply: {0}")]
+pub struct HostileReply(&'static str);
 
 #[derive(Clone, Copy, Debug)]
 struct Config {
@@ -636,7 +644,7 @@ impl OnchainSettler {
             return true;
         }
         match with_timeout(self.config.rpc_timeout, self.provider.get_block_number()).await {
-            Ok(head) => head.saturating_sub(mined) + 1 >= self.config.confirmations,
+            Ok(head) => head.saturating_sub(mined).saturating_add(1) >= self.config.confirmations,
             Err(_) => false,
         }
     }
@@ -650,15 +658,19 @@ impl OnchainSettler {
         let hash = receipt.transaction_hash;
         let ok = receipt.status();
         let latency = started.elapsed();
+        let Some(fee) = stats::fee(receipt.gas_used, receipt.effective_gas_price) else {
+            return Err(SettleError::Unknown {
+                transaction: Some(hash),
+                retry_after: None,
+                source: Box::new(self.hostile_receipt(hash)),
+            });
+        };
         self.shared.stats.update(|s| {
-            s.gas_used += receipt.gas_used;
-            s.fees_wei += u128::from(receipt.gas_used) * receipt.effective_gas_price;
+            s.add_mined(receipt.gas_used, fee);
             if ok {
-                s.settled += 1;
-                s.last_latency = Some(latency);
-                s.total_latency += latency;
+                s.add_settled(1, latency);
             } else {
-                s.refused += 1;
+                s.refused = s.refused.saturating_add(1);
             }
         });
         if ok {
@@ -693,6 +705,22 @@ impl OnchainSettler {
         }
     }
 
+    /// A receipt with impossible values: raised, and its outcome treated as unknown (the
+    /// proof stays reserved; a deferred payment is read from the chain again before any
+    /// resend).
+    fn hostile_receipt(&self, transaction: B256) -> HostileReply {
+        let e = HostileReply("a receipt's gas × effective gas price overflows u128 wei");
+        alert!(
+            Alert::HostileReply,
+            cause = &e,
+            "onchain: receipt of {transaction} not trusted; its outcome is treated as unknown"
+        );
+        self.shared
+            .stats
+            .update(|s| s.unknown = s.unknown.saturating_add(1));
+        e
+    }
+
     /// The receipt did not come in time: settled if the authorization is used, unknown if not.
     async fn reconcile(
         &self,
@@ -711,11 +739,7 @@ impl OnchainSettler {
         match self.proof_used(payment).await {
             Ok(true) => {
                 let latency = started.elapsed();
-                self.shared.stats.update(|s| {
-                    s.settled += 1;
-                    s.last_latency = Some(latency);
-                    s.total_latency += latency;
-                });
+                self.shared.stats.update(|s| s.add_settled(1, latency));
                 Ok(Settlement {
                     transaction: Some(hash),
                     amount: None,
@@ -970,5 +994,60 @@ mod tests {
         let call = IEip3009::transferWithAuthorization_1Call::abi_decode(&data).expect("decodes");
         assert_eq!(call.signature.as_ref(), &sig[..]);
         assert_eq!(call.validBefore, authorization().valid_before);
+    }
+
+    /// A mined receipt as a hostile node could send it: `gasUsed × effectiveGasPrice` is more
+    /// wei than `u128` holds.
+    #[cfg(feature = "test-util")]
+    fn hostile_receipt_json(status: &str) -> TransactionReceipt {
+        serde_json::from_value(serde_json::json!({
+            "type": "0x2",
+            "status": status,
+            "cumulativeGasUsed": "0xffffffffffffffff",
+            "logs": [],
+            "logsBloom": format!("0x{}", "00".repeat(256)),
+            "transactionHash": format!("0x{}", "ab".repeat(32)),
+            "transactionIndex": "0x0",
+            "blockHash": format!("0x{}", "cd".repeat(32)),
+            "blockNumber": "0x10",
+            "gasUsed": "0xffffffffffffffff",
+            "effectiveGasPrice": "0xffffffffffffffffffffffffffffffff",
+            "from": format!("0x{}", "11".repeat(20)),
+            "to": format!("0x{}", "22".repeat(20)),
+            "contractAddress": null
+        }))
+        .expect("a receipt")
+    }
+
+    #[cfg(feature = "test-util")]
+    #[tokio::test]
+    async fn a_receipt_whose_fee_overflows_is_an_unknown_outcome_not_a_panic() {
+        let provider = RootProvider::<Ethereum>::connect("http://127.0.0.1:1")
+            .await
+            .expect("lazy http provider");
+        let settler = OnchainSettler::new(provider, crate::test_util::demo_payer());
+        let before = crate::alert::count(Alert::HostileReply);
+        for status in ["0x1", "0x0"] {
+            let receipt = hostile_receipt_json(status);
+            match settler.mined(&receipt, Instant::now()) {
+                Err(SettleError::Unknown {
+                    transaction,
+                    source,
+                    ..
+                }) => {
+                    assert_eq!(transaction, Some(receipt.transaction_hash));
+                    assert!(source.downcast_ref::<HostileReply>().is_some(), "{source}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(crate::alert::count(Alert::HostileReply) >= before + 2);
+        let stats = settler.stats();
+        assert_eq!((stats.unknown, stats.settled, stats.refused), (2, 0, 0));
+        assert_eq!(
+            (stats.gas_used, stats.fees_wei),
+            (0, 0),
+            "nothing booked from it"
+        );
     }
 }

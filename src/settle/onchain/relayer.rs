@@ -18,7 +18,9 @@ use alloy_provider::{DynProvider, Provider};
 use alloy_rpc_types_eth::{BlockNumberOrTag, TransactionRequest};
 use tokio::sync::Mutex;
 
+use super::HostileReply;
 use super::revert::{self, Failure};
+use crate::alert::{Alert, alert};
 use crate::verify::BoxError;
 
 /// Blocks of fee history read per settlement (the reward median over them sets the tip).
@@ -41,23 +43,68 @@ pub(super) struct FeeAboveCap {
     cap: u128,
 }
 
+/// The median of the blocks' first reward percentile (ignoring zeros), at least 1 wei: alloy's
+/// `eip1559_default_estimator` tip, without its overflow on hostile values.
+fn median_tip(rewards: &[Vec<u128>]) -> u128 {
+    let mut tips: Vec<u128> = rewards
+        .iter()
+        .filter_map(|r| r.first().copied())
+        .filter(|r| *r > 0)
+        .collect();
+    tips.sort_unstable();
+    let n = tips.len();
+    let median = if n == 0 {
+        0
+    } else if n.is_multiple_of(2) {
+        // The mean of the middle two, floored, without `a + b`.
+        let (a, b) = (tips[n / 2 - 1], tips[n / 2]);
+        a / 2 + b / 2 + (a % 2 + b % 2) / 2
+    } else {
+        tips[n / 2]
+    };
+    median.max(alloy_provider::utils::EIP1559_MIN_PRIORITY_FEE)
+}
+
 /// Fees from the next block's base fee and recent tips: `2 × base + tip`, clamped to `cap`.
-/// Refused when even `base + tip` (what inclusion needs now) is above `cap`.
+/// Refused when even `base + tip` (what inclusion needs now) is above `cap`. Values from the
+/// node are hostile: a sum past `u128` wei is refused (and raised), never a panic.
 pub(super) fn quote(
     next_base_fee: u128,
     rewards: &[Vec<u128>],
     cap: u128,
 ) -> Result<Fees, FeeAboveCap> {
-    let estimate = alloy_provider::utils::eip1559_default_estimator(next_base_fee, rewards);
-    let tip = estimate.max_priority_fee_per_gas;
-    let needed = next_base_fee.saturating_add(tip);
+    let tip = median_tip(rewards);
+    let Some(needed) = next_base_fee.checked_add(tip) else {
+        alert!(
+            Alert::HostileReply,
+            "onchain: fee history with base fee {next_base_fee} and tip {tip} wei overflows; \
+             not sending"
+        );
+        return Err(FeeAboveCap {
+            needed: u128::MAX,
+            cap,
+        });
+    };
     if needed > cap {
         return Err(FeeAboveCap { needed, cap });
     }
-    let max_fee_per_gas = estimate.max_fee_per_gas.max(needed).min(cap);
+    let estimate = next_base_fee
+        .saturating_mul(alloy_provider::utils::EIP1559_BASE_FEE_MULTIPLIER)
+        .saturating_add(tip);
+    let max_fee_per_gas = estimate.max(needed).min(cap);
     Ok(Fees {
         max_fee_per_gas,
         max_priority_fee_per_gas: tip.min(max_fee_per_gas),
+    })
+}
+
+/// The nonce after `nonce`. EIP-2681 caps account nonces below `2^64 - 1`, so a node reporting
+/// that one is hostile: refused and raised, never an overflow.
+fn following(nonce: u64) -> Result<u64, HostileReply> {
+    nonce.checked_add(1).ok_or_else(|| {
+        let e = HostileReply("the relayer's pending nonce is at its limit");
+        alert!(Alert::HostileReply, cause = &e, "onchain: not sending");
+        e
     })
 }
 
@@ -148,6 +195,7 @@ impl Relayer {
                 .await
                 .map_err(SendError::Refused)?,
             };
+            let after = following(nonce).map_err(|e| SendError::Refused(Failure::rpc(e)))?;
             let envelope = tx
                 .clone()
                 .with_from(self.address)
@@ -165,12 +213,12 @@ impl Relayer {
             let raw = envelope.encoded_2718();
             match tokio::time::timeout(rpc_timeout, provider.send_raw_transaction(&raw)).await {
                 Ok(Ok(_)) => {
-                    *next = Some(nonce + 1);
+                    *next = Some(after);
                     return Ok(hash);
                 }
                 // The same bytes were already received (e.g. by a send that timed out).
                 Ok(Err(e)) if revert::is_already_known(&e) => {
-                    *next = Some(nonce + 1);
+                    *next = Some(after);
                     return Ok(hash);
                 }
                 // The nonce is taken (the account was used elsewhere, or a dropped send got
@@ -233,6 +281,57 @@ mod tests {
         assert_eq!(fees.max_priority_fee_per_gas, 2 * GWEI);
         // Refused when base + tip is above the cap.
         assert!(quote(10 * GWEI, &rewards, 11 * GWEI).is_err());
+    }
+
+    #[test]
+    fn the_tip_is_alloys_on_sane_values() {
+        for rewards in [
+            vec![],
+            vec![vec![0]],
+            vec![vec![3 * GWEI]],
+            vec![vec![3], vec![4]],
+            vec![
+                vec![5 * GWEI],
+                vec![0],
+                vec![2 * GWEI],
+                vec![7],
+                vec![9 * GWEI],
+            ],
+            vec![vec![GWEI + 1], vec![3 * GWEI + 1]],
+        ] {
+            let alloy = alloy_provider::utils::eip1559_default_estimator(10 * GWEI, &rewards);
+            assert_eq!(
+                median_tip(&rewards),
+                alloy.max_priority_fee_per_gas,
+                "{rewards:?}"
+            );
+            let ours = quote(10 * GWEI, &rewards, u128::MAX).expect("no cap");
+            assert_eq!(ours.max_fee_per_gas, alloy.max_fee_per_gas, "{rewards:?}");
+        }
+    }
+
+    #[test]
+    fn hostile_fee_history_is_refused_not_overflowed() {
+        let before = crate::alert::count(Alert::HostileReply);
+        let max = vec![vec![u128::MAX]; 4];
+        // The tip alone: the middle two summed would overflow.
+        assert_eq!(median_tip(&max), u128::MAX);
+        // base + tip past u128: refused and raised, even without a cap.
+        assert!(quote(u128::MAX, &max, u128::MAX).is_err());
+        assert!(quote(1, &max, u128::MAX).is_err());
+        assert!(crate::alert::count(Alert::HostileReply) >= before + 2);
+        // 2 × base past u128 with base + tip still in range: clamped, not wrapped.
+        let fees = quote(u128::MAX / 2 + 1, &[vec![1]], u128::MAX).expect("in range");
+        assert_eq!(fees.max_fee_per_gas, u128::MAX);
+        assert_eq!(fees.max_priority_fee_per_gas, 1);
+    }
+
+    #[test]
+    fn a_nonce_at_its_limit_is_hostile() {
+        let before = crate::alert::count(Alert::HostileReply);
+        assert_eq!(following(7).expect("fine"), 8);
+        assert!(following(u64::MAX).is_err());
+        assert!(crate::alert::count(Alert::HostileReply) > before);
     }
 
     #[test]

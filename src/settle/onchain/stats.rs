@@ -47,6 +47,32 @@ impl OnchainStats {
     }
 }
 
+impl OnchainStats {
+    /// Books a mined transaction's gas and fee (see [`fee`]). Counters saturate: they are
+    /// statistics, and a hostile node must not be able to make them panic.
+    pub(super) fn add_mined(&mut self, gas_used: u64, fee_wei: u128) {
+        self.gas_used = self.gas_used.saturating_add(gas_used);
+        self.fees_wei = self.fees_wei.saturating_add(fee_wei);
+    }
+
+    /// Books `n` payments settled after `latency` each.
+    pub(super) fn add_settled(&mut self, n: u64, latency: Duration) {
+        if n == 0 {
+            return;
+        }
+        self.settled = self.settled.saturating_add(n);
+        self.last_latency = Some(latency);
+        let each = latency.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
+        self.total_latency = self.total_latency.saturating_add(each);
+    }
+}
+
+/// What a mined receipt cost the relayer in wei, or `None` when `gas_used ×
+/// effective_gas_price` overflows `u128` wei: more ether than exists, so a hostile reply.
+pub(super) fn fee(gas_used: u64, effective_gas_price: u128) -> Option<u128> {
+    u128::from(gas_used).checked_mul(effective_gas_price)
+}
+
 /// Shared, lock-protected counters (updated once per settlement: no contention to speak of).
 #[derive(Debug, Default)]
 pub(super) struct Recorder(Mutex<OnchainStats>);
@@ -63,5 +89,27 @@ impl Recorder {
     fn lock(&self) -> std::sync::MutexGuard<'_, OnchainStats> {
         // Counters stay meaningful even if a holder panicked mid-update.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_receipt_values_do_not_overflow() {
+        assert_eq!(fee(21_000, 1_000_000_000), Some(21_000_000_000_000));
+        assert_eq!(fee(u64::MAX, u128::MAX), None);
+        assert_eq!(fee(2, u128::MAX / 2 + 1), None);
+
+        let mut s = OnchainStats::default();
+        s.add_mined(u64::MAX, u128::MAX);
+        s.add_mined(u64::MAX, u128::MAX);
+        assert_eq!((s.gas_used, s.fees_wei), (u64::MAX, u128::MAX));
+        s.add_settled(u64::MAX, Duration::MAX);
+        s.add_settled(1, Duration::from_secs(1));
+        assert_eq!(s.settled, u64::MAX);
+        assert_eq!(s.total_latency, Duration::MAX);
+        assert_eq!(s.last_latency, Some(Duration::from_secs(1)));
     }
 }
