@@ -211,6 +211,28 @@ async fn consume_failing_after_settlement_serves_200_with_receipt_and_the_proof_
 }
 
 #[tokio::test]
+async fn receipt_encoding_failing_after_settlement_still_tells_the_client_it_paid() {
+    let _turn = SERIAL.lock().await;
+    let s = Paid::new();
+    let svc = s.service(false);
+    let alerts = Alerts::now();
+    tower_x402::test_util::faults::fail_next_receipt_encoding();
+    let r = get_with(&svc, "/paid", [proof_v2()]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["handler"], "ran");
+    // The hand-written receipt: paid, by whom, which transaction.
+    let receipt = r.receipt();
+    assert_eq!(receipt["success"], json!(true));
+    assert_eq!(receipt["payer"], json!(payer().address().to_checksum(None)));
+    assert_eq!(
+        receipt["transaction"],
+        json!(B256::from(U256::from(1)).to_string())
+    );
+    assert_eq!(s.runs(), (1, 1));
+    assert_eq!(alerts.since(), vec![(Alert::ReceiptEncoding, 1)]);
+}
+
+#[tokio::test]
 async fn release_failing_after_a_handler_error_keeps_its_answer_and_blocks_the_proof() {
     let _turn = SERIAL.lock().await;
     let s = Paid::new();

@@ -480,6 +480,7 @@ impl Settler for FacilitatorClient {
                 Ok(reply) => break reply,
                 // Never reached the facilitator: repeating cannot settle twice.
                 Err(Failure::NotSent(e)) if attempt < i.attempts => {
+                    // Dropped: the next attempt's error, if any, is the one reported.
                     let _ = e;
                     tokio::time::sleep(backoff(attempt, i.backoff_base, i.backoff_cap)).await;
                     attempt += 1;

@@ -59,7 +59,84 @@ impl SettleResponse {
             network: version.network_name(self.network),
             amount: self.amount,
         };
-        // Serializing plain strings, bools and numbers cannot fail.
-        serde_json::to_vec(&wire).unwrap_or_default()
+        match encode(&wire) {
+            Ok(json) => json,
+            // Plain strings, bools and numbers do not fail to serialize; if it ever does, the
+            // client must still learn it paid: a receipt written by hand, and an alert.
+            Err(e) => {
+                crate::alert::alert!(
+                    crate::alert::Alert::ReceiptEncoding,
+                    cause = &e,
+                    "a receipt could not be encoded; sent a minimal one"
+                );
+                minimal_json(&wire)
+            }
+        }
+    }
+}
+
+fn encode(wire: &Wire<'_>) -> Result<Vec<u8>, serde_json::Error> {
+    #[cfg(feature = "test-util")]
+    if crate::test_util::faults::take_receipt_encoding_fault() {
+        return Err(serde::ser::Error::custom(
+            "injected receipt encoding failure",
+        ));
+    }
+    serde_json::to_vec(wire)
+}
+
+/// The receipt without serde: every value is ASCII hex, digits or a network name; an
+/// `errorReason` that would need escaping is left out.
+fn minimal_json(wire: &Wire<'_>) -> Vec<u8> {
+    let plain = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    };
+    let mut out = format!("{{\"success\":{}", wire.success);
+    if let Some(r) = wire.error_reason.filter(|r| plain(r)) {
+        out.push_str(&format!(",\"errorReason\":\"{r}\""));
+    }
+    if let Some(p) = &wire.payer {
+        out.push_str(&format!(",\"payer\":\"{p}\""));
+    }
+    out.push_str(&format!(",\"transaction\":\"{}\"", wire.transaction));
+    if plain(&wire.network) {
+        out.push_str(&format!(",\"network\":\"{}\"", wire.network));
+    }
+    if let Some(a) = wire.amount {
+        out.push_str(&format!(",\"amount\":\"{a}\""));
+    }
+    out.push('}');
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_minimal_receipt_is_the_serde_one() {
+        let r = SettleResponse {
+            success: true,
+            error_reason: None,
+            payer: Some(Address::repeat_byte(7)),
+            transaction: Some(B256::repeat_byte(9)),
+            network: Network::BASE_SEPOLIA,
+            amount: Some(U256::from(1234)),
+        };
+        for version in [X402Version::V1, X402Version::V2] {
+            let wire = Wire {
+                success: r.success,
+                error_reason: Some("insufficient_funds"),
+                payer: r.payer.map(|a| a.to_checksum(None)),
+                transaction: r.transaction.map(|t| t.to_string()).unwrap_or_default(),
+                network: version.network_name(r.network),
+                amount: r.amount,
+            };
+            let serde: serde_json::Value =
+                serde_json::from_slice(&serde_json::to_vec(&wire).unwrap()).unwrap();
+            let minimal: serde_json::Value = serde_json::from_slice(&minimal_json(&wire)).unwrap();
+            assert_eq!(serde, minimal);
+        }
     }
 }
