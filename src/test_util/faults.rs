@@ -381,6 +381,27 @@ impl Body for FailingBody {
     }
 }
 
+/// Receipt encodings left to fail (process-wide: receipts are encoded deep in the layer).
+static RECEIPT_ENCODING_FAULTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Makes the next receipt encoding fail (the layer then sends a minimal receipt written by
+/// hand and raises [`Alert::ReceiptEncoding`](crate::alert::Alert::ReceiptEncoding)).
+/// Process-wide: tests that use it must not run beside other paid requests they assert on.
+pub fn fail_next_receipt_encoding() {
+    RECEIPT_ENCODING_FAULTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Consumes one armed receipt-encoding fault, if any.
+pub(crate) fn take_receipt_encoding_fault() -> bool {
+    RECEIPT_ENCODING_FAULTS
+        .fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        )
+        .is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,23 +470,3 @@ mod tests {
     }
 }
 
-/// Receipt encodings left to fail (process-wide: receipts are encoded deep in the layer).
-static RECEIPT_ENCODING_FAULTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Makes the next receipt encoding fail (the layer then sends a minimal receipt written by
-/// hand and raises [`Alert::ReceiptEncoding`](crate::alert::Alert::ReceiptEncoding)).
-/// Process-wide: tests that use it must not run beside other paid requests they assert on.
-pub fn fail_next_receipt_encoding() {
-    RECEIPT_ENCODING_FAULTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-}
-
-/// Consumes one armed receipt-encoding fault, if any.
-pub(crate) fn take_receipt_encoding_fault() -> bool {
-    RECEIPT_ENCODING_FAULTS
-        .fetch_update(
-            std::sync::atomic::Ordering::SeqCst,
-            std::sync::atomic::Ordering::SeqCst,
-            |n| n.checked_sub(1),
-        )
-        .is_ok()
-}
