@@ -254,3 +254,76 @@ pub(crate) fn of_store(e: &crate::nonce::StoreError, default_wait: Duration) -> 
         reason: reason::SERVICE_UNAVAILABLE,
     }
 }
+
+/// The one mapping from a refused sign-in (prepaid routes): where the flow stopped, the
+/// refusal, and the error for hooks and traces.
+pub(crate) fn of_prepaid(
+    refusal: crate::prepaid::Refusal,
+    default_wait: Duration,
+) -> (
+    crate::hooks::Stage,
+    Rejection,
+    Option<Box<dyn std::error::Error + Send + Sync>>,
+) {
+    use crate::hooks::Stage;
+    use crate::prepaid::{Refusal, reason as prepaid, siwx};
+    match refusal {
+        Refusal::Siwx(siwx::SiwxError::Header(e)) if e.is_too_large() => {
+            (Stage::Decode, e.into(), None)
+        }
+        Refusal::Siwx(e) if e.is_malformed() => (
+            Stage::Decode,
+            Rejection::BadRequest {
+                reason: e.reason(),
+                message: e.to_string(),
+            },
+            None,
+        ),
+        Refusal::Siwx(e) => (
+            Stage::Verify,
+            Rejection::Unauthorized {
+                reason: e.reason(),
+                message: e.to_string(),
+            },
+            Some(Box::new(e)),
+        ),
+        Refusal::Replayed => (
+            Stage::Reserve,
+            Rejection::Unauthorized {
+                reason: siwx::reason::NONCE_REUSED,
+                message: "this sign-in message was already used: sign a fresh challenge".into(),
+            },
+            None,
+        ),
+        Refusal::Exhausted => (
+            Stage::Check,
+            Rejection::Pay {
+                reason: Some(prepaid::CREDIT_EXHAUSTED),
+            },
+            None,
+        ),
+        Refusal::Expired => (
+            Stage::Check,
+            Rejection::Pay {
+                reason: Some(prepaid::CREDIT_EXPIRED),
+            },
+            None,
+        ),
+        Refusal::Unavailable(e) => (
+            Stage::Reserve,
+            Rejection::Unavailable {
+                retry_after: e.retry_after().unwrap_or(default_wait),
+                reason: reason::SERVICE_UNAVAILABLE,
+            },
+            Some(Box::new(e)),
+        ),
+        Refusal::Chain(e) => (
+            Stage::Verify,
+            Rejection::Unavailable {
+                retry_after: default_wait,
+                reason: reason::SERVICE_UNAVAILABLE,
+            },
+            Some(Box::new(e)),
+        ),
+    }
+}

@@ -1,6 +1,25 @@
 //! Idempotent retries: the payment identifier a request claims, stored or forgotten.
 
-use super::*;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Response, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
+
+use super::flow::Flow;
+use crate::body::ResponseBody;
+use crate::config::{Idempotency, Shared};
+use crate::idempotency::{
+    self, Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotentReplay, PaymentId,
+    StoredResponse,
+};
+use crate::proto::PaymentPayload;
+use crate::rejection::{PaymentRejection, Rejection, reason};
+use crate::response;
+use crate::verify::VerifiedPayment;
+
 use crate::alert::{Alert, alert};
 use crate::nonce::StoreError;
 use crate::proto::header::{PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};

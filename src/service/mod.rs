@@ -11,36 +11,25 @@ mod prepaid;
 mod settle;
 mod trace;
 
-use std::error::Error as StdError;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
-use http::request::Parts;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use tower_service::Service;
 
 use self::decode::decode;
 use self::flow::{Flow, paid};
 use self::prepaid::signed_in;
 use crate::body::ResponseBody;
-use crate::config::{Idempotency, Pricing, Shared};
+use crate::config::{Pricing, Shared};
 use crate::future::ResponseFuture;
 use crate::hooks::Stage;
-use crate::idempotency::{
-    self, Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotentReplay, PaymentId,
-    StoredResponse,
-};
 use crate::option::PaymentOption;
 use crate::prepaid::siwx::SIGN_IN_WITH_X;
-use crate::prepaid::{Refusal, SignedIn};
-use crate::proto::PaymentPayload;
-use crate::rejection::{PaymentRejection, Rejection, reason};
+use crate::rejection::Rejection;
 use crate::response;
-use crate::verify::VerifiedPayment;
 
 /// The service made by [`PaymentLayer`](crate::PaymentLayer). See the [crate docs](crate).
 #[derive(Clone)]

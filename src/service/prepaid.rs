@@ -1,6 +1,21 @@
 //! Prepaid calls: a `SIGN-IN-WITH-X` proof in place of a payment.
 
-use super::*;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use super::flow::Flow;
+use crate::body::ResponseBody;
+use crate::config::Shared;
+use crate::hooks::Stage;
+use crate::option::PaymentOption;
+use crate::prepaid::SignedIn;
+use crate::rejection::{self, Rejection};
+use crate::response;
 
 /// A prepaid call: a `SIGN-IN-WITH-X` proof in place of a payment (see [`crate::prepaid`]).
 pub(super) async fn signed_in<S, ReqB, ResB>(
@@ -35,7 +50,7 @@ where
     {
         Ok(s) => s,
         Err(refusal) => {
-            let (stage, rejection, error) = prepaid_rejection(&shared, refusal);
+            let (stage, rejection, error) = rejection::of_prepaid(refusal, shared.retry_after);
             let error = error.as_deref();
             return Ok(flow.reject(stage, rejection, None, error).await);
         }
@@ -54,71 +69,4 @@ where
     let mut res = res.map(ResponseBody::inner);
     response::mark(&shared, res.headers_mut());
     Ok(res)
-}
-
-/// Status and reason of a refused sign-in; the error, if any, goes to hooks and traces.
-pub(super) fn prepaid_rejection(
-    shared: &Shared,
-    refusal: Refusal,
-) -> (Stage, Rejection, Option<Box<dyn StdError + Send + Sync>>) {
-    use crate::prepaid::{reason as prepaid, siwx};
-    match refusal {
-        Refusal::Siwx(siwx::SiwxError::Header(e)) if e.is_too_large() => {
-            (Stage::Decode, e.into(), None)
-        }
-        Refusal::Siwx(e) if e.is_malformed() => (
-            Stage::Decode,
-            Rejection::BadRequest {
-                reason: e.reason(),
-                message: e.to_string(),
-            },
-            None,
-        ),
-        Refusal::Siwx(e) => (
-            Stage::Verify,
-            Rejection::Unauthorized {
-                reason: e.reason(),
-                message: e.to_string(),
-            },
-            Some(Box::new(e)),
-        ),
-        Refusal::Replayed => (
-            Stage::Reserve,
-            Rejection::Unauthorized {
-                reason: siwx::reason::NONCE_REUSED,
-                message: "this sign-in message was already used: sign a fresh challenge".into(),
-            },
-            None,
-        ),
-        Refusal::Exhausted => (
-            Stage::Check,
-            Rejection::Pay {
-                reason: Some(prepaid::CREDIT_EXHAUSTED),
-            },
-            None,
-        ),
-        Refusal::Expired => (
-            Stage::Check,
-            Rejection::Pay {
-                reason: Some(prepaid::CREDIT_EXPIRED),
-            },
-            None,
-        ),
-        Refusal::Unavailable(e) => (
-            Stage::Reserve,
-            Rejection::Unavailable {
-                retry_after: e.retry_after().unwrap_or(shared.retry_after),
-                reason: reason::SERVICE_UNAVAILABLE,
-            },
-            Some(Box::new(e)),
-        ),
-        Refusal::Chain(e) => (
-            Stage::Verify,
-            Rejection::Unavailable {
-                retry_after: shared.retry_after,
-                reason: reason::SERVICE_UNAVAILABLE,
-            },
-            Some(Box::new(e)),
-        ),
-    }
 }

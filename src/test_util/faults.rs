@@ -469,4 +469,3 @@ mod tests {
         assert_eq!(block_on(body.frame()).unwrap().unwrap_err(), BodyFault);
     }
 }
-
