@@ -200,6 +200,7 @@ mod response;
 mod retry_after;
 mod service;
 pub mod settle;
+pub mod store;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;

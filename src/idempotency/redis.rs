@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use super::{
     Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotencyStore, StoreError, StoredResponse,
 };
-use crate::nonce::redis::{MAX_EXPIRY_MS, new_token, run_script, unavailable};
+use crate::store::redis::{MAX_EXPIRY_MS, new_token, run_script, unavailable};
 
 /// `KEYS[1]` the key, `ARGV[1]` the in-progress value, `ARGV[2]` expiry in Unix ms,
 /// `ARGV[3]` minimum and `ARGV[4]` maximum TTL in ms, `ARGV[5]` `"1"` on a retry. Returns nil
@@ -118,7 +118,7 @@ pub struct RedisIdempotencyStore {
     retry_after: Option<Duration>,
 }
 
-crate::nonce::redis::redis_store_builders!(RedisIdempotencyStore, "x402:idem:");
+crate::store::redis::redis_store_builders!(RedisIdempotencyStore, "x402:idem:");
 
 impl std::fmt::Debug for RedisIdempotencyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

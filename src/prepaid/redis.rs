@@ -11,7 +11,7 @@ use async_trait::async_trait;
 
 use super::ledger::{CreditLedger, Debit, Grant};
 use crate::nonce::StoreError;
-use crate::nonce::redis::{MAX_EXPIRY_MS, run_script, unavailable};
+use crate::store::redis::{MAX_EXPIRY_MS, run_script, unavailable};
 
 /// Shared head of the three scripts. An entry is `<calls>:<expires_at>`, each side decimal
 /// digits or empty (`None`). `ARGV[1]` is the retention in ms. `put` writes an entry with its
@@ -200,7 +200,7 @@ pub struct RedisCreditLedger {
     retry_after: Option<Duration>,
 }
 
-crate::nonce::redis::redis_store_builders!(RedisCreditLedger, "x402:credit:");
+crate::store::redis::redis_store_builders!(RedisCreditLedger, "x402:credit:");
 
 impl std::fmt::Debug for RedisCreditLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

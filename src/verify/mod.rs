@@ -25,8 +25,7 @@ use crate::proto::upto::Permit2Authorization;
 use crate::proto::{PaymentPayload, X402Version, v2::PaymentRequirements};
 use crate::rejection::Reason;
 
-/// Boxed error for backend causes.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::store::BoxError;
 
 /// Checks a payment proof against the server's own requirements.
 ///
