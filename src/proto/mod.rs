@@ -91,7 +91,7 @@ impl PaymentPayload {
     }
 }
 
-/// The `x402Version` of a JSON document, read before choosing the typed decoder.
+/// The `x402Version` of a JSON document, read to explain why a proof did not decode.
 #[derive(Deserialize)]
 pub(crate) struct VersionProbe {
     #[serde(rename = "x402Version")]
