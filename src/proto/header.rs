@@ -386,7 +386,8 @@ mod tests {
         let json = v2_doc("2", "");
         let value = header(json.as_bytes());
         let limits = Limits::default();
-        let cases: Vec<(Vec<(HeaderName, HeaderValue)>, Limits, &str)> = vec![
+        type Sent = Vec<(HeaderName, HeaderValue)>;
+        let cases: Vec<(Sent, Limits, &str)> = vec![
             (vec![], limits, "none"),
             (
                 vec![
