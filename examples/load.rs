@@ -78,6 +78,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const PAY_TO: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
 const PRICE: &str = "$0.001";
 const PATH: &str = "/weather";
+/// CPU a `bare-spin` handler burns per request (about a paid request's user time).
+const SPIN: Duration = Duration::from_micros(40);
 
 // ------------------------------------------------------------------------------------------------
 // Configuration
@@ -159,6 +161,10 @@ fn main() -> Result<(), BoxError> {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("recover") => recover_loop(&args[1..]),
+        Some("kernel") => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(tokio::task::LocalSet::new().run_until(kernel(&args[1..]))),
         Some("http-count") => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -240,6 +246,38 @@ fn serve(args: &[String]) -> Result<(), BoxError> {
             let hello = get(|| async { "hello" });
             let app = match scenario.as_str() {
                 "bare" => Router::new().route(PATH, hello),
+                // A server as busy as a paid one without the layer: a handler that spins on
+                // the CPU (no memory traffic), or that recovers one signature (libsecp256k1's
+                // tables in the caches, as in verification).
+                "bare-spin" => Router::new().route(
+                    PATH,
+                    get(|| async {
+                        let t0 = Instant::now();
+                        while t0.elapsed() < SPIN {
+                            std::hint::spin_loop();
+                        }
+                        "hello"
+                    }),
+                ),
+                "bare-recover" => {
+                    let signer = FastSigner::new(option().requirements().clone());
+                    let p = signer.payload(unix_now(), 300);
+                    let made = (
+                        signing_hash(signer.separator, &p.authorization),
+                        p.signature,
+                    );
+                    let made = Arc::new(made);
+                    Router::new().route(
+                        PATH,
+                        get(move || {
+                            let made = made.clone();
+                            async move {
+                                let ok = recover_signer(made.0, &made.1).is_ok();
+                                if ok { "hello" } else { "bad" }
+                            }
+                        }),
+                    )
+                }
                 "challenge" | "paid-memory" => Router::new()
                     .route(PATH, hello)
                     .route_layer(layer(None, None)?),
@@ -469,6 +507,8 @@ enum Source {
     None,
     /// Pre-signed headers, each used once: the next index and the end.
     Signed(Rc<Vec<HeaderValue>>, Rc<RefCell<usize>>, usize),
+    /// The same header on every request (`kernel`'s padded bare requests).
+    Fixed(HeaderValue),
     /// Headers signed while the run goes (the million-request run).
     Stream(Rc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<HeaderValue>>>),
 }
@@ -507,6 +547,7 @@ impl Source {
                 *i += 1;
                 Ok(Some(h))
             }
+            Self::Fixed(h) => Ok(Some(h.clone())),
             Self::Stream(rx) => rx.lock().await.recv().await.map(Some).ok_or(()),
         }
     }
@@ -1187,6 +1228,237 @@ async fn deferred_row(
     }
     eprintln!("    {name}: {}", row.note);
     Ok(row)
+}
+
+/// `load kernel [--conns N] [--measure S] [--headers N] [--perf] [--record DIR] [scenario...]`:
+/// where a request's kernel time goes (issue #17 item 8). Each scenario's server runs pinned to
+/// core 1 under N connections from this process on core 0, and the row gives, per request: the
+/// server's user and kernel CPU (µs), its voluntary and involuntary context switches, and this
+/// load generator's own CPU. Scenarios (default: all, in this order):
+///
+/// * `bare`: the HTTP baseline;
+/// * `bare-big`: the same with a 1.3 KiB `x-pad` header, as large as a paid request's proof;
+/// * `bare-spin`: a handler that spins 40 µs on the CPU, as busy as a paid server but without
+///   its memory traffic;
+/// * `bare-recover`: a handler that recovers one signature (libsecp256k1's tables in the
+///   caches, as in verification), without the layer;
+/// * `paid-memory`: the paid route, memory store, verify-only.
+///
+/// `--perf` adds `perf stat` counts per request: the server's system calls, the wake-ups it
+/// issues (`sched:sched_waking`, mostly of the load generator's thread) and context switches,
+/// and the IPIs core 0 receives (function-call and reschedule vectors, whole core, so
+/// neighbours add some). `--record DIR` samples the server (`perf record -g`, cpu-clock) into
+/// `DIR/<scenario>.data`.
+async fn kernel(args: &[String]) -> Result<(), BoxError> {
+    let cfg = Config::from_args(args)?;
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let perf = args.iter().any(|a| a == "--perf");
+    let record = value("--record").map(std::path::PathBuf::from);
+    let mut scenarios: Vec<&str> = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+        } else if a == "--perf" || a == "--no-pin" {
+        } else if a.starts_with("--") {
+            skip = true;
+        } else {
+            scenarios.push(a);
+        }
+    }
+    if scenarios.is_empty() {
+        scenarios = vec![
+            "bare",
+            "bare-big",
+            "bare-spin",
+            "bare-recover",
+            "paid-memory",
+        ];
+    }
+    let req = option().requirements().clone();
+    let ours: Arc<Wrap> = {
+        let req = req.clone();
+        Arc::new(move |p| v2_json(&req, p, None))
+    };
+    let headers = Rc::new(sign_headers(&req, cfg.headers, ours));
+    let pad = HeaderValue::from_str(&"p".repeat(1300))?;
+    let load0 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let recover = recovery_limit(&cfg)?;
+    println!(
+        "KERNEL conns {} measure {} s; recovery {:.1} µs CPU; load {}",
+        cfg.conns,
+        cfg.measure.as_secs_f64(),
+        1e6 / recover.1,
+        load0.trim()
+    );
+    println!(
+        "{:<13} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}{}",
+        "scenario",
+        "req/s",
+        "user",
+        "kernel",
+        "vol cs",
+        "inv cs",
+        "cli cpu",
+        "srv %",
+        if perf {
+            "  syscalls waking  srv cs  faults  IPI(c0)"
+        } else {
+            ""
+        }
+    );
+    for scenario in scenarios {
+        let (serve_as, header, source, expect) = match scenario {
+            "bare" | "bare-spin" | "bare-recover" => {
+                (scenario, PAYMENT_SIGNATURE, Source::None, StatusCode::OK)
+            }
+            "bare-big" => (
+                "bare",
+                HeaderName::from_static("x-pad"),
+                Source::Fixed(pad.clone()),
+                StatusCode::OK,
+            ),
+            "paid-memory" => (
+                scenario,
+                PAYMENT_SIGNATURE,
+                Source::signed(&headers),
+                StatusCode::OK,
+            ),
+            other => return Err(format!("kernel: no scenario {other}").into()),
+        };
+        let server = our_server(&cfg, serve_as, &[])?;
+        let pid = server.pid();
+        let window = Duration::from_millis(20) + cfg.warmup + cfg.measure;
+        let secs = format!("{:.2}", window.as_secs_f64());
+        let stat = if perf {
+            let task = Command::new("perf")
+                .args(["stat", "-x,", "-p", &pid.to_string(), "-e"])
+                .arg("raw_syscalls:sys_enter,sched:sched_waking,context-switches,page-faults")
+                .args(["--", "sleep", &secs])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            let core0 = Command::new("perf")
+                .args(["stat", "-x,", "-a", "-A", "-C", "0", "-e"])
+                .arg("irq_vectors:call_function_single_entry,irq_vectors:reschedule_entry")
+                .args(["--", "sleep", &secs])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            Some((task, core0))
+        } else {
+            None
+        };
+        let sampler = match &record {
+            Some(dir) => Some(
+                Command::new("perf")
+                    .args(["record", "-q", "-F", "2000", "-e", "cpu-clock", "-g", "-p"])
+                    .arg(pid.to_string())
+                    .arg("-o")
+                    .arg(dir.join(format!("{scenario}.data")))
+                    .args(["--", "sleep", &secs])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            ),
+            None => None,
+        };
+        let cs0 = ctx_switches(pid);
+        let me0 = cpu_secs(std::process::id());
+        let t0 = Instant::now();
+        let s = run_load(
+            &server,
+            header,
+            source,
+            expect,
+            cfg.conns,
+            cfg.warmup,
+            cfg.measure,
+        )
+        .await?;
+        let wall = t0.elapsed().as_secs_f64();
+        let me1 = cpu_secs(std::process::id());
+        let cs1 = ctx_switches(pid);
+        let n = s.accepted.max(1) as f64;
+        let mut counts = String::new();
+        if let Some((task, core0)) = stat {
+            let read = |c: Child| -> Result<Vec<f64>, BoxError> {
+                let out = c.wait_with_output()?;
+                Ok(String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .filter_map(|l| {
+                        let f: Vec<&str> = l.split(',').collect();
+                        // With -A the first field is the CPU.
+                        let v = if f.first().is_some_and(|c| c.starts_with("CPU")) {
+                            f.get(1)
+                        } else {
+                            f.first()
+                        };
+                        v?.parse::<f64>().ok()
+                    })
+                    .collect())
+            };
+            let t = read(task)?;
+            let c = read(core0)?;
+            let per = |v: Option<&f64>| v.map_or(f64::NAN, |v| v / n);
+            counts = format!(
+                "  {:>8.2} {:>6.2} {:>7.2} {:>7.3} {:>8.2}",
+                per(t.first()),
+                per(t.get(1)),
+                per(t.get(2)),
+                per(t.get(3)),
+                c.iter().sum::<f64>() / n
+            );
+        }
+        if let Some(mut sampler) = sampler {
+            sampler.wait()?;
+        }
+        if s.errors > 0 {
+            return Err(
+                format!("{scenario}: {} errors, first {:?}", s.errors, s.first_error).into(),
+            );
+        }
+        // Context switches and the generator's CPU cover the whole load (warmup included),
+        // like `accepted`; the server's CPU covers the measured window, like `ok`.
+        println!(
+            "{:<13} {:>8.0} {:>7.2} {:>7.2} {:>7.3} {:>7.3} {:>7.2} {:>7.0}{}",
+            scenario,
+            s.rps,
+            s.cpu_us_per_req - s.sys_us_per_req,
+            s.sys_us_per_req,
+            (cs1.0 - cs0.0) as f64 / n,
+            (cs1.1 - cs0.1) as f64 / n,
+            (me1 - me0) * 1e6 / n,
+            s.cpu * 100.0,
+            counts
+        );
+        let _ = wall;
+        drop(server);
+    }
+    let load1 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("KERNEL load at the end {}", load1.trim());
+    Ok(())
+}
+
+/// Voluntary and involuntary context switches of `pid` (all its threads' sum is not in
+/// /proc/<pid>/status: the server runs on one tokio thread, its main thread).
+fn ctx_switches(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (
+        field("voluntary_ctxt_switches:"),
+        field("nonvoluntary_ctxt_switches:"),
+    )
 }
 
 /// `load http-count [--n1 N] [--n2 N] [--out DIR] [scenario...]`: the whole HTTP request

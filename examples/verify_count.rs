@@ -3,7 +3,7 @@
 //! ```sh
 //! verify_count verify K    # K × (header decode + ExactEvmVerifier verification)
 //! verify_count recover K   # K × signature recovery alone (libsecp256k1 + address keccak)
-//! verify_count decode K    # K × header decode alone (base64 + version probe + JSON)
+//! verify_count decode K    # K × header decode alone (header lookup, base64, typed JSON)
 //! verify_count challenge K # K × PaymentLayer answering a request without payment (402)
 //! verify_count bare K      # K × the same inner service without the layer (baseline)
 //! verify_count paid K N    # K × PaymentLayer's whole paid path (memory store, verify-only),
@@ -20,15 +20,14 @@ use std::hint::black_box;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
-use http::{HeaderValue, Request, Response, StatusCode};
-use serde::Deserialize;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service, ServiceExt};
 use tower_x402::clock::FixedClock;
 use tower_x402::nonce::MemoryNonceStore;
 use tower_x402::primitives::{B256, Bytes, address};
+use tower_x402::proto::PaymentPayload;
 use tower_x402::proto::header::PAYMENT_SIGNATURE;
-use tower_x402::proto::header::decode_bytes;
-use tower_x402::proto::{PaymentPayload, v2};
+use tower_x402::proto::header::{Limits, decode_payload};
 use tower_x402::test_util::{demo_payer, encode, exact_payload, pay_upto, upto_payload, v2_json};
 use tower_x402::verify::exact::{domain_separator, recover_signer, signing_hash};
 use tower_x402::{Asset, ExactEvmVerifier, PaymentLayer, PaymentOption};
@@ -36,23 +35,11 @@ use tower_x402::{Asset, ExactEvmVerifier, PaymentLayer, PaymentOption};
 const NOW: u64 = 1_760_000_000;
 const MADE: usize = 64;
 
-/// What the layer reads first to choose the decoder (as `service.rs` does).
-#[derive(Deserialize)]
-struct Probe {
-    #[serde(rename = "x402Version")]
-    x402_version: u64,
-}
-
-/// The layer's decode: base64, version probe, typed v2 payload.
+/// The layer's decode: one header, base64, the typed payload of its version (one JSON pass).
 fn decode(header: &HeaderValue) -> Option<PaymentPayload> {
-    let json = decode_bytes(header, 8192).ok()?;
-    let probe: Probe = serde_json::from_slice(&json).ok()?;
-    if probe.x402_version != 2 {
-        return None;
-    }
-    serde_json::from_slice::<v2::PaymentPayload>(&json)
-        .ok()
-        .map(PaymentPayload::V2)
+    let mut headers = HeaderMap::new();
+    headers.insert(PAYMENT_SIGNATURE, header.clone());
+    decode_payload(&headers, Limits::default()).ok().flatten()
 }
 
 /// Polls a future that completes without waiting.

@@ -91,7 +91,7 @@ impl PaymentPayload {
     }
 }
 
-/// The `x402Version` of a JSON document, read before choosing the typed decoder.
+/// The `x402Version` of a JSON document, read to explain why a proof did not decode.
 #[derive(Deserialize)]
 pub(crate) struct VersionProbe {
     #[serde(rename = "x402Version")]
@@ -109,7 +109,7 @@ pub(crate) fn checksummed<S: serde::Serializer>(
 /// Serde for uint256 values as canonical decimal strings (`"10000"`).
 pub mod decimal {
     use alloy_primitives::U256;
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
 
     /// Writes `"<decimal>"`.
     pub fn serialize<S: Serializer>(v: &U256, s: S) -> Result<S::Ok, S::Error> {
@@ -118,9 +118,18 @@ pub mod decimal {
 
     /// Reads a canonical decimal string; see [`parse`].
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        parse(&s)
-            .ok_or_else(|| serde::de::Error::custom("expected a canonical decimal uint256 string"))
+        // A visitor on the borrowed text: `Cow<str>` would allocate a `String` per amount.
+        struct Decimal;
+        impl serde::de::Visitor<'_> for Decimal {
+            type Value = U256;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<U256, E> {
+                parse(s).ok_or_else(|| E::custom("expected a canonical decimal uint256 string"))
+            }
+        }
+        d.deserialize_str(Decimal)
     }
 
     /// `^(0|[1-9][0-9]*)$` and at most 2^256-1, else `None`. No sign, hex, space or exponent.
@@ -131,6 +140,11 @@ pub mod decimal {
             && (s == "0" || !s.starts_with('0'));
         if !canonical {
             return None;
+        }
+        // Amounts and timestamps fit in 19 digits: a u64 loop, not ruint's general parser.
+        if s.len() <= 19 {
+            let n = s.bytes().fold(0u64, |n, b| n * 10 + u64::from(b - b'0'));
+            return Some(U256::from(n));
         }
         U256::from_str_radix(s, 10).ok()
     }
@@ -160,6 +174,48 @@ mod tests {
             "115792089237316195423570985008687907853269984665640564039457584007913129639936",
         ] {
             assert_eq!(parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn decimal_fast_path_agrees_with_ruint() {
+        // Every length on both sides of the u64 path's 19-digit bound, and its extremes.
+        let mut cases: Vec<String> = (1..=25).map(|n| "9".repeat(n)).collect();
+        cases.extend((1..=25).map(|n| format!("1{}", "0".repeat(n - 1))));
+        cases.extend(
+            [
+                "18446744073709551615",
+                "18446744073709551616",
+                "9223372036854775807",
+            ]
+            .map(String::from),
+        );
+        cases.push(U256::MAX.to_string());
+        for s in &cases {
+            assert_eq!(parse(s), U256::from_str_radix(s, 10).ok(), "{s}");
+        }
+    }
+
+    #[test]
+    fn decimal_serde_refusals() {
+        #[derive(serde::Deserialize, Debug)]
+        struct Amount {
+            #[serde(with = "super::decimal")]
+            v: U256,
+        }
+        let ok: Amount = serde_json::from_str(r#"{"v":"1000"}"#).unwrap();
+        assert_eq!(ok.v, U256::from(1000));
+        // An escaped digit is still the digit (serde_json unescapes before the visitor).
+        let escaped: Amount = serde_json::from_str(r#"{"v":"1\u0030"}"#).unwrap();
+        assert_eq!(escaped.v, U256::from(10));
+        for bad in [
+            r#"{"v":1000}"#,
+            r#"{"v":"01"}"#,
+            r#"{"v":null}"#,
+            r#"{"v":["1"]}"#,
+            r#"{"v":"0x1"}"#,
+        ] {
+            assert!(serde_json::from_str::<Amount>(bad).is_err(), "{bad}");
         }
     }
 }

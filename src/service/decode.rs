@@ -5,9 +5,9 @@ use http::HeaderMap;
 use crate::challenge::Binding;
 use crate::config::Shared;
 use crate::option::PaymentOption;
+use crate::proto::PaymentPayload;
 use crate::proto::exact::ExactEvmPayload;
-use crate::proto::header::{self, HeaderError, PAYMENT_SIGNATURE, X_PAYMENT};
-use crate::proto::{PaymentPayload, VersionProbe, v1, v2};
+use crate::proto::header;
 use crate::rejection::{Rejection, reason};
 use crate::response::Resource;
 
@@ -16,37 +16,12 @@ pub(super) fn decode(
     shared: &Shared,
     headers: &HeaderMap,
 ) -> Result<Option<PaymentPayload>, Rejection> {
-    let v2 = header::single(headers, &PAYMENT_SIGNATURE)?;
-    let v1 = header::single(headers, &X_PAYMENT)?;
-    let (value, want) = match (v2, v1) {
-        (None, None) => return Ok(None),
-        (Some(_), Some(_)) => return Err(HeaderError::Conflicting.into()),
-        (Some(v), None) => (v, 2),
-        (None, Some(v)) => (v, 1),
+    let limits = header::Limits {
+        max_bytes: shared.max_header_bytes,
+        v1: shared.accept_v1,
+        v2: shared.accept_v2,
     };
-    let json = header::decode_bytes(value, shared.max_header_bytes)?;
-    let probe: VersionProbe = serde_json::from_slice(&json).map_err(HeaderError::Json)?;
-    let enabled = if want == 2 {
-        shared.accept_v2
-    } else {
-        shared.accept_v1
-    };
-    if probe.x402_version != want || !enabled {
-        return Err(HeaderError::Version {
-            found: probe.x402_version,
-        }
-        .into());
-    }
-    let payload = if want == 2 {
-        PaymentPayload::V2(
-            serde_json::from_slice::<v2::PaymentPayload>(&json).map_err(HeaderError::Json)?,
-        )
-    } else {
-        PaymentPayload::V1(
-            serde_json::from_slice::<v1::PaymentPayload>(&json).map_err(HeaderError::Json)?,
-        )
-    };
-    Ok(Some(payload))
+    Ok(header::decode_payload(headers, limits)?)
 }
 
 /// The server's own options the payload may pay for, best first. The client's `accepted`
