@@ -208,6 +208,9 @@ pub mod upto;
 pub mod verify;
 
 pub use alloy_primitives as primitives;
+/// Re-exported for implementing [`Verifier`], [`NonceStore`], [`settle::Settler`] and the
+/// other async traits: `#[tower_x402::async_trait]`.
+pub use async_trait::async_trait;
 pub use challenge::ChallengeKeys;
 pub use future::ResponseFuture;
 pub use layer::{PaymentLayer, PaymentLayerBuilder, PaymentOption, PricingFn};

@@ -40,6 +40,7 @@
 //! | same id, same proof, first request still running | 503 | `payment_in_progress` | yes | retry the same request |
 //! | same id, another proof or another request target | 409 | `payment_identifier_conflict` | no | pick a new id for a new payment |
 //! | same id, same proof, first request finished | the first answer's | — | the first answer's | the stored response, replayed as is (no second handler run or settlement) |
+//! | a custom verifier refuses by policy ([`VerifyError::Policy`](crate::verify::VerifyError::Policy)), e.g. a deny-list (tested in `tests/custom_verifier.rs`) | its 4xx (403 for any other status) | its code (often a [`Reason::Custom`]) | no | as its message says; the proof is not spent |
 //! | [idempotency](crate::idempotency) on: the paid handler's body failed after settlement (buffered, bounded bodies) | 500 | `response_body_failed` | no | the receipt says it was paid: do not pay again; the same id replays this answer (the seller refunds or serves by hand) |
 //! | [prepaid](crate::prepaid) route: `SIGN-IN-WITH-X` header unreadable | 400 | `invalid_siwx_payload`, `invalid_siwx_malformed_signature` | no | fix the client (431 `invalid_payload` when too large) |
 //! | prepaid route: sign-in for another domain/uri/chain, forged or expired nonce, wrong signer | 401 | `invalid_siwx_*` (see [`crate::prepaid`]) | no | sign in again against a fresh challenge (`WWW-Authenticate: SIWX`) |

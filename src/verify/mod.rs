@@ -31,7 +31,65 @@ pub use crate::store::BoxError;
 ///
 /// Implementations must not trust `payload`'s echo of the requirements: `requirements` is
 /// the server's copy and the only one to check against. Object safe: layers hold an
-/// `Arc<dyn Verifier>`.
+/// `Arc<dyn Verifier>`, so implementations use [`async_trait`](crate::async_trait), which
+/// this crate re-exports (a plain `async fn verify` does not match the boxed signature).
+///
+/// # A custom verifier
+///
+/// Wrap the built-in one and add a rule; refuse with [`VerifyError::Policy`] to answer with
+/// your own status (here 403) and code, instead of a 402 challenge:
+///
+/// ```
+/// use std::collections::HashSet;
+/// use tower_x402::primitives::{Address, address};
+/// use tower_x402::proto::{PaymentPayload, v2::PaymentRequirements};
+/// use tower_x402::rejection::Reason;
+/// use tower_x402::verify::{EvmVerifier, VerifiedPayment, Verifier, VerifyError};
+///
+/// /// The built-in checks, then a deny-list of payers.
+/// struct DenyList {
+///     inner: EvmVerifier,
+///     denied: HashSet<Address>,
+/// }
+///
+/// #[tower_x402::async_trait]
+/// impl Verifier for DenyList {
+///     async fn verify(
+///         &self,
+///         payload: &PaymentPayload,
+///         requirements: &PaymentRequirements,
+///     ) -> Result<VerifiedPayment, VerifyError> {
+///         let payment = self.inner.verify(payload, requirements).await?;
+///         if self.denied.contains(&payment.payer) {
+///             return Err(VerifyError::Policy {
+///                 status: http::StatusCode::FORBIDDEN,
+///                 reason: Reason::custom("payer_denied"),
+///                 message: format!("{} may not buy this resource", payment.payer),
+///             });
+///         }
+///         Ok(payment)
+///     }
+/// }
+///
+/// let layer = tower_x402::PaymentLayer::builder()
+///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+///     .price("$0.001")
+///     .network(tower_x402::Network::BASE_SEPOLIA)
+///     .verifier(DenyList {
+///         inner: EvmVerifier::new(),
+///         denied: HashSet::from([address!("0x70997970C51812dc3A010C7d01b50e0d17dc79C8")]),
+///     })
+///     .build()?;
+/// # let _ = layer;
+/// # Ok::<_, tower_x402::error::ConfigError>(())
+/// ```
+///
+/// A verifier or a [hook](crate::hooks)? A rule about the *proof* (what it pays, who signed,
+/// a scheme of your own) belongs in a verifier: it runs for every candidate option and its
+/// refusal is typed. A rule about the *request or the payer* that needs no proof internals
+/// (rate limits, quotas, logging) is simpler as a hook (`before_verify`, `after_verify`),
+/// which answers with a whole response. Both run before the proof is claimed, so a refusal
+/// never spends it.
 #[async_trait]
 pub trait Verifier: Send + Sync + 'static {
     /// Verifies `payload` against `requirements`, returning the typed proof or why not.
@@ -444,8 +502,10 @@ pub enum VerifyError {
         /// The facilitator's `invalidReason` and `invalidMessage`, sanitized and truncated.
         detail: String,
     },
-    /// A scheme's refusal, with its reason code (e.g. an `upto` permit naming another
-    /// spender: [`upto::reason`]).
+    /// An `upto` permit that does not pay what is asked.
+    #[error("upto permit refused: {0}")]
+    Upto(#[from] upto::UptoError),
+    /// Any other refusal, with its reason code.
     #[error("payment refused: {reason}")]
     Other {
         /// The x402 reason code.
@@ -483,6 +543,7 @@ impl VerifyError {
             Self::Signature(_) | Self::WrongSigner { .. } => Reason::InvalidExactEvmSignature,
             Self::Unavailable { .. } => Reason::UnexpectedVerifyError,
             Self::RateLimited { .. } => Reason::RateLimited,
+            Self::Upto(e) => e.reason(),
             Self::Rejected { reason, .. }
             | Self::Other { reason }
             | Self::Policy { reason, .. } => reason.clone(),

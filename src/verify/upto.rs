@@ -191,8 +191,63 @@ pub fn signing_hash(chain_id: u64, permit: &Permit2Authorization) -> B256 {
     keccak256(digest)
 }
 
-fn refuse(reason: crate::rejection::Reason) -> VerifyError {
-    VerifyError::Other { reason }
+/// Why an `upto` permit was refused, in the reference facilitator's order of checks; each
+/// has its wire code ([`UptoError::reason`], the constants of [`reason`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UptoError {
+    /// The scheme is not `upto`.
+    #[error("scheme is not upto")]
+    Scheme,
+    /// Payload and requirement name different networks.
+    #[error("payload and requirement name different networks")]
+    NetworkMismatch,
+    /// The permit's spender is not the upto proxy.
+    #[error("the permit's spender is not the upto proxy")]
+    Spender,
+    /// `witness.to` is not `payTo`.
+    #[error("witness.to is not payTo")]
+    RecipientMismatch,
+    /// `witness.facilitator` is not the server's settling account.
+    #[error("witness.facilitator is not the settling account")]
+    FacilitatorMismatch,
+    /// The permitted maximum differs from the requirement's amount.
+    #[error("the permitted maximum differs from the requirement's amount")]
+    AmountMismatch,
+    /// The permit is for another token.
+    #[error("the permit is for another token")]
+    TokenMismatch,
+    /// The deadline passed, or is too close to settle.
+    #[error("the deadline passed or is too close to settle")]
+    DeadlineExpired,
+    /// The deadline is further ahead than `maxTimeoutSeconds` allows.
+    #[error("the deadline is further ahead than maxTimeoutSeconds allows")]
+    DeadlineTooFar,
+    /// `validAfter` is in the future.
+    #[error("validAfter is in the future")]
+    NotYetValid,
+    /// The signature is malformed or not the payer's.
+    #[error("the permit's signature is not the payer's")]
+    Signature,
+}
+
+impl UptoError {
+    /// The wire code (the reference facilitator's name).
+    pub fn reason(self) -> crate::rejection::Reason {
+        match self {
+            Self::Scheme => reason::SCHEME,
+            Self::NetworkMismatch => reason::NETWORK_MISMATCH,
+            Self::Spender => reason::SPENDER,
+            Self::RecipientMismatch => reason::RECIPIENT_MISMATCH,
+            Self::FacilitatorMismatch => reason::FACILITATOR_MISMATCH,
+            Self::AmountMismatch => reason::AMOUNT_MISMATCH,
+            Self::TokenMismatch => reason::TOKEN_MISMATCH,
+            Self::DeadlineExpired => reason::DEADLINE_EXPIRED,
+            Self::DeadlineTooFar => reason::DEADLINE_TOO_FAR,
+            Self::NotYetValid => reason::NOT_YET_VALID,
+            Self::Signature => reason::SIGNATURE,
+        }
+    }
 }
 
 /// The `upto` payload of `payload`, if it names the server's requirement: scheme, network,
@@ -203,31 +258,31 @@ fn naming(
     req: &PaymentRequirements,
 ) -> Result<UptoEvmPayload, VerifyError> {
     if payload.scheme() != SCHEME || req.scheme != SCHEME {
-        return Err(refuse(reason::SCHEME));
+        return Err(UptoError::Scheme.into());
     }
     if payload.network() != req.network {
-        return Err(refuse(reason::NETWORK_MISMATCH));
+        return Err(UptoError::NetworkMismatch.into());
     }
     let upto: UptoEvmPayload =
         serde_json::from_str(payload.raw_payload().get()).map_err(VerifyError::InvalidPayload)?;
     let permit = &upto.permit2_authorization;
     if permit.spender != UPTO_PROXY {
-        return Err(refuse(reason::SPENDER));
+        return Err(UptoError::Spender.into());
     }
     if permit.witness.to != req.pay_to {
-        return Err(refuse(reason::RECIPIENT_MISMATCH));
+        return Err(UptoError::RecipientMismatch.into());
     }
     let facilitator = req
         .extra_str(FACILITATOR_ADDRESS)
         .and_then(|a| a.parse::<Address>().ok());
     if facilitator != Some(permit.witness.facilitator) {
-        return Err(refuse(reason::FACILITATOR_MISMATCH));
+        return Err(UptoError::FacilitatorMismatch.into());
     }
     if permit.permitted.amount != req.amount {
-        return Err(refuse(reason::AMOUNT_MISMATCH));
+        return Err(UptoError::AmountMismatch.into());
     }
     if permit.permitted.token != req.asset {
-        return Err(refuse(reason::TOKEN_MISMATCH));
+        return Err(UptoError::TokenMismatch.into());
     }
     Ok(upto)
 }
@@ -342,21 +397,21 @@ fn verify(
     let upto = naming(payload, req)?;
     let permit = &upto.permit2_authorization;
     if permit.deadline < U256::from(now.saturating_add(headroom)) {
-        return Err(refuse(reason::DEADLINE_EXPIRED));
+        return Err(UptoError::DeadlineExpired.into());
     }
     let latest = now
         .saturating_add(req.max_timeout_seconds)
         .saturating_add(max_skew);
     if permit.deadline > U256::from(latest) {
-        return Err(refuse(reason::DEADLINE_TOO_FAR));
+        return Err(UptoError::DeadlineTooFar.into());
     }
     if permit.witness.valid_after > U256::from(now) {
-        return Err(refuse(reason::NOT_YET_VALID));
+        return Err(UptoError::NotYetValid.into());
     }
     let digest = signing_hash(req.network.chain_id(), permit);
     match recover_signer(digest, &upto.signature) {
         Ok(signer) if signer == permit.from => {}
-        _ => return Err(refuse(reason::SIGNATURE)),
+        _ => return Err(UptoError::Signature.into()),
     }
     Ok(VerifiedPayment::upto(
         payload.version(),
