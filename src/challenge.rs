@@ -168,12 +168,12 @@ pub enum ChallengeError {
 
 impl ChallengeError {
     /// The x402 reason code sent with the 402:
-    /// [`CHALLENGE_EXPIRED`](crate::rejection::reason::CHALLENGE_EXPIRED) when expired,
-    /// [`INVALID_CHALLENGE`](crate::rejection::reason::INVALID_CHALLENGE) otherwise.
-    pub fn reason(&self) -> crate::rejection::Reason {
+    /// [`CHALLENGE_EXPIRED`](crate::reason::CHALLENGE_EXPIRED) when expired,
+    /// [`INVALID_CHALLENGE`](crate::reason::INVALID_CHALLENGE) otherwise.
+    pub fn reason(&self) -> crate::reason::Reason {
         match self {
-            Self::Expired { .. } => crate::rejection::reason::CHALLENGE_EXPIRED,
-            _ => crate::rejection::reason::INVALID_CHALLENGE,
+            Self::Expired { .. } => crate::reason::CHALLENGE_EXPIRED,
+            _ => crate::reason::INVALID_CHALLENGE,
         }
     }
 

@@ -486,7 +486,7 @@ mod tests {
             .insert(RETRY_AFTER, HeaderValue::from_static("3"));
         let info = PaymentRejection {
             status: StatusCode::SERVICE_UNAVAILABLE,
-            reason: Some(crate::rejection::Reason::ServiceUnavailable),
+            reason: Some(crate::reason::Reason::ServiceUnavailable),
             retry_after: Some(Duration::from_millis(2500)),
         };
         let res = trailers_only(res, &info);

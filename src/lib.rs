@@ -194,6 +194,7 @@ mod option;
 pub mod prepaid;
 pub mod price;
 pub mod proto;
+pub mod reason;
 pub mod rejection;
 mod response;
 #[cfg(any(feature = "client", feature = "facilitator"))]

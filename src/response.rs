@@ -291,16 +291,15 @@ pub(crate) fn reject<B>(
             res
         }
         Rejection::BadRequest { reason, message } => json_error(reason.as_str(), Some(message)),
-        Rejection::TooLarge { message } => json_error(
-            crate::rejection::reason::INVALID_PAYLOAD.as_str(),
-            Some(message),
-        ),
+        Rejection::TooLarge { message } => {
+            json_error(crate::reason::INVALID_PAYLOAD.as_str(), Some(message))
+        }
         Rejection::Unavailable {
             retry_after,
             reason,
         } => {
-            let message = (*reason == crate::rejection::reason::SETTLEMENT_OUTCOME_UNKNOWN)
-                .then_some(UNKNOWN_OUTCOME);
+            let message =
+                (*reason == crate::reason::SETTLEMENT_OUTCOME_UNKNOWN).then_some(UNKNOWN_OUTCOME);
             let mut res = json_error(reason.as_str(), message);
             set_retry_after(res.headers_mut(), *retry_after);
             res
@@ -318,7 +317,7 @@ pub(crate) fn reject<B>(
             reason, message, ..
         } => json_error(reason.as_str(), Some(message)),
         Rejection::RateLimited { retry_after } => {
-            let mut res = json_error(crate::rejection::reason::RATE_LIMITED.as_str(), None);
+            let mut res = json_error(crate::reason::RATE_LIMITED.as_str(), None);
             set_retry_after(res.headers_mut(), *retry_after);
             res
         }

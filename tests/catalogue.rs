@@ -169,7 +169,7 @@ fn variants() -> std::collections::BTreeMap<String, String> {
 /// `rejection::reason::CONST` alias followed to its variant.
 fn named_reasons(text: &str) -> BTreeSet<String> {
     let variants = variants();
-    let aliases = reason_consts("src/rejection/reason.rs", "");
+    let aliases = reason_consts("src/reason.rs", "");
     let mut out = BTreeSet::new();
     for part in text.split("Reason::").skip(1) {
         let name: String = part.chars().take_while(|c| c.is_alphanumeric()).collect();
@@ -177,7 +177,8 @@ fn named_reasons(text: &str) -> BTreeSet<String> {
             out.insert(wire.clone());
         }
     }
-    for part in text.split("rejection::reason::").skip(1) {
+    let after = |sep| text.split(sep).skip(1);
+    for part in after("rejection::reason::").chain(after("crate::reason::")) {
         let name: String = part
             .chars()
             .take_while(|c| c.is_alphanumeric() || *c == '_')
@@ -231,7 +232,7 @@ fn reason_consts(path: &str, module: &str) -> std::collections::BTreeMap<String,
             .filter(|_| rhs.contains("reason::"))
         {
             // An alias of a layer code: resolved against the layer's own constants.
-            let layer = reason_consts("src/rejection/reason.rs", "");
+            let layer = reason_consts("src/reason.rs", "");
             if let Some(wire) = layer.get(alias.trim()) {
                 out.insert(name, wire.clone());
             }
@@ -271,9 +272,7 @@ fn every_reason_code_in_the_source_is_in_the_catalogue() {
     .collect();
     assert!(opt_in.contains("payment_identifier_conflict"), "{opt_in:?}");
 
-    let layer: BTreeSet<String> = reason_consts("src/rejection/reason.rs", "")
-        .into_values()
-        .collect();
+    let layer: BTreeSet<String> = reason_consts("src/reason.rs", "").into_values().collect();
     let onchain: BTreeSet<String> = reason_consts("src/settle/onchain/mod.rs", "pub mod reason {")
         .into_values()
         .collect();

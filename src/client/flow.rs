@@ -19,7 +19,7 @@ use super::signer::{self, Proof};
 use super::{PaymentOutcome, PaymentReport};
 use crate::body::ResponseBody;
 use crate::proto::{SettleResponse, X402Version};
-use crate::rejection::reason::NONCE_ALREADY_USED;
+use crate::reason::NONCE_ALREADY_USED;
 use crate::verify::BoxError;
 
 pub(crate) async fn run<S, Sg, B, ResBody>(

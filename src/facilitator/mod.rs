@@ -193,10 +193,7 @@ impl FacilitatorClient {
 
     /// Why the cached `/supported` refuses this payment, fetching it first if there is none
     /// yet. `None` when allowed, or when nothing is known (`/verify` then decides).
-    async fn supported_refusal(
-        &self,
-        payload: &PaymentPayload,
-    ) -> Option<crate::rejection::Reason> {
+    async fn supported_refusal(&self, payload: &PaymentPayload) -> Option<crate::reason::Reason> {
         let i = &self.inner;
         if !i.check_supported {
             return None;
@@ -311,7 +308,7 @@ impl FacilitatorClient {
             crate::verify::upto::SCHEME => crate::verify::upto::unverified(payload, req)?,
             _ => {
                 return Err(VerifyError::Other {
-                    reason: crate::rejection::reason::UNSUPPORTED_SCHEME,
+                    reason: crate::reason::UNSUPPORTED_SCHEME,
                 });
             }
         };

@@ -77,8 +77,8 @@ impl Supported {
         version: X402Version,
         scheme: &str,
         network: Network,
-    ) -> Option<crate::rejection::Reason> {
-        use crate::rejection::reason;
+    ) -> Option<crate::reason::Reason> {
+        use crate::reason;
         let number = u64::from(version.number());
         let same_version = || self.kinds.iter().filter(|k| k.x402_version == number);
         if same_version().next().is_none() {
@@ -202,15 +202,15 @@ mod tests {
         );
         assert_eq!(
             s.refusal(v2, "exact", Network::BASE),
-            Some(crate::rejection::Reason::InvalidNetwork)
+            Some(crate::reason::Reason::InvalidNetwork)
         );
         assert_eq!(
             s.refusal(X402Version::V1, "exact", Network::BASE),
-            Some(crate::rejection::Reason::InvalidNetwork)
+            Some(crate::reason::Reason::InvalidNetwork)
         );
         assert_eq!(
             s.refusal(v2, "streaming", Network::BASE_SEPOLIA),
-            Some(crate::rejection::Reason::UnsupportedScheme)
+            Some(crate::reason::Reason::UnsupportedScheme)
         );
         assert_eq!(
             s.refusal(v2, "upto", Network::BASE),
@@ -223,7 +223,7 @@ mod tests {
         };
         assert_eq!(
             v2_only.refusal(X402Version::V1, "exact", Network::BASE_SEPOLIA),
-            Some(crate::rejection::Reason::InvalidX402Version)
+            Some(crate::reason::Reason::InvalidX402Version)
         );
     }
 

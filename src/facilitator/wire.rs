@@ -112,12 +112,11 @@ pub(crate) fn with_amount(
 pub mod reason {
     /// A facilitator refusal whose reason this crate does not know. The facilitator's own
     /// words stay in the error, for logs; clients see only this code.
-    pub const FACILITATOR_REJECTED: crate::rejection::Reason =
-        crate::rejection::Reason::FacilitatorRejected;
+    pub const FACILITATOR_REJECTED: crate::reason::Reason =
+        crate::reason::Reason::FacilitatorRejected;
     /// `settlement_pending`: the facilitator broadcast the transaction but has no receipt yet
     /// (the outcome is unknown, never a refusal).
-    pub const SETTLEMENT_PENDING: crate::rejection::Reason =
-        crate::rejection::Reason::SettlementPending;
+    pub const SETTLEMENT_PENDING: crate::reason::Reason = crate::reason::Reason::SettlementPending;
 
     /// The x402 reason codes passed through to clients as they are: the reference
     /// facilitator's (`@x402/evm` 2.27 `exact` EIP-3009 and Permit2, current and pre-2026-03
@@ -188,9 +187,9 @@ pub mod reason {
     /// Facilitators are remote and untrusted: a reason copied into our 402 goes to clients, so
     /// only codes from [`KNOWN`] pass; anything else (free text, a stack trace, markup, a
     /// megabyte) becomes the generic code.
-    pub fn map(raw: Option<&str>) -> crate::rejection::Reason {
+    pub fn map(raw: Option<&str>) -> crate::reason::Reason {
         raw.filter(|r| KNOWN.contains(r))
-            .and_then(crate::rejection::Reason::from_wire)
+            .and_then(crate::reason::Reason::from_wire)
             .unwrap_or(FACILITATOR_REJECTED)
     }
 }
@@ -245,7 +244,7 @@ mod tests {
         // Codes are plain snake_case ASCII: safe in a header and a JSON body.
         // Every code passed through is in the one catalogue.
         for k in reason::KNOWN {
-            assert!(crate::rejection::Reason::from_wire(k).is_some(), "{k}");
+            assert!(crate::reason::Reason::from_wire(k).is_some(), "{k}");
         }
         assert!(reason::KNOWN.iter().all(|k| {
             k.bytes()

@@ -123,8 +123,7 @@ pub const MIN_ID_LEN: usize = 16;
 pub const MAX_ID_LEN: usize = 128;
 /// `error` of the 500 sent (and stored for replay) when a paid response's body failed after
 /// the payment settled; the response carries the success receipt.
-pub const RESPONSE_BODY_FAILED: crate::rejection::Reason =
-    crate::rejection::Reason::ResponseBodyFailed;
+pub const RESPONSE_BODY_FAILED: crate::reason::Reason = crate::reason::Reason::ResponseBodyFailed;
 /// Default limit of a stored body (64 KiB).
 pub const DEFAULT_MAX_BODY: usize = 64 * 1024;
 
@@ -312,8 +311,8 @@ impl StoredResponse {
                     status,
                     // A code outside the catalogue is a server-chosen (policy) one.
                     reason: (!reason.is_empty()).then(|| {
-                        crate::rejection::Reason::from_wire(reason)
-                            .unwrap_or_else(|| crate::rejection::Reason::custom(reason.to_owned()))
+                        crate::reason::Reason::from_wire(reason)
+                            .unwrap_or_else(|| crate::reason::Reason::custom(reason.to_owned()))
                     }),
                     retry_after: (ms != u64::MAX).then(|| Duration::from_millis(ms)),
                 })
@@ -521,7 +520,7 @@ mod tests {
             body: Bytes::from_static(b"{\"error\":\"settlement_outcome_unknown\"}"),
             rejection: Some(PaymentRejection {
                 status: StatusCode::SERVICE_UNAVAILABLE,
-                reason: Some(crate::rejection::reason::SETTLEMENT_OUTCOME_UNKNOWN),
+                reason: Some(crate::reason::SETTLEMENT_OUTCOME_UNKNOWN),
                 retry_after: Some(Duration::from_secs(5)),
             }),
         };

@@ -400,11 +400,10 @@ pub(crate) enum Refusal {
 /// Reason codes of prepaid refusals (sign-in reasons are in [`siwx::reason`]).
 pub mod reason {
     /// A valid sign-in with no calls left: buy another bundle.
-    pub const CREDIT_EXHAUSTED: crate::rejection::Reason =
-        crate::rejection::Reason::PrepaidCreditExhausted;
+    pub const CREDIT_EXHAUSTED: crate::reason::Reason =
+        crate::reason::Reason::PrepaidCreditExhausted;
     /// A valid sign-in whose credit expired: buy another bundle.
-    pub const CREDIT_EXPIRED: crate::rejection::Reason =
-        crate::rejection::Reason::PrepaidCreditExpired;
+    pub const CREDIT_EXPIRED: crate::reason::Reason = crate::reason::Reason::PrepaidCreditExpired;
 }
 
 impl State {

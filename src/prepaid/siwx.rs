@@ -96,7 +96,7 @@ pub enum SiwxError {
 
 impl SiwxError {
     /// The reason code sent to the client (the `@x402/extensions` codes where they exist).
-    pub fn reason(&self) -> crate::rejection::Reason {
+    pub fn reason(&self) -> crate::reason::Reason {
         match self {
             Self::Header(_) | Self::Malformed(_) => reason::INVALID_SIWX_PAYLOAD,
             Self::MalformedSignature => reason::MALFORMED_SIGNATURE,
@@ -123,32 +123,30 @@ impl SiwxError {
 /// Reason codes of sign-in refusals.
 pub mod reason {
     /// The header is not base64 JSON of a sign-in message.
-    pub const INVALID_SIWX_PAYLOAD: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidSiwxPayload;
+    pub const INVALID_SIWX_PAYLOAD: crate::reason::Reason =
+        crate::reason::Reason::InvalidSiwxPayload;
     /// The signature is not 65 bytes of hex (or too long, or a broken ERC-6492 wrapping).
-    pub const MALFORMED_SIGNATURE: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidSiwxMalformedSignature;
+    pub const MALFORMED_SIGNATURE: crate::reason::Reason =
+        crate::reason::Reason::InvalidSiwxMalformedSignature;
     /// `domain` is not this server's.
-    pub const DOMAIN_MISMATCH: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidSiwxDomainMismatch;
+    pub const DOMAIN_MISMATCH: crate::reason::Reason =
+        crate::reason::Reason::InvalidSiwxDomainMismatch;
     /// `uri` is not on this server's origin.
-    pub const URI_MISMATCH: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidSiwxUriMismatch;
+    pub const URI_MISMATCH: crate::reason::Reason = crate::reason::Reason::InvalidSiwxUriMismatch;
     /// Version, signature type or chain not offered.
-    pub const UNSUPPORTED_CHAIN: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidSiwxUnsupportedChain;
+    pub const UNSUPPORTED_CHAIN: crate::reason::Reason =
+        crate::reason::Reason::InvalidSiwxUnsupportedChain;
     /// The nonce was not issued by this server.
-    pub const INVALID_NONCE: crate::rejection::Reason = crate::rejection::Reason::InvalidSiwxNonce;
+    pub const INVALID_NONCE: crate::reason::Reason = crate::reason::Reason::InvalidSiwxNonce;
     /// The nonce was already used: a replayed message.
-    pub const NONCE_REUSED: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidSiwxNonceReused;
+    pub const NONCE_REUSED: crate::reason::Reason = crate::reason::Reason::InvalidSiwxNonceReused;
     /// The message expired.
-    pub const EXPIRED: crate::rejection::Reason = crate::rejection::Reason::InvalidSiwxExpired;
+    pub const EXPIRED: crate::reason::Reason = crate::reason::Reason::InvalidSiwxExpired;
     /// `notBefore` is not supported.
-    pub const NOT_BEFORE: crate::rejection::Reason = crate::rejection::Reason::InvalidSiwxNotBefore;
+    pub const NOT_BEFORE: crate::reason::Reason = crate::reason::Reason::InvalidSiwxNotBefore;
     /// The signature does not recover to `address`, and the chain (if asked) refused it.
-    pub const INVALID_SIGNATURE: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidSiwxSignature;
+    pub const INVALID_SIGNATURE: crate::reason::Reason =
+        crate::reason::Reason::InvalidSiwxSignature;
 }
 
 /// The `SIGN-IN-WITH-X` payload (field names of `@x402/extensions`' `SIWxPayloadSchema`).

@@ -59,10 +59,10 @@ pub enum HeaderError {
 
 impl HeaderError {
     /// The x402 reason code sent to the client.
-    pub fn reason(&self) -> crate::rejection::Reason {
+    pub fn reason(&self) -> crate::reason::Reason {
         match self {
-            Self::Version { .. } => crate::rejection::Reason::InvalidX402Version,
-            _ => crate::rejection::Reason::InvalidPayload,
+            Self::Version { .. } => crate::reason::Reason::InvalidX402Version,
+            _ => crate::reason::Reason::InvalidPayload,
         }
     }
 

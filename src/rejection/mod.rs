@@ -79,9 +79,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-pub mod reason;
-
-pub use reason::Reason;
+pub use crate::reason::{self, Reason};
 
 /// Why the layer answered in place of the handler (in the response's extensions).
 #[derive(Clone, Debug, PartialEq, Eq)]

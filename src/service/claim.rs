@@ -129,7 +129,7 @@ mod tests {
 
     fn refused() -> SettleError {
         SettleError::Refused {
-            reason: crate::rejection::Reason::InsufficientFunds,
+            reason: crate::reason::Reason::InsufficientFunds,
             transaction: None,
         }
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use alloy_primitives::{B256, U256};
 use async_trait::async_trait;
 
-use crate::rejection::Reason;
+use crate::reason::Reason;
 use crate::verify::{BoxError, VerifiedPayment};
 
 #[cfg(feature = "deferred")]

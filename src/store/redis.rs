@@ -29,10 +29,10 @@ macro_rules! redis_store_builders {
                 "deadline once Redis is back. For a connection made only on first use, build a ",
                 "manager with `ConnectionManager::new_lazy_with_config` and pass it to [`",
                 stringify!($ty), "::new`].\n\n",
-                "# Errors\n[`StoreError::Unavailable`](crate::nonce::StoreError::Unavailable): ",
+                "# Errors\n[`StoreError::Unavailable`](crate::store::StoreError::Unavailable): ",
                 "the URL does not parse, or Redis cannot be reached in time."
             )]
-            pub async fn connect(url: &str) -> Result<Self, $crate::nonce::StoreError> {
+            pub async fn connect(url: &str) -> Result<Self, $crate::store::StoreError> {
                 Ok(Self::new(
                     $crate::store::redis::connect(url, Self::CONNECT_TIMEOUT).await?,
                 ))

@@ -23,7 +23,7 @@ use crate::nonce::NonceKey;
 use crate::proto::exact::Authorization;
 use crate::proto::upto::Permit2Authorization;
 use crate::proto::{PaymentPayload, X402Version, v2::PaymentRequirements};
-use crate::rejection::Reason;
+use crate::reason::Reason;
 
 pub use crate::store::BoxError;
 

@@ -42,39 +42,35 @@ pub const FACILITATOR_ADDRESS: &str = "facilitatorAddress";
 /// The `invalidReason` codes of `upto` refusals (the reference facilitator's names).
 pub mod reason {
     /// Scheme is not `upto`.
-    pub const SCHEME: crate::rejection::Reason = crate::rejection::Reason::InvalidUptoEvmScheme;
+    pub const SCHEME: crate::reason::Reason = crate::reason::Reason::InvalidUptoEvmScheme;
     /// Payload and requirement name different networks.
-    pub const NETWORK_MISMATCH: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidUptoEvmNetworkMismatch;
+    pub const NETWORK_MISMATCH: crate::reason::Reason =
+        crate::reason::Reason::InvalidUptoEvmNetworkMismatch;
     /// The permit's spender is not the upto proxy.
-    pub const SPENDER: crate::rejection::Reason = crate::rejection::Reason::InvalidPermit2Spender;
+    pub const SPENDER: crate::reason::Reason = crate::reason::Reason::InvalidPermit2Spender;
     /// `witness.to` is not `payTo`.
-    pub const RECIPIENT_MISMATCH: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidPermit2RecipientMismatch;
+    pub const RECIPIENT_MISMATCH: crate::reason::Reason =
+        crate::reason::Reason::InvalidPermit2RecipientMismatch;
     /// `witness.facilitator` is not the server's settling account.
-    pub const FACILITATOR_MISMATCH: crate::rejection::Reason =
-        crate::rejection::Reason::UptoFacilitatorMismatch;
+    pub const FACILITATOR_MISMATCH: crate::reason::Reason =
+        crate::reason::Reason::UptoFacilitatorMismatch;
     /// The deadline passed, or is too close to settle.
-    pub const DEADLINE_EXPIRED: crate::rejection::Reason =
-        crate::rejection::Reason::Permit2DeadlineExpired;
+    pub const DEADLINE_EXPIRED: crate::reason::Reason =
+        crate::reason::Reason::Permit2DeadlineExpired;
     /// The deadline is further ahead than `maxTimeoutSeconds` allows.
-    pub const DEADLINE_TOO_FAR: crate::rejection::Reason =
-        crate::rejection::Reason::Permit2DeadlineTooFar;
+    pub const DEADLINE_TOO_FAR: crate::reason::Reason =
+        crate::reason::Reason::Permit2DeadlineTooFar;
     /// `validAfter` is in the future.
-    pub const NOT_YET_VALID: crate::rejection::Reason =
-        crate::rejection::Reason::Permit2NotYetValid;
+    pub const NOT_YET_VALID: crate::reason::Reason = crate::reason::Reason::Permit2NotYetValid;
     /// The permitted maximum differs from the requirement's amount.
-    pub const AMOUNT_MISMATCH: crate::rejection::Reason =
-        crate::rejection::Reason::Permit2AmountMismatch;
+    pub const AMOUNT_MISMATCH: crate::reason::Reason = crate::reason::Reason::Permit2AmountMismatch;
     /// The permit is for another token.
-    pub const TOKEN_MISMATCH: crate::rejection::Reason =
-        crate::rejection::Reason::Permit2TokenMismatch;
+    pub const TOKEN_MISMATCH: crate::reason::Reason = crate::reason::Reason::Permit2TokenMismatch;
     /// The signature is malformed or not the payer's.
-    pub const SIGNATURE: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidPermit2Signature;
+    pub const SIGNATURE: crate::reason::Reason = crate::reason::Reason::InvalidPermit2Signature;
     /// The metered usage is above the signed maximum: nothing is settled.
-    pub const SETTLEMENT_EXCEEDS_AMOUNT: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidUptoEvmPayloadSettlementExceedsAmount;
+    pub const SETTLEMENT_EXCEEDS_AMOUNT: crate::reason::Reason =
+        crate::reason::Reason::InvalidUptoEvmPayloadSettlementExceedsAmount;
 }
 
 /// The EIP-712 structs, crate-private: `sol!` makes its items `pub`, and they are not API.
@@ -233,7 +229,7 @@ pub enum UptoError {
 
 impl UptoError {
     /// The wire code (the reference facilitator's name).
-    pub fn reason(self) -> crate::rejection::Reason {
+    pub fn reason(self) -> crate::reason::Reason {
         match self {
             Self::Scheme => reason::SCHEME,
             Self::NetworkMismatch => reason::NETWORK_MISMATCH,

@@ -99,7 +99,7 @@ use self::faults::JournalFaults as Faults;
 use self::journal::{Journal, Record, StoredPayment};
 use super::{SettleError, Settlement, Settler};
 use crate::nonce::NonceKey;
-use crate::rejection::reason;
+use crate::reason;
 use crate::verify::{BoxError, VerifiedPayment};
 
 /// A settler that settles many payments at once and reads where one stands on-chain: the
@@ -634,7 +634,7 @@ impl Settler for DeferredSettler {
             // Batches are Multicall3 calls, and the upto proxy takes only the signed
             // facilitator as sender: settle `upto` with an `OnchainSettler`.
             return Err(SettleError::Refused {
-                reason: crate::rejection::reason::UNSUPPORTED_SCHEME,
+                reason: crate::reason::UNSUPPORTED_SCHEME,
                 transaction: None,
             });
         }
@@ -671,7 +671,7 @@ impl Settler for DeferredSettler {
     async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
         // Only EIP-3009 authorizations batch (see `check`).
         let stored = StoredPayment::of(payment).ok_or(SettleError::Refused {
-            reason: crate::rejection::reason::UNSUPPORTED_SCHEME,
+            reason: crate::reason::UNSUPPORTED_SCHEME,
             transaction: None,
         })?;
         let key = payment.nonce_key();

@@ -163,7 +163,7 @@ impl OnchainSettler {
         &self,
         payments: &[VerifiedPayment],
         live: &[usize],
-    ) -> Result<Vec<(usize, crate::rejection::Reason)>, Failure> {
+    ) -> Result<Vec<(usize, crate::reason::Reason)>, Failure> {
         // The node's default block, like the single-transfer simulation (see `read_state`).
         let out = with_timeout(
             self.config.rpc_timeout,

@@ -131,28 +131,25 @@ use crate::verify::{BoxError, Proof, VerifiedPayment};
 /// The `errorReason` codes this settler answers with.
 pub mod reason {
     /// `check`: the payer's balance is below the value.
-    pub const INSUFFICIENT_FUNDS: crate::rejection::Reason =
-        crate::rejection::Reason::InsufficientFunds;
+    pub const INSUFFICIENT_FUNDS: crate::reason::Reason = crate::reason::Reason::InsufficientFunds;
     /// `settle`: the transfer reverted with "transfer amount exceeds balance".
-    pub const INSUFFICIENT_BALANCE: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidExactEvmInsufficientBalance;
+    pub const INSUFFICIENT_BALANCE: crate::reason::Reason =
+        crate::reason::Reason::InvalidExactEvmInsufficientBalance;
     /// The authorization's nonce is used or canceled on-chain.
-    pub const NONCE_ALREADY_USED: crate::rejection::Reason =
-        crate::rejection::reason::NONCE_ALREADY_USED;
+    pub const NONCE_ALREADY_USED: crate::reason::Reason = crate::reason::NONCE_ALREADY_USED;
     /// The authorization expired (`validBefore` passed).
-    pub const VALID_BEFORE: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidExactEvmPayloadAuthorizationValidBefore;
+    pub const VALID_BEFORE: crate::reason::Reason =
+        crate::reason::Reason::InvalidExactEvmPayloadAuthorizationValidBefore;
     /// The authorization is not valid yet (`validAfter` not passed).
-    pub const VALID_AFTER: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidExactEvmPayloadAuthorizationValidAfter;
+    pub const VALID_AFTER: crate::reason::Reason =
+        crate::reason::Reason::InvalidExactEvmPayloadAuthorizationValidAfter;
     /// The token refused the signature.
-    pub const SIGNATURE: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidExactEvmSignature;
+    pub const SIGNATURE: crate::reason::Reason = crate::reason::Reason::InvalidExactEvmSignature;
     /// Any other revert, or a transaction mined with status 0.
-    pub const TRANSACTION_FAILED: crate::rejection::Reason =
-        crate::rejection::Reason::InvalidExactEvmTransactionFailed;
+    pub const TRANSACTION_FAILED: crate::reason::Reason =
+        crate::reason::Reason::InvalidExactEvmTransactionFailed;
     /// The payment's network is not the RPC's chain.
-    pub const INVALID_NETWORK: crate::rejection::Reason = crate::rejection::reason::INVALID_NETWORK;
+    pub const INVALID_NETWORK: crate::reason::Reason = crate::reason::INVALID_NETWORK;
 }
 
 sol! {
@@ -546,7 +543,7 @@ impl OnchainSettler {
         &self,
         views: &[TransactionRequest],
         simulate: Option<TransactionRequest>,
-    ) -> Result<(Vec<Bytes>, Option<crate::rejection::Reason>), Failure> {
+    ) -> Result<(Vec<Bytes>, Option<crate::reason::Reason>), Failure> {
         let limit = self.config.rpc_timeout;
         let (out, simulated) = if self.config.batched_check {
             let mut batch = alloy_rpc_client::BatchRequest::new(self.provider.client());
@@ -886,7 +883,7 @@ struct State {
     /// The authorization or permit nonce is used on-chain.
     used: bool,
     /// Why the simulation reverted.
-    revert: Option<crate::rejection::Reason>,
+    revert: Option<crate::reason::Reason>,
 }
 
 /// A transaction that went out.

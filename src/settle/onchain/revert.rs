@@ -15,7 +15,7 @@ use crate::verify::BoxError;
 #[derive(Debug)]
 pub(super) enum Failure {
     /// The token reverted (simulation or send): the payment cannot settle as signed.
-    Revert(crate::rejection::Reason),
+    Revert(crate::reason::Reason),
     /// The RPC failed or refused for a reason of ours (relayer funds, fees): retry later.
     Rpc {
         retry_after: Option<Duration>,
@@ -77,7 +77,7 @@ pub(super) fn classify(e: TransportError) -> Failure {
 
 /// The x402 reason for a token's revert text, matched like the reference facilitator does
 /// (FiatToken v2.2 strings; anything unknown is a failed transaction).
-pub(super) fn revert_reason(text: &str) -> crate::rejection::Reason {
+pub(super) fn revert_reason(text: &str) -> crate::reason::Reason {
     let text = text.to_ascii_lowercase();
     let has = |needle: &str| text.contains(needle);
     if has("used or cancel") {

@@ -13,20 +13,20 @@ pub(super) mod reason {
         FACILITATOR_MISMATCH, SETTLEMENT_EXCEEDS_AMOUNT,
     };
     /// The payer has not approved Permit2 for enough of the token (the reference's code).
-    pub(in super::super) const ALLOWANCE_REQUIRED: crate::rejection::Reason =
-        crate::rejection::Reason::Permit2AllowanceRequired;
+    pub(in super::super) const ALLOWANCE_REQUIRED: crate::reason::Reason =
+        crate::reason::Reason::Permit2AllowanceRequired;
     /// Permit2 refused the nonce (used) — the reference's code.
-    pub(in super::super) const INVALID_NONCE: crate::rejection::Reason =
-        crate::rejection::Reason::Permit2InvalidNonce;
+    pub(in super::super) const INVALID_NONCE: crate::reason::Reason =
+        crate::reason::Reason::Permit2InvalidNonce;
     /// Permit2 refused the deadline.
-    pub(in super::super) const DEADLINE_EXPIRED: crate::rejection::Reason =
+    pub(in super::super) const DEADLINE_EXPIRED: crate::reason::Reason =
         crate::verify::upto::reason::DEADLINE_EXPIRED;
     /// Permit2 refused the signature.
-    pub(in super::super) const SIGNATURE: crate::rejection::Reason =
+    pub(in super::super) const SIGNATURE: crate::reason::Reason =
         crate::verify::upto::reason::SIGNATURE;
     /// The proxy refused: `validAfter` not reached.
-    pub(in super::super) const PAYMENT_TOO_EARLY: crate::rejection::Reason =
-        crate::rejection::Reason::Permit2PaymentTooEarly;
+    pub(in super::super) const PAYMENT_TOO_EARLY: crate::reason::Reason =
+        crate::reason::Reason::Permit2PaymentTooEarly;
 }
 
 sol! {
@@ -110,7 +110,7 @@ pub(super) fn settle_calldata(
 }
 
 /// The reason for a Permit2 or proxy custom error, from the revert data's selector.
-pub(super) fn custom_error(data: &[u8]) -> Option<crate::rejection::Reason> {
+pub(super) fn custom_error(data: &[u8]) -> Option<crate::reason::Reason> {
     let selector: [u8; 4] = data.get(..4)?.try_into().ok()?;
     Some(match selector {
         IPermit2::InvalidNonce::SELECTOR => reason::INVALID_NONCE,

@@ -1,7 +1,7 @@
 //! The one catalogue of reason codes: every `error` / `invalidReason` / `errorReason` string
 //! this crate sends or passes through, as a typed [`Reason`].
 //!
-//! The constants below (and those of [`settle::onchain::reason`](crate::settle::onchain),
+//! Re-exported as [`crate::rejection::reason`]. The constants below (and those of [`settle::onchain::reason`](crate::settle::onchain),
 //! [`verify::upto::reason`](crate::verify::upto::reason), the prepaid and sign-in modules) are
 //! names for its variants, kept so that code reads as the table in [`crate::rejection`] does.
 
