@@ -14,12 +14,12 @@ use std::sync::Arc;
 
 use alloy_primitives::{Address, B256, U256, keccak256};
 use alloy_sol_types::Eip712Domain;
-use async_trait::async_trait;
+
 use secp256k1::Message;
 use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
 
-use super::{SignatureError, VerifiedPayment, Verifier, VerifyError};
-use crate::clock::{Clock, SystemClock};
+use super::{SignatureError, VerifiedPayment, VerifyError};
+
 use crate::proto::exact::{Authorization, ExactEvmPayload};
 use crate::proto::{PaymentPayload, v2::PaymentRequirements};
 
@@ -185,28 +185,13 @@ impl SeparatorCache {
 /// use tower_x402::clock::FixedClock;
 /// let verifier = ExactEvmVerifier::new().with_clock(FixedClock::new(1_700_000_000));
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct ExactEvmVerifier {
-    clock: Arc<dyn Clock>,
+    pub(super) timing: super::Timing,
     separators: Arc<SeparatorCache>,
-    headroom: u64,
-    max_skew: u64,
 }
 
-impl std::fmt::Debug for ExactEvmVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExactEvmVerifier")
-            .field("headroom", &self.headroom)
-            .field("max_skew", &self.max_skew)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for ExactEvmVerifier {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+super::in_process_verifier!(ExactEvmVerifier, timing);
 
 impl ExactEvmVerifier {
     /// Seconds a proof must still be valid for, so settlement can land before `validBefore`
@@ -217,33 +202,7 @@ impl ExactEvmVerifier {
 
     /// A verifier on the system clock with the default headroom and skew.
     pub fn new() -> Self {
-        Self {
-            clock: Arc::new(SystemClock),
-            separators: Arc::default(),
-            headroom: Self::DEFAULT_HEADROOM,
-            max_skew: Self::DEFAULT_MAX_SKEW,
-        }
-    }
-
-    /// Uses `clock` for validity windows (tests inject a [`crate::clock::FixedClock`]).
-    #[must_use]
-    pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
-
-    /// Requires `validBefore >= now + secs` (default 6).
-    #[must_use]
-    pub fn with_headroom(mut self, secs: u64) -> Self {
-        self.headroom = secs;
-        self
-    }
-
-    /// Accepts `validBefore` up to `now + maxTimeoutSeconds + secs` (default 60).
-    #[must_use]
-    pub fn with_max_skew(mut self, secs: u64) -> Self {
-        self.max_skew = secs;
-        self
+        Self::default()
     }
 
     /// The whole check, synchronously. [`Verifier::verify`] calls this.
@@ -266,20 +225,20 @@ impl ExactEvmVerifier {
         };
         let exact = paying(payload, req)?;
         let auth = &exact.authorization;
-        let now = self.clock.now();
+        let now = self.timing.clock.now();
         if auth.valid_after > U256::from(now) {
             return Err(VerifyError::NotYetValid {
                 valid_after: auth.valid_after,
             });
         }
-        if auth.valid_before < U256::from(now.saturating_add(self.headroom)) {
+        if auth.valid_before < U256::from(now.saturating_add(self.timing.headroom)) {
             return Err(VerifyError::Expired {
                 valid_before: auth.valid_before,
             });
         }
         let latest = now
             .saturating_add(req.max_timeout_seconds)
-            .saturating_add(self.max_skew);
+            .saturating_add(self.timing.max_skew);
         if auth.valid_before > U256::from(latest) {
             return Err(VerifyError::ValidityTooLong {
                 valid_before: auth.valid_before,
@@ -309,17 +268,6 @@ impl ExactEvmVerifier {
         // In range (checked above); the rest are the authorization's, equal to `req`'s.
         verified.valid_before = valid_before;
         Ok(verified)
-    }
-}
-
-#[async_trait]
-impl Verifier for ExactEvmVerifier {
-    async fn verify(
-        &self,
-        payload: &PaymentPayload,
-        requirements: &PaymentRequirements,
-    ) -> Result<VerifiedPayment, VerifyError> {
-        self.verify_sync(payload, requirements)
     }
 }
 

@@ -111,53 +111,97 @@ impl<T: Verifier + ?Sized> Verifier for Arc<T> {
     }
 }
 
+/// The validity window every in-process verifier applies: a clock, the headroom a proof
+/// must keep so settlement lands in time, and the client clock skew tolerated.
+#[derive(Clone)]
+pub(crate) struct Timing {
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) headroom: u64,
+    pub(crate) max_skew: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(crate::clock::SystemClock),
+            headroom: ExactEvmVerifier::DEFAULT_HEADROOM,
+            max_skew: ExactEvmVerifier::DEFAULT_MAX_SKEW,
+        }
+    }
+}
+
+/// The timing builder methods, `Debug` and the `Verifier` impl (through `verify_sync`) of an
+/// in-process verifier whose `Timing` is at `$($field).+`.
+macro_rules! in_process_verifier {
+    ($ty:ident, $($field:ident).+) => {
+        impl $ty {
+            /// Uses `clock` for validity windows (tests inject a
+            /// [`FixedClock`](crate::clock::FixedClock)).
+            #[must_use]
+            pub fn with_clock(mut self, clock: impl $crate::clock::Clock) -> Self {
+                self.$($field).+.clock = ::std::sync::Arc::new(clock);
+                self
+            }
+
+            /// Requires a proof to stay valid `secs` more (default 6), so settlement lands
+            /// before it expires.
+            #[must_use]
+            pub fn with_headroom(mut self, secs: u64) -> Self {
+                self.$($field).+.headroom = secs;
+                self
+            }
+
+            /// Accepts a validity up to `now + maxTimeoutSeconds + secs` (default 60).
+            #[must_use]
+            pub fn with_max_skew(mut self, secs: u64) -> Self {
+                self.$($field).+.max_skew = secs;
+                self
+            }
+        }
+
+        impl ::std::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    .field("headroom", &self.$($field).+.headroom)
+                    .field("max_skew", &self.$($field).+.max_skew)
+                    .finish_non_exhaustive()
+            }
+        }
+
+        #[::async_trait::async_trait]
+        impl $crate::verify::Verifier for $ty {
+            async fn verify(
+                &self,
+                payload: &$crate::proto::PaymentPayload,
+                requirements: &$crate::proto::v2::PaymentRequirements,
+            ) -> Result<$crate::verify::VerifiedPayment, $crate::verify::VerifyError> {
+                self.verify_sync(payload, requirements)
+            }
+        }
+    };
+}
+pub(crate) use in_process_verifier;
+
 /// The layer's default verifier: every scheme this crate verifies in-process on EVM chains,
-/// each by its own verifier, chosen by the requirement's `scheme` (the one place a scheme's
-/// verifier is picked): `exact` by [`ExactEvmVerifier`], `upto` by [`UptoEvmVerifier`].
+/// chosen by the requirement's `scheme` (the one place a scheme's verifier is picked):
+/// `exact` as [`ExactEvmVerifier`] does, `upto` as [`UptoEvmVerifier`] does, on one clock.
 ///
 /// ```
 /// use tower_x402::verify::EvmVerifier;
 /// use tower_x402::clock::FixedClock;
 /// let verifier = EvmVerifier::new().with_clock(FixedClock::new(1_700_000_000));
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct EvmVerifier {
     exact: ExactEvmVerifier,
-    upto: UptoEvmVerifier,
 }
 
+in_process_verifier!(EvmVerifier, exact.timing);
+
 impl EvmVerifier {
-    /// Both verifiers on the system clock with the default headroom and skew.
+    /// Both schemes on the system clock with the default headroom and skew.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Uses `clock` for every validity window.
-    #[must_use]
-    pub fn with_clock(self, clock: impl Clock) -> Self {
-        let clock = Arc::new(clock);
-        Self {
-            exact: self.exact.with_clock(clock.clone()),
-            upto: self.upto.with_clock(clock),
-        }
-    }
-
-    /// Requires a proof to stay valid `secs` more (default 6), so settlement lands in time.
-    #[must_use]
-    pub fn with_headroom(self, secs: u64) -> Self {
-        Self {
-            exact: self.exact.with_headroom(secs),
-            upto: self.upto.with_headroom(secs),
-        }
-    }
-
-    /// Tolerates `secs` of client clock skew above `now + maxTimeoutSeconds` (default 60).
-    #[must_use]
-    pub fn with_max_skew(self, secs: u64) -> Self {
-        Self {
-            exact: self.exact.with_max_skew(secs),
-            upto: self.upto.with_max_skew(secs),
-        }
     }
 
     /// The whole check, synchronously.
@@ -167,20 +211,9 @@ impl EvmVerifier {
         requirements: &PaymentRequirements,
     ) -> Result<VerifiedPayment, VerifyError> {
         match requirements.scheme.as_str() {
-            upto::SCHEME => self.upto.verify_sync(payload, requirements),
+            upto::SCHEME => upto::verify(payload, requirements, &self.exact.timing),
             _ => self.exact.verify_sync(payload, requirements),
         }
-    }
-}
-
-#[async_trait]
-impl Verifier for EvmVerifier {
-    async fn verify(
-        &self,
-        payload: &PaymentPayload,
-        requirements: &PaymentRequirements,
-    ) -> Result<VerifiedPayment, VerifyError> {
-        self.verify_sync(payload, requirements)
     }
 }
 

@@ -13,17 +13,15 @@
 //! whether the Permit2 nonce is used; [`OnchainSettler`](crate::settle::onchain) checks them
 //! before the handler runs.
 
-use std::sync::{Arc, LazyLock};
-
-use async_trait::async_trait;
+use std::sync::LazyLock;
 
 use alloy_primitives::{Address, B256, U256, address, keccak256};
 #[cfg(any(feature = "client", test))]
 use alloy_sol_types::Eip712Domain;
 
 use super::exact::recover_signer;
-use super::{VerifiedPayment, Verifier, VerifyError};
-use crate::clock::{Clock, SystemClock};
+use super::{VerifiedPayment, VerifyError};
+
 use crate::proto::upto::{Permit2Authorization, UptoEvmPayload};
 use crate::proto::{PaymentPayload, v2::PaymentRequirements};
 
@@ -307,58 +305,18 @@ pub(crate) fn unverified(
 /// use tower_x402::clock::FixedClock;
 /// let verifier = UptoEvmVerifier::new().with_clock(FixedClock::new(1_700_000_000));
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct UptoEvmVerifier {
-    clock: Arc<dyn Clock>,
-    headroom: u64,
-    max_skew: u64,
+    timing: super::Timing,
 }
 
-impl std::fmt::Debug for UptoEvmVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UptoEvmVerifier")
-            .field("headroom", &self.headroom)
-            .field("max_skew", &self.max_skew)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for UptoEvmVerifier {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+super::in_process_verifier!(UptoEvmVerifier, timing);
 
 impl UptoEvmVerifier {
     /// A verifier on the system clock with the default headroom and skew (those of
     /// [`ExactEvmVerifier`](super::ExactEvmVerifier)).
     pub fn new() -> Self {
-        Self {
-            clock: Arc::new(SystemClock),
-            headroom: super::ExactEvmVerifier::DEFAULT_HEADROOM,
-            max_skew: super::ExactEvmVerifier::DEFAULT_MAX_SKEW,
-        }
-    }
-
-    /// Uses `clock` for validity windows.
-    #[must_use]
-    pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
-
-    /// Requires `deadline >= now + secs` (default 6).
-    #[must_use]
-    pub fn with_headroom(mut self, secs: u64) -> Self {
-        self.headroom = secs;
-        self
-    }
-
-    /// Accepts a deadline up to `now + maxTimeoutSeconds + secs` (default 60).
-    #[must_use]
-    pub fn with_max_skew(mut self, secs: u64) -> Self {
-        self.max_skew = secs;
-        self
+        Self::default()
     }
 
     /// The whole check, synchronously.
@@ -367,29 +325,17 @@ impl UptoEvmVerifier {
         payload: &PaymentPayload,
         req: &PaymentRequirements,
     ) -> Result<VerifiedPayment, VerifyError> {
-        verify(payload, req, self.clock.now(), self.headroom, self.max_skew)
+        verify(payload, req, &self.timing)
     }
 }
 
-#[async_trait]
-impl Verifier for UptoEvmVerifier {
-    async fn verify(
-        &self,
-        payload: &PaymentPayload,
-        requirements: &PaymentRequirements,
-    ) -> Result<VerifiedPayment, VerifyError> {
-        self.verify_sync(payload, requirements)
-    }
-}
-
-/// Verifies an `upto` payment at time `now`; see the [module docs](self).
-fn verify(
+/// Verifies an `upto` payment in `timing`'s window; see the [module docs](self).
+pub(super) fn verify(
     payload: &PaymentPayload,
     req: &PaymentRequirements,
-    now: u64,
-    headroom: u64,
-    max_skew: u64,
+    timing: &super::Timing,
 ) -> Result<VerifiedPayment, VerifyError> {
+    let (now, headroom, max_skew) = (timing.clock.now(), timing.headroom, timing.max_skew);
     let upto = naming(payload, req)?;
     let permit = &upto.permit2_authorization;
     if permit.deadline < U256::from(now.saturating_add(headroom)) {
