@@ -5,9 +5,9 @@ use http::HeaderMap;
 use crate::challenge::Binding;
 use crate::config::Shared;
 use crate::option::PaymentOption;
-use crate::proto::PaymentPayload;
 use crate::proto::exact::ExactEvmPayload;
 use crate::proto::header;
+use crate::proto::{PaymentPayload, v1};
 use crate::rejection::{Rejection, reason};
 use crate::response::Resource;
 
@@ -67,27 +67,25 @@ pub(super) fn select<'a>(
                 keys.check_echo(a, &binding).map_err(|e| pay(e.reason()))?;
             }
         }
-        // v1 echoes only scheme and network: narrow by what the authorization pays. Options
-        // that differ only by token are told apart by the signature's domain (verify each).
-        // If none matches, the first one's verification gives the precise reason.
-        PaymentPayload::V1(p) => {
-            if let Ok(exact) = serde_json::from_str::<ExactEvmPayload>(p.payload.get()) {
-                let a = &exact.authorization;
-                let paying: Vec<_> = candidates
-                    .iter()
-                    .copied()
-                    .filter(|o| {
-                        o.requirements().pay_to == a.to && o.requirements().amount == a.value
-                    })
-                    .collect();
-                if !paying.is_empty() {
-                    candidates = paying;
-                }
-            }
-            candidates.truncate(MAX_V1_CANDIDATES);
-        }
+        PaymentPayload::V1(p) => narrow_v1(&mut candidates, p),
     }
     Ok(candidates)
+}
+
+/// v1 echoes only scheme and network: narrow by what the authorization pays. Options that
+/// differ only by token are told apart by the signature's domain (verify each). If none
+/// matches, the first one's verification gives the precise reason.
+fn narrow_v1(candidates: &mut Vec<&PaymentOption>, payload: &v1::PaymentPayload) {
+    if let Ok(exact) = serde_json::from_str::<ExactEvmPayload>(payload.payload.get()) {
+        let a = &exact.authorization;
+        let pays = |o: &&&PaymentOption| {
+            o.requirements().pay_to == a.to && o.requirements().amount == a.value
+        };
+        if candidates.iter().any(|o| pays(&o)) {
+            candidates.retain(|o| pays(&o));
+        }
+    }
+    candidates.truncate(MAX_V1_CANDIDATES);
 }
 
 /// Bound on signature checks one v1 proof can cost.
