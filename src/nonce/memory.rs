@@ -311,6 +311,7 @@ mod tests {
             assert!(full > 0 && s.len() <= s.capacity());
             clock.set(10);
             for i in 10_000..20_000 {
+                // Filling the store: past its capacity a reserve may be refused, by design.
                 let _ = s.reserve(&key(i), 20).await;
             }
             assert!(s.len() <= s.capacity(), "expired entries were evicted");

@@ -640,6 +640,7 @@ mod tests {
     fn dir(name: &str) -> PathBuf {
         let d =
             std::env::temp_dir().join(format!("tower-x402-journal-{name}-{}", std::process::id()));
+        // A leftover of an earlier run, if any; absent is fine.
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d

@@ -397,6 +397,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_panicking_round_does_not_stop_the_worker() {
         let dir = std::env::temp_dir().join(format!("tower-x402-worker-{}", std::process::id()));
+        // A leftover of an earlier run, if any; absent is fine.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let batch = Arc::new(PanicsOnce::default());
