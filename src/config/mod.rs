@@ -1,0 +1,50 @@
+//! What a built layer holds, shared by every service clone: read per request by the service
+//! and the responses it writes. The builder (`layer`) fills it; nothing here knows the builder
+//! or the service, so the request path imports configuration, never the other way round.
+//! Each concern has its module: [`pricing`] (what a request costs), [`idempotency`]
+//! (idempotent retries as one sub-config), [`inflight`] (the verification concurrency cap).
+
+mod idempotency;
+mod inflight;
+mod pricing;
+
+pub use idempotency::Idempotency;
+pub(crate) use inflight::Inflight;
+pub(crate) use pricing::Pricing;
+pub use pricing::PricingFn;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::challenge::ChallengeKeys;
+use crate::hooks::PaymentHooks;
+use crate::nonce::NonceStore;
+use crate::settle::{SettlementMode, Settler};
+use crate::verify::Verifier;
+
+/// What a layer needs per request; shared by every service clone (one refcount per call).
+pub(crate) struct Shared {
+    pub(crate) verifier: Arc<dyn Verifier>,
+    pub(crate) store: Arc<dyn NonceStore>,
+    pub(crate) settler: Arc<dyn Settler>,
+    pub(crate) mode: SettlementMode,
+    pub(crate) pricing: Pricing,
+    pub(crate) resource_base: Option<String>,
+    pub(crate) description: Option<String>,
+    pub(crate) mime_type: Option<String>,
+    pub(crate) max_header_bytes: usize,
+    pub(crate) expose_headers: bool,
+    pub(crate) retry_after: Duration,
+    pub(crate) accept_v1: bool,
+    pub(crate) accept_v2: bool,
+    pub(crate) hooks: Arc<[Arc<dyn PaymentHooks>]>,
+    pub(crate) inflight: Option<Inflight>,
+    pub(crate) challenges: Option<ChallengeKeys>,
+    pub(crate) idempotency: Option<Idempotency>,
+    /// `extensions` of the v2 challenge (`None` when no extension is offered).
+    pub(crate) extensions: Option<Map<String, Value>>,
+    /// Prepaid bundles and sign-in (see [`crate::prepaid`]).
+    pub(crate) prepaid: Option<crate::prepaid::State>,
+}
