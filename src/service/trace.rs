@@ -187,9 +187,15 @@ mod tests {
         };
         let (level, msg) = find("reason=test_only_refusal");
         assert_eq!(level, log::Level::Debug);
-        assert!(msg.contains("stage=Verify") && msg.contains("status=402"), "{msg}");
+        assert!(
+            msg.contains("stage=Verify") && msg.contains("status=402"),
+            "{msg}"
+        );
         let (level, msg) = find("reason=test_only_outage");
         assert_eq!(level, log::Level::Warn);
-        assert!(msg.contains("status=503") && msg.contains("store down"), "{msg}");
+        assert!(
+            msg.contains("status=503") && msg.contains("store down"),
+            "{msg}"
+        );
     }
 }
