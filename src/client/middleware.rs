@@ -1,7 +1,7 @@
 //! [`PayingMiddleware`]: the paying client as a `reqwest-middleware` middleware.
 //!
-//! The middleware runs the very flow of [`PayingLayer`]: the same [`Policy`](super::Policy),
-//! [`Budget`](super::Budget), [`RetryPolicy`](super::RetryPolicy), failure table and
+//! The middleware runs the very flow of [`PayingLayer`]: the same [`Policy`], [`Budget`],
+//! [`RetryPolicy`](super::RetryPolicy), failure table and
 //! [`PaymentReport`](super::PaymentReport). It adapts the rest of the middleware chain into a
 //! tower service and hands it to that flow, so the two clients cannot drift apart.
 //!
@@ -37,7 +37,7 @@
 //! ## Bodies
 //!
 //! A paid call sends the request again, so its body must be replayable: bytes, a string, JSON
-//! or a form are. A streaming body ([`reqwest::Body::wrap_stream`]) cannot be sent twice: such
+//! or a form are. A streaming body (`reqwest::Body::wrap_stream`) cannot be sent twice: such
 //! a request goes through unchanged and a 402 comes back to the caller unpaid.
 //!
 //! Each attempt gets a copy of the request's [`Extensions`], so values inner middlewares add

@@ -12,7 +12,7 @@
 //!    its nonce, takes one call from the ledger and runs the handler, with no payment and no
 //!    settlement. The handler finds a [`SignedIn`] in the request extensions. EOA signatures
 //!    are recovered in-process; smart wallets (ERC-1271, and ERC-6492 for wallets not deployed
-//!    yet) sign in when [`Prepaid::contract_signatures`] is set (e.g. [`ProviderSignatures`][wallets::ProviderSignatures]
+//!    yet) sign in when [`Prepaid::contract_signatures`] is set (e.g. [`ProviderSignatures`]
 //!    with the `onchain` feature), which asks the chain (see [`siwx`] and [`wallets`]).
 //! 4. No credit left, or credit expired: 402 again (`prepaid_credit_exhausted`,
 //!    `prepaid_credit_expired`) with a fresh challenge, to buy another bundle.
@@ -88,7 +88,7 @@
 //!
 #![cfg_attr(
     not(feature = "onchain"),
-    doc = "[wallets::ProviderSignatures]: https://docs.rs/tower-x402/latest/tower_x402/prepaid/wallets/struct.ProviderSignatures.html"
+    doc = "[`ProviderSignatures`]: https://docs.rs/tower-x402/latest/tower_x402/prepaid/wallets/struct.ProviderSignatures.html"
 )]
 
 pub mod ledger;
@@ -245,14 +245,14 @@ impl Prepaid {
 
     /// Lets smart wallets sign in: signatures that do not recover in-process to the claimed
     /// address (ERC-1271, ERC-6492) are checked by `checker`, which asks the chain (e.g.
-    /// [`ProviderSignatures`][wallets::ProviderSignatures] with the `onchain` feature). Default: none, EOA signatures only.
+    /// [`ProviderSignatures`] with the `onchain` feature). Default: none, EOA signatures only.
     ///
     /// Each such sign-in costs one chain call before the handler runs; a chain failure is
     /// answered 503 with `Retry-After` and leaves the message usable.
     ///
     #[cfg_attr(
         not(feature = "onchain"),
-        doc = "[wallets::ProviderSignatures]: https://docs.rs/tower-x402/latest/tower_x402/prepaid/wallets/struct.ProviderSignatures.html"
+        doc = "[`ProviderSignatures`]: https://docs.rs/tower-x402/latest/tower_x402/prepaid/wallets/struct.ProviderSignatures.html"
     )]
     pub fn contract_signatures(mut self, checker: impl ContractSignatures) -> Self {
         self.contracts = Some(Arc::new(checker));
