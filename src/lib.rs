@@ -271,7 +271,7 @@ pub use rejection::PaymentRejection;
 pub use service::Payment;
 pub use verify::{EvmVerifier, ExactEvmVerifier, Proof, VerifiedPayment, Verifier};
 
-// The README's gRPC section needs the `tonic` feature (scripts/test runs with all features).
-#[cfg(all(doctest, feature = "tonic"))]
+// The README's gRPC section needs tonic's server (`dev-heavy`; scripts/test runs with all features).
+#[cfg(all(doctest, feature = "dev-heavy"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
