@@ -245,6 +245,26 @@ async fn the_budget_refuses_before_signing() {
 }
 
 #[tokio::test]
+async fn a_streaming_body_is_not_paid() {
+    // A body that cannot be sent twice: the 402 comes back as it is, nothing signed.
+    let hits = Hits::new();
+    let (addr, _server) = common::serve(server(&hits)).await;
+    let signer = Counting::new();
+    let client = client(PayingLayer::new(signer.clone(), policy()).clock(clock()));
+    let res = client
+        .post(format!("http://{addr}/echo"))
+        .body(reqwest::Body::wrap(String::from("order #42")))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(res.status(), StatusCode::PAYMENT_REQUIRED);
+    assert!(res.headers().contains_key(PAYMENT_REQUIRED));
+    assert!(res.extensions().get::<PaymentReport>().is_none());
+    assert_eq!(signer.signatures(), 0);
+    assert_eq!(hits.get(), 0);
+}
+
+#[tokio::test]
 async fn errors_below_the_middleware_come_back_unchanged() {
     // Nothing listens on port 9 of loopback: reqwest's own connect error, nothing paid.
     let signer = Counting::new();

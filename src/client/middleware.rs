@@ -115,16 +115,16 @@ impl<Sg: Signer + Send + Sync + 'static> Middleware for PayingMiddleware<Sg> {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
-        let req = match replayable(req) {
-            Ok(req) => req,
+        let mut req = req;
+        let Some(replay) = replayable(&mut req) else {
             // A streaming body cannot be sent twice: no payment, the answer as it comes.
-            Err(req) => return next.run(req, extensions).await,
+            return next.run(req, extensions).await;
         };
         let svc = Chain {
             next,
             extensions: extensions.clone(),
         };
-        match flow::run(self.shared.clone(), svc, req).await {
+        match flow::run(self.shared.clone(), svc, replay).await {
             Ok(res) => {
                 let (mut parts, body) = res.into_parts();
                 // Keep the final URL (after redirects) that `reqwest::Response::url` reports.
@@ -158,14 +158,12 @@ struct Replay {
     body: Option<Bytes>,
 }
 
-/// The request as the flow takes it; `Err(req)` back, untouched, when its body is a stream.
-fn replayable(mut req: reqwest::Request) -> Result<http::Request<Replay>, reqwest::Request> {
+/// The request as the flow takes it (its headers moved out of `req`); `None`, `req`
+/// untouched, when its body is a stream.
+fn replayable(req: &mut reqwest::Request) -> Option<http::Request<Replay>> {
     let body = match req.body() {
         None => None,
-        Some(b) => match b.as_bytes() {
-            Some(bytes) => Some(Bytes::copy_from_slice(bytes)),
-            None => return Err(req),
-        },
+        Some(b) => Some(Bytes::copy_from_slice(b.as_bytes()?)),
     };
     let replay = Replay {
         url: req.url().clone(),
@@ -176,7 +174,7 @@ fn replayable(mut req: reqwest::Request) -> Result<http::Request<Replay>, reqwes
     *out.method_mut() = req.method().clone();
     *out.version_mut() = req.version();
     *out.headers_mut() = std::mem::take(req.headers_mut());
-    Ok(out)
+    Some(out)
 }
 
 /// The final URL of an attempt's response, carried through the flow.
