@@ -111,11 +111,10 @@ impl<Sg> From<PayingLayer<Sg>> for PayingMiddleware<Sg> {
 impl<Sg: Signer + Send + Sync + 'static> Middleware for PayingMiddleware<Sg> {
     async fn handle(
         &self,
-        req: reqwest::Request,
+        mut req: reqwest::Request,
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
-        let mut req = req;
         let Some(replay) = replayable(&mut req) else {
             // A streaming body cannot be sent twice: no payment, the answer as it comes.
             return next.run(req, extensions).await;
