@@ -205,7 +205,7 @@ impl ExactEvmVerifier {
         Self::default()
     }
 
-    /// The whole check, synchronously. [`Verifier::verify`] calls this.
+    /// The whole check, synchronously. [`Verifier::verify`](crate::Verifier::verify) calls this.
     pub fn verify_sync(
         &self,
         payload: &PaymentPayload,

@@ -78,6 +78,11 @@
 //! worker settles, and concurrent first requests of one payer are checked against the same
 //! balance. Such payments end `failed` in the outcome hook.
 //!
+//!
+#![cfg_attr(
+    not(feature = "test-util"),
+    doc = "[`JournalFaults`]: https://docs.rs/tower-x402/latest/tower_x402/settle/deferred/struct.JournalFaults.html"
+)]
 #![cfg_attr(
     not(feature = "onchain"),
     doc = "[super::onchain::OnchainSettler]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/struct.OnchainSettler.html"
