@@ -1,6 +1,6 @@
 //! Cost of each step of the paid path, and the whole in-process verification.
 //!
-//! `cargo bench --bench verify --features test-util`. Targets (issue 3): full verification
+//! `cargo bench --bench verify --features test-util,dev-heavy`. Targets (issue 3): full verification
 //! ≤ 1.15 × one signature recovery (the physical floor), nonce claim ≤ 1 µs. `upto_*`: the
 //! same for a Permit2 `upto` proof (its digest takes six keccaks to `exact`'s two).
 

@@ -1,8 +1,8 @@
 //! A paid gRPC method on tonic, and a demo client that pays it.
 //!
 //! ```sh
-//! cargo run --example grpc --features tonic,test-util              # serve, call unpaid, pay, replay, exit
-//! cargo run --example grpc --features tonic,test-util -- --serve   # keep serving (port 50051)
+//! cargo run --example grpc --features tonic,test-util,dev-heavy              # serve, call unpaid, pay, replay, exit
+//! cargo run --example grpc --features tonic,test-util,dev-heavy -- --serve   # keep serving (port 50051)
 //! ```
 //!
 //! `weather.Weather/Forecast` costs $0.001 in Base Sepolia USDC, checked in-process

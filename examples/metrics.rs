@@ -1,8 +1,8 @@
 //! Payment metrics on a Prometheus `/metrics` endpoint, next to a paid route.
 //!
 //! ```sh
-//! cargo run --example metrics --features axum,metrics,test-util              # self-demo, then exit
-//! cargo run --example metrics --features axum,metrics,test-util -- --serve   # keep serving (port 4023)
+//! cargo run --example metrics --features axum,metrics,test-util,dev-heavy              # self-demo, then exit
+//! cargo run --example metrics --features axum,metrics,test-util,dev-heavy -- --serve   # keep serving (port 4023)
 //! ```
 //!
 //! The demo serves on a free port, sends one unpaid and one paid request (signed with the

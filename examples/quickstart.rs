@@ -41,7 +41,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
-use tower_x402::primitives::address;
+use tower_x402::primitives::{U256, address};
 use tower_x402::proto::X402Version;
 use tower_x402::proto::v2::PaymentRequired;
 use tower_x402::settle::{SettlementMode, Settler};
@@ -222,8 +222,13 @@ async fn demo(addr: SocketAddr, onchain: bool) -> Result<(), Box<dyn std::error:
     let challenge = decode_challenge(&parts.headers)?;
     let req = challenge.accepts.first().ok_or("empty accepts")?.clone();
     println!(
-        "   {} — pay {} atomic units of {} on {} to {}",
-        parts.status, req.amount, req.asset, req.network, req.pay_to
+        "   {} — pay {} ({} atomic units of {} on {}) to {}",
+        parts.status,
+        human_price(&req),
+        req.amount,
+        req.asset,
+        req.network,
+        req.pay_to
     );
 
     println!("\n2. sign an EIP-3009 authorization (demo key) and retry with PAYMENT-SIGNATURE");
@@ -239,6 +244,12 @@ async fn demo(addr: SocketAddr, onchain: bool) -> Result<(), Box<dyn std::error:
         "   receipt: {}",
         String::from_utf8_lossy(&b64.decode(receipt)?)
     );
+    if !onchain {
+        println!(
+            "   (its `transaction` is empty: verify-only mode checks the signature and claims the\n    \
+             nonce, but sends nothing on-chain; run with --rpc-url to settle for real)"
+        );
+    }
     if parts.status != http::StatusCode::OK {
         return Err("payment was not accepted".into());
     }
@@ -260,6 +271,27 @@ async fn demo(addr: SocketAddr, onchain: bool) -> Result<(), Box<dyn std::error:
         );
     }
     Ok(())
+}
+
+/// The price as a person reads it, e.g. `$0.001 USDC on Base Sepolia`, for the USDC presets;
+/// other tokens in atomic units with the chain's name.
+fn human_price(req: &tower_x402::proto::v2::PaymentRequirements) -> String {
+    let network = match req.network {
+        Network::BASE => "Base".to_owned(),
+        Network::BASE_SEPOLIA => "Base Sepolia".to_owned(),
+        other => other.caip2(),
+    };
+    match tower_x402::Asset::usdc(req.network).filter(|usdc| usdc.address == req.asset) {
+        Some(usdc) => {
+            let unit = U256::from(10u64).pow(U256::from(usdc.decimals));
+            let (whole, frac) = (req.amount / unit, req.amount % unit);
+            let frac = format!("{frac:0>width$}", width = usize::from(usdc.decimals));
+            let frac = frac.trim_end_matches('0');
+            let dot = if frac.is_empty() { "" } else { "." };
+            format!("${whole}{dot}{frac} USDC on {network}")
+        }
+        None => format!("{} units of {} on {network}", req.amount, req.asset),
+    }
 }
 
 /// The v2 challenge from a 402's `PAYMENT-REQUIRED` header.

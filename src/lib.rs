@@ -146,6 +146,7 @@
 //! |---|---|
 //! | `axum` | [`VerifiedPayment`] and [`upto::Usage`] extractors |
 //! | `client` | [`client::PayingLayer`]: pay 402 challenges from any tower HTTP client with an alloy `Signer` |
+//! | `reqwest` | [`client::PayingMiddleware`]: the same paying client as a `reqwest-middleware` middleware (implies `client`) |
 //! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances; `RedisIdempotencyStore` and [`prepaid::RedisCreditLedger`] for idempotent retries and prepaid credit across instances |
 //! | `tonic` | [`grpc`]: refusals as trailers-only gRPC statuses, for tonic servers ([`PaymentLayer::grpc`]) |
 //! | `facilitator` | [`facilitator::FacilitatorClient`]: verify and settle through a remote x402 facilitator (HTTP, rustls) |
@@ -158,6 +159,55 @@
 //! MSRV: Rust 1.94.1. Examples: `examples/README.md` in the repository.
 //!
 //! [tower]: https://docs.rs/tower
+// Items of a feature that is off link to docs.rs (with it on, the intra-doc links resolve).
+#![cfg_attr(
+    not(feature = "client"),
+    doc = "[`client::PayingLayer`]: https://docs.rs/tower-x402/latest/tower_x402/client/struct.PayingLayer.html"
+)]
+#![cfg_attr(
+    not(feature = "reqwest"),
+    doc = "[`client::PayingMiddleware`]: https://docs.rs/tower-x402/latest/tower_x402/client/middleware/struct.PayingMiddleware.html"
+)]
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "[`nonce::RedisNonceStore`]: https://docs.rs/tower-x402/latest/tower_x402/nonce/struct.RedisNonceStore.html"
+)]
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "[`prepaid::RedisCreditLedger`]: https://docs.rs/tower-x402/latest/tower_x402/prepaid/struct.RedisCreditLedger.html"
+)]
+#![cfg_attr(
+    not(feature = "tonic"),
+    doc = "[`grpc`]: https://docs.rs/tower-x402/latest/tower_x402/grpc/index.html"
+)]
+#![cfg_attr(
+    not(feature = "tonic"),
+    doc = "[`PaymentLayer::grpc`]: https://docs.rs/tower-x402/latest/tower_x402/struct.PaymentLayer.html#method.grpc"
+)]
+#![cfg_attr(
+    not(feature = "facilitator"),
+    doc = "[`facilitator::FacilitatorClient`]: https://docs.rs/tower-x402/latest/tower_x402/facilitator/struct.FacilitatorClient.html"
+)]
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[`settle::onchain`]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/index.html"
+)]
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[`prepaid::wallets::ProviderSignatures`]: https://docs.rs/tower-x402/latest/tower_x402/prepaid/wallets/struct.ProviderSignatures.html"
+)]
+#![cfg_attr(
+    not(feature = "deferred"),
+    doc = "[`settle::deferred`]: https://docs.rs/tower-x402/latest/tower_x402/settle/deferred/index.html"
+)]
+#![cfg_attr(
+    not(feature = "metrics"),
+    doc = "[`metrics::PaymentMetrics`]: https://docs.rs/tower-x402/latest/tower_x402/metrics/struct.PaymentMetrics.html"
+)]
+#![cfg_attr(
+    not(feature = "test-util"),
+    doc = "[`test_util`]: https://docs.rs/tower-x402/latest/tower_x402/test_util/index.html"
+)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
 #![warn(clippy::unwrap_used)]
@@ -221,7 +271,7 @@ pub use rejection::PaymentRejection;
 pub use service::Payment;
 pub use verify::{EvmVerifier, ExactEvmVerifier, Proof, VerifiedPayment, Verifier};
 
-// The README's gRPC section needs the `tonic` feature (scripts/test runs with all features).
-#[cfg(all(doctest, feature = "tonic"))]
+// The README's gRPC section needs tonic's server (`dev-heavy`; scripts/test runs with all features).
+#[cfg(all(doctest, feature = "dev-heavy"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

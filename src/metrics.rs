@@ -48,13 +48,23 @@
 //!
 //! * A [`Settlement`] does not carry gas, so gas is not a per-payment metric: with the
 //!   `onchain` feature, call [`PaymentMetrics::record_onchain`] with
-//!   [`OnchainSettler::stats`](crate::settle::onchain::OnchainSettler::stats) (for instance
+//!   [`OnchainSettler::stats`][crate::settle::onchain::OnchainSettler::stats] (for instance
 //!   when `/metrics` is scraped). A facilitator pays its own gas.
 //! * The hooks see the time of successful verifications and settlements only, so the
 //!   histograms leave refused proofs out.
 //! * Amounts are `u64` counters: a single payment above `u64::MAX` atomic units (1.8 × 10¹³
 //!   USDC) is counted as `u64::MAX`. Prometheus stores counters as `f64`, exact up to 2⁵³
 //!   atomic units in total (9 × 10⁹ USDC).
+//!
+//!
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[crate::settle::onchain::OnchainSettler::stats]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/struct.OnchainSettler.html#method.stats"
+)]
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[`PaymentMetrics::record_onchain`]: https://docs.rs/tower-x402/latest/tower_x402/metrics/struct.PaymentMetrics.html#method.record_onchain"
+)]
 
 use std::time::Duration;
 

@@ -78,7 +78,7 @@ impl PaymentOption {
     /// through [`crate::upto::Usage`], and the layer settles that much (or nothing) once.
     ///
     /// `facilitator` is the account that sends the settlement transaction, e.g.
-    /// [`OnchainSettler::relayer`](crate::settle::onchain::OnchainSettler::relayer): the
+    /// [`OnchainSettler::relayer`][crate::settle::onchain::OnchainSettler::relayer]: the
     /// payer signs it into the permit, and the upto proxy refuses any other sender. The payer
     /// must have approved Permit2 for `asset` beforehand (a one-time ERC-20 `approve`).
     ///
@@ -98,6 +98,11 @@ impl PaymentOption {
     ///
     /// # Errors
     /// As [`PaymentOption::exact`]; also a zero `facilitator`.
+    ///
+    #[cfg_attr(
+        not(feature = "onchain"),
+        doc = "[crate::settle::onchain::OnchainSettler::relayer]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/struct.OnchainSettler.html#method.relayer"
+    )]
     pub fn upto(
         asset: &Asset,
         max_price: &str,

@@ -1,9 +1,14 @@
 //! The one catalogue of reason codes: every `error` / `invalidReason` / `errorReason` string
 //! this crate sends or passes through, as a typed [`Reason`].
 //!
-//! Re-exported as [`crate::rejection::reason`]. The constants below (and those of [`settle::onchain::reason`](crate::settle::onchain),
+//! Re-exported as [`crate::rejection::reason`]. The constants below (and those of [`settle::onchain::reason`][crate::settle::onchain::reason],
 //! [`verify::upto::reason`](crate::verify::upto::reason), the prepaid and sign-in modules) are
 //! names for its variants, kept so that code reads as the table in [`crate::rejection`] does.
+//!
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[crate::settle::onchain::reason]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/reason/index.html"
+)]
 
 use std::borrow::Cow;
 use std::fmt;

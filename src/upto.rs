@@ -39,7 +39,12 @@
 //!
 //! The verification checks are in [`crate::verify::upto`]; the on-chain settlement (through
 //! the x402 upto Permit2 proxy, from the account named in the option) in
-//! [`OnchainSettler`](crate::settle::onchain::OnchainSettler).
+//! [`OnchainSettler`][crate::settle::onchain::OnchainSettler].
+//!
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[crate::settle::onchain::OnchainSettler]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/struct.OnchainSettler.html"
+)]
 
 use std::sync::{Arc, Mutex, PoisonError};
 

@@ -406,7 +406,7 @@ fn kept_fuzz_inputs_pass() {
     assert!(seen >= 10, "the seeds are missing: {seen} kept inputs");
 }
 
-/// Writes the seed inputs of the fuzz targets (`cargo test --test proptest -- --ignored`):
+/// Writes the seed inputs of the fuzz targets (`cargo test --features dev-heavy --test proptest -- --ignored`):
 /// valid documents and headers, so the fuzzer starts next to the paths that pay.
 #[test]
 #[ignore = "writes fuzz/seeds/; run by hand when the message formats change"]

@@ -13,6 +13,11 @@ use crate::verify::BoxError;
 /// [`Refusal::InsufficientBalance`](super::Refusal::InsufficientBalance) before anything is
 /// signed. With the `onchain` feature, [`ProviderBalance`] reads `balanceOf` through an alloy
 /// provider.
+///
+#[cfg_attr(
+    not(feature = "onchain"),
+    doc = "[`ProviderBalance`]: https://docs.rs/tower-x402/latest/tower_x402/client/struct.ProviderBalance.html"
+)]
 #[async_trait]
 pub trait BalanceSource: Send + Sync + 'static {
     /// The balance of `owner` in the token `asset` on `network`; `Ok(None)` when this source

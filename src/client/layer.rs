@@ -107,20 +107,27 @@ impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
     }
 }
 
+impl<Sg> PayingLayer<Sg> {
+    /// The configuration every call of a built client shares.
+    pub(crate) fn shared(&self) -> Shared<Sg> {
+        Shared {
+            signer: self.signer.clone(),
+            policy: self.policy.clone(),
+            retry: self.retry.clone(),
+            clock: self.clock.clone(),
+            balance: self.balance.clone(),
+            only_version: self.only_version,
+        }
+    }
+}
+
 impl<S, Sg> Layer<S> for PayingLayer<Sg> {
     type Service = Paying<S, Sg>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Paying {
             inner,
-            shared: Arc::new(Shared {
-                signer: self.signer.clone(),
-                policy: self.policy.clone(),
-                retry: self.retry.clone(),
-                clock: self.clock.clone(),
-                balance: self.balance.clone(),
-                only_version: self.only_version,
-            }),
+            shared: Arc::new(self.shared()),
         }
     }
 }

@@ -94,6 +94,9 @@ mod challenge;
 mod error;
 mod flow;
 mod layer;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod middleware;
 mod policy;
 mod retry;
 mod signer;
@@ -106,6 +109,9 @@ pub use balance::BalanceSource;
 pub use balance::ProviderBalance;
 pub use error::{ChallengeError, Error, Refusals};
 pub use layer::{Paying, PayingLayer, ResponseFuture};
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub use middleware::PayingMiddleware;
 pub use policy::{Budget, Policy, Refusal};
 pub use retry::RetryPolicy;
 

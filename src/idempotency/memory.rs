@@ -33,7 +33,7 @@ struct Shard {
 
 /// An [`IdempotencyStore`] in process memory: right for one instance, or for tests.
 /// Instances behind a load balancer need a shared store
-/// ([`RedisIdempotencyStore`](super::RedisIdempotencyStore)).
+/// ([`RedisIdempotencyStore`][super::RedisIdempotencyStore]).
 ///
 /// Bounded twice: at most `capacity` live ids (a full store answers `begin` with
 /// [`StoreError::Full`], so the layer fails closed with 503) and at most `max_bytes` of stored
@@ -61,7 +61,12 @@ struct Shard {
 /// assert!(matches!(store.begin(&key, fp, far).await.unwrap(), Begin::Started(_)));
 /// # });
 /// ```
+///
 #[derive(Clone)]
+#[cfg_attr(
+    not(feature = "redis"),
+    doc = "[super::RedisIdempotencyStore]: https://docs.rs/tower-x402/latest/tower_x402/idempotency/struct.RedisIdempotencyStore.html"
+)]
 pub struct MemoryIdempotencyStore {
     inner: Arc<Inner>,
     max_ttl: u64,

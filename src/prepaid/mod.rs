@@ -85,6 +85,11 @@
 //!     .build()
 //!     .unwrap();
 //! ```
+//!
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[`ProviderSignatures`]: https://docs.rs/tower-x402/latest/tower_x402/prepaid/wallets/struct.ProviderSignatures.html"
+)]
 
 pub mod ledger;
 #[cfg(feature = "redis")]
@@ -244,6 +249,11 @@ impl Prepaid {
     ///
     /// Each such sign-in costs one chain call before the handler runs; a chain failure is
     /// answered 503 with `Retry-After` and leaves the message usable.
+    ///
+    #[cfg_attr(
+        not(feature = "onchain"),
+        doc = "[`ProviderSignatures`]: https://docs.rs/tower-x402/latest/tower_x402/prepaid/wallets/struct.ProviderSignatures.html"
+    )]
     pub fn contract_signatures(mut self, checker: impl ContractSignatures) -> Self {
         self.contracts = Some(Arc::new(checker));
         self

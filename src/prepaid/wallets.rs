@@ -11,6 +11,11 @@
 //! ERC-6492 universal validator ([`ERC6492_VALIDATOR_BYTECODE`]) per check: it deploys an
 //! undeployed wallet through its factory inside the call (nothing is sent), asks
 //! `isValidSignature` of any contract, and falls back to `ecrecover` for plain accounts.
+//!
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[`ProviderSignatures`]: https://docs.rs/tower-x402/latest/tower_x402/prepaid/wallets/struct.ProviderSignatures.html"
+)]
 
 use alloy_primitives::{Address, B256, Bytes, hex};
 use alloy_sol_types::{SolType, sol_data};

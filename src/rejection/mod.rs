@@ -17,9 +17,9 @@
 //! | network not offered by this route | 402 | `invalid_network` | no | pay again with an offered option |
 //! | echoed requirements (asset, payTo, amount) not offered by this route | 402 | `invalid_payment_requirements` | no | pay again with an offered option |
 //! | proof does not verify ([`VerifyError::reason`](crate::verify::VerifyError::reason)) | 402 | `invalid_exact_evm_scheme`, `invalid_exact_evm_network_mismatch`, `invalid_exact_evm_missing_eip712_domain`, `invalid_exact_evm_recipient_mismatch`, `invalid_exact_evm_authorization_value`, `invalid_exact_evm_payload_authorization_valid_after`, `invalid_exact_evm_payload_authorization_valid_before`, `invalid_exact_evm_signature` | no | sign a new, correct proof |
-//! | a remote verifier (facilitator) refuses the proof | 402 | its code when it is one of [`KNOWN`](crate::facilitator::wire::reason::KNOWN), else `facilitator_rejected` | no | sign a new, correct proof |
+//! | a remote verifier (facilitator) refuses the proof | 402 | its code when it is one of [`KNOWN`][crate::facilitator::wire::reason::KNOWN], else `facilitator_rejected` | no | sign a new, correct proof |
 //! | proof already used, or in use by a concurrent request | 402 | `invalid_exact_evm_nonce_already_used` | no | sign a new proof |
-//! | the settler refuses: in its pre-check (handler not run), or at settlement (handler ran, its body withheld, failed receipt) | 402 | `insufficient_funds`, `invalid_exact_evm_insufficient_balance`, `invalid_exact_evm_nonce_already_used`, `invalid_exact_evm_payload_authorization_valid_before`, `invalid_exact_evm_payload_authorization_valid_after`, `invalid_exact_evm_signature`, `invalid_exact_evm_transaction_failed`, `invalid_network` ([`onchain::reason`](crate::settle::onchain::reason)); a facilitator's [`KNOWN`](crate::facilitator::wire::reason::KNOWN) code | no | fix the cause (e.g. top up), sign a new proof |
+//! | the settler refuses: in its pre-check (handler not run), or at settlement (handler ran, its body withheld, failed receipt) | 402 | `insufficient_funds`, `invalid_exact_evm_insufficient_balance`, `invalid_exact_evm_nonce_already_used`, `invalid_exact_evm_payload_authorization_valid_before`, `invalid_exact_evm_payload_authorization_valid_after`, `invalid_exact_evm_signature`, `invalid_exact_evm_transaction_failed`, `invalid_network` ([`onchain::reason`][crate::settle::onchain::reason]); a facilitator's [`KNOWN`][crate::facilitator::wire::reason::KNOWN] code | no | fix the cause (e.g. top up), sign a new proof |
 //! | too many verifications in flight ([`max_concurrent_verifications`](crate::layer::PaymentLayerBuilder::max_concurrent_verifications)) | 503 | `overloaded` | yes | retry the same proof after `Retry-After` |
 //! | nonce store, verifier or settler unavailable, nothing sent | 503 | `service_unavailable` | yes | retry the same proof after `Retry-After` (the proof was released) |
 //! | verifier or settler rate-limits the server | 429 | `rate_limited` | yes | retry the same proof after `Retry-After` |
@@ -74,6 +74,15 @@
 //!
 //! Every such response carries `Cache-Control: no-store` and a [`PaymentRejection`] in its
 //! extensions, so outer layers (logging, metrics) can see why.
+//!
+#![cfg_attr(
+    not(feature = "facilitator"),
+    doc = "[crate::facilitator::wire::reason::KNOWN]: https://docs.rs/tower-x402/latest/tower_x402/facilitator/wire/reason/constant.KNOWN.html"
+)]
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[crate::settle::onchain::reason]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/reason/index.html"
+)]
 
 use std::time::Duration;
 

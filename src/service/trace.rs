@@ -1,4 +1,7 @@
-//! Spans and events with the `tracing` feature; nothing without it.
+//! Spans and events with the `tracing` feature. Without it, refusals and failures still go to
+//! the `log` facade (target `tower_x402::payment`: `debug` for a refusal, `warn` for a 5xx
+//! with a cause), so a server says why it refused with any logger, e.g.
+//! `RUST_LOG=tower_x402::payment=debug` under `env_logger`.
 
 #[cfg(feature = "tracing")]
 mod imp {
@@ -108,11 +111,91 @@ mod imp {
     pub(in crate::service) fn verified(_: &VerifiedPayment, _: Duration) {}
     pub(in crate::service) fn settled(_: &Settlement, _: Duration) {}
     pub(in crate::service) fn failed(
-        _: Stage,
-        _: &PaymentRejection,
-        _: Option<&(dyn StdError + Send + Sync)>,
+        stage: Stage,
+        info: &PaymentRejection,
+        error: Option<&(dyn StdError + Send + Sync)>,
     ) {
+        let reason = info.reason.as_ref().map_or("challenge", |r| r.as_str());
+        let status = info.status.as_u16();
+        match error {
+            Some(e) if info.status.is_server_error() => log::warn!(
+                target: "tower_x402::payment",
+                "x402 payment not served: stage={stage:?} reason={reason} status={status} error={e}"
+            ),
+            _ => log::debug!(
+                target: "tower_x402::payment",
+                "x402 payment refused: stage={stage:?} reason={reason} status={status}"
+            ),
+        }
     }
 }
 
 pub(super) use imp::*;
+
+#[cfg(all(test, not(feature = "tracing")))]
+mod tests {
+    use std::sync::Mutex;
+
+    use http::StatusCode;
+
+    use crate::hooks::Stage;
+    use crate::reason::Reason;
+    use crate::rejection::PaymentRejection;
+
+    /// Keeps the records of the `tower_x402::payment` target.
+    struct Capture(Mutex<Vec<(log::Level, String)>>);
+
+    impl log::Log for Capture {
+        fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+            m.target() == "tower_x402::payment"
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            if self.enabled(r.metadata()) {
+                let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                seen.push((r.level(), r.args().to_string()));
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+
+    #[test]
+    fn without_tracing_refusals_go_to_the_log_facade() {
+        log::set_logger(&CAPTURE).expect("the only logger of this test binary");
+        log::set_max_level(log::LevelFilter::Debug);
+        let refusal = PaymentRejection {
+            status: StatusCode::PAYMENT_REQUIRED,
+            reason: Some(Reason::custom("test_only_refusal")),
+            retry_after: None,
+        };
+        super::failed(Stage::Verify, &refusal, None);
+        let outage = PaymentRejection {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: Some(Reason::custom("test_only_outage")),
+            retry_after: None,
+        };
+        let cause = std::io::Error::other("store down");
+        super::failed(Stage::Reserve, &outage, Some(&cause));
+
+        let seen = CAPTURE.0.lock().unwrap().clone();
+        let find = |reason: &str| {
+            seen.iter()
+                .find(|(_, m)| m.contains(reason))
+                .cloned()
+                .unwrap_or_else(|| panic!("no record for {reason}: {seen:?}"))
+        };
+        let (level, msg) = find("reason=test_only_refusal");
+        assert_eq!(level, log::Level::Debug);
+        assert!(
+            msg.contains("stage=Verify") && msg.contains("status=402"),
+            "{msg}"
+        );
+        let (level, msg) = find("reason=test_only_outage");
+        assert_eq!(level, log::Level::Warn);
+        assert!(
+            msg.contains("status=503") && msg.contains("store down"),
+            "{msg}"
+        );
+    }
+}

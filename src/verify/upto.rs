@@ -10,8 +10,13 @@
 //! EIP-712 signature (65 bytes, `v ∈ {27, 28}`, low `s`, recovering to `from`).
 //!
 //! Not checked here (it needs the chain): the payer's balance, its Permit2 allowance and
-//! whether the Permit2 nonce is used; [`OnchainSettler`](crate::settle::onchain) checks them
+//! whether the Permit2 nonce is used; [`OnchainSettler`][crate::settle::onchain] checks them
 //! before the handler runs.
+//!
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[crate::settle::onchain]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/index.html"
+)]
 
 use std::sync::LazyLock;
 

@@ -18,7 +18,7 @@
 //!   [outcome hook](DeferredSettlerBuilder::on_outcome).
 //! - A background worker (a tokio task) takes journaled payments oldest first and settles up to
 //!   [`max_batch`](DeferredSettlerBuilder::max_batch) of them at once through
-//!   [`BatchSettler::settle_batch`] (for [`OnchainSettler`](super::onchain::OnchainSettler):
+//!   [`BatchSettler::settle_batch`] (for [`OnchainSettler`][super::onchain::OnchainSettler]:
 //!   one Multicall3 `aggregate3` transaction), as soon as the batch is full or its oldest
 //!   payment waited [`max_wait`](DeferredSettlerBuilder::max_wait). A failed round (RPC down)
 //!   is retried with exponential backoff ([`retry`](DeferredSettlerBuilder::retry)); the
@@ -77,6 +77,16 @@
 //! unlikely, but a payer can still empty the wallet (or cancel the authorization) before the
 //! worker settles, and concurrent first requests of one payer are checked against the same
 //! balance. Such payments end `failed` in the outcome hook.
+//!
+//!
+#![cfg_attr(
+    not(feature = "test-util"),
+    doc = "[`JournalFaults`]: https://docs.rs/tower-x402/latest/tower_x402/settle/deferred/struct.JournalFaults.html"
+)]
+#![cfg_attr(
+    not(feature = "onchain"),
+    doc = "[super::onchain::OnchainSettler]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/struct.OnchainSettler.html"
+)]
 
 mod faults;
 mod journal;
@@ -103,8 +113,13 @@ use crate::reason;
 use crate::verify::{BoxError, VerifiedPayment};
 
 /// A settler that settles many payments at once and reads where one stands on-chain: the
-/// back end of a [`DeferredSettler`]. [`OnchainSettler`](super::onchain::OnchainSettler)
+/// back end of a [`DeferredSettler`]. [`OnchainSettler`][super::onchain::OnchainSettler]
 /// implements it (with the `onchain` feature) through Multicall3.
+///
+#[cfg_attr(
+    not(feature = "onchain"),
+    doc = "[super::onchain::OnchainSettler]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/struct.OnchainSettler.html"
+)]
 #[async_trait]
 pub trait BatchSettler: Send + Sync + 'static {
     /// Checks before the handler that `payment` can settle, given that its payer already owes
