@@ -191,4 +191,5 @@ mod on {
 }
 
 #[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub use on::JournalFaults;
