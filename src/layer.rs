@@ -19,8 +19,8 @@ use crate::service::Payment;
 use crate::settle::{SettlementMode, Settler, VerifyOnly};
 use crate::verify::{EvmVerifier, Verifier};
 
-pub use crate::config::PricingFn;
 use crate::config::{Idempotency, Inflight, Pricing, Shared};
+pub use crate::config::{PricingFn, ResourceCheck};
 pub use crate::option::PaymentOption;
 
 /// Charges for the requests of the services it wraps, with x402. See the
@@ -85,6 +85,7 @@ pub struct PaymentLayerBuilder {
     accept_v2: bool,
     hooks: Vec<Arc<dyn PaymentHooks>>,
     max_verifications: Option<usize>,
+    resource_check: ResourceCheck,
     challenges: Option<ChallengeKeys>,
     idempotency: Option<Idempotency>,
     idempotency_required: Option<bool>,
@@ -116,6 +117,7 @@ impl Default for PaymentLayerBuilder {
             accept_v2: true,
             hooks: Vec::new(),
             max_verifications: None,
+            resource_check: ResourceCheck::default(),
             challenges: None,
             idempotency: None,
             idempotency_required: None,
@@ -278,6 +280,29 @@ impl PaymentLayerBuilder {
         self
     }
 
+    /// How a v2 proof's echoed `resource.url` must name the request it pays for (default
+    /// [`ResourceCheck::Path`]: same path and query, any origin); one naming another resource
+    /// is refused with 402 `resource_mismatch` before verification. [`ResourceCheck::Url`]
+    /// compares scheme and host too, [`ResourceCheck::Off`] nothing.
+    ///
+    /// ```
+    /// use tower_x402::{Network, PaymentLayer, ResourceCheck};
+    /// use tower_x402::primitives::address;
+    /// let layer = PaymentLayer::builder()
+    ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+    ///     .price("$0.001")
+    ///     .network(Network::BASE_SEPOLIA)
+    ///     .resource_base("https://api.example.com")
+    ///     .resource_check(ResourceCheck::Url)
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer;
+    /// ```
+    pub fn resource_check(mut self, check: ResourceCheck) -> Self {
+        self.resource_check = check;
+        self
+    }
+
     /// Binds each 402 requirement to this resource, method and price with a signed,
     /// expiring challenge id in `extra.challenge`, which v2 clients echo back; a proof without
     /// a valid one gets 402 `invalid_challenge` or `challenge_expired` (default off). v1
@@ -431,6 +456,7 @@ impl PaymentLayerBuilder {
                 accept_v2: self.accept_v2,
                 hooks: self.hooks.into(),
                 inflight: self.max_verifications.map(Inflight::new),
+                resource_check: self.resource_check,
                 challenges: self.challenges,
                 idempotency,
                 extensions,

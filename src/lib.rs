@@ -264,7 +264,7 @@ pub use alloy_primitives as primitives;
 pub use async_trait::async_trait;
 pub use challenge::ChallengeKeys;
 pub use future::ResponseFuture;
-pub use layer::{PaymentLayer, PaymentLayerBuilder, PaymentOption, PricingFn};
+pub use layer::{PaymentLayer, PaymentLayerBuilder, PaymentOption, PricingFn, ResourceCheck};
 pub use network::{Asset, Network};
 pub use nonce::{MemoryNonceStore, NonceStore};
 pub use rejection::PaymentRejection;

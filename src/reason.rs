@@ -209,6 +209,9 @@ reasons! {
     RateLimited = "rate_limited",
     /// `refused_by_hook`
     RefusedByHook = "refused_by_hook",
+    /// `resource_mismatch`: a v2 proof's echoed `resource.url` names another resource than
+    /// the request (see [`ResourceCheck`](crate::ResourceCheck)).
+    ResourceMismatch = "resource_mismatch",
     /// `response_body_failed`
     ResponseBodyFailed = "response_body_failed",
     /// `service_unavailable`
@@ -300,6 +303,9 @@ pub const INVALID_PAYMENT_REQUIREMENTS: Reason = Reason::InvalidPaymentRequireme
 /// Bound challenges: the echoed challenge id is missing, malformed, tampered, made with an
 /// unknown key, or issued for another resource, method or price.
 pub const INVALID_CHALLENGE: Reason = Reason::InvalidChallenge;
+
+/// A v2 proof's echoed `resource.url` names another resource than the request.
+pub const RESOURCE_MISMATCH: Reason = Reason::ResourceMismatch;
 
 /// Bound challenges: the echoed challenge id is authentic but expired.
 pub const CHALLENGE_EXPIRED: Reason = Reason::ChallengeExpired;

@@ -597,6 +597,15 @@ async fn drive() -> Vec<Case> {
     )
     .await;
 
+    d.run(
+        "resource.url names another path",
+        |b| b,
+        vec![tampered(|v| {
+            v["resource"] = json!({ "url": "http://api.test/elsewhere" });
+        })],
+    )
+    .await;
+
     // Verification: the real verifier, then every error variant.
     d.run(
         "expired proof (real verifier)",

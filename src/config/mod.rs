@@ -2,16 +2,19 @@
 //! and the responses it writes. The builder (`layer`) fills it; nothing here knows the builder
 //! or the service, so the request path imports configuration, never the other way round.
 //! Each concern has its module: [`pricing`] (what a request costs), [`idempotency`]
-//! (idempotent retries as one sub-config), [`inflight`] (the verification concurrency cap).
+//! (idempotent retries as one sub-config), [`inflight`] (the verification concurrency cap),
+//! [`resource`] (how a proof's echoed resource must name the request).
 
 mod idempotency;
 mod inflight;
 mod pricing;
+mod resource;
 
 pub use idempotency::Idempotency;
 pub(crate) use inflight::Inflight;
 pub(crate) use pricing::Pricing;
 pub use pricing::PricingFn;
+pub use resource::ResourceCheck;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,4 +50,6 @@ pub(crate) struct Shared {
     pub(crate) extensions: Option<Map<String, Value>>,
     /// Prepaid bundles and sign-in (see [`crate::prepaid`]).
     pub(crate) prepaid: Option<crate::prepaid::State>,
+    /// How a v2 proof's `resource.url` must name the request.
+    pub(crate) resource_check: ResourceCheck,
 }

@@ -16,6 +16,7 @@
 //! | scheme not offered by this route | 402 | `unsupported_scheme` | no | pay again with an offered option |
 //! | network not offered by this route | 402 | `invalid_network` | no | pay again with an offered option |
 //! | echoed requirements (asset, payTo, amount) not offered by this route | 402 | `invalid_payment_requirements` | no | pay again with an offered option |
+//! | v2 proof whose echoed `resource.url` names another path or query than the request (another origin too with [`ResourceCheck::Url`](crate::ResourceCheck)) | 402 | `resource_mismatch` | no | pay again against this resource's challenge |
 //! | proof does not verify ([`VerifyError::reason`](crate::verify::VerifyError::reason)) | 402 | `invalid_exact_evm_scheme`, `invalid_exact_evm_network_mismatch`, `invalid_exact_evm_missing_eip712_domain`, `invalid_exact_evm_recipient_mismatch`, `invalid_exact_evm_authorization_value`, `invalid_exact_evm_payload_authorization_valid_after`, `invalid_exact_evm_payload_authorization_valid_before`, `invalid_exact_evm_signature` | no | sign a new, correct proof |
 //! | a remote verifier (facilitator) refuses the proof | 402 | its code when it is one of [`KNOWN`][crate::facilitator::wire::reason::KNOWN], else `facilitator_rejected` | no | sign a new, correct proof |
 //! | proof already used, or in use by a concurrent request | 402 | `invalid_exact_evm_nonce_already_used` | no | sign a new proof |

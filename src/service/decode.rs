@@ -3,7 +3,7 @@
 use http::HeaderMap;
 
 use crate::challenge::Binding;
-use crate::config::Shared;
+use crate::config::{ResourceCheck, Shared};
 use crate::option::PaymentOption;
 use crate::proto::exact::ExactEvmPayload;
 use crate::proto::header;
@@ -48,6 +48,11 @@ pub(super) fn select<'a>(
     }
     match payload {
         PaymentPayload::V2(p) => {
+            if let Some(echoed) = &p.resource
+                && !names(shared.resource_check, &echoed.url, &resource.url(shared))
+            {
+                return Err(pay(reason::RESOURCE_MISMATCH));
+            }
             let a = &p.accepted;
             candidates.retain(|o| {
                 let r = o.requirements();
@@ -70,6 +75,95 @@ pub(super) fn select<'a>(
         PaymentPayload::V1(p) => narrow_v1(&mut candidates, p),
     }
     Ok(candidates)
+}
+
+/// Whether a proof's echoed `resource.url` names the resource this request's challenge
+/// names (`expected`), as far as `check` asks.
+fn names(check: ResourceCheck, echoed: &str, expected: &str) -> bool {
+    if check == ResourceCheck::Off {
+        return true;
+    }
+    let (echoed, expected) = (Url::parse(echoed), Url::parse(expected));
+    let origin = match (check, &expected.origin) {
+        // Without a Host header nor a base, the server knows no origin to compare.
+        (ResourceCheck::Url, Some(origin)) => echoed.origin.as_ref() == Some(origin),
+        _ => true,
+    };
+    origin && echoed.path == expected.path && echoed.query == expected.query
+}
+
+/// A URL cut into what [`names`] compares, each part normalised.
+struct Url {
+    /// `scheme://host[:port]`, lower-cased, the scheme's default port dropped.
+    origin: Option<String>,
+    path: String,
+    query: Option<String>,
+}
+
+impl Url {
+    /// Never fails: text without `scheme://` is a path (as `resource.url` is without a
+    /// `Host`), so hostile input only ever compares unequal.
+    fn parse(url: &str) -> Self {
+        let url = url.split_once('#').map_or(url, |(u, _)| u);
+        let (origin, rest) = match url.split_once("://") {
+            Some((scheme, rest)) if !scheme.is_empty() && !scheme.contains(['/', '?']) => {
+                let end = rest.find(['/', '?']).unwrap_or(rest.len());
+                let scheme = scheme.to_ascii_lowercase();
+                let host = rest[..end].to_ascii_lowercase();
+                let default_port = match scheme.as_str() {
+                    "http" => ":80",
+                    "https" => ":443",
+                    _ => "",
+                };
+                let host = match host.strip_suffix(default_port) {
+                    Some(h) if !default_port.is_empty() => h.to_owned(),
+                    _ => host,
+                };
+                (Some(format!("{scheme}://{host}")), &rest[end..])
+            }
+            _ => (None, url),
+        };
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, (!q.is_empty()).then_some(q)),
+            None => (rest, None),
+        };
+        let path = if path.is_empty() { "/" } else { path };
+        Self {
+            origin,
+            path: normalise(path),
+            query: query.map(normalise),
+        }
+    }
+}
+
+/// RFC 3986 §6.2.2 normalisation of escapes: `%74` (an unreserved character) is `t`, `%2f`
+/// is `%2F` (still an escape: a router tells `/a%2Fb` from `/a/b`).
+fn normalise(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (hex(i + 1), hex(i + 2))
+        {
+            // Both digits are < 16: the byte fits.
+            let c = (h * 16 + l) as u8;
+            if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                out.push(c as char);
+            } else {
+                out.push('%');
+                out.push_str(&format!("{c:02X}"));
+            }
+            i += 3;
+        } else {
+            // `i` is on a char boundary: escapes are 3 ASCII bytes, other chars are copied whole.
+            let ch = s[i..].chars().next().unwrap_or('\u{fffd}');
+            out.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    out
 }
 
 /// v1 echoes only scheme and network: narrow by what the authorization pays. Options that
