@@ -167,6 +167,14 @@ impl PaymentLayerBuilder {
     /// Prices each request from its parts; `None` lets the request through for free. Replaces
     /// the static price and options.
     ///
+    /// **The rule**: charge by default and return `None` only for paths you list as free,
+    /// compared as the router will see them (`parts.uri.path()` unchanged, after any
+    /// path-normalising layer placed outside this one). Never list the paid paths and let
+    /// the rest through: a router or handler more lenient than the comparison (case,
+    /// trailing slash, `//`, `%74`, `;params`) would serve the spellings it missed unpaid
+    /// (`tests/paths.rs` shows both). A v2 proof pays only the path it was challenged for
+    /// ([`Self::resource_check`]).
+    ///
     /// ```
     /// use std::sync::Arc;
     /// use tower_x402::{Asset, PaymentLayer, PaymentOption};
