@@ -277,7 +277,6 @@ fn echo_mutation() -> impl Strategy<Value = Mutation> {
         (1u64..1_000_000).prop_map(|v| Mutation::Set("/accepted/maxTimeoutSeconds", v.into())),
         "[ -~]{0,20}".prop_map(|s| Mutation::Set("/accepted/extra/name", s.into())),
         "[ -~]{0,20}".prop_map(|s| Mutation::Set("/accepted/extra/version", s.into())),
-        "[ -~]{0,40}".prop_map(|s| Mutation::Set("/resource", json!({ "url": s }))),
     ]
 }
 
@@ -341,6 +340,28 @@ proptest! {
         let mut doc = if bound { bound_doc } else { unbound_doc };
         apply(&mut doc, &m);
         prop_assert_eq!(send_doc(&doc, bound), (StatusCode::OK, true), "{:?}", m);
+    }
+
+    /// The echoed `resource.url` (`ResourceCheck::Path`, the default): a proof naming another
+    /// resource is refused before verification; the route's own path on any origin pays.
+    #[test]
+    fn the_echoed_resource_pays_only_its_own_path(
+        url in "[ -~]{0,40}",
+        origin in "https?://[a-z][a-z0-9.-]{0,12}(:[0-9]{1,4})?",
+        bound in any::<bool>(),
+    ) {
+        let [unbound_doc, _, bound_doc] = checks::template_docs();
+        let template = if bound { bound_doc } else { unbound_doc };
+        let mut doc = template.clone();
+        doc["resource"] = json!({ "url": url });
+        let (status, ran) = send_doc(&doc, bound);
+        prop_assert_eq!(status == StatusCode::OK, ran, "{}", url);
+        prop_assert!(ran || status == StatusCode::PAYMENT_REQUIRED, "{}: {}", url, status);
+        let path = url.split('#').next().unwrap_or_default();
+        prop_assert!(!ran || path.ends_with("/paid"), "{:?} bought /paid", url);
+        let mut doc = template;
+        doc["resource"] = json!({ "url": format!("{origin}/paid") });
+        prop_assert_eq!(send_doc(&doc, bound), (StatusCode::OK, true), "{}", origin);
     }
 }
 
