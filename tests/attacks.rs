@@ -577,3 +577,94 @@ async fn refusals_of_opt_in_features_are_never_cacheable() {
     refused(&r, StatusCode::CONFLICT, "payment_identifier_conflict");
     assert_eq!(hits.get(), 1);
 }
+
+// ------------------------------------------------------------------------------------------------
+// gRPC
+
+/// A gRPC call (`POST`, `application/grpc`) to `path` with `headers` as metadata.
+#[cfg(feature = "tonic")]
+fn grpc_call(
+    path: &str,
+    headers: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+) -> http::Request<axum::body::Body> {
+    let mut req = http::Request::post(format!("{BASE}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    req.headers_mut().extend(headers);
+    req
+}
+
+#[cfg(feature = "tonic")]
+#[tokio::test]
+async fn a_proof_bought_for_an_http_route_does_not_pay_a_grpc_method() {
+    let hits = Hits::new();
+    let svc = layer(&clock())
+        .grpc()
+        .layer(plain_service::<axum::body::Body>(hits.clone()));
+    let req = requirements();
+    let mut v = v2_json(&req, &exact_payload(&payer(), &req, NOW), None);
+    v["resource"] = json!({ "url": "http://api.test/paid" });
+    let r = send(
+        &svc,
+        grpc_call(
+            "/weather.Weather/Forecast",
+            [(PAYMENT_SIGNATURE, encode(&v))],
+        ),
+    )
+    .await;
+    // Trailers-only FAILED_PRECONDITION, the reason in the challenge metadata.
+    assert_eq!(r.header("grpc-status"), Some("9"));
+    assert_eq!(r.challenge().error.as_deref(), Some("resource_mismatch"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert_eq!(hits.get(), 0);
+    // The method's own resource pays.
+    v["resource"] = json!({ "url": "http://api.test/weather.Weather/Forecast" });
+    let r = send(
+        &svc,
+        grpc_call(
+            "/weather.Weather/Forecast",
+            [(PAYMENT_SIGNATURE, encode(&v))],
+        ),
+    )
+    .await;
+    assert_eq!(r.header("grpc-status"), None, "{:?}", r.headers);
+    assert_eq!(hits.get(), 1);
+}
+
+#[cfg(feature = "tonic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_proof_over_http_and_grpc_at_once_runs_one_handler() {
+    // One layer serving a REST route and a gRPC service: 64 copies of one proof, half each way.
+    let hits = Hits::new();
+    let paywall = layer(&clock());
+    let rest = app(&hits).route_layer(paywall.clone());
+    let grpc = paywall
+        .grpc()
+        .layer(plain_service::<axum::body::Body>(hits.clone()));
+    let proof = proof_v2();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let (rest, grpc, proof) = (rest.clone(), grpc.clone(), proof.clone());
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    get_with(&rest, "/paid", [proof]).await
+                } else {
+                    send(&grpc, grpc_call("/weather.Weather/Forecast", [proof])).await
+                }
+            })
+        })
+        .collect();
+    let replies = join_all(tasks).await;
+    let served = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK && r.header("grpc-status").is_none())
+        .count();
+    assert_eq!(served, 1);
+    assert_eq!(hits.get(), 1);
+    for r in replies.iter().filter(|r| r.header("grpc-status").is_some()) {
+        assert_eq!(r.header("grpc-status"), Some("9"));
+        assert_eq!(r.challenge().error.as_deref(), Some(NONCE_USED));
+    }
+}
