@@ -6,6 +6,8 @@
 //! facilitator. Concurrency attacks run on a multi-threaded runtime.
 #![cfg(all(feature = "test-util", feature = "facilitator"))]
 
+#[cfg(feature = "onchain")]
+mod chain;
 mod common;
 
 use std::sync::Arc;
@@ -400,6 +402,11 @@ async fn a_full_nonce_store_never_evicts_a_live_proof_to_make_room() {
 // ------------------------------------------------------------------------------------------------
 // Poison the idempotency store
 
+/// An idempotency store on the proofs' clock (ids are held until the proof's `validBefore`).
+fn id_store() -> MemoryIdempotencyStore {
+    MemoryIdempotencyStore::with_limits_and_clock(1000, 1 << 20, clock())
+}
+
 /// A v2 proof carrying payment id `id`.
 fn with_id(id: &str) -> (HeaderName, HeaderValue) {
     let req = requirements();
@@ -418,7 +425,7 @@ async fn an_attacker_squatting_a_victims_payment_id_does_not_charge_the_victim()
     let svc = app(&hits).route_layer(
         builder(&clock())
             .settler(settler.clone())
-            .idempotency(MemoryIdempotencyStore::new())
+            .idempotency(id_store())
             .build()
             .unwrap(),
     );
@@ -451,10 +458,14 @@ async fn many_proofs_racing_for_one_payment_id_get_one_run_each_at_most() {
     const ID: &str = "shared_id_raced_0001";
     let hits = Hits::gated();
     let settler = CountingSettler::default();
+    let clock = clock();
+    // On the proofs' clock: an id is held until the proof's `validBefore` (a store on the
+    // system clock would see these 2025 proofs as expired and hold the id one second only).
+    let store = MemoryIdempotencyStore::with_limits_and_clock(1000, 1 << 20, clock.clone());
     let svc = app(&hits).route_layer(
-        builder(&clock())
+        builder(&clock)
             .settler(settler.clone())
-            .idempotency(MemoryIdempotencyStore::new())
+            .idempotency(store)
             .build()
             .unwrap(),
     );
@@ -561,12 +572,7 @@ async fn refusals_of_opt_in_features_are_never_cacheable() {
     assert_eq!(runs.get(), 0);
 
     let hits = Hits::new();
-    let svc = app(&hits).route_layer(
-        builder(&clock())
-            .idempotency(MemoryIdempotencyStore::new())
-            .build()
-            .unwrap(),
-    );
+    let svc = app(&hits).route_layer(builder(&clock()).idempotency(id_store()).build().unwrap());
     assert_eq!(
         get_with(&svc, "/paid", [with_id("cache_test_id_0001")])
             .await
@@ -667,4 +673,71 @@ async fn one_proof_over_http_and_grpc_at_once_runs_one_handler() {
         assert_eq!(r.header("grpc-status"), Some("9"));
         assert_eq!(r.challenge().error.as_deref(), Some(NONCE_USED));
     }
+}
+
+// ------------------------------------------------------------------------------------------------
+// A token that is not there (the reference's `asset_not_deployed_contract`)
+
+#[cfg(feature = "onchain")]
+#[tokio::test]
+async fn an_asset_without_contract_code_is_refused_before_the_handler_and_any_transaction() {
+    use alloy_provider::Provider;
+    use tower_x402::settle::onchain::OnchainSettler;
+    let Some(chain) = chain::Chain::start("asset_without_code").await else {
+        return;
+    };
+    // The route's token address holds no code on this chain (a wrong address, another chain).
+    chain.set_code(chain::TOKEN, "0x").await;
+    let sent_before = chain
+        .provider()
+        .get_transaction_count(chain::RELAYER)
+        .await
+        .unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hits = Hits::new();
+    for batched in [true, false] {
+        let relayer: tower_x402::test_util::PrivateKeySigner = chain::RELAYER_KEY.parse().unwrap();
+        let settler = OnchainSettler::connect(chain.url(), relayer)
+            .await
+            .unwrap()
+            .with_batched_check(batched);
+        let svc = app(&hits).route_layer(
+            PaymentLayer::builder()
+                .pay_to(PAY_TO)
+                .price(PRICE)
+                .network(tower_x402::Network::BASE_SEPOLIA)
+                .settler(settler)
+                .build()
+                .unwrap(),
+        );
+        let proof = tower_x402::test_util::pay(
+            &payer(),
+            &requirements(),
+            now,
+            tower_x402::proto::X402Version::V2,
+        );
+        let r = get_with(&svc, "/paid", [proof.clone()]).await;
+        refused(
+            &r,
+            StatusCode::PAYMENT_REQUIRED,
+            "asset_not_deployed_contract",
+        );
+        // Refused in the pre-check: the proof was not spent, and still cannot buy anything.
+        let r = get_with(&svc, "/paid", [proof]).await;
+        refused(
+            &r,
+            StatusCode::PAYMENT_REQUIRED,
+            "asset_not_deployed_contract",
+        );
+    }
+    assert_eq!(hits.get(), 0);
+    let sent_after = chain
+        .provider()
+        .get_transaction_count(chain::RELAYER)
+        .await
+        .unwrap();
+    assert_eq!(sent_after, sent_before, "no transaction was sent");
 }

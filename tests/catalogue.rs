@@ -694,6 +694,7 @@ async fn drive() -> Vec<Case> {
             SIGNATURE,
             TRANSACTION_FAILED,
             INVALID_NETWORK,
+            ASSET_NOT_DEPLOYED,
         ]
     };
     let onchain_codes: Vec<String> = reason_consts("src/settle/onchain/mod.rs", "pub mod reason {")

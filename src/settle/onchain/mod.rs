@@ -150,6 +150,9 @@ pub mod reason {
         crate::reason::Reason::InvalidExactEvmTransactionFailed;
     /// The payment's network is not the RPC's chain.
     pub const INVALID_NETWORK: crate::reason::Reason = crate::reason::INVALID_NETWORK;
+    /// `check`: no contract at the asset's address on this chain (a misconfigured token).
+    pub const ASSET_NOT_DEPLOYED: crate::reason::Reason =
+        crate::reason::Reason::AssetNotDeployedContract;
 }
 
 sol! {
@@ -514,6 +517,7 @@ impl OnchainSettler {
                 view(upto::PERMIT2, &upto::nonce_bitmap_call(permit)),
             ];
             let (out, revert) = self.read_views(&views, simulate).await?;
+            no_code(&out[0])?;
             return Ok(State {
                 balance: decode::<IEip3009::balanceOfCall>(&out[0])?,
                 allowance: Some(decode::<upto::IErc20Allowance::allowanceCall>(&out[1])?),
@@ -529,6 +533,7 @@ impl OnchainSettler {
             },
         );
         let (out, revert) = self.read_views(&[balance_tx, state_tx], simulate).await?;
+        no_code(&out[0])?;
         Ok(State {
             balance: decode::<IEip3009::balanceOfCall>(&out[0])?,
             allowance: None,
@@ -930,6 +935,16 @@ fn view(token: Address, call: &impl SolCall) -> TransactionRequest {
     TransactionRequest::default()
         .with_to(token)
         .with_input(call.abi_encode())
+}
+
+/// A call to an address without code succeeds with no data, where a token's `balanceOf`
+/// always returns a word: the asset is not a contract on this chain (the reference's
+/// `asset_not_deployed_contract`), refused before the handler and before any transaction.
+fn no_code(balance_out: &[u8]) -> Result<(), Failure> {
+    if balance_out.is_empty() {
+        return Err(Failure::Revert(reason::ASSET_NOT_DEPLOYED));
+    }
+    Ok(())
 }
 
 fn decode<C: SolCall>(out: &[u8]) -> Result<C::Return, Failure> {
