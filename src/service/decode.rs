@@ -184,3 +184,38 @@ fn narrow_v1(candidates: &mut Vec<&PaymentOption>, payload: &v1::PaymentPayload)
 
 /// Bound on signature checks one v1 proof can cost.
 const MAX_V1_CANDIDATES: usize = 4;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_of_unreserved_characters_are_decoded_others_upper_cased() {
+        assert_eq!(normalise("/wea%74her"), "/weather");
+        assert_eq!(normalise("/a%2fb%7E"), "/a%2Fb~");
+        assert_eq!(normalise("/%e2%82%ac"), "/%E2%82%AC");
+        // Broken escapes and non-ASCII are kept as they are.
+        assert_eq!(normalise("%"), "%");
+        assert_eq!(normalise("/%zz%4"), "/%zz%4");
+        assert_eq!(normalise("/pré%"), "/pré%");
+    }
+
+    #[test]
+    fn paths_and_queries_are_compared_origins_only_in_url_mode() {
+        let expected = "http://api.test/paid?x=1";
+        for (check, echoed, same) in [
+            (ResourceCheck::Path, "https://cdn.example/paid?x=1", true),
+            (ResourceCheck::Path, "/paid?x=1#f", true),
+            (ResourceCheck::Path, "http://api.test/paid?x=2", false),
+            (ResourceCheck::Path, "http://api.test/paid/?x=1", false),
+            (ResourceCheck::Url, "HTTP://API.test:80/paid?x=1", true),
+            (ResourceCheck::Url, "https://api.test/paid?x=1", false),
+            (ResourceCheck::Url, "/paid?x=1", false),
+            (ResourceCheck::Off, "garbage", true),
+        ] {
+            assert_eq!(names(check, echoed, expected), same, "{check:?} {echoed}");
+        }
+        // Without a Host nor a base the server knows no origin: the path decides.
+        assert!(names(ResourceCheck::Url, "https://x.example/paid", "/paid"));
+    }
+}
