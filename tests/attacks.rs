@@ -741,3 +741,30 @@ async fn an_asset_without_contract_code_is_refused_before_the_handler_and_any_tr
         .unwrap();
     assert_eq!(sent_after, sent_before, "no transaction was sent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_sign_in_header_sent_32_times_at_once_takes_one_call() {
+    // A captured (or replayed by a buggy client) sign-in, raced: its nonce is single-use,
+    // so one call is served and one credit taken; the rest are 401 `invalid_siwx_nonce_reused`.
+    let runs = Runs::default();
+    let svc = prepaid_layer().layer(runs.service());
+    buy(&svc, NOW).await;
+    let h = signed_header(&svc, &payer()).await;
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (svc, h) = (svc.clone(), h.clone());
+            tokio::spawn(async move { get_with(&svc, "/paid", [h]).await })
+        })
+        .collect();
+    let replies = join_all(tasks).await;
+    let served: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .collect();
+    assert_eq!(served.len(), 1);
+    assert_eq!(served[0].json()["remaining"], json!(8), "one credit taken");
+    for r in replies.iter().filter(|r| r.status != StatusCode::OK) {
+        refused(r, StatusCode::UNAUTHORIZED, "invalid_siwx_nonce_reused");
+    }
+    assert_eq!(runs.get(), 2, "the paying call and one sign-in");
+}
