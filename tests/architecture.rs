@@ -46,6 +46,10 @@ fn graph() -> BTreeMap<String, BTreeSet<String>> {
             .next()
             .unwrap_or_default();
         for line in text.lines() {
+            // Comments and doc attributes (docs.rs link fallbacks) are not imports.
+            if line.trim_start().starts_with("doc = ") {
+                continue;
+            }
             let code = line.split("//").next().unwrap_or_default();
             for part in code.split("crate::").skip(1) {
                 let target: String = part
