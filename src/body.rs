@@ -22,6 +22,9 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
+        // The handler's body of a settled payment: an error while it streams is raised (the
+        // client paid and has the receipt, but not all of the content).
+        Paid { #[pin] body: B, raised: bool },
         Full { #[pin] body: Full<Bytes> },
         // The handler's body, read to the end by the layer (to store it for idempotent
         // replay), then its trailers.
@@ -44,6 +47,24 @@ impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         Self {
             kind: Kind::Inner { body },
+        }
+    }
+
+    /// The handler's body of a settled payment (see [`Kind::Paid`]).
+    pub(crate) fn paid(body: B) -> Self {
+        Self {
+            kind: Kind::Paid {
+                body,
+                raised: false,
+            },
+        }
+    }
+
+    /// The same body, no longer raising its own failure (the caller reports it).
+    pub(crate) fn unmarked(self) -> Self {
+        match self.kind {
+            Kind::Paid { body, .. } => Self::inner(body),
+            kind => Self { kind },
         }
     }
 
@@ -80,6 +101,19 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Paid { body, raised } => {
+                let frame = body.poll_frame(cx);
+                if matches!(frame, Poll::Ready(Some(Err(_)))) && !*raised {
+                    *raised = true;
+                    crate::alert::alert!(
+                        crate::alert::Alert::ResponseBody,
+                        "a paid response's body failed while streaming, after settlement: the \
+                         client has the receipt but not all of the content; refund or serve it \
+                         by hand"
+                    );
+                }
+                frame
+            }
             KindProj::Full { body } => body.poll_frame(cx).map_err(|never| match never {}),
             KindProj::Buffered { body, trailers } => match body.poll_frame(cx) {
                 Poll::Ready(Some(frame)) => {
@@ -93,7 +127,7 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Inner { body } | Kind::Paid { body, .. } => body.is_end_stream(),
             Kind::Full { body } => body.is_end_stream(),
             Kind::Buffered { body, trailers } => body.is_end_stream() && trailers.is_none(),
         }
@@ -101,7 +135,7 @@ impl<B: Body<Data = Bytes>> Body for ResponseBody<B> {
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Inner { body } => body.size_hint(),
+            Kind::Inner { body } | Kind::Paid { body, .. } => body.size_hint(),
             Kind::Full { body } | Kind::Buffered { body, .. } => body.size_hint(),
         }
     }

@@ -433,6 +433,7 @@ async fn a_paid_body_failing_is_500_with_the_receipt_and_the_retry_gets_the_same
 async fn a_streamed_paid_body_failing_still_carries_the_receipt_in_its_headers() {
     let _turn = SERIAL.lock().await;
     let s = Paid::new();
+    let alerts = Alerts::now();
     for idempotency in [false, true] {
         let svc = s.service(idempotency);
         let p = if idempotency {
@@ -452,6 +453,8 @@ async fn a_streamed_paid_body_failing_still_carries_the_receipt_in_its_headers()
         assert!(body.is_err(), "the body error reaches the server");
     }
     assert_eq!(s.runs(), (2, 2));
+    // The seller hears of each: the client paid and got the receipt, not all the content.
+    assert_eq!(alerts.since(), vec![(Alert::ResponseBody, 2)]);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -115,6 +115,8 @@ where
     }
     let from_layer = res.body().is_from_layer();
     let (parts, body) = res.into_parts();
+    // A failure while buffering is reported once, by `body_failed`, with what the client got.
+    let body = body.unmarked();
     // `.ok()` at once: the body's error type need not be `Send` (so it cannot live across an
     // await) nor `Error`; the failure itself is raised in `body_failed`.
     let Some(collected) = body.collect().await.ok() else {

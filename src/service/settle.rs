@@ -234,7 +234,7 @@ fn settled<B>(
         network: verified.network,
         amount: settlement.amount,
     };
-    let mut res = res.map(ResponseBody::inner);
+    let mut res = res.map(ResponseBody::paid);
     response::attach_receipt(res.headers_mut(), verified.version, &receipt);
     response::mark(shared, res.headers_mut());
     res
