@@ -18,7 +18,7 @@ use tower_x402::proto::{PaymentPayload, v2};
 use tower_x402::test_util::{demo_payer, encode, exact_payload, pay_upto, upto_payload, v2_json};
 use tower_x402::verify::exact::{domain_separator, recover_signer, signing_hash};
 use tower_x402::verify::upto::signing_hash as upto_signing_hash;
-use tower_x402::{Asset, ExactEvmVerifier, PaymentOption};
+use tower_x402::{Asset, EvmVerifier, PaymentOption};
 
 const NOW: u64 = 1_760_000_000;
 
@@ -43,7 +43,8 @@ fn bench(c: &mut Criterion) {
         serde_json::from_slice::<v2::PaymentPayload>(&decode_bytes(&header, 8192).expect("b64"))
             .expect("json"),
     );
-    let verifier = ExactEvmVerifier::new().with_clock(FixedClock::new(NOW));
+    // The layer's default verifier: exact and upto, each by its own.
+    let verifier = EvmVerifier::new().with_clock(FixedClock::new(NOW));
     let sep = domain_separator("USDC", "2", 84532, req.asset);
     let digest = signing_hash(sep, &payload.authorization);
 

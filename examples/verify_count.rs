@@ -1,7 +1,7 @@
 //! Exactly K operations of the paid path, for instruction counting (`scripts/callgrind`).
 //!
 //! ```sh
-//! verify_count verify K    # K × (header decode + ExactEvmVerifier verification)
+//! verify_count verify K    # K × (header decode + EvmVerifier verification)
 //! verify_count recover K   # K × signature recovery alone (libsecp256k1 + address keccak)
 //! verify_count decode K    # K × header decode alone (header lookup, base64, typed JSON)
 //! verify_count challenge K # K × PaymentLayer answering a request without payment (402)
@@ -30,7 +30,7 @@ use tower_x402::proto::header::PAYMENT_SIGNATURE;
 use tower_x402::proto::header::{Limits, decode_payload};
 use tower_x402::test_util::{demo_payer, encode, exact_payload, pay_upto, upto_payload, v2_json};
 use tower_x402::verify::exact::{domain_separator, recover_signer, signing_hash};
-use tower_x402::{Asset, ExactEvmVerifier, PaymentLayer, PaymentOption};
+use tower_x402::{Asset, EvmVerifier, PaymentLayer, PaymentOption};
 
 const NOW: u64 = 1_760_000_000;
 const MADE: usize = 64;
@@ -111,7 +111,8 @@ fn main() {
         .iter()
         .map(|p| (signing_hash(sep, &p.authorization), p.signature.clone()))
         .collect();
-    let verifier = ExactEvmVerifier::new().with_clock(FixedClock::new(NOW));
+    // The layer's default: exact and upto, each by its own verifier.
+    let verifier = EvmVerifier::new().with_clock(FixedClock::new(NOW));
     // Warm the verifier's domain-separator cache: the steady state of a server.
     let first = decode(&headers[0]).expect("decodes");
     verifier.verify_sync(&first, &req).expect("valid");
