@@ -320,10 +320,7 @@ pub(crate) fn of_prepaid(
         ),
         Refusal::Unavailable(e) => (
             Stage::Reserve,
-            Rejection::Unavailable {
-                retry_after: e.retry_after().unwrap_or(default_wait),
-                reason: reason::SERVICE_UNAVAILABLE,
-            },
+            of_store(&e, default_wait),
             Some(Box::new(e)),
         ),
         Refusal::Chain(e) => (

@@ -16,7 +16,7 @@ use crate::idempotency::{
     StoredResponse,
 };
 use crate::proto::PaymentPayload;
-use crate::rejection::{PaymentRejection, Rejection, reason};
+use crate::rejection::{self, PaymentRejection, Rejection, reason};
 use crate::response;
 use crate::verify::VerifiedPayment;
 
@@ -269,10 +269,7 @@ impl<'a> IdemClaim<'a> {
                 None,
             )),
             Err(e) => Err(Early::Refused(
-                Rejection::Unavailable {
-                    retry_after: e.retry_after().unwrap_or(retry_after),
-                    reason: reason::SERVICE_UNAVAILABLE,
-                },
+                rejection::of_store(&e, retry_after),
                 Some(e),
             )),
         }

@@ -89,7 +89,7 @@ async fn claim<'f, B: Send>(
 ) -> Result<Claim<'f>, Answer<B>> {
     let store = &*flow.shared.store;
     let key = verified.nonce_key();
-    let rejection = match store.reserve(&key, verified.valid_before).await {
+    let (rejection, e) = match store.reserve(&key, verified.valid_before).await {
         Ok(Reservation::Reserved(token)) => return Ok(Claim::new(store, key, token)),
         Ok(Reservation::InUse | Reservation::Used) => (
             Rejection::Pay {
@@ -99,7 +99,6 @@ async fn claim<'f, B: Send>(
         ),
         Err(e) => (rejection::of_store(&e, flow.shared.retry_after), Some(e)),
     };
-    let (rejection, e) = rejection;
     let e = e.as_ref().map(|e| e as &(dyn StdError + Send + Sync));
     Err(flow
         .reject(Stage::Reserve, rejection, Some(verified), e)

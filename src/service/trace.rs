@@ -14,7 +14,7 @@ mod imp {
     use tracing::{Instrument, Span};
 
     use crate::hooks::Stage;
-    use crate::rejection::PaymentRejection;
+    use crate::rejection::{PaymentRejection, Reason};
     use crate::settle::Settlement;
     use crate::verify::VerifiedPayment;
 
@@ -39,15 +39,13 @@ mod imp {
             match &out {
                 Ok(res) => {
                     span.record("status", res.status().as_u16());
-                    let outcome =
-                        res.extensions()
-                            .get::<PaymentRejection>()
-                            .map_or("paid".to_owned(), |r| {
-                                r.reason
-                                    .as_ref()
-                                    .map_or("challenge", |r| r.as_str())
-                                    .to_owned()
-                            });
+                    // Borrowed, not copied: recorded at once.
+                    let outcome = res
+                        .extensions()
+                        .get::<PaymentRejection>()
+                        .map_or("paid", |r| {
+                            r.reason.as_ref().map_or("challenge", Reason::as_str)
+                        });
                     span.record("outcome", outcome);
                 }
                 Err(_) => {
