@@ -311,6 +311,8 @@ async fn run_mode(env: &Env, args: &Args, mode: &str) -> Result<Row, BoxError> {
     };
     let timed = Timed::new(settler);
     let builder = PaymentLayer::builder()
+        // Payloads are signed before timing starts, from requirements built here, not a 402.
+        .no_challenge_binding()
         .settler(timed.clone())
         .settlement_mode(layer_mode);
     // Requests are signed (and sign-in challenges fetched) before timing starts.

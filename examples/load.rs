@@ -187,6 +187,8 @@ fn layer(
     deferred: Option<DeferredSettler>,
 ) -> Result<PaymentLayer, BoxError> {
     let builder = PaymentLayer::builder()
+        // Payloads are signed before timing starts, from requirements built here, not a 402.
+        .no_challenge_binding()
         .pay_to(PAY_TO)
         .price(PRICE)
         .network(Network::BASE_SEPOLIA);

@@ -46,7 +46,7 @@ use tower_x402::proto::X402Version;
 use tower_x402::proto::v2::PaymentRequired;
 use tower_x402::settle::{SettlementMode, Settler};
 use tower_x402::test_util::{demo_payer, pay};
-use tower_x402::{Network, PaymentLayer, VerifiedPayment};
+use tower_x402::{ChallengeKeys, Network, PaymentLayer, VerifiedPayment};
 
 async fn weather(payment: VerifiedPayment) -> Json<Value> {
     Json(json!({
@@ -56,10 +56,17 @@ async fn weather(payment: VerifiedPayment) -> Json<Value> {
     }))
 }
 
-fn app(settle: Option<Settle>) -> Result<Router, tower_x402::error::ConfigError> {
+fn app(settle: Option<Settle>) -> Result<Router, Box<dyn std::error::Error>> {
     let mut paywall = PaymentLayer::builder();
     if let Some(settle) = settle {
         paywall = paywall.settler(settle.settler).settlement_mode(settle.mode);
+    }
+    // Challenges are bound to their request by default, with a key of this process. Several
+    // instances (or challenges that must survive a restart) share one: X402_CHALLENGE_KEY.
+    match ChallengeKeys::from_env() {
+        Ok(keys) => paywall = paywall.bind_challenges(keys),
+        Err(e) if e.is_not_set() => {}
+        Err(e) => return Err(e.into()),
     }
     let paywall = paywall
         // Anvil's account #2: a public test address.

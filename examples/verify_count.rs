@@ -119,6 +119,8 @@ fn main() {
 
     let layer = || {
         PaymentLayer::builder()
+            // Proofs are signed from requirements built here, not from a 402.
+            .no_challenge_binding()
             .pay_to(pay_to)
             .price("$0.001")
             .network(tower_x402::Network::BASE_SEPOLIA)

@@ -1,8 +1,14 @@
 //! Bound challenges: a server-issued, stateless challenge id in each 402 requirement, which a
 //! v2 client must echo back (in `accepted.extra.challenge`) for its proof to be accepted.
 //!
-//! Off by default; turned on with
-//! [`PaymentLayerBuilder::bind_challenges`](crate::PaymentLayerBuilder::bind_challenges).
+//! **On by default** for v2: a layer built without keys binds with a random key of its own
+//! process ([`ChallengeKeys::random`]). Several instances behind a load balancer need the same
+//! key on each, set with
+//! [`PaymentLayerBuilder::bind_challenges`](crate::PaymentLayerBuilder::bind_challenges) (for
+//! example [`ChallengeKeys::from_env`]); a layer with a shared store (Redis) and no key fails
+//! to build with [`ConfigError::ChallengeKeyRequired`](crate::error::ConfigError::ChallengeKeyRequired).
+//! Opting out is explicit:
+//! [`PaymentLayerBuilder::no_challenge_binding`](crate::PaymentLayerBuilder::no_challenge_binding).
 //!
 //! # What it adds
 //!
@@ -51,10 +57,10 @@
 //! # v1 clients
 //!
 //! A v1 proof (`X-PAYMENT`) names only scheme and network, never the requirement, so it cannot
-//! carry a challenge. By default a bound layer therefore refuses v1 proofs (402
-//! `invalid_x402_version`; the challenge still goes out in both dialects, so v2-capable clients
-//! pay with v2). [`ChallengeKeys::accept_unbound_v1`] lets them through unbound, checked
-//! against the route's requirements as usual.
+//! carry a challenge. By default a bound layer serves them unbound, checked against the
+//! route's requirements as usual (and their nonce claimed once, as always).
+//! [`ChallengeKeys::accept_unbound_v1`]`(false)` refuses them (402 `invalid_x402_version`; the
+//! challenge still goes out in both dialects, so v2-capable clients pay with v2).
 //!
 //! [RFC 4648 §5]: https://www.rfc-editor.org/rfc/rfc4648#section-5
 
@@ -72,6 +78,11 @@ use crate::proto::v2::PaymentRequirements;
 
 /// The key of `extra` that carries the challenge id.
 pub const EXTRA_FIELD: &str = "challenge";
+
+/// The environment variable [`ChallengeKeys::from_env`] reads the current key from.
+pub const ENV_KEY: &str = "X402_CHALLENGE_KEY";
+/// The environment variable [`ChallengeKeys::from_env`] reads the previous key from (optional).
+pub const ENV_PREVIOUS_KEY: &str = "X402_CHALLENGE_KEY_PREVIOUS";
 
 const VERSION: u8 = 1;
 const KEY_ID_LEN: usize = 4;
@@ -183,6 +194,30 @@ impl ChallengeError {
     }
 }
 
+/// Why challenge keys could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChallengeKeyError {
+    /// The environment variable is not set (or not unicode).
+    #[error(
+        "environment variable {0} is not set: set it to 64 hex digits (32 random bytes), the same on every instance"
+    )]
+    NotSet(&'static str),
+    /// Not 32 bytes written as 64 hex digits (an optional `0x` allowed).
+    #[error("{0}: a challenge key must be 32 bytes written as 64 hex digits")]
+    Malformed(&'static str),
+    /// The operating system's random source failed: no key is better than a guessable one.
+    #[error("the OS random source failed; cannot make a challenge key")]
+    NoRandomness,
+}
+
+impl ChallengeKeyError {
+    /// True when the variable is simply absent.
+    pub fn is_not_set(&self) -> bool {
+        matches!(self, Self::NotSet(_))
+    }
+}
+
 /// The keys that issue and check challenge ids; see the [module docs](self).
 ///
 /// ```
@@ -202,6 +237,8 @@ pub struct ChallengeKeys {
     ttl: Option<u64>,
     clock: Arc<dyn Clock>,
     unbound_v1: bool,
+    /// Made by [`ChallengeKeys::random`]: valid in this process only.
+    ephemeral: bool,
 }
 
 impl std::fmt::Debug for ChallengeKeys {
@@ -212,6 +249,7 @@ impl std::fmt::Debug for ChallengeKeys {
             .field("previous", &self.previous.as_ref().map(|k| hex(&k.id)))
             .field("ttl", &self.ttl)
             .field("unbound_v1", &self.unbound_v1)
+            .field("ephemeral", &self.ephemeral)
             .finish_non_exhaustive()
     }
 }
@@ -222,15 +260,83 @@ fn hex(bytes: &[u8]) -> String {
 
 impl ChallengeKeys {
     /// Issues and verifies with `current` (32 secret random bytes). Defaults: no previous
-    /// key, time to live = the requirement's `maxTimeoutSeconds`, system clock, v1 refused.
+    /// key, time to live = the requirement's `maxTimeoutSeconds`, system clock, v1 proofs
+    /// served unbound.
     pub fn new(current: [u8; 32]) -> Self {
         Self {
             current: Key::new(&current),
             previous: None,
             ttl: None,
             clock: Arc::new(SystemClock),
-            unbound_v1: false,
+            unbound_v1: true,
+            ephemeral: false,
         }
+    }
+
+    /// A fresh random key, known to this process only: what a layer binds with when no key
+    /// is configured. Ids it issued are refused by other instances and after a restart (the
+    /// client then pays against a fresh 402), so use it for one instance only.
+    ///
+    /// # Errors
+    /// [`ChallengeKeyError::NoRandomness`] if the OS random source fails.
+    pub fn random() -> Result<Self, ChallengeKeyError> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|_| ChallengeKeyError::NoRandomness)?;
+        let mut keys = Self::new(key);
+        keys.ephemeral = true;
+        Ok(keys)
+    }
+
+    /// A key written as 64 hex digits (an optional `0x` prefix; surrounding whitespace
+    /// ignored), as kept in a secret store.
+    ///
+    /// ```
+    /// use tower_x402::challenge::ChallengeKeys;
+    /// let keys = ChallengeKeys::from_hex(&"ab".repeat(32)).unwrap();
+    /// assert!(ChallengeKeys::from_hex("abcd").is_err());
+    /// # let _ = keys;
+    /// ```
+    ///
+    /// # Errors
+    /// [`ChallengeKeyError::Malformed`] unless it is exactly 32 bytes of hex.
+    pub fn from_hex(hex: &str) -> Result<Self, ChallengeKeyError> {
+        parse_key(hex, "challenge key").map(Self::new)
+    }
+
+    /// Keys from the environment: the current key from [`ENV_KEY`] (`X402_CHALLENGE_KEY`) and,
+    /// while rotating, the previous one from [`ENV_PREVIOUS_KEY`]
+    /// (`X402_CHALLENGE_KEY_PREVIOUS`), each 64 hex digits. Every instance must see the same
+    /// values.
+    ///
+    /// ```no_run
+    /// use tower_x402::challenge::ChallengeKeys;
+    /// use tower_x402::{Network, PaymentLayer};
+    /// use tower_x402::primitives::address;
+    /// let layer = PaymentLayer::builder()
+    ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+    ///     .price("$0.001")
+    ///     .network(Network::BASE_SEPOLIA)
+    ///     .bind_challenges(ChallengeKeys::from_env()?)
+    ///     .build()?;
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ChallengeKeyError::NotSet`] without `X402_CHALLENGE_KEY`;
+    /// [`ChallengeKeyError::Malformed`] if either variable is not 64 hex digits.
+    pub fn from_env() -> Result<Self, ChallengeKeyError> {
+        let current = std::env::var(ENV_KEY).map_err(|_| ChallengeKeyError::NotSet(ENV_KEY))?;
+        let mut keys = Self::new(parse_key(&current, ENV_KEY)?);
+        if let Ok(previous) = std::env::var(ENV_PREVIOUS_KEY) {
+            keys = keys.with_previous(parse_key(&previous, ENV_PREVIOUS_KEY)?);
+        }
+        Ok(keys)
+    }
+
+    /// True for keys made by [`ChallengeKeys::random`]: valid in this process only.
+    pub fn is_ephemeral(&self) -> bool {
+        self.ephemeral
     }
 
     /// Also verifies ids issued with `previous` (the key being rotated out; default none).
@@ -253,8 +359,8 @@ impl ChallengeKeys {
         self
     }
 
-    /// Lets v1 proofs through unbound (default `false`: a bound layer refuses them with 402
-    /// `invalid_x402_version`, since a v1 payload cannot echo a challenge).
+    /// Lets v1 proofs through unbound (default `true`, since a v1 payload cannot echo a
+    /// challenge). `false` refuses them with 402 `invalid_x402_version`: v2 clients only.
     pub fn accept_unbound_v1(mut self, on: bool) -> Self {
         self.unbound_v1 = on;
         self
@@ -348,6 +454,16 @@ impl ChallengeKeys {
             .ok_or(ChallengeError::Missing)?;
         self.check(id, binding)
     }
+}
+
+/// 32 bytes from 64 hex digits (optional `0x`, surrounding whitespace ignored).
+fn parse_key(text: &str, what: &'static str) -> Result<[u8; 32], ChallengeKeyError> {
+    let text = text.trim();
+    let digits = text.strip_prefix("0x").unwrap_or(text);
+    let mut key = [0u8; 32];
+    alloy_primitives::hex::decode_to_slice(digits, &mut key)
+        .map_err(|_| ChallengeKeyError::Malformed(what))?;
+    Ok(key)
 }
 
 /// 16 random bytes. The salt only has to make ids unique (the key is the secret), so if the OS

@@ -46,6 +46,15 @@ pub enum ConfigError {
     /// message says which and what to do.
     #[error("contradictory configuration: {0}")]
     Contradictory(&'static str),
+    /// Challenges are bound by default with a key of this process, but a store shared
+    /// between instances (Redis) says there are several: each would refuse the others' ids.
+    #[error(
+        "a shared store serves several instances, but challenges are bound with a random key of this process: set the same 32-byte key on every instance with .bind_challenges(ChallengeKeys::from_env()?) (X402_CHALLENGE_KEY, 64 hex digits) or ChallengeKeys::new(key), or opt out with .no_challenge_binding()"
+    )]
+    ChallengeKeyRequired,
+    /// The OS random source failed while making a key.
+    #[error("the OS random source failed; cannot make a challenge key")]
+    NoRandomness,
     /// A [prepaid](crate::prepaid) route that cannot be built.
     #[error(transparent)]
     Prepaid(#[from] crate::prepaid::BundleError),

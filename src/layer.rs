@@ -61,6 +61,16 @@ fn default_store() -> Arc<dyn NonceStore> {
         .clone()
 }
 
+/// How the builder was told to bind challenges.
+enum Binding {
+    /// Not said: a random key of this process (refused next to a shared store).
+    Default,
+    /// `.bind_challenges(keys)`.
+    Keys(Box<ChallengeKeys>),
+    /// `.no_challenge_binding()`.
+    Off,
+}
+
 /// Builder of a [`PaymentLayer`]. Every setter states its default.
 #[must_use]
 pub struct PaymentLayerBuilder {
@@ -86,7 +96,7 @@ pub struct PaymentLayerBuilder {
     hooks: Vec<Arc<dyn PaymentHooks>>,
     max_verifications: Option<usize>,
     resource_check: ResourceCheck,
-    challenges: Option<ChallengeKeys>,
+    challenges: Binding,
     idempotency: Option<Idempotency>,
     idempotency_required: Option<bool>,
     idempotency_max_body: Option<usize>,
@@ -118,7 +128,7 @@ impl Default for PaymentLayerBuilder {
             hooks: Vec::new(),
             max_verifications: None,
             resource_check: ResourceCheck::default(),
-            challenges: None,
+            challenges: Binding::Default,
             idempotency: None,
             idempotency_required: None,
             idempotency_max_body: None,
@@ -311,13 +321,43 @@ impl PaymentLayerBuilder {
         self
     }
 
-    /// Binds each 402 requirement to this resource, method and price with a signed,
-    /// expiring challenge id in `extra.challenge`, which v2 clients echo back; a proof without
-    /// a valid one gets 402 `invalid_challenge` or `challenge_expired` (default off). v1
-    /// proofs cannot echo it and are refused unless
-    /// [`ChallengeKeys::accept_unbound_v1`]. See [`crate::challenge`].
+    /// The keys that bind each v2 402 requirement to this resource, method and price with a
+    /// signed, expiring challenge id in `extra.challenge`, which v2 clients echo back; a proof
+    /// without a valid one gets 402 `invalid_challenge` or `challenge_expired`. v1 proofs
+    /// cannot echo it and are served unbound unless
+    /// [`ChallengeKeys::accept_unbound_v1`]`(false)`. See [`crate::challenge`].
+    ///
+    /// Binding is **on by default** with a random key of this process. Set the keys when
+    /// several instances serve the same routes (every instance the same keys): a layer with a
+    /// shared store and no keys does not build
+    /// ([`ConfigError::ChallengeKeyRequired`]).
+    ///
+    /// ```
+    /// use tower_x402::challenge::ChallengeKeys;
+    /// use tower_x402::{Network, PaymentLayer};
+    /// use tower_x402::primitives::address;
+    /// let key = [7u8; 32]; // in production: 32 random bytes from your secret store
+    /// let layer = PaymentLayer::builder()
+    ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+    ///     .price("$0.001")
+    ///     .network(Network::BASE_SEPOLIA)
+    ///     .bind_challenges(ChallengeKeys::new(key))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer;
+    /// ```
     pub fn bind_challenges(mut self, keys: ChallengeKeys) -> Self {
-        self.challenges = Some(keys);
+        self.challenges = Binding::Keys(Box::new(keys));
+        self
+    }
+
+    /// Turns challenge binding off (default on, see [`Self::bind_challenges`]): any valid
+    /// proof for the route's requirements is accepted, whichever 402 (or none) it was made
+    /// from; [`ResourceCheck`] still compares its `resource.url`. The 402 is then the same
+    /// for every request and cached. For clients that cannot echo `extra` unchanged, or
+    /// tests that sign requirements they built themselves.
+    pub fn no_challenge_binding(mut self) -> Self {
+        self.challenges = Binding::Off;
         self
     }
 
@@ -413,10 +453,31 @@ impl PaymentLayerBuilder {
             None if options.is_empty() => return Err(ConfigError::NoOptions),
             None => Pricing::Static(options.into()),
         };
+        let prepaid = match self.prepaid {
+            Some(p) => Some(p.build(self.resource_base.as_deref())?),
+            None => None,
+        };
+        let store = self.store.unwrap_or_else(default_store);
+        let challenges = match self.challenges {
+            Binding::Keys(keys) => Some(*keys),
+            Binding::Off => None,
+            Binding::Default => {
+                // A key of this process only: ids it issues fail on every other instance.
+                let shared = store.is_shared()
+                    || self
+                        .idempotency
+                        .as_ref()
+                        .is_some_and(|i| i.store.is_shared())
+                    || prepaid.as_ref().is_some_and(|p| p.is_shared());
+                if shared {
+                    return Err(ConfigError::ChallengeKeyRequired);
+                }
+                Some(ChallengeKeys::random().map_err(|_| ConfigError::NoRandomness)?)
+            }
+        };
         // A v1 payload cannot echo a challenge id: a bound layer takes it only if told to.
         let accept_v1 = self.accept_v1
-            && self
-                .challenges
+            && challenges
                 .as_ref()
                 .is_none_or(ChallengeKeys::accepts_unbound_v1);
         if !accept_v1 && !self.accept_v2 {
@@ -443,14 +504,10 @@ impl PaymentLayerBuilder {
             );
             m
         });
-        let prepaid = match self.prepaid {
-            Some(p) => Some(p.build(self.resource_base.as_deref())?),
-            None => None,
-        };
         Ok(PaymentLayer {
             shared: Arc::new(Shared {
                 verifier: self.verifier,
-                store: self.store.unwrap_or_else(default_store),
+                store,
                 settler: self.settler,
                 mode: self.mode,
                 pricing,
@@ -465,7 +522,7 @@ impl PaymentLayerBuilder {
                 hooks: self.hooks.into(),
                 inflight: self.max_verifications.map(Inflight::new),
                 resource_check: self.resource_check,
-                challenges: self.challenges,
+                challenges,
                 idempotency,
                 extensions,
                 prepaid,

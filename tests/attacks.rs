@@ -268,6 +268,7 @@ async fn one_authorization_as_v1_and_v2_on_two_routes_runs_one_handler() {
             .route(path, handler(hits.clone()))
             .route_layer(
                 PaymentLayer::builder()
+                    .no_challenge_binding()
                     .pay_to(PAY_TO)
                     .price(PRICE)
                     .network(tower_x402::Network::BASE_SEPOLIA)
@@ -706,6 +707,7 @@ async fn an_asset_without_contract_code_is_refused_before_the_handler_and_any_tr
             .with_batched_check(batched);
         let svc = app(&hits).route_layer(
             PaymentLayer::builder()
+                .no_challenge_binding()
                 .pay_to(PAY_TO)
                 .price(PRICE)
                 .network(tower_x402::Network::BASE_SEPOLIA)

@@ -101,12 +101,217 @@ fn with_challenge(req: &PaymentRequirements, value: Value) -> PaymentRequirement
 // The challenge
 
 #[tokio::test]
-async fn off_by_default_no_challenge_id() {
+async fn opted_out_layer_sends_no_challenge_id() {
     let clock = clock();
+    // `common::builder` opts out with `.no_challenge_binding()`.
     let svc = layer(&clock).layer(plain_service(Hits::new()));
     let accepts = challenged(&svc, Method::GET, "/paid").await;
     assert_eq!(accepts, vec![requirements()], "unbound 402 is unchanged");
     assert!(accepts[0].extra_str(EXTRA_FIELD).is_none());
+}
+
+/// A layer configured with nothing about challenges, on the system clock.
+fn default_svc(
+    hits: &Hits,
+) -> impl tower::Service<
+    Request<Body>,
+    Response = http::Response<tower_x402::body::ResponseBody<http_body_util::Full<bytes::Bytes>>>,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    tower_x402::PaymentLayer::builder()
+        .pay_to(PAY_TO)
+        .price(PRICE)
+        .network(tower_x402::Network::BASE_SEPOLIA)
+        .nonce_store(MemoryNonceStore::new())
+        .build()
+        .expect("valid layer")
+        .layer(plain_service(hits.clone()))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bound_by_default_without_configuration() {
+    let hits = Hits::new();
+    let svc = default_svc(&hits);
+    let now = unix_now();
+    let accepts = challenged(&svc, Method::GET, "/paid").await;
+    let id = challenge_id(&accepts[0]);
+    assert_eq!(id.len(), 60, "{id}");
+
+    // A proof signed from the server's own requirement, without the echo, is refused unspent.
+    let unechoed = proof_for(&requirements(), now);
+    let r = get_with(&svc, "/paid", [unechoed.clone()]).await;
+    assert_eq!(
+        r.outcome(),
+        (StatusCode::PAYMENT_REQUIRED, Some(INVALID_CHALLENGE.into()))
+    );
+    // A forged id is refused too.
+    let forged = with_challenge(&accepts[0], json!("A".repeat(60)));
+    let r = get_with(&svc, "/paid", [proof_for(&forged, now)]).await;
+    assert_eq!(r.reason().as_deref(), Some(INVALID_CHALLENGE));
+    // The id of another server (another random key) is refused.
+    let other = challenged(&default_svc(&Hits::new()), Method::GET, "/paid").await;
+    let r = get_with(&svc, "/paid", [proof_for(&other[0], now)]).await;
+    assert_eq!(r.reason().as_deref(), Some(INVALID_CHALLENGE));
+    assert_eq!(hits.get(), 0);
+
+    // Echoed as a client copies it: paid once, and the replay of that proof is refused.
+    let proof = proof_for(&accepts[0], now);
+    let r = get_with(&svc, "/paid", [proof.clone()]).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.outcome());
+    let r = get_with(&svc, "/paid", [proof]).await;
+    assert_eq!(r.reason().as_deref(), Some(NONCE_USED));
+    assert_eq!(hits.get(), 1);
+}
+
+#[tokio::test]
+async fn default_binding_serves_v1_unbound_and_sends_both_dialects() {
+    let hits = Hits::new();
+    let svc = default_svc(&hits);
+    let r = send(&svc, request("/paid", [])).await;
+    // v1 clients cannot echo: they get the v1 body (and v2 clients the header).
+    assert_eq!(r.json()["x402Version"], json!(1));
+    assert_eq!(challenge_id(&r.challenge().accepts[0]).len(), 60);
+    let v1 = tower_x402::test_util::pay(
+        &payer(),
+        &requirements(),
+        unix_now(),
+        tower_x402::proto::X402Version::V1,
+    );
+    let r = get_with(&svc, "/paid", [v1]).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.outcome());
+    assert_eq!(hits.get(), 1);
+}
+
+/// A store that says it is shared between instances, as the Redis stores do.
+#[derive(Clone, Default)]
+struct SharedStore(MemoryNonceStore);
+
+#[tower_x402::async_trait]
+impl tower_x402::NonceStore for SharedStore {
+    async fn reserve(
+        &self,
+        key: &tower_x402::nonce::NonceKey,
+        expires_at: u64,
+    ) -> Result<tower_x402::nonce::Reservation, tower_x402::nonce::StoreError> {
+        self.0.reserve(key, expires_at).await
+    }
+    async fn consume(
+        &self,
+        key: &tower_x402::nonce::NonceKey,
+        token: tower_x402::nonce::ClaimToken,
+    ) -> Result<(), tower_x402::nonce::StoreError> {
+        self.0.consume(key, token).await
+    }
+    async fn release(
+        &self,
+        key: &tower_x402::nonce::NonceKey,
+        token: tower_x402::nonce::ClaimToken,
+    ) -> Result<(), tower_x402::nonce::StoreError> {
+        self.0.release(key, token).await
+    }
+    fn is_shared(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn shared_store_without_a_key_does_not_build() {
+    let base = || {
+        tower_x402::PaymentLayer::builder()
+            .pay_to(PAY_TO)
+            .price(PRICE)
+            .network(tower_x402::Network::BASE_SEPOLIA)
+            .nonce_store(SharedStore::default())
+    };
+    let err = base().build().map(|_| ()).unwrap_err();
+    assert!(
+        matches!(err, tower_x402::error::ConfigError::ChallengeKeyRequired),
+        "{err:?}"
+    );
+    // The message says what to set.
+    let msg = err.to_string();
+    assert!(msg.contains("X402_CHALLENGE_KEY"), "{msg}");
+    assert!(msg.contains("bind_challenges"), "{msg}");
+    assert!(msg.contains("no_challenge_binding"), "{msg}");
+    // A configured key, or an explicit opt-out, builds.
+    assert!(
+        base()
+            .bind_challenges(ChallengeKeys::new(KEY_A))
+            .build()
+            .is_ok()
+    );
+    assert!(base().no_challenge_binding().build().is_ok());
+}
+
+#[test]
+fn keys_from_hex_and_env() {
+    let hex = "a1".repeat(32);
+    let clock = clock();
+    let r = requirements();
+    let binding = tower_x402::challenge::Binding {
+        url: "http://api.test/paid",
+        method: "GET",
+        requirements: &r,
+    };
+    // The same key however it is written: ids of one verify with the other.
+    let a = ChallengeKeys::from_hex(&hex)
+        .unwrap()
+        .with_clock(clock.clone());
+    let b = ChallengeKeys::from_hex(&format!(" 0x{} \n", hex.to_uppercase()))
+        .unwrap()
+        .with_clock(clock.clone());
+    let c = keys(KEY_A, &clock);
+    let id = a.issue(&binding);
+    assert_eq!(b.check(&id, &binding), Ok(()));
+    assert_eq!(c.check(&id, &binding), Ok(()));
+    for bad in [
+        "",
+        "a1",
+        &"a1".repeat(31),
+        &"a1".repeat(33),
+        &"zz".repeat(32),
+    ] {
+        assert!(ChallengeKeys::from_hex(bad).is_err(), "{bad:?}");
+    }
+    assert!(!a.is_ephemeral());
+    assert!(ChallengeKeys::random().unwrap().is_ephemeral());
+
+    // The environment (this is the only test of the binary touching these variables).
+    use tower_x402::challenge::{ENV_KEY, ENV_PREVIOUS_KEY};
+    // SAFETY: no other thread of this test binary reads or writes these variables.
+    unsafe {
+        std::env::remove_var(ENV_KEY);
+        std::env::remove_var(ENV_PREVIOUS_KEY);
+    }
+    assert!(ChallengeKeys::from_env().unwrap_err().is_not_set());
+    unsafe { std::env::set_var(ENV_KEY, "b2".repeat(32)) };
+    unsafe { std::env::set_var(ENV_PREVIOUS_KEY, &hex) };
+    let rotated = ChallengeKeys::from_env().unwrap().with_clock(clock.clone());
+    // Ids of the previous key still verify; new ones are made with the current key.
+    assert_eq!(rotated.check(&id, &binding), Ok(()));
+    let fresh = rotated.issue(&binding);
+    assert_eq!(
+        keys(KEY_B, &clock).check(&fresh, &binding),
+        Ok(()),
+        "issued with X402_CHALLENGE_KEY"
+    );
+    unsafe { std::env::set_var(ENV_PREVIOUS_KEY, "nothex") };
+    let err = ChallengeKeys::from_env().unwrap_err();
+    assert!(err.to_string().contains(ENV_PREVIOUS_KEY), "{err}");
+    unsafe {
+        std::env::remove_var(ENV_KEY);
+        std::env::remove_var(ENV_PREVIOUS_KEY);
+    }
 }
 
 #[tokio::test]
@@ -130,10 +335,23 @@ async fn bound_402_carries_an_id_and_the_same_eip712_domain() {
     assert_eq!(without, requirements());
     assert_eq!(accepts[0].extra_str("name"), Some("USDC"));
     assert_eq!(accepts[0].extra_str("version"), Some("2"));
-    // No v1 body: a v1 payload cannot echo the id, so a bound route (v1 refused by default)
-    // offers only v2; the body is the v2 document itself.
-    assert_eq!(r.json()["x402Version"], json!(2));
-    assert_eq!(r.json()["accepts"][0]["extra"][EXTRA_FIELD], json!(id));
+    // v1 proofs are served unbound by default, so the body is the v1 document (its
+    // requirement carries the id too; v1 clients ignore it).
+    assert_eq!(r.json()["x402Version"], json!(1));
+    // With v1 refused, no v1 body: the body is the v2 document itself.
+    let v2_only = bound_svc(
+        &clock,
+        keys(KEY_A, &clock).accept_unbound_v1(false),
+        &Hits::new(),
+    );
+    let r2 = send(&v2_only, request("/paid", [])).await;
+    assert_eq!(r2.json()["x402Version"], json!(2));
+    assert_eq!(
+        r2.json()["accepts"][0]["extra"][EXTRA_FIELD]
+            .as_str()
+            .map(str::len),
+        Some(60)
+    );
     // Each 402 gets a fresh id.
     let again = challenged(&svc, Method::GET, "/paid").await;
     assert_ne!(challenge_id(&again[0]), id);
@@ -390,10 +608,10 @@ async fn rotation_previous_key_verifies_removed_key_fails() {
 }
 
 #[tokio::test]
-async fn v1_refused_by_default_accepted_unbound_when_allowed() {
+async fn v1_served_unbound_by_default_refused_when_switched_off() {
     let clock = clock();
     let hits = Hits::new();
-    let svc = bound_svc(&clock, keys(KEY_A, &clock), &hits);
+    let svc = bound_svc(&clock, keys(KEY_A, &clock).accept_unbound_v1(false), &hits);
     let r = get_with(&svc, "/paid", [proof_v1()]).await;
     assert_eq!(
         r.outcome(),
@@ -408,7 +626,7 @@ async fn v1_refused_by_default_accepted_unbound_when_allowed() {
     assert!(challenge_id(&r.challenge().accepts[0]).len() == 60);
     assert_eq!(hits.get(), 0);
 
-    let svc = bound_svc(&clock, keys(KEY_A, &clock).accept_unbound_v1(true), &hits);
+    let svc = bound_svc(&clock, keys(KEY_A, &clock), &hits);
     let r = get_with(&svc, "/paid", [proof_v1()]).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.outcome());
     assert_eq!(r.v1_receipt()["success"], json!(true));
@@ -420,7 +638,7 @@ async fn v1_refused_by_default_accepted_unbound_when_allowed() {
     // A v1-only route cannot be bound without letting v1 through unbound.
     let err = builder(&clock)
         .versions(true, false)
-        .bind_challenges(keys(KEY_A, &clock))
+        .bind_challenges(keys(KEY_A, &clock).accept_unbound_v1(false))
         .build()
         .unwrap_err();
     assert!(err.to_string().contains("protocol version"), "{err}");
@@ -500,9 +718,38 @@ async fn js_v2_client_echoes_the_id_and_pays() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn js_v1_client_never_signs_for_a_bound_route() {
+async fn js_v1_client_never_signs_when_v1_is_refused() {
     let Some(deps) = process::test_deps(
         "js_v1_bound",
+        &["node/node_modules/x402-fetch/package.json"],
+    ) else {
+        return;
+    };
+    let hits = Hits::new();
+    let (url, server) =
+        bound_server(&hits, ChallengeKeys::new(KEY_A).accept_unbound_v1(false)).await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/pay.mjs");
+    let r = tokio::task::spawn_blocking(move || {
+        let script = script.to_str().unwrap().to_owned();
+        run_client(&deps, "node", &[&script, "--client", "v1", "--url", &url])
+    })
+    .await
+    .unwrap();
+    // The route offers no v1 form: the v1 client cannot parse the v2-only challenge
+    // and stops before signing anything.
+    assert_eq!(r["paymentHeader"], Value::Null, "{r:#}");
+    assert!(
+        r["error"].as_str().is_some_and(|e| e.contains("ZodError")),
+        "{r:#}"
+    );
+    assert_eq!(hits.get(), 0);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_v1_client_pays_unbound_on_a_default_layer() {
+    let Some(deps) = process::test_deps(
+        "js_v1_default",
         &["node/node_modules/x402-fetch/package.json"],
     ) else {
         return;
@@ -512,18 +759,19 @@ async fn js_v1_client_never_signs_for_a_bound_route() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/pay.mjs");
     let r = tokio::task::spawn_blocking(move || {
         let script = script.to_str().unwrap().to_owned();
-        run_client(&deps, "node", &[&script, "--client", "v1", "--url", &url])
+        run_client(
+            &deps,
+            "node",
+            &[&script, "--client", "v1", "--url", &url, "--replay"],
+        )
     })
     .await
     .unwrap();
-    // The bound route offers no v1 form: the v1 client cannot parse the v2-only challenge
-    // and stops before signing anything.
-    assert_eq!(r["paymentHeader"], Value::Null, "{r:#}");
-    assert!(
-        r["error"].as_str().is_some_and(|e| e.contains("ZodError")),
-        "{r:#}"
-    );
-    assert_eq!(hits.get(), 0);
+    // v1 cannot echo: served unbound, checked against the route's requirements, once.
+    assert_eq!(r["status"], 200, "{r:#}");
+    assert_eq!(r["paymentHeaderName"], "X-PAYMENT", "{r:#}");
+    assert_eq!(r["replayStatus"], 402, "{r:#}");
+    assert_eq!(hits.get(), 1);
     server.abort();
 }
 

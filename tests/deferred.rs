@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 use tower::ServiceExt;
 use tower_x402::proto::X402Version;
 use tower_x402::proto::exact::ExactEvmPayload;
+use tower_x402::proto::v2::{PaymentRequired, PaymentRequirements};
 use tower_x402::settle::Settler;
 use tower_x402::settle::deferred::{DeferredSettler, Outcome, OutcomeStatus};
 use tower_x402::settle::onchain::{OnchainSettler, reason};
@@ -135,6 +136,7 @@ fn app(settler: impl Settler) -> App {
     let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
     let layer = PaymentLayer::builder()
+        .no_challenge_binding()
         .accept(option("$0.01"))
         .verifier(ExactEvmVerifier::new())
         .settler(settler)
@@ -575,6 +577,10 @@ async fn rpc_down_after_journaling_keeps_the_payment_and_settles_when_back() {
 // ------------------------------------------------------------------------------------------------
 // kill -9 recovery, with the quickstart example as the server process
 
+/// The host every request names: a restarted server listens on another port, but its
+/// challenges are for the same public URL, as behind a load balancer.
+const HOST: &str = "weather.test";
+
 /// `quickstart --serve --rpc-url .. --mode deferred`; killed (SIGKILL) on drop.
 struct Server {
     process: process::Server,
@@ -597,7 +603,10 @@ impl Server {
         .arg(journal)
         .args(["--max-wait-ms", &max_wait_ms.to_string()])
         .args(["--max-batch", &max_batch.to_string()])
-        .env("X402_RELAYER_KEY", RELAYER_KEY);
+        .env("X402_RELAYER_KEY", RELAYER_KEY)
+        // One challenge key across restarts: a proof made before the kill is judged by its
+        // nonce after it, as on another instance.
+        .env(tower_x402::challenge::ENV_KEY, "5a".repeat(32));
         // A restarted server's worker may print a recovered payment's outcome before the
         // `listening on` line: wait for that line, keeping every line in the log.
         let (process, base) = process::Server::start_until("quickstart", &mut cmd, WAIT, |line| {
@@ -607,11 +616,29 @@ impl Server {
         Server { process, base }
     }
 
+    /// The requirement of its 402, as a client reads it (bound challenge id included).
+    async fn challenge(&self) -> PaymentRequirements {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Empty<bytes::Bytes>>();
+        let req = Request::get(format!("{}/weather", self.base))
+            .header(http::header::HOST, HOST)
+            .body(Empty::new())
+            .expect("request");
+        let res = client.request(req).await.expect("server answers");
+        assert_eq!(res.status(), StatusCode::PAYMENT_REQUIRED);
+        let doc: PaymentRequired =
+            serde_json::from_value(header_json(res.headers(), "payment-required"))
+                .expect("challenge");
+        doc.accepts.into_iter().next().expect("one requirement")
+    }
+
     async fn get(&self, header: (HeaderName, HeaderValue)) -> (StatusCode, HeaderMap) {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http::<Empty<bytes::Bytes>>();
         let req = Request::get(format!("{}/weather", self.base))
+            .header(http::header::HOST, HOST)
             .header(header.0, header.1)
             .body(Empty::new())
             .expect("request");
@@ -641,12 +668,12 @@ async fn kill_9_and_restart_settles_every_journaled_payment_exactly_once() {
         return;
     };
     let path = journal("deferred_kill_9");
-    let req = option("$0.001").requirements().clone();
     let before = chain.balance(PAY_TO).await;
     let txs = relayer_txs(&chain).await;
 
     // 1. Three payments journaled, the worker told to wait ten minutes, then kill -9.
     let server = Server::start(chain.url(), &path, 32, 600_000);
+    let req = server.challenge().await;
     let mut headers = Vec::new();
     for payer in &payers() {
         let header = pay(payer, &req, now(), X402Version::V2);

@@ -107,6 +107,7 @@ fn app(settler: &DeferredSettler) -> App {
     let runs = Arc::new(AtomicUsize::new(0));
     let counter = runs.clone();
     let layer = PaymentLayer::builder()
+        .no_challenge_binding()
         .accept(option())
         .verifier(ExactEvmVerifier::new())
         .settler(settler.clone())

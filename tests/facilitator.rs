@@ -327,6 +327,7 @@ async fn upto_through_the_reference_facilitator_settles_the_metered_amount() {
     .unwrap();
     let req = option.requirements().clone();
     let layer = PaymentLayer::builder()
+        .no_challenge_binding()
         .accept(option)
         .verifier(client.clone())
         .settler(client)

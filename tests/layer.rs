@@ -900,6 +900,7 @@ fn several_options() -> [PaymentOption; 4] {
 
 fn several_options_layer(clock: &tower_x402::clock::FixedClock) -> PaymentLayer {
     let mut b = PaymentLayer::builder()
+        .no_challenge_binding()
         .verifier(tower_x402::ExactEvmVerifier::new().with_clock(clock.clone()))
         .nonce_store(tower_x402::MemoryNonceStore::with_capacity_and_clock(
             100,

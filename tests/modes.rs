@@ -56,6 +56,7 @@ async fn run(
 ) {
     let log = Log::default();
     let layer = PaymentLayer::builder()
+        .no_challenge_binding()
         .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
         .price("$0.001")
         .network(Network::BASE_SEPOLIA)

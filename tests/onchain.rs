@@ -102,6 +102,7 @@ fn app(settler: impl Settler) -> App {
     let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
     let layer = PaymentLayer::builder()
+        .no_challenge_binding()
         .accept(option())
         .verifier(ExactEvmVerifier::new())
         .settler(settler)

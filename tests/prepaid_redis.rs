@@ -404,6 +404,7 @@ async fn instance(
         .await
         .expect("connect to the test redis");
     PaymentLayer::builder()
+        .no_challenge_binding()
         .pay_to(PAY_TO)
         .network(Network::BASE_SEPOLIA)
         .verifier(ExactEvmVerifier::new().with_clock(clock.clone()))

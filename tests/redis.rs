@@ -25,13 +25,15 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use redis::AsyncCommands;
 use tower_x402::clock::FixedClock;
+use tower_x402::error::ConfigError;
 use tower_x402::nonce::{
     ClaimToken, NonceKey, NonceStore, RedisNonceStore, Reservation, StoreError,
 };
 use tower_x402::primitives::{Address, B256, address};
 use tower_x402::proto::X402Version;
+use tower_x402::proto::v2::PaymentRequirements;
 use tower_x402::test_util::{demo_payer, pay, random_nonce};
-use tower_x402::{Asset, ExactEvmVerifier, PaymentLayer, PaymentOption};
+use tower_x402::{Asset, ChallengeKeys, ExactEvmVerifier, PaymentLayer, PaymentOption};
 
 use redis_server::{RedisServer, free_port};
 
@@ -86,7 +88,29 @@ async fn serve(
     clock_now: u64,
     hits: Arc<AtomicUsize>,
 ) -> (String, tokio::task::JoinHandle<()>) {
-    let layer = PaymentLayer::builder()
+    serve_bound(store, clock_now, hits, None).await
+}
+
+/// [`serve`], binding challenges with `keys` (`None`: opted out, proofs are signed from
+/// requirements built here).
+async fn serve_bound(
+    store: RedisNonceStore,
+    clock_now: u64,
+    hits: Arc<AtomicUsize>,
+    keys: Option<ChallengeKeys>,
+) -> (String, tokio::task::JoinHandle<()>) {
+    let bound = keys.is_some();
+    let builder = match keys {
+        Some(keys) => PaymentLayer::builder().bind_challenges(keys),
+        None => PaymentLayer::builder().no_challenge_binding(),
+    };
+    let builder = if bound {
+        // Behind a load balancer every instance sees the same public URL.
+        builder.resource_base("http://api.test")
+    } else {
+        builder
+    };
+    let layer = builder
         .accept(option())
         .verifier(ExactEvmVerifier::new().with_clock(FixedClock::new(clock_now)))
         .nonce_store(store)
@@ -139,6 +163,26 @@ async fn get_paid(
     tokio::time::timeout(Duration::from_secs(10), fut)
         .await
         .expect("request within 10 s")
+}
+
+/// The first requirement of `url`'s 402, as a client reads it (`extra.challenge` included).
+async fn challenge(client: &HttpClient, url: &str) -> PaymentRequirements {
+    let req = http::Request::get(url).body(Empty::new()).expect("request");
+    let res = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("402 within 10 s")
+        .expect("response");
+    assert_eq!(res.status(), StatusCode::PAYMENT_REQUIRED);
+    let raw = res
+        .headers()
+        .get("payment-required")
+        .expect("PAYMENT-REQUIRED");
+    let json = base64::engine::general_purpose::STANDARD
+        .decode(raw.as_bytes())
+        .expect("base64");
+    let doc: tower_x402::proto::v2::PaymentRequired =
+        serde_json::from_slice(&json).expect("challenge");
+    doc.accepts.into_iter().next().expect("one requirement")
 }
 
 /// The `error` of the `PAYMENT-REQUIRED` challenge.
@@ -352,6 +396,62 @@ async fn two_servers_one_redis_one_proof_serves_once() {
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     task_a.abort();
     task_b.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_one_redis_need_one_challenge_key() {
+    let Some(server) = RedisServer::start("two_servers_one_redis_need_one_challenge_key") else {
+        return;
+    };
+    // Bound by default with a key of this process: next to a shared store, that would make
+    // every instance refuse the others' challenges, so it does not build.
+    let err = PaymentLayer::builder()
+        .accept(option())
+        .nonce_store(store(&server).await)
+        .build()
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(err, ConfigError::ChallengeKeyRequired), "{err:?}");
+
+    let t = now();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let keys = ChallengeKeys::new([0x5a; 32]);
+    let (url_a, task_a) =
+        serve_bound(store(&server).await, t, hits.clone(), Some(keys.clone())).await;
+    let (url_b, task_b) = serve_bound(store(&server).await, t, hits.clone(), Some(keys)).await;
+    let other = Some(ChallengeKeys::new([0x6b; 32]));
+    let (url_c, task_c) = serve_bound(store(&server).await, t, hits.clone(), other).await;
+    let client = client();
+
+    // A challenge of A, paid at C (another key): refused before the nonce is claimed.
+    let req = challenge(&client, &url_a).await;
+    let header = pay(&demo_payer(), &req, t, X402Version::V2);
+    let (status, headers, _) = get_paid(&client, &url_c, &header).await;
+    assert_eq!(
+        (status, challenge_reason(&headers).as_deref()),
+        (StatusCode::PAYMENT_REQUIRED, Some("invalid_challenge"))
+    );
+    // A proof that does not echo a challenge is refused by every instance.
+    let unechoed = pay(&demo_payer(), option().requirements(), t, X402Version::V2);
+    let (_, headers, _) = get_paid(&client, &url_b, &unechoed).await;
+    assert_eq!(
+        challenge_reason(&headers).as_deref(),
+        Some("invalid_challenge")
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+
+    // The same key on A and B: A's challenge pays at B, once; the replay at A is refused.
+    let (status, _, body) = get_paid(&client, &url_b, &header).await;
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    let (status, headers, _) = get_paid(&client, &url_a, &header).await;
+    assert_eq!(
+        (status, challenge_reason(&headers).as_deref()),
+        (StatusCode::PAYMENT_REQUIRED, Some(NONCE_USED))
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    for task in [task_a, task_b, task_c] {
+        task.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -648,6 +748,7 @@ mod idempotency {
         let nonces = store(server).await;
         let ids = RedisIdempotencyStore::new(nonces.connection());
         let layer = PaymentLayer::builder()
+            .no_challenge_binding()
             .accept(option())
             .verifier(ExactEvmVerifier::new().with_clock(FixedClock::new(clock_now)))
             .nonce_store(nonces)

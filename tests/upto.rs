@@ -104,6 +104,7 @@ fn service_with(
 + 'static {
     let clock = clock();
     let layer = PaymentLayer::builder()
+        .no_challenge_binding()
         .accept(upto_option())
         .accept(option())
         .verifier(EvmVerifier::new().with_clock(clock.clone()))
@@ -453,6 +454,7 @@ async fn a_failed_handler_settles_nothing_and_releases_the_proof() {
     let settler = Recording::default();
     let clock = clock();
     let layer = PaymentLayer::builder()
+        .no_challenge_binding()
         .accept(upto_option())
         .verifier(EvmVerifier::new().with_clock(clock.clone()))
         .nonce_store(MemoryNonceStore::with_capacity_and_clock(1000, clock))
@@ -490,6 +492,7 @@ async fn a_failed_handler_settles_nothing_and_releases_the_proof() {
 #[test]
 fn upto_cannot_settle_before_the_handler() {
     let err = PaymentLayer::builder()
+        .no_challenge_binding()
         .accept(upto_option())
         .settlement_mode(SettlementMode::BeforeHandler)
         .build()

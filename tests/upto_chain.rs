@@ -318,6 +318,7 @@ mod layer {
         )
         .expect("option");
         let layer = PaymentLayer::builder()
+            .no_challenge_binding()
             .accept(option)
             .settler(settler.clone())
             .build()

@@ -407,9 +407,11 @@ fn service(
         .accept(PaymentOption::exact(&Asset::usdc_base_sepolia(), "$0.001", PAY_TO).expect("ok"))
         .verifier(verifier())
         .nonce_store(MemoryNonceStore::with_capacity_and_clock(64, clock));
-    if bound {
-        builder = builder.bind_challenges(keys(unbound_v1));
-    }
+    builder = if bound {
+        builder.bind_challenges(keys(unbound_v1))
+    } else {
+        builder.no_challenge_binding()
+    };
     let handler = Handler::default();
     let svc = builder.build().expect("valid layer").layer(handler.clone());
     (svc, handler)

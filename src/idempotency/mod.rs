@@ -399,6 +399,12 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
     /// Forgets the id (the holder's claim only): the next request with it runs afresh.
     async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError>;
+
+    /// True if other processes share this store (Redis, a database): the layer then
+    /// requires a challenge key configured the same on every instance. Default `false`.
+    fn is_shared(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]
@@ -421,6 +427,10 @@ impl<T: IdempotencyStore + ?Sized> IdempotencyStore for Arc<T> {
     }
     async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError> {
         (**self).abort(key, token).await
+    }
+
+    fn is_shared(&self) -> bool {
+        (**self).is_shared()
     }
 }
 

@@ -300,4 +300,8 @@ impl IdempotencyStore for RedisIdempotencyStore {
             Err(StoreError::NotHeld)
         }
     }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
 }

@@ -75,6 +75,12 @@ pub trait NonceStore: Send + Sync + 'static {
 
     /// No money moved: the proof may be used again.
     async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError>;
+
+    /// True if other processes share this store (Redis, a database): the layer then
+    /// requires a challenge key configured the same on every instance. Default `false`.
+    fn is_shared(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]
@@ -87,5 +93,8 @@ impl<T: NonceStore + ?Sized> NonceStore for Arc<T> {
     }
     async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
         (**self).release(key, token).await
+    }
+    fn is_shared(&self) -> bool {
+        (**self).is_shared()
     }
 }

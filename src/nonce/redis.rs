@@ -301,4 +301,8 @@ impl NonceStore for RedisNonceStore {
             Err(StoreError::NotHeld)
         }
     }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
 }

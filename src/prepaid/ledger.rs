@@ -48,6 +48,12 @@ pub trait CreditLedger: Send + Sync + 'static {
     /// Gives back one call taken by [`Self::debit`] (the handler failed, nothing was served).
     /// Does nothing for a time window or credit that is gone.
     async fn refund(&self, payer: Address) -> Result<(), StoreError>;
+
+    /// True if other processes share this store (Redis, a database): the layer then
+    /// requires a challenge key configured the same on every instance. Default `false`.
+    fn is_shared(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]
@@ -60,6 +66,10 @@ impl<T: CreditLedger + ?Sized> CreditLedger for std::sync::Arc<T> {
     }
     async fn refund(&self, payer: Address) -> Result<(), StoreError> {
         (**self).refund(payer).await
+    }
+
+    fn is_shared(&self) -> bool {
+        (**self).is_shared()
     }
 }
 

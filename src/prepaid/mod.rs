@@ -417,6 +417,11 @@ pub mod reason {
 }
 
 impl State {
+    /// True if the ledger is shared between instances.
+    pub(crate) fn is_shared(&self) -> bool {
+        self.ledger.is_shared()
+    }
+
     /// The v2 challenge's `extensions`: the layer's own plus a fresh `sign-in-with-x`.
     pub(crate) fn extensions(
         &self,

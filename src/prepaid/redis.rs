@@ -330,4 +330,8 @@ impl CreditLedger for RedisCreditLedger {
     async fn refund(&self, payer: Address) -> Result<(), StoreError> {
         self.run(&self.scripts.refund, payer, &[]).await.map(|_| ())
     }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
 }

@@ -263,6 +263,10 @@ impl<S: NonceStore> NonceStore for FaultyNonceStore<S> {
         self.faults.pause().await;
         out
     }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
 }
 
 #[async_trait]
@@ -295,6 +299,10 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultyIdempotencyStore<S> {
         self.faults.pause().await;
         out
     }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
 }
 
 #[async_trait]
@@ -316,6 +324,10 @@ impl<S: CreditLedger> CreditLedger for FaultyLedger<S> {
         let out = self.inner.refund(payer).await;
         self.faults.pause().await;
         out
+    }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
     }
 }
 

@@ -81,8 +81,12 @@ pub fn builder(clock: &FixedClock) -> PaymentLayerBuilder {
 }
 
 /// A builder verifying and expiring by `clock`, with nothing to sell yet (for `.pricing`).
+///
+/// Unbound: the suite signs requirements it builds itself ([`requirements`]), as no client
+/// that echoes a 402 would. Binding, on by default, is tested in `tests/challenge.rs` and by the official clients (`tests/interop.rs`).
 pub fn unpriced_builder(clock: &FixedClock) -> PaymentLayerBuilder {
     PaymentLayer::builder()
+        .no_challenge_binding()
         .verifier(EvmVerifier::new().with_clock(clock.clone()))
         .nonce_store(MemoryNonceStore::with_capacity_and_clock(
             10_000,
