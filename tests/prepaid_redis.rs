@@ -420,6 +420,44 @@ async fn instance(
         .expect("layer")
 }
 
+#[tokio::test]
+async fn a_shared_ledger_without_keys_does_not_build() {
+    let Some(server) = RedisServer::start("a_shared_ledger_without_keys_does_not_build") else {
+        return;
+    };
+    let build = |nonce_key: Option<[u8; 32]>, ledger: RedisCreditLedger| {
+        let mut prepaid = Prepaid::new(Bundle::calls(10).for_price("$0.01")).ledger(ledger);
+        if let Some(key) = nonce_key {
+            prepaid = prepaid.nonce_key(key);
+        }
+        PaymentLayer::builder()
+            .pay_to(PAY_TO)
+            .network(Network::BASE_SEPOLIA)
+            .resource_base(BASE)
+            .prepaid(prepaid)
+            .build()
+            .map(|_| ())
+    };
+    // Sign-in nonces made with a key of this process would fail on every other instance.
+    let err = build(None, ledger(&server, "keys:").await).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tower_x402::error::ConfigError::Prepaid(
+                tower_x402::prepaid::BundleError::NonceKeyRequired
+            )
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("nonce_key"), "{err}");
+    // So would challenge ids.
+    let err = build(Some(NONCE_KEY), ledger(&server, "keys:").await).unwrap_err();
+    assert!(
+        matches!(err, tower_x402::error::ConfigError::ChallengeKeyRequired),
+        "{err:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_one_redis_serve_a_ten_call_bundle_ten_times() {
     let Some(server) =

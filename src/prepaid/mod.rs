@@ -275,6 +275,8 @@ impl Prepaid {
         }
         let key = match self.nonce_key {
             Some(key) => key,
+            // A key of this process: another instance would refuse its sign-in nonces.
+            None if self.ledger.is_shared() => return Err(BundleError::NonceKeyRequired),
             None => random_key(getrandom::fill)?,
         };
         Ok(State {
@@ -320,6 +322,12 @@ pub enum BundleError {
     /// No [`Prepaid::nonce_key`] and the OS random source failed: a random key cannot be made.
     #[error("the OS random source failed ({0}): set Prepaid::nonce_key")]
     NoRandomness(String),
+    /// A ledger shared between instances (Redis) but no [`Prepaid::nonce_key`]: each instance
+    /// would make its own and refuse the others' sign-in nonces.
+    #[error(
+        "a shared credit ledger serves several instances: set Prepaid::nonce_key to the same 32 secret bytes on each"
+    )]
+    NonceKeyRequired,
 }
 
 /// A request served on prepaid credit, in the request extensions for the handler.
