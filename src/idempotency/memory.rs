@@ -1,17 +1,16 @@
 //! In-process idempotency store: sharded, expiring, bounded in entries and bytes.
 
-use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use alloy_primitives::map::{DefaultHashBuilder, HashMap};
 use async_trait::async_trait;
 
 use super::{
     Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotencyStore, StoreError, StoredResponse,
 };
 use crate::clock::{Clock, SystemClock};
+use crate::store::sharded::{Shard, Sharded};
 
 const SHARDS: usize = 16;
 
@@ -24,11 +23,6 @@ struct Entry {
     fingerprint: Fingerprint,
     expires_at: u64,
     state: State,
-}
-
-struct Shard {
-    map: HashMap<IdempotencyKey, Entry>,
-    next_sweep: usize,
 }
 
 /// An [`IdempotencyStore`] in process memory: right for one instance, or for tests.
@@ -73,13 +67,11 @@ pub struct MemoryIdempotencyStore {
 }
 
 struct Inner {
-    shards: Box<[Mutex<Shard>]>,
-    capacity_per_shard: usize,
+    entries: Sharded<IdempotencyKey, Entry, SHARDS>,
     max_bytes: usize,
     bytes: AtomicUsize,
     clock: Arc<dyn Clock>,
     next_token: AtomicU64,
-    hasher: DefaultHashBuilder,
 }
 
 impl std::fmt::Debug for MemoryIdempotencyStore {
@@ -113,23 +105,13 @@ impl MemoryIdempotencyStore {
     /// A store holding at most about `capacity` ids and `max_bytes` of stored responses
     /// (as counted by [`StoredResponse::encoded_len`]), expiring them by `clock`.
     pub fn with_limits_and_clock(capacity: usize, max_bytes: usize, clock: impl Clock) -> Self {
-        let shards = (0..SHARDS)
-            .map(|_| {
-                Mutex::new(Shard {
-                    map: HashMap::default(),
-                    next_sweep: 256,
-                })
-            })
-            .collect();
         Self {
             inner: Arc::new(Inner {
-                shards,
-                capacity_per_shard: capacity.div_ceil(SHARDS).max(1),
+                entries: Sharded::new(capacity, 256),
                 max_bytes,
                 bytes: AtomicUsize::new(0),
                 clock: Arc::new(clock),
                 next_token: AtomicU64::new(1),
-                hasher: DefaultHashBuilder::default(),
             }),
             max_ttl: Self::DEFAULT_MAX_TTL.as_secs(),
         }
@@ -143,7 +125,7 @@ impl MemoryIdempotencyStore {
 
     /// Ids held now, expired ones not yet swept included.
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(s).map.len()).sum()
+        self.inner.entries.len()
     }
 
     /// True when no id is held.
@@ -159,20 +141,12 @@ impl MemoryIdempotencyStore {
     /// Removes every expired entry now (also done as shards grow).
     pub fn sweep(&self) {
         let now = self.inner.clock.now();
-        for s in self.inner.shards.iter() {
-            self.sweep_shard(&mut lock(s), now);
-        }
+        self.inner.entries.for_each(|s| self.sweep_shard(s, now));
     }
 
-    fn shard(&self, key: &IdempotencyKey) -> MutexGuard<'_, Shard> {
-        // Clients choose ids: a randomly seeded hash keeps them from aiming at one shard.
-        let i = (self.inner.hasher.hash_one(key) >> 59) as usize % SHARDS;
-        lock(&self.inner.shards[i])
-    }
-
-    fn sweep_shard(&self, shard: &mut Shard, now: u64) {
+    fn sweep_shard(&self, shard: &mut Shard<IdempotencyKey, Entry>, now: u64) {
         let mut freed = 0;
-        shard.map.retain(|_, e| {
+        shard.sweep(self.inner.entries.min_sweep(), |_, e| {
             let keep = e.expires_at > now;
             if !keep && let State::Done(r) = &e.state {
                 freed += r.encoded_len();
@@ -180,7 +154,6 @@ impl MemoryIdempotencyStore {
             keep
         });
         self.inner.bytes.fetch_sub(freed, Ordering::Relaxed);
-        shard.next_sweep = (shard.map.len() * 2).max(256);
     }
 
     fn free(&self, entry: &Entry) {
@@ -192,11 +165,6 @@ impl MemoryIdempotencyStore {
     }
 }
 
-fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    // Every update is a single write: a panic elsewhere cannot leave half an entry.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 #[async_trait]
 impl IdempotencyStore for MemoryIdempotencyStore {
     async fn begin(
@@ -206,8 +174,8 @@ impl IdempotencyStore for MemoryIdempotencyStore {
         expires_at: u64,
     ) -> Result<Begin, StoreError> {
         let now = self.inner.clock.now();
-        let cap = self.inner.capacity_per_shard;
-        let mut shard = self.shard(key);
+        let cap = self.inner.entries.capacity_per_shard();
+        let mut shard = self.inner.entries.shard(key);
         if let Some(e) = shard.map.get(key) {
             if e.expires_at > now {
                 return Ok(if e.fingerprint != fingerprint {
@@ -223,12 +191,12 @@ impl IdempotencyStore for MemoryIdempotencyStore {
                 self.free(&old);
             }
         }
-        if shard.map.len() >= shard.next_sweep.min(cap) {
+        if shard.sweep_due(cap) {
             self.sweep_shard(&mut shard, now);
         }
         if shard.map.len() >= cap {
             return Err(StoreError::Full {
-                capacity: cap * SHARDS,
+                capacity: self.inner.entries.capacity(),
             });
         }
         let token = ClaimToken(u128::from(
@@ -254,7 +222,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
         token: ClaimToken,
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
-        let mut shard = self.shard(key);
+        let mut shard = self.inner.entries.shard(key);
         let Some(e) = shard.map.get_mut(key) else {
             return Err(StoreError::NotHeld);
         };
@@ -280,7 +248,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
     }
 
     async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError> {
-        let mut shard = self.shard(key);
+        let mut shard = self.inner.entries.shard(key);
         match shard.map.get(key) {
             Some(Entry {
                 state: State::InProgress(t),

@@ -1,15 +1,13 @@
 //! In-process nonce store: sharded, expiring, bounded.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::hash::BuildHasher;
-
-use alloy_primitives::map::{DefaultHashBuilder, HashMap};
 use async_trait::async_trait;
 
 use super::{ClaimToken, NonceKey, NonceStore, Reservation, StoreError};
 use crate::clock::{Clock, SystemClock};
+use crate::store::sharded::{Shard, Sharded};
 
 const SHARDS: usize = 64;
 
@@ -27,12 +25,6 @@ struct Entry {
 }
 
 const USED: u32 = 1 << 31;
-
-struct Shard {
-    map: HashMap<NonceKey, Entry>,
-    /// Sweep expired entries when the map reaches this size (amortized O(1) per insert).
-    next_sweep: usize,
-}
 
 /// A [`NonceStore`] in process memory: right for one instance, or for tests. Instances behind
 /// a load balancer need a shared store (Redis).
@@ -63,13 +55,11 @@ pub struct MemoryNonceStore {
 }
 
 struct Inner {
-    shards: Box<[Mutex<Shard>]>,
-    capacity_per_shard: usize,
+    entries: Sharded<NonceKey, Entry, SHARDS>,
     clock: Arc<dyn Clock>,
     /// Expiries are stored as 32-bit offsets from this Unix time.
     epoch: u64,
     next_token: AtomicU64,
-    hasher: DefaultHashBuilder,
 }
 
 impl std::fmt::Debug for MemoryNonceStore {
@@ -100,34 +90,24 @@ impl MemoryNonceStore {
     pub fn with_capacity_and_clock(capacity: usize, clock: impl Clock) -> Self {
         // A day back: a clock stepped backwards still finds its recent entries alive.
         let epoch = clock.now().saturating_sub(86_400);
-        let shards = (0..SHARDS)
-            .map(|_| {
-                Mutex::new(Shard {
-                    map: HashMap::default(),
-                    next_sweep: 1024,
-                })
-            })
-            .collect();
         Self {
             inner: Arc::new(Inner {
-                shards,
-                capacity_per_shard: capacity.div_ceil(SHARDS).max(1),
+                entries: Sharded::new(capacity, 1024),
                 clock: Arc::new(clock),
                 epoch,
                 next_token: AtomicU64::new(1),
-                hasher: DefaultHashBuilder::default(),
             }),
         }
     }
 
     /// The capacity (rounded up to a multiple of the shard count).
     pub fn capacity(&self) -> usize {
-        self.inner.capacity_per_shard * SHARDS
+        self.inner.entries.capacity()
     }
 
     /// Entries held now, expired ones not yet swept included.
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(s).map.len()).sum()
+        self.inner.entries.len()
     }
 
     /// True when no entry is held.
@@ -138,20 +118,12 @@ impl MemoryNonceStore {
     /// Removes every expired entry now (also done automatically as shards grow).
     pub fn sweep(&self) {
         let now = self.inner.offset(self.inner.clock.now());
-        for s in self.inner.shards.iter() {
-            sweep(&mut lock(s), now);
-        }
-    }
-
-    fn shard(&self, key: &NonceKey) -> MutexGuard<'_, Shard> {
-        // Payers choose nonces, so the shard comes from a randomly seeded hash, not raw bytes
-        // a client could aim at one shard.
-        let i = (self.inner.hasher.hash_one(key) >> 58) as usize % SHARDS;
-        lock(&self.inner.shards[i])
+        let min = self.inner.entries.min_sweep();
+        self.inner.entries.for_each(|s| sweep(s, now, min));
     }
 
     fn update(&self, key: &NonceKey, token: ClaimToken, consume: bool) -> Result<(), StoreError> {
-        let mut shard = self.shard(key);
+        let mut shard = self.inner.entries.shard(key);
         match shard.map.get_mut(key) {
             Some(e)
                 if e.token_and_used & !USED == token_bits(token)
@@ -181,15 +153,8 @@ fn token_bits(t: ClaimToken) -> u32 {
     (t.0 as u32) & !USED
 }
 
-fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    // A panic while holding a shard cannot leave a half-written entry (all updates are single
-    // writes), so the data is still consistent: keep serving.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn sweep(shard: &mut Shard, now: u32) {
-    shard.map.retain(|_, e| e.expires_at > now);
-    shard.next_sweep = (shard.map.len() * 2).max(1024);
+fn sweep(shard: &mut Shard<NonceKey, Entry>, now: u32, min: usize) {
+    shard.sweep(min, |_, e| e.expires_at > now);
 }
 
 #[async_trait]
@@ -197,10 +162,10 @@ impl NonceStore for MemoryNonceStore {
     async fn reserve(&self, key: &NonceKey, expires_at: u64) -> Result<Reservation, StoreError> {
         use alloy_primitives::map::hash_map::Entry as Slot;
         let now = self.inner.offset(self.inner.clock.now());
-        let cap = self.inner.capacity_per_shard;
-        let mut shard = self.shard(key);
-        if shard.map.len() >= shard.next_sweep.min(cap) {
-            sweep(&mut shard, now);
+        let cap = self.inner.entries.capacity_per_shard();
+        let mut shard = self.inner.entries.shard(key);
+        if shard.sweep_due(cap) {
+            sweep(&mut shard, now, self.inner.entries.min_sweep());
         }
         let full = shard.map.len() >= cap;
         let t = (self.inner.next_token.fetch_add(1, Ordering::Relaxed) as u32) & !USED;

@@ -1,10 +1,11 @@
 //! What every store of this crate shares, whatever it stores (nonces, idempotent replies,
-//! prepaid credit, and the stores to come): its error, the token that proves a claim, and the
-//! Redis plumbing (behind `redis`). Neutral ground: it imports no other module of the crate,
+//! prepaid credit, and the stores to come): its error, the token that proves a claim, the
+//! sharded map of the in-process stores, and the Redis plumbing (behind `redis`). Neutral ground: it imports no other module of the crate,
 //! so the stores and the request path both depend on it and never on each other.
 
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+pub(crate) mod sharded;
 
 use std::time::Duration;
 
