@@ -75,8 +75,11 @@ fn app(settle: Option<Settle>) -> Result<Router, Box<dyn std::error::Error>> {
         .network(Network::BASE_SEPOLIA)
         .description("Weather report")
         .mime_type("application/json")
-        .expose_headers(true)
-        .build()?;
+        .expose_headers(true);
+    // `--features paywall`: a browser opening /weather gets a page that pays with its wallet.
+    #[cfg(feature = "paywall")]
+    let paywall = paywall.paywall(tower_x402::paywall::Paywall::new().app_name("Weather demo"));
+    let paywall = paywall.build()?;
     Ok(Router::new()
         .route("/weather", get(weather))
         .route_layer(paywall)

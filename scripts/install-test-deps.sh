@@ -18,6 +18,8 @@ PY="${X402_PYTHON:-python3}"
 
 log() { printf '[install-test-deps] %s\n' "$*" >&2; }
 die() { printf '[install-test-deps] ERROR: %s\n' "$*" >&2; exit 1; }
+# The browser of the paywall test (tests/paywall.rs reads X402_CHROMIUM too).
+CHROMIUM="${X402_CHROMIUM:-/usr/bin/chromium}"
 
 # cargo-hack for scripts/check-package (the feature matrix), from crates.io into target/tools,
 # pinned; a no-op when that version is installed. `install-test-deps.sh cargo-hack` installs
@@ -53,6 +55,8 @@ installed() {
     && [ -d "$DEPS/node/node_modules/@x402/fetch" ] && [ -d "$DEPS/node/node_modules/x402-fetch" ] \
     && "$DEPS/venv/bin/python" -c 'import sys' 2>/dev/null \
     && command -v redis-server >/dev/null \
+    && command -v "$CHROMIUM" >/dev/null \
+    && [ -d "$DEPS/node/node_modules/playwright-core" ] \
     && { [ "$(uname -sm)" != "Linux x86_64" ] \
          || [ -x "$DEPS/node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil" ]; }
 }
@@ -78,7 +82,7 @@ install_node() {
   # bufferutil have pure-JS fallbacks), and it avoids needing a C toolchain.
   (cd "$DEPS/node" && npm ci --ignore-scripts --no-audit --no-fund --no-update-notifier --loglevel=error)
   (cd "$DEPS/node" && node -e 'for (const m of ["@x402/fetch", "@x402/evm/exact/client", "@x402/core",
-    "x402-fetch", "viem", "viem/accounts", "viem/chains"]) require(m)') \
+    "x402-fetch", "viem", "viem/accounts", "viem/chains", "playwright-core"]) require(m)') \
     || die "installed npm packages do not load"
 }
 
@@ -105,7 +109,9 @@ install_python() {
 # ---------------------------------------------------------------------------------------------
 # SERVICES: what the tests start themselves (each test runs its own instance on a free port).
 #   - redis-server from Debian (>= 7.0) for tests/redis.rs: install_redis;
-#   - anvil (npm "@foundry-rs/anvil-linux-amd64" 1.7.1) for tests/onchain.rs: install_anvil.
+#   - anvil (npm "@foundry-rs/anvil-linux-amd64" 1.7.1) for tests/onchain.rs: install_anvil;
+#   - Chromium from Debian for tests/paywall.rs (driven by the pinned playwright-core, which
+#     never downloads a browser of its own): install_chromium.
 # Extend this function and installed() together, so the stamp covers what is added.
 
 install_redis() {
@@ -133,9 +139,16 @@ install_anvil() {
     || die "anvil ${ANVIL_NPM##*@} does not run: $ANVIL_BIN"
 }
 
+install_chromium() {
+  command -v "$CHROMIUM" >/dev/null && return 0
+  log "apt-get install chromium"
+  apt_install chromium || die "chromium is missing and cannot be installed (needs root + apt-get)"
+}
+
 install_services() {
   install_anvil
   install_redis
+  install_chromium
 }
 # ---------------------------------------------------------------------------------------------
 

@@ -55,6 +55,10 @@ pub enum ConfigError {
     /// The OS random source failed while making a key.
     #[error("the OS random source failed; cannot make a challenge key")]
     NoRandomness,
+    /// A [paywall](crate::paywall) that cannot be built.
+    #[cfg(feature = "paywall")]
+    #[error(transparent)]
+    Paywall(#[from] crate::paywall::PaywallError),
     /// A [prepaid](crate::prepaid) route that cannot be built.
     #[error(transparent)]
     Prepaid(#[from] crate::prepaid::BundleError),

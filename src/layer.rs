@@ -101,6 +101,8 @@ pub struct PaymentLayerBuilder {
     idempotency_required: Option<bool>,
     idempotency_max_body: Option<usize>,
     prepaid: Option<crate::prepaid::Prepaid>,
+    #[cfg(feature = "paywall")]
+    paywall: Option<crate::paywall::Paywall>,
 }
 
 impl Default for PaymentLayerBuilder {
@@ -133,6 +135,8 @@ impl Default for PaymentLayerBuilder {
             idempotency_required: None,
             idempotency_max_body: None,
             prepaid: None,
+            #[cfg(feature = "paywall")]
+            paywall: None,
         }
     }
 }
@@ -413,6 +417,16 @@ impl PaymentLayerBuilder {
         self
     }
 
+    /// Serves browsers an HTML page that says what the route costs and pays from their
+    /// wallet, instead of the 402 JSON (default off; other clients get the same 402 either
+    /// way). See [`crate::paywall`].
+    #[cfg(feature = "paywall")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "paywall")))]
+    pub fn paywall(mut self, paywall: crate::paywall::Paywall) -> Self {
+        self.paywall = Some(paywall);
+        self
+    }
+
     /// Validates the configuration and builds the layer.
     ///
     /// # Errors
@@ -523,6 +537,11 @@ impl PaymentLayerBuilder {
                 inflight: self.max_verifications.map(Inflight::new),
                 resource_check: self.resource_check,
                 challenges,
+                #[cfg(feature = "paywall")]
+                paywall: self
+                    .paywall
+                    .map(crate::paywall::Paywall::build)
+                    .transpose()?,
                 idempotency,
                 extensions,
                 prepaid,

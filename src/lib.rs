@@ -241,6 +241,9 @@ pub mod metrics;
 pub mod network;
 pub mod nonce;
 mod option;
+#[cfg(feature = "paywall")]
+#[cfg_attr(docsrs, doc(cfg(feature = "paywall")))]
+pub mod paywall;
 pub mod prepaid;
 pub mod price;
 pub mod proto;

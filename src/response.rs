@@ -329,6 +329,43 @@ pub(crate) fn reject<B>(
     res
 }
 
+/// The 402 `res` as the paywall page: same status and headers (the `PAYMENT-REQUIRED`
+/// challenge included), an HTML body.
+#[cfg(feature = "paywall")]
+pub(crate) fn paywall<B>(
+    shared: &Shared,
+    page: &crate::paywall::Built,
+    options: &[PaymentOption],
+    resource: &Resource,
+    res: Response<ResponseBody<B>>,
+) -> Response<ResponseBody<B>> {
+    let (mut parts, _) = res.into_parts();
+    let required = parts
+        .headers
+        .get(PAYMENT_REQUIRED)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let html = page.page(
+        options,
+        shared.description.as_deref(),
+        &resource.url(shared),
+        required,
+    );
+    parts.headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    parts
+        .headers
+        .insert(http::header::CONTENT_SECURITY_POLICY, page.csp());
+    // The page differs from what other clients get for the same URL.
+    parts.headers.append(
+        http::header::VARY,
+        HeaderValue::from_static("Accept, User-Agent"),
+    );
+    Response::from_parts(parts, ResponseBody::full(Bytes::from(html)))
+}
+
 const UNKNOWN_OUTCOME: &str = "the payment may have been settled: do not pay again; \
      retry with the same proof after Retry-After";
 

@@ -52,4 +52,7 @@ pub(crate) struct Shared {
     pub(crate) prepaid: Option<crate::prepaid::State>,
     /// How a v2 proof's `resource.url` must name the request.
     pub(crate) resource_check: ResourceCheck,
+    /// The page browsers get instead of the 402 JSON.
+    #[cfg(feature = "paywall")]
+    pub(crate) paywall: Option<crate::paywall::Built>,
 }

@@ -139,6 +139,13 @@ impl<S> Payment<S> {
         let challenge = rejection.is_none();
         let rejection = rejection.unwrap_or(Rejection::Pay { reason: None });
         let res = response::reject(&shared, &options, &resource, rejection);
+        #[cfg(feature = "paywall")]
+        let res = match &shared.paywall {
+            Some(page) if challenge && crate::paywall::is_browser(&parts.headers) => {
+                response::paywall(&shared, page, &options, &resource, res)
+            }
+            _ => res,
+        };
         if shared.hooks.is_empty() {
             return ResponseFuture::ready(res);
         }

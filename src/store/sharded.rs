@@ -37,7 +37,10 @@ impl<K, V> Shard<K, V> {
 
 impl<K: Hash + Eq, V, const N: usize> Sharded<K, V, N> {
     const BITS: u32 = {
-        assert!(N.is_power_of_two() && N > 1, "shard count must be a power of two");
+        assert!(
+            N.is_power_of_two() && N > 1,
+            "shard count must be a power of two"
+        );
         N.trailing_zeros()
     };
 
@@ -122,7 +125,10 @@ mod tests {
         assert!(s.sweep_due(usize::MAX), "past min_sweep");
         s.sweep(m.min_sweep(), |k, _| k % 2 == 0);
         let left = s.map.len();
-        assert!(!s.sweep_due(usize::MAX), "next sweep at twice the survivors");
+        assert!(
+            !s.sweep_due(usize::MAX),
+            "next sweep at twice the survivors"
+        );
         assert!(s.sweep_due(left), "a full shard sweeps at once");
     }
 }
