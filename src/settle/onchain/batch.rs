@@ -389,6 +389,13 @@ impl BatchSettler for OnchainSettler {
         payment: &VerifiedPayment,
         owed: alloy_primitives::U256,
     ) -> Result<(), SettleError> {
+        if super::wallet::erc6492(payment).is_some() {
+            // A batch does not deploy wallets (see `settle_one`).
+            return Err(SettleError::Refused {
+                reason: reason::UNDEPLOYED_SMART_WALLET,
+                transaction: None,
+            });
+        }
         self.check_owed(payment, owed).await
     }
 

@@ -106,6 +106,7 @@ mod relayer;
 mod revert;
 mod stats;
 mod upto;
+mod wallet;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -153,6 +154,17 @@ pub mod reason {
     /// `check`: no contract at the asset's address on this chain (a misconfigured token).
     pub const ASSET_NOT_DEPLOYED: crate::reason::Reason =
         crate::reason::Reason::AssetNotDeployedContract;
+    /// An ERC-6492 signature names a factory this settler may not call
+    /// ([`OnchainSettler::with_eip6492_factories`](super::OnchainSettler::with_eip6492_factories)).
+    pub const FACTORY_NOT_ALLOWED: crate::reason::Reason =
+        crate::reason::Reason::Eip6492FactoryNotAllowed;
+    /// `settle`: the factory call deploying the payer's wallet reverted.
+    pub const DEPLOYMENT_FAILED: crate::reason::Reason =
+        crate::reason::Reason::SmartWalletDeploymentFailed;
+    /// `check` of a batched (deferred) payment: ERC-6492 signatures of wallets to be deployed
+    /// do not go into batches.
+    pub const UNDEPLOYED_SMART_WALLET: crate::reason::Reason =
+        crate::reason::Reason::InvalidExactEvmPayloadUndeployedSmartWallet;
 }
 
 sol! {
@@ -172,11 +184,32 @@ sol! {
 }
 
 /// Calldata executing `authorization` on its token: the `(v, r, s)` overload for a 65-byte
-/// signature (`v` of 0/1 normalised to 27/28), the `bytes signature` overload otherwise.
-/// Public so that batching settlers (e.g. through Multicall3) build the same calls.
+/// signature (`v` of 0/1 normalised to 27/28), the `bytes signature` overload otherwise. An
+/// ERC-6492 wrapped signature is unwrapped: the wallet (deployed by then) checks the inner
+/// signature, always through the `bytes signature` overload. Public so that batching settlers
+/// (e.g. through Multicall3) build the same calls.
 pub fn transfer_calldata(authorization: &Authorization, signature: &[u8]) -> Bytes {
     let a = authorization;
-    let encoded = match <&[u8; 65]>::try_from(signature) {
+    let wrapped = crate::verify::wallet::Erc6492::decode(signature).and_then(Result::ok);
+    let encoded = match wrapped {
+        Some(w) => IEip3009::transferWithAuthorization_1Call {
+            from: a.from,
+            to: a.to,
+            value: a.value,
+            validAfter: a.valid_after,
+            validBefore: a.valid_before,
+            nonce: a.nonce,
+            signature: w.signature,
+        }
+        .abi_encode(),
+        None => plain_calldata(a, signature),
+    };
+    encoded.into()
+}
+
+/// [`transfer_calldata`] of a signature that is not ERC-6492 wrapped.
+fn plain_calldata(a: &Authorization, signature: &[u8]) -> Vec<u8> {
+    match <&[u8; 65]>::try_from(signature) {
         Ok(sig) => {
             let (rs, v) = sig.split_at(64);
             let v = match v[0] {
@@ -206,8 +239,7 @@ pub fn transfer_calldata(authorization: &Authorization, signature: &[u8]) -> Byt
             signature: Bytes::copy_from_slice(signature),
         }
         .abi_encode(),
-    };
-    encoded.into()
+    }
 }
 
 /// The source of the [`SettleError::Unknown`] returned when a sent transaction was not
@@ -258,6 +290,8 @@ pub struct OnchainSettler {
     provider: DynProvider,
     config: Config,
     shared: Arc<Shared>,
+    /// ERC-6492 factories the relayer may call to deploy a payer's wallet.
+    factories: Arc<Vec<Address>>,
 }
 
 impl std::fmt::Debug for OnchainSettler {
@@ -283,6 +317,9 @@ impl OnchainSettler {
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
     /// Default limit on each RPC call.
     pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Gas limit of the transaction deploying a payer's ERC-6492 wallet, unless the configured
+    /// [gas limit](Self::with_gas_limit) is higher (smart-wallet factories use 150-350k).
+    pub const DEPLOY_GAS_LIMIT: u64 = 600_000;
     /// Multicall3's address, the same on every chain it is deployed to (Base included).
     pub const MULTICALL3: Address =
         alloy_primitives::address!("0xcA11bde05977b3631167028862bE2a173976CA11");
@@ -312,6 +349,7 @@ impl OnchainSettler {
                 chain_id: tokio::sync::OnceCell::new(),
                 stats: stats::Recorder::default(),
             }),
+            factories: Arc::default(),
         }
     }
 
@@ -387,6 +425,22 @@ impl OnchainSettler {
     /// Only the `deferred` feature's batches use it.
     pub fn with_multicall(mut self, address: Address) -> Self {
         self.config.multicall = address;
+        self
+    }
+
+    /// The ERC-6492 factories the relayer may call to deploy a payer's smart wallet before
+    /// its transfer (replaces the list; default none, which refuses every wrapped signature).
+    ///
+    /// A wrapped signature carries a factory address and call data; settling it sends that
+    /// call from the relayer, so only factories you trust may be listed (the reference
+    /// facilitator's `eip6492AllowedFactories`): anything else would let a payer make the
+    /// relayer call any contract with any data. A payment naming another factory is refused
+    /// with [`reason::FACTORY_NOT_ALLOWED`] by [`check`](Settler::check), before the handler.
+    /// A verifier given this settler as its checker
+    /// ([`EvmVerifier::with_contract_signatures`](crate::verify::EvmVerifier::with_contract_signatures))
+    /// accepts the same factories.
+    pub fn with_eip6492_factories(mut self, factories: impl IntoIterator<Item = Address>) -> Self {
+        self.factories = Arc::new(factories.into_iter().collect());
         self
     }
 
@@ -509,7 +563,14 @@ impl OnchainSettler {
                 account: payment.payer,
             },
         );
-        let simulate = self.config.simulate.then(|| self.transfer(payment));
+        let simulate = self
+            .config
+            .simulate
+            .then(|| match wallet::erc6492(payment) {
+                // The wallet may not exist yet: deploy it and transfer, in one call.
+                Some(Ok(wrapped)) => self.simulate_deployed(payment, &wrapped),
+                _ => self.transfer(payment),
+            });
         if let Some((permit, _)) = payment.permit2() {
             let views = [
                 balance_tx,
@@ -777,6 +838,9 @@ impl OnchainSettler {
                 // The upto proxy lets only the signed facilitator settle: this relayer can't.
                 return Err(Failure::Revert(upto::reason::FACILITATOR_MISMATCH));
             }
+            if let Some(wrapped) = wallet::erc6492(payment) {
+                self.allowed(&wrapped?)?;
+            }
             let state = self.read_state(payment).await?;
             let needed = max_amount(payment).saturating_add(owed);
             if state.used {
@@ -807,6 +871,14 @@ impl OnchainSettler {
             .map_err(|f| self.not_sent(f))?;
         if payment.is_upto() && payment.amount > max_amount(payment) {
             return Err(self.not_sent(Failure::Revert(upto::reason::SETTLEMENT_EXCEEDS_AMOUNT)));
+        }
+        if let Some(wrapped) = wallet::erc6492(payment) {
+            let wrapped = wrapped.map_err(|f| self.not_sent(f))?;
+            if before.is_some() {
+                // A batch's journal logs one transaction per payment: no deployment first.
+                return Err(self.not_sent(Failure::Revert(reason::UNDEPLOYED_SMART_WALLET)));
+            }
+            self.deploy_wallet(payment, &wrapped, chain_id).await?;
         }
         // Permit2 through the proxy costs more than a bare EIP-3009 transfer.
         let per_call = if payment.is_upto() {
