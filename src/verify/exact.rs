@@ -452,6 +452,9 @@ impl super::Verifier for ExactEvmVerifier {
             };
             self.contract(&**checker, req.network.chain_id(), &checked, in_process)
                 .await?;
+            let mut verified = accept(payload, req, checked);
+            verified.signer = super::wallet::SignerKind::Contract;
+            return Ok(verified);
         }
         Ok(accept(payload, req, checked))
     }

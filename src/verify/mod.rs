@@ -283,6 +283,11 @@ pub struct VerifiedPayment {
     pub valid_before: u64,
     /// The scheme's signed object.
     pub proof: Proof,
+    /// How the payer's signature was proven: recovered in-process (a key) or judged by the
+    /// chain (a contract wallet, see [`ExactEvmVerifier::with_contract_signatures`]). The
+    /// on-chain settler sends a contract wallet's signature as is, through the token's
+    /// `bytes signature` overload.
+    pub signer: wallet::SignerKind,
     /// Data a verifier hands to its own settler (a facilitator's approved request), not API.
     backend: BackendData,
 }
@@ -371,6 +376,7 @@ impl VerifiedPayment {
                 authorization,
                 signature,
             },
+            signer: wallet::SignerKind::Key,
             backend: BackendData::default(),
         }
     }
@@ -392,6 +398,7 @@ impl VerifiedPayment {
             amount: permit.permitted.amount,
             valid_before: permit.deadline.saturating_to(),
             proof: Proof::UptoEvm { permit, signature },
+            signer: wallet::SignerKind::Key,
             backend: BackendData::default(),
         }
     }

@@ -94,6 +94,18 @@ pub const ERC6492_VALIDATOR_BYTECODE: &[u8] = &hex!(
      "
 );
 
+/// How a payment's signer was proven ([`VerifiedPayment::signer`](super::VerifiedPayment::signer)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SignerKind {
+    /// The signature recovers in-process to the payer: an EOA's key (no chain call).
+    #[default]
+    Key,
+    /// The chain judged the signature: an ERC-1271 contract wallet, deployed or (ERC-6492
+    /// wrapped) to be deployed by its factory.
+    Contract,
+}
+
 /// Checks signatures that only the chain can judge: ERC-1271 (`isValidSignature` of a
 /// deployed wallet) and ERC-6492 (a wallet deployed later by a factory).
 ///

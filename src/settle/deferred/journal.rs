@@ -82,6 +82,9 @@ pub(super) struct StoredPayment {
     authorization: Authorization,
     signature: Bytes,
     valid_before: u64,
+    /// A contract wallet's signature (sent as is); absent in older journals.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    contract_signature: bool,
 }
 
 impl StoredPayment {
@@ -99,6 +102,7 @@ impl StoredPayment {
             authorization: authorization.clone(),
             signature: signature.clone(),
             valid_before: p.valid_before,
+            contract_signature: p.signer == crate::verify::wallet::SignerKind::Contract,
         })
     }
 
@@ -121,6 +125,9 @@ impl StoredPayment {
         payment.pay_to = self.pay_to;
         payment.amount = self.amount;
         payment.valid_before = self.valid_before;
+        if self.contract_signature {
+            payment.signer = crate::verify::wallet::SignerKind::Contract;
+        }
         payment
     }
 }

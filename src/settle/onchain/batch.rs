@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use super::relayer::with_timeout;
 use super::revert::{Failure, revert_reason};
 use super::{
-    OnchainSettler, Sent, Submit, UnconfirmedTransaction, reason, stats, transfer_calldata,
+    OnchainSettler, Sent, Submit, UnconfirmedTransaction, payment_calldata, reason, stats,
 };
 use crate::settle::SettleError;
 use crate::settle::deferred::{BatchSettler, ChainState, SendLog, Settled};
@@ -139,14 +139,9 @@ impl OnchainSettler {
                 IMulticall3::Call3 {
                     target: p.asset,
                     allowFailure: true,
-                    callData: match p.eip3009() {
-                        Some((authorization, signature)) => {
-                            transfer_calldata(authorization, signature)
-                        }
-                        // Not EIP-3009 (deferred batches refuse other proofs before this):
-                        // an empty call that fails alone, never a transfer.
-                        None => Default::default(),
-                    },
+                    // Not EIP-3009 (deferred batches refuse other proofs before this): an
+                    // empty call that fails alone, never a transfer.
+                    callData: payment_calldata(p).unwrap_or_default(),
                 }
             })
             .collect();

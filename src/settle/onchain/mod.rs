@@ -40,11 +40,37 @@
 //! 1. `eth_estimateGas` of the transfer from the relayer (a simulation: a revert is mapped to a
 //!    reason and nothing is sent) and `eth_feeHistory`, concurrently.
 //! 2. `transferWithAuthorization(from, to, value, validAfter, validBefore, nonce, v, r, s)`
-//!    (selector `0xe3ee160e`) for 65-byte signatures (`v` of 0/1 is normalised to 27/28), the
-//!    `bytes signature` overload (`0xcf092995`, FiatToken ≥ 2.2, for ERC-1271 wallets)
-//!    otherwise. ERC-6492 wrapped signatures of undeployed wallets are not unwrapped. The gas
-//!    limit is explicit ([`with_gas_limit`](OnchainSettler::with_gas_limit), default
+//!    (selector `0xe3ee160e`) for 65-byte signatures of keys (`v` of 0/1 is normalised to
+//!    27/28), the `bytes signature` overload (`0xcf092995`, FiatToken ≥ 2.2) for any other
+//!    length and for every signature the verifier had the chain judge
+//!    ([`SignerKind::Contract`](crate::verify::wallet::SignerKind::Contract), sent unchanged).
+//!    The gas limit is explicit ([`with_gas_limit`](OnchainSettler::with_gas_limit), default
 //!    120 000); a transfer estimated above it is refused rather than sent.
+//!
+//! # Smart wallets
+//!
+//! An ERC-1271 wallet's signature goes to the token as is (step 2), which asks the wallet.
+//! An ERC-6492 wrapped signature (a wallet not deployed yet) names a factory and the call that
+//! deploys the wallet; as in the reference facilitator:
+//!
+//! - [`check`](Settler::check) refuses it unless the factory is allowlisted
+//!   ([`with_eip6492_factories`](OnchainSettler::with_eip6492_factories), default none:
+//!   [`reason::FACTORY_NOT_ALLOWED`]) and simulates the deployment and the transfer together
+//!   (one `eth_call` of Multicall3's `aggregate3`);
+//! - [`settle`](Settler::settle) reads the payer's code and, when it has none, sends the factory
+//!   call from the relayer first (gas limit [`DEPLOY_GAS_LIMIT`](OnchainSettler::DEPLOY_GAS_LIMIT))
+//!   and waits for it: a revert refuses the payment ([`reason::DEPLOYMENT_FAILED`]), an
+//!   unknown outcome answers unavailable (no money moved: the retry finds the wallet deployed).
+//!   Then the transfer carries the inner signature through the `bytes signature` overload.
+//!
+//! Batches (the `deferred` feature) carry one transfer per payment and deploy nothing: a
+//! deferred settler refuses wrapped signatures before the handler
+//! ([`reason::UNDEPLOYED_SMART_WALLET`]); deployed ERC-1271 wallets batch like any payment.
+//!
+//! The settler is also a [`ContractSignatures`](crate::verify::wallet::ContractSignatures)
+//! checker on its own RPC, carrying its factory allowlist: give it to
+//! [`EvmVerifier::with_contract_signatures`](crate::verify::EvmVerifier::with_contract_signatures)
+//! so that smart wallets are verified on the chain that settles them.
 //! 3. EIP-1559 fees: `maxFeePerGas = 2 × next base fee + tip` (tip: median 20th-percentile
 //!    reward of the last 5 blocks), clamped to the cap
 //!    ([`with_max_fee_per_gas`](OnchainSettler::with_max_fee_per_gas)). When the base fee plus
@@ -187,7 +213,8 @@ sol! {
 /// signature (`v` of 0/1 normalised to 27/28), the `bytes signature` overload otherwise. An
 /// ERC-6492 wrapped signature is unwrapped: the wallet (deployed by then) checks the inner
 /// signature, always through the `bytes signature` overload. Public so that batching settlers
-/// (e.g. through Multicall3) build the same calls.
+/// (e.g. through Multicall3) build the same calls; [`payment_calldata`] also knows a contract
+/// wallet's 65-byte signature.
 pub fn transfer_calldata(authorization: &Authorization, signature: &[u8]) -> Bytes {
     let a = authorization;
     let wrapped = crate::verify::wallet::Erc6492::decode(signature).and_then(Result::ok);
@@ -205,6 +232,29 @@ pub fn transfer_calldata(authorization: &Authorization, signature: &[u8]) -> Byt
         None => plain_calldata(a, signature),
     };
     encoded.into()
+}
+
+/// The calldata settling an `exact` payment: [`transfer_calldata`], except that a signature
+/// the chain judged ([`SignerKind::Contract`](crate::verify::wallet::SignerKind::Contract))
+/// always goes through the `bytes signature` overload unchanged (a wallet's 65 bytes need not
+/// be `r ‖ s ‖ v`, so `v` is not normalised). `None` for another scheme.
+pub fn payment_calldata(payment: &VerifiedPayment) -> Option<Bytes> {
+    let (authorization, signature) = payment.eip3009()?;
+    let contract = payment.signer == crate::verify::wallet::SignerKind::Contract;
+    if contract && signature.len() == 65 {
+        let a = authorization;
+        let call = IEip3009::transferWithAuthorization_1Call {
+            from: a.from,
+            to: a.to,
+            value: a.value,
+            validAfter: a.valid_after,
+            validBefore: a.valid_before,
+            nonce: a.nonce,
+            signature: signature.clone(),
+        };
+        return Some(call.abi_encode().into());
+    }
+    Some(transfer_calldata(authorization, signature))
 }
 
 /// [`transfer_calldata`] of a signature that is not ERC-6492 wrapped.
@@ -521,12 +571,9 @@ impl OnchainSettler {
             Proof::UptoEvm { permit, signature } => tx
                 .with_to(upto::UPTO_PROXY)
                 .with_input(upto::settle_calldata(permit, payment.amount, signature)),
-            Proof::ExactEvm {
-                authorization,
-                signature,
-            } => tx
+            Proof::ExactEvm { .. } => tx
                 .with_to(payment.asset)
-                .with_input(transfer_calldata(authorization, signature)),
+                .with_input(payment_calldata(payment).unwrap_or_default()),
         }
     }
 

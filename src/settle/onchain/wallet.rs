@@ -96,12 +96,7 @@ impl OnchainSettler {
             IAggregate3::Call3 {
                 target: payment.asset,
                 allowFailure: false,
-                callData: match payment.eip3009() {
-                    Some((authorization, signature)) => {
-                        super::transfer_calldata(authorization, signature)
-                    }
-                    None => Bytes::new(),
-                },
+                callData: super::payment_calldata(payment).unwrap_or_default(),
             },
         ];
         TransactionRequest::default()
