@@ -566,6 +566,87 @@ async fn concurrent_copies_of_a_smart_wallet_proof_run_the_handler_once() {
     assert_eq!(settler.stats().settled, 1);
 }
 
+/// A deferred settler batches deployed ERC-1271 wallets' payments like any other (their
+/// signatures go through the `bytes signature` overload inside Multicall3), and refuses an
+/// ERC-6492 wrapped signature at accept time, before the handler: a batch cannot deploy.
+#[tokio::test]
+async fn a_deferred_settler_batches_erc1271_wallets_and_refuses_wrapped_signatures() {
+    let Some(chain) =
+        wallet_chain("a_deferred_settler_batches_erc1271_wallets_and_refuses_wrapped_signatures")
+            .await
+    else {
+        return;
+    };
+    let onchain = settler(&chain).await.with_eip6492_factories([FACTORY]);
+    let dir = std::env::temp_dir().join(format!("tower-x402-smart-wallet-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let deferred = tower_x402::settle::deferred::DeferredSettler::builder(onchain.clone())
+        .journal(dir.join("x402.journal"))
+        .max_batch(8)
+        .max_wait(Duration::from_secs(600))
+        .start()
+        .expect("deferred settler");
+    let checker = Switch::new(onchain.clone());
+    let hits = Hits::new();
+    let layer = PaymentLayer::builder()
+        .accept(option())
+        .resource_base(common::BASE)
+        .verifier(EvmVerifier::new().with_contract_signatures(checker.clone()))
+        .settler(deferred.clone())
+        .build()
+        .expect("valid layer");
+    let svc = app(&hits).route_layer(layer);
+    let before = chain.balance(PAY_TO).await;
+
+    let mut wallets = Vec::new();
+    for (i, byte) in [0x81u8, 0x82].into_iter().enumerate() {
+        let owner = key(byte);
+        let wallet = deploy_wallet(&chain, owner.address(), B256::repeat_byte(byte)).await;
+        chain.mint(wallet, U256::from(PRICE_UNITS)).await;
+        let (_, header) = payment(&svc, wallet, &owner, |s| s).await;
+        let accepted = get_with(&svc, "/paid", [header]).await;
+        assert_eq!(accepted.status, StatusCode::OK, "{:?}", accepted.body);
+        assert_eq!(hits.get(), i + 1);
+        wallets.push(wallet);
+    }
+
+    let owner = key(0x83);
+    let salt = B256::repeat_byte(0x83);
+    let future = wallet_address(&chain, owner.address(), salt).await;
+    chain.mint(future, U256::from(PRICE_UNITS)).await;
+    let (_, header) = payment(&svc, future, &owner, |s| {
+        wrap(FACTORY, owner.address(), salt, s)
+    })
+    .await;
+    let refused = get_with(&svc, "/paid", [header]).await;
+    assert_eq!(
+        refused.outcome(),
+        (
+            StatusCode::PAYMENT_REQUIRED,
+            Some("invalid_exact_evm_payload_undeployed_smart_wallet".into())
+        )
+    );
+    assert_eq!(hits.get(), 2, "the handler did not run");
+    assert_eq!(deferred.pending(), 2);
+
+    deferred.flush();
+    tokio::time::timeout(Duration::from_secs(30), deferred.idle())
+        .await
+        .expect("settled in time");
+    for wallet in &wallets {
+        assert_eq!(chain.balance(*wallet).await, U256::ZERO, "{wallet} paid");
+    }
+    assert_eq!(
+        chain.balance(PAY_TO).await,
+        before + U256::from(2 * PRICE_UNITS)
+    );
+    assert_eq!(onchain.stats().settled, 2);
+    assert_eq!(onchain.stats().sent, 1, "one batch");
+    assert!(code(&chain, future).await.is_empty(), "nothing deployed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Without a chain
 

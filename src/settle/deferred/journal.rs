@@ -633,7 +633,27 @@ mod tests {
             },
             signature: Bytes::from(vec![n; 65]),
             valid_before: 2,
+            contract_signature: n == 1,
         }
+    }
+
+    #[test]
+    fn a_contract_signature_survives_the_journal_and_old_records_read_as_keys() {
+        let stored = payment(1);
+        let back = StoredPayment::of(&stored.to_payment()).expect("exact");
+        assert_eq!(back, stored);
+        assert_eq!(
+            stored.to_payment().signer,
+            crate::verify::wallet::SignerKind::Contract
+        );
+        let mut old = serde_json::to_value(payment(2)).unwrap();
+        assert!(old.get("contractSignature").is_none(), "omitted when false");
+        old.as_object_mut().unwrap().remove("contractSignature");
+        let read: StoredPayment = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            read.to_payment().signer,
+            crate::verify::wallet::SignerKind::Key
+        );
     }
 
     fn pending(id: u64) -> Record {

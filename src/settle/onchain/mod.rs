@@ -1127,6 +1127,48 @@ mod tests {
         assert_eq!(call.validBefore, authorization().valid_before);
     }
 
+    #[test]
+    fn contract_wallet_signatures_go_unchanged_through_the_bytes_overload() {
+        let mut sig = [0x33u8; 65];
+        sig[64] = 1; // not a `v`: a wallet's own encoding, never normalised
+        let payment = |signer| {
+            let mut p = VerifiedPayment::exact(
+                crate::proto::X402Version::V2,
+                crate::Network::BASE_SEPOLIA,
+                Address::repeat_byte(9),
+                authorization(),
+                Bytes::copy_from_slice(&sig),
+            );
+            p.signer = signer;
+            p
+        };
+        let contract =
+            payment_calldata(&payment(crate::verify::wallet::SignerKind::Contract)).expect("exact");
+        assert_eq!(contract[..4], [0xcf, 0x09, 0x29, 0x95]);
+        let call =
+            IEip3009::transferWithAuthorization_1Call::abi_decode(&contract).expect("decodes");
+        assert_eq!(call.signature.as_ref(), &sig[..]);
+        // A key's 65 bytes keep the (v, r, s) overload.
+        let key =
+            payment_calldata(&payment(crate::verify::wallet::SignerKind::Key)).expect("exact");
+        assert_eq!(key[..4], [0xe3, 0xee, 0x16, 0x0e]);
+    }
+
+    #[test]
+    fn erc6492_signatures_are_unwrapped_for_the_bytes_overload() {
+        let inner = Bytes::from(vec![0x44u8; 65]);
+        let wrapped = crate::verify::wallet::Erc6492 {
+            factory: Address::repeat_byte(0xfa),
+            factory_calldata: Bytes::from_static(&[1, 2, 3]),
+            signature: inner.clone(),
+        }
+        .encode();
+        let data = transfer_calldata(&authorization(), &wrapped);
+        assert_eq!(data[..4], [0xcf, 0x09, 0x29, 0x95]);
+        let call = IEip3009::transferWithAuthorization_1Call::abi_decode(&data).expect("decodes");
+        assert_eq!(call.signature, inner);
+    }
+
     /// A mined receipt as a hostile node could send it: `gasUsed × effectiveGasPrice` is more
     /// wei than `u128` holds.
     #[cfg(feature = "test-util")]
