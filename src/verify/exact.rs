@@ -247,13 +247,12 @@ impl ExactEvmVerifier {
     /// of the checks and the answers). Without a checker (the default) such payments are
     /// refused with `invalid_exact_evm_signature`. EOA signatures never reach the checker.
     ///
-    /// The checker is an [`OnchainSettler`][crate::settle::onchain::OnchainSettler] (its RPC,
-    /// its chain and its [ERC-6492 factories](crate::settle::onchain::OnchainSettler::with_eip6492_factories),
-    /// so verifier and settler agree) or a
-    /// [`ProviderSignatures`](super::wallet::ProviderSignatures) (`onchain` feature), or your
-    /// own [`ContractSignatures`].
+    /// The checker is an `OnchainSettler` (`onchain` feature: its RPC, its chain and its
+    /// ERC-6492 factories, so verifier and settler agree), a `ProviderSignatures`, or your own
+    /// [`ContractSignatures`].
     ///
     /// ```no_run
+    /// # #[cfg(feature = "onchain")]
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     /// use alloy_signer_local::PrivateKeySigner;
     /// use tower_x402::primitives::address;
@@ -275,11 +274,6 @@ impl ExactEvmVerifier {
     ///     .build()?;
     /// # let _ = layer; Ok(()) }
     /// ```
-    #[cfg_attr(
-        not(feature = "onchain"),
-        doc = "",
-        doc = "[crate::settle::onchain::OnchainSettler]: https://docs.rs/tower-x402/latest/tower_x402/settle/onchain/struct.OnchainSettler.html"
-    )]
     #[must_use]
     pub fn with_contract_signatures(mut self, checker: impl ContractSignatures) -> Self {
         self.wallets = Some(Arc::new(checker));

@@ -1,7 +1,8 @@
 //! Verification: does a payment proof pay what a requirement asks?
 //!
 //! [`Verifier`] is the pluggable step; [`ExactEvmVerifier`] checks `exact` EIP-3009 payments
-//! in-process (EIP-712 digest + one secp256k1 public-key recovery, no network). Verification
+//! in-process (EIP-712 digest + one secp256k1 public-key recovery, no network), and asks the
+//! chain only about smart-wallet signatures when configured to ([`wallet`]). Verification
 //! never moves money: settlement is a separate step ([`crate::settle`]).
 
 pub mod exact;
@@ -475,7 +476,8 @@ impl VerifiedPayment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SignatureError {
-    /// Not 65 bytes (smart-wallet signatures need a chain and are not verified in-process).
+    /// Not 65 bytes: not a key's signature (a smart wallet's is checked on the chain when
+    /// [`ExactEvmVerifier::with_contract_signatures`] is configured).
     #[error("signature is {0} bytes, expected 65")]
     Length(usize),
     /// `v` is not 27 or 28 (USDC rejects 0/1 on-chain).

@@ -128,8 +128,7 @@ pub trait ContractSignatures: Send + Sync + 'static {
     /// ERC-6492 factories this checker's owner lets deploy wallets (default none). A payment
     /// verifier using this checker accepts these factories on top of its own allowlist
     /// ([`ExactEvmVerifier::with_eip6492_factories`](super::ExactEvmVerifier::with_eip6492_factories)):
-    /// an [`OnchainSettler`][crate::settle::onchain::OnchainSettler] returns the factories it
-    /// is allowed to call, so verifier and settler share one list. Sign-ins ignore it (their
+    /// an `OnchainSettler` returns the factories it is allowed to call, so verifier and settler share one list. Sign-ins ignore it (their
     /// check deploys nothing).
     fn eip6492_factories(&self) -> &[Address] {
         &[]
