@@ -566,6 +566,66 @@ async fn concurrent_copies_of_a_smart_wallet_proof_run_the_handler_once() {
     assert_eq!(settler.stats().settled, 1);
 }
 
+/// The settler alone, given a counterfactual payment whose factory call reverts (a verifier
+/// would have refused it; a race or a custom verifier might not): the pre-check refuses it
+/// before the handler, and `settle` answers `smart_wallet_deployment_failed` without sending
+/// the transfer. Nothing is deployed, nothing moves.
+#[tokio::test]
+async fn a_factory_call_that_reverts_is_refused_and_nothing_is_sent() {
+    let Some(chain) =
+        wallet_chain("a_factory_call_that_reverts_is_refused_and_nothing_is_sent").await
+    else {
+        return;
+    };
+    let settler = settler(&chain).await.with_eip6492_factories([FACTORY]);
+    let owner = key(0x99);
+    let salt = B256::repeat_byte(9);
+    let wallet = wallet_address(&chain, owner.address(), salt).await;
+    chain.mint(wallet, U256::from(PRICE_UNITS)).await;
+    let req = option().requirements().clone();
+    let auth = authorization(&req, wallet, now());
+    let inner = sign(&owner, &req, &auth);
+    let signature = Erc6492 {
+        factory: FACTORY,
+        // No such function on the factory: the call reverts.
+        factory_calldata: Bytes::from_static(&[0xde, 0xad, 0xbe, 0xef]),
+        signature: inner,
+    }
+    .encode();
+    let mut payment = tower_x402::VerifiedPayment::exact(
+        tower_x402::proto::X402Version::V2,
+        Network::BASE_SEPOLIA,
+        req.asset,
+        auth,
+        signature,
+    );
+    payment.signer = tower_x402::verify::wallet::SignerKind::Contract;
+
+    use tower_x402::settle::{SettleError, Settler};
+    match settler.check(&payment).await {
+        Err(SettleError::Refused { reason, .. }) => {
+            assert_eq!(
+                reason, "invalid_exact_evm_signature",
+                "the simulation reverts"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    match settler.settle(&payment).await {
+        Err(SettleError::Refused {
+            reason,
+            transaction,
+        }) => {
+            assert_eq!(reason, "smart_wallet_deployment_failed");
+            assert_eq!(transaction, None, "not sent");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(code(&chain, wallet).await.is_empty());
+    assert_eq!(chain.balance(wallet).await, U256::from(PRICE_UNITS));
+    assert_eq!(settler.stats().sent, 0);
+}
+
 /// A deferred settler batches deployed ERC-1271 wallets' payments like any other (their
 /// signatures go through the `bytes signature` overload inside Multicall3), and refuses an
 /// ERC-6492 wrapped signature at accept time, before the handler: a batch cannot deploy.
@@ -650,20 +710,51 @@ async fn a_deferred_settler_batches_erc1271_wallets_and_refuses_wrapped_signatur
 // ------------------------------------------------------------------------------------------------
 // Without a chain
 
-/// An EOA's payment is verified fully in-process: the configured checker is never asked,
-/// through the layer and through the verifier alone.
+/// A JSON-RPC endpoint that counts the requests it gets and fails each call: what a checker
+/// on it sends is counted, whatever it is.
+async fn counting_rpc() -> (String, Arc<AtomicUsize>) {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let stub = Router::new().route(
+        "/",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let id = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("id").cloned())
+                .unwrap_or(serde_json::Value::Null);
+            async move {
+                axum::Json(serde_json::json!({
+                    "jsonrpc": "2.0",
+                    "id": id,
+                    "error": { "code": -32000, "message": "stub: unavailable" },
+                }))
+            }
+        }),
+    );
+    let (addr, _server) = common::serve(stub).await;
+    (format!("http://{addr}/"), seen)
+}
+
+/// An EOA's payment is verified fully in-process: with an `OnchainSettler` as the checker,
+/// its RPC gets no request at all (a counting endpoint), through the layer and through the
+/// verifier alone; a contract signature through the same checker does reach it.
 #[tokio::test]
-async fn an_eoa_payment_makes_no_chain_call_in_verification() {
-    let never = Arc::new(Never(AtomicUsize::new(0)));
+async fn an_eoa_payment_makes_no_rpc_call_in_verification() {
+    let (url, rpc_requests) = counting_rpc().await;
+    let checker = OnchainSettler::connect(&url, key(0x01))
+        .await
+        .expect("settler")
+        .with_chain_id(Network::BASE_SEPOLIA.chain_id());
     let hits = Hits::new();
-    let svc = route(never.clone(), None, &hits);
+    let svc = route(Arc::new(checker.clone()), None, &hits);
     let eoa: PrivateKeySigner = PAYER3_KEY.parse().expect("key");
     let (_, header) = payment(&svc, eoa.address(), &eoa, |s| s).await;
     let ok = get_with(&svc, "/paid", [header]).await;
     assert_eq!(ok.status, StatusCode::OK, "{:?}", ok.body);
     assert_eq!(hits.get(), 1);
 
-    let verifier = EvmVerifier::new().with_contract_signatures(never.clone());
+    let verifier = EvmVerifier::new().with_contract_signatures(checker.clone());
     let req = option().requirements().clone();
     let auth = authorization(&req, eoa.address(), now());
     let payload = ExactEvmPayload {
@@ -680,7 +771,20 @@ async fn an_eoa_payment_makes_no_chain_call_in_verification() {
         tower_x402::verify::wallet::SignerKind::Key,
         "recovered in-process"
     );
-    assert_eq!(never.0.load(Ordering::SeqCst), 0, "no chain call");
+    assert_eq!(rpc_requests.load(Ordering::SeqCst), 0, "no RPC request");
+
+    // The counter counts: a wallet's signature goes to the same RPC (down: 503).
+    let wallet = address!("0x00000000000000000000000000000000000a11e7");
+    let (_, header) = payment(&svc, wallet, &eoa, |s| s).await;
+    let down = get_with(&svc, "/paid", [header]).await;
+    assert_eq!(
+        down.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        down.body
+    );
+    assert_eq!(rpc_requests.load(Ordering::SeqCst), 1, "one eth_call");
+    assert_eq!(hits.get(), 1);
 }
 
 /// Signatures the chain must never see: longer than `MAX_SIGNATURE_BYTES`, or a broken

@@ -195,8 +195,14 @@ impl OnchainSettler {
         let started = Instant::now();
         let tx = self.aggregate(payments, live).with_chain_id(chain_id);
         let hook = |hash| log.sending(hash, live);
+        // Every call may use the most any of them may (a contract wallet's check costs more).
+        let per_call = live
+            .iter()
+            .map(|i| self.gas_limit_of(&payments[*i]))
+            .max()
+            .unwrap_or(self.config.gas_limit);
         match self
-            .submit(tx, live.len() as u64, self.config.gas_limit, Some(&hook))
+            .submit(tx, live.len() as u64, per_call, Some(&hook))
             .await
         {
             Err(Submit::NotSent(f)) => {

@@ -62,6 +62,9 @@
 //!   and waits for it: a revert refuses the payment ([`reason::DEPLOYMENT_FAILED`]), an
 //!   unknown outcome answers unavailable (no money moved: the retry finds the wallet deployed).
 //!   Then the transfer carries the inner signature through the `bytes signature` overload.
+//! - a transfer whose signature a contract checks gets a gas limit of at least
+//!   [`SMART_WALLET_GAS_LIMIT`](OnchainSettler::SMART_WALLET_GAS_LIMIT) (a passkey wallet's
+//!   P-256 check is expensive without a precompile).
 //!
 //! Batches (the `deferred` feature) carry one transfer per payment and deploy nothing: a
 //! deferred settler refuses wrapped signatures before the handler
@@ -367,6 +370,10 @@ impl OnchainSettler {
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
     /// Default limit on each RPC call.
     pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Gas limit of an `exact` settlement whose signature a contract wallet checks
+    /// ([`SignerKind::Contract`](crate::verify::wallet::SignerKind::Contract)), unless the
+    /// configured [gas limit](Self::with_gas_limit) is higher.
+    pub const SMART_WALLET_GAS_LIMIT: u64 = 400_000;
     /// Gas limit of the transaction deploying a payer's ERC-6492 wallet, unless the configured
     /// [gas limit](Self::with_gas_limit) is higher (smart-wallet factories use 150-350k).
     pub const DEPLOY_GAS_LIMIT: u64 = 600_000;
@@ -905,6 +912,20 @@ impl OnchainSettler {
         checked.await.map_err(Failure::into_settle_error)
     }
 
+    /// The gas limit of settling `payment`: Permit2 through the proxy, and a wallet's own
+    /// signature check (`isValidSignature`: a passkey's P-256 check without a precompile costs
+    /// 200-300k), cost more than a bare EIP-3009 transfer.
+    fn gas_limit_of(&self, payment: &VerifiedPayment) -> u64 {
+        let floor = if payment.is_upto() {
+            Self::UPTO_GAS_LIMIT
+        } else if payment.signer == crate::verify::wallet::SignerKind::Contract {
+            Self::SMART_WALLET_GAS_LIMIT
+        } else {
+            0
+        };
+        self.config.gas_limit.max(floor)
+    }
+
     /// Settles one payment with its own `transferWithAuthorization` transaction.
     async fn settle_one(
         &self,
@@ -927,12 +948,7 @@ impl OnchainSettler {
             }
             self.deploy_wallet(payment, &wrapped, chain_id).await?;
         }
-        // Permit2 through the proxy costs more than a bare EIP-3009 transfer.
-        let per_call = if payment.is_upto() {
-            self.config.gas_limit.max(Self::UPTO_GAS_LIMIT)
-        } else {
-            self.config.gas_limit
-        };
+        let per_call = self.gas_limit_of(payment);
         let tx = self.transfer(payment).with_chain_id(chain_id);
         match self.submit(tx, 1, per_call, before).await {
             Err(Submit::NotSent(failure)) => Err(self.not_sent(failure)),
