@@ -137,7 +137,12 @@ impl OnchainSettler {
         };
         match self.submit(tx, 1, gas, None).await {
             Err(Submit::NotSent(Failure::Revert(_))) => {
-                Err(self.not_sent(Failure::Revert(reason::DEPLOYMENT_FAILED)))
+                // Some factories revert for a wallet that exists: deployed meanwhile (by
+                // anyone) is as good as deployed by us.
+                match with_timeout(limit, self.provider.get_code_at(payment.payer)).await {
+                    Ok(code) if !code.is_empty() => Ok(()),
+                    _ => Err(self.not_sent(Failure::Revert(reason::DEPLOYMENT_FAILED))),
+                }
             }
             Err(Submit::NotSent(failure)) => Err(self.not_sent(failure)),
             Err(Submit::Unknown { hash, source }) => {
