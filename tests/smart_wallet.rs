@@ -394,7 +394,7 @@ async fn a_factory_not_on_the_allowlist_is_refused() {
         wrap(FACTORY, owner.address(), salt, s)
     })
     .await;
-    let refused = get_with(&svc, "/paid", [header.clone()]).await;
+    let refused = get_with(&svc, "/paid", [header]).await;
     assert_eq!(
         refused.outcome(),
         (
@@ -418,6 +418,11 @@ async fn a_factory_not_on_the_allowlist_is_refused() {
         .build()
         .expect("valid layer");
     let svc = app(&hits).route_layer(lenient);
+    // Signed against this layer's own challenge (challenges are bound per layer).
+    let (_, header) = payment(&svc, wallet, &owner, |s| {
+        wrap(FACTORY, owner.address(), salt, s)
+    })
+    .await;
     let refused = get_with(&svc, "/paid", [header]).await;
     assert_eq!(
         refused.outcome(),
