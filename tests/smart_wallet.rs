@@ -319,6 +319,10 @@ async fn a_deployed_erc1271_wallet_pays_and_is_settled() {
     assert_eq!(hits.get(), 1, "a replay never runs the handler");
     assert_eq!(chain.balance(wallet).await, before.0 - price, "paid once");
     assert_eq!(settler.stats().settled, 1);
+    eprintln!(
+        "smart_wallet: an ERC-1271 transfer used {} gas",
+        settler.stats().gas_used
+    );
 }
 
 /// A counterfactual (ERC-6492) wallet whose factory is allowlisted on the settler pays: the
@@ -367,6 +371,10 @@ async fn a_counterfactual_wallet_of_an_allowlisted_factory_is_deployed_and_settl
     // Two transactions from the relayer (deployment, transfer), one settlement.
     let stats = settler.stats();
     assert_eq!((stats.sent, stats.settled), (2, 1), "{stats:?}");
+    eprintln!(
+        "smart_wallet: deployment + ERC-6492 transfer used {} gas",
+        stats.gas_used
+    );
 
     let replay = get_with(&svc, "/paid", [header]).await;
     assert_eq!(replay.status, StatusCode::PAYMENT_REQUIRED);
