@@ -150,7 +150,7 @@
 //! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances; `RedisIdempotencyStore` and [`prepaid::RedisCreditLedger`] for idempotent retries and prepaid credit across instances |
 //! | `tonic` | [`grpc`]: refusals as trailers-only gRPC statuses, for tonic servers ([`PaymentLayer::grpc`]) |
 //! | `facilitator` | [`facilitator::FacilitatorClient`]: verify and settle through a remote x402 facilitator (HTTP, rustls) |
-//! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` (and `upto` through the x402 Permit2 proxy) with an alloy provider; [`prepaid::wallets::ProviderSignatures`] for smart-wallet sign-ins |
+//! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` (and `upto` through the x402 Permit2 proxy) with an alloy provider; [`prepaid::wallets::ProviderSignatures`] for smart-wallet sign-ins; smart-wallet `exact` payments checked and settled on the settler's chain ([`verify::EvmVerifier::with_contract_signatures`]) |
 //! | `deferred` | [`settle::deferred`]: journal payments durably, answer at once, settle later in batches |
 //! | `metrics` | [`metrics::PaymentMetrics`]: counters and latency histograms through the `metrics` facade |
 //! | `tracing` | a span per paid request (payer, amount, network, outcome, verify/settle timings) and events for refusals |

@@ -510,6 +510,10 @@ fn verify_errors() -> Vec<(MakeVerifyError, Option<u64>)> {
             recovered: Address::ZERO,
             expected: PAY_TO,
         }),
+        e(|| VerifyError::ContractSignature { payer: PAY_TO }),
+        e(|| VerifyError::FactoryNotAllowed {
+            factory: Address::ZERO,
+        }),
         e(|| VerifyError::Unavailable {
             retry_after: None,
             source: "down".into(),
@@ -695,6 +699,9 @@ async fn drive() -> Vec<Case> {
             TRANSACTION_FAILED,
             INVALID_NETWORK,
             ASSET_NOT_DEPLOYED,
+            FACTORY_NOT_ALLOWED,
+            DEPLOYMENT_FAILED,
+            UNDEPLOYED_SMART_WALLET,
         ]
     };
     let onchain_codes: Vec<String> = reason_consts("src/settle/onchain/mod.rs", "pub mod reason {")

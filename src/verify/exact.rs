@@ -7,8 +7,32 @@
 //! equals `from`. The last two mirror what USDC enforces on-chain, so a proof that passes here
 //! does not revert at settlement for a signature reason.
 //!
-//! What is *not* checked here (it needs the chain): the payer's balance, whether the nonce was
-//! already used on-chain, and smart-wallet (ERC-1271/6492) signatures, which are refused.
+//! What is *not* checked here (it needs the chain): the payer's balance and whether the nonce
+//! was already used on-chain (the settler's pre-check reads both).
+//!
+//! # Smart wallets
+//!
+//! A signature that does not recover to `from` (a contract wallet's ERC-1271 signature, any
+//! length, or an ERC-6492 wrapped one of a wallet not deployed yet) is refused unless a
+//! [`ContractSignatures`] checker is configured with
+//! [`ExactEvmVerifier::with_contract_signatures`]. With one, after every check above (all
+//! in-process), in this order:
+//!
+//! 1. a signature longer than [`MAX_SIGNATURE_BYTES`] is refused (`invalid_exact_evm_signature`),
+//!    before any call;
+//! 2. an ERC-6492 wrapped signature must decode (`invalid_exact_evm_signature` otherwise) and
+//!    name an allowlisted factory ([`ExactEvmVerifier::with_eip6492_factories`], and the
+//!    checker's own [`ContractSignatures::eip6492_factories`]): otherwise
+//!    `eip6492_factory_not_allowed`, before any call. The allowlist is empty by default, so
+//!    undeployed wallets pay only where a factory was allowlisted. The factory is checked
+//!    whether or not the wallet is deployed already (telling would cost a second call);
+//! 3. ONE `eth_call` of the ERC-6492 universal validator over the EIP-712 digest of the
+//!    `TransferWithAuthorization`: valid → accepted; invalid (or the call reverts) →
+//!    `invalid_exact_evm_signature`; an RPC error or timeout → [`VerifyError::Unavailable`]
+//!    (503 with `Retry-After`; nothing was claimed, the client retries the same proof).
+//!
+//! A signature that recovers to `from` never reaches the chain: EOA payments stay fully
+//! in-process, with no RPC.
 
 use std::sync::Arc;
 
@@ -18,6 +42,7 @@ use alloy_sol_types::Eip712Domain;
 use secp256k1::Message;
 use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
 
+use super::wallet::{ContractSignatures, Erc6492, MAX_SIGNATURE_BYTES};
 use super::{SignatureError, VerifiedPayment, VerifyError};
 
 use crate::proto::exact::{Authorization, ExactEvmPayload};
@@ -189,9 +214,20 @@ impl SeparatorCache {
 pub struct ExactEvmVerifier {
     pub(super) timing: super::Timing,
     separators: Arc<SeparatorCache>,
+    /// Asks the chain about signatures that do not recover to `from` (none: refused).
+    wallets: Option<Arc<dyn ContractSignatures>>,
+    /// ERC-6492 factories whose undeployed wallets may pay.
+    factories: Arc<Vec<Address>>,
 }
 
-super::in_process_verifier!(ExactEvmVerifier, timing);
+super::in_process_verifier!(@builders ExactEvmVerifier, timing);
+
+/// What the in-process checks established, before the signer is known.
+struct Checked {
+    exact: ExactEvmPayload,
+    digest: B256,
+    valid_before: u64,
+}
 
 impl ExactEvmVerifier {
     /// Seconds a proof must still be valid for, so settlement can land before `validBefore`
@@ -205,12 +241,79 @@ impl ExactEvmVerifier {
         Self::default()
     }
 
-    /// The whole check, synchronously. [`Verifier::verify`](super::Verifier::verify) calls this.
+    /// Lets smart wallets pay: a signature that does not recover in-process to
+    /// `authorization.from` is checked by `checker` with one deployless `eth_call` of the
+    /// ERC-6492 universal validator (see the [module docs](self#smart-wallets) for the order
+    /// of the checks and the answers). Without a checker (the default) such payments are
+    /// refused with `invalid_exact_evm_signature`. EOA signatures never reach the checker.
+    ///
+    /// The checker is an `OnchainSettler` (`onchain` feature: its RPC, its chain and its
+    /// ERC-6492 factories, so verifier and settler agree), a `ProviderSignatures`, or your own
+    /// [`ContractSignatures`].
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "onchain")]
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use alloy_signer_local::PrivateKeySigner;
+    /// use tower_x402::primitives::address;
+    /// use tower_x402::settle::onchain::OnchainSettler;
+    /// use tower_x402::verify::EvmVerifier;
+    /// use tower_x402::{Network, PaymentLayer};
+    /// let relayer: PrivateKeySigner = std::env::var("RELAYER_KEY")?.parse()?;
+    /// // Coinbase Smart Wallet's factory: its undeployed wallets may pay (ERC-6492).
+    /// let settler = OnchainSettler::connect("https://sepolia.base.org", relayer)
+    ///     .await?
+    ///     .with_eip6492_factories([address!("0x0BA5ED0c6AA8c49038F819E587E2633c4A9F428a")]);
+    /// let layer = PaymentLayer::builder()
+    ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+    ///     .price("$0.001")
+    ///     .network(Network::BASE_SEPOLIA)
+    ///     // Smart-wallet signatures are checked on the settler's chain.
+    ///     .verifier(EvmVerifier::new().with_contract_signatures(settler.clone()))
+    ///     .settler(settler)
+    ///     .build()?;
+    /// # let _ = layer; Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with_contract_signatures(mut self, checker: impl ContractSignatures) -> Self {
+        self.wallets = Some(Arc::new(checker));
+        self
+    }
+
+    /// The ERC-6492 factories whose wallets may pay before they are deployed (replaces the
+    /// list; default none). A wrapped signature naming another factory is refused with
+    /// `eip6492_factory_not_allowed` before any call. The checker's own
+    /// [`eip6492_factories`](ContractSignatures::eip6492_factories) are allowed too (an
+    /// `OnchainSettler`'s, which deploys such wallets, so set them there).
+    ///
+    /// Why an allowlist: to settle, the factory call in the signature is sent as a transaction
+    /// from the relayer, so an unlisted factory would let any payer make the relayer call any
+    /// contract with any data. Empty, the safe default, refuses every undeployed wallet.
+    #[must_use]
+    pub fn with_eip6492_factories(mut self, factories: impl IntoIterator<Item = Address>) -> Self {
+        self.factories = Arc::new(factories.into_iter().collect());
+        self
+    }
+
+    /// The whole check, synchronously and without the chain: a signature that does not
+    /// recover to `from` is refused here ([`Verifier::verify`](super::Verifier::verify) asks
+    /// the chain about it when a [checker](Self::with_contract_signatures) is configured).
     pub fn verify_sync(
         &self,
         payload: &PaymentPayload,
         req: &PaymentRequirements,
     ) -> Result<VerifiedPayment, VerifyError> {
+        let checked = self.check(payload, req)?;
+        eoa(&checked)?;
+        Ok(accept(payload, req, checked))
+    }
+
+    /// Everything but who signed, cheapest first.
+    fn check(
+        &self,
+        payload: &PaymentPayload,
+        req: &PaymentRequirements,
+    ) -> Result<Checked, VerifyError> {
         if payload.scheme() != SCHEME || req.scheme != SCHEME {
             return Err(VerifyError::Scheme(payload.scheme().to_owned()));
         }
@@ -251,23 +354,103 @@ impl ExactEvmVerifier {
             .separators
             .get(name, version, req.network.chain_id(), req.asset);
         let digest = signing_hash(separator, auth);
-        let recovered = recover_signer(digest, &exact.signature)?;
-        if recovered != auth.from {
-            return Err(VerifyError::WrongSigner {
-                recovered,
-                expected: auth.from,
-            });
+        Ok(Checked {
+            exact,
+            digest,
+            valid_before,
+        })
+    }
+
+    /// Whether the chain accepts the signature as `from`'s (see the module docs);
+    /// `in_process` is the refusal to give when the checker cannot judge this chain.
+    async fn contract(
+        &self,
+        checker: &dyn ContractSignatures,
+        chain_id: u64,
+        checked: &Checked,
+        in_process: VerifyError,
+    ) -> Result<(), VerifyError> {
+        let signature = &checked.exact.signature;
+        if signature.len() > MAX_SIGNATURE_BYTES {
+            return Err(SignatureError::TooLong(signature.len()).into());
         }
-        let mut verified = VerifiedPayment::exact(
-            payload.version(),
-            req.network,
-            req.asset,
-            exact.authorization,
-            exact.signature,
-        );
-        // In range (checked above); the rest are the authorization's, equal to `req`'s.
-        verified.valid_before = valid_before;
-        Ok(verified)
+        if signature.is_empty() {
+            return Err(in_process);
+        }
+        if let Some(wrapped) = Erc6492::decode(signature) {
+            let wrapped = wrapped.map_err(|_| SignatureError::Erc6492)?;
+            let allowed = |list: &[Address]| list.contains(&wrapped.factory);
+            if !allowed(&self.factories) && !allowed(checker.eip6492_factories()) {
+                return Err(VerifyError::FactoryNotAllowed {
+                    factory: wrapped.factory,
+                });
+            }
+        }
+        let payer = checked.exact.authorization.from;
+        match checker
+            .is_valid(chain_id, payer, checked.digest, signature)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(VerifyError::ContractSignature { payer }),
+            Err(e) if e.is_unsupported_chain() => Err(in_process),
+            Err(e) => Err(VerifyError::Unavailable {
+                retry_after: None,
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
+/// The signature recovers to `from`: an EOA's (or an EIP-7702 account's key) payment.
+fn eoa(checked: &Checked) -> Result<(), VerifyError> {
+    let from = checked.exact.authorization.from;
+    let recovered = recover_signer(checked.digest, &checked.exact.signature)?;
+    if recovered != from {
+        return Err(VerifyError::WrongSigner {
+            recovered,
+            expected: from,
+        });
+    }
+    Ok(())
+}
+
+fn accept(
+    payload: &PaymentPayload,
+    req: &PaymentRequirements,
+    checked: Checked,
+) -> VerifiedPayment {
+    let mut verified = VerifiedPayment::exact(
+        payload.version(),
+        req.network,
+        req.asset,
+        checked.exact.authorization,
+        checked.exact.signature,
+    );
+    // In range (checked above); the rest are the authorization's, equal to `req`'s.
+    verified.valid_before = checked.valid_before;
+    verified
+}
+
+#[async_trait::async_trait]
+impl super::Verifier for ExactEvmVerifier {
+    async fn verify(
+        &self,
+        payload: &PaymentPayload,
+        req: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        let checked = self.check(payload, req)?;
+        if let Err(in_process) = eoa(&checked) {
+            let Some(checker) = &self.wallets else {
+                return Err(in_process);
+            };
+            self.contract(&**checker, req.network.chain_id(), &checked, in_process)
+                .await?;
+            let mut verified = accept(payload, req, checked);
+            verified.signer = super::wallet::SignerKind::Contract;
+            return Ok(verified);
+        }
+        Ok(accept(payload, req, checked))
     }
 }
 

@@ -1,11 +1,13 @@
 //! Verification: does a payment proof pay what a requirement asks?
 //!
 //! [`Verifier`] is the pluggable step; [`ExactEvmVerifier`] checks `exact` EIP-3009 payments
-//! in-process (EIP-712 digest + one secp256k1 public-key recovery, no network). Verification
+//! in-process (EIP-712 digest + one secp256k1 public-key recovery, no network), and asks the
+//! chain only about smart-wallet signatures when configured to ([`wallet`]). Verification
 //! never moves money: settlement is a separate step ([`crate::settle`]).
 
 pub mod exact;
 pub mod upto;
+pub mod wallet;
 
 use std::any::Any;
 use std::sync::Arc;
@@ -131,9 +133,24 @@ impl Default for Timing {
 }
 
 /// The timing builder methods, `Debug` and the `Verifier` impl (through `verify_sync`) of an
-/// in-process verifier whose `Timing` is at `$($field).+`.
+/// in-process verifier whose `Timing` is at `$($field).+`; `@builders` leaves out the
+/// `Verifier` impl (for verifiers that may ask the chain about smart wallets).
 macro_rules! in_process_verifier {
     ($ty:ident, $($field:ident).+) => {
+        $crate::verify::in_process_verifier!(@builders $ty, $($field).+);
+
+        #[::async_trait::async_trait]
+        impl $crate::verify::Verifier for $ty {
+            async fn verify(
+                &self,
+                payload: &$crate::proto::PaymentPayload,
+                requirements: &$crate::proto::v2::PaymentRequirements,
+            ) -> Result<$crate::verify::VerifiedPayment, $crate::verify::VerifyError> {
+                self.verify_sync(payload, requirements)
+            }
+        }
+    };
+    (@builders $ty:ident, $($field:ident).+) => {
         impl $ty {
             /// Uses `clock` for validity windows (tests inject a
             /// [`FixedClock`](crate::clock::FixedClock)).
@@ -167,17 +184,6 @@ macro_rules! in_process_verifier {
                     .finish_non_exhaustive()
             }
         }
-
-        #[::async_trait::async_trait]
-        impl $crate::verify::Verifier for $ty {
-            async fn verify(
-                &self,
-                payload: &$crate::proto::PaymentPayload,
-                requirements: &$crate::proto::v2::PaymentRequirements,
-            ) -> Result<$crate::verify::VerifiedPayment, $crate::verify::VerifyError> {
-                self.verify_sync(payload, requirements)
-            }
-        }
     };
 }
 pub(crate) use in_process_verifier;
@@ -191,12 +197,15 @@ pub(crate) use in_process_verifier;
 /// use tower_x402::clock::FixedClock;
 /// let verifier = EvmVerifier::new().with_clock(FixedClock::new(1_700_000_000));
 /// ```
+///
+/// Smart-wallet `exact` payments (ERC-1271, ERC-6492) need a chain: see
+/// [`Self::with_contract_signatures`].
 #[derive(Clone, Default)]
 pub struct EvmVerifier {
     exact: ExactEvmVerifier,
 }
 
-in_process_verifier!(EvmVerifier, exact.timing);
+in_process_verifier!(@builders EvmVerifier, exact.timing);
 
 impl EvmVerifier {
     /// Both schemes on the system clock with the default headroom and skew.
@@ -204,7 +213,25 @@ impl EvmVerifier {
         Self::default()
     }
 
-    /// The whole check, synchronously.
+    /// Checks `exact` signatures that do not recover in-process to `authorization.from`
+    /// (smart wallets) with `checker`, as
+    /// [`ExactEvmVerifier::with_contract_signatures`] does (see there, with an example).
+    #[must_use]
+    pub fn with_contract_signatures(mut self, checker: impl wallet::ContractSignatures) -> Self {
+        self.exact = self.exact.with_contract_signatures(checker);
+        self
+    }
+
+    /// The ERC-6492 factories whose undeployed wallets may pay, as
+    /// [`ExactEvmVerifier::with_eip6492_factories`] (default none).
+    #[must_use]
+    pub fn with_eip6492_factories(mut self, factories: impl IntoIterator<Item = Address>) -> Self {
+        self.exact = self.exact.with_eip6492_factories(factories);
+        self
+    }
+
+    /// The whole check, synchronously and without the chain: smart-wallet signatures are
+    /// refused here ([`Verifier::verify`] asks the chain about them when configured).
     pub fn verify_sync(
         &self,
         payload: &PaymentPayload,
@@ -213,6 +240,20 @@ impl EvmVerifier {
         match requirements.scheme.as_str() {
             upto::SCHEME => upto::verify(payload, requirements, &self.exact.timing),
             _ => self.exact.verify_sync(payload, requirements),
+        }
+    }
+}
+
+#[async_trait]
+impl Verifier for EvmVerifier {
+    async fn verify(
+        &self,
+        payload: &PaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        match requirements.scheme.as_str() {
+            upto::SCHEME => upto::verify(payload, requirements, &self.exact.timing),
+            _ => self.exact.verify(payload, requirements).await,
         }
     }
 }
@@ -243,6 +284,11 @@ pub struct VerifiedPayment {
     pub valid_before: u64,
     /// The scheme's signed object.
     pub proof: Proof,
+    /// How the payer's signature was proven: recovered in-process (a key) or judged by the
+    /// chain (a contract wallet, see [`ExactEvmVerifier::with_contract_signatures`]). The
+    /// on-chain settler sends a contract wallet's signature as is, through the token's
+    /// `bytes signature` overload.
+    pub signer: wallet::SignerKind,
     /// Data a verifier hands to its own settler (a facilitator's approved request), not API.
     backend: BackendData,
 }
@@ -331,6 +377,7 @@ impl VerifiedPayment {
                 authorization,
                 signature,
             },
+            signer: wallet::SignerKind::Key,
             backend: BackendData::default(),
         }
     }
@@ -352,6 +399,7 @@ impl VerifiedPayment {
             amount: permit.permitted.amount,
             valid_before: permit.deadline.saturating_to(),
             proof: Proof::UptoEvm { permit, signature },
+            signer: wallet::SignerKind::Key,
             backend: BackendData::default(),
         }
     }
@@ -428,7 +476,8 @@ impl VerifiedPayment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SignatureError {
-    /// Not 65 bytes (smart-wallet signatures need a chain and are not verified in-process).
+    /// Not 65 bytes: not a key's signature (a smart wallet's is checked on the chain when
+    /// [`ExactEvmVerifier::with_contract_signatures`] is configured).
     #[error("signature is {0} bytes, expected 65")]
     Length(usize),
     /// `v` is not 27 or 28 (USDC rejects 0/1 on-chain).
@@ -440,6 +489,12 @@ pub enum SignatureError {
     /// The curve math failed (r or s out of range, no point).
     #[error("signature does not recover to a public key")]
     Invalid,
+    /// Longer than [`wallet::MAX_SIGNATURE_BYTES`]: refused before any chain call.
+    #[error("signature is {0} bytes, more than a contract wallet may send")]
+    TooLong(usize),
+    /// Ends in the ERC-6492 suffix but is not `abi.encode(address, bytes, bytes)` before it.
+    #[error("malformed ERC-6492 signature")]
+    Erc6492,
 }
 
 /// Why a payment was refused. Each variant maps to an x402 reason code ([`Self::reason`]).
@@ -510,6 +565,20 @@ pub enum VerifyError {
         /// `authorization.from`.
         expected: Address,
     },
+    /// The chain says the signature is not `payer`'s (ERC-1271 `isValidSignature`, or the
+    /// ERC-6492 wallet's after its deployment, refused it).
+    #[error("the chain refuses {payer}'s contract signature")]
+    ContractSignature {
+        /// `authorization.from`.
+        payer: Address,
+    },
+    /// An ERC-6492 signature of a wallet to be deployed by a factory that is not allowlisted
+    /// ([`ExactEvmVerifier::with_eip6492_factories`]).
+    #[error("ERC-6492 factory {factory} is not allowlisted")]
+    FactoryNotAllowed {
+        /// The factory the signature names.
+        factory: Address,
+    },
     /// A verifier backend (facilitator, RPC) could not be reached: retry later.
     #[error("verifier backend unavailable")]
     Unavailable {
@@ -573,7 +642,10 @@ impl VerifyError {
             Self::Expired { .. } | Self::ValidityTooLong { .. } => {
                 Reason::InvalidExactEvmPayloadAuthorizationValidBefore
             }
-            Self::Signature(_) | Self::WrongSigner { .. } => Reason::InvalidExactEvmSignature,
+            Self::Signature(_) | Self::WrongSigner { .. } | Self::ContractSignature { .. } => {
+                Reason::InvalidExactEvmSignature
+            }
+            Self::FactoryNotAllowed { .. } => Reason::Eip6492FactoryNotAllowed,
             Self::Unavailable { .. } => Reason::UnexpectedVerifyError,
             Self::RateLimited { .. } => Reason::RateLimited,
             Self::Upto(e) => e.reason(),

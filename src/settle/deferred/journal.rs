@@ -82,6 +82,9 @@ pub(super) struct StoredPayment {
     authorization: Authorization,
     signature: Bytes,
     valid_before: u64,
+    /// A contract wallet's signature (sent as is); absent in older journals.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    contract_signature: bool,
 }
 
 impl StoredPayment {
@@ -99,6 +102,7 @@ impl StoredPayment {
             authorization: authorization.clone(),
             signature: signature.clone(),
             valid_before: p.valid_before,
+            contract_signature: p.signer == crate::verify::wallet::SignerKind::Contract,
         })
     }
 
@@ -121,6 +125,9 @@ impl StoredPayment {
         payment.pay_to = self.pay_to;
         payment.amount = self.amount;
         payment.valid_before = self.valid_before;
+        if self.contract_signature {
+            payment.signer = crate::verify::wallet::SignerKind::Contract;
+        }
         payment
     }
 }
@@ -626,7 +633,27 @@ mod tests {
             },
             signature: Bytes::from(vec![n; 65]),
             valid_before: 2,
+            contract_signature: n == 1,
         }
+    }
+
+    #[test]
+    fn a_contract_signature_survives_the_journal_and_old_records_read_as_keys() {
+        let stored = payment(1);
+        let back = StoredPayment::of(&stored.to_payment()).expect("exact");
+        assert_eq!(back, stored);
+        assert_eq!(
+            stored.to_payment().signer,
+            crate::verify::wallet::SignerKind::Contract
+        );
+        let mut old = serde_json::to_value(payment(2)).unwrap();
+        assert!(old.get("contractSignature").is_none(), "omitted when false");
+        old.as_object_mut().unwrap().remove("contractSignature");
+        let read: StoredPayment = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            read.to_payment().signer,
+            crate::verify::wallet::SignerKind::Key
+        );
     }
 
     fn pending(id: u64) -> Record {

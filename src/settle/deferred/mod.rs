@@ -653,6 +653,16 @@ impl Settler for DeferredSettler {
                 transaction: None,
             });
         }
+        if let Some((_, signature)) = payment.eip3009()
+            && signature.ends_with(crate::verify::wallet::ERC6492_SUFFIX.as_slice())
+        {
+            // A wallet to be deployed first: a batch cannot deploy it (settle it with an
+            // `OnchainSettler`); refused before the handler, precheck or not.
+            return Err(SettleError::Refused {
+                reason: crate::reason::Reason::InvalidExactEvmPayloadUndeployedSmartWallet,
+                transaction: None,
+            });
+        }
         let owed = {
             let state = self.shared.lock();
             if let Some(max) = self.shared.config.max_pending

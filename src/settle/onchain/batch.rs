@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use super::relayer::with_timeout;
 use super::revert::{Failure, revert_reason};
 use super::{
-    OnchainSettler, Sent, Submit, UnconfirmedTransaction, reason, stats, transfer_calldata,
+    OnchainSettler, Sent, Submit, UnconfirmedTransaction, payment_calldata, reason, stats,
 };
 use crate::settle::SettleError;
 use crate::settle::deferred::{BatchSettler, ChainState, SendLog, Settled};
@@ -139,14 +139,9 @@ impl OnchainSettler {
                 IMulticall3::Call3 {
                     target: p.asset,
                     allowFailure: true,
-                    callData: match p.eip3009() {
-                        Some((authorization, signature)) => {
-                            transfer_calldata(authorization, signature)
-                        }
-                        // Not EIP-3009 (deferred batches refuse other proofs before this):
-                        // an empty call that fails alone, never a transfer.
-                        None => Default::default(),
-                    },
+                    // Not EIP-3009 (deferred batches refuse other proofs before this): an
+                    // empty call that fails alone, never a transfer.
+                    callData: payment_calldata(p).unwrap_or_default(),
                 }
             })
             .collect();
@@ -200,8 +195,14 @@ impl OnchainSettler {
         let started = Instant::now();
         let tx = self.aggregate(payments, live).with_chain_id(chain_id);
         let hook = |hash| log.sending(hash, live);
+        // Every call may use the most any of them may (a contract wallet's check costs more).
+        let per_call = live
+            .iter()
+            .map(|i| self.gas_limit_of(&payments[*i]))
+            .max()
+            .unwrap_or(self.config.gas_limit);
         match self
-            .submit(tx, live.len() as u64, self.config.gas_limit, Some(&hook))
+            .submit(tx, live.len() as u64, per_call, Some(&hook))
             .await
         {
             Err(Submit::NotSent(f)) => {
@@ -389,6 +390,13 @@ impl BatchSettler for OnchainSettler {
         payment: &VerifiedPayment,
         owed: alloy_primitives::U256,
     ) -> Result<(), SettleError> {
+        if super::wallet::erc6492(payment).is_some() {
+            // A batch does not deploy wallets (see `settle_one`).
+            return Err(SettleError::Refused {
+                reason: reason::UNDEPLOYED_SMART_WALLET,
+                transaction: None,
+            });
+        }
         self.check_owed(payment, owed).await
     }
 

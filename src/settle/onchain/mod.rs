@@ -40,11 +40,40 @@
 //! 1. `eth_estimateGas` of the transfer from the relayer (a simulation: a revert is mapped to a
 //!    reason and nothing is sent) and `eth_feeHistory`, concurrently.
 //! 2. `transferWithAuthorization(from, to, value, validAfter, validBefore, nonce, v, r, s)`
-//!    (selector `0xe3ee160e`) for 65-byte signatures (`v` of 0/1 is normalised to 27/28), the
-//!    `bytes signature` overload (`0xcf092995`, FiatToken ≥ 2.2, for ERC-1271 wallets)
-//!    otherwise. ERC-6492 wrapped signatures of undeployed wallets are not unwrapped. The gas
-//!    limit is explicit ([`with_gas_limit`](OnchainSettler::with_gas_limit), default
+//!    (selector `0xe3ee160e`) for 65-byte signatures of keys (`v` of 0/1 is normalised to
+//!    27/28), the `bytes signature` overload (`0xcf092995`, FiatToken ≥ 2.2) for any other
+//!    length and for every signature the verifier had the chain judge
+//!    ([`SignerKind::Contract`](crate::verify::wallet::SignerKind::Contract), sent unchanged).
+//!    The gas limit is explicit ([`with_gas_limit`](OnchainSettler::with_gas_limit), default
 //!    120 000); a transfer estimated above it is refused rather than sent.
+//!
+//! # Smart wallets
+//!
+//! An ERC-1271 wallet's signature goes to the token as is (step 2), which asks the wallet.
+//! An ERC-6492 wrapped signature (a wallet not deployed yet) names a factory and the call that
+//! deploys the wallet; as in the reference facilitator:
+//!
+//! - [`check`](Settler::check) refuses it unless the factory is allowlisted
+//!   ([`with_eip6492_factories`](OnchainSettler::with_eip6492_factories), default none:
+//!   [`reason::FACTORY_NOT_ALLOWED`]) and simulates the deployment and the transfer together
+//!   (one `eth_call` of Multicall3's `aggregate3`);
+//! - [`settle`](Settler::settle) reads the payer's code and, when it has none, sends the factory
+//!   call from the relayer first (gas limit [`DEPLOY_GAS_LIMIT`](OnchainSettler::DEPLOY_GAS_LIMIT))
+//!   and waits for it: a revert refuses the payment ([`reason::DEPLOYMENT_FAILED`]), an
+//!   unknown outcome answers unavailable (no money moved: the retry finds the wallet deployed).
+//!   Then the transfer carries the inner signature through the `bytes signature` overload.
+//! - a transfer whose signature a contract checks gets a gas limit of at least
+//!   [`SMART_WALLET_GAS_LIMIT`](OnchainSettler::SMART_WALLET_GAS_LIMIT) (a passkey wallet's
+//!   P-256 check is expensive without a precompile).
+//!
+//! Batches (the `deferred` feature) carry one transfer per payment and deploy nothing: a
+//! deferred settler refuses wrapped signatures before the handler
+//! ([`reason::UNDEPLOYED_SMART_WALLET`]); deployed ERC-1271 wallets batch like any payment.
+//!
+//! The settler is also a [`ContractSignatures`](crate::verify::wallet::ContractSignatures)
+//! checker on its own RPC, carrying its factory allowlist: give it to
+//! [`EvmVerifier::with_contract_signatures`](crate::verify::EvmVerifier::with_contract_signatures)
+//! so that smart wallets are verified on the chain that settles them.
 //! 3. EIP-1559 fees: `maxFeePerGas = 2 × next base fee + tip` (tip: median 20th-percentile
 //!    reward of the last 5 blocks), clamped to the cap
 //!    ([`with_max_fee_per_gas`](OnchainSettler::with_max_fee_per_gas)). When the base fee plus
@@ -106,6 +135,7 @@ mod relayer;
 mod revert;
 mod stats;
 mod upto;
+mod wallet;
 
 use std::future::IntoFuture;
 use std::sync::Arc;
@@ -153,6 +183,17 @@ pub mod reason {
     /// `check`: no contract at the asset's address on this chain (a misconfigured token).
     pub const ASSET_NOT_DEPLOYED: crate::reason::Reason =
         crate::reason::Reason::AssetNotDeployedContract;
+    /// An ERC-6492 signature names a factory this settler may not call
+    /// ([`OnchainSettler::with_eip6492_factories`](super::OnchainSettler::with_eip6492_factories)).
+    pub const FACTORY_NOT_ALLOWED: crate::reason::Reason =
+        crate::reason::Reason::Eip6492FactoryNotAllowed;
+    /// `settle`: the factory call deploying the payer's wallet reverted.
+    pub const DEPLOYMENT_FAILED: crate::reason::Reason =
+        crate::reason::Reason::SmartWalletDeploymentFailed;
+    /// `check` of a batched (deferred) payment: ERC-6492 signatures of wallets to be deployed
+    /// do not go into batches.
+    pub const UNDEPLOYED_SMART_WALLET: crate::reason::Reason =
+        crate::reason::Reason::InvalidExactEvmPayloadUndeployedSmartWallet;
 }
 
 sol! {
@@ -172,11 +213,56 @@ sol! {
 }
 
 /// Calldata executing `authorization` on its token: the `(v, r, s)` overload for a 65-byte
-/// signature (`v` of 0/1 normalised to 27/28), the `bytes signature` overload otherwise.
-/// Public so that batching settlers (e.g. through Multicall3) build the same calls.
+/// signature (`v` of 0/1 normalised to 27/28), the `bytes signature` overload otherwise. An
+/// ERC-6492 wrapped signature is unwrapped: the wallet (deployed by then) checks the inner
+/// signature, always through the `bytes signature` overload. Public so that batching settlers
+/// (e.g. through Multicall3) build the same calls; [`payment_calldata`] also knows a contract
+/// wallet's 65-byte signature.
 pub fn transfer_calldata(authorization: &Authorization, signature: &[u8]) -> Bytes {
     let a = authorization;
-    let encoded = match <&[u8; 65]>::try_from(signature) {
+    let wrapped = crate::verify::wallet::Erc6492::decode(signature).and_then(Result::ok);
+    let encoded = match wrapped {
+        Some(w) => IEip3009::transferWithAuthorization_1Call {
+            from: a.from,
+            to: a.to,
+            value: a.value,
+            validAfter: a.valid_after,
+            validBefore: a.valid_before,
+            nonce: a.nonce,
+            signature: w.signature,
+        }
+        .abi_encode(),
+        None => plain_calldata(a, signature),
+    };
+    encoded.into()
+}
+
+/// The calldata settling an `exact` payment: [`transfer_calldata`], except that a signature
+/// the chain judged ([`SignerKind::Contract`](crate::verify::wallet::SignerKind::Contract))
+/// always goes through the `bytes signature` overload unchanged (a wallet's 65 bytes need not
+/// be `r ‖ s ‖ v`, so `v` is not normalised). `None` for another scheme.
+pub fn payment_calldata(payment: &VerifiedPayment) -> Option<Bytes> {
+    let (authorization, signature) = payment.eip3009()?;
+    let contract = payment.signer == crate::verify::wallet::SignerKind::Contract;
+    if contract && signature.len() == 65 {
+        let a = authorization;
+        let call = IEip3009::transferWithAuthorization_1Call {
+            from: a.from,
+            to: a.to,
+            value: a.value,
+            validAfter: a.valid_after,
+            validBefore: a.valid_before,
+            nonce: a.nonce,
+            signature: signature.clone(),
+        };
+        return Some(call.abi_encode().into());
+    }
+    Some(transfer_calldata(authorization, signature))
+}
+
+/// [`transfer_calldata`] of a signature that is not ERC-6492 wrapped.
+fn plain_calldata(a: &Authorization, signature: &[u8]) -> Vec<u8> {
+    match <&[u8; 65]>::try_from(signature) {
         Ok(sig) => {
             let (rs, v) = sig.split_at(64);
             let v = match v[0] {
@@ -206,8 +292,7 @@ pub fn transfer_calldata(authorization: &Authorization, signature: &[u8]) -> Byt
             signature: Bytes::copy_from_slice(signature),
         }
         .abi_encode(),
-    };
-    encoded.into()
+    }
 }
 
 /// The source of the [`SettleError::Unknown`] returned when a sent transaction was not
@@ -258,6 +343,8 @@ pub struct OnchainSettler {
     provider: DynProvider,
     config: Config,
     shared: Arc<Shared>,
+    /// ERC-6492 factories the relayer may call to deploy a payer's wallet.
+    factories: Arc<Vec<Address>>,
 }
 
 impl std::fmt::Debug for OnchainSettler {
@@ -283,6 +370,13 @@ impl OnchainSettler {
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
     /// Default limit on each RPC call.
     pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Gas limit of an `exact` settlement whose signature a contract wallet checks
+    /// ([`SignerKind::Contract`](crate::verify::wallet::SignerKind::Contract)), unless the
+    /// configured [gas limit](Self::with_gas_limit) is higher.
+    pub const SMART_WALLET_GAS_LIMIT: u64 = 400_000;
+    /// Gas limit of the transaction deploying a payer's ERC-6492 wallet, unless the configured
+    /// [gas limit](Self::with_gas_limit) is higher (smart-wallet factories use 150-350k).
+    pub const DEPLOY_GAS_LIMIT: u64 = 600_000;
     /// Multicall3's address, the same on every chain it is deployed to (Base included).
     pub const MULTICALL3: Address =
         alloy_primitives::address!("0xcA11bde05977b3631167028862bE2a173976CA11");
@@ -312,6 +406,7 @@ impl OnchainSettler {
                 chain_id: tokio::sync::OnceCell::new(),
                 stats: stats::Recorder::default(),
             }),
+            factories: Arc::default(),
         }
     }
 
@@ -387,6 +482,22 @@ impl OnchainSettler {
     /// Only the `deferred` feature's batches use it.
     pub fn with_multicall(mut self, address: Address) -> Self {
         self.config.multicall = address;
+        self
+    }
+
+    /// The ERC-6492 factories the relayer may call to deploy a payer's smart wallet before
+    /// its transfer (replaces the list; default none, which refuses every wrapped signature).
+    ///
+    /// A wrapped signature carries a factory address and call data; settling it sends that
+    /// call from the relayer, so only factories you trust may be listed (the reference
+    /// facilitator's `eip6492AllowedFactories`): anything else would let a payer make the
+    /// relayer call any contract with any data. A payment naming another factory is refused
+    /// with [`reason::FACTORY_NOT_ALLOWED`] by [`check`](Settler::check), before the handler.
+    /// A verifier given this settler as its checker
+    /// ([`EvmVerifier::with_contract_signatures`](crate::verify::EvmVerifier::with_contract_signatures))
+    /// accepts the same factories.
+    pub fn with_eip6492_factories(mut self, factories: impl IntoIterator<Item = Address>) -> Self {
+        self.factories = Arc::new(factories.into_iter().collect());
         self
     }
 
@@ -467,12 +578,9 @@ impl OnchainSettler {
             Proof::UptoEvm { permit, signature } => tx
                 .with_to(upto::UPTO_PROXY)
                 .with_input(upto::settle_calldata(permit, payment.amount, signature)),
-            Proof::ExactEvm {
-                authorization,
-                signature,
-            } => tx
+            Proof::ExactEvm { .. } => tx
                 .with_to(payment.asset)
-                .with_input(transfer_calldata(authorization, signature)),
+                .with_input(payment_calldata(payment).unwrap_or_default()),
         }
     }
 
@@ -509,7 +617,14 @@ impl OnchainSettler {
                 account: payment.payer,
             },
         );
-        let simulate = self.config.simulate.then(|| self.transfer(payment));
+        let simulate = self
+            .config
+            .simulate
+            .then(|| match wallet::erc6492(payment) {
+                // The wallet may not exist yet: deploy it and transfer, in one call.
+                Some(Ok(wrapped)) => self.simulate_deployed(payment, &wrapped),
+                _ => self.transfer(payment),
+            });
         if let Some((permit, _)) = payment.permit2() {
             let views = [
                 balance_tx,
@@ -777,6 +892,9 @@ impl OnchainSettler {
                 // The upto proxy lets only the signed facilitator settle: this relayer can't.
                 return Err(Failure::Revert(upto::reason::FACILITATOR_MISMATCH));
             }
+            if let Some(wrapped) = wallet::erc6492(payment) {
+                self.allowed(&wrapped?)?;
+            }
             let state = self.read_state(payment).await?;
             let needed = max_amount(payment).saturating_add(owed);
             if state.used {
@@ -794,6 +912,20 @@ impl OnchainSettler {
         checked.await.map_err(Failure::into_settle_error)
     }
 
+    /// The gas limit of settling `payment`: Permit2 through the proxy, and a wallet's own
+    /// signature check (`isValidSignature`: a passkey's P-256 check without a precompile costs
+    /// 200-300k), cost more than a bare EIP-3009 transfer.
+    fn gas_limit_of(&self, payment: &VerifiedPayment) -> u64 {
+        let floor = if payment.is_upto() {
+            Self::UPTO_GAS_LIMIT
+        } else if payment.signer == crate::verify::wallet::SignerKind::Contract {
+            Self::SMART_WALLET_GAS_LIMIT
+        } else {
+            0
+        };
+        self.config.gas_limit.max(floor)
+    }
+
     /// Settles one payment with its own `transferWithAuthorization` transaction.
     async fn settle_one(
         &self,
@@ -808,12 +940,15 @@ impl OnchainSettler {
         if payment.is_upto() && payment.amount > max_amount(payment) {
             return Err(self.not_sent(Failure::Revert(upto::reason::SETTLEMENT_EXCEEDS_AMOUNT)));
         }
-        // Permit2 through the proxy costs more than a bare EIP-3009 transfer.
-        let per_call = if payment.is_upto() {
-            self.config.gas_limit.max(Self::UPTO_GAS_LIMIT)
-        } else {
-            self.config.gas_limit
-        };
+        if let Some(wrapped) = wallet::erc6492(payment) {
+            let wrapped = wrapped.map_err(|f| self.not_sent(f))?;
+            if before.is_some() {
+                // A batch's journal logs one transaction per payment: no deployment first.
+                return Err(self.not_sent(Failure::Revert(reason::UNDEPLOYED_SMART_WALLET)));
+            }
+            self.deploy_wallet(payment, &wrapped, chain_id).await?;
+        }
+        let per_call = self.gas_limit_of(payment);
         let tx = self.transfer(payment).with_chain_id(chain_id);
         match self.submit(tx, 1, per_call, before).await {
             Err(Submit::NotSent(failure)) => Err(self.not_sent(failure)),
@@ -1006,6 +1141,48 @@ mod tests {
         let call = IEip3009::transferWithAuthorization_1Call::abi_decode(&data).expect("decodes");
         assert_eq!(call.signature.as_ref(), &sig[..]);
         assert_eq!(call.validBefore, authorization().valid_before);
+    }
+
+    #[test]
+    fn contract_wallet_signatures_go_unchanged_through_the_bytes_overload() {
+        let mut sig = [0x33u8; 65];
+        sig[64] = 1; // not a `v`: a wallet's own encoding, never normalised
+        let payment = |signer| {
+            let mut p = VerifiedPayment::exact(
+                crate::proto::X402Version::V2,
+                crate::Network::BASE_SEPOLIA,
+                Address::repeat_byte(9),
+                authorization(),
+                Bytes::copy_from_slice(&sig),
+            );
+            p.signer = signer;
+            p
+        };
+        let contract =
+            payment_calldata(&payment(crate::verify::wallet::SignerKind::Contract)).expect("exact");
+        assert_eq!(contract[..4], [0xcf, 0x09, 0x29, 0x95]);
+        let call =
+            IEip3009::transferWithAuthorization_1Call::abi_decode(&contract).expect("decodes");
+        assert_eq!(call.signature.as_ref(), &sig[..]);
+        // A key's 65 bytes keep the (v, r, s) overload.
+        let key =
+            payment_calldata(&payment(crate::verify::wallet::SignerKind::Key)).expect("exact");
+        assert_eq!(key[..4], [0xe3, 0xee, 0x16, 0x0e]);
+    }
+
+    #[test]
+    fn erc6492_signatures_are_unwrapped_for_the_bytes_overload() {
+        let inner = Bytes::from(vec![0x44u8; 65]);
+        let wrapped = crate::verify::wallet::Erc6492 {
+            factory: Address::repeat_byte(0xfa),
+            factory_calldata: Bytes::from_static(&[1, 2, 3]),
+            signature: inner.clone(),
+        }
+        .encode();
+        let data = transfer_calldata(&authorization(), &wrapped);
+        assert_eq!(data[..4], [0xcf, 0x09, 0x29, 0x95]);
+        let call = IEip3009::transferWithAuthorization_1Call::abi_decode(&data).expect("decodes");
+        assert_eq!(call.signature, inner);
     }
 
     /// A mined receipt as a hostile node could send it: `gasUsed × effectiveGasPrice` is more
