@@ -9,8 +9,8 @@
 //!   `@x402/extensions` 2.27 builds it (`declareDiscoveryExtension`, then
 //!   `bazaarResourceServerExtension.enrichDeclaration` with the method), and facilitators
 //!   that catalogue resources read it from the paying client's echo (x402-foundation/x402
-//!   `specs/extensions/bazaar.md`). [`service_name`](PaymentLayerBuilder::service_name),
-//!   [`tags`](PaymentLayerBuilder::tags) and [`icon_url`](PaymentLayerBuilder::icon_url) go
+//!   `specs/extensions/bazaar.md`). [`service_name`](crate::PaymentLayerBuilder::service_name),
+//!   [`tags`](crate::PaymentLayerBuilder::tags) and [`icon_url`](crate::PaymentLayerBuilder::icon_url) go
 //!   on the challenge's `resource` object, where that spec puts service metadata ("Service
 //!   Metadata on `resource`"); the builder refuses values the spec's validation rules would
 //!   make a catalogue drop. There is no `category` field in the reference: use tags.
@@ -77,7 +77,6 @@
 //! ```
 //!
 //! [`PaymentLayerBuilder::bazaar`]: crate::PaymentLayerBuilder::bazaar
-//! [PaymentLayerBuilder]: crate::PaymentLayerBuilder
 
 mod manifest;
 
