@@ -507,3 +507,46 @@ async fn official_packages_read_our_bazaar_and_manifest() {
     assert_eq!(items[1]["bazaarValid"], true);
     assert_eq!(items[2]["bazaarValid"], Value::Null);
 }
+
+/// The per-thread challenge cache must tell apart layers that differ only in discovery
+/// metadata (same URL, same price): each 402 carries its own layer's tags and bazaar.
+#[tokio::test(flavor = "current_thread")]
+async fn cached_challenges_keep_each_layers_metadata() {
+    let clock = clock();
+    let layer = |tag: &str, bazaar: Bazaar| {
+        unpriced_builder(&clock)
+            .pay_to(PAY_TO)
+            .price("$0.001")
+            .network(tower_x402::Network::BASE_SEPOLIA)
+            .tags([tag])
+            .bazaar(bazaar)
+            .build()
+            .unwrap()
+    };
+    let app = |tag: &str, bazaar: Bazaar| {
+        Router::new().route(
+            "/weather",
+            get(|| async { "{}" }).route_layer(layer(tag, bazaar)),
+        )
+    };
+    // Differ only in tags; only in the bazaar.
+    let a = app("a", Bazaar::get());
+    let b = app("b", Bazaar::get());
+    let c = app("a", Bazaar::query(Method::DELETE).unwrap());
+    for _ in 0..2 {
+        for (app, tag, method) in [(&a, "a", "GET"), (&b, "b", "GET"), (&c, "a", "DELETE")] {
+            let reply = send(app, req(Method::GET, "/weather")).await;
+            let doc: Value = serde_json::from_slice(
+                &STANDARD
+                    .decode(reply.header("payment-required").unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(doc["resource"]["tags"], json!([tag]));
+            assert_eq!(
+                doc["extensions"]["bazaar"]["info"]["input"]["method"],
+                method
+            );
+        }
+    }
+}
