@@ -194,7 +194,8 @@ fn encoded_challenge(
         // Bound challenges carry a fresh id each, prepaid ones a fresh sign-in nonce:
         // nothing to share between requests.
         let url = resource.url(shared);
-        let (v2, v1) = challenge(shared, options, &url, method, reason);
+        let (mut v2, v1) = challenge(shared, options, &url, method, reason);
+        crate::discovery::enrich(&mut v2, resource.uri().path());
         return encode(shared, &v2, &v1);
     }
     let versions = (shared.accept_v1, shared.accept_v2);
@@ -217,7 +218,8 @@ fn encoded_challenge(
             return (c.header.clone(), c.body.clone());
         }
         let url = resource.url(shared);
-        let (v2, v1) = challenge(shared, options, &url, method, reason);
+        let (mut v2, v1) = challenge(shared, options, &url, method, reason);
+        crate::discovery::enrich(&mut v2, resource.uri().path());
         let (header, body) = encode(shared, &v2, &v1);
         let entry = CachedChallenge {
             url,

@@ -23,7 +23,10 @@ use tower_x402::{Asset, ChallengeKeys, PaymentOption};
 /// in the `@x402/extensions` form (`declareDiscoveryExtension`'s input), if any.
 struct Route {
     method: Method,
+    /// As registered in the manifest (a template for a route with path parameters).
     path: &'static str,
+    /// A request path of the route, for a templated one.
+    concrete: Option<&'static str>,
     declare: Option<Value>,
 }
 
@@ -64,7 +67,18 @@ fn search_bazaar() -> (Bazaar, Value) {
     (bazaar, declare)
 }
 
-/// Three paid routes with different prices and methods (one priced by a function, one bound),
+fn city_bazaar() -> (Bazaar, Value) {
+    let schema = json!({ "properties": { "city": { "type": "string" } }, "required": ["city"] });
+    let output = json!({ "city": "paris", "weather": "rainy" });
+    let bazaar = Bazaar::get()
+        .route_template("/weather/:city")
+        .path_params_schema(schema.clone())
+        .output_example(output.clone());
+    let declare = json!({ "pathParamsSchema": schema, "output": { "example": output } });
+    (bazaar, declare)
+}
+
+/// Four paid routes with different prices and methods (one priced by a function, one bound),
 /// the manifest of all three, and the routes as registered.
 fn app(bind: bool) -> (Router, Manifest, Vec<Route>) {
     let clock = clock();
@@ -102,10 +116,19 @@ fn app(bind: bool) -> (Router, Manifest, Vec<Route>) {
         .resource_base(BASE)
         .build()
         .unwrap();
+    let (city_b, city_d) = city_bazaar();
+    let city = unpriced_builder(&clock)
+        .accept(PaymentOption::exact(&usdc, "$0.002", PAY_TO).unwrap())
+        .resource_base(BASE)
+        .mime_type("application/json")
+        .bazaar(city_b)
+        .build()
+        .unwrap();
     let manifest = Manifest::builder()
         .route(Method::GET, "/weather", &weather)
         .route(Method::POST, "/search", &search)
         .route(Method::GET, "/premium/report", &premium)
+        .route(Method::GET, "/weather/:city", &city)
         .description("tower-x402 discovery test")
         .build()
         .unwrap();
@@ -114,23 +137,33 @@ fn app(bind: bool) -> (Router, Manifest, Vec<Route>) {
         .route("/weather", get(ok).route_layer(weather))
         .route("/search", post(ok).route_layer(search))
         .route("/premium/{name}", get(ok).route_layer(premium))
+        .route("/weather/{city}", get(ok).route_layer(city))
         .route_service(Manifest::PATH, manifest.clone())
         .route_service(Manifest::PATH_JSON, manifest.clone());
     let routes = vec![
         Route {
             method: Method::GET,
             path: "/weather",
+            concrete: None,
             declare: Some(weather_d),
         },
         Route {
             method: Method::POST,
             path: "/search",
+            concrete: None,
             declare: Some(search_d),
         },
         Route {
             method: Method::GET,
             path: "/premium/report",
+            concrete: None,
             declare: None,
+        },
+        Route {
+            method: Method::GET,
+            path: "/weather/:city",
+            concrete: Some("/weather/paris"),
+            declare: Some(city_d),
         },
     ];
     (router, manifest, routes)
@@ -145,8 +178,8 @@ fn req(method: Method, path: &str) -> Request<Body> {
 }
 
 /// The unpaid 402 of `route`: its `PAYMENT-REQUIRED` header and that header decoded as JSON.
-async fn challenge(app: &Router, route: &Route) -> (String, Value) {
-    let reply = send(app, req(route.method.clone(), route.path)).await;
+async fn challenge(app: &Router, route: &Route, path: &str) -> (String, Value) {
+    let reply = send(app, req(route.method.clone(), path)).await;
     assert_eq!(reply.status, StatusCode::PAYMENT_REQUIRED, "{}", route.path);
     let header = reply.header("payment-required").unwrap().to_owned();
     let doc = serde_json::from_slice(&STANDARD.decode(&header).unwrap()).unwrap();
@@ -181,7 +214,8 @@ async fn manifest_agrees_with_402s(bind: bool) {
     assert_eq!(items.len(), routes.len());
     let mut urls = Vec::new();
     for (route, item) in routes.iter().zip(items) {
-        let (_, ch) = challenge(&app, route).await;
+        // The path as registered: what a crawler of the manifest probes.
+        let (_, ch) = challenge(&app, route, route.path).await;
         let what = route.path;
         // Resource: URL, description, MIME type and service metadata, as in the 402.
         assert_eq!(item["resource"], ch["resource"], "{what}");
@@ -238,11 +272,21 @@ async fn manifest_agrees_with_402s(bind: bool) {
                 );
                 assert_eq!(item["output"]["mimeType"], "application/json");
                 let props = &bazaar["schema"]["properties"]["input"]["properties"];
-                if route.method == Method::POST {
-                    assert_eq!(item["input"]["bodyType"], "json");
-                    assert_eq!(item["input"]["body"], props["body"]);
-                } else {
-                    assert_eq!(item["input"]["queryParams"], props["queryParams"]);
+                match route.path {
+                    "/search" => {
+                        assert_eq!(item["input"]["bodyType"], "json");
+                        assert_eq!(item["input"]["body"], props["body"]);
+                    }
+                    "/weather" => {
+                        assert_eq!(item["input"]["queryParams"], props["queryParams"]);
+                    }
+                    _ => {
+                        assert_eq!(item["input"]["routeTemplate"], route.path);
+                        assert_eq!(bazaar["routeTemplate"], route.path);
+                        assert_eq!(item["input"]["pathParams"], props["pathParams"]);
+                        assert_eq!(props["pathParams"]["required"], json!(["city"]));
+                        assert!(item["input"].get("queryParams").is_none());
+                    }
                 }
             }
             None => {
@@ -255,6 +299,7 @@ async fn manifest_agrees_with_402s(bind: bool) {
             match route.path {
                 "/weather" => "1000",
                 "/search" => "10000",
+                "/weather/:city" => "2000",
                 _ => "50000",
             }
         );
@@ -431,11 +476,13 @@ async fn official_packages_read_our_bazaar_and_manifest() {
     let (app, manifest, routes) = app(false);
     let mut inputs = Vec::new();
     for route in routes.iter().filter(|r| r.declare.is_some()) {
-        let (header, _) = challenge(&app, route).await;
+        let path = route.concrete.unwrap_or(route.path);
+        let (header, _) = challenge(&app, route, path).await;
         inputs.push(json!({
             "header": header,
             "method": route.method.as_str(),
-            "path": route.path,
+            "path": path,
+            "pattern": route.path,
             "declare": route.declare,
         }));
     }
@@ -457,9 +504,10 @@ async fn official_packages_read_our_bazaar_and_manifest() {
     .unwrap();
     let _ = std::fs::remove_file(&file);
     let checked = r["routes"].as_array().unwrap();
-    assert_eq!(checked.len(), 2, "{r}");
-    for (c, route) in checked.iter().zip(routes.iter()) {
-        let what = route.path;
+    assert_eq!(checked.len(), 3, "{r}");
+    let declared = routes.iter().filter(|r| r.declare.is_some());
+    for (c, route) in checked.iter().zip(declared) {
+        let what = route.concrete.unwrap_or(route.path);
         assert_eq!(c["schemaOk"], true, "{what}: {c}");
         assert_eq!(
             c["sameAsReference"], true,
@@ -469,7 +517,12 @@ async fn official_packages_read_our_bazaar_and_manifest() {
         assert_eq!(c["valid"]["valid"], true, "{what}: {c}");
         assert_eq!(c["spec"]["valid"], true, "{what}: {c}");
         let d = &c["discovered"];
-        assert_eq!(d["resourceUrl"], format!("{BASE}{what}"), "{what}: {c}");
+        // Catalogued under the template when there is one.
+        assert_eq!(
+            d["resourceUrl"],
+            format!("{BASE}{}", route.path),
+            "{what}: {c}"
+        );
         assert_eq!(d["method"], route.method.as_str(), "{what}");
         assert_eq!(d["x402Version"], 2);
         assert_eq!(d["mimeType"], "application/json");
@@ -498,14 +551,23 @@ async fn official_packages_read_our_bazaar_and_manifest() {
         checked[1]["discovered"]["discoveryInfo"]["input"]["bodyType"],
         "json"
     );
+    // A templated route: catalogued once, under its template, with this request's values.
+    let city = &checked[2]["discovered"];
+    assert_eq!(city["routeTemplate"], "/weather/:city");
+    assert_eq!(city["resourceUrl"], format!("{BASE}/weather/:city"));
+    assert_eq!(
+        city["discoveryInfo"]["input"]["pathParams"],
+        json!({ "city": "paris" })
+    );
     let items = r["items"].as_array().unwrap();
-    assert_eq!(items.len(), 3, "{r}");
+    assert_eq!(items.len(), 4, "{r}");
     for item in items {
         assert_eq!(item["acceptsOk"], true, "{item}");
     }
     assert_eq!(items[0]["bazaarValid"], true);
     assert_eq!(items[1]["bazaarValid"], true);
     assert_eq!(items[2]["bazaarValid"], Value::Null);
+    assert_eq!(items[3]["bazaarValid"], true);
 }
 
 /// The per-thread challenge cache must tell apart layers that differ only in discovery

@@ -43,7 +43,8 @@ use crate::response::Resource;
 ///                   "mimeType": "application/json", "serviceName": "…", "tags": ["…"] },
 ///     "type": "http",
 ///     "accepts": [ { "scheme": "exact", "network": "eip155:8453", "amount": "1000", "…": "…" } ],
-///     "input": { "method": "GET", "queryParams": { "…JSON Schema…": "" } },
+///     "input": { "method": "GET", "queryParams": { "…JSON Schema…": "" },
+///                "routeTemplate": "/weather/:city", "pathParams": { "…JSON Schema…": "" } },
 ///     "output": { "mimeType": "application/json", "example": { "…": "…" } },
 ///     "requires": ["payment-identifier"],
 ///     "extensions": { "bazaar": { "info": { "…": "…" }, "schema": { "…": "…" } } }
@@ -243,7 +244,8 @@ fn item(
         Pricing::Dynamic(price) => price(&parts).ok_or_else(|| DiscoveryError::Free(route()))?,
     };
     let url = Resource::of(&parts).url(shared);
-    let (challenge, _) = crate::response::challenge(shared, &options, &url, method, None);
+    let (mut challenge, _) = crate::response::challenge(shared, &options, &url, method, None);
+    super::enrich(&mut challenge, parts.uri.path());
     let extensions = challenge.extensions.unwrap_or_default();
     let bazaar = extensions.get(BAZAAR).cloned();
     if let Some(declared) = bazaar
@@ -334,6 +336,10 @@ fn lift(
     input.body_type = str_of(info, "bodyType");
     input.body = object_of(schema, "body").or_else(|| object_of(info, "body"));
     input.path_params = object_of(schema, "pathParams");
+    input.route_template = bazaar
+        .get("routeTemplate")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     input.query_params = object_of(schema, "queryParams").filter(|q| {
         q.get("properties")
             .and_then(Value::as_object)
@@ -392,6 +398,8 @@ struct Input {
     path_params: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     query_params: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    route_template: Option<String>,
 }
 
 #[derive(Serialize)]

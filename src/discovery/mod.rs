@@ -112,6 +112,10 @@ pub enum DiscoveryError {
     /// An output schema without an example: the reference only sends `output` with one.
     #[error("bazaar: an output schema needs an output example (the reference drops it alone)")]
     OutputSchemaWithoutExample,
+    /// A route template the reference would discard, or one this crate cannot match in linear
+    /// time (a parameter that is not a whole segment).
+    #[error("bazaar: route template {0}")]
+    RouteTemplate(String),
     /// An output example that is not an object while the schema says `"type": "object"`.
     #[error(
         "bazaar: a non-object output example needs an output schema with its own \"type\" \
@@ -210,6 +214,8 @@ pub struct Bazaar {
     input_schema: Option<Value>,
     output_example: Option<Value>,
     output_schema: Option<Value>,
+    route_template: Option<String>,
+    path_params_schema: Option<Value>,
 }
 
 impl Bazaar {
@@ -253,6 +259,8 @@ impl Bazaar {
             input_schema: None,
             output_example: None,
             output_schema: None,
+            route_template: None,
+            path_params_schema: None,
         }
     }
 
@@ -279,6 +287,24 @@ impl Bazaar {
     /// reference does (needs [`Self::output_example`]).
     pub fn output_schema(mut self, schema: Value) -> Self {
         self.output_schema = Some(schema);
+        self
+    }
+
+    /// The route's template, e.g. `/weather/:city`, for a route with path parameters (default
+    /// none): the challenge carries it as `routeTemplate`, and `info.input.pathParams` with
+    /// the values of the request's path (`{"city": "paris"}` for `/weather/paris`), as the
+    /// reference's server extension does, so that catalogues list the route once. Each
+    /// parameter is a whole path segment, `:name`; the template matches the request's path
+    /// (not `resource_base`'s).
+    pub fn route_template(mut self, template: impl Into<String>) -> Self {
+        self.route_template = Some(template.into());
+        self
+    }
+
+    /// JSON Schema of the path parameters' object (its `properties`, `required`, ...),
+    /// merged into `{"type": "object"}` (default: `{"type": "object"}` with a template).
+    pub fn path_params_schema(mut self, schema: Value) -> Self {
+        self.path_params_schema = Some(schema);
         self
     }
 
@@ -353,6 +379,24 @@ impl Bazaar {
                 )
             }
         };
+        let mut schema_input = schema_input;
+        if self.route_template.is_some() || self.path_params_schema.is_some() {
+            let mut path_params = Map::new();
+            path_params.insert("type".into(), json!("object"));
+            match &self.path_params_schema {
+                None => {}
+                Some(Value::Object(s)) => path_params.extend(s.clone()),
+                Some(_) => {
+                    return Err(DiscoveryError::NotAnObject("the path parameters' schema").into());
+                }
+            }
+            if let Some(props) = schema_input
+                .get_mut("properties")
+                .and_then(Value::as_object_mut)
+            {
+                props.insert("pathParams".into(), Value::Object(path_params));
+            }
+        }
         let mut info = Map::new();
         info.insert("input".into(), info_input);
         let mut properties = Map::new();
@@ -392,7 +436,7 @@ impl Bazaar {
                 );
             }
         }
-        Ok(json!({
+        let mut declaration = json!({
             "info": Value::Object(info),
             "schema": {
                 "$schema": JSON_SCHEMA_2020_12,
@@ -400,7 +444,97 @@ impl Bazaar {
                 "properties": Value::Object(properties),
                 "required": ["input"],
             },
-        }))
+        });
+        if let (Some(template), Value::Object(d)) = (&self.route_template, &mut declaration) {
+            check_template(template)?;
+            d.insert("routeTemplate".into(), json!(template));
+        }
+        Ok(declaration)
+    }
+}
+
+/// The reference's `isValidRouteTemplate` (`^/[a-zA-Z0-9_/:.\-~%]+$`, no `..`, no `://`),
+/// without percent escapes, and with each `:name` a whole segment, so that a request's path
+/// is matched segment by segment, in linear time, whatever it is.
+fn check_template(template: &str) -> Result<(), DiscoveryError> {
+    let bad = |why: &str| {
+        Err(DiscoveryError::RouteTemplate(format!(
+            "{template:?}: {why}"
+        )))
+    };
+    if !template.starts_with('/') || template.len() < 2 {
+        return bad("must start with '/'");
+    }
+    if !template
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_/:.-~".contains(&b))
+    {
+        return bad("only letters, digits and _ / : . - ~ are allowed");
+    }
+    if template.contains("..") || template.contains("://") {
+        return bad("must not contain '..' or '://'");
+    }
+    let mut params = 0;
+    for segment in template.split('/').skip(1) {
+        if let Some(name) = segment.strip_prefix(':') {
+            let mut chars = name.chars();
+            let head = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+            if !head || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return bad("a parameter is a whole segment, ':name'");
+            }
+            params += 1;
+        } else if segment.contains(':') {
+            return bad("a parameter is a whole segment, ':name'");
+        }
+    }
+    if params == 0 {
+        return bad("has no ':name' parameter (a static route needs no template)");
+    }
+    Ok(())
+}
+
+/// The values of `template`'s parameters in `path` (raw, as the reference reads them), or
+/// none when the path does not match (the reference then sends `{}`).
+fn path_params(template: &str, path: &str) -> Map<String, Value> {
+    let mut params = Map::new();
+    let (mut t, mut p) = (template.split('/'), path.split('/'));
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return params,
+            (Some(ts), Some(ps)) => match ts.strip_prefix(':') {
+                Some(name) if !ps.is_empty() => {
+                    params.insert(name.to_owned(), Value::String(ps.to_owned()));
+                }
+                None if ts == ps => {}
+                _ => return Map::new(),
+            },
+            _ => return Map::new(),
+        }
+    }
+}
+
+/// Adds `info.input.pathParams` of this request to a challenge whose bazaar has a
+/// `routeTemplate` (the per-request half of the reference's `enrichDeclaration`). Nothing to
+/// do, and nothing allocated, for any other challenge.
+pub(crate) fn enrich(challenge: &mut crate::proto::v2::PaymentRequired, path: &str) {
+    let Some(bazaar) = challenge
+        .extensions
+        .as_mut()
+        .and_then(|e| e.get_mut(BAZAAR))
+    else {
+        return;
+    };
+    let Some(template) = bazaar.get("routeTemplate").and_then(Value::as_str) else {
+        return;
+    };
+    let params = path_params(template, path);
+    if let Some(input) = bazaar
+        .pointer_mut("/info/input")
+        .and_then(Value::as_object_mut)
+    {
+        input.insert("pathParams".into(), Value::Object(params));
     }
 }
 
@@ -558,6 +692,42 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn route_templates_match_whole_segments() {
+        for good in [
+            "/weather/:city",
+            "/w/:country/:city",
+            "/users/:user_id/x.json",
+            "/:a",
+        ] {
+            assert_eq!(check_template(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "weather/:city",
+            "/weather",
+            "/weather/:",
+            "/weather/:1city",
+            "/file/:name.json",
+            "/w/:a:b",
+            "/w/../:a",
+            "/w/%2e%2e/:a",
+            "/w/:a?x=1",
+            "/w/\u{e9}/:a",
+        ] {
+            assert!(check_template(bad).is_err(), "{bad}");
+        }
+        let p = |t, path| Value::Object(path_params(t, path));
+        assert_eq!(p("/w/:city", "/w/paris"), json!({ "city": "paris" }));
+        assert_eq!(
+            p("/w/:c/:city", "/w/fr/paris"),
+            json!({ "c": "fr", "city": "paris" })
+        );
+        assert_eq!(p("/w/:city", "/w/par%20is"), json!({ "city": "par%20is" }));
+        for miss in ["/w/", "/w", "/w/paris/", "/x/paris", "/w/paris/x", ""] {
+            assert_eq!(p("/w/:city", miss), json!({}), "{miss}");
+        }
     }
 
     #[test]

@@ -6,8 +6,8 @@
 // For each route, with @x402/core 2.27.0 and @x402/extensions 2.27.0, unmodified:
 //   * decodePaymentRequiredHeader + PaymentRequiredV2Schema: the 402 as clients parse it;
 //   * the reference's own bazaar for the same declaration: declareDiscoveryExtension, then
-//     bazaarResourceServerExtension.enrichDeclaration with the request's method and path (what
-//     @x402/express sends), deep-compared with ours;
+//     bazaarResourceServerExtension.enrichDeclaration with the request's method, path and
+//     route pattern (what @x402/express sends), deep-compared with ours;
 //   * validateDiscoveryExtension (Ajv, info against schema) and validateDiscoveryExtensionSpec;
 //   * extractDiscoveryInfo on the payload an official client would send (it echoes the 402's
 //     resource and extensions): what a cataloguing facilitator records;
@@ -43,7 +43,7 @@ const {
 } = need("@x402/extensions/bazaar");
 
 const input = JSON.parse(readFileSync(process.argv[2], "utf8"));
-const routes = input.routes.map(({ header, method, path, declare }) => {
+const routes = input.routes.map(({ header, method, path, pattern, declare }) => {
   const pr = decodePaymentRequiredHeader(header);
   const parsed = PaymentRequiredV2Schema.safeParse(pr);
   const ours = pr.extensions?.bazaar;
@@ -51,7 +51,7 @@ const routes = input.routes.map(({ header, method, path, declare }) => {
   const reference = bazaarResourceServerExtension.enrichDeclaration(declared, {
     method,
     adapter: { getPath: () => path },
-    routePattern: path,
+    routePattern: pattern ?? path,
   });
   const accepted = pr.accepts[0];
   // The payload the official client builds: the 402's resource and extensions, echoed.
