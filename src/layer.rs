@@ -556,9 +556,29 @@ impl PaymentLayerBuilder {
         if let Some(bazaar) = &self.bazaar {
             extensions.insert(crate::discovery::BAZAAR.to_owned(), bazaar.declaration()?);
         }
+        let service = crate::discovery::service_meta(self.service_name, self.tags, self.icon_url)?;
+        if self.bazaar.is_some() {
+            // Clients echo the extensions and the resource in their payment header.
+            let echoed = serde_json::to_string(&extensions).map_or(0, |s| s.len())
+                + [
+                    &self.description,
+                    &self.mime_type,
+                    &service.name,
+                    &service.icon_url,
+                ]
+                .iter()
+                .map(|s| s.as_ref().map_or(0, String::len))
+                .sum::<usize>()
+                + service
+                    .tags
+                    .iter()
+                    .flatten()
+                    .map(|t| t.len() + 3)
+                    .sum::<usize>();
+            crate::discovery::check_echo(echoed, self.max_header_bytes)?;
+        }
         // No extension offered, no `extensions` field: the challenge stays as it was.
         let extensions = (!extensions.is_empty()).then_some(extensions);
-        let service = crate::discovery::service_meta(self.service_name, self.tags, self.icon_url)?;
         Ok(PaymentLayer {
             shared: Arc::new(Shared {
                 verifier: self.verifier,

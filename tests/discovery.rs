@@ -17,7 +17,7 @@ use http::{HeaderValue, Method, Request, StatusCode};
 use serde_json::{Value, json};
 use tower_x402::discovery::{Bazaar, BodyType, DiscoveryError, Manifest};
 use tower_x402::error::ConfigError;
-use tower_x402::{Asset, ChallengeKeys, PaymentOption};
+use tower_x402::{Asset, ChallengeKeys, PaymentLayer, PaymentOption};
 
 /// One paid route of the test app: how it is called, and the bazaar declaration it was given
 /// in the `@x402/extensions` form (`declareDiscoveryExtension`'s input), if any.
@@ -460,6 +460,22 @@ fn manifests_that_would_lie_are_not_built() {
     assert!(meta(
         base().bazaar(Bazaar::get().output_example(json!(null)))
     ));
+    // A declaration that would push every payment echoing it over the layer's header limit.
+    let big = || Bazaar::get().output_example(json!({ "text": "x".repeat(6000) }));
+    assert!(matches!(
+        base().bazaar(big()).build(),
+        Err(ConfigError::Discovery(DiscoveryError::TooLarge {
+            max: 8192,
+            ..
+        }))
+    ));
+    assert!(
+        base()
+            .bazaar(big())
+            .max_header_bytes(16 * 1024)
+            .build()
+            .is_ok()
+    );
 }
 
 /// The official packages (`tests/clients/bazaar.mjs`): our bazaar equals the reference's own
@@ -611,4 +627,58 @@ async fn cached_challenges_keep_each_layers_metadata() {
             );
         }
     }
+}
+
+/// The official v2 client (`tests/clients/pay.mjs`) pays a route that declares bazaar and
+/// service metadata: one handler run, its payment echoes them (what a cataloguing facilitator
+/// reads), the echo does not break verification, and a replay is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_client_pays_a_discoverable_route_and_echoes_it() {
+    let Some(deps) = process::test_deps(
+        "official_client_pays_a_discoverable_route_and_echoes_it",
+        &["node/node_modules/@x402/fetch/package.json"],
+    ) else {
+        return;
+    };
+    let hits = common::Hits::new();
+    let (weather, _) = weather_bazaar();
+    // Real clocks: the JS client signs with the wall clock.
+    let layer = PaymentLayer::builder()
+        .pay_to(PAY_TO)
+        .price("$0.001")
+        .network(tower_x402::Network::BASE_SEPOLIA)
+        .mime_type("application/json")
+        .service_name("Test Weather")
+        .tags(["weather"])
+        .bazaar(weather)
+        .nonce_store(tower_x402::MemoryNonceStore::new())
+        .build()
+        .unwrap();
+    let (addr, server) = common::serve(common::app(&hits).route_layer(layer)).await;
+    let url = format!("http://{addr}/paid");
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(process::repo().join("tests/clients/pay.mjs"))
+        .args(["--client", "v2", "--url", &url, "--replay"])
+        .env("X402_TEST_DEPS", &deps);
+    let r = tokio::task::spawn_blocking(move || {
+        process::run_json(&mut cmd, Duration::from_secs(60), String::new)
+    })
+    .await
+    .unwrap();
+    server.abort();
+    assert_eq!(r["status"], 200, "{r:#}");
+    assert_eq!(hits.get(), 1);
+    let sent: Value = serde_json::from_slice(
+        &STANDARD
+            .decode(r["paymentHeader"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        sent["extensions"]["bazaar"]["info"]["input"]["method"], "GET",
+        "{sent:#}"
+    );
+    assert_eq!(sent["resource"]["serviceName"], "Test Weather", "{sent:#}");
+    assert_eq!(r["replayStatus"], 402, "{r:#}");
+    assert_eq!(hits.get(), 1);
 }

@@ -131,6 +131,19 @@ pub enum DiscoveryError {
     /// An icon URL that catalogues drop.
     #[error("icon URL: {0}")]
     IconUrl(&'static str),
+    /// A declaration so large that the payments echoing it would exceed the layer's
+    /// `max_header_bytes`.
+    #[error(
+        "bazaar: paying clients echo the declaration, making their payment header about \
+         {header} bytes, over max_header_bytes ({max}): shrink the schemas and examples, or \
+         raise max_header_bytes (and mind proxies' header limits)"
+    )]
+    TooLarge {
+        /// The estimated payment header, in bytes.
+        header: usize,
+        /// The layer's limit.
+        max: usize,
+    },
     /// A manifest without any route.
     #[error("manifest: no route registered")]
     NoRoutes,
@@ -187,6 +200,11 @@ impl BodyType {
 /// The `bazaar` discovery declaration of one route: how it is called and what it returns.
 /// Set it with [`PaymentLayerBuilder::bazaar`](crate::PaymentLayerBuilder::bazaar); see the
 /// [module docs](self).
+///
+/// Keep it small: the challenge travels in the `PAYMENT-REQUIRED` header (proxies often cap
+/// headers at 8 KiB), and paying clients echo it in theirs; the layer refuses, at build, a
+/// declaration that would push a payment over its own
+/// [`max_header_bytes`](crate::PaymentLayerBuilder::max_header_bytes).
 ///
 /// The declaration names its HTTP method (the reference fills it in from the request at
 /// challenge time; declaring it keeps the challenge the same for every request, and lets the
@@ -536,6 +554,27 @@ pub(crate) fn enrich(challenge: &mut crate::proto::v2::PaymentRequired, path: &s
     {
         input.insert("pathParams".into(), Value::Object(params));
     }
+}
+
+/// JSON bytes of a payment besides what it echoes (payload, `accepted`, the resource URL),
+/// with room to spare: 1,085 base64 bytes measured for an official `exact` client.
+const PAYMENT_BASE_JSON: usize = 1_500;
+
+/// Refuses a declaration that would push the official client's payment header, which echoes
+/// the challenge's extensions and resource, over the layer's own `max_header_bytes` (every
+/// payment would get 431).
+pub(crate) fn check_echo(
+    echoed_json: usize,
+    max_header_bytes: usize,
+) -> Result<(), DiscoveryError> {
+    let header = (echoed_json + PAYMENT_BASE_JSON).div_ceil(3) * 4;
+    if header > max_header_bytes {
+        return Err(DiscoveryError::TooLarge {
+            header,
+            max: max_header_bytes,
+        });
+    }
+    Ok(())
 }
 
 /// JavaScript truthiness, which decides whether the reference sends `output`.
