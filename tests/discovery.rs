@@ -95,12 +95,16 @@ fn app(bind: bool) -> (Router, Manifest, Vec<Route>) {
         .tags(["weather", "forecast"])
         .icon_url("https://api.example.com/icon.png")
         .bazaar(weather_b);
-    if bind {
-        weather = weather.bind_challenges(ChallengeKeys::new([7; 32]).with_clock(clock.clone()));
-    }
+    // Bound with a key of ours, or not bound at all (the other routes are bound by default).
+    weather = if bind {
+        weather.bind_challenges(ChallengeKeys::new([7; 32]).with_clock(clock.clone()))
+    } else {
+        weather.no_challenge_binding()
+    };
     let weather = weather.build().unwrap();
     let (search_b, search_d) = search_bazaar();
-    let search = unpriced_builder(&clock)
+    // The crate's defaults (challenges bound with a key of this process).
+    let search = PaymentLayer::builder()
         .accept(PaymentOption::exact(&usdc, "$0.01", PAY_TO).unwrap())
         .resource_base(BASE)
         .description("Search the catalogue")
@@ -252,11 +256,12 @@ async fn manifest_agrees_with_402s(bind: bool) {
             );
         }
         assert_eq!(listed, &live, "{what}");
-        if bind && route.path == "/weather" {
-            assert!(
-                ch["accepts"][0]["extra"]["challenge"].is_string(),
-                "the 402 is bound"
-            );
+        if route.path == "/weather" {
+            let id = &ch["accepts"][0]["extra"]["challenge"];
+            assert_eq!(id.is_string(), bind, "the 402 is bound iff asked: {id}");
+        } else if route.path == "/search" {
+            // Bound by default.
+            assert!(ch["accepts"][0]["extra"]["challenge"].is_string(), "{what}");
         }
         // Bazaar: the 402's declaration, the same value; its contract lifted into input/output.
         assert_eq!(item["input"]["method"], route.method.as_str(), "{what}");
