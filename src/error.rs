@@ -62,4 +62,8 @@ pub enum ConfigError {
     /// A [prepaid](crate::prepaid) route that cannot be built.
     #[error(transparent)]
     Prepaid(#[from] crate::prepaid::BundleError),
+    /// Discovery metadata ([`bazaar`](crate::discovery::Bazaar), service name, tags, icon) or
+    /// a [manifest](crate::discovery::Manifest) that cannot be built.
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
 }

@@ -42,6 +42,12 @@ impl PaymentLayer {
     pub fn builder() -> PaymentLayerBuilder {
         PaymentLayerBuilder::default()
     }
+
+    /// The configuration the layer's challenges are built from (read by the discovery
+    /// manifest, so that the two can never disagree).
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
 }
 
 impl<S> Layer<S> for PaymentLayer {
@@ -103,6 +109,10 @@ pub struct PaymentLayerBuilder {
     prepaid: Option<crate::prepaid::Prepaid>,
     #[cfg(feature = "paywall")]
     paywall: Option<crate::paywall::Paywall>,
+    bazaar: Option<crate::discovery::Bazaar>,
+    service_name: Option<String>,
+    tags: Option<Vec<String>>,
+    icon_url: Option<String>,
 }
 
 impl Default for PaymentLayerBuilder {
@@ -137,6 +147,10 @@ impl Default for PaymentLayerBuilder {
             prepaid: None,
             #[cfg(feature = "paywall")]
             paywall: None,
+            bazaar: None,
+            service_name: None,
+            tags: None,
+            icon_url: None,
         }
     }
 }
@@ -427,6 +441,42 @@ impl PaymentLayerBuilder {
         self
     }
 
+    /// Describes how to call the route and what it returns, for discovery: the v2 challenge
+    /// carries it as `extensions.bazaar`, as `@x402/extensions` declares it, and a
+    /// [`Manifest`](crate::discovery::Manifest) lists it (default none). See
+    /// [`crate::discovery`].
+    pub fn bazaar(mut self, bazaar: crate::discovery::Bazaar) -> Self {
+        self.bazaar = Some(bazaar);
+        self
+    }
+
+    /// Human name of the service, sent as `resource.serviceName` for discovery catalogues
+    /// (default none). Printable ASCII, 1 to 32 characters, else [`build`](Self::build) fails.
+    pub fn service_name(mut self, name: impl Into<String>) -> Self {
+        self.service_name = Some(name.into());
+        self
+    }
+
+    /// Topical tags, sent as `resource.tags` for discovery catalogues (default none): at most
+    /// 5, each printable ASCII of 1 to 32 characters, no two equal ignoring case, else
+    /// [`build`](Self::build) fails.
+    pub fn tags<I, T>(mut self, tags: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<String>,
+    {
+        self.tags = Some(tags.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Absolute `https://` (or `http://`) URL of the service's icon, sent as
+    /// `resource.iconUrl` (default none). A URL that catalogues would drop (IP literal,
+    /// `localhost`, user info, over 2048 bytes) makes [`build`](Self::build) fail.
+    pub fn icon_url(mut self, url: impl Into<String>) -> Self {
+        self.icon_url = Some(url.into());
+        self
+    }
+
     /// Validates the configuration and builds the layer.
     ///
     /// # Errors
@@ -510,14 +560,39 @@ impl PaymentLayerBuilder {
             }
             None => None,
         };
-        let extensions = idempotency.as_ref().map(|i| {
-            let mut m = Map::new();
-            m.insert(
+        let mut extensions = Map::new();
+        if let Some(i) = &idempotency {
+            extensions.insert(
                 crate::idempotency::EXTENSION.to_owned(),
                 crate::idempotency::declaration(i.required),
             );
-            m
-        });
+        }
+        if let Some(bazaar) = &self.bazaar {
+            extensions.insert(crate::discovery::BAZAAR.to_owned(), bazaar.declaration()?);
+        }
+        let service = crate::discovery::service_meta(self.service_name, self.tags, self.icon_url)?;
+        if self.bazaar.is_some() {
+            // Clients echo the extensions and the resource in their payment header.
+            let echoed = serde_json::to_string(&extensions).map_or(0, |s| s.len())
+                + [
+                    &self.description,
+                    &self.mime_type,
+                    &service.name,
+                    &service.icon_url,
+                ]
+                .iter()
+                .map(|s| s.as_ref().map_or(0, String::len))
+                .sum::<usize>()
+                + service
+                    .tags
+                    .iter()
+                    .flatten()
+                    .map(|t| t.len() + 3)
+                    .sum::<usize>();
+            crate::discovery::check_echo(echoed, self.max_header_bytes)?;
+        }
+        // No extension offered, no `extensions` field: the challenge stays as it was.
+        let extensions = (!extensions.is_empty()).then_some(extensions);
         Ok(PaymentLayer {
             shared: Arc::new(Shared {
                 verifier: self.verifier,
@@ -528,6 +603,7 @@ impl PaymentLayerBuilder {
                 resource_base: self.resource_base,
                 description: self.description,
                 mime_type: self.mime_type,
+                service,
                 max_header_bytes: self.max_header_bytes,
                 expose_headers: self.expose_headers,
                 retry_after: self.retry_after,

@@ -221,6 +221,7 @@ pub mod challenge;
 pub mod client;
 pub mod clock;
 mod config;
+pub mod discovery;
 pub mod error;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]

@@ -94,6 +94,9 @@ pub(crate) fn challenge(
             url: resource.to_owned(),
             description: shared.description.clone(),
             mime_type: shared.mime_type.clone(),
+            service_name: shared.service.name.clone(),
+            tags: shared.service.tags.clone(),
+            icon_url: shared.service.icon_url.clone(),
         },
         accepts: options
             .iter()
@@ -159,6 +162,7 @@ struct CachedChallenge {
     requirements: Vec<PaymentRequirements>,
     description: Option<String>,
     mime_type: Option<String>,
+    service: crate::config::ServiceMeta,
     /// Which forms were built (v1 body, v2 header).
     versions: (bool, bool),
     extensions: Option<serde_json::Map<String, serde_json::Value>>,
@@ -190,7 +194,8 @@ fn encoded_challenge(
         // Bound challenges carry a fresh id each, prepaid ones a fresh sign-in nonce:
         // nothing to share between requests.
         let url = resource.url(shared);
-        let (v2, v1) = challenge(shared, options, &url, method, reason);
+        let (mut v2, v1) = challenge(shared, options, &url, method, reason);
+        crate::discovery::enrich(&mut v2, resource.uri().path());
         return encode(shared, &v2, &v1);
     }
     let versions = (shared.accept_v1, shared.accept_v2);
@@ -201,6 +206,7 @@ fn encoded_challenge(
             && c.extensions == shared.extensions
             && c.description == shared.description
             && c.mime_type == shared.mime_type
+            && c.service == shared.service
             && c.requirements.len() == options.len()
             && c.requirements
                 .iter()
@@ -212,7 +218,8 @@ fn encoded_challenge(
             return (c.header.clone(), c.body.clone());
         }
         let url = resource.url(shared);
-        let (v2, v1) = challenge(shared, options, &url, method, reason);
+        let (mut v2, v1) = challenge(shared, options, &url, method, reason);
+        crate::discovery::enrich(&mut v2, resource.uri().path());
         let (header, body) = encode(shared, &v2, &v1);
         let entry = CachedChallenge {
             url,
@@ -220,6 +227,7 @@ fn encoded_challenge(
             requirements: options.iter().map(|o| o.requirements().clone()).collect(),
             description: shared.description.clone(),
             mime_type: shared.mime_type.clone(),
+            service: shared.service.clone(),
             versions,
             extensions: shared.extensions.clone(),
             header: header.clone(),

@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) resource_base: Option<String>,
     pub(crate) description: Option<String>,
     pub(crate) mime_type: Option<String>,
+    /// `serviceName`, `tags` and `iconUrl` of the challenge's `resource` (bazaar).
+    pub(crate) service: ServiceMeta,
     pub(crate) max_header_bytes: usize,
     pub(crate) expose_headers: bool,
     pub(crate) retry_after: Duration,
@@ -55,4 +57,13 @@ pub(crate) struct Shared {
     /// The page browsers get instead of the 402 JSON.
     #[cfg(feature = "paywall")]
     pub(crate) paywall: Option<crate::paywall::Built>,
+}
+
+/// Service metadata of the challenge's `resource` (bazaar: `serviceName`, `tags`, `iconUrl`),
+/// validated by the builder (`discovery::service_meta`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ServiceMeta {
+    pub(crate) name: Option<String>,
+    pub(crate) tags: Option<Vec<String>>,
+    pub(crate) icon_url: Option<String>,
 }

@@ -20,6 +20,55 @@ pub struct ResourceInfo {
     /// MIME type of the response.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mime_type: Option<String>,
+    /// Name of the service hosting the resource (bazaar service metadata). Read leniently
+    /// (a value of the wrong type is dropped, as facilitators drop it): a client echoes it,
+    /// and a payload must not be refused over catalogue metadata.
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub service_name: Option<String>,
+    /// Topical tags of the service (bazaar service metadata); read leniently.
+    #[serde(
+        default,
+        deserialize_with = "lenient_strings",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tags: Option<Vec<String>>,
+    /// Absolute http(s) URL of the service's icon (bazaar service metadata); read leniently.
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub icon_url: Option<String>,
+}
+
+/// A string, or `None` for anything else (catalogue metadata never fails a parse).
+fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+/// An array's string entries, or `None` for anything but an array.
+fn lenient_strings<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<String>>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Array(items) => Some(
+            items
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        _ => None,
+    })
 }
 
 /// One way to pay: an entry of `accepts`, and the `accepted` echo in a payload.
