@@ -403,7 +403,8 @@ async fn a_full_nonce_store_never_evicts_a_live_proof_to_make_room() {
 // ------------------------------------------------------------------------------------------------
 // Poison the idempotency store
 
-/// An idempotency store on the proofs' clock (ids are held until the proof's `validBefore`).
+/// An idempotency store on the proofs' clock (ids are held an hour past the proof's
+/// `validBefore`, at most the store's maximum TTL).
 fn id_store() -> MemoryIdempotencyStore {
     MemoryIdempotencyStore::with_limits_and_clock(1000, 1 << 20, clock())
 }
@@ -460,8 +461,9 @@ async fn many_proofs_racing_for_one_payment_id_get_one_run_each_at_most() {
     let hits = Hits::gated();
     let settler = CountingSettler::default();
     let clock = clock();
-    // On the proofs' clock: an id is held until the proof's `validBefore` (a store on the
-    // system clock would see these 2025 proofs as expired and hold the id one second only).
+    // On the proofs' clock: an id is held an hour past the proof's `validBefore` (a store on
+    // the system clock would see these 2025 proofs as long expired and hold the id one second
+    // only).
     let store = MemoryIdempotencyStore::with_limits_and_clock(1000, 1 << 20, clock.clone());
     let svc = app(&hits).route_layer(
         builder(&clock)

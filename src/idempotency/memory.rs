@@ -32,9 +32,10 @@ struct Entry {
 /// Bounded twice: at most `capacity` live ids (a full store answers `begin` with
 /// [`StoreError::Full`], so the layer fails closed with 503) and at most `max_bytes` of stored
 /// responses (a response beyond the budget is not stored: `complete` fails with
-/// [`StoreError::Full`] and the layer forgets the id). Entries expire at the authorization's
-/// `validBefore`, at most [`max_ttl`](MemoryIdempotencyStore::with_max_ttl) (default 1 h)
-/// after `begin`.
+/// [`StoreError::Full`] and the layer forgets the id). Entries expire at the time `begin` asks
+/// (from the layer: an hour past the authorization's `validBefore`), at most
+/// [`max_ttl`](MemoryIdempotencyStore::with_max_ttl) (default 1 h) after `begin`: size
+/// `capacity` for the ids of one `max_ttl`.
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {

@@ -77,11 +77,15 @@
 //! * Ids are scoped per payer: two payers may pick the same id without meeting.
 //! * The fingerprint covers chain, token, payer, nonce, signature, method and path with
 //!   query; not the request body.
-//! * An entry lives until the authorization's `validBefore`, at most the store's maximum TTL
-//!   (1 h by default); past `validBefore` the proof no longer verifies anyway.
+//! * An entry lives for the store's maximum TTL from `begin` (1 h by default, as the
+//!   reference caches answers): the layer asks for an hour past the authorization's
+//!   `validBefore`, and stores cap that. Not `validBefore` itself: a client retries a lost
+//!   answer with a *fresh* proof once the first expired, and a slow handler may still be
+//!   running then; an id freed at `validBefore` would let that retry run and pay again. Size a
+//!   [`MemoryIdempotencyStore`]'s capacity for an hour of ids (or lower its maximum TTL).
 //! * A request dropped mid-flight (the client hung up while the handler ran) leaves its id
-//!   in progress until it expires, like its nonce reservation: retries get 503
-//!   `payment_in_progress` until then.
+//!   in progress until it expires: retries with it get 503 `payment_in_progress` (same
+//!   proof) or 409 (a fresh proof) until then; a client that gave up on it uses a new id.
 //! * A retry is verified again and passes the `before_verify`/`after_verify`
 //!   [hooks](crate::hooks) like any request; a replay then tells no other hook.
 //! * v1 payloads have no extensions: v1 payments run without idempotency, and
@@ -379,8 +383,9 @@ pub enum Begin {
 /// `complete`/`abort` MUST act only for the holder of the token (compare-and-set).
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync + 'static {
-    /// Claims `key` for `fingerprint` until `expires_at` (Unix seconds, the authorization's
-    /// `validBefore`; a store may cap it), or reports what holds it.
+    /// Claims `key` for `fingerprint` until `expires_at` (Unix seconds; the layer asks for an
+    /// hour past the authorization's `validBefore`; a store may cap it), or reports what
+    /// holds it.
     async fn begin(
         &self,
         key: &IdempotencyKey,

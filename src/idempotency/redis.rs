@@ -75,8 +75,9 @@ struct Scripts {
 /// * `p<fingerprint: 64 hex><token: 32 hex>` while in progress,
 /// * `d<fingerprint: 64 hex><StoredResponse::to_bytes>` once done,
 ///
-/// with an absolute expiry (`PXAT`): the authorization's `validBefore`, at most the maximum
-/// TTL (default 1 h) and at least the minimum TTL (default 1 s) ahead of Redis's clock.
+/// with an absolute expiry (`PXAT`): the time `begin` asks (from the layer: an hour past the
+/// authorization's `validBefore`), at most the maximum TTL (default 1 h) and at least the
+/// minimum TTL (default 1 s) ahead of Redis's clock.
 ///
 /// # Scripts and atomicity
 ///

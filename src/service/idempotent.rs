@@ -28,6 +28,13 @@ use http::HeaderMap;
 /// `Retry-After` of 503 `payment_in_progress`: the first request is usually done by then.
 pub(super) const IN_PROGRESS_RETRY: Duration = Duration::from_secs(1);
 
+/// How long past the proof's `validBefore` an id is asked to be held (stores cap it at their
+/// maximum TTL, 1 h by default: the reference's cache time). Not `validBefore` itself: a
+/// client retries a lost answer with a *fresh* proof once the first expired, and a handler
+/// may still be running then; an id freed at `validBefore` would let that retry run and pay
+/// a second time.
+pub(crate) const HOLD_PAST_VALID_BEFORE: Duration = Duration::from_secs(3600);
+
 /// The payment identifier of a v2 payload, when the layer does idempotency.
 pub(super) fn requested_id(
     shared: &Shared,
@@ -247,7 +254,13 @@ impl<'a> IdemClaim<'a> {
         let fingerprint = Fingerprint::of(verified, &parts.method, &parts.uri);
         match idem
             .store
-            .begin(&key, fingerprint, verified.valid_before)
+            .begin(
+                &key,
+                fingerprint,
+                verified
+                    .valid_before
+                    .saturating_add(HOLD_PAST_VALID_BEFORE.as_secs()),
+            )
             .await
         {
             Ok(Begin::Started(token)) => Ok(Self {
