@@ -421,6 +421,39 @@ async fn the_last_credit_raced_by_32_sign_ins_is_spent_once() {
     assert_eq!(runs.get(), 10, "one paid call and nine sign-ins");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_proof_that_bought_a_bundle_replayed_32_times_at_once_buys_one_bundle() {
+    // Credit is granted on settlement: 32 copies of the buying proof at once must grant one
+    // bundle (10 calls, the paying one included), not 32.
+    let runs = Runs::default();
+    let svc = prepaid_layer(10).layer(runs.service());
+    let o = offer(&svc, "/paid").await;
+    let proof = header(&paying(&o, &payer(), NOW, None));
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (svc, proof) = (svc.clone(), proof.clone());
+            tokio::spawn(async move { get_with(&svc, "/paid", [proof]).await })
+        })
+        .collect();
+    let replies = join_all(tasks).await;
+    assert_eq!(
+        replies
+            .iter()
+            .filter(|r| r.status == StatusCode::OK)
+            .count(),
+        1
+    );
+    for r in replies.iter().filter(|r| r.status != StatusCode::OK) {
+        assert_eq!(
+            r.outcome(),
+            (StatusCode::PAYMENT_REQUIRED, Some(NONCE_USED.into()))
+        );
+    }
+    let r = get_with(&svc, "/paid", [signed_header(&svc, &payer()).await]).await;
+    assert_eq!(r.json()["remaining"], json!(8), "one bundle granted");
+    assert_eq!(runs.get(), 2);
+}
+
 #[tokio::test]
 async fn a_sign_in_claiming_a_payer_with_credit_is_refused_and_takes_none() {
     // The victim holds credit; the attacker signs with its own key a message claiming the
