@@ -46,7 +46,8 @@ pub enum Alert {
     NonceRelease,
     /// An idempotency store could not keep or drop a paid response.
     IdempotencyStore,
-    /// A paid response's body failed after settlement.
+    /// A paid response's body (or, settling first, the service itself) failed after
+    /// settlement.
     ResponseBody,
     /// A receipt could not be encoded.
     ReceiptEncoding,

@@ -368,6 +368,56 @@ async fn a_stored_answer_is_not_replayed_for_another_route() {
     assert_eq!((hits.get(), settler.calls()), (1, 1));
 }
 
+#[tokio::test]
+async fn a_service_error_after_a_settle_first_payment_is_raised_and_never_charged_again() {
+    // Settle-first: the money moves, then the inner service fails (a `tower::timeout` inside
+    // the layer, say). The client paid and got nothing: that must be raised, and its retry
+    // (same proof, same id) must not be charged again.
+    use tower::ServiceExt;
+    use tower_x402::alert::{self, Alert};
+    const ID: &str = "settled_then_failed_01";
+    let clock = clock();
+    let store = MemoryIdempotencyStore::with_limits_and_clock(100, 1 << 20, clock.clone());
+    let settler = Recording::default();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let inner = {
+        let runs = runs.clone();
+        tower::service_fn(move |_req: http::Request<axum::body::Body>| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            async { Err::<http::Response<axum::body::Body>, _>("the handler timed out") }
+        })
+    };
+    let svc = idem_layer(&clock, &store, &settler, SettlementMode::BeforeHandler).layer(inner);
+    let o = Reply::read(svc.clone().oneshot(request("/paid", [])).await.unwrap())
+        .await
+        .challenge();
+    let proof = header(&paying(&o, &payer(), NOW, Some(ID)));
+    let before = alert::count(Alert::ResponseBody);
+    let failed = svc.clone().oneshot(request("/paid", [proof.clone()])).await;
+    assert!(failed.is_err(), "the service error passes through");
+    assert_eq!(settler.calls(), 1, "the money moved");
+    assert_eq!(
+        alert::count(Alert::ResponseBody) - before,
+        1,
+        "a settled payment without an answer is raised"
+    );
+    let retry = Reply::read(
+        svc.clone()
+            .oneshot(request("/paid", [proof]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        retry.outcome(),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("payment_in_progress".into())
+        )
+    );
+    assert_eq!((runs.load(Ordering::SeqCst), settler.calls()), (1, 1));
+}
+
 // ------------------------------------------------------------------------------------------------
 // Prepaid credit
 

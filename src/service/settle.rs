@@ -13,6 +13,7 @@ use tower_service::Service;
 use super::claim::{Claim, End, fate};
 use super::flow::{Answer, Flow, stage};
 use super::trace;
+use crate::alert::{Alert, alert};
 use crate::body::ResponseBody;
 use crate::config::Shared;
 use crate::hooks::Stage;
@@ -131,7 +132,20 @@ where
         Err(e) => Err((settle_failed(flow, verified, &e).await, fate.spent())),
     });
     after_settle(flow.shared, verified, &settlement, elapsed).await;
-    let res = inner.call(req).await?;
+    let res = match inner.call(req).await {
+        Ok(res) => res,
+        Err(e) => {
+            // The error goes to the server as any service error would; what it cannot tell
+            // is that this one was paid for.
+            alert!(
+                Alert::ResponseBody,
+                "a settle-first payment's service failed after settlement: the client paid and \
+                 got no answer (retries with its payment id get 503 until the id expires); \
+                 refund or serve it by hand"
+            );
+            return Err(e);
+        }
+    };
     Ok((settled(flow.shared, res, verified, settlement), true))
 }
 
