@@ -418,6 +418,61 @@ async fn a_service_error_after_a_settle_first_payment_is_raised_and_never_charge
     assert_eq!((runs.load(Ordering::SeqCst), settler.calls()), (1, 1));
 }
 
+#[tokio::test]
+async fn a_service_error_before_settlement_frees_the_payment_id_for_the_retry() {
+    // Settle-after: the service fails, nothing is settled and the proof is given back. The
+    // id must go back too, or the client's retry (same proof, same id) is locked out with
+    // 503 `payment_in_progress` for as long as the id lives.
+    use tower::ServiceExt;
+    const ID: &str = "failed_then_retried_1";
+    let clock = clock();
+    let store = MemoryIdempotencyStore::with_limits_and_clock(100, 1 << 20, clock.clone());
+    let settler = Recording::default();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let inner = {
+        let runs = runs.clone();
+        tower::service_fn(move |_req: http::Request<axum::body::Body>| {
+            // The first call fails (a transient error), the next ones answer.
+            let first = runs.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    Err("transient")
+                } else {
+                    Ok(http::Response::new(axum::body::Body::from("served")))
+                }
+            }
+        })
+    };
+    let svc = idem_layer(&clock, &store, &settler, SettlementMode::AfterHandler).layer(inner);
+    let o = Reply::read(svc.clone().oneshot(request("/paid", [])).await.unwrap())
+        .await
+        .challenge();
+    let proof = header(&paying(&o, &payer(), NOW, Some(ID)));
+    let failed = svc.clone().oneshot(request("/paid", [proof.clone()])).await;
+    assert!(failed.is_err());
+    assert_eq!(settler.calls(), 0);
+    assert_eq!(store.len(), 0, "the id was given back with the proof");
+    let retry = Reply::read(
+        svc.clone()
+            .oneshot(request("/paid", [proof.clone()]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(retry.status, StatusCode::OK, "{:?}", retry.reason());
+    assert_eq!(&retry.body[..], b"served");
+    // And now it is a replay, not a third run.
+    let again = Reply::read(
+        svc.clone()
+            .oneshot(request("/paid", [proof]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(again.body, retry.body);
+    assert_eq!((runs.load(Ordering::SeqCst), settler.calls()), (2, 1));
+}
+
 // ------------------------------------------------------------------------------------------------
 // Prepaid credit
 

@@ -67,6 +67,10 @@
 //!   that answer is stored under the id, so a retry gets it again. Raised as
 //!   [`Alert::ResponseBody`](crate::alert::Alert::ResponseBody): the payer paid for content
 //!   they did not get, and the seller must refund or serve it by hand.
+//! * **Settling first, the service returns an error** (not a response): nothing can be
+//!   replayed, so the id stays in progress until it expires (retries get 503
+//!   `payment_in_progress`, never a second charge). Raised as
+//!   [`Alert::ResponseBody`](crate::alert::Alert::ResponseBody).
 //! * **A streamed (unbuffered) body fails**: its status and receipt already went out with the
 //!   headers; the server cuts the connection mid-body. The id was forgotten (the body is not
 //!   replayable), so a retry gets 402 `nonce_already_used`; the receipt the client holds

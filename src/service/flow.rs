@@ -80,9 +80,13 @@ where
     let verified = stage!(flow.verify(&payload, candidates).await);
     let idem = stage!(flow.begin_idempotent(requested, &verified, &parts).await);
     let out = serve(&flow, inner, parts, body, &verified).await;
-    match idem {
-        Some(claim) => Ok(claim.end(&flow, out?).await),
-        None => out.map(|(res, _)| res),
+    match (idem, out) {
+        (Some(claim), Ok(out)) => Ok(claim.end(&flow, out).await),
+        (Some(claim), Err((e, spent))) => {
+            claim.failed(spent).await;
+            Err(e)
+        }
+        (None, out) => out.map(|(res, _)| res).map_err(|(e, _)| e),
     }
 }
 

@@ -288,6 +288,15 @@ impl<'a> IdemClaim<'a> {
         }
     }
 
+    /// The service failed: the id goes back with the proof. A spent proof's id stays in
+    /// progress until it expires (there is no answer to replay, and a retry must not pay
+    /// again).
+    pub(super) async fn failed(self, spent: bool) {
+        if !spent {
+            self.claim.forget(self.idem).await;
+        }
+    }
+
     /// Stores the answer of a spent proof for replay; otherwise the id goes back.
     pub(super) async fn end<B>(
         self,

@@ -27,14 +27,14 @@ use crate::verify::VerifiedPayment;
 
 /// Claims the proof, runs the handler and settles. The flag says whether the proof is spent
 /// (its fate is not release): then a retry must see this very response; otherwise the claim
-/// went back and a retry may run afresh.
+/// went back and a retry may run afresh. A service error carries the same flag.
 pub(super) async fn serve<S, ReqB, ResB>(
     flow: &Flow<'_>,
     mut inner: S,
     mut parts: Parts,
     body: ReqB,
     verified: &VerifiedPayment,
-) -> Result<(Answer<ResB>, bool), S::Error>
+) -> Result<(Answer<ResB>, bool), (S::Error, bool)>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     ResB: Send,
@@ -68,7 +68,7 @@ where
         Ok(res) => res,
         Err(e) => {
             claim.end(fate(End::HandlerFailed)).await;
-            return Err(e);
+            return Err((e, false));
         }
     };
     if res.status().is_client_error() || res.status().is_server_error() {
@@ -114,7 +114,7 @@ async fn settle_first<S, ReqB, ResB>(
     req: Request<ReqB>,
     verified: &VerifiedPayment,
     claim: Claim<'_>,
-) -> Result<(Answer<ResB>, bool), S::Error>
+) -> Result<(Answer<ResB>, bool), (S::Error, bool)>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     ResB: Send,
@@ -143,7 +143,7 @@ where
                  got no answer (retries with its payment id get 503 until the id expires); \
                  refund or serve it by hand"
             );
-            return Err(e);
+            return Err((e, true));
         }
     };
     Ok((settled(flow.shared, res, verified, settlement), true))
