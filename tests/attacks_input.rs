@@ -420,3 +420,67 @@ async fn many_distinct_invalid_proofs_leave_nothing_in_the_replay_guard() {
     }
     assert_eq!((hits.get(), store.len()), (0, 0));
 }
+
+// ------------------------------------------------------------------------------------------------
+// Poison a cache
+
+#[tokio::test]
+async fn a_challenge_cached_for_one_host_or_path_is_never_sent_for_another() {
+    // The layer keeps a few encoded 402s per thread. Interleave more hosts and paths than it
+    // has slots (the Host header is the attacker's): every 402 must name its own request's
+    // URL and price, or a client would sign for the attacker's resource.
+    let hits = Hits::new();
+    let clock = clock();
+    let dear =
+        tower_x402::PaymentOption::exact(&tower_x402::Asset::usdc_base_sepolia(), "$0.01", PAY_TO)
+            .unwrap();
+    let (dear, cheap): (std::sync::Arc<[_]>, std::sync::Arc<[_]>) =
+        (vec![dear].into(), vec![option()].into());
+    let svc = app(&hits).layer(
+        unpriced_builder(&clock)
+            .pricing(move |parts: &http::request::Parts| {
+                Some(if parts.uri.path().starts_with("/premium") {
+                    dear.clone()
+                } else {
+                    cheap.clone()
+                })
+            })
+            .build()
+            .unwrap(),
+    );
+    for round in 0..3 {
+        for i in 0..12 {
+            let host = if i % 2 == 0 {
+                "api.test"
+            } else {
+                "evil.example"
+            };
+            let path = format!(
+                "/{}?v={}",
+                if i % 3 == 0 { "premium" } else { "paid" },
+                i % 5
+            );
+            let mut req = http::Request::get(path.clone())
+                .body(axum::body::Body::empty())
+                .unwrap();
+            req.headers_mut()
+                .insert("host", HeaderValue::from_static(host));
+            let r = send(&svc, req).await;
+            assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED, "{round}/{i}");
+            let c = r.challenge();
+            assert_eq!(
+                c.resource.url,
+                format!("http://{host}{path}"),
+                "{round}/{i}"
+            );
+            let want = if path.starts_with("/premium") {
+                10_000u64
+            } else {
+                1000
+            };
+            assert_eq!(c.accepts[0].amount, U256::from(want), "{round}/{i}");
+            assert_eq!(r.v1_challenge().accepts[0].resource, c.resource.url);
+        }
+    }
+    assert_eq!(hits.get(), 0);
+}

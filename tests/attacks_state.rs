@@ -560,6 +560,47 @@ async fn the_proof_that_bought_a_bundle_replayed_32_times_at_once_buys_one_bundl
 }
 
 #[tokio::test]
+async fn a_sign_in_and_a_payment_in_one_request_charge_once() {
+    // A client (or a proxy merging retries) sends a valid sign-in with credit and a payment
+    // proof together: one of them pays for the call, never both.
+    let runs = Runs::default();
+    let settler = Recording::default();
+    let clock = clock();
+    let svc = builder(&clock)
+        .resource_base(BASE)
+        .settler(settler.clone())
+        .prepaid(Prepaid::new(Bundle::calls(10)).clock(clock.clone()))
+        .build()
+        .unwrap()
+        .layer(runs.service());
+    buy(&svc, NOW).await;
+    let before = get_with(&svc, "/paid", [signed_header(&svc, &payer()).await]).await;
+    let left = before.json()["remaining"].as_u64().unwrap();
+    let o = offer(&svc, "/paid").await;
+    let both = [
+        signed_header(&svc, &payer()).await,
+        header(&paying(&o, &payer(), NOW, None)),
+    ];
+    let r = get_with(&svc, "/paid", both).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.reason());
+    let settled = settler.calls() - 1;
+    let after = get_with(&svc, "/paid", [signed_header(&svc, &payer()).await]).await;
+    let now_left = after.json()["remaining"].as_u64().unwrap();
+    // Either the proof paid (a new bundle of 10, this call its first: +9, then -1 for the
+    // check) or the credit did (-1, then -1): never the proof and a credit.
+    match settled {
+        1 => assert_eq!(
+            now_left,
+            left + 9 - 1,
+            "the proof paid, the credit is untouched"
+        ),
+        0 => assert_eq!(now_left, left - 2, "the credit paid, nothing settled"),
+        n => panic!("{n} settlements for one call"),
+    }
+    assert_eq!(runs.get(), 4);
+}
+
+#[tokio::test]
 async fn a_sign_in_claiming_a_payer_with_credit_is_refused_and_takes_none() {
     // The victim holds credit; the attacker signs with its own key a message claiming the
     // victim's address.
