@@ -340,6 +340,54 @@ async fn two_instances_sharing_stores_run_one_handler_per_payment_id() {
 }
 
 #[tokio::test]
+async fn another_body_under_the_same_proof_and_id_on_another_instance_is_not_run_again() {
+    // The fingerprint covers the proof and the request target, not the body (as documented):
+    // the holder of a proof re-sending it with another body, on another instance, gets the
+    // first answer replayed, never a second run of the handler.
+    const ID: &str = "body_swap_id_0000001";
+    let clock = clock();
+    let ids = MemoryIdempotencyStore::with_limits_and_clock(100, 1 << 20, clock.clone());
+    let nonces = MemoryNonceStore::with_capacity_and_clock(100, clock.clone());
+    let settler = Recording::default();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let instance = || {
+        let runs = runs.clone();
+        Router::new()
+            .route(
+                "/paid",
+                axum::routing::post(move |body: String| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    async move { format!("ordered {body}") }
+                }),
+            )
+            .route_layer(
+                builder(&clock)
+                    .nonce_store(nonces.clone())
+                    .settler(settler.clone())
+                    .idempotency(ids.clone())
+                    .build()
+                    .unwrap(),
+            )
+    };
+    let (a, b) = (instance(), instance());
+    let post = |body: &'static str, proof: Option<(HeaderName, HeaderValue)>| {
+        let mut req = http::Request::post(format!("{BASE}/paid"))
+            .body(axum::body::Body::from(body))
+            .unwrap();
+        req.headers_mut().extend(proof);
+        req
+    };
+    let o = send(&a, post("1 widget", None)).await.challenge();
+    let proof = header(&paying(&o, &payer(), NOW, Some(ID)));
+    let first = send(&a, post("1 widget", Some(proof.clone()))).await;
+    assert_eq!(&first.body[..], b"ordered 1 widget");
+    let swapped = send(&b, post("1000 widgets", Some(proof))).await;
+    assert_eq!(swapped.status, StatusCode::OK);
+    assert_eq!(swapped.body, first.body, "the first answer, replayed");
+    assert_eq!((runs.load(Ordering::SeqCst), settler.calls()), (1, 1));
+}
+
+#[tokio::test]
 async fn a_stored_answer_is_not_replayed_for_another_route() {
     // The same proof and id sent to the dear route after the cheap one was served: the id is
     // bound to its request target, so it neither replays /paid's answer nor runs /premium.
