@@ -58,6 +58,13 @@ impl Settler for Recording {
     }
 }
 
+/// The challenge key every instance of one deployment shares.
+const SHARED_KEY: [u8; 32] = [0x5a; 32];
+
+fn shared_keys() -> tower_x402::ChallengeKeys {
+    tower_x402::ChallengeKeys::new(SHARED_KEY)
+}
+
 /// The replies of spawned requests (spawned at once: they run concurrently).
 async fn join_all(tasks: Vec<tokio::task::JoinHandle<Reply>>) -> Vec<Reply> {
     let mut replies = Vec::with_capacity(tasks.len());
@@ -294,6 +301,7 @@ async fn two_instances_sharing_stores_run_one_handler_per_payment_id() {
     let instance = || {
         app(&hits).route_layer(
             builder(&clock)
+                .bind_challenges(shared_keys())
                 .nonce_store(nonces.clone())
                 .settler(settler.clone())
                 .idempotency(ids.clone())
@@ -362,6 +370,7 @@ async fn another_body_under_the_same_proof_and_id_on_another_instance_is_not_run
             )
             .route_layer(
                 builder(&clock)
+                    .bind_challenges(shared_keys())
                     .nonce_store(nonces.clone())
                     .settler(settler.clone())
                     .idempotency(ids.clone())
@@ -783,10 +792,12 @@ async fn concurrent_metering_past_the_permit_settles_nothing_above_it() {
     let (hits, settler) = (Hits::new(), Recording::default());
     let nonces = MemoryNonceStore::with_capacity_and_clock(100, clock());
     let svc = metered_route("/gen", &hits).layer(upto_layer(&nonces, &settler));
-    let req = offer(&svc, "/gen").await.accepts[0].clone();
+    // Each call pays the requirement its own target's 402 offered (bound to path and query).
+    let over = "/gen?each=5000&parts=16";
+    let req = offer(&svc, over).await.accepts[0].clone();
     let max = req.amount;
     let proof = pay_upto(&req, &upto_payload(&payer(), &req, NOW));
-    let r = get_with(&svc, "/gen?each=5000&parts=16", [proof]).await;
+    let r = get_with(&svc, over, [proof]).await;
     // Overrun: nothing settled, the body withheld.
     assert_eq!(
         r.outcome(),
@@ -797,8 +808,10 @@ async fn concurrent_metering_past_the_permit_settles_nothing_above_it() {
     );
     assert!(!String::from_utf8_lossy(&r.body).contains("50000"));
     // Exactly the maximum, in 10 concurrent parts: settled in full, not a unit more.
+    let exact = "/gen?each=5000&parts=10";
+    let req = offer(&svc, exact).await.accepts[0].clone();
     let proof = pay_upto(&req, &upto_payload(&payer(), &req, NOW));
-    let r = get_with(&svc, "/gen?each=5000&parts=10", [proof]).await;
+    let r = get_with(&svc, exact, [proof]).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.reason());
     assert_eq!(settler.amounts(), vec![max]);
     assert_eq!(hits.get(), 2);
@@ -806,13 +819,15 @@ async fn concurrent_metering_past_the_permit_settles_nothing_above_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_upto_permit_sent_to_two_metered_routes_at_once_settles_once() {
-    // Two routes, each its own layer, one shared replay guard: 32 copies of one permit.
+    // Two routes, each its own layer, one shared replay guard: 32 copies of one permit
+    // bought at /a. (The copies at /b are refused by /a's bound challenge or by the replay
+    // guard: either way, never served.)
     let (hits, settler) = (Hits::new(), Recording::default());
     let nonces = MemoryNonceStore::with_capacity_and_clock(100, clock());
     let svc = metered_route("/a", &hits)
         .layer(upto_layer(&nonces, &settler))
         .merge(metered_route("/b", &hits).layer(upto_layer(&nonces, &settler)));
-    let req = offer(&svc, "/a").await.accepts[0].clone();
+    let req = offer(&svc, "/a?each=7").await.accepts[0].clone();
     let proof = pay_upto(&req, &upto_payload(&payer(), &req, NOW));
     let tasks: Vec<_> = (0..32)
         .map(|i| {
@@ -957,6 +972,7 @@ async fn two_instances_on_one_redis_hold_a_payment_id_past_valid_before() {
                     .pay_to(PAY_TO)
                     .price(PRICE)
                     .network(tower_x402::Network::BASE_SEPOLIA)
+                    .bind_challenges(shared_keys())
                     .nonce_store(nonces)
                     .idempotency(ids)
                     .settler(settler.clone())
