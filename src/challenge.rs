@@ -1,8 +1,8 @@
 //! Bound challenges: a server-issued, stateless challenge id in each 402 requirement, which a
 //! v2 client must echo back (in `accepted.extra.challenge`) for its proof to be accepted.
 //!
-//! **On by default** for v2: a layer built without keys binds with a random key of its own
-//! process ([`ChallengeKeys::random`]). Several instances behind a load balancer need the same
+//! **On by default** for v2: a layer built without keys binds with the random key of its
+//! process ([`ChallengeKeys::process`], shared by every layer of the process). Several instances behind a load balancer need the same
 //! key on each, set with
 //! [`PaymentLayerBuilder::bind_challenges`](crate::PaymentLayerBuilder::bind_challenges) (for
 //! example [`ChallengeKeys::from_env`]); a layer with a shared store (Redis) and no key fails
@@ -283,6 +283,23 @@ impl ChallengeKeys {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|_| ChallengeKeyError::NoRandomness)?;
         let mut keys = Self::new(key);
+        keys.ephemeral = true;
+        Ok(keys)
+    }
+
+    /// The random key of this process ([`ChallengeKeys::random`], drawn once): what a layer
+    /// binds with when no key is configured, so that every layer of the process shares it.
+    ///
+    /// # Errors
+    /// [`ChallengeKeyError::NoRandomness`] if the OS random source fails (then every later
+    /// call fails too: no key is better than a guessable one).
+    pub fn process() -> Result<Self, ChallengeKeyError> {
+        static KEY: std::sync::OnceLock<Option<[u8; 32]>> = std::sync::OnceLock::new();
+        let key = KEY.get_or_init(|| {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).ok().map(|()| key)
+        });
+        let mut keys = Self::new(key.ok_or(ChallengeKeyError::NoRandomness)?);
         keys.ephemeral = true;
         Ok(keys)
     }

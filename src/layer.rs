@@ -536,7 +536,7 @@ impl PaymentLayerBuilder {
                 if shared {
                     return Err(ConfigError::ChallengeKeyRequired);
                 }
-                Some(ChallengeKeys::random().map_err(|_| ConfigError::NoRandomness)?)
+                Some(ChallengeKeys::process().map_err(|_| ConfigError::NoRandomness)?)
             }
         };
         // A v1 payload cannot echo a challenge id: a bound layer takes it only if told to.

@@ -158,11 +158,30 @@ async fn bound_by_default_without_configuration() {
     let forged = with_challenge(&accepts[0], json!("A".repeat(60)));
     let r = get_with(&svc, "/paid", [proof_for(&forged, now)]).await;
     assert_eq!(r.reason().as_deref(), Some(INVALID_CHALLENGE));
-    // The id of another server (another random key) is refused.
-    let other = challenged(&default_svc(&Hits::new()), Method::GET, "/paid").await;
-    let r = get_with(&svc, "/paid", [proof_for(&other[0], now)]).await;
+    // Layers of one process share its key: another layer's id for this URL, method and price
+    // is good here (as a cloned layer's would be); another process's is not.
+    let sibling = challenged(&default_svc(&Hits::new()), Method::GET, "/paid").await;
+    let other_process = ChallengeKeys::random()
+        .unwrap()
+        .issue(&tower_x402::challenge::Binding {
+            url: "http://api.test/paid",
+            method: "GET",
+            requirements: &requirements(),
+        });
+    let r = get_with(
+        &svc,
+        "/paid",
+        [proof_for(
+            &with_challenge(&accepts[0], json!(other_process)),
+            now,
+        )],
+    )
+    .await;
     assert_eq!(r.reason().as_deref(), Some(INVALID_CHALLENGE));
     assert_eq!(hits.get(), 0);
+
+    let r = get_with(&svc, "/paid", [proof_for(&sibling[0], now)]).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.outcome());
 
     // Echoed as a client copies it: paid once, and the replay of that proof is refused.
     let proof = proof_for(&accepts[0], now);
@@ -170,7 +189,7 @@ async fn bound_by_default_without_configuration() {
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.outcome());
     let r = get_with(&svc, "/paid", [proof]).await;
     assert_eq!(r.reason().as_deref(), Some(NONCE_USED));
-    assert_eq!(hits.get(), 1);
+    assert_eq!(hits.get(), 2);
 }
 
 #[tokio::test]
