@@ -2,11 +2,12 @@
 //! v2 client must echo back (in `accepted.extra.challenge`) for its proof to be accepted.
 //!
 //! **On by default** for v2: a layer built without keys binds with the random key of its
-//! process ([`ChallengeKeys::process`], shared by every layer of the process). Several instances behind a load balancer need the same
-//! key on each, set with
-//! [`PaymentLayerBuilder::bind_challenges`](crate::PaymentLayerBuilder::bind_challenges) (for
-//! example [`ChallengeKeys::from_env`]); a layer with a shared store (Redis) and no key fails
-//! to build with [`ConfigError::ChallengeKeyRequired`](crate::error::ConfigError::ChallengeKeyRequired).
+//! process ([`ChallengeKeys::process`], shared by every layer of the process). Several
+//! instances behind a load balancer need the same key on each, set with
+//! [`PaymentLayerBuilder::bind_challenges`](crate::PaymentLayerBuilder::bind_challenges)
+//! (for example [`ChallengeKeys::from_env`]); a layer with a shared store (Redis) and no key
+//! fails to build with
+//! [`ConfigError::ChallengeKeyRequired`](crate::error::ConfigError::ChallengeKeyRequired).
 //! Opting out is explicit:
 //! [`PaymentLayerBuilder::no_challenge_binding`](crate::PaymentLayerBuilder::no_challenge_binding).
 //!
