@@ -14,6 +14,8 @@
 //! * `bare`: axum `GET /weather` → "hello", no layer (the HTTP baseline);
 //! * `challenge`: the same route behind `PaymentLayer`, no payment → 402 challenge;
 //! * `paid-memory`: a valid unique payment per request → 200, `MemoryNonceStore`, verify-only;
+//! * `bound`: the same with bound challenges (`bind_challenges`, fixed key, 1 h time to live):
+//!   every payment echoes the challenge id and `resource` of one 402 fetched from the server;
 //! * `paid-redis`: the same with `RedisNonceStore` on a local `redis-server` (pinned to core 0);
 //! * `paid-deferred`: the same with `DeferredSettler` over `OnchainSettler` (Multicall3
 //!   batches) on a local anvil (core 0), pre-check on as a seller runs it: each request reads
@@ -62,15 +64,16 @@ use tokio::net::TcpStream;
 use tower_x402::nonce::{MemoryNonceStore, RedisNonceStore};
 use tower_x402::primitives::{Address, B256, Bytes as ABytes, U256, address};
 use tower_x402::proto::exact::{Authorization, ExactEvmPayload};
-use tower_x402::proto::header::PAYMENT_SIGNATURE;
+use tower_x402::proto::header::{PAYMENT_REQUIRED, PAYMENT_SIGNATURE};
 use tower_x402::proto::v2::PaymentRequirements;
+use tower_x402::proto::v2::{PaymentRequired, ResourceInfo};
 use tower_x402::settle::deferred::DeferredSettler;
 use tower_x402::settle::onchain::OnchainSettler;
 use tower_x402::test_util::{
     DEMO_PAYER_KEY, PrivateKeySigner, demo_payer, encode, random_nonce, v2_json,
 };
 use tower_x402::verify::exact::{domain_separator, recover_signer, signing_hash};
-use tower_x402::{Asset, Network, PaymentLayer, PaymentOption};
+use tower_x402::{Asset, ChallengeKeys, Network, PaymentLayer, PaymentOption};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -80,6 +83,8 @@ const PRICE: &str = "$0.001";
 const PATH: &str = "/weather";
 /// CPU a `bare-spin` handler burns per request (about a paid request's user time).
 const SPIN: Duration = Duration::from_micros(40);
+/// The `bound` server's challenge key (a benchmark's, not a secret).
+const BENCH_CHALLENGE_KEY: [u8; 32] = [0x42; 32];
 
 // ------------------------------------------------------------------------------------------------
 // Configuration
@@ -161,6 +166,7 @@ fn main() -> Result<(), BoxError> {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("recover") => recover_loop(&args[1..]),
+        Some("challenge-check") => challenge_check(&args[1..]),
         Some("kernel") => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -186,12 +192,31 @@ fn layer(
     store: Option<RedisNonceStore>,
     deferred: Option<DeferredSettler>,
 ) -> Result<PaymentLayer, BoxError> {
+    layer_with(store, deferred, None)
+}
+
+/// The layer of `bound`: challenges bound with a fixed key and a long time to live, so the
+/// harness can sign every payment of a run against the one challenge it fetched at start.
+fn bound_layer() -> Result<PaymentLayer, BoxError> {
+    let keys = ChallengeKeys::new(BENCH_CHALLENGE_KEY).with_ttl(Duration::from_secs(3600));
+    layer_with(None, None, Some(keys))
+}
+
+fn layer_with(
+    store: Option<RedisNonceStore>,
+    deferred: Option<DeferredSettler>,
+    challenges: Option<ChallengeKeys>,
+) -> Result<PaymentLayer, BoxError> {
     let builder = PaymentLayer::builder()
         // Payloads are signed before timing starts, from requirements built here, not a 402.
         .no_challenge_binding()
         .pay_to(PAY_TO)
         .price(PRICE)
         .network(Network::BASE_SEPOLIA);
+    let builder = match challenges {
+        Some(keys) => builder.bind_challenges(keys),
+        None => builder,
+    };
     let builder = match store {
         Some(redis) => builder.nonce_store(redis),
         None => builder.nonce_store(MemoryNonceStore::new()),
@@ -283,6 +308,7 @@ fn serve(args: &[String]) -> Result<(), BoxError> {
                 "challenge" | "paid-memory" => Router::new()
                     .route(PATH, hello)
                     .route_layer(layer(None, None)?),
+                "bound" => Router::new().route(PATH, hello).route_layer(bound_layer()?),
                 "paid-redis" => {
                     let url = redis_url.ok_or("paid-redis needs --redis URL")?;
                     let store = RedisNonceStore::connect(&url).await?;
@@ -497,6 +523,52 @@ fn sign_headers(req: &PaymentRequirements, n: usize, wrap: Arc<Wrap>) -> Vec<Hea
         t0.elapsed().as_secs_f64()
     );
     out
+}
+
+/// What an official v2 client pays against: the first requirement of the server's 402 (its
+/// `extra`, challenge id included, copied into `accepted`) and the 402's `resource`, echoed.
+async fn fetch_challenge(
+    addr: SocketAddr,
+) -> Result<(PaymentRequirements, ResourceInfo), BoxError> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::task::spawn_local(async move {
+        let _ = conn.await;
+    });
+    let req = Request::get(PATH)
+        .header(
+            http::header::HOST,
+            HeaderValue::from_str(&addr.to_string())?,
+        )
+        .body(Empty::<Bytes>::new())?;
+    let res = send.send_request(req).await?;
+    if res.status() != StatusCode::PAYMENT_REQUIRED {
+        return Err(format!("challenge: got {}", res.status()).into());
+    }
+    let value = res
+        .headers()
+        .get(PAYMENT_REQUIRED)
+        .ok_or("challenge: no PAYMENT-REQUIRED header")?;
+    let json = base64::engine::general_purpose::STANDARD.decode(value.as_bytes())?;
+    let required: PaymentRequired = serde_json::from_slice(&json)?;
+    drop(send);
+    let _ = conn.await;
+    let accepted = required
+        .accepts
+        .into_iter()
+        .next()
+        .ok_or("challenge: no accepts")?;
+    Ok((accepted, required.resource))
+}
+
+/// `n` payment headers paying the challenge `server` sends, as an official client builds them.
+async fn sign_for(server: SocketAddr, n: usize) -> Result<Vec<HeaderValue>, BoxError> {
+    let (accepted, resource) = fetch_challenge(server).await?;
+    let wrap: Arc<Wrap> = {
+        let accepted = accepted.clone();
+        Arc::new(move |p| v2_json(&accepted, p, Some(&resource)))
+    };
+    Ok(sign_headers(&accepted, n, wrap))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1028,6 +1100,21 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
         let server = our_server(&cfg, name, &[])?;
         rows.push(measure(&cfg, name, &server, PAYMENT_SIGNATURE, source, expect).await?);
     }
+    // Bound challenges: payments signed against the server's own 402, as official clients do.
+    let server = our_server(&cfg, "bound", &[])?;
+    let bound = Source::signed(&Rc::new(sign_for(server.addr, cfg.headers).await?));
+    rows.push(
+        measure(
+            &cfg,
+            "bound",
+            &server,
+            PAYMENT_SIGNATURE,
+            bound,
+            StatusCode::OK,
+        )
+        .await?,
+    );
+    drop(server);
 
     match Redis::start(&cfg)? {
         Some(redis) => {
@@ -1244,7 +1331,10 @@ async fn deferred_row(
 ///   its memory traffic;
 /// * `bare-recover`: a handler that recovers one signature (libsecp256k1's tables in the
 ///   caches, as in verification), without the layer;
-/// * `paid-memory`: the paid route, memory store, verify-only.
+/// * `paid-memory`: the paid route, memory store, verify-only;
+/// * `bound`: the same with bound challenges (`bind_challenges`): each payment echoes the
+///   challenge id and `resource` of a 402 fetched from the server at start, as official
+///   clients do, and the layer checks the id's HMAC (not run by default).
 ///
 /// `--perf` adds `perf stat` counts per request: the server's system calls, the wake-ups it
 /// issues (`sched:sched_waking`, mostly of the load generator's thread) and context switches,
@@ -1279,6 +1369,7 @@ async fn kernel(args: &[String]) -> Result<(), BoxError> {
             "bare-spin",
             "bare-recover",
             "paid-memory",
+            "bound",
         ];
     }
     let req = option().requirements().clone();
@@ -1330,9 +1421,16 @@ async fn kernel(args: &[String]) -> Result<(), BoxError> {
                 Source::signed(&headers),
                 StatusCode::OK,
             ),
+            // Signed below, against the server's own challenge.
+            "bound" => (scenario, PAYMENT_SIGNATURE, Source::None, StatusCode::OK),
             other => return Err(format!("kernel: no scenario {other}").into()),
         };
         let server = our_server(&cfg, serve_as, &[])?;
+        let source = if scenario == "bound" {
+            Source::signed(&Rc::new(sign_for(server.addr, cfg.headers).await?))
+        } else {
+            source
+        };
         let pid = server.pid();
         let window = Duration::from_millis(20) + cfg.warmup + cfg.measure;
         let secs = format!("{:.2}", window.as_secs_f64());
@@ -1463,6 +1561,34 @@ fn ctx_switches(pid: u32) -> (u64, u64) {
     )
 }
 
+/// `load challenge-check [N]`: the native cost of checking one bound challenge id (what the
+/// `bound` scenario adds to a paid request), timed over N checks (default 200,000). Under
+/// callgrind SHA-256 runs its portable code (valgrind hides SHA-NI from the CPU id), so the
+/// instruction count of `bound` overstates what this check costs on hardware that has it.
+fn challenge_check(args: &[String]) -> Result<(), BoxError> {
+    use tower_x402::challenge::Binding;
+    let n: u32 = args.first().map_or(Ok(200_000), |v| v.parse())?;
+    let keys = ChallengeKeys::new(BENCH_CHALLENGE_KEY).with_ttl(Duration::from_secs(3600));
+    let req = option().requirements().clone();
+    let binding = Binding {
+        url: "http://127.0.0.1:8080/weather",
+        method: "GET",
+        requirements: &req,
+    };
+    let id = keys.issue(&binding);
+    let t0 = Instant::now();
+    let mut ok = 0u32;
+    for _ in 0..n {
+        ok += u32::from(keys.check(std::hint::black_box(&id), &binding).is_ok());
+    }
+    let per = t0.elapsed().as_secs_f64() * 1e9 / f64::from(n);
+    if ok != n {
+        return Err(format!("challenge-check: {} of {n} checks failed", n - ok).into());
+    }
+    println!("CHALLENGE-CHECK {per:.0} ns per check ({n} checks)");
+    Ok(())
+}
+
 /// `load http-count [--n1 N] [--n2 N] [--out DIR] [scenario...]`: the whole HTTP request
 /// (hyper + axum + the layer, server side) counted by callgrind. Each scenario's server runs
 /// under `valgrind --tool=callgrind` twice, serving n1 and then n2 requests sent one after the
@@ -1470,6 +1596,8 @@ fn ctx_switches(pid: u32) -> (u64, u64) {
 /// user-space instructions, process start and shutdown cancelled out. System calls (socket
 /// reads and writes, epoll) run in the kernel and are not counted: they are the part of the
 /// server's CPU time per request that this count leaves out. Prints `IR <scenario> <per req>`.
+/// Scenarios: `bare`, `challenge`, `paid-memory` and `bound` (as in `kernel`; its server
+/// answers one 402 first in both runs, so that cancels too).
 async fn http_count(args: &[String]) -> Result<(), BoxError> {
     let value = |name: &str| {
         args.iter()
@@ -1492,7 +1620,7 @@ async fn http_count(args: &[String]) -> Result<(), BoxError> {
         }
     }
     if scenarios.is_empty() {
-        scenarios = vec!["bare", "challenge", "paid-memory"];
+        scenarios = vec!["bare", "challenge", "paid-memory", "bound"];
     }
     let req = option().requirements().clone();
     let ours: Arc<Wrap> = {
@@ -1506,6 +1634,7 @@ async fn http_count(args: &[String]) -> Result<(), BoxError> {
             "bare" => (None, StatusCode::OK),
             "challenge" => (None, StatusCode::PAYMENT_REQUIRED),
             "paid-memory" => (Some(&signed[..]), StatusCode::OK),
+            "bound" => (None, StatusCode::OK),
             other => return Err(format!("http-count: no scenario {other}").into()),
         };
         let mut ir = Vec::new();
@@ -1519,7 +1648,12 @@ async fn http_count(args: &[String]) -> Result<(), BoxError> {
                 .arg(&exe)
                 .args(["serve", scenario]);
             let server = Server::spawn(scenario, cmd)?;
-            sequential(server.addr, headers, n, expect).await?;
+            // bound: one 402 first (in both runs, so it cancels), then payments against it.
+            let own = match scenario {
+                "bound" => Some(sign_for(server.addr, n).await?),
+                _ => None,
+            };
+            sequential(server.addr, own.as_deref().or(headers), n, expect).await?;
             server.stop()?;
             let text = std::fs::read_to_string(&log)?;
             let count = text
