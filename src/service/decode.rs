@@ -208,7 +208,7 @@ impl Iterator for Normalised<'_> {
 /// differ only by token are told apart by the signature's domain (verify each). If none
 /// matches, the first one's verification gives the precise reason.
 fn narrow_v1(candidates: &mut Vec<&PaymentOption>, payload: &v1::PaymentPayload) {
-    if let Ok(exact) = serde_json::from_str::<ExactEvmPayload>(payload.payload.get()) {
+    if let Ok(exact) = ExactEvmPayload::from_json(payload.payload.get()) {
         let a = &exact.authorization;
         let pays = |o: &&&PaymentOption| {
             o.requirements().pay_to == a.to && o.requirements().amount == a.value

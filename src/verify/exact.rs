@@ -54,8 +54,8 @@ pub(crate) fn paying(
     payload: &PaymentPayload,
     req: &PaymentRequirements,
 ) -> Result<ExactEvmPayload, VerifyError> {
-    let exact: ExactEvmPayload =
-        serde_json::from_str(payload.raw_payload().get()).map_err(VerifyError::InvalidPayload)?;
+    let exact: ExactEvmPayload = ExactEvmPayload::from_json(payload.raw_payload().get())
+        .map_err(VerifyError::InvalidPayload)?;
     let auth = &exact.authorization;
     if auth.to != req.pay_to {
         return Err(VerifyError::RecipientMismatch {
