@@ -142,15 +142,37 @@ impl Serialize for Network {
 
 impl<'de> Deserialize<'de> for Network {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Network::from_caip2(&s).map_err(serde::de::Error::custom)
+        read_str(d, Network::from_caip2)
     }
+}
+
+/// Reads a string with `parse`, borrowing it: `Cow<str>` would copy it into a `String`.
+fn read_str<'de, D: Deserializer<'de>>(
+    d: D,
+    parse: fn(&str) -> Result<Network, NetworkParseError>,
+) -> Result<Network, D::Error> {
+    struct Text(fn(&str) -> Result<Network, NetworkParseError>);
+    impl serde::de::Visitor<'_> for Text {
+        type Value = Network;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Network, E> {
+            (self.0)(s).map_err(E::custom)
+        }
+        fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Network, E> {
+            let s = std::str::from_utf8(b)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(b), &self))?;
+            self.visit_str(s)
+        }
+    }
+    d.deserialize_str(Text(parse))
 }
 
 /// Serde adapter for the v1 short network names (`base`, `base-sepolia`, ...).
 pub mod v1_name {
     use super::Network;
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
 
     /// Writes the short name; a chain without one is written as CAIP-2.
     pub fn serialize<S: Serializer>(n: &Network, s: S) -> Result<S::Ok, S::Error> {
@@ -162,8 +184,7 @@ pub mod v1_name {
 
     /// Reads a short name.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Network, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Network::from_v1_name(&s).map_err(serde::de::Error::custom)
+        super::read_str(d, Network::from_v1_name)
     }
 }
 
