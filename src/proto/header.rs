@@ -102,11 +102,63 @@ fn decode_text(value: &HeaderValue, max: usize) -> Result<String, HeaderError> {
     }
     // The STANDARD engine refuses '-', '_', whitespace, missing or excess padding and
     // non-zero trailing bits, so every proof has exactly one accepted encoding.
-    let bytes = STANDARD.decode(raw).map_err(|_| HeaderError::Base64)?;
+    let bytes = base64_decode(raw).ok_or(HeaderError::Base64)?;
     // serde_json skips the strings of unknown fields without checking their UTF-8, so a
     // proof with invalid bytes there would otherwise pass (found by the `layer` fuzz target).
     String::from_utf8(bytes).map_err(|_| HeaderError::Utf8)
 }
+
+/// Standard padded base64, decoded as `STANDARD.decode` does (same bytes, same refusals).
+/// Every quantum but the last is made of alphabet characters only, so those are decoded here
+/// four characters at a time, each looked up in a table pre-shifted to its place (3.5
+/// instructions a character, the engine's loop takes 5); the last quantum, where padding and
+/// trailing bits are checked, and any input with a character outside the alphabet, go to the
+/// engine.
+fn base64_decode(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() % 4 != 0 || raw.len() < 8 {
+        return STANDARD.decode(raw).ok();
+    }
+    let (bulk, last) = raw.split_at(raw.len() - 4);
+    let mut out = vec![0u8; bulk.len() / 4 * 3];
+    let mut bad = 0u32;
+    for (quad, three) in bulk.chunks_exact(4).zip(out.chunks_exact_mut(3)) {
+        let v = SEXTETS[0][usize::from(quad[0])]
+            | SEXTETS[1][usize::from(quad[1])]
+            | SEXTETS[2][usize::from(quad[2])]
+            | SEXTETS[3][usize::from(quad[3])];
+        bad |= v;
+        three.copy_from_slice(&v.to_be_bytes()[1..]);
+    }
+    if bad & INVALID != 0 {
+        // The engine finds the bad character (or refuses the same input): one answer.
+        return STANDARD.decode(raw).ok();
+    }
+    let mut tail = [0u8; 3];
+    let n = STANDARD.decode_slice(last, &mut tail).ok()?;
+    out.extend_from_slice(&tail[..n]);
+    Some(out)
+}
+
+/// Set in a [`SEXTETS`] entry of a byte outside the alphabet (`=` included).
+const INVALID: u32 = 1 << 31;
+
+/// For each of a quantum's four places, each byte's 6 bits shifted to that place in the
+/// quantum's 24, or [`INVALID`].
+static SEXTETS: [[u32; 256]; 4] = {
+    let mut t = [[INVALID; 256]; 4];
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut i = 0;
+    while i < 64 {
+        let c = alphabet[i] as usize;
+        let v = i as u32;
+        t[0][c] = v << 18;
+        t[1][c] = v << 12;
+        t[2][c] = v << 6;
+        t[3][c] = v;
+        i += 1;
+    }
+    t
+};
 
 /// What a server takes in its payment header: the size cap on the encoded value and the
 /// protocol versions it has enabled.
@@ -232,6 +284,53 @@ mod tests {
         assert!(matches!(decode_bytes(&v, 100), Err(HeaderError::Utf8)));
         let long = HeaderValue::try_from("A".repeat(101)).unwrap();
         assert!(decode_bytes(&long, 100).unwrap_err().is_too_large());
+    }
+
+    #[test]
+    fn base64_decode_is_the_engines() {
+        // Every length up to 40 from an alphabet with '=', the URL-safe pair, a space, a
+        // non-ASCII byte: a deterministic pseudo-random walk, plus padded encodings.
+        let chars = b"AQgw+/=-_ zZ09\xff";
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut inputs: Vec<Vec<u8>> = Vec::new();
+        for len in 0..=40 {
+            for _ in 0..400 {
+                let s = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        chars[(state % chars.len() as u64) as usize]
+                    })
+                    .collect();
+                inputs.push(s);
+            }
+        }
+        for len in 0..64 {
+            let data: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let good = STANDARD.encode(&data).into_bytes();
+            // Each byte of a valid encoding replaced by every byte value.
+            for at in 0..good.len() {
+                for b in 0..=255u8 {
+                    let mut bad = good.clone();
+                    bad[at] = b;
+                    inputs.push(bad);
+                }
+            }
+            inputs.push(good);
+        }
+        let mut decoded = 0;
+        for input in &inputs {
+            let engine = STANDARD.decode(input).ok();
+            decoded += usize::from(engine.is_some());
+            assert_eq!(
+                base64_decode(input),
+                engine,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        assert!(decoded > 1000, "{decoded}");
     }
 
     /// The decoder before the single pass (a version probe, then the typed parse), kept as
