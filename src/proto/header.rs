@@ -115,7 +115,7 @@ fn decode_text(value: &HeaderValue, max: usize) -> Result<String, HeaderError> {
 /// trailing bits are checked, and any input with a character outside the alphabet, go to the
 /// engine.
 fn base64_decode(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.len() % 4 != 0 || raw.len() < 8 {
+    if !raw.len().is_multiple_of(4) || raw.len() < 8 {
         return STANDARD.decode(raw).ok();
     }
     let (bulk, last) = raw.split_at(raw.len() - 4);
