@@ -208,14 +208,13 @@ fn layer_with(
     challenges: Option<ChallengeKeys>,
 ) -> Result<PaymentLayer, BoxError> {
     let builder = PaymentLayer::builder()
-        // Payloads are signed before timing starts, from requirements built here, not a 402.
-        .no_challenge_binding()
         .pay_to(PAY_TO)
         .price(PRICE)
         .network(Network::BASE_SEPOLIA);
     let builder = match challenges {
         Some(keys) => builder.bind_challenges(keys),
-        None => builder,
+        // Payloads are signed before timing starts, from requirements built here, not a 402.
+        None => builder.no_challenge_binding(),
     };
     let builder = match store {
         Some(redis) => builder.nonce_store(redis),
