@@ -55,7 +55,7 @@ installed() {
     && [ -d "$DEPS/node/node_modules/@x402/fetch" ] && [ -d "$DEPS/node/node_modules/x402-fetch" ] \
     && "$DEPS/venv/bin/python" -c 'import sys' 2>/dev/null \
     && command -v redis-server >/dev/null \
-    && command -v "$CHROMIUM" >/dev/null \
+    && command -v "$CHROMIUM" >/dev/null && command -v openssl >/dev/null \
     && [ -d "$DEPS/node/node_modules/playwright-core" ] \
     && { [ "$(uname -sm)" != "Linux x86_64" ] \
          || [ -x "$DEPS/node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil" ]; }
@@ -110,6 +110,7 @@ install_python() {
 # SERVICES: what the tests start themselves (each test runs its own instance on a free port).
 #   - redis-server from Debian (>= 7.0) for tests/redis.rs: install_redis;
 #   - anvil (npm "@foundry-rs/anvil-linux-amd64" 1.7.1) for tests/onchain.rs: install_anvil;
+#   - openssl (the command) for tests/redis_cluster.rs's TLS certificates: install_openssl;
 #   - Chromium from Debian for tests/paywall.rs (driven by the pinned playwright-core, which
 #     never downloads a browser of its own): install_chromium.
 # Extend this function and installed() together, so the stamp covers what is added.
@@ -139,6 +140,12 @@ install_anvil() {
     || die "anvil ${ANVIL_NPM##*@} does not run: $ANVIL_BIN"
 }
 
+install_openssl() {
+  command -v openssl >/dev/null && return 0
+  log "apt-get install openssl"
+  apt_install openssl || die "openssl is missing and cannot be installed (needs root + apt-get)"
+}
+
 install_chromium() {
   command -v "$CHROMIUM" >/dev/null && return 0
   log "apt-get install chromium"
@@ -148,6 +155,7 @@ install_chromium() {
 install_services() {
   install_anvil
   install_redis
+  install_openssl
   install_chromium
 }
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::RedisConnection;
 use ::redis::Script;
-use ::redis::aio::ConnectionManager;
 use alloy_primitives::hex;
 use async_trait::async_trait;
 
@@ -110,7 +110,7 @@ struct Scripts {
 /// ```
 #[derive(Clone)]
 pub struct RedisIdempotencyStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     scripts: Arc<Scripts>,
     prefix: String,
     timeout: Duration,
@@ -148,9 +148,9 @@ impl RedisIdempotencyStore {
 
     /// A store on `conn` (e.g. [`RedisNonceStore::connection`](crate::nonce::RedisNonceStore::connection)),
     /// with the defaults.
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         Self {
-            conn,
+            conn: conn.into(),
             scripts: Arc::new(Scripts {
                 begin: Script::new(BEGIN),
                 complete: Script::new(COMPLETE),

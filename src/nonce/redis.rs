@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+use crate::store::RedisConnection;
 use ::redis::Script;
-use ::redis::aio::ConnectionManager;
 use alloy_primitives::hex;
 use async_trait::async_trait;
 
@@ -101,7 +101,7 @@ struct Scripts {
 /// A connection error, a Redis error or the deadline turns into [`StoreError::Unavailable`]:
 /// the layer answers 503 with `Retry-After` and the handler does not run. Nothing here panics.
 ///
-/// The [`ConnectionManager`] reconnects by itself: once Redis is back, requests succeed again
+/// The connection ([`RedisConnection`]) reconnects by itself: once Redis is back, requests succeed again
 /// without rebuilding the store. After a connection error `reserve` and `consume` are retried
 /// once within the same deadline (both are idempotent for the same token: a retry that finds
 /// its own earlier write counts it), so the first request after Redis returns usually
@@ -139,7 +139,7 @@ struct Scripts {
 /// ```
 #[derive(Clone)]
 pub struct RedisNonceStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     scripts: Arc<Scripts>,
     prefix: String,
     timeout: Duration,
@@ -176,9 +176,9 @@ impl RedisNonceStore {
     ///
     /// The manager's own configuration applies to reconnection; [`RedisNonceStore::connect`]
     /// chooses one suited to fail-fast use.
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         Self {
-            conn,
+            conn: conn.into(),
             scripts: Arc::new(Scripts {
                 reserve: Script::new(RESERVE),
                 consume: Script::new(CONSUME),

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::RedisConnection;
 use ::redis::Script;
-use ::redis::aio::ConnectionManager;
 use alloy_primitives::{Address, hex};
 use async_trait::async_trait;
 
@@ -192,7 +192,7 @@ struct Scripts {
 /// ```
 #[derive(Clone)]
 pub struct RedisCreditLedger {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     scripts: Arc<Scripts>,
     prefix: String,
     timeout: Duration,
@@ -227,10 +227,10 @@ impl RedisCreditLedger {
     /// A ledger on `conn` (e.g. [`RedisNonceStore::connection`](crate::nonce::RedisNonceStore::connection)),
     /// with the defaults: prefix `"x402:credit:"`, 500 ms per operation, 1 day of retention,
     /// no `Retry-After` of its own (the layer's applies).
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Self {
-            conn,
+            conn: conn.into(),
             scripts: Arc::new(Scripts {
                 grant: script(GRANT),
                 debit: script(DEBIT),

@@ -5,6 +5,9 @@
 
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::RedisConnection;
 pub(crate) mod sharded;
 
 use std::time::Duration;

@@ -4,8 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{RedisError, Script};
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 
 use super::{BoxError, ClaimToken, StoreError};
 
@@ -15,32 +15,187 @@ pub(crate) const MAX_EXPIRY_MS: u64 = (1 << 53) - 1;
 /// Pause before the one retry after a connection error, letting the reconnect start.
 const RETRY_PAUSE: Duration = Duration::from_millis(10);
 
+/// The connection every Redis store of this crate speaks through (cheap to clone): one Redis
+/// node, through a [`ConnectionManager`] that reconnects by itself, or (feature
+/// `redis-cluster`) a Redis Cluster. Each store runs one script on one key per operation, so
+/// a cluster routes it to the key's slot with no cross-slot script.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), tower_x402::store::StoreError> {
+/// use tower_x402::nonce::RedisNonceStore;
+/// use tower_x402::store::RedisConnection;
+/// let conn = RedisConnection::connect("redis://127.0.0.1:6379/").await?;
+/// let nonces = RedisNonceStore::new(conn.clone());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum RedisConnection {
+    /// One node (or a primary behind a proxy).
+    Node(ConnectionManager),
+    /// A Redis Cluster (feature `redis-cluster`).
+    #[cfg(feature = "redis-cluster")]
+    Cluster(::redis::cluster_async::ClusterConnection),
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Node(_) => f.write_str("RedisConnection::Node"),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(_) => f.write_str("RedisConnection::Cluster"),
+        }
+    }
+}
+
+impl From<ConnectionManager> for RedisConnection {
+    fn from(conn: ConnectionManager) -> Self {
+        Self::Node(conn)
+    }
+}
+
+#[cfg(feature = "redis-cluster")]
+impl From<::redis::cluster_async::ClusterConnection> for RedisConnection {
+    fn from(conn: ::redis::cluster_async::ClusterConnection) -> Self {
+        Self::Cluster(conn)
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Node(c) => c.req_packed_command(cmd),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Node(c) => c.get_db(),
+            #[cfg(feature = "redis-cluster")]
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl RedisConnection {
+    /// Connects to one node at `url`: `redis://[:password@]host[:port][/db]`, or with feature
+    /// `redis-tls` `rediss://…` (TLS, the server's certificate checked against the system's
+    /// and the webpki roots). Waits for the first connection at most `within`; later
+    /// connection attempts time out after 1 s and come at most 200 ms apart, so service
+    /// resumes within a command deadline once Redis is back.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`]: the URL does not parse, or Redis cannot be reached in time.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = ::redis::Client::open(url).map_err(|e| unavailable(None, e))?;
+        Self::node(client, CONNECT_TIMEOUT).await
+    }
+
+    /// Connects to one node over TLS whose certificate is signed by `root_cert` (PEM), a
+    /// private CA (feature `redis-tls`; `url` is `rediss://…`).
+    ///
+    /// # Errors
+    /// As [`Self::connect`]; also a certificate that does not parse.
+    #[cfg(feature = "redis-tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-tls")))]
+    pub async fn connect_tls(url: &str, root_cert: &[u8]) -> Result<Self, StoreError> {
+        install_crypto();
+        let certs = ::redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert.to_vec()),
+        };
+        let client =
+            ::redis::Client::build_with_tls(url, certs).map_err(|e| unavailable(None, e))?;
+        Self::node(client, CONNECT_TIMEOUT).await
+    }
+
+    /// Connects to a Redis Cluster through any of `nodes` (`redis://host:port`, or
+    /// `rediss://` with `redis-tls`); the cluster's own map then routes each key to its slot
+    /// and follows failovers. Commands time out after 1 s on the wire (each store adds its
+    /// own deadline).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`]: no node answers in time, or the cluster is not serving.
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub async fn cluster(nodes: &[&str]) -> Result<Self, StoreError> {
+        #[cfg(feature = "redis-tls")]
+        install_crypto();
+        let client = ::redis::cluster::ClusterClientBuilder::new(nodes.iter().copied())
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_secs(1))
+            .build()
+            .map_err(|e| unavailable(None, e))?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection()).await {
+            Ok(Ok(conn)) => Ok(Self::Cluster(conn)),
+            Ok(Err(e)) => Err(unavailable(None, e)),
+            Err(_) => Err(unavailable(None, Timeout(CONNECT_TIMEOUT))),
+        }
+    }
+
+    async fn node(client: ::redis::Client, within: Duration) -> Result<Self, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(100));
+        match tokio::time::timeout(within, ConnectionManager::new_with_config(client, config)).await
+        {
+            Ok(Ok(conn)) => Ok(Self::Node(conn)),
+            Ok(Err(e)) => Err(unavailable(None, e)),
+            Err(_) => Err(unavailable(None, Timeout(within))),
+        }
+    }
+}
+
+/// How long [`RedisConnection::connect`] waits for the first connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// rustls needs one process-wide crypto provider; with several compiled in (reqwest brings
+/// aws-lc-rs) it cannot pick one itself. Ours is ring, unless the application installed one.
+#[cfg(feature = "redis-tls")]
+fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The builder methods every Redis store of this crate shares; the type has `conn`, `prefix`,
-/// `timeout` and `retry_after` fields, `new(ConnectionManager)` and a `CONNECT_TIMEOUT`.
+/// `timeout` and `retry_after` fields and `new(impl Into<RedisConnection>)`.
 macro_rules! redis_store_builders {
     ($ty:ident, $prefix:literal) => {
         impl $ty {
             #[doc = concat!(
-                "Connects to `url` (`redis://[:password@]host[:port][/db]`; `rediss://` needs a ",
-                "TLS feature of the `redis` crate) and waits for the first connection, at most [`",
-                stringify!($ty), "::CONNECT_TIMEOUT`].\n\n",
-                "Each later connection attempt times out after 1 s, and reconnection attempts are ",
-                "at most 200 ms apart (100 ms plus jitter), so service resumes within the command ",
-                "deadline once Redis is back. For a connection made only on first use, build a ",
-                "manager with `ConnectionManager::new_lazy_with_config` and pass it to [`",
+                "Connects to one Redis node at `url` (`redis://[:password@]host[:port][/db]`, ",
+                "`rediss://` with feature `redis-tls`) as [`RedisConnection::connect`]",
+                "(crate::store::RedisConnection::connect) does. For a cluster, a private CA or a ",
+                "connection made only on first use, make the [`RedisConnection`]",
+                "(crate::store::RedisConnection) yourself and pass it to [`",
                 stringify!($ty), "::new`].\n\n",
                 "# Errors\n[`StoreError::Unavailable`](crate::store::StoreError::Unavailable): ",
                 "the URL does not parse, or Redis cannot be reached in time."
             )]
             pub async fn connect(url: &str) -> Result<Self, $crate::store::StoreError> {
                 Ok(Self::new(
-                    $crate::store::redis::connect(url, Self::CONNECT_TIMEOUT).await?,
+                    $crate::store::RedisConnection::connect(url).await?,
                 ))
             }
 
-            /// The connection manager (cheap to clone): open the crate's other Redis stores
-            /// (nonces, idempotency, prepaid credit) on the same Redis with it.
-            pub fn connection(&self) -> ::redis::aio::ConnectionManager {
+            /// The connection (cheap to clone): open the crate's other Redis stores (nonces,
+            /// idempotency, prepaid credit) on the same Redis with it.
+            pub fn connection(&self) -> $crate::store::RedisConnection {
                 self.conn.clone()
             }
 
@@ -75,7 +230,7 @@ pub(crate) use redis_store_builders;
 /// with a last argument `"1"` (`"0"` on the first attempt) so the script can recognise its
 /// own earlier write. Every failure is [`StoreError::Unavailable`].
 pub(crate) async fn run_script<T: ::redis::FromRedisValue>(
-    conn: &ConnectionManager,
+    conn: &RedisConnection,
     script: &Script,
     key: &str,
     args: &[&[u8]],
@@ -107,20 +262,6 @@ pub(crate) async fn run_script<T: ::redis::FromRedisValue>(
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(unavailable(retry_after, e)),
         Err(_) => Err(unavailable(retry_after, Timeout(timeout))),
-    }
-}
-
-/// Connects a manager configured for fail-fast use (see [`RedisNonceStore::connect`]).
-pub(crate) async fn connect(url: &str, within: Duration) -> Result<ConnectionManager, StoreError> {
-    let client = ::redis::Client::open(url).map_err(|e| unavailable(None, e))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_min_delay(Duration::from_millis(50))
-        .set_max_delay(Duration::from_millis(100));
-    match tokio::time::timeout(within, ConnectionManager::new_with_config(client, config)).await {
-        Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(unavailable(None, e)),
-        Err(_) => Err(unavailable(None, Timeout(within))),
     }
 }
 
