@@ -711,6 +711,19 @@ fn assert_paid_bound(r: &Value, hits: &Hits) {
     assert_eq!(hits.get(), 1);
 }
 
+/// Runs `tests/clients/pay.mjs` with `args` against `url` (off the runtime's threads).
+async fn pay_js(deps: std::path::PathBuf, url: String, args: &'static [&'static str]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/pay.mjs");
+    tokio::task::spawn_blocking(move || {
+        let script = script.to_str().unwrap().to_owned();
+        let mut all = vec![script.as_str(), "--url", &url];
+        all.extend_from_slice(args);
+        run_client(&deps, "node", &all)
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn js_v2_client_echoes_the_id_and_pays() {
     let Some(deps) = process::test_deps(
@@ -721,17 +734,7 @@ async fn js_v2_client_echoes_the_id_and_pays() {
     };
     let hits = Hits::new();
     let (url, server) = bound_server(&hits, ChallengeKeys::new(KEY_A)).await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/pay.mjs");
-    let r = tokio::task::spawn_blocking(move || {
-        let script = script.to_str().unwrap().to_owned();
-        run_client(
-            &deps,
-            "node",
-            &[&script, "--client", "v2", "--url", &url, "--replay"],
-        )
-    })
-    .await
-    .unwrap();
+    let r = pay_js(deps, url, &["--client", "v2", "--replay"]).await;
     assert_paid_bound(&r, &hits);
     server.abort();
 }
@@ -747,13 +750,7 @@ async fn js_v1_client_never_signs_when_v1_is_refused() {
     let hits = Hits::new();
     let (url, server) =
         bound_server(&hits, ChallengeKeys::new(KEY_A).accept_unbound_v1(false)).await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/pay.mjs");
-    let r = tokio::task::spawn_blocking(move || {
-        let script = script.to_str().unwrap().to_owned();
-        run_client(&deps, "node", &[&script, "--client", "v1", "--url", &url])
-    })
-    .await
-    .unwrap();
+    let r = pay_js(deps, url, &["--client", "v1"]).await;
     // The route offers no v1 form: the v1 client cannot parse the v2-only challenge
     // and stops before signing anything.
     assert_eq!(r["paymentHeader"], Value::Null, "{r:#}");
@@ -775,17 +772,7 @@ async fn js_v1_client_pays_unbound_on_a_default_layer() {
     };
     let hits = Hits::new();
     let (url, server) = bound_server(&hits, ChallengeKeys::new(KEY_A)).await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/pay.mjs");
-    let r = tokio::task::spawn_blocking(move || {
-        let script = script.to_str().unwrap().to_owned();
-        run_client(
-            &deps,
-            "node",
-            &[&script, "--client", "v1", "--url", &url, "--replay"],
-        )
-    })
-    .await
-    .unwrap();
+    let r = pay_js(deps, url, &["--client", "v1", "--replay"]).await;
     // v1 cannot echo: served unbound, checked against the route's requirements, once.
     assert_eq!(r["status"], 200, "{r:#}");
     assert_eq!(r["paymentHeaderName"], "X-PAYMENT", "{r:#}");
