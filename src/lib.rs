@@ -279,3 +279,8 @@ pub use verify::{EvmVerifier, ExactEvmVerifier, Proof, VerifiedPayment, Verifier
 #[cfg(all(doctest, feature = "dev-heavy"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+// docs/DEPLOYING.md's example compiles too (docs/ is not packaged; doctests only).
+#[cfg(all(doctest, feature = "redis"))]
+#[doc = include_str!("../docs/DEPLOYING.md")]
+struct DeployingDoctests;
