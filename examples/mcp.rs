@@ -61,7 +61,7 @@ impl ServerHandler for Weather {
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _cx: RequestContext<RoleServer>,
+        cx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         match request.name.as_ref() {
             "ping" => Ok(CallToolResponse::Complete(CallToolResult::success(vec![
@@ -78,7 +78,7 @@ impl ServerHandler for Weather {
                 // The closure runs once per accepted payment, after verification and claim.
                 let result = self
                     .paid
-                    .call(&request, move |payment| async move {
+                    .call(&request, &cx, move |payment| async move {
                         println!("weather for {city}, paid by {}", payment.payer);
                         Ok(CallToolResult::success(vec![ContentBlock::text(format!(
                             "{city}: sunny, 21 °C"

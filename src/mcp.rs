@@ -58,7 +58,7 @@
 //!     async fn call_tool(
 //!         &self,
 //!         request: CallToolRequestParams,
-//!         _cx: RequestContext<RoleServer>,
+//!         cx: RequestContext<RoleServer>,
 //!     ) -> Result<CallToolResponse, ErrorData> {
 //!         let city = request
 //!             .arguments
@@ -70,7 +70,7 @@
 //!         // Runs the closure only for a verified, claimed payment; settles after it.
 //!         let result = self
 //!             .paid
-//!             .call(&request, move |_payment| async move {
+//!             .call(&request, &cx, move |_payment| async move {
 //!                 Ok(CallToolResult::success(vec![ContentBlock::text(format!(
 //!                     "{city}: sunny, 21 °C"
 //!                 ))]))
@@ -101,7 +101,8 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Empty;
-use rmcp::ErrorData;
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData, RoleServer};
 use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, MetaObject};
 use serde_json::{Map, Value};
 use tower_layer::Layer;
@@ -231,7 +232,8 @@ impl PaidTool {
         &self.name
     }
 
-    /// Runs `tool` if `request` carries a payment that the layer accepts, and settles it as
+    /// Runs `tool` if `request` (or its context `cx`, where rmcp puts a request's `_meta`)
+    /// carries a payment that the layer accepts, and settles it as
     /// the layer says; otherwise answers with the payment-required result (see the
     /// [module docs](self)). `tool` gets the verified payment; it is called at most once
     /// and never for an unverified, refused or already used payment.
@@ -242,13 +244,16 @@ impl PaidTool {
     pub async fn call<F, Fut>(
         &self,
         request: &CallToolRequestParams,
+        cx: &RequestContext<RoleServer>,
         tool: F,
     ) -> Result<CallToolResult, ErrorData>
     where
         F: FnOnce(VerifiedPayment) -> Fut + Send + 'static,
         Fut: Future<Output = Result<CallToolResult, ErrorData>> + Send + 'static,
     {
-        let Some(header) = payment_header(request.meta.as_deref()) else {
+        // rmcp moves a request's `_meta` into its context; read both.
+        let header = payment_header(request.meta.as_deref()).or_else(|| payment_header(Some(&cx.meta)));
+        let Some(header) = header else {
             return self.payment_required(None).await;
         };
         let slot = Slot::default();
