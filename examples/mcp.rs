@@ -53,7 +53,11 @@ impl ServerHandler for Weather {
             "properties": { "city": { "type": "string" } },
         }));
         Ok(ListToolsResult::with_all_items(vec![
-            Tool::new("ping", "Free: answers pong", schema(serde_json::json!({"type": "object"}))),
+            Tool::new(
+                "ping",
+                "Free: answers pong",
+                schema(serde_json::json!({"type": "object"})),
+            ),
             Tool::new("weather", "Paid ($0.001 USDC): today's weather", city),
         ]))
     }

@@ -101,9 +101,9 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::Empty;
+use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, MetaObject};
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer};
-use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, MetaObject};
 use serde_json::{Map, Value};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -252,7 +252,8 @@ impl PaidTool {
         Fut: Future<Output = Result<CallToolResult, ErrorData>> + Send + 'static,
     {
         // rmcp moves a request's `_meta` into its context; read both.
-        let header = payment_header(request.meta.as_deref()).or_else(|| payment_header(Some(&cx.meta)));
+        let header =
+            payment_header(request.meta.as_deref()).or_else(|| payment_header(Some(&cx.meta)));
         let Some(header) = header else {
             return self.payment_required(None).await;
         };
@@ -313,7 +314,10 @@ impl PaidTool {
         req
     }
 
-    async fn run(&self, req: Request<Empty<Bytes>>) -> Response<crate::body::ResponseBody<Empty<Bytes>>> {
+    async fn run(
+        &self,
+        req: Request<Empty<Bytes>>,
+    ) -> Response<crate::body::ResponseBody<Empty<Bytes>>> {
         let mut service = self.service.clone();
         // RunTool is always ready and its error is Infallible: neither can fail.
         let ready = std::future::poll_fn(|cx| {
@@ -416,7 +420,11 @@ fn required_result<B>(res: &Response<B>, reason: Option<String>) -> CallToolResu
         if let Some(reason) = reason {
             doc.insert("error".to_owned(), Value::String(reason));
         }
-        if let Some(receipt) = res.headers().get(PAYMENT_RESPONSE).and_then(decode_document) {
+        if let Some(receipt) = res
+            .headers()
+            .get(PAYMENT_RESPONSE)
+            .and_then(decode_document)
+        {
             doc.insert(PAYMENT_RESPONSE_META_KEY.to_owned(), receipt);
         }
     }
@@ -433,7 +441,9 @@ fn unavailable(rejection: Option<&PaymentRejection>) -> ErrorData {
         .map_or("unavailable", |r| r.as_str());
     let retry_after = rejection.and_then(|r| r.retry_after).map(|d| d.as_secs());
     let message = match retry_after {
-        Some(secs) => format!("payment service unavailable ({reason}): retry the same call in {secs} s"),
+        Some(secs) => {
+            format!("payment service unavailable ({reason}): retry the same call in {secs} s")
+        }
         None => format!("payment service unavailable ({reason}): retry the same call later"),
     };
     ErrorData::internal_error(
