@@ -18,7 +18,9 @@
 //!   (`invalid_signature`, `nonce_already_used`, ...), and the tool does not run;
 //! - a payment the server cannot judge now (store or chain down, overloaded: HTTP 503/429)
 //!   is an MCP error (`-32603`) whose message says to retry and whose `data` carries
-//!   `reason` and `retryAfter` seconds; the proof is not spent.
+//!   `reason` and `retryAfter` seconds; the proof is not spent. A settlement whose outcome is
+//!   unknown (`settlement_outcome_unknown`) is the same error saying *not* to pay again, with
+//!   the receipt (if any) in `data["x402/payment-response"]`.
 //!
 //! # What is charged when
 //!
@@ -274,7 +276,7 @@ impl PaidTool {
             (_, Some(answer)) if status.is_server_error() && rejection.is_none() => answer,
             (StatusCode::PAYMENT_REQUIRED, _) => Ok(required_result(&res, None)),
             (StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS, _) => {
-                Err(unavailable(rejection.as_ref()))
+                Err(unavailable(&res, rejection.as_ref()))
             }
             (s, _) if s.is_client_error() => {
                 let reason = rejection
@@ -434,20 +436,36 @@ fn required_result<B>(res: &Response<B>, reason: Option<String>) -> CallToolResu
     result
 }
 
-/// 503/429: the payment could not be judged now; the proof was not spent.
-fn unavailable(rejection: Option<&PaymentRejection>) -> ErrorData {
+/// 503/429: the payment could not be judged now, or its settlement's outcome is unknown.
+fn unavailable<B>(res: &Response<B>, rejection: Option<&PaymentRejection>) -> ErrorData {
     let reason = rejection
         .and_then(|r| r.reason.as_ref())
         .map_or("unavailable", |r| r.as_str());
     let retry_after = rejection.and_then(|r| r.retry_after).map(|d| d.as_secs());
-    let message = match retry_after {
-        Some(secs) => {
-            format!("payment service unavailable ({reason}): retry the same call in {secs} s")
+    let receipt = res
+        .headers()
+        .get(PAYMENT_RESPONSE)
+        .and_then(decode_document);
+    let message = if reason == crate::reason::SETTLEMENT_OUTCOME_UNKNOWN.as_str() {
+        // The proof is kept, never settled twice: retrying it cannot help, paying again may
+        // pay twice.
+        "payment settlement outcome unknown (settlement_outcome_unknown): do not pay again; the \
+         payment may have moved, check the receipt's transaction"
+            .to_owned()
+    } else {
+        match retry_after {
+            Some(secs) => {
+                format!("payment service unavailable ({reason}): retry the same call in {secs} s")
+            }
+            None => format!("payment service unavailable ({reason}): retry the same call later"),
         }
-        None => format!("payment service unavailable ({reason}): retry the same call later"),
     };
     ErrorData::internal_error(
         message,
-        Some(serde_json::json!({ "reason": reason, "retryAfter": retry_after })),
+        Some(serde_json::json!({
+            "reason": reason,
+            "retryAfter": retry_after,
+            PAYMENT_RESPONSE_META_KEY: receipt,
+        })),
     )
 }

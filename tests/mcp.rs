@@ -31,8 +31,9 @@ use tower_x402::mcp::{PaidTool, tool_layer};
 use tower_x402::nonce::{ClaimToken, NonceKey, Reservation, StoreError};
 use tower_x402::proto::X402Version;
 use tower_x402::proto::v2::PaymentRequirements;
+use tower_x402::settle::{SettleError, Settlement, Settler};
 use tower_x402::test_util::{demo_payer, pay};
-use tower_x402::{MemoryNonceStore, NonceStore, PaymentLayerBuilder};
+use tower_x402::{MemoryNonceStore, NonceStore, PaymentLayerBuilder, VerifiedPayment};
 
 const PAY_TO: &str = "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC";
 const NONCE_USED: &str = "invalid_exact_evm_nonce_already_used";
@@ -144,6 +145,30 @@ impl NonceStore for Down {
     }
     async fn release(&self, _key: &NonceKey, _token: ClaimToken) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+/// A settler whose settlement fails: refused (`unknown` false) or with an unknown outcome.
+struct FailingSettle {
+    unknown: bool,
+}
+
+#[async_trait]
+impl Settler for FailingSettle {
+    async fn settle(&self, _payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
+        Err(if self.unknown {
+            SettleError::Unknown {
+                transaction: None,
+                retry_after: Some(Duration::from_secs(12)),
+                source: "no receipt".into(),
+            }
+        } else {
+            SettleError::Refused {
+                reason: tower_x402::reason::Reason::from_wire("insufficient_funds")
+                    .expect("a reason"),
+                transaction: None,
+            }
+        })
     }
 }
 
@@ -589,6 +614,56 @@ async fn a_failed_tool_is_not_charged_and_its_proof_can_be_retried() {
         .await;
     assert!(a.is_paid_success(), "{:?}", a.message);
     assert_eq!(working.runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_settlement_returns_the_payment_error_not_the_tools_content() {
+    let server = serve_with(
+        weather_layer().settler(FailingSettle { unknown: false }),
+        false,
+    )
+    .await;
+    let s = Session::open(server.addr).await;
+    let meta = json!({"x402/payment": payment_for(&challenge(&s).await)});
+    let a = s
+        .call(json!({"name": "weather", "arguments": {}, "_meta": meta}))
+        .await;
+    let r = a.result();
+    assert_eq!(r["isError"], true, "{r:#}");
+    assert_eq!(
+        r["structuredContent"]["error"], "insufficient_funds",
+        "{r:#}"
+    );
+    assert_eq!(
+        r["structuredContent"]["x402/payment-response"]["success"], false,
+        "{r:#}"
+    );
+    assert!(!r.to_string().contains("sunny"), "no tool content: {r:#}");
+    assert_eq!(server.runs.load(Ordering::SeqCst), 1);
+
+    // Outcome unknown: an MCP error that says not to pay again.
+    let server = serve_with(
+        weather_layer().settler(FailingSettle { unknown: true }),
+        false,
+    )
+    .await;
+    let s = Session::open(server.addr).await;
+    let meta = json!({"x402/payment": payment_for(&challenge(&s).await)});
+    let a = s
+        .call(json!({"name": "weather", "arguments": {}, "_meta": meta}))
+        .await;
+    let e = a
+        .error()
+        .unwrap_or_else(|| panic!("an MCP error: {:?}", a.message));
+    assert_eq!(e["data"]["reason"], "settlement_outcome_unknown", "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("do not pay again"),
+        "{e}"
+    );
+    assert!(!a.message.as_ref().unwrap().to_string().contains("sunny"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
