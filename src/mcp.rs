@@ -7,8 +7,9 @@
 //!
 //! - a call without `params._meta["x402/payment"]` gets a tool result with `isError: true`
 //!   whose `structuredContent` is the v2 `PaymentRequired` document (the one an HTTP 402
-//!   carries in `PAYMENT-REQUIRED`, bound challenge ids included) and whose
-//!   `content[0].text` is the same document as JSON text;
+//!   carries in `PAYMENT-REQUIRED`, bound challenge ids included, `error` set to the
+//!   reference's "Payment required to access this tool") and whose `content[0].text` is the
+//!   same document as JSON text;
 //! - a call with a `PaymentPayload` there is decoded, matched, verified, claimed and settled
 //!   by the tool's layer (its verifier, nonce store, settler, hooks and alerts), the tool
 //!   runs once, and the settlement response comes back in the result's
@@ -121,6 +122,9 @@ pub const PAYMENT_RESPONSE_META_KEY: &str = "x402/payment-response";
 /// The resource base a [`PaidTool`] gets when its builder names none: tool `t` is the
 /// resource `mcp://tool/t`, as in the reference SDKs.
 pub const DEFAULT_RESOURCE_BASE: &str = "mcp://tool";
+
+/// The `error` of the payment-required result of a call without payment (the reference's).
+const NO_PAYMENT: &str = "Payment required to access this tool";
 
 type ToolFuture = Pin<Box<dyn Future<Output = Result<CallToolResult, ErrorData>> + Send>>;
 type Job = Box<dyn FnOnce(VerifiedPayment) -> ToolFuture + Send>;
@@ -257,7 +261,7 @@ impl PaidTool {
         let header =
             payment_header(request.meta.as_deref()).or_else(|| payment_header(Some(&cx.meta)));
         let Some(header) = header else {
-            return self.payment_required(None).await;
+            return self.payment_required(Some(NO_PAYMENT.to_owned())).await;
         };
         let slot = Slot::default();
         slot.state().job = Some(Box::new(move |payment| Box::pin(tool(payment))));

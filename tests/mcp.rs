@@ -369,6 +369,7 @@ async fn no_payment_gets_the_spec_payment_required_result() {
     assert_eq!(r["isError"], true, "{r:#}");
     let doc = &r["structuredContent"];
     assert_eq!(doc["x402Version"], 2);
+    assert_eq!(doc["error"], "Payment required to access this tool");
     assert_eq!(doc["resource"]["url"], "mcp://tool/weather");
     assert_eq!(doc["resource"]["mimeType"], "application/json");
     let accept = &doc["accepts"][0];
