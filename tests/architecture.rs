@@ -121,3 +121,40 @@ fn the_core_module_graph_has_no_cycle() {
         );
     }
 }
+
+/// Modules that sit outside the core and use only what a user of the crate can use, so that
+/// each can move to a crate of its own unchanged (docs/ARCHITECTURE.md, "One crate with
+/// features, or a workspace").
+const OUTSIDE: &[&str] = &["mcp"];
+
+#[test]
+fn outside_modules_use_only_public_modules_and_the_core_never_imports_them() {
+    let edges = graph();
+    let lib = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/lib.rs"))
+        .expect("src/lib.rs");
+    let public: BTreeSet<String> = lib
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub mod "))
+        .map(|m| m.trim_end_matches(';').to_owned())
+        .collect();
+    assert!(
+        public.contains("proto") && public.contains("mcp"),
+        "{public:?}"
+    );
+    for module in OUTSIDE {
+        for target in edges.get(*module).into_iter().flatten() {
+            assert!(
+                public.contains(target),
+                "{module} imports crate::{target}, which is not public"
+            );
+        }
+    }
+    for module in CORE {
+        for outside in OUTSIDE {
+            assert!(
+                !edges.get(*module).is_some_and(|e| e.contains(*outside)),
+                "core module {module} imports {outside}"
+            );
+        }
+    }
+}
