@@ -7,9 +7,9 @@
 //! A store needs little: one prepared statement per operation, a pool that replaces broken
 //! connections by itself, and a deadline on every call. tokio-postgres (the `rust-postgres`
 //! project, maintained since 2013) speaks the protocol with prepared statements; deadpool-postgres
-//! adds the pool and a per-connection statement cache. Together they add ~33 crates to a cold
-//! build (`cargo tree -e normal --no-default-features --features postgres`: 188 lines, against
-//! 155 for `redis`). sqlx would bring its own runtime layer, a query macro machinery and
+//! adds the pool and a per-connection statement cache. Together they make the cold build
+//! 142 crates (`cargo tree -e normal --no-default-features --features postgres --prefix none |
+//! sort -u | wc -l`), against 155 for `redis` and 89 without features. sqlx would bring its own runtime layer, a query macro machinery and
 //! migrations framework the stores do not need; its pool is comparable.
 //!
 //! TLS is not built in: reach PostgreSQL over a local socket, a private network or a
