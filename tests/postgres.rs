@@ -24,6 +24,7 @@ use axum::Router;
 use common::*;
 use http::StatusCode;
 use tower::ServiceExt;
+use tower_x402::idempotency::{MemoryIdempotencyStore, PostgresIdempotencyStore};
 use tower_x402::nonce::{
     MemoryNonceStore, NonceStore, PostgresNonceStore, Reservation, StoreError,
 };
@@ -78,6 +79,34 @@ async fn nonce_contract_postgres() {
         return;
     };
     contract::nonce_store("postgres", &store(&server).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_contract_memory() {
+    contract::idempotency_store("memory", &MemoryIdempotencyStore::new()).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_contract_redis() {
+    let Some(server) = redis_server::RedisServer::start("idempotency_contract_redis") else {
+        return;
+    };
+    let s = tower_x402::idempotency::RedisIdempotencyStore::connect(&server.url())
+        .await
+        .unwrap();
+    contract::idempotency_store("redis", &s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_contract_postgres() {
+    let Some(server) = PgServer::start("idempotency_contract_postgres") else {
+        return;
+    };
+    let s = PostgresIdempotencyStore::connect(&server.url())
+        .await
+        .unwrap();
+    contract::idempotency_store("postgres", &s).await;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -2,8 +2,7 @@
 //! documentation (schema, statements, atomicity, failure behaviour) is on the type.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::OnceCell;
@@ -31,7 +30,7 @@ struct Sql {
     reserve: String,
     consume: String,
     release: String,
-    cleanup: String,
+    cleanup: Arc<str>,
 }
 
 impl Sql {
@@ -61,7 +60,8 @@ impl Sql {
             cleanup: format!(
                 "DELETE FROM {p}nonces WHERE k IN
                     (SELECT k FROM {p}nonces WHERE expires_ms <= {NOW_MS} LIMIT {CLEANUP_BATCH})"
-            ),
+            )
+            .into(),
         }
     }
 }
@@ -160,8 +160,7 @@ pub struct PostgresNonceStore {
     timeout: Duration,
     min_ttl: Duration,
     retry_after: Option<Duration>,
-    cleanup_interval: Duration,
-    next_cleanup_ms: Arc<AtomicU64>,
+    cleanup: Arc<pg::Cleanup>,
 }
 
 impl std::fmt::Debug for PostgresNonceStore {
@@ -172,7 +171,7 @@ impl std::fmt::Debug for PostgresNonceStore {
             .field("timeout", &self.timeout)
             .field("min_ttl", &self.min_ttl)
             .field("retry_after", &self.retry_after)
-            .field("cleanup_interval", &self.cleanup_interval)
+            .field("cleanup_interval", &self.cleanup.interval())
             .finish_non_exhaustive()
     }
 }
@@ -218,8 +217,7 @@ impl PostgresNonceStore {
             timeout: Self::DEFAULT_TIMEOUT,
             min_ttl: Self::DEFAULT_MIN_TTL,
             retry_after: None,
-            cleanup_interval: Self::DEFAULT_CLEANUP_INTERVAL,
-            next_cleanup_ms: Arc::new(AtomicU64::new(0)),
+            cleanup: Arc::new(pg::Cleanup::new(Self::DEFAULT_CLEANUP_INTERVAL)),
         }
     }
 
@@ -274,7 +272,7 @@ impl PostgresNonceStore {
 
     /// Sets how often one instance deletes expired rows (default 60 s).
     pub fn with_cleanup_interval(mut self, interval: Duration) -> Self {
-        self.cleanup_interval = interval;
+        self.cleanup = Arc::new(pg::Cleanup::new(interval));
         self
     }
 
@@ -328,43 +326,6 @@ impl PostgresNonceStore {
         })
         .await
     }
-
-    /// Starts a clean-up of expired rows when this instance's interval has passed.
-    fn maybe_clean(&self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let next = self.next_cleanup_ms.load(Ordering::Relaxed);
-        let interval = self.cleanup_interval.as_millis() as u64;
-        if now < next
-            || self
-                .next_cleanup_ms
-                .compare_exchange(
-                    next,
-                    now.saturating_add(interval),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_err()
-        {
-            return;
-        }
-        let (pool, sql, timeout) = (self.pool.clone(), self.sql.clone(), self.timeout);
-        tokio::spawn(async move {
-            let done = pg::run(timeout.max(Duration::from_secs(5)), None, false, || async {
-                let client = pool.get().await?;
-                Ok(client.execute(sql.cleanup.as_str(), &[]).await?)
-            })
-            .await;
-            // Only disk space is at stake (an expired row blocks nothing and is taken over by
-            // the next reserve of its key), not a payment: a warning, not an alert.
-            if let Err(e) = done {
-                log::warn!(
-                    "postgres nonce store: expired rows not deleted ({e}); retried after the interval"
-                );
-            }
-        });
-    }
 }
 
 #[async_trait]
@@ -386,7 +347,12 @@ impl NonceStore for PostgresNonceStore {
                 Ok((row.try_get(0)?, row.try_get(1)?))
             })
             .await?;
-        self.maybe_clean();
+        self.cleanup.maybe_run(
+            &self.pool,
+            self.sql.cleanup.clone(),
+            self.timeout,
+            "nonce store",
+        );
         Ok(match (won, used) {
             (true, _) => Reservation::Reserved(token),
             (false, Some(true)) => Reservation::Used,

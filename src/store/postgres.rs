@@ -15,7 +15,9 @@
 //! TLS is not built in: reach PostgreSQL over a local socket, a private network or a
 //! TLS-terminating proxy, or build a [`PostgresPool`] with your own TLS connector.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
@@ -208,6 +210,64 @@ fn lock_id(prefix: &str) -> i64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h as i64
+}
+
+/// When one instance last cleaned a table: a clean-up starts at most once per interval.
+#[derive(Debug)]
+pub(crate) struct Cleanup {
+    interval: Duration,
+    next_ms: AtomicU64,
+}
+
+impl Cleanup {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            next_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Starts `sql` (a `DELETE` of expired rows) in the background when the interval has
+    /// passed, and no other caller of this instance just did. `what` names the table in logs.
+    pub(crate) fn maybe_run(
+        &self,
+        pool: &PostgresPool,
+        sql: Arc<str>,
+        timeout: Duration,
+        what: &'static str,
+    ) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let later = now.saturating_add(self.interval.as_millis() as u64);
+        if now < next
+            || self
+                .next_ms
+                .compare_exchange(next, later, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let done = run(timeout.max(CONNECT_TIMEOUT), None, false, || async {
+                Ok(pool.get().await?.execute(&*sql, &[]).await?)
+            })
+            .await;
+            // Only disk space is at stake (an expired row blocks nothing and is taken over
+            // by the next claim of its key), not a payment: a warning, not an alert.
+            if let Err(e) = done {
+                log::warn!(
+                    "postgres {what}: expired rows not deleted ({e}); retried after the interval"
+                );
+            }
+        });
+    }
 }
 
 /// Now by PostgreSQL's clock, in Unix milliseconds (SQL).
