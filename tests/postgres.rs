@@ -398,3 +398,121 @@ async fn postgres_stopped_is_503_and_restarted_pays_the_same_proof() {
     assert!(matches!(err, StoreError::Unavailable { .. }) && err.is_retryable());
     assert!(started.elapsed() <= PostgresNonceStore::CONNECT_TIMEOUT + Duration::from_millis(500));
 }
+
+/// A layer with both PostgreSQL stores on one pool (bound challenges, as `instance`).
+async fn instance_with_ids(server: &PgServer, hits: &Hits) -> Router {
+    let nonces = store(server).await;
+    let ids = PostgresIdempotencyStore::new(nonces.pool());
+    let layer = PaymentLayer::builder()
+        .pay_to(PAY_TO)
+        .price(PRICE)
+        .network(tower_x402::Network::BASE_SEPOLIA)
+        .resource_base(BASE)
+        .bind_challenges(ChallengeKeys::new([0x42; 32]))
+        .nonce_store(nonces)
+        .idempotency(ids)
+        .build()
+        .expect("layer");
+    app(hits).route_layer(layer)
+}
+
+/// A proof for `/paid` signed against the 402 of `svc`, carrying payment id `id`.
+async fn proof_with_id(svc: &Router, id: &str) -> (http::HeaderName, http::HeaderValue) {
+    use tower_x402::test_util::{encode, exact_payload, v2_json};
+    let r = get_with(svc, "/paid", []).await;
+    assert_eq!(r.status, StatusCode::PAYMENT_REQUIRED);
+    let req = r.challenge().accepts[0].clone();
+    let payload = exact_payload(&payer(), &req, now());
+    let mut json = v2_json(&req, &payload, None);
+    json["extensions"] =
+        serde_json::json!({ "payment-identifier": { "info": { "required": false, "id": id } } });
+    (tower_x402::proto::header::PAYMENT_SIGNATURE, encode(&json))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_one_postgres_replay_the_stored_response() {
+    let Some(mut server) = PgServer::start("two_instances_replay_stored") else {
+        return;
+    };
+    let hits = Hits::gated();
+    let a = instance_with_ids(&server, &hits).await;
+    let b = instance_with_ids(&server, &hits).await;
+
+    // 64 copies of one proof with one id over both instances, the first run held at the gate.
+    let id = "pay_0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    let proof = proof_with_id(&a, id).await;
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let svc = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let proof = proof.clone();
+            tokio::spawn(async move {
+                let r = svc.oneshot(request("/paid", [proof])).await.unwrap();
+                Reply::read(r).await
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    while hits.get() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no handler run"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hits.open();
+    let mut ok = Vec::new();
+    let mut in_progress = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.outcome() {
+            (StatusCode::OK, _) => ok.push(r),
+            (StatusCode::SERVICE_UNAVAILABLE, Some(reason)) if reason == "payment_in_progress" => {
+                in_progress += 1
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    eprintln!(
+        "64 duplicates over two instances: {} x 200, {in_progress} x 503",
+        ok.len()
+    );
+    assert_eq!(hits.get(), 1, "exactly one handler run");
+    assert_eq!(ok.len() + in_progress, 64);
+
+    // A retry on either instance gets the stored response, receipt included.
+    let first = get_with(&a, "/paid", [proof.clone()]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let receipt = first
+        .header("payment-response")
+        .expect("receipt")
+        .to_owned();
+    for svc in [&a, &b] {
+        let r = get_with(svc, "/paid", [proof.clone()]).await;
+        assert_eq!((r.status, &r.body), (StatusCode::OK, &first.body));
+        assert_eq!(r.header("payment-response"), Some(receipt.as_str()));
+    }
+    for r in &ok {
+        assert_eq!(r.body, first.body);
+    }
+    assert_eq!(hits.get(), 1);
+
+    // Another proof with the same id: 409 on either instance.
+    let other = proof_with_id(&b, id).await;
+    let r = get_with(&b, "/paid", [other]).await;
+    assert_eq!(
+        r.outcome(),
+        (
+            StatusCode::CONFLICT,
+            Some("payment_identifier_conflict".to_owned())
+        )
+    );
+
+    // PostgreSQL down: 503 + Retry-After before the handler.
+    let p = proof_with_id(&a, "pay_while_postgres_is_down_01").await;
+    server.stop();
+    let r = get_with(&a, "/paid", [p]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(hits.get(), 1);
+}
