@@ -217,6 +217,59 @@ async fn concurrent_reserves_across_two_pools_have_one_winner() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_postgres_times_out_and_a_lost_reply_stays_blocked() {
+    let Some(server) = PgServer::start("stalled_postgres_times_out") else {
+        return;
+    };
+    let timeout = Duration::from_millis(300);
+    let s = store(&server)
+        .await
+        .with_timeout(timeout)
+        .with_retry_after(Duration::from_secs(3));
+    let far = now() + 60;
+    // Warm up: schema made, a connection open with the statement prepared.
+    assert!(matches!(
+        s.reserve(&random_key(), far).await.unwrap(),
+        Reservation::Reserved(_)
+    ));
+
+    let key = random_key();
+    server.signal_all("-STOP");
+    let started = Instant::now();
+    let err = s
+        .reserve(&key, far)
+        .await
+        .expect_err("a frozen postgres is unavailable");
+    let took = started.elapsed();
+    server.signal_all("-CONT");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(3)));
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(300),
+        "deadline kept: {took:?}"
+    );
+    eprintln!("frozen postgres: Unavailable after {took:?}");
+
+    // PostgreSQL ran the reserve once thawed, but nobody got its token: the proof stays
+    // blocked (until validBefore), never free twice. The store serves again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match s.reserve(&key, far).await {
+            Ok(r) => {
+                assert_eq!(r, Reservation::InUse);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no recovery: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(
+        s.reserve(&random_key(), far).await.unwrap(),
+        Reservation::Reserved(_)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_rows_are_cleaned_up() {
     let Some(server) = PgServer::start("expired_rows_are_cleaned_up") else {
         return;
@@ -286,6 +339,17 @@ async fn two_instances_one_postgres_run_one_handler_per_proof() {
         return;
     };
     let hits = Hits::new();
+    // A shared store needs the deployment's challenge key.
+    let unkeyed = PaymentLayer::builder()
+        .pay_to(PAY_TO)
+        .price(PRICE)
+        .network(tower_x402::Network::BASE_SEPOLIA)
+        .nonce_store(store(&server).await)
+        .build();
+    assert!(matches!(
+        unkeyed,
+        Err(tower_x402::error::ConfigError::ChallengeKeyRequired)
+    ));
     let a = instance(store(&server).await, &hits);
     let b = instance(store(&server).await, &hits);
 

@@ -36,7 +36,14 @@ pub struct PgServer {
 pub fn pg_bin(test: &str) -> Option<PathBuf> {
     let has = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
     if let Some(d) = std::env::var_os("X402_PG_BIN").map(PathBuf::from) {
-        return has(&d).then_some(d);
+        if !has(&d) {
+            skip(format_args!(
+                "{test}: no initdb and postgres in X402_PG_BIN={}",
+                d.display()
+            ));
+            return None;
+        }
+        return Some(d);
     }
     // Debian: /usr/lib/postgresql/<major>/bin, the newest major.
     let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
@@ -265,6 +272,41 @@ impl PgServer {
         }
     }
 
+    /// Sends `sig` (`-STOP`, `-CONT`) to the server and every process it forked (the
+    /// backends serving open connections): SIGSTOP freezes it without closing a socket.
+    pub fn signal_all(&self, sig: &str) {
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return;
+        };
+        let mut pids = vec![pid.to_string()];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`: comm may hold spaces, so split after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        // A backend may exit meanwhile: only the server itself must take the signal.
+        let signal = |p: &str| {
+            Command::new("kill")
+                .args([sig, p])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let ok = signal(&pids[0]);
+        for p in &pids[1..] {
+            signal(p);
+        }
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+
     /// Starts it again on the same port and data.
     pub fn restart(&mut self) {
         self.spawn().expect("postgres restarts on the same port");
@@ -273,6 +315,13 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
+        // A frozen server would ignore the shutdown signal.
+        if let Some(c) = self.child.as_ref() {
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
