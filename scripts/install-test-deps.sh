@@ -50,11 +50,19 @@ stamp_file="$DEPS/.stamp"
 want_stamp="$(cat "$CLIENTS/package.json" "$CLIENTS/package-lock.json" "$CLIENTS/requirements.txt" \
   "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16) node=$(node --version) python=$pyver"
 
+# PostgreSQL for tests/postgres.rs: Debian's binaries live in /usr/lib/postgresql/<major>/bin
+# (not on the PATH); tests/common/postgres.rs finds them there, or through $X402_PG_BIN.
+pg_installed() {
+  if [ -n "${X402_PG_BIN:-}" ]; then [ -x "$X402_PG_BIN/initdb" ] && [ -x "$X402_PG_BIN/postgres" ]; return; fi
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+    || { command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ]; }
+}
+
 installed() {
   [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want_stamp" ] \
     && [ -d "$DEPS/node/node_modules/@x402/fetch" ] && [ -d "$DEPS/node/node_modules/x402-fetch" ] \
     && "$DEPS/venv/bin/python" -c 'import sys' 2>/dev/null \
-    && command -v redis-server >/dev/null \
+    && command -v redis-server >/dev/null && pg_installed \
     && command -v "$CHROMIUM" >/dev/null && command -v openssl >/dev/null \
     && [ -d "$DEPS/node/node_modules/playwright-core" ] \
     && { [ "$(uname -sm)" != "Linux x86_64" ] \
@@ -110,6 +118,8 @@ install_python() {
 # SERVICES: what the tests start themselves (each test runs its own instance on a free port).
 #   - redis-server from Debian (>= 7.0) for tests/redis.rs: install_redis;
 #   - anvil (npm "@foundry-rs/anvil-linux-amd64" 1.7.1) for tests/onchain.rs: install_anvil;
+#   - PostgreSQL from Debian (initdb + postgres; each test makes its own cluster in a temp dir
+#     and runs it as `nobody` when root) for tests/postgres.rs: install_postgres;
 #   - openssl (the command) for tests/redis_cluster.rs's TLS certificates: install_openssl;
 #   - Chromium from Debian for tests/paywall.rs (driven by the pinned playwright-core, which
 #     never downloads a browser of its own): install_chromium.
@@ -140,6 +150,18 @@ install_anvil() {
     || die "anvil ${ANVIL_NPM##*@} does not run: $ANVIL_BIN"
 }
 
+install_postgres() {
+  pg_installed && return 0
+  log "apt-get install postgresql"
+  # No `main` cluster: the tests make their own; nothing should listen on 5432.
+  if [ "$(id -u)" = 0 ]; then
+    mkdir -p /etc/postgresql-common/createcluster.d
+    printf 'create_main_cluster = false\n' >/etc/postgresql-common/createcluster.d/x402-no-main.conf
+  fi
+  apt_install postgresql || die "PostgreSQL is missing and cannot be installed (needs root + apt-get)"
+  pg_installed || die "postgresql installed but no initdb under /usr/lib/postgresql/*/bin"
+}
+
 install_openssl() {
   command -v openssl >/dev/null && return 0
   log "apt-get install openssl"
@@ -155,6 +177,7 @@ install_chromium() {
 install_services() {
   install_anvil
   install_redis
+  install_postgres
   install_openssl
   install_chromium
 }

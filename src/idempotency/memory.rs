@@ -229,6 +229,8 @@ impl IdempotencyStore for MemoryIdempotencyStore {
         };
         match &e.state {
             State::InProgress(t) if *t == token => {}
+            // Completing again with the same response is a no-op (the trait's contract).
+            State::Done(r) if **r == *response => return Ok(()),
             _ => return Err(StoreError::NotHeld),
         }
         let size = response.encoded_len();

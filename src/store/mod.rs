@@ -1,6 +1,6 @@
 //! What every store of this crate shares, whatever it stores (nonces, idempotent replies,
 //! prepaid credit, and the stores to come): its error, the token that proves a claim, the
-//! sharded map of the in-process stores, and the Redis plumbing (behind `redis`). Neutral ground: it imports no other module of the crate,
+//! sharded map of the in-process stores, the Redis plumbing (behind `redis`) and the PostgreSQL plumbing (behind `postgres`). Neutral ground: it imports no other module of the crate,
 //! so the stores and the request path both depend on it and never on each other.
 
 #[cfg(feature = "redis")]
@@ -8,6 +8,11 @@ pub(crate) mod redis;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::RedisConnection;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::postgres::PostgresPool;
 pub(crate) mod sharded;
 
 use std::time::Duration;

@@ -1,0 +1,387 @@
+//! [`PostgresIdempotencyStore`]: payment ids in PostgreSQL (feature `postgres`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::OnceCell;
+
+use super::{
+    Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotencyStore, StoreError, StoredResponse,
+};
+use crate::store::postgres::{self as pg, NOW_MS, PostgresPool};
+
+/// The schema, one migration per version (`{p}` is the table prefix). Never edit a released
+/// one: add the next.
+const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS {p}idempotency (
+        payer BYTEA NOT NULL,
+        id TEXT NOT NULL,
+        fingerprint BYTEA NOT NULL,
+        token BYTEA NOT NULL,
+        response BYTEA,
+        expires_ms BIGINT NOT NULL,
+        PRIMARY KEY (payer, id));
+    CREATE INDEX IF NOT EXISTS {p}idempotency_expires ON {p}idempotency (expires_ms);"];
+
+/// Largest expiry stored, in Unix ms (no overflow when a TTL is added in SQL).
+const MAX_EXPIRY_MS: u64 = 1 << 52;
+/// Expired rows deleted per clean-up statement.
+const CLEANUP_BATCH: i64 = 10_000;
+
+struct Sql {
+    begin: String,
+    complete: String,
+    abort: String,
+    cleanup: Arc<str>,
+}
+
+impl Sql {
+    fn new(p: &str) -> Self {
+        // A live row is left as it is, an expired one is taken over; either way the row is
+        // locked and RETURNING gives its latest version, so the answer is exact.
+        let expired = format!("i.expires_ms <= {NOW_MS}");
+        Self {
+            begin: format!(
+                "INSERT INTO {p}idempotency AS i (payer, id, fingerprint, token, response, expires_ms)
+                 VALUES ($1, $2, $3, $4, NULL,
+                         least(greatest($5::bigint, {NOW_MS} + $6::bigint), {NOW_MS} + $7::bigint))
+                 ON CONFLICT (payer, id) DO UPDATE SET
+                    fingerprint = CASE WHEN {expired} THEN EXCLUDED.fingerprint ELSE i.fingerprint END,
+                    token = CASE WHEN {expired} THEN EXCLUDED.token ELSE i.token END,
+                    response = CASE WHEN {expired} THEN NULL ELSE i.response END,
+                    expires_ms = CASE WHEN {expired} THEN EXCLUDED.expires_ms ELSE i.expires_ms END
+                 RETURNING token, fingerprint, response"
+            ),
+            complete: format!(
+                "UPDATE {p}idempotency SET response = $4
+                 WHERE payer = $1 AND id = $2 AND token = $3 AND expires_ms > {NOW_MS}
+                   AND (response IS NULL OR response = $4)"
+            ),
+            abort: format!(
+                "DELETE FROM {p}idempotency
+                 WHERE payer = $1 AND id = $2 AND token = $3 AND response IS NULL
+                   AND expires_ms > {NOW_MS}"
+            ),
+            cleanup: format!(
+                "DELETE FROM {p}idempotency WHERE (payer, id) IN
+                    (SELECT payer, id FROM {p}idempotency WHERE expires_ms <= {NOW_MS}
+                     LIMIT {CLEANUP_BATCH})"
+            )
+            .into(),
+        }
+    }
+}
+
+/// An [`IdempotencyStore`] in PostgreSQL: one atomic claim per (payer, id) across every
+/// instance sharing the database, and the stored response for all of them.
+///
+/// # Schema
+///
+/// Created on first use (or by [`PostgresIdempotencyStore::migrate`]), versioned in
+/// `<prefix>migrations` (component `idempotency`); the prefix defaults to `"x402_"` and
+/// may be shared with [`PostgresNonceStore`](crate::nonce::PostgresNonceStore):
+///
+/// ```sql
+/// CREATE TABLE x402_idempotency (
+///     payer BYTEA NOT NULL,        -- 20 bytes
+///     id TEXT NOT NULL,            -- the client's payment id
+///     fingerprint BYTEA NOT NULL,  -- 32 bytes: the proof and request target it is bound to
+///     token BYTEA NOT NULL,        -- the holder's ClaimToken (16 bytes, big-endian)
+///     response BYTEA,              -- NULL in progress; StoredResponse::to_bytes once done
+///     expires_ms BIGINT NOT NULL,  -- Unix ms, PostgreSQL's clock
+///     PRIMARY KEY (payer, id));
+/// ```
+///
+/// An entry lives until the time `begin` asks, at most the maximum TTL (default 1 h) and at
+/// least the minimum TTL (default 1 s) ahead of PostgreSQL's clock. Expired rows are taken
+/// over by the next `begin` of their key, and deleted in batches by a clean-up a `begin`
+/// starts at most once per interval per instance (default 60 s).
+///
+/// # Statements and atomicity
+///
+/// * **begin**: `INSERT ... ON CONFLICT (payer, id) DO UPDATE` that takes the row over only
+///   when it expired, `RETURNING` the row: this caller started it when the token returned is
+///   its own; otherwise the row tells in progress, done or conflict (another fingerprint).
+///   The primary key gives one winner among any number of concurrent callers on any
+///   instances; the losers wait for its commit and read the row it left.
+/// * **complete**: `UPDATE` with the holder's token, only while in progress (or done with the
+///   same response: a retried complete).
+/// * **abort**: `DELETE` with the holder's token, only while in progress.
+///
+/// # Failure behaviour: fail closed
+///
+/// Every operation runs under a deadline (default 500 ms); an error, a timeout or a stored
+/// response that does not decode is [`StoreError::Unavailable`], answered 503 with
+/// `Retry-After` without running the handler. `begin` and `complete` are retried once after
+/// a connection error (both recognise their own earlier write); `abort` is not. The pool
+/// replaces dead connections by itself.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_x402::idempotency::PostgresIdempotencyStore;
+/// use tower_x402::nonce::PostgresNonceStore;
+/// let nonces = PostgresNonceStore::connect("postgres://x402@127.0.0.1/shop").await?;
+/// // The same pool for both.
+/// let ids = PostgresIdempotencyStore::new(nonces.pool()).with_prefix("myapp_x402_");
+/// ids.migrate().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresIdempotencyStore {
+    pool: PostgresPool,
+    prefix: String,
+    sql: Arc<Sql>,
+    schema: Arc<OnceCell<()>>,
+    timeout: Duration,
+    min_ttl: Duration,
+    max_ttl: Duration,
+    retry_after: Option<Duration>,
+    cleanup: Arc<pg::Cleanup>,
+}
+
+impl std::fmt::Debug for PostgresIdempotencyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The pool is left out: its configuration may carry a password.
+        f.debug_struct("PostgresIdempotencyStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("min_ttl", &self.min_ttl)
+            .field("max_ttl", &self.max_ttl)
+            .field("retry_after", &self.retry_after)
+            .field("cleanup_interval", &self.cleanup.interval())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresIdempotencyStore {
+    /// Default table prefix.
+    pub const DEFAULT_PREFIX: &str = "x402_";
+    /// Default deadline of each operation.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+    /// Default minimum TTL of an entry.
+    pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(1);
+    /// Default maximum TTL of an entry.
+    pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
+    /// Default interval between two clean-ups of expired rows by one instance.
+    pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+    /// The longest [`PostgresIdempotencyStore::connect`] and
+    /// [`PostgresIdempotencyStore::migrate`] wait.
+    pub const CONNECT_TIMEOUT: Duration = pg::CONNECT_TIMEOUT;
+
+    /// Connects to `url` as [`PostgresNonceStore::connect`](crate::nonce::PostgresNonceStore::connect)
+    /// does (a pool of 16; checks that the server answers).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`]: the URL does not parse, or PostgreSQL cannot be reached
+    /// within [`Self::CONNECT_TIMEOUT`].
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = pg::pool(url)?;
+        pg::run(Self::CONNECT_TIMEOUT, None, false, || async {
+            pool.get().await?.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+        .await?;
+        Ok(Self::new(pool))
+    }
+
+    /// A store on `pool` (e.g. [`PostgresNonceStore::pool`](crate::nonce::PostgresNonceStore::pool)),
+    /// with the defaults.
+    pub fn new(pool: PostgresPool) -> Self {
+        Self {
+            pool,
+            prefix: Self::DEFAULT_PREFIX.to_owned(),
+            sql: Arc::new(Sql::new(Self::DEFAULT_PREFIX)),
+            schema: Arc::new(OnceCell::new()),
+            timeout: Self::DEFAULT_TIMEOUT,
+            min_ttl: Self::DEFAULT_MIN_TTL,
+            max_ttl: Self::DEFAULT_MAX_TTL,
+            retry_after: None,
+            cleanup: Arc::new(pg::Cleanup::new(Self::DEFAULT_CLEANUP_INTERVAL)),
+        }
+    }
+
+    /// The pool (cheap to clone).
+    pub fn pool(&self) -> PostgresPool {
+        self.pool.clone()
+    }
+
+    /// Sets the table prefix (default `"x402_"`); the table is `<prefix>idempotency`.
+    ///
+    /// # Panics
+    /// When `prefix` is not at most 40 ASCII letters, digits and `_` (not starting with a
+    /// digit): it is spliced into SQL, so anything else is refused at start-up.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        if let Err(e) = pg::check_prefix(&prefix) {
+            panic!("PostgresIdempotencyStore::with_prefix: {e}");
+        }
+        self.sql = Arc::new(Sql::new(&prefix));
+        self.schema = Arc::new(OnceCell::new());
+        self.prefix = prefix;
+        self
+    }
+
+    /// The table prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Sets the deadline of each operation, retry included (default 500 ms).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets the `Retry-After` suggested when PostgreSQL is unavailable (default none: the
+    /// layer's own applies).
+    pub fn with_retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
+    /// Sets the longest life of an entry (default 1 h), by PostgreSQL's clock.
+    pub fn with_max_ttl(mut self, ttl: Duration) -> Self {
+        self.max_ttl = ttl;
+        self
+    }
+
+    /// Sets the shortest life of an entry (default 1 s), by PostgreSQL's clock.
+    pub fn with_min_ttl(mut self, ttl: Duration) -> Self {
+        self.min_ttl = ttl;
+        self
+    }
+
+    /// Sets how often one instance deletes expired rows (default 60 s).
+    pub fn with_cleanup_interval(mut self, interval: Duration) -> Self {
+        self.cleanup = Arc::new(pg::Cleanup::new(interval));
+        self
+    }
+
+    /// Creates the table, or brings it to this version, if needed (once per store).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`]: PostgreSQL did not answer within
+    /// [`Self::CONNECT_TIMEOUT`], or refused the DDL.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.schema_within(Self::CONNECT_TIMEOUT.max(self.timeout))
+            .await
+    }
+
+    async fn schema_within(&self, timeout: Duration) -> Result<(), StoreError> {
+        self.schema
+            .get_or_try_init(|| {
+                pg::run(timeout, self.retry_after, false, || {
+                    pg::migrate(&self.pool, &self.prefix, "idempotency", MIGRATIONS)
+                })
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// `sql` with `(payer, id, token, extra)`; the count of rows changed.
+    async fn change(
+        &self,
+        sql: &str,
+        key: &IdempotencyKey,
+        token: ClaimToken,
+        extra: Option<&[u8]>,
+        retry: bool,
+    ) -> Result<u64, StoreError> {
+        self.schema_within(self.timeout).await?;
+        let (payer, id, t) = (key.payer.as_slice(), key.id.as_str(), token.0.to_be_bytes());
+        pg::run(self.timeout, self.retry_after, retry, || async {
+            let client = self.pool.get().await?;
+            let stmt = client.prepare_cached(sql).await?;
+            Ok(match extra {
+                Some(x) => client.execute(&stmt, &[&payer, &id, &&t[..], &x]).await?,
+                None => client.execute(&stmt, &[&payer, &id, &&t[..]]).await?,
+            })
+        })
+        .await
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    d.as_millis().clamp(1, u128::from(MAX_EXPIRY_MS)) as i64
+}
+
+#[async_trait]
+impl IdempotencyStore for PostgresIdempotencyStore {
+    async fn begin(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: Fingerprint,
+        expires_at: u64,
+    ) -> Result<Begin, StoreError> {
+        self.schema_within(self.timeout).await?;
+        let token = ClaimToken::random();
+        let mine = token.0.to_be_bytes();
+        let (payer, id, fp) = (
+            key.payer.as_slice(),
+            key.id.as_str(),
+            fingerprint.0.as_slice(),
+        );
+        let at = expires_at.saturating_mul(1000).min(MAX_EXPIRY_MS) as i64;
+        let (lo, hi) = (millis(self.min_ttl), millis(self.max_ttl));
+        let sql = self.sql.begin.as_str();
+        let (holder, theirs, response): (Vec<u8>, Vec<u8>, Option<Vec<u8>>) =
+            pg::run(self.timeout, self.retry_after, true, || async {
+                let client = self.pool.get().await?;
+                let stmt = client.prepare_cached(sql).await?;
+                let row = client
+                    .query_one(&stmt, &[&payer, &id, &fp, &&mine[..], &at, &lo, &hi])
+                    .await?;
+                Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+            })
+            .await?;
+        self.cleanup.maybe_run(
+            &self.pool,
+            self.sql.cleanup.clone(),
+            self.timeout,
+            "idempotency store",
+        );
+        if holder == mine {
+            return Ok(Begin::Started(token));
+        }
+        if theirs != fp {
+            return Ok(Begin::Conflict);
+        }
+        match response {
+            None => Ok(Begin::InProgress),
+            Some(raw) => StoredResponse::from_bytes(&raw)
+                .map(|r| Begin::Done(Box::new(r)))
+                .map_err(|e| pg::unavailable(self.retry_after, e)),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &IdempotencyKey,
+        token: ClaimToken,
+        response: &StoredResponse,
+    ) -> Result<(), StoreError> {
+        let bytes = response.to_bytes();
+        match self
+            .change(&self.sql.complete, key, token, Some(&bytes), true)
+            .await?
+        {
+            0 => Err(StoreError::NotHeld),
+            _ => Ok(()),
+        }
+    }
+
+    async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError> {
+        match self
+            .change(&self.sql.abort, key, token, None, false)
+            .await?
+        {
+            0 => Err(StoreError::NotHeld),
+            _ => Ok(()),
+        }
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+}

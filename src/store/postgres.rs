@@ -1,0 +1,290 @@
+//! PostgreSQL plumbing every PostgreSQL store shares (feature `postgres`): the pool, one
+//! statement run under a deadline with one retry after a dropped connection, and the
+//! versioned schema migrations.
+//!
+//! # Why tokio-postgres + deadpool-postgres
+//!
+//! A store needs little: one prepared statement per operation, a pool that replaces broken
+//! connections by itself, and a deadline on every call. tokio-postgres (the `rust-postgres`
+//! project, maintained since 2013) speaks the protocol with prepared statements; deadpool-postgres
+//! adds the pool and a per-connection statement cache. Together they make the cold build
+//! 142 crates (`cargo tree -e normal --no-default-features --features postgres --prefix none |
+//! sort -u | wc -l`), against 155 for `redis` and 89 without features. sqlx would bring its own runtime layer, a query macro machinery and
+//! migrations framework the stores do not need; its pool is comparable.
+//!
+//! TLS is not built in: reach PostgreSQL over a local socket, a private network or a
+//! TLS-terminating proxy, or build a [`PostgresPool`] with your own TLS connector.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use super::{BoxError, StoreError};
+
+/// The pool every PostgreSQL store speaks through (cheap to clone): open the crate's
+/// PostgreSQL stores on one database with it.
+pub type PostgresPool = deadpool_postgres::Pool;
+
+/// Pause before the one retry after a connection error, letting the pool drop the dead one.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
+/// Default number of connections in a pool made by [`pool`].
+pub(crate) const POOL_SIZE: usize = 16;
+/// The longest a new connection may take.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A pool on `url` (`postgres://user[:password]@host[:port]/db`, or the `key=value` form):
+/// fast recycling (a connection the server closed is replaced on its next checkout), new
+/// connections bounded by [`CONNECT_TIMEOUT`]. Connects lazily.
+pub(crate) fn pool(url: &str) -> Result<PostgresPool, StoreError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| unavailable(None, e))?;
+    config.connect_timeout(CONNECT_TIMEOUT);
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(POOL_SIZE)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|e| unavailable(None, e))
+}
+
+/// Checks a table prefix: ASCII letters, digits and `_`, not starting with a digit, at most
+/// 40 bytes (PostgreSQL identifiers are cut at 63). Used as given in unquoted SQL.
+pub(crate) fn check_prefix(prefix: &str) -> Result<(), String> {
+    let ok = prefix.len() <= 40
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !prefix.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "table prefix {prefix:?}: use at most 40 ASCII letters, digits and `_`, not starting with a digit"
+        ))
+    }
+}
+
+/// Why one attempt failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// No connection from the pool.
+    Pool(deadpool_postgres::PoolError),
+    /// The statement failed.
+    Db(tokio_postgres::Error),
+}
+
+impl From<deadpool_postgres::PoolError> for Failure {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::Pool(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Db(e)
+    }
+}
+
+impl Failure {
+    /// A dropped or refused connection (worth one retry), not an error PostgreSQL answered.
+    fn is_connection(&self) -> bool {
+        match self {
+            Self::Pool(_) => true,
+            Self::Db(e) => e.is_closed() || e.code().is_none(),
+        }
+    }
+
+    fn into_box(self) -> BoxError {
+        match self {
+            Self::Pool(e) => Box::new(e),
+            Self::Db(e) => Box::new(e),
+        }
+    }
+}
+
+/// Runs `attempt` under `timeout`; with `retry`, once more after a connection error (the
+/// operation must then be idempotent for its caller). Every failure is
+/// [`StoreError::Unavailable`].
+pub(crate) async fn run<T, F, Fut>(
+    timeout: Duration,
+    retry_after: Option<Duration>,
+    retry: bool,
+    attempt: F,
+) -> Result<T, StoreError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
+{
+    let work = async {
+        match attempt().await {
+            Err(e) if retry && e.is_connection() => {
+                tokio::time::sleep(RETRY_PAUSE).await;
+                attempt().await
+            }
+            other => other,
+        }
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(retry_after, e.into_box())),
+        Err(_) => Err(unavailable(retry_after, Timeout(timeout))),
+    }
+}
+
+pub(crate) fn unavailable(
+    retry_after: Option<Duration>,
+    source: impl Into<BoxError>,
+) -> StoreError {
+    StoreError::Unavailable {
+        retry_after,
+        source: source.into(),
+    }
+}
+
+/// A PostgreSQL operation ran past its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("postgresql did not answer within {0:?}")]
+struct Timeout(Duration);
+
+/// Applies the `migrations` of `component` not yet recorded in `<prefix>migrations`
+/// (version = index + 1), each in the same transaction as its record. A transaction-scoped
+/// advisory lock (keyed by the prefix) serialises instances that start together, so
+/// `CREATE ... IF NOT EXISTS` never races. `{p}` in a migration stands for the prefix.
+pub(crate) async fn migrate(
+    pool: &PostgresPool,
+    prefix: &str,
+    component: &str,
+    migrations: &[&str],
+) -> Result<(), Failure> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_id(prefix)])
+        .await?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {prefix}migrations (
+            component TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            applied_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            PRIMARY KEY (component, version))"
+    ))
+    .await?;
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT coalesce(max(version), 0) FROM {prefix}migrations WHERE component = $1"
+            ),
+            &[&component],
+        )
+        .await?;
+    let done: i32 = row.get(0);
+    for (i, sql) in migrations.iter().enumerate() {
+        let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+        if version <= done {
+            continue;
+        }
+        tx.batch_execute(&sql.replace("{p}", prefix)).await?;
+        tx.execute(
+            &format!("INSERT INTO {prefix}migrations (component, version) VALUES ($1, $2)"),
+            &[&component, &version],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The advisory lock of a prefix's migrations: FNV-1a of `tower-x402:<prefix>`.
+fn lock_id(prefix: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in b"tower-x402:".iter().chain(prefix.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// When one instance last cleaned a table: a clean-up starts at most once per interval.
+#[derive(Debug)]
+pub(crate) struct Cleanup {
+    interval: Duration,
+    next_ms: AtomicU64,
+}
+
+impl Cleanup {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            next_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Starts `sql` (a `DELETE` of expired rows) in the background when the interval has
+    /// passed, and no other caller of this instance just did. `what` names the table in logs.
+    pub(crate) fn maybe_run(
+        &self,
+        pool: &PostgresPool,
+        sql: Arc<str>,
+        timeout: Duration,
+        what: &'static str,
+    ) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let later = now.saturating_add(self.interval.as_millis() as u64);
+        if now < next
+            || self
+                .next_ms
+                .compare_exchange(next, later, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let done = run(timeout.max(CONNECT_TIMEOUT), None, false, || async {
+                Ok(pool.get().await?.execute(&*sql, &[]).await?)
+            })
+            .await;
+            // Only disk space is at stake (an expired row blocks nothing and is taken over
+            // by the next claim of its key), not a payment: a warning, not an alert.
+            if let Err(e) = done {
+                log::warn!(
+                    "postgres {what}: expired rows not deleted ({e}); retried after the interval"
+                );
+            }
+        });
+    }
+}
+
+/// Now by PostgreSQL's clock, in Unix milliseconds (SQL).
+pub(crate) const NOW_MS: &str = "(extract(epoch FROM now()) * 1000)::bigint";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        assert!(check_prefix("").is_ok());
+        assert!(check_prefix("x402_").is_ok());
+        assert!(check_prefix("My_App2_").is_ok());
+        for bad in ["1x", "a-b", "a b", "a;drop", "é", &"a".repeat(41)] {
+            assert!(check_prefix(bad).is_err(), "{bad}");
+        }
+        assert_ne!(lock_id("a_"), lock_id("b_"));
+    }
+}

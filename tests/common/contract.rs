@@ -1,0 +1,219 @@
+//! The contracts every store of a trait must keep, one function per trait, run against each
+//! backend (memory, Redis, PostgreSQL) by `tests/postgres.rs`.
+//!
+//! Included with `#[path = "common/contract.rs"] mod contract;`.
+#![allow(dead_code)]
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tower_x402::idempotency::{
+    Begin, Fingerprint, IdempotencyKey, IdempotencyStore, PaymentId, StoredResponse,
+};
+use tower_x402::nonce::{ClaimToken, NonceKey, NonceStore, Reservation, StoreError};
+use tower_x402::primitives::{Address, B256, address};
+use tower_x402::test_util::random_nonce;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// A key no other test uses.
+pub fn random_key() -> NonceKey {
+    NonceKey {
+        chain_id: 84532,
+        asset: address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+        from: Address::repeat_byte(0x11),
+        nonce: random_nonce(),
+    }
+}
+
+fn not_held<T: std::fmt::Debug>(r: Result<T, StoreError>, what: &str) {
+    assert!(matches!(r, Err(StoreError::NotHeld)), "{what}: {r:?}");
+}
+
+/// The [`NonceStore`] contract (`backend` names the store in failures): one winner, in use
+/// while held, a stranger's token changes nothing, release frees, consume makes it used until
+/// it expires, an expired claim is free again and its old token dead. Takes ~2 s (expiry is
+/// in whole seconds).
+pub async fn nonce_store<S: NonceStore>(backend: &str, s: &S) {
+    let far = now() + 60;
+    let key = random_key();
+    let Reservation::Reserved(t) = s.reserve(&key, far).await.unwrap() else {
+        panic!("{backend}: the first reserve wins")
+    };
+    assert_eq!(
+        s.reserve(&key, far).await.unwrap(),
+        Reservation::InUse,
+        "{backend}"
+    );
+    let stranger = ClaimToken(t.0 ^ 1);
+    not_held(s.release(&key, stranger).await, backend);
+    not_held(s.consume(&key, stranger).await, backend);
+    assert_eq!(
+        s.reserve(&key, far).await.unwrap(),
+        Reservation::InUse,
+        "{backend}: a stranger changed nothing"
+    );
+
+    // Release gives it back; the old token is dead.
+    s.release(&key, t).await.unwrap();
+    let Reservation::Reserved(t2) = s.reserve(&key, far).await.unwrap() else {
+        panic!("{backend}: a released key is free again")
+    };
+    not_held(s.release(&key, t).await, backend);
+    not_held(s.consume(&key, t).await, backend);
+
+    // Consume: used, for everyone, and no longer releasable.
+    s.consume(&key, t2).await.unwrap();
+    assert_eq!(
+        s.reserve(&key, far).await.unwrap(),
+        Reservation::Used,
+        "{backend}"
+    );
+    not_held(s.release(&key, t2).await, backend);
+    assert_eq!(
+        s.reserve(&key, far).await.unwrap(),
+        Reservation::Used,
+        "{backend}"
+    );
+    not_held(s.release(&random_key(), t2).await, backend);
+    not_held(s.consume(&random_key(), t2).await, backend);
+
+    // Expiry: a claim until `now + 1` (whole seconds) is free once that second has passed,
+    // used or not; the old holder's token no longer works.
+    let (reserved, used) = (random_key(), random_key());
+    let soon = now() + 1;
+    let Reservation::Reserved(old) = s.reserve(&reserved, soon).await.unwrap() else {
+        panic!("{backend}: reserve")
+    };
+    let Reservation::Reserved(spent) = s.reserve(&used, soon).await.unwrap() else {
+        panic!("{backend}: reserve")
+    };
+    s.consume(&used, spent).await.unwrap();
+    assert_eq!(
+        s.reserve(&used, soon).await.unwrap(),
+        Reservation::Used,
+        "{backend}"
+    );
+    while now() <= soon {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for k in [reserved, used] {
+        let Reservation::Reserved(fresh) = s.reserve(&k, now() + 60).await.unwrap() else {
+            panic!("{backend}: an expired claim is free again")
+        };
+        not_held(s.release(&k, old).await, backend);
+        not_held(s.consume(&k, spent).await, backend);
+        s.consume(&k, fresh).await.unwrap();
+    }
+}
+
+/// A payment id no other test uses (for payer `0x22..22`).
+pub fn random_id_key() -> IdempotencyKey {
+    IdempotencyKey {
+        payer: Address::repeat_byte(0x22),
+        id: PaymentId::parse(&format!("pay_{}", random_nonce())[..40]).expect("a valid id"),
+    }
+}
+
+fn stored(body: &'static str) -> StoredResponse {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-test", http::HeaderValue::from_static("1"));
+    StoredResponse {
+        status: http::StatusCode::OK,
+        headers,
+        body: bytes::Bytes::from_static(body.as_bytes()),
+        rejection: None,
+    }
+}
+
+fn fingerprint(b: u8) -> Fingerprint {
+    Fingerprint(B256::repeat_byte(b))
+}
+
+/// The [`IdempotencyStore`] contract: one starter; the same fingerprint waits (in
+/// progress) then gets the stored response; another fingerprint conflicts; only the holder
+/// completes or aborts; abort forgets the id; an expired entry is free again. Takes ~2 s.
+pub async fn idempotency_store<S: IdempotencyStore>(backend: &str, s: &S) {
+    let far = now() + 3600;
+    let key = random_id_key();
+    let (fp, other) = (fingerprint(1), fingerprint(2));
+    let Begin::Started(t) = s.begin(&key, fp, far).await.unwrap() else {
+        panic!("{backend}: the first begin starts")
+    };
+    assert_eq!(
+        s.begin(&key, fp, far).await.unwrap(),
+        Begin::InProgress,
+        "{backend}"
+    );
+    assert_eq!(
+        s.begin(&key, other, far).await.unwrap(),
+        Begin::Conflict,
+        "{backend}"
+    );
+    let stranger = ClaimToken(t.0 ^ 1);
+    not_held(s.complete(&key, stranger, &stored("x")).await, backend);
+    not_held(s.abort(&key, stranger).await, backend);
+    assert_eq!(
+        s.begin(&key, fp, far).await.unwrap(),
+        Begin::InProgress,
+        "{backend}"
+    );
+
+    // Abort forgets it: anyone (any fingerprint) starts afresh; the old token is dead.
+    s.abort(&key, t).await.unwrap();
+    let Begin::Started(t2) = s.begin(&key, other, far).await.unwrap() else {
+        panic!("{backend}: an aborted id starts afresh")
+    };
+    not_held(s.abort(&key, t).await, backend);
+    not_held(s.complete(&key, t, &stored("x")).await, backend);
+
+    // Complete: the same fingerprint gets the response, another conflicts; completing again
+    // with the same response is a no-op; the holder can no longer abort.
+    let reply = stored("paid content");
+    s.complete(&key, t2, &reply).await.unwrap();
+    s.complete(&key, t2, &reply).await.unwrap();
+    assert_eq!(
+        s.begin(&key, other, far).await.unwrap(),
+        Begin::Done(Box::new(reply.clone())),
+        "{backend}"
+    );
+    assert_eq!(
+        s.begin(&key, fp, far).await.unwrap(),
+        Begin::Conflict,
+        "{backend}"
+    );
+    not_held(s.abort(&key, t2).await, backend);
+    assert!(
+        matches!(s.begin(&key, other, far).await.unwrap(), Begin::Done(_)),
+        "{backend}: a failed abort changed nothing"
+    );
+    not_held(s.abort(&random_id_key(), t2).await, backend);
+
+    // Expiry: an entry until `now + 1` is free once that second has passed.
+    let (open, done) = (random_id_key(), random_id_key());
+    let soon = now() + 1;
+    let Begin::Started(a) = s.begin(&open, fp, soon).await.unwrap() else {
+        panic!("{backend}: begin")
+    };
+    let Begin::Started(b) = s.begin(&done, fp, soon).await.unwrap() else {
+        panic!("{backend}: begin")
+    };
+    s.complete(&done, b, &reply).await.unwrap();
+    while now() <= soon {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for k in [open, done] {
+        let Begin::Started(fresh) = s.begin(&k, other, far).await.unwrap() else {
+            panic!("{backend}: an expired id starts afresh")
+        };
+        not_held(s.abort(&k, a).await, backend);
+        not_held(s.complete(&k, b, &reply).await, backend);
+        s.complete(&k, fresh, &reply).await.unwrap();
+    }
+}
