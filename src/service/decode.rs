@@ -48,8 +48,14 @@ pub(super) fn select<'a>(
     }
     match payload {
         PaymentPayload::V2(p) => {
+            // Built once: the resource check and the bound challenge both need it.
+            let url = if p.resource.is_some() || shared.challenges.is_some() {
+                resource.url(shared)
+            } else {
+                String::new()
+            };
             if let Some(echoed) = &p.resource
-                && !names(shared.resource_check, &echoed.url, &resource.url(shared))
+                && !names(shared.resource_check, &echoed.url, &url)
             {
                 return Err(pay(reason::RESOURCE_MISMATCH));
             }
@@ -65,7 +71,7 @@ pub(super) fn select<'a>(
                 // The candidates agree on everything the id binds (scheme, network, asset,
                 // payTo, amount): one check covers them all.
                 let binding = Binding {
-                    url: &resource.url(shared),
+                    url: &url,
                     method: resource.method.as_str(),
                     requirements: first.requirements(),
                 };
