@@ -140,6 +140,12 @@ pub struct PostgresIdempotencyStore {
     cleanup: Arc<pg::Cleanup>,
 }
 
+pg::postgres_store_builders!(
+    PostgresIdempotencyStore,
+    "idempotency",
+    "`<prefix>idempotency`"
+);
+
 impl std::fmt::Debug for PostgresIdempotencyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The pool is left out: its configuration may carry a password.
@@ -169,22 +175,6 @@ impl PostgresIdempotencyStore {
     /// [`PostgresIdempotencyStore::migrate`] wait.
     pub const CONNECT_TIMEOUT: Duration = pg::CONNECT_TIMEOUT;
 
-    /// Connects to `url` as [`PostgresNonceStore::connect`](crate::nonce::PostgresNonceStore::connect)
-    /// does (a pool of 16; checks that the server answers).
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`]: the URL does not parse, or PostgreSQL cannot be reached
-    /// within [`Self::CONNECT_TIMEOUT`].
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = pg::pool(url)?;
-        pg::run(Self::CONNECT_TIMEOUT, None, false, || async {
-            pool.get().await?.simple_query("SELECT 1").await?;
-            Ok(())
-        })
-        .await?;
-        Ok(Self::new(pool))
-    }
-
     /// A store on `pool` (e.g. [`PostgresNonceStore::pool`](crate::nonce::PostgresNonceStore::pool)),
     /// with the defaults.
     pub fn new(pool: PostgresPool) -> Self {
@@ -201,82 +191,10 @@ impl PostgresIdempotencyStore {
         }
     }
 
-    /// The pool (cheap to clone).
-    pub fn pool(&self) -> PostgresPool {
-        self.pool.clone()
-    }
-
-    /// Sets the table prefix (default `"x402_"`); the table is `<prefix>idempotency`.
-    ///
-    /// # Panics
-    /// When `prefix` is not at most 40 ASCII letters, digits and `_` (not starting with a
-    /// digit): it is spliced into SQL, so anything else is refused at start-up.
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        let prefix = prefix.into();
-        if let Err(e) = pg::check_prefix(&prefix) {
-            panic!("PostgresIdempotencyStore::with_prefix: {e}");
-        }
-        self.sql = Arc::new(Sql::new(&prefix));
-        self.schema = Arc::new(OnceCell::new());
-        self.prefix = prefix;
-        self
-    }
-
-    /// The table prefix.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    /// Sets the deadline of each operation, retry included (default 500 ms).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Sets the `Retry-After` suggested when PostgreSQL is unavailable (default none: the
-    /// layer's own applies).
-    pub fn with_retry_after(mut self, wait: Duration) -> Self {
-        self.retry_after = Some(wait);
-        self
-    }
-
     /// Sets the longest life of an entry (default 1 h), by PostgreSQL's clock.
     pub fn with_max_ttl(mut self, ttl: Duration) -> Self {
         self.max_ttl = ttl;
         self
-    }
-
-    /// Sets the shortest life of an entry (default 1 s), by PostgreSQL's clock.
-    pub fn with_min_ttl(mut self, ttl: Duration) -> Self {
-        self.min_ttl = ttl;
-        self
-    }
-
-    /// Sets how often one instance deletes expired rows (default 60 s).
-    pub fn with_cleanup_interval(mut self, interval: Duration) -> Self {
-        self.cleanup = Arc::new(pg::Cleanup::new(interval));
-        self
-    }
-
-    /// Creates the table, or brings it to this version, if needed (once per store).
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`]: PostgreSQL did not answer within
-    /// [`Self::CONNECT_TIMEOUT`], or refused the DDL.
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        self.schema_within(Self::CONNECT_TIMEOUT.max(self.timeout))
-            .await
-    }
-
-    async fn schema_within(&self, timeout: Duration) -> Result<(), StoreError> {
-        self.schema
-            .get_or_try_init(|| {
-                pg::run(timeout, self.retry_after, false, || {
-                    pg::migrate(&self.pool, &self.prefix, "idempotency", MIGRATIONS)
-                })
-            })
-            .await
-            .map(|_| ())
     }
 
     /// `sql` with `(payer, id, token, extra)`; the count of rows changed.

@@ -163,6 +163,8 @@ pub struct PostgresNonceStore {
     cleanup: Arc<pg::Cleanup>,
 }
 
+pg::postgres_store_builders!(PostgresNonceStore, "nonce", "`<prefix>nonces`");
+
 impl std::fmt::Debug for PostgresNonceStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The pool is left out: its configuration may carry a password.
@@ -188,24 +190,6 @@ impl PostgresNonceStore {
     /// The longest [`PostgresNonceStore::connect`] and [`PostgresNonceStore::migrate`] wait.
     pub const CONNECT_TIMEOUT: Duration = pg::CONNECT_TIMEOUT;
 
-    /// Connects to `url` (`postgres://user[:password]@host[:port]/database`, or the
-    /// `key=value` form of libpq) with a pool of 16 connections, and checks that the server
-    /// answers. For another pool size, TLS or a shared pool, build a [`PostgresPool`] yourself
-    /// and pass it to [`PostgresNonceStore::new`].
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`]: the URL does not parse, or PostgreSQL cannot be reached
-    /// within [`Self::CONNECT_TIMEOUT`].
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = pg::pool(url)?;
-        pg::run(Self::CONNECT_TIMEOUT, None, false, || async {
-            pool.get().await?.simple_query("SELECT 1").await?;
-            Ok(())
-        })
-        .await?;
-        Ok(Self::new(pool))
-    }
-
     /// A store on `pool`, with the defaults: prefix `"x402_"`, 500 ms per operation, no
     /// `Retry-After` of its own (the layer's applies).
     pub fn new(pool: PostgresPool) -> Self {
@@ -219,84 +203,6 @@ impl PostgresNonceStore {
             retry_after: None,
             cleanup: Arc::new(pg::Cleanup::new(Self::DEFAULT_CLEANUP_INTERVAL)),
         }
-    }
-
-    /// The pool (cheap to clone).
-    pub fn pool(&self) -> PostgresPool {
-        self.pool.clone()
-    }
-
-    /// Sets the table prefix (default `"x402_"`): give each deployment sharing a database its
-    /// own. The tables are `<prefix>nonces` and `<prefix>migrations`.
-    ///
-    /// # Panics
-    /// When `prefix` is not at most 40 ASCII letters, digits and `_` (not starting with a
-    /// digit): it is spliced into SQL, so anything else is refused at start-up.
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        let prefix = prefix.into();
-        if let Err(e) = pg::check_prefix(&prefix) {
-            panic!("PostgresNonceStore::with_prefix: {e}");
-        }
-        self.sql = Arc::new(Sql::new(&prefix));
-        self.schema = Arc::new(OnceCell::new());
-        self.prefix = prefix;
-        self
-    }
-
-    /// The table prefix.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    /// Sets the deadline of each operation, retry included (default 500 ms). Past it the
-    /// request fails closed with 503.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Sets the `Retry-After` suggested when PostgreSQL is unavailable (default none: the
-    /// layer's own `retry_after` applies).
-    pub fn with_retry_after(mut self, wait: Duration) -> Self {
-        self.retry_after = Some(wait);
-        self
-    }
-
-    /// Sets the minimum TTL of a reservation, by PostgreSQL's clock (default 1 s; whole
-    /// milliseconds). An `expires_at` closer than that, or already past, is held for this
-    /// long instead: never forever, and long enough for the holder to finish.
-    pub fn with_min_ttl(mut self, ttl: Duration) -> Self {
-        self.min_ttl = ttl;
-        self
-    }
-
-    /// Sets how often one instance deletes expired rows (default 60 s).
-    pub fn with_cleanup_interval(mut self, interval: Duration) -> Self {
-        self.cleanup = Arc::new(pg::Cleanup::new(interval));
-        self
-    }
-
-    /// Creates the tables, or brings them to this version, if needed (once per store: later
-    /// calls return at once). Operations do it themselves on first use; calling it at
-    /// start-up surfaces a wrong URL, prefix or permission before the first request.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`]: PostgreSQL did not answer within
-    /// [`Self::CONNECT_TIMEOUT`], or refused the DDL (e.g. no `CREATE` privilege).
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        self.schema_within(Self::CONNECT_TIMEOUT.max(self.timeout))
-            .await
-    }
-
-    async fn schema_within(&self, timeout: Duration) -> Result<(), StoreError> {
-        self.schema
-            .get_or_try_init(|| {
-                pg::run(timeout, self.retry_after, false, || {
-                    pg::migrate(&self.pool, &self.prefix, "nonce", MIGRATIONS)
-                })
-            })
-            .await
-            .map(|_| ())
     }
 
     /// The row key of `key`: 80 bytes (see the [type docs](PostgresNonceStore)).

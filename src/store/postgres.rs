@@ -35,6 +35,135 @@ pub(crate) const POOL_SIZE: usize = 16;
 /// The longest a new connection may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The connection and builder methods every PostgreSQL store of this crate shares; the type
+/// has `pool`, `prefix`, `sql: Arc<Sql>`, `schema`, `timeout`, `min_ttl`, `retry_after` and
+/// `cleanup` fields, `new(PostgresPool)` and a `CONNECT_TIMEOUT`, and its module a `Sql::new`
+/// and its `MIGRATIONS`. `$migration` names its migrations, `$tables` its tables (for docs).
+macro_rules! postgres_store_builders {
+    ($ty:ident, $migration:literal, $tables:literal) => {
+        impl $ty {
+            #[doc = concat!(
+                "Connects to `url` (`postgres://user[:password]@host[:port]/database`, or the ",
+                "`key=value` form of libpq) with a pool of 16 connections, and checks that the ",
+                "server answers. For another pool size, TLS or a shared pool, build a ",
+                "[`PostgresPool`](crate::store::PostgresPool) yourself and pass it to [`",
+                stringify!($ty), "::new`].\n\n",
+                "# Errors\n[`StoreError::Unavailable`](crate::store::StoreError::Unavailable): ",
+                "the URL does not parse, or PostgreSQL cannot be reached within [`",
+                stringify!($ty), "::CONNECT_TIMEOUT`]."
+            )]
+            pub async fn connect(url: &str) -> Result<Self, $crate::store::StoreError> {
+                Ok(Self::new(
+                    $crate::store::postgres::connect(url, Self::CONNECT_TIMEOUT).await?,
+                ))
+            }
+
+            /// The pool (cheap to clone): open the crate's other PostgreSQL stores on the
+            /// same database with it.
+            pub fn pool(&self) -> $crate::store::PostgresPool {
+                self.pool.clone()
+            }
+
+            #[doc = concat!(
+                "Sets the table prefix (default `\"x402_\"`): give each deployment sharing a ",
+                "database its own. The tables are ", $tables, " and `<prefix>migrations`.\n\n",
+                "# Panics\nWhen `prefix` is not at most 40 ASCII letters, digits and `_` (not ",
+                "starting with a digit): it is spliced into SQL, so anything else is refused at ",
+                "start-up."
+            )]
+            pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+                let prefix = prefix.into();
+                if let Err(e) = $crate::store::postgres::check_prefix(&prefix) {
+                    panic!(concat!(stringify!($ty), "::with_prefix: {}"), e);
+                }
+                self.sql = ::std::sync::Arc::new(Sql::new(&prefix));
+                self.schema = ::std::sync::Arc::new(::tokio::sync::OnceCell::new());
+                self.prefix = prefix;
+                self
+            }
+
+            /// The table prefix.
+            pub fn prefix(&self) -> &str {
+                &self.prefix
+            }
+
+            /// Sets the deadline of each operation, retry included (default 500 ms). Past it
+            /// the request fails closed with 503.
+            pub fn with_timeout(mut self, timeout: ::std::time::Duration) -> Self {
+                self.timeout = timeout;
+                self
+            }
+
+            /// Sets the `Retry-After` suggested when PostgreSQL is unavailable (default none:
+            /// the layer's own `retry_after` applies).
+            pub fn with_retry_after(mut self, wait: ::std::time::Duration) -> Self {
+                self.retry_after = Some(wait);
+                self
+            }
+
+            /// Sets the shortest life of an entry, by PostgreSQL's clock (default 1 s; whole
+            /// milliseconds). An expiry closer than that, or already past, is held this long
+            /// instead: never forever, and long enough for the holder to finish.
+            pub fn with_min_ttl(mut self, ttl: ::std::time::Duration) -> Self {
+                self.min_ttl = ttl;
+                self
+            }
+
+            /// Sets how often one instance deletes expired rows (default 60 s).
+            pub fn with_cleanup_interval(mut self, interval: ::std::time::Duration) -> Self {
+                self.cleanup =
+                    ::std::sync::Arc::new($crate::store::postgres::Cleanup::new(interval));
+                self
+            }
+
+            /// Creates the tables, or brings them to this version, if needed (once per store:
+            /// later calls return at once). Operations do it themselves on first use; calling
+            /// it at start-up surfaces a wrong URL, prefix or permission before the first
+            /// request.
+            ///
+            /// # Errors
+            /// [`StoreError::Unavailable`](crate::store::StoreError::Unavailable): PostgreSQL
+            /// did not answer within `CONNECT_TIMEOUT`, or refused the DDL (e.g. no `CREATE`
+            /// privilege).
+            pub async fn migrate(&self) -> Result<(), $crate::store::StoreError> {
+                self.schema_within(Self::CONNECT_TIMEOUT.max(self.timeout))
+                    .await
+            }
+
+            async fn schema_within(
+                &self,
+                timeout: ::std::time::Duration,
+            ) -> Result<(), $crate::store::StoreError> {
+                self.schema
+                    .get_or_try_init(|| {
+                        $crate::store::postgres::run(timeout, self.retry_after, false, || {
+                            $crate::store::postgres::migrate(
+                                &self.pool,
+                                &self.prefix,
+                                $migration,
+                                MIGRATIONS,
+                            )
+                        })
+                    })
+                    .await
+                    .map(|_| ())
+            }
+        }
+    };
+}
+pub(crate) use postgres_store_builders;
+
+/// A pool on `url` that answered `SELECT 1` within `within`.
+pub(crate) async fn connect(url: &str, within: Duration) -> Result<PostgresPool, StoreError> {
+    let pool = pool(url)?;
+    run(within, None, false, || async {
+        pool.get().await?.simple_query("SELECT 1").await?;
+        Ok(())
+    })
+    .await?;
+    Ok(pool)
+}
+
 /// A pool on `url` (`postgres://user[:password]@host[:port]/db`, or the `key=value` form):
 /// fast recycling (a connection the server closed is replaced on its next checkout), new
 /// connections bounded by [`CONNECT_TIMEOUT`]. Connects lazily.
