@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use alloy_primitives::{Address, B256, ChainId, Signature, U256};
-use alloy_signer::Signer;
+use alloy_primitives::{B256, U256};
 use async_trait::async_trait;
 use axum::Router;
 use base64::Engine as _;
@@ -28,56 +27,11 @@ use tower_x402::client::{
 };
 use tower_x402::proto::X402Version;
 use tower_x402::proto::header::{PAYMENT_REQUIRED, PAYMENT_RESPONSE};
-use tower_x402::test_util::{PrivateKeySigner, demo_payer};
+use tower_x402::test_util::demo_payer;
 use tower_x402::{Asset, Network};
 
+use common::paying::{Counting, policy};
 use common::{AMOUNT, Hits, NOW, clock, requirements};
-
-// ------------------------------------------------------------------------------------------------
-// A signer that counts its signatures
-
-/// The demo key, counting every signature it makes.
-#[derive(Clone)]
-struct Counting {
-    key: PrivateKeySigner,
-    count: Arc<AtomicUsize>,
-}
-
-impl Counting {
-    fn new() -> Self {
-        Self {
-            key: demo_payer(),
-            count: Arc::default(),
-        }
-    }
-
-    fn signatures(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
-    }
-}
-
-#[async_trait]
-impl Signer for Counting {
-    async fn sign_hash(&self, hash: &B256) -> alloy_signer::Result<Signature> {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        self.key.sign_hash(hash).await
-    }
-
-    fn address(&self) -> Address {
-        self.key.address()
-    }
-
-    fn chain_id(&self) -> Option<ChainId> {
-        None
-    }
-
-    fn set_chain_id(&mut self, _: Option<ChainId>) {}
-}
-
-/// A policy that allows the test price (1000 units of Base Sepolia USDC).
-fn policy() -> Policy {
-    Policy::new(U256::from(10_000)).allow_asset(&Asset::usdc_base_sepolia())
-}
 
 /// The paying layer on the tests' fixed clock.
 fn paying(signer: &Counting, policy: Policy) -> PayingLayer<Counting> {

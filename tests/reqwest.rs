@@ -11,13 +11,11 @@
 mod common;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use alloy_primitives::{Address, B256, ChainId, Signature, U256};
+use alloy_primitives::{B256, U256};
 use alloy_signer::Signer;
-use async_trait::async_trait;
 use axum::Router;
 use axum::routing::post;
 use base64::Engine as _;
@@ -31,56 +29,14 @@ use tower_x402::client::{
 };
 use tower_x402::proto::X402Version;
 use tower_x402::proto::header::{PAYMENT_REQUIRED, PAYMENT_RESPONSE};
-use tower_x402::test_util::{PrivateKeySigner, demo_payer};
+use tower_x402::test_util::demo_payer;
 use tower_x402::{Asset, Network, VerifiedPayment};
 
+use common::paying::{Counting, policy};
 use common::{AMOUNT, Hits, clock, requirements};
 
 // ------------------------------------------------------------------------------------------------
 // Helpers
-
-/// The demo key, counting every signature it makes.
-#[derive(Clone)]
-struct Counting {
-    key: PrivateKeySigner,
-    count: Arc<AtomicUsize>,
-}
-
-impl Counting {
-    fn new() -> Self {
-        Self {
-            key: demo_payer(),
-            count: Arc::default(),
-        }
-    }
-
-    fn signatures(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
-    }
-}
-
-#[async_trait]
-impl Signer for Counting {
-    async fn sign_hash(&self, hash: &B256) -> alloy_signer::Result<Signature> {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        self.key.sign_hash(hash).await
-    }
-
-    fn address(&self) -> Address {
-        self.key.address()
-    }
-
-    fn chain_id(&self) -> Option<ChainId> {
-        None
-    }
-
-    fn set_chain_id(&mut self, _: Option<ChainId>) {}
-}
-
-/// Allows the test price (1000 units of Base Sepolia USDC).
-fn policy() -> Policy {
-    Policy::new(U256::from(10_000)).allow_asset(&Asset::usdc_base_sepolia())
-}
 
 /// A reqwest client paying through `layer`'s configuration.
 fn client<Sg: Signer + Send + Sync + 'static>(layer: PayingLayer<Sg>) -> ClientWithMiddleware {

@@ -4,6 +4,8 @@
 //! Every test file uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+#[cfg(feature = "client")]
+pub mod paying;
 pub mod process;
 pub mod siwx;
 
