@@ -148,7 +148,7 @@
 //! | `client` | [`client::PayingLayer`]: pay 402 challenges from any tower HTTP client with an alloy `Signer` |
 //! | `reqwest` | [`client::PayingMiddleware`]: the same paying client as a `reqwest-middleware` middleware (implies `client`) |
 //! | `redis` | [`nonce::RedisNonceStore`]: one proof, one use across instances; `RedisIdempotencyStore` and [`prepaid::RedisCreditLedger`] for idempotent retries and prepaid credit across instances |
-//! | `postgres` | `nonce::PostgresNonceStore` and `idempotency::PostgresIdempotencyStore`: the same across instances in PostgreSQL (tokio-postgres + deadpool-postgres) |
+//! | `postgres` | `nonce::PostgresNonceStore`, `idempotency::PostgresIdempotencyStore` and `prepaid::PostgresCreditLedger`: the same across instances in PostgreSQL (tokio-postgres + deadpool-postgres) |
 //! | `tonic` | [`grpc`]: refusals as trailers-only gRPC statuses, for tonic servers ([`PaymentLayer::grpc`]) |
 //! | `facilitator` | [`facilitator::FacilitatorClient`]: verify and settle through a remote x402 facilitator (HTTP, rustls) |
 //! | `onchain` | [`settle::onchain`]: settle with `transferWithAuthorization` (and `upto` through the x402 Permit2 proxy) with an alloy provider; [`prepaid::wallets::ProviderSignatures`] for smart-wallet sign-ins; smart-wallet `exact` payments checked and settled on the settler's chain ([`verify::EvmVerifier::with_contract_signatures`]) |

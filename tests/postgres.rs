@@ -21,16 +21,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use common::siwx::{Runs, buy, signed_header};
 use common::*;
 use http::StatusCode;
+use tower::Layer;
 use tower::ServiceExt;
+use tower_x402::clock::{Clock, FixedClock};
 use tower_x402::idempotency::{MemoryIdempotencyStore, PostgresIdempotencyStore};
 use tower_x402::nonce::{
     MemoryNonceStore, NonceStore, PostgresNonceStore, Reservation, StoreError,
 };
+use tower_x402::prepaid::{Bundle, CreditLedger, Debit, Grant, PostgresCreditLedger, Prepaid};
 use tower_x402::proto::X402Version;
 use tower_x402::test_util::pay;
 use tower_x402::{ChallengeKeys, PaymentLayer};
+use tower_x402::{ExactEvmVerifier, Network};
 
 use contract::random_key;
 use pg_server::PgServer;
@@ -107,6 +112,15 @@ async fn idempotency_contract_postgres() {
         .await
         .unwrap();
     contract::idempotency_store("postgres", &s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credit_ledger_contract_postgres() {
+    let Some(server) = PgServer::start("credit_ledger_contract_postgres") else {
+        return;
+    };
+    let l = PostgresCreditLedger::connect(&server.url()).await.unwrap();
+    contract::credit_ledger("postgres", Arc::new(l), now()).await;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -579,4 +593,336 @@ async fn two_instances_one_postgres_replay_the_stored_response() {
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(r.header("retry-after").is_some());
     assert_eq!(hits.get(), 1);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Prepaid credit in PostgreSQL
+
+async fn credit(server: &PgServer, prefix: &str) -> PostgresCreditLedger {
+    PostgresCreditLedger::connect(&server.url())
+        .await
+        .expect("connect to the test postgres")
+        .with_prefix(prefix)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credit_rows_keep_the_layout_and_dead_credit_is_deleted_after_the_retention() {
+    let Some(server) = PgServer::start("credit_rows_keep_the_layout") else {
+        return;
+    };
+    let l = credit(&server, "c1_")
+        .await
+        .with_retention(Duration::from_millis(1))
+        .with_cleanup_interval(Duration::ZERO);
+    l.migrate().await.unwrap();
+    let client = l.pool().get().await.unwrap();
+    let rows = client
+        .query("SELECT component, version FROM c1_migrations", &[])
+        .await
+        .unwrap();
+    let got: Vec<(String, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got, [("credit".to_owned(), 1)]);
+
+    let t = now();
+    let (spent, dead, live) = (
+        contract::random_payer(),
+        contract::random_payer(),
+        contract::random_payer(),
+    );
+    l.grant(
+        spent,
+        Grant {
+            calls: Some(1),
+            expires_at: None,
+        },
+        t,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        l.debit(spent, t).await.unwrap(),
+        Debit::Debited { remaining: Some(0) }
+    );
+    l.grant(
+        dead,
+        Grant {
+            calls: None,
+            expires_at: Some(t - 10),
+        },
+        t,
+    )
+    .await
+    .unwrap();
+    let row = client
+        .query_one(
+            "SELECT calls, expires_at FROM c1_credits WHERE payer = $1",
+            &[&dead.as_slice()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)),
+        (None, Some(i64::try_from(t - 10).unwrap())),
+        "a window: no count, its end in Unix seconds"
+    );
+    // Caps: counts and times past 2^52 are stored at the cap, as in Redis.
+    l.grant(
+        live,
+        Grant {
+            calls: Some(u64::MAX),
+            expires_at: Some(u64::MAX),
+        },
+        t,
+    )
+    .await
+    .unwrap();
+    l.grant(
+        live,
+        Grant {
+            calls: Some(u64::MAX),
+            expires_at: None,
+        },
+        t,
+    )
+    .await
+    .unwrap();
+    let row = client
+        .query_one(
+            "SELECT calls, expires_at FROM c1_credits WHERE payer = $1",
+            &[&live.as_slice()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, Option<i64>>(0),
+        Some(1 << 52),
+        "capped, never overflowed"
+    );
+    assert_eq!(row.get::<_, Option<i64>>(1), None, "no time limit absorbs");
+
+    // The next grant starts a clean-up (interval 0): spent and expired rows go, live stays.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    l.grant(
+        live,
+        Grant {
+            calls: Some(1),
+            expires_at: None,
+        },
+        t,
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    loop {
+        let payers: Vec<Vec<u8>> = client
+            .query("SELECT payer FROM c1_credits", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if payers == [live.to_vec()] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not cleaned up: {payers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another prefix is another ledger.
+    let other = credit(&server, "c2_").await;
+    assert_eq!(other.debit(live, t).await.unwrap(), Debit::Exhausted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_debits_across_two_pools_never_overdraw() {
+    let Some(server) = PgServer::start("concurrent_debits_across_two_pools") else {
+        return;
+    };
+    let ledgers = [
+        Arc::new(credit(&server, "race_").await),
+        Arc::new(credit(&server, "race_").await),
+    ];
+    let t = now();
+    let payer = contract::random_payer();
+    ledgers[0]
+        .grant(
+            payer,
+            Grant {
+                calls: Some(10),
+                expires_at: None,
+            },
+            t,
+        )
+        .await
+        .unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let l = ledgers[i % 2].clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                l.debit(payer, t).await.unwrap()
+            })
+        })
+        .collect();
+    let mut remaining = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Debit::Debited { remaining: Some(n) } => remaining.push(n),
+            Debit::Exhausted => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    remaining.sort_unstable();
+    assert_eq!(
+        remaining,
+        (0..10).collect::<Vec<u64>>(),
+        "10 calls, each taken once"
+    );
+}
+
+/// A layer selling a 10-call bundle, its nonces and credit in `server` (one pool for both).
+async fn prepaid_instance(server: &PgServer, clock: &FixedClock) -> PaymentLayer {
+    // Both stores on one server, both saying Retry-After: 3 when it is down.
+    let nonces = store(server).await.with_retry_after(Duration::from_secs(3));
+    let ledger = PostgresCreditLedger::new(nonces.pool())
+        .with_prefix("bundle_")
+        .with_retry_after(Duration::from_secs(3));
+    PaymentLayer::builder()
+        // `buy` signs a requirement it builds itself, as in tests/prepaid_redis.rs.
+        .no_challenge_binding()
+        .pay_to(PAY_TO)
+        .network(Network::BASE_SEPOLIA)
+        .verifier(ExactEvmVerifier::new().with_clock(clock.clone()))
+        .nonce_store(nonces)
+        .resource_base(BASE)
+        .prepaid(
+            Prepaid::new(Bundle::calls(10).for_price("$0.01"))
+                .ledger(ledger)
+                .clock(clock.clone())
+                .nonce_key([0x5a; 32]),
+        )
+        .build()
+        .expect("layer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_one_postgres_serve_a_ten_call_bundle_ten_times() {
+    let Some(server) = PgServer::start("two_instances_one_postgres_bundle") else {
+        return;
+    };
+    let clock = FixedClock::new(now());
+    let runs = Runs::default();
+    let a = prepaid_instance(&server, &clock)
+        .await
+        .layer(runs.service());
+    let b = prepaid_instance(&server, &clock)
+        .await
+        .layer(runs.service());
+    buy(&a, clock.now()).await;
+    assert_eq!(runs.get(), 1, "the purchase is served");
+
+    // 64 sign-ins, each over its own nonce, issued by A or B and sent to A or B.
+    let svcs = [a.clone(), b.clone()];
+    let mut calls = Vec::new();
+    for i in 0..64 {
+        calls.push(((i / 2) % 2, signed_header(&svcs[i % 2], &payer()).await));
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(calls.len()));
+    let tasks: Vec<_> = calls
+        .into_iter()
+        .map(|(to, h)| {
+            let svc = svcs[to].clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                get_with(&svc, "/paid", [h]).await
+            })
+        })
+        .collect();
+    let (mut remaining, mut refused) = (Vec::new(), 0);
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            StatusCode::OK => remaining.push(r.json()["remaining"].as_u64().unwrap()),
+            StatusCode::PAYMENT_REQUIRED => {
+                assert_eq!(r.reason().as_deref(), Some("prepaid_credit_exhausted"));
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {:?}", r.body),
+        }
+    }
+    remaining.sort_unstable();
+    assert_eq!(
+        remaining,
+        (0..9).collect::<Vec<u64>>(),
+        "each served call took one"
+    );
+    assert_eq!(refused, 55);
+    assert_eq!(runs.get(), 10, "1 paid + 9 signed-in handler runs in total");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_postgres_stopped_is_503_and_the_credit_survives_the_restart() {
+    let Some(mut server) = PgServer::start("ledger_postgres_stopped") else {
+        return;
+    };
+    let clock = FixedClock::new(now());
+    let runs = Runs::default();
+    let svc = prepaid_instance(&server, &clock)
+        .await
+        .layer(runs.service());
+    buy(&svc, clock.now()).await;
+    let ok = get_with(&svc, "/paid", [signed_header(&svc, &payer()).await]).await;
+    assert_eq!(ok.json()["remaining"], serde_json::json!(8));
+    assert_eq!(runs.get(), 2);
+
+    let header = signed_header(&svc, &payer()).await;
+    server.stop();
+    for i in 0..2 {
+        let started = Instant::now();
+        let r = get_with(&svc, "/paid", [header.clone()]).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "attempt {i}");
+        assert_eq!(
+            r.header("retry-after"),
+            Some("3"),
+            "the stores' Retry-After"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2), "failed fast");
+    }
+    assert_eq!(
+        runs.get(),
+        2,
+        "the handler did not run while postgres was down"
+    );
+
+    // Back on the same port: the same layer reconnects, and (unlike Redis without
+    // persistence) the credit is still there. The sign-in refused meanwhile was not spent.
+    server.restart();
+    let restarted = Instant::now();
+    loop {
+        let r = get_with(&svc, "/paid", [header.clone()]).await;
+        if r.status == StatusCode::OK {
+            assert_eq!(
+                r.json()["remaining"],
+                serde_json::json!(7),
+                "durable credit"
+            );
+            break;
+        }
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "only 503 while reconnecting"
+        );
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "no recovery in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(runs.get(), 3);
 }

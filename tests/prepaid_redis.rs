@@ -1,8 +1,9 @@
 //! Prepaid credit shared in Redis (issue #10): `RedisCreditLedger` against a real
 //! `redis-server`, and two `PaymentLayer` instances selling one bundle.
 //!
-//! * One test body, [`ledger_contract`], runs against `MemoryCreditLedger` and
-//!   `RedisCreditLedger`, so the two cannot drift.
+//! * One test body, `credit_ledger` in `tests/common/contract.rs`, runs against
+//!   `MemoryCreditLedger` and `RedisCreditLedger` here and `PostgresCreditLedger` in
+//!   `tests/postgres.rs`, so the three cannot drift.
 //! * The Redis specifics: key layout, key expiry, caps, corrupt entries, fail closed.
 //! * Two instances sharing one Redis (nonce store and ledger, same nonce key): a 10-call
 //!   bundle bought through one serves exactly 9 of 64 concurrent sign-ins spread over both.
@@ -13,9 +14,12 @@
 #![cfg(all(feature = "redis", feature = "test-util"))]
 
 mod common;
+#[path = "common/contract.rs"]
+mod contract;
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::siwx::{Runs, buy, declaration, signed_header};
@@ -73,104 +77,18 @@ async fn raw(server: &RedisServer) -> redis::aio::MultiplexedConnection {
 // ------------------------------------------------------------------------------------------------
 // One contract, both ledgers
 
-/// What every [`CreditLedger`] does, at times from `t0` on (Redis needs real times: its keys
-/// expire by its own clock). Each case uses its own payer.
-async fn ledger_contract(l: &dyn CreditLedger, t0: u64) {
-    let payer = |n: u8| Address::repeat_byte(n);
-
-    // Counted calls: down to zero, then exhausted; a refund gives one back.
-    let a = payer(0xa1);
-    assert_eq!(
-        l.debit(a, t0).await.unwrap(),
-        Debit::Exhausted,
-        "never bought"
-    );
-    l.refund(a).await.unwrap();
-    assert_eq!(
-        l.debit(a, t0).await.unwrap(),
-        Debit::Exhausted,
-        "a refund creates nothing"
-    );
-    l.grant(a, grant(Some(2), None), t0).await.unwrap();
-    assert_eq!(l.debit(a, t0).await.unwrap(), debited(Some(1)));
-    l.refund(a).await.unwrap();
-    assert_eq!(l.debit(a, t0).await.unwrap(), debited(Some(1)));
-    assert_eq!(l.debit(a, t0).await.unwrap(), debited(Some(0)));
-    assert_eq!(l.debit(a, t0).await.unwrap(), Debit::Exhausted);
-    // The last call refunded (its handler failed): served again.
-    l.refund(a).await.unwrap();
-    assert_eq!(l.debit(a, t0).await.unwrap(), debited(Some(0)));
-    // A top-up of spent credit adds to zero.
-    l.grant(a, grant(Some(3), None), t0).await.unwrap();
-    assert_eq!(l.debit(a, t0 + 10_000).await.unwrap(), debited(Some(2)));
-    assert_eq!(
-        l.debit(payer(0xa2), t0).await.unwrap(),
-        Debit::Exhausted,
-        "credit is per payer"
-    );
-
-    // A window: unlimited until it closes; a refund changes nothing.
-    let w = payer(0xb1);
-    l.grant(w, grant(None, Some(t0 + 100)), t0).await.unwrap();
-    for _ in 0..3 {
-        assert_eq!(l.debit(w, t0 + 99).await.unwrap(), debited(None));
-    }
-    l.refund(w).await.unwrap();
-    assert_eq!(l.debit(w, t0 + 99).await.unwrap(), debited(None));
-    assert_eq!(l.debit(w, t0 + 100).await.unwrap(), Debit::Expired);
-    assert_eq!(l.debit(w, t0 + 150).await.unwrap(), Debit::Expired);
-    // Expired credit is replaced (calls, not the old window); live credit adds up and keeps
-    // the later expiry.
-    l.grant(w, grant(Some(1), Some(t0 + 300)), t0 + 200)
-        .await
-        .unwrap();
-    l.grant(w, grant(Some(2), Some(t0 + 250)), t0 + 200)
-        .await
-        .unwrap();
-    assert_eq!(l.debit(w, t0 + 260).await.unwrap(), debited(Some(2)));
-    assert_eq!(l.debit(w, t0 + 299).await.unwrap(), debited(Some(1)));
-    assert_eq!(l.debit(w, t0 + 300).await.unwrap(), Debit::Expired);
-
-    // Counted calls with a deadline: expiry wins over calls left; expired credit is not
-    // topped up by a new grant.
-    let c = payer(0xc1);
-    l.grant(c, grant(Some(5), Some(t0 + 10)), t0).await.unwrap();
-    assert_eq!(l.debit(c, t0 + 9).await.unwrap(), debited(Some(4)));
-    assert_eq!(l.debit(c, t0 + 10).await.unwrap(), Debit::Expired);
-    l.grant(c, grant(Some(2), None), t0 + 10).await.unwrap();
-    assert_eq!(l.debit(c, t0 + 1_000).await.unwrap(), debited(Some(1)));
-    assert_eq!(l.debit(c, t0 + 1_000).await.unwrap(), debited(Some(0)));
-    assert_eq!(l.debit(c, t0 + 1_000).await.unwrap(), Debit::Exhausted);
-
-    // A window absorbs counted calls and "no time limit" absorbs a deadline: live credit
-    // never shrinks by a top-up.
-    let d = payer(0xd1);
-    l.grant(d, grant(Some(5), None), t0).await.unwrap();
-    l.grant(d, grant(None, Some(t0 + 100)), t0).await.unwrap();
-    assert_eq!(l.debit(d, t0 + 5_000).await.unwrap(), debited(None));
-    let e = payer(0xe1);
-    l.grant(e, grant(Some(1), Some(t0 + 50)), t0).await.unwrap();
-    l.grant(e, grant(Some(1), Some(t0 + 40)), t0).await.unwrap();
-    assert_eq!(
-        l.debit(e, t0 + 45).await.unwrap(),
-        debited(Some(1)),
-        "the later expiry"
-    );
-    assert_eq!(l.debit(e, t0 + 50).await.unwrap(), Debit::Expired);
-}
-
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_ledger_keeps_the_contract() {
-    ledger_contract(&MemoryCreditLedger::new(), now()).await;
-    ledger_contract(&MemoryCreditLedger::new(), 0).await;
+    contract::credit_ledger("memory", Arc::new(MemoryCreditLedger::new()), now()).await;
+    contract::credit_ledger("memory", Arc::new(MemoryCreditLedger::new()), 0).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_ledger_keeps_the_contract() {
     let Some(server) = RedisServer::start("redis_ledger_keeps_the_contract") else {
         return;
     };
-    ledger_contract(&ledger(&server, "contract:").await, now()).await;
+    contract::credit_ledger("redis", Arc::new(ledger(&server, "contract:").await), now()).await;
 }
 
 // ------------------------------------------------------------------------------------------------

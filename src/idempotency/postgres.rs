@@ -143,7 +143,8 @@ pub struct PostgresIdempotencyStore {
 pg::postgres_store_builders!(
     PostgresIdempotencyStore,
     "idempotency",
-    "`<prefix>idempotency`"
+    "`<prefix>idempotency`",
+    min_ttl
 );
 
 impl std::fmt::Debug for PostgresIdempotencyStore {

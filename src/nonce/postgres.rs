@@ -163,7 +163,7 @@ pub struct PostgresNonceStore {
     cleanup: Arc<pg::Cleanup>,
 }
 
-pg::postgres_store_builders!(PostgresNonceStore, "nonce", "`<prefix>nonces`");
+pg::postgres_store_builders!(PostgresNonceStore, "nonce", "`<prefix>nonces`", min_ttl);
 
 impl std::fmt::Debug for PostgresNonceStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

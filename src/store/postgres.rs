@@ -36,10 +36,24 @@ pub(crate) const POOL_SIZE: usize = 16;
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The connection and builder methods every PostgreSQL store of this crate shares; the type
-/// has `pool`, `prefix`, `sql: Arc<Sql>`, `schema`, `timeout`, `min_ttl`, `retry_after` and
-/// `cleanup` fields, `new(PostgresPool)` and a `CONNECT_TIMEOUT`, and its module a `Sql::new`
+/// has `pool`, `prefix`, `sql: Arc<Sql>`, `schema`, `timeout`, `retry_after` and `cleanup`
+/// fields (and `min_ttl` with the `min_ttl` form), `new(PostgresPool)` and a `CONNECT_TIMEOUT`, and its module a `Sql::new`
 /// and its `MIGRATIONS`. `$migration` names its migrations, `$tables` its tables (for docs).
 macro_rules! postgres_store_builders {
+    ($ty:ident, $migration:literal, $tables:literal, min_ttl) => {
+        $crate::store::postgres::postgres_store_builders!($ty, $migration, $tables);
+
+        impl $ty {
+            /// Sets the shortest life of an entry, by PostgreSQL's clock (default 1 s; whole
+            /// milliseconds). An expiry closer than that, or already past, is held this long
+            /// instead: never forever, and long enough for the holder to finish.
+            pub fn with_min_ttl(mut self, ttl: ::std::time::Duration) -> Self {
+                self.min_ttl = ttl;
+                self
+            }
+
+        }
+    };
     ($ty:ident, $migration:literal, $tables:literal) => {
         impl $ty {
             #[doc = concat!(
@@ -98,14 +112,6 @@ macro_rules! postgres_store_builders {
             /// the layer's own `retry_after` applies).
             pub fn with_retry_after(mut self, wait: ::std::time::Duration) -> Self {
                 self.retry_after = Some(wait);
-                self
-            }
-
-            /// Sets the shortest life of an entry, by PostgreSQL's clock (default 1 s; whole
-            /// milliseconds). An expiry closer than that, or already past, is held this long
-            /// instead: never forever, and long enough for the holder to finish.
-            pub fn with_min_ttl(mut self, ttl: ::std::time::Duration) -> Self {
-                self.min_ttl = ttl;
                 self
             }
 

@@ -4,12 +4,14 @@
 //! Included with `#[path = "common/contract.rs"] mod contract;`.
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tower_x402::idempotency::{
     Begin, Fingerprint, IdempotencyKey, IdempotencyStore, PaymentId, StoredResponse,
 };
 use tower_x402::nonce::{ClaimToken, NonceKey, NonceStore, Reservation, StoreError};
+use tower_x402::prepaid::{CreditLedger, Debit, Grant};
 use tower_x402::primitives::{Address, B256, address};
 use tower_x402::test_util::random_nonce;
 
@@ -216,4 +218,128 @@ pub async fn idempotency_store<S: IdempotencyStore>(backend: &str, s: &S) {
         not_held(s.complete(&k, b, &reply).await, backend);
         s.complete(&k, fresh, &reply).await.unwrap();
     }
+}
+
+/// A payer no other test uses.
+pub fn random_payer() -> Address {
+    Address::from_slice(&random_nonce()[..20])
+}
+
+fn grant(calls: Option<u64>, expires_at: Option<u64>) -> Grant {
+    Grant { calls, expires_at }
+}
+
+fn debited(remaining: Option<u64>) -> Debit {
+    Debit::Debited { remaining }
+}
+
+/// The [`CreditLedger`] contract, at times from `t0` on (Redis needs real times: its keys
+/// expire by its own clock; `backend` names the ledger in failures). Each case uses its own
+/// payer. Ends with 32 concurrent debits of 10 calls: exactly 10 taken, each count once.
+pub async fn credit_ledger(backend: &str, l: Arc<dyn CreditLedger>, t0: u64) {
+    let payer = |n: u8| Address::repeat_byte(n);
+
+    // Counted calls: down to zero, then exhausted; a refund gives one back.
+    let a = payer(0xa1);
+    assert_eq!(
+        l.debit(a, t0).await.unwrap(),
+        Debit::Exhausted,
+        "never bought"
+    );
+    l.refund(a).await.unwrap();
+    assert_eq!(
+        l.debit(a, t0).await.unwrap(),
+        Debit::Exhausted,
+        "a refund creates nothing"
+    );
+    l.grant(a, grant(Some(2), None), t0).await.unwrap();
+    assert_eq!(l.debit(a, t0).await.unwrap(), debited(Some(1)));
+    l.refund(a).await.unwrap();
+    assert_eq!(l.debit(a, t0).await.unwrap(), debited(Some(1)));
+    assert_eq!(l.debit(a, t0).await.unwrap(), debited(Some(0)));
+    assert_eq!(l.debit(a, t0).await.unwrap(), Debit::Exhausted);
+    // The last call refunded (its handler failed): served again.
+    l.refund(a).await.unwrap();
+    assert_eq!(l.debit(a, t0).await.unwrap(), debited(Some(0)));
+    // A top-up of spent credit adds to zero.
+    l.grant(a, grant(Some(3), None), t0).await.unwrap();
+    assert_eq!(l.debit(a, t0 + 10_000).await.unwrap(), debited(Some(2)));
+    assert_eq!(
+        l.debit(payer(0xa2), t0).await.unwrap(),
+        Debit::Exhausted,
+        "credit is per payer"
+    );
+
+    // A window: unlimited until it closes; a refund changes nothing.
+    let w = payer(0xb1);
+    l.grant(w, grant(None, Some(t0 + 100)), t0).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(l.debit(w, t0 + 99).await.unwrap(), debited(None));
+    }
+    l.refund(w).await.unwrap();
+    assert_eq!(l.debit(w, t0 + 99).await.unwrap(), debited(None));
+    assert_eq!(l.debit(w, t0 + 100).await.unwrap(), Debit::Expired);
+    assert_eq!(l.debit(w, t0 + 150).await.unwrap(), Debit::Expired);
+    // Expired credit is replaced (calls, not the old window); live credit adds up and keeps
+    // the later expiry.
+    l.grant(w, grant(Some(1), Some(t0 + 300)), t0 + 200)
+        .await
+        .unwrap();
+    l.grant(w, grant(Some(2), Some(t0 + 250)), t0 + 200)
+        .await
+        .unwrap();
+    assert_eq!(l.debit(w, t0 + 260).await.unwrap(), debited(Some(2)));
+    assert_eq!(l.debit(w, t0 + 299).await.unwrap(), debited(Some(1)));
+    assert_eq!(l.debit(w, t0 + 300).await.unwrap(), Debit::Expired);
+
+    // Counted calls with a deadline: expiry wins over calls left; expired credit is not
+    // topped up by a new grant.
+    let c = payer(0xc1);
+    l.grant(c, grant(Some(5), Some(t0 + 10)), t0).await.unwrap();
+    assert_eq!(l.debit(c, t0 + 9).await.unwrap(), debited(Some(4)));
+    assert_eq!(l.debit(c, t0 + 10).await.unwrap(), Debit::Expired);
+    l.grant(c, grant(Some(2), None), t0 + 10).await.unwrap();
+    assert_eq!(l.debit(c, t0 + 1_000).await.unwrap(), debited(Some(1)));
+    assert_eq!(l.debit(c, t0 + 1_000).await.unwrap(), debited(Some(0)));
+    assert_eq!(l.debit(c, t0 + 1_000).await.unwrap(), Debit::Exhausted);
+
+    // A window absorbs counted calls and "no time limit" absorbs a deadline: live credit
+    // never shrinks by a top-up.
+    let d = payer(0xd1);
+    l.grant(d, grant(Some(5), None), t0).await.unwrap();
+    l.grant(d, grant(None, Some(t0 + 100)), t0).await.unwrap();
+    assert_eq!(l.debit(d, t0 + 5_000).await.unwrap(), debited(None));
+    let e = payer(0xe1);
+    l.grant(e, grant(Some(1), Some(t0 + 50)), t0).await.unwrap();
+    l.grant(e, grant(Some(1), Some(t0 + 40)), t0).await.unwrap();
+    assert_eq!(
+        l.debit(e, t0 + 45).await.unwrap(),
+        debited(Some(1)),
+        "the later expiry"
+    );
+    assert_eq!(l.debit(e, t0 + 50).await.unwrap(), Debit::Expired);
+
+    // Concurrent debits never take more than was granted.
+    let r = payer(0xf1);
+    l.grant(r, grant(Some(10), None), t0).await.unwrap();
+    let debits: Vec<_> = (0..32)
+        .map(|_| {
+            let l = l.clone();
+            tokio::spawn(async move { l.debit(r, t0).await.unwrap() })
+        })
+        .collect();
+    let mut remaining = Vec::new();
+    for d in debits {
+        match d.await.unwrap() {
+            Debit::Debited { remaining: Some(n) } => remaining.push(n),
+            Debit::Exhausted => {}
+            other => panic!("{backend}: {other:?}"),
+        }
+    }
+    remaining.sort_unstable();
+    assert_eq!(
+        remaining,
+        (0..10).collect::<Vec<u64>>(),
+        "{backend}: each call once"
+    );
 }
