@@ -18,32 +18,24 @@ if (!modules || !outDir) {
 }
 const solc = createRequire(join(resolve(modules), "x.js"))("solc");
 
-// [source file, contract whose runtime code is written]
+// [source file, contract whose runtime code is written, optional settings over `base`]
 const contracts = [
   ["TestUSDC.sol", "TestUSDC"],
   ["MiniMulticall3.sol", "MiniMulticall3"],
   ["TestWallet.sol", "TestWalletFactory"],
-  ["Permit2.sol", "Permit2"],
+  // Built as the canonical Permit2 is (via IR, 1,000,000 runs), so its gas is close to mainnet's.
+  ["Permit2.sol", "Permit2", { viaIR: true, optimizer: { enabled: true, runs: 1_000_000 } }],
   ["UptoPermit2Proxy.sol", "UptoPermit2Proxy"],
 ];
-const sources = {};
-for (const file of new Set(contracts.map(([file]) => file))) {
-  sources[file] = { content: readFileSync(join(here, file), "utf8") };
-}
-const input = {
-  language: "Solidity",
-  sources,
-  settings: {
-    optimizer: { enabled: true, runs: 200 },
-    // Shanghai (PUSH0) runs on anvil's default hardfork and on Base.
-    evmVersion: "shanghai",
-    // No metadata hash or CBOR trailer: the bytecode depends on the source text only through
-    // the code itself, so comment edits do not churn the committed hex.
-    metadata: { bytecodeHash: "none", appendCBOR: false },
-    outputSelection: { "*": { "*": ["evm.deployedBytecode.object"] } },
-  },
+const base = {
+  optimizer: { enabled: true, runs: 200 },
+  // Shanghai (PUSH0) runs on anvil's default hardfork and on Base.
+  evmVersion: "shanghai",
+  // No metadata hash or CBOR trailer: the bytecode depends on the source text only through
+  // the code itself, so comment edits do not churn the committed hex.
+  metadata: { bytecodeHash: "none", appendCBOR: false },
+  outputSelection: { "*": { "*": ["evm.deployedBytecode.object"] } },
 };
-const out = compile(input);
 
 function compile(input) {
   const out = JSON.parse(solc.compile(JSON.stringify(input)));
@@ -52,9 +44,21 @@ function compile(input) {
   return out;
 }
 
+// One solc run per distinct settings, with the sources that use them.
+const runs = new Map();
+for (const [file, , extra = {}] of contracts) {
+  const key = JSON.stringify(extra);
+  if (!runs.has(key)) runs.set(key, { settings: { ...base, ...extra }, sources: {} });
+  runs.get(key).sources[file] = { content: readFileSync(join(here, file), "utf8") };
+}
+const built = {};
+for (const { settings, sources } of runs.values()) {
+  Object.assign(built, compile({ language: "Solidity", sources, settings }).contracts);
+}
+
 mkdirSync(outDir, { recursive: true });
 for (const [file, name] of contracts) {
-  const hex = out.contracts[file][name].evm.deployedBytecode.object;
+  const hex = built[file][name].evm.deployedBytecode.object;
   writeFileSync(join(outDir, `${name}.runtime.hex`), hex + "\n");
   console.log(`${name}: ${hex.length / 2} bytes of runtime code (solc ${solc.version()})`);
 }
