@@ -4,7 +4,9 @@
 # Maintainers only: the tests etch the committed hex and never compile.
 #   tests/chain/contracts/compile.sh           build into a temp dir and say whether it matches the committed hex
 #   tests/chain/contracts/compile.sh --write   build and overwrite the committed *.runtime.hex
-# solc-js is installed (once) into $X402_TEST_DEPS/solc (default <repo>/target/test-deps/solc).
+# Either way it then runs selftest.mjs (Permit2 and the upto proxy on anvil) on the committed hex.
+# solc-js is installed (once) into $X402_TEST_DEPS/solc (default <repo>/target/test-deps/solc);
+# anvil and viem for the self-test come from $X402_TEST_DEPS/node (scripts/install-test-deps.sh).
 # Needs node >= 20 and npm.
 set -euo pipefail
 
@@ -32,6 +34,7 @@ build() {
 case "${1:-}" in
   --write)
     build "$HERE"
+    node "$HERE/selftest.mjs"
     ;;
   "")
     tmp="$(mktemp -d)"
@@ -47,6 +50,7 @@ case "${1:-}" in
         rc=1
       fi
     done
+    node "$HERE/selftest.mjs" || rc=1
     exit $rc
     ;;
   *)
