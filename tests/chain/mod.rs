@@ -7,7 +7,8 @@
 //! For the x402 `upto` scheme, our Permit2 (its signature-transfer half, hashing exactly like
 //! the canonical one) is etched at [`PERMIT2`] and our upto Permit2 proxy (the canonical
 //! proxy's ABI and checks) at [`UPTO_PROXY`]; [`upto`] (`tests/common/upto.rs`) signs the
-//! client's Permit2 message and encodes `settle`. Where the bytecode comes from: `tests/chain/contracts/SOURCES.md`.
+//! client's Permit2 message and encodes `settle`. Where the bytecode comes from:
+//! `tests/chain/contracts/SOURCES.md`.
 //! Dropping the [`Chain`] kills anvil.
 //!
 //! anvil comes from the npm package `@foundry-rs/anvil-linux-amd64` (pinned in
