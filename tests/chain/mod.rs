@@ -4,10 +4,11 @@
 //! 1000 test USDC are minted to anvil accounts #1, #3 and #4. `MiniMulticall3` (the
 //! `aggregate3` subset of Multicall3, `tests/chain/contracts/MiniMulticall3.sol`) is etched at
 //! the canonical Multicall3 address, where batched settlements find it on real chains.
-//! For the x402 `upto` scheme, the canonical Permit2 runtime code is etched at [`PERMIT2`] and
-//! the x402 upto Permit2 proxy (built from coinbase/x402's source to its canonical init code) at
-//! [`UPTO_PROXY`]; [`upto`] (`tests/common/upto.rs`) signs the client's Permit2 message and
-//! encodes `settle`. Where the bytecode comes from: `tests/chain/contracts/SOURCES.md`.
+//! For the x402 `upto` scheme, our Permit2 (its signature-transfer half, hashing exactly like
+//! the canonical one) is etched at [`PERMIT2`] and our upto Permit2 proxy (the canonical
+//! proxy's ABI and checks) at [`UPTO_PROXY`]; [`upto`] (`tests/common/upto.rs`) signs the
+//! client's Permit2 message and encodes `settle`. Where the bytecode comes from:
+//! `tests/chain/contracts/SOURCES.md`.
 //! Dropping the [`Chain`] kills anvil.
 //!
 //! anvil comes from the npm package `@foundry-rs/anvil-linux-amd64` (pinned in
@@ -73,11 +74,10 @@ pub const MULTICALL3: Address = address!("0xcA11bde05977b3631167028862bE2a173976
 const TOKEN_HEX: &str = include_str!("contracts/TestUSDC.runtime.hex");
 const MULTICALL_HEX: &str = include_str!("contracts/MiniMulticall3.runtime.hex");
 const PERMIT2_HEX: &str = include_str!("contracts/Permit2.runtime.hex");
-const UPTO_PROXY_HEX: &str = include_str!("contracts/x402UptoPermit2Proxy.runtime.hex");
-/// OpenZeppelin `ReentrancyGuard`'s ERC-7201 slot: the proxy's constructor sets it to 1
-/// (NOT_ENTERED); etching skips the constructor, so the harness writes it.
-const REENTRANCY_GUARD_SLOT: B256 =
-    alloy_primitives::b256!("0x9b779b17422d0df92223018b32b4d1fa46e071723d6817e2486d003becc55f00");
+const UPTO_PROXY_HEX: &str = include_str!("contracts/UptoPermit2Proxy.runtime.hex");
+/// The proxy's reentrancy flag (slot 0): 0 already counts as "not entered"; the harness writes
+/// 1 (NOT_ENTERED), what a deployed proxy holds, so settlement gas is the steady-state one.
+const REENTRANCY_GUARD_SLOT: B256 = B256::ZERO;
 
 /// A running anvil with the token; killed on drop (with its [`process::Server`]).
 pub struct Chain {
