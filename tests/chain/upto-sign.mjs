@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Cross-check for tests/upto_fixture.rs: what the OFFICIAL @x402/evm upto client signs, computed
+// Cross-check for tests/upto_chain.rs: what the OFFICIAL @x402/evm upto client signs, computed
 // by the installed packages themselves (no network). Prints ONE JSON line:
 //   {payload, digest, viemSignature}
 //   payload        UptoEvmScheme(account).createPaymentPayload(2, requirements) as the client

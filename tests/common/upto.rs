@@ -79,8 +79,6 @@ sol! {
     error AmountExceedsPermitted();
     /// Proxy: `msg.sender != witness.facilitator`.
     error UnauthorizedFacilitator();
-    /// Proxy: `amount == 0`.
-    error InvalidAmount();
     /// Proxy: `block.timestamp < witness.validAfter`.
     error PaymentTooEarly();
     /// Permit2: the nonce's bit is already set.

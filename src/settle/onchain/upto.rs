@@ -43,7 +43,7 @@ sol! {
         error InvalidAmount(uint256 maxAmount);
     }
 
-    /// `x402UptoPermit2Proxy` (coinbase/x402 `contracts/evm/src/x402UptoPermit2Proxy.sol`).
+    /// The x402 `upto` Permit2 proxy's ABI (the `upto` spec; the same selectors on every chain).
     interface IUptoProxy {
         struct TokenPermissions { address token; uint256 amount; }
         struct PermitTransferFrom { TokenPermissions permitted; uint256 nonce; uint256 deadline; }
