@@ -218,7 +218,7 @@ where
         if let Some(source) = &shared.balance {
             let r = &offer.requirements;
             let balance = source
-                .balance(r.network, r.asset, payer)
+                .balance(r.network, r.asset.evm().unwrap_or_default(), payer)
                 .await
                 .map_err(Error::Balance)?;
             if balance.is_some_and(|b| b < r.amount) {

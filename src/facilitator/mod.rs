@@ -300,7 +300,7 @@ impl FacilitatorClient {
                 VerifiedPayment::exact(
                     payload.version(),
                     req.network,
-                    req.asset,
+                    req.asset.evm().unwrap_or_default(),
                     exact.authorization,
                     exact.signature,
                 )
