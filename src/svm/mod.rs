@@ -30,10 +30,16 @@
 
 pub mod ata;
 mod keypair;
+#[cfg(feature = "svm-settle")]
+#[cfg_attr(docsrs, doc(cfg(feature = "svm-settle")))]
+mod settle;
 pub mod tx;
 mod verify;
 
 pub use keypair::Keypair;
+#[cfg(feature = "svm-settle")]
+#[cfg_attr(docsrs, doc(cfg(feature = "svm-settle")))]
+pub use settle::SvmSettler;
 pub use verify::SvmVerifier;
 
 use crate::Network;

@@ -9,7 +9,8 @@
 // funded; the fee payer gets 10 SOL.
 //
 // Test controls (not Solana methods): x402_expireBlockhash, x402_dropNextSendReply (the next
-// sendTransaction is processed but its reply is an error, as an RPC lost after submit), and
+// sendTransaction is processed but its reply is an error, as an RPC lost after submit),
+// x402_loseNextSend (the next one is dropped unprocessed behind the same error), and
 // x402_down (every later call fails with HTTP 503).
 
 import http from "node:http";
@@ -86,6 +87,7 @@ let slot = 1;
 const valid = new Set([svm.latestBlockhash()]);
 const statuses = new Map();
 let dropNextSendReply = false;
+let loseNextSend = false;
 let down = false;
 
 const context = () => ({ slot, apiVersion: "2.2.0" });
@@ -160,6 +162,10 @@ const methods = {
     const signature = Object.values(tx.signatures)[0];
     if (!signature) throw new RpcError(-32602, "missing fee payer signature");
     const id = b58.decode(signature);
+    if (loseNextSend) {
+      loseNextSend = false;
+      throw new RpcError(-32603, "request timed out (injected; the transaction never lands)");
+    }
     if (statuses.has(id)) throw new RpcError(-32002, "Transaction simulation failed: This transaction has already been processed");
     const result = svm.sendTransaction(tx);
     if (result instanceof FailedTransactionMetadata) {
@@ -182,6 +188,10 @@ const methods = {
   },
   x402_dropNextSendReply: () => {
     dropNextSendReply = true;
+    return true;
+  },
+  x402_loseNextSend: () => {
+    loseNextSend = true;
     return true;
   },
   x402_down: () => {
@@ -224,8 +234,9 @@ const server = http.createServer((req, res) => {
       return;
     }
     const reply = Array.isArray(parsed) ? await Promise.all(parsed.map(answer)) : await answer(parsed);
-    res.writeHead(200, { "content-type": "application/json" });
-    res.end(JSON.stringify(reply));
+    const text = JSON.stringify(reply);
+    res.writeHead(200, { "content-type": "application/json", "content-length": Buffer.byteLength(text) });
+    res.end(text);
   });
 });
 server.listen(0, "127.0.0.1", () => {

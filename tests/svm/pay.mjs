@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Pay an x402-protected URL with the official Solana client (@x402/fetch + @x402/svm's
 // ExactSvmScheme, RPC = our local chain) and print ONE JSON line for tests/svm_chain.rs:
-//   {status, body, paymentResponse, paymentHeader, replayStatus, error}
+//   {status, body, retryAfter, paymentResponse, paymentHeader, replayStatus, error}
 // Usage: node pay.mjs --url URL --rpc URL --key HEX64 [--replay]
 //   --key: the payer's 64-byte keypair (seed then public key), hex.
 // Packages come from $X402_TEST_DEPS/svm (scripts/install-test-deps.sh), never from the repo.
@@ -25,7 +25,15 @@ for (let i = 0; i < argv.length; i++) {
   else args[k] = argv[++i];
 }
 
-const out = { status: null, body: null, paymentResponse: null, paymentHeader: null, replayStatus: null, error: null };
+const out = {
+  status: null,
+  body: null,
+  retryAfter: null,
+  paymentResponse: null,
+  paymentHeader: null,
+  replayStatus: null,
+  error: null,
+};
 const decode = (v) => (v ? JSON.parse(Buffer.from(v, "base64").toString("utf8")) : null);
 
 async function recordingFetch(input, init) {
@@ -44,6 +52,7 @@ async function run() {
   const res = await wrapFetchWithPayment(recordingFetch, client)(args.url, { signal: AbortSignal.timeout(30000) });
   out.status = res.status;
   out.body = await res.text();
+  out.retryAfter = res.headers.get("retry-after");
   out.paymentResponse = decode(res.headers.get("payment-response"));
   if (res.status === 402) out.error = decode(res.headers.get("payment-required"))?.error ?? null;
   if (args.replay && out.paymentHeader) {
