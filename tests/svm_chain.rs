@@ -149,6 +149,15 @@ async fn pay_settled(mode: SettlementMode, fault: Option<&str>) {
         chain.log()
     );
     assert_eq!(out["paymentResponse"]["success"], json!(true), "{out:#}");
+    // The receipt names the payer and the transaction as the reference's: base58, and the
+    // chain knows that transaction as confirmed without error.
+    let receipt = &out["paymentResponse"];
+    assert_eq!(receipt["payer"], json!(payer().pubkey().to_string()), "{out:#}");
+    assert_eq!(receipt["network"], json!(Network::SOLANA_DEVNET.caip2()));
+    let id = receipt["transaction"].as_str().unwrap();
+    let status = chain.call("getSignatureStatuses", json!([[id]])).unwrap();
+    assert_eq!(status["value"][0]["err"], json!(null), "{status}");
+    assert_eq!(status["value"][0]["confirmationStatus"], json!("finalized"), "{status}");
     assert_eq!(out["replayStatus"], json!(402), "{out:#}");
     assert_eq!(hits.get(), 1);
     // Exactly the price moved, once.

@@ -457,6 +457,7 @@ mod tests {
             error_reason: None,
             payer: None,
             transaction: None,
+            signature: None,
             network: Network::BASE_SEPOLIA,
             amount: amount.map(U256::from),
         }

@@ -589,6 +589,7 @@ fn settle_reply(
     Ok(Settlement {
         transaction: Some(transaction),
         amount: None,
+        ..Default::default()
     })
 }
 

@@ -96,6 +96,41 @@ impl<'de> Deserialize<'de> for Pubkey {
     }
 }
 
+/// A Solana transaction signature; the first one (the fee payer's) is the transaction's id.
+/// Base58 on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Signature(pub [u8; 64]);
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; 88];
+        let n = bs58::encode(&self.0[..])
+            .onto(&mut buf[..])
+            .map_err(|_| fmt::Error)?;
+        f.write_str(std::str::from_utf8(&buf[..n]).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Signature {
+    type Err = PubkeyParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() || s.len() > 88 {
+            return Err(PubkeyParseError);
+        }
+        let mut out = [0u8; 64];
+        match bs58::decode(s).onto(&mut out) {
+            Ok(64) => Ok(Self(out)),
+            _ => Err(PubkeyParseError),
+        }
+    }
+}
+
 /// `payload` of an `exact` SVM payment: the client's partially signed transaction (the
 /// fee payer's signature slot still empty), base64 on the wire.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,6 +24,7 @@ use super::Keypair;
 use super::tx;
 use crate::Network;
 use crate::alert::{Alert, alert};
+use crate::proto::svm::Signature;
 use crate::reason::Reason;
 use crate::settle::{SettleError, Settlement, Settler};
 use crate::verify::{SvmProof, VerifiedPayment};
@@ -201,11 +202,17 @@ impl SvmSettler {
     }
 
     /// Polls the status until it is final or the wait is over.
-    async fn outcome(&self, id: &str, cause: &str) -> Result<Settlement, SettleError> {
+    async fn outcome(&self, signature: Signature, cause: &str) -> Result<Settlement, SettleError> {
+        let id = &signature.to_string();
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
         loop {
             match self.status(id).await {
-                Ok(Some(Ok(()))) => return Ok(Settlement::default()),
+                Ok(Some(Ok(()))) => {
+                    return Ok(Settlement {
+                        signature: Some(signature),
+                        ..Settlement::default()
+                    });
+                }
                 Ok(Some(Err(err))) => {
                     return Err(SettleError::Refused {
                         reason: Reason::InvalidExactSvmTransactionFailed,
@@ -274,7 +281,7 @@ impl Settler for SvmSettler {
             )
             .await;
         match sent {
-            Ok(_) => self.outcome(&id, "sent").await,
+            Ok(_) => self.outcome(Signature(signature), "sent").await,
             // A preflight refusal: the RPC simulated it, it failed, nothing was forwarded.
             Err(Failure::Rpc { code, message }) if code == PREFLIGHT_FAILURE => {
                 log::debug!("solana transaction {id} refused in preflight: {message}");
@@ -285,8 +292,8 @@ impl Settler for SvmSettler {
             }
             Err(Failure::NotSent(e)) => Err(Self::unavailable(e)),
             // The request left: whatever the reply, only the chain knows. Never send again.
-            Err(Failure::Lost(e)) => self.outcome(&id, &e.to_string()).await,
-            Err(Failure::Rpc { message, .. }) => self.outcome(&id, &message).await,
+            Err(Failure::Lost(e)) => self.outcome(Signature(signature), &e.to_string()).await,
+            Err(Failure::Rpc { message, .. }) => self.outcome(Signature(signature), &message).await,
         }
     }
 }

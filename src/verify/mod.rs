@@ -482,6 +482,14 @@ impl VerifiedPayment {
         }
     }
 
+    /// Who paid, on the wire: [`Self::payer`], or a Solana payment's transfer authority.
+    pub fn payer_account(&self) -> crate::proto::Account {
+        match &self.proof {
+            Proof::ExactSvm(p) => p.payer.into(),
+            _ => self.payer.into(),
+        }
+    }
+
     /// The Solana transaction and accounts of a Solana `exact` payment.
     pub fn svm(&self) -> Option<&SvmProof> {
         match &self.proof {

@@ -795,6 +795,7 @@ impl OnchainSettler {
             Ok(Settlement {
                 transaction: Some(hash),
                 amount: None,
+                ..Default::default()
             })
         } else {
             Err(SettleError::Refused {
@@ -861,6 +862,7 @@ impl OnchainSettler {
                 Ok(Settlement {
                     transaction: Some(hash),
                     amount: None,
+                    ..Default::default()
                 })
             }
             Ok(false) | Err(_) => Err(self.unknown(
