@@ -152,12 +152,20 @@ async fn pay_settled(mode: SettlementMode, fault: Option<&str>) {
     // The receipt names the payer and the transaction as the reference's: base58, and the
     // chain knows that transaction as confirmed without error.
     let receipt = &out["paymentResponse"];
-    assert_eq!(receipt["payer"], json!(payer().pubkey().to_string()), "{out:#}");
+    assert_eq!(
+        receipt["payer"],
+        json!(payer().pubkey().to_string()),
+        "{out:#}"
+    );
     assert_eq!(receipt["network"], json!(Network::SOLANA_DEVNET.caip2()));
     let id = receipt["transaction"].as_str().unwrap();
     let status = chain.call("getSignatureStatuses", json!([[id]])).unwrap();
     assert_eq!(status["value"][0]["err"], json!(null), "{status}");
-    assert_eq!(status["value"][0]["confirmationStatus"], json!("finalized"), "{status}");
+    assert_eq!(
+        status["value"][0]["confirmationStatus"],
+        json!("finalized"),
+        "{status}"
+    );
     assert_eq!(out["replayStatus"], json!(402), "{out:#}");
     assert_eq!(hits.get(), 1);
     // Exactly the price moved, once.
@@ -343,5 +351,90 @@ async fn a_send_whose_outcome_cannot_be_learnt_is_unknown_kept_and_alerted() {
     assert_eq!(
         chain.token_balance(&payer().pubkey().to_string()),
         payer_before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_copies_of_one_proof_settle_one_transaction() {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    let Some(deps) = chain::deps("svm_chain") else {
+        return;
+    };
+    let chain = start_chain(&deps);
+    let hits = Hits::gated();
+    let option = PaymentOption::exact_svm(
+        &SvmAsset::usdc_devnet(),
+        "$0.001",
+        pay_to().pubkey(),
+        fee_payer().pubkey(),
+    )
+    .unwrap();
+    let settler = SvmSettler::new(chain.url.clone(), Network::SOLANA_DEVNET, fee_payer()).unwrap();
+    let layer = PaymentLayer::builder()
+        .accept(option)
+        .verifier(SvmVerifier::new([fee_payer().pubkey()]))
+        .settler(settler)
+        .nonce_store(MemoryNonceStore::new())
+        .build()
+        .unwrap();
+    let app = common::app(&hits).layer(layer);
+    let hash = chain.call("getLatestBlockhash", json!([])).unwrap()["value"]["blockhash"]
+        .as_str()
+        .unwrap()
+        .parse::<tower_x402::proto::svm::Pubkey>()
+        .unwrap();
+    let payment = tx::Payment {
+        fee_payer: fee_payer().pubkey(),
+        payer: payer(),
+        mint: program::USDC_DEVNET,
+        pay_to: pay_to().pubkey(),
+        amount: 1000,
+        decimals: 6,
+        blockhash: hash.to_bytes(),
+    };
+    let accepted = serde_json::to_value(
+        &common::get_with(&app, "/paid", [])
+            .await
+            .challenge()
+            .accepts[0],
+    )
+    .unwrap();
+    let proof = json!({
+        "x402Version": 2,
+        "resource": {"url": format!("{}/paid", common::BASE)},
+        "accepted": accepted,
+        "payload": {"transaction": STANDARD.encode(payment.transaction())},
+    });
+    let value = http::HeaderValue::from_str(&STANDARD.encode(proof.to_string())).unwrap();
+    let before = chain.token_balance(&payer().pubkey().to_string()).unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let app = app.clone();
+        let header = (
+            http::HeaderName::from_static("payment-signature"),
+            value.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            common::get_with(&app, "/paid", [header]).await.status
+        }));
+    }
+    while hits.get() == 0 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    hits.open();
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            http::StatusCode::OK => ok += 1,
+            s => assert_eq!(s, http::StatusCode::PAYMENT_REQUIRED),
+        }
+    }
+    assert_eq!((ok, hits.get()), (1, 1));
+    // One transfer on chain.
+    assert_eq!(
+        chain.token_balance(&payer().pubkey().to_string()),
+        Some(before - 1000)
     );
 }
