@@ -594,3 +594,25 @@ async fn sixty_four_concurrent_copies_of_one_proof_run_the_handler_once() {
     assert_eq!((ok, hits.get()), (1, 1));
     let _ = NOW;
 }
+
+#[tokio::test]
+async fn a_v1_proof_on_the_v1_network_name_pays_once() {
+    let hits = Hits::new();
+    let app = app(&hits, verifier());
+    let proof = json!({
+        "x402Version": 1,
+        "scheme": "exact",
+        "network": "solana-devnet",
+        "payload": transaction(&payment().transaction()),
+    });
+    let header = (
+        HeaderName::from_static("x-payment"),
+        HeaderValue::from_str(&STANDARD.encode(proof.to_string())).unwrap(),
+    );
+    let r = get_with(&app, "/paid", [header.clone()]).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.outcome());
+    assert!(r.header("x-payment-response").is_some());
+    let again = get_with(&app, "/paid", [header]).await;
+    assert_eq!(again.status, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(hits.get(), 1);
+}
