@@ -45,7 +45,7 @@ fn bench(c: &mut Criterion) {
     );
     // The layer's default verifier: exact and upto, each by its own.
     let verifier = EvmVerifier::new().with_clock(FixedClock::new(NOW));
-    let sep = domain_separator("USDC", "2", 84532, req.asset);
+    let sep = domain_separator("USDC", "2", 84532, req.asset.evm().unwrap());
     let digest = signing_hash(sep, &payload.authorization);
 
     let mut g = c.benchmark_group("paid_path");
@@ -60,7 +60,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| signing_hash(black_box(sep), black_box(&payload.authorization)))
     });
     g.bench_function("domain_separator_uncached", |b| {
-        b.iter(|| domain_separator("USDC", "2", 84532, black_box(req.asset)))
+        b.iter(|| domain_separator("USDC", "2", 84532, black_box(req.asset.evm().unwrap())))
     });
     g.bench_function("recover", |b| {
         b.iter(|| recover_signer(black_box(digest), black_box(&payload.signature)).expect("valid"))
@@ -108,7 +108,7 @@ fn bench(c: &mut Criterion) {
             }
             let key = NonceKey {
                 chain_id: 84532,
-                asset: req.asset,
+                asset: req.asset.evm().unwrap(),
                 from: Address::repeat_byte(7),
                 nonce: B256::from(U256::from(i)),
             };

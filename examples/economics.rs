@@ -457,7 +457,7 @@ async fn journal_bench(env: &Env, n: usize) -> Result<(), BoxError> {
             VerifiedPayment::exact(
                 X402Version::V2,
                 tower_x402::Network::BASE_SEPOLIA,
-                env.option.requirements().asset,
+                env.option.requirements().asset.evm().unwrap_or_default(),
                 a.clone(),
                 payload.signature.clone(),
             )

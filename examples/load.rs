@@ -456,7 +456,7 @@ impl FastSigner {
             req.extra_str("name").unwrap_or_default(),
             req.extra_str("version").unwrap_or_default(),
             req.network.chain_id(),
-            req.asset,
+            req.asset.evm().unwrap_or_default(),
         );
         Self {
             key,
@@ -470,7 +470,7 @@ impl FastSigner {
     fn payload(&self, now: u64, validity: u64) -> ExactEvmPayload {
         let authorization = Authorization {
             from: self.from,
-            to: self.req.pay_to,
+            to: self.req.pay_to.evm().unwrap_or_default(),
             value: self.req.amount,
             valid_after: U256::from(now.saturating_sub(600)),
             valid_before: U256::from(now + validity),

@@ -106,7 +106,7 @@ fn main() {
         .iter()
         .map(|p| encode(&v2_json(&req, p, None)))
         .collect();
-    let sep = domain_separator("USDC", "2", 84532, req.asset);
+    let sep = domain_separator("USDC", "2", 84532, req.asset.evm().unwrap_or_default());
     let digests: Vec<(B256, Bytes)> = payloads
         .iter()
         .map(|p| (signing_hash(sep, &p.authorization), p.signature.clone()))

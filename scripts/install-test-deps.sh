@@ -48,6 +48,7 @@ fi
 
 stamp_file="$DEPS/.stamp"
 want_stamp="$(cat "$CLIENTS/package.json" "$CLIENTS/package-lock.json" "$CLIENTS/requirements.txt" \
+  "$ROOT/tests/svm/package.json" "$ROOT/tests/svm/package-lock.json" \
   "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16) node=$(node --version) python=$pyver"
 
 # PostgreSQL for tests/postgres.rs: Debian's binaries live in /usr/lib/postgresql/<major>/bin
@@ -65,6 +66,7 @@ installed() {
     && command -v redis-server >/dev/null && pg_installed \
     && command -v "$CHROMIUM" >/dev/null && command -v openssl >/dev/null \
     && [ -d "$DEPS/node/node_modules/playwright-core" ] \
+    && [ -f "$DEPS/svm/node_modules/litesvm/package.json" ] \
     && { [ "$(uname -sm)" != "Linux x86_64" ] \
          || [ -x "$DEPS/node/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil" ]; }
 }
@@ -183,8 +185,26 @@ install_services() {
 }
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# SVM (Solana, issue #20): the official @x402/svm client and litesvm (an in-process Solana VM,
+# prebuilt for linux-x64 in its npm optional dependency) for tests/svm/chain.mjs, in their own
+# $DEPS/svm so the EVM clients' lock file stays as it is.
+install_svm() {
+  log "npm ci tests/svm into $DEPS/svm"
+  mkdir -p "$DEPS/svm"
+  cp "$ROOT/tests/svm/package.json" "$ROOT/tests/svm/package-lock.json" "$DEPS/svm/"
+  # `npm install` on the lock, not `npm ci`: litesvm's other platforms' binaries (optional
+  # dependencies) are not all in the registry this project reaches, and `ci` refuses a lock
+  # without them. The versions are still the lock's.
+  (cd "$DEPS/svm" && npm install --ignore-scripts --no-audit --no-fund --no-update-notifier --loglevel=error)
+  (cd "$DEPS/svm" && node -e 'for (const m of ["litesvm", "@x402/fetch", "@x402/svm/exact/client", "@solana/kit",
+    "@solana-program/token"]) require(m)') || die "installed SVM npm packages do not load"
+}
+# ---------------------------------------------------------------------------------------------
+
 t0=$(date +%s)
 install_node
+install_svm
 install_python
 install_services
 printf '%s\n' "$want_stamp" >"$stamp_file"

@@ -59,9 +59,12 @@ pub enum Alert {
     HostileReply,
     /// A background settlement task failed and will retry.
     SettlementRetry,
+    /// A settlement was sent but its outcome could not be learnt in time (a Solana
+    /// transaction without a final status): the proof stays claimed; reconcile by hand.
+    SettlementUnknown,
 }
 
-const ALL: [Alert; 12] = [
+const ALL: [Alert; 13] = [
     Alert::JournalWrite,
     Alert::JournalCompaction,
     Alert::JournalUnreadable,
@@ -74,13 +77,14 @@ const ALL: [Alert; 12] = [
     Alert::CreditGrant,
     Alert::HostileReply,
     Alert::SettlementRetry,
+    Alert::SettlementUnknown,
 ];
 
 static COUNTS: [AtomicU64; ALL.len()] = [const { AtomicU64::new(0) }; ALL.len()];
 
 impl Alert {
     /// Every kind, in a fixed order.
-    pub const ALL: [Alert; 12] = ALL;
+    pub const ALL: [Alert; 13] = ALL;
 
     /// The stable snake-case name.
     pub const fn name(self) -> &'static str {
@@ -97,6 +101,7 @@ impl Alert {
             Self::CreditGrant => "credit_grant",
             Self::HostileReply => "hostile_reply",
             Self::SettlementRetry => "settlement_retry",
+            Self::SettlementUnknown => "settlement_unknown",
         }
     }
 
@@ -110,6 +115,7 @@ impl Alert {
                 | Self::CreditRefund
                 | Self::CreditGrant
                 | Self::ResponseBody
+                | Self::SettlementUnknown
         )
     }
 

@@ -565,13 +565,13 @@ mod tests {
             Err(ChallengeError::Mismatch)
         );
         let mut other = r.clone();
-        other.pay_to = address!("0x000000000000000000000000000000000000dEaD");
+        other.pay_to = address!("0x000000000000000000000000000000000000dEaD").into();
         assert_eq!(
             keys.check(&id, &binding(&other)),
             Err(ChallengeError::Mismatch)
         );
         let mut other = r.clone();
-        other.asset = address!("0x000000000000000000000000000000000000dEaD");
+        other.asset = address!("0x000000000000000000000000000000000000dEaD").into();
         assert_eq!(
             keys.check(&id, &binding(&other)),
             Err(ChallengeError::Mismatch)

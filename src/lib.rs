@@ -260,6 +260,9 @@ mod retry_after;
 mod service;
 pub mod settle;
 pub mod store;
+#[cfg(feature = "svm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "svm")))]
+pub mod svm;
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod test_util;

@@ -1,4 +1,5 @@
-//! Chains (CAIP-2 `eip155:<id>`, with the v1 short names) and token presets.
+//! Chains (CAIP-2 `eip155:<id>` and the known `solana:<genesis>` clusters, with the v1 short
+//! names) and token presets.
 
 use std::fmt;
 use std::str::FromStr;
@@ -6,7 +7,7 @@ use std::str::FromStr;
 use alloy_primitives::{Address, address};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// An EVM network, identified by its chain id.
+/// A network: an EVM chain, identified by its chain id, or a known Solana cluster.
 ///
 /// On the wire it is CAIP-2 (`eip155:84532`) in x402 v2 and a short name (`base-sepolia`) in v1.
 /// [`FromStr`] accepts both; [`Network::caip2`] and [`Network::v1_name`] render them.
@@ -18,10 +19,40 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// assert_eq!(n.to_string(), "eip155:84532");
 /// assert_eq!("eip155:8453".parse::<Network>().unwrap().v1_name(), Some("base"));
 /// ```
+///
+/// Solana clusters (`solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp`, v1 `solana`) are kept in the
+/// same `u64`, above every valid EIP-155 id ([`Network::is_solana`]): `Network` stays `Copy`
+/// and the replay keys and bound challenges of EVM networks keep their bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Network {
     chain_id: u64,
 }
+
+/// Solana clusters live at `SOLANA_TAG | n`: EIP-155 ids above 2^63 are not valid (EIP-2294
+/// bounds them far lower) and `from_caip2` refuses them, so no EVM network can collide.
+const SOLANA_TAG: u64 = 1 << 63;
+
+/// The Solana clusters we know: CAIP-2 reference (the genesis hash's first 32 base58
+/// characters, as the reference SDKs write it), v1 name, and our id.
+const SOLANA_CLUSTERS: &[(&str, Option<&str>, u64)] = &[
+    (
+        "5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp",
+        Some("solana"),
+        SOLANA_TAG | 1,
+    ),
+    (
+        "EtWTRABZaYq6iMfeYKouRu166VU2xqa1",
+        Some("solana-devnet"),
+        SOLANA_TAG | 2,
+    ),
+    (
+        "4uhcVJyU9pJkvQyS88uRDiswHXSCkY3z",
+        Some("solana-testnet"),
+        SOLANA_TAG | 3,
+    ),
+    // The local test chain (tests/svm/chain.mjs); not a real cluster.
+    ("x402LocalTestChain11111111111111", None, SOLANA_TAG | 4),
+];
 
 /// v1 short names and their chain ids (the reference's table, EVM part).
 const V1_NAMES: &[(&str, u64)] = &[
@@ -48,31 +79,72 @@ impl Network {
     /// Base Sepolia testnet, `eip155:84532`.
     pub const BASE_SEPOLIA: Network = Network::eip155(84532);
 
-    /// The EVM network with this chain id.
+    /// Solana mainnet-beta, `solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp` (v1 `solana`).
+    pub const SOLANA: Network = Network {
+        chain_id: SOLANA_TAG | 1,
+    };
+    /// Solana devnet, `solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1` (v1 `solana-devnet`).
+    pub const SOLANA_DEVNET: Network = Network {
+        chain_id: SOLANA_TAG | 2,
+    };
+    /// Solana testnet, `solana:4uhcVJyU9pJkvQyS88uRDiswHXSCkY3z` (v1 `solana-testnet`).
+    pub const SOLANA_TESTNET: Network = Network {
+        chain_id: SOLANA_TAG | 3,
+    };
+    /// A local Solana test chain, `solana:x402LocalTestChain11111111111111` (no v1 name).
+    pub const SOLANA_LOCAL: Network = Network {
+        chain_id: SOLANA_TAG | 4,
+    };
+
+    /// The EVM network with this chain id (below 2^63, as EIP-155 ids are).
     pub const fn eip155(chain_id: u64) -> Self {
         Self { chain_id }
     }
 
-    /// The EIP-155 chain id (the EIP-712 `chainId`).
+    /// The EIP-155 chain id (the EIP-712 `chainId`); for a Solana cluster, its id in this
+    /// crate (at or above 2^63, never a valid EIP-155 id).
     pub const fn chain_id(self) -> u64 {
         self.chain_id
     }
 
+    /// True for a Solana cluster.
+    pub const fn is_solana(self) -> bool {
+        self.chain_id & SOLANA_TAG != 0
+    }
+
+    /// The Solana cluster's CAIP-2 reference and v1 name.
+    fn solana(self) -> Option<(&'static str, Option<&'static str>)> {
+        SOLANA_CLUSTERS
+            .iter()
+            .find(|(_, _, id)| *id == self.chain_id)
+            .map(|(reference, v1, _)| (*reference, *v1))
+    }
+
     /// CAIP-2 id, e.g. `eip155:8453` (the v2 wire form).
     pub fn caip2(self) -> String {
-        format!("eip155:{}", self.chain_id)
+        self.to_string()
     }
 
     /// The v1 short name, if the chain has one.
     pub fn v1_name(self) -> Option<&'static str> {
+        if self.is_solana() {
+            return self.solana().and_then(|(_, v1)| v1);
+        }
         V1_NAMES
             .iter()
             .find(|(_, id)| *id == self.chain_id)
             .map(|(name, _)| *name)
     }
 
-    /// Parses a CAIP-2 `eip155:<decimal chain id>`.
+    /// Parses a CAIP-2 `eip155:<decimal chain id>` or a known `solana:<reference>`.
     pub fn from_caip2(s: &str) -> Result<Self, NetworkParseError> {
+        if let Some(reference) = s.strip_prefix("solana:") {
+            return SOLANA_CLUSTERS
+                .iter()
+                .find(|(r, _, _)| *r == reference)
+                .map(|(_, _, id)| Self { chain_id: *id })
+                .ok_or(NetworkParseError::Unsupported);
+        }
         let id = s
             .strip_prefix("eip155:")
             .ok_or(NetworkParseError::Unsupported)?;
@@ -83,17 +155,24 @@ impl Network {
         {
             return Err(NetworkParseError::Malformed);
         }
-        id.parse()
-            .map(Self::eip155)
-            .map_err(|_| NetworkParseError::Malformed)
+        match id.parse::<u64>() {
+            Ok(id) if id & SOLANA_TAG == 0 => Ok(Self::eip155(id)),
+            _ => Err(NetworkParseError::Malformed),
+        }
     }
 
-    /// Parses a v1 short name such as `base-sepolia`.
+    /// Parses a v1 short name such as `base-sepolia` or `solana-devnet`.
     pub fn from_v1_name(s: &str) -> Result<Self, NetworkParseError> {
         V1_NAMES
             .iter()
             .find(|(name, _)| *name == s)
             .map(|(_, id)| Self::eip155(*id))
+            .or_else(|| {
+                SOLANA_CLUSTERS
+                    .iter()
+                    .find(|(_, v1, _)| *v1 == Some(s))
+                    .map(|(_, _, id)| Self { chain_id: *id })
+            })
             .ok_or(NetworkParseError::Unsupported)
     }
 }
@@ -102,7 +181,8 @@ impl Network {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum NetworkParseError {
-    /// Not an EVM network we know (another CAIP-2 namespace, or an unknown v1 name).
+    /// Not a network we know (another CAIP-2 namespace, an unknown Solana cluster, or an
+    /// unknown v1 name).
     #[error("unsupported network")]
     Unsupported,
     /// `eip155:` followed by something that is not a canonical decimal chain id.
@@ -123,7 +203,10 @@ impl FromStr for Network {
 
 impl fmt::Display for Network {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "eip155:{}", self.chain_id)
+        match self.solana() {
+            Some((reference, _)) => write!(f, "solana:{reference}"),
+            None => write!(f, "eip155:{}", self.chain_id),
+        }
     }
 }
 
@@ -249,6 +332,35 @@ mod tests {
     }
 
     #[test]
+    fn solana_clusters_round_trip() {
+        for (n, caip2, v1) in [
+            (
+                Network::SOLANA,
+                "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp",
+                Some("solana"),
+            ),
+            (
+                Network::SOLANA_DEVNET,
+                "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1",
+                Some("solana-devnet"),
+            ),
+            (
+                Network::SOLANA_LOCAL,
+                "solana:x402LocalTestChain11111111111111",
+                None,
+            ),
+        ] {
+            assert!(n.is_solana() && !Network::BASE.is_solana());
+            assert_eq!(n.caip2(), caip2);
+            assert_eq!(caip2.parse::<Network>(), Ok(n));
+            assert_eq!(n.v1_name(), v1);
+            if let Some(v1) = v1 {
+                assert_eq!(v1.parse::<Network>(), Ok(n));
+            }
+        }
+    }
+
+    #[test]
     fn refuses_odd_forms() {
         for bad in [
             "eip155:",
@@ -256,7 +368,9 @@ mod tests {
             "eip155:01",
             "eip155:0x2105",
             "eip155:99999999999999999999999",
-            "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp",
+            "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvd",
+            "solana:",
+            "eip155:9223372036854775809",
             "Base",
             "",
         ] {

@@ -65,8 +65,8 @@ impl PaymentOption {
                 scheme: crate::verify::exact::SCHEME.into(),
                 network: asset.network,
                 amount,
-                asset: asset.address,
-                pay_to,
+                asset: asset.address.into(),
+                pay_to: pay_to.into(),
                 max_timeout_seconds: Self::DEFAULT_MAX_TIMEOUT_SECONDS,
                 extra: Some(extra),
             },
@@ -137,6 +137,45 @@ impl PaymentOption {
             );
         }
         Ok(opt)
+    }
+
+    /// A Solana `exact` payment: `price` of `asset` (an SPL token) to `pay_to`'s associated
+    /// token account, the transaction's fees paid by `fee_payer` (`extra.feePayer`: this
+    /// server's key, which co-signs at settlement, or a facilitator's), as the reference
+    /// server offers it.
+    ///
+    /// # Errors
+    /// The price does not parse, is zero or too precise for the asset's decimals; `pay_to`
+    /// or `fee_payer` is the all-zero key; the asset is not on a Solana network.
+    #[cfg(feature = "svm")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "svm")))]
+    pub fn exact_svm(
+        asset: &crate::svm::SvmAsset,
+        price: &str,
+        pay_to: crate::proto::svm::Pubkey,
+        fee_payer: crate::proto::svm::Pubkey,
+    ) -> Result<Self, ConfigError> {
+        let amount = parse_price(price, asset.decimals)?;
+        if amount.is_zero() {
+            return Err(ConfigError::ZeroPrice);
+        }
+        let zero = crate::proto::svm::Pubkey::default();
+        if pay_to == zero || fee_payer == zero || !asset.network.is_solana() {
+            return Err(ConfigError::PayTo);
+        }
+        let mut extra = Map::new();
+        extra.insert("feePayer".into(), Value::String(fee_payer.to_string()));
+        Ok(Self {
+            requirements: PaymentRequirements {
+                scheme: crate::verify::exact::SCHEME.into(),
+                network: asset.network,
+                amount,
+                asset: asset.mint.into(),
+                pay_to: pay_to.into(),
+                max_timeout_seconds: Self::DEFAULT_MAX_TIMEOUT_SECONDS,
+                extra: Some(extra),
+            },
+        })
     }
 
     /// True for an `upto` option.

@@ -217,7 +217,7 @@ pub fn human_price(option: &PaymentOption) -> String {
     let r = option.requirements();
     let network = network_name(r.network);
     let up_to = if option.is_upto() { "up to " } else { "" };
-    match Asset::usdc(r.network).filter(|a| a.address == r.asset) {
+    match Asset::usdc(r.network).filter(|a| r.asset == a.address) {
         Some(asset) => format!(
             "{up_to}${} USDC on {network}",
             decimal(&r.amount.to_string(), asset.decimals)

@@ -232,6 +232,63 @@ reasons! {
     UnsupportedScheme = "unsupported_scheme",
     /// `upto_facilitator_mismatch`
     UptoFacilitatorMismatch = "upto_facilitator_mismatch",
+    // Solana `exact` (the `@x402/svm` 2.27 facilitator's codes, issue #20).
+    /// `invalid_exact_svm_unsupported_scheme`
+    InvalidExactSvmUnsupportedScheme = "invalid_exact_svm_unsupported_scheme",
+    /// `invalid_exact_svm_network_mismatch`
+    InvalidExactSvmNetworkMismatch = "invalid_exact_svm_network_mismatch",
+    /// `invalid_exact_svm_payload_missing_fee_payer`
+    InvalidExactSvmPayloadMissingFeePayer = "invalid_exact_svm_payload_missing_fee_payer",
+    /// `invalid_exact_svm_fee_payer_not_managed_by_facilitator`
+    InvalidExactSvmFeePayerNotManagedByFacilitator = "invalid_exact_svm_fee_payer_not_managed_by_facilitator",
+    /// `invalid_exact_svm_payload_transaction_could_not_be_decoded`
+    InvalidExactSvmPayloadTransactionCouldNotBeDecoded = "invalid_exact_svm_payload_transaction_could_not_be_decoded",
+    /// `invalid_exact_svm_payload_signature_invalid`
+    InvalidExactSvmPayloadSignatureInvalid = "invalid_exact_svm_payload_signature_invalid",
+    /// `invalid_exact_svm_payload_excessive_signers`
+    InvalidExactSvmPayloadExcessiveSigners = "invalid_exact_svm_payload_excessive_signers",
+    /// `invalid_exact_svm_fee_payer_mismatch`
+    InvalidExactSvmFeePayerMismatch = "invalid_exact_svm_fee_payer_mismatch",
+    /// `invalid_exact_svm_smart_wallet_alt_resolution_not_available`
+    InvalidExactSvmSmartWalletAltResolutionNotAvailable = "invalid_exact_svm_smart_wallet_alt_resolution_not_available",
+    /// `invalid_exact_svm_payload_transaction_instructions_length`
+    InvalidExactSvmPayloadTransactionInstructionsLength = "invalid_exact_svm_payload_transaction_instructions_length",
+    /// `invalid_exact_svm_payload_transaction_instructions_compute_limit_instruction`
+    InvalidExactSvmPayloadTransactionInstructionsComputeLimitInstruction = "invalid_exact_svm_payload_transaction_instructions_compute_limit_instruction",
+    /// `invalid_exact_svm_payload_transaction_instructions_compute_limit_instruction_too_high`
+    InvalidExactSvmPayloadTransactionInstructionsComputeLimitInstructionTooHigh = "invalid_exact_svm_payload_transaction_instructions_compute_limit_instruction_too_high",
+    /// `invalid_exact_svm_payload_transaction_instructions_compute_price_instruction`
+    InvalidExactSvmPayloadTransactionInstructionsComputePriceInstruction = "invalid_exact_svm_payload_transaction_instructions_compute_price_instruction",
+    /// `invalid_exact_svm_payload_transaction_instructions_compute_price_instruction_too_high`
+    InvalidExactSvmPayloadTransactionInstructionsComputePriceInstructionTooHigh = "invalid_exact_svm_payload_transaction_instructions_compute_price_instruction_too_high",
+    /// `invalid_exact_svm_payload_no_transfer_instruction`
+    InvalidExactSvmPayloadNoTransferInstruction = "invalid_exact_svm_payload_no_transfer_instruction",
+    /// `invalid_exact_svm_payload_transaction_fee_payer_transferring_funds`
+    InvalidExactSvmPayloadTransactionFeePayerTransferringFunds = "invalid_exact_svm_payload_transaction_fee_payer_transferring_funds",
+    /// `invalid_exact_svm_smart_wallet_fee_payer_not_isolated`
+    InvalidExactSvmSmartWalletFeePayerNotIsolated = "invalid_exact_svm_smart_wallet_fee_payer_not_isolated",
+    /// `invalid_exact_svm_payload_mint_mismatch`
+    InvalidExactSvmPayloadMintMismatch = "invalid_exact_svm_payload_mint_mismatch",
+    /// `invalid_exact_svm_payload_recipient_mismatch`
+    InvalidExactSvmPayloadRecipientMismatch = "invalid_exact_svm_payload_recipient_mismatch",
+    /// `invalid_exact_svm_payload_amount_mismatch`
+    InvalidExactSvmPayloadAmountMismatch = "invalid_exact_svm_payload_amount_mismatch",
+    /// `invalid_exact_svm_payload_unknown_fourth_instruction`
+    InvalidExactSvmPayloadUnknownFourthInstruction = "invalid_exact_svm_payload_unknown_fourth_instruction",
+    /// `invalid_exact_svm_payload_unknown_fifth_instruction`
+    InvalidExactSvmPayloadUnknownFifthInstruction = "invalid_exact_svm_payload_unknown_fifth_instruction",
+    /// `invalid_exact_svm_payload_unknown_sixth_instruction`
+    InvalidExactSvmPayloadUnknownSixthInstruction = "invalid_exact_svm_payload_unknown_sixth_instruction",
+    /// `invalid_exact_svm_payload_unknown_seventh_instruction`
+    InvalidExactSvmPayloadUnknownSeventhInstruction = "invalid_exact_svm_payload_unknown_seventh_instruction",
+    /// `invalid_exact_svm_payload_memo_count`
+    InvalidExactSvmPayloadMemoCount = "invalid_exact_svm_payload_memo_count",
+    /// `invalid_exact_svm_payload_memo_mismatch`
+    InvalidExactSvmPayloadMemoMismatch = "invalid_exact_svm_payload_memo_mismatch",
+    /// `invalid_exact_svm_transaction_failed`
+    InvalidExactSvmTransactionFailed = "invalid_exact_svm_transaction_failed",
+    /// `invalid_exact_svm_transaction_simulation_failed`
+    InvalidExactSvmTransactionSimulationFailed = "invalid_exact_svm_transaction_simulation_failed",
 }
 
 impl Reason {

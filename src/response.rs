@@ -424,7 +424,7 @@ pub(crate) fn attach_receipt(
 /// transaction hash is new every time, so those are never kept), or encoded.
 fn encoded_receipt(version: X402Version, receipt: &SettleResponse) -> HeaderValue {
     let encode = || header::encode_json(&receipt.to_json(version));
-    if receipt.transaction.is_some() {
+    if receipt.transaction.is_some() || receipt.signature.is_some() {
         return encode();
     }
     RECEIPTS.with_borrow_mut(|(slots, next)| {
@@ -496,8 +496,9 @@ mod tests {
         let receipt = |payer, amount: u64, transaction, success| SettleResponse {
             success,
             error_reason: (!success).then(|| "insufficient_funds".to_owned()),
-            payer: Some(payer),
+            payer: Some(alloy_primitives::Address::into(payer)),
             transaction,
+            signature: None,
             network: Network::BASE_SEPOLIA,
             amount: Some(alloy_primitives::U256::from(amount)),
         };

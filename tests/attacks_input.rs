@@ -276,7 +276,7 @@ async fn a_proof_paying_the_attacker_or_less_than_the_price_is_refused() {
     let tweaks: Vec<(&str, PaymentRequirements)> = vec![
         ("payTo", {
             let mut r = req.clone();
-            r.pay_to = attacker;
+            r.pay_to = attacker.into();
             r
         }),
         ("amount", {
@@ -286,7 +286,7 @@ async fn a_proof_paying_the_attacker_or_less_than_the_price_is_refused() {
         }),
         ("asset", {
             let mut r = req.clone();
-            r.asset = Address::repeat_byte(0x70);
+            r.asset = Address::repeat_byte(0x70).into();
             r
         }),
     ];

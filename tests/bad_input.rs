@@ -257,7 +257,7 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "accepted.network is another namespace",
-            v2(|d| d["accepted"]["network"] = json!("solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1")),
+            v2(|d| d["accepted"]["network"] = json!("bip122:000000000019d6689c085ae165831e93")),
             BAD_REQUEST,
             INVALID_PAYLOAD,
         ),
@@ -659,7 +659,7 @@ fn cases() -> Vec<Case> {
             "signed for another token contract",
             in_v2(encode(&resigned_with(
                 &payer(),
-                &req_with(|r| r.asset = OTHER),
+                &req_with(|r| r.asset = OTHER.into()),
                 &req(),
                 |_| (),
             ))),

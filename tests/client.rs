@@ -113,7 +113,7 @@ async fn pays_our_server_over_v2_and_v1() {
     assert_eq!(paid.attempts, 1);
     let receipt = paid.receipt.as_ref().expect("receipt");
     assert!(receipt.success);
-    assert_eq!(receipt.payer, Some(demo_payer().address()));
+    assert_eq!(receipt.payer, Some(demo_payer().address().into()));
     assert_eq!(receipt.network, Network::BASE_SEPOLIA);
     assert!(res.headers().contains_key(PAYMENT_RESPONSE));
     let body = body_json(res).await;

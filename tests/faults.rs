@@ -84,6 +84,7 @@ impl Settler for CountingSettler {
         Ok(Settlement {
             transaction: Some(B256::from(U256::from(n + 1))),
             amount: None,
+            ..Default::default()
         })
     }
 }

@@ -278,6 +278,7 @@ async fn rate_limited_settlement_is_429_and_the_same_proof_pays_later() {
         _ => Ok(Settlement {
             transaction: Some(TX),
             amount: None,
+            ..Default::default()
         }),
     });
     let svc = stack(

@@ -96,6 +96,7 @@ impl Settler for CountingSettler {
             _ => Ok(Settlement {
                 transaction: Some(tx),
                 amount: None,
+                ..Default::default()
             }),
         }
     }

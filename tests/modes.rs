@@ -42,6 +42,7 @@ impl Settler for RecordingSettler {
         Ok(Settlement {
             transaction: Some(B256::repeat_byte(0xab)),
             amount: None,
+            ..Default::default()
         })
     }
 }

@@ -236,7 +236,7 @@ async fn payment(
         req.extra_str("name").expect("name"),
         req.extra_str("version").expect("version"),
         req.network.chain_id(),
-        req.asset,
+        req.asset.evm().unwrap(),
     );
     let sig = signer
         .sign_hash_sync(&signing_hash(sep, &auth))
@@ -608,7 +608,7 @@ async fn a_factory_call_that_reverts_is_refused_and_nothing_is_sent() {
     let mut payment = tower_x402::VerifiedPayment::exact(
         tower_x402::proto::X402Version::V2,
         Network::BASE_SEPOLIA,
-        req.asset,
+        req.asset.evm().unwrap(),
         auth,
         signature,
     );

@@ -69,6 +69,7 @@ impl Settler for Recording {
         Ok(Settlement {
             transaction: Some(B256::repeat_byte(0xab)),
             amount: None,
+            ..Default::default()
         })
     }
 }

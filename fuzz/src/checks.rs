@@ -75,7 +75,7 @@ pub fn payer() -> Address {
 pub fn signed(req: &PaymentRequirements, nonce: B256) -> ExactEvmPayload {
     let authorization = Authorization {
         from: payer(),
-        to: req.pay_to,
+        to: req.pay_to.evm().unwrap_or_default(),
         value: req.amount,
         valid_after: U256::from(NOW - 600),
         valid_before: U256::from(NOW + req.max_timeout_seconds),
@@ -85,7 +85,7 @@ pub fn signed(req: &PaymentRequirements, nonce: B256) -> ExactEvmPayload {
         req.extra_str("name").unwrap_or_default(),
         req.extra_str("version").unwrap_or_default(),
         req.network.chain_id(),
-        req.asset,
+        req.asset.evm().unwrap_or_default(),
     );
     let digest = signing_hash(separator, &authorization);
     let sk = SecretKey::from_byte_array(PAYER_KEY).expect("a valid constant key");
@@ -200,7 +200,7 @@ fn verify(p: &PaymentPayload) {
     let req = requirements();
     if let Ok(v) = verifier().verify_sync(p, &req) {
         assert_eq!(
-            (v.amount, v.pay_to, v.asset, v.network),
+            (v.amount, v.pay_to.into(), v.asset.into(), v.network),
             (req.amount, req.pay_to, req.asset, req.network),
             "verified payment must pay the server's requirement"
         );

@@ -179,6 +179,7 @@ fn decode_receipt(value: &http::HeaderValue) -> Result<SettleResponse, Challenge
         None | Some("") => None,
         Some(p) => Some(
             p.parse::<Address>()
+                .map(Into::into)
                 .map_err(|_| ChallengeError::Receipt("payer"))?,
         ),
     };
@@ -191,6 +192,7 @@ fn decode_receipt(value: &http::HeaderValue) -> Result<SettleResponse, Challenge
         error_reason: w.error_reason.filter(|r| !r.is_empty()),
         payer,
         transaction,
+        signature: None,
         network,
         amount,
     })

@@ -218,7 +218,7 @@ where
         if let Some(source) = &shared.balance {
             let r = &offer.requirements;
             let balance = source
-                .balance(r.network, r.asset, payer)
+                .balance(r.network, r.asset.evm().unwrap_or_default(), payer)
                 .await
                 .map_err(Error::Balance)?;
             if balance.is_some_and(|b| b < r.amount) {
@@ -457,6 +457,7 @@ mod tests {
             error_reason: None,
             payer: None,
             transaction: None,
+            signature: None,
             network: Network::BASE_SEPOLIA,
             amount: amount.map(U256::from),
         }

@@ -137,10 +137,18 @@ impl Policy {
         } else if req.scheme != exact::SCHEME {
             return Some(Refusal::Scheme);
         }
-        if !self.networks.is_empty() && !self.networks.contains(&req.network) {
+        // This client signs with an EVM key: a Solana offer is not for it.
+        if req.network.is_solana()
+            || (!self.networks.is_empty() && !self.networks.contains(&req.network))
+        {
             return Some(Refusal::Network);
         }
-        if !self.assets.is_empty() && !self.assets.contains(&(req.network, req.asset)) {
+        if !self.assets.is_empty()
+            && !self
+                .assets
+                .iter()
+                .any(|(n, a)| *n == req.network && req.asset == *a)
+        {
             return Some(Refusal::Asset);
         }
         if req.amount.is_zero() {

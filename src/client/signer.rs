@@ -66,7 +66,7 @@ pub(crate) fn domain(req: &PaymentRequirements) -> Option<Eip712Domain> {
         Some(req.extra_str("name")?.to_owned().into()),
         Some(req.extra_str("version")?.to_owned().into()),
         Some(U256::from(req.network.chain_id())),
-        Some(req.asset),
+        Some(req.asset.evm()?),
         None,
     ))
 }
@@ -97,6 +97,13 @@ where
     Ok(Bytes::copy_from_slice(&sig.as_bytes()))
 }
 
+/// The EVM address of an EVM requirement (the client pays EVM offers only).
+fn evm(account: crate::proto::Account) -> Result<Address, alloy_signer::Error> {
+    account
+        .evm()
+        .ok_or_else(|| alloy_signer::Error::other("not an EVM requirement"))
+}
+
 /// The authorization to sign for `req` at `now` (Unix seconds), with a random nonce.
 pub(crate) fn authorization(
     req: &PaymentRequirements,
@@ -105,7 +112,7 @@ pub(crate) fn authorization(
 ) -> Result<Authorization, alloy_signer::Error> {
     Ok(Authorization {
         from,
-        to: req.pay_to,
+        to: evm(req.pay_to)?,
         value: req.amount,
         valid_after: U256::from(now.saturating_sub(VALID_AFTER_SLACK)),
         valid_before: U256::from(now.saturating_add(req.max_timeout_seconds)),
@@ -126,14 +133,14 @@ pub(crate) fn permit(
     Ok(Permit2Authorization {
         from,
         permitted: TokenPermissions {
-            token: req.asset,
+            token: evm(req.asset)?,
             amount: req.amount,
         },
         spender: upto::UPTO_PROXY,
         nonce: U256::from_be_bytes(random_b256().ok_or_else(no_randomness)?.0),
         deadline: U256::from(now.saturating_add(req.max_timeout_seconds)),
         witness: UptoWitness {
-            to: req.pay_to,
+            to: evm(req.pay_to)?,
             facilitator,
             // The official client's choice: valid at once, however the clocks differ.
             valid_after: U256::ZERO,
@@ -283,7 +290,10 @@ mod tests {
             U256::from(1_750_000_000 + req.max_timeout_seconds)
         );
         let sig = sign(&signer, &req, &auth).await.unwrap();
-        let digest = signing_hash(domain_separator("USD Coin", "2", 8453, req.asset), &auth);
+        let digest = signing_hash(
+            domain_separator("USD Coin", "2", 8453, req.asset.evm().unwrap()),
+            &auth,
+        );
         assert_eq!(recover_signer(digest, &sig).unwrap(), signer.address());
     }
 

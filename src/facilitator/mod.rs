@@ -300,7 +300,7 @@ impl FacilitatorClient {
                 VerifiedPayment::exact(
                     payload.version(),
                     req.network,
-                    req.asset,
+                    req.asset.evm().unwrap_or_default(),
                     exact.authorization,
                     exact.signature,
                 )
@@ -589,6 +589,7 @@ fn settle_reply(
     Ok(Settlement {
         transaction: Some(transaction),
         amount: None,
+        ..Default::default()
     })
 }
 

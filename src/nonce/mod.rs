@@ -57,6 +57,20 @@ pub struct NonceKey {
     pub nonce: B256,
 }
 
+impl NonceKey {
+    /// The key of a Solana transaction: `chain_id` is the cluster's id in this crate (at or
+    /// above 2^63, never an EVM chain's), `asset` and `from` are zero, and `nonce` is the hash
+    /// of the signed message. The fields and so the stores' layouts stay those of EVM keys.
+    pub fn svm(network: crate::Network, message_hash: B256) -> Self {
+        Self {
+            chain_id: network.chain_id(),
+            asset: Address::ZERO,
+            from: Address::ZERO,
+            nonce: message_hash,
+        }
+    }
+}
+
 /// The answer to [`NonceStore::reserve`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reservation {

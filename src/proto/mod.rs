@@ -8,6 +8,7 @@
 
 pub mod exact;
 pub mod header;
+pub mod svm;
 pub mod upto;
 pub mod v1;
 pub mod v2;
@@ -96,6 +97,116 @@ impl PaymentPayload {
 pub(crate) struct VersionProbe {
     #[serde(rename = "x402Version")]
     pub(crate) x402_version: u64,
+}
+
+/// An account on the wire (`asset`, `payTo`): an EVM address (`0x`-hex, written EIP-55
+/// checksummed) or a Solana public key (base58). The two forms cannot be confused: base58 has
+/// no `0`, and text that reads as an EVM address is one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Account {
+    /// An EVM address.
+    Evm(alloy_primitives::Address),
+    /// A Solana public key.
+    Svm(svm::Pubkey),
+}
+
+impl Account {
+    /// The EVM address, if this is one.
+    pub fn evm(self) -> Option<alloy_primitives::Address> {
+        match self {
+            Self::Evm(a) => Some(a),
+            Self::Svm(_) => None,
+        }
+    }
+
+    /// The Solana key, if this is one.
+    pub fn svm(self) -> Option<svm::Pubkey> {
+        match self {
+            Self::Svm(k) => Some(k),
+            Self::Evm(_) => None,
+        }
+    }
+
+    /// The raw bytes (20 for EVM, 32 for Solana).
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Evm(a) => a.as_slice(),
+            Self::Svm(k) => k.as_bytes(),
+        }
+    }
+
+    /// True for the EVM zero address or the all-zero Solana key.
+    pub fn is_zero(&self) -> bool {
+        self.as_slice().iter().all(|b| *b == 0)
+    }
+}
+
+impl From<alloy_primitives::Address> for Account {
+    fn from(a: alloy_primitives::Address) -> Self {
+        Self::Evm(a)
+    }
+}
+
+impl From<svm::Pubkey> for Account {
+    fn from(k: svm::Pubkey) -> Self {
+        Self::Svm(k)
+    }
+}
+
+impl PartialEq<alloy_primitives::Address> for Account {
+    fn eq(&self, other: &alloy_primitives::Address) -> bool {
+        *self == Self::Evm(*other)
+    }
+}
+
+impl PartialEq<Account> for alloy_primitives::Address {
+    fn eq(&self, other: &Account) -> bool {
+        Account::Evm(*self) == *other
+    }
+}
+
+impl std::fmt::Display for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Evm(a) => f.write_str(&a.to_checksum(None)),
+            Self::Svm(k) => std::fmt::Display::fmt(k, f),
+        }
+    }
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for Account {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Account {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = Account;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an EVM address or a base58 Solana address")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Account, E> {
+                // Hex first, as alloy's `Address` reads it (with or without `0x`): every EVM
+                // address reads as before (unprefixed hex can also be base58).
+                if let Ok(a) = s.parse::<alloy_primitives::Address>() {
+                    return Ok(Account::Evm(a));
+                }
+                s.parse::<svm::Pubkey>()
+                    .map(Account::Svm)
+                    .map_err(|_| E::custom("expected an EVM address or a base58 Solana address"))
+            }
+        }
+        d.deserialize_str(Text)
+    }
 }
 
 /// Serializes an address in EIP-55 checksummed form, as the reference clients write it.

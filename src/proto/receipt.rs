@@ -1,8 +1,10 @@
-use alloy_primitives::{Address, B256, U256};
+use alloy_primitives::{B256, U256};
 use serde::Serialize;
 
 use super::X402Version;
+use super::svm::Signature;
 use crate::Network;
+use crate::proto::Account;
 
 /// The settlement receipt (`PAYMENT-RESPONSE` in v2, `X-PAYMENT-RESPONSE` in v1).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -11,11 +13,14 @@ pub struct SettleResponse {
     pub success: bool,
     /// Reason code when `success` is false.
     pub error_reason: Option<String>,
-    /// The payer.
-    pub payer: Option<Address>,
+    /// The payer (on Solana, the transfer's authority).
+    pub payer: Option<Account>,
     /// The settlement transaction; `None` (`""` on the wire) when nothing was mined, as in
     /// verify-only mode.
     pub transaction: Option<B256>,
+    /// A Solana settlement's transaction id, written in `transaction` (base58) in place of
+    /// an EVM hash.
+    pub signature: Option<Signature>,
     /// Where it settled.
     pub network: Network,
     /// Amount actually settled.
@@ -54,8 +59,11 @@ impl SettleResponse {
         let wire = Wire {
             success: self.success,
             error_reason: self.error_reason.as_deref(),
-            payer: self.payer.map(|a| a.to_checksum(None)),
-            transaction: self.transaction.map(|t| t.to_string()).unwrap_or_default(),
+            payer: self.payer.map(|a| a.to_string()),
+            transaction: match (self.signature, self.transaction) {
+                (Some(s), _) => s.to_string(),
+                (None, t) => t.map(|t| t.to_string()).unwrap_or_default(),
+            },
             network: version.network_name(self.network),
             amount: self.amount,
         };
@@ -119,8 +127,9 @@ mod tests {
         let r = SettleResponse {
             success: true,
             error_reason: None,
-            payer: Some(Address::repeat_byte(7)),
+            payer: Some(alloy_primitives::Address::repeat_byte(7).into()),
             transaction: Some(B256::repeat_byte(9)),
+            signature: None,
             network: Network::BASE_SEPOLIA,
             amount: Some(U256::from(1234)),
         };
@@ -128,7 +137,7 @@ mod tests {
             let wire = Wire {
                 success: r.success,
                 error_reason: Some("insufficient_funds"),
-                payer: r.payer.map(|a| a.to_checksum(None)),
+                payer: r.payer.map(|a| a.to_string()),
                 transaction: r.transaction.map(|t| t.to_string()).unwrap_or_default(),
                 network: version.network_name(r.network),
                 amount: r.amount,

@@ -1,13 +1,14 @@
 //! x402 v1 messages: the challenge is the 402 JSON body, the proof travels in `X-PAYMENT`, the
 //! receipt in `X-PAYMENT-RESPONSE`; networks use short names (`base-sepolia`).
 
-use alloy_primitives::{Address, U256};
+use alloy_primitives::U256;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::Network;
 use crate::network::v1_name;
+use crate::proto::Account;
 
 /// One way to pay (v1 shape: resource info is repeated in each entry).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -32,13 +33,11 @@ pub struct PaymentRequirements {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_schema: Option<Value>,
     /// Recipient of the funds.
-    #[serde(serialize_with = "super::checksummed")]
-    pub pay_to: Address,
+    pub pay_to: Account,
     /// Longest time between challenge and settlement.
     pub max_timeout_seconds: u64,
-    /// Token contract.
-    #[serde(serialize_with = "super::checksummed")]
-    pub asset: Address,
+    /// Token contract (or Solana mint).
+    pub asset: Account,
     /// EIP-712 domain `name` and `version` for EIP-3009 tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extra: Option<Map<String, Value>>,

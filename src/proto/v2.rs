@@ -1,12 +1,13 @@
 //! x402 v2 messages: the challenge travels in `PAYMENT-REQUIRED`, the proof in
 //! `PAYMENT-SIGNATURE`, the receipt in `PAYMENT-RESPONSE`.
 
-use alloy_primitives::{Address, U256};
+use alloy_primitives::U256;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::Network;
+use crate::proto::Account;
 
 /// The resource a challenge is for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,12 +83,10 @@ pub struct PaymentRequirements {
     /// Exact amount in atomic token units.
     #[serde(with = "super::decimal")]
     pub amount: U256,
-    /// Token contract (EIP-712 `verifyingContract`).
-    #[serde(serialize_with = "super::checksummed")]
-    pub asset: Address,
-    /// Recipient of the funds.
-    #[serde(serialize_with = "super::checksummed")]
-    pub pay_to: Address,
+    /// Token: the EVM contract (EIP-712 `verifyingContract`) or the Solana mint.
+    pub asset: Account,
+    /// Recipient of the funds (on Solana, the owner of the receiving token account).
+    pub pay_to: Account,
     /// Longest time the server allows between challenge and settlement.
     pub max_timeout_seconds: u64,
     /// Scheme data; for EIP-3009 `name` and `version` of the EIP-712 domain.

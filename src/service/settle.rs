@@ -205,6 +205,7 @@ async fn metered<B: Send>(
             let settlement = Settlement {
                 transaction: None,
                 amount: Some(total),
+                ..Default::default()
             };
             after_settle(flow.shared, verified, &settlement, Duration::ZERO).await;
             (settled(flow.shared, res, verified, settlement), true)
@@ -242,8 +243,9 @@ fn settled<B>(
     let receipt = SettleResponse {
         success: true,
         error_reason: None,
-        payer: Some(verified.payer),
+        payer: Some(verified.payer_account()),
         transaction: settlement.transaction,
+        signature: settlement.signature,
         network: verified.network,
         amount: settlement.amount,
     };
@@ -264,8 +266,9 @@ async fn settle_failed<B: Send>(
     let receipt = SettleResponse {
         success: false,
         error_reason: Some(e.reason().to_string()),
-        payer: Some(verified.payer),
+        payer: Some(verified.payer_account()),
         transaction: e.transaction(),
+        signature: None,
         network: verified.network,
         amount: None,
     };

@@ -43,6 +43,9 @@ pub struct Settlement {
     pub transaction: Option<B256>,
     /// The amount settled, when it differs from the authorized one.
     pub amount: Option<U256>,
+    /// A Solana settlement's transaction id (its fee payer's signature); `transaction` holds
+    /// EVM hashes only.
+    pub signature: Option<crate::proto::svm::Signature>,
 }
 
 /// Why a settlement failed.

@@ -43,7 +43,7 @@ pub fn random_nonce() -> B256 {
 pub fn authorization(req: &PaymentRequirements, from: Address, now: u64) -> Authorization {
     Authorization {
         from,
-        to: req.pay_to,
+        to: req.pay_to.evm().unwrap_or_default(),
         value: req.amount,
         valid_after: U256::from(now.saturating_sub(600)),
         valid_before: U256::from(now + req.max_timeout_seconds),
@@ -57,7 +57,7 @@ pub fn sign(signer: &impl SignerSync, req: &PaymentRequirements, auth: &Authoriz
         req.extra_str("name").unwrap_or_default(),
         req.extra_str("version").unwrap_or_default(),
         req.network.chain_id(),
-        req.asset,
+        req.asset.evm().unwrap_or_default(),
     );
     let sig = signer
         .sign_hash_sync(&signing_hash(sep, auth))
@@ -133,14 +133,14 @@ pub fn upto_permit(req: &PaymentRequirements, from: Address, now: u64) -> Permit
     Permit2Authorization {
         from,
         permitted: TokenPermissions {
-            token: req.asset,
+            token: req.asset.evm().unwrap_or_default(),
             amount: req.amount,
         },
         spender: crate::verify::upto::UPTO_PROXY,
         nonce: U256::from_be_bytes(random_nonce().0),
         deadline: U256::from(now + req.max_timeout_seconds),
         witness: UptoWitness {
-            to: req.pay_to,
+            to: req.pay_to.evm().unwrap_or_default(),
             facilitator,
             valid_after: U256::ZERO,
         },

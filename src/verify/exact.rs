@@ -54,13 +54,20 @@ pub(crate) fn paying(
     payload: &PaymentPayload,
     req: &PaymentRequirements,
 ) -> Result<ExactEvmPayload, VerifyError> {
+    // A Solana requirement is not for this verifier (its accounts are not addresses).
+    let Some(pay_to) = req.pay_to.evm().filter(|_| req.asset.evm().is_some()) else {
+        return Err(VerifyError::Scheme(format!(
+            "{} on {}",
+            req.scheme, req.network
+        )));
+    };
     let exact: ExactEvmPayload = ExactEvmPayload::from_json(payload.raw_payload().get())
         .map_err(VerifyError::InvalidPayload)?;
     let auth = &exact.authorization;
-    if auth.to != req.pay_to {
+    if auth.to != pay_to {
         return Err(VerifyError::RecipientMismatch {
             paid: auth.to,
-            required: req.pay_to,
+            required: pay_to,
         });
     }
     if auth.value != req.amount {
@@ -350,9 +357,13 @@ impl ExactEvmVerifier {
         }
         // In range: `valid_before <= latest`, a u64.
         let valid_before = auth.valid_before.to::<u64>();
-        let separator = self
-            .separators
-            .get(name, version, req.network.chain_id(), req.asset);
+        let separator = self.separators.get(
+            name,
+            version,
+            req.network.chain_id(),
+            // EVM: `paying` refused any other account.
+            req.asset.evm().unwrap_or_default(),
+        );
         let digest = signing_hash(separator, auth);
         Ok(Checked {
             exact,
@@ -423,7 +434,7 @@ fn accept(
     let mut verified = VerifiedPayment::exact(
         payload.version(),
         req.network,
-        req.asset,
+        req.asset.evm().unwrap_or_default(),
         checked.exact.authorization,
         checked.exact.signature,
     );

@@ -6,6 +6,7 @@
 //! never moves money: settlement is a separate step ([`crate::settle`]).
 
 pub mod exact;
+pub mod svm;
 pub mod upto;
 pub mod wallet;
 
@@ -23,6 +24,7 @@ use crate::Network;
 use crate::clock::Clock;
 use crate::nonce::NonceKey;
 use crate::proto::exact::Authorization;
+use crate::proto::svm::Pubkey;
 use crate::proto::upto::Permit2Authorization;
 use crate::proto::{PaymentPayload, X402Version, v2::PaymentRequirements};
 use crate::reason::Reason;
@@ -311,13 +313,61 @@ pub enum Proof {
         /// Its signature.
         signature: Bytes,
     },
+    /// `exact` on Solana: the client's partially signed transaction (one `TransferChecked`),
+    /// which the fee payer co-signs to settle.
+    ExactSvm(Box<SvmProof>),
+}
+
+/// The verified parts of a Solana `exact` transaction ([`Proof::ExactSvm`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SvmProof {
+    /// The transaction as the client sent it (the fee payer's signature slot empty).
+    pub transaction: Bytes,
+    /// The transfer's authority, whose signature was verified.
+    pub payer: Pubkey,
+    /// The requirement's `payTo` (the owner of the destination token account).
+    pub pay_to: Pubkey,
+    /// The token mint.
+    pub mint: Pubkey,
+    /// The fee payer that must co-sign (`extra.feePayer`).
+    pub fee_payer: Pubkey,
+    /// The payer's 64-byte ed25519 signature.
+    pub signature: Bytes,
+    /// SHA-256 of the signed message: the claim key. The chain deduplicates by the fee payer's
+    /// signature, a function of the message, so two proofs of one message are one payment.
+    pub message_hash: B256,
+}
+
+impl SvmProof {
+    /// The verified parts; for the `svm` verifier (and tests), which checked them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        transaction: Bytes,
+        payer: Pubkey,
+        pay_to: Pubkey,
+        mint: Pubkey,
+        fee_payer: Pubkey,
+        signature: Bytes,
+        message_hash: B256,
+    ) -> Self {
+        Self {
+            transaction,
+            payer,
+            pay_to,
+            mint,
+            fee_payer,
+            signature,
+            message_hash,
+        }
+    }
 }
 
 impl Proof {
     /// The x402 scheme name.
     pub fn scheme(&self) -> &'static str {
         match self {
-            Self::ExactEvm { .. } => exact::SCHEME,
+            Self::ExactEvm { .. } | Self::ExactSvm(_) => exact::SCHEME,
             Self::UptoEvm { .. } => upto::SCHEME,
         }
     }
@@ -326,14 +376,17 @@ impl Proof {
     pub fn signature(&self) -> &Bytes {
         match self {
             Self::ExactEvm { signature, .. } | Self::UptoEvm { signature, .. } => signature,
+            Self::ExactSvm(p) => &p.signature,
         }
     }
 
-    /// The proof's one-time nonce (EIP-3009 nonce; Permit2 nonce as 32 bytes).
+    /// The proof's one-time nonce (EIP-3009 nonce; Permit2 nonce as 32 bytes; a Solana
+    /// transaction's message hash).
     pub fn nonce(&self) -> B256 {
         match self {
             Self::ExactEvm { authorization, .. } => authorization.nonce,
             Self::UptoEvm { permit, .. } => B256::from(permit.nonce),
+            Self::ExactSvm(p) => p.message_hash,
         }
     }
 }
@@ -404,6 +457,47 @@ impl VerifiedPayment {
         }
     }
 
+    /// A Solana `exact` payment of `amount` atomic units. The EVM-typed fields `asset`,
+    /// `payer` and `pay_to` are zero: the Solana accounts are in [`Self::svm`]. `valid_before`
+    /// is when its claim may be forgotten (the blockhash has long expired by then). Only for
+    /// a verified transaction.
+    pub fn exact_svm(
+        version: X402Version,
+        network: Network,
+        amount: U256,
+        valid_before: u64,
+        proof: SvmProof,
+    ) -> Self {
+        Self {
+            version,
+            network,
+            asset: Address::ZERO,
+            payer: Address::ZERO,
+            pay_to: Address::ZERO,
+            amount,
+            valid_before,
+            proof: Proof::ExactSvm(Box::new(proof)),
+            signer: wallet::SignerKind::Key,
+            backend: BackendData::default(),
+        }
+    }
+
+    /// Who paid, on the wire: [`Self::payer`], or a Solana payment's transfer authority.
+    pub fn payer_account(&self) -> crate::proto::Account {
+        match &self.proof {
+            Proof::ExactSvm(p) => p.payer.into(),
+            _ => self.payer.into(),
+        }
+    }
+
+    /// The Solana transaction and accounts of a Solana `exact` payment.
+    pub fn svm(&self) -> Option<&SvmProof> {
+        match &self.proof {
+            Proof::ExactSvm(p) => Some(p),
+            _ => None,
+        }
+    }
+
     /// The x402 scheme paid with.
     pub fn scheme(&self) -> &'static str {
         self.proof.scheme()
@@ -441,6 +535,9 @@ impl VerifiedPayment {
     /// The replay-guard key of this proof: (chain, token, payer, nonce). Permit2 nonces are
     /// per owner across all tokens, so an `upto` proof's key names Permit2, not the token.
     pub fn nonce_key(&self) -> NonceKey {
+        if let Proof::ExactSvm(p) = &self.proof {
+            return NonceKey::svm(self.network, p.message_hash);
+        }
         NonceKey {
             chain_id: self.network.chain_id(),
             asset: if self.is_upto() {
@@ -607,6 +704,10 @@ pub enum VerifyError {
     /// An `upto` permit that does not pay what is asked.
     #[error("upto permit refused: {0}")]
     Upto(#[from] upto::UptoError),
+    /// A Solana `exact` transaction that does not pay what is asked, or puts the fee payer
+    /// at risk.
+    #[error("solana transaction refused: {0}")]
+    Svm(#[from] svm::SvmError),
     /// Any other refusal, with its reason code.
     #[error("payment refused: {reason}")]
     Other {
@@ -649,6 +750,7 @@ impl VerifyError {
             Self::Unavailable { .. } => Reason::UnexpectedVerifyError,
             Self::RateLimited { .. } => Reason::RateLimited,
             Self::Upto(e) => e.reason(),
+            Self::Svm(e) => e.reason(),
             Self::Rejected { reason, .. }
             | Self::Other { reason }
             | Self::Policy { reason, .. } => reason.clone(),

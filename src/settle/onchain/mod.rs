@@ -578,7 +578,8 @@ impl OnchainSettler {
             Proof::UptoEvm { permit, signature } => tx
                 .with_to(upto::UPTO_PROXY)
                 .with_input(upto::settle_calldata(permit, payment.amount, signature)),
-            Proof::ExactEvm { .. } => tx
+            // A Solana proof never gets here: `ensure_network` refused its network first.
+            Proof::ExactEvm { .. } | Proof::ExactSvm(_) => tx
                 .with_to(payment.asset)
                 .with_input(payment_calldata(payment).unwrap_or_default()),
         }
@@ -794,6 +795,7 @@ impl OnchainSettler {
             Ok(Settlement {
                 transaction: Some(hash),
                 amount: None,
+                ..Default::default()
             })
         } else {
             Err(SettleError::Refused {
@@ -860,6 +862,7 @@ impl OnchainSettler {
                 Ok(Settlement {
                     transaction: Some(hash),
                     amount: None,
+                    ..Default::default()
                 })
             }
             Ok(false) | Err(_) => Err(self.unknown(

@@ -1,0 +1,97 @@
+//! The local Solana chain of the tests: `tests/svm/chain.mjs` (litesvm behind JSON-RPC),
+//! started like anvil, killed on drop; and the official client's driver `tests/svm/pay.mjs`.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::process;
+
+/// The packages the Solana tests need, under `$X402_TEST_DEPS/svm`.
+pub const MARKERS: &[&str] = &[
+    "svm/node_modules/litesvm/package.json",
+    "svm/node_modules/@x402/svm/package.json",
+    "svm/node_modules/@x402/fetch/package.json",
+];
+
+/// The deps dir, or `None` after a loud skip (a failure under `CI=true`).
+pub fn deps(test: &str) -> Option<PathBuf> {
+    process::test_deps(test, MARKERS)
+}
+
+/// A running local chain.
+pub struct Chain {
+    process: process::Server,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl Chain {
+    /// Starts the chain with `setup` (see chain.mjs).
+    pub fn start(deps: &std::path::Path, setup: Value) -> Chain {
+        let script = process::repo().join("tests/svm/chain.mjs");
+        let mut cmd = Command::new("node");
+        cmd.arg(script)
+            .arg(setup.to_string())
+            .env("X402_TEST_DEPS", deps);
+        let (process, url) =
+            process::Server::listening("svm chain", &mut cmd, Duration::from_secs(30));
+        Chain { process, url }
+    }
+
+    /// One JSON-RPC call; panics on a transport failure, returns `result` or the `error`.
+    pub fn call(&self, method: &str, params: Value) -> Result<Value, Value> {
+        let body =
+            json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
+        let host = self.url.trim_start_matches("http://");
+        let mut s = TcpStream::connect(host).expect("chain reachable");
+        write!(
+            s,
+            "POST / HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).expect("read");
+        let json = reply.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let v: Value = serde_json::from_str(json)
+            .unwrap_or_else(|_| panic!("chain reply {reply:?}; log:\n{}", self.log()));
+        match v.get("error") {
+            Some(e) => Err(e.clone()),
+            None => Ok(v["result"].clone()),
+        }
+    }
+
+    /// `owner`'s token balance of the chain's mint (atomic units).
+    pub fn token_balance(&self, owner: &str) -> Option<u64> {
+        let v = self
+            .call("x402_tokenBalance", json!([owner]))
+            .expect("balance");
+        v.as_str().map(|s| s.parse().expect("decimal"))
+    }
+
+    /// Its output so far.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+}
+
+/// Runs the official client against `url` (RPC `rpc`) with the 64-byte keypair `key`.
+pub fn pay(deps: &std::path::Path, url: &str, rpc: &str, key: &[u8; 64], replay: bool) -> Value {
+    let script = process::repo().join("tests/svm/pay.mjs");
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut cmd = Command::new("node");
+    cmd.arg(script)
+        .args(["--url", url, "--rpc", rpc, "--key", &hex])
+        .env("X402_TEST_DEPS", deps);
+    if replay {
+        cmd.arg("--replay");
+    }
+    process::run_json(&mut cmd, Duration::from_secs(60), String::new)
+}
