@@ -206,3 +206,14 @@ async fn one_in_flight_is_the_default_and_sends_one_batch_at_a_time() {
     assert_eq!(settled.len(), 12);
     assert!(settled.values().all(|n| *n == 1));
 }
+
+#[path = "common/contract.rs"]
+#[cfg(feature = "test-util")]
+mod contract;
+
+#[cfg(feature = "test-util")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_contract_journal() {
+    let q = tower_x402::settle::deferred::JournalQueue::open(journal("contract")).expect("open");
+    contract::settlement_queue("journal", &q).await;
+}

@@ -39,6 +39,8 @@ struct Item {
     held: bool,
     /// Who holds it, until when.
     lease: Option<(LeaseOwner, Instant)>,
+    /// Times it was leased.
+    leases: u32,
 }
 
 impl Item {
@@ -160,6 +162,7 @@ impl JournalQueue {
                     not_before: None,
                     held: false,
                     lease: None,
+                    leases: 0,
                 },
             );
         }
@@ -277,6 +280,7 @@ impl SettlementQueue for JournalQueue {
                     not_before: None,
                     held: true,
                     lease: None,
+                    leases: 0,
                 },
             );
             id
@@ -336,12 +340,13 @@ impl SettlementQueue for JournalQueue {
             let Some(item) = state.items.get_mut(&id) else {
                 continue;
             };
-            // A recovered payment has waited long enough: due at once.
-            if !full && !item.recovered && item.accepted_ms > req.ripe_ms {
+            // Leased before (a retry) or recovered: it has waited long enough.
+            let recovered = item.recovered || item.leases > 0;
+            if !full && !recovered && item.accepted_ms > req.ripe_ms {
                 continue;
             }
-            let recovered = item.recovered || item.lease.is_some();
             item.lease = Some((req.owner, until));
+            item.leases = item.leases.saturating_add(1);
             out.push(Leased::new(
                 id,
                 item.payment.clone(),
@@ -453,9 +458,6 @@ impl SettlementQueue for JournalQueue {
             if let Some(item) = state.items.get_mut(id)
                 && item.lease.is_some_and(|(o, _)| o == owner)
             {
-                // The lease ends; `recovered` stays as it was: a payment whose round ended
-                // without an outcome is read from the chain only if it may have been sent
-                // (`sent`) or was recovered, as before this queue existed.
                 item.lease = None;
                 item.not_before = Some(now + retry_in);
                 if failed {

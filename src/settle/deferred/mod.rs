@@ -91,10 +91,15 @@
 mod faults;
 mod journal;
 mod journal_queue;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod queue;
 mod worker;
 
 pub use self::journal_queue::JournalQueue;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::postgres::PostgresSettlementQueue;
 pub use self::queue::{
     Appended, Exposure, Final, LeaseOwner, LeaseRequest, Leased, SettlementQueue,
 };
