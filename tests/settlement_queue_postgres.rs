@@ -125,13 +125,14 @@ async fn outcomes(rx: &mut mpsc::UnboundedReceiver<Outcome>, n: usize) -> Vec<Ou
 }
 
 /// Every outcome settled, one per nonce, `n` of them; no outcome comes after.
-async fn settled_exactly_once(rx: &mut mpsc::UnboundedReceiver<Outcome>, n: usize) {
+async fn settled_exactly_once(rx: &mut mpsc::UnboundedReceiver<Outcome>, n: usize) -> Vec<Outcome> {
     let done = outcomes(rx, n).await;
     assert!(done.iter().all(Outcome::is_settled), "{done:?}");
     let nonces: HashSet<(Address, B256)> = done.iter().map(|o| (o.payer, o.nonce)).collect();
     assert_eq!(nonces.len(), n, "one outcome per payment: {done:?}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(rx.try_recv().is_err(), "no second outcome for any payment");
+    done
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,5 +364,150 @@ async fn postgres_stopped_under_load_answers_503_loses_nothing_and_drains_when_b
         chain.balance(PAY_TO).await,
         before + U256::from(18 * PRICE_UNITS),
         "nothing accepted was lost, nothing moved twice"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// kill -9 of an instance mid-batch
+
+/// Rows of the queue: (not final, with a `sent` hash, leased now).
+async fn rows(q: &PostgresSettlementQueue) -> (i64, i64, i64) {
+    let row = q
+        .pool()
+        .get()
+        .await
+        .expect("connection")
+        .query_one(
+            "SELECT count(*) FILTER (WHERE NOT done),
+                    count(*) FILTER (WHERE NOT done AND cardinality(sent) > 0),
+                    count(*) FILTER (WHERE NOT done AND lease_until_ms IS NOT NULL)
+             FROM x402_settlements",
+            &[],
+        )
+        .await
+        .expect("query");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_mid_batch_and_another_instance_settles_everything_exactly_once() {
+    let Some(server) = PgServer::start("queue_kill9") else {
+        return;
+    };
+    let Some(chain) = Chain::start("queue_kill9").await else {
+        return;
+    };
+    let bin = common::process::example_bin("settlement_queue_victim");
+    let before = chain.balance(PAY_TO).await;
+    // Blocks wait: the victim's batches are broadcast and stay unmined.
+    chain.set_automine(false).await;
+    let mut victim = std::process::Command::new(&bin)
+        .env("X402_RPC", chain.url())
+        .env("X402_PG", server.url())
+        .env("X402_PAYMENTS", "12")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("victim starts");
+    let stdout = victim.stdout.take().expect("stdout");
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut leased = None;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.expect("victim output");
+            if let Some(n) = line.strip_prefix("LEASED ") {
+                leased = n.parse::<usize>().ok();
+            }
+            if line == "READY" {
+                return leased;
+            }
+        }
+        None
+    });
+    let leased = tokio::time::timeout(WAIT, ready)
+        .await
+        .expect("victim ready in time")
+        .expect("task")
+        .expect("victim printed READY");
+    assert_eq!(leased, 2, "two payments leased and never sent");
+    let q = queue(&server).await;
+    // Both batches broadcast (their `sent` recorded first) and waiting in the node's pool.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let pending = chain
+            .provider()
+            .get_transaction_count(chain::RELAYER)
+            .pending()
+            .await
+            .expect("nonce");
+        let (_, sent, _) = rows(&q).await;
+        if pending == 2 && sent == 8 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "victim: {pending} transactions pending, {sent} payments sent"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (open, sent, leased_now) = rows(&q).await;
+    assert_eq!(
+        (open, sent),
+        (12, 8),
+        "12 accepted, 8 in two unmined batches"
+    );
+    assert!(leased_now >= 10, "{leased_now} leased when killed");
+
+    let hashes: HashSet<Vec<u8>> = q
+        .pool()
+        .get()
+        .await
+        .expect("connection")
+        .query("SELECT DISTINCT unnest(sent) FROM x402_settlements", &[])
+        .await
+        .expect("query")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        hashes.len(),
+        2,
+        "two batch transactions recorded before broadcast"
+    );
+
+    victim.kill().expect("SIGKILL");
+    let _ = victim.wait();
+
+    // The survivor, another relayer: takes the work over once the victim's leases expire,
+    // reads the sent ones from the chain (in flight: waits; it never resends them).
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let survivor = instance(&chain, &server, RELAYER2_KEY, tx).await;
+    // Let it find the victim's batches in flight before they are mined.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    chain.set_automine(true).await;
+    chain.mine().await;
+    survivor.flush();
+    let done = settled_exactly_once(&mut rx, 12).await;
+    // The 8 in the victim's batches were read from the chain and found settled by them.
+    let by_victim = done
+        .iter()
+        .filter(|o| o.transaction.is_some_and(|t| hashes.contains(t.as_slice())))
+        .count();
+    assert_eq!(by_victim, 8, "{done:?}");
+    assert_eq!(
+        chain.balance(PAY_TO).await,
+        before + U256::from(12 * PRICE_UNITS),
+        "every accepted payment moved exactly once"
+    );
+    assert_eq!(rows(&q).await.0, 0, "nothing left in the queue");
+    let victim_batches = chain
+        .provider()
+        .get_transaction_count(chain::RELAYER)
+        .latest()
+        .await
+        .expect("nonce");
+    assert_eq!(
+        victim_batches, 2,
+        "the victim's two batches were mined, not resent"
     );
 }
