@@ -1,5 +1,5 @@
-//! Deferred settlement: answer the paid request as soon as the payment is **journaled**, and
-//! settle it on-chain later, in batches.
+//! Deferred settlement: answer the paid request as soon as the payment is **durably queued**,
+//! and settle it on-chain later, in batches.
 //!
 //! [`DeferredSettler`] is an ordinary [`Settler`], so a layer picks it with
 //! [`.settler(..)`](crate::PaymentLayerBuilder::settler) in either
@@ -7,45 +7,69 @@
 //! settler does, not when the layer calls it):
 //!
 //! - [`check`](Settler::check) (before the handler) refuses a proof whose nonce is already in
-//!   the journal, then asks the inner [`BatchSettler`] to pre-check it on-chain: nonce unused,
-//!   and a balance that covers this payment **plus** what the payer already owes in journaled,
-//!   unsettled payments of the same token.
-//! - [`settle`](Settler::settle) appends the payment to the journal, waits for the journal's
-//!   `fdatasync` (shared by all concurrent appends: group commit, see `journal.rs`), and returns
-//!   at once. **Its [`Settlement::transaction`] is `None`**: no transaction exists yet, so the
+//!   the queue, then asks the inner [`BatchSettler`] to pre-check it on-chain: nonce unused,
+//!   and a balance that covers this payment **plus** what the payer already owes in queued,
+//!   unsettled payments of the same token (both asked of the queue: with a shared queue, for
+//!   every instance).
+//! - [`settle`](Settler::settle) appends the payment to the queue and returns once it is
+//!   durable (the journal's `fdatasync`, shared by all concurrent appends: group commit, see
+//!   `journal.rs`; or PostgreSQL's commit). **Its [`Settlement::transaction`] is `None`**: no transaction exists yet, so the
 //!   receipt header carries `success: true` and an empty `transaction` — the same shape as
 //!   verify-only receipts. The final outcome (with the hash) goes to the
 //!   [outcome hook](DeferredSettlerBuilder::on_outcome).
-//! - A background worker (a tokio task) takes journaled payments oldest first and settles up to
+//! - A background worker (a tokio task) leases queued payments oldest first and settles up to
 //!   [`max_batch`](DeferredSettlerBuilder::max_batch) of them at once through
 //!   [`BatchSettler::settle_batch`] (for [`OnchainSettler`][super::onchain::OnchainSettler]:
 //!   one Multicall3 `aggregate3` transaction), as soon as the batch is full or its oldest
 //!   payment waited [`max_wait`](DeferredSettlerBuilder::max_wait). A failed round (RPC down)
 //!   is retried with exponential backoff ([`retry`](DeferredSettlerBuilder::retry)); the
-//!   payments stay journaled meanwhile, across restarts too.
+//!   payments stay queued meanwhile, across restarts too. Up to
+//!   [`in_flight`](DeferredSettlerBuilder::in_flight) rounds run at once, on disjoint
+//!   payments.
+//!
+//! # Queues
+//!
+//! Where accepted payments wait is a [`SettlementQueue`]:
+//!
+//! - [`JournalQueue`] ([`journal(path)`](DeferredSettlerBuilder::journal)): an append-only
+//!   file, **one process**, on a disk that must outlive the process.
+//! - `PostgresSettlementQueue` (feature `postgres`, [`queue(q)`](DeferredSettlerBuilder::queue)):
+//!   **shared** by every instance on the database. Any instance's worker settles what any
+//!   instance accepted; a dead instance's leased payments are taken over once its lease
+//!   expires ([`lease_ttl`](DeferredSettlerBuilder::lease_ttl)).
 //!
 //! # Exactly once
 //!
-//! Each journal record moves `pending → sent(tx) → settled(tx) | failed(reason)`. The `sent`
-//! record is written (and synced) **before** its transaction is broadcast. On start the
-//! journal is replayed and, before anything is resent, each recovered payment's chain state is
-//! read through [`BatchSettler::state`]: a known transaction that carried it (receipt with the
-//! token's `AuthorizationUsed` log) or `authorizationState(from, nonce)` used → settled, never
-//! sent again; a transaction the node still holds unmined → waited for; otherwise it is sent.
-//! The token itself enforces one use per authorization, so even a resend after a lost `sent`
-//! record could not move the money twice: at worst it would waste one reverted call.
+//! Each queued payment moves `pending → sent(tx) → settled(tx) | failed(reason)`. The `sent`
+//! record is durable **before** its transaction is broadcast, and is refused to a worker that
+//! no longer holds the payment's lease (so a round whose lease was taken over never
+//! broadcasts). Whatever is leased again (recovered after a restart, retried, or taken over
+//! by another instance after an expired lease) has its chain state read through
+//! [`BatchSettler::state`] before anything is resent: a known transaction that carried it
+//! (receipt with the token's `AuthorizationUsed` log) or `authorizationState(from, nonce)`
+//! used → settled, never sent again; a transaction the node still holds unmined → waited
+//! for; otherwise it is sent. A final outcome is recorded once, and reported by the worker
+//! that recorded it. The token itself enforces one use per authorization, so even a resend
+//! after a lost `sent` record could not move the money twice: at worst it would waste one
+//! reverted call. These rules hold across instances sharing a queue.
 //!
 //! # When the RPC is down
 //!
 //! - At request time: the pre-check cannot run, so the layer answers **503** with
-//!   `Retry-After` and the handler does not run (nothing is journaled).
+//!   `Retry-After` and the handler does not run (nothing is queued).
 //! - After journaling: the payment was accepted and stays in the journal; the worker retries
 //!   with backoff (from 1 s, doubling, up to 5 min by default) until the RPC answers, then
 //!   settles it. Payments whose authorization expires meanwhile (`validBefore`) fail with
 //!   the token's reason: that is the risk deferring takes, and why the retry ceiling is short
 //!   next to the usual validity window.
 //!
-//! # When the journal fails
+//! # When the queue fails
+//!
+//! A shared queue that cannot be reached answers like the journal below: at request time
+//! (the pre-check's questions, or the append) the payment is **not accepted** (503 with
+//! `Retry-After`, the proof released); the worker's steps are retried with backoff.
+//!
+//! ## The journal
 //!
 //! Every failure is raised through [`alert`](crate::alert) (counted, logged without any
 //! feature, a metric with `metrics`); none stops the settler for good.
@@ -387,8 +411,8 @@ impl DeferredSettlerBuilder {
         self
     }
 
-    /// Refuses new payments while this many are journaled and not final yet (default: no
-    /// limit): [`check`](Settler::check) answers unavailable, the layer 503 with
+    /// Refuses new payments while this many are queued and not final yet (default: no
+    /// limit; with a shared queue, counted over every instance): [`check`](Settler::check) answers unavailable, the layer 503 with
     /// `Retry-After: 1`, the handler does not run and the client keeps its proof.
     ///
     /// Backpressure for when requests arrive faster than the chain settles them: a payment
@@ -618,6 +642,13 @@ impl DeferredSettler {
     /// queue, as of the worker's last look (it counts every instance's payments).
     pub fn pending(&self) -> usize {
         self.shared.pending.borrow().unwrap_or(0)
+    }
+
+    /// True when its queue is shared by several instances (a `PostgresSettlementQueue`):
+    /// those instances must also share the nonce store and the challenge key (see
+    /// DEPLOYING.md).
+    pub fn is_shared(&self) -> bool {
+        self.shared.queue.is_shared()
     }
 
     /// Asks the worker to send what is due now, without waiting for a full batch.
