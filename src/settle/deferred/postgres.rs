@@ -3,6 +3,7 @@
 //! (schema, statements, leases, failure behaviour) is on the type.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use alloy_primitives::{B256, U256};
@@ -49,6 +50,7 @@ const CLEANUP_BATCH: i64 = 10_000;
 struct Sql {
     append: String,
     exposure: String,
+    owed: String,
     lease: String,
     sent: String,
     finish: String,
@@ -71,6 +73,11 @@ impl Sql {
             exposure: format!(
                 "SELECT (SELECT count(*) FROM {p}settlements WHERE NOT done),
                     (SELECT coalesce(sum(amount), 0)::text FROM {p}settlements
+                        WHERE NOT done AND payer = $1 AND asset = $2),
+                    EXISTS (SELECT 1 FROM {p}settlements WHERE k = $3)"
+            ),
+            owed: format!(
+                "SELECT (SELECT coalesce(sum(amount), 0)::text FROM {p}settlements
                         WHERE NOT done AND payer = $1 AND asset = $2),
                     EXISTS (SELECT 1 FROM {p}settlements WHERE k = $3)"
             ),
@@ -178,7 +185,8 @@ impl Sql {
 ///   only the worker that recorded it reports it to its outcome hook.
 /// * **renew**, **release**, **pending**, **exposure** (the backlog, what the payer owes,
 ///   and whether the authorization is queued: the pre-check's questions, answered for every
-///   instance).
+///   instance; the backlog is counted at most every 100 ms per instance, so `max_pending`
+///   is a bound within what all instances accept in that time).
 ///
 /// Lease times follow PostgreSQL's clock; `accepted_ms` and the worker's ripeness cut-off
 /// follow the instances' clocks (a skew delays or hastens a batch, nothing more).
@@ -205,7 +213,12 @@ pub struct PostgresSettlementQueue {
     retry_after: Option<Duration>,
     retention: Duration,
     cleanup: Arc<pg::Cleanup>,
+    /// The backlog as last counted, and when (Unix ms; see `exposure`).
+    counted: Arc<(AtomicU64, AtomicU64)>,
 }
+
+/// How long a backlog count serves `exposure` before it is counted again.
+const COUNT_FOR: u64 = 100;
 
 impl std::fmt::Debug for PostgresSettlementQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -241,6 +254,7 @@ impl PostgresSettlementQueue {
             retry_after: None,
             retention: Self::DEFAULT_RETENTION,
             cleanup: Arc::new(pg::Cleanup::new(Duration::from_secs(60))),
+            counted: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
         }
     }
 
@@ -415,8 +429,17 @@ impl SettlementQueue for PostgresSettlementQueue {
     async fn exposure(&self, payment: &VerifiedPayment) -> Result<Exposure, StoreError> {
         self.schema_within(self.timeout).await?;
         let k = PostgresNonceStore::row_key(&payment.nonce_key());
-        let sql = self.sql.exposure.as_str();
-        let (pending, owed, queued): (i64, String, bool) =
+        // Counting every open row on every request would cost more than the request: the
+        // backlog is counted at most every 100 ms per instance (a soft bound either way).
+        let now = super::unix_ms();
+        let (count, at) = &*self.counted;
+        let recount = now.saturating_sub(at.load(Ordering::Relaxed)) >= COUNT_FOR;
+        let sql = if recount {
+            self.sql.exposure.as_str()
+        } else {
+            self.sql.owed.as_str()
+        };
+        let (pending, owed, queued): (Option<i64>, String, bool) =
             pg::run(self.timeout, self.retry_after(), true, || async {
                 let client = self.pool.get().await?;
                 let stmt = client.prepare_cached(sql).await?;
@@ -430,9 +453,22 @@ impl SettlementQueue for PostgresSettlementQueue {
                         ],
                     )
                     .await?;
-                Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+                if recount {
+                    Ok((Some(row.try_get(0)?), row.try_get(1)?, row.try_get(2)?))
+                } else {
+                    Ok((None, row.try_get(0)?, row.try_get(1)?))
+                }
             })
             .await?;
+        let pending = match pending {
+            Some(n) => {
+                let n = u64::try_from(n).unwrap_or(0);
+                count.store(n, Ordering::Relaxed);
+                at.store(now, Ordering::Relaxed);
+                n
+            }
+            None => count.load(Ordering::Relaxed),
+        };
         // A sum PostgreSQL computed from amounts this crate wrote: saturate if it is not one.
         let owed = owed.parse::<U256>().unwrap_or(U256::MAX);
         Ok(Exposure::new(
