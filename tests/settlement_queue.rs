@@ -217,3 +217,41 @@ async fn queue_contract_journal() {
     let q = tower_x402::settle::deferred::JournalQueue::open(journal("contract")).expect("open");
     contract::settlement_queue("journal", &q).await;
 }
+
+/// A round that outlives its lease TTL renews the lease: no other round takes its payments
+/// over while it runs (a take-over would hand the same payments to a second batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_round_renews_its_lease_and_keeps_its_payments() {
+    let batch = std::sync::Arc::new(Holding::default());
+    let settler = DeferredSettler::builder(batch.clone())
+        .journal(journal("renew"))
+        .max_batch(4)
+        // One full batch of the four, sent at once.
+        .max_wait(Duration::from_secs(600))
+        .in_flight(2)
+        .lease_ttl(Duration::from_millis(300))
+        .retry(Duration::from_millis(10), Duration::from_millis(20))
+        .start()
+        .expect("deferred settler");
+    for i in 1..=4u8 {
+        settler.settle(&payment(i)).await.expect("accepted");
+    }
+    until("a batch outstanding", || {
+        batch.outstanding.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Four TTLs: a lease that was not renewed would have expired and been taken over.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(
+        batch.batches.lock().unwrap().len(),
+        1,
+        "no second round took the held payments"
+    );
+    batch.release.add_permits(1_000);
+    tokio::time::timeout(WAIT, settler.idle())
+        .await
+        .expect("everything settled");
+    let settled = batch.settled.lock().unwrap();
+    assert_eq!(settled.len(), 4);
+    assert!(settled.values().all(|n| *n == 1), "{settled:?}");
+}
