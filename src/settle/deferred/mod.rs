@@ -394,7 +394,8 @@ impl DeferredSettlerBuilder {
     }
 
     /// Compact the journal once it holds more than this many records and more than twice the
-    /// live ones (default 10 000).
+    /// live ones (default 10 000). For [`journal`](Self::journal) only: a queue given with
+    /// [`queue`](Self::queue) keeps its own storage.
     pub fn compact_after(mut self, records: u64) -> Self {
         self.compact_after = records;
         self
@@ -450,7 +451,8 @@ impl DeferredSettlerBuilder {
     }
 
     /// Makes the journal's writes, syncs, compaction rename and directory syncs fail on
-    /// command (test builds only: the `test-util` feature). See [`JournalFaults`].
+    /// command (test builds only: the `test-util` feature; for [`journal`](Self::journal)
+    /// only). See [`JournalFaults`].
     #[cfg(any(test, feature = "test-util"))]
     #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn journal_faults(mut self, faults: JournalFaults) -> Self {
