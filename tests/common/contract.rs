@@ -112,112 +112,6 @@ pub async fn nonce_store<S: NonceStore>(backend: &str, s: &S) {
     }
 }
 
-/// A payment id no other test uses (for payer `0x22..22`).
-pub fn random_id_key() -> IdempotencyKey {
-    IdempotencyKey {
-        payer: Address::repeat_byte(0x22),
-        id: PaymentId::parse(&format!("pay_{}", random_nonce())[..40]).expect("a valid id"),
-    }
-}
-
-fn stored(body: &'static str) -> StoredResponse {
-    let mut headers = http::HeaderMap::new();
-    headers.insert("x-test", http::HeaderValue::from_static("1"));
-    StoredResponse {
-        status: http::StatusCode::OK,
-        headers,
-        body: bytes::Bytes::from_static(body.as_bytes()),
-        rejection: None,
-    }
-}
-
-fn fingerprint(b: u8) -> Fingerprint {
-    Fingerprint(B256::repeat_byte(b))
-}
-
-/// The [`IdempotencyStore`] contract: one starter; the same fingerprint waits (in
-/// progress) then gets the stored response; another fingerprint conflicts; only the holder
-/// completes or aborts; abort forgets the id; an expired entry is free again. Takes ~2 s.
-pub async fn idempotency_store<S: IdempotencyStore>(backend: &str, s: &S) {
-    let far = now() + 3600;
-    let key = random_id_key();
-    let (fp, other) = (fingerprint(1), fingerprint(2));
-    let Begin::Started(t) = s.begin(&key, fp, far).await.unwrap() else {
-        panic!("{backend}: the first begin starts")
-    };
-    assert_eq!(
-        s.begin(&key, fp, far).await.unwrap(),
-        Begin::InProgress,
-        "{backend}"
-    );
-    assert_eq!(
-        s.begin(&key, other, far).await.unwrap(),
-        Begin::Conflict,
-        "{backend}"
-    );
-    let stranger = ClaimToken(t.0 ^ 1);
-    not_held(s.complete(&key, stranger, &stored("x")).await, backend);
-    not_held(s.abort(&key, stranger).await, backend);
-    assert_eq!(
-        s.begin(&key, fp, far).await.unwrap(),
-        Begin::InProgress,
-        "{backend}"
-    );
-
-    // Abort forgets it: anyone (any fingerprint) starts afresh; the old token is dead.
-    s.abort(&key, t).await.unwrap();
-    let Begin::Started(t2) = s.begin(&key, other, far).await.unwrap() else {
-        panic!("{backend}: an aborted id starts afresh")
-    };
-    not_held(s.abort(&key, t).await, backend);
-    not_held(s.complete(&key, t, &stored("x")).await, backend);
-
-    // Complete: the same fingerprint gets the response, another conflicts; completing again
-    // with the same response is a no-op; the holder can no longer abort.
-    let reply = stored("paid content");
-    s.complete(&key, t2, &reply).await.unwrap();
-    s.complete(&key, t2, &reply).await.unwrap();
-    assert_eq!(
-        s.begin(&key, other, far).await.unwrap(),
-        Begin::Done(Box::new(reply.clone())),
-        "{backend}"
-    );
-    assert_eq!(
-        s.begin(&key, fp, far).await.unwrap(),
-        Begin::Conflict,
-        "{backend}"
-    );
-    not_held(s.abort(&key, t2).await, backend);
-    assert!(
-        matches!(s.begin(&key, other, far).await.unwrap(), Begin::Done(_)),
-        "{backend}: a failed abort changed nothing"
-    );
-    not_held(s.abort(&random_id_key(), t2).await, backend);
-
-    // Expiry: an entry until `now + 1` is free once that second has passed.
-    let (open, done) = (random_id_key(), random_id_key());
-    let soon = now() + 1;
-    let Begin::Started(a) = s.begin(&open, fp, soon).await.unwrap() else {
-        panic!("{backend}: begin")
-    };
-    let Begin::Started(b) = s.begin(&done, fp, soon).await.unwrap() else {
-        panic!("{backend}: begin")
-    };
-    s.complete(&done, b, &reply).await.unwrap();
-    while now() <= soon {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    for k in [open, done] {
-        let Begin::Started(fresh) = s.begin(&k, other, far).await.unwrap() else {
-            panic!("{backend}: an expired id starts afresh")
-        };
-        not_held(s.abort(&k, a).await, backend);
-        not_held(s.complete(&k, b, &reply).await, backend);
-        s.complete(&k, fresh, &reply).await.unwrap();
-    }
-}
-
 /// A verified `exact` payment of `amount` from `from`, with a fresh nonce.
 #[cfg(feature = "deferred")]
 pub fn queued_payment(from: Address, amount: u64) -> tower_x402::VerifiedPayment {
@@ -398,4 +292,110 @@ pub async fn settlement_queue<Q: tower_x402::settle::deferred::SettlementQueue>(
         vec![true, true]
     );
     assert_eq!(q.pending().await.unwrap(), 0, "{backend}: all final");
+}
+
+/// A payment id no other test uses (for payer `0x22..22`).
+pub fn random_id_key() -> IdempotencyKey {
+    IdempotencyKey {
+        payer: Address::repeat_byte(0x22),
+        id: PaymentId::parse(&format!("pay_{}", random_nonce())[..40]).expect("a valid id"),
+    }
+}
+
+fn stored(body: &'static str) -> StoredResponse {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-test", http::HeaderValue::from_static("1"));
+    StoredResponse {
+        status: http::StatusCode::OK,
+        headers,
+        body: bytes::Bytes::from_static(body.as_bytes()),
+        rejection: None,
+    }
+}
+
+fn fingerprint(b: u8) -> Fingerprint {
+    Fingerprint(B256::repeat_byte(b))
+}
+
+/// The [`IdempotencyStore`] contract: one starter; the same fingerprint waits (in
+/// progress) then gets the stored response; another fingerprint conflicts; only the holder
+/// completes or aborts; abort forgets the id; an expired entry is free again. Takes ~2 s.
+pub async fn idempotency_store<S: IdempotencyStore>(backend: &str, s: &S) {
+    let far = now() + 3600;
+    let key = random_id_key();
+    let (fp, other) = (fingerprint(1), fingerprint(2));
+    let Begin::Started(t) = s.begin(&key, fp, far).await.unwrap() else {
+        panic!("{backend}: the first begin starts")
+    };
+    assert_eq!(
+        s.begin(&key, fp, far).await.unwrap(),
+        Begin::InProgress,
+        "{backend}"
+    );
+    assert_eq!(
+        s.begin(&key, other, far).await.unwrap(),
+        Begin::Conflict,
+        "{backend}"
+    );
+    let stranger = ClaimToken(t.0 ^ 1);
+    not_held(s.complete(&key, stranger, &stored("x")).await, backend);
+    not_held(s.abort(&key, stranger).await, backend);
+    assert_eq!(
+        s.begin(&key, fp, far).await.unwrap(),
+        Begin::InProgress,
+        "{backend}"
+    );
+
+    // Abort forgets it: anyone (any fingerprint) starts afresh; the old token is dead.
+    s.abort(&key, t).await.unwrap();
+    let Begin::Started(t2) = s.begin(&key, other, far).await.unwrap() else {
+        panic!("{backend}: an aborted id starts afresh")
+    };
+    not_held(s.abort(&key, t).await, backend);
+    not_held(s.complete(&key, t, &stored("x")).await, backend);
+
+    // Complete: the same fingerprint gets the response, another conflicts; completing again
+    // with the same response is a no-op; the holder can no longer abort.
+    let reply = stored("paid content");
+    s.complete(&key, t2, &reply).await.unwrap();
+    s.complete(&key, t2, &reply).await.unwrap();
+    assert_eq!(
+        s.begin(&key, other, far).await.unwrap(),
+        Begin::Done(Box::new(reply.clone())),
+        "{backend}"
+    );
+    assert_eq!(
+        s.begin(&key, fp, far).await.unwrap(),
+        Begin::Conflict,
+        "{backend}"
+    );
+    not_held(s.abort(&key, t2).await, backend);
+    assert!(
+        matches!(s.begin(&key, other, far).await.unwrap(), Begin::Done(_)),
+        "{backend}: a failed abort changed nothing"
+    );
+    not_held(s.abort(&random_id_key(), t2).await, backend);
+
+    // Expiry: an entry until `now + 1` is free once that second has passed.
+    let (open, done) = (random_id_key(), random_id_key());
+    let soon = now() + 1;
+    let Begin::Started(a) = s.begin(&open, fp, soon).await.unwrap() else {
+        panic!("{backend}: begin")
+    };
+    let Begin::Started(b) = s.begin(&done, fp, soon).await.unwrap() else {
+        panic!("{backend}: begin")
+    };
+    s.complete(&done, b, &reply).await.unwrap();
+    while now() <= soon {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for k in [open, done] {
+        let Begin::Started(fresh) = s.begin(&k, other, far).await.unwrap() else {
+            panic!("{backend}: an expired id starts afresh")
+        };
+        not_held(s.abort(&k, a).await, backend);
+        not_held(s.complete(&k, b, &reply).await, backend);
+        s.complete(&k, fresh, &reply).await.unwrap();
+    }
 }
