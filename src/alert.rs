@@ -32,7 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Alert {
-    /// The deferred settlement journal could not write or sync a record.
+    /// The deferred settlement queue (the journal file, or PostgreSQL) could not record a
+    /// payment or write or sync a record.
     JournalWrite,
     /// Journal compaction failed (the journal keeps appending to the file it had).
     JournalCompaction,

@@ -114,6 +114,188 @@ pub async fn nonce_store<S: NonceStore>(backend: &str, s: &S) {
     }
 }
 
+/// A verified `exact` payment of `amount` from `from`, with a fresh nonce.
+#[cfg(feature = "deferred")]
+pub fn queued_payment(from: Address, amount: u64) -> tower_x402::VerifiedPayment {
+    use tower_x402::primitives::{Bytes, U256};
+    tower_x402::VerifiedPayment::exact(
+        tower_x402::proto::X402Version::V2,
+        tower_x402::Network::BASE_SEPOLIA,
+        address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+        tower_x402::proto::exact::Authorization {
+            from,
+            to: Address::repeat_byte(0x33),
+            value: U256::from(amount),
+            valid_after: U256::ZERO,
+            valid_before: U256::from(u64::MAX / 2),
+            nonce: random_nonce(),
+        },
+        Bytes::from(vec![7; 65]),
+    )
+}
+
+/// The [`SettlementQueue`](tower_x402::settle::deferred::SettlementQueue) contract, on an
+/// empty queue: one row per authorization, the pre-check's exposure, leases that never share
+/// a payment (full batch at once, else the ripe ones), `sent` refused without the lease,
+/// renew/release, a final outcome recorded once, and an expired lease taken over with
+/// `recovered` set and its `sent` hashes. Takes ~0.5 s (one lease expires).
+#[cfg(feature = "deferred")]
+pub async fn settlement_queue<Q: tower_x402::settle::deferred::SettlementQueue>(
+    backend: &str,
+    q: &Q,
+) {
+    use tower_x402::primitives::U256;
+    use tower_x402::settle::deferred::{Appended, Final, LeaseOwner, LeaseRequest};
+
+    let ms = |s: u64| s * 1000;
+    let ttl = Duration::from_secs(30);
+    let (a, b, c) = (LeaseOwner(1), LeaseOwner(2), LeaseOwner(3));
+    assert_eq!(q.pending().await.unwrap(), 0, "{backend}: empty");
+    let payer = Address::repeat_byte(0x44);
+    let old = queued_payment(payer, 1_000);
+    let young = queued_payment(payer, 2_000);
+    let Appended::Accepted(id_old) = q.append(&old, ms(1)).await.unwrap() else {
+        panic!("{backend}: the first append is accepted")
+    };
+    assert_eq!(
+        q.append(&old, ms(2)).await.unwrap(),
+        Appended::Duplicate,
+        "{backend}: one row per authorization"
+    );
+    let Appended::Accepted(id_young) = q.append(&young, ms(now())).await.unwrap() else {
+        panic!("{backend}: accepted")
+    };
+    assert_ne!(id_old, id_young);
+    let e = q.exposure(&young).await.unwrap();
+    assert_eq!(
+        (e.pending, e.owed, e.queued),
+        (2, U256::from(3_000), true),
+        "{backend}"
+    );
+    let stranger = queued_payment(Address::repeat_byte(0x45), 5);
+    let e = q.exposure(&stranger).await.unwrap();
+    assert_eq!((e.owed, e.queued), (U256::ZERO, false), "{backend}");
+
+    // Not a full batch: only the ripe one (accepted at or before `ripe_ms`).
+    let got = q.lease(LeaseRequest::new(a, 10, ttl, ms(5))).await.unwrap();
+    assert_eq!(got.len(), 1, "{backend}: the ripe one only");
+    assert_eq!(got[0].id, id_old);
+    assert_eq!(got[0].payment.nonce(), old.nonce());
+    assert_eq!(got[0].payment.amount, old.amount);
+    assert_eq!(got[0].accepted_ms, ms(1));
+    assert!(!got[0].recovered && got[0].sent.is_empty() && got[0].attempts == 0);
+    // A full batch (max 1) goes though young.
+    let got = q.lease(LeaseRequest::new(b, 1, ttl, 0)).await.unwrap();
+    assert_eq!(got.len(), 1, "{backend}: a full batch at once");
+    assert_eq!(got[0].id, id_young);
+    assert!(
+        q.lease(LeaseRequest::new(c, 10, ttl, u64::MAX))
+            .await
+            .unwrap()
+            .is_empty(),
+        "{backend}: both are leased"
+    );
+
+    let tx = tower_x402::primitives::B256::repeat_byte(0xab);
+    assert!(
+        matches!(q.sent(b, &[id_old], tx).await, Err(StoreError::NotHeld)),
+        "{backend}: sent needs the lease"
+    );
+    assert!(
+        matches!(
+            q.sent(a, &[id_old, id_young], tx).await,
+            Err(StoreError::NotHeld)
+        ),
+        "{backend}: all or nothing"
+    );
+    q.sent(a, &[id_old], tx).await.unwrap();
+    q.sent(a, &[id_old], tx).await.unwrap();
+    q.renew(a, &[id_old], ttl).await.unwrap();
+    assert!(
+        matches!(q.renew(b, &[id_old], ttl).await, Err(StoreError::NotHeld)),
+        "{backend}: renew needs the lease"
+    );
+
+    // Released after a failure: due again at once, leased before (recovered), one attempt.
+    q.release(b, &[id_young], Duration::ZERO, true)
+        .await
+        .unwrap();
+    let got = q.lease(LeaseRequest::new(c, 10, ttl, 0)).await.unwrap();
+    assert_eq!(got.len(), 1, "{backend}");
+    assert_eq!(got[0].id, id_young);
+    assert!(got[0].recovered, "{backend}: leased before");
+    assert_eq!(got[0].attempts, 1, "{backend}");
+
+    let settled = Final::Settled {
+        tx: Some(tx),
+        gas_used: Some(40_000),
+    };
+    assert_eq!(
+        q.finish(&[(id_old, settled.clone())]).await.unwrap(),
+        vec![true]
+    );
+    assert_eq!(
+        q.finish(&[(id_old, settled)]).await.unwrap(),
+        vec![false],
+        "{backend}: final once"
+    );
+    assert_eq!(q.pending().await.unwrap(), 1, "{backend}");
+    let e = q.exposure(&young).await.unwrap();
+    assert_eq!(
+        e.owed,
+        U256::from(2_000),
+        "{backend}: the settled one is not owed"
+    );
+
+    // An expired lease is taken over, with its `sent` hashes, and its old owner can no
+    // longer record a broadcast.
+    let third = queued_payment(payer, 3_000);
+    let Appended::Accepted(id_third) = q.append(&third, ms(1)).await.unwrap() else {
+        panic!("{backend}: accepted")
+    };
+    let short = Duration::from_millis(200);
+    let got = q
+        .lease(LeaseRequest::new(a, 10, short, u64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(got.iter().map(|l| l.id).collect::<Vec<_>>(), vec![id_third]);
+    let tx3 = tower_x402::primitives::B256::repeat_byte(0xcd);
+    q.sent(a, &[id_third], tx3).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let got = q
+        .lease(LeaseRequest::new(b, 10, ttl, u64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1, "{backend}: taken over");
+    assert_eq!(got[0].id, id_third);
+    assert!(got[0].recovered, "{backend}: read the chain first");
+    assert_eq!(got[0].sent, vec![tx3], "{backend}: with its sent hash");
+    assert!(
+        matches!(q.sent(a, &[id_third], tx3).await, Err(StoreError::NotHeld)),
+        "{backend}: the old owner cannot broadcast"
+    );
+    let failed = Final::Failed {
+        reason: "invalid_exact_evm_payload_signature".into(),
+        tx: None,
+    };
+    assert_eq!(
+        q.finish(&[
+            (id_young, failed),
+            (
+                id_third,
+                Final::Settled {
+                    tx: Some(tx3),
+                    gas_used: None
+                }
+            )
+        ])
+        .await
+        .unwrap(),
+        vec![true, true]
+    );
+    assert_eq!(q.pending().await.unwrap(), 0, "{backend}: all final");
+}
+
 /// A payment id no other test uses (for payer `0x22..22`).
 pub fn random_id_key() -> IdempotencyKey {
     IdempotencyKey {

@@ -1,5 +1,5 @@
-//! Deferred settlement: answer the paid request as soon as the payment is **journaled**, and
-//! settle it on-chain later, in batches.
+//! Deferred settlement: answer the paid request as soon as the payment is **durably queued**,
+//! and settle it on-chain later, in batches.
 //!
 //! [`DeferredSettler`] is an ordinary [`Settler`], so a layer picks it with
 //! [`.settler(..)`](crate::PaymentLayerBuilder::settler) in either
@@ -7,45 +7,69 @@
 //! settler does, not when the layer calls it):
 //!
 //! - [`check`](Settler::check) (before the handler) refuses a proof whose nonce is already in
-//!   the journal, then asks the inner [`BatchSettler`] to pre-check it on-chain: nonce unused,
-//!   and a balance that covers this payment **plus** what the payer already owes in journaled,
-//!   unsettled payments of the same token.
-//! - [`settle`](Settler::settle) appends the payment to the journal, waits for the journal's
-//!   `fdatasync` (shared by all concurrent appends: group commit, see `journal.rs`), and returns
-//!   at once. **Its [`Settlement::transaction`] is `None`**: no transaction exists yet, so the
+//!   the queue, then asks the inner [`BatchSettler`] to pre-check it on-chain: nonce unused,
+//!   and a balance that covers this payment **plus** what the payer already owes in queued,
+//!   unsettled payments of the same token (both asked of the queue: with a shared queue, for
+//!   every instance).
+//! - [`settle`](Settler::settle) appends the payment to the queue and returns once it is
+//!   durable (the journal's `fdatasync`, shared by all concurrent appends: group commit, see
+//!   `journal.rs`; or PostgreSQL's commit). **Its [`Settlement::transaction`] is `None`**: no transaction exists yet, so the
 //!   receipt header carries `success: true` and an empty `transaction` — the same shape as
 //!   verify-only receipts. The final outcome (with the hash) goes to the
 //!   [outcome hook](DeferredSettlerBuilder::on_outcome).
-//! - A background worker (a tokio task) takes journaled payments oldest first and settles up to
+//! - A background worker (a tokio task) leases queued payments oldest first and settles up to
 //!   [`max_batch`](DeferredSettlerBuilder::max_batch) of them at once through
 //!   [`BatchSettler::settle_batch`] (for [`OnchainSettler`][super::onchain::OnchainSettler]:
 //!   one Multicall3 `aggregate3` transaction), as soon as the batch is full or its oldest
 //!   payment waited [`max_wait`](DeferredSettlerBuilder::max_wait). A failed round (RPC down)
 //!   is retried with exponential backoff ([`retry`](DeferredSettlerBuilder::retry)); the
-//!   payments stay journaled meanwhile, across restarts too.
+//!   payments stay queued meanwhile, across restarts too. Up to
+//!   [`in_flight`](DeferredSettlerBuilder::in_flight) rounds run at once, on disjoint
+//!   payments.
+//!
+//! # Queues
+//!
+//! Where accepted payments wait is a [`SettlementQueue`]:
+//!
+//! - [`JournalQueue`] ([`journal(path)`](DeferredSettlerBuilder::journal)): an append-only
+//!   file, **one process**, on a disk that must outlive the process.
+//! - `PostgresSettlementQueue` (feature `postgres`, [`queue(q)`](DeferredSettlerBuilder::queue)):
+//!   **shared** by every instance on the database. Any instance's worker settles what any
+//!   instance accepted; a dead instance's leased payments are taken over once its lease
+//!   expires ([`lease_ttl`](DeferredSettlerBuilder::lease_ttl)).
 //!
 //! # Exactly once
 //!
-//! Each journal record moves `pending → sent(tx) → settled(tx) | failed(reason)`. The `sent`
-//! record is written (and synced) **before** its transaction is broadcast. On start the
-//! journal is replayed and, before anything is resent, each recovered payment's chain state is
-//! read through [`BatchSettler::state`]: a known transaction that carried it (receipt with the
-//! token's `AuthorizationUsed` log) or `authorizationState(from, nonce)` used → settled, never
-//! sent again; a transaction the node still holds unmined → waited for; otherwise it is sent.
-//! The token itself enforces one use per authorization, so even a resend after a lost `sent`
-//! record could not move the money twice: at worst it would waste one reverted call.
+//! Each queued payment moves `pending → sent(tx) → settled(tx) | failed(reason)`. The `sent`
+//! record is durable **before** its transaction is broadcast, and is refused to a worker that
+//! no longer holds the payment's lease (so a round whose lease was taken over never
+//! broadcasts). Whatever is leased again (recovered after a restart, retried, or taken over
+//! by another instance after an expired lease) has its chain state read through
+//! [`BatchSettler::state`] before anything is resent: a known transaction that carried it
+//! (receipt with the token's `AuthorizationUsed` log) or `authorizationState(from, nonce)`
+//! used → settled, never sent again; a transaction the node still holds unmined → waited
+//! for; otherwise it is sent. A final outcome is recorded once, and reported by the worker
+//! that recorded it. The token itself enforces one use per authorization, so even a resend
+//! after a lost `sent` record could not move the money twice: at worst it would waste one
+//! reverted call. These rules hold across instances sharing a queue.
 //!
 //! # When the RPC is down
 //!
 //! - At request time: the pre-check cannot run, so the layer answers **503** with
-//!   `Retry-After` and the handler does not run (nothing is journaled).
+//!   `Retry-After` and the handler does not run (nothing is queued).
 //! - After journaling: the payment was accepted and stays in the journal; the worker retries
 //!   with backoff (from 1 s, doubling, up to 5 min by default) until the RPC answers, then
 //!   settles it. Payments whose authorization expires meanwhile (`validBefore`) fail with
 //!   the token's reason: that is the risk deferring takes, and why the retry ceiling is short
 //!   next to the usual validity window.
 //!
-//! # When the journal fails
+//! # When the queue fails
+//!
+//! A shared queue that cannot be reached answers like the journal below: at request time
+//! (the pre-check's questions, or the append) the payment is **not accepted** (503 with
+//! `Retry-After`, the proof released); the worker's steps are retried with backoff.
+//!
+//! ## The journal
 //!
 //! Every failure is raised through [`alert`](crate::alert) (counted, logged without any
 //! feature, a metric with `metrics`); none stops the settler for good.
@@ -90,26 +114,37 @@
 
 mod faults;
 mod journal;
+mod journal_queue;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod queue;
 mod worker;
+
+pub use self::journal_queue::JournalQueue;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::postgres::PostgresSettlementQueue;
+pub use self::queue::{
+    Appended, Exposure, Final, LeaseOwner, LeaseRequest, Leased, SettlementQueue,
+};
 
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub use self::faults::JournalFaults;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use alloy_primitives::{Address, B256, U256};
 use async_trait::async_trait;
 use tokio::sync::{Notify, watch};
 
 use self::faults::JournalFaults as Faults;
-use self::journal::{Journal, Record, StoredPayment};
 use super::{SettleError, Settlement, Settler};
-use crate::nonce::NonceKey;
 use crate::reason;
+use crate::store::StoreError;
 use crate::verify::{BoxError, VerifiedPayment};
 
 /// A settler that settles many payments at once and reads where one stands on-chain: the
@@ -212,7 +247,7 @@ pub enum ChainState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Outcome {
-    /// The journal id.
+    /// The queue's id.
     pub id: u64,
     /// Who paid.
     pub payer: Address,
@@ -264,8 +299,8 @@ pub enum DeferredError {
         #[source]
         source: std::io::Error,
     },
-    /// No journal path was given.
-    #[error("no journal path: call .journal(path)")]
+    /// Neither a journal path nor a queue was given.
+    #[error("no journal path or queue: call .journal(path) or .queue(q)")]
     NoJournal,
     /// Not called inside a tokio runtime (the worker is a tokio task).
     #[error("DeferredSettler must start inside a tokio runtime")]
@@ -279,12 +314,16 @@ type Hook = Arc<dyn Fn(&Outcome) + Send + Sync>;
 pub struct DeferredSettlerBuilder {
     batch: Arc<dyn BatchSettler>,
     journal: Option<PathBuf>,
+    queue: Option<Arc<dyn SettlementQueue>>,
+    lease_ttl: Duration,
+    poll: Option<Duration>,
     max_batch: usize,
     max_wait: Duration,
     retry: (Duration, Duration),
     compact_after: u64,
     precheck: bool,
     max_pending: Option<usize>,
+    in_flight: usize,
     hook: Option<Hook>,
     faults: Faults,
 }
@@ -300,9 +339,37 @@ impl std::fmt::Debug for DeferredSettlerBuilder {
 }
 
 impl DeferredSettlerBuilder {
-    /// The journal file (created if missing; required). One process per file.
+    /// The journal file (created if missing): a [`JournalQueue`], one process per file on a
+    /// local disk. This or [`queue`](Self::queue) is required.
     pub fn journal(mut self, path: impl AsRef<Path>) -> Self {
         self.journal = Some(path.as_ref().to_owned());
+        self
+    }
+
+    /// Keeps accepted payments in `queue` instead of a journal file: e.g. a
+    /// `PostgresSettlementQueue` (feature `postgres`) that several instances share, each
+    /// instance's worker settling what any of them accepted. Overrides
+    /// [`journal`](Self::journal).
+    pub fn queue(mut self, queue: impl SettlementQueue) -> Self {
+        self.queue = Some(Arc::new(queue));
+        self
+    }
+
+    /// How long a worker's lease on a batch holds unless renewed (default 60 s; renewed every
+    /// third of it while the round runs). When an instance dies, another instance's worker
+    /// takes its leased payments over after this long, reading each one's chain state before
+    /// anything is resent. Keep it well above a round's longest RPC call.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl.max(Duration::from_millis(100));
+        self
+    }
+
+    /// How often an idle worker asks the queue for due payments (default: the shorter of
+    /// `max_wait` and the first retry wait, between 10 ms and 1 s). New payments of this
+    /// instance wake it at once; the poll finds ripe batches, retries and, on a shared queue,
+    /// other instances' payments and expired leases.
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll = Some(every.max(Duration::from_millis(1)));
         self
     }
 
@@ -327,7 +394,8 @@ impl DeferredSettlerBuilder {
     }
 
     /// Compact the journal once it holds more than this many records and more than twice the
-    /// live ones (default 10 000).
+    /// live ones (default 10 000). For [`journal`](Self::journal) only: a queue given with
+    /// [`queue`](Self::queue) keeps its own storage.
     pub fn compact_after(mut self, records: u64) -> Self {
         self.compact_after = records;
         self
@@ -344,8 +412,8 @@ impl DeferredSettlerBuilder {
         self
     }
 
-    /// Refuses new payments while this many are journaled and not final yet (default: no
-    /// limit): [`check`](Settler::check) answers unavailable, the layer 503 with
+    /// Refuses new payments while this many are queued and not final yet (default: no
+    /// limit; with a shared queue, counted over every instance): [`check`](Settler::check) answers unavailable, the layer 503 with
     /// `Retry-After: 1`, the handler does not run and the client keeps its proof.
     ///
     /// Backpressure for when requests arrive faster than the chain settles them: a payment
@@ -359,6 +427,22 @@ impl DeferredSettlerBuilder {
         self
     }
 
+    /// Most settlement rounds (batch transactions) in flight at once (default 1; at least 1).
+    ///
+    /// With one, the worker sends a batch and waits for its receipt before it sends the next:
+    /// it uses at most one transaction per block, so it settles at most `max_batch` payments
+    /// per block (batches of 32 and 2 s blocks: ~16 payments/s), whatever the chain could
+    /// take. With `n`, up to `n` rounds run at once on disjoint payments (no payment is ever
+    /// in two rounds), so up to `n` batches can land in one block. An
+    /// [`OnchainSettler`][super::onchain::OnchainSettler] hands concurrent sends consecutive
+    /// relayer nonces; a [`BatchSettler`] of your own must be safe to call concurrently.
+    /// Each round still waits `max_wait` for a full batch, and the backlog bound
+    /// ([`max_pending`](Self::max_pending)) is unchanged.
+    pub fn in_flight(mut self, n: usize) -> Self {
+        self.in_flight = n.max(1);
+        self
+    }
+
     /// Called with each payment's final outcome, from the worker task (keep it quick: send it
     /// to a channel for anything slow).
     pub fn on_outcome(mut self, hook: impl Fn(&Outcome) + Send + Sync + 'static) -> Self {
@@ -367,7 +451,8 @@ impl DeferredSettlerBuilder {
     }
 
     /// Makes the journal's writes, syncs, compaction rename and directory syncs fail on
-    /// command (test builds only: the `test-util` feature). See [`JournalFaults`].
+    /// command (test builds only: the `test-util` feature; for [`journal`](Self::journal)
+    /// only). See [`JournalFaults`].
     #[cfg(any(test, feature = "test-util"))]
     #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn journal_faults(mut self, faults: JournalFaults) -> Self {
@@ -375,63 +460,58 @@ impl DeferredSettlerBuilder {
         self
     }
 
-    /// Opens the journal, recovers what it holds, and starts the worker.
+    /// Opens the journal (or takes the queue), and starts the worker.
     ///
     /// # Errors
     /// See [`DeferredError`].
     pub fn start(self) -> Result<DeferredSettler, DeferredError> {
-        let path = self.journal.ok_or(DeferredError::NoJournal)?;
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| DeferredError::NoRuntime)?;
-        let (journal, live, next_id) =
-            Journal::open(&path, self.faults).map_err(|source| DeferredError::Journal {
-                path: path.clone(),
-                source,
-            })?;
-        let mut state = State {
-            next_id,
-            ..State::default()
+        let (queue, known): (Arc<dyn SettlementQueue>, Option<usize>) = match self.queue {
+            Some(q) => (q, None),
+            None => {
+                let path = self.journal.ok_or(DeferredError::NoJournal)?;
+                let q = JournalQueue::open_with(&path, self.compact_after, self.faults).map_err(
+                    |source| DeferredError::Journal {
+                        path: path.clone(),
+                        source,
+                    },
+                )?;
+                let n = q.len();
+                (Arc::new(q), Some(n))
+            }
         };
-        // Recovered payments have waited long enough: due at once.
-        let due = Instant::now()
-            .checked_sub(self.max_wait)
-            .unwrap_or_else(Instant::now);
-        for (id, entry) in live {
-            state.insert(
-                id,
-                Item {
-                    payment: entry.payment.to_payment(),
-                    accepted_ms: entry.accepted_ms,
-                    sent: entry.sent,
-                    recovered: true,
-                    attempts: 0,
-                    not_before: None,
-                    queued: due,
-                    held: false,
-                },
-            );
-        }
-        let (pending, _) = watch::channel(state.items.len());
+        let (pending, _) = watch::channel(known);
+        let poll = self.poll.unwrap_or_else(|| {
+            self.max_wait
+                .min(self.retry.0)
+                .clamp(Duration::from_millis(10), Duration::from_secs(1))
+        });
         let shared = Arc::new(Shared {
             batch: self.batch,
-            journal,
-            state: Mutex::new(state),
+            queue,
+            owner: LeaseOwner::random(),
             wake: Notify::new(),
             pending,
+            flush_ms: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            changing: AtomicU64::new(0),
             config: Config {
                 max_batch: self.max_batch,
                 max_wait: self.max_wait,
                 retry: self.retry,
-                compact_after: self.compact_after,
                 precheck: self.precheck,
                 max_pending: self.max_pending,
+                in_flight: self.in_flight,
+                lease_ttl: self.lease_ttl,
+                poll,
             },
             hook: self.hook,
         });
         let worker = runtime.spawn(worker::run(shared.clone()));
         Ok(DeferredSettler {
             shared: shared.clone(),
-            _stop: Arc::new(StopOnDrop { shared, worker }),
+            _stop: Arc::new(StopOnDrop { worker }),
         })
     }
 }
@@ -441,70 +521,33 @@ struct Config {
     max_batch: usize,
     max_wait: Duration,
     retry: (Duration, Duration),
-    compact_after: u64,
     precheck: bool,
     max_pending: Option<usize>,
-}
-
-/// A payment in the journal, not final yet.
-#[derive(Debug)]
-struct Item {
-    payment: VerifiedPayment,
-    accepted_ms: u64,
-    sent: Vec<B256>,
-    /// Read back from the journal at start: check the chain before sending.
-    recovered: bool,
-    attempts: u32,
-    /// Backoff: not before this instant.
-    not_before: Option<Instant>,
-    /// When it entered this process's queue (for `max_wait`).
-    queued: Instant,
-    /// Its journal append is in progress: not the worker's yet.
-    held: bool,
+    in_flight: usize,
+    lease_ttl: Duration,
+    poll: Duration,
 }
 
 /// What the request path and the worker share.
-#[derive(Debug, Default)]
-struct State {
-    items: BTreeMap<u64, Item>,
-    /// Nonce keys of `items`, and of appends in progress.
-    keys: HashSet<NonceKey>,
-    /// Journaled, unsettled amounts per (token, payer).
-    owed: HashMap<(Address, Address), U256>,
-    next_id: u64,
-}
-
-impl State {
-    fn insert(&mut self, id: u64, item: Item) {
-        let p = &item.payment;
-        self.keys.insert(p.nonce_key());
-        let owed = self.owed.entry((p.asset, p.payer)).or_default();
-        *owed = owed.saturating_add(p.amount);
-        self.items.insert(id, item);
-    }
-
-    fn remove(&mut self, id: u64) -> Option<Item> {
-        let item = self.items.remove(&id)?;
-        let p = &item.payment;
-        self.keys.remove(&p.nonce_key());
-        if let Some(owed) = self.owed.get_mut(&(p.asset, p.payer)) {
-            *owed = owed.saturating_sub(p.amount);
-            if owed.is_zero() {
-                self.owed.remove(&(p.asset, p.payer));
-            }
-        }
-        Some(item)
-    }
-}
-
 struct Shared {
     batch: Arc<dyn BatchSettler>,
-    journal: Journal,
-    state: Mutex<State>,
+    queue: Arc<dyn SettlementQueue>,
+    /// This settler's leases.
+    owner: LeaseOwner,
     /// New work, or a flush request.
     wake: Notify,
-    /// Payments not final yet.
-    pending: watch::Sender<usize>,
+    /// Payments not final yet, as last known (`None` until the worker first asks a queue
+    /// given with `.queue(..)`).
+    pending: watch::Sender<Option<usize>>,
+    /// Unix ms: payments accepted before it are ripe now ([`DeferredSettler::flush`]).
+    flush_ms: AtomicU64,
+    /// Changes to the count started (appends, and final outcomes being recorded and
+    /// reported), and those in progress: a count the worker reads from the queue replaces
+    /// `pending` only if none was in progress when it asked and none started before the
+    /// answer came. Else it may miss an append that `settle` counts itself, or let `idle`
+    /// resolve before an outcome is reported.
+    changes: AtomicU64,
+    changing: AtomicU64,
     config: Config,
     hook: Option<Hook>,
 }
@@ -517,31 +560,22 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // Every update is a single insert/remove: consistent even after a panic elsewhere.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// Stops the worker when the last handle goes.
 struct StopOnDrop {
-    shared: Arc<Shared>,
     worker: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        // Like a crash, which the journal is built for: whatever is pending waits for the
-        // next start, and a round cut short is reconciled then.
+        // Like a crash, which the queue is built for: whatever is pending waits for the next
+        // start (or, on a shared queue, another instance once the leases expire), and a round
+        // cut short is reconciled then. Every acknowledged payment is already durable.
         self.worker.abort();
-        // Nothing to flush: every acknowledged payment is already in the journal.
-        let _ = &self.shared;
     }
 }
 
-/// Accepts verified payments into a durable journal and settles them later, in batches. Cheap
-/// to clone; the worker stops when the last clone is dropped (journaled payments wait for the
+/// Accepts verified payments into a durable queue and settles them later, in batches. Cheap
+/// to clone; the worker stops when the last clone is dropped (queued payments wait for the
 /// next start). See the [module docs](self).
 ///
 /// ```no_run
@@ -585,45 +619,51 @@ impl std::fmt::Debug for DeferredSettler {
 
 impl DeferredSettler {
     /// A builder settling through `batch`. Defaults: batches of up to 32, 2 s max wait,
-    /// retries from 1 s to 5 min, compaction after 10 000 records.
+    /// retries from 1 s to 5 min, compaction after 10 000 records, one round in flight,
+    /// leases of 60 s.
     pub fn builder(batch: impl BatchSettler) -> DeferredSettlerBuilder {
         DeferredSettlerBuilder {
             batch: Arc::new(batch),
             journal: None,
+            queue: None,
+            lease_ttl: Duration::from_secs(60),
+            poll: None,
             max_batch: 32,
             max_wait: Duration::from_secs(2),
             retry: (Duration::from_secs(1), Duration::from_secs(300)),
             compact_after: 10_000,
             precheck: true,
             max_pending: None,
+            in_flight: 1,
             hook: None,
             faults: Faults::default(),
         }
     }
 
-    /// Payments journaled and not final yet.
+    /// Payments queued and not final yet, as last known: exact for a journal; for a shared
+    /// queue, as of the worker's last look (it counts every instance's payments).
     pub fn pending(&self) -> usize {
-        self.shared.lock().items.len()
+        self.shared.pending.borrow().unwrap_or(0)
+    }
+
+    /// True when its queue is shared by several instances (a `PostgresSettlementQueue`):
+    /// those instances must also share the nonce store and the challenge key (see
+    /// DEPLOYING.md).
+    pub fn is_shared(&self) -> bool {
+        self.shared.queue.is_shared()
     }
 
     /// Asks the worker to send what is due now, without waiting for a full batch.
     pub fn flush(&self) {
-        let mut state = self.shared.lock();
-        let due = Instant::now()
-            .checked_sub(self.shared.config.max_wait)
-            .unwrap_or_else(Instant::now);
-        for item in state.items.values_mut() {
-            item.queued = item.queued.min(due);
-        }
-        drop(state);
+        self.shared.flush_ms.fetch_max(unix_ms(), Ordering::SeqCst);
         self.shared.wake.notify_one();
     }
 
-    /// Resolves once no payment is pending (immediately if none is).
+    /// Resolves once no payment is pending (immediately if none is known to be).
     pub async fn idle(&self) {
         let mut rx = self.shared.pending.subscribe();
         // Errs only when the sender is gone, which `self` prevents: nothing to report.
-        let _ = rx.wait_for(|n| *n == 0).await;
+        let _ = rx.wait_for(|n| *n == Some(0)).await;
     }
 }
 
@@ -631,7 +671,7 @@ impl DeferredSettler {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{pending} payments wait for settlement: the backlog is full")]
 pub struct Backlog {
-    /// Payments journaled and not final.
+    /// Payments queued and not final.
     pub pending: usize,
 }
 
@@ -640,6 +680,14 @@ fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A queue failure on the request path: 503 with its `Retry-After` (1 s unless it says).
+fn unavailable(e: StoreError) -> SettleError {
+    SettleError::Unavailable {
+        retry_after: Some(e.retry_after().unwrap_or(Duration::from_secs(1))),
+        source: Box::new(e),
+    }
 }
 
 #[async_trait]
@@ -663,127 +711,79 @@ impl Settler for DeferredSettler {
                 transaction: None,
             });
         }
-        let owed = {
-            let state = self.shared.lock();
-            if let Some(max) = self.shared.config.max_pending
-                && state.items.len() >= max
-            {
-                return Err(SettleError::Unavailable {
-                    retry_after: Some(Duration::from_secs(1)),
-                    source: Box::new(Backlog {
-                        pending: state.items.len(),
-                    }),
-                });
-            }
-            if state.keys.contains(&payment.nonce_key()) {
-                return Err(SettleError::Refused {
-                    reason: reason::NONCE_ALREADY_USED,
-                    transaction: None,
-                });
-            }
-            state
-                .owed
-                .get(&(payment.asset, payment.payer))
-                .copied()
-                .unwrap_or_default()
-        };
+        let exposure = self
+            .shared
+            .queue
+            .exposure(payment)
+            .await
+            .map_err(unavailable)?;
+        if let Some(max) = self.shared.config.max_pending
+            && exposure.pending >= max
+        {
+            return Err(SettleError::Unavailable {
+                retry_after: Some(Duration::from_secs(1)),
+                source: Box::new(Backlog {
+                    pending: exposure.pending,
+                }),
+            });
+        }
+        if exposure.queued {
+            return Err(SettleError::Refused {
+                reason: reason::NONCE_ALREADY_USED,
+                transaction: None,
+            });
+        }
         if !self.shared.config.precheck {
             return Ok(());
         }
-        self.shared.batch.check(payment, owed).await
+        self.shared.batch.check(payment, exposure.owed).await
     }
 
     async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
         // Only EIP-3009 authorizations batch (see `check`).
-        let stored = StoredPayment::of(payment).ok_or(SettleError::Refused {
-            reason: crate::reason::UNSUPPORTED_SCHEME,
-            transaction: None,
-        })?;
-        let key = payment.nonce_key();
-        let accepted_ms = unix_ms();
-        let id = {
-            let mut state = self.shared.lock();
-            // One journal entry per authorization, even if a nonce store forgot it (restart).
-            if state.keys.contains(&key) {
+        if payment.eip3009().is_none() {
+            return Err(SettleError::Refused {
+                reason: crate::reason::UNSUPPORTED_SCHEME,
+                transaction: None,
+            });
+        }
+        let _changing = Changing::start(&self.shared);
+        match self.shared.queue.append(payment, unix_ms()).await {
+            Ok(Appended::Accepted(_)) => {}
+            // One entry per authorization, even if a nonce store forgot it (restart).
+            Ok(Appended::Duplicate) => {
                 return Err(SettleError::Refused {
                     reason: reason::NONCE_ALREADY_USED,
                     transaction: None,
                 });
             }
-            // Ids come from the journal file: saturate rather than panic on a crafted one.
-            let id = state.next_id;
-            state.next_id = id.saturating_add(1);
-            // Queued at once (its amount counts as owed), held from the worker until durable.
-            state.insert(
-                id,
-                Item {
-                    payment: payment.clone(),
-                    accepted_ms,
-                    sent: Vec::new(),
-                    recovered: false,
-                    attempts: 0,
-                    not_before: None,
-                    queued: Instant::now(),
-                    held: true,
-                },
-            );
-            id
-        };
-        let mut hold = Hold {
-            shared: &self.shared,
-            id,
-            armed: true,
-        };
-        let record = Record::Pending {
-            id,
-            payment: Box::new(stored),
-            accepted_ms,
-        };
-        let appended = self.shared.journal.append(&[record]).await;
-        hold.armed = false;
-        let pending = {
-            let mut state = self.shared.lock();
-            if let Err(e) = appended {
-                // Not accepted (raised by the journal as `journal_write`): the layer answers
-                // 503 and releases the proof. The journal cuts the failed write back, so a
-                // retry a moment later can land.
-                state.remove(id);
-                return Err(SettleError::Unavailable {
-                    retry_after: Some(Duration::from_secs(1)),
-                    source: Box::new(e),
-                });
-            }
-            if let Some(item) = state.items.get_mut(&id) {
-                item.held = false;
-            }
-            state.items.len()
-        };
-        self.shared.pending.send_replace(pending);
+            // Not accepted (raised by the queue): the layer answers 503 and releases the
+            // proof, so a retry a moment later can land.
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.shared
+            .pending
+            .send_modify(|n| *n = Some(n.unwrap_or(0).saturating_add(1)));
         self.shared.wake.notify_one();
         // Accepted, not settled: no transaction yet (see the module docs).
         Ok(Settlement::default())
     }
 }
 
-/// Releases a held payment to the worker when `settle` is dropped mid-append (client gone):
-/// the append goes on without it, and a payment in the journal must be in the queue too.
-/// (Should the append then fail, the worker still settles it, as for a handler that ran.)
-struct Hold<'a> {
-    shared: &'a Shared,
-    id: u64,
-    armed: bool,
+/// A change to the pending count in progress (see `Shared::changes`); over however it ends
+/// (a dropped request included).
+struct Changing<'a>(&'a Shared);
+
+impl<'a> Changing<'a> {
+    fn start(shared: &'a Shared) -> Self {
+        shared.changes.fetch_add(1, Ordering::SeqCst);
+        shared.changing.fetch_add(1, Ordering::SeqCst);
+        Self(shared)
+    }
 }
 
-impl Drop for Hold<'_> {
+impl Drop for Changing<'_> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Some(item) = self.shared.lock().items.get_mut(&self.id) {
-            item.held = false;
-            // Durable or not is unknown: read the chain before sending, like a recovered one.
-            item.recovered = true;
-        }
-        self.shared.wake.notify_one();
+        self.0.changing.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -1,263 +1,336 @@
-//! The background worker: waits for a batch to fill (or its oldest payment to wait
-//! `max_wait`), reconciles recovered and in-flight payments with the chain, settles the rest
-//! through the [`BatchSettler`](super::BatchSettler), journals the outcomes and reports them.
+//! The background worker: leases due payments from the queue (a full batch at once, else
+//! those that waited `max_wait`), reconciles recovered and possibly sent ones with the chain,
+//! settles the rest through the [`BatchSettler`](super::BatchSettler), records the outcomes
+//! and reports them. Up to `in_flight` rounds run at once; the queue's leases keep their
+//! payments disjoint.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use alloy_primitives::B256;
 use async_trait::async_trait;
+use tokio::task::JoinSet;
 
-use super::journal::Record;
-use super::{ChainState, Outcome, OutcomeStatus, SendLog, Settled, Shared, unix_ms};
+use super::queue::{Final, LeaseRequest, Leased};
+use super::{ChainState, Outcome, OutcomeStatus, SendLog, Shared, unix_ms};
 use crate::alert::{Alert, alert};
 use crate::settle::SettleError;
 use crate::verify::{BoxError, VerifiedPayment};
 
-/// After a failed compaction, the next try waits this long (the journal works meanwhile).
-const COMPACT_RETRY: Duration = Duration::from_secs(60);
-
-/// The worker task: runs until aborted.
+/// The worker task: runs until aborted (its rounds with it).
 pub(super) async fn run(shared: Arc<Shared>) {
-    let mut compact_not_before: Option<Instant> = None;
+    let mut rounds: JoinSet<()> = JoinSet::new();
+    // Consecutive failed leases (the queue is down): backs off like a failed round.
+    let mut failures = 0u32;
+    refresh_pending(&shared).await;
     loop {
-        match due_in(&shared) {
-            Some(wait) if wait.is_zero() => {
-                if !guarded_round(&shared).await {
-                    tokio::time::sleep(shared.config.retry.0).await;
+        while let Some(done) = rounds.try_join_next() {
+            reaped(&shared, done);
+        }
+        if rounds.len() < shared.config.in_flight.max(1) {
+            let ripe = unix_ms()
+                .saturating_sub(shared.config.max_wait.as_millis() as u64)
+                .max(shared.flush_ms.load(std::sync::atomic::Ordering::SeqCst));
+            let req = LeaseRequest::new(
+                shared.owner,
+                shared.config.max_batch,
+                shared.config.lease_ttl,
+                ripe,
+            );
+            match shared.queue.lease(req).await {
+                Ok(leased) if !leased.is_empty() => {
+                    failures = 0;
+                    let worker = shared.clone();
+                    rounds.spawn(async move {
+                        let _guard = OnPanic {
+                            shared: worker.clone(),
+                            ids: leased.iter().map(|l| l.id).collect(),
+                        };
+                        round(&worker, leased).await;
+                    });
+                    // Maybe more is due: look again before sleeping.
                     continue;
                 }
-                if compact_not_before.is_none_or(|t| t <= Instant::now())
-                    && !compact_if_needed(&shared).await
-                {
-                    compact_not_before = Instant::now().checked_add(COMPACT_RETRY);
+                Ok(_) => {
+                    failures = 0;
+                    if rounds.is_empty() {
+                        refresh_pending(&shared).await;
+                    }
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    alert!(
+                        Alert::SettlementRetry,
+                        cause = &e,
+                        "deferred: could not lease due payments from the queue; they stay \
+                         queued and the worker retries with backoff"
+                    );
                 }
             }
-            Some(wait) => {
-                tokio::select! {
-                    () = shared.wake.notified() => {}
-                    () = tokio::time::sleep(wait) => {}
-                }
-            }
-            None => shared.wake.notified().await,
+        }
+        let wait = if failures > 0 {
+            backoff(&shared, failures)
+        } else {
+            shared.config.poll
+        };
+        tokio::select! {
+            () = shared.wake.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+            Some(done) = rounds.join_next(), if !rounds.is_empty() => reaped(&shared, done),
         }
     }
 }
 
-/// Aborts the round's task when the worker itself is stopped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Asks the queue how many payments are not final (for `pending` and `idle`).
+async fn refresh_pending(shared: &Shared) {
+    use std::sync::atomic::Ordering::SeqCst;
+    if shared.changing.load(SeqCst) != 0 {
+        // A change in progress may or may not be in the answer: look again later.
+        return;
+    }
+    let before = shared.changes.load(SeqCst);
+    let Ok(n) = shared.queue.pending().await else {
+        return;
+    };
+    shared.pending.send_if_modified(|v| {
+        // A change started meanwhile may be missing from the answer.
+        if shared.changes.load(SeqCst) != before || *v == Some(n) {
+            return false;
+        }
+        *v = Some(n);
+        true
+    });
+}
 
-impl Drop for AbortOnDrop {
+/// A round ended: raise a panic (a bug here or in the batch settler: its payments stay
+/// queued and are retried after `retry.0`; any that may have been sent carry their `sent`
+/// hash, so they are read from the chain first).
+fn reaped(shared: &Shared, done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        alert!(
+            Alert::SettlementRetry,
+            cause = &e,
+            "deferred: a settlement round panicked; its payments stay queued and are \
+             retried in {:?}",
+            shared.config.retry.0
+        );
+    }
+}
+
+/// Gives a panicking round's leases back (in a task: `Drop` cannot wait), so its payments are
+/// retried after `retry.0` rather than after the lease TTL.
+struct OnPanic {
+    shared: Arc<Shared>,
+    ids: Vec<u64>,
+}
+
+impl Drop for OnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let shared = self.shared.clone();
+        let ids = std::mem::take(&mut self.ids);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let retry = shared.config.retry.0;
+                // Failing, the leases expire by themselves.
+                let _ = shared.queue.release(shared.owner, &ids, retry, true).await;
+                shared.wake.notify_one();
+            });
+        }
+    }
+}
+
+/// The wait before the `attempt`-th retry: `retry.0` doubling, at most `retry.1`.
+fn backoff(shared: &Shared, attempt: u32) -> Duration {
+    let (first, max) = shared.config.retry;
+    let factor = 1u32 << attempt.saturating_sub(1).min(20);
+    first.saturating_mul(factor).min(max)
+}
+
+/// Gives `ids` back to the queue, due again after `wait`.
+async fn release(shared: &Shared, ids: &[u64], wait: Duration, failed: bool) {
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = shared.queue.release(shared.owner, ids, wait, failed).await {
+        alert!(
+            Alert::SettlementRetry,
+            cause = &e,
+            "deferred: could not give {} leased payments back to the queue; they are \
+             retried when the lease expires",
+            ids.len()
+        );
+    }
+}
+
+/// Renews a round's leases every third of the TTL until dropped.
+struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewal {
     fn drop(&mut self) {
         self.0.abort();
     }
 }
 
-/// Runs one round in its own task, so a panic in it (a bug here or in the batch settler)
-/// cannot stop settlement for good. False if it panicked (raised): its payments stay queued,
-/// and any that may have been sent carry their `sent` hash, so they are read from the chain
-/// before a resend.
-async fn guarded_round(shared: &Arc<Shared>) -> bool {
-    let worker = shared.clone();
-    let mut task = AbortOnDrop(tokio::spawn(async move { round(&worker).await }));
-    match (&mut task.0).await {
-        Ok(()) => true,
-        Err(e) => {
-            alert!(
-                Alert::SettlementRetry,
-                cause = &e,
-                "deferred: a settlement round panicked; its payments stay queued and are \
-                 retried in {:?}",
-                shared.config.retry.0
-            );
-            false
-        }
-    }
-}
-
-/// How long until the next round is due; `None`: nothing to do until woken.
-fn due_in(shared: &Shared) -> Option<Duration> {
-    let state = shared.lock();
-    let now = Instant::now();
-    let config = &shared.config;
-    let mut eligible = 0;
-    let mut oldest: Option<Instant> = None;
-    let mut backoff: Option<Instant> = None;
-    for item in state.items.values().filter(|i| !i.held) {
-        match item.not_before {
-            Some(t) if t > now => backoff = Some(backoff.map_or(t, |b| b.min(t))),
-            _ => {
-                eligible += 1;
-                oldest = Some(oldest.map_or(item.queued, |o| o.min(item.queued)));
+fn renew(shared: &Arc<Shared>, ids: Vec<u64>) -> Renewal {
+    let shared = shared.clone();
+    Renewal(tokio::spawn(async move {
+        let ttl = shared.config.lease_ttl;
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            if let Err(e) = shared.queue.renew(shared.owner, &ids, ttl).await {
+                // Lost or unreachable: `sent` is refused without the lease, so nothing more
+                // is broadcast; whoever takes them over reads the chain first.
+                alert!(
+                    Alert::SettlementRetry,
+                    cause = &e,
+                    "deferred: could not renew the lease of a round's {} payments",
+                    ids.len()
+                );
             }
         }
-    }
-    let full = eligible >= config.max_batch;
-    let ready = oldest.map(|o| (o + config.max_wait).saturating_duration_since(now));
-    match (full, ready, backoff) {
-        (true, _, _) => Some(Duration::ZERO),
-        (false, Some(r), Some(b)) => Some(r.min(b.saturating_duration_since(now))),
-        (false, Some(r), None) => Some(r),
-        (false, None, Some(b)) => Some(b.saturating_duration_since(now)),
-        (false, None, None) => None,
-    }
+    }))
 }
 
-/// A final outcome: settled, or failed with a reason and maybe a transaction.
-type Final = (u64, Result<Settled, (String, Option<B256>)>);
-
-/// A payment taken for this round.
-struct Taken {
-    id: u64,
-    payment: VerifiedPayment,
-    sent: Vec<B256>,
-    recovered: bool,
-}
-
-/// One round: take up to `max_batch` due payments, reconcile, settle, record.
-async fn round(shared: &Arc<Shared>) {
-    let now = Instant::now();
-    let taken: Vec<Taken> = {
-        let state = shared.lock();
-        state
-            .items
-            .iter()
-            .filter(|(_, i)| !i.held && i.not_before.is_none_or(|t| t <= now))
-            .take(shared.config.max_batch)
-            .map(|(id, i)| Taken {
-                id: *id,
-                payment: i.payment.clone(),
-                sent: i.sent.clone(),
-                recovered: i.recovered,
-            })
-            .collect()
-    };
-    let mut finals: Vec<Final> = Vec::new();
-    let mut to_send = Vec::new();
-    for t in taken {
-        if !t.recovered && t.sent.is_empty() {
-            to_send.push(t);
+/// One round on the payments leased for it: reconcile, settle, record.
+async fn round(shared: &Arc<Shared>, leased: Vec<Leased>) {
+    let _renewal = renew(shared, leased.iter().map(|l| l.id).collect());
+    let mut finals: Vec<(Leased, Final)> = Vec::new();
+    let mut to_send: Vec<Leased> = Vec::new();
+    for l in leased {
+        if !l.recovered && l.sent.is_empty() {
+            to_send.push(l);
             continue;
         }
         // Never resend before the chain says the payment is not there yet.
-        match shared.batch.state(&t.payment, &t.sent).await {
-            Ok(ChainState::Settled(s)) => finals.push((t.id, Ok(s))),
-            Ok(ChainState::InFlight(_)) => wait(shared, t.id, shared.config.retry.0),
-            Ok(ChainState::Unused) => {
-                if let Some(item) = shared.lock().items.get_mut(&t.id) {
-                    item.recovered = false;
-                }
-                to_send.push(t);
+        match shared.batch.state(&l.payment, &l.sent).await {
+            Ok(ChainState::Settled(s)) => {
+                finals.push((
+                    l,
+                    Final::Settled {
+                        tx: s.transaction,
+                        gas_used: s.gas_used,
+                    },
+                ));
             }
+            Ok(ChainState::InFlight(_)) => {
+                release(shared, &[l.id], shared.config.retry.0, false).await;
+            }
+            Ok(ChainState::Unused) => to_send.push(l),
             Err(e) => {
                 alert!(
                     Alert::SettlementRetry,
                     cause = &e,
                     "deferred: could not read where payment {} stands on-chain; retrying \
                      with backoff",
-                    t.id
+                    l.id
                 );
-                back_off(shared, t.id);
+                let wait = backoff(shared, l.attempts.saturating_add(1));
+                release(shared, &[l.id], wait, true).await;
             }
         }
     }
     if !to_send.is_empty() {
-        let payments: Vec<VerifiedPayment> = to_send.iter().map(|t| t.payment.clone()).collect();
-        let ids: Vec<u64> = to_send.iter().map(|t| t.id).collect();
-        let log = JournalLog { shared, ids: &ids };
+        let payments: Vec<VerifiedPayment> = to_send.iter().map(|l| l.payment.clone()).collect();
+        let ids: Vec<u64> = to_send.iter().map(|l| l.id).collect();
+        let log = QueueLog { shared, ids: &ids };
         let results = shared.batch.settle_batch(&payments, &log).await;
         let mut results = results.into_iter();
-        let (mut retried, mut first) = (0usize, None);
-        for id in ids.iter().copied() {
+        let (mut retried, mut first) = (Vec::new(), None);
+        for l in to_send {
             match results.next() {
-                Some(Ok(s)) => finals.push((id, Ok(s))),
+                Some(Ok(s)) => finals.push((
+                    l,
+                    Final::Settled {
+                        tx: s.transaction,
+                        gas_used: s.gas_used,
+                    },
+                )),
                 Some(Err(SettleError::Refused {
                     reason,
                     transaction,
-                })) => finals.push((id, Err((reason.to_string(), transaction)))),
+                })) => finals.push((
+                    l,
+                    Final::Failed {
+                        reason: reason.to_string(),
+                        tx: transaction,
+                    },
+                )),
                 Some(Err(e)) => {
-                    retried += 1;
                     first.get_or_insert(e);
-                    back_off(shared, id);
+                    retried.push(l);
                 }
                 // A batch settler that answered for fewer payments than it was given.
-                None => {
-                    retried += 1;
-                    back_off(shared, id);
-                }
+                None => retried.push(l),
             }
         }
-        if retried > 0 {
-            let detail = format_args!(
-                "deferred: {retried} of {} payments did not settle this round; retrying with \
-                 backoff (read from the chain first if they may have been sent)",
-                ids.len()
-            );
-            match &first {
-                Some(e) => alert!(Alert::SettlementRetry, cause = e, "{detail}"),
-                None => alert!(Alert::SettlementRetry, "{detail}"),
+        if !retried.is_empty() {
+            {
+                let detail = format_args!(
+                    "deferred: {} of {} payments did not settle this round; retrying with \
+                     backoff (read from the chain first if they may have been sent)",
+                    retried.len(),
+                    ids.len()
+                );
+                match &first {
+                    Some(e) => alert!(Alert::SettlementRetry, cause = e, "{detail}"),
+                    None => alert!(Alert::SettlementRetry, "{detail}"),
+                }
+            }
+            for l in &retried {
+                let wait = backoff(shared, l.attempts.saturating_add(1));
+                release(shared, &[l.id], wait, true).await;
             }
         }
     }
     finish(shared, finals).await;
 }
 
-/// Journals final outcomes (one sync for all), forgets them and reports them.
-async fn finish(shared: &Shared, finals: Vec<Final>) {
+/// Records final outcomes (one write for all), reports those recorded now.
+async fn finish(shared: &Shared, finals: Vec<(Leased, Final)>) {
     if finals.is_empty() {
         return;
     }
-    let records: Vec<Record> = finals
-        .iter()
-        .map(|(id, r)| match r {
-            Ok(s) => Record::Settled {
-                id: *id,
-                tx: s.transaction,
-                gas_used: s.gas_used,
-            },
-            Err((reason, tx)) => Record::Failed {
-                id: *id,
-                reason: reason.clone(),
-                tx: *tx,
-            },
-        })
-        .collect();
-    if let Err(e) = shared.journal.append(&records).await {
-        // Not durable: keep them, and read the chain again before anything else happens.
-        alert!(
-            Alert::SettlementRetry,
-            cause = &e,
-            "deferred: {} final outcomes could not be journaled; they are read from the chain \
-             again next round",
-            finals.len()
-        );
-        let mut state = shared.lock();
-        for (id, _) in &finals {
-            if let Some(item) = state.items.get_mut(id) {
-                item.recovered = true;
+    let records: Vec<(u64, Final)> = finals.iter().map(|(l, f)| (l.id, f.clone())).collect();
+    // Until reported, `idle` must not see these gone.
+    let changing = super::Changing::start(shared);
+    let recorded = match shared.queue.finish(&records).await {
+        Ok(r) => r,
+        Err(e) => {
+            // Not durable: they stay queued; those that may have been sent carry their
+            // `sent` hash and are read from the chain before anything is resent.
+            alert!(
+                Alert::SettlementRetry,
+                cause = &e,
+                "deferred: {} final outcomes could not be recorded; they are read from the \
+                 chain again on retry",
+                finals.len()
+            );
+            for (l, _) in &finals {
+                let wait = backoff(shared, l.attempts.saturating_add(1));
+                release(shared, &[l.id], wait, true).await;
             }
+            return;
         }
-        drop(state);
-        for (id, _) in &finals {
-            back_off(shared, *id);
-        }
-        return;
-    }
+    };
     let now_ms = unix_ms();
-    let mut outcomes = Vec::with_capacity(finals.len());
-    let pending = {
-        let mut state = shared.lock();
-        for (id, result) in finals {
-            let Some(item) = state.remove(id) else {
-                continue;
+    let outcomes: Vec<Outcome> = finals
+        .into_iter()
+        .zip(recorded)
+        // Already final (another instance got there first): reported there.
+        .filter(|(_, now)| *now)
+        .map(|((l, f), _)| {
+            let p = &l.payment;
+            let (transaction, gas_used, status) = match f {
+                Final::Settled { tx, gas_used } => (tx, gas_used, OutcomeStatus::Settled),
+                Final::Failed { reason, tx } => (tx, None, OutcomeStatus::Failed(reason)),
             };
-            let p = &item.payment;
-            let (transaction, gas_used, status) = match result {
-                Ok(s) => (s.transaction, s.gas_used, OutcomeStatus::Settled),
-                Err((reason, tx)) => (tx, None, OutcomeStatus::Failed(reason)),
-            };
-            outcomes.push(Outcome {
-                id,
+            Outcome {
+                id: l.id,
                 payer: p.payer,
                 asset: p.asset,
                 pay_to: p.pay_to,
@@ -266,89 +339,36 @@ async fn finish(shared: &Shared, finals: Vec<Final>) {
                 transaction,
                 gas_used,
                 status,
-                latency: Duration::from_millis(now_ms.saturating_sub(item.accepted_ms)),
-            });
-        }
-        state.items.len()
-    };
-    shared.pending.send_replace(pending);
+                latency: Duration::from_millis(now_ms.saturating_sub(l.accepted_ms)),
+            }
+        })
+        .collect();
     if let Some(hook) = &shared.hook {
         for o in &outcomes {
             hook(o);
         }
     }
+    drop(changing);
+    refresh_pending(shared).await;
 }
 
-/// Retry later, with exponential backoff.
-fn back_off(shared: &Shared, id: u64) {
-    let (first, max) = shared.config.retry;
-    let mut state = shared.lock();
-    if let Some(item) = state.items.get_mut(&id) {
-        item.attempts = item.attempts.saturating_add(1);
-        let factor = 1u32 << item.attempts.saturating_sub(1).min(20);
-        item.not_before = Some(Instant::now() + first.saturating_mul(factor).min(max));
-    }
-}
-
-/// Look again after `delay`, without counting a failure.
-fn wait(shared: &Shared, id: u64, delay: Duration) {
-    if let Some(item) = shared.lock().items.get_mut(&id) {
-        item.not_before = Some(Instant::now() + delay);
-    }
-}
-
-/// Compacts the journal if it is due; false if that failed (raised).
-async fn compact_if_needed(shared: &Arc<Shared>) -> bool {
-    let (records, live) = shared.journal.sizes();
-    if records <= shared.config.compact_after || records <= (live as u64).saturating_mul(2) {
-        return true;
-    }
-    let worker = shared.clone();
-    // Blocking file I/O and syncs: off the runtime's threads.
-    let compacted = tokio::task::spawn_blocking(move || worker.journal.compact())
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|r| r);
-    if let Err(e) = &compacted {
-        alert!(
-            Alert::JournalCompaction,
-            cause = e,
-            "deferred: journal compaction failed ({records} records, {live} live); appends \
-             go on safely, the next try is in {}s",
-            COMPACT_RETRY.as_secs()
-        );
-    }
-    compacted.is_ok()
-}
-
-/// Journals `sent(tx)` for the round's payments before the batch settler broadcasts.
-struct JournalLog<'a> {
+/// Records `sent(tx)` for the round's payments before the batch settler broadcasts.
+struct QueueLog<'a> {
     shared: &'a Shared,
     ids: &'a [u64],
 }
 
 #[async_trait]
-impl SendLog for JournalLog<'_> {
+impl SendLog for QueueLog<'_> {
     async fn sending(&self, transaction: B256, payments: &[usize]) -> Result<(), BoxError> {
         let ids: Vec<u64> = payments
             .iter()
             .filter_map(|i| self.ids.get(*i).copied())
             .collect();
         self.shared
-            .journal
-            .append(&[Record::Sent {
-                ids: ids.clone(),
-                tx: transaction,
-            }])
+            .queue
+            .sent(self.shared.owner, &ids, transaction)
             .await?;
-        let mut state = self.shared.lock();
-        for id in ids {
-            if let Some(item) = state.items.get_mut(&id)
-                && !item.sent.contains(&transaction)
-            {
-                item.sent.push(transaction);
-            }
-        }
         Ok(())
     }
 }
@@ -359,7 +379,7 @@ mod tests {
 
     use alloy_primitives::{Address, Bytes, U256};
 
-    use super::super::{BatchSettler, DeferredSettler};
+    use super::super::{BatchSettler, ChainState, DeferredSettler, SendLog, Settled};
     use super::*;
     use crate::Network;
     use crate::proto::X402Version;
