@@ -66,7 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let payment = VerifiedPayment::exact(
             X402Version::V2,
             Network::BASE_SEPOLIA,
-            req.asset,
+            req.asset.evm().ok_or("an EVM asset")?,
             payload.authorization,
             payload.signature,
         );
