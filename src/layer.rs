@@ -528,6 +528,7 @@ impl PaymentLayerBuilder {
             Binding::Default => {
                 // A key of this process only: ids it issues fail on every other instance.
                 let shared = store.is_shared()
+                    || self.settler.is_shared()
                     || self
                         .idempotency
                         .as_ref()

@@ -229,6 +229,36 @@ struct App {
     runs: Arc<AtomicUsize>,
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_queue_without_a_challenge_key_does_not_build() {
+    let Some(server) = PgServer::start("queue_needs_a_key") else {
+        return;
+    };
+    let Some(chain) = Chain::start("queue_needs_a_key").await else {
+        return;
+    };
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let settler = instance(&chain, &server, RELAYER_KEY, tx).await;
+    assert!(settler.is_shared());
+    let build = |keys: Option<tower_x402::ChallengeKeys>| {
+        let b = PaymentLayer::builder()
+            .accept(option())
+            .settler(settler.clone());
+        match keys {
+            Some(k) => b.bind_challenges(k),
+            None => b,
+        }
+        .build()
+    };
+    // A process-random key would make one instance's 402 unpayable at the other.
+    assert!(matches!(
+        build(None),
+        Err(tower_x402::error::ConfigError::ChallengeKeyRequired)
+    ));
+    let key = tower_x402::ChallengeKeys::from_hex(&"ab".repeat(32)).expect("key");
+    assert!(build(Some(key)).is_ok(), "with a shared key it builds");
+}
+
 fn app(settler: &DeferredSettler) -> App {
     let runs = Arc::new(AtomicUsize::new(0));
     let counter = runs.clone();

@@ -155,6 +155,13 @@ pub trait Settler: Send + Sync + 'static {
 
     /// Settles `payment`; called once per proof, after the handler answered below 400.
     async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError>;
+
+    /// True if other processes share this settler's state (a deferred settler on a shared
+    /// queue): the layer then requires a challenge key configured the same on every instance,
+    /// as for shared stores. Default `false`.
+    fn is_shared(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]
@@ -164,6 +171,9 @@ impl<T: Settler + ?Sized> Settler for std::sync::Arc<T> {
     }
     async fn settle(&self, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
         (**self).settle(payment).await
+    }
+    fn is_shared(&self) -> bool {
+        (**self).is_shared()
     }
 }
 

@@ -768,6 +768,10 @@ impl Settler for DeferredSettler {
         // Accepted, not settled: no transaction yet (see the module docs).
         Ok(Settlement::default())
     }
+
+    fn is_shared(&self) -> bool {
+        DeferredSettler::is_shared(self)
+    }
 }
 
 /// A change to the pending count in progress (see `Shared::changes`); over however it ends
