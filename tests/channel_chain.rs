@@ -1,0 +1,425 @@
+//! The local-chain fixture of the x402 `batch-settlement` scheme: our own escrow and ERC-3009
+//! deposit collector (tests/chain/contracts/BatchSettlement.sol, ERC3009DepositCollector.sol,
+//! written from the spec) etched at the canonical addresses, driven through the spec's flow
+//! with the crate's EIP-712 hashes (`tower_x402::channel`): a deposit through the collector, a
+//! claim of a signed voucher with the receiver authorizer's `ClaimBatch` signature, `settle` to
+//! the receiver and a cooperative `refundWithSignature` of the rest; balances exact to the unit.
+//! Hostile transactions revert. Without anvil the tests print SKIPPED, and fail under `CI=true`.
+#![cfg(all(feature = "onchain", feature = "test-util", feature = "axum"))]
+
+mod chain;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use alloy_primitives::{Address, B256, Bytes, U256, b256};
+use alloy_signer::SignerSync;
+use alloy_signer_local::PrivateKeySigner;
+use alloy_sol_types::{SolCall, SolValue, sol};
+
+use chain::{
+    BATCH_SETTLEMENT, Chain, ERC3009_DEPOSIT_COLLECTOR, FUNDED, MINTED, PAY_TO, PAYER3_KEY,
+    RELAYER, TOKEN,
+};
+use tower_x402::channel::{self, ClaimEntry};
+use tower_x402::proto::batch::ChannelConfig;
+
+sol! {
+    struct SolChannelConfig {
+        address payer;
+        address payerAuthorizer;
+        address receiver;
+        address receiverAuthorizer;
+        address token;
+        uint40 withdrawDelay;
+        bytes32 salt;
+    }
+    struct SolVoucher {
+        SolChannelConfig channel;
+        uint128 maxClaimableAmount;
+    }
+    struct VoucherClaim {
+        SolVoucher voucher;
+        bytes signature;
+        uint128 totalClaimed;
+    }
+    function deposit(SolChannelConfig config, uint128 amount, address collector, bytes collectorData) external;
+    function claimWithSignature(VoucherClaim[] voucherClaims, bytes authorizerSignature) external;
+    function settle(address receiver, address token) external;
+    function refundWithSignature(SolChannelConfig config, uint128 amount, uint256 nonce, bytes receiverAuthorizerSignature) external;
+    function getChannelId(SolChannelConfig config) external view returns (bytes32);
+    function getVoucherDigest(bytes32 channelId, uint128 maxClaimableAmount) external view returns (bytes32);
+    function getClaimBatchDigest(VoucherClaim[] voucherClaims) external view returns (bytes32);
+    function getRefundDigest(bytes32 channelId, uint256 nonce, uint128 amount) external view returns (bytes32);
+    function channels(bytes32 channelId) external view returns (uint128 balance, uint128 totalClaimed);
+    function refundNonce(bytes32 channelId) external view returns (uint256);
+    function receivers(address receiver, address token) external view returns (uint128 totalClaimed, uint128 totalSettled);
+    function collect(address payer, address token, uint256 amount, bytes32 channelId, bytes data) external;
+}
+
+/// Anvil account #5: the server's receiver authorizer (signs claims and refunds).
+const AUTHORIZER_KEY: &str = "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
+const CHAIN_ID: u64 = 84532;
+/// 1 test USDC into the channel.
+const DEPOSIT: u128 = 1_000_000;
+/// Three requests of 0.001 charged.
+const CHARGED: u128 = 3_000;
+
+fn signer(key: &str) -> PrivateKeySigner {
+    key.parse().expect("test key")
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn sign(key: &PrivateKeySigner, digest: B256) -> Bytes {
+    Bytes::from(
+        key.sign_hash_sync(&digest)
+            .expect("sign")
+            .as_bytes()
+            .to_vec(),
+    )
+}
+
+fn sol_config(c: &ChannelConfig) -> SolChannelConfig {
+    SolChannelConfig {
+        payer: c.payer,
+        payerAuthorizer: c.payer_authorizer,
+        receiver: c.receiver,
+        receiverAuthorizer: c.receiver_authorizer,
+        token: c.token,
+        withdrawDelay: alloy_primitives::aliases::U40::from(c.withdraw_delay),
+        salt: c.salt,
+    }
+}
+
+struct Fixture {
+    chain: Chain,
+    payer: PrivateKeySigner,
+    authorizer: PrivateKeySigner,
+    config: ChannelConfig,
+    id: B256,
+}
+
+impl Fixture {
+    async fn start(test: &str) -> Option<Fixture> {
+        let chain = Chain::start(test).await?;
+        let payer = signer(PAYER3_KEY);
+        let authorizer = signer(AUTHORIZER_KEY);
+        let config = ChannelConfig {
+            payer: payer.address(),
+            payer_authorizer: payer.address(),
+            receiver: PAY_TO,
+            receiver_authorizer: authorizer.address(),
+            token: TOKEN,
+            withdraw_delay: 900,
+            salt: b256!("0x00000000000000000000000000000000000000000000000000000000000000a1"),
+        };
+        let id = channel::channel_id(CHAIN_ID, &config);
+        Some(Fixture {
+            chain,
+            payer,
+            authorizer,
+            config,
+            id,
+        })
+    }
+
+    async fn view<C: SolCall>(&self, call: C) -> C::Return {
+        let out = self
+            .chain
+            .call_as(Address::ZERO, BATCH_SETTLEMENT, call.abi_encode().into())
+            .await
+            .unwrap_or_else(|revert| panic!("view reverted: {revert:?}"));
+        C::abi_decode_returns(&out).expect("decode")
+    }
+
+    /// `deposit` calldata: a `ReceiveWithAuthorization` to the collector signed by the payer.
+    fn deposit_call(&self, amount: u128, salt: B256) -> Bytes {
+        let valid_before = U256::from(now() + 3600);
+        let nonce = channel::deposit_nonce(self.id, salt);
+        let domain = channel::token_domain(CHAIN_ID, TOKEN, "USDC", "2");
+        let digest = channel::receive_authorization_digest(
+            &domain,
+            self.config.payer,
+            U256::from(amount),
+            U256::ZERO,
+            valid_before,
+            nonce,
+        );
+        let signature = sign(&self.payer, digest);
+        let data = (
+            U256::ZERO,
+            valid_before,
+            U256::from_be_bytes(salt.0),
+            signature,
+        )
+            .abi_encode_params();
+        depositCall {
+            config: sol_config(&self.config),
+            amount,
+            collector: ERC3009_DEPOSIT_COLLECTOR,
+            collectorData: data.into(),
+        }
+        .abi_encode()
+        .into()
+    }
+
+    fn claim(&self, ceiling: u128, total: u128) -> VoucherClaim {
+        let digest = channel::voucher_digest(CHAIN_ID, self.id, U256::from(ceiling)).expect("u128");
+        VoucherClaim {
+            voucher: SolVoucher {
+                channel: sol_config(&self.config),
+                maxClaimableAmount: ceiling,
+            },
+            signature: sign(&self.payer, digest),
+            totalClaimed: total,
+        }
+    }
+
+    fn claim_call(&self, claims: Vec<VoucherClaim>) -> Bytes {
+        let entries: Vec<ClaimEntry> = claims
+            .iter()
+            .map(|c| ClaimEntry {
+                channel_id: self.id,
+                max_claimable_amount: c.voucher.maxClaimableAmount,
+                total_claimed: c.totalClaimed,
+            })
+            .collect();
+        let signature = sign(
+            &self.authorizer,
+            channel::claim_batch_digest(CHAIN_ID, &entries),
+        );
+        claimWithSignatureCall {
+            voucherClaims: claims,
+            authorizerSignature: signature,
+        }
+        .abi_encode()
+        .into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deposit_claim_settle_and_refund_move_exact_balances() {
+    let Some(f) = Fixture::start("deposit_claim_settle_and_refund_move_exact_balances").await
+    else {
+        return;
+    };
+    let payer = f.config.payer;
+    assert_eq!(payer, FUNDED[1]);
+    // Our hashes are the contract's.
+    let on_chain_id = f.view(getChannelIdCall { config: sol_config(&f.config) }).await;
+    assert_eq!(on_chain_id, f.id, "channelId");
+    let digest = f
+        .view(getVoucherDigestCall {
+            channelId: f.id,
+            maxClaimableAmount: CHARGED,
+        })
+        .await;
+    assert_eq!(
+        Some(digest),
+        channel::voucher_digest(CHAIN_ID, f.id, U256::from(CHARGED))
+    );
+
+    // Deposit through the ERC-3009 collector.
+    let salt = B256::repeat_byte(0x42);
+    let deposit = f.deposit_call(DEPOSIT, salt);
+    let tx = f.chain.send_as(RELAYER, BATCH_SETTLEMENT, deposit.clone()).await;
+    let deposit_gas = f.chain.gas_used(tx).await;
+    let state = f.view(channelsCall { channelId: f.id }).await;
+    assert_eq!((state.balance, state.totalClaimed), (DEPOSIT, 0));
+    assert_eq!(
+        f.chain.balance(payer).await,
+        U256::from(MINTED) - U256::from(DEPOSIT)
+    );
+    assert_eq!(f.chain.balance(BATCH_SETTLEMENT).await, U256::from(DEPOSIT));
+    assert_eq!(f.chain.balance(ERC3009_DEPOSIT_COLLECTOR).await, U256::ZERO);
+    // The same authorization cannot be spent twice.
+    assert!(
+        f.chain
+            .call_as(RELAYER, BATCH_SETTLEMENT, deposit)
+            .await
+            .is_err(),
+        "a replayed deposit must revert"
+    );
+
+    // The receiver claims the latest voucher (ceiling 3 requests), authorized by its
+    // authorizer, relayed by anyone.
+    let claims = vec![f.claim(CHARGED, CHARGED)];
+    let on_chain_batch = f
+        .view(getClaimBatchDigestCall {
+            voucherClaims: claims.clone(),
+        })
+        .await;
+    assert_eq!(
+        on_chain_batch,
+        channel::claim_batch_digest(
+            CHAIN_ID,
+            &[ClaimEntry {
+                channel_id: f.id,
+                max_claimable_amount: CHARGED,
+                total_claimed: CHARGED
+            }]
+        )
+    );
+    let tx = f
+        .chain
+        .send_as(RELAYER, BATCH_SETTLEMENT, f.claim_call(claims))
+        .await;
+    let claim_gas = f.chain.gas_used(tx).await;
+    let state = f.view(channelsCall { channelId: f.id }).await;
+    assert_eq!((state.balance, state.totalClaimed), (DEPOSIT, CHARGED));
+
+    // Settle sweeps the claimed amount to the receiver.
+    let receiver_before = f.chain.balance(PAY_TO).await;
+    let settle = settleCall {
+        receiver: PAY_TO,
+        token: TOKEN,
+    };
+    let tx = f
+        .chain
+        .send_as(RELAYER, BATCH_SETTLEMENT, settle.abi_encode().into())
+        .await;
+    let settle_gas = f.chain.gas_used(tx).await;
+    assert_eq!(
+        f.chain.balance(PAY_TO).await - receiver_before,
+        U256::from(CHARGED)
+    );
+    let totals = f
+        .view(receiversCall {
+            receiver: PAY_TO,
+            token: TOKEN,
+        })
+        .await;
+    assert_eq!((totals.totalClaimed, totals.totalSettled), (CHARGED, CHARGED));
+
+    // Cooperative refund of everything unclaimed, relayed with the authorizer's signature.
+    let rest = DEPOSIT - CHARGED;
+    let nonce = f.view(refundNonceCall { channelId: f.id }).await;
+    assert_eq!(nonce, U256::ZERO);
+    let digest = channel::refund_digest(CHAIN_ID, f.id, nonce, rest);
+    let on_chain = f
+        .view(getRefundDigestCall {
+            channelId: f.id,
+            nonce,
+            amount: rest,
+        })
+        .await;
+    assert_eq!(on_chain, digest);
+    let refund = refundWithSignatureCall {
+        config: sol_config(&f.config),
+        amount: rest,
+        nonce,
+        receiverAuthorizerSignature: sign(&f.authorizer, digest),
+    };
+    let tx = f
+        .chain
+        .send_as(RELAYER, BATCH_SETTLEMENT, refund.abi_encode().into())
+        .await;
+    let refund_gas = f.chain.gas_used(tx).await;
+    // Exact to the unit: the receiver got what was charged, the payer everything else.
+    assert_eq!(
+        f.chain.balance(payer).await,
+        U256::from(MINTED) - U256::from(CHARGED)
+    );
+    assert_eq!(f.chain.balance(BATCH_SETTLEMENT).await, U256::ZERO);
+    let state = f.view(channelsCall { channelId: f.id }).await;
+    assert_eq!((state.balance, state.totalClaimed), (CHARGED, CHARGED));
+    assert_eq!(
+        f.view(refundNonceCall { channelId: f.id }).await,
+        U256::from(1)
+    );
+    // The refund signature was for nonce 0: it cannot be replayed.
+    assert!(
+        f.chain
+            .call_as(RELAYER, BATCH_SETTLEMENT, refund.abi_encode().into())
+            .await
+            .is_err()
+    );
+    println!(
+        "batch-settlement gas on anvil: deposit {deposit_gas}, claim (1 channel) {claim_gas}, \
+         settle {settle_gas}, refund {refund_gas}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_escrow_calls_revert() {
+    let Some(f) = Fixture::start("hostile_escrow_calls_revert").await else {
+        return;
+    };
+    let tx = f
+        .chain
+        .send_as(
+            RELAYER,
+            BATCH_SETTLEMENT,
+            f.deposit_call(DEPOSIT, B256::repeat_byte(1)),
+        )
+        .await;
+    assert_ne!(tx, B256::ZERO);
+    let reverts = |data: Bytes| {
+        let chain = &f.chain;
+        async move { chain.call_as(RELAYER, BATCH_SETTLEMENT, data).await.is_err() }
+    };
+    // A claim above the voucher's ceiling.
+    assert!(reverts(f.claim_call(vec![f.claim(CHARGED, CHARGED + 1)])).await);
+    // A claim above the channel's balance.
+    assert!(reverts(f.claim_call(vec![f.claim(DEPOSIT + 1, DEPOSIT + 1)])).await);
+    // A voucher signed by someone else than the payer authorizer.
+    let mut forged = f.claim(CHARGED, CHARGED);
+    forged.signature = sign(
+        &f.authorizer,
+        channel::voucher_digest(CHAIN_ID, f.id, U256::from(CHARGED)).expect("u128"),
+    );
+    assert!(reverts(f.claim_call(vec![forged])).await);
+    // A claim batch not signed by the receiver authorizer.
+    let claims = vec![f.claim(CHARGED, CHARGED)];
+    let mut call = claimWithSignatureCall::abi_decode(&f.claim_call(claims)).expect("decode");
+    call.authorizerSignature = sign(&f.payer, B256::repeat_byte(9));
+    assert!(reverts(call.abi_encode().into()).await);
+    // A refund signed for another amount.
+    let refund = refundWithSignatureCall {
+        config: sol_config(&f.config),
+        amount: 10,
+        nonce: U256::ZERO,
+        receiverAuthorizerSignature: sign(
+            &f.authorizer,
+            channel::refund_digest(CHAIN_ID, f.id, U256::ZERO, 11),
+        ),
+    };
+    assert!(reverts(refund.abi_encode().into()).await);
+    // The collector serves the escrow only.
+    let direct = collectCall {
+        payer: f.config.payer,
+        token: TOKEN,
+        amount: U256::from(1),
+        channelId: f.id,
+        data: Bytes::new(),
+    };
+    assert!(
+        f.chain
+            .call_as(RELAYER, ERC3009_DEPOSIT_COLLECTOR, direct.abi_encode().into())
+            .await
+            .is_err()
+    );
+    // A withdraw delay below 15 minutes is refused at deposit.
+    let mut short = Fixture::start("hostile_escrow_calls_revert/short").await.expect("anvil");
+    short.config.withdraw_delay = 899;
+    short.id = channel::channel_id(CHAIN_ID, &short.config);
+    assert!(
+        short
+            .chain
+            .call_as(
+                RELAYER,
+                BATCH_SETTLEMENT,
+                short.deposit_call(DEPOSIT, B256::repeat_byte(2))
+            )
+            .await
+            .is_err()
+    );
+    // Nothing moved: the channel still holds the deposit, nothing claimed.
+    let state = f.view(channelsCall { channelId: f.id }).await;
+    assert_eq!((state.balance, state.totalClaimed), (DEPOSIT, 0));
+}
