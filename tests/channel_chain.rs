@@ -211,7 +211,11 @@ async fn deposit_claim_settle_and_refund_move_exact_balances() {
     let payer = f.config.payer;
     assert_eq!(payer, FUNDED[1]);
     // Our hashes are the contract's.
-    let on_chain_id = f.view(getChannelIdCall { config: sol_config(&f.config) }).await;
+    let on_chain_id = f
+        .view(getChannelIdCall {
+            config: sol_config(&f.config),
+        })
+        .await;
     assert_eq!(on_chain_id, f.id, "channelId");
     let digest = f
         .view(getVoucherDigestCall {
@@ -227,7 +231,10 @@ async fn deposit_claim_settle_and_refund_move_exact_balances() {
     // Deposit through the ERC-3009 collector.
     let salt = B256::repeat_byte(0x42);
     let deposit = f.deposit_call(DEPOSIT, salt);
-    let tx = f.chain.send_as(RELAYER, BATCH_SETTLEMENT, deposit.clone()).await;
+    let tx = f
+        .chain
+        .send_as(RELAYER, BATCH_SETTLEMENT, deposit.clone())
+        .await;
     let deposit_gas = f.chain.gas_used(tx).await;
     let state = f.view(channelsCall { channelId: f.id }).await;
     assert_eq!((state.balance, state.totalClaimed), (DEPOSIT, 0));
@@ -294,7 +301,10 @@ async fn deposit_claim_settle_and_refund_move_exact_balances() {
             token: TOKEN,
         })
         .await;
-    assert_eq!((totals.totalClaimed, totals.totalSettled), (CHARGED, CHARGED));
+    assert_eq!(
+        (totals.totalClaimed, totals.totalSettled),
+        (CHARGED, CHARGED)
+    );
 
     // Cooperative refund of everything unclaimed, relayed with the authorizer's signature.
     let rest = DEPOSIT - CHARGED;
@@ -361,7 +371,12 @@ async fn hostile_escrow_calls_revert() {
     assert_ne!(tx, B256::ZERO);
     let reverts = |data: Bytes| {
         let chain = &f.chain;
-        async move { chain.call_as(RELAYER, BATCH_SETTLEMENT, data).await.is_err() }
+        async move {
+            chain
+                .call_as(RELAYER, BATCH_SETTLEMENT, data)
+                .await
+                .is_err()
+        }
     };
     // A claim above the voucher's ceiling.
     assert!(reverts(f.claim_call(vec![f.claim(CHARGED, CHARGED + 1)])).await);
@@ -400,12 +415,18 @@ async fn hostile_escrow_calls_revert() {
     };
     assert!(
         f.chain
-            .call_as(RELAYER, ERC3009_DEPOSIT_COLLECTOR, direct.abi_encode().into())
+            .call_as(
+                RELAYER,
+                ERC3009_DEPOSIT_COLLECTOR,
+                direct.abi_encode().into()
+            )
             .await
             .is_err()
     );
     // A withdraw delay below 15 minutes is refused at deposit.
-    let mut short = Fixture::start("hostile_escrow_calls_revert/short").await.expect("anvil");
+    let mut short = Fixture::start("hostile_escrow_calls_revert/short")
+        .await
+        .expect("anvil");
     short.config.withdraw_delay = 899;
     short.id = channel::channel_id(CHAIN_ID, &short.config);
     assert!(

@@ -14,6 +14,7 @@
 //! Not wired into the request path yet: no `Proof` variant, no `PaymentOption` constructor, no
 //! settler arm (see the list).
 
+pub mod serve;
 pub mod store;
 pub mod verify;
 
@@ -113,9 +114,7 @@ pub(crate) fn sol_config(config: &ChannelConfig) -> eip712::ChannelConfig {
         receiver: config.receiver,
         receiverAuthorizer: config.receiver_authorizer,
         token: config.token,
-        withdrawDelay: alloy_primitives::aliases::U40::from(
-            config.withdraw_delay & 0xff_ffff_ffff,
-        ),
+        withdrawDelay: alloy_primitives::aliases::U40::from(config.withdraw_delay & 0xff_ffff_ffff),
         salt: config.salt,
     }
 }
