@@ -49,6 +49,18 @@ pub trait Escrow: Send + Sync + 'static {
     ) -> Result<Mirror, EscrowError>;
 }
 
+#[async_trait]
+impl<T: Escrow + ?Sized> Escrow for std::sync::Arc<T> {
+    async fn deposit(
+        &self,
+        config: &ChannelConfig,
+        channel: B256,
+        deposit: &Deposit,
+    ) -> Result<Mirror, EscrowError> {
+        (**self).deposit(config, channel, deposit).await
+    }
+}
+
 /// Why a paid request on a channel did not run (or did not commit).
 #[derive(Debug, thiserror::Error)]
 pub enum PayError<E> {

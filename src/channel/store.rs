@@ -97,6 +97,33 @@ pub trait ChannelStore: Send + Sync + 'static {
     }
 }
 
+#[async_trait]
+impl<T: ChannelStore + ?Sized> ChannelStore for std::sync::Arc<T> {
+    async fn load(&self, channel: B256) -> Result<Option<ChannelState>, StoreError> {
+        (**self).load(channel).await
+    }
+    async fn lock(&self, channel: B256, expires_at: u64) -> Result<Option<Lease>, StoreError> {
+        (**self).lock(channel, expires_at).await
+    }
+    async fn unlock(&self, lease: Lease) -> Result<(), StoreError> {
+        (**self).unlock(lease).await
+    }
+    async fn commit(
+        &self,
+        channel: B256,
+        expected: Option<u128>,
+        next: ChannelState,
+    ) -> Result<bool, StoreError> {
+        (**self).commit(channel, expected, next).await
+    }
+    async fn remove(&self, channel: B256, expected: u128) -> Result<bool, StoreError> {
+        (**self).remove(channel, expected).await
+    }
+    fn is_shared(&self) -> bool {
+        (**self).is_shared()
+    }
+}
+
 /// In-process channel state: for tests and single-instance servers that accept losing
 /// unclaimed vouchers on a restart (see the [module docs](self)).
 #[derive(Default)]
