@@ -444,3 +444,183 @@ async fn hostile_escrow_calls_revert() {
     let state = f.view(channelsCall { channelId: f.id }).await;
     assert_eq!((state.balance, state.totalClaimed), (DEPOSIT, 0));
 }
+
+/// Runs `tests/clients/batch-sign.mjs`: the official client's deposit payload and its vouchers
+/// for the charged totals `charged` (before each call after the first).
+fn official_channel(
+    deps: &std::path::Path,
+    requirements: &serde_json::Value,
+    deposit: u128,
+    charged: &[u128],
+    salt: B256,
+) -> serde_json::Value {
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(chain::process::repo().join("tests/clients/batch-sign.mjs"))
+        .arg(PAYER3_KEY)
+        .arg(requirements.to_string())
+        .arg(deposit.to_string())
+        .arg(
+            serde_json::to_string(&charged.iter().map(u128::to_string).collect::<Vec<_>>())
+                .expect("json"),
+        )
+        .arg(salt.to_string())
+        .env("X402_TEST_DEPS", deps);
+    chain::process::run_json(&mut cmd, std::time::Duration::from_secs(60), String::new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_client_opens_a_channel_through_our_relayer_and_pays_with_vouchers() {
+    use tower_x402::channel::serve::Channels;
+    use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
+    use tower_x402::channel::verify::{self, ChannelTerms};
+    use tower_x402::settle::onchain::OnchainSettler;
+
+    let test = "the_official_client_opens_a_channel_through_our_relayer";
+    let Some(deps) = chain::process::test_deps(test, &["node/node_modules/@x402/evm/package.json"])
+    else {
+        return;
+    };
+    let Some(f) = Fixture::start(test).await else {
+        return;
+    };
+    const PRICE: u128 = 1_000;
+    const CALLS: usize = 20;
+    let requirements = serde_json::json!({
+        "scheme": "batch-settlement",
+        "network": "eip155:84532",
+        "amount": PRICE.to_string(),
+        "asset": TOKEN.to_checksum(None),
+        "payTo": PAY_TO.to_checksum(None),
+        "maxTimeoutSeconds": 300,
+        "extra": {
+            "receiverAuthorizer": f.authorizer.address().to_checksum(None),
+            "withdrawDelay": 900,
+            "name": "USDC",
+            "version": "2",
+        },
+    });
+    // Dynamic prices: every third call costs 600 instead of the 1000 maximum.
+    let charges: Vec<u128> = (0..CALLS)
+        .map(|i| if i % 3 == 2 { 600 } else { PRICE })
+        .collect();
+    let before: Vec<u128> = charges
+        .iter()
+        .scan(0u128, |total, c| {
+            let b = *total;
+            *total += c;
+            Some(b)
+        })
+        .collect();
+    let official = official_channel(&deps, &requirements, DEPOSIT, &before[1..], f.config.salt);
+    let req: tower_x402::proto::v2::PaymentRequirements =
+        serde_json::from_value(requirements.clone()).expect("requirements");
+    let terms = ChannelTerms::from_requirements(&req).expect("terms");
+    let id: B256 = official["channelId"]
+        .as_str()
+        .expect("id")
+        .parse()
+        .expect("b256");
+    assert_eq!(
+        id, f.id,
+        "the official client's channel is the fixture's (same salt, payer = payer authorizer)"
+    );
+
+    let settler = OnchainSettler::connect(f.chain.url(), signer(chain::RELAYER_KEY))
+        .await
+        .expect("settler");
+    let channels = Channels::new(MemoryChannelStore::new(), settler);
+    let runs = std::sync::atomic::AtomicUsize::new(0);
+    let deposit = verify::parse_raw(&official["deposit"]["payload"].to_string()).expect("deposit");
+    let mut payloads = vec![deposit];
+    for v in official["vouchers"].as_array().expect("vouchers") {
+        payloads.push(BatchEvmPayloadJson::voucher(&official["channelConfig"], v));
+    }
+    let mut deposit_gas = None;
+    for (i, payload) in payloads.iter().enumerate() {
+        let charge = charges[i];
+        let paid = channels
+            .pay(&terms, payload, now(), |max| {
+                let runs = &runs;
+                async move {
+                    assert_eq!(max, PRICE);
+                    runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    Ok::<_, std::convert::Infallible>(((), charge))
+                }
+            })
+            .await
+            .unwrap_or_else(|e| panic!("call {i}: {e:?}"));
+        if let Some(m) = paid.deposit {
+            deposit_gas = Some(f.chain.gas_used(m.transaction).await);
+            assert_eq!((m.balance, m.total_claimed), (DEPOSIT, 0));
+        }
+        assert_eq!(paid.state.charged_cumulative, before[i] + charge);
+    }
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), CALLS);
+    let total: u128 = charges.iter().sum();
+    let state = channels
+        .store()
+        .load(id)
+        .await
+        .expect("load")
+        .expect("record");
+    assert_eq!(state.charged_cumulative, total);
+    assert_eq!(f.chain.balance(BATCH_SETTLEMENT).await, U256::from(DEPOSIT));
+
+    // Claim the latest voucher for what was charged (below its ceiling), settle, refund.
+    let claim = VoucherClaim {
+        voucher: SolVoucher {
+            channel: sol_config(&f.config),
+            maxClaimableAmount: state.signed_max_claimable,
+        },
+        signature: state.signature.clone(),
+        totalClaimed: state.charged_cumulative,
+    };
+    f.chain
+        .send_as(RELAYER, BATCH_SETTLEMENT, f.claim_call(vec![claim]))
+        .await;
+    let receiver_before = f.chain.balance(PAY_TO).await;
+    let settle = settleCall {
+        receiver: PAY_TO,
+        token: TOKEN,
+    };
+    f.chain
+        .send_as(RELAYER, BATCH_SETTLEMENT, settle.abi_encode().into())
+        .await;
+    assert_eq!(
+        f.chain.balance(PAY_TO).await - receiver_before,
+        U256::from(total)
+    );
+    let rest = DEPOSIT - total;
+    let refund = refundWithSignatureCall {
+        config: sol_config(&f.config),
+        amount: rest,
+        nonce: U256::ZERO,
+        receiverAuthorizerSignature: sign(
+            &f.authorizer,
+            channel::refund_digest(CHAIN_ID, id, U256::ZERO, rest),
+        ),
+    };
+    f.chain
+        .send_as(RELAYER, BATCH_SETTLEMENT, refund.abi_encode().into())
+        .await;
+    assert_eq!(
+        f.chain.balance(f.config.payer).await,
+        U256::from(MINTED) - U256::from(total)
+    );
+    assert_eq!(f.chain.balance(BATCH_SETTLEMENT).await, U256::ZERO);
+    println!("official client: {CALLS} calls, {total} charged, deposit gas {deposit_gas:?}");
+}
+
+/// Builds a `voucher` payload from the official client's config and signed voucher JSON.
+struct BatchEvmPayloadJson;
+
+impl BatchEvmPayloadJson {
+    fn voucher(
+        config: &serde_json::Value,
+        voucher: &serde_json::Value,
+    ) -> tower_x402::proto::batch::BatchEvmPayload {
+        let raw =
+            serde_json::json!({ "type": "voucher", "channelConfig": config, "voucher": voucher });
+        tower_x402::channel::verify::parse_raw(&raw.to_string()).expect("voucher payload")
+    }
+}

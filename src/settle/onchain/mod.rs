@@ -131,6 +131,8 @@
 
 #[cfg(feature = "deferred")]
 mod batch;
+// Payment-channel deposits (issue #19).
+mod channel;
 mod relayer;
 mod revert;
 mod stats;
