@@ -624,3 +624,128 @@ impl BatchEvmPayloadJson {
         tower_x402::channel::verify::parse_raw(&raw.to_string()).expect("voucher payload")
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_batch_31_channels_in_one_transaction_and_one_settle_pays_the_receiver() {
+    use tower_x402::channel::serve::Channels;
+    use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
+    use tower_x402::channel::verify::{ChannelTerms, parse_raw};
+    use tower_x402::settle::onchain::{ChannelClaim, OnchainSettler, claim_digest};
+
+    let Some(mut f) = Fixture::start("claims_batch_31_channels_in_one_transaction").await else {
+        return;
+    };
+    const PRICE: u128 = 1_000;
+    const CHANNELS: usize = 32;
+    const CALLS: u128 = 3;
+    let settler = OnchainSettler::connect(f.chain.url(), signer(chain::RELAYER_KEY))
+        .await
+        .expect("settler");
+    let channels = Channels::new(MemoryChannelStore::new(), settler.clone());
+    let terms = ChannelTerms {
+        chain_id: CHAIN_ID,
+        receiver: PAY_TO,
+        receiver_authorizer: f.authorizer.address(),
+        token: TOKEN,
+        withdraw_delay: 900,
+        token_name: "USDC".into(),
+        token_version: "2".into(),
+        price: PRICE,
+    };
+    let mut ids = Vec::new();
+    for n in 0..CHANNELS {
+        f.config.salt = B256::with_last_byte(u8::try_from(n).expect("u8"));
+        f.id = channel::channel_id(CHAIN_ID, &f.config);
+        ids.push(f.id);
+        for call in 0..CALLS {
+            let ceiling = (call + 1) * PRICE;
+            let digest =
+                channel::voucher_digest(CHAIN_ID, f.id, U256::from(ceiling)).expect("u128");
+            let voucher = serde_json::json!({
+                "channelId": f.id,
+                "maxClaimableAmount": ceiling.to_string(),
+                "signature": sign(&f.payer, digest),
+            });
+            let mut raw = serde_json::json!({
+                "type": "voucher",
+                "channelConfig": serde_json::to_value(&f.config).expect("config"),
+                "voucher": voucher,
+            });
+            if call == 0 {
+                let data = f.deposit_call(10 * PRICE, B256::repeat_byte(0x33));
+                let decoded = depositCall::abi_decode(&data).expect("decode");
+                let (valid_after, valid_before, salt, signature) =
+                    <(U256, U256, U256, Bytes)>::abi_decode_params(&decoded.collectorData)
+                        .expect("collector data");
+                raw["type"] = "deposit".into();
+                raw["deposit"] = serde_json::json!({
+                    "amount": (10 * PRICE).to_string(),
+                    "authorization": { "erc3009Authorization": {
+                        "validAfter": valid_after.to_string(),
+                        "validBefore": valid_before.to_string(),
+                        "salt": B256::from(salt),
+                        "signature": signature,
+                    }},
+                });
+            }
+            let payload = parse_raw(&raw.to_string()).expect("payload");
+            channels
+                .pay(&terms, &payload, now(), |_| async {
+                    Ok::<_, std::convert::Infallible>(((), PRICE))
+                })
+                .await
+                .unwrap_or_else(|e| panic!("channel {n} call {call}: {e:?}"));
+        }
+    }
+    let mut claims = Vec::new();
+    for id in &ids {
+        let state = channels
+            .store()
+            .load(*id)
+            .await
+            .expect("load")
+            .expect("record");
+        claims.push(ChannelClaim::of(&state).expect("unclaimed"));
+    }
+    // One channel alone, then the other 31 in one transaction.
+    let (first, rest) = claims.split_at(1);
+    let sig = sign(&f.authorizer, claim_digest(CHAIN_ID, first));
+    let (_, gas_one) = settler.claim_channels(first, sig).await.expect("claim 1");
+    let sig = sign(&f.authorizer, claim_digest(CHAIN_ID, rest));
+    let (_, gas_many) = settler
+        .claim_channels(rest, sig.clone())
+        .await
+        .expect("claim 31");
+    // Sent again (an unknown outcome retried): every row is a no-op, nothing claimed twice.
+    settler
+        .claim_channels(rest, sig)
+        .await
+        .expect("claim again");
+    let total = PRICE * CALLS * CHANNELS as u128;
+    let before = f.chain.balance(PAY_TO).await;
+    let (_, settle_gas, owed) = settler
+        .settle_channels(PAY_TO, TOKEN)
+        .await
+        .expect("settle")
+        .expect("something to settle");
+    assert_eq!(owed, total);
+    assert_eq!(f.chain.balance(PAY_TO).await - before, U256::from(total));
+    assert_eq!(
+        settler
+            .settle_channels(PAY_TO, TOKEN)
+            .await
+            .expect("settle"),
+        None
+    );
+    for id in &ids {
+        let state = f.view(channelsCall { channelId: *id }).await;
+        assert_eq!(
+            (state.balance, state.totalClaimed),
+            (10 * PRICE, CALLS * PRICE)
+        );
+    }
+    println!(
+        "claimWithSignature gas: 1 channel {gas_one}, 31 channels {gas_many} ({} per channel); settle {settle_gas}",
+        gas_many / 31
+    );
+}

@@ -131,8 +131,9 @@
 
 #[cfg(feature = "deferred")]
 mod batch;
-// Payment-channel deposits (issue #19).
+// Payment channels (issue #19): deposits, claims and settle through the relayer.
 mod channel;
+pub use channel::{ChannelClaim, claim_digest};
 mod relayer;
 mod revert;
 mod stats;
