@@ -661,3 +661,51 @@ async fn hostile_payloads_are_refused_with_the_reference_codes_and_run_nothing()
         "no hostile payload ran the handler"
     );
 }
+
+#[test]
+fn the_batch_settlement_option_refuses_terms_the_escrow_would() {
+    use tower_x402::channel::AssetTransferMethod;
+    use tower_x402::error::ConfigError;
+    use tower_x402::{Asset, PaymentOption};
+    let asset = Asset::usdc_base_sepolia();
+    let make = |authorizer: Address, delay: u64| {
+        PaymentOption::batch_settlement(
+            &asset,
+            U256::from(PRICE),
+            RECEIVER,
+            authorizer,
+            delay,
+            AssetTransferMethod::Permit2,
+        )
+    };
+    assert!(matches!(
+        make(Address::ZERO, 900),
+        Err(ConfigError::Channel(BatchError::ReceiverAuthorizerMismatch))
+    ));
+    assert!(matches!(
+        make(AUTHORIZER, 899),
+        Err(ConfigError::Channel(BatchError::WithdrawDelayOutOfRange))
+    ));
+    assert!(matches!(
+        make(AUTHORIZER, 2_592_001),
+        Err(ConfigError::Channel(BatchError::WithdrawDelayOutOfRange))
+    ));
+    let opt = make(AUTHORIZER, 2_592_000).expect("30 days is allowed");
+    let req = opt.requirements();
+    assert_eq!(req.extra_str("assetTransferMethod"), Some("permit2"));
+    assert_eq!(
+        req.extra_str("receiverAuthorizer"),
+        Some(AUTHORIZER.to_checksum(None).as_str())
+    );
+    // The terms a server derives from its own option are the option's.
+    let terms = ChannelTerms::from_requirements(req).expect("terms");
+    assert_eq!(
+        (
+            terms.receiver,
+            terms.receiver_authorizer,
+            terms.withdraw_delay,
+            terms.price
+        ),
+        (RECEIVER, AUTHORIZER, 2_592_000, PRICE)
+    );
+}

@@ -485,20 +485,21 @@ async fn the_official_client_opens_a_channel_through_our_relayer_and_pays_with_v
     };
     const PRICE: u128 = 1_000;
     const CALLS: usize = 20;
-    let requirements = serde_json::json!({
-        "scheme": "batch-settlement",
-        "network": "eip155:84532",
-        "amount": PRICE.to_string(),
-        "asset": TOKEN.to_checksum(None),
-        "payTo": PAY_TO.to_checksum(None),
-        "maxTimeoutSeconds": 300,
-        "extra": {
-            "receiverAuthorizer": f.authorizer.address().to_checksum(None),
-            "withdrawDelay": 900,
-            "name": "USDC",
-            "version": "2",
-        },
-    });
+    // The challenge our option sends is what the official client signs against.
+    let option = tower_x402::PaymentOption::batch_settlement(
+        &tower_x402::Asset::usdc_base_sepolia(),
+        U256::from(PRICE),
+        PAY_TO,
+        f.authorizer.address(),
+        900,
+        channel::AssetTransferMethod::Eip3009,
+    )
+    .expect("option");
+    let requirements = serde_json::to_value(option.requirements()).expect("requirements");
+    assert_eq!(
+        requirements["asset"],
+        serde_json::json!(TOKEN.to_checksum(None))
+    );
     // Dynamic prices: every third call costs 600 instead of the 1000 maximum.
     let charges: Vec<u128> = (0..CALLS)
         .map(|i| if i % 3 == 2 { 600 } else { PRICE })

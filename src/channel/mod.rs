@@ -11,8 +11,10 @@
 //! authorization's digest ([`deposit_nonce`], [`receive_authorization_digest`]), the in-process
 //! voucher check ([`verify`]) and the channel state ([`store`]).
 //!
-//! Not wired into the request path yet: no `Proof` variant, no `PaymentOption` constructor, no
-//! settler arm (see the list).
+//! [`serve::Channels`] serves one paid request on a channel end to end (lease, checks, deposit
+//! through an [`serve::Escrow`] such as `OnchainSettler`, handler, commit);
+//! `PaymentOption::batch_settlement` builds the challenge. Not wired into the layer's request
+//! path yet: no `Proof` variant or verifier arm, so a `PaymentLayer` does not serve it.
 
 pub mod serve;
 pub mod store;
@@ -39,6 +41,26 @@ pub const PERMIT2_DEPOSIT_COLLECTOR: Address =
 pub const MIN_WITHDRAW_DELAY: u64 = 900;
 /// The longest `withdrawDelay` the escrow accepts (30 days).
 pub const MAX_WITHDRAW_DELAY: u64 = 2_592_000;
+
+/// How a deposit moves the tokens (`extra.assetTransferMethod`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AssetTransferMethod {
+    /// EIP-3009 `receiveWithAuthorization` (USDC and other FiatToken-style tokens).
+    Eip3009,
+    /// Permit2, for any ERC-20 (the payer approves Permit2 once). Deposits of this kind are
+    /// not verified in-process yet.
+    Permit2,
+}
+
+impl AssetTransferMethod {
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Eip3009 => "eip3009",
+            Self::Permit2 => "permit2",
+        }
+    }
+}
 
 /// The requirement's `extra` keys of the scheme.
 pub mod extra {
