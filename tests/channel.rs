@@ -709,3 +709,92 @@ fn the_batch_settlement_option_refuses_terms_the_escrow_would() {
         (RECEIVER, AUTHORIZER, 2_592_000, PRICE)
     );
 }
+
+/// A store whose commits fail (a database down after the handler ran).
+struct FailingCommits(MemoryChannelStore, std::sync::atomic::AtomicBool);
+
+#[async_trait]
+impl ChannelStore for FailingCommits {
+    async fn load(
+        &self,
+        channel: B256,
+    ) -> Result<Option<tower_x402::channel::store::ChannelState>, tower_x402::store::StoreError>
+    {
+        self.0.load(channel).await
+    }
+    async fn lock(
+        &self,
+        channel: B256,
+        expires_at: u64,
+    ) -> Result<Option<tower_x402::channel::store::Lease>, tower_x402::store::StoreError> {
+        self.0.lock(channel, expires_at).await
+    }
+    async fn unlock(
+        &self,
+        lease: tower_x402::channel::store::Lease,
+    ) -> Result<(), tower_x402::store::StoreError> {
+        self.0.unlock(lease).await
+    }
+    async fn commit(
+        &self,
+        channel: B256,
+        expected: Option<u128>,
+        next: tower_x402::channel::store::ChannelState,
+    ) -> Result<bool, tower_x402::store::StoreError> {
+        if self.1.load(Ordering::SeqCst) {
+            return Err(tower_x402::store::StoreError::Unavailable {
+                retry_after: None,
+                source: "injected: store down".into(),
+            });
+        }
+        self.0.commit(channel, expected, next).await
+    }
+    async fn remove(
+        &self,
+        channel: B256,
+        expected: u128,
+    ) -> Result<bool, tower_x402::store::StoreError> {
+        self.0.remove(channel, expected).await
+    }
+}
+
+#[tokio::test]
+async fn a_commit_failing_after_the_handler_raises_an_alert_and_keeps_the_old_state() {
+    use tower_x402::alert::{Alert, count};
+    let store = Arc::new(FailingCommits(MemoryChannelStore::new(), false.into()));
+    let engine = Channels::new(store.clone(), Arc::new(RecordingEscrow::default()));
+    let payer = Payer::new();
+    let ok = engine
+        .pay(&terms(), &payer.deposit(DEPOSIT, PRICE), NOW, |_| async {
+            Ok::<_, &str>(((), PRICE))
+        })
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+    store.1.store(true, Ordering::SeqCst);
+    let alerts = count(Alert::ChannelState);
+    let r = engine
+        .pay(&terms(), &payer.pay(2 * PRICE), NOW, |_| async {
+            Ok::<_, &str>(((), PRICE))
+        })
+        .await;
+    assert!(matches!(r, Err(PayError::Store(_))), "{r:?}");
+    assert!(
+        count(Alert::ChannelState) > alerts,
+        "the lost charge is raised"
+    );
+    // Nothing was written: the record still holds the first charge and its voucher, and the
+    // lease was given back (the channel is usable again once the store is).
+    let state = store.load(payer.id).await.expect("load").expect("record");
+    assert_eq!(
+        (state.charged_cumulative, state.signed_max_claimable),
+        (PRICE, PRICE)
+    );
+    store.1.store(false, Ordering::SeqCst);
+    let again = engine
+        .pay(&terms(), &payer.pay(2 * PRICE), NOW, |_| async {
+            Ok::<_, &str>(((), PRICE))
+        })
+        .await
+        .expect("served again once the store is back");
+    assert_eq!(again.state.charged_cumulative, 2 * PRICE);
+}
