@@ -756,6 +756,9 @@ impl ChannelStore for FailingCommits {
     ) -> Result<bool, tower_x402::store::StoreError> {
         self.0.remove(channel, expected).await
     }
+    async fn list(&self) -> Result<Vec<B256>, tower_x402::store::StoreError> {
+        self.0.list().await
+    }
 }
 
 #[tokio::test]

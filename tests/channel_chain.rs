@@ -54,6 +54,8 @@ sol! {
     function refundNonce(bytes32 channelId) external view returns (uint256);
     function receivers(address receiver, address token) external view returns (uint128 totalClaimed, uint128 totalSettled);
     function collect(address payer, address token, uint256 amount, bytes32 channelId, bytes data) external;
+    function initiateWithdraw(SolChannelConfig config, uint128 amount) external;
+    function finalizeWithdraw(SolChannelConfig config) external;
 }
 
 /// Anvil account #5: the server's receiver authorizer (signs claims and refunds).
@@ -749,4 +751,165 @@ async fn claims_batch_31_channels_in_one_transaction_and_one_settle_pays_the_rec
         "claimWithSignature gas: 1 channel {gas_one}, 31 channels {gas_many} ({} per channel); settle {settle_gas}",
         gas_many / 31
     );
+}
+
+/// The receiver authorizer's key, as the manager's signer.
+struct KeyAuthorizer(PrivateKeySigner);
+
+impl tower_x402::settle::onchain::ReceiverAuthorizer for KeyAuthorizer {
+    fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
+        Ok(sign(&self.0, digest))
+    }
+}
+
+impl Fixture {
+    /// A `voucher` payload for `ceiling`, or a `deposit` of `deposit` with it.
+    fn payload(
+        &self,
+        ceiling: u128,
+        deposit: Option<u128>,
+    ) -> tower_x402::proto::batch::BatchEvmPayload {
+        let digest = channel::voucher_digest(CHAIN_ID, self.id, U256::from(ceiling)).expect("u128");
+        let mut raw = serde_json::json!({
+            "type": "voucher",
+            "channelConfig": serde_json::to_value(&self.config).expect("config"),
+            "voucher": {
+                "channelId": self.id,
+                "maxClaimableAmount": ceiling.to_string(),
+                "signature": sign(&self.payer, digest),
+            },
+        });
+        if let Some(amount) = deposit {
+            let data = self.deposit_call(amount, B256::repeat_byte(0x44));
+            let decoded = depositCall::abi_decode(&data).expect("decode");
+            let (valid_after, valid_before, salt, signature) =
+                <(U256, U256, U256, Bytes)>::abi_decode_params(&decoded.collectorData)
+                    .expect("collector data");
+            raw["type"] = "deposit".into();
+            raw["deposit"] = serde_json::json!({
+                "amount": amount.to_string(),
+                "authorization": { "erc3009Authorization": {
+                    "validAfter": valid_after.to_string(),
+                    "validBefore": valid_before.to_string(),
+                    "salt": B256::from(salt),
+                    "signature": signature,
+                }},
+            });
+        }
+        tower_x402::channel::verify::parse_raw(&raw.to_string()).expect("payload")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_vouchers() {
+    use tower_x402::channel::serve::Channels;
+    use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
+    use tower_x402::channel::verify::ChannelTerms;
+    use tower_x402::settle::onchain::OnchainSettler;
+
+    let Some(f) = Fixture::start("the_manager_claims_before_a_timed_withdrawal").await else {
+        return;
+    };
+    const PRICE: u128 = 1_000;
+    let settler = OnchainSettler::connect(f.chain.url(), signer(chain::RELAYER_KEY))
+        .await
+        .expect("settler");
+    let store = std::sync::Arc::new(MemoryChannelStore::new());
+    let channels = Channels::new(store.clone(), settler.clone());
+    let terms = ChannelTerms {
+        chain_id: CHAIN_ID,
+        receiver: PAY_TO,
+        receiver_authorizer: f.authorizer.address(),
+        token: TOKEN,
+        withdraw_delay: 900,
+        token_name: "USDC".into(),
+        token_version: "2".into(),
+        price: PRICE,
+    };
+    for call in 0..5u128 {
+        let payload = f.payload((call + 1) * PRICE, (call == 0).then_some(DEPOSIT));
+        channels
+            .pay(&terms, &payload, now(), |_| async {
+                Ok::<_, std::convert::Infallible>(((), PRICE))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("call {call}: {e:?}"));
+    }
+    let charged = 5 * PRICE;
+    let authorizer = KeyAuthorizer(signer(AUTHORIZER_KEY));
+    // Nothing pressing: no withdrawal, below the threshold.
+    let quiet = settler
+        .watch_channels(&*store, &authorizer, now(), u128::MAX)
+        .await
+        .expect("round");
+    assert_eq!(
+        (quiet.refreshed, quiet.withdrawing, quiet.claimed),
+        (1, 0, 0)
+    );
+
+    // The payer starts a timed withdrawal of the whole deposit, vouchers unclaimed.
+    let withdraw = initiateWithdrawCall {
+        config: sol_config(&f.config),
+        amount: DEPOSIT,
+    };
+    f.chain
+        .send_as(
+            f.config.payer,
+            BATCH_SETTLEMENT,
+            withdraw.abi_encode().into(),
+        )
+        .await;
+    let round = settler
+        .watch_channels(&*store, &authorizer, now(), u128::MAX)
+        .await
+        .expect("round");
+    assert_eq!((round.withdrawing, round.claimed), (1, 1), "{round:?}");
+    assert!(round.transaction.is_some());
+    let state = f.view(channelsCall { channelId: f.id }).await;
+    assert_eq!(
+        state.totalClaimed, charged,
+        "claimed before the delay elapsed"
+    );
+    let mirrored = store.load(f.id).await.expect("load").expect("record");
+    assert_eq!(mirrored.total_claimed, charged);
+    assert_ne!(mirrored.withdraw_requested_at, 0);
+    // A repeated round claims nothing again.
+    let again = settler
+        .watch_channels(&*store, &authorizer, now(), u128::MAX)
+        .await
+        .expect("round");
+    assert_eq!(again.claimed, 0);
+
+    // The delay elapses; the payer takes back only what is unclaimed.
+    use alloy_provider::Provider;
+    let _: serde_json::Value = f
+        .chain
+        .provider()
+        .raw_request("evm_increaseTime".into(), (901u64,))
+        .await
+        .expect("evm_increaseTime");
+    f.chain.mine().await;
+    let finalize = finalizeWithdrawCall {
+        config: sol_config(&f.config),
+    };
+    f.chain
+        .send_as(
+            f.config.payer,
+            BATCH_SETTLEMENT,
+            finalize.abi_encode().into(),
+        )
+        .await;
+    let before = f.chain.balance(PAY_TO).await;
+    settler
+        .settle_channels(PAY_TO, TOKEN)
+        .await
+        .expect("settle")
+        .expect("owed");
+    assert_eq!(f.chain.balance(PAY_TO).await - before, U256::from(charged));
+    assert_eq!(
+        f.chain.balance(f.config.payer).await,
+        U256::from(MINTED) - U256::from(charged),
+        "the payer got back exactly what it did not spend"
+    );
+    assert_eq!(f.chain.balance(BATCH_SETTLEMENT).await, U256::ZERO);
 }

@@ -91,6 +91,9 @@ pub trait ChannelStore: Send + Sync + 'static {
     /// full refund). `false`: it changed or is gone.
     async fn remove(&self, channel: B256, expected: u128) -> Result<bool, StoreError>;
 
+    /// Every channel with a record (for the claim manager).
+    async fn list(&self) -> Result<Vec<B256>, StoreError>;
+
     /// True if other processes share this store. Default `false`.
     fn is_shared(&self) -> bool {
         false
@@ -118,6 +121,9 @@ impl<T: ChannelStore + ?Sized> ChannelStore for std::sync::Arc<T> {
     }
     async fn remove(&self, channel: B256, expected: u128) -> Result<bool, StoreError> {
         (**self).remove(channel, expected).await
+    }
+    async fn list(&self) -> Result<Vec<B256>, StoreError> {
+        (**self).list().await
     }
     fn is_shared(&self) -> bool {
         (**self).is_shared()
@@ -226,6 +232,10 @@ impl ChannelStore for MemoryChannelStore {
         }
         inner.states.remove(&channel);
         Ok(true)
+    }
+
+    async fn list(&self) -> Result<Vec<B256>, StoreError> {
+        Ok(self.inner().states.keys().copied().collect())
     }
 }
 

@@ -17,8 +17,9 @@ use async_trait::async_trait;
 
 use super::relayer::with_timeout;
 use super::{OnchainSettler, Sent, Submit};
+use crate::alert::{Alert, alert};
 use crate::channel::serve::{Escrow, EscrowError, Mirror};
-use crate::channel::store::ChannelState;
+use crate::channel::store::{ChannelState, ChannelStore};
 use crate::channel::{
     BATCH_SETTLEMENT, ClaimEntry, ERC3009_DEPOSIT_COLLECTOR, channel_id, claim_batch_digest,
 };
@@ -48,6 +49,8 @@ sol! {
     function claimWithSignature(EscrowVoucherClaim[] voucherClaims, bytes authorizerSignature) external;
     function settle(address receiver, address token) external;
     function receivers(address receiver, address token) external view returns (uint128 totalClaimed, uint128 totalSettled);
+    function pendingWithdrawals(bytes32 channelId) external view returns (uint128 amount, uint40 initiatedAt);
+    function refundNonce(bytes32 channelId) external view returns (uint256);
 }
 
 impl OnchainSettler {
@@ -274,5 +277,147 @@ impl OnchainSettler {
             Err(Submit::NotSent(f)) => Err(EscrowError(f.into_settle_error().into())),
             Err(Submit::Unknown { source, .. }) => Err(EscrowError(source)),
         }
+    }
+}
+
+/// Signs the `ClaimBatch` digests of the server's receiver authorizer (a local key, a KMS).
+pub trait ReceiverAuthorizer: Send + Sync {
+    /// The 65-byte `r ‖ s ‖ v` signature of `digest`.
+    fn sign_digest(&self, digest: B256) -> Result<alloy_primitives::Bytes, crate::store::BoxError>;
+}
+
+/// A channel's escrow state, as the chain has it now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OnchainChannel {
+    /// Deposited minus withdrawn and refunded.
+    pub balance: u128,
+    /// Claimed by the receiver.
+    pub total_claimed: u128,
+    /// When a timed withdrawal started (0: none).
+    pub withdraw_requested_at: u64,
+    /// The next refund nonce.
+    pub refund_nonce: U256,
+}
+
+/// What one [`OnchainSettler::watch_channels`] round did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchReport {
+    /// Channels whose mirrored state was refreshed.
+    pub refreshed: usize,
+    /// Channels with a timed withdrawal pending.
+    pub withdrawing: usize,
+    /// Channels claimed this round.
+    pub claimed: usize,
+    /// The claim transaction and its gas, if one was sent.
+    pub transaction: Option<(B256, u64)>,
+}
+
+impl OnchainSettler {
+    /// Reads a channel's escrow state (`channels`, `pendingWithdrawals`, `refundNonce`).
+    pub async fn read_channel(&self, channel: B256) -> Result<OnchainChannel, EscrowError> {
+        let view = |input: Vec<u8>| {
+            let read = TransactionRequest::default()
+                .with_to(BATCH_SETTLEMENT)
+                .with_input(input);
+            with_timeout(
+                self.config.rpc_timeout,
+                self.provider
+                    .call(read)
+                    .block(BlockId::latest())
+                    .into_future(),
+            )
+        };
+        let (c, w, n) = tokio::join!(
+            view(channelsCall { channelId: channel }.abi_encode()),
+            view(pendingWithdrawalsCall { channelId: channel }.abi_encode()),
+            view(refundNonceCall { channelId: channel }.abi_encode()),
+        );
+        let rpc = |f: super::Failure| EscrowError(f.into_settle_error().into());
+        let malformed = |_| escrow_error("the escrow returned malformed data");
+        let c = channelsCall::abi_decode_returns(&c.map_err(rpc)?).map_err(malformed)?;
+        let w = pendingWithdrawalsCall::abi_decode_returns(&w.map_err(rpc)?).map_err(malformed)?;
+        let n = refundNonceCall::abi_decode_returns(&n.map_err(rpc)?).map_err(malformed)?;
+        Ok(OnchainChannel {
+            balance: c.balance,
+            total_claimed: c.totalClaimed,
+            withdraw_requested_at: w.initiatedAt.to::<u64>(),
+            refund_nonce: n,
+        })
+    }
+
+    /// One round of the channel manager: refreshes every stored channel's mirrored state
+    /// from the chain, then claims, in one `claimWithSignature` transaction, every channel
+    /// with unclaimed vouchers that has a timed withdrawal pending (the payer must not walk
+    /// away with charges the server has not claimed: `finalizeWithdraw` only returns what is
+    /// unclaimed then) or at least `threshold` unclaimed. Call it from a timer well within the
+    /// shortest `withdrawDelay`, or once from a cron-style command. A channel whose record
+    /// changes meanwhile is left for the next round (compare-and-set); claims are cumulative,
+    /// so a round repeated after an unknown outcome claims nothing twice.
+    pub async fn watch_channels<S: ChannelStore>(
+        &self,
+        store: &S,
+        authorizer: &dyn ReceiverAuthorizer,
+        now: u64,
+        threshold: u128,
+    ) -> Result<WatchReport, EscrowError> {
+        let store_error = |e: crate::store::StoreError| EscrowError(Box::new(e));
+        let mut report = WatchReport::default();
+        let mut due = Vec::new();
+        for id in store.list().await.map_err(store_error)? {
+            let Some(mut state) = store.load(id).await.map_err(store_error)? else {
+                continue;
+            };
+            let chain = self.read_channel(id).await?;
+            let expected = state.charged_cumulative;
+            state.balance = chain.balance;
+            state.total_claimed = chain.total_claimed;
+            state.withdraw_requested_at = chain.withdraw_requested_at;
+            state.refund_nonce = chain.refund_nonce;
+            state.onchain_synced_at = now;
+            if !store
+                .commit(id, Some(expected), state.clone())
+                .await
+                .map_err(store_error)?
+            {
+                continue;
+            }
+            report.refreshed += 1;
+            if state.withdraw_requested_at != 0 {
+                report.withdrawing += 1;
+            }
+            let pressing =
+                state.withdraw_requested_at != 0 || state.unclaimed() >= threshold.max(1);
+            if let Some(claim) = ChannelClaim::of(&state).filter(|_| pressing) {
+                due.push((id, claim));
+            }
+        }
+        if due.is_empty() {
+            return Ok(report);
+        }
+        let claims: Vec<ChannelClaim> = due.iter().map(|(_, c)| c.clone()).collect();
+        let chain_id = self
+            .chain_id()
+            .await
+            .map_err(|f| EscrowError(f.into_settle_error().into()))?;
+        let signature = authorizer
+            .sign_digest(claim_digest(chain_id, &claims))
+            .map_err(EscrowError)?;
+        report.transaction = Some(self.claim_channels(&claims, signature).await?);
+        report.claimed = claims.len();
+        // Mirror the new claimed totals (a record that moved is refreshed next round).
+        for (id, claim) in due {
+            if let Some(mut state) = store.load(id).await.map_err(store_error)? {
+                let expected = state.charged_cumulative;
+                state.total_claimed = state.total_claimed.max(claim.total_claimed);
+                if let Err(e) = store.commit(id, Some(expected), state).await {
+                    alert!(
+                        Alert::ChannelState,
+                        cause = &e,
+                        "a claimed total was not mirrored: the next round reads it from the chain"
+                    );
+                }
+            }
+        }
+        Ok(report)
     }
 }

@@ -133,7 +133,7 @@
 mod batch;
 // Payment channels (issue #19): deposits, claims and settle through the relayer.
 mod channel;
-pub use channel::{ChannelClaim, claim_digest};
+pub use channel::{ChannelClaim, OnchainChannel, ReceiverAuthorizer, WatchReport, claim_digest};
 mod relayer;
 mod revert;
 mod stats;
