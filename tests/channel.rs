@@ -34,6 +34,9 @@ struct RecordingEscrow {
     deposits: AtomicUsize,
     balance: std::sync::Mutex<u128>,
     fail: std::sync::atomic::AtomicBool,
+    claimed: std::sync::Mutex<u128>,
+    /// (amount, nonce, claimed total sent first).
+    refunds: std::sync::Mutex<Vec<(u128, U256, Option<u128>)>>,
 }
 
 #[async_trait]
@@ -53,7 +56,34 @@ impl Escrow for RecordingEscrow {
         Ok(Mirror {
             transaction: B256::repeat_byte(0xde),
             balance: *balance,
-            total_claimed: 0,
+            total_claimed: *self.claimed.lock().expect("lock"),
+        })
+    }
+
+    async fn refund(
+        &self,
+        _config: &ChannelConfig,
+        _channel: B256,
+        claim: Option<(tower_x402::channel::ChannelClaim, Bytes)>,
+        amount: u128,
+        nonce: U256,
+        _signature: Bytes,
+    ) -> Result<Mirror, EscrowError> {
+        self.refunds.lock().expect("lock").push((
+            amount,
+            nonce,
+            claim.as_ref().map(|(c, _)| c.total_claimed),
+        ));
+        let mut claimed = self.claimed.lock().expect("lock");
+        if let Some((c, _)) = claim {
+            *claimed = (*claimed).max(c.total_claimed);
+        }
+        let mut balance = self.balance.lock().expect("lock");
+        *balance -= amount;
+        Ok(Mirror {
+            transaction: B256::repeat_byte(0xef),
+            balance: *balance,
+            total_claimed: *claimed,
         })
     }
 }
@@ -800,4 +830,104 @@ async fn a_commit_failing_after_the_handler_raises_an_alert_and_keeps_the_old_st
         .await
         .expect("served again once the store is back");
     assert_eq!(again.state.charged_cumulative, 2 * PRICE);
+}
+
+/// The test authorizer (signs claims and refunds).
+struct TestAuthorizer;
+
+impl tower_x402::channel::ReceiverAuthorizer for TestAuthorizer {
+    fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
+        let key: PrivateKeySigner =
+            "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba".parse()?;
+        Ok(Bytes::from(
+            key.sign_hash_sync(&digest)?.as_bytes().to_vec(),
+        ))
+    }
+}
+
+#[tokio::test]
+async fn a_cooperative_refund_claims_first_then_refunds_and_runs_no_handler() {
+    let store = Arc::new(MemoryChannelStore::new());
+    let escrow = Arc::new(RecordingEscrow::default());
+    let engine = Channels::new(store.clone(), escrow.clone()).with_authorizer(TestAuthorizer);
+    let payer = Payer::new();
+    let runs = AtomicUsize::new(0);
+    serve(&engine, &payer.deposit(DEPOSIT, PRICE), &runs, PRICE)
+        .await
+        .expect("deposit");
+    serve(&engine, &payer.pay(2 * PRICE), &runs, 300)
+        .await
+        .expect("voucher");
+    let charged = PRICE + 300;
+    let refund = |voucher: u128, amount: Option<u128>| BatchEvmPayload::Refund {
+        channel_config: payer.config.clone(),
+        voucher: payer.voucher(voucher),
+        amount: amount.map(U256::from),
+    };
+    // Hostile refunds: a charging voucher, zero, more than is refundable.
+    for (what, payload, expected) in [
+        (
+            "refund with a charging voucher",
+            refund(charged + PRICE, None),
+            BatchError::CumulativeAmountMismatch,
+        ),
+        (
+            "refund below the charged amount",
+            refund(charged - 1, None),
+            BatchError::CumulativeAmountMismatch,
+        ),
+        (
+            "refund of zero",
+            refund(charged, Some(0)),
+            BatchError::RefundAmountInvalid,
+        ),
+        (
+            "refund above the balance",
+            refund(charged, Some(DEPOSIT)),
+            BatchError::RefundAmountInvalid,
+        ),
+    ] {
+        let got = engine.refund(&terms(), &payload, NOW).await;
+        assert!(
+            matches!(got, Err(PayError::Refused { error, .. }) if error == expected),
+            "{what}: {got:?}"
+        );
+    }
+    assert!(
+        escrow.refunds.lock().expect("lock").is_empty(),
+        "no hostile refund was sent"
+    );
+    // A partial refund: the unclaimed charges are claimed first, with the refund's voucher.
+    let partial = engine
+        .refund(&terms(), &refund(charged, Some(10_000)), NOW)
+        .await
+        .expect("partial");
+    assert_eq!(partial.amount, 10_000);
+    let state = partial.state.expect("kept");
+    assert_eq!(
+        (state.balance, state.total_claimed, state.refund_nonce),
+        (DEPOSIT - 10_000, charged, U256::from(1))
+    );
+    // The rest, without an amount: everything refundable; the record goes.
+    let full = engine
+        .refund(&terms(), &refund(charged, None), NOW)
+        .await
+        .expect("full");
+    assert_eq!(full.amount, DEPOSIT - 10_000 - charged);
+    assert!(full.state.is_none());
+    assert_eq!(store.load(payer.id).await.expect("load"), None);
+    assert_eq!(
+        *escrow.refunds.lock().expect("lock"),
+        vec![
+            (10_000, U256::ZERO, Some(charged)),
+            (DEPOSIT - 10_000 - charged, U256::from(1), None)
+        ]
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "refunds run no handler");
+    // Without an authorizer, refunds are refused.
+    let (plain, _, _) = self::engine();
+    assert!(matches!(
+        plain.refund(&terms(), &refund(0, None), NOW).await,
+        Err(PayError::RefundUnsupported)
+    ));
 }

@@ -514,7 +514,17 @@ async fn the_official_client_opens_a_channel_through_our_relayer_and_pays_with_v
             Some(b)
         })
         .collect();
-    let official = official_channel(&deps, &requirements, DEPOSIT, &before[1..], f.config.salt);
+    // The last voucher (ceiling = everything charged) is the refund's zero-charge voucher.
+    let total: u128 = charges.iter().sum();
+    let mut ceilings_less_price = before[1..].to_vec();
+    ceilings_less_price.push(total - PRICE);
+    let official = official_channel(
+        &deps,
+        &requirements,
+        DEPOSIT,
+        &ceilings_less_price,
+        f.config.salt,
+    );
     let req: tower_x402::proto::v2::PaymentRequirements =
         serde_json::from_value(requirements.clone()).expect("requirements");
     let terms = ChannelTerms::from_requirements(&req).expect("terms");
@@ -531,11 +541,14 @@ async fn the_official_client_opens_a_channel_through_our_relayer_and_pays_with_v
     let settler = OnchainSettler::connect(f.chain.url(), signer(chain::RELAYER_KEY))
         .await
         .expect("settler");
-    let channels = Channels::new(MemoryChannelStore::new(), settler);
+    let channels = Channels::new(MemoryChannelStore::new(), settler.clone())
+        .with_authorizer(KeyAuthorizer(signer(AUTHORIZER_KEY)));
     let runs = std::sync::atomic::AtomicUsize::new(0);
     let deposit = verify::parse_raw(&official["deposit"]["payload"].to_string()).expect("deposit");
     let mut payloads = vec![deposit];
-    for v in official["vouchers"].as_array().expect("vouchers") {
+    let mut vouchers = official["vouchers"].as_array().expect("vouchers").clone();
+    let refund_voucher = vouchers.pop().expect("refund voucher");
+    for v in &vouchers {
         payloads.push(BatchEvmPayloadJson::voucher(&official["channelConfig"], v));
     }
     let mut deposit_gas = None;
@@ -559,7 +572,6 @@ async fn the_official_client_opens_a_channel_through_our_relayer_and_pays_with_v
         assert_eq!(paid.state.charged_cumulative, before[i] + charge);
     }
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), CALLS);
-    let total: u128 = charges.iter().sum();
     let state = channels
         .store()
         .load(id)
@@ -569,43 +581,32 @@ async fn the_official_client_opens_a_channel_through_our_relayer_and_pays_with_v
     assert_eq!(state.charged_cumulative, total);
     assert_eq!(f.chain.balance(BATCH_SETTLEMENT).await, U256::from(DEPOSIT));
 
-    // Claim the latest voucher for what was charged (below its ceiling), settle, refund.
-    let claim = VoucherClaim {
-        voucher: SolVoucher {
-            channel: sol_config(&f.config),
-            maxClaimableAmount: state.signed_max_claimable,
-        },
-        signature: state.signature.clone(),
-        totalClaimed: state.charged_cumulative,
-    };
-    f.chain
-        .send_as(RELAYER, BATCH_SETTLEMENT, f.claim_call(vec![claim]))
-        .await;
+    // The client asks for its money back with its zero-charge voucher: the server claims what
+    // was charged (below the last ceiling) and refunds the rest, no handler run.
+    let raw = serde_json::json!({
+        "type": "refund",
+        "channelConfig": official["channelConfig"],
+        "voucher": refund_voucher,
+    });
+    let refund = verify::parse_raw(&raw.to_string()).expect("refund payload");
+    let refunded = channels
+        .refund(&terms, &refund, now())
+        .await
+        .expect("refund");
+    assert_eq!(refunded.amount, DEPOSIT - total);
+    assert!(refunded.state.is_none(), "a full refund deletes the record");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), CALLS);
     let receiver_before = f.chain.balance(PAY_TO).await;
-    let settle = settleCall {
-        receiver: PAY_TO,
-        token: TOKEN,
-    };
-    f.chain
-        .send_as(RELAYER, BATCH_SETTLEMENT, settle.abi_encode().into())
-        .await;
+    settler
+        .settle_channels(PAY_TO, TOKEN)
+        .await
+        .expect("settle")
+        .expect("owed");
+    // Exact to the unit: the receiver got the charged sum, the payer everything else.
     assert_eq!(
         f.chain.balance(PAY_TO).await - receiver_before,
         U256::from(total)
     );
-    let rest = DEPOSIT - total;
-    let refund = refundWithSignatureCall {
-        config: sol_config(&f.config),
-        amount: rest,
-        nonce: U256::ZERO,
-        receiverAuthorizerSignature: sign(
-            &f.authorizer,
-            channel::refund_digest(CHAIN_ID, id, U256::ZERO, rest),
-        ),
-    };
-    f.chain
-        .send_as(RELAYER, BATCH_SETTLEMENT, refund.abi_encode().into())
-        .await;
     assert_eq!(
         f.chain.balance(f.config.payer).await,
         U256::from(MINTED) - U256::from(total)

@@ -236,3 +236,48 @@ pub fn receive_authorization_digest(
     }
     .eip712_signing_hash(token)
 }
+
+/// One channel's row in a claim: its latest voucher and the total to claim (what was charged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelClaim {
+    /// The channel.
+    pub config: ChannelConfig,
+    /// The voucher's signed ceiling.
+    pub max_claimable: u128,
+    /// The voucher's signature.
+    pub signature: alloy_primitives::Bytes,
+    /// The cumulative total to claim (at most the ceiling).
+    pub total_claimed: u128,
+}
+
+impl ChannelClaim {
+    /// The claim of everything charged on a channel, if anything is still unclaimed.
+    pub fn of(state: &store::ChannelState) -> Option<Self> {
+        (state.charged_cumulative > state.total_claimed).then(|| Self {
+            config: state.config.clone(),
+            max_claimable: state.signed_max_claimable,
+            signature: state.signature.clone(),
+            total_claimed: state.charged_cumulative,
+        })
+    }
+}
+
+/// The EIP-712 `ClaimBatch` digest of `claims` on `chain_id`: what the receiver authorizer
+/// signs for `OnchainSettler::claim_channels`.
+pub fn claim_digest(chain_id: u64, claims: &[ChannelClaim]) -> B256 {
+    let entries: Vec<ClaimEntry> = claims
+        .iter()
+        .map(|c| ClaimEntry {
+            channel_id: channel_id(chain_id, &c.config),
+            max_claimable_amount: c.max_claimable,
+            total_claimed: c.total_claimed,
+        })
+        .collect();
+    claim_batch_digest(chain_id, &entries)
+}
+
+/// Signs the `ClaimBatch` digests of the server's receiver authorizer (a local key, a KMS).
+pub trait ReceiverAuthorizer: Send + Sync {
+    /// The 65-byte `r ‖ s ‖ v` signature of `digest`.
+    fn sign_digest(&self, digest: B256) -> Result<alloy_primitives::Bytes, crate::store::BoxError>;
+}

@@ -11,11 +11,12 @@
 
 use std::future::Future;
 
-use alloy_primitives::B256;
+use alloy_primitives::{B256, Bytes, U256};
 use async_trait::async_trait;
 
 use super::store::{ChannelState, ChannelStore};
 use super::verify::{self, Accepted, BatchError, ChannelTerms, Request};
+use super::{ChannelClaim, ReceiverAuthorizer, claim_digest, refund_digest};
 use crate::alert::{Alert, alert};
 use crate::proto::batch::{BatchEvmPayload, ChannelConfig, Deposit};
 use crate::store::StoreError;
@@ -47,6 +48,19 @@ pub trait Escrow: Send + Sync + 'static {
         channel: B256,
         deposit: &Deposit,
     ) -> Result<Mirror, EscrowError>;
+
+    /// A cooperative refund: first `claim` (the channel's unclaimed charges, authorized by
+    /// `claim_signature`) when given, then `refundWithSignature(config, amount, nonce,
+    /// refund_signature)`. The channel's state after both.
+    async fn refund(
+        &self,
+        config: &ChannelConfig,
+        channel: B256,
+        claim: Option<(ChannelClaim, Bytes)>,
+        amount: u128,
+        nonce: U256,
+        refund_signature: Bytes,
+    ) -> Result<Mirror, EscrowError>;
 }
 
 #[async_trait]
@@ -58,6 +72,19 @@ impl<T: Escrow + ?Sized> Escrow for std::sync::Arc<T> {
         deposit: &Deposit,
     ) -> Result<Mirror, EscrowError> {
         (**self).deposit(config, channel, deposit).await
+    }
+    async fn refund(
+        &self,
+        config: &ChannelConfig,
+        channel: B256,
+        claim: Option<(ChannelClaim, Bytes)>,
+        amount: u128,
+        nonce: U256,
+        refund_signature: Bytes,
+    ) -> Result<Mirror, EscrowError> {
+        (**self)
+            .refund(config, channel, claim, amount, nonce, refund_signature)
+            .await
     }
 }
 
@@ -73,9 +100,13 @@ pub enum PayError<E> {
         /// The server's record of the channel, if any.
         state: Option<Box<ChannelState>>,
     },
-    /// Refund payloads are not served by this engine yet.
-    #[error("cooperative refunds are not served yet")]
+    /// A refund payload given to [`Channels::pay`] (use [`Channels::refund`]), or to a
+    /// [`Channels`] without a receiver authorizer.
+    #[error("refund payloads go to Channels::refund, with a receiver authorizer")]
     RefundUnsupported,
+    /// The receiver authorizer could not sign.
+    #[error("the receiver authorizer could not sign")]
+    Authorizer(crate::store::BoxError),
     /// The deposit did not land: the handler did not run.
     #[error(transparent)]
     Escrow(EscrowError),
@@ -100,12 +131,34 @@ pub struct Paid<T> {
     pub state: ChannelState,
 }
 
-/// Serves paid requests on channels kept in a [`ChannelStore`].
+/// A cooperative refund that went through.
 #[derive(Debug)]
+pub struct Refunded {
+    /// The refund transaction and the channel's state after it.
+    pub mirror: Mirror,
+    /// The amount returned to the payer.
+    pub amount: u128,
+    /// The channel's record after it (`None`: fully refunded, the record was deleted).
+    pub state: Option<ChannelState>,
+}
+
+/// Serves paid requests on channels kept in a [`ChannelStore`].
 pub struct Channels<S, X> {
     store: S,
     escrow: X,
     lease_seconds: u64,
+    authorizer: Option<std::sync::Arc<dyn ReceiverAuthorizer>>,
+}
+
+impl<S: std::fmt::Debug, X: std::fmt::Debug> std::fmt::Debug for Channels<S, X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channels")
+            .field("store", &self.store)
+            .field("escrow", &self.escrow)
+            .field("lease_seconds", &self.lease_seconds)
+            .field("authorizer", &self.authorizer.is_some())
+            .finish()
+    }
 }
 
 impl<S: ChannelStore, X: Escrow> Channels<S, X> {
@@ -115,7 +168,15 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
             store,
             escrow,
             lease_seconds: 60,
+            authorizer: None,
         }
+    }
+
+    /// The server's receiver authorizer key: signs the claim and the refund of a
+    /// cooperative refund ([`Channels::refund`]).
+    pub fn with_authorizer(mut self, authorizer: impl ReceiverAuthorizer + 'static) -> Self {
+        self.authorizer = Some(std::sync::Arc::new(authorizer));
+        self
     }
 
     /// How long a request may hold a channel before another may take it over (the commit's
@@ -168,6 +229,125 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
             );
         }
         result
+    }
+
+    /// Serves a `refund` payload (no handler): checks its zero-charge voucher against the
+    /// channel's state under the lease, claims what is unclaimed (with that voucher), then
+    /// refunds the requested amount (all that is refundable without one) with
+    /// `refundWithSignature`, both signed by the receiver authorizer. A full refund deletes
+    /// the channel's record.
+    pub async fn refund(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+        now: u64,
+    ) -> Result<Refunded, PayError<std::convert::Infallible>> {
+        let refused = |error| PayError::Refused { error, state: None };
+        let (BatchEvmPayload::Refund { .. }, Some(authorizer)) = (payload, &self.authorizer) else {
+            return Err(PayError::RefundUnsupported);
+        };
+        let authentic = verify::authenticate(terms, payload, now).map_err(refused)?;
+        let channel = payload.voucher().channel_id;
+        let lease = self
+            .store
+            .lock(channel, now.saturating_add(self.lease_seconds))
+            .await
+            .map_err(PayError::Store)?
+            .ok_or_else(|| refused(BatchError::ChannelBusy))?;
+        let result = self
+            .refund_held(terms, payload, authentic, authorizer.as_ref())
+            .await;
+        if let Err(e) = self.store.unlock(lease).await {
+            alert!(
+                Alert::ChannelState,
+                cause = &e,
+                "channel lease not released: the channel waits for its expiry"
+            );
+        }
+        result
+    }
+
+    async fn refund_held(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+        authentic: verify::Authentic,
+        authorizer: &dyn ReceiverAuthorizer,
+    ) -> Result<Refunded, PayError<std::convert::Infallible>> {
+        let channel = payload.voucher().channel_id;
+        let stored = self.store.load(channel).await.map_err(PayError::Store)?;
+        let accepted =
+            verify::against_state(terms, payload, authentic, stored.as_ref()).map_err(|error| {
+                PayError::Refused {
+                    error,
+                    state: stored.clone().map(Box::new),
+                }
+            })?;
+        let (Request::Refund { amount }, Some(mut state)) = (accepted.request, stored) else {
+            return Err(PayError::RefundUnsupported);
+        };
+        let claim = if state.charged_cumulative > state.total_claimed {
+            let claim = ChannelClaim {
+                config: accepted.config.clone(),
+                max_claimable: accepted.max_claimable,
+                signature: accepted.signature.clone(),
+                total_claimed: state.charged_cumulative,
+            };
+            let signature = authorizer
+                .sign_digest(claim_digest(terms.chain_id, std::slice::from_ref(&claim)))
+                .map_err(PayError::Authorizer)?;
+            Some((claim, signature))
+        } else {
+            None
+        };
+        let refund_signature = authorizer
+            .sign_digest(refund_digest(
+                terms.chain_id,
+                channel,
+                state.refund_nonce,
+                amount,
+            ))
+            .map_err(PayError::Authorizer)?;
+        let mirror = self
+            .escrow
+            .refund(
+                &accepted.config,
+                channel,
+                claim,
+                amount,
+                state.refund_nonce,
+                refund_signature,
+            )
+            .await
+            .map_err(PayError::Escrow)?;
+        let expected = state.charged_cumulative;
+        state.balance = mirror.balance;
+        state.total_claimed = mirror.total_claimed;
+        state.refund_nonce += U256::from(1);
+        state.signed_max_claimable = accepted.max_claimable;
+        state.signature = accepted.signature;
+        let stored = if state.balance <= state.total_claimed {
+            self.store.remove(channel, expected).await.map(|_| None)
+        } else {
+            self.store
+                .commit(channel, Some(expected), state.clone())
+                .await
+                .map(|_| Some(state))
+        };
+        let state = stored.unwrap_or_else(|e| {
+            // The refund is on chain; the next refresh mirrors it.
+            alert!(
+                Alert::ChannelState,
+                cause = &e,
+                "a refund's channel state was not stored"
+            );
+            None
+        });
+        Ok(Refunded {
+            mirror,
+            amount,
+            state,
+        })
     }
 
     async fn pay_held<F, Fut, T, E>(

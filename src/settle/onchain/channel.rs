@@ -19,9 +19,9 @@ use super::relayer::with_timeout;
 use super::{OnchainSettler, Sent, Submit};
 use crate::alert::{Alert, alert};
 use crate::channel::serve::{Escrow, EscrowError, Mirror};
-use crate::channel::store::{ChannelState, ChannelStore};
+use crate::channel::store::ChannelStore;
 use crate::channel::{
-    BATCH_SETTLEMENT, ClaimEntry, ERC3009_DEPOSIT_COLLECTOR, channel_id, claim_batch_digest,
+    BATCH_SETTLEMENT, ChannelClaim, ERC3009_DEPOSIT_COLLECTOR, ReceiverAuthorizer, claim_digest,
 };
 use crate::proto::batch::{ChannelConfig, Deposit};
 
@@ -49,6 +49,7 @@ sol! {
     function claimWithSignature(EscrowVoucherClaim[] voucherClaims, bytes authorizerSignature) external;
     function settle(address receiver, address token) external;
     function receivers(address receiver, address token) external view returns (uint128 totalClaimed, uint128 totalSettled);
+    function refundWithSignature(EscrowChannelConfig config, uint128 amount, uint256 nonce, bytes receiverAuthorizerSignature) external;
     function pendingWithdrawals(bytes32 channelId) external view returns (uint128 amount, uint40 initiatedAt);
     function refundNonce(bytes32 channelId) external view returns (uint256);
 }
@@ -129,45 +130,36 @@ impl Escrow for OnchainSettler {
             total_claimed: state.totalClaimed,
         })
     }
-}
 
-/// One channel's row in a claim: its latest voucher and the total to claim (what was charged).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChannelClaim {
-    /// The channel.
-    pub config: ChannelConfig,
-    /// The voucher's signed ceiling.
-    pub max_claimable: u128,
-    /// The voucher's signature.
-    pub signature: alloy_primitives::Bytes,
-    /// The cumulative total to claim (at most the ceiling).
-    pub total_claimed: u128,
-}
-
-impl ChannelClaim {
-    /// The claim of everything charged on a channel, if anything is still unclaimed.
-    pub fn of(state: &ChannelState) -> Option<Self> {
-        (state.charged_cumulative > state.total_claimed).then(|| Self {
-            config: state.config.clone(),
-            max_claimable: state.signed_max_claimable,
-            signature: state.signature.clone(),
-            total_claimed: state.charged_cumulative,
+    async fn refund(
+        &self,
+        config: &ChannelConfig,
+        channel: B256,
+        claim: Option<(ChannelClaim, alloy_primitives::Bytes)>,
+        amount: u128,
+        nonce: U256,
+        refund_signature: alloy_primitives::Bytes,
+    ) -> Result<Mirror, EscrowError> {
+        if let Some((claim, signature)) = claim {
+            self.claim_channels(std::slice::from_ref(&claim), signature)
+                .await?;
+        }
+        let call = refundWithSignatureCall {
+            config: escrow_config(config),
+            amount,
+            nonce,
+            receiverAuthorizerSignature: refund_signature,
+        };
+        let (transaction, _) = self
+            .send_escrow(call.abi_encode(), 1, Self::CHANNEL_CLAIM_GAS_PER_CHANNEL)
+            .await?;
+        let state = self.read_channel(channel).await?;
+        Ok(Mirror {
+            transaction,
+            balance: state.balance,
+            total_claimed: state.total_claimed,
         })
     }
-}
-
-/// The EIP-712 `ClaimBatch` digest of `claims` on `chain_id`: what the receiver authorizer
-/// signs for [`OnchainSettler::claim_channels`].
-pub fn claim_digest(chain_id: u64, claims: &[ChannelClaim]) -> B256 {
-    let entries: Vec<ClaimEntry> = claims
-        .iter()
-        .map(|c| ClaimEntry {
-            channel_id: channel_id(chain_id, &c.config),
-            max_claimable_amount: c.max_claimable,
-            total_claimed: c.total_claimed,
-        })
-        .collect();
-    claim_batch_digest(chain_id, &entries)
 }
 
 fn escrow_config(config: &ChannelConfig) -> EscrowChannelConfig {
@@ -278,12 +270,6 @@ impl OnchainSettler {
             Err(Submit::Unknown { source, .. }) => Err(EscrowError(source)),
         }
     }
-}
-
-/// Signs the `ClaimBatch` digests of the server's receiver authorizer (a local key, a KMS).
-pub trait ReceiverAuthorizer: Send + Sync {
-    /// The 65-byte `r ‖ s ‖ v` signature of `digest`.
-    fn sign_digest(&self, digest: B256) -> Result<alloy_primitives::Bytes, crate::store::BoxError>;
 }
 
 /// A channel's escrow state, as the chain has it now.

@@ -133,7 +133,8 @@
 mod batch;
 // Payment channels (issue #19): deposits, claims and settle through the relayer.
 mod channel;
-pub use channel::{ChannelClaim, OnchainChannel, ReceiverAuthorizer, WatchReport, claim_digest};
+pub use crate::channel::{ChannelClaim, ReceiverAuthorizer, claim_digest};
+pub use channel::{OnchainChannel, WatchReport};
 mod relayer;
 mod revert;
 mod stats;
