@@ -914,3 +914,116 @@ async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_voucher
     );
     assert_eq!(f.chain.balance(BATCH_SETTLEMENT).await, U256::ZERO);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_lost_its_state_recovers_through_our_corrective_402() {
+    use tower_x402::channel::serve::{Channels, PayError};
+    use tower_x402::channel::store::MemoryChannelStore;
+    use tower_x402::channel::verify::{BatchError, ChannelTerms};
+    use tower_x402::settle::onchain::OnchainSettler;
+
+    let test = "a_client_that_lost_its_state_recovers";
+    let Some(deps) = chain::process::test_deps(test, &["node/node_modules/@x402/evm/package.json"])
+    else {
+        return;
+    };
+    let Some(f) = Fixture::start(test).await else {
+        return;
+    };
+    const PRICE: u128 = 1_000;
+    let option = tower_x402::PaymentOption::batch_settlement(
+        &tower_x402::Asset::usdc_base_sepolia(),
+        U256::from(PRICE),
+        PAY_TO,
+        f.authorizer.address(),
+        900,
+        channel::AssetTransferMethod::Eip3009,
+    )
+    .expect("option");
+    let terms = ChannelTerms::from_requirements(option.requirements()).expect("terms");
+    let settler = OnchainSettler::connect(f.chain.url(), signer(chain::RELAYER_KEY))
+        .await
+        .expect("settler");
+    let channels = Channels::new(MemoryChannelStore::new(), settler);
+    let mut charged = 0;
+    for (call, charge) in [1_000u128, 400, 1_000].into_iter().enumerate() {
+        let payload = f.payload(charged + PRICE, (call == 0).then_some(DEPOSIT));
+        channels
+            .pay(&terms, &payload, now(), |_| async {
+                Ok::<_, std::convert::Infallible>(((), charge))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("call {call}: {e:?}"));
+        charged += charge;
+    }
+    // A cold client signs from the on-chain claimed total (0): refused with the server's state.
+    let state = match channels
+        .pay(&terms, &f.payload(PRICE, None), now(), |_| async {
+            Ok::<_, std::convert::Infallible>(((), PRICE))
+        })
+        .await
+    {
+        Err(PayError::Refused {
+            error: BatchError::CumulativeAmountMismatch,
+            state: Some(state),
+        }) => *state,
+        other => panic!("expected a corrective refusal, got {other:?}"),
+    };
+    let corrective = |state: &tower_x402::channel::store::ChannelState| {
+        serde_json::json!({
+            "x402Version": 2,
+            "error": BatchError::CumulativeAmountMismatch.code(),
+            "resource": { "url": "http://127.0.0.1/paid" },
+            "accepts": [channel::corrective_requirements(option.requirements(), f.id, state)],
+        })
+    };
+    let recover = |body: serde_json::Value| {
+        let mut cmd = std::process::Command::new("node");
+        cmd.arg(chain::process::repo().join("tests/clients/batch-recover.mjs"))
+            .arg(PAYER3_KEY)
+            .arg(f.chain.url())
+            .arg(body.to_string())
+            .arg(f.config.salt.to_string())
+            .env("X402_TEST_DEPS", &deps);
+        chain::process::run_json(&mut cmd, std::time::Duration::from_secs(60), String::new)
+    };
+    let out = recover(corrective(&state));
+    assert_eq!(out["recovered"], true, "{out}");
+    assert_eq!(
+        out["context"]["chargedCumulativeAmount"],
+        charged.to_string()
+    );
+    let raw = serde_json::json!({
+        "type": "voucher",
+        "channelConfig": out["channelConfig"],
+        "voucher": out["voucher"],
+    });
+    let next = tower_x402::channel::verify::parse_raw(&raw.to_string()).expect("voucher");
+    let paid = channels
+        .pay(&terms, &next, now(), |_| async {
+            Ok::<_, std::convert::Infallible>(((), PRICE))
+        })
+        .await
+        .expect("the recovered client pays on");
+    assert_eq!(paid.state.charged_cumulative, charged + PRICE);
+    // The receipt's extra as the spec has it.
+    let extra = channel::receipt_extra(Some(PRICE), f.id, &paid.state);
+    assert_eq!(extra["chargedAmount"], PRICE.to_string());
+    assert_eq!(
+        extra["channelState"]["chargedCumulativeAmount"],
+        (charged + PRICE).to_string()
+    );
+
+    // A server claiming more than the client signed cannot make it adopt that: a voucher
+    // state signed by another key is refused by the official client.
+    let mut forged = paid.state.clone();
+    forged.charged_cumulative += 50_000;
+    forged.signed_max_claimable = forged.charged_cumulative;
+    forged.signature = sign(
+        &f.authorizer,
+        channel::voucher_digest(CHAIN_ID, f.id, U256::from(forged.signed_max_claimable))
+            .expect("u128"),
+    );
+    let out = recover(corrective(&forged));
+    assert_eq!(out["recovered"], false, "{out}");
+}

@@ -281,3 +281,55 @@ pub trait ReceiverAuthorizer: Send + Sync {
     /// The 65-byte `r ‖ s ‖ v` signature of `digest`.
     fn sign_digest(&self, digest: B256) -> Result<alloy_primitives::Bytes, crate::store::BoxError>;
 }
+
+/// The spec's `channelState` object of `state` (in a corrective 402's `extra` and a
+/// receipt's `extra`): amounts as decimal strings, `withdrawRequestedAt` a number.
+pub fn channel_state_json(channel: B256, state: &store::ChannelState) -> serde_json::Value {
+    serde_json::json!({
+        "channelId": channel,
+        "balance": state.balance.to_string(),
+        "totalClaimed": state.total_claimed.to_string(),
+        "withdrawRequestedAt": state.withdraw_requested_at,
+        "refundNonce": state.refund_nonce.to_string(),
+        "chargedCumulativeAmount": state.charged_cumulative.to_string(),
+    })
+}
+
+/// The requirement of a corrective 402 (`invalid_batch_settlement_evm_cumulative_amount_mismatch`):
+/// `req` with `extra.channelState` and `extra.voucherState` (the latest signed voucher, which
+/// the client checks against its own key before adopting the server's charged amount).
+pub fn corrective_requirements(
+    req: &crate::proto::v2::PaymentRequirements,
+    channel: B256,
+    state: &store::ChannelState,
+) -> crate::proto::v2::PaymentRequirements {
+    let mut req = req.clone();
+    let extra_map = req.extra.get_or_insert_with(Default::default);
+    extra_map.insert(
+        extra::CHANNEL_STATE.into(),
+        channel_state_json(channel, state),
+    );
+    extra_map.insert(
+        extra::VOUCHER_STATE.into(),
+        serde_json::json!({
+            "signedMaxClaimable": state.signed_max_claimable.to_string(),
+            "signature": state.signature,
+        }),
+    );
+    req
+}
+
+/// The `extra` of a paid response's receipt: `chargedAmount` (omitted for a refund) and
+/// `channelState` (the spec's payment-response contract).
+pub fn receipt_extra(
+    charged: Option<u128>,
+    channel: B256,
+    state: &store::ChannelState,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut extra = serde_json::Map::new();
+    if let Some(charged) = charged {
+        extra.insert("chargedAmount".into(), charged.to_string().into());
+    }
+    extra.insert("channelState".into(), channel_state_json(channel, state));
+    extra
+}
