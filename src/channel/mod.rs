@@ -16,6 +16,9 @@
 //! `PaymentOption::batch_settlement` builds the challenge. Not wired into the layer's request
 //! path yet: no `Proof` variant or verifier arm, so a `PaymentLayer` does not serve it.
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 pub mod serve;
 pub mod store;
 pub mod verify;

@@ -24,7 +24,8 @@ use crate::proto::batch::ChannelConfig;
 use crate::store::{ClaimToken, StoreError};
 
 /// The server's record of one channel.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ChannelState {
     /// The channel's immutable config.
     pub config: ChannelConfig,
@@ -241,9 +242,15 @@ impl ChannelStore for MemoryChannelStore {
 
 /// The contract every [`ChannelStore`] must meet, as one async check: run it against a fresh
 /// store (the memory store's unit test does; a Redis or PostgreSQL store's test should).
-/// `advance(seconds)` moves the clock the store's leases expire on.
+/// Leases are taken for `seconds` from `now`; `advance(seconds)` moves the clock the
+/// store's leases expire on (a Redis store: waits).
 #[cfg(any(test, feature = "test-util"))]
-pub async fn conformance<S: ChannelStore>(store: &S, now: u64, advance: impl Fn(u64)) {
+pub async fn conformance<S, F, Fut>(store: &S, now: u64, seconds: u64, advance: F)
+where
+    S: ChannelStore,
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let id = B256::repeat_byte(0xc1);
     let other = B256::repeat_byte(0xc2);
     let state = |charged: u128| ChannelState {
@@ -295,31 +302,39 @@ pub async fn conformance<S: ChannelStore>(store: &S, now: u64, advance: impl Fn(
     );
 
     // One lease per channel, until it is given back or expires.
-    let lease = store.lock(id, now + 30).await.expect("lock").expect("free");
+    let lease = store
+        .lock(id, now + seconds)
+        .await
+        .expect("lock")
+        .expect("free");
     assert!(
-        store.lock(id, now + 30).await.expect("lock").is_none(),
+        store.lock(id, now + seconds).await.expect("lock").is_none(),
         "held"
     );
-    let other_lease = store.lock(other, now + 30).await.expect("lock");
+    let other_lease = store.lock(other, now + seconds).await.expect("lock");
     assert!(other_lease.is_some(), "another channel is not held");
     store.unlock(lease).await.expect("unlock");
     let again = store
-        .lock(id, now + 30)
+        .lock(id, now + seconds)
         .await
         .expect("lock")
         .expect("free again");
     // A stale holder's unlock does not free the new holder's lease.
     store.unlock(lease).await.expect("unlock");
     assert!(
-        store.lock(id, now + 30).await.expect("lock").is_none(),
+        store.lock(id, now + seconds).await.expect("lock").is_none(),
         "still held"
     );
-    advance(31);
-    let taken_over = store.lock(id, now + 90).await.expect("lock");
+    advance(seconds + 1).await;
+    let taken_over = store.lock(id, now + 3 * seconds).await.expect("lock");
     assert!(taken_over.is_some(), "an expired lease can be taken over");
     store.unlock(again).await.expect("unlock");
     assert!(
-        store.lock(id, now + 90).await.expect("lock").is_none(),
+        store
+            .lock(id, now + 3 * seconds)
+            .await
+            .expect("lock")
+            .is_none(),
         "the expired holder cannot free the new lease"
     );
 
@@ -342,6 +357,10 @@ mod tests {
     async fn memory_store_meets_the_contract() {
         let clock = FixedClock::new(1_700_000_000);
         let store = MemoryChannelStore::with_clock(clock.clone());
-        conformance(&store, 1_700_000_000, |s| clock.advance(s)).await;
+        conformance(&store, 1_700_000_000, 30, |s| {
+            clock.advance(s);
+            std::future::ready(())
+        })
+        .await;
     }
 }
