@@ -755,9 +755,9 @@ impl ChannelStore for FailingCommits {
     async fn lock(
         &self,
         channel: B256,
-        expires_at: u64,
+        seconds: u64,
     ) -> Result<Option<tower_x402::channel::store::Lease>, tower_x402::store::StoreError> {
-        self.0.lock(channel, expires_at).await
+        self.0.lock(channel, seconds).await
     }
     async fn unlock(
         &self,

@@ -5,7 +5,7 @@
 //!
 //! Per channel, a hash `{prefix}s:{channelId hex}` with `c` (the charged cumulative amount,
 //! decimal: what commits compare) and `j` (the [`ChannelState`] as JSON), and the lease, a
-//! string `{prefix}l:{channelId hex}` holding the holder's token with a `PXAT` expiry. Every
+//! string `{prefix}l:{channelId hex}` holding the holder's token with a `PX` expiry (Redis's clock). Every
 //! operation is one single-key command or script, so it is atomic on one node and on a
 //! cluster. [`ChannelStore::list`] scans `{prefix}s:*` (one node).
 //!
@@ -26,13 +26,10 @@ use super::store::{ChannelState, ChannelStore, Lease};
 use crate::store::redis::{new_token, run_script, unavailable};
 use crate::store::{RedisConnection, StoreError};
 
-/// `KEYS[1]` the lease, `ARGV[1]` the token, `ARGV[2]` the expiry in Unix ms. 1: taken.
+/// `KEYS[1]` the lease, `ARGV[1]` the token, `ARGV[2]` the lease in ms (Redis's clock
+/// decides it). 1: taken.
 const LOCK: &str = r"
-local t = redis.call('TIME')
-local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + 1000
-local at = ARGV[2]
-if tonumber(at) < floor then at = string.format('%d', floor) end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PXAT', at) then return 1 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 ";
 
@@ -154,9 +151,9 @@ impl ChannelStore for RedisChannelStore {
             .transpose()
     }
 
-    async fn lock(&self, channel: B256, expires_at: u64) -> Result<Option<Lease>, StoreError> {
+    async fn lock(&self, channel: B256, seconds: u64) -> Result<Option<Lease>, StoreError> {
         let token = new_token();
-        let at = expires_at.saturating_mul(1000).to_string();
+        let at = seconds.clamp(1, 86_400).saturating_mul(1000).to_string();
         let taken: i64 = self
             .script(
                 &self.scripts.lock,

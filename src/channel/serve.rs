@@ -215,7 +215,7 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         let channel = payload.voucher().channel_id;
         let lease = self
             .store
-            .lock(channel, now.saturating_add(self.lease_seconds))
+            .lock(channel, self.lease_seconds)
             .await
             .map_err(PayError::Store)?
             .ok_or_else(|| refused(BatchError::ChannelBusy, None))?;
@@ -250,7 +250,7 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         let channel = payload.voucher().channel_id;
         let lease = self
             .store
-            .lock(channel, now.saturating_add(self.lease_seconds))
+            .lock(channel, self.lease_seconds)
             .await
             .map_err(PayError::Store)?
             .ok_or_else(|| refused(BatchError::ChannelBusy))?;

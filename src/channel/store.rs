@@ -72,9 +72,10 @@ pub trait ChannelStore: Send + Sync + 'static {
     /// The channel's record, if any.
     async fn load(&self, channel: B256) -> Result<Option<ChannelState>, StoreError>;
 
-    /// Takes the channel's lease until `expires_at` (Unix seconds; a crashed holder blocks
-    /// the channel no longer). `None`: another holder has it.
-    async fn lock(&self, channel: B256, expires_at: u64) -> Result<Option<Lease>, StoreError>;
+    /// Takes the channel's lease for `seconds` by the store's own clock (a crashed holder
+    /// blocks the channel no longer; the caller's clock never decides it). `None`: another
+    /// holder has it.
+    async fn lock(&self, channel: B256, seconds: u64) -> Result<Option<Lease>, StoreError>;
 
     /// Gives the lease back (a no-op if it expired and someone else took it).
     async fn unlock(&self, lease: Lease) -> Result<(), StoreError>;
@@ -106,8 +107,8 @@ impl<T: ChannelStore + ?Sized> ChannelStore for std::sync::Arc<T> {
     async fn load(&self, channel: B256) -> Result<Option<ChannelState>, StoreError> {
         (**self).load(channel).await
     }
-    async fn lock(&self, channel: B256, expires_at: u64) -> Result<Option<Lease>, StoreError> {
-        (**self).lock(channel, expires_at).await
+    async fn lock(&self, channel: B256, seconds: u64) -> Result<Option<Lease>, StoreError> {
+        (**self).lock(channel, seconds).await
     }
     async fn unlock(&self, lease: Lease) -> Result<(), StoreError> {
         (**self).unlock(lease).await
@@ -187,8 +188,9 @@ impl ChannelStore for MemoryChannelStore {
         Ok(self.inner().states.get(&channel).cloned())
     }
 
-    async fn lock(&self, channel: B256, expires_at: u64) -> Result<Option<Lease>, StoreError> {
+    async fn lock(&self, channel: B256, seconds: u64) -> Result<Option<Lease>, StoreError> {
         let now = self.now();
+        let expires_at = now.saturating_add(seconds.max(1));
         let mut inner = self.inner();
         if let Some((_, until)) = inner.leases.get(&channel)
             && *until > now
@@ -242,7 +244,7 @@ impl ChannelStore for MemoryChannelStore {
 
 /// The contract every [`ChannelStore`] must meet, as one async check: run it against a fresh
 /// store (the memory store's unit test does; a Redis or PostgreSQL store's test should).
-/// Leases are taken for `seconds` from `now`; `advance(seconds)` moves the clock the
+/// Leases are taken for `seconds`; `now` stamps the records; `advance(seconds)` moves the clock the
 /// store's leases expire on (a Redis store: waits).
 #[cfg(any(test, feature = "test-util"))]
 pub async fn conformance<S, F, Fut>(store: &S, now: u64, seconds: u64, advance: F)
@@ -302,39 +304,31 @@ where
     );
 
     // One lease per channel, until it is given back or expires.
-    let lease = store
-        .lock(id, now + seconds)
-        .await
-        .expect("lock")
-        .expect("free");
+    let lease = store.lock(id, seconds).await.expect("lock").expect("free");
     assert!(
-        store.lock(id, now + seconds).await.expect("lock").is_none(),
+        store.lock(id, seconds).await.expect("lock").is_none(),
         "held"
     );
-    let other_lease = store.lock(other, now + seconds).await.expect("lock");
+    let other_lease = store.lock(other, seconds).await.expect("lock");
     assert!(other_lease.is_some(), "another channel is not held");
     store.unlock(lease).await.expect("unlock");
     let again = store
-        .lock(id, now + seconds)
+        .lock(id, seconds)
         .await
         .expect("lock")
         .expect("free again");
     // A stale holder's unlock does not free the new holder's lease.
     store.unlock(lease).await.expect("unlock");
     assert!(
-        store.lock(id, now + seconds).await.expect("lock").is_none(),
+        store.lock(id, seconds).await.expect("lock").is_none(),
         "still held"
     );
     advance(seconds + 1).await;
-    let taken_over = store.lock(id, now + 3 * seconds).await.expect("lock");
+    let taken_over = store.lock(id, 3 * seconds).await.expect("lock");
     assert!(taken_over.is_some(), "an expired lease can be taken over");
     store.unlock(again).await.expect("unlock");
     assert!(
-        store
-            .lock(id, now + 3 * seconds)
-            .await
-            .expect("lock")
-            .is_none(),
+        store.lock(id, 3 * seconds).await.expect("lock").is_none(),
         "the expired holder cannot free the new lease"
     );
 
