@@ -35,6 +35,8 @@ struct RecordingEscrow {
     balance: std::sync::Mutex<u128>,
     fail: std::sync::atomic::AtomicBool,
     claimed: std::sync::Mutex<u128>,
+    /// Reported below what was deposited (the chain disagrees with the payload).
+    short: std::sync::atomic::AtomicBool,
     /// (amount, nonce, claimed total sent first).
     refunds: std::sync::Mutex<Vec<(u128, U256, Option<u128>)>>,
 }
@@ -53,9 +55,14 @@ impl Escrow for RecordingEscrow {
         self.deposits.fetch_add(1, Ordering::SeqCst);
         let mut balance = self.balance.lock().expect("lock");
         *balance += u128::try_from(deposit.amount).expect("u128");
+        let reported = if self.short.load(Ordering::SeqCst) {
+            *balance / 2
+        } else {
+            *balance
+        };
         Ok(Mirror {
             transaction: B256::repeat_byte(0xde),
-            balance: *balance,
+            balance: reported,
             total_claimed: *self.claimed.lock().expect("lock"),
         })
     }
@@ -930,4 +937,27 @@ async fn a_cooperative_refund_claims_first_then_refunds_and_runs_no_handler() {
         plain.refund(&terms(), &refund(0, None), NOW).await,
         Err(PayError::RefundUnsupported)
     ));
+}
+
+#[tokio::test]
+async fn a_deposit_that_lands_short_of_the_voucher_runs_nothing_but_is_mirrored() {
+    let (engine, store, escrow) = engine();
+    let payer = Payer::new();
+    let runs = AtomicUsize::new(0);
+    escrow.short.store(true, Ordering::SeqCst);
+    // A deposit of 1.5 prices; the chain reports 0.75 of a price: below the voucher's ceiling.
+    let r = serve(
+        &engine,
+        &payer.deposit(PRICE + PRICE / 2, PRICE),
+        &runs,
+        PRICE,
+    )
+    .await;
+    assert_eq!(refused(r), BatchError::CumulativeExceedsBalance);
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    let state = store.load(payer.id).await.expect("load").expect("mirrored");
+    assert_eq!(
+        (state.balance, state.charged_cumulative),
+        ((PRICE + PRICE / 2) / 2, 0)
+    );
 }

@@ -388,6 +388,14 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
             state.total_claimed = m.total_claimed;
             state.onchain_synced_at = now;
             mirrored = Some(m);
+            // The chain, not the payload, says what the channel holds now.
+            if accepted.max_claimable > m.balance {
+                self.keep_deposit(channel, expected, &state, mirrored).await;
+                return Err(PayError::Refused {
+                    error: BatchError::CumulativeExceedsBalance,
+                    state: None,
+                });
+            }
         }
         let committed_before = expected;
         match handler(accepted.max_charge()).await {
