@@ -213,9 +213,9 @@ impl ChannelTerms {
             .ok_or(BatchError::WithdrawDelayOutOfRange)?;
         Ok(Self {
             chain_id: req.network.chain_id(),
-            receiver: req.pay_to,
+            receiver: req.pay_to.evm().ok_or(BatchError::ReceiverMismatch)?,
             receiver_authorizer,
-            token: req.asset,
+            token: req.asset.evm().ok_or(BatchError::TokenMismatch)?,
             withdraw_delay,
             token_name: name.to_owned(),
             token_version: version.to_owned(),
