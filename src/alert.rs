@@ -63,9 +63,12 @@ pub enum Alert {
     /// A settlement was sent but its outcome could not be learnt in time (a Solana
     /// transaction without a final status): the proof stays claimed; reconcile by hand.
     SettlementUnknown,
+    /// A payment channel's state could not be committed or its lease released (an
+    /// unrecorded voucher cannot be claimed: money lost unless the seller acts).
+    ChannelState,
 }
 
-const ALL: [Alert; 13] = [
+const ALL: [Alert; 14] = [
     Alert::JournalWrite,
     Alert::JournalCompaction,
     Alert::JournalUnreadable,
@@ -79,13 +82,14 @@ const ALL: [Alert; 13] = [
     Alert::HostileReply,
     Alert::SettlementRetry,
     Alert::SettlementUnknown,
+    Alert::ChannelState,
 ];
 
 static COUNTS: [AtomicU64; ALL.len()] = [const { AtomicU64::new(0) }; ALL.len()];
 
 impl Alert {
     /// Every kind, in a fixed order.
-    pub const ALL: [Alert; 13] = ALL;
+    pub const ALL: [Alert; 14] = ALL;
 
     /// The stable snake-case name.
     pub const fn name(self) -> &'static str {
@@ -103,6 +107,7 @@ impl Alert {
             Self::HostileReply => "hostile_reply",
             Self::SettlementRetry => "settlement_retry",
             Self::SettlementUnknown => "settlement_unknown",
+            Self::ChannelState => "channel_state",
         }
     }
 
@@ -117,6 +122,7 @@ impl Alert {
                 | Self::CreditGrant
                 | Self::ResponseBody
                 | Self::SettlementUnknown
+                | Self::ChannelState
         )
     }
 

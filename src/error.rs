@@ -66,4 +66,8 @@ pub enum ConfigError {
     /// a [manifest](crate::discovery::Manifest) that cannot be built.
     #[error(transparent)]
     Discovery(#[from] crate::discovery::DiscoveryError),
+    /// A `batch-settlement` option with a zero receiver authorizer or a withdraw delay
+    /// outside 15 minutes to 30 days.
+    #[error("batch-settlement option: {0}")]
+    Channel(#[from] crate::channel::verify::BatchError),
 }

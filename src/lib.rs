@@ -217,6 +217,8 @@
 pub mod alert;
 pub mod body;
 pub mod challenge;
+// Payment channels (`batch-settlement`, issue #19): its own block, kept small for merges.
+pub mod channel;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;

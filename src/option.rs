@@ -178,6 +178,71 @@ impl PaymentOption {
         })
     }
 
+    /// A `batch-settlement` payment (payment channels, x402 `scheme_batch_settlement_evm`):
+    /// the client deposits into the escrow once, then signs a cumulative voucher per request
+    /// of at most `max` atomic units of `asset`. The channel's receiver is `pay_to`; the
+    /// server's `receiver_authorizer` key signs claims and refunds; a payer's timed withdrawal
+    /// waits `withdraw_delay` seconds (15 minutes to 30 days), the window in which the server
+    /// must claim. `extra` carries exactly what the official client reads: `receiverAuthorizer`,
+    /// `withdrawDelay`, `name`, `version`, `assetTransferMethod`.
+    ///
+    /// Not served by the layer's verifier yet: serve such requests with
+    /// [`channel::serve::Channels`](crate::channel::serve::Channels).
+    ///
+    /// ```
+    /// use tower_x402::{Asset, PaymentOption};
+    /// use tower_x402::channel::AssetTransferMethod;
+    /// use tower_x402::primitives::{U256, address};
+    /// let opt = PaymentOption::batch_settlement(
+    ///     &Asset::usdc_base_sepolia(),
+    ///     U256::from(1000),
+    ///     address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
+    ///     address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc"),
+    ///     900,
+    ///     AssetTransferMethod::Eip3009,
+    /// )
+    /// .unwrap();
+    /// assert_eq!(opt.requirements().scheme, "batch-settlement");
+    /// assert_eq!(opt.requirements().extra.as_ref().unwrap()["withdrawDelay"], 900);
+    /// ```
+    ///
+    /// # Errors
+    /// As [`PaymentOption::exact`]; also a zero `receiver_authorizer` or a withdraw delay out
+    /// of range.
+    pub fn batch_settlement(
+        asset: &Asset,
+        max: U256,
+        pay_to: Address,
+        receiver_authorizer: Address,
+        withdraw_delay: u64,
+        method: crate::channel::AssetTransferMethod,
+    ) -> Result<Self, ConfigError> {
+        use crate::channel::{MAX_WITHDRAW_DELAY, MIN_WITHDRAW_DELAY, extra, verify::BatchError};
+        if receiver_authorizer.is_zero() {
+            return Err(BatchError::ReceiverAuthorizerMismatch.into());
+        }
+        if !(MIN_WITHDRAW_DELAY..=MAX_WITHDRAW_DELAY).contains(&withdraw_delay) {
+            return Err(BatchError::WithdrawDelayOutOfRange.into());
+        }
+        if u128::try_from(max).is_err() {
+            return Err(BatchError::VoucherPayload.into());
+        }
+        let mut opt = Self::exact_atomic(asset, max, pay_to)?;
+        opt.requirements.scheme = crate::channel::SCHEME.into();
+        if let Some(e) = opt.requirements.extra.as_mut() {
+            e.insert(
+                extra::RECEIVER_AUTHORIZER.into(),
+                Value::String(receiver_authorizer.to_checksum(None)),
+            );
+            e.insert(extra::WITHDRAW_DELAY.into(), Value::from(withdraw_delay));
+            e.insert(
+                extra::ASSET_TRANSFER_METHOD.into(),
+                Value::String(method.as_str().into()),
+            );
+        }
+        Ok(opt)
+    }
+
     /// True for an `upto` option.
     pub fn is_upto(&self) -> bool {
         self.requirements.scheme == crate::verify::upto::SCHEME

@@ -6,6 +6,7 @@
 //! integers must be canonical decimal strings (`^(0|[1-9][0-9]*)$`, at most 2^256-1), JSON
 //! numbers, hex or signs in their place are refused, and duplicate keys are an error.
 
+pub mod batch;
 pub mod exact;
 pub mod header;
 pub mod svm;

@@ -7,8 +7,10 @@
 //! For the x402 `upto` scheme, our Permit2 (its signature-transfer half, hashing exactly like
 //! the canonical one) is etched at [`PERMIT2`] and our upto Permit2 proxy (the canonical
 //! proxy's ABI and checks) at [`UPTO_PROXY`]; [`upto`] (`tests/common/upto.rs`) signs the
-//! client's Permit2 message and encodes `settle`. Where the bytecode comes from:
-//! `tests/chain/contracts/SOURCES.md`.
+//! client's Permit2 message and encodes `settle`. For `batch-settlement`, our own escrow and
+//! ERC-3009 deposit collector (written from the spec) are etched at the canonical
+//! [`BATCH_SETTLEMENT`] and [`ERC3009_DEPOSIT_COLLECTOR`] addresses. Where the bytecode comes
+//! from: `tests/chain/contracts/SOURCES.md`.
 //! Dropping the [`Chain`] kills anvil.
 //!
 //! anvil comes from the npm package `@foundry-rs/anvil-linux-amd64` (pinned in
@@ -75,6 +77,13 @@ const TOKEN_HEX: &str = include_str!("contracts/TestUSDC.runtime.hex");
 const MULTICALL_HEX: &str = include_str!("contracts/MiniMulticall3.runtime.hex");
 const PERMIT2_HEX: &str = include_str!("contracts/Permit2.runtime.hex");
 const UPTO_PROXY_HEX: &str = include_str!("contracts/UptoPermit2Proxy.runtime.hex");
+/// The canonical x402BatchSettlement address, where our own `BatchSettlement.sol` is etched.
+pub const BATCH_SETTLEMENT: Address = address!("0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003");
+/// The canonical ERC3009DepositCollector address, where our own collector is etched.
+pub const ERC3009_DEPOSIT_COLLECTOR: Address =
+    address!("0x4020806089470a89826cB9fB1f4059150b550004");
+const BATCH_SETTLEMENT_HEX: &str = include_str!("contracts/BatchSettlement.runtime.hex");
+const ERC3009_COLLECTOR_HEX: &str = include_str!("contracts/ERC3009DepositCollector.runtime.hex");
 /// The proxy's reentrancy flag (slot 0): 0 already counts as "not entered"; the harness writes
 /// 1 (NOT_ENTERED), what a deployed proxy holds, so settlement gas is the steady-state one.
 const REENTRANCY_GUARD_SLOT: B256 = B256::ZERO;
@@ -124,6 +133,8 @@ impl Chain {
             (MULTICALL3, MULTICALL_HEX),
             (PERMIT2, PERMIT2_HEX),
             (UPTO_PROXY, UPTO_PROXY_HEX),
+            (BATCH_SETTLEMENT, BATCH_SETTLEMENT_HEX),
+            (ERC3009_DEPOSIT_COLLECTOR, ERC3009_COLLECTOR_HEX),
         ] {
             let code = format!("0x{}", hex.trim());
             let _: Value = chain
@@ -200,6 +211,16 @@ impl Chain {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("setup transaction {hash} was not mined");
+    }
+
+    /// The gas a mined transaction used.
+    pub async fn gas_used(&self, hash: B256) -> u64 {
+        self.provider
+            .get_transaction_receipt(hash)
+            .await
+            .expect("receipt")
+            .expect("mined")
+            .gas_used
     }
 
     /// The token balance of `who`.

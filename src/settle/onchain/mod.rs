@@ -131,6 +131,10 @@
 
 #[cfg(feature = "deferred")]
 mod batch;
+// Payment channels (issue #19): deposits, claims and settle through the relayer.
+mod channel;
+pub use crate::channel::{ChannelClaim, ReceiverAuthorizer, claim_digest};
+pub use channel::{OnchainChannel, WatchReport};
 mod relayer;
 mod revert;
 mod stats;

@@ -22,6 +22,10 @@ contract TestUSDC {
     bytes32 public constant TRANSFER_WITH_AUTHORIZATION_TYPEHASH = keccak256(
         "TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,uint256 validBefore,bytes32 nonce)"
     );
+    /// 0xd099cc98ef71107a616c4f0f941f04c322d8e254fe26b3c6668db87aae413de8
+    bytes32 public constant RECEIVE_WITH_AUTHORIZATION_TYPEHASH = keccak256(
+        "ReceiveWithAuthorization(address from,address to,uint256 value,uint256 validAfter,uint256 validBefore,bytes32 nonce)"
+    );
     /// 0x158b0a9edf7a828aad02f63cd515c68ef2f50ba807396f6d12842833a1597429
     bytes32 public constant CANCEL_AUTHORIZATION_TYPEHASH =
         keccak256("CancelAuthorization(address authorizer,bytes32 nonce)");
@@ -70,7 +74,9 @@ contract TestUSDC {
         bytes32 r,
         bytes32 s
     ) external {
-        _transferWithAuthorization(from, to, value, validAfter, validBefore, nonce, abi.encodePacked(r, s, v));
+        _transferWithAuthorization(
+            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, abi.encodePacked(r, s, v)
+        );
     }
 
     /// @notice EIP-3009 transfer, `bytes signature` form (selector 0xcf092995): ERC-1271 when
@@ -84,7 +90,28 @@ contract TestUSDC {
         bytes32 nonce,
         bytes memory signature
     ) external {
-        _transferWithAuthorization(from, to, value, validAfter, validBefore, nonce, signature);
+        _transferWithAuthorization(
+            TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature
+        );
+    }
+
+    /// @notice EIP-3009 receive, `bytes signature` form (selector 0x88b7ab63): like
+    /// `transferWithAuthorization`, but only the payee may submit it, so a front-runner cannot
+    /// move the funds without the payee's logic running (the batch-settlement deposit collector
+    /// relies on it).
+    function receiveWithAuthorization(
+        address from,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        bytes memory signature
+    ) external {
+        require(to == msg.sender, "FiatTokenV2: caller must be the payee");
+        _transferWithAuthorization(
+            RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, signature
+        );
     }
 
     /// @notice Cancels an unused authorization (EOA form).
@@ -98,6 +125,7 @@ contract TestUSDC {
     }
 
     function _transferWithAuthorization(
+        bytes32 typehash,
         address from,
         address to,
         uint256 value,
@@ -112,7 +140,7 @@ contract TestUSDC {
         _requireUnusedAuthorization(from, nonce);
         _requireValidSignature(
             from,
-            keccak256(abi.encode(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce)),
+            keccak256(abi.encode(typehash, from, to, value, validAfter, validBefore, nonce)),
             signature
         );
         _authorizationStates[from][nonce] = true;

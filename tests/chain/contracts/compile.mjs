@@ -26,6 +26,10 @@ const contracts = [
   // Built as the canonical Permit2 is (via IR, 1,000,000 runs), so its gas is close to mainnet's.
   ["Permit2.sol", "Permit2", { viaIR: true, optimizer: { enabled: true, runs: 1_000_000 } }],
   ["UptoPermit2Proxy.sol", "UptoPermit2Proxy"],
+  // The batch-settlement escrow and its ERC-3009 deposit collector. Cancun: the escrow's
+  // reentrancy guard uses transient storage (EIP-1153), as the spec requires of the canonical one.
+  ["BatchSettlement.sol", "BatchSettlement", { evmVersion: "cancun" }],
+  ["ERC3009DepositCollector.sol", "ERC3009DepositCollector", { evmVersion: "cancun" }],
 ];
 const base = {
   optimizer: { enabled: true, runs: 200 },

@@ -1,0 +1,338 @@
+//! Payment channels: the x402 `batch-settlement` scheme on EVM (issue #19, first slices).
+//!
+//! The client deposits once into the `x402BatchSettlement` escrow, then signs one cumulative
+//! [`Voucher`](crate::proto::batch::Voucher) per request; the server checks each voucher with
+//! one signature recovery against the channel's `payerAuthorizer` (no RPC) and claims many
+//! channels later in one `claimWithSignature` transaction, then `settle`s them to the receiver.
+//!
+//! This module holds what every part of the scheme shares: the canonical addresses, the
+//! EIP-712 domain ("x402 Batch Settlement", version "1") and the hashes of its types
+//! ([`channel_id`], [`voucher_digest`], [`refund_digest`], [`claim_batch_digest`]), the deposit
+//! authorization's digest ([`deposit_nonce`], [`receive_authorization_digest`]), the in-process
+//! voucher check ([`verify`]) and the channel state ([`store`]).
+//!
+//! [`serve::Channels`] serves one paid request on a channel end to end (lease, checks, deposit
+//! through an [`serve::Escrow`] such as `OnchainSettler`, handler, commit);
+//! `PaymentOption::batch_settlement` builds the challenge. Not wired into the layer's request
+//! path yet: no `Proof` variant or verifier arm, so a `PaymentLayer` does not serve it.
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
+pub mod serve;
+pub mod store;
+pub mod verify;
+
+use alloy_primitives::{Address, B256, U256, address, keccak256};
+use alloy_sol_types::{Eip712Domain, SolStruct, SolValue};
+
+use crate::proto::batch::ChannelConfig;
+
+/// The scheme name.
+pub const SCHEME: &str = "batch-settlement";
+
+/// The canonical `x402BatchSettlement` escrow (the same address on every chain).
+pub const BATCH_SETTLEMENT: Address = address!("0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003");
+/// The canonical ERC-3009 deposit collector: the `to` of a deposit's `ReceiveWithAuthorization`.
+pub const ERC3009_DEPOSIT_COLLECTOR: Address =
+    address!("0x4020806089470a89826cB9fB1f4059150b550004");
+/// The canonical Permit2 deposit collector.
+pub const PERMIT2_DEPOSIT_COLLECTOR: Address =
+    address!("0x4020425FAf3B746C082C2f942b4E5159887B0005");
+
+/// The shortest `withdrawDelay` the escrow accepts (15 minutes).
+pub const MIN_WITHDRAW_DELAY: u64 = 900;
+/// The longest `withdrawDelay` the escrow accepts (30 days).
+pub const MAX_WITHDRAW_DELAY: u64 = 2_592_000;
+
+/// How a deposit moves the tokens (`extra.assetTransferMethod`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AssetTransferMethod {
+    /// EIP-3009 `receiveWithAuthorization` (USDC and other FiatToken-style tokens).
+    Eip3009,
+    /// Permit2, for any ERC-20 (the payer approves Permit2 once). Deposits of this kind are
+    /// not verified in-process yet.
+    Permit2,
+}
+
+impl AssetTransferMethod {
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Eip3009 => "eip3009",
+            Self::Permit2 => "permit2",
+        }
+    }
+}
+
+/// The requirement's `extra` keys of the scheme.
+pub mod extra {
+    /// The address that signs claims and refunds.
+    pub const RECEIVER_AUTHORIZER: &str = "receiverAuthorizer";
+    /// Seconds a timed withdrawal waits.
+    pub const WITHDRAW_DELAY: &str = "withdrawDelay";
+    /// `"eip3009"` (default) or `"permit2"`.
+    pub const ASSET_TRANSFER_METHOD: &str = "assetTransferMethod";
+    /// Corrective 402: the server's channel snapshot.
+    pub const CHANNEL_STATE: &str = "channelState";
+    /// Corrective 402: the latest signed voucher.
+    pub const VOUCHER_STATE: &str = "voucherState";
+}
+
+/// The EIP-712 structs, crate-private: `sol!` makes its items `pub`, and they are not API.
+pub(crate) mod eip712 {
+    alloy_sol_types::sol! {
+        struct ChannelConfig {
+            address payer;
+            address payerAuthorizer;
+            address receiver;
+            address receiverAuthorizer;
+            address token;
+            uint40 withdrawDelay;
+            bytes32 salt;
+        }
+        struct Voucher {
+            bytes32 channelId;
+            uint128 maxClaimableAmount;
+        }
+        struct Refund {
+            bytes32 channelId;
+            uint256 nonce;
+            uint128 amount;
+        }
+        struct ClaimEntry {
+            bytes32 channelId;
+            uint128 maxClaimableAmount;
+            uint128 totalClaimed;
+        }
+        struct ClaimBatch {
+            ClaimEntry[] claims;
+        }
+        struct ReceiveWithAuthorization {
+            address from;
+            address to;
+            uint256 value;
+            uint256 validAfter;
+            uint256 validBefore;
+            bytes32 nonce;
+        }
+    }
+}
+
+/// The escrow's EIP-712 domain on `chain_id`.
+pub fn domain(chain_id: u64) -> Eip712Domain {
+    Eip712Domain::new(
+        Some("x402 Batch Settlement".into()),
+        Some("1".into()),
+        Some(U256::from(chain_id)),
+        Some(BATCH_SETTLEMENT),
+        None,
+    )
+}
+
+/// The config as the escrow's `ChannelConfig` struct (`withdrawDelay` is a `uint40`: larger
+/// values are cut to 40 bits, which gives another id, never a collision with a valid config).
+pub(crate) fn sol_config(config: &ChannelConfig) -> eip712::ChannelConfig {
+    eip712::ChannelConfig {
+        payer: config.payer,
+        payerAuthorizer: config.payer_authorizer,
+        receiver: config.receiver,
+        receiverAuthorizer: config.receiver_authorizer,
+        token: config.token,
+        withdrawDelay: alloy_primitives::aliases::U40::from(config.withdraw_delay & 0xff_ffff_ffff),
+        salt: config.salt,
+    }
+}
+
+/// The channel id: the EIP-712 hash of `config` under the escrow's domain on `chain_id`.
+pub fn channel_id(chain_id: u64, config: &ChannelConfig) -> B256 {
+    sol_config(config).eip712_signing_hash(&domain(chain_id))
+}
+
+/// Amounts are `uint128` on chain: `None` above.
+fn u128_of(v: U256) -> Option<u128> {
+    u128::try_from(v).ok()
+}
+
+/// The digest a payer (authorizer) signs for a voucher of `max_claimable` on `channel`, or
+/// `None` when the amount does not fit the escrow's `uint128`.
+pub fn voucher_digest(chain_id: u64, channel: B256, max_claimable: U256) -> Option<B256> {
+    Some(
+        eip712::Voucher {
+            channelId: channel,
+            maxClaimableAmount: u128_of(max_claimable)?,
+        }
+        .eip712_signing_hash(&domain(chain_id)),
+    )
+}
+
+/// The digest the receiver authorizer signs for `refundWithSignature`.
+pub fn refund_digest(chain_id: u64, channel: B256, nonce: U256, amount: u128) -> B256 {
+    eip712::Refund {
+        channelId: channel,
+        nonce,
+        amount,
+    }
+    .eip712_signing_hash(&domain(chain_id))
+}
+
+/// One row of a claim batch: (channel id, voucher ceiling, new cumulative total claimed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimEntry {
+    /// The channel.
+    pub channel_id: B256,
+    /// The voucher's signed ceiling.
+    pub max_claimable_amount: u128,
+    /// The cumulative total claimed after this claim (at most the ceiling).
+    pub total_claimed: u128,
+}
+
+/// The digest the receiver authorizer signs for `claimWithSignature` over `claims`.
+pub fn claim_batch_digest(chain_id: u64, claims: &[ClaimEntry]) -> B256 {
+    eip712::ClaimBatch {
+        claims: claims
+            .iter()
+            .map(|c| eip712::ClaimEntry {
+                channelId: c.channel_id,
+                maxClaimableAmount: c.max_claimable_amount,
+                totalClaimed: c.total_claimed,
+            })
+            .collect(),
+    }
+    .eip712_signing_hash(&domain(chain_id))
+}
+
+/// The EIP-3009 nonce of a deposit into `channel` with the client's `salt`:
+/// `keccak256(abi.encode(channelId, uint256(salt)))`, so an authorization funds one channel only.
+pub fn deposit_nonce(channel: B256, salt: B256) -> B256 {
+    keccak256((channel, U256::from_be_bytes(salt.0)).abi_encode())
+}
+
+/// The token's EIP-3009 domain (`name`, `version` from the requirement's `extra`).
+pub fn token_domain(chain_id: u64, token: Address, name: &str, version: &str) -> Eip712Domain {
+    Eip712Domain::new(
+        Some(name.to_owned().into()),
+        Some(version.to_owned().into()),
+        Some(U256::from(chain_id)),
+        Some(token),
+        None,
+    )
+}
+
+/// The digest the payer signs for a deposit: `ReceiveWithAuthorization(from = payer, to = the
+/// ERC-3009 collector, value, validAfter, validBefore, nonce = deposit_nonce(..))`.
+pub fn receive_authorization_digest(
+    token: &Eip712Domain,
+    payer: Address,
+    value: U256,
+    valid_after: U256,
+    valid_before: U256,
+    nonce: B256,
+) -> B256 {
+    eip712::ReceiveWithAuthorization {
+        from: payer,
+        to: ERC3009_DEPOSIT_COLLECTOR,
+        value,
+        validAfter: valid_after,
+        validBefore: valid_before,
+        nonce,
+    }
+    .eip712_signing_hash(token)
+}
+
+/// One channel's row in a claim: its latest voucher and the total to claim (what was charged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelClaim {
+    /// The channel.
+    pub config: ChannelConfig,
+    /// The voucher's signed ceiling.
+    pub max_claimable: u128,
+    /// The voucher's signature.
+    pub signature: alloy_primitives::Bytes,
+    /// The cumulative total to claim (at most the ceiling).
+    pub total_claimed: u128,
+}
+
+impl ChannelClaim {
+    /// The claim of everything charged on a channel, if anything is still unclaimed.
+    pub fn of(state: &store::ChannelState) -> Option<Self> {
+        (state.charged_cumulative > state.total_claimed).then(|| Self {
+            config: state.config.clone(),
+            max_claimable: state.signed_max_claimable,
+            signature: state.signature.clone(),
+            total_claimed: state.charged_cumulative,
+        })
+    }
+}
+
+/// The EIP-712 `ClaimBatch` digest of `claims` on `chain_id`: what the receiver authorizer
+/// signs for `OnchainSettler::claim_channels`.
+pub fn claim_digest(chain_id: u64, claims: &[ChannelClaim]) -> B256 {
+    let entries: Vec<ClaimEntry> = claims
+        .iter()
+        .map(|c| ClaimEntry {
+            channel_id: channel_id(chain_id, &c.config),
+            max_claimable_amount: c.max_claimable,
+            total_claimed: c.total_claimed,
+        })
+        .collect();
+    claim_batch_digest(chain_id, &entries)
+}
+
+/// Signs the `ClaimBatch` digests of the server's receiver authorizer (a local key, a KMS).
+pub trait ReceiverAuthorizer: Send + Sync {
+    /// The 65-byte `r ‖ s ‖ v` signature of `digest`.
+    fn sign_digest(&self, digest: B256) -> Result<alloy_primitives::Bytes, crate::store::BoxError>;
+}
+
+/// The spec's `channelState` object of `state` (in a corrective 402's `extra` and a
+/// receipt's `extra`): amounts as decimal strings, `withdrawRequestedAt` a number.
+pub fn channel_state_json(channel: B256, state: &store::ChannelState) -> serde_json::Value {
+    serde_json::json!({
+        "channelId": channel,
+        "balance": state.balance.to_string(),
+        "totalClaimed": state.total_claimed.to_string(),
+        "withdrawRequestedAt": state.withdraw_requested_at,
+        "refundNonce": state.refund_nonce.to_string(),
+        "chargedCumulativeAmount": state.charged_cumulative.to_string(),
+    })
+}
+
+/// The requirement of a corrective 402 (`invalid_batch_settlement_evm_cumulative_amount_mismatch`):
+/// `req` with `extra.channelState` and `extra.voucherState` (the latest signed voucher, which
+/// the client checks against its own key before adopting the server's charged amount).
+pub fn corrective_requirements(
+    req: &crate::proto::v2::PaymentRequirements,
+    channel: B256,
+    state: &store::ChannelState,
+) -> crate::proto::v2::PaymentRequirements {
+    let mut req = req.clone();
+    let extra_map = req.extra.get_or_insert_with(Default::default);
+    extra_map.insert(
+        extra::CHANNEL_STATE.into(),
+        channel_state_json(channel, state),
+    );
+    extra_map.insert(
+        extra::VOUCHER_STATE.into(),
+        serde_json::json!({
+            "signedMaxClaimable": state.signed_max_claimable.to_string(),
+            "signature": state.signature,
+        }),
+    );
+    req
+}
+
+/// The `extra` of a paid response's receipt: `chargedAmount` (omitted for a refund) and
+/// `channelState` (the spec's payment-response contract).
+pub fn receipt_extra(
+    charged: Option<u128>,
+    channel: B256,
+    state: &store::ChannelState,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut extra = serde_json::Map::new();
+    if let Some(charged) = charged {
+        extra.insert("chargedAmount".into(), charged.to_string().into());
+    }
+    extra.insert("channelState".into(), channel_state_json(channel, state));
+    extra
+}

@@ -1,0 +1,243 @@
+//! [`RedisChannelStore`]: channel state in Redis (feature `redis`), shared by every instance
+//! of a server.
+//!
+//! # Key layout
+//!
+//! Per channel, a hash `{prefix}s:{channelId hex}` with `c` (the charged cumulative amount,
+//! decimal: what commits compare) and `j` (the [`ChannelState`] as JSON), and the lease, a
+//! string `{prefix}l:{channelId hex}` holding the holder's token with a `PX` expiry (Redis's clock). Every
+//! operation is one single-key command or script, so it is atomic on one node and on a
+//! cluster. [`ChannelStore::list`] scans `{prefix}s:*` (one node).
+//!
+//! # Durability
+//!
+//! The latest voucher is money: run Redis with AOF and `appendfsync always` (or accept losing
+//! the vouchers of the last second on a crash; the spec lets the server fall back to the
+//! on-chain claimed total, forfeiting what it had not claimed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::Script;
+use alloy_primitives::{B256, hex};
+use async_trait::async_trait;
+
+use super::store::{ChannelState, ChannelStore, Lease};
+use crate::store::redis::{new_token, run_script, unavailable};
+use crate::store::{RedisConnection, StoreError};
+
+/// `KEYS[1]` the lease, `ARGV[1]` the token, `ARGV[2]` the lease in ms (Redis's clock
+/// decides it). 1: taken.
+const LOCK: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+";
+
+/// `KEYS[1]` the lease, `ARGV[1]` the token.
+const UNLOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// `KEYS[1]` the state, `ARGV[1]` the expected charged amount (`-` for none), `ARGV[2]` the
+/// new one, `ARGV[3]` the JSON. 1: written.
+const COMMIT: &str = r"
+local c = redis.call('HGET', KEYS[1], 'c')
+if ARGV[1] == '-' then
+  if c then return 0 end
+elseif c ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'c', ARGV[2], 'j', ARGV[3])
+return 1
+";
+
+/// `KEYS[1]` the state, `ARGV[1]` the expected charged amount. 1: deleted.
+const REMOVE: &str = r"
+if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+struct Scripts {
+    lock: Script,
+    unlock: Script,
+    commit: Script,
+    remove: Script,
+}
+
+/// A [`ChannelStore`] in Redis: leases and compare-and-set commits shared by every instance.
+/// See the [module docs](self) for the key layout and durability.
+#[derive(Clone)]
+pub struct RedisChannelStore {
+    conn: RedisConnection,
+    scripts: Arc<Scripts>,
+    prefix: String,
+    timeout: Duration,
+    retry_after: Option<Duration>,
+}
+
+crate::store::redis::redis_store_builders!(RedisChannelStore, "x402:channel:");
+
+impl std::fmt::Debug for RedisChannelStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisChannelStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisChannelStore {
+    /// A store on `conn`: prefix `"x402:channel:"`, 500 ms per command.
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
+        Self {
+            conn: conn.into(),
+            scripts: Arc::new(Scripts {
+                lock: Script::new(LOCK),
+                unlock: Script::new(UNLOCK),
+                commit: Script::new(COMMIT),
+                remove: Script::new(REMOVE),
+            }),
+            prefix: "x402:channel:".to_owned(),
+            timeout: Duration::from_millis(500),
+            retry_after: None,
+        }
+    }
+
+    fn state_key(&self, channel: B256) -> String {
+        format!("{}s:{}", self.prefix, hex::encode(channel))
+    }
+
+    fn lease_key(&self, channel: B256) -> String {
+        format!("{}l:{}", self.prefix, hex::encode(channel))
+    }
+
+    async fn script<T: ::redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        // No retry: a commit repeated after a lost reply would compare against its own write.
+        run_script(
+            &self.conn,
+            script,
+            key,
+            args,
+            false,
+            self.timeout,
+            self.retry_after,
+        )
+        .await
+    }
+}
+
+#[async_trait]
+impl ChannelStore for RedisChannelStore {
+    async fn load(&self, channel: B256) -> Result<Option<ChannelState>, StoreError> {
+        let mut conn = self.conn.clone();
+        let key = self.state_key(channel);
+        let json: Option<String> = tokio::time::timeout(
+            self.timeout,
+            ::redis::cmd("HGET")
+                .arg(&key)
+                .arg("j")
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| unavailable(self.retry_after, "redis did not answer in time"))?
+        .map_err(|e| unavailable(self.retry_after, e))?;
+        json.map(|j| serde_json::from_str(&j).map_err(|e| unavailable(self.retry_after, e)))
+            .transpose()
+    }
+
+    async fn lock(&self, channel: B256, seconds: u64) -> Result<Option<Lease>, StoreError> {
+        let token = new_token();
+        let at = seconds.clamp(1, 86_400).saturating_mul(1000).to_string();
+        let taken: i64 = self
+            .script(
+                &self.scripts.lock,
+                &self.lease_key(channel),
+                &[token.0.to_string().as_bytes(), at.as_bytes()],
+            )
+            .await?;
+        Ok((taken == 1).then_some(Lease { channel, token }))
+    }
+
+    async fn unlock(&self, lease: Lease) -> Result<(), StoreError> {
+        let _: i64 = self
+            .script(
+                &self.scripts.unlock,
+                &self.lease_key(lease.channel),
+                &[lease.token.0.to_string().as_bytes()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn commit(
+        &self,
+        channel: B256,
+        expected: Option<u128>,
+        next: ChannelState,
+    ) -> Result<bool, StoreError> {
+        let expected = expected.map_or_else(|| "-".to_owned(), |c| c.to_string());
+        let charged = next.charged_cumulative.to_string();
+        let json = serde_json::to_string(&next).map_err(|e| unavailable(None, e))?;
+        let written: i64 = self
+            .script(
+                &self.scripts.commit,
+                &self.state_key(channel),
+                &[expected.as_bytes(), charged.as_bytes(), json.as_bytes()],
+            )
+            .await?;
+        Ok(written == 1)
+    }
+
+    async fn remove(&self, channel: B256, expected: u128) -> Result<bool, StoreError> {
+        let deleted: i64 = self
+            .script(
+                &self.scripts.remove,
+                &self.state_key(channel),
+                &[expected.to_string().as_bytes()],
+            )
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    async fn list(&self) -> Result<Vec<B256>, StoreError> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}s:*", self.prefix);
+        let strip = format!("{}s:", self.prefix);
+        let mut cursor = 0u64;
+        let mut out = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = tokio::time::timeout(
+                self.timeout,
+                ::redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn),
+            )
+            .await
+            .map_err(|_| unavailable(self.retry_after, "redis did not answer in time"))?
+            .map_err(|e| unavailable(self.retry_after, e))?;
+            out.extend(
+                keys.iter()
+                    .filter_map(|k| k.strip_prefix(&strip))
+                    .filter_map(|h| h.parse::<B256>().ok()),
+            );
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,496 @@
+//! One paid request on a channel, start to end: authenticate the payload (no lease), take
+//! the channel's lease, check the amounts against the stored state, submit a deposit through
+//! the [`Escrow`], run the handler with the most it may charge, commit what it charged, give
+//! the lease back. The request path of the layer will call this; tests call it directly.
+//!
+//! Safety rules it keeps (the spec's "Request Processing"): one request per channel at a time
+//! across instances (the lease; others get `channel_busy`), the handler never runs on a
+//! payload that failed a check or on a deposit that did not land, and state is committed only
+//! after the handler succeeded (a failed handler leaves the charge unchanged, so the same
+//! voucher can be retried). A deposit that landed is mirrored even if the handler then fails.
+
+use std::future::Future;
+
+use alloy_primitives::{B256, Bytes, U256};
+use async_trait::async_trait;
+
+use super::store::{ChannelState, ChannelStore};
+use super::verify::{self, Accepted, BatchError, ChannelTerms, Request};
+use super::{ChannelClaim, ReceiverAuthorizer, claim_digest, refund_digest};
+use crate::alert::{Alert, alert};
+use crate::proto::batch::{BatchEvmPayload, ChannelConfig, Deposit};
+use crate::store::StoreError;
+
+/// The escrow's state of a channel after a transaction, as the chain reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    /// The transaction that changed it.
+    pub transaction: B256,
+    /// `balance` after it.
+    pub balance: u128,
+    /// `totalClaimed` after it.
+    pub total_claimed: u128,
+}
+
+/// Why the escrow could not take a deposit.
+#[derive(Debug, thiserror::Error)]
+#[error("deposit failed: {0}")]
+pub struct EscrowError(pub crate::store::BoxError);
+
+/// Submits deposits into the escrow (our relayer, or a facilitator).
+#[async_trait]
+pub trait Escrow: Send + Sync + 'static {
+    /// Sends `deposit` into the channel of `config` and waits for it: the channel's state
+    /// after it.
+    async fn deposit(
+        &self,
+        config: &ChannelConfig,
+        channel: B256,
+        deposit: &Deposit,
+    ) -> Result<Mirror, EscrowError>;
+
+    /// A cooperative refund: first `claim` (the channel's unclaimed charges, authorized by
+    /// `claim_signature`) when given, then `refundWithSignature(config, amount, nonce,
+    /// refund_signature)`. The channel's state after both.
+    async fn refund(
+        &self,
+        config: &ChannelConfig,
+        channel: B256,
+        claim: Option<(ChannelClaim, Bytes)>,
+        amount: u128,
+        nonce: U256,
+        refund_signature: Bytes,
+    ) -> Result<Mirror, EscrowError>;
+}
+
+#[async_trait]
+impl<T: Escrow + ?Sized> Escrow for std::sync::Arc<T> {
+    async fn deposit(
+        &self,
+        config: &ChannelConfig,
+        channel: B256,
+        deposit: &Deposit,
+    ) -> Result<Mirror, EscrowError> {
+        (**self).deposit(config, channel, deposit).await
+    }
+    async fn refund(
+        &self,
+        config: &ChannelConfig,
+        channel: B256,
+        claim: Option<(ChannelClaim, Bytes)>,
+        amount: u128,
+        nonce: U256,
+        refund_signature: Bytes,
+    ) -> Result<Mirror, EscrowError> {
+        (**self)
+            .refund(config, channel, claim, amount, nonce, refund_signature)
+            .await
+    }
+}
+
+/// Why a paid request on a channel did not run (or did not commit).
+#[derive(Debug, thiserror::Error)]
+pub enum PayError<E> {
+    /// A check failed; `state` is the server's record, for a corrective 402 when the error
+    /// is [`BatchError::CumulativeAmountMismatch`].
+    #[error("{error}")]
+    Refused {
+        /// What failed.
+        error: BatchError,
+        /// The server's record of the channel, if any.
+        state: Option<Box<ChannelState>>,
+    },
+    /// A refund payload given to [`Channels::pay`] (use [`Channels::refund`]), or to a
+    /// [`Channels`] without a receiver authorizer.
+    #[error("refund payloads go to Channels::refund, with a receiver authorizer")]
+    RefundUnsupported,
+    /// The receiver authorizer could not sign.
+    #[error("the receiver authorizer could not sign")]
+    Authorizer(crate::store::BoxError),
+    /// The deposit did not land: the handler did not run.
+    #[error(transparent)]
+    Escrow(EscrowError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+    /// The handler failed: nothing was charged.
+    #[error("the handler failed")]
+    Handler(E),
+}
+
+/// A paid request that ran and committed.
+#[derive(Debug)]
+pub struct Paid<T> {
+    /// The handler's answer.
+    pub response: T,
+    /// What the handler charged (at most the price).
+    pub charged: u128,
+    /// The deposit's transaction, if the payload carried one.
+    pub deposit: Option<Mirror>,
+    /// The channel's record after the request.
+    pub state: ChannelState,
+}
+
+/// A cooperative refund that went through.
+#[derive(Debug)]
+pub struct Refunded {
+    /// The refund transaction and the channel's state after it.
+    pub mirror: Mirror,
+    /// The amount returned to the payer.
+    pub amount: u128,
+    /// The channel's record after it (`None`: fully refunded, the record was deleted).
+    pub state: Option<ChannelState>,
+}
+
+/// Serves paid requests on channels kept in a [`ChannelStore`].
+pub struct Channels<S, X> {
+    store: S,
+    escrow: X,
+    lease_seconds: u64,
+    authorizer: Option<std::sync::Arc<dyn ReceiverAuthorizer>>,
+}
+
+impl<S: std::fmt::Debug, X: std::fmt::Debug> std::fmt::Debug for Channels<S, X> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channels")
+            .field("store", &self.store)
+            .field("escrow", &self.escrow)
+            .field("lease_seconds", &self.lease_seconds)
+            .field("authorizer", &self.authorizer.is_some())
+            .finish()
+    }
+}
+
+impl<S: ChannelStore, X: Escrow> Channels<S, X> {
+    /// Channels in `store`, deposits through `escrow`, leases of 60 seconds.
+    pub fn new(store: S, escrow: X) -> Self {
+        Self {
+            store,
+            escrow,
+            lease_seconds: 60,
+            authorizer: None,
+        }
+    }
+
+    /// The server's receiver authorizer key: signs the claim and the refund of a
+    /// cooperative refund ([`Channels::refund`]).
+    pub fn with_authorizer(mut self, authorizer: impl ReceiverAuthorizer + 'static) -> Self {
+        self.authorizer = Some(std::sync::Arc::new(authorizer));
+        self
+    }
+
+    /// How long a request may hold a channel before another may take it over (the commit's
+    /// compare-and-set still refuses the late holder's write).
+    pub fn lease_seconds(mut self, seconds: u64) -> Self {
+        self.lease_seconds = seconds;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Serves one request paid by `payload` at Unix time `now`. `handler` gets the most it
+    /// may charge and answers with its response and what it charged.
+    pub async fn pay<F, Fut, T, E>(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+        now: u64,
+        handler: F,
+    ) -> Result<Paid<T>, PayError<E>>
+    where
+        F: FnOnce(u128) -> Fut,
+        Fut: Future<Output = Result<(T, u128), E>>,
+    {
+        let refused = |error, state: Option<ChannelState>| PayError::Refused {
+            error,
+            state: state.map(Box::new),
+        };
+        if matches!(payload, BatchEvmPayload::Refund { .. }) {
+            return Err(PayError::RefundUnsupported);
+        }
+        let authentic = verify::authenticate(terms, payload, now).map_err(|e| refused(e, None))?;
+        let channel = payload.voucher().channel_id;
+        let lease = self
+            .store
+            .lock(channel, self.lease_seconds)
+            .await
+            .map_err(PayError::Store)?
+            .ok_or_else(|| refused(BatchError::ChannelBusy, None))?;
+        let result = self.pay_held(terms, payload, authentic, now, handler).await;
+        if let Err(e) = self.store.unlock(lease).await {
+            // The lease expires on its own; the channel is only blocked until then.
+            alert!(
+                Alert::ChannelState,
+                cause = &e,
+                "channel lease not released: the channel waits for its expiry"
+            );
+        }
+        result
+    }
+
+    /// Serves a `refund` payload (no handler): checks its zero-charge voucher against the
+    /// channel's state under the lease, claims what is unclaimed (with that voucher), then
+    /// refunds the requested amount (all that is refundable without one) with
+    /// `refundWithSignature`, both signed by the receiver authorizer. A full refund deletes
+    /// the channel's record.
+    pub async fn refund(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+        now: u64,
+    ) -> Result<Refunded, PayError<std::convert::Infallible>> {
+        let refused = |error| PayError::Refused { error, state: None };
+        let (BatchEvmPayload::Refund { .. }, Some(authorizer)) = (payload, &self.authorizer) else {
+            return Err(PayError::RefundUnsupported);
+        };
+        let authentic = verify::authenticate(terms, payload, now).map_err(refused)?;
+        let channel = payload.voucher().channel_id;
+        let lease = self
+            .store
+            .lock(channel, self.lease_seconds)
+            .await
+            .map_err(PayError::Store)?
+            .ok_or_else(|| refused(BatchError::ChannelBusy))?;
+        let result = self
+            .refund_held(terms, payload, authentic, authorizer.as_ref())
+            .await;
+        if let Err(e) = self.store.unlock(lease).await {
+            alert!(
+                Alert::ChannelState,
+                cause = &e,
+                "channel lease not released: the channel waits for its expiry"
+            );
+        }
+        result
+    }
+
+    async fn refund_held(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+        authentic: verify::Authentic,
+        authorizer: &dyn ReceiverAuthorizer,
+    ) -> Result<Refunded, PayError<std::convert::Infallible>> {
+        let channel = payload.voucher().channel_id;
+        let stored = self.store.load(channel).await.map_err(PayError::Store)?;
+        let accepted =
+            verify::against_state(terms, payload, authentic, stored.as_ref()).map_err(|error| {
+                PayError::Refused {
+                    error,
+                    state: stored.clone().map(Box::new),
+                }
+            })?;
+        let (Request::Refund { amount }, Some(mut state)) = (accepted.request, stored) else {
+            return Err(PayError::RefundUnsupported);
+        };
+        let claim = if state.charged_cumulative > state.total_claimed {
+            let claim = ChannelClaim {
+                config: accepted.config.clone(),
+                max_claimable: accepted.max_claimable,
+                signature: accepted.signature.clone(),
+                total_claimed: state.charged_cumulative,
+            };
+            let signature = authorizer
+                .sign_digest(claim_digest(terms.chain_id, std::slice::from_ref(&claim)))
+                .map_err(PayError::Authorizer)?;
+            Some((claim, signature))
+        } else {
+            None
+        };
+        let refund_signature = authorizer
+            .sign_digest(refund_digest(
+                terms.chain_id,
+                channel,
+                state.refund_nonce,
+                amount,
+            ))
+            .map_err(PayError::Authorizer)?;
+        let mirror = self
+            .escrow
+            .refund(
+                &accepted.config,
+                channel,
+                claim,
+                amount,
+                state.refund_nonce,
+                refund_signature,
+            )
+            .await
+            .map_err(PayError::Escrow)?;
+        let expected = state.charged_cumulative;
+        state.balance = mirror.balance;
+        state.total_claimed = mirror.total_claimed;
+        state.refund_nonce += U256::from(1);
+        state.signed_max_claimable = accepted.max_claimable;
+        state.signature = accepted.signature;
+        let stored = if state.balance <= state.total_claimed {
+            self.store.remove(channel, expected).await.map(|_| None)
+        } else {
+            self.store
+                .commit(channel, Some(expected), state.clone())
+                .await
+                .map(|_| Some(state))
+        };
+        let state = stored.unwrap_or_else(|e| {
+            // The refund is on chain; the next refresh mirrors it.
+            alert!(
+                Alert::ChannelState,
+                cause = &e,
+                "a refund's channel state was not stored"
+            );
+            None
+        });
+        Ok(Refunded {
+            mirror,
+            amount,
+            state,
+        })
+    }
+
+    async fn pay_held<F, Fut, T, E>(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+        authentic: verify::Authentic,
+        now: u64,
+        handler: F,
+    ) -> Result<Paid<T>, PayError<E>>
+    where
+        F: FnOnce(u128) -> Fut,
+        Fut: Future<Output = Result<(T, u128), E>>,
+    {
+        let channel = payload.voucher().channel_id;
+        let stored = self.store.load(channel).await.map_err(PayError::Store)?;
+        let accepted = match verify::against_state(terms, payload, authentic, stored.as_ref()) {
+            Ok(a) => a,
+            Err(error) => {
+                return Err(PayError::Refused {
+                    error,
+                    state: stored.map(Box::new),
+                });
+            }
+        };
+        let expected = stored.as_ref().map(|s| s.charged_cumulative);
+        let mut state = stored.unwrap_or_else(|| fresh(&accepted, now));
+        let mut mirrored = None;
+        if let (Request::Deposit { .. }, BatchEvmPayload::Deposit { deposit, .. }) =
+            (&accepted.request, payload)
+        {
+            let m = self
+                .escrow
+                .deposit(&accepted.config, channel, deposit)
+                .await
+                .map_err(PayError::Escrow)?;
+            state.balance = m.balance;
+            state.total_claimed = m.total_claimed;
+            state.onchain_synced_at = now;
+            mirrored = Some(m);
+            // The chain, not the payload, says what the channel holds now.
+            if accepted.max_claimable > m.balance {
+                self.keep_deposit(channel, expected, &state, mirrored).await;
+                return Err(PayError::Refused {
+                    error: BatchError::CumulativeExceedsBalance,
+                    state: None,
+                });
+            }
+        }
+        let committed_before = expected;
+        match handler(accepted.max_charge()).await {
+            Ok((response, charged)) => {
+                if charged > accepted.max_charge() {
+                    self.keep_deposit(channel, committed_before, &state, mirrored)
+                        .await;
+                    return Err(PayError::Refused {
+                        error: BatchError::ChargeExceedsSignedCumulative,
+                        state: None,
+                    });
+                }
+                state.charged_cumulative = accepted.charged_before + charged;
+                state.signed_max_claimable = accepted.max_claimable;
+                state.signature = accepted.signature.clone();
+                state.last_request_at = now;
+                match self
+                    .store
+                    .commit(channel, committed_before, state.clone())
+                    .await
+                {
+                    Ok(true) => Ok(Paid {
+                        response,
+                        charged,
+                        deposit: mirrored,
+                        state,
+                    }),
+                    Ok(false) => {
+                        alert!(
+                            Alert::ChannelState,
+                            "channel state changed under a held lease (it expired mid-handler): \
+                             this request's charge is not recorded, the client is not charged twice"
+                        );
+                        Err(PayError::Refused {
+                            error: BatchError::ChannelBusy,
+                            state: None,
+                        })
+                    }
+                    Err(e) => {
+                        alert!(
+                            Alert::ChannelState,
+                            cause = &e,
+                            "channel commit failed after the handler ran: the charge and voucher are lost"
+                        );
+                        Err(PayError::Store(e))
+                    }
+                }
+            }
+            Err(e) => {
+                self.keep_deposit(channel, committed_before, &state, mirrored)
+                    .await;
+                Err(PayError::Handler(e))
+            }
+        }
+    }
+
+    /// A deposit that landed is recorded even when the request fails afterwards (the money
+    /// is in the escrow; the charge is unchanged).
+    async fn keep_deposit(
+        &self,
+        channel: B256,
+        expected: Option<u128>,
+        state: &ChannelState,
+        mirrored: Option<Mirror>,
+    ) {
+        if mirrored.is_none() {
+            return;
+        }
+        match self.store.commit(channel, expected, state.clone()).await {
+            Ok(true) => {}
+            Ok(false) => alert!(
+                Alert::ChannelState,
+                "channel state changed under a held lease: a deposit's balance is mirrored on the next refresh"
+            ),
+            Err(e) => alert!(
+                Alert::ChannelState,
+                cause = &e,
+                "a deposit landed but its channel state was not stored"
+            ),
+        }
+    }
+}
+
+/// The record of a channel the server meets for the first time (a deposit).
+fn fresh(accepted: &Accepted, now: u64) -> ChannelState {
+    ChannelState {
+        config: accepted.config.clone(),
+        charged_cumulative: 0,
+        signed_max_claimable: 0,
+        signature: Default::default(),
+        balance: 0,
+        total_claimed: 0,
+        withdraw_requested_at: 0,
+        refund_nonce: Default::default(),
+        onchain_synced_at: 0,
+        last_request_at: now,
+    }
+}

@@ -1,0 +1,515 @@
+//! In-process checks of `batch-settlement` payloads: no RPC, one signature recovery per
+//! voucher (two for a deposit).
+//!
+//! The order follows the reference facilitator and server: scheme and network, the payload's
+//! shape, the channel config against the server's terms (channel id = the config's EIP-712
+//! hash, receiver = `payTo`, receiver authorizer, token = `asset`, withdraw delay, its range),
+//! the voucher's signature (ECDSA against `payerAuthorizer`), the deposit's EIP-3009
+//! authorization (time window, signature of the payer), then the amounts against the server's
+//! [`ChannelState`]: the voucher's ceiling must be exactly `charged + price` (a `refund`:
+//! exactly `charged`), above the claimed total, and within the balance (plus the deposit).
+//!
+//! Not checked here: vouchers of channels whose `payerAuthorizer` is zero (EIP-1271 through
+//! the payer needs the chain) and Permit2 deposits; both are refused. Each refusal has the
+//! reference's wire code ([`BatchError::code`]); they join the crate's `Reason` catalogue when
+//! the scheme is wired into the layer.
+
+use alloy_primitives::{Address, B256, U256};
+use serde_json::Value;
+
+use super::store::ChannelState;
+use super::{
+    MAX_WITHDRAW_DELAY, MIN_WITHDRAW_DELAY, SCHEME, channel_id, deposit_nonce, extra,
+    receive_authorization_digest, token_domain, voucher_digest,
+};
+use crate::proto::batch::{BatchEvmPayload, ChannelConfig, Deposit, Voucher};
+use crate::proto::{PaymentPayload, v2::PaymentRequirements};
+use crate::verify::exact::recover_signer;
+
+/// Seconds a deposit authorization must still be valid for: the reference's margin for the
+/// deposit transaction to be mined.
+pub const VALID_BEFORE_MARGIN: u64 = 6;
+
+/// Why a `batch-settlement` payload was refused; [`BatchError::code`] is the reference's code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchError {
+    /// The scheme is not `batch-settlement`.
+    #[error("scheme is not batch-settlement")]
+    Scheme,
+    /// Payload and requirement name different networks.
+    #[error("payload and requirement name different networks")]
+    NetworkMismatch,
+    /// The payload's `type` is not deposit, voucher or refund.
+    #[error("unknown payload type")]
+    PayloadType,
+    /// A malformed voucher payload (or an amount beyond `uint128`).
+    #[error("malformed voucher payload")]
+    VoucherPayload,
+    /// A malformed deposit payload.
+    #[error("malformed deposit payload")]
+    DepositPayload,
+    /// A malformed refund payload.
+    #[error("malformed refund payload")]
+    RefundPayload,
+    /// The requirement lacks the token's EIP-712 `name` / `version`.
+    #[error("the requirement lacks the token's EIP-712 domain")]
+    MissingEip712Domain,
+    /// The config does not hash to the voucher's channel id.
+    #[error("the channel config does not hash to the channel id")]
+    ChannelIdMismatch,
+    /// The channel's receiver is not `payTo`.
+    #[error("the channel's receiver is not payTo")]
+    ReceiverMismatch,
+    /// The channel's receiver authorizer is not the server's.
+    #[error("the channel's receiver authorizer is not the server's")]
+    ReceiverAuthorizerMismatch,
+    /// The channel's token is not the requirement's asset.
+    #[error("the channel's token is not the asset")]
+    TokenMismatch,
+    /// The channel's withdraw delay is not the server's.
+    #[error("the channel's withdraw delay is not the server's")]
+    WithdrawDelayMismatch,
+    /// The withdraw delay is outside 15 minutes to 30 days.
+    #[error("the withdraw delay is outside 15 minutes to 30 days")]
+    WithdrawDelayOutOfRange,
+    /// The voucher is not signed by the payer authorizer (or the channel has none: EIP-1271
+    /// vouchers need the chain).
+    #[error("the voucher is not signed by the payer authorizer")]
+    VoucherSignature,
+    /// The deposit has no EIP-3009 authorization.
+    #[error("the deposit has no EIP-3009 authorization")]
+    Erc3009AuthorizationRequired,
+    /// The deposit authorization expires too soon.
+    #[error("the deposit authorization expired")]
+    ValidBefore,
+    /// The deposit authorization is not valid yet.
+    #[error("the deposit authorization is not valid yet")]
+    ValidAfter,
+    /// The deposit authorization is not signed by the payer.
+    #[error("the deposit authorization is not signed by the payer")]
+    ReceiveAuthorizationSignature,
+    /// The voucher's ceiling is not `charged + price` (a refund's: not `charged`): the client
+    /// gets a corrective 402 with the server's channel state.
+    #[error("the voucher's ceiling does not match the charged cumulative amount")]
+    CumulativeAmountMismatch,
+    /// The ceiling is not above what was already claimed on chain.
+    #[error("the voucher's ceiling is below the claimed total")]
+    CumulativeBelowClaimed,
+    /// The ceiling is above the channel's balance.
+    #[error("the voucher's ceiling exceeds the channel's balance")]
+    CumulativeExceedsBalance,
+    /// The server has no state for this channel (a voucher or refund before any deposit).
+    #[error("no channel session for this channel id")]
+    MissingChannel,
+    /// The channel has no balance.
+    #[error("the channel has no balance")]
+    ChannelNotFound,
+    /// A refund of zero, or more than is refundable.
+    #[error("invalid refund amount")]
+    RefundAmountInvalid,
+    /// Nothing left to refund.
+    #[error("nothing left to refund")]
+    RefundNoBalance,
+    /// The handler charged more than the voucher allows.
+    #[error("the charge exceeds the signed cumulative amount")]
+    ChargeExceedsSignedCumulative,
+    /// Another request holds the channel.
+    #[error("another request holds the channel")]
+    ChannelBusy,
+}
+
+impl BatchError {
+    /// The wire code (the reference's).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Scheme => "invalid_batch_settlement_evm_scheme",
+            Self::NetworkMismatch => "invalid_batch_settlement_evm_network_mismatch",
+            Self::PayloadType => "invalid_batch_settlement_evm_payload_type",
+            Self::VoucherPayload => "invalid_batch_settlement_evm_voucher_payload",
+            Self::DepositPayload => "invalid_batch_settlement_evm_deposit_payload",
+            Self::RefundPayload => "invalid_batch_settlement_evm_refund_payload",
+            Self::MissingEip712Domain => "invalid_batch_settlement_evm_missing_eip712_domain",
+            Self::ChannelIdMismatch => "invalid_batch_settlement_evm_channel_id_mismatch",
+            Self::ReceiverMismatch => "invalid_batch_settlement_evm_receiver_mismatch",
+            Self::ReceiverAuthorizerMismatch => {
+                "invalid_batch_settlement_evm_receiver_authorizer_mismatch"
+            }
+            Self::TokenMismatch => "invalid_batch_settlement_evm_token_mismatch",
+            Self::WithdrawDelayMismatch => "invalid_batch_settlement_evm_withdraw_delay_mismatch",
+            Self::WithdrawDelayOutOfRange => {
+                "invalid_batch_settlement_evm_withdraw_delay_out_of_range"
+            }
+            Self::VoucherSignature => "invalid_batch_settlement_evm_voucher_signature",
+            Self::Erc3009AuthorizationRequired => {
+                "invalid_batch_settlement_evm_erc3009_authorization_required"
+            }
+            Self::ValidBefore => "invalid_batch_settlement_evm_payload_authorization_valid_before",
+            Self::ValidAfter => "invalid_batch_settlement_evm_payload_authorization_valid_after",
+            Self::ReceiveAuthorizationSignature => {
+                "invalid_batch_settlement_evm_receive_authorization_signature"
+            }
+            Self::CumulativeAmountMismatch => {
+                "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+            }
+            Self::CumulativeBelowClaimed => "invalid_batch_settlement_evm_cumulative_below_claimed",
+            Self::CumulativeExceedsBalance => {
+                "invalid_batch_settlement_evm_cumulative_exceeds_balance"
+            }
+            Self::MissingChannel => "invalid_batch_settlement_evm_missing_channel",
+            Self::ChannelNotFound => "invalid_batch_settlement_evm_channel_not_found",
+            Self::RefundAmountInvalid => "invalid_batch_settlement_evm_refund_amount_invalid",
+            Self::RefundNoBalance => "invalid_batch_settlement_evm_refund_no_balance",
+            Self::ChargeExceedsSignedCumulative => {
+                "invalid_batch_settlement_evm_charge_exceeds_signed_cumulative"
+            }
+            Self::ChannelBusy => "invalid_batch_settlement_evm_channel_busy",
+        }
+    }
+}
+
+/// The server's side of a channel, from its `batch-settlement` requirement: what every
+/// channel paying it must commit to, and the per-request maximum.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelTerms {
+    /// EIP-155 chain id.
+    pub chain_id: u64,
+    /// `payTo`.
+    pub receiver: Address,
+    /// `extra.receiverAuthorizer` (never zero).
+    pub receiver_authorizer: Address,
+    /// `asset`.
+    pub token: Address,
+    /// `extra.withdrawDelay`.
+    pub withdraw_delay: u64,
+    /// The token's EIP-712 name (`extra.name`).
+    pub token_name: String,
+    /// The token's EIP-712 version (`extra.version`).
+    pub token_version: String,
+    /// The per-request maximum (`amount`).
+    pub price: u128,
+}
+
+impl ChannelTerms {
+    /// The terms of `req` (a `batch-settlement` requirement).
+    pub fn from_requirements(req: &PaymentRequirements) -> Result<Self, BatchError> {
+        if req.scheme != SCHEME {
+            return Err(BatchError::Scheme);
+        }
+        let (Some(name), Some(version)) = (req.extra_str("name"), req.extra_str("version")) else {
+            return Err(BatchError::MissingEip712Domain);
+        };
+        let receiver_authorizer = req
+            .extra_str(extra::RECEIVER_AUTHORIZER)
+            .and_then(|a| a.parse::<Address>().ok())
+            .filter(|a| !a.is_zero())
+            .ok_or(BatchError::ReceiverAuthorizerMismatch)?;
+        let withdraw_delay = req
+            .extra
+            .as_ref()
+            .and_then(|e| e.get(extra::WITHDRAW_DELAY))
+            .and_then(Value::as_u64)
+            .filter(|d| (MIN_WITHDRAW_DELAY..=MAX_WITHDRAW_DELAY).contains(d))
+            .ok_or(BatchError::WithdrawDelayOutOfRange)?;
+        Ok(Self {
+            chain_id: req.network.chain_id(),
+            receiver: req.pay_to.evm().ok_or(BatchError::ReceiverMismatch)?,
+            receiver_authorizer,
+            token: req.asset.evm().ok_or(BatchError::TokenMismatch)?,
+            withdraw_delay,
+            token_name: name.to_owned(),
+            token_version: version.to_owned(),
+            price: u128::try_from(req.amount).map_err(|_| BatchError::VoucherPayload)?,
+        })
+    }
+}
+
+/// The `batch-settlement` payload of `payload`, if it names `req`'s scheme and network.
+pub fn parse(
+    payload: &PaymentPayload,
+    req: &PaymentRequirements,
+) -> Result<BatchEvmPayload, BatchError> {
+    if payload.scheme() != SCHEME || req.scheme != SCHEME {
+        return Err(BatchError::Scheme);
+    }
+    if payload.network() != req.network {
+        return Err(BatchError::NetworkMismatch);
+    }
+    parse_raw(payload.raw_payload().get())
+}
+
+/// Parses a raw `payload` object, naming the malformed part by the payload's `type`.
+pub fn parse_raw(raw: &str) -> Result<BatchEvmPayload, BatchError> {
+    match serde_json::from_str::<BatchEvmPayload>(raw) {
+        Ok(p) => Ok(p),
+        Err(_) => {
+            #[derive(serde::Deserialize)]
+            struct Tag<'a> {
+                #[serde(borrow, rename = "type")]
+                kind: Option<std::borrow::Cow<'a, str>>,
+            }
+            let kind = serde_json::from_str::<Tag<'_>>(raw)
+                .ok()
+                .and_then(|t| t.kind);
+            Err(match kind.as_deref() {
+                Some("deposit") => BatchError::DepositPayload,
+                Some("voucher") => BatchError::VoucherPayload,
+                Some("refund") => BatchError::RefundPayload,
+                _ => BatchError::PayloadType,
+            })
+        }
+    }
+}
+
+/// The config against the server's terms, in the reference's order.
+pub fn check_config(
+    terms: &ChannelTerms,
+    config: &ChannelConfig,
+    claimed: B256,
+) -> Result<(), BatchError> {
+    if channel_id(terms.chain_id, config) != claimed {
+        return Err(BatchError::ChannelIdMismatch);
+    }
+    if config.receiver != terms.receiver {
+        return Err(BatchError::ReceiverMismatch);
+    }
+    if config.receiver_authorizer != terms.receiver_authorizer {
+        return Err(BatchError::ReceiverAuthorizerMismatch);
+    }
+    if config.token != terms.token {
+        return Err(BatchError::TokenMismatch);
+    }
+    if config.withdraw_delay != terms.withdraw_delay {
+        return Err(BatchError::WithdrawDelayMismatch);
+    }
+    if !(MIN_WITHDRAW_DELAY..=MAX_WITHDRAW_DELAY).contains(&config.withdraw_delay) {
+        return Err(BatchError::WithdrawDelayOutOfRange);
+    }
+    Ok(())
+}
+
+/// The voucher's ceiling as the escrow's `uint128`.
+fn ceiling(voucher: &Voucher) -> Result<u128, BatchError> {
+    u128::try_from(voucher.max_claimable_amount).map_err(|_| BatchError::VoucherPayload)
+}
+
+/// The voucher is signed by the channel's payer authorizer (ECDSA: 65 bytes, low `s`).
+pub fn check_voucher_signature(
+    chain_id: u64,
+    config: &ChannelConfig,
+    voucher: &Voucher,
+) -> Result<(), BatchError> {
+    // A zero authorizer means "ask the payer's contract" (EIP-1271): not in-process.
+    if config.payer_authorizer.is_zero() {
+        return Err(BatchError::VoucherSignature);
+    }
+    let digest = voucher_digest(chain_id, voucher.channel_id, voucher.max_claimable_amount)
+        .ok_or(BatchError::VoucherPayload)?;
+    match recover_signer(digest, &voucher.signature) {
+        Ok(signer) if signer == config.payer_authorizer => Ok(()),
+        _ => Err(BatchError::VoucherSignature),
+    }
+}
+
+/// The deposit's EIP-3009 authorization: to the collector, for this channel, valid now (and
+/// for [`VALID_BEFORE_MARGIN`] more seconds), signed by the payer. Returns the amount.
+pub fn check_deposit(
+    terms: &ChannelTerms,
+    config: &ChannelConfig,
+    channel: B256,
+    deposit: &Deposit,
+    now: u64,
+) -> Result<u128, BatchError> {
+    let amount = u128::try_from(deposit.amount)
+        .ok()
+        .filter(|a| *a > 0)
+        .ok_or(BatchError::DepositPayload)?;
+    let auth = deposit
+        .authorization
+        .erc3009_authorization
+        .as_ref()
+        .ok_or(BatchError::Erc3009AuthorizationRequired)?;
+    if auth.valid_before < U256::from(now.saturating_add(VALID_BEFORE_MARGIN)) {
+        return Err(BatchError::ValidBefore);
+    }
+    if auth.valid_after > U256::from(now) {
+        return Err(BatchError::ValidAfter);
+    }
+    let domain = token_domain(
+        terms.chain_id,
+        terms.token,
+        &terms.token_name,
+        &terms.token_version,
+    );
+    let digest = receive_authorization_digest(
+        &domain,
+        config.payer,
+        deposit.amount,
+        auth.valid_after,
+        auth.valid_before,
+        deposit_nonce(channel, auth.salt),
+    );
+    match recover_signer(digest, &auth.signature) {
+        Ok(signer) if signer == config.payer => Ok(amount),
+        _ => Err(BatchError::ReceiveAuthorizationSignature),
+    }
+}
+
+/// What a verified payload asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// A deposit of `amount` into the escrow, then a paid request.
+    Deposit {
+        /// Atomic units the authorization moves.
+        amount: u128,
+    },
+    /// A paid request from the channel's balance.
+    Voucher,
+    /// A cooperative refund (all that is refundable when the payload names no amount); no
+    /// handler.
+    Refund {
+        /// The amount that will be refunded.
+        amount: u128,
+    },
+}
+
+/// A payload that passed every in-process check against the server's channel state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The channel.
+    pub channel_id: B256,
+    /// The channel's config.
+    pub config: ChannelConfig,
+    /// What the payload asks for.
+    pub request: Request,
+    /// The voucher's signed ceiling.
+    pub max_claimable: u128,
+    /// The voucher's signature.
+    pub signature: alloy_primitives::Bytes,
+    /// The charged cumulative amount the voucher was checked against.
+    pub charged_before: u128,
+}
+
+impl Accepted {
+    /// The most the handler may charge: the ceiling's headroom over what was charged (the
+    /// requirement's price for a paid request, zero for a refund).
+    pub fn max_charge(&self) -> u128 {
+        self.max_claimable - self.charged_before
+    }
+}
+
+/// What [`authenticate`] proved of a payload, before any state is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Authentic {
+    /// The voucher's ceiling.
+    pub max_claimable: u128,
+    /// The deposit's amount (a `deposit` payload).
+    pub deposit: Option<u128>,
+}
+
+/// The checks that need no channel state: config against the terms, the voucher's signature
+/// and a deposit's authorization. Cheap enough to run before taking the channel's lease, so
+/// that an unsigned payload cannot hold a channel.
+pub fn authenticate(
+    terms: &ChannelTerms,
+    payload: &BatchEvmPayload,
+    now: u64,
+) -> Result<Authentic, BatchError> {
+    let config = payload.channel_config();
+    let voucher = payload.voucher();
+    check_config(terms, config, voucher.channel_id)?;
+    let max_claimable = ceiling(voucher)?;
+    check_voucher_signature(terms.chain_id, config, voucher)?;
+    let deposit = match payload {
+        BatchEvmPayload::Deposit { deposit, .. } => Some(check_deposit(
+            terms,
+            config,
+            voucher.channel_id,
+            deposit,
+            now,
+        )?),
+        _ => None,
+    };
+    Ok(Authentic {
+        max_claimable,
+        deposit,
+    })
+}
+
+/// Every in-process check of `payload` against `terms` and the server's `state` of its
+/// channel (`None`: no record), at Unix time `now`; see the [module docs](self).
+pub fn verify(
+    terms: &ChannelTerms,
+    payload: &BatchEvmPayload,
+    state: Option<&ChannelState>,
+    now: u64,
+) -> Result<Accepted, BatchError> {
+    let authentic = authenticate(terms, payload, now)?;
+    against_state(terms, payload, authentic, state)
+}
+
+/// The amount checks of an [`authenticate`]d payload against the channel's `state`.
+pub fn against_state(
+    terms: &ChannelTerms,
+    payload: &BatchEvmPayload,
+    authentic: Authentic,
+    state: Option<&ChannelState>,
+) -> Result<Accepted, BatchError> {
+    let (config, voucher) = (payload.channel_config(), payload.voucher());
+    let (max, deposit) = (authentic.max_claimable, authentic.deposit);
+    // Without a record only a deposit may start a channel (from zero).
+    let (charged, balance, claimed) = match (state, deposit) {
+        (Some(s), _) => (s.charged_cumulative, s.balance, s.total_claimed),
+        (None, Some(_)) => (0, 0, 0),
+        (None, None) => return Err(BatchError::MissingChannel),
+    };
+    let request = match payload {
+        BatchEvmPayload::Refund { amount, .. } => {
+            if max != charged {
+                return Err(BatchError::CumulativeAmountMismatch);
+            }
+            if max < claimed {
+                return Err(BatchError::CumulativeBelowClaimed);
+            }
+            let refundable = balance.saturating_sub(charged.max(claimed));
+            if refundable == 0 {
+                return Err(BatchError::RefundNoBalance);
+            }
+            let amount = match amount {
+                None => refundable,
+                Some(a) => u128::try_from(*a)
+                    .ok()
+                    .filter(|a| *a > 0 && *a <= refundable)
+                    .ok_or(BatchError::RefundAmountInvalid)?,
+            };
+            Request::Refund { amount }
+        }
+        _ => {
+            if Some(max) != charged.checked_add(terms.price) {
+                return Err(BatchError::CumulativeAmountMismatch);
+            }
+            let effective = balance.saturating_add(deposit.unwrap_or(0));
+            if effective == 0 {
+                return Err(BatchError::ChannelNotFound);
+            }
+            if max <= claimed {
+                return Err(BatchError::CumulativeBelowClaimed);
+            }
+            if max > effective {
+                return Err(BatchError::CumulativeExceedsBalance);
+            }
+            match deposit {
+                Some(amount) => Request::Deposit { amount },
+                None => Request::Voucher,
+            }
+        }
+    };
+    Ok(Accepted {
+        channel_id: voucher.channel_id,
+        config: config.clone(),
+        request,
+        max_claimable: max,
+        signature: voucher.signature.clone(),
+        charged_before: charged,
+    })
+}
