@@ -16,12 +16,19 @@
 //! `PaymentOption::batch_settlement` builds the challenge. Not wired into the layer's request
 //! path yet: no `Proof` variant or verifier arm, so a `PaymentLayer` does not serve it.
 
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+mod postgres;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod serve;
 pub mod store;
 pub mod verify;
+
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::postgres::PostgresChannelStore;
 
 use alloy_primitives::{Address, B256, U256, address, keccak256};
 use alloy_sol_types::{Eip712Domain, SolStruct, SolValue};

@@ -1,10 +1,19 @@
-//! `RedisChannelStore` against a real `redis-server`: the `ChannelStore` contract the memory
+//! The shared channel stores, `RedisChannelStore` against a real `redis-server` and
+//! `PostgresChannelStore` against a real PostgreSQL: the `ChannelStore` contract the memory
 //! store meets, two instances (two connections, two `Channels`) serving one channel
 //! alternately, 64 concurrent copies of one voucher across both instances → one handler run,
-//! and a restarted instance continuing from the Redis state. Without `redis-server` the tests
-//! print SKIPPED, and fail under `CI=true` (`tests/common/redis_server.rs`).
-#![cfg(all(feature = "redis", feature = "test-util"))]
+//! and a restarted instance continuing from the shared state. One body per check runs against
+//! both backends. Without the server the tests print SKIPPED, and fail under `CI=true`
+//! (`tests/common/redis_server.rs`, `tests/common/postgres.rs`).
+#![cfg(feature = "test-util")]
 
+// The PostgreSQL harness reports through `common::process`.
+#[cfg(feature = "postgres")]
+mod common;
+#[cfg(feature = "postgres")]
+#[path = "common/postgres.rs"]
+mod pg_server;
+#[cfg(feature = "redis")]
 #[path = "common/redis_server.rs"]
 mod redis_server;
 
@@ -15,7 +24,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
 use async_trait::async_trait;
-use tower_x402::channel::redis::RedisChannelStore;
 use tower_x402::channel::serve::{Channels, Escrow, EscrowError, Mirror, PayError};
 use tower_x402::channel::store::{ChannelStore, conformance};
 use tower_x402::channel::verify::{BatchError, ChannelTerms};
@@ -155,8 +163,8 @@ fn terms() -> ChannelTerms {
     }
 }
 
-async fn serve(
-    channels: &Channels<RedisChannelStore, Landing>,
+async fn serve<S: ChannelStore>(
+    channels: &Channels<S, Landing>,
     payload: &BatchEvmPayload,
     runs: &AtomicUsize,
 ) -> Result<u128, PayError<&'static str>> {
@@ -170,34 +178,11 @@ async fn serve(
         .map(|p| p.state.charged_cumulative)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_redis_store_meets_the_channel_store_contract() {
-    let Some(redis) = redis_server::RedisServer::start("channel_redis_contract") else {
-        return;
-    };
-    let store = RedisChannelStore::connect(&redis.url())
-        .await
-        .expect("connect");
-    assert!(store.is_shared());
-    conformance(&store, now(), 1, |s| {
-        tokio::time::sleep(std::time::Duration::from_secs(s))
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_instances_share_a_channel_and_64_copies_of_a_voucher_run_once() {
-    let Some(redis) = redis_server::RedisServer::start("channel_redis_instances") else {
-        return;
-    };
-    let a = Arc::new(Channels::new(
-        RedisChannelStore::connect(&redis.url()).await.expect("a"),
-        Landing,
-    ));
-    let b = Arc::new(Channels::new(
-        RedisChannelStore::connect(&redis.url()).await.expect("b"),
-        Landing,
-    ));
+/// Two instances on one shared store serve one channel; a third (a restart) continues.
+async fn shared_channel<S: ChannelStore>(a: S, b: S, c: S) {
+    assert!(a.is_shared());
+    let a = Arc::new(Channels::new(a, Landing));
+    let b = Arc::new(Channels::new(b, Landing));
     let runs = Arc::new(AtomicUsize::new(0));
     // Alternately: the deposit on A, vouchers on B, A, B.
     assert_eq!(serve(&a, &deposit(), &runs).await.expect("deposit"), PRICE);
@@ -246,12 +231,9 @@ async fn two_instances_share_a_channel_and_64_copies_of_a_voucher_run_once() {
     }
     assert_eq!((ok, runs.load(Ordering::SeqCst)), (1, 1), "one handler run");
 
-    // A restarted instance (a new connection, nothing in memory) continues from Redis.
+    // A restarted instance (a new connection, nothing in memory) continues from the store.
     drop(a);
-    let c = Channels::new(
-        RedisChannelStore::connect(&redis.url()).await.expect("c"),
-        Landing,
-    );
+    let c = Channels::new(c, Landing);
     let state = c
         .store()
         .load(payer().2)
@@ -266,4 +248,69 @@ async fn two_instances_share_a_channel_and_64_copies_of_a_voucher_run_once() {
             .expect("after restart"),
         6 * PRICE
     );
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_store_meets_the_channel_store_contract() {
+    use tower_x402::channel::redis::RedisChannelStore;
+    let Some(redis) = redis_server::RedisServer::start("channel_redis_contract") else {
+        return;
+    };
+    let store = RedisChannelStore::connect(&redis.url())
+        .await
+        .expect("connect");
+    assert!(store.is_shared());
+    conformance(&store, now(), 1, |s| {
+        tokio::time::sleep(std::time::Duration::from_secs(s))
+    })
+    .await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_on_redis_share_a_channel_and_64_copies_of_a_voucher_run_once() {
+    use tower_x402::channel::redis::RedisChannelStore;
+    let Some(redis) = redis_server::RedisServer::start("channel_redis_instances") else {
+        return;
+    };
+    let store = || async {
+        RedisChannelStore::connect(&redis.url())
+            .await
+            .expect("connect")
+    };
+    shared_channel(store().await, store().await, store().await).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_meets_the_channel_store_contract() {
+    use tower_x402::channel::PostgresChannelStore;
+    let Some(server) = pg_server::PgServer::start("channel_postgres_contract") else {
+        return;
+    };
+    let store = PostgresChannelStore::connect(&server.url())
+        .await
+        .expect("connect");
+    assert!(store.is_shared());
+    conformance(&store, now(), 1, |s| {
+        tokio::time::sleep(std::time::Duration::from_secs(s))
+    })
+    .await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_on_postgres_share_a_channel_and_64_copies_of_a_voucher_run_once() {
+    use tower_x402::channel::PostgresChannelStore;
+    let Some(server) = pg_server::PgServer::start("channel_postgres_instances") else {
+        return;
+    };
+    let store = || async {
+        PostgresChannelStore::connect(&server.url())
+            .await
+            .expect("connect")
+            .with_prefix("shared_")
+    };
+    shared_channel(store().await, store().await, store().await).await;
 }
