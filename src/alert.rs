@@ -59,9 +59,12 @@ pub enum Alert {
     HostileReply,
     /// A background settlement task failed and will retry.
     SettlementRetry,
+    /// A block holding a settlement transaction was rolled back (a reorg) before the wanted
+    /// confirmations: the payments are read from the chain again before any resend.
+    ChainReorg,
 }
 
-const ALL: [Alert; 12] = [
+const ALL: [Alert; 13] = [
     Alert::JournalWrite,
     Alert::JournalCompaction,
     Alert::JournalUnreadable,
@@ -74,13 +77,14 @@ const ALL: [Alert; 12] = [
     Alert::CreditGrant,
     Alert::HostileReply,
     Alert::SettlementRetry,
+    Alert::ChainReorg,
 ];
 
 static COUNTS: [AtomicU64; ALL.len()] = [const { AtomicU64::new(0) }; ALL.len()];
 
 impl Alert {
     /// Every kind, in a fixed order.
-    pub const ALL: [Alert; 12] = ALL;
+    pub const ALL: [Alert; 13] = ALL;
 
     /// The stable snake-case name.
     pub const fn name(self) -> &'static str {
@@ -97,6 +101,7 @@ impl Alert {
             Self::CreditGrant => "credit_grant",
             Self::HostileReply => "hostile_reply",
             Self::SettlementRetry => "settlement_retry",
+            Self::ChainReorg => "chain_reorg",
         }
     }
 

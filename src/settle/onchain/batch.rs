@@ -271,6 +271,22 @@ impl OnchainSettler {
                     })
                     .collect()
             }
+            Ok(Sent::RolledBack(r)) => {
+                // Every payment in it is in doubt: the worker reads each from the chain (the
+                // transaction may be mined again, or dropped) before anything is resent.
+                self.shared
+                    .stats
+                    .update(|s| s.unknown = s.unknown.saturating_add(live.len() as u64));
+                live.iter()
+                    .map(|_| {
+                        Err(SettleError::Unknown {
+                            transaction: Some(r.transaction),
+                            retry_after: None,
+                            source: Box::new(r),
+                        })
+                    })
+                    .collect()
+            }
             Ok(Sent::Unconfirmed(hash)) => {
                 let mut out = Vec::with_capacity(live.len());
                 for i in live {
@@ -315,6 +331,11 @@ impl OnchainSettler {
                 .map_err(Failure::into_settle_error)?;
             match receipt {
                 Some(r) if r.block_number().is_some() => {
+                    if !self.deep_enough(&r).await {
+                        // Mined, not yet buried: it could still be rolled back. Wait.
+                        in_flight = Some(*hash);
+                        continue;
+                    }
                     let used = used_in(&r, 1, |(asset, from, nonce)| {
                         (asset == payment.asset && from == p_from && nonce == p_nonce).then_some(0)
                     });
@@ -348,6 +369,23 @@ impl OnchainSettler {
             Some(hash) => ChainState::InFlight(hash),
             None => ChainState::Unused,
         })
+    }
+}
+
+impl OnchainSettler {
+    /// Whether a mined receipt has the wanted confirmations (an RPC failure: not yet).
+    async fn deep_enough(&self, receipt: &alloy_rpc_types_eth::TransactionReceipt) -> bool {
+        let Some(mined) = receipt.block_number() else {
+            return false;
+        };
+        if self.config.confirmations <= 1 {
+            return true;
+        }
+        with_timeout(self.config.rpc_timeout, self.provider.get_block_number())
+            .await
+            .is_ok_and(|head| {
+                head.saturating_sub(mined).saturating_add(1) >= self.config.confirmations
+            })
     }
 }
 
