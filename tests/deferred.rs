@@ -765,3 +765,97 @@ async fn kill_9_and_restart_settles_every_journaled_payment_exactly_once() {
     assert!(receipt.status());
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_batches_in_flight_land_in_one_block_and_each_payment_settles_once() {
+    let Some(chain) = Chain::start("deferred_in_flight").await else {
+        return;
+    };
+    let onchain = onchain(chain.url()).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let settler = DeferredSettler::builder(onchain.clone())
+        .journal(journal("deferred_in_flight"))
+        .max_batch(2)
+        .max_wait(Duration::from_secs(600))
+        .in_flight(4)
+        .retry(Duration::from_millis(100), Duration::from_millis(400))
+        .on_outcome(move |o| {
+            let _ = tx.send(o.clone());
+        })
+        .start()
+        .expect("deferred settler");
+    let before = chain.balance(PAY_TO).await;
+    let txs = relayer_txs(&chain).await;
+    let req = option("$0.01").requirements().clone();
+    // Blocks wait: the four batches (each full, so sent at once) must all be broadcast
+    // before any is mined.
+    chain.set_automine(false).await;
+    let mut paid = Vec::new();
+    for i in 0..8 {
+        let payload = exact_payload(&payers()[i % 3], &req, now());
+        let payment = verified(&payload);
+        settler.check(&payment).await.expect("pre-check");
+        settler.settle(&payment).await.expect("journaled");
+        paid.push(payload);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let pending = chain
+            .provider()
+            .get_transaction_count(RELAYER)
+            .pending()
+            .await
+            .expect("nonce");
+        if pending == txs + 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of 4 batches broadcast",
+            pending - txs
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    chain.mine().await;
+    chain.set_automine(true).await;
+    let done = outcomes(&mut rx, 8).await;
+    tokio::time::timeout(WAIT, settler.idle())
+        .await
+        .expect("idle");
+    assert!(done.iter().all(Outcome::is_settled), "{done:?}");
+    let mut hashes: Vec<B256> = done.iter().filter_map(|o| o.transaction).collect();
+    hashes.sort();
+    hashes.dedup();
+    assert_eq!(hashes.len(), 4, "batches of 2: {done:?}");
+    let mut blocks = Vec::new();
+    for h in &hashes {
+        let receipt = chain
+            .provider()
+            .get_transaction_receipt(*h)
+            .await
+            .expect("rpc")
+            .expect("mined");
+        assert!(receipt.status());
+        blocks.push(receipt.block_number.expect("block"));
+    }
+    let all = blocks.clone();
+    blocks.sort_unstable();
+    blocks.dedup();
+    assert_eq!(blocks.len(), 1, "all four batches in one block: {all:?}");
+    assert_eq!(relayer_txs(&chain).await, txs + 4);
+    assert_eq!(
+        chain.balance(PAY_TO).await,
+        before + U256::from(8 * PRICE_UNITS)
+    );
+    for p in &paid {
+        assert!(
+            chain
+                .authorization_used(p.authorization.from, p.authorization.nonce)
+                .await
+        );
+    }
+    let mut nonces: Vec<B256> = done.iter().map(|o| o.nonce).collect();
+    nonces.sort();
+    nonces.dedup();
+    assert_eq!(nonces.len(), 8, "one outcome per payment");
+}

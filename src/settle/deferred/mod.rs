@@ -285,6 +285,7 @@ pub struct DeferredSettlerBuilder {
     compact_after: u64,
     precheck: bool,
     max_pending: Option<usize>,
+    in_flight: usize,
     hook: Option<Hook>,
     faults: Faults,
 }
@@ -359,6 +360,22 @@ impl DeferredSettlerBuilder {
         self
     }
 
+    /// Most settlement rounds (batch transactions) in flight at once (default 1; at least 1).
+    ///
+    /// With one, the worker sends a batch and waits for its receipt before it sends the next:
+    /// it uses at most one transaction per block, so it settles at most `max_batch` payments
+    /// per block (batches of 32 and 2 s blocks: ~16 payments/s), whatever the chain could
+    /// take. With `n`, up to `n` rounds run at once on disjoint payments (no payment is ever
+    /// in two rounds), so up to `n` batches can land in one block. An
+    /// [`OnchainSettler`][super::onchain::OnchainSettler] hands concurrent sends consecutive
+    /// relayer nonces; a [`BatchSettler`] of your own must be safe to call concurrently.
+    /// Each round still waits `max_wait` for a full batch, and the backlog bound
+    /// ([`max_pending`](Self::max_pending)) is unchanged.
+    pub fn in_flight(mut self, n: usize) -> Self {
+        self.in_flight = n.max(1);
+        self
+    }
+
     /// Called with each payment's final outcome, from the worker task (keep it quick: send it
     /// to a channel for anything slow).
     pub fn on_outcome(mut self, hook: impl Fn(&Outcome) + Send + Sync + 'static) -> Self {
@@ -408,6 +425,7 @@ impl DeferredSettlerBuilder {
                     not_before: None,
                     queued: due,
                     held: false,
+                    in_round: false,
                 },
             );
         }
@@ -425,6 +443,7 @@ impl DeferredSettlerBuilder {
                 compact_after: self.compact_after,
                 precheck: self.precheck,
                 max_pending: self.max_pending,
+                in_flight: self.in_flight,
             },
             hook: self.hook,
         });
@@ -444,6 +463,7 @@ struct Config {
     compact_after: u64,
     precheck: bool,
     max_pending: Option<usize>,
+    in_flight: usize,
 }
 
 /// A payment in the journal, not final yet.
@@ -461,6 +481,8 @@ struct Item {
     queued: Instant,
     /// Its journal append is in progress: not the worker's yet.
     held: bool,
+    /// A round holds it: no other round may take it.
+    in_round: bool,
 }
 
 /// What the request path and the worker share.
@@ -596,6 +618,7 @@ impl DeferredSettler {
             compact_after: 10_000,
             precheck: true,
             max_pending: None,
+            in_flight: 1,
             hook: None,
             faults: Faults::default(),
         }
@@ -725,6 +748,7 @@ impl Settler for DeferredSettler {
                     not_before: None,
                     queued: Instant::now(),
                     held: true,
+                    in_round: false,
                 },
             );
             id

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use alloy_primitives::B256;
 use async_trait::async_trait;
+use tokio::task::JoinSet;
 
 use super::journal::Record;
 use super::{ChainState, Outcome, OutcomeStatus, SendLog, Settled, Shared, unix_ms};
@@ -17,61 +18,106 @@ use crate::verify::{BoxError, VerifiedPayment};
 /// After a failed compaction, the next try waits this long (the journal works meanwhile).
 const COMPACT_RETRY: Duration = Duration::from_secs(60);
 
-/// The worker task: runs until aborted.
+/// The worker task: runs until aborted. Up to `in_flight` rounds run at once, each on
+/// payments no other round holds (an item is `in_round` from when a round takes it until
+/// that round ends, panics included).
 pub(super) async fn run(shared: Arc<Shared>) {
     let mut compact_not_before: Option<Instant> = None;
+    // Dropped with the worker: aborts the rounds in flight (like a crash, see `StopOnDrop`).
+    let mut rounds: JoinSet<()> = JoinSet::new();
     loop {
+        // Reap finished rounds first: their payments are free again.
+        while let Some(done) = rounds.try_join_next() {
+            reaped(&shared, done, &mut compact_not_before).await;
+        }
+        let room = rounds.len() < shared.config.in_flight.max(1);
         match due_in(&shared) {
-            Some(wait) if wait.is_zero() => {
-                if !guarded_round(&shared).await {
-                    tokio::time::sleep(shared.config.retry.0).await;
+            Some(wait) if wait.is_zero() && room => {
+                let taken = take(&shared);
+                if taken.is_empty() {
+                    // Everything due is in a round already: wait for one to end (cannot
+                    // happen with none running, but never spin).
+                    match rounds.join_next().await {
+                        Some(done) => reaped(&shared, done, &mut compact_not_before).await,
+                        None => tokio::time::sleep(Duration::from_millis(1)).await,
+                    }
                     continue;
                 }
-                if compact_not_before.is_none_or(|t| t <= Instant::now())
-                    && !compact_if_needed(&shared).await
-                {
-                    compact_not_before = Instant::now().checked_add(COMPACT_RETRY);
-                }
+                let worker = shared.clone();
+                rounds.spawn(async move {
+                    let _free = Free {
+                        shared: worker.clone(),
+                        ids: taken.iter().map(|t| t.id).collect(),
+                    };
+                    round(&worker, taken).await;
+                });
             }
-            Some(wait) => {
+            wait => {
+                // No room for another round (wait for one to end), or nothing due yet.
+                let wait = if room { wait } else { None };
                 tokio::select! {
                     () = shared.wake.notified() => {}
-                    () = tokio::time::sleep(wait) => {}
+                    () = sleep_or_forever(wait) => {}
+                    Some(done) = rounds.join_next(), if !rounds.is_empty() => {
+                        reaped(&shared, done, &mut compact_not_before).await;
+                    }
                 }
             }
-            None => shared.wake.notified().await,
         }
     }
 }
 
-/// Aborts the round's task when the worker itself is stopped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+async fn sleep_or_forever(wait: Option<Duration>) {
+    match wait {
+        Some(w) => tokio::time::sleep(w).await,
+        None => std::future::pending().await,
+    }
+}
 
-impl Drop for AbortOnDrop {
+/// A round ended: raise a panic (a bug here or in the batch settler: its payments stay
+/// queued and are retried after `retry.0`; any that may have been sent carry their `sent`
+/// hash, so they are read from the chain first), else compact the journal if it is due.
+async fn reaped(
+    shared: &Arc<Shared>,
+    done: Result<(), tokio::task::JoinError>,
+    compact_not_before: &mut Option<Instant>,
+) {
+    if let Err(e) = done {
+        alert!(
+            Alert::SettlementRetry,
+            cause = &e,
+            "deferred: a settlement round panicked; its payments stay queued and are \
+             retried in {:?}",
+            shared.config.retry.0
+        );
+        return;
+    }
+    if compact_not_before.is_none_or(|t| t <= Instant::now()) && !compact_if_needed(shared).await {
+        *compact_not_before = Instant::now().checked_add(COMPACT_RETRY);
+    }
+}
+
+/// Frees a round's payments when it ends, however it ends (a panic or an abort included); a
+/// panicked round's payments wait `retry.0` before the next try.
+struct Free {
+    shared: Arc<Shared>,
+    ids: Vec<u64>,
+}
+
+impl Drop for Free {
     fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Runs one round in its own task, so a panic in it (a bug here or in the batch settler)
-/// cannot stop settlement for good. False if it panicked (raised): its payments stay queued,
-/// and any that may have been sent carry their `sent` hash, so they are read from the chain
-/// before a resend.
-async fn guarded_round(shared: &Arc<Shared>) -> bool {
-    let worker = shared.clone();
-    let mut task = AbortOnDrop(tokio::spawn(async move { round(&worker).await }));
-    match (&mut task.0).await {
-        Ok(()) => true,
-        Err(e) => {
-            alert!(
-                Alert::SettlementRetry,
-                cause = &e,
-                "deferred: a settlement round panicked; its payments stay queued and are \
-                 retried in {:?}",
-                shared.config.retry.0
-            );
-            false
+        let panicked = std::thread::panicking();
+        let mut state = self.shared.lock();
+        for id in &self.ids {
+            if let Some(item) = state.items.get_mut(id) {
+                item.in_round = false;
+                if panicked {
+                    item.not_before = Some(Instant::now() + self.shared.config.retry.0);
+                }
+            }
         }
+        drop(state);
+        self.shared.wake.notify_one();
     }
 }
 
@@ -83,7 +129,7 @@ fn due_in(shared: &Shared) -> Option<Duration> {
     let mut eligible = 0;
     let mut oldest: Option<Instant> = None;
     let mut backoff: Option<Instant> = None;
-    for item in state.items.values().filter(|i| !i.held) {
+    for item in state.items.values().filter(|i| !i.held && !i.in_round) {
         match item.not_before {
             Some(t) if t > now => backoff = Some(backoff.map_or(t, |b| b.min(t))),
             _ => {
@@ -114,24 +160,30 @@ struct Taken {
     recovered: bool,
 }
 
-/// One round: take up to `max_batch` due payments, reconcile, settle, record.
-async fn round(shared: &Arc<Shared>) {
+/// Takes up to `max_batch` due payments no round holds, oldest first, and marks them
+/// `in_round`.
+fn take(shared: &Shared) -> Vec<Taken> {
     let now = Instant::now();
-    let taken: Vec<Taken> = {
-        let state = shared.lock();
-        state
-            .items
-            .iter()
-            .filter(|(_, i)| !i.held && i.not_before.is_none_or(|t| t <= now))
-            .take(shared.config.max_batch)
-            .map(|(id, i)| Taken {
+    let mut state = shared.lock();
+    state
+        .items
+        .iter_mut()
+        .filter(|(_, i)| !i.held && !i.in_round && i.not_before.is_none_or(|t| t <= now))
+        .take(shared.config.max_batch)
+        .map(|(id, i)| {
+            i.in_round = true;
+            Taken {
                 id: *id,
                 payment: i.payment.clone(),
                 sent: i.sent.clone(),
                 recovered: i.recovered,
-            })
-            .collect()
-    };
+            }
+        })
+        .collect()
+}
+
+/// One round on the payments `take` gave it: reconcile, settle, record.
+async fn round(shared: &Arc<Shared>, taken: Vec<Taken>) {
     let mut finals: Vec<Final> = Vec::new();
     let mut to_send = Vec::new();
     for t in taken {
