@@ -193,7 +193,8 @@ impl Chain {
             )
             .await
             .expect("eth_sendTransaction");
-        for _ in 0..100 {
+        // 30 s: a chain started with `--block-time` mines only every few seconds.
+        for _ in 0..1500 {
             if let Some(receipt) = self
                 .provider
                 .get_transaction_receipt(hash)

@@ -10,7 +10,7 @@
 //!    revert reason and left out, so no gas is spent on them.
 //! 2. One payment left: it goes alone, as a plain `transferWithAuthorization` (Multicall3 costs
 //!    ~10k gas more). Two or more: one `aggregate3` transaction, its gas limit the estimate
-//!    plus a quarter, at most the per-transfer limit times the calls.
+//!    plus an eighth plus one transfer's limit, at most the per-transfer limit times the calls.
 //! 3. From the mined receipt, each payment is settled when the token logged
 //!    `AuthorizationUsed(from, nonce)` in it, and refused with
 //!    [`TRANSACTION_FAILED`](super::reason::TRANSACTION_FAILED) and the hash otherwise (its

@@ -1106,12 +1106,17 @@ impl OnchainSettler {
         if estimate > cap {
             return Err(Submit::NotSent(Failure::Revert(reason::TRANSACTION_FAILED)));
         }
-        // One transfer: the configured limit, as always. A batch: the estimate with a quarter
-        // of headroom (state may move between estimate and inclusion), never above the cap.
+        // One transfer: the configured limit, as always. A batch: the estimate plus an eighth
+        // and one transfer's limit (state may move between estimate and inclusion), never
+        // above the cap. A block takes a transaction only if its whole limit fits, and a
+        // relayer's later nonces wait behind it: a smaller margin packs more batches per block.
         let gas_limit = if calls <= 1 {
             per_call
         } else {
-            estimate.saturating_add(estimate / 4).min(cap)
+            estimate
+                .saturating_add(estimate / 8)
+                .saturating_add(per_call)
+                .min(cap)
         };
         let mut fees = fees.map_err(Submit::NotSent)?;
         let tx = tx.with_gas_limit(gas_limit);
