@@ -65,11 +65,20 @@ fn relayer() -> PrivateKeySigner {
     RELAYER_KEY.parse().expect("key")
 }
 
+/// A fresh journal path for `test` (its directory emptied).
 fn journal(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tower-x402-chain-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir.join("x402.journal")
+    let path = journal_path(test);
+    let dir = path.parent().expect("a directory");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("temp dir");
+    path
+}
+
+/// Where `test`'s journal lives.
+fn journal_path(test: &str) -> PathBuf {
+    std::env::temp_dir()
+        .join(format!("tower-x402-chain-{test}-{}", std::process::id()))
+        .join("x402.journal")
 }
 
 /// A deferred settler over `onchain` that sends when flushed (or when `max_wait` passes),
@@ -414,6 +423,82 @@ async fn a_rolled_back_single_settlement_is_an_unknown_outcome_never_a_settlemen
     let settled = settler.settle(&p).await.expect("settles");
     assert_ne!(settled.transaction, Some(sent));
     moved_once(&chain, &[(p.payer, p.nonce())], before).await;
+}
+
+/// A restart while a batch is mined but short of its confirmations: the recovered payments
+/// are in flight, not settled (neither its receipt nor `authorizationState` counts before the
+/// block is buried), nothing is sent again, and once the head is deep enough they settle with
+/// that transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_waits_for_a_mined_batchs_confirmations_and_does_not_resend() {
+    let Some(chain) = Chain::start("chain_restart_shallow").await else {
+        return;
+    };
+    let proxy = RpcProxy::start(chain.url()).await;
+    let connect = || async {
+        OnchainSettler::connect(proxy.url(), relayer())
+            .await
+            .expect("settler")
+            .with_confirmations(3)
+            .with_poll_interval(Duration::from_millis(50))
+    };
+    let (first, _rx) = deferred(connect().await, "restart_shallow", |b| b);
+    let path = journal_path("restart_shallow");
+    let app = app(&first);
+    let before = chain.balance(PAY_TO).await;
+    let headers: Vec<_> = payers().iter().map(proof).collect();
+    for h in &headers {
+        let (status, res) = app.get(h).await;
+        assert_eq!(status, StatusCode::OK, "{res:?}");
+    }
+    let txs = relayer_txs(&chain).await;
+    first.flush();
+    until_async("the batch mined", || async {
+        relayer_txs(&chain).await == txs + 1
+    })
+    .await;
+    let sent = head_tx(&chain).await;
+    // A crash while the worker waits for the confirmations.
+    drop((app, first));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let second = DeferredSettler::builder(connect().await)
+        .journal(&path)
+        .retry(Duration::from_millis(100), Duration::from_millis(400))
+        .on_outcome(move |o| {
+            let _ = tx.send(o.clone());
+        })
+        .start()
+        .expect("restart");
+    assert_eq!(second.pending(), 3, "recovered");
+    // Several reconciliation rounds read the shallow receipt...
+    let polls = proxy.calls("eth_getTransactionReceipt");
+    until_async("reconciliation rounds", || async {
+        proxy.calls("eth_getTransactionReceipt") >= polls + 6 || !rx.is_empty()
+    })
+    .await;
+    // ... and settle nothing, send nothing.
+    assert!(
+        rx.try_recv().is_err(),
+        "not settled before its confirmations"
+    );
+    assert_eq!(second.pending(), 3);
+    assert_eq!(relayer_txs(&chain).await, txs + 1, "nothing sent again");
+    chain.mine_blocks(2).await;
+    for _ in 0..headers.len() {
+        let o = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("outcomes")
+            .expect("worker alive");
+        assert!(o.is_settled(), "{o:?}");
+        assert_eq!(
+            o.transaction,
+            Some(sent),
+            "by the batch sent before the crash"
+        );
+    }
+    let nonces: Vec<_> = headers.iter().map(|h| nonce_of(&h.1)).collect();
+    moved_once(&chain, &nonces, before).await;
+    assert_eq!(relayer_txs(&chain).await, txs + 1);
 }
 
 /// Records each hash `sending` is called with, after checking the node does not know it yet

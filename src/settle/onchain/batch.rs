@@ -17,6 +17,11 @@
 //!    state changed between simulation and inclusion). Each settled payment's gas is the
 //!    receipt's gas divided by the payments it settled.
 //! 4. No receipt in time: `authorizationState` decides per payment, as for one transfer.
+//! 5. Reconciliation ([`BatchSettler::state`]) of a payment sent before: a known transaction
+//!    mined with its `AuthorizationUsed` log settles it once it has the wanted
+//!    [confirmations](OnchainSettler::with_confirmations); before that it is in flight (a
+//!    reorg could still drop it), and so is `authorizationState`'s "used", which reads the
+//!    same block.
 
 use std::time::Instant;
 
@@ -325,6 +330,8 @@ impl OnchainSettler {
         let limit = self.config.rpc_timeout;
         let (p_from, p_nonce) = (payment.payer, payment.nonce());
         let mut in_flight = None;
+        // Mined by one of ours but not yet buried: settled only once it has the confirmations.
+        let mut shallow = None;
         for hash in sent {
             let receipt = with_timeout(limit, self.provider.get_transaction_receipt(*hash))
                 .await
@@ -333,7 +340,7 @@ impl OnchainSettler {
                 Some(r) if r.block_number().is_some() => {
                     if !self.deep_enough(&r).await {
                         // Mined, not yet buried: it could still be rolled back. Wait.
-                        in_flight = Some(*hash);
+                        shallow = Some(*hash);
                         continue;
                     }
                     let used = used_in(&r, 1, |(asset, from, nonce)| {
@@ -356,6 +363,10 @@ impl OnchainSettler {
                     }
                 }
             }
+        }
+        if let Some(hash) = shallow {
+            // Not "settled" from `authorizationState` either: that reads the same shallow block.
+            return Ok(ChainState::InFlight(hash));
         }
         if self
             .authorization_state(payment.asset, p_from, p_nonce)
