@@ -372,6 +372,84 @@ async fn a_reorged_batch_is_detected_and_its_payments_settle_again_exactly_once(
     assert_eq!(app.runs(), 3);
 }
 
+/// The reorg that drops a batch also carries a transfer emptying one payer's wallet: after
+/// the rollback that payer's payment can no longer settle and ends failed, the token's reason
+/// in the outcome hook; the other payment settles once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reorg_that_empties_a_payers_wallet_ends_its_payment_failed_with_the_reason() {
+    let Some(chain) = Chain::start("chain_reorg_failed").await else {
+        return;
+    };
+    let proxy = RpcProxy::start(chain.url()).await;
+    let onchain = OnchainSettler::connect(proxy.url(), relayer())
+        .await
+        .expect("settler")
+        .with_confirmations(3)
+        .with_poll_interval(Duration::from_millis(50));
+    let (deferred, mut rx) = deferred(onchain, "reorg_failed", |b| b);
+    let app = app(&deferred);
+    let before = chain.balance(PAY_TO).await;
+    let [emptied, kept, _] = payers();
+    let headers = [proof(&emptied), proof(&kept)];
+    for h in &headers {
+        let (status, res) = app.get(h).await;
+        assert_eq!(status, StatusCode::OK, "{res:?}");
+    }
+    let txs = relayer_txs(&chain).await;
+    // Its whole balance before the batch: what the reorged chain moves away.
+    let all = chain.balance(emptied.address()).await;
+    deferred.flush();
+    until_async("the batch mined", || async {
+        relayer_txs(&chain).await == txs + 1
+    })
+    .await;
+    let first = head_tx(&chain).await;
+    seen_mined(&proxy).await;
+    // The new chain: the payer moved everything away instead.
+    let data =
+        alloy_primitives::Bytes::from(alloy_sol_types::SolCall::abi_encode(&chain::transferCall {
+            to: Address::repeat_byte(0x77),
+            value: all,
+        }));
+    chain
+        .reorg_with(
+            1,
+            vec![
+                serde_json::json!({ "from": emptied.address(), "to": chain::TOKEN, "data": data }),
+            ],
+        )
+        .await;
+    assert_eq!(chain.balance(emptied.address()).await, U256::ZERO);
+    let _miner = Miner::start(&chain);
+    let mut outcomes = Vec::new();
+    for _ in 0..headers.len() {
+        let o = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("outcomes")
+            .expect("worker alive");
+        outcomes.push(o);
+    }
+    let of = |who: Address| {
+        outcomes
+            .iter()
+            .find(|o| o.payer == who)
+            .expect("an outcome each")
+    };
+    match &of(emptied.address()).status {
+        tower_x402::settle::deferred::OutcomeStatus::Failed(reason) => {
+            assert!(reason.contains("insufficient_balance"), "{reason}")
+        }
+        settled => panic!("the emptied payer's payment cannot settle: {settled:?}"),
+    }
+    let kept_outcome = of(kept.address());
+    assert!(kept_outcome.is_settled(), "{kept_outcome:?}");
+    assert_ne!(kept_outcome.transaction, Some(first));
+    let (from, nonce) = nonce_of(&headers[0].1);
+    assert_eq!(chain.authorization_used_logs(from, nonce).await, 0);
+    assert!(!chain.authorization_used(from, nonce).await);
+    moved_once(&chain, &[nonce_of(&headers[1].1)], before).await;
+}
+
 /// One payment settled alone (the synchronous path) with 3 confirmations, its block rolled
 /// back with `evm_revert` while the settler waits: the answer is an unknown outcome naming
 /// the transaction and the block (the layer keeps the proof reserved); the authorization is

@@ -36,6 +36,7 @@ pub use upto::{PERMIT2, UPTO_PROXY};
 
 sol! {
     function mint(address to, uint256 value) external;
+    function transfer(address to, uint256 value) external returns (bool);
     function balanceOf(address account) external view returns (uint256);
     function authorizationState(address authorizer, bytes32 nonce) external view returns (bool);
     function approve(address spender, uint256 value) external returns (bool);
@@ -368,6 +369,17 @@ impl Chain {
         let _: Value = self
             .provider
             .raw_request("anvil_reorg".into(), (depth, Vec::<Value>::new()))
+            .await
+            .expect("anvil_reorg");
+    }
+
+    /// [`Self::reorg`] of the last `depth` blocks, the first new block carrying `txs`
+    /// (transaction requests from unlocked accounts: `{"from", "to", "data"}`).
+    pub async fn reorg_with(&self, depth: u64, txs: Vec<Value>) {
+        let pairs: Vec<Value> = txs.into_iter().map(|tx| json!([tx, 0])).collect();
+        let _: Value = self
+            .provider
+            .raw_request("anvil_reorg".into(), (depth, pairs))
             .await
             .expect("anvil_reorg");
     }
