@@ -110,7 +110,7 @@
 //! above the [fee cap](OnchainSettler::with_max_fee_per_gas) (no room: no replacement, the
 //! wait goes on). Then every hash sent for that nonce is watched until one is mined or the
 //! receipt timeout passes. A batch's replacements go through its
-//! [`SendLog`](crate::settle::deferred::SendLog) before broadcast, like the first
+//! `SendLog` (the `deferred` feature) before broadcast, like the first
 //! transaction, so reconciliation knows every hash that could carry its payments; only one
 //! of them can be mined (one nonce).
 //!
@@ -492,7 +492,7 @@ impl OnchainSettler {
     /// fees raised by at least 12.5 %, capped by [`with_max_fee_per_gas`](Self::with_max_fee_per_gas));
     /// again after each such wait, until the receipt timeout. Default 12 s; `None` never
     /// replaces. Every replacement's hash goes through the batch's
-    /// [`SendLog`](crate::settle::deferred::SendLog) before it is broadcast, like the first.
+    /// `SendLog` (the `deferred` feature) before it is broadcast, like the first.
     pub fn with_replace_after(mut self, wait: Option<Duration>) -> Self {
         self.config.replace_after = wait;
         self
@@ -1228,7 +1228,7 @@ enum Poll {
 /// mined and its block was then rolled back (a reorg) before it had the wanted
 /// [confirmations](OnchainSettler::with_confirmations): the transaction may be mined again,
 /// or dropped. Reconcile before any resend (the deferred worker does, through
-/// [`BatchSettler::state`](crate::settle::deferred::BatchSettler::state)).
+/// `BatchSettler::state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
     "the block {block} holding settlement transaction {transaction} was rolled back: outcome unknown"
