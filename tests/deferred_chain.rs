@@ -190,7 +190,7 @@ fn payment(payer: &PrivateKeySigner) -> VerifiedPayment {
     VerifiedPayment::exact(
         X402Version::V2,
         Network::BASE_SEPOLIA,
-        req.asset,
+        chain::TOKEN,
         auth,
         signature,
     )
