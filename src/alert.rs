@@ -66,9 +66,12 @@ pub enum Alert {
     /// A payment channel's state could not be committed or its lease released (an
     /// unrecorded voucher cannot be claimed: money lost unless the seller acts).
     ChannelState,
+    /// A block holding a settlement transaction was rolled back (a reorg) before the wanted
+    /// confirmations: the payments are read from the chain again before any resend.
+    ChainReorg,
 }
 
-const ALL: [Alert; 14] = [
+const ALL: [Alert; 15] = [
     Alert::JournalWrite,
     Alert::JournalCompaction,
     Alert::JournalUnreadable,
@@ -83,6 +86,7 @@ const ALL: [Alert; 14] = [
     Alert::SettlementRetry,
     Alert::SettlementUnknown,
     Alert::ChannelState,
+    Alert::ChainReorg,
 ];
 
 static COUNTS: [AtomicU64; ALL.len()] = [const { AtomicU64::new(0) }; ALL.len()];
@@ -90,6 +94,10 @@ static COUNTS: [AtomicU64; ALL.len()] = [const { AtomicU64::new(0) }; ALL.len()]
 impl Alert {
     /// Every kind, in a fixed order.
     pub const ALL: [Alert; 14] = ALL;
+    pub const ALL: [Alert; 13] = ALL;
+}
+
+const ALL: [Alert; 15] = [
 
     /// The stable snake-case name.
     pub const fn name(self) -> &'static str {
@@ -108,6 +116,7 @@ impl Alert {
             Self::SettlementRetry => "settlement_retry",
             Self::SettlementUnknown => "settlement_unknown",
             Self::ChannelState => "channel_state",
+            Self::ChainReorg => "chain_reorg",
         }
     }
 

@@ -39,6 +39,7 @@ pub use upto::{PERMIT2, UPTO_PROXY};
 
 sol! {
     function mint(address to, uint256 value) external;
+    function transfer(address to, uint256 value) external returns (bool);
     function balanceOf(address account) external view returns (uint256);
     function authorizationState(address authorizer, bytes32 nonce) external view returns (bool);
     function approve(address spender, uint256 value) external returns (bool);
@@ -106,6 +107,11 @@ impl Chain {
     /// Starts a fresh chain, or returns `None` after a loud SKIPPED line when anvil is not
     /// installed (panics instead under `CI=true`).
     pub async fn start(test: &str) -> Option<Chain> {
+        Self::start_with(test, &[]).await
+    }
+
+    /// [`Self::start`] with extra anvil arguments (`--block-time 2`, `--gas-limit N`, ...).
+    pub async fn start_with(test: &str, extra: &[&str]) -> Option<Chain> {
         let bin = anvil_bin();
         if !bin.is_file() {
             process::skip(format_args!("{test}: anvil not found at {}", bin.display()));
@@ -113,6 +119,7 @@ impl Chain {
         }
         let mut cmd = Command::new(&bin);
         cmd.args(["--host", "127.0.0.1", "--port", "0", "--chain-id", "84532"]);
+        cmd.args(extra);
         // anvil prints a banner first; its address comes with `Listening on`.
         let (anvil, url) =
             process::Server::start_until("anvil", &mut cmd, Duration::from_secs(30), |line| {
@@ -198,7 +205,8 @@ impl Chain {
             )
             .await
             .expect("eth_sendTransaction");
-        for _ in 0..100 {
+        // 30 s: a chain started with `--block-time` mines only every few seconds.
+        for _ in 0..1500 {
             if let Some(receipt) = self
                 .provider
                 .get_transaction_receipt(hash)
@@ -339,6 +347,114 @@ impl Chain {
             .expect("evm_mine");
     }
 
+    /// Mines `n` blocks.
+    pub async fn mine_blocks(&self, n: u64) {
+        let _: Value = self
+            .provider
+            .raw_request("anvil_mine".into(), (U256::from(n),))
+            .await
+            .expect("anvil_mine");
+    }
+
+    /// The head's number.
+    pub async fn head(&self) -> u64 {
+        self.provider
+            .get_block_number()
+            .await
+            .expect("eth_blockNumber")
+    }
+
+    /// Takes a state snapshot (`evm_snapshot`) to [`revert`](Self::revert) to.
+    pub async fn snapshot(&self) -> U256 {
+        self.provider
+            .raw_request("evm_snapshot".into(), ())
+            .await
+            .expect("evm_snapshot")
+    }
+
+    /// Rolls the chain back to `snapshot` (`evm_revert`): later blocks and their transactions
+    /// are gone.
+    pub async fn revert(&self, snapshot: U256) {
+        let ok: bool = self
+            .provider
+            .raw_request("evm_revert".into(), (snapshot,))
+            .await
+            .expect("evm_revert");
+        assert!(ok, "evm_revert to {snapshot} refused");
+    }
+
+    /// A reorg of the last `depth` blocks (`anvil_reorg`): they are replaced by as many new,
+    /// empty blocks (same height, other hashes); their transactions are dropped, not put back
+    /// in the pool (anvil 1.x).
+    pub async fn reorg(&self, depth: u64) {
+        let _: Value = self
+            .provider
+            .raw_request("anvil_reorg".into(), (depth, Vec::<Value>::new()))
+            .await
+            .expect("anvil_reorg");
+    }
+
+    /// [`Self::reorg`] of the last `depth` blocks, the first new block carrying `txs`
+    /// (transaction requests from unlocked accounts: `{"from", "to", "data"}`).
+    pub async fn reorg_with(&self, depth: u64, txs: Vec<Value>) {
+        let pairs: Vec<Value> = txs.into_iter().map(|tx| json!([tx, 0])).collect();
+        let _: Value = self
+            .provider
+            .raw_request("anvil_reorg".into(), (depth, pairs))
+            .await
+            .expect("anvil_reorg");
+    }
+
+    /// Sets the block gas limit of the next blocks (`evm_setBlockGasLimit`).
+    pub async fn set_block_gas_limit(&self, gas: u64) {
+        let ok: bool = self
+            .provider
+            .raw_request("evm_setBlockGasLimit".into(), (U256::from(gas),))
+            .await
+            .expect("evm_setBlockGasLimit");
+        assert!(ok, "evm_setBlockGasLimit refused");
+    }
+
+    /// The hashes of the transactions waiting in anvil's pool (`txpool_content`, pending).
+    pub async fn pool(&self) -> Vec<B256> {
+        let content: Value = self
+            .provider
+            .raw_request("txpool_content".into(), ())
+            .await
+            .expect("txpool_content");
+        let mut out = Vec::new();
+        for by_nonce in content["pending"]
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.values())
+        {
+            for tx in by_nonce.as_object().into_iter().flat_map(|m| m.values()) {
+                if let Some(hash) = tx["hash"].as_str().and_then(|h| h.parse().ok()) {
+                    out.push(hash);
+                }
+            }
+        }
+        out
+    }
+
+    /// How many `AuthorizationUsed(from, nonce)` logs the token emitted on the canonical chain
+    /// (all blocks): one per transfer that moved the money.
+    pub async fn authorization_used_logs(&self, from: Address, nonce: B256) -> usize {
+        let filter = alloy_rpc_types_eth::Filter::new()
+            .address(TOKEN)
+            .from_block(0)
+            .event_signature(alloy_primitives::keccak256(
+                "AuthorizationUsed(address,bytes32)",
+            ))
+            .topic1(from.into_word())
+            .topic2(nonce);
+        self.provider
+            .get_logs(&filter)
+            .await
+            .expect("eth_getLogs")
+            .len()
+    }
+
     async fn view(&self, call: impl SolCall) -> Bytes {
         let tx = alloy_rpc_types_eth::TransactionRequest::default()
             .with_to(TOKEN)
@@ -358,4 +474,118 @@ pub fn closed_port_url() -> String {
     let port = listener.local_addr().expect("addr").port();
     drop(listener);
     format!("http://127.0.0.1:{port}")
+}
+
+/// A TCP proxy on loopback in front of an RPC that the test can cut (every connection, open
+/// or new, is dropped) and restore: an RPC outage without touching anvil.
+pub struct RpcProxy {
+    url: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    methods: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl RpcProxy {
+    /// Forwards to `target` (an `http://host:port` URL).
+    pub async fn start(target: &str) -> RpcProxy {
+        use std::sync::atomic::Ordering;
+        let target = target
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let methods = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let (up2, conns2, methods2) = (up.clone(), conns.clone(), methods.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let (target, methods) = (target.clone(), methods2.clone());
+                let task = tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let (mut from_client, mut to_client) = client.split();
+                    let (mut from_server, mut to_server) = tokio::io::split(server);
+                    let up = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                            count_methods(&buf[..n], &methods);
+                            if to_server.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    };
+                    let down = tokio::io::copy(&mut from_server, &mut to_client);
+                    tokio::select! {
+                        () = up => {}
+                        _ = down => {}
+                    }
+                });
+                let mut conns = conns2.lock().expect("proxy lock");
+                conns.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
+                conns.push(task);
+            }
+        });
+        RpcProxy {
+            url,
+            up,
+            methods,
+            conns,
+            accept,
+        }
+    }
+
+    /// The proxy's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// How many JSON-RPC calls of `method` went through so far (read from the requests).
+    pub fn calls(&self, method: &str) -> u64 {
+        let methods = self.methods.lock().expect("proxy lock");
+        methods.get(method).copied().unwrap_or(0)
+    }
+
+    /// Cuts the RPC: open connections are dropped, new ones closed at once.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for task in self.conns.lock().expect("proxy lock").drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for RpcProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Counts the `"method":"..."` of the JSON-RPC requests in `chunk` (requests are small and
+/// sent in one write: one chunk holds each whole).
+fn count_methods(chunk: &[u8], methods: &std::sync::Mutex<std::collections::HashMap<String, u64>>) {
+    const KEY: &[u8] = b"\"method\":\"";
+    let mut rest = chunk;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[at + KEY.len()..];
+        let end = rest.iter().position(|b| *b == b'"').unwrap_or(rest.len());
+        let name = String::from_utf8_lossy(&rest[..end]).into_owned();
+        *methods.lock().expect("proxy lock").entry(name).or_default() += 1;
+        rest = &rest[end..];
+    }
 }

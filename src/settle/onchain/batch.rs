@@ -10,13 +10,18 @@
 //!    revert reason and left out, so no gas is spent on them.
 //! 2. One payment left: it goes alone, as a plain `transferWithAuthorization` (Multicall3 costs
 //!    ~10k gas more). Two or more: one `aggregate3` transaction, its gas limit the estimate
-//!    plus a quarter, at most the per-transfer limit times the calls.
+//!    plus an eighth plus one transfer's limit, at most the per-transfer limit times the calls.
 //! 3. From the mined receipt, each payment is settled when the token logged
 //!    `AuthorizationUsed(from, nonce)` in it, and refused with
 //!    [`TRANSACTION_FAILED`](super::reason::TRANSACTION_FAILED) and the hash otherwise (its
 //!    state changed between simulation and inclusion). Each settled payment's gas is the
 //!    receipt's gas divided by the payments it settled.
 //! 4. No receipt in time: `authorizationState` decides per payment, as for one transfer.
+//! 5. Reconciliation ([`BatchSettler::state`]) of a payment sent before: a known transaction
+//!    mined with its `AuthorizationUsed` log settles it once it has the wanted
+//!    [confirmations](OnchainSettler::with_confirmations); before that it is in flight (a
+//!    reorg could still drop it), and so is `authorizationState`'s "used", which reads the
+//!    same block.
 
 use std::time::Instant;
 
@@ -271,6 +276,22 @@ impl OnchainSettler {
                     })
                     .collect()
             }
+            Ok(Sent::RolledBack(r)) => {
+                // Every payment in it is in doubt: the worker reads each from the chain (the
+                // transaction may be mined again, or dropped) before anything is resent.
+                self.shared
+                    .stats
+                    .update(|s| s.unknown = s.unknown.saturating_add(live.len() as u64));
+                live.iter()
+                    .map(|_| {
+                        Err(SettleError::Unknown {
+                            transaction: Some(r.transaction),
+                            retry_after: None,
+                            source: Box::new(r),
+                        })
+                    })
+                    .collect()
+            }
             Ok(Sent::Unconfirmed(hash)) => {
                 let mut out = Vec::with_capacity(live.len());
                 for i in live {
@@ -309,12 +330,19 @@ impl OnchainSettler {
         let limit = self.config.rpc_timeout;
         let (p_from, p_nonce) = (payment.payer, payment.nonce());
         let mut in_flight = None;
+        // Mined by one of ours but not yet buried: settled only once it has the confirmations.
+        let mut shallow = None;
         for hash in sent {
             let receipt = with_timeout(limit, self.provider.get_transaction_receipt(*hash))
                 .await
                 .map_err(Failure::into_settle_error)?;
             match receipt {
                 Some(r) if r.block_number().is_some() => {
+                    if !self.deep_enough(&r).await {
+                        // Mined, not yet buried: it could still be rolled back. Wait.
+                        shallow = Some(*hash);
+                        continue;
+                    }
                     let used = used_in(&r, 1, |(asset, from, nonce)| {
                         (asset == payment.asset && from == p_from && nonce == p_nonce).then_some(0)
                     });
@@ -336,6 +364,10 @@ impl OnchainSettler {
                 }
             }
         }
+        if let Some(hash) = shallow {
+            // Not "settled" from `authorizationState` either: that reads the same shallow block.
+            return Ok(ChainState::InFlight(hash));
+        }
         if self
             .authorization_state(payment.asset, p_from, p_nonce)
             .await
@@ -348,6 +380,23 @@ impl OnchainSettler {
             Some(hash) => ChainState::InFlight(hash),
             None => ChainState::Unused,
         })
+    }
+}
+
+impl OnchainSettler {
+    /// Whether a mined receipt has the wanted confirmations (an RPC failure: not yet).
+    async fn deep_enough(&self, receipt: &alloy_rpc_types_eth::TransactionReceipt) -> bool {
+        let Some(mined) = receipt.block_number() else {
+            return false;
+        };
+        if self.config.confirmations <= 1 {
+            return true;
+        }
+        with_timeout(self.config.rpc_timeout, self.provider.get_block_number())
+            .await
+            .is_ok_and(|head| {
+                head.saturating_sub(mined).saturating_add(1) >= self.config.confirmations
+            })
     }
 }
 

@@ -83,7 +83,36 @@
 //!    has [`confirmations`](OnchainSettler::with_confirmations) (default 1) or the
 //!    [`receipt timeout`](OnchainSettler::with_receipt_timeout) (default 30 s) passes. Status 1
 //!    settles ([`Settlement::transaction`] is the hash); status 0 is refused with
-//!    [`reason::TRANSACTION_FAILED`] and the hash.
+//!    [`reason::TRANSACTION_FAILED`] and the hash. A transaction not mined after
+//!    [`replace_after`](OnchainSettler::with_replace_after) (default 12 s) is replaced: see
+//!    "Stuck transactions".
+//!
+//! # Reorgs
+//!
+//! With [`with_confirmations(n)`](OnchainSettler::with_confirmations), n ≥ 2, a receipt is
+//! not the answer until the head is n - 1 blocks past its block; the receipt is then read
+//! again and must still be in the block it was first seen in. When that block is no longer
+//! the chain's (a reorg, a sequencer's unsafe head dropped), the outcome is unknown
+//! ([`SettleError::Unknown`] with a [`RolledBack`] source): the transaction may be mined again
+//! or dropped. The rollback is counted ([`OnchainStats::rolled_back`]) and raised
+//! ([`Alert::ChainReorg`]), and the relayer's cached nonce is dropped (the chain's count went
+//! back with the block). A deferred settler reads those payments from the chain before
+//! anything is resent, so each settles exactly once or ends failed with the token's reason.
+//! With the default of 1, mined is settled: a later reorg goes unseen. On Base the sequencer's
+//! blocks are rarely reorged; on an L1, or where a wrong "settled" is costly, use more (each
+//! block adds a block time to every settlement; deferred payments answer before it anyway).
+//!
+//! # Stuck transactions
+//!
+//! A transaction not mined within [`replace_after`](OnchainSettler::with_replace_after) is
+//! replaced: the same nonce and call, both fees at least 12.5 % (plus one wei) above the last
+//! ones sent (nodes refuse a smaller bump) or the market's current quote if higher, never
+//! above the [fee cap](OnchainSettler::with_max_fee_per_gas) (no room: no replacement, the
+//! wait goes on). Then every hash sent for that nonce is watched until one is mined or the
+//! receipt timeout passes. A batch's replacements go through its
+//! `SendLog` (the `deferred` feature) before broadcast, like the first
+//! transaction, so reconciliation knows every hash that could carry its payments; only one
+//! of them can be mined (one nonce).
 //!
 //! Revert texts map like the reference facilitator's: used or canceled →
 //! [`reason::NONCE_ALREADY_USED`], expired → [`reason::VALID_BEFORE`], not yet valid →
@@ -121,8 +150,8 @@
 //! "replacement transaction underpriced": a send whose future was dropped got through) is
 //! retried once with a fresh nonce. A
 //! transaction stuck in the mempool (e.g. under-priced after a fee spike) blocks the later
-//! ones: size the fee cap so that inclusion is the norm, and give each relayer account to
-//! one settler (clones share it).
+//! ones until it is replaced (see "Stuck transactions"): size the fee cap so that inclusion
+//! is the norm, and give each relayer account to one settler (clones share it).
 //!
 //! # Measuring
 //!
@@ -324,6 +353,7 @@ struct Config {
     max_fee_per_gas: u128,
     receipt_timeout: Duration,
     confirmations: u64,
+    replace_after: Option<Duration>,
     poll_interval: Duration,
     rpc_timeout: Duration,
     simulate: bool,
@@ -370,6 +400,8 @@ impl OnchainSettler {
     pub const DEFAULT_MAX_FEE_PER_GAS: u128 = 5_000_000_000;
     /// Default receipt wait.
     pub const DEFAULT_RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Default wait before a pending transaction is replaced with higher fees.
+    pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(12);
     /// Default interval between receipt polls.
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
     /// Default limit on each RPC call.
@@ -398,6 +430,7 @@ impl OnchainSettler {
                 max_fee_per_gas: Self::DEFAULT_MAX_FEE_PER_GAS,
                 receipt_timeout: Self::DEFAULT_RECEIPT_TIMEOUT,
                 confirmations: 1,
+                replace_after: Some(Self::DEFAULT_REPLACE_AFTER),
                 poll_interval: Self::DEFAULT_POLL_INTERVAL,
                 rpc_timeout: Self::DEFAULT_RPC_TIMEOUT,
                 simulate: true,
@@ -449,9 +482,23 @@ impl OnchainSettler {
         self
     }
 
-    /// Blocks the settlement must be buried under, counting its own (default 1).
+    /// Blocks the settlement must be buried under, counting its own (default 1: mined is
+    /// settled). With 2 or more, the settler waits until the head is that deep and reads the
+    /// receipt again: a transaction no longer in the block it was first seen in (a reorg) is
+    /// an unknown outcome, never a settlement (see the module docs, "Reorgs"). Each block
+    /// more adds a block time to every settlement's latency.
     pub fn with_confirmations(mut self, blocks: u64) -> Self {
         self.config.confirmations = blocks.max(1);
+        self
+    }
+
+    /// How long a sent transaction may stay unmined before it is replaced (same nonce, both
+    /// fees raised by at least 12.5 %, capped by [`with_max_fee_per_gas`](Self::with_max_fee_per_gas));
+    /// again after each such wait, until the receipt timeout. Default 12 s; `None` never
+    /// replaces. Every replacement's hash goes through the batch's
+    /// `SendLog` (the `deferred` feature) before it is broadcast, like the first.
+    pub fn with_replace_after(mut self, wait: Option<Duration>) -> Self {
+        self.config.replace_after = wait;
         self
     }
 
@@ -735,40 +782,114 @@ impl OnchainSettler {
         Ok((out, revert))
     }
 
-    /// Polls for the receipt until it has the wanted confirmations; `None` on timeout.
-    async fn wait_receipt(&self, hash: B256) -> Option<TransactionReceipt> {
-        let limit = self.config.rpc_timeout;
+    /// Polls the receipts of `hashes` (one nonce: the first sent and its replacements) until
+    /// one has the wanted confirmations, for at most `wait`.
+    async fn wait_mined(&self, hashes: &[B256], wait: Duration) -> Waited {
+        // Where each hash was first seen mined: (block number, block hash).
+        let mut seen: Vec<Option<(u64, B256)>> = vec![None; hashes.len()];
         let poll = async {
             // Quick first polls (25, 50, 100 ms...) up to the interval: a fast chain answers
             // within a few tens of milliseconds, a slow one costs a couple of extra calls.
             let mut delay = FIRST_POLL_DELAY.min(self.config.poll_interval);
             loop {
-                if let Ok(Some(receipt)) =
-                    with_timeout(limit, self.provider.get_transaction_receipt(hash)).await
-                    && self.confirmed(&receipt).await
-                {
-                    return receipt;
+                for (i, hash) in hashes.iter().enumerate() {
+                    match self.poll_once(*hash, &mut seen[i]).await {
+                        Poll::Pending => {}
+                        Poll::Confirmed(receipt) => return Waited::Confirmed(receipt),
+                        Poll::RolledBack(block) => return Waited::RolledBack(*hash, block),
+                    }
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(self.config.poll_interval);
             }
         };
-        tokio::time::timeout(self.config.receipt_timeout, poll)
+        tokio::time::timeout(wait, poll)
             .await
-            .ok()
+            .unwrap_or(Waited::NotYet)
     }
 
-    async fn confirmed(&self, receipt: &TransactionReceipt) -> bool {
-        let Some(mined) = receipt.block_number() else {
-            return false; // pending
+    /// One look at `hash`'s receipt; `seen` is where it was first seen mined.
+    async fn poll_once(&self, hash: B256, seen: &mut Option<(u64, B256)>) -> Poll {
+        let limit = self.config.rpc_timeout;
+        let receipt = match with_timeout(limit, self.provider.get_transaction_receipt(hash)).await {
+            Ok(r) => r,
+            Err(_) => return Poll::Pending, // the RPC hiccuped: look again
         };
-        if self.config.confirmations <= 1 {
-            return true;
+        let mined = receipt
+            .as_ref()
+            .and_then(|r| Some((r.block_number()?, r.block_hash()?)));
+        let (Some(receipt), Some(at)) = (receipt, mined) else {
+            // Not mined (or no longer). Once seen mined, its block must still be canonical.
+            return match *seen {
+                Some((number, block)) if self.block_gone(number, block).await => {
+                    Poll::RolledBack(block)
+                }
+                _ => Poll::Pending,
+            };
+        };
+        if let Some((number, block)) = *seen
+            && (number, block) != at
+            && self.block_gone(number, block).await
+        {
+            // Rolled back, then mined again elsewhere: count its confirmations afresh.
+            self.rolled_back(hash, block, false);
         }
-        match with_timeout(self.config.rpc_timeout, self.provider.get_block_number()).await {
-            Ok(head) => head.saturating_sub(mined).saturating_add(1) >= self.config.confirmations,
+        *seen = Some(at);
+        if self.config.confirmations <= 1 {
+            return Poll::Confirmed(Box::new(receipt));
+        }
+        let Ok(head) = with_timeout(limit, self.provider.get_block_number()).await else {
+            return Poll::Pending;
+        };
+        if head.saturating_sub(at.0).saturating_add(1) < self.config.confirmations {
+            return Poll::Pending;
+        }
+        // Deep enough: the block it is in must still be the chain's block at that height.
+        match with_timeout(limit, self.provider.get_transaction_receipt(hash)).await {
+            Ok(Some(again))
+                if again.block_number() == Some(at.0) && again.block_hash() == Some(at.1) =>
+            {
+                Poll::Confirmed(Box::new(again))
+            }
+            Ok(_) if self.block_gone(at.0, at.1).await => Poll::RolledBack(at.1),
+            _ => Poll::Pending,
+        }
+    }
+
+    /// Whether the chain's block at `number` is no longer `block` (a node that lags behind,
+    /// or fails to answer, is not a rollback).
+    async fn block_gone(&self, number: u64, block: B256) -> bool {
+        let limit = self.config.rpc_timeout;
+        match with_timeout(
+            limit,
+            self.provider
+                .get_block_by_number(BlockNumberOrTag::Number(number)),
+        )
+        .await
+        {
+            Ok(Some(b)) => b.header.hash != block,
+            Ok(None) => with_timeout(limit, self.provider.get_block_number())
+                .await
+                .is_ok_and(|head| head < number),
             Err(_) => false,
         }
+    }
+
+    /// Books and raises a rollback of the block holding `transaction`.
+    fn rolled_back(&self, transaction: B256, block: B256, unknown: bool) {
+        self.shared
+            .stats
+            .update(|s| s.rolled_back = s.rolled_back.saturating_add(1));
+        let what = if unknown {
+            "its payments' outcome is unknown and they are read from the chain again"
+        } else {
+            "it was mined again in another block"
+        };
+        alert!(
+            Alert::ChainReorg,
+            "onchain: block {block} holding settlement transaction {transaction} was rolled \
+             back; {what}"
+        );
     }
 
     /// Books a mined receipt: settled or refused with its hash.
@@ -967,6 +1088,7 @@ impl OnchainSettler {
                 .reconcile(payment, hash, started)
                 .await
                 .map(|s| (s, None)),
+            Ok(Sent::RolledBack(r)) => Err(self.unknown(r.transaction, Box::new(r))),
         }
     }
 
@@ -991,35 +1113,138 @@ impl OnchainSettler {
         if estimate > cap {
             return Err(Submit::NotSent(Failure::Revert(reason::TRANSACTION_FAILED)));
         }
-        // One transfer: the configured limit, as always. A batch: the estimate with a quarter
-        // of headroom (state may move between estimate and inclusion), never above the cap.
+        // One transfer: the configured limit, as always. A batch: the estimate plus an eighth
+        // and one transfer's limit (state may move between estimate and inclusion), never
+        // above the cap. A block takes a transaction only if its whole limit fits, and a
+        // relayer's later nonces wait behind it: a smaller margin packs more batches per block.
         let gas_limit = if calls <= 1 {
             per_call
         } else {
-            estimate.saturating_add(estimate / 4).min(cap)
+            estimate
+                .saturating_add(estimate / 8)
+                .saturating_add(per_call)
+                .min(cap)
         };
-        let fees = fees.map_err(Submit::NotSent)?;
-        let tx = tx
-            .with_gas_limit(gas_limit)
-            .with_max_fee_per_gas(fees.max_fee_per_gas)
-            .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas);
-        let hash = match relayer.send(&self.provider, tx, limit, before).await {
-            Ok(hash) => hash,
+        let mut fees = fees.map_err(Submit::NotSent)?;
+        let tx = tx.with_gas_limit(gas_limit);
+        let priced = |fees: relayer::Fees| {
+            tx.clone()
+                .with_max_fee_per_gas(fees.max_fee_per_gas)
+                .with_max_priority_fee_per_gas(fees.max_priority_fee_per_gas)
+        };
+        let (hash, nonce) = match relayer
+            .send(&self.provider, priced(fees), limit, before)
+            .await
+        {
+            Ok(sent) => sent,
             Err(SendError::Refused(failure)) => return Err(Submit::NotSent(failure)),
             Err(SendError::Unknown { hash, source }) => {
                 // Did it reach the node? Then it may be mined: wait for it like any other.
+                // (Not replaced: its nonce is not known for sure.)
                 match with_timeout(limit, self.provider.get_transaction_by_hash(hash)).await {
-                    Ok(Some(_)) => hash,
+                    Ok(Some(_)) => {
+                        self.shared.stats.update(|s| s.sent += 1);
+                        return Ok(self.wait_sent(&[hash], self.config.receipt_timeout).await);
+                    }
                     _ => return Err(Submit::Unknown { hash, source }),
                 }
             }
         };
         self.shared.stats.update(|s| s.sent += 1);
-        Ok(match self.wait_receipt(hash).await {
-            Some(receipt) => Sent::Mined(Box::new(receipt)),
-            None => Sent::Unconfirmed(hash),
-        })
+        let deadline = Instant::now() + self.config.receipt_timeout;
+        let mut hashes = vec![hash];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = self.config.replace_after.map_or(left, |r| r.min(left));
+            match self.wait_sent(&hashes, wait).await {
+                Sent::Unconfirmed(_) if !left.is_zero() && wait < left => {}
+                sent => return Ok(sent),
+            }
+            // Not mined in time: replace it with higher fees (same nonce), if the cap allows.
+            let quote = relayer
+                .fees(&self.provider, self.config.max_fee_per_gas, limit)
+                .await
+                .ok();
+            let Some(higher) = relayer::bumped(fees, quote, self.config.max_fee_per_gas) else {
+                continue; // no room under the cap: keep waiting for what was sent
+            };
+            match relayer
+                .replace(&self.provider, priced(higher), nonce, limit, before)
+                .await
+            {
+                Ok(replacement) => {
+                    fees = higher;
+                    if !hashes.contains(&replacement) {
+                        hashes.push(replacement);
+                    }
+                    self.shared
+                        .stats
+                        .update(|s| s.replaced = s.replaced.saturating_add(1));
+                }
+                Err(SendError::Unknown { hash, .. }) => {
+                    // It may be in the pool: logged before broadcast, so watch it too.
+                    fees = higher;
+                    if !hashes.contains(&hash) {
+                        hashes.push(hash);
+                    }
+                }
+                // Refused ("nonce too low": one of ours was just mined; underpriced): the
+                // hashes sent so far are still watched.
+                Err(SendError::Refused(_)) => {}
+            }
+        }
     }
+
+    /// Waits up to `wait` for one of `hashes` (one nonce) to be mined with the wanted
+    /// confirmations. A rollback is booked and raised, and the cached nonce dropped.
+    async fn wait_sent(&self, hashes: &[B256], wait: Duration) -> Sent {
+        match self.wait_mined(hashes, wait).await {
+            Waited::Confirmed(receipt) => Sent::Mined(receipt),
+            Waited::NotYet => Sent::Unconfirmed(*hashes.last().unwrap_or(&B256::ZERO)),
+            Waited::RolledBack(hash, block) => {
+                self.rolled_back(hash, block, true);
+                // The chain's nonce went back with the block: a cached one would leave a gap.
+                self.shared.relayer.forget_nonce().await;
+                Sent::RolledBack(RolledBack {
+                    transaction: hash,
+                    block,
+                })
+            }
+        }
+    }
+}
+
+/// What waiting for sent transactions found.
+enum Waited {
+    /// Mined, with the wanted confirmations.
+    Confirmed(Box<TransactionReceipt>),
+    /// Seen mined in this block, which is no longer the chain's.
+    RolledBack(B256, B256),
+    /// None mined in time.
+    NotYet,
+}
+
+/// One look at one transaction.
+enum Poll {
+    Pending,
+    Confirmed(Box<TransactionReceipt>),
+    RolledBack(B256),
+}
+
+/// The source of the [`SettleError::Unknown`] returned when a settlement transaction was seen
+/// mined and its block was then rolled back (a reorg) before it had the wanted
+/// [confirmations](OnchainSettler::with_confirmations): the transaction may be mined again,
+/// or dropped. Reconcile before any resend (the deferred worker does, through
+/// `BatchSettler::state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the block {block} holding settlement transaction {transaction} was rolled back: outcome unknown"
+)]
+pub struct RolledBack {
+    /// The transaction.
+    pub transaction: B256,
+    /// The block it was seen in.
+    pub block: B256,
 }
 
 /// What [`OnchainSettler::check`] reads before the handler runs.
@@ -1037,8 +1262,10 @@ struct State {
 enum Sent {
     /// With its receipt.
     Mined(Box<TransactionReceipt>),
-    /// Not confirmed within the receipt timeout.
+    /// Not confirmed within the receipt timeout (the last hash sent for its nonce).
     Unconfirmed(B256),
+    /// Seen mined, then its block was rolled back.
+    RolledBack(RolledBack),
 }
 
 /// Why a transaction did not go out, or may have.

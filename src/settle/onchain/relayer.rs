@@ -98,6 +98,26 @@ pub(super) fn quote(
     })
 }
 
+/// Fees replacing a pending transaction priced `old`: both fees at least 12.5 % (plus one
+/// wei) above the old ones, as nodes require of a replacement (geth and reth: 10 %), or the
+/// current `quote` if higher; `None` when the cap does not leave room for that bump.
+pub(super) fn bumped(old: Fees, quote: Option<Fees>, cap: u128) -> Option<Fees> {
+    let bump = |fee: u128| fee.saturating_add(fee / 8).saturating_add(1);
+    let (mut max_fee, mut tip) = (
+        bump(old.max_fee_per_gas),
+        bump(old.max_priority_fee_per_gas),
+    );
+    if let Some(q) = quote {
+        max_fee = max_fee.max(q.max_fee_per_gas);
+        tip = tip.max(q.max_priority_fee_per_gas);
+    }
+    let max_fee = max_fee.max(tip);
+    (max_fee <= cap).then_some(Fees {
+        max_fee_per_gas: max_fee,
+        max_priority_fee_per_gas: tip,
+    })
+}
+
 /// The nonce after `nonce`. EIP-2681 caps account nonces below `2^64 - 1`, so a node reporting
 /// that one is hostile: refused and raised, never an overflow.
 fn following(nonce: u64) -> Result<u64, HostileReply> {
@@ -173,16 +193,64 @@ impl Relayer {
         quote(base, history.reward.as_deref().unwrap_or(&[]), cap).map_err(Failure::rpc)
     }
 
+    /// Forgets the cached nonce: the next send re-reads the node's `pending` count (after a
+    /// rollback, the chain's count went back and the cached one would leave a gap).
+    pub(super) async fn forget_nonce(&self) {
+        *self.next_nonce.lock().await = None;
+    }
+
+    /// Signs `tx` (complete but for `from` and `nonce`) with the given `nonce`, already used by
+    /// a pending transaction of ours, and sends it: a replacement. The cached nonce is left
+    /// alone (the next send still takes the one after). `before` sees the hash before it is
+    /// broadcast.
+    pub(super) async fn replace(
+        &self,
+        provider: &DynProvider,
+        tx: TransactionRequest,
+        nonce: u64,
+        rpc_timeout: Duration,
+        before: Option<BeforeSend<'_>>,
+    ) -> Result<B256, SendError> {
+        let envelope = tx
+            .with_from(self.address)
+            .with_nonce(nonce)
+            .build(&self.wallet)
+            .await
+            .map_err(|e| SendError::Refused(Failure::rpc(e)))?;
+        let hash = *envelope.tx_hash();
+        if let Some(before) = before {
+            before(hash)
+                .await
+                .map_err(|e| SendError::Refused(Failure::rpc(e)))?;
+        }
+        let raw = envelope.encoded_2718();
+        match tokio::time::timeout(rpc_timeout, provider.send_raw_transaction(&raw)).await {
+            Ok(Ok(_)) => Ok(hash),
+            Ok(Err(e)) if revert::is_already_known(&e) => Ok(hash),
+            Ok(Err(e @ alloy_json_rpc::RpcError::ErrorResp(_))) => {
+                Err(SendError::Refused(revert::classify(e)))
+            }
+            Ok(Err(e)) => Err(SendError::Unknown {
+                hash,
+                source: Box::new(e),
+            }),
+            Err(elapsed) => Err(SendError::Unknown {
+                hash,
+                source: Box::new(elapsed),
+            }),
+        }
+    }
+
     /// Signs `tx` (complete but for `from` and `nonce`) with the next nonce and sends it,
-    /// returning its hash once the node accepted it. `before` sees each signed hash before it
-    /// is broadcast.
+    /// returning its hash and nonce once the node accepted it. `before` sees each signed hash
+    /// before it is broadcast.
     pub(super) async fn send(
         &self,
         provider: &DynProvider,
         tx: TransactionRequest,
         rpc_timeout: Duration,
         before: Option<BeforeSend<'_>>,
-    ) -> Result<B256, SendError> {
+    ) -> Result<(B256, u64), SendError> {
         let mut next = self.next_nonce.lock().await;
         let mut retried = false;
         loop {
@@ -214,12 +282,12 @@ impl Relayer {
             match tokio::time::timeout(rpc_timeout, provider.send_raw_transaction(&raw)).await {
                 Ok(Ok(_)) => {
                     *next = Some(after);
-                    return Ok(hash);
+                    return Ok((hash, nonce));
                 }
                 // The same bytes were already received (e.g. by a send that timed out).
                 Ok(Err(e)) if revert::is_already_known(&e) => {
                     *next = Some(after);
-                    return Ok(hash);
+                    return Ok((hash, nonce));
                 }
                 // The nonce is taken (the account was used elsewhere, or a dropped send got
                 // through): re-read the pending count once.
@@ -332,6 +400,31 @@ mod tests {
         assert_eq!(following(7).expect("fine"), 8);
         assert!(following(u64::MAX).is_err());
         assert!(crate::alert::count(Alert::HostileReply) > before);
+    }
+
+    #[test]
+    fn a_replacement_bumps_both_fees_by_an_eighth_under_the_cap() {
+        let old = Fees {
+            max_fee_per_gas: 8 * GWEI,
+            max_priority_fee_per_gas: GWEI,
+        };
+        let new = bumped(old, None, 100 * GWEI).expect("room under the cap");
+        assert_eq!(new.max_fee_per_gas, 9 * GWEI + 1);
+        assert_eq!(new.max_priority_fee_per_gas, GWEI + GWEI / 8 + 1);
+        // A higher market quote wins.
+        let quote = Fees {
+            max_fee_per_gas: 20 * GWEI,
+            max_priority_fee_per_gas: 2 * GWEI,
+        };
+        assert_eq!(bumped(old, Some(quote), 100 * GWEI), Some(quote));
+        // No room under the cap: no replacement (an underpriced one would be refused).
+        assert_eq!(bumped(old, None, 9 * GWEI), None);
+        // Hostile values saturate, never overflow.
+        let max = Fees {
+            max_fee_per_gas: u128::MAX,
+            max_priority_fee_per_gas: u128::MAX,
+        };
+        assert_eq!(bumped(max, None, u128::MAX), Some(max));
     }
 
     #[test]

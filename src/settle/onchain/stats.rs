@@ -22,6 +22,11 @@ pub struct OnchainStats {
     /// Settlements that failed before sending because the RPC was unavailable or fees were
     /// above the cap.
     pub unavailable: u64,
+    /// Settlement transactions seen mined whose block was then rolled back (a reorg):
+    /// their payments' outcome was unknown, and was read from the chain again.
+    pub rolled_back: u64,
+    /// Replacements sent for transactions not mined in time (same nonce, higher fees).
+    pub replaced: u64,
     /// Gas used by every mined transaction, reverted ones included (the relayer paid for them).
     pub gas_used: u64,
     /// Fees paid by the relayer for those transactions, in wei.

@@ -153,6 +153,11 @@ impl OnchainSettler {
                 self.shared.stats.update(|s| s.unavailable += 1);
                 Err(unknown(hash, "no receipt in time".into()))
             }
+            Ok(Sent::RolledBack(r)) => {
+                // Money did not move: the retry finds the wallet deployed, or deploys it.
+                self.shared.stats.update(|s| s.unavailable += 1);
+                Err(unknown(r.transaction, r.to_string()))
+            }
             Ok(Sent::Mined(receipt)) => {
                 let fee =
                     stats::fee(receipt.gas_used, receipt.effective_gas_price).ok_or_else(|| {
