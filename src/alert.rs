@@ -93,11 +93,7 @@ static COUNTS: [AtomicU64; ALL.len()] = [const { AtomicU64::new(0) }; ALL.len()]
 
 impl Alert {
     /// Every kind, in a fixed order.
-    pub const ALL: [Alert; 14] = ALL;
-    pub const ALL: [Alert; 13] = ALL;
-}
-
-const ALL: [Alert; 15] = [
+    pub const ALL: [Alert; 15] = ALL;
 
     /// The stable snake-case name.
     pub const fn name(self) -> &'static str {
