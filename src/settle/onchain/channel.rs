@@ -107,6 +107,8 @@ impl Escrow for OnchainSettler {
             // Not confirmed: the handler must not run; if it lands, the balance is the payer's
             // and the next refresh mirrors it.
             Ok(Sent::Unconfirmed(_)) => return Err(escrow_error("the deposit was not confirmed")),
+            // Its block was rolled back: as not confirmed (the next refresh mirrors the truth).
+            Ok(Sent::RolledBack(r)) => return Err(EscrowError(Box::new(r))),
             Err(Submit::NotSent(f)) => return Err(EscrowError(f.into_settle_error().into())),
             Err(Submit::Unknown { source, .. }) => return Err(EscrowError(source)),
         };
@@ -266,6 +268,8 @@ impl OnchainSettler {
             Ok(Sent::Unconfirmed(_)) => {
                 Err(escrow_error("the escrow transaction was not confirmed"))
             }
+            // Claims are cumulative: a rolled-back claim is sent again by the next round.
+            Ok(Sent::RolledBack(r)) => Err(EscrowError(Box::new(r))),
             Err(Submit::NotSent(f)) => Err(EscrowError(f.into_settle_error().into())),
             Err(Submit::Unknown { source, .. }) => Err(EscrowError(source)),
         }
