@@ -377,3 +377,102 @@ async fn rediss_with_a_private_ca_serves_and_refuses_an_untrusted_server() {
     let plain = format!("redis://127.0.0.1:{port}/");
     assert!(RedisConnection::connect(&plain).await.is_err());
 }
+
+/// The channel store on a cluster: its contract holds, and `list` sees channels in every slot
+/// (a `SCAN` would see one node's), so the claim manager misses no voucher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_store_on_a_cluster_keeps_its_contract_and_lists_every_channel() {
+    use tower_x402::channel::redis::RedisChannelStore;
+    use tower_x402::channel::store::{ChannelStore, conformance};
+    let Some((_nodes, ports)) = cluster("the_channel_store_on_a_cluster") else {
+        return;
+    };
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}/"))
+        .collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let store = RedisChannelStore::new(RedisConnection::cluster(&urls).await.expect("cluster"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    conformance(&store, now, 1, |s| {
+        tokio::time::sleep(Duration::from_secs(s))
+    })
+    .await;
+
+    // 32 channels land on keys spread over the three masters; all 32 are listed.
+    let Some(template) = ({
+        let id = tower_x402::primitives::B256::repeat_byte(0xd0);
+        conformance_state(&store, id).await
+    }) else {
+        panic!("a committed channel loads back")
+    };
+    let mut ids = Vec::new();
+    for i in 0..32u8 {
+        let id = tower_x402::primitives::B256::repeat_byte(i);
+        assert!(
+            store
+                .commit(id, None, template.clone())
+                .await
+                .expect("commit")
+        );
+        ids.push(id);
+    }
+    ids.push(tower_x402::primitives::B256::repeat_byte(0xd0));
+    let mut listed = store.list().await.expect("list");
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids, "every channel listed, whichever node holds it");
+    let masters_holding = ports
+        .iter()
+        .filter(|p| {
+            cli(&[
+                "-p",
+                &p.to_string(),
+                "--scan",
+                "--pattern",
+                "x402:channel:s:*",
+            ])
+            .lines()
+            .count()
+                > 0
+        })
+        .count();
+    assert!(
+        masters_holding >= 2,
+        "the states are spread over the masters"
+    );
+}
+
+/// Commits one channel record (any content that loads back) and returns it.
+async fn conformance_state(
+    store: &tower_x402::channel::redis::RedisChannelStore,
+    id: tower_x402::primitives::B256,
+) -> Option<tower_x402::channel::store::ChannelState> {
+    use tower_x402::channel::store::{ChannelState, ChannelStore};
+    use tower_x402::primitives::{Address, Bytes, U256};
+    let state = ChannelState {
+        config: tower_x402::proto::batch::ChannelConfig {
+            payer: Address::repeat_byte(1),
+            payer_authorizer: Address::repeat_byte(1),
+            receiver: Address::repeat_byte(2),
+            receiver_authorizer: Address::repeat_byte(3),
+            token: Address::repeat_byte(4),
+            withdraw_delay: 900,
+            salt: tower_x402::primitives::B256::ZERO,
+        },
+        charged_cumulative: 1000,
+        signed_max_claimable: 1000,
+        signature: Bytes::from(vec![7u8; 65]),
+        balance: 1_000_000,
+        total_claimed: 0,
+        withdraw_requested_at: 0,
+        refund_nonce: U256::ZERO,
+        onchain_synced_at: 0,
+        last_request_at: 0,
+    };
+    assert!(store.commit(id, None, state).await.expect("commit"));
+    store.load(id).await.expect("load")
+}

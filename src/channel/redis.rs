@@ -5,9 +5,15 @@
 //!
 //! Per channel, a hash `{prefix}s:{channelId hex}` with `c` (the charged cumulative amount,
 //! decimal: what commits compare) and `j` (the [`ChannelState`] as JSON), and the lease, a
-//! string `{prefix}l:{channelId hex}` holding the holder's token with a `PX` expiry (Redis's clock). Every
-//! operation is one single-key command or script, so it is atomic on one node and on a
-//! cluster. [`ChannelStore::list`] scans `{prefix}s:*` (one node).
+//! string `{prefix}l:{channelId hex}` holding the holder's token with a `PX` expiry (Redis's
+//! clock). Every operation is one single-key command or script, so it is atomic on one node
+//! and on a cluster.
+//!
+//! [`ChannelStore::list`] reads the set `{prefix}index` (one key, so it lists every channel on
+//! a cluster too, where a `SCAN` would see one node). A channel enters it **before** its first
+//! commit and leaves it **after** its removal, so the index always holds every stored channel
+//! (a crash in between leaves at most a stray id, whose `load` is `None`): the claim manager
+//! never misses a voucher.
 //!
 //! # Durability
 //!
@@ -112,6 +118,22 @@ impl RedisChannelStore {
         format!("{}l:{}", self.prefix, hex::encode(channel))
     }
 
+    fn index_key(&self) -> String {
+        format!("{}index", self.prefix)
+    }
+
+    /// One plain command under the deadline.
+    async fn command<T: ::redis::FromRedisValue>(
+        &self,
+        cmd: &::redis::Cmd,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        tokio::time::timeout(self.timeout, cmd.query_async(&mut conn))
+            .await
+            .map_err(|_| unavailable(self.retry_after, "redis did not answer in time"))?
+            .map_err(|e| unavailable(self.retry_after, e))
+    }
+
     async fn script<T: ::redis::FromRedisValue>(
         &self,
         script: &Script,
@@ -135,18 +157,9 @@ impl RedisChannelStore {
 #[async_trait]
 impl ChannelStore for RedisChannelStore {
     async fn load(&self, channel: B256) -> Result<Option<ChannelState>, StoreError> {
-        let mut conn = self.conn.clone();
-        let key = self.state_key(channel);
-        let json: Option<String> = tokio::time::timeout(
-            self.timeout,
-            ::redis::cmd("HGET")
-                .arg(&key)
-                .arg("j")
-                .query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| unavailable(self.retry_after, "redis did not answer in time"))?
-        .map_err(|e| unavailable(self.retry_after, e))?;
+        let json: Option<String> = self
+            .command(::redis::cmd("HGET").arg(self.state_key(channel)).arg("j"))
+            .await?;
         json.map(|j| serde_json::from_str(&j).map_err(|e| unavailable(self.retry_after, e)))
             .transpose()
     }
@@ -181,6 +194,16 @@ impl ChannelStore for RedisChannelStore {
         expected: Option<u128>,
         next: ChannelState,
     ) -> Result<bool, StoreError> {
+        if expected.is_none() {
+            // Indexed before it exists: the index never lacks a stored channel.
+            let _: i64 = self
+                .command(
+                    ::redis::cmd("SADD")
+                        .arg(self.index_key())
+                        .arg(hex::encode(channel)),
+                )
+                .await?;
+        }
         let expected = expected.map_or_else(|| "-".to_owned(), |c| c.to_string());
         let charged = next.charged_cumulative.to_string();
         let json = serde_json::to_string(&next).map_err(|e| unavailable(None, e))?;
@@ -202,34 +225,34 @@ impl ChannelStore for RedisChannelStore {
                 &[expected.to_string().as_bytes()],
             )
             .await?;
+        if deleted == 1 {
+            // Unindexed after it is gone; if this fails the stray id loads as `None`.
+            let _: Result<i64, _> = self
+                .command(
+                    ::redis::cmd("SREM")
+                        .arg(self.index_key())
+                        .arg(hex::encode(channel)),
+                )
+                .await;
+        }
         Ok(deleted == 1)
     }
 
     async fn list(&self) -> Result<Vec<B256>, StoreError> {
-        let mut conn = self.conn.clone();
-        let pattern = format!("{}s:*", self.prefix);
-        let strip = format!("{}s:", self.prefix);
+        let index = self.index_key();
         let mut cursor = 0u64;
         let mut out = Vec::new();
         loop {
-            let (next, keys): (u64, Vec<String>) = tokio::time::timeout(
-                self.timeout,
-                ::redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut conn),
-            )
-            .await
-            .map_err(|_| unavailable(self.retry_after, "redis did not answer in time"))?
-            .map_err(|e| unavailable(self.retry_after, e))?;
-            out.extend(
-                keys.iter()
-                    .filter_map(|k| k.strip_prefix(&strip))
-                    .filter_map(|h| h.parse::<B256>().ok()),
-            );
+            let (next, ids): (u64, Vec<String>) = self
+                .command(
+                    ::redis::cmd("SSCAN")
+                        .arg(&index)
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await?;
+            out.extend(ids.iter().filter_map(|h| h.parse::<B256>().ok()));
             if next == 0 {
                 return Ok(out);
             }

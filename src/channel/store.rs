@@ -298,6 +298,11 @@ where
     );
     assert_eq!(store.load(id).await.expect("load"), Some(state(2000)));
     assert_eq!(
+        store.list().await.expect("list"),
+        [id],
+        "listed once committed"
+    );
+    assert_eq!(
         store.load(other).await.expect("load"),
         None,
         "keys are apart"
@@ -336,6 +341,10 @@ where
     assert!(!store.remove(id, 1000).await.expect("remove"));
     assert!(store.remove(id, 2000).await.expect("remove"));
     assert_eq!(store.load(id).await.expect("load"), None);
+    assert!(
+        store.list().await.expect("list").is_empty(),
+        "unlisted once removed"
+    );
     assert!(
         !store.remove(id, 2000).await.expect("remove"),
         "already gone"
