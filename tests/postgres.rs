@@ -628,10 +628,9 @@ async fn credit_rows_keep_the_layout_and_dead_credit_is_deleted_after_the_retent
     let Some(server) = PgServer::start("credit_rows_keep_the_layout") else {
         return;
     };
-    let l = credit(&server, "c1_")
-        .await
-        .with_retention(Duration::from_millis(1))
-        .with_cleanup_interval(Duration::ZERO);
+    // The default retention (1 day) while the rows are inspected: a clean-up started by these
+    // grants deletes nothing yet.
+    let l = credit(&server, "c1_").await;
     l.migrate().await.unwrap();
     let client = l.pool().get().await.unwrap();
     let rows = client
@@ -718,7 +717,11 @@ async fn credit_rows_keep_the_layout_and_dead_credit_is_deleted_after_the_retent
     );
     assert_eq!(row.get::<_, Option<i64>>(1), None, "no time limit absorbs");
 
-    // The next grant starts a clean-up (interval 0): spent and expired rows go, live stays.
+    // A 1 ms retention and no interval: the next grant starts a clean-up; spent and expired
+    // rows go, live stays.
+    let l = l
+        .with_retention(Duration::from_millis(1))
+        .with_cleanup_interval(Duration::ZERO);
     tokio::time::sleep(Duration::from_millis(20)).await;
     l.grant(
         live,
