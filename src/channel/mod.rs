@@ -16,10 +16,12 @@
 //! `PaymentOption::batch_settlement` builds the challenge. Not wired into the layer's request
 //! path yet: no `Proof` variant or verifier arm, so a `PaymentLayer` does not serve it.
 
+mod dispatch;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod serve;
+pub(crate) use dispatch::{Handler, Serve};
 pub mod store;
 pub mod verify;
 

@@ -126,7 +126,7 @@ impl<'a> Flow<'a> {
     }
 
     /// The route's options this payload may pay, best first.
-    async fn select<B: Send>(
+    pub(super) async fn select<B: Send>(
         &self,
         payload: &PaymentPayload,
     ) -> Result<Vec<&'a PaymentOption>, Answer<B>> {
