@@ -346,3 +346,219 @@ async fn sixty_four_concurrent_requests_carrying_one_voucher_run_the_handler_onc
     );
     assert_eq!(gated.hits.get(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_payloads_get_the_reference_codes_and_run_nothing() {
+    let s = Server::start(Hits::new()).await;
+    let payer = Payer::new(3);
+    assert_eq!(
+        s.send(&payer.deposit(DEPOSIT, PRICE)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(s.hits.get(), 1);
+    let stranger: PrivateKeySigner =
+        "0x47e179ec197488593b187f80a00eb0da91f1b9d0b13f8733639f19c30a34926a"
+            .parse()
+            .expect("key");
+
+    let mut cases: Vec<(&str, BatchEvmPayload, &str)> = Vec::new();
+    // The config hashes to another id than the voucher names.
+    let mut wrong_id = payer.pay(2 * PRICE);
+    if let BatchEvmPayload::Voucher { channel_config, .. } = &mut wrong_id {
+        channel_config.salt = B256::repeat_byte(0x77);
+    }
+    cases.push((
+        "config of another channel",
+        wrong_id,
+        "invalid_batch_settlement_evm_channel_id_mismatch",
+    ));
+    // Signed by another key than the payer authorizer.
+    let mut forged = payer.pay(2 * PRICE);
+    if let BatchEvmPayload::Voucher { voucher, .. } = &mut forged {
+        let digest = channel::voucher_digest(CHAIN, payer.id, U256::from(2 * PRICE)).expect("u128");
+        voucher.signature = Bytes::from(
+            stranger
+                .sign_hash_sync(&digest)
+                .expect("sign")
+                .as_bytes()
+                .to_vec(),
+        );
+    }
+    cases.push((
+        "voucher signed by a stranger",
+        forged,
+        "invalid_batch_settlement_evm_voucher_signature",
+    ));
+    cases.push((
+        "receiver not ours",
+        Payer::with(payer.key.clone(), 3, |c| {
+            c.receiver = Address::repeat_byte(9)
+        })
+        .pay(PRICE),
+        "invalid_batch_settlement_evm_receiver_mismatch",
+    ));
+    cases.push((
+        "receiver authorizer not ours",
+        Payer::with(payer.key.clone(), 3, |c| {
+            c.receiver_authorizer = Address::repeat_byte(9)
+        })
+        .pay(PRICE),
+        "invalid_batch_settlement_evm_receiver_authorizer_mismatch",
+    ));
+    cases.push((
+        "token not the asset",
+        Payer::with(payer.key.clone(), 3, |c| c.token = Address::repeat_byte(9)).pay(PRICE),
+        "invalid_batch_settlement_evm_token_mismatch",
+    ));
+    cases.push((
+        "another withdraw delay",
+        Payer::with(payer.key.clone(), 3, |c| c.withdraw_delay = 1_000).pay(PRICE),
+        "invalid_batch_settlement_evm_withdraw_delay_mismatch",
+    ));
+    cases.push((
+        "a voucher on a channel with no deposit",
+        Payer::new(4).pay(PRICE),
+        "invalid_batch_settlement_evm_missing_channel",
+    ));
+    // A deposit whose token authorization the stranger signed.
+    let mut bad_deposit = Payer::new(5).deposit(DEPOSIT, PRICE);
+    if let BatchEvmPayload::Deposit { deposit, .. } = &mut bad_deposit
+        && let Some(auth) = deposit.authorization.erc3009_authorization.as_mut()
+    {
+        auth.signature = Bytes::from(
+            stranger
+                .sign_hash_sync(&B256::repeat_byte(1))
+                .expect("sign")
+                .as_bytes()
+                .to_vec(),
+        );
+    }
+    cases.push((
+        "deposit authorization signed by a stranger",
+        bad_deposit,
+        "invalid_batch_settlement_evm_receive_authorization_signature",
+    ));
+    let mut no_auth = Payer::new(6).deposit(DEPOSIT, PRICE);
+    if let BatchEvmPayload::Deposit { deposit, .. } = &mut no_auth {
+        deposit.authorization.erc3009_authorization = None;
+    }
+    cases.push((
+        "deposit without an authorization",
+        no_auth,
+        "invalid_batch_settlement_evm_erc3009_authorization_required",
+    ));
+    cases.push((
+        "a refund to a server without a receiver authorizer",
+        BatchEvmPayload::Refund {
+            channel_config: payer.config.clone(),
+            voucher: payer.voucher(PRICE),
+            amount: None,
+        },
+        "invalid_batch_settlement_evm_refund_payload",
+    ));
+    for (what, payload, code) in &cases {
+        let reply = s.send(payload).await;
+        assert_refused(&reply, code, what);
+    }
+
+    // Not JSON of the scheme at all.
+    let junk = [
+        (
+            json!({ "type": "nonsense" }),
+            "invalid_batch_settlement_evm_payload_type",
+        ),
+        (
+            json!({ "type": "voucher", "channelConfig": 1 }),
+            "invalid_batch_settlement_evm_voucher_payload",
+        ),
+    ];
+    for (payload, code) in junk {
+        let reply = wire(&s.client, s.addr, "/paid", [s.header_raw(payload.clone())]).await;
+        assert_refused(&reply, code, &payload.to_string());
+    }
+    assert_eq!(s.hits.get(), 1, "no hostile payload ran the handler");
+    assert_eq!(s.charged(payer.id).await, PRICE, "nothing charged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_voucher_below_the_charged_amount_gets_the_corrective_402() {
+    let s = Server::start(Hits::new()).await;
+    let payer = Payer::new(7);
+    assert_eq!(
+        s.send(&payer.deposit(DEPOSIT, PRICE)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(s.send(&payer.pay(2 * PRICE)).await.status, StatusCode::OK);
+    // A client that lost its state signs from zero again.
+    let reply = s.send(&payer.pay(PRICE)).await;
+    assert_refused(
+        &reply,
+        "invalid_batch_settlement_evm_cumulative_amount_mismatch",
+        "stale voucher",
+    );
+    let required = reply.challenge();
+    let extra = required.accepts[0].extra.as_ref().expect("extra");
+    let state = &extra["channelState"];
+    assert_eq!(state["channelId"], json!(payer.id.to_string()));
+    assert_eq!(state["chargedCumulativeAmount"], json!("2000"));
+    assert_eq!(state["balance"], json!(DEPOSIT.to_string()));
+    let voucher = &extra["voucherState"];
+    assert_eq!(voucher["signedMaxClaimable"], json!("2000"));
+    assert_eq!(
+        voucher["signature"],
+        json!(payer.voucher(2 * PRICE).signature.to_string()),
+        "the latest signed voucher, for the client to check against its key"
+    );
+    // Adopting the server's amount, the next voucher pays.
+    assert_eq!(s.send(&payer.pay(3 * PRICE)).await.status, StatusCode::OK);
+    assert_eq!(s.hits.get(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_handler_charges_nothing_and_the_same_voucher_pays_again() {
+    let s = Server::start(Hits::new()).await;
+    let payer = Payer::new(8);
+    assert_eq!(
+        s.send(&payer.deposit(DEPOSIT, PRICE)).await.status,
+        StatusCode::OK
+    );
+    let voucher = payer.pay(2 * PRICE);
+    let failing = (
+        HeaderName::from_static(STATUS_HEADER),
+        HeaderValue::from_static("500"),
+    );
+    let reply = wire(&s.client, s.addr, "/paid", [s.header(&voucher), failing]).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the handler's own answer"
+    );
+    assert!(reply.has_no_receipt(), "nothing charged, no receipt");
+    assert_eq!(s.hits.get(), 2);
+    assert_eq!(s.charged(payer.id).await, PRICE, "the charge is unchanged");
+    let retried = s.send(&voucher).await;
+    assert_eq!(retried.status, StatusCode::OK);
+    assert_eq!(s.charged(payer.id).await, 2 * PRICE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deposit_that_does_not_land_is_a_503_and_runs_nothing() {
+    let s = Server::start(Hits::new()).await;
+    let payer = Payer::new(9);
+    s.escrow.fail.store(true, Ordering::SeqCst);
+    let reply = s.send(&payer.deposit(DEPOSIT, PRICE)).await;
+    assert_eq!(
+        (reply.status, reply.reason().as_deref()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("service_unavailable"))
+    );
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(s.hits.get(), 0, "the handler did not run");
+    assert_eq!(s.charged(payer.id).await, 0);
+    // The chain is back: the same payload opens the channel.
+    s.escrow.fail.store(false, Ordering::SeqCst);
+    assert_eq!(
+        s.send(&payer.deposit(DEPOSIT, PRICE)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(s.hits.get(), 1);
+}
