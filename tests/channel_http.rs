@@ -5,9 +5,13 @@
 //! requests carrying one voucher run the handler once; a failed handler charges nothing and
 //! the same voucher pays again; hostile payloads get a 402 with the reference's code (the
 //! corrective 402 with the server's channel state for a cumulative mismatch), the handler not
-//! run; a deposit that does not land is a 503, nothing run.
+//! run; a deposit that does not land is a 503, nothing run. On anvil (feature `onchain`): the
+//! official `@x402/evm` client through `@x402/fetch` opens a channel (deposit through our
+//! relayer), pays 100 metered calls with vouchers and refunds; balances exact to the unit.
 #![cfg(all(feature = "axum", feature = "test-util"))]
 
+#[cfg(feature = "onchain")]
+mod chain;
 mod common;
 
 use std::net::SocketAddr;
@@ -561,4 +565,172 @@ async fn a_deposit_that_does_not_land_is_a_503_and_runs_nothing() {
         StatusCode::OK
     );
     assert_eq!(s.hits.get(), 1);
+}
+
+/// The receiver authorizer's key (anvil #5), signing claims and refunds.
+#[cfg(feature = "onchain")]
+struct KeyAuthorizer(PrivateKeySigner);
+
+#[cfg(feature = "onchain")]
+impl channel::ReceiverAuthorizer for KeyAuthorizer {
+    fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
+        Ok(Bytes::from(
+            self.0.sign_hash_sync(&digest)?.as_bytes().to_vec(),
+        ))
+    }
+}
+
+#[cfg(feature = "onchain")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_official_client_pays_100_calls_over_http_and_refunds_exact_to_the_unit() {
+    use axum::routing::get;
+    use tower_x402::settle::onchain::OnchainSettler;
+    use tower_x402::upto::Usage;
+
+    let test = "the_official_client_pays_100_calls_over_http";
+    let Some(deps) = chain::process::test_deps(
+        test,
+        &[
+            "node/node_modules/@x402/evm/package.json",
+            "node/node_modules/@x402/fetch/package.json",
+        ],
+    ) else {
+        return;
+    };
+    let Some(c) = chain::Chain::start(test).await else {
+        return;
+    };
+    const CALLS: u128 = 100;
+    let authorizer: PrivateKeySigner =
+        "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba"
+            .parse()
+            .expect("key");
+    let payer: PrivateKeySigner = chain::PAYER3_KEY.parse().expect("key");
+    let relayer: PrivateKeySigner = chain::RELAYER_KEY.parse().expect("key");
+    let option = PaymentOption::batch_settlement(
+        &Asset::usdc_base_sepolia(),
+        U256::from(PRICE),
+        chain::PAY_TO,
+        authorizer.address(),
+        900,
+        AssetTransferMethod::Eip3009,
+    )
+    .expect("option");
+    let settler = OnchainSettler::connect(c.url(), relayer)
+        .await
+        .expect("settler");
+    let store = Arc::new(MemoryChannelStore::new());
+    let layer = PaymentLayer::builder()
+        .accept(option)
+        .channels(
+            Channels::new(store.clone(), settler.clone())
+                .with_authorizer(KeyAuthorizer(authorizer)),
+        )
+        .build()
+        .expect("layer");
+    // Metered: every third call charges 600 of the 1000 maximum, the others the full price.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let app = axum::Router::new()
+        .route(
+            "/paid",
+            get(move |req: axum::extract::Request| {
+                let runs = counted.clone();
+                async move {
+                    let call = runs.fetch_add(1, Ordering::SeqCst);
+                    if call % 3 == 2 {
+                        let usage = req.extensions().get::<Usage>().expect("a meter");
+                        usage.charge_atomic(600).expect("within the price");
+                    }
+                    "paid"
+                }
+            }),
+        )
+        .layer(layer);
+    let (addr, _task) = serve(app).await;
+    let receiver_before = c.balance(chain::PAY_TO).await;
+    let payer_before = c.balance(payer.address()).await;
+
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(chain::process::repo().join("tests/clients/batch-pay.mjs"))
+        .arg(chain::PAYER3_KEY)
+        .arg(format!("http://{addr}/paid"))
+        .arg(CALLS.to_string())
+        .arg(c.url())
+        .arg((CALLS + 10).to_string())
+        .env("X402_TEST_DEPS", &deps);
+    let out = chain::process::run_json(&mut cmd, std::time::Duration::from_secs(300), || c.log());
+    assert_eq!(out["error"], Value::Null, "{out}");
+    let statuses = out["statuses"].as_array().expect("statuses");
+    assert_eq!(statuses.len(), CALLS as usize, "{out}");
+    assert!(statuses.iter().all(|s| s == &json!(200)), "{statuses:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        CALLS as usize,
+        "one handler run per call"
+    );
+    let charges: Vec<u128> = (0..CALLS)
+        .map(|i| if i % 3 == 2 { 600 } else { PRICE })
+        .collect();
+    let total: u128 = charges.iter().sum();
+    let receipts = out["receipts"].as_array().expect("receipts");
+    let mut cumulative = 0;
+    for (i, (r, charge)) in receipts.iter().zip(&charges).enumerate() {
+        cumulative += charge;
+        assert_eq!(r["success"], json!(true), "call {i}: {r}");
+        assert_eq!(
+            r["extra"]["chargedAmount"],
+            json!(charge.to_string()),
+            "call {i}"
+        );
+        assert_eq!(
+            r["extra"]["channelState"]["chargedCumulativeAmount"],
+            json!(cumulative.to_string()),
+            "call {i}"
+        );
+        let tx = r["transaction"].as_str().expect("transaction");
+        assert_eq!(
+            i == 0,
+            !tx.is_empty(),
+            "call {i}: only the deposit has a transaction"
+        );
+    }
+    let deposit = (CALLS + 10) * PRICE;
+    assert_eq!(
+        receipts[0]["extra"]["channelState"]["balance"],
+        json!(deposit.to_string())
+    );
+    let refund = &out["refund"];
+    assert_eq!(refund["success"], json!(true), "{refund}");
+    assert!(
+        !refund["transaction"].as_str().unwrap_or("").is_empty(),
+        "{refund}"
+    );
+    assert_eq!(
+        refund["amount"],
+        json!((deposit - total).to_string()),
+        "{refund}"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        CALLS as usize,
+        "the refund ran no handler"
+    );
+
+    settler
+        .settle_channels(chain::PAY_TO, chain::TOKEN)
+        .await
+        .expect("settle")
+        .expect("owed");
+    // Exact to the unit: the receiver got the charged sum, the payer everything else back.
+    assert_eq!(
+        c.balance(chain::PAY_TO).await - receiver_before,
+        U256::from(total)
+    );
+    assert_eq!(
+        payer_before - c.balance(payer.address()).await,
+        U256::from(total)
+    );
+    assert_eq!(c.balance(chain::BATCH_SETTLEMENT).await, U256::ZERO);
+    println!("official client over HTTP: {CALLS} calls, {total} charged, {deposit} deposited");
 }
