@@ -11,8 +11,8 @@
 //!
 //! Not checked here: vouchers of channels whose `payerAuthorizer` is zero (EIP-1271 through
 //! the payer needs the chain) and Permit2 deposits; both are refused. Each refusal has the
-//! reference's wire code ([`BatchError::code`]); they join the crate's `Reason` catalogue when
-//! the scheme is wired into the layer.
+//! reference's wire code ([`BatchError::code`]), catalogued as a typed `Reason`
+//! ([`BatchError::reason`]) with its row in [`crate::rejection`].
 
 use alloy_primitives::{Address, B256, U256};
 use serde_json::Value;

@@ -1,7 +1,8 @@
 //! [`Payment`]: the middleware service. The request is read here (price, payment header,
 //! sign-in); the paid flow's stages are in `flow` (up to verification and idempotency) and
 //! `settle` (from the claim on), the proof's fate in `claim`, the header and option choice in
-//! `decode`, idempotent retries in `idempotent`, prepaid calls in `prepaid`, spans in `trace`.
+//! `decode`, idempotent retries in `idempotent`, prepaid calls in `prepaid`, payment channels
+//! (`batch-settlement`) in `channel`, spans in `trace`.
 
 mod channel;
 mod claim;
