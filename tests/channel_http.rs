@@ -43,6 +43,9 @@ const TOKEN: Address = address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e");
 const RECEIVER: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
 const AUTHORIZER: Address = address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc");
 const DEPOSIT_TX: B256 = B256::repeat_byte(0xde);
+const REFUND_TX: B256 = B256::repeat_byte(0xef);
+/// Anvil #5, whose address is [`AUTHORIZER`].
+const AUTHORIZER_KEY: &str = "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
 
 fn now() -> u64 {
     SystemTime::now()
@@ -51,12 +54,14 @@ fn now() -> u64 {
         .as_secs()
 }
 
-/// An escrow that records deposits and reports the balance they make; can be told to fail.
+/// An escrow that records deposits and refunds and reports each channel's balance; can be
+/// told to fail.
 #[derive(Default)]
 struct RecordingEscrow {
     deposits: AtomicUsize,
-    balance: std::sync::Mutex<u128>,
+    balances: std::sync::Mutex<std::collections::HashMap<B256, u128>>,
     fail: AtomicBool,
+    refunds: AtomicUsize,
 }
 
 #[async_trait]
@@ -64,14 +69,15 @@ impl Escrow for RecordingEscrow {
     async fn deposit(
         &self,
         _config: &ChannelConfig,
-        _channel: B256,
+        channel: B256,
         deposit: &Deposit,
     ) -> Result<Mirror, EscrowError> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(EscrowError("injected: the deposit reverted".into()));
         }
         self.deposits.fetch_add(1, Ordering::SeqCst);
-        let mut balance = self.balance.lock().expect("lock");
+        let mut balances = self.balances.lock().expect("lock");
+        let balance = balances.entry(channel).or_default();
         *balance += u128::try_from(deposit.amount).expect("u128");
         Ok(Mirror {
             transaction: DEPOSIT_TX,
@@ -83,13 +89,27 @@ impl Escrow for RecordingEscrow {
     async fn refund(
         &self,
         _config: &ChannelConfig,
-        _channel: B256,
-        _claim: Option<(channel::ChannelClaim, Bytes)>,
-        _amount: u128,
+        channel: B256,
+        claim: Option<(channel::ChannelClaim, Bytes)>,
+        amount: u128,
         _nonce: U256,
         _signature: Bytes,
     ) -> Result<Mirror, EscrowError> {
-        Err(EscrowError("no refunds in this test".into()))
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(EscrowError("injected: the refund reverted".into()));
+        }
+        self.refunds.fetch_add(1, Ordering::SeqCst);
+        let claimed = claim.map_or(0, |(c, _)| c.total_claimed);
+        let mut balances = self.balances.lock().expect("lock");
+        let balance = balances.entry(channel).or_default();
+        *balance = balance
+            .checked_sub(amount)
+            .expect("the engine refunds what the channel holds");
+        Ok(Mirror {
+            transaction: REFUND_TX,
+            balance: *balance,
+            total_claimed: claimed,
+        })
     }
 }
 
@@ -195,7 +215,7 @@ impl Server {
     async fn start(hits: Hits) -> Self {
         let store = Arc::new(MemoryChannelStore::new());
         let escrow = Arc::new(RecordingEscrow::default());
-        Self::start_on(store, escrow, hits).await
+        Self::start_on(store, escrow, hits, false).await
     }
 
     /// A server (an instance) on `store` and `escrow`, which other instances may share.
@@ -203,6 +223,7 @@ impl Server {
         store: Arc<MemoryChannelStore>,
         escrow: Arc<RecordingEscrow>,
         hits: Hits,
+        authorizer: bool,
     ) -> Self {
         let option = PaymentOption::batch_settlement(
             &Asset::usdc_base_sepolia(),
@@ -215,10 +236,29 @@ impl Server {
         .expect("option");
         let layer = PaymentLayer::builder()
             .accept(option)
-            .channels(Channels::new(store.clone(), escrow.clone()))
+            .channels(if authorizer {
+                let key: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
+                Channels::new(store.clone(), escrow.clone()).with_authorizer(KeyAuthorizer(key))
+            } else {
+                Channels::new(store.clone(), escrow.clone())
+            })
             .build()
             .expect("layer");
-        let (addr, _task) = serve(app(&hits).layer(layer)).await;
+        // `/over` meters more than the price: the charge the voucher cannot cover.
+        let over = hits.clone();
+        let app = app(&hits).route(
+            "/over",
+            axum::routing::get(move |req: axum::extract::Request| {
+                let over = over.clone();
+                async move {
+                    over.run(req.headers(), None).await;
+                    let usage = req.extensions().get::<tower_x402::upto::Usage>().cloned();
+                    let refused = usage.map(|u| u.charge_atomic(2 * PRICE as u64).is_err());
+                    format!("overrun refused: {refused:?}")
+                }
+            }),
+        );
+        let (addr, _task) = serve(app.layer(layer)).await;
         let client = client();
         let challenge = wire(&client, addr, "/paid", []).await;
         assert_eq!(challenge.status, StatusCode::PAYMENT_REQUIRED);
@@ -242,6 +282,14 @@ impl Server {
     fn header_raw(&self, payload: Value) -> (HeaderName, HeaderValue) {
         let v = json!({ "x402Version": 2, "accepted": self.accepted, "payload": payload });
         (HeaderName::from_static("payment-signature"), encode(&v))
+    }
+
+    /// `payload` to `path`, echoing that path's own 402.
+    async fn send_to(&self, path: &str, payload: &BatchEvmPayload) -> Reply {
+        let challenge = wire(&self.client, self.addr, path, []).await.challenge();
+        let v = json!({ "x402Version": 2, "accepted": challenge.accepts[0], "payload": payload });
+        let header = (HeaderName::from_static("payment-signature"), encode(&v));
+        wire(&self.client, self.addr, path, [header]).await
     }
 
     async fn send(&self, payload: &BatchEvmPayload) -> Reply {
@@ -317,8 +365,15 @@ async fn sixty_four_concurrent_requests_carrying_one_voucher_run_the_handler_onc
     let opened = first.send(&payer.deposit(DEPOSIT, PRICE)).await;
     assert_eq!(opened.status, StatusCode::OK);
     assert_eq!(first.hits.get(), 1);
-    let gated =
-        Arc::new(Server::start_on(first.store.clone(), first.escrow.clone(), Hits::gated()).await);
+    let gated = Arc::new(
+        Server::start_on(
+            first.store.clone(),
+            first.escrow.clone(),
+            Hits::gated(),
+            false,
+        )
+        .await,
+    );
     let voucher = payer.pay(2 * PRICE);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..64 {
@@ -460,6 +515,24 @@ async fn hostile_payloads_get_the_reference_codes_and_run_nothing() {
         },
         "invalid_batch_settlement_evm_refund_payload",
     ));
+    // A deposit authorization that expires before the deposit could be mined.
+    let mut expiring = Payer::new(10).deposit(DEPOSIT, PRICE);
+    if let BatchEvmPayload::Deposit { deposit, .. } = &mut expiring
+        && let Some(auth) = deposit.authorization.erc3009_authorization.as_mut()
+    {
+        auth.valid_before = U256::from(now());
+    }
+    cases.push((
+        "deposit authorization about to expire",
+        expiring,
+        "invalid_batch_settlement_evm_payload_authorization_valid_before",
+    ));
+    // A deposit too small for its own voucher.
+    cases.push((
+        "voucher above the deposit",
+        Payer::new(11).deposit(PRICE / 2, PRICE),
+        "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+    ));
     for (what, payload, code) in &cases {
         let reply = s.send(payload).await;
         assert_refused(&reply, code, what);
@@ -475,12 +548,21 @@ async fn hostile_payloads_get_the_reference_codes_and_run_nothing() {
             json!({ "type": "voucher", "channelConfig": 1 }),
             "invalid_batch_settlement_evm_voucher_payload",
         ),
+        (
+            json!({ "type": "deposit", "deposit": "all of it" }),
+            "invalid_batch_settlement_evm_deposit_payload",
+        ),
     ];
     for (payload, code) in junk {
         let reply = wire(&s.client, s.addr, "/paid", [s.header_raw(payload.clone())]).await;
         assert_refused(&reply, code, &payload.to_string());
     }
     assert_eq!(s.hits.get(), 1, "no hostile payload ran the handler");
+    assert_eq!(
+        s.escrow.deposits.load(Ordering::SeqCst),
+        1,
+        "no hostile deposit reached the escrow"
+    );
     assert_eq!(s.charged(payer.id).await, PRICE, "nothing charged");
 }
 
@@ -568,10 +650,8 @@ async fn a_deposit_that_does_not_land_is_a_503_and_runs_nothing() {
 }
 
 /// The receiver authorizer's key (anvil #5), signing claims and refunds.
-#[cfg(feature = "onchain")]
 struct KeyAuthorizer(PrivateKeySigner);
 
-#[cfg(feature = "onchain")]
 impl channel::ReceiverAuthorizer for KeyAuthorizer {
     fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
         Ok(Bytes::from(
@@ -601,10 +681,7 @@ async fn the_official_client_pays_100_calls_over_http_and_refunds_exact_to_the_u
         return;
     };
     const CALLS: u128 = 100;
-    let authorizer: PrivateKeySigner =
-        "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba"
-            .parse()
-            .expect("key");
+    let authorizer: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
     let payer: PrivateKeySigner = chain::PAYER3_KEY.parse().expect("key");
     let relayer: PrivateKeySigner = chain::RELAYER_KEY.parse().expect("key");
     let option = PaymentOption::batch_settlement(
@@ -733,4 +810,90 @@ async fn the_official_client_pays_100_calls_over_http_and_refunds_exact_to_the_u
     );
     assert_eq!(c.balance(chain::BATCH_SETTLEMENT).await, U256::ZERO);
     println!("official client over HTTP: {CALLS} calls, {total} charged, {deposit} deposited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_metering_above_the_price_gets_nothing_charged_and_no_body() {
+    let s = Server::start(Hits::new()).await;
+    let payer = Payer::new(12);
+    assert_eq!(
+        s.send(&payer.deposit(DEPOSIT, PRICE)).await.status,
+        StatusCode::OK
+    );
+    let reply = s.send_to("/over", &payer.pay(2 * PRICE)).await;
+    assert_refused(
+        &reply,
+        "invalid_batch_settlement_evm_charge_exceeds_signed_cumulative",
+        "metered above the price",
+    );
+    assert!(
+        !String::from_utf8_lossy(&reply.body).contains("overrun"),
+        "the handler's body is withheld"
+    );
+    assert_eq!(s.hits.get(), 2, "the handler ran (and metered too much)");
+    assert_eq!(s.charged(payer.id).await, PRICE, "nothing charged");
+    // The same voucher pays on a route that stays within the price.
+    assert_eq!(s.send(&payer.pay(2 * PRICE)).await.status, StatusCode::OK);
+    assert_eq!(s.charged(payer.id).await, 2 * PRICE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cooperative_refund_over_http_runs_no_handler_and_refuses_what_is_not_refundable() {
+    let s = Server::start_on(
+        Arc::new(MemoryChannelStore::new()),
+        Arc::new(RecordingEscrow::default()),
+        Hits::new(),
+        true,
+    )
+    .await;
+    let refund = |p: &Payer, ceiling: u128, amount: Option<u128>| BatchEvmPayload::Refund {
+        channel_config: p.config.clone(),
+        voucher: p.voucher(ceiling),
+        amount: amount.map(U256::from),
+    };
+    // A channel whose deposit is all charged: nothing to give back.
+    let spent = Payer::new(13);
+    assert_eq!(
+        s.send(&spent.deposit(PRICE, PRICE)).await.status,
+        StatusCode::OK
+    );
+    let reply = s.send(&refund(&spent, PRICE, None)).await;
+    assert_refused(
+        &reply,
+        "invalid_batch_settlement_evm_refund_no_balance",
+        "no balance",
+    );
+
+    let payer = Payer::new(14);
+    assert_eq!(
+        s.send(&payer.deposit(DEPOSIT, PRICE)).await.status,
+        StatusCode::OK
+    );
+    let reply = s.send(&refund(&payer, PRICE, Some(DEPOSIT))).await;
+    assert_refused(
+        &reply,
+        "invalid_batch_settlement_evm_refund_amount_invalid",
+        "more than is refundable",
+    );
+    // A refund whose voucher charges (its ceiling is above the charged amount).
+    let reply = s.send(&refund(&payer, 2 * PRICE, None)).await;
+    assert_refused(
+        &reply,
+        "invalid_batch_settlement_evm_cumulative_amount_mismatch",
+        "a refund with a charging voucher",
+    );
+    assert_eq!(s.escrow.refunds.load(Ordering::SeqCst), 0);
+
+    let done = s.send(&refund(&payer, PRICE, None)).await;
+    assert_eq!(done.status, StatusCode::OK, "{:?}", done.body);
+    let receipt = done.receipt();
+    assert_eq!(receipt["success"], json!(true), "{receipt}");
+    assert_eq!(receipt["transaction"], json!(REFUND_TX.to_string()));
+    assert_eq!(receipt["amount"], json!((DEPOSIT - PRICE).to_string()));
+    assert_eq!(s.hits.get(), 2, "the refunds ran no handler");
+    assert_eq!(s.escrow.refunds.load(Ordering::SeqCst), 1);
+    assert!(
+        s.store.load(payer.id).await.expect("load").is_none(),
+        "a full refund deletes the record"
+    );
 }

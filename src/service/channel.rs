@@ -138,7 +138,8 @@ where
             };
             let extra = ch::receipt_extra(Some(paid.charged), channel, &paid.state);
             let receipt = receipt(req, &batch, paid.deposit, paid.charged, Some(extra));
-            let mut res = res.map(ResponseBody::inner);
+            // Charged: a body that fails now is raised as for a settled payment.
+            let mut res = res.map(ResponseBody::paid);
             res.headers_mut()
                 .insert(header::PAYMENT_RESPONSE, header::encode_json(&receipt));
             response::mark(&shared, res.headers_mut());
