@@ -425,8 +425,9 @@ impl PaymentLayerBuilder {
     }
 
     /// Serves `batch-settlement` payments on the routes that offer
-    /// [`PaymentOption::batch_settlement`] (default: none; such a payload is then refused as
-    /// an unsupported scheme). A channel's proof is not claimed in the nonce store: the
+    /// [`PaymentOption::batch_settlement`] (default: none; an accepted batch-settlement option
+    /// without it does not build, [`ConfigError::Contradictory`]; one from `.pricing` is
+    /// refused per request as an unsupported scheme). A channel's proof is not claimed in the nonce store: the
     /// [`Channels`](crate::channel::serve::Channels) engine takes the channel's lease, checks
     /// the voucher against its state, submits a deposit through its escrow, runs the handler
     /// and commits what it charged (the full price, or what the handler metered on the
@@ -528,6 +529,16 @@ impl PaymentLayerBuilder {
         if self.pricing.is_some() && (self.price.is_some() || !self.options.is_empty()) {
             return Err(ConfigError::Contradictory(
                 ".pricing(f) decides every request's options: drop .price(..) / .accept(..), or drop .pricing",
+            ));
+        }
+        if self.channels.is_none()
+            && self
+                .options
+                .iter()
+                .any(|o| o.requirements().scheme == crate::channel::SCHEME)
+        {
+            return Err(ConfigError::Contradictory(
+                "a batch-settlement option needs .channels(..) to serve its payments",
             ));
         }
         let mut options = self.options;

@@ -897,3 +897,21 @@ async fn a_cooperative_refund_over_http_runs_no_handler_and_refuses_what_is_not_
         "a full refund deletes the record"
     );
 }
+
+#[test]
+fn a_batch_settlement_option_without_channels_does_not_build() {
+    let option = PaymentOption::batch_settlement(
+        &Asset::usdc_base_sepolia(),
+        U256::from(PRICE),
+        RECEIVER,
+        AUTHORIZER,
+        900,
+        AssetTransferMethod::Eip3009,
+    )
+    .expect("option");
+    let built = PaymentLayer::builder().accept(option).build();
+    assert!(
+        matches!(built, Err(tower_x402::error::ConfigError::Contradictory(m)) if m.contains(".channels")),
+        "{built:?}"
+    );
+}
