@@ -7,7 +7,9 @@
 //! corrective 402 with the server's channel state for a cumulative mismatch), the handler not
 //! run; a deposit that does not land is a 503, nothing run. On anvil (feature `onchain`): the
 //! official `@x402/evm` client through `@x402/fetch` opens a channel (deposit through our
-//! relayer), pays 100 metered calls with vouchers and refunds; balances exact to the unit.
+//! relayer), pays 100 metered calls with vouchers (a second client process that lost the
+//! channel's state recovers through our corrective 402) and refunds; balances exact to the
+//! unit.
 #![cfg(all(feature = "axum", feature = "test-util"))]
 
 #[cfg(feature = "onchain")]
@@ -662,7 +664,8 @@ impl channel::ReceiverAuthorizer for KeyAuthorizer {
 
 #[cfg(feature = "onchain")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_official_client_pays_100_calls_over_http_and_refunds_exact_to_the_unit() {
+async fn the_official_client_pays_100_calls_over_http_recovers_lost_state_and_refunds_exact_to_the_unit()
+ {
     use axum::routing::get;
     use tower_x402::settle::onchain::OnchainSettler;
     use tower_x402::upto::Usage;
@@ -728,16 +731,50 @@ async fn the_official_client_pays_100_calls_over_http_and_refunds_exact_to_the_u
     let receiver_before = c.balance(chain::PAY_TO).await;
     let payer_before = c.balance(payer.address()).await;
 
-    let mut cmd = std::process::Command::new("node");
-    cmd.arg(chain::process::repo().join("tests/clients/batch-pay.mjs"))
-        .arg(chain::PAYER3_KEY)
-        .arg(format!("http://{addr}/paid"))
-        .arg(CALLS.to_string())
-        .arg(c.url())
-        .arg((CALLS + 10).to_string())
-        .env("X402_TEST_DEPS", &deps);
-    let out = chain::process::run_json(&mut cmd, std::time::Duration::from_secs(300), || c.log());
+    // A first client process pays 40 calls and forgets its channel (in-memory storage); a
+    // second one, on the same channel (same salt), meets our corrective 402, recovers and
+    // pays the other 60, then refunds.
+    let run = |calls: u128, refund: &str| {
+        let mut cmd = std::process::Command::new("node");
+        cmd.arg(chain::process::repo().join("tests/clients/batch-pay.mjs"))
+            .arg(chain::PAYER3_KEY)
+            .arg(format!("http://{addr}/paid"))
+            .arg(calls.to_string())
+            .arg(c.url())
+            .arg((CALLS + 10).to_string())
+            .arg(B256::ZERO.to_string())
+            .arg(refund)
+            .env("X402_TEST_DEPS", &deps);
+        chain::process::run_json(&mut cmd, std::time::Duration::from_secs(300), || c.log())
+    };
+    let first = run(40, "no-refund");
+    assert_eq!(first["error"], Value::Null, "{first}");
+    assert_eq!(first["refusals"], json!([]), "{first}");
+    let mut out = run(CALLS - 40, "refund");
     assert_eq!(out["error"], Value::Null, "{out}");
+    assert_eq!(
+        out["refusals"],
+        json!(["invalid_batch_settlement_evm_cumulative_amount_mismatch"]),
+        "the client without state met one corrective 402: {out}"
+    );
+    let mut statuses = first["statuses"].as_array().expect("statuses").clone();
+    statuses.extend(
+        out["statuses"]
+            .as_array()
+            .expect("statuses")
+            .iter()
+            .cloned(),
+    );
+    let mut receipts = first["receipts"].as_array().expect("receipts").clone();
+    receipts.extend(
+        out["receipts"]
+            .as_array()
+            .expect("receipts")
+            .iter()
+            .cloned(),
+    );
+    out["statuses"] = json!(statuses);
+    out["receipts"] = json!(receipts);
     let statuses = out["statuses"].as_array().expect("statuses");
     assert_eq!(statuses.len(), CALLS as usize, "{out}");
     assert!(statuses.iter().all(|s| s == &json!(200)), "{statuses:?}");
