@@ -952,3 +952,52 @@ fn a_batch_settlement_option_without_channels_does_not_build() {
         "{built:?}"
     );
 }
+
+/// Refuses every payment before verification.
+struct Refuse;
+
+#[async_trait]
+impl tower_x402::hooks::PaymentHooks for Refuse {
+    async fn before_verify(
+        &self,
+        _request: &tower_x402::hooks::PaymentRequest<'_>,
+    ) -> Result<(), tower_x402::hooks::HookResponse> {
+        let mut res = tower_x402::hooks::HookResponse::new(bytes::Bytes::from_static(b"no"));
+        *res.status_mut() = StatusCode::FORBIDDEN;
+        Err(res)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_before_verify_hook_refuses_a_channel_payment_before_the_engine() {
+    let option = PaymentOption::batch_settlement(
+        &Asset::usdc_base_sepolia(),
+        U256::from(PRICE),
+        RECEIVER,
+        AUTHORIZER,
+        900,
+        AssetTransferMethod::Eip3009,
+    )
+    .expect("option");
+    let escrow = Arc::new(RecordingEscrow::default());
+    let layer = PaymentLayer::builder()
+        .accept(option)
+        .hook(Refuse)
+        .channels(Channels::new(MemoryChannelStore::new(), escrow.clone()))
+        .build()
+        .expect("layer");
+    let hits = Hits::new();
+    let (addr, _task) = serve(app(&hits).layer(layer)).await;
+    let client = client();
+    let challenge = wire(&client, addr, "/paid", []).await.challenge();
+    let v = json!({
+        "x402Version": 2,
+        "accepted": challenge.accepts[0],
+        "payload": Payer::new(15).deposit(DEPOSIT, PRICE),
+    });
+    let header = (HeaderName::from_static("payment-signature"), encode(&v));
+    let reply = wire(&client, addr, "/paid", [header]).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(hits.get(), 0);
+    assert_eq!(escrow.deposits.load(Ordering::SeqCst), 0, "no deposit sent");
+}

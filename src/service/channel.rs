@@ -1,7 +1,10 @@
 //! A `batch-settlement` payment: the channel engine ([`crate::channel::Serve`]) in place of
 //! verify → claim → settle. Its proof's fate is the channel's lease and the compare-and-set
 //! commit of the charged amount (decided in `channel::serve`, not in `claim.rs`): a refusal or
-//! a failed handler leaves the channel as it was, so the same voucher can be retried.
+//! a failed handler leaves the channel as it was, so the same voucher can be retried. The
+//! `before_verify` hooks run (they see the decoded payload); `after_verify`, idempotency and
+//! the verification cap do not (there is no `VerifiedPayment`, and a voucher costs one
+//! signature recovery).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -61,6 +64,7 @@ where
         };
         return Ok(flow.reject(Stage::Select, r, None, None).await);
     };
+    stage!(flow.before_verify(&parts, &payload).await);
     let candidates = stage!(flow.select(&payload).await);
     let PaymentPayload::V2(p) = &payload else {
         // `select` refuses v1 already: channels are v2 only.

@@ -106,7 +106,7 @@ impl<'a> Flow<'a> {
     }
 
     /// Hooks that may refuse a decoded payment before its signature is checked.
-    async fn before_verify<B: Send>(
+    pub(super) async fn before_verify<B: Send>(
         &self,
         parts: &Parts,
         payload: &PaymentPayload,
