@@ -113,6 +113,7 @@ pub struct PaymentLayerBuilder {
     service_name: Option<String>,
     tags: Option<Vec<String>>,
     icon_url: Option<String>,
+    channels: Option<Arc<dyn crate::channel::Serve>>,
 }
 
 impl Default for PaymentLayerBuilder {
@@ -151,6 +152,7 @@ impl Default for PaymentLayerBuilder {
             service_name: None,
             tags: None,
             icon_url: None,
+            channels: None,
         }
     }
 }
@@ -422,6 +424,48 @@ impl PaymentLayerBuilder {
         self
     }
 
+    /// Serves `batch-settlement` payments on the routes that offer
+    /// [`PaymentOption::batch_settlement`] (default: none; an accepted batch-settlement option
+    /// without it does not build, [`ConfigError::Contradictory`]; one from `.pricing` is
+    /// refused per request as an unsupported scheme). A channel's proof is not claimed in the nonce store: the
+    /// [`Channels`](crate::channel::serve::Channels) engine takes the channel's lease, checks
+    /// the voucher against its state, submits a deposit through its escrow, runs the handler
+    /// and commits what it charged (the full price, or what the handler metered on the
+    /// [`upto::Usage`](crate::upto::Usage) in its request extensions). A `refund` payload is
+    /// served without the handler. See [`crate::channel`].
+    ///
+    /// ```
+    /// use tower_x402::channel::serve::{Channels, Escrow};
+    /// use tower_x402::channel::store::MemoryChannelStore;
+    /// use tower_x402::{Asset, PaymentLayer, PaymentOption};
+    /// use tower_x402::primitives::{Address, U256};
+    ///
+    /// fn layer(escrow: impl Escrow) -> PaymentLayer {
+    ///     let option = PaymentOption::batch_settlement(
+    ///         &Asset::usdc_base_sepolia(),
+    ///         U256::from(1_000),
+    ///         Address::repeat_byte(0x11),
+    ///         Address::repeat_byte(0x22), // the receiver authorizer's address
+    ///         900,
+    ///         tower_x402::channel::AssetTransferMethod::Eip3009,
+    ///     )
+    ///     .unwrap();
+    ///     PaymentLayer::builder()
+    ///         .accept(option)
+    ///         .channels(Channels::new(MemoryChannelStore::new(), escrow))
+    ///         .build()
+    ///         .unwrap()
+    /// }
+    /// ```
+    pub fn channels<S, X>(mut self, channels: crate::channel::serve::Channels<S, X>) -> Self
+    where
+        S: crate::channel::store::ChannelStore,
+        X: crate::channel::serve::Escrow,
+    {
+        self.channels = Some(Arc::new(channels));
+        self
+    }
+
     /// Sells a prepaid [`Bundle`](crate::prepaid::Bundle) instead of single calls (default
     /// off): the 402 asks for the bundle price and declares `sign-in-with-x`; later calls sign
     /// in with `SIGN-IN-WITH-X` and spend the credit. Requires [`Self::resource_base`]. See
@@ -485,6 +529,16 @@ impl PaymentLayerBuilder {
         if self.pricing.is_some() && (self.price.is_some() || !self.options.is_empty()) {
             return Err(ConfigError::Contradictory(
                 ".pricing(f) decides every request's options: drop .price(..) / .accept(..), or drop .pricing",
+            ));
+        }
+        if self.channels.is_none()
+            && self
+                .options
+                .iter()
+                .any(|o| o.requirements().scheme == crate::channel::SCHEME)
+        {
+            return Err(ConfigError::Contradictory(
+                "a batch-settlement option needs .channels(..) to serve its payments",
             ));
         }
         let mut options = self.options;
@@ -622,6 +676,7 @@ impl PaymentLayerBuilder {
                 idempotency,
                 extensions,
                 prepaid,
+                channels: self.channels,
             }),
         })
     }

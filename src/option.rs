@@ -260,6 +260,11 @@ impl PaymentOption {
         Ok(self)
     }
 
+    /// This option with other requirements (a channel's corrective 402 adds its state).
+    pub(crate) fn with_requirements(requirements: PaymentRequirements) -> Self {
+        Self { requirements }
+    }
+
     /// The requirements as sent in `accepts`.
     pub fn requirements(&self) -> &PaymentRequirements {
         &self.requirements

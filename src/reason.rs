@@ -289,6 +289,61 @@ reasons! {
     InvalidExactSvmTransactionFailed = "invalid_exact_svm_transaction_failed",
     /// `invalid_exact_svm_transaction_simulation_failed`
     InvalidExactSvmTransactionSimulationFailed = "invalid_exact_svm_transaction_simulation_failed",
+    // Payment channels (`batch-settlement`, issue #19): the reference's codes.
+    /// `invalid_batch_settlement_evm_scheme`
+    BatchSettlementScheme = "invalid_batch_settlement_evm_scheme",
+    /// `invalid_batch_settlement_evm_network_mismatch`
+    BatchSettlementNetworkMismatch = "invalid_batch_settlement_evm_network_mismatch",
+    /// `invalid_batch_settlement_evm_payload_type`
+    BatchSettlementPayloadType = "invalid_batch_settlement_evm_payload_type",
+    /// `invalid_batch_settlement_evm_voucher_payload`
+    BatchSettlementVoucherPayload = "invalid_batch_settlement_evm_voucher_payload",
+    /// `invalid_batch_settlement_evm_deposit_payload`
+    BatchSettlementDepositPayload = "invalid_batch_settlement_evm_deposit_payload",
+    /// `invalid_batch_settlement_evm_refund_payload`
+    BatchSettlementRefundPayload = "invalid_batch_settlement_evm_refund_payload",
+    /// `invalid_batch_settlement_evm_missing_eip712_domain`
+    BatchSettlementMissingEip712Domain = "invalid_batch_settlement_evm_missing_eip712_domain",
+    /// `invalid_batch_settlement_evm_channel_id_mismatch`
+    BatchSettlementChannelIdMismatch = "invalid_batch_settlement_evm_channel_id_mismatch",
+    /// `invalid_batch_settlement_evm_receiver_mismatch`
+    BatchSettlementReceiverMismatch = "invalid_batch_settlement_evm_receiver_mismatch",
+    /// `invalid_batch_settlement_evm_receiver_authorizer_mismatch`
+    BatchSettlementReceiverAuthorizerMismatch = "invalid_batch_settlement_evm_receiver_authorizer_mismatch",
+    /// `invalid_batch_settlement_evm_token_mismatch`
+    BatchSettlementTokenMismatch = "invalid_batch_settlement_evm_token_mismatch",
+    /// `invalid_batch_settlement_evm_withdraw_delay_mismatch`
+    BatchSettlementWithdrawDelayMismatch = "invalid_batch_settlement_evm_withdraw_delay_mismatch",
+    /// `invalid_batch_settlement_evm_withdraw_delay_out_of_range`
+    BatchSettlementWithdrawDelayOutOfRange = "invalid_batch_settlement_evm_withdraw_delay_out_of_range",
+    /// `invalid_batch_settlement_evm_voucher_signature`
+    BatchSettlementVoucherSignature = "invalid_batch_settlement_evm_voucher_signature",
+    /// `invalid_batch_settlement_evm_erc3009_authorization_required`
+    BatchSettlementErc3009AuthorizationRequired = "invalid_batch_settlement_evm_erc3009_authorization_required",
+    /// `invalid_batch_settlement_evm_payload_authorization_valid_before`
+    BatchSettlementValidBefore = "invalid_batch_settlement_evm_payload_authorization_valid_before",
+    /// `invalid_batch_settlement_evm_payload_authorization_valid_after`
+    BatchSettlementValidAfter = "invalid_batch_settlement_evm_payload_authorization_valid_after",
+    /// `invalid_batch_settlement_evm_receive_authorization_signature`
+    BatchSettlementReceiveAuthorizationSignature = "invalid_batch_settlement_evm_receive_authorization_signature",
+    /// `invalid_batch_settlement_evm_cumulative_amount_mismatch`
+    BatchSettlementCumulativeAmountMismatch = "invalid_batch_settlement_evm_cumulative_amount_mismatch",
+    /// `invalid_batch_settlement_evm_cumulative_below_claimed`
+    BatchSettlementCumulativeBelowClaimed = "invalid_batch_settlement_evm_cumulative_below_claimed",
+    /// `invalid_batch_settlement_evm_cumulative_exceeds_balance`
+    BatchSettlementCumulativeExceedsBalance = "invalid_batch_settlement_evm_cumulative_exceeds_balance",
+    /// `invalid_batch_settlement_evm_missing_channel`
+    BatchSettlementMissingChannel = "invalid_batch_settlement_evm_missing_channel",
+    /// `invalid_batch_settlement_evm_channel_not_found`
+    BatchSettlementChannelNotFound = "invalid_batch_settlement_evm_channel_not_found",
+    /// `invalid_batch_settlement_evm_refund_amount_invalid`
+    BatchSettlementRefundAmountInvalid = "invalid_batch_settlement_evm_refund_amount_invalid",
+    /// `invalid_batch_settlement_evm_refund_no_balance`
+    BatchSettlementRefundNoBalance = "invalid_batch_settlement_evm_refund_no_balance",
+    /// `invalid_batch_settlement_evm_charge_exceeds_signed_cumulative`
+    BatchSettlementChargeExceedsSignedCumulative = "invalid_batch_settlement_evm_charge_exceeds_signed_cumulative",
+    /// `invalid_batch_settlement_evm_channel_busy`
+    BatchSettlementChannelBusy = "invalid_batch_settlement_evm_channel_busy",
 }
 
 impl Reason {

@@ -13,9 +13,12 @@
 //!
 //! [`serve::Channels`] serves one paid request on a channel end to end (lease, checks, deposit
 //! through an [`serve::Escrow`] such as `OnchainSettler`, handler, commit);
-//! `PaymentOption::batch_settlement` builds the challenge. Not wired into the layer's request
-//! path yet: no `Proof` variant or verifier arm, so a `PaymentLayer` does not serve it.
+//! `PaymentOption::batch_settlement` builds the challenge, and
+//! [`PaymentLayerBuilder::channels`](crate::layer::PaymentLayerBuilder::channels) makes a
+//! `PaymentLayer` serve the scheme over HTTP with it (receipts with [`receipt_extra`], the
+//! corrective 402 with [`corrective_requirements`], refusals as catalogued `Reason`s).
 
+mod dispatch;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 mod postgres;
@@ -23,6 +26,7 @@ mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod serve;
+pub(crate) use dispatch::{Handler, Serve};
 pub mod store;
 pub mod verify;
 

@@ -1,7 +1,7 @@
 //! One paid request on a channel, start to end: authenticate the payload (no lease), take
 //! the channel's lease, check the amounts against the stored state, submit a deposit through
 //! the [`Escrow`], run the handler with the most it may charge, commit what it charged, give
-//! the lease back. The request path of the layer will call this; tests call it directly.
+//! the lease back. The layer's request path calls this (`PaymentLayerBuilder::channels`).
 //!
 //! Safety rules it keeps (the spec's "Request Processing"): one request per channel at a time
 //! across instances (the lease; others get `channel_busy`), the handler never runs on a

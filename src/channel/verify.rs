@@ -11,8 +11,8 @@
 //!
 //! Not checked here: vouchers of channels whose `payerAuthorizer` is zero (EIP-1271 through
 //! the payer needs the chain) and Permit2 deposits; both are refused. Each refusal has the
-//! reference's wire code ([`BatchError::code`]); they join the crate's `Reason` catalogue when
-//! the scheme is wired into the layer.
+//! reference's wire code ([`BatchError::code`]), catalogued as a typed `Reason`
+//! ([`BatchError::reason`]) with its row in [`crate::rejection`].
 
 use alloy_primitives::{Address, B256, U256};
 use serde_json::Value;
@@ -120,6 +120,46 @@ pub enum BatchError {
 }
 
 impl BatchError {
+    /// The code as a catalogued [`Reason`](crate::rejection::Reason).
+    pub fn reason(self) -> crate::rejection::Reason {
+        use crate::rejection::Reason;
+        match self {
+            Self::Scheme => Reason::BatchSettlementScheme,
+            Self::NetworkMismatch => Reason::BatchSettlementNetworkMismatch,
+            Self::PayloadType => Reason::BatchSettlementPayloadType,
+            Self::VoucherPayload => Reason::BatchSettlementVoucherPayload,
+            Self::DepositPayload => Reason::BatchSettlementDepositPayload,
+            Self::RefundPayload => Reason::BatchSettlementRefundPayload,
+            Self::MissingEip712Domain => Reason::BatchSettlementMissingEip712Domain,
+            Self::ChannelIdMismatch => Reason::BatchSettlementChannelIdMismatch,
+            Self::ReceiverMismatch => Reason::BatchSettlementReceiverMismatch,
+            Self::ReceiverAuthorizerMismatch => Reason::BatchSettlementReceiverAuthorizerMismatch,
+            Self::TokenMismatch => Reason::BatchSettlementTokenMismatch,
+            Self::WithdrawDelayMismatch => Reason::BatchSettlementWithdrawDelayMismatch,
+            Self::WithdrawDelayOutOfRange => Reason::BatchSettlementWithdrawDelayOutOfRange,
+            Self::VoucherSignature => Reason::BatchSettlementVoucherSignature,
+            Self::Erc3009AuthorizationRequired => {
+                Reason::BatchSettlementErc3009AuthorizationRequired
+            }
+            Self::ValidBefore => Reason::BatchSettlementValidBefore,
+            Self::ValidAfter => Reason::BatchSettlementValidAfter,
+            Self::ReceiveAuthorizationSignature => {
+                Reason::BatchSettlementReceiveAuthorizationSignature
+            }
+            Self::CumulativeAmountMismatch => Reason::BatchSettlementCumulativeAmountMismatch,
+            Self::CumulativeBelowClaimed => Reason::BatchSettlementCumulativeBelowClaimed,
+            Self::CumulativeExceedsBalance => Reason::BatchSettlementCumulativeExceedsBalance,
+            Self::MissingChannel => Reason::BatchSettlementMissingChannel,
+            Self::ChannelNotFound => Reason::BatchSettlementChannelNotFound,
+            Self::RefundAmountInvalid => Reason::BatchSettlementRefundAmountInvalid,
+            Self::RefundNoBalance => Reason::BatchSettlementRefundNoBalance,
+            Self::ChargeExceedsSignedCumulative => {
+                Reason::BatchSettlementChargeExceedsSignedCumulative
+            }
+            Self::ChannelBusy => Reason::BatchSettlementChannelBusy,
+        }
+    }
+
     /// The wire code (the reference's).
     pub fn code(self) -> &'static str {
         match self {

@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     pub(crate) prepaid: Option<crate::prepaid::State>,
     /// How a v2 proof's `resource.url` must name the request.
     pub(crate) resource_check: ResourceCheck,
+    /// Serves `batch-settlement` payloads (see [`crate::channel`]).
+    pub(crate) channels: Option<Arc<dyn crate::channel::Serve>>,
     /// The page browsers get instead of the 402 JSON.
     #[cfg(feature = "paywall")]
     pub(crate) paywall: Option<crate::paywall::Built>,

@@ -106,7 +106,7 @@ impl<'a> Flow<'a> {
     }
 
     /// Hooks that may refuse a decoded payment before its signature is checked.
-    async fn before_verify<B: Send>(
+    pub(super) async fn before_verify<B: Send>(
         &self,
         parts: &Parts,
         payload: &PaymentPayload,
@@ -126,7 +126,7 @@ impl<'a> Flow<'a> {
     }
 
     /// The route's options this payload may pay, best first.
-    async fn select<B: Send>(
+    pub(super) async fn select<B: Send>(
         &self,
         payload: &PaymentPayload,
     ) -> Result<Vec<&'a PaymentOption>, Answer<B>> {

@@ -1,8 +1,10 @@
 //! [`Payment`]: the middleware service. The request is read here (price, payment header,
 //! sign-in); the paid flow's stages are in `flow` (up to verification and idempotency) and
 //! `settle` (from the claim on), the proof's fate in `claim`, the header and option choice in
-//! `decode`, idempotent retries in `idempotent`, prepaid calls in `prepaid`, spans in `trace`.
+//! `decode`, idempotent retries in `idempotent`, prepaid calls in `prepaid`, payment channels
+//! (`batch-settlement`) in `channel`, spans in `trace`.
 
+mod channel;
 mod claim;
 mod decode;
 mod flow;
@@ -116,6 +118,15 @@ impl<S> Payment<S> {
         let shared = self.shared.clone();
         let (parts, body) = req.into_parts();
         let rejection = match decode(&shared, &parts.headers) {
+            Ok(Some(payload)) if payload.scheme() == crate::channel::SCHEME => {
+                // A channel: its engine in place of verify → claim → settle.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                let flow = Box::pin(channel::channel(
+                    shared, inner, parts, body, options, payload,
+                ));
+                return ResponseFuture::paid(Box::pin(trace::instrument(flow)));
+            }
             Ok(Some(payload)) => {
                 // The readied instance goes into the future; the clone waits for the next
                 // poll_ready.

@@ -1,0 +1,279 @@
+//! A `batch-settlement` payment: the channel engine ([`crate::channel::Serve`]) in place of
+//! verify → claim → settle. Its proof's fate is the channel's lease and the compare-and-set
+//! commit of the charged amount (decided in `channel::serve`, not in `claim.rs`): a refusal or
+//! a failed handler leaves the channel as it was, so the same voucher can be retried. The
+//! `before_verify` hooks run (they see the decoded payload); `after_verify`, idempotency and
+//! the verification cap do not (there is no `VerifiedPayment`, and a voucher costs one
+//! signature recovery).
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use super::flow::{Answer, Flow, stage};
+use crate::body::ResponseBody;
+use crate::channel::serve::{Mirror, PayError};
+use crate::channel::store::ChannelState;
+use crate::channel::verify::{self, BatchError, ChannelTerms};
+use crate::channel::{self as ch, Handler};
+use crate::clock::{Clock, SystemClock};
+use crate::config::Shared;
+use crate::hooks::Stage;
+use crate::option::PaymentOption;
+use crate::proto::batch::BatchEvmPayload;
+use crate::proto::{PaymentPayload, header};
+use crate::rejection::{Rejection, reason};
+use crate::response;
+use crate::upto::Usage;
+
+/// What the handler left: its response, or the service's error.
+type Outcome<R, E> = Arc<Mutex<Option<Result<R, E>>>>;
+
+/// Serves a request paid on a channel.
+pub(super) async fn channel<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    mut parts: Parts,
+    body: ReqB,
+    options: Arc<[PaymentOption]>,
+    payload: PaymentPayload,
+) -> Result<Answer<ResB>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Send,
+    S::Future: Send,
+    S::Error: Send,
+    ReqB: Send,
+    ResB: Body<Data = Bytes> + Send,
+{
+    let flow = Flow::new(
+        &shared,
+        &options,
+        response::Resource::of(&parts),
+        parts.method.clone(),
+    );
+    let refuse = |error: BatchError| Rejection::Pay {
+        reason: Some(error.reason()),
+    };
+    let Some(channels) = &shared.channels else {
+        let r = Rejection::Pay {
+            reason: Some(reason::UNSUPPORTED_SCHEME),
+        };
+        return Ok(flow.reject(Stage::Select, r, None, None).await);
+    };
+    stage!(flow.before_verify(&parts, &payload).await);
+    let candidates = stage!(flow.select(&payload).await);
+    let PaymentPayload::V2(p) = &payload else {
+        // `select` refuses v1 already: channels are v2 only.
+        let r = refuse(BatchError::PayloadType);
+        return Ok(flow.reject(Stage::Decode, r, None, None).await);
+    };
+    let Some(option) = candidates.first() else {
+        let r = Rejection::Pay {
+            reason: Some(reason::INVALID_PAYMENT_REQUIREMENTS),
+        };
+        return Ok(flow.reject(Stage::Select, r, None, None).await);
+    };
+    let req = option.requirements();
+    let terms = match ChannelTerms::from_requirements(req) {
+        Ok(t) => t,
+        Err(e) => return Ok(flow.reject(Stage::Select, refuse(e), None, None).await),
+    };
+    let batch = match verify::parse_raw(p.payload.get()) {
+        Ok(b) => b,
+        Err(e) => return Ok(flow.reject(Stage::Decode, refuse(e), None, None).await),
+    };
+    let channel = batch.voucher().channel_id;
+    let now = SystemClock.now();
+    if matches!(batch, BatchEvmPayload::Refund { .. }) {
+        return Ok(match channels.refund(&terms, &batch, now).await {
+            Ok(done) => {
+                let mut res = Response::new(ResponseBody::full(Bytes::new()));
+                let extra = done
+                    .state
+                    .as_ref()
+                    .map(|s| ch::receipt_extra(None, channel, s));
+                let receipt = receipt(req, &batch, Some(done.mirror), done.amount, extra);
+                res.headers_mut()
+                    .insert(header::PAYMENT_RESPONSE, header::encode_json(&receipt));
+                response::mark(&shared, res.headers_mut());
+                res
+            }
+            Err(e) => refused(&flow, option, channel, e.into_unit()).await,
+        });
+    }
+
+    // The handler meters the call when it wants to charge less than the price.
+    let meter = Usage::new(req.amount);
+    parts.extensions.insert(meter.clone());
+    let outcome: Outcome<Response<ResB>, S::Error> = Arc::default();
+    let slot = outcome.clone();
+    let metered = meter.clone();
+    let handler: Handler<'_> = Box::new(move |max: u128| {
+        Box::pin(async move {
+            let res = inner.call(Request::from_parts(parts, body)).await;
+            let ok = matches!(&res, Ok(r) if !r.status().is_client_error() && !r.status().is_server_error());
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(res);
+            if !ok || metered.is_overrun() {
+                return Err(());
+            }
+            // Unmetered: the full price.
+            let total = u128::try_from(metered.total()).unwrap_or(u128::MAX);
+            Ok(((), if total == 0 { max } else { total }))
+        })
+    });
+    let result = channels.pay(&terms, &batch, now, handler).await;
+    let handled = outcome
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    match result {
+        Ok(paid) => {
+            let Some(Ok(res)) = handled else {
+                // The engine commits only after the handler answered Ok.
+                let r = Rejection::Unavailable {
+                    retry_after: shared.retry_after,
+                    reason: reason::SERVICE_UNAVAILABLE,
+                };
+                return Ok(flow.reject(Stage::Settle, r, None, None).await);
+            };
+            let extra = ch::receipt_extra(Some(paid.charged), channel, &paid.state);
+            let receipt = receipt(req, &batch, paid.deposit, paid.charged, Some(extra));
+            // Charged: a body that fails now is raised as for a settled payment.
+            let mut res = res.map(ResponseBody::paid);
+            res.headers_mut()
+                .insert(header::PAYMENT_RESPONSE, header::encode_json(&receipt));
+            response::mark(&shared, res.headers_mut());
+            Ok(res)
+        }
+        // The handler failed: its own answer (or error), nothing charged.
+        Err(PayError::Handler(())) => match handled {
+            Some(Ok(res)) if !meter.is_overrun() => Ok(res.map(ResponseBody::inner)),
+            Some(Err(e)) => Err(e),
+            _ => {
+                let r = refuse(BatchError::ChargeExceedsSignedCumulative);
+                Ok(flow.reject(Stage::Settle, r, None, None).await)
+            }
+        },
+        Err(e) => Ok(refused(&flow, option, channel, e.into_unit()).await),
+    }
+}
+
+/// The answer to a request the engine refused: a 402 with the reason (the corrective 402
+/// with the server's channel state when the cumulative amount is off), 503 when the store or
+/// the chain failed (nothing was charged: retry the same payload).
+async fn refused<B: Send>(
+    flow: &Flow<'_>,
+    option: &PaymentOption,
+    channel: alloy_primitives::B256,
+    e: PayError<()>,
+) -> Answer<B> {
+    let unavailable = |_: &dyn std::fmt::Display| Rejection::Unavailable {
+        retry_after: flow.shared.retry_after,
+        reason: reason::SERVICE_UNAVAILABLE,
+    };
+    match e {
+        PayError::Refused {
+            error: BatchError::CumulativeAmountMismatch,
+            state: Some(state),
+        } => corrective(flow, option, channel, &state).await,
+        PayError::Refused { error, .. } => {
+            let r = Rejection::Pay {
+                reason: Some(error.reason()),
+            };
+            flow.reject(Stage::Verify, r, None, None).await
+        }
+        PayError::RefundUnsupported => {
+            let r = Rejection::Pay {
+                reason: Some(BatchError::RefundPayload.reason()),
+            };
+            flow.reject(Stage::Verify, r, None, None).await
+        }
+        PayError::Escrow(e) => {
+            let r = unavailable(&e);
+            flow.reject(Stage::Settle, r, None, Some(&e)).await
+        }
+        PayError::Store(e) => {
+            let r = unavailable(&e);
+            flow.reject(Stage::Reserve, r, None, Some(&e)).await
+        }
+        PayError::Authorizer(e) => {
+            let r = unavailable(&e);
+            flow.reject(Stage::Settle, r, None, None).await
+        }
+        PayError::Handler(()) => {
+            let r = unavailable(&"handler");
+            flow.reject(Stage::Settle, r, None, None).await
+        }
+    }
+}
+
+/// The corrective 402: the route's challenge, with the channel's option carrying
+/// `extra.channelState` and `extra.voucherState`.
+async fn corrective<B: Send>(
+    flow: &Flow<'_>,
+    option: &PaymentOption,
+    channel: alloy_primitives::B256,
+    state: &ChannelState,
+) -> Answer<B> {
+    let fixed: Vec<PaymentOption> = flow
+        .options
+        .iter()
+        .map(|o| {
+            if o == option {
+                PaymentOption::with_requirements(ch::corrective_requirements(
+                    o.requirements(),
+                    channel,
+                    state,
+                ))
+            } else {
+                o.clone()
+            }
+        })
+        .collect();
+    let r = Rejection::Pay {
+        reason: Some(BatchError::CumulativeAmountMismatch.reason()),
+    };
+    let res = response::reject(flow.shared, &fixed, &flow.resource, r);
+    flow.failed(Stage::Verify, &res, None, None).await;
+    res
+}
+
+/// The receipt (`PAYMENT-RESPONSE`): the deposit's or refund's transaction, `""` for a
+/// voucher alone, and the channel's `extra`.
+fn receipt(
+    req: &crate::proto::v2::PaymentRequirements,
+    batch: &BatchEvmPayload,
+    mirror: Option<Mirror>,
+    amount: u128,
+    extra: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Vec<u8> {
+    let mut json = serde_json::json!({
+        "success": true,
+        "payer": batch.channel_config().payer.to_checksum(None),
+        "transaction": mirror.map(|m| m.transaction.to_string()).unwrap_or_default(),
+        "network": req.network.caip2(),
+        "amount": amount.to_string(),
+    });
+    if let (Some(extra), Some(obj)) = (extra, json.as_object_mut()) {
+        obj.insert("extra".into(), extra.into());
+    }
+    serde_json::to_vec(&json).unwrap_or_default()
+}
+
+impl<E> PayError<E> {
+    /// The refusal without the handler's error type (the caller keeps the handler's own).
+    fn into_unit(self) -> PayError<()> {
+        match self {
+            PayError::Refused { error, state } => PayError::Refused { error, state },
+            PayError::RefundUnsupported => PayError::RefundUnsupported,
+            PayError::Authorizer(e) => PayError::Authorizer(e),
+            PayError::Escrow(e) => PayError::Escrow(e),
+            PayError::Store(e) => PayError::Store(e),
+            PayError::Handler(_) => PayError::Handler(()),
+        }
+    }
+}
