@@ -247,6 +247,7 @@ impl ChannelStore for MemoryChannelStore {
 /// Leases are taken for `seconds`; `now` stamps the records; `advance(seconds)` moves the clock the
 /// store's leases expire on (a Redis store: waits).
 #[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub async fn conformance<S, F, Fut>(store: &S, now: u64, seconds: u64, advance: F)
 where
     S: ChannelStore,
