@@ -434,7 +434,7 @@ impl DeferredSettlerBuilder {
     /// per block (batches of 32 and 2 s blocks: ~16 payments/s), whatever the chain could
     /// take. With `n`, up to `n` rounds run at once on disjoint payments (no payment is ever
     /// in two rounds), so up to `n` batches can land in one block. An
-    /// [`OnchainSettler`][super::onchain::OnchainSettler] hands concurrent sends consecutive
+    /// `OnchainSettler` hands concurrent sends consecutive
     /// relayer nonces; a [`BatchSettler`] of your own must be safe to call concurrently.
     /// Each round still waits `max_wait` for a full batch, and the backlog bound
     /// ([`max_pending`](Self::max_pending)) is unchanged.
