@@ -100,6 +100,8 @@ pub mod middleware;
 mod policy;
 mod retry;
 mod signer;
+#[cfg(feature = "svm-client")]
+mod svm;
 
 use alloy_primitives::{Address, B256, U256};
 
@@ -114,6 +116,9 @@ pub use layer::{Paying, PayingLayer, ResponseFuture};
 pub use middleware::PayingMiddleware;
 pub use policy::{Budget, Policy, Refusal};
 pub use retry::RetryPolicy;
+#[cfg(feature = "svm-client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "svm-client")))]
+pub use svm::SvmPayer;
 
 use crate::proto::exact::Authorization;
 use crate::proto::upto::Permit2Authorization;
@@ -137,6 +142,10 @@ pub struct PaymentReport {
     pub authorization: Authorization,
     /// The signed Permit2 permit of an `upto` payment (`None` for `exact`).
     pub permit2: Option<Permit2Authorization>,
+    /// The Solana payer's key when a Solana offer was paid ([`PayingLayer::svm`]); then
+    /// [`Self::authorization`] holds the amount, the window and, as `nonce`, the SHA-256 of
+    /// the signed message (the server's claim key), with zero EVM addresses.
+    pub svm_payer: Option<crate::proto::svm::Pubkey>,
     /// The `payment-identifier` id sent, if the server offered the extension.
     pub payment_id: Option<String>,
     /// Requests sent with the proof (1 unless retried).
@@ -195,6 +204,11 @@ impl PaymentReport {
     pub fn transaction(&self) -> Option<B256> {
         self.receipt.as_ref().and_then(|r| r.transaction)
     }
+}
+
+/// `extra.feePayer` of a Solana requirement, as a key.
+pub(crate) fn svm_fee_payer(req: &PaymentRequirements) -> Option<crate::proto::svm::Pubkey> {
+    req.extra_str("feePayer")?.parse().ok()
 }
 
 /// How a paid call ended.
