@@ -439,6 +439,46 @@ async fn sixty_four_concurrent_copies_of_one_proof_settle_one_transaction() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_sdk_pays_our_solana_route_exactly_the_price_and_its_replay_is_refused() {
+    let Some(deps) = chain::deps("svm_chain") else {
+        return;
+    };
+    let chain = start_chain(&deps);
+    let hits = Hits::new();
+    let url = settled_route(&chain, &hits, SettlementMode::AfterHandler).await;
+    let balances = || {
+        (
+            chain.token_balance(&payer().pubkey().to_string()),
+            chain.token_balance(&pay_to().pubkey().to_string()),
+        )
+    };
+    let (payer_before, to_before) = balances();
+    let rpc = chain.url.clone();
+    let key = payer().to_bytes();
+    let out = {
+        let deps = deps.clone();
+        tokio::task::spawn_blocking(move || chain::pay_py(&deps, &url, &rpc, &key, true))
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        out["status"],
+        json!(200),
+        "{out:#}\nchain log:\n{}",
+        chain.log()
+    );
+    assert_eq!(out["paymentResponse"]["success"], json!(true), "{out:#}");
+    assert_eq!(
+        out["paymentResponse"]["payer"],
+        json!(payer().pubkey().to_string())
+    );
+    assert_eq!(out["replayStatus"], json!(402), "{out:#}");
+    assert_eq!(hits.get(), 1);
+    let after = (payer_before.map(|b| b - 1000), to_before.map(|b| b + 1000));
+    assert_eq!(balances(), after);
+}
+
 /// Our own `PayingLayer` paying a route that offers EVM and Solana: the policy picks the
 /// network (the two prices tie, so without it the server's order would).
 #[cfg(feature = "svm-client")]
