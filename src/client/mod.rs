@@ -18,6 +18,9 @@
 //!    validAfter: 0}`, deadline `maxTimeoutSeconds` from now, a random 256-bit nonce, as
 //!    `@x402/evm`'s `UptoEvmScheme` signs it. If the challenge offers the
 //!    `payment-identifier` extension, an idempotency id goes with it.
+//!    Solana `exact` (feature `svm-client`, a layer given an `SvmPayer` with
+//!    `PayingLayer::svm`): the official `@x402/svm` transaction, fee payer `extra.feePayer`,
+//!    signed by the payer as the transfer authority (`svm::pay`).
 //! 4. The request is sent again with `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1). The answer
 //!    carries a [`PaymentReport`] in its extensions: what was paid, the decoded receipt
 //!    (`PAYMENT-RESPONSE` / `X-PAYMENT-RESPONSE`) and the [`PaymentOutcome`]. For `upto`, a
