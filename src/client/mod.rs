@@ -145,7 +145,7 @@ pub struct PaymentReport {
     pub authorization: Authorization,
     /// The signed Permit2 permit of an `upto` payment (`None` for `exact`).
     pub permit2: Option<Permit2Authorization>,
-    /// The Solana payer's key when a Solana offer was paid ([`PayingLayer::svm`]); then
+    /// The Solana payer's key when a Solana offer was paid (`PayingLayer::svm`, feature `svm-client`); then
     /// [`Self::authorization`] holds the amount, the window and, as `nonce`, the SHA-256 of
     /// the signed message (the server's claim key), with zero EVM addresses.
     pub svm_payer: Option<crate::proto::svm::Pubkey>,
