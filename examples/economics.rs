@@ -31,9 +31,24 @@
 //!   Mainnet's minimum base fee is 0.002 gwei, docs.base.org "Network Fees"; 0.01 gwei allows
 //!   for busier blocks) and $2500 per ETH (the reference price of that page). Only the L2
 //!   execution gas is measured: on Base an L1 data fee comes on top, per byte of calldata.
+//!
+//! With `svm-settle` and `svm-client` (`--all-features`), a last table gives the Solana row
+//! (`--modes svm` alone): `--payments` payments by our `PayingLayer` to a route settled by
+//! `SvmSettler` on the local litesvm chain of the tests (`tests/svm/chain.mjs`): the fee per
+//! payment in lamports (the fee payer's balance) and in $ at `--sol-usd` (default 150), and
+//! the confirmation latency (the settle step: send until confirmed).
 
 #[path = "../tests/chain/mod.rs"]
 mod chain;
+
+// The local Solana chain of the tests (litesvm behind JSON-RPC), for the SVM row.
+#[cfg(all(feature = "svm-settle", feature = "svm-client"))]
+mod common {
+    pub use super::chain::process;
+}
+#[cfg(all(feature = "svm-settle", feature = "svm-client"))]
+#[path = "../tests/svm/chain.rs"]
+mod svm_chain;
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -69,6 +84,7 @@ struct Args {
     price_usd: f64,
     bundle: u64,
     modes: Option<Vec<String>>,
+    sol_usd: f64,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -92,6 +108,7 @@ fn parse_args() -> Result<Args, BoxError> {
         price_usd: get("--price-usd")?.map_or(Ok(0.001), str::parse)?,
         bundle: get("--bundle")?.map_or(Ok(100), str::parse)?,
         modes: get("--modes")?.map(|m| m.split(',').map(str::to_owned).collect()),
+        sol_usd: get("--sol-usd")?.map_or(Ok(150.0), str::parse)?,
     })
 }
 
@@ -629,6 +646,123 @@ async fn main() -> Result<(), BoxError> {
     println!(
         "\ngas price {} gwei, ETH ${}: 1 gas = ${:.3e}. Break-even price: the price at which the settlement gas eats the whole payment (L2 execution gas only; Base adds an L1 data fee).",
         args.gas_price_gwei, args.eth_usd, usd_per_gas
+    );
+    #[cfg(all(feature = "svm-settle", feature = "svm-client"))]
+    if args
+        .modes
+        .as_ref()
+        .is_none_or(|m| m.iter().any(|x| x == "svm"))
+    {
+        svm_row(&args).await?;
+    }
+    Ok(())
+}
+
+/// The SVM row: `--payments` Solana `exact` payments, one after the other, made by our
+/// `PayingLayer` (the official client's transaction) to a `PaymentLayer` settling after the
+/// handler with `SvmSettler`, on the local chain (`tests/svm/chain.mjs`, litesvm, posing as
+/// devnet). Fee per payment: the fee payer's lamports spent over the payments. Confirmation
+/// latency: the settle step (`sendTransaction` until the status is confirmed).
+#[cfg(all(feature = "svm-settle", feature = "svm-client"))]
+async fn svm_row(args: &Args) -> Result<(), BoxError> {
+    use serde_json::json;
+    use tower_x402::client::{PayingLayer, PaymentOutcome, PaymentReport, Policy, SvmPayer};
+    use tower_x402::nonce::MemoryNonceStore;
+    use tower_x402::svm::{Keypair, SvmAsset, SvmSettler, SvmVerifier, program};
+
+    let deps = svm_chain::deps("economics")
+        .ok_or("the local Solana chain is not installed: run scripts/install-test-deps.sh")?;
+    let (fee_payer, payer, pay_to) = (
+        Keypair::from_seed([1; 32]),
+        Keypair::from_seed([2; 32]),
+        Keypair::from_seed([3; 32]),
+    );
+    let price = (args.price_usd * 1e6).round() as u64;
+    let chain = svm_chain::Chain::start(
+        &deps,
+        json!({
+            "mint": program::USDC_DEVNET.to_string(),
+            "decimals": 6,
+            "payer": payer.pubkey().to_string(),
+            "payerBalance": price * (args.payments as u64 + 1),
+            "feePayer": fee_payer.pubkey().to_string(),
+            "payTo": pay_to.pubkey().to_string(),
+        }),
+    );
+    let lamports = |who: &Keypair| -> Result<u64, BoxError> {
+        chain
+            .call("getBalance", json!([who.pubkey().to_string()]))
+            .map_err(|e| format!("getBalance: {e}"))?["value"]
+            .as_u64()
+            .ok_or_else(|| "getBalance: no value".into())
+    };
+    let option = PaymentOption::exact_svm(
+        &SvmAsset::usdc_devnet(),
+        &format!("${}", args.price_usd),
+        pay_to.pubkey(),
+        fee_payer.pubkey(),
+    )?;
+    let settler = Timed::new(SvmSettler::new(
+        chain.url.clone(),
+        tower_x402::Network::SOLANA_DEVNET,
+        fee_payer.clone(),
+    )?);
+    let layer = PaymentLayer::builder()
+        .accept(option)
+        .verifier(SvmVerifier::new([fee_payer.pubkey()]))
+        .settler(settler.clone())
+        .settlement_mode(SettlementMode::AfterHandler)
+        .nonce_store(MemoryNonceStore::new())
+        .build()?;
+    let server = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(handler));
+    let policy = Policy::new(U256::from(price))
+        .allow_svm_token(tower_x402::Network::SOLANA_DEVNET, program::USDC_DEVNET);
+    let client = ServiceBuilder::new()
+        .layer(
+            PayingLayer::new(PrivateKeySigner::random(), policy)
+                .svm(SvmPayer::new(payer.clone(), chain.url.clone())?),
+        )
+        .service(server);
+
+    let fees_before = lamports(&fee_payer)?;
+    let (mut paid, mut failures) = (Vec::new(), 0u64);
+    for _ in 0..args.payments {
+        let req = Request::get("http://local/paid").body(Full::<Bytes>::default())?;
+        let t = Instant::now();
+        let res = client.clone().oneshot(req).await?;
+        let settled = res
+            .extensions()
+            .get::<PaymentReport>()
+            .is_some_and(|r| r.outcome == PaymentOutcome::Settled);
+        if res.status().is_success() && settled {
+            paid.push(t.elapsed());
+        } else {
+            failures += 1;
+        }
+    }
+    let fees = fees_before.saturating_sub(lamports(&fee_payer)?);
+    let per = fees as f64 / paid.len().max(1) as f64;
+    let usd = per * 1e-9 * args.sol_usd;
+    let settle = settler.settle.lock().expect("lock").clone();
+    println!(
+        "\n| network | payments | fee / payment | fee $ / payment | share of ${} | confirmation (settle step) p50 / p99 | paid request p50 / p99 | failures |",
+        args.price_usd
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| Solana (local litesvm, SvmSettler) | {} | {per:.0} lamports | ${usd:.7} | {:.3} % | {} / {} | {} / {} | {failures} |",
+        paid.len(),
+        100.0 * usd / args.price_usd,
+        us(percentile(&settle, 0.5)),
+        us(percentile(&settle, 0.99)),
+        us(percentile(&paid, 0.5)),
+        us(percentile(&paid, 0.99)),
+    );
+    println!(
+        "\nSOL ${}: fee = the fee payer's lamports spent (5,000 per signature, two signatures, plus the 20,000 CU x 1 micro-lamport priority fee). The paid request includes the client's two RPC reads (blockhash; the mint once) and the server's simulation.",
+        args.sol_usd
     );
     Ok(())
 }

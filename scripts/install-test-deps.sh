@@ -200,12 +200,19 @@ install_svm() {
   (cd "$DEPS/svm" && node -e 'for (const m of ["litesvm", "@x402/fetch", "@x402/svm/exact/client", "@solana/kit",
     "@solana-program/token"]) require(m)') || die "installed SVM npm packages do not load"
 }
+# The Python SDK's Solana client (x402[svm], in requirements.txt) for tests/clients/pay_svm.py;
+# checked once the venv is installed.
+check_svm_python() {
+  "$DEPS/venv/bin/python" -c 'import x402.mechanisms.svm.exact, solders, solana' \
+    || die "x402[svm] is not importable in $DEPS/venv"
+}
 # ---------------------------------------------------------------------------------------------
 
 t0=$(date +%s)
 install_node
 install_svm
 install_python
+check_svm_python
 install_services
 printf '%s\n' "$want_stamp" >"$stamp_file"
 log "installed in $(($(date +%s) - t0))s: $DEPS"

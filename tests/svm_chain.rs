@@ -438,3 +438,202 @@ async fn sixty_four_concurrent_copies_of_one_proof_settle_one_transaction() {
         Some(before - 1000)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_sdk_pays_our_solana_route_exactly_the_price_and_its_replay_is_refused() {
+    let Some(deps) = chain::deps("svm_chain") else {
+        return;
+    };
+    let chain = start_chain(&deps);
+    let hits = Hits::new();
+    let url = settled_route(&chain, &hits, SettlementMode::AfterHandler).await;
+    let balances = || {
+        (
+            chain.token_balance(&payer().pubkey().to_string()),
+            chain.token_balance(&pay_to().pubkey().to_string()),
+        )
+    };
+    let (payer_before, to_before) = balances();
+    let rpc = chain.url.clone();
+    let key = payer().to_bytes();
+    let out = {
+        let deps = deps.clone();
+        tokio::task::spawn_blocking(move || chain::pay_py(&deps, &url, &rpc, &key, true))
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        out["status"],
+        json!(200),
+        "{out:#}\nchain log:\n{}",
+        chain.log()
+    );
+    assert_eq!(out["paymentResponse"]["success"], json!(true), "{out:#}");
+    assert_eq!(
+        out["paymentResponse"]["payer"],
+        json!(payer().pubkey().to_string())
+    );
+    assert_eq!(out["replayStatus"], json!(402), "{out:#}");
+    assert_eq!(hits.get(), 1);
+    let after = (payer_before.map(|b| b - 1000), to_before.map(|b| b + 1000));
+    assert_eq!(balances(), after);
+}
+
+/// Our own `PayingLayer` paying a route that offers EVM and Solana: the policy picks the
+/// network (the two prices tie, so without it the server's order would).
+#[cfg(feature = "svm-client")]
+mod paying_layer {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http::{HeaderValue, Request, StatusCode};
+    use http_body_util::Full;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+    use tower::{ServiceBuilder, ServiceExt};
+    use tower_x402::client::{PayingLayer, PaymentOutcome, PaymentReport, Policy, SvmPayer};
+    use tower_x402::primitives::U256;
+    use tower_x402::proto::header::PAYMENT_SIGNATURE;
+    use tower_x402::test_util::PrivateKeySigner;
+    use tower_x402::{Asset, Network};
+
+    use super::*;
+
+    type Hyper = Client<HttpConnector, Full<Bytes>>;
+
+    fn hyper() -> Hyper {
+        Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    /// `/paid` offering Base Sepolia USDC (verified offline: no EVM chain here) and devnet
+    /// USDC, both `$0.001`; Solana payments settled by `SvmSettler` when `settle`.
+    async fn both_route(chain: &Chain, hits: &Hits, settle: bool) -> String {
+        let svm = PaymentOption::exact_svm(
+            &SvmAsset::usdc_devnet(),
+            "$0.001",
+            pay_to().pubkey(),
+            fee_payer().pubkey(),
+        )
+        .unwrap();
+        let mut builder = PaymentLayer::builder()
+            .accept(common::option())
+            .accept(svm)
+            .verifier(SvmVerifier::new([fee_payer().pubkey()]).with_evm(EvmVerifier::new()))
+            .nonce_store(MemoryNonceStore::new());
+        if settle {
+            builder = builder.settler(
+                SvmSettler::new(chain.url.clone(), Network::SOLANA_DEVNET, fee_payer())
+                    .unwrap()
+                    .with_confirm_timeout(std::time::Duration::from_secs(5)),
+            );
+        }
+        let (addr, _server) =
+            common::serve(common::app(hits).layer(builder.build().unwrap())).await;
+        format!("http://{addr}/paid")
+    }
+
+    /// Pays `url` once with our layer (Solana payer = `payer()`), recording the proof header
+    /// it sent; returns the status, the report and that header.
+    async fn pay(
+        chain: &Chain,
+        url: &str,
+        policy: Policy,
+    ) -> (StatusCode, PaymentReport, HeaderValue) {
+        let sent: Arc<Mutex<Option<HeaderValue>>> = Arc::default();
+        let seen = sent.clone();
+        let http = hyper();
+        let recording = tower::service_fn(move |req: Request<Full<Bytes>>| {
+            if let Some(v) = req.headers().get(PAYMENT_SIGNATURE) {
+                *seen.lock().unwrap() = Some(v.clone());
+            }
+            http.request(req)
+        });
+        let layer = PayingLayer::new(PrivateKeySigner::random(), policy)
+            .svm(SvmPayer::new(payer(), chain.url.clone()).unwrap());
+        let client = ServiceBuilder::new().layer(layer).service(recording);
+        let req = Request::get(url).body(Full::default()).unwrap();
+        let res = client.oneshot(req).await.unwrap();
+        let report = res.extensions().get::<PaymentReport>().cloned().unwrap();
+        let header = sent.lock().unwrap().clone().expect("a proof was sent");
+        (res.status(), report, header)
+    }
+
+    async fn replay(url: &str, proof: HeaderValue) -> StatusCode {
+        let req = Request::get(url)
+            .header(PAYMENT_SIGNATURE, proof)
+            .body(Full::default())
+            .unwrap();
+        hyper().request(req).await.unwrap().status()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn our_paying_layer_pays_the_solana_offer_when_its_policy_says_solana() {
+        let Some(deps) = chain::deps("svm_chain") else {
+            return;
+        };
+        let chain = start_chain(&deps);
+        let hits = Hits::new();
+        let url = both_route(&chain, &hits, true).await;
+        let balances = || {
+            (
+                chain.token_balance(&payer().pubkey().to_string()),
+                chain.token_balance(&pay_to().pubkey().to_string()),
+            )
+        };
+        let (payer_before, to_before) = balances();
+        let policy = Policy::new(U256::from(10_000))
+            .allow_network(Network::SOLANA_DEVNET)
+            .allow_svm_token(Network::SOLANA_DEVNET, program::USDC_DEVNET);
+        let budget = tower_x402::client::Budget::new(U256::from(1_000_000));
+        let (status, report, proof) = pay(&chain, &url, policy.budget(budget.clone())).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{report:?}\nchain log:\n{}",
+            chain.log()
+        );
+        assert_eq!(report.outcome, PaymentOutcome::Settled, "{report:?}");
+        assert_eq!(report.requirements.network, Network::SOLANA_DEVNET);
+        assert_eq!(report.svm_payer, Some(payer().pubkey()));
+        // The receipt names our payer and a transaction the chain knows as finalized.
+        let receipt = report.receipt.clone().unwrap();
+        assert_eq!(receipt.payer, Some(payer().pubkey().into()));
+        let id = receipt.signature.unwrap().to_string();
+        let st = chain.call("getSignatureStatuses", json!([[id]])).unwrap();
+        assert_eq!(st["value"][0]["err"], json!(null), "{st}");
+        assert_eq!(report.amount(), U256::from(1000));
+        assert_eq!(budget.spent(), U256::from(1000));
+        assert_eq!(hits.get(), 1);
+        // Exactly the price moved, once.
+        let after = (payer_before.map(|b| b - 1000), to_before.map(|b| b + 1000));
+        assert_eq!(balances(), after);
+
+        // The same transaction again: refused before the handler, nothing moves.
+        assert_eq!(replay(&url, proof).await, StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(hits.get(), 1);
+        assert_eq!(balances(), after);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn our_paying_layer_pays_the_evm_offer_when_its_policy_says_evm() {
+        let Some(deps) = chain::deps("svm_chain") else {
+            return;
+        };
+        let chain = start_chain(&deps);
+        let hits = Hits::new();
+        // No settler: the EVM proof is verified and claimed in-process (no EVM chain here).
+        let url = both_route(&chain, &hits, false).await;
+        let before = chain.token_balance(&payer().pubkey().to_string());
+        let policy = Policy::new(U256::from(10_000)).allow_asset(&Asset::usdc_base_sepolia());
+        let (status, report, proof) = pay(&chain, &url, policy).await;
+        assert_eq!(status, StatusCode::OK, "{report:?}");
+        assert_eq!(report.requirements.network, Network::BASE_SEPOLIA);
+        assert_eq!(report.svm_payer, None);
+        assert_eq!(hits.get(), 1);
+        assert_eq!(replay(&url, proof).await, StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(hits.get(), 1);
+        // The Solana payer was not touched.
+        assert_eq!(chain.token_balance(&payer().pubkey().to_string()), before);
+    }
+}

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use super::error::ChallengeError;
 use super::policy::Refusal;
 use crate::Network;
+use crate::proto::Account;
 use crate::proto::header::{self, PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
 use crate::proto::{SettleResponse, X402Version, v1, v2};
 
@@ -168,15 +169,32 @@ fn decode_receipt(value: &http::HeaderValue) -> Result<SettleResponse, Challenge
         .network
         .parse()
         .map_err(|_| ChallengeError::Receipt("network"))?;
-    let transaction = match w.transaction.as_deref() {
-        None | Some("") => None,
-        Some(t) => Some(
-            t.parse::<B256>()
-                .map_err(|_| ChallengeError::Receipt("transaction"))?,
+    // On Solana the transaction is a base58 signature and the payer a base58 key.
+    let solana = network.is_solana();
+    let (transaction, signature) = match w.transaction.as_deref() {
+        None | Some("") => (None, None),
+        Some(t) if solana => (
+            None,
+            Some(
+                t.parse::<crate::proto::svm::Signature>()
+                    .map_err(|_| ChallengeError::Receipt("transaction"))?,
+            ),
+        ),
+        Some(t) => (
+            Some(
+                t.parse::<B256>()
+                    .map_err(|_| ChallengeError::Receipt("transaction"))?,
+            ),
+            None,
         ),
     };
     let payer = match w.payer.as_deref() {
         None | Some("") => None,
+        Some(p) if solana => Some(
+            p.parse::<crate::proto::svm::Pubkey>()
+                .map(Account::Svm)
+                .map_err(|_| ChallengeError::Receipt("payer"))?,
+        ),
         Some(p) => Some(
             p.parse::<Address>()
                 .map(Into::into)
@@ -192,7 +210,7 @@ fn decode_receipt(value: &http::HeaderValue) -> Result<SettleResponse, Challenge
         error_reason: w.error_reason.filter(|r| !r.is_empty()),
         payer,
         transaction,
-        signature: None,
+        signature,
         network,
         amount,
     })

@@ -182,11 +182,12 @@ where
     Sg: Signer + Send + Sync,
 {
     let policy = &shared.policy;
+    let svm = shared.svm_key();
     let mut verdicts: Vec<Option<Refusal>> = challenge
         .offers
         .iter()
         .map(|o| match o {
-            Ok(offer) => policy.refusal(challenge.version, &offer.requirements),
+            Ok(offer) => policy.refusal(challenge.version, &offer.requirements, svm),
             Err(r) => Some(*r),
         })
         .collect();
@@ -215,7 +216,9 @@ where
     let payer = shared.signer.address();
     let mut chosen = None;
     for (i, offer) in candidates {
-        if let Some(source) = &shared.balance {
+        // The balance source reads EVM tokens; a Solana offer is not looked up.
+        let solana = offer.requirements.network.is_solana();
+        if let (Some(source), false) = (&shared.balance, solana) {
             let r = &offer.requirements;
             let balance = source
                 .balance(r.network, r.asset.evm().unwrap_or_default(), payer)
@@ -240,7 +243,18 @@ where
             .try_spend(amount)
             .map_err(|remaining| Error::BudgetExceeded { amount, remaining })?;
     }
-    let proof = match signer::proof(&*shared.signer, challenge, offer, shared.clock.now()).await {
+    let now = shared.clock.now();
+    let signed = match (offer.requirements.network.is_solana(), svm) {
+        #[cfg(feature = "svm-client")]
+        (true, Some(_)) => match &shared.svm {
+            Some(payer) => payer.proof(challenge, offer, now).await,
+            None => Err(alloy_signer::Error::other("no Solana payer")),
+        },
+        // The policy refuses Solana offers without a payer; never sign one with an EVM key.
+        (true, _) => Err(alloy_signer::Error::other("no Solana payer")),
+        (false, _) => signer::proof(&*shared.signer, challenge, offer, now).await,
+    };
+    let proof = match signed {
         Ok(proof) => proof,
         Err(e) => {
             // Nothing was signed: give the amount back.
@@ -255,6 +269,7 @@ where
         requirements: offer.requirements.clone(),
         authorization: proof.authorization.clone(),
         permit2: proof.permit.clone(),
+        svm_payer: svm.filter(|_| offer.requirements.network.is_solana()),
         payment_id: proof.payment_id.clone(),
         attempts: 0,
         receipt: None,
@@ -379,6 +394,8 @@ mod tests {
             clock: Arc::new(FixedClock::new(NOW)),
             balance: None,
             only_version: None,
+            #[cfg(feature = "svm-client")]
+            svm: None,
         }
     }
 

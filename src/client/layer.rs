@@ -32,6 +32,8 @@ pub struct PayingLayer<Sg> {
     clock: Arc<dyn Clock>,
     balance: Option<Arc<dyn BalanceSource>>,
     only_version: Option<X402Version>,
+    #[cfg(feature = "svm-client")]
+    svm: Option<Arc<super::SvmPayer>>,
 }
 
 impl<Sg> Clone for PayingLayer<Sg> {
@@ -43,6 +45,8 @@ impl<Sg> Clone for PayingLayer<Sg> {
             clock: self.clock.clone(),
             balance: self.balance.clone(),
             only_version: self.only_version,
+            #[cfg(feature = "svm-client")]
+            svm: self.svm.clone(),
         }
     }
 }
@@ -68,7 +72,26 @@ impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
             clock: Arc::new(SystemClock),
             balance: None,
             only_version: None,
+            #[cfg(feature = "svm-client")]
+            svm: None,
         }
+    }
+
+    /// Also pays Solana `exact` offers, with `payer` (an ed25519 key and the RPC the
+    /// transaction is built against), within the same [`Policy`] and [`Budget`] as EVM
+    /// offers. Default: Solana offers are refused ([`Refusal::Network`](super::Refusal)).
+    ///
+    /// The transaction is the official client's: compute-unit limit and price, one
+    /// `TransferChecked` to `payTo`'s associated token account, a memo; its fee payer is the
+    /// server's `extra.feePayer` (an offer naming the payer's own key is refused), signed by
+    /// the payer as the transfer authority only. The [`BalanceSource`] is not consulted for
+    /// Solana offers.
+    #[cfg(feature = "svm-client")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "svm-client")))]
+    #[must_use]
+    pub fn svm(mut self, payer: super::SvmPayer) -> Self {
+        self.svm = Some(Arc::new(payer));
+        self
     }
 
     /// Replaces the retry rules. Default: [`RetryPolicy::default`].
@@ -117,6 +140,8 @@ impl<Sg> PayingLayer<Sg> {
             clock: self.clock.clone(),
             balance: self.balance.clone(),
             only_version: self.only_version,
+            #[cfg(feature = "svm-client")]
+            svm: self.svm.clone(),
         }
     }
 }
@@ -140,6 +165,18 @@ pub(crate) struct Shared<Sg> {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) balance: Option<Arc<dyn BalanceSource>>,
     pub(crate) only_version: Option<X402Version>,
+    #[cfg(feature = "svm-client")]
+    pub(crate) svm: Option<Arc<super::SvmPayer>>,
+}
+
+impl<Sg> Shared<Sg> {
+    /// The Solana payer's key, if the layer pays Solana offers.
+    pub(crate) fn svm_key(&self) -> Option<crate::proto::svm::Pubkey> {
+        #[cfg(feature = "svm-client")]
+        return self.svm.as_ref().map(|p| p.pubkey());
+        #[cfg(not(feature = "svm-client"))]
+        None
+    }
 }
 
 /// The service built by [`PayingLayer`]. See the [module docs](super).

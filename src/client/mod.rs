@@ -18,6 +18,9 @@
 //!    validAfter: 0}`, deadline `maxTimeoutSeconds` from now, a random 256-bit nonce, as
 //!    `@x402/evm`'s `UptoEvmScheme` signs it. If the challenge offers the
 //!    `payment-identifier` extension, an idempotency id goes with it.
+//!    Solana `exact` (feature `svm-client`, a layer given an `SvmPayer` with
+//!    `PayingLayer::svm`): the official `@x402/svm` transaction, fee payer `extra.feePayer`,
+//!    signed by the payer as the transfer authority (`svm::pay`).
 //! 4. The request is sent again with `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1). The answer
 //!    carries a [`PaymentReport`] in its extensions: what was paid, the decoded receipt
 //!    (`PAYMENT-RESPONSE` / `X-PAYMENT-RESPONSE`) and the [`PaymentOutcome`]. For `upto`, a
@@ -100,6 +103,8 @@ pub mod middleware;
 mod policy;
 mod retry;
 mod signer;
+#[cfg(feature = "svm-client")]
+mod svm;
 
 use alloy_primitives::{Address, B256, U256};
 
@@ -114,6 +119,9 @@ pub use layer::{Paying, PayingLayer, ResponseFuture};
 pub use middleware::PayingMiddleware;
 pub use policy::{Budget, Policy, Refusal};
 pub use retry::RetryPolicy;
+#[cfg(feature = "svm-client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "svm-client")))]
+pub use svm::SvmPayer;
 
 use crate::proto::exact::Authorization;
 use crate::proto::upto::Permit2Authorization;
@@ -137,6 +145,10 @@ pub struct PaymentReport {
     pub authorization: Authorization,
     /// The signed Permit2 permit of an `upto` payment (`None` for `exact`).
     pub permit2: Option<Permit2Authorization>,
+    /// The Solana payer's key when a Solana offer was paid (`PayingLayer::svm`, feature `svm-client`); then
+    /// [`Self::authorization`] holds the amount, the window and, as `nonce`, the SHA-256 of
+    /// the signed message (the server's claim key), with zero EVM addresses.
+    pub svm_payer: Option<crate::proto::svm::Pubkey>,
     /// The `payment-identifier` id sent, if the server offered the extension.
     pub payment_id: Option<String>,
     /// Requests sent with the proof (1 unless retried).
@@ -195,6 +207,11 @@ impl PaymentReport {
     pub fn transaction(&self) -> Option<B256> {
         self.receipt.as_ref().and_then(|r| r.transaction)
     }
+}
+
+/// `extra.feePayer` of a Solana requirement, as a key.
+pub(crate) fn svm_fee_payer(req: &PaymentRequirements) -> Option<crate::proto::svm::Pubkey> {
+    req.extra_str("feePayer")?.parse().ok()
 }
 
 /// How a paid call ended.

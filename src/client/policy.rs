@@ -5,8 +5,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use alloy_primitives::{Address, U256};
 
-use crate::proto::X402Version;
+use crate::proto::svm::Pubkey;
 use crate::proto::v2::PaymentRequirements;
+use crate::proto::{Account, X402Version};
 use crate::verify::{exact, upto};
 use crate::{Asset, Network};
 
@@ -32,7 +33,7 @@ use crate::{Asset, Network};
 #[derive(Clone, Debug)]
 pub struct Policy {
     networks: Vec<Network>,
-    assets: Vec<(Network, Address)>,
+    assets: Vec<(Network, Account)>,
     max_per_request: U256,
     budget: Option<Budget>,
     upto: bool,
@@ -89,14 +90,24 @@ impl Policy {
     /// Default: every token.
     #[must_use]
     pub fn allow_asset(mut self, asset: &Asset) -> Self {
-        self.assets.push((asset.network, asset.address));
+        self.assets
+            .push((asset.network, Account::Evm(asset.address)));
         self
     }
 
     /// Allows the token at `address` on `network`.
     #[must_use]
     pub fn allow_token(mut self, network: Network, address: Address) -> Self {
-        self.assets.push((network, address));
+        self.assets.push((network, Account::Evm(address)));
+        self
+    }
+
+    /// Allows the Solana token `mint` on `network` (may be called several times, with the
+    /// EVM tokens). Solana offers are paid only by a layer given a payer
+    /// ([`PayingLayer::svm`](super::PayingLayer)).
+    #[must_use]
+    pub fn allow_svm_token(mut self, network: Network, mint: Pubkey) -> Self {
+        self.assets.push((network, Account::Svm(mint)));
         self
     }
 
@@ -120,10 +131,16 @@ impl Policy {
 
     /// Why `req`, offered in a `version` challenge, may not be paid, or `None` if it may
     /// (budget and balance aside).
+    ///
+    /// `svm` names the Solana payer's key when the layer has one ([`PayingLayer::svm`]):
+    /// without it Solana offers are refused ([`Refusal::Network`]).
+    ///
+    /// [`PayingLayer::svm`]: super::PayingLayer
     pub(crate) fn refusal(
         &self,
         version: X402Version,
         req: &PaymentRequirements,
+        svm: Option<Pubkey>,
     ) -> Option<Refusal> {
         let is_upto = req.scheme == upto::SCHEME;
         if is_upto {
@@ -137,18 +154,15 @@ impl Policy {
         } else if req.scheme != exact::SCHEME {
             return Some(Refusal::Scheme);
         }
-        // This client signs with an EVM key: a Solana offer is not for it.
-        if req.network.is_solana()
+        // A Solana offer needs a Solana payer (and is `exact` only).
+        let solana = req.network.is_solana();
+        if (solana && (svm.is_none() || is_upto))
             || (!self.networks.is_empty() && !self.networks.contains(&req.network))
         {
             return Some(Refusal::Network);
         }
-        if !self.assets.is_empty()
-            && !self
-                .assets
-                .iter()
-                .any(|(n, a)| *n == req.network && req.asset == *a)
-        {
+        let listed = |a: &(Network, Account)| a.0 == req.network && req.asset == a.1;
+        if !self.assets.is_empty() && !self.assets.iter().any(listed) {
             return Some(Refusal::Asset);
         }
         if req.amount.is_zero() {
@@ -157,6 +171,14 @@ impl Policy {
         // For `upto`, `amount` is the maximum: the most the signature can ever cost.
         if req.amount > self.max_per_request {
             return Some(Refusal::OverCap);
+        }
+        if solana {
+            // The server's key pays the fees; it must be a key, and never the payer's own
+            // (the payer would then sign as fee payer and could be drained).
+            return match super::svm_fee_payer(req) {
+                Some(k) if Some(k) != svm => None,
+                _ => Some(Refusal::FeePayer),
+            };
         }
         if is_upto {
             // The permit names the one account allowed to settle it: without it, no permit.
@@ -201,6 +223,8 @@ pub enum Refusal {
     OverCap,
     /// An `upto` offer without an `extra.facilitatorAddress` that is an address.
     Facilitator,
+    /// A Solana offer whose `extra.feePayer` is not a key, or is the payer's own.
+    FeePayer,
     /// Not an EIP-3009 transfer (Permit2 is not supported).
     TransferMethod,
     /// `extra` lacks the EIP-712 `name`/`version`: the signature could not verify.
@@ -221,6 +245,7 @@ impl fmt::Display for Refusal {
             Self::ZeroAmount => "zero amount",
             Self::OverCap => "amount over the per-request cap",
             Self::Facilitator => "no valid extra.facilitatorAddress for upto",
+            Self::FeePayer => "no valid extra.feePayer for Solana",
             Self::TransferMethod => "transfer method is not EIP-3009",
             Self::MissingDomain => "no EIP-712 name/version in extra",
             Self::Malformed => "malformed requirement",
@@ -331,28 +356,28 @@ mod tests {
             .requirements()
             .clone();
         let p = Policy::new(U256::from(10_000)).allow_asset(&asset);
-        assert_eq!(p.refusal(V2, &req), None);
-        assert_eq!(p.refusal(V1, &req), None);
+        assert_eq!(p.refusal(V2, &req, None), None);
+        assert_eq!(p.refusal(V1, &req, None), None);
         assert_eq!(
-            Policy::new(U256::from(9_999)).refusal(V2, &req),
+            Policy::new(U256::from(9_999)).refusal(V2, &req, None),
             Some(Refusal::OverCap)
         );
         assert_eq!(
             Policy::new(U256::MAX)
                 .allow_network(Network::BASE)
-                .refusal(V2, &req),
+                .refusal(V2, &req, None),
             Some(Refusal::Network)
         );
         assert_eq!(
             Policy::new(U256::MAX)
                 .allow_asset(&Asset::usdc_base())
-                .refusal(V2, &req),
+                .refusal(V2, &req, None),
             Some(Refusal::Asset)
         );
         req.extra = None;
-        assert_eq!(p.refusal(V2, &req), Some(Refusal::MissingDomain));
+        assert_eq!(p.refusal(V2, &req, None), Some(Refusal::MissingDomain));
         req.scheme = "deferred".into();
-        assert_eq!(p.refusal(V2, &req), Some(Refusal::Scheme));
+        assert_eq!(p.refusal(V2, &req, None), Some(Refusal::Scheme));
     }
 
     const V1: X402Version = X402Version::V1;
@@ -375,12 +400,12 @@ mod tests {
         let req = upto_req(50_000);
         let p = Policy::new(U256::MAX);
         assert!(!p.upto_allowed());
-        assert_eq!(p.refusal(V2, &req), Some(Refusal::UptoNotAllowed));
+        assert_eq!(p.refusal(V2, &req, None), Some(Refusal::UptoNotAllowed));
         let p = p.allow_upto();
         assert!(p.upto_allowed());
-        assert_eq!(p.refusal(V2, &req), None);
+        assert_eq!(p.refusal(V2, &req, None), None);
         // No v1 payload exists for upto.
-        assert_eq!(p.refusal(V1, &req), Some(Refusal::Scheme));
+        assert_eq!(p.refusal(V1, &req, None), Some(Refusal::Scheme));
     }
 
     #[test]
@@ -388,31 +413,81 @@ mod tests {
         let asset = Asset::usdc_base_sepolia();
         let req = upto_req(50_000);
         let capped = |cap: u64| Policy::new(U256::from(cap)).allow_upto();
-        assert_eq!(capped(50_000).refusal(V2, &req), None);
-        assert_eq!(capped(49_999).refusal(V2, &req), Some(Refusal::OverCap));
-        assert_eq!(capped(50_000).allow_asset(&asset).refusal(V2, &req), None);
+        assert_eq!(capped(50_000).refusal(V2, &req, None), None);
+        assert_eq!(
+            capped(49_999).refusal(V2, &req, None),
+            Some(Refusal::OverCap)
+        );
+        assert_eq!(
+            capped(50_000).allow_asset(&asset).refusal(V2, &req, None),
+            None
+        );
         assert_eq!(
             capped(50_000)
                 .allow_asset(&Asset::usdc_base())
-                .refusal(V2, &req),
+                .refusal(V2, &req, None),
             Some(Refusal::Asset)
         );
         assert_eq!(
             capped(50_000)
                 .allow_network(Network::BASE)
-                .refusal(V2, &req),
+                .refusal(V2, &req, None),
             Some(Refusal::Network)
         );
         let mut zero = req.clone();
         zero.amount = U256::ZERO;
-        assert_eq!(capped(50_000).refusal(V2, &zero), Some(Refusal::ZeroAmount));
+        assert_eq!(
+            capped(50_000).refusal(V2, &zero, None),
+            Some(Refusal::ZeroAmount)
+        );
         // The EIP-3009 domain and transfer method do not matter to a Permit2 permit.
         let mut bare = req.clone();
         let extra = bare.extra.as_mut().unwrap();
         extra.remove("name");
         extra.remove("version");
         extra.insert("assetTransferMethod".into(), "permit2".into());
-        assert_eq!(capped(50_000).refusal(V2, &bare), None);
+        assert_eq!(capped(50_000).refusal(V2, &bare, None), None);
+    }
+
+    #[cfg(feature = "svm")]
+    #[test]
+    fn solana_offers_need_a_payer_a_fee_payer_that_is_not_it_and_an_allowed_mint() {
+        use crate::proto::svm::Pubkey;
+        use crate::svm::{SvmAsset, program};
+        let (fee_payer, pay_to, me) = (
+            Pubkey::new([1; 32]),
+            Pubkey::new([2; 32]),
+            Pubkey::new([3; 32]),
+        );
+        let asset = SvmAsset::usdc_devnet();
+        let req = |fee_payer| {
+            crate::PaymentOption::exact_svm(&asset, "$0.001", pay_to, fee_payer)
+                .unwrap()
+                .requirements()
+                .clone()
+        };
+        let p = Policy::new(U256::from(1000));
+        assert_eq!(p.refusal(V2, &req(fee_payer), None), Some(Refusal::Network));
+        assert_eq!(p.refusal(V2, &req(fee_payer), Some(me)), None);
+        // The payer must never sign as the fee payer.
+        assert_eq!(p.refusal(V2, &req(me), Some(me)), Some(Refusal::FeePayer));
+        let mut bad = req(fee_payer);
+        bad.extra
+            .as_mut()
+            .unwrap()
+            .insert("feePayer".into(), "0xnope".into());
+        assert_eq!(p.refusal(V2, &bad, Some(me)), Some(Refusal::FeePayer));
+        let evm_only = p.clone().allow_asset(&Asset::usdc_base_sepolia());
+        assert_eq!(
+            evm_only.refusal(V2, &req(fee_payer), Some(me)),
+            Some(Refusal::Asset)
+        );
+        let both = evm_only.allow_svm_token(asset.network, program::USDC_DEVNET);
+        assert_eq!(both.refusal(V2, &req(fee_payer), Some(me)), None);
+        assert_eq!(
+            Policy::new(U256::from(999)).refusal(V2, &req(fee_payer), Some(me)),
+            Some(Refusal::OverCap)
+        );
     }
 
     #[test]
@@ -425,7 +500,7 @@ mod tests {
                 Some(v) => extra.insert(upto::FACILITATOR_ADDRESS.into(), v),
                 None => extra.remove(upto::FACILITATOR_ADDRESS),
             };
-            p.refusal(V2, &req)
+            p.refusal(V2, &req, None)
         };
         assert_eq!(with(None), Some(Refusal::Facilitator));
         for garbage in [
@@ -446,6 +521,6 @@ mod tests {
         assert_eq!(with(Some(lower.into())), None, "any address form parses");
         let mut no_extra = upto_req(50_000);
         no_extra.extra = None;
-        assert_eq!(p.refusal(V2, &no_extra), Some(Refusal::Facilitator));
+        assert_eq!(p.refusal(V2, &no_extra, None), Some(Refusal::Facilitator));
     }
 }

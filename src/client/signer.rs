@@ -219,6 +219,24 @@ where
         let payload = serde_json::to_value(payload).map_err(alloy_signer::Error::other)?;
         (payload, authorization, None)
     };
+    let (name, value, payment_id) = envelope(challenge, offer, payload)?;
+    Ok(Proof {
+        name,
+        value,
+        authorization,
+        permit,
+        payment_id,
+    })
+}
+
+/// Wraps a scheme `payload` for `offer` of `challenge` in the header its version speaks: the
+/// header's name and value, and the `payment-identifier` id added, if any.
+pub(crate) fn envelope(
+    challenge: &Challenge,
+    offer: &Offer,
+    payload: Value,
+) -> Result<(HeaderName, HeaderValue, Option<String>), alloy_signer::Error> {
+    let req = &offer.requirements;
     let mut payment_id = None;
     let (name, doc) = match challenge.version {
         X402Version::V1 => (
@@ -248,13 +266,7 @@ where
         }
     };
     let json = serde_json::to_vec(&doc).map_err(alloy_signer::Error::other)?;
-    Ok(Proof {
-        name,
-        value: header::encode_json(&json),
-        authorization,
-        permit,
-        payment_id,
-    })
+    Ok((name, header::encode_json(&json), payment_id))
 }
 
 /// Adds an id to a declared `payment-identifier` extension (`info` an object), as the

@@ -30,6 +30,7 @@
 
 pub mod ata;
 mod keypair;
+pub mod pay;
 #[cfg(feature = "svm-settle")]
 #[cfg_attr(docsrs, doc(cfg(feature = "svm-settle")))]
 mod settle;

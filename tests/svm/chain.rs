@@ -95,3 +95,17 @@ pub fn pay(deps: &std::path::Path, url: &str, rpc: &str, key: &[u8; 64], replay:
     }
     process::run_json(&mut cmd, Duration::from_secs(60), String::new)
 }
+
+/// Runs the official Python SDK's Solana client (`tests/clients/pay_svm.py`) against `url`.
+pub fn pay_py(deps: &std::path::Path, url: &str, rpc: &str, key: &[u8; 64], replay: bool) -> Value {
+    let script = process::repo().join("tests/clients/pay_svm.py");
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut cmd = Command::new(deps.join("venv/bin/python"));
+    cmd.arg(script)
+        .args(["--url", url, "--rpc", rpc, "--key", &hex])
+        .env("X402_TEST_DEPS", deps);
+    if replay {
+        cmd.arg("--replay");
+    }
+    process::run_json(&mut cmd, Duration::from_secs(60), String::new)
+}
