@@ -94,6 +94,7 @@
 
 mod balance;
 mod challenge;
+mod channel;
 mod error;
 mod flow;
 mod layer;
@@ -112,7 +113,11 @@ pub use balance::BalanceSource;
 #[cfg(feature = "onchain")]
 #[cfg_attr(docsrs, doc(cfg(feature = "onchain")))]
 pub use balance::ProviderBalance;
-pub use error::{ChallengeError, Error, Refusals};
+pub use channel::{
+    ChannelBook, ChannelKey, ChannelPayment, ChannelPolicy, ChannelRecord, ChannelRefund,
+    MemoryChannelBook,
+};
+pub use error::{ChallengeError, ChannelError, Error, Refusals};
 pub use layer::{Paying, PayingLayer, ResponseFuture};
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
@@ -151,6 +156,9 @@ pub struct PaymentReport {
     pub svm_payer: Option<crate::proto::svm::Pubkey>,
     /// The `payment-identifier` id sent, if the server offered the extension.
     pub payment_id: Option<String>,
+    /// A `batch-settlement` payment: the channel, the voucher's ceiling, the deposit sent with
+    /// it and what the receipt charged.
+    pub channel: Option<ChannelPayment>,
     /// Requests sent with the proof (1 unless retried).
     pub attempts: u32,
     /// The decoded receipt of the final answer, if it had one.
@@ -165,6 +173,9 @@ impl PaymentReport {
     /// the [maximum](Self::max_amount) (the most the permit can still cost). This is what the
     /// [`Budget`] ends up counting for the call.
     pub fn amount(&self) -> U256 {
+        if let Some(charged) = self.channel.as_ref().and_then(|c| c.charged) {
+            return charged;
+        }
         match self.settled_amount() {
             Some(settled) if self.is_upto() => settled.min(self.max_amount()),
             _ => self.max_amount(),
