@@ -576,3 +576,116 @@ async fn a_hostile_server_cannot_make_the_client_sign_above_its_record() {
         assert_eq!(record.charged, (calls - 1) * PRICE, "{mode:?}: not adopted");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn our_client_pays_the_reference_batch_settlement_seller_with_one_deposit() {
+    use http_body_util::BodyExt;
+
+    let test = "our_client_pays_the_reference_batch_settlement_seller";
+    let Some(deps) =
+        chain::process::test_deps(test, &["node/node_modules/@x402/express/package.json"])
+    else {
+        return;
+    };
+    let Some(c) = chain::Chain::start(test).await else {
+        return;
+    };
+    let mut cmd = std::process::Command::new("node");
+    cmd.arg(chain::process::repo().join("tests/clients/reference-server.mjs"))
+        .args(["--rpc", c.url(), "--pay-to", &RECEIVER.to_checksum(None)])
+        .env("X402_TEST_DEPS", &deps);
+    let (seller, line) = chain::process::Server::start(
+        "reference-server.mjs",
+        &mut cmd,
+        std::time::Duration::from_secs(60),
+    );
+    let urls: Value = serde_json::from_str(&line).expect("a JSON line");
+    let base = urls["channel"]
+        .as_str()
+        .expect("the channel seller")
+        .to_owned();
+    const CALLS: u128 = 5;
+    let deposit = 2 * CALLS * PRICE;
+    let signer: PrivateKeySigner = chain::PAYER4_KEY.parse().expect("key");
+    let payer_address = signer.address();
+    let budget = Budget::new(U256::from(100 * PRICE));
+    let mut client = payer(
+        signer,
+        policy().budget(budget.clone()),
+        ChannelPolicy::new(U256::from(deposit)).deposit_multiplier(2 * CALLS as u32),
+    );
+    let (receiver_before, payer_before) =
+        (c.balance(RECEIVER).await, c.balance(payer_address).await);
+    let url = format!("{base}/channel");
+    for i in 0..CALLS {
+        let res = client
+            .ready()
+            .await
+            .expect("ready")
+            .call(Request::get(&url).body(Full::default()).expect("request"))
+            .await
+            .expect("paid");
+        assert_eq!(res.status(), StatusCode::OK, "call {i}\n{}", seller.log());
+        let r = report(&res);
+        assert_eq!(r.outcome, PaymentOutcome::Settled, "call {i}: {r:?}");
+        let ch = r.channel.expect("a channel payment");
+        assert_eq!(ch.ceiling, U256::from((i + 1) * PRICE), "call {i}");
+        assert_eq!(ch.charged, Some(U256::from(PRICE)), "call {i}");
+        assert_eq!(ch.deposit.is_some(), i == 0, "call {i}: one deposit");
+    }
+    assert_eq!(budget.spent(), U256::from(CALLS * PRICE));
+    assert_eq!(
+        c.balance(chain::BATCH_SETTLEMENT).await,
+        U256::from(deposit)
+    );
+    assert_eq!(
+        payer_before - c.balance(payer_address).await,
+        U256::from(deposit)
+    );
+
+    // The reference seller claims the latest voucher and settles it to the receiver.
+    let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    let res = http
+        .request(
+            Request::post(format!("{base}/claim-and-settle"))
+                .body(Full::default())
+                .expect("request"),
+        )
+        .await
+        .expect("claim");
+    let status = res.status();
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}\n{}",
+        String::from_utf8_lossy(&body),
+        seller.log()
+    );
+    assert_eq!(
+        c.balance(RECEIVER).await - receiver_before,
+        U256::from(CALLS * PRICE),
+        "the receiver got exactly the vouchers: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(
+        c.balance(chain::BATCH_SETTLEMENT).await,
+        U256::from(deposit - CALLS * PRICE)
+    );
+    // The cooperative refund through the reference seller: the payer gets the rest back.
+    let refund = client
+        .refund_channel(
+            Request::get(&url).body(Full::default()).expect("request"),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("refund: {e:?}\n{}", seller.log()));
+    assert_eq!(refund.amount, U256::from(deposit - CALLS * PRICE));
+    assert_eq!(refund.record, None);
+    assert_eq!(c.balance(chain::BATCH_SETTLEMENT).await, U256::ZERO);
+    assert_eq!(
+        payer_before - c.balance(payer_address).await,
+        U256::from(CALLS * PRICE),
+        "exact to the unit"
+    );
+}
