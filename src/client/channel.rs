@@ -454,7 +454,7 @@ pub(crate) async fn proof<Sg: Signer + Send + Sync>(
     let mut signed = base.clone();
     signed.signed_max = signed.signed_max.max(ceiling);
     channels.save(&key, Some(signed));
-    let json = serde_json::to_value(&payload).map_err(|e| signing(e))?;
+    let json = serde_json::to_value(&payload).map_err(signing)?;
     let (name, value, payment_id) = envelope(challenge, offer, json)?;
     let authorization = Authorization {
         from: payer,
@@ -715,7 +715,7 @@ pub(crate) async fn refund_proof<Sg: Signer + Send + Sync>(
         voucher: v,
         amount: amount.map(U256::from),
     };
-    let json = serde_json::to_value(&payload).map_err(|e| signing(e))?;
+    let json = serde_json::to_value(&payload).map_err(signing)?;
     let (name, value, _) = envelope(challenge, offer, json)?;
     Ok((
         name,
