@@ -2,9 +2,12 @@
 //! axum server (`PaymentLayerBuilder::channels`) on anvil with the escrow at its canonical
 //! addresses (one deposit, 100 vouchers, a metered handler, a cooperative refund, balances
 //! exact to the unit), against our server on a recording escrow (lost client state recovered
-//! through the corrective 402, the deposit cap and the budget), and against a hostile stub
-//! (a corrective 402 or a receipt charging more than the client signed: refused, nothing
-//! signed above the client's record).
+//! through the corrective 402 with no double charge, partial then full refunds, 16 concurrent
+//! calls on one channel serialized with one deposit, the deposit cap and the budget), against
+//! a hostile stub (a corrective 402 or a receipt charging more than the client signed: refused,
+//! nothing signed above the client's record), and against the reference `@x402/express`
+//! batch-settlement seller (`tests/clients/reference-server.mjs`: one deposit, vouchers, its
+//! claim and settle, a refund; balances exact to the unit).
 #![cfg(all(
     feature = "axum",
     feature = "client",
@@ -325,6 +328,55 @@ async fn a_client_that_lost_its_state_recovers_through_the_corrective_402_withou
         U256::from(5 * PRICE)
     );
     assert_eq!(runs.load(Ordering::SeqCst), 5);
+
+    // A partial refund, then the rest: the record follows the receipts.
+    let partial = second
+        .refund_channel(get_req(addr, "/paid"), Some(U256::from(PRICE)))
+        .await
+        .expect("partial refund");
+    assert_eq!(partial.amount, U256::from(PRICE));
+    let record = partial.record.expect("still open");
+    assert_eq!((record.balance, record.charged), (49 * PRICE, 5 * PRICE));
+    let rest = second
+        .refund_channel(get_req(addr, "/paid"), None)
+        .await
+        .expect("refund");
+    assert_eq!(rest.amount, U256::from(44 * PRICE));
+    assert_eq!(rest.record, None);
+    assert_eq!(escrow.refunds.load(Ordering::SeqCst), 2);
+    assert_eq!(runs.load(Ordering::SeqCst), 5, "refunds run no handler");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_calls_on_one_channel_are_serialized_one_deposit_one_run_each() {
+    let store = Arc::new(MemoryChannelStore::new());
+    let escrow = Arc::new(RecordingEscrow::default());
+    let (addr, runs) = server(store, escrow.clone()).await;
+    let client = payer(
+        Counting::new(),
+        policy(),
+        ChannelPolicy::new(U256::from(100 * PRICE)).deposit_multiplier(100),
+    );
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { call(&mut client, addr, "/paid").await })
+        })
+        .collect();
+    let mut ceilings = Vec::new();
+    for c in calls {
+        let res = c.await.expect("task").expect("paid");
+        assert_eq!(res.status(), StatusCode::OK);
+        ceilings.push(report(&res).channel.expect("channel").ceiling);
+    }
+    ceilings.sort();
+    let expected: Vec<U256> = (1..=16u128).map(|n| U256::from(n * PRICE)).collect();
+    assert_eq!(
+        ceilings, expected,
+        "each voucher builds on the previous receipt"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 16);
+    assert_eq!(escrow.deposits.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
