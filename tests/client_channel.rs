@@ -348,6 +348,49 @@ async fn a_client_that_lost_its_state_recovers_through_the_corrective_402_withou
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_after_a_lost_receipt_recovers_through_the_corrective_402() {
+    use tower_x402::client::ChannelBook;
+
+    let store = Arc::new(MemoryChannelStore::new());
+    let escrow = Arc::new(RecordingEscrow::default());
+    let (addr, runs) = server(store, escrow.clone()).await;
+    let book = MemoryChannelBook::new();
+    let mut client = payer(
+        Counting::new(),
+        policy(),
+        ChannelPolicy::new(U256::from(10 * PRICE))
+            .deposit_multiplier(10)
+            .book(book.clone()),
+    );
+    for _ in 0..3 {
+        let res = call(&mut client, addr, "/paid").await.expect("paid");
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    // The last receipt is lost: the record is one price behind what was charged (and signed).
+    let key = tower_x402::client::ChannelKey {
+        network: tower_x402::Network::BASE_SEPOLIA,
+        receiver: RECEIVER,
+        token: Asset::usdc_base_sepolia().address,
+    };
+    let mut record = book.load(&key).expect("record");
+    assert_eq!((record.charged, record.signed_max), (3 * PRICE, 3 * PRICE));
+    record.charged = 2 * PRICE;
+    book.save(&key, Some(record));
+    let refund = client
+        .refund_channel(get_req(addr, "/paid"), None)
+        .await
+        .expect("refund after the corrective 402");
+    assert_eq!(
+        refund.amount,
+        U256::from(7 * PRICE),
+        "charged 3, refunded the other 7"
+    );
+    assert_eq!(refund.record, None);
+    assert_eq!(escrow.refunds.load(Ordering::SeqCst), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_calls_on_one_channel_are_serialized_one_deposit_one_run_each() {
     let store = Arc::new(MemoryChannelStore::new());
     let escrow = Arc::new(RecordingEscrow::default());

@@ -25,7 +25,9 @@
 //!    `voucherState` signature must be this signer's over the channel and `charged ≤
 //!    signedMaxClaimable`. Anything else is returned to the caller as refused, nothing signed.
 //!
-//! A cooperative refund of the unspent deposit is [`Paying::refund_channel`](super::Paying).
+//! A cooperative refund of the unspent deposit is [`Paying::refund_channel`](super::Paying):
+//! a zero-charge voucher at the record's charged amount; a corrective 402 to it is adopted once
+//! under the same record bound.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -562,6 +564,45 @@ pub(crate) fn after<Sg>(
     report.channel = Some(payment);
 }
 
+/// What a corrective 402 says of a channel.
+struct Corrective<'a> {
+    /// The server's charged cumulative amount.
+    charged: u128,
+    /// The channel's balance, as the server mirrors it.
+    balance: Option<u128>,
+    /// The ceiling of the latest voucher the server holds.
+    signed: Option<u128>,
+    /// The `voucherState` object (its `signature`).
+    vstate: Option<&'a Value>,
+}
+
+/// The channel state of a corrective 402 on `channel` (the reference's two codes, the
+/// `batch-settlement` offer of the same receiver and token, `channelState.channelId` this
+/// channel), or `None`.
+fn corrective(challenge: &Challenge, key: ChannelKey, channel: B256) -> Option<Corrective<'_>> {
+    if !matches!(challenge.error.as_deref(), Some(MISMATCH | BELOW_CLAIMED)) {
+        return None;
+    }
+    let extra = challenge
+        .offers
+        .iter()
+        .flatten()
+        .map(|o| &o.requirements)
+        .find(|r| r.scheme == ch::SCHEME && self::key(r) == Some(key))?
+        .extra
+        .as_ref()?;
+    let state = extra.get(ch::extra::CHANNEL_STATE)?;
+    let vstate = extra.get(ch::extra::VOUCHER_STATE);
+    let id = state.get("channelId")?.as_str()?.parse::<B256>().ok()?;
+    (id == channel).then_some(())?;
+    Some(Corrective {
+        charged: amount(state.get("chargedCumulativeAmount"))?,
+        balance: amount(state.get("balance")),
+        signed: amount(vstate.and_then(|v| v.get("signedMaxClaimable"))),
+        vstate,
+    })
+}
+
 /// A corrective 402 to a channel payment: adopts the server's charged amount when a voucher
 /// this client signed backs it, and says whether to pay again.
 pub(crate) fn recover<Sg: Signer>(
@@ -572,38 +613,17 @@ pub(crate) fn recover<Sg: Signer>(
     let Some(channels) = shared.channels.as_deref() else {
         return false;
     };
-    if !matches!(challenge.error.as_deref(), Some(MISMATCH | BELOW_CLAIMED)) {
-        return false;
-    }
-    let Some(req) = challenge
-        .offers
-        .iter()
-        .flatten()
-        .map(|o| &o.requirements)
-        .find(|r| r.scheme == ch::SCHEME && key(r) == Some(ticket.key))
+    let channel = ch::channel_id(ticket.chain_id, &ticket.base.config);
+    let Some(Corrective {
+        charged,
+        balance,
+        signed,
+        vstate,
+    }) = corrective(challenge, ticket.key, channel)
     else {
         return false;
     };
-    let Some(extra) = req.extra.as_ref() else {
-        return false;
-    };
-    let state = extra.get(ch::extra::CHANNEL_STATE);
-    let vstate = extra.get(ch::extra::VOUCHER_STATE);
-    let channel = ch::channel_id(ticket.chain_id, &ticket.base.config);
-    let Some(charged) = amount(state.and_then(|s| s.get("chargedCumulativeAmount"))) else {
-        return false;
-    };
-    if state
-        .and_then(|s| s.get("channelId"))
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse::<B256>().ok())
-        != Some(channel)
-    {
-        return false;
-    }
-    let balance = amount(state.and_then(|s| s.get("balance")));
     let base = &ticket.base;
-    let signed = amount(vstate.and_then(|v| v.get("signedMaxClaimable")));
     let backed = if base.signed_max > 0 {
         // The server may only say it charged what an earlier voucher of this client covers
         // (the one just refused was not charged).
@@ -737,6 +757,33 @@ pub(crate) struct RefundTicket {
     record: ChannelRecord,
     amount: Option<u128>,
     _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// A corrective 402 to a refund (the client's record is behind, e.g. a lost receipt): adopts
+/// the server's charged amount when an earlier voucher of this client covers it
+/// (`record.charged ≤ charged ≤ record.signed_max`), and says whether to ask again.
+pub(crate) fn refund_recover<Sg>(
+    shared: &Shared<Sg>,
+    ticket: &RefundTicket,
+    challenge: &Challenge,
+) -> bool {
+    let Some(channels) = shared.channels.as_deref() else {
+        return false;
+    };
+    let Some(c) = corrective(challenge, ticket.key, ticket.channel) else {
+        return false;
+    };
+    let r = &ticket.record;
+    if c.charged < r.charged || c.charged > r.signed_max {
+        return false;
+    }
+    let mut next = r.clone();
+    next.charged = c.charged;
+    if let Some(b) = c.balance {
+        next.balance = b;
+    }
+    channels.save(&ticket.key, Some(next));
+    true
 }
 
 /// Reads the refund's answer and updates the record.

@@ -166,12 +166,25 @@ where
     if res.status() != StatusCode::PAYMENT_REQUIRED {
         return Err(ChallengeError::Missing.into());
     }
-    let challenge = read_challenge(res, Some(X402Version::V2)).await?;
-    let (name, value, ticket) = channel::refund_proof(shared, &challenge, amount).await?;
-    let mut attempt = req;
-    attempt.headers_mut().insert(name, value);
-    let res = send(svc, attempt, false).await.map_err(Error::Transport)?;
-    channel::refunded(shared, ticket, res.status(), res.headers())
+    let mut challenge = read_challenge(res, Some(X402Version::V2)).await?;
+    let mut recovered = false;
+    loop {
+        let (name, value, ticket) = channel::refund_proof(shared, &challenge, amount).await?;
+        let mut attempt = req.clone();
+        attempt.headers_mut().insert(name, value);
+        let res = send(svc, attempt, false).await.map_err(Error::Transport)?;
+        // A corrective 402, once: adopt the server's charged amount within the record, retry.
+        if res.status() == StatusCode::PAYMENT_REQUIRED
+            && !recovered
+            && let Ok(Some(corrective)) = Challenge::from_headers(res.headers())
+            && channel::refund_recover(shared, &ticket, &corrective)
+        {
+            recovered = true;
+            challenge = corrective;
+            continue;
+        }
+        return channel::refunded(shared, ticket, res.status(), res.headers());
+    }
 }
 
 /// Waits for readiness (except for the first attempt, readied by the caller) and calls.

@@ -255,8 +255,10 @@ impl<S, Sg> Paying<S, Sg> {
     /// Asks the server at `req`'s URL for a cooperative refund of the unspent deposit of this
     /// client's channel with it (all of it, or `amount`): sends `req` unpaid, reads the
     /// `batch-settlement` offer of its 402, and resends it with a `refund` payload (a
-    /// zero-charge voucher at the charged amount). The server runs no handler. The channel's
-    /// record is updated from the receipt (deleted after a full refund).
+    /// zero-charge voucher at the charged amount). The server runs no handler. A corrective
+    /// 402 (the record is behind, e.g. a receipt was lost) is adopted once when an earlier
+    /// voucher of this client covers the server's charged amount, and the refund asked again.
+    /// The channel's record is updated from the receipt (deleted after a full refund).
     ///
     /// # Errors
     /// [`Error::Channel`]: no channel, nothing refundable, or the server refused
