@@ -144,6 +144,15 @@ where
         .await
 }
 
+/// The key of the channel with our server's receiver in test USDC.
+fn channel_key() -> tower_x402::client::ChannelKey {
+    tower_x402::client::ChannelKey {
+        network: tower_x402::Network::BASE_SEPOLIA,
+        receiver: RECEIVER,
+        token: Asset::usdc_base_sepolia().address,
+    }
+}
+
 fn report(res: &Answer) -> PaymentReport {
     res.extensions()
         .get::<PaymentReport>()
@@ -367,11 +376,7 @@ async fn a_refund_after_a_lost_receipt_recovers_through_the_corrective_402() {
         assert_eq!(res.status(), StatusCode::OK);
     }
     // The last receipt is lost: the record is one price behind what was charged (and signed).
-    let key = tower_x402::client::ChannelKey {
-        network: tower_x402::Network::BASE_SEPOLIA,
-        receiver: RECEIVER,
-        token: Asset::usdc_base_sepolia().address,
-    };
+    let key = channel_key();
     let mut record = book.load(&key).expect("record");
     assert_eq!((record.charged, record.signed_max), (3 * PRICE, 3 * PRICE));
     record.charged = 2 * PRICE;
@@ -660,11 +665,7 @@ async fn a_hostile_server_cannot_make_the_client_sign_above_its_record() {
         let sent = stub.ceilings.lock().expect("lock").clone();
         let expected: Vec<u128> = (1..=calls).map(|n| n * PRICE).collect();
         assert_eq!(sent, expected, "{mode:?}");
-        let key = tower_x402::client::ChannelKey {
-            network: tower_x402::Network::BASE_SEPOLIA,
-            receiver: RECEIVER,
-            token: Asset::usdc_base_sepolia().address,
-        };
+        let key = channel_key();
         use tower_x402::client::ChannelBook;
         let record = book.load(&key).expect("record");
         assert_eq!(record.signed_max, calls * PRICE, "{mode:?}");
