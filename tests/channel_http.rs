@@ -18,7 +18,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use alloy_signer::SignerSync;
@@ -26,7 +26,7 @@ use alloy_signer_local::PrivateKeySigner;
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::{Value, json};
-use tower_x402::channel::serve::{Channels, Escrow, EscrowError, Mirror};
+use tower_x402::channel::serve::Channels;
 use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
 use tower_x402::channel::{self, AssetTransferMethod};
 use tower_x402::primitives::{Address, B256, Bytes, U256, address};
@@ -36,6 +36,7 @@ use tower_x402::proto::batch::{
 use tower_x402::test_util::encode;
 use tower_x402::{Asset, PaymentLayer, PaymentOption};
 
+use common::channel::{DEPOSIT_TX, KeyAuthorizer, REFUND_TX, RecordingEscrow};
 use common::{Hits, Reply, STATUS_HEADER, WireClient, app, client, serve, wire};
 
 const PRICE: u128 = 1_000;
@@ -44,8 +45,6 @@ const CHAIN: u64 = 84532;
 const TOKEN: Address = address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e");
 const RECEIVER: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
 const AUTHORIZER: Address = address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc");
-const DEPOSIT_TX: B256 = B256::repeat_byte(0xde);
-const REFUND_TX: B256 = B256::repeat_byte(0xef);
 /// Anvil #5, whose address is [`AUTHORIZER`].
 const AUTHORIZER_KEY: &str = "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
 
@@ -54,65 +53,6 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock")
         .as_secs()
-}
-
-/// An escrow that records deposits and refunds and reports each channel's balance; can be
-/// told to fail.
-#[derive(Default)]
-struct RecordingEscrow {
-    deposits: AtomicUsize,
-    balances: std::sync::Mutex<std::collections::HashMap<B256, u128>>,
-    fail: AtomicBool,
-    refunds: AtomicUsize,
-}
-
-#[async_trait]
-impl Escrow for RecordingEscrow {
-    async fn deposit(
-        &self,
-        _config: &ChannelConfig,
-        channel: B256,
-        deposit: &Deposit,
-    ) -> Result<Mirror, EscrowError> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(EscrowError("injected: the deposit reverted".into()));
-        }
-        self.deposits.fetch_add(1, Ordering::SeqCst);
-        let mut balances = self.balances.lock().expect("lock");
-        let balance = balances.entry(channel).or_default();
-        *balance += u128::try_from(deposit.amount).expect("u128");
-        Ok(Mirror {
-            transaction: DEPOSIT_TX,
-            balance: *balance,
-            total_claimed: 0,
-        })
-    }
-
-    async fn refund(
-        &self,
-        _config: &ChannelConfig,
-        channel: B256,
-        claim: Option<(channel::ChannelClaim, Bytes)>,
-        amount: u128,
-        _nonce: U256,
-        _signature: Bytes,
-    ) -> Result<Mirror, EscrowError> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(EscrowError("injected: the refund reverted".into()));
-        }
-        self.refunds.fetch_add(1, Ordering::SeqCst);
-        let claimed = claim.map_or(0, |(c, _)| c.total_claimed);
-        let mut balances = self.balances.lock().expect("lock");
-        let balance = balances.entry(channel).or_default();
-        *balance = balance
-            .checked_sub(amount)
-            .expect("the engine refunds what the channel holds");
-        Ok(Mirror {
-            transaction: REFUND_TX,
-            balance: *balance,
-            total_claimed: claimed,
-        })
-    }
 }
 
 /// A payer and its channel (payer = payer authorizer).
@@ -649,17 +589,6 @@ async fn a_deposit_that_does_not_land_is_a_503_and_runs_nothing() {
         StatusCode::OK
     );
     assert_eq!(s.hits.get(), 1);
-}
-
-/// The receiver authorizer's key (anvil #5), signing claims and refunds.
-struct KeyAuthorizer(PrivateKeySigner);
-
-impl channel::ReceiverAuthorizer for KeyAuthorizer {
-    fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
-        Ok(Bytes::from(
-            self.0.sign_hash_sync(&digest)?.as_bytes().to_vec(),
-        ))
-    }
 }
 
 #[cfg(feature = "onchain")]

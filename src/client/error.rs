@@ -52,6 +52,45 @@ pub enum Error {
     /// The signer refused or failed.
     #[error("signing failed")]
     Signing(#[from] alloy_signer::Error),
+    /// A `batch-settlement` channel payment or refund could not be made (see
+    /// [`ChannelError`]); nothing was signed unless it says so.
+    #[error("payment channel: {0}")]
+    Channel(#[from] ChannelError),
+}
+
+/// Why a `batch-settlement` channel payment or refund did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChannelError {
+    /// The deposit the voucher needs is above the deposit cap (or what the budget has left);
+    /// nothing was signed.
+    #[error("deposit of {needed} needed, cap {cap}")]
+    DepositCap {
+        /// The least deposit that covers the voucher.
+        needed: U256,
+        /// The cap that applied (the policy's, or the budget's remaining).
+        cap: U256,
+    },
+    /// The layer was not given a `ChannelPolicy` (`PayingLayer::channels`).
+    #[error("payment channels are not enabled on this layer")]
+    NotEnabled,
+    /// The server's 402 offers no `batch-settlement` option on an EVM network.
+    #[error("the server offers no batch-settlement option")]
+    NoOffer,
+    /// The client has no record of a channel with this server.
+    #[error("no channel with this server")]
+    NoChannel,
+    /// Nothing refundable (all charged), or a refund amount of zero or above it.
+    #[error("nothing to refund")]
+    NothingToRefund,
+    /// The server did not refund (its status and reason code).
+    #[error("refund refused (HTTP {status}): {reason:?}")]
+    RefundRefused {
+        /// The HTTP status.
+        status: u16,
+        /// The x402 reason code, if given.
+        reason: Option<String>,
+    },
 }
 
 impl Error {
@@ -59,7 +98,9 @@ impl Error {
     pub fn is_refused(&self) -> bool {
         matches!(
             self,
-            Self::NoAcceptableOption(_) | Self::BudgetExceeded { .. }
+            Self::NoAcceptableOption(_)
+                | Self::BudgetExceeded { .. }
+                | Self::Channel(ChannelError::DepositCap { .. })
         )
     }
 

@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Limited};
 use tower_service::Service;
 
 use super::challenge::{self, Challenge, MAX_CHALLENGE_BYTES};
+use super::channel;
 use super::error::{ChallengeError, Error, Refusals};
 use super::layer::Shared;
 use super::policy::{Budget, Refusal};
@@ -42,6 +43,8 @@ where
     let mut unknown = false;
     let (mut rate_limited, mut server_errors) = (0u32, 0u32);
     let mut readied = true;
+    // A channel payment recovered from a corrective 402 (at most once per call).
+    let mut recovered = false;
     loop {
         let mut attempt = req.clone();
         if let Some((proof, report)) = &mut paid {
@@ -79,13 +82,26 @@ where
         };
         let status = res.status();
         if status == StatusCode::PAYMENT_REQUIRED {
-            let Some((_, report)) = paid.take() else {
+            let Some((proof, report)) = paid.take() else {
                 let challenge = read_challenge(res, shared.only_version).await?;
                 paid = Some(pay(&shared, &challenge).await?);
                 continue;
             };
+            // A channel's corrective 402, once: adopt the server's charged amount if a voucher
+            // this client signed backs it, and pay again on top of it.
+            if let (Some(ticket), false) = (&proof.channel, recovered)
+                && let Ok(Some(challenge)) = Challenge::from_headers(res.headers())
+                && channel::recover(&shared, ticket, &challenge)
+            {
+                recovered = true;
+                drop((proof, report, res));
+                paid = Some(pay(&shared, &challenge).await?);
+                continue;
+            }
             // Paid and asked to pay again: stop. One call never signs twice.
-            return Ok(refused(res, report, unknown).await);
+            let mut res = refused(res, report, unknown).await;
+            channel_after(&shared, proof.channel.as_ref(), &mut res);
+            return Ok(res);
         }
         let wait = if status == StatusCode::TOO_MANY_REQUESTS {
             let wait = retry.rate_limit_delay(rate_limited, res.headers());
@@ -109,12 +125,65 @@ where
             tokio::time::sleep(wait).await;
             continue;
         }
-        return Ok(finish(
-            res,
-            paid.map(|(_, r)| r),
-            unknown,
-            shared.policy.shared_budget(),
-        ));
+        let (proof, report) = paid.map_or((None, None), |(p, r)| (Some(p), Some(r)));
+        let mut res = finish(res, report, unknown, shared.policy.shared_budget());
+        channel_after(&shared, proof.and_then(|p| p.channel).as_ref(), &mut res);
+        return Ok(res);
+    }
+}
+
+/// Advances a channel payment's record from the final answer (its report in `res`).
+fn channel_after<Sg, B>(
+    shared: &Shared<Sg>,
+    ticket: Option<&channel::Ticket>,
+    res: &mut Response<B>,
+) {
+    let Some(ticket) = ticket else { return };
+    let headers = res.headers().clone();
+    if let Some(report) = res.extensions_mut().get_mut::<PaymentReport>() {
+        channel::after(shared, ticket, &headers, report);
+    }
+}
+
+/// A cooperative refund of the caller's channel with the server at `req`'s URL.
+pub(crate) async fn refund<S, Sg, B, ResBody>(
+    shared: &Shared<Sg>,
+    svc: &mut S,
+    req: Request<B>,
+    amount: Option<U256>,
+) -> Result<channel::ChannelRefund, Error>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    S::Error: Into<BoxError>,
+    B: Clone,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+    Sg: Signer + Send + Sync,
+{
+    let res = send(svc, req.clone(), false)
+        .await
+        .map_err(Error::Transport)?;
+    if res.status() != StatusCode::PAYMENT_REQUIRED {
+        return Err(ChallengeError::Missing.into());
+    }
+    let mut challenge = read_challenge(res, Some(X402Version::V2)).await?;
+    let mut recovered = false;
+    loop {
+        let (name, value, ticket) = channel::refund_proof(shared, &challenge, amount).await?;
+        let mut attempt = req.clone();
+        attempt.headers_mut().insert(name, value);
+        let res = send(svc, attempt, false).await.map_err(Error::Transport)?;
+        // A corrective 402, once: adopt the server's charged amount within the record, retry.
+        if res.status() == StatusCode::PAYMENT_REQUIRED
+            && !recovered
+            && let Ok(Some(corrective)) = Challenge::from_headers(res.headers())
+            && channel::refund_recover(shared, &ticket, &corrective)
+        {
+            recovered = true;
+            challenge = corrective;
+            continue;
+        }
+        return channel::refunded(shared, ticket, res.status(), res.headers());
     }
 }
 
@@ -247,12 +316,29 @@ where
     let signed = match (offer.requirements.network.is_solana(), svm) {
         #[cfg(feature = "svm-client")]
         (true, Some(_)) => match &shared.svm {
-            Some(payer) => payer.proof(challenge, offer, now).await,
-            None => Err(alloy_signer::Error::other("no Solana payer")),
+            Some(payer) => payer
+                .proof(challenge, offer, now)
+                .await
+                .map_err(Error::from),
+            None => Err(alloy_signer::Error::other("no Solana payer").into()),
         },
         // The policy refuses Solana offers without a payer; never sign one with an EVM key.
-        (true, _) => Err(alloy_signer::Error::other("no Solana payer")),
-        (false, _) => signer::proof(&*shared.signer, challenge, offer, now).await,
+        (true, _) => Err(alloy_signer::Error::other("no Solana payer").into()),
+        (false, _) if offer.requirements.scheme == crate::channel::SCHEME => {
+            channel::proof(shared, challenge, offer, now)
+                .await
+                .map(|c| Proof {
+                    name: c.name,
+                    value: c.value,
+                    authorization: c.authorization,
+                    permit: None,
+                    payment_id: c.payment_id,
+                    channel: Some(c.ticket),
+                })
+        }
+        (false, _) => signer::proof(&*shared.signer, challenge, offer, now)
+            .await
+            .map_err(Error::from),
     };
     let proof = match signed {
         Ok(proof) => proof,
@@ -261,7 +347,7 @@ where
             if let Some(budget) = policy.shared_budget() {
                 budget.refund(amount);
             }
-            return Err(Error::Signing(e));
+            return Err(e);
         }
     };
     let report = PaymentReport {
@@ -271,6 +357,7 @@ where
         permit2: proof.permit.clone(),
         svm_payer: svm.filter(|_| offer.requirements.network.is_solana()),
         payment_id: proof.payment_id.clone(),
+        channel: proof.channel.as_ref().map(channel::Ticket::payment),
         attempts: 0,
         receipt: None,
         outcome: PaymentOutcome::Unknown,
@@ -396,6 +483,7 @@ mod tests {
             only_version: None,
             #[cfg(feature = "svm-client")]
             svm: None,
+            channels: None,
         }
     }
 

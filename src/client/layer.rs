@@ -34,6 +34,7 @@ pub struct PayingLayer<Sg> {
     only_version: Option<X402Version>,
     #[cfg(feature = "svm-client")]
     svm: Option<Arc<super::SvmPayer>>,
+    channels: Option<Arc<super::channel::Channels>>,
 }
 
 impl<Sg> Clone for PayingLayer<Sg> {
@@ -47,6 +48,7 @@ impl<Sg> Clone for PayingLayer<Sg> {
             only_version: self.only_version,
             #[cfg(feature = "svm-client")]
             svm: self.svm.clone(),
+            channels: self.channels.clone(),
         }
     }
 }
@@ -74,7 +76,22 @@ impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
             only_version: None,
             #[cfg(feature = "svm-client")]
             svm: None,
+            channels: None,
         }
+    }
+
+    /// Also pays `batch-settlement` offers (x402 payment channels, EVM, v2) within the same
+    /// [`Policy`] and [`Budget`]: a deposit into the escrow on the first call (at most the
+    /// policy's cap), then one cumulative voucher per call. See [`ChannelPolicy`] and the
+    /// module `channel` notes in the [client docs](super). Default: such offers are refused
+    /// ([`Refusal::Scheme`](super::Refusal)).
+    ///
+    /// [`ChannelPolicy`]: super::ChannelPolicy
+    #[must_use]
+    pub fn channels(mut self, policy: super::ChannelPolicy) -> Self {
+        self.policy.channels = true;
+        self.channels = Some(Arc::new(super::channel::Channels::new(policy)));
+        self
     }
 
     /// Also pays Solana `exact` offers, with `payer` (an ed25519 key and the RPC the
@@ -142,6 +159,7 @@ impl<Sg> PayingLayer<Sg> {
             only_version: self.only_version,
             #[cfg(feature = "svm-client")]
             svm: self.svm.clone(),
+            channels: self.channels.clone(),
         }
     }
 }
@@ -167,6 +185,7 @@ pub(crate) struct Shared<Sg> {
     pub(crate) only_version: Option<X402Version>,
     #[cfg(feature = "svm-client")]
     pub(crate) svm: Option<Arc<super::SvmPayer>>,
+    pub(crate) channels: Option<Arc<super::channel::Channels>>,
 }
 
 impl<Sg> Shared<Sg> {
@@ -229,6 +248,36 @@ where
         ResponseFuture {
             inner: Box::pin(flow::run(self.shared.clone(), inner, req)),
         }
+    }
+}
+
+impl<S, Sg> Paying<S, Sg> {
+    /// Asks the server at `req`'s URL for a cooperative refund of the unspent deposit of this
+    /// client's channel with it (all of it, or `amount`): sends `req` unpaid, reads the
+    /// `batch-settlement` offer of its 402, and resends it with a `refund` payload (a
+    /// zero-charge voucher at the charged amount). The server runs no handler. A corrective
+    /// 402 (the record is behind, e.g. a receipt was lost) is adopted once when an earlier
+    /// voucher of this client covers the server's charged amount, and the refund asked again.
+    /// The channel's record is updated from the receipt (deleted after a full refund).
+    ///
+    /// # Errors
+    /// [`Error::Channel`]: no channel, nothing refundable, or the server refused
+    /// ([`ChannelError::RefundRefused`](super::ChannelError)); transport and challenge errors
+    /// as for a call.
+    pub async fn refund_channel<B, ResBody>(
+        &mut self,
+        req: Request<B>,
+        amount: Option<alloy_primitives::U256>,
+    ) -> Result<super::ChannelRefund, Error>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>>,
+        S::Error: Into<BoxError>,
+        B: Clone,
+        ResBody: Body<Data = Bytes>,
+        ResBody::Error: Into<BoxError>,
+        Sg: Signer + Send + Sync,
+    {
+        flow::refund(&self.shared, &mut self.inner, req, amount).await
     }
 }
 

@@ -39,6 +39,7 @@
 //! | `upto`: 402 `permit2_allowance_required` | stop, as any 402 after paying: the payer has not approved Permit2 for the token (a one-time on-chain transaction this client does not send) |
 //! | `upto`: 402 `invalid_upto_evm_payload_settlement_exceeds_amount` | stop: the server metered more than the maximum and settled nothing; the body is withheld |
 //! | `upto`: 2xx with a successful receipt | [`PaymentOutcome::Settled`]; the budget keeps the receipt's `amount` (`0`: nothing sent on-chain) and gets back the rest of the maximum |
+//! | `batch-settlement`: 402 corrective (`..._cumulative_amount_mismatch` with `channelState`) | once per call: adopt the server's charged amount if a voucher this client signed covers it, sign the next voucher on it and resend; otherwise stop as any 402 after paying |
 //! | 401 | returned as is, no retry |
 //! | 429 | wait (`Retry-After`, else exponential backoff with jitter) and resend, bounded |
 //! | 500/502/503/504 | wait (`Retry-After`, else ~5 s doubling) and resend, bounded; after a proof was sent the outcome is unknown, so the **same** proof is resent |
@@ -55,6 +56,58 @@
 //! Whenever an `upto` payment does not end with a successful receipt stating its `amount`
 //! (refused, no receipt, outcome unknown), the budget keeps its whole maximum counted: the
 //! permit can still be settled, by its facilitator only, up to that maximum until its deadline.
+//!
+//! ## Payment channels (`batch-settlement`)
+//!
+//! With [`PayingLayer::channels`], `batch-settlement` offers (x402 v2, EVM) are paid too, as
+//! `@x402/evm`'s `BatchSettlementEvmScheme` pays them: the first call on a channel (one per
+//! server receiver, token and network) carries an EIP-3009 deposit into the escrow
+//! (`ChannelPolicy::deposit_multiplier` × the price, at least what the voucher needs, at most
+//! the [`ChannelPolicy`]'s cap and what the [`Budget`] has left, else
+//! [`ChannelError::DepositCap`] before anything is signed); every call signs a cumulative
+//! voucher (`charged + price`), and the receipt's `extra.chargedAmount` (a server may charge
+//! less than the price, never more) advances the client's [`ChannelRecord`]. The budget counts
+//! the price when signing and gets back what was not charged. A corrective 402 is adopted once
+//! per call, only when what the server says it charged is covered by a voucher this client
+//! signed (its record, or after lost state the server's copy of the client's own voucher); a
+//! receipt charging more than the price is reported [`PaymentOutcome::Refused`] and counted at
+//! the voucher's ceiling. [`Paying::refund_channel`] asks for the unspent deposit back.
+//! Records live in a [`ChannelBook`] ([`MemoryChannelBook`] by default): calls on one channel
+//! are serialized in a layer and its clones.
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use hyper_util::client::legacy::Client;
+//! use hyper_util::rt::TokioExecutor;
+//! use tower::{Layer, Service, ServiceExt};
+//! use tower_x402::client::{Budget, ChannelPolicy, PayingLayer, PaymentReport, Policy};
+//! use tower_x402::primitives::U256;
+//! use tower_x402::Asset;
+//!
+//! # async fn agent() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let signer: alloy_signer_local::PrivateKeySigner = std::env::var("PAYER_KEY")?.parse()?;
+//! let policy = Policy::new(U256::from(1_000))            // ≤ $0.001 per call
+//!     .allow_asset(&Asset::usdc_base())
+//!     .budget(Budget::new(U256::from(1_000_000)));        // ≤ $1 in total
+//! let channels = ChannelPolicy::new(U256::from(100_000)) // deposit ≤ $0.10 at a time
+//!     .deposit_multiplier(100);                          // 100 calls per deposit
+//! let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+//! let mut client = PayingLayer::new(signer, policy).channels(channels).layer(http);
+//! for _ in 0..10 {
+//!     let req = http::Request::get("http://api.example/metered").body(Full::default())?;
+//!     let res = client.ready().await?.call(req).await?;
+//!     if let Some(ch) = res.extensions().get::<PaymentReport>().and_then(|r| r.channel.clone()) {
+//!         println!("voucher {} (deposit {:?}), charged {:?}", ch.ceiling, ch.deposit, ch.charged);
+//!     }
+//! }
+//! // Done with this server: the unspent deposit back.
+//! let req = http::Request::get("http://api.example/metered").body(Full::default())?;
+//! let refund = client.refund_channel(req, None).await?;
+//! println!("refunded {} in {:?}", refund.amount, refund.transaction);
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! ## The request body is replayed
 //!
@@ -94,6 +147,7 @@
 
 mod balance;
 mod challenge;
+mod channel;
 mod error;
 mod flow;
 mod layer;
@@ -112,7 +166,11 @@ pub use balance::BalanceSource;
 #[cfg(feature = "onchain")]
 #[cfg_attr(docsrs, doc(cfg(feature = "onchain")))]
 pub use balance::ProviderBalance;
-pub use error::{ChallengeError, Error, Refusals};
+pub use channel::{
+    ChannelBook, ChannelKey, ChannelPayment, ChannelPolicy, ChannelRecord, ChannelRefund,
+    MemoryChannelBook,
+};
+pub use error::{ChallengeError, ChannelError, Error, Refusals};
 pub use layer::{Paying, PayingLayer, ResponseFuture};
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
@@ -151,6 +209,9 @@ pub struct PaymentReport {
     pub svm_payer: Option<crate::proto::svm::Pubkey>,
     /// The `payment-identifier` id sent, if the server offered the extension.
     pub payment_id: Option<String>,
+    /// A `batch-settlement` payment: the channel, the voucher's ceiling, the deposit sent with
+    /// it and what the receipt charged.
+    pub channel: Option<ChannelPayment>,
     /// Requests sent with the proof (1 unless retried).
     pub attempts: u32,
     /// The decoded receipt of the final answer, if it had one.
@@ -162,9 +223,13 @@ pub struct PaymentReport {
 impl PaymentReport {
     /// What the call is charged, in atomic token units: the price for `exact`; for `upto`
     /// the [settled amount](Self::settled_amount) once a successful receipt states it, else
-    /// the [maximum](Self::max_amount) (the most the permit can still cost). This is what the
+    /// the [maximum](Self::max_amount) (the most the permit can still cost); for a channel,
+    /// the receipt's accepted `chargedAmount`, else the price. This is what the
     /// [`Budget`] ends up counting for the call.
     pub fn amount(&self) -> U256 {
+        if let Some(charged) = self.channel.as_ref().and_then(|c| c.charged) {
+            return charged;
+        }
         match self.settled_amount() {
             Some(settled) if self.is_upto() => settled.min(self.max_amount()),
             _ => self.max_amount(),

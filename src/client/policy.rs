@@ -37,6 +37,8 @@ pub struct Policy {
     max_per_request: U256,
     budget: Option<Budget>,
     upto: bool,
+    /// `batch-settlement` offers are paid (the layer was given a `ChannelPolicy`).
+    pub(crate) channels: bool,
 }
 
 impl Policy {
@@ -49,6 +51,7 @@ impl Policy {
             max_per_request,
             budget: None,
             upto: false,
+            channels: false,
         }
     }
 
@@ -143,7 +146,13 @@ impl Policy {
         svm: Option<Pubkey>,
     ) -> Option<Refusal> {
         let is_upto = req.scheme == upto::SCHEME;
-        if is_upto {
+        let is_channel = req.scheme == crate::channel::SCHEME;
+        if is_channel {
+            // Channels are v2 and EVM only, and paid only by a layer given a `ChannelPolicy`.
+            if !self.channels || version != X402Version::V2 {
+                return Some(Refusal::Scheme);
+            }
+        } else if is_upto {
             if !self.upto {
                 return Some(Refusal::UptoNotAllowed);
             }
@@ -156,7 +165,7 @@ impl Policy {
         }
         // A Solana offer needs a Solana payer (and is `exact` only).
         let solana = req.network.is_solana();
-        if (solana && (svm.is_none() || is_upto))
+        if (solana && (svm.is_none() || is_upto || is_channel))
             || (!self.networks.is_empty() && !self.networks.contains(&req.network))
         {
             return Some(Refusal::Network);
@@ -179,6 +188,12 @@ impl Policy {
                 Some(k) if Some(k) != svm => None,
                 _ => Some(Refusal::FeePayer),
             };
+        }
+        if is_channel
+            && (super::channel::receiver_authorizer(req).is_none()
+                || super::channel::withdraw_delay(req).is_none())
+        {
+            return Some(Refusal::ChannelTerms);
         }
         if is_upto {
             // The permit names the one account allowed to settle it: without it, no permit.
@@ -209,7 +224,7 @@ pub(crate) fn facilitator(req: &PaymentRequirements) -> Option<Address> {
 #[non_exhaustive]
 pub enum Refusal {
     /// A scheme this client does not pay (neither `exact` nor `upto`, or `upto` in a v1
-    /// challenge).
+    /// challenge; `batch-settlement` without `PayingLayer::channels`).
     Scheme,
     /// An `upto` offer, and the policy does not allow them ([`Policy::allow_upto`]).
     UptoNotAllowed,
@@ -225,6 +240,9 @@ pub enum Refusal {
     Facilitator,
     /// A Solana offer whose `extra.feePayer` is not a key, or is the payer's own.
     FeePayer,
+    /// A `batch-settlement` offer without a non-zero `extra.receiverAuthorizer` or with an
+    /// `extra.withdrawDelay` outside 15 minutes to 30 days.
+    ChannelTerms,
     /// Not an EIP-3009 transfer (Permit2 is not supported).
     TransferMethod,
     /// `extra` lacks the EIP-712 `name`/`version`: the signature could not verify.
@@ -246,6 +264,7 @@ impl fmt::Display for Refusal {
             Self::OverCap => "amount over the per-request cap",
             Self::Facilitator => "no valid extra.facilitatorAddress for upto",
             Self::FeePayer => "no valid extra.feePayer for Solana",
+            Self::ChannelTerms => "no valid batch-settlement receiverAuthorizer/withdrawDelay",
             Self::TransferMethod => "transfer method is not EIP-3009",
             Self::MissingDomain => "no EIP-712 name/version in extra",
             Self::Malformed => "malformed requirement",

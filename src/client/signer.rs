@@ -47,6 +47,8 @@ pub(crate) struct Proof {
     /// The signed Permit2 permit of an `upto` payment.
     pub(crate) permit: Option<Permit2Authorization>,
     pub(crate) payment_id: Option<String>,
+    /// A channel payment's ticket (holds the channel's lock until the call ends).
+    pub(crate) channel: Option<super::channel::Ticket>,
 }
 
 /// 32 bytes of OS randomness, `None` if the OS has none to give.
@@ -226,6 +228,7 @@ where
         authorization,
         permit,
         payment_id,
+        channel: None,
     })
 }
 

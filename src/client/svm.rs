@@ -199,6 +199,7 @@ impl SvmPayer {
             authorization,
             permit: None,
             payment_id,
+            channel: None,
         })
     }
 }

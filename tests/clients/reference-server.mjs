@@ -4,8 +4,14 @@
 //     settling on the given RPC with anvil account #0 (v2 eip155:84532 and v1 base-sepolia);
 //   * @x402/express 2.27.0 (v2) and x402-express 1.2.0 (v1) servers, each selling
 //     GET /weather for --price to --pay-to through that facilitator (GET /health is free).
-// Prints ONE JSON line once all three listen: {"facilitator": URL, "v2": URL, "v1": URL},
-// then serves until killed. Logs go to stderr.
+//   * an @x402/express 2.27.0 server selling GET /channel for $0.001 with the reference
+//     batch-settlement SERVER scheme (@x402/evm/batch-settlement/server; receiver authorizer
+//     anvil #5, withdraw delay 900 s), the facilitator also registering the reference
+//     batch-settlement FACILITATOR scheme (the escrow at its canonical addresses, as
+//     tests/chain/mod.rs deploys it); POST /claim-and-settle on it runs the reference
+//     BatchSettlementChannelManager's claimAndSettle() and answers its result as JSON.
+// Prints ONE JSON line once all four listen: {"facilitator": URL, "v2": URL, "v1": URL,
+// "channel": URL}, then serves until killed. Logs go to stderr.
 //   node reference-server.mjs --rpc URL [--pay-to ADDR] [--price '$0.01']
 // Packages come from $X402_TEST_DEPS/node (scripts/install-test-deps.sh), never from the repo.
 import http from "node:http";
@@ -67,6 +73,15 @@ registerExactEvmScheme(facilitator, {
   signer: toFacilitatorEvmSigner({ ...wallet, address: account.address }),
   networks: NETWORK_V2,
 });
+// The batch-settlement facilitator scheme (deposits, claims, settles, refunds) with the same
+// relayer; the server signs claims and refunds itself (its receiverAuthorizerSigner).
+{
+  const { BatchSettlementEvmScheme } = need("@x402/evm/batch-settlement/facilitator");
+  facilitator.register(
+    NETWORK_V2,
+    new BatchSettlementEvmScheme(toFacilitatorEvmSigner({ ...wallet, address: account.address })),
+  );
+}
 
 // Settlements one at a time, so the relayer's account nonces never race.
 let queue = Promise.resolve();
@@ -146,6 +161,53 @@ function v1App(facilitatorUrl) {
   return app;
 }
 
+// The batch-settlement seller: its own resource server and channel manager.
+const AUTHORIZER_KEY = "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba"; // anvil #5
+const TOKEN = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
+function channelApp(facilitatorUrl) {
+  const { paymentMiddleware, x402ResourceServer } = need("@x402/express");
+  const bs = need("@x402/evm/batch-settlement/server");
+  const { HTTPFacilitatorClient } = need("@x402/core/server");
+  const facilitatorClient = new HTTPFacilitatorClient({ url: facilitatorUrl });
+  const scheme = new bs.BatchSettlementEvmScheme(args["pay-to"], {
+    receiverAuthorizerSigner: privateKeyToAccount(AUTHORIZER_KEY),
+    withdrawDelay: 900,
+  });
+  const server = new x402ResourceServer(facilitatorClient).register(NETWORK_V2, scheme);
+  const manager = new bs.BatchSettlementChannelManager({
+    scheme,
+    facilitator: facilitatorClient,
+    receiver: args["pay-to"],
+    token: TOKEN,
+    network: NETWORK_V2,
+  });
+  const app = express();
+  app.post("/claim-and-settle", async (_req, res) => {
+    try {
+      const result = await manager.claimAndSettle();
+      log("channel claim-and-settle", json(result));
+      res.type("application/json").send(json(result));
+    } catch (e) {
+      log("channel claim-and-settle error:", e?.stack || e);
+      res.status(500).json({ error: String(e?.message || e) });
+    }
+  });
+  app.use(
+    paymentMiddleware(
+      {
+        "GET /channel": {
+          accepts: { scheme: "batch-settlement", price: "$0.001", network: NETWORK_V2, payTo: args["pay-to"] },
+          description: "A metered call paid from a channel (reference seller)",
+          mimeType: "application/json",
+        },
+      },
+      server,
+    ),
+  );
+  app.get("/channel", weather);
+  return app;
+}
+
 const listen = (server) =>
   new Promise((ok, fail) => {
     server.once("error", fail);
@@ -155,6 +217,7 @@ const listen = (server) =>
 const facilitatorUrl = await listen(facilitatorServer);
 const v2 = await listen(http.createServer(v2App(facilitatorUrl)));
 const v1 = await listen(http.createServer(v1App(facilitatorUrl)));
-log(`facilitator ${facilitatorUrl} (relayer ${account.address}, rpc ${args.rpc}); v2 ${v2}; v1 ${v1}`);
-process.stdout.write(json({ facilitator: facilitatorUrl, v2, v1 }) + "\n");
+const channel = await listen(http.createServer(channelApp(facilitatorUrl)));
+log(`facilitator ${facilitatorUrl} (relayer ${account.address}, rpc ${args.rpc}); v2 ${v2}; v1 ${v1}; channel ${channel}`);
+process.stdout.write(json({ facilitator: facilitatorUrl, v2, v1, channel }) + "\n");
 for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => process.exit(0));

@@ -4,6 +4,7 @@
 //! Every test file uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod channel;
 #[cfg(feature = "client")]
 pub mod paying;
 pub mod process;
