@@ -1,7 +1,8 @@
 //! Payment-channel deposits through the relayer: [`OnchainSettler`] is a
 //! [`channel::serve::Escrow`](crate::channel::serve::Escrow). A `deposit` payload's EIP-3009
 //! authorization goes to the canonical escrow as `deposit(config, amount, ERC3009 collector,
-//! abi.encode(validAfter, validBefore, salt, signature))`; the channel's balance and claimed
+//! abi.encode(validAfter, validBefore, salt, signature))`, a Permit2 one as `deposit(config,
+//! amount, Permit2 collector, abi.encode(nonce, deadline, signature, ""))`; the channel's balance and claimed
 //! total are read back from `channels(channelId)` after the receipt. The receiver's side:
 //! [`OnchainSettler::claim_channels`] claims many channels in one `claimWithSignature`
 //! transaction and [`OnchainSettler::settle_channels`] sweeps the claimed funds to the receiver.
@@ -21,7 +22,8 @@ use crate::alert::{Alert, alert};
 use crate::channel::serve::{Escrow, EscrowError, Mirror};
 use crate::channel::store::ChannelStore;
 use crate::channel::{
-    BATCH_SETTLEMENT, ChannelClaim, ERC3009_DEPOSIT_COLLECTOR, ReceiverAuthorizer, claim_digest,
+    BATCH_SETTLEMENT, ChannelClaim, ERC3009_DEPOSIT_COLLECTOR, PERMIT2_DEPOSIT_COLLECTOR,
+    ReceiverAuthorizer, claim_digest,
 };
 use crate::proto::batch::{ChannelConfig, Deposit};
 
@@ -72,24 +74,13 @@ impl Escrow for OnchainSettler {
         channel: B256,
         deposit: &Deposit,
     ) -> Result<Mirror, EscrowError> {
-        let auth = deposit
-            .authorization
-            .erc3009_authorization
-            .as_ref()
-            .ok_or_else(|| escrow_error("only EIP-3009 deposits are supported"))?;
         let amount = u128::try_from(deposit.amount)
             .map_err(|_| escrow_error("deposit amount beyond uint128"))?;
-        let collector_data = (
-            auth.valid_after,
-            auth.valid_before,
-            U256::from_be_bytes(auth.salt.0),
-            auth.signature.clone(),
-        )
-            .abi_encode_params();
+        let (collector, collector_data) = deposit_collector(deposit)?;
         let call = depositCall {
             config: escrow_config(config),
             amount,
-            collector: ERC3009_DEPOSIT_COLLECTOR,
+            collector,
             collectorData: collector_data.into(),
         };
         let chain_id = self
@@ -162,6 +153,35 @@ impl Escrow for OnchainSettler {
             total_claimed: state.total_claimed,
         })
     }
+}
+
+/// The collector of `deposit` and its `collectorData`, by the authorization it carries.
+fn deposit_collector(
+    deposit: &Deposit,
+) -> Result<(alloy_primitives::Address, Vec<u8>), EscrowError> {
+    let auth = &deposit.authorization;
+    if let Some(a) = &auth.erc3009_authorization {
+        let data = (
+            a.valid_after,
+            a.valid_before,
+            U256::from_be_bytes(a.salt.0),
+            a.signature.clone(),
+        )
+            .abi_encode_params();
+        return Ok((ERC3009_DEPOSIT_COLLECTOR, data));
+    }
+    if let Some(p) = &auth.permit2_authorization {
+        // The last field is an EIP-2612 permit segment: we never send one.
+        let data = (
+            p.nonce,
+            p.deadline,
+            p.signature.clone(),
+            alloy_primitives::Bytes::new(),
+        )
+            .abi_encode_params();
+        return Ok((PERMIT2_DEPOSIT_COLLECTOR, data));
+    }
+    Err(escrow_error("the deposit carries no authorization"))
 }
 
 fn escrow_config(config: &ChannelConfig) -> EscrowChannelConfig {
