@@ -353,6 +353,8 @@ reasons! {
     BatchSettlementPermit2DeadlineExpired = "invalid_batch_settlement_evm_permit2_deadline_expired",
     /// `invalid_batch_settlement_evm_permit2_invalid_signature`
     BatchSettlementPermit2InvalidSignature = "invalid_batch_settlement_evm_permit2_invalid_signature",
+    /// `invalid_batch_settlement_evm_permit2_allowance_required`
+    BatchSettlementPermit2AllowanceRequired = "invalid_batch_settlement_evm_permit2_allowance_required",
 }
 
 impl Reason {

@@ -8,8 +8,9 @@
 //! client through `@x402/fetch` (the payer approved Permit2 first) opens a channel on our
 //! server with a Permit2 deposit, submitted by our relayer through our own
 //! `Permit2DepositCollector` at the canonical address, pays calls with vouchers and refunds;
-//! balances exact to the unit. Hostile permit2 deposits get a 402 with the reference's code,
-//! the handler not run and nothing sent on chain.
+//! balances exact to the unit. Hostile permit2 deposits (and an honest one from a payer who
+//! never approved Permit2) get a 402 with the reference's code, the handler not run and
+//! nothing sent on chain.
 #![cfg(all(feature = "axum", feature = "test-util"))]
 
 #[cfg(feature = "onchain")]
@@ -377,8 +378,8 @@ mod on_chain {
     }
 
     impl Payer {
-        fn new() -> Self {
-            let key: PrivateKeySigner = chain::PAYER3_KEY.parse().expect("key");
+        fn new(key: &str) -> Self {
+            let key: PrivateKeySigner = key.parse().expect("key");
             let authorizer: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
             let config = ChannelConfig {
                 payer: key.address(),
@@ -452,13 +453,16 @@ mod on_chain {
         let Some(c) = chain::Chain::start("hostile_permit2_deposits").await else {
             return;
         };
-        let payer = Payer::new();
+        let payer = Payer::new(chain::PAYER3_KEY);
         c.approve_permit2(payer.key.address()).await;
+        // Funded, but it never approved Permit2.
+        let unapproved = Payer::new(chain::PAYER4_KEY);
         let (addr, _settler, runs) = server(&c).await;
         let client = common::client();
         let stranger: PrivateKeySigner = chain::PAYER4_KEY.parse().expect("key");
         const DEPOSIT: u128 = 50 * PRICE;
         let payer_before = c.balance(payer.key.address()).await;
+        let unapproved_before = c.balance(unapproved.key.address()).await;
         let relayer_nonce = || async {
             c.provider()
                 .get_transaction_count(chain::RELAYER)
@@ -570,6 +574,11 @@ mod on_chain {
                 erc3009,
                 "invalid_batch_settlement_evm_payload_type",
             ),
+            (
+                "a payer without a Permit2 allowance (honest permit)",
+                unapproved.deposit(DEPOSIT, |_| {}, None),
+                "invalid_batch_settlement_evm_permit2_allowance_required",
+            ),
         ];
         for (what, payload, code) in hostile {
             let reply = send(payload).await;
@@ -584,6 +593,7 @@ mod on_chain {
         // Nothing on chain: no relayer transaction, no token moved.
         assert_eq!(relayer_nonce().await, sent_before, "no transaction sent");
         assert_eq!(c.balance(payer.key.address()).await, payer_before);
+        assert_eq!(c.balance(unapproved.key.address()).await, unapproved_before);
         assert_eq!(c.balance(chain::BATCH_SETTLEMENT).await, U256::ZERO);
 
         // The same harness with an honest permit: served, the deposit on chain.

@@ -13,7 +13,8 @@
 //!
 //! Not checked here: vouchers of channels whose `payerAuthorizer` is zero and deposits signed
 //! by a contract payer (EIP-1271 needs the chain), both refused; the payer's Permit2 allowance
-//! and nonce (the deposit transaction reverts, and the handler does not run). Each refusal has the
+//! (read by `OnchainSettler` before it sends the deposit) and nonce (the deposit reverts; the
+//! handler does not run). Each refusal has the
 //! reference's wire code ([`BatchError::code`]), catalogued as a typed `Reason`
 //! ([`BatchError::reason`]) with its row in [`crate::rejection`].
 
@@ -134,6 +135,9 @@ pub enum BatchError {
     /// The permit is not signed by the payer (or names another owner).
     #[error("the permit is not signed by the payer")]
     Permit2InvalidSignature,
+    /// The payer has not approved Permit2 for the deposit amount (the escrow's pre-check).
+    #[error("the payer's Permit2 allowance is below the deposit")]
+    Permit2AllowanceRequired,
 }
 
 impl BatchError {
@@ -178,6 +182,7 @@ impl BatchError {
             Self::Permit2AmountMismatch => Reason::BatchSettlementPermit2AmountMismatch,
             Self::Permit2DeadlineExpired => Reason::BatchSettlementPermit2DeadlineExpired,
             Self::Permit2InvalidSignature => Reason::BatchSettlementPermit2InvalidSignature,
+            Self::Permit2AllowanceRequired => Reason::BatchSettlementPermit2AllowanceRequired,
         }
     }
 
@@ -230,6 +235,9 @@ impl BatchError {
             Self::Permit2DeadlineExpired => "invalid_batch_settlement_evm_permit2_deadline_expired",
             Self::Permit2InvalidSignature => {
                 "invalid_batch_settlement_evm_permit2_invalid_signature"
+            }
+            Self::Permit2AllowanceRequired => {
+                "invalid_batch_settlement_evm_permit2_allowance_required"
             }
         }
     }

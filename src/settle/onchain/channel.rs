@@ -21,6 +21,7 @@ use super::{OnchainSettler, Sent, Submit};
 use crate::alert::{Alert, alert};
 use crate::channel::serve::{Escrow, EscrowError, Mirror};
 use crate::channel::store::ChannelStore;
+use crate::channel::verify::BatchError;
 use crate::channel::{
     BATCH_SETTLEMENT, ChannelClaim, ERC3009_DEPOSIT_COLLECTOR, PERMIT2_DEPOSIT_COLLECTOR,
     ReceiverAuthorizer, claim_digest,
@@ -77,6 +78,9 @@ impl Escrow for OnchainSettler {
         let amount = u128::try_from(deposit.amount)
             .map_err(|_| escrow_error("deposit amount beyond uint128"))?;
         let (collector, collector_data) = deposit_collector(deposit)?;
+        if collector == PERMIT2_DEPOSIT_COLLECTOR {
+            self.check_permit2_allowance(config, deposit.amount).await?;
+        }
         let call = depositCall {
             config: escrow_config(config),
             amount,
@@ -152,6 +156,35 @@ impl Escrow for OnchainSettler {
             balance: state.balance,
             total_claimed: state.total_claimed,
         })
+    }
+}
+
+impl OnchainSettler {
+    /// A Permit2 deposit needs the payer's allowance to Permit2 on the token; without it the
+    /// deposit would revert, so it is refused (a [`BatchError`] cause: a 402, nothing sent).
+    async fn check_permit2_allowance(
+        &self,
+        config: &ChannelConfig,
+        amount: U256,
+    ) -> Result<(), EscrowError> {
+        let read = TransactionRequest::default()
+            .with_to(config.token)
+            .with_input(super::upto::allowance_call(config.payer).abi_encode());
+        let out = with_timeout(
+            self.config.rpc_timeout,
+            self.provider
+                .call(read)
+                .block(BlockId::latest())
+                .into_future(),
+        )
+        .await
+        .map_err(|f| EscrowError(f.into_settle_error().into()))?;
+        let allowance = U256::abi_decode(&out)
+            .map_err(|_| escrow_error("allowance() returned malformed data"))?;
+        if allowance < amount {
+            return Err(EscrowError(Box::new(BatchError::Permit2AllowanceRequired)));
+        }
+        Ok(())
     }
 }
 
