@@ -38,9 +38,12 @@ fn permit_of(
     deposit
         .authorization
         .permit2_authorization
-        .as_mut()
+        .as_deref_mut()
         .expect("permit2")
 }
+
+/// A change to a signed payload.
+type Edit<'a> = dyn Fn(&mut BatchEvmPayload) + 'a;
 
 #[test]
 fn official_permit2_deposits_decode_hash_verify_and_each_tampered_field_is_refused() {
@@ -92,12 +95,12 @@ fn official_permit2_deposits_decode_hash_verify_and_each_tampered_field_is_refus
         );
 
         // Each field changed after signing: the reference's code, in its order.
-        let tampered = |edit: &dyn Fn(&mut BatchEvmPayload)| {
+        let tampered = |edit: &Edit<'_>| {
             let mut p = payload.clone();
             edit(&mut p);
             verify::authenticate(&terms, &p, now).map(|_| ())
         };
-        let cases: [(&str, &dyn Fn(&mut BatchEvmPayload), E); 8] = [
+        let cases: [(&str, &Edit<'_>, E); 8] = [
             (
                 "spender",
                 &|p| permit_of(p).spender = channel::ERC3009_DEPOSIT_COLLECTOR,
@@ -441,7 +444,7 @@ mod on_chain {
                     amount: U256::from(amount),
                     authorization: DepositAuthorization {
                         erc3009_authorization: None,
-                        permit2_authorization: Some(permit),
+                        permit2_authorization: Some(Box::new(permit)),
                     },
                 },
             }

@@ -70,9 +70,9 @@ pub struct DepositAuthorization {
     /// EIP-3009 (`assetTransferMethod: "eip3009"`, the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub erc3009_authorization: Option<Erc3009Authorization>,
-    /// Permit2 (`assetTransferMethod: "permit2"`).
+    /// Permit2 (`assetTransferMethod: "permit2"`); boxed, as it is the larger and rarer one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub permit2_authorization: Option<Permit2DepositAuthorization>,
+    pub permit2_authorization: Option<Box<Permit2DepositAuthorization>>,
 }
 
 /// The witness of a Permit2 deposit: the channel the permit may fund.

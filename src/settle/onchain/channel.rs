@@ -107,18 +107,12 @@ impl Escrow for OnchainSettler {
             Err(Submit::NotSent(f)) => return Err(EscrowError(f.into_settle_error().into())),
             Err(Submit::Unknown { source, .. }) => return Err(EscrowError(source)),
         };
-        let read = TransactionRequest::default()
-            .with_to(BATCH_SETTLEMENT)
-            .with_input(channelsCall { channelId: channel }.abi_encode());
-        let out = with_timeout(
-            self.config.rpc_timeout,
-            self.provider
-                .call(read)
-                .block(BlockId::latest())
-                .into_future(),
-        )
-        .await
-        .map_err(|f| EscrowError(f.into_settle_error().into()))?;
+        let out = self
+            .view_at(
+                BATCH_SETTLEMENT,
+                channelsCall { channelId: channel }.abi_encode(),
+            )
+            .await?;
         let state = channelsCall::abi_decode_returns(&out)
             .map_err(|_| escrow_error("channels() returned malformed data"))?;
         Ok(Mirror {
@@ -160,17 +154,14 @@ impl Escrow for OnchainSettler {
 }
 
 impl OnchainSettler {
-    /// A Permit2 deposit needs the payer's allowance to Permit2 on the token; without it the
-    /// deposit would revert, so it is refused (a [`BatchError`] cause: a 402, nothing sent).
-    async fn check_permit2_allowance(
+    /// `eth_call` of `input` on `to` at the latest block, within the RPC timeout.
+    async fn view_at(
         &self,
-        config: &ChannelConfig,
-        amount: U256,
-    ) -> Result<(), EscrowError> {
-        let read = TransactionRequest::default()
-            .with_to(config.token)
-            .with_input(super::upto::allowance_call(config.payer).abi_encode());
-        let out = with_timeout(
+        to: alloy_primitives::Address,
+        input: Vec<u8>,
+    ) -> Result<alloy_primitives::Bytes, EscrowError> {
+        let read = TransactionRequest::default().with_to(to).with_input(input);
+        with_timeout(
             self.config.rpc_timeout,
             self.provider
                 .call(read)
@@ -178,7 +169,22 @@ impl OnchainSettler {
                 .into_future(),
         )
         .await
-        .map_err(|f| EscrowError(f.into_settle_error().into()))?;
+        .map_err(|f| EscrowError(f.into_settle_error().into()))
+    }
+
+    /// A Permit2 deposit needs the payer's allowance to Permit2 on the token; without it the
+    /// deposit would revert, so it is refused (a [`BatchError`] cause: a 402, nothing sent).
+    async fn check_permit2_allowance(
+        &self,
+        config: &ChannelConfig,
+        amount: U256,
+    ) -> Result<(), EscrowError> {
+        let out = self
+            .view_at(
+                config.token,
+                super::upto::allowance_call(config.payer).abi_encode(),
+            )
+            .await?;
         let allowance = U256::abi_decode(&out)
             .map_err(|_| escrow_error("allowance() returned malformed data"))?;
         if allowance < amount {
