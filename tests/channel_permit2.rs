@@ -20,7 +20,7 @@ mod common;
 use serde_json::Value;
 use tower_x402::channel::{self, verify};
 use tower_x402::primitives::{B256, U256};
-use tower_x402::proto::batch::{BatchEvmPayload, ChannelConfig};
+use tower_x402::proto::batch::{BatchEvmPayload, ChannelConfig, Erc3009Authorization};
 use tower_x402::proto::v2::PaymentRequirements;
 
 fn vectors(name: &str) -> Value {
@@ -155,6 +155,22 @@ fn official_permit2_deposits_decode_hash_verify_and_each_tampered_field_is_refus
             verify::authenticate(&terms, &payload, deadline - 5),
             Err(E::Permit2DeadlineExpired),
             "{what}: within the mining margin"
+        );
+
+        // A second, unverified authorization riding along is refused.
+        let mut both = payload.clone();
+        if let BatchEvmPayload::Deposit { deposit, .. } = &mut both {
+            deposit.authorization.erc3009_authorization = Some(Erc3009Authorization {
+                valid_after: U256::ZERO,
+                valid_before: U256::from(deadline),
+                salt: B256::ZERO,
+                signature: vec![0x11; 65].into(),
+            });
+        }
+        assert_eq!(
+            verify::authenticate(&terms, &both, now),
+            Err(E::DepositPayload),
+            "{what}: two authorizations"
         );
 
         // A permit2 deposit on an eip3009 requirement, and the other way round.

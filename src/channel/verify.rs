@@ -408,6 +408,12 @@ pub fn check_deposit(
         .ok()
         .filter(|a| *a > 0)
         .ok_or(BatchError::DepositPayload)?;
+    // Exactly one method: the escrow submits the one the payload carries, so a second,
+    // unverified one must not ride along.
+    let auth = &deposit.authorization;
+    if auth.erc3009_authorization.is_some() && auth.permit2_authorization.is_some() {
+        return Err(BatchError::DepositPayload);
+    }
     if terms.asset_transfer_method == AssetTransferMethod::Permit2 {
         // As the reference: a permit2 requirement with another authorization is the wrong type.
         let permit = deposit
