@@ -186,6 +186,15 @@ impl PaymentOption {
     /// must claim. `extra` carries exactly what the official client reads: `receiverAuthorizer`,
     /// `withdrawDelay`, `name`, `version`, `assetTransferMethod`.
     ///
+    /// `method` says how deposits move the tokens: [`Eip3009`] (a `receiveWithAuthorization`
+    /// to the ERC-3009 deposit collector: USDC and other FiatToken-style tokens) or
+    /// [`Permit2`] (a Permit2 `PermitWitnessTransferFrom` to the Permit2 deposit collector,
+    /// bound to the channel: any ERC-20 the payer has approved Permit2 for). Each method's
+    /// deposits are verified in-process; the other method's are refused.
+    ///
+    /// [`Eip3009`]: crate::channel::AssetTransferMethod::Eip3009
+    /// [`Permit2`]: crate::channel::AssetTransferMethod::Permit2
+    ///
     /// Not served by the layer's verifier yet: serve such requests with
     /// [`channel::serve::Channels`](crate::channel::serve::Channels).
     ///
@@ -204,6 +213,16 @@ impl PaymentOption {
     /// .unwrap();
     /// assert_eq!(opt.requirements().scheme, "batch-settlement");
     /// assert_eq!(opt.requirements().extra.as_ref().unwrap()["withdrawDelay"], 900);
+    /// let permit2 = PaymentOption::batch_settlement(
+    ///     &Asset::usdc_base_sepolia(),
+    ///     U256::from(1000),
+    ///     address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
+    ///     address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc"),
+    ///     900,
+    ///     AssetTransferMethod::Permit2,
+    /// )
+    /// .unwrap();
+    /// assert_eq!(permit2.requirements().extra.as_ref().unwrap()["assetTransferMethod"], "permit2");
     /// ```
     ///
     /// # Errors

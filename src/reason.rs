@@ -344,6 +344,17 @@ reasons! {
     BatchSettlementChargeExceedsSignedCumulative = "invalid_batch_settlement_evm_charge_exceeds_signed_cumulative",
     /// `invalid_batch_settlement_evm_channel_busy`
     BatchSettlementChannelBusy = "invalid_batch_settlement_evm_channel_busy",
+    // Payment channels: Permit2 deposits (issue #19).
+    /// `invalid_batch_settlement_evm_permit2_invalid_spender`
+    BatchSettlementPermit2InvalidSpender = "invalid_batch_settlement_evm_permit2_invalid_spender",
+    /// `invalid_batch_settlement_evm_permit2_amount_mismatch`
+    BatchSettlementPermit2AmountMismatch = "invalid_batch_settlement_evm_permit2_amount_mismatch",
+    /// `invalid_batch_settlement_evm_permit2_deadline_expired`
+    BatchSettlementPermit2DeadlineExpired = "invalid_batch_settlement_evm_permit2_deadline_expired",
+    /// `invalid_batch_settlement_evm_permit2_invalid_signature`
+    BatchSettlementPermit2InvalidSignature = "invalid_batch_settlement_evm_permit2_invalid_signature",
+    /// `invalid_batch_settlement_evm_permit2_allowance_required`
+    BatchSettlementPermit2AllowanceRequired = "invalid_batch_settlement_evm_permit2_allowance_required",
 }
 
 impl Reason {

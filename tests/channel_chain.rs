@@ -655,6 +655,7 @@ async fn claims_batch_31_channels_in_one_transaction_and_one_settle_pays_the_rec
         token_name: "USDC".into(),
         token_version: "2".into(),
         price: PRICE,
+        asset_transfer_method: tower_x402::channel::AssetTransferMethod::Eip3009,
     };
     let mut ids = Vec::new();
     for n in 0..CHANNELS {
@@ -826,6 +827,7 @@ async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_voucher
         token_name: "USDC".into(),
         token_version: "2".into(),
         price: PRICE,
+        asset_transfer_method: tower_x402::channel::AssetTransferMethod::Eip3009,
     };
     for call in 0..5u128 {
         let payload = f.payload((call + 1) * PRICE, (call == 0).then_some(DEPOSIT));

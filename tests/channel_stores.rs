@@ -160,6 +160,7 @@ fn terms() -> ChannelTerms {
         token_name: "USDC".into(),
         token_version: "2".into(),
         price: PRICE,
+        asset_transfer_method: tower_x402::channel::AssetTransferMethod::Eip3009,
     }
 }
 

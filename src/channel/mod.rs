@@ -61,8 +61,8 @@ pub const MAX_WITHDRAW_DELAY: u64 = 2_592_000;
 pub enum AssetTransferMethod {
     /// EIP-3009 `receiveWithAuthorization` (USDC and other FiatToken-style tokens).
     Eip3009,
-    /// Permit2, for any ERC-20 (the payer approves Permit2 once). Deposits of this kind are
-    /// not verified in-process yet.
+    /// Permit2, for any ERC-20 (the payer approves Permit2 once): a `PermitWitnessTransferFrom`
+    /// to the Permit2 deposit collector, its witness the channel id.
     Permit2,
 }
 

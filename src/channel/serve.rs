@@ -41,7 +41,8 @@ pub struct EscrowError(pub crate::store::BoxError);
 #[async_trait]
 pub trait Escrow: Send + Sync + 'static {
     /// Sends `deposit` into the channel of `config` and waits for it: the channel's state
-    /// after it.
+    /// after it. An error caused by a [`BatchError`] is a refusal (402, nothing was sent,
+    /// e.g. no Permit2 allowance); any other is an outage (503).
     async fn deposit(
         &self,
         config: &ChannelConfig,
@@ -383,7 +384,7 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
                 .escrow
                 .deposit(&accepted.config, channel, deposit)
                 .await
-                .map_err(PayError::Escrow)?;
+                .map_err(escrow_refusal)?;
             state.balance = m.balance;
             state.total_claimed = m.total_claimed;
             state.onchain_synced_at = now;
@@ -476,6 +477,17 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
                 "a deposit landed but its channel state was not stored"
             ),
         }
+    }
+}
+
+/// An escrow error caused by a [`BatchError`] (refused before sending) is a refusal.
+fn escrow_refusal<E>(e: EscrowError) -> PayError<E> {
+    match e.0.downcast_ref::<BatchError>() {
+        Some(error) => PayError::Refused {
+            error: *error,
+            state: None,
+        },
+        None => PayError::Escrow(e),
     }
 }
 

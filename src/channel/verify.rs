@@ -4,13 +4,17 @@
 //! The order follows the reference facilitator and server: scheme and network, the payload's
 //! shape, the channel config against the server's terms (channel id = the config's EIP-712
 //! hash, receiver = `payTo`, receiver authorizer, token = `asset`, withdraw delay, its range),
-//! the voucher's signature (ECDSA against `payerAuthorizer`), the deposit's EIP-3009
-//! authorization (time window, signature of the payer), then the amounts against the server's
+//! the voucher's signature (ECDSA against `payerAuthorizer`), the deposit's authorization by
+//! the requirement's `assetTransferMethod` (EIP-3009: time window, signature of the payer;
+//! Permit2: spender = the Permit2 deposit collector, token, amount, witness = this channel,
+//! deadline, signature of the payer), then the amounts against the server's
 //! [`ChannelState`]: the voucher's ceiling must be exactly `charged + price` (a `refund`:
 //! exactly `charged`), above the claimed total, and within the balance (plus the deposit).
 //!
-//! Not checked here: vouchers of channels whose `payerAuthorizer` is zero (EIP-1271 through
-//! the payer needs the chain) and Permit2 deposits; both are refused. Each refusal has the
+//! Not checked here: vouchers of channels whose `payerAuthorizer` is zero and deposits signed
+//! by a contract payer (EIP-1271 needs the chain), both refused; the payer's Permit2 allowance
+//! (read by `OnchainSettler` before it sends the deposit) and nonce (the deposit reverts; the
+//! handler does not run). Each refusal has the
 //! reference's wire code ([`BatchError::code`]), catalogued as a typed `Reason`
 //! ([`BatchError::reason`]) with its row in [`crate::rejection`].
 
@@ -19,10 +23,12 @@ use serde_json::Value;
 
 use super::store::ChannelState;
 use super::{
-    MAX_WITHDRAW_DELAY, MIN_WITHDRAW_DELAY, SCHEME, channel_id, deposit_nonce, extra,
-    receive_authorization_digest, token_domain, voucher_digest,
+    AssetTransferMethod, MAX_WITHDRAW_DELAY, MIN_WITHDRAW_DELAY, PERMIT2_DEPOSIT_COLLECTOR, SCHEME,
+    channel_id, deposit_nonce, extra, receive_authorization_digest, token_domain, voucher_digest,
 };
-use crate::proto::batch::{BatchEvmPayload, ChannelConfig, Deposit, Voucher};
+use crate::proto::batch::{
+    BatchEvmPayload, ChannelConfig, Deposit, Permit2DepositAuthorization, Voucher,
+};
 use crate::proto::{PaymentPayload, v2::PaymentRequirements};
 use crate::verify::exact::recover_signer;
 
@@ -117,6 +123,21 @@ pub enum BatchError {
     /// Another request holds the channel.
     #[error("another request holds the channel")]
     ChannelBusy,
+    /// The Permit2 deposit's spender is not the Permit2 deposit collector.
+    #[error("the permit's spender is not the Permit2 deposit collector")]
+    Permit2InvalidSpender,
+    /// The permit's amount is not the deposit's.
+    #[error("the permit's amount is not the deposit amount")]
+    Permit2AmountMismatch,
+    /// The permit's deadline has passed (or is too close).
+    #[error("the permit's deadline has passed")]
+    Permit2DeadlineExpired,
+    /// The permit is not signed by the payer (or names another owner).
+    #[error("the permit is not signed by the payer")]
+    Permit2InvalidSignature,
+    /// The payer has not approved Permit2 for the deposit amount (the escrow's pre-check).
+    #[error("the payer's Permit2 allowance is below the deposit")]
+    Permit2AllowanceRequired,
 }
 
 impl BatchError {
@@ -157,6 +178,11 @@ impl BatchError {
                 Reason::BatchSettlementChargeExceedsSignedCumulative
             }
             Self::ChannelBusy => Reason::BatchSettlementChannelBusy,
+            Self::Permit2InvalidSpender => Reason::BatchSettlementPermit2InvalidSpender,
+            Self::Permit2AmountMismatch => Reason::BatchSettlementPermit2AmountMismatch,
+            Self::Permit2DeadlineExpired => Reason::BatchSettlementPermit2DeadlineExpired,
+            Self::Permit2InvalidSignature => Reason::BatchSettlementPermit2InvalidSignature,
+            Self::Permit2AllowanceRequired => Reason::BatchSettlementPermit2AllowanceRequired,
         }
     }
 
@@ -204,6 +230,15 @@ impl BatchError {
                 "invalid_batch_settlement_evm_charge_exceeds_signed_cumulative"
             }
             Self::ChannelBusy => "invalid_batch_settlement_evm_channel_busy",
+            Self::Permit2InvalidSpender => "invalid_batch_settlement_evm_permit2_invalid_spender",
+            Self::Permit2AmountMismatch => "invalid_batch_settlement_evm_permit2_amount_mismatch",
+            Self::Permit2DeadlineExpired => "invalid_batch_settlement_evm_permit2_deadline_expired",
+            Self::Permit2InvalidSignature => {
+                "invalid_batch_settlement_evm_permit2_invalid_signature"
+            }
+            Self::Permit2AllowanceRequired => {
+                "invalid_batch_settlement_evm_permit2_allowance_required"
+            }
         }
     }
 }
@@ -228,6 +263,8 @@ pub struct ChannelTerms {
     pub token_version: String,
     /// The per-request maximum (`amount`).
     pub price: u128,
+    /// How deposits move the tokens (`extra.assetTransferMethod`, default EIP-3009).
+    pub asset_transfer_method: AssetTransferMethod,
 }
 
 impl ChannelTerms {
@@ -251,6 +288,11 @@ impl ChannelTerms {
             .and_then(Value::as_u64)
             .filter(|d| (MIN_WITHDRAW_DELAY..=MAX_WITHDRAW_DELAY).contains(d))
             .ok_or(BatchError::WithdrawDelayOutOfRange)?;
+        let asset_transfer_method = match req.extra_str(extra::ASSET_TRANSFER_METHOD) {
+            None | Some("eip3009") => AssetTransferMethod::Eip3009,
+            Some("permit2") => AssetTransferMethod::Permit2,
+            Some(_) => return Err(BatchError::PayloadType),
+        };
         Ok(Self {
             chain_id: req.network.chain_id(),
             receiver: req.pay_to.evm().ok_or(BatchError::ReceiverMismatch)?,
@@ -260,6 +302,7 @@ impl ChannelTerms {
             token_name: name.to_owned(),
             token_version: version.to_owned(),
             price: u128::try_from(req.amount).map_err(|_| BatchError::VoucherPayload)?,
+            asset_transfer_method,
         })
     }
 }
@@ -351,8 +394,9 @@ pub fn check_voucher_signature(
     }
 }
 
-/// The deposit's EIP-3009 authorization: to the collector, for this channel, valid now (and
-/// for [`VALID_BEFORE_MARGIN`] more seconds), signed by the payer. Returns the amount.
+/// The deposit's authorization, by the terms' [`AssetTransferMethod`]: EIP-3009 (to the
+/// collector, for this channel, valid now and for [`VALID_BEFORE_MARGIN`] more seconds, signed
+/// by the payer) or Permit2 ([`check_permit2_deposit`]). Returns the amount.
 pub fn check_deposit(
     terms: &ChannelTerms,
     config: &ChannelConfig,
@@ -364,6 +408,22 @@ pub fn check_deposit(
         .ok()
         .filter(|a| *a > 0)
         .ok_or(BatchError::DepositPayload)?;
+    // Exactly one method: the escrow submits the one the payload carries, so a second,
+    // unverified one must not ride along.
+    let auth = &deposit.authorization;
+    if auth.erc3009_authorization.is_some() && auth.permit2_authorization.is_some() {
+        return Err(BatchError::DepositPayload);
+    }
+    if terms.asset_transfer_method == AssetTransferMethod::Permit2 {
+        // As the reference: a permit2 requirement with another authorization is the wrong type.
+        let permit = deposit
+            .authorization
+            .permit2_authorization
+            .as_ref()
+            .ok_or(BatchError::PayloadType)?;
+        return check_permit2_deposit(terms, config, channel, deposit.amount, permit, now)
+            .map(|()| amount);
+    }
     let auth = deposit
         .authorization
         .erc3009_authorization
@@ -552,4 +612,91 @@ pub fn against_state(
         signature: voucher.signature.clone(),
         charged_before: charged,
     })
+}
+
+/// The EIP-712 structs of a Permit2 deposit, crate-private: `sol!` makes its items `pub`.
+mod permit2_eip712 {
+    alloy_sol_types::sol! {
+        struct TokenPermissions {
+            address token;
+            uint256 amount;
+        }
+        struct DepositWitness {
+            bytes32 channelId;
+        }
+        /// With `DepositWitness` its type hash is the one Permit2 builds from the collector's
+        /// witness type string.
+        struct PermitWitnessTransferFrom {
+            TokenPermissions permitted;
+            address spender;
+            uint256 nonce;
+            uint256 deadline;
+            DepositWitness witness;
+        }
+    }
+}
+
+/// The digest the payer signs for a Permit2 deposit: Permit2's domain (`name: "Permit2"`, no
+/// version) on `chain_id`, the permit and its `DepositWitness(channelId)`.
+pub fn permit2_deposit_digest(chain_id: u64, permit: &Permit2DepositAuthorization) -> B256 {
+    use alloy_sol_types::{Eip712Domain, SolStruct};
+    let domain = Eip712Domain::new(
+        Some("Permit2".into()),
+        None,
+        Some(U256::from(chain_id)),
+        Some(crate::verify::upto::PERMIT2),
+        None,
+    );
+    permit2_eip712::PermitWitnessTransferFrom {
+        permitted: permit2_eip712::TokenPermissions {
+            token: permit.permitted.token,
+            amount: permit.permitted.amount,
+        },
+        spender: permit.spender,
+        nonce: permit.nonce,
+        deadline: permit.deadline,
+        witness: permit2_eip712::DepositWitness {
+            channelId: permit.witness.channel_id,
+        },
+    }
+    .eip712_signing_hash(&domain)
+}
+
+/// A Permit2 deposit, in the reference facilitator's order: owner = the payer, spender = the
+/// Permit2 deposit collector, token = the channel's, amount = the deposit's, witness = this
+/// channel, deadline at least [`VALID_BEFORE_MARGIN`] seconds ahead, and the payer's ECDSA
+/// signature (a contract payer's EIP-1271 signature needs the chain: refused).
+pub fn check_permit2_deposit(
+    terms: &ChannelTerms,
+    config: &ChannelConfig,
+    channel: B256,
+    amount: U256,
+    permit: &Permit2DepositAuthorization,
+    now: u64,
+) -> Result<(), BatchError> {
+    if permit.from != config.payer {
+        return Err(BatchError::Permit2InvalidSignature);
+    }
+    if permit.spender != PERMIT2_DEPOSIT_COLLECTOR {
+        return Err(BatchError::Permit2InvalidSpender);
+    }
+    if permit.permitted.token != terms.token {
+        return Err(BatchError::TokenMismatch);
+    }
+    if permit.permitted.amount != amount {
+        return Err(BatchError::Permit2AmountMismatch);
+    }
+    if permit.witness.channel_id != channel {
+        return Err(BatchError::ChannelIdMismatch);
+    }
+    if permit.deadline < U256::from(now.saturating_add(VALID_BEFORE_MARGIN)) {
+        return Err(BatchError::Permit2DeadlineExpired);
+    }
+    match recover_signer(
+        permit2_deposit_digest(terms.chain_id, permit),
+        &permit.signature,
+    ) {
+        Ok(signer) if signer == config.payer => Ok(()),
+        _ => Err(BatchError::Permit2InvalidSignature),
+    }
 }

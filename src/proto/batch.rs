@@ -70,9 +70,42 @@ pub struct DepositAuthorization {
     /// EIP-3009 (`assetTransferMethod: "eip3009"`, the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub erc3009_authorization: Option<Erc3009Authorization>,
-    /// Permit2 (`assetTransferMethod: "permit2"`): kept raw, not verified here yet.
+    /// Permit2 (`assetTransferMethod: "permit2"`); boxed, as it is the larger and rarer one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub permit2_authorization: Option<serde_json::Value>,
+    pub permit2_authorization: Option<Box<Permit2DepositAuthorization>>,
+}
+
+/// The witness of a Permit2 deposit: the channel the permit may fund.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DepositWitness {
+    /// The channel id (the config's EIP-712 hash).
+    pub channel_id: B256,
+}
+
+/// The Permit2 `PermitWitnessTransferFrom` of a deposit (`permit2Authorization`): spender = the
+/// Permit2 deposit collector, the deposit amount, the witness `DepositWitness(channelId)`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Permit2DepositAuthorization {
+    /// The payer, and the expected signer (not part of the signed message).
+    #[serde(serialize_with = "super::checksummed")]
+    pub from: Address,
+    /// Token and amount: the channel's token, the deposit amount.
+    pub permitted: super::upto::TokenPermissions,
+    /// Who may pull the tokens: the Permit2 deposit collector.
+    #[serde(serialize_with = "super::checksummed")]
+    pub spender: Address,
+    /// Permit2 unordered nonce.
+    #[serde(with = "super::decimal")]
+    pub nonce: U256,
+    /// Unix seconds after which the permit is void.
+    #[serde(with = "super::decimal")]
+    pub deadline: U256,
+    /// The channel the permit funds.
+    pub witness: DepositWitness,
+    /// EIP-712 signature of the payer over Permit2's domain.
+    pub signature: Bytes,
 }
 
 /// The deposit part of a `deposit` payload.

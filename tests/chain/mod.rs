@@ -9,7 +9,8 @@
 //! proxy's ABI and checks) at [`UPTO_PROXY`]; [`upto`] (`tests/common/upto.rs`) signs the
 //! client's Permit2 message and encodes `settle`. For `batch-settlement`, our own escrow and
 //! ERC-3009 deposit collector (written from the spec) are etched at the canonical
-//! [`BATCH_SETTLEMENT`] and [`ERC3009_DEPOSIT_COLLECTOR`] addresses. Where the bytecode comes
+//! [`BATCH_SETTLEMENT`] and [`ERC3009_DEPOSIT_COLLECTOR`] addresses, and our Permit2 deposit
+//! collector at [`PERMIT2_DEPOSIT_COLLECTOR`]. Where the bytecode comes
 //! from: `tests/chain/contracts/SOURCES.md`.
 //! Dropping the [`Chain`] kills anvil.
 //!
@@ -85,6 +86,10 @@ pub const ERC3009_DEPOSIT_COLLECTOR: Address =
     address!("0x4020806089470a89826cB9fB1f4059150b550004");
 const BATCH_SETTLEMENT_HEX: &str = include_str!("contracts/BatchSettlement.runtime.hex");
 const ERC3009_COLLECTOR_HEX: &str = include_str!("contracts/ERC3009DepositCollector.runtime.hex");
+/// The canonical Permit2DepositCollector address, where our own collector is etched.
+pub const PERMIT2_DEPOSIT_COLLECTOR: Address =
+    address!("0x4020425FAf3B746C082C2f942b4E5159887B0005");
+const PERMIT2_COLLECTOR_HEX: &str = include_str!("contracts/Permit2DepositCollector.runtime.hex");
 /// The proxy's reentrancy flag (slot 0): 0 already counts as "not entered"; the harness writes
 /// 1 (NOT_ENTERED), what a deployed proxy holds, so settlement gas is the steady-state one.
 const REENTRANCY_GUARD_SLOT: B256 = B256::ZERO;
@@ -142,6 +147,7 @@ impl Chain {
             (UPTO_PROXY, UPTO_PROXY_HEX),
             (BATCH_SETTLEMENT, BATCH_SETTLEMENT_HEX),
             (ERC3009_DEPOSIT_COLLECTOR, ERC3009_COLLECTOR_HEX),
+            (PERMIT2_DEPOSIT_COLLECTOR, PERMIT2_COLLECTOR_HEX),
         ] {
             let code = format!("0x{}", hex.trim());
             let _: Value = chain

@@ -10,6 +10,12 @@
 // The deposit's salt and validBefore are the client's own (random, now + maxTimeoutSeconds), so
 // each run differs; any run's output is a valid vector set. Pure local signing, no RPC.
 // Usage: node batch-vectors.mjs > tests/data/batch-vectors.json
+// With --permit2 (tests/data/batch-permit2-vectors.json, read by tests/channel_permit2.rs): the
+// requirement says assetTransferMethod "permit2" and each case's deposit is what
+// BatchSettlementEvmScheme.createPaymentPayload signs for a new channel (a Permit2
+// PermitWitnessTransferFrom to the Permit2 deposit collector, witness = the channel id, plus
+// the first voucher); the signer has no readContract, so nothing is read on chain.
+//   node batch-vectors.mjs --permit2 > tests/data/batch-permit2-vectors.json
 // Packages come from $X402_TEST_DEPS/node (scripts/install-test-deps.sh), never from the repo.
 import { createRequire } from "node:module";
 import { dirname, join, resolve } from "node:path";
@@ -42,6 +48,9 @@ const requirements = {
   },
 };
 
+const PERMIT2 = process.argv.includes("--permit2");
+if (PERMIT2) requirements.extra.assetTransferMethod = "permit2";
+
 const cases = [];
 for (const [description, salt, withdrawDelay, depositAmount, later] of [
   ["default salt, 15 min delay", "0x" + "00".repeat(32), 900, "100000", "5000"],
@@ -50,9 +59,14 @@ for (const [description, salt, withdrawDelay, depositAmount, later] of [
   const req = { ...requirements, extra: { ...requirements.extra, withdrawDelay } };
   const config = bs.buildChannelConfig({ signer, salt }, req);
   const channelId = bs.computeChannelId(config, NETWORK);
-  const deposit = await bs.createBatchSettlementEIP3009DepositPayload(
-    signer, 2, req, config, depositAmount, req.amount,
-  );
+  const deposit = PERMIT2
+    ? await new bs.BatchSettlementEvmScheme(signer, {
+        salt,
+        depositPolicy: { depositMultiplier: Number(depositAmount) / Number(req.amount) },
+      }).createPaymentPayload(2, req)
+    : await bs.createBatchSettlementEIP3009DepositPayload(
+        signer, 2, req, config, depositAmount, req.amount,
+      );
   const voucher = await bs.signVoucher(signer, channelId, later, NETWORK);
   cases.push({ description, requirements: req, channelConfig: config, channelId, deposit, voucher });
 }

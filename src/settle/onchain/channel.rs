@@ -1,7 +1,8 @@
 //! Payment-channel deposits through the relayer: [`OnchainSettler`] is a
 //! [`channel::serve::Escrow`](crate::channel::serve::Escrow). A `deposit` payload's EIP-3009
 //! authorization goes to the canonical escrow as `deposit(config, amount, ERC3009 collector,
-//! abi.encode(validAfter, validBefore, salt, signature))`; the channel's balance and claimed
+//! abi.encode(validAfter, validBefore, salt, signature))`, a Permit2 one as `deposit(config,
+//! amount, Permit2 collector, abi.encode(nonce, deadline, signature, ""))`; the channel's balance and claimed
 //! total are read back from `channels(channelId)` after the receipt. The receiver's side:
 //! [`OnchainSettler::claim_channels`] claims many channels in one `claimWithSignature`
 //! transaction and [`OnchainSettler::settle_channels`] sweeps the claimed funds to the receiver.
@@ -20,8 +21,10 @@ use super::{OnchainSettler, Sent, Submit};
 use crate::alert::{Alert, alert};
 use crate::channel::serve::{Escrow, EscrowError, Mirror};
 use crate::channel::store::ChannelStore;
+use crate::channel::verify::BatchError;
 use crate::channel::{
-    BATCH_SETTLEMENT, ChannelClaim, ERC3009_DEPOSIT_COLLECTOR, ReceiverAuthorizer, claim_digest,
+    BATCH_SETTLEMENT, ChannelClaim, ERC3009_DEPOSIT_COLLECTOR, PERMIT2_DEPOSIT_COLLECTOR,
+    ReceiverAuthorizer, claim_digest,
 };
 use crate::proto::batch::{ChannelConfig, Deposit};
 
@@ -72,24 +75,16 @@ impl Escrow for OnchainSettler {
         channel: B256,
         deposit: &Deposit,
     ) -> Result<Mirror, EscrowError> {
-        let auth = deposit
-            .authorization
-            .erc3009_authorization
-            .as_ref()
-            .ok_or_else(|| escrow_error("only EIP-3009 deposits are supported"))?;
         let amount = u128::try_from(deposit.amount)
             .map_err(|_| escrow_error("deposit amount beyond uint128"))?;
-        let collector_data = (
-            auth.valid_after,
-            auth.valid_before,
-            U256::from_be_bytes(auth.salt.0),
-            auth.signature.clone(),
-        )
-            .abi_encode_params();
+        let (collector, collector_data) = deposit_collector(deposit)?;
+        if collector == PERMIT2_DEPOSIT_COLLECTOR {
+            self.check_permit2_allowance(config, deposit.amount).await?;
+        }
         let call = depositCall {
             config: escrow_config(config),
             amount,
-            collector: ERC3009_DEPOSIT_COLLECTOR,
+            collector,
             collectorData: collector_data.into(),
         };
         let chain_id = self
@@ -112,18 +107,12 @@ impl Escrow for OnchainSettler {
             Err(Submit::NotSent(f)) => return Err(EscrowError(f.into_settle_error().into())),
             Err(Submit::Unknown { source, .. }) => return Err(EscrowError(source)),
         };
-        let read = TransactionRequest::default()
-            .with_to(BATCH_SETTLEMENT)
-            .with_input(channelsCall { channelId: channel }.abi_encode());
-        let out = with_timeout(
-            self.config.rpc_timeout,
-            self.provider
-                .call(read)
-                .block(BlockId::latest())
-                .into_future(),
-        )
-        .await
-        .map_err(|f| EscrowError(f.into_settle_error().into()))?;
+        let out = self
+            .view_at(
+                BATCH_SETTLEMENT,
+                channelsCall { channelId: channel }.abi_encode(),
+            )
+            .await?;
         let state = channelsCall::abi_decode_returns(&out)
             .map_err(|_| escrow_error("channels() returned malformed data"))?;
         Ok(Mirror {
@@ -162,6 +151,76 @@ impl Escrow for OnchainSettler {
             total_claimed: state.total_claimed,
         })
     }
+}
+
+impl OnchainSettler {
+    /// `eth_call` of `input` on `to` at the latest block, within the RPC timeout.
+    async fn view_at(
+        &self,
+        to: alloy_primitives::Address,
+        input: Vec<u8>,
+    ) -> Result<alloy_primitives::Bytes, EscrowError> {
+        let read = TransactionRequest::default().with_to(to).with_input(input);
+        with_timeout(
+            self.config.rpc_timeout,
+            self.provider
+                .call(read)
+                .block(BlockId::latest())
+                .into_future(),
+        )
+        .await
+        .map_err(|f| EscrowError(f.into_settle_error().into()))
+    }
+
+    /// A Permit2 deposit needs the payer's allowance to Permit2 on the token; without it the
+    /// deposit would revert, so it is refused (a [`BatchError`] cause: a 402, nothing sent).
+    async fn check_permit2_allowance(
+        &self,
+        config: &ChannelConfig,
+        amount: U256,
+    ) -> Result<(), EscrowError> {
+        let out = self
+            .view_at(
+                config.token,
+                super::upto::allowance_call(config.payer).abi_encode(),
+            )
+            .await?;
+        let allowance = U256::abi_decode(&out)
+            .map_err(|_| escrow_error("allowance() returned malformed data"))?;
+        if allowance < amount {
+            return Err(EscrowError(Box::new(BatchError::Permit2AllowanceRequired)));
+        }
+        Ok(())
+    }
+}
+
+/// The collector of `deposit` and its `collectorData`, by the authorization it carries.
+fn deposit_collector(
+    deposit: &Deposit,
+) -> Result<(alloy_primitives::Address, Vec<u8>), EscrowError> {
+    let auth = &deposit.authorization;
+    if let Some(a) = &auth.erc3009_authorization {
+        let data = (
+            a.valid_after,
+            a.valid_before,
+            U256::from_be_bytes(a.salt.0),
+            a.signature.clone(),
+        )
+            .abi_encode_params();
+        return Ok((ERC3009_DEPOSIT_COLLECTOR, data));
+    }
+    if let Some(p) = &auth.permit2_authorization {
+        // The last field is an EIP-2612 permit segment: we never send one.
+        let data = (
+            p.nonce,
+            p.deadline,
+            p.signature.clone(),
+            alloy_primitives::Bytes::new(),
+        )
+            .abi_encode_params();
+        return Ok((PERMIT2_DEPOSIT_COLLECTOR, data));
+    }
+    Err(escrow_error("the deposit carries no authorization"))
 }
 
 fn escrow_config(config: &ChannelConfig) -> EscrowChannelConfig {

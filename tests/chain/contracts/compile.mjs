@@ -30,6 +30,7 @@ const contracts = [
   // reentrancy guard uses transient storage (EIP-1153), as the spec requires of the canonical one.
   ["BatchSettlement.sol", "BatchSettlement", { evmVersion: "cancun" }],
   ["ERC3009DepositCollector.sol", "ERC3009DepositCollector", { evmVersion: "cancun" }],
+  ["Permit2DepositCollector.sol", "Permit2DepositCollector", { evmVersion: "cancun" }],
 ];
 const base = {
   optimizer: { enabled: true, runs: 200 },
