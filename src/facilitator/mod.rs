@@ -65,6 +65,7 @@ mod builder;
 mod error;
 mod http;
 mod supported;
+mod svm;
 pub mod wire;
 
 use std::sync::Arc;
@@ -292,6 +293,11 @@ impl FacilitatorClient {
             .now()
             .saturating_add(req.max_timeout_seconds)
             .saturating_add(self.inner.max_skew);
+        // Solana: the proof's claim lasts until its blockhash has surely expired (svm.rs).
+        #[cfg(feature = "svm")]
+        if req.network.is_solana() {
+            return svm::precheck(payload, req, &self.inner.clock);
+        }
         // The layer needs the typed proof (replay key, expiry, handler info), so only the
         // payload shapes it knows can pass, whatever else the facilitator supports.
         let verified = match req.scheme.as_str() {
@@ -417,6 +423,11 @@ impl Verifier for FacilitatorClient {
                     answer.invalid_message.as_deref(),
                 ),
             });
+        }
+        #[cfg(feature = "svm")]
+        if let (Some(proof), Some(payer)) = (verified.svm(), &answer.payer) {
+            svm::same_payer(proof, payer)?;
+            return Ok(verified.with_backend_data(FacilitatorRequest(body)));
         }
         if let Some(payer) = &answer.payer {
             let Ok(payer) = payer.parse::<Address>() else {
@@ -552,6 +563,11 @@ fn settle_reply(
             reason,
             transaction,
         });
+    }
+    // Solana: the id is a base58 signature, checked against the transaction (svm.rs).
+    #[cfg(feature = "svm")]
+    if let Some(proof) = payment.svm() {
+        return svm::settled(proof, payment.network, &answer).map_err(|e| unknown(e, None));
     }
     let Some(transaction) = transaction else {
         return Err(unknown(

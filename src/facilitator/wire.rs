@@ -188,7 +188,8 @@ pub mod reason {
     /// only codes from [`KNOWN`] pass; anything else (free text, a stack trace, markup, a
     /// megabyte) becomes the generic code.
     pub fn map(raw: Option<&str>) -> crate::reason::Reason {
-        raw.filter(|r| KNOWN.contains(r))
+        // Solana codes: the catalogue's `invalid_exact_svm_*` rows (`from_wire` keeps the rest out).
+        raw.filter(|r| KNOWN.contains(r) || r.starts_with("invalid_exact_svm_"))
             .and_then(crate::reason::Reason::from_wire)
             .unwrap_or(FACILITATOR_REJECTED)
     }
