@@ -16,41 +16,19 @@ use tower_x402::facilitator::FacilitatorClient;
 use tower_x402::nonce::MemoryNonceStore;
 use tower_x402::proto::svm::Pubkey;
 use tower_x402::settle::SettlementMode;
-use tower_x402::svm::{Keypair, SvmAsset, program};
+use tower_x402::svm::SvmAsset;
 use tower_x402::{Network, PaymentLayer, PaymentOption};
 
-use chain::{Chain, Facilitator};
+use chain::{Chain, Facilitator, fee_payer, pay_to, payer};
 use common::Hits;
-
-/// The facilitator's fee payer.
-fn fee_payer() -> Keypair {
-    Keypair::from_seed([1; 32])
-}
-
-fn payer() -> Keypair {
-    Keypair::from_seed([2; 32])
-}
-
-fn pay_to() -> Keypair {
-    Keypair::from_seed([3; 32])
-}
 
 /// The price, in atomic USDC.
 const PRICE: u64 = 1000;
 
-/// The chain (posing as devnet, as in tests/svm_chain.rs) and the reference facilitator on it.
+/// The chain (posing as devnet, see `Chain::devnet`) and the reference facilitator on it,
+/// co-signing with `fee_payer()`.
 fn start(deps: &std::path::Path) -> (Chain, Facilitator) {
-    let chain = Chain::start(
-        deps,
-        json!({
-            "mint": program::USDC_DEVNET.to_string(),
-            "decimals": 6,
-            "payer": payer().pubkey().to_string(),
-            "payerBalance": 5_000_000,
-            "feePayer": fee_payer().pubkey().to_string(),
-            "payTo": pay_to().pubkey().to_string(),
-        }),
-    );
+    let chain = Chain::devnet(deps);
     let facilitator = Facilitator::start(deps, &chain.url, &fee_payer().to_bytes());
     (chain, facilitator)
 }

@@ -59,6 +59,12 @@
 //! never panics, a facilitator's `payer` must be the authorization's `from`, and reason
 //! strings reach clients only if they are known x402 codes; others become
 //! `facilitator_rejected`, their text kept (bounded) in the error for logs.
+//!
+//! Solana `exact` (features `facilitator` + `svm`): the transaction is checked in-process as
+//! [`SvmVerifier`](crate::svm::SvmVerifier) does before `/verify`; the route advertises the
+//! facilitator's fee payer ([`Supported::svm_fee_payer`]); a settlement's `transaction` must be
+//! the fee payer's signature over that very transaction (else the outcome is unknown, as for a
+//! malformed reply) and lands in [`Settlement::signature`].
 
 mod auth;
 mod builder;

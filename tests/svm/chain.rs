@@ -25,6 +25,24 @@ pub fn deps(test: &str) -> Option<PathBuf> {
     process::test_deps(test, MARKERS)
 }
 
+/// The accounts of the Solana tests: the fee payer (the server's, or the facilitator's).
+#[cfg(feature = "svm")]
+pub fn fee_payer() -> tower_x402::svm::Keypair {
+    tower_x402::svm::Keypair::from_seed([1; 32])
+}
+
+/// The payer, funded with 5 USDC by [`Chain::devnet`].
+#[cfg(feature = "svm")]
+pub fn payer() -> tower_x402::svm::Keypair {
+    tower_x402::svm::Keypair::from_seed([2; 32])
+}
+
+/// The seller (`payTo`).
+#[cfg(feature = "svm")]
+pub fn pay_to() -> tower_x402::svm::Keypair {
+    tower_x402::svm::Keypair::from_seed([3; 32])
+}
+
 /// A running local chain.
 pub struct Chain {
     process: process::Server,
@@ -43,6 +61,24 @@ impl Chain {
         let (process, url) =
             process::Server::listening("svm chain", &mut cmd, Duration::from_secs(30));
         Chain { process, url }
+    }
+
+    /// The chain posing as devnet (the official client knows only the public clusters' ids;
+    /// its RPC is ours): devnet USDC's mint address, [`payer`] funded with 5 USDC, [`pay_to`]'s
+    /// token account open, [`fee_payer`] with SOL.
+    #[cfg(feature = "svm")]
+    pub fn devnet(deps: &std::path::Path) -> Chain {
+        Chain::start(
+            deps,
+            json!({
+                "mint": tower_x402::svm::program::USDC_DEVNET.to_string(),
+                "decimals": 6,
+                "payer": payer().pubkey().to_string(),
+                "payerBalance": 5_000_000,
+                "feePayer": fee_payer().pubkey().to_string(),
+                "payTo": pay_to().pubkey().to_string(),
+            }),
+        )
     }
 
     /// One JSON-RPC call; panics on a transport failure, returns `result` or the `error`.
