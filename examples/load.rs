@@ -16,6 +16,9 @@
 //! * `paid-memory`: a valid unique payment per request → 200, `MemoryNonceStore`, verify-only;
 //! * `bound`: the same with bound challenges (`bind_challenges`, fixed key, 1 h time to live):
 //!   every payment echoes the challenge id and `resource` of one 402 fetched from the server;
+//! * `paid-svm`: a Solana `exact` payment per request (pre-built transactions, distinct memos)
+//!   → 200, `SvmVerifier` in-process, `MemoryNonceStore`, no settlement, no RPC; against its
+//!   own limit, a loop of the ed25519 verifications it makes (`svm-verify`, core 1);
 //! * `paid-redis`: the same with `RedisNonceStore` on a local `redis-server` (pinned to core 0);
 //! * `paid-deferred`: the same with `DeferredSettler` over `OnchainSettler` (Multicall3
 //!   batches) on a local anvil (core 0), pre-check on as a seller runs it: each request reads
@@ -69,6 +72,7 @@ use tower_x402::proto::v2::PaymentRequirements;
 use tower_x402::proto::v2::{PaymentRequired, ResourceInfo};
 use tower_x402::settle::deferred::DeferredSettler;
 use tower_x402::settle::onchain::OnchainSettler;
+use tower_x402::svm::{self, Keypair, SvmAsset, SvmVerifier};
 use tower_x402::test_util::{
     DEMO_PAYER_KEY, PrivateKeySigner, demo_payer, encode, random_nonce, v2_json,
 };
@@ -166,6 +170,7 @@ fn main() -> Result<(), BoxError> {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
         Some("recover") => recover_loop(&args[1..]),
+        Some("svm-verify") => svm_verify_loop(&args[1..]),
         Some("challenge-check") => challenge_check(&args[1..]),
         Some("kernel") => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -308,6 +313,7 @@ fn serve(args: &[String]) -> Result<(), BoxError> {
                     .route(PATH, hello)
                     .route_layer(layer(None, None)?),
                 "bound" => Router::new().route(PATH, hello).route_layer(bound_layer()?),
+                "paid-svm" => svm_router(hello)?,
                 "paid-redis" => {
                     let url = redis_url.ok_or("paid-redis needs --redis URL")?;
                     let store = RedisNonceStore::connect(&url).await?;
@@ -908,11 +914,6 @@ async fn measure(
 /// `load recover --secs S`: libsecp256k1 recoveries (with the address keccak, as in verify)
 /// in a loop over pre-made digests and signatures; prints `RECOVER <ops/s>`.
 fn recover_loop(args: &[String]) -> Result<(), BoxError> {
-    let secs: f64 = args
-        .iter()
-        .position(|a| a == "--secs")
-        .and_then(|i| args.get(i + 1))
-        .map_or(Ok(2.0), |v| v.parse())?;
     let signer = FastSigner::new(option().requirements().clone());
     let now = unix_now();
     let made: Vec<(B256, ABytes)> = (0..256)
@@ -924,22 +925,39 @@ fn recover_loop(args: &[String]) -> Result<(), BoxError> {
             )
         })
         .collect();
-    let t0 = Instant::now();
-    let deadline = Duration::from_secs_f64(secs);
-    let mut n = 0u64;
-    while t0.elapsed() < deadline {
+    rate_loop(args, "RECOVER", || {
         for (digest, sig) in &made {
             let who = recover_signer(*digest, sig).map_err(|e| format!("recover: {e}"))?;
             if who != signer.from {
                 return Err("recovered the wrong signer".into());
             }
         }
-        n += made.len() as u64;
+        Ok(made.len() as u64)
+    })
+}
+
+/// Runs `batch` (returning how many operations it made) until `--secs` (default 2) are over;
+/// prints `<tag> <ops per wall second> <ops per CPU second>`.
+fn rate_loop(
+    args: &[String],
+    tag: &str,
+    mut batch: impl FnMut() -> Result<u64, BoxError>,
+) -> Result<(), BoxError> {
+    let secs: f64 = args
+        .iter()
+        .position(|a| a == "--secs")
+        .and_then(|i| args.get(i + 1))
+        .map_or(Ok(2.0), |v| v.parse())?;
+    let t0 = Instant::now();
+    let deadline = Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while t0.elapsed() < deadline {
+        n += batch()?;
     }
     let cpu = cpu_secs(std::process::id()).max(1e-9);
     // Wall rate and the rate per CPU second (what the core gave us, neighbours aside).
     println!(
-        "RECOVER {:.1} {:.1}",
+        "{tag} {:.1} {:.1}",
         n as f64 / t0.elapsed().as_secs_f64(),
         n as f64 / cpu
     );
@@ -948,20 +966,25 @@ fn recover_loop(args: &[String]) -> Result<(), BoxError> {
 
 /// Recoveries per wall second and per CPU second of one core.
 fn recovery_limit(cfg: &Config) -> Result<(f64, f64), BoxError> {
+    loop_limit(cfg, "recover", "RECOVER")
+}
+
+/// `load <command>` on the server's core for `--recover` seconds: its `<tag>` rates.
+fn loop_limit(cfg: &Config, command: &str, tag: &str) -> Result<(f64, f64), BoxError> {
     let exe = std::env::current_exe()?;
     let out = pinned(cfg, 1, &exe.to_string_lossy())
-        .args(["recover", "--secs", &cfg.recover.as_secs_f64().to_string()])
+        .args([command, "--secs", &cfg.recover.as_secs_f64().to_string()])
         .stderr(Stdio::inherit())
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
-        .find_map(|l| l.strip_prefix("RECOVER "))
-        .ok_or_else(|| format!("recover loop failed: {text}"))?;
+        .find_map(|l| l.strip_prefix(tag)?.strip_prefix(' '))
+        .ok_or_else(|| format!("{command} loop failed: {text}"))?;
     let mut rates = line.split_whitespace().map(str::parse::<f64>);
     match (rates.next(), rates.next()) {
         (Some(Ok(wall)), Some(Ok(cpu))) => Ok((wall, cpu)),
-        _ => Err(format!("recover loop said {line:?}").into()),
+        _ => Err(format!("{command} loop said {line:?}").into()),
     }
 }
 
@@ -1114,6 +1137,7 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
         .await?,
     );
     drop(server);
+    rows.push(svm_row(&cfg).await?);
 
     match Redis::start(&cfg)? {
         Some(redis) => {
@@ -1979,4 +2003,150 @@ fn report(cfg: &Config, rows: &[Row], recover: (f64, f64), million: Option<&Mill
         }
     }
     failed
+}
+
+// ------------------------------------------------------------------------------------------------
+// Solana (issue #20 item 9): `paid-svm`, `SvmVerifier` in-process with a `MemoryNonceStore`
+// and no settlement, fed pre-signed transactions (no RPC per request); its limit is a loop of
+// the ed25519 verifications it makes (one per request, the payer's), on the server's core.
+
+/// The accounts of `paid-svm` (fixed seeds: a benchmark's, not secrets).
+fn svm_keys() -> (Keypair, Keypair, Keypair) {
+    let key = Keypair::from_seed;
+    (key([1; 32]), key([2; 32]), key([3; 32]))
+}
+
+fn svm_option() -> PaymentOption {
+    let (fee_payer, _, pay_to) = svm_keys();
+    PaymentOption::exact_svm(
+        &SvmAsset::usdc_devnet(),
+        PRICE,
+        pay_to.pubkey(),
+        fee_payer.pubkey(),
+    )
+    .expect("valid option")
+}
+
+/// `paid-svm`'s route.
+fn svm_router(hello: axum::routing::MethodRouter) -> Result<Router, BoxError> {
+    let layer = PaymentLayer::builder()
+        .accept(svm_option())
+        .verifier(SvmVerifier::new([svm_keys().0.pubkey()]))
+        .nonce_store(MemoryNonceStore::new())
+        // Transactions are signed before timing starts, from requirements built here.
+        .no_challenge_binding()
+        .build()?;
+    Ok(Router::new().route(PATH, hello).route_layer(layer))
+}
+
+/// `n` distinct payment transactions as the official client builds them (a distinct memo
+/// each), from `first` on; the blockhash is fixed (the verifier does not read the chain).
+fn svm_transactions(first: usize, n: usize) -> Vec<Vec<u8>> {
+    let (fee_payer, payer, pay_to) = svm_keys();
+    let req = svm_option().requirements().clone();
+    let amount = req.amount.to::<u64>();
+    (first..first + n)
+        .map(|i| {
+            let memo = format!("{i:032x}");
+            let transfer = svm::pay::Transfer {
+                fee_payer: fee_payer.pubkey(),
+                mint: tower_x402::svm::program::USDC_DEVNET,
+                token_program: tower_x402::svm::program::TOKEN,
+                decimals: 6,
+                pay_to: pay_to.pubkey(),
+                amount,
+                blockhash: [7; 32],
+                memo: memo.as_bytes(),
+            };
+            svm::pay::exact_transaction(&payer, &transfer)
+        })
+        .collect()
+}
+
+/// `n` payment headers for `paid-svm`, built on every core.
+fn svm_headers(n: usize) -> Vec<HeaderValue> {
+    let t0 = Instant::now();
+    let req = svm_option().requirements().clone();
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+    let per = n.div_ceil(threads);
+    let out: Vec<HeaderValue> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let req = &req;
+                s.spawn(move || {
+                    let count = per.min(n.saturating_sub(t * per));
+                    svm_transactions(t * per, count)
+                        .into_iter()
+                        .map(|tx| {
+                            let transaction = base64::engine::general_purpose::STANDARD.encode(tx);
+                            encode(&json!({
+                                "x402Version": 2,
+                                "accepted": req,
+                                "payload": {"transaction": transaction},
+                            }))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("builder thread"))
+            .collect()
+    });
+    eprintln!(
+        "  built {} Solana payments in {:.1} s",
+        out.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    out
+}
+
+/// `load svm-verify --secs S`: strict ed25519 verifications of the payer's signature over
+/// pre-built transactions' messages (the key decompressed each time, as the verifier does);
+/// prints `ED25519 <ops/s wall> <ops per CPU second>`.
+fn svm_verify_loop(args: &[String]) -> Result<(), BoxError> {
+    let txs = svm_transactions(0, 256);
+    let payer = svm_keys().1.pubkey();
+    let made: Vec<(Vec<u8>, [u8; 64])> = txs
+        .iter()
+        .map(|bytes| {
+            let tx = svm::tx::decode(bytes).map_err(|e| format!("decode: {e:?}"))?;
+            Ok((tx.message.to_vec(), *tx.signatures[1]))
+        })
+        .collect::<Result<_, BoxError>>()?;
+    rate_loop(args, "ED25519", || {
+        for (message, sig) in &made {
+            let key = ed25519_dalek::VerifyingKey::from_bytes(payer.as_bytes())?;
+            key.verify_strict(message, &ed25519_dalek::Signature::from_bytes(sig))?;
+        }
+        Ok(made.len() as u64)
+    })
+}
+
+/// The `paid-svm` row, with its limit measured just before it in the same run.
+async fn svm_row(cfg: &Config) -> Result<Row, BoxError> {
+    let (limit, limit_cpu) = loop_limit(cfg, "svm-verify", "ED25519")?;
+    eprintln!("  ed25519 limit: {limit:.0} /s wall, {limit_cpu:.0} per CPU second");
+    let headers = Rc::new(svm_headers(cfg.headers / 4));
+    let server = our_server(cfg, "paid-svm", &[])?;
+    let source = Source::signed(&headers);
+    let mut row = measure(
+        cfg,
+        "paid-svm",
+        &server,
+        PAYMENT_SIGNATURE,
+        source,
+        StatusCode::OK,
+    )
+    .await?;
+    if let Some(l) = &row.loaded {
+        row.note = format!(
+            "limit: ed25519 verify {limit:.0}/s = {:.1} µs CPU; paid/limit {:.2}, by CPU {:.2}",
+            1e6 / limit_cpu,
+            l.rps / limit,
+            (1e6 / limit_cpu) / l.cpu_us_per_req
+        );
+    }
+    Ok(row)
 }

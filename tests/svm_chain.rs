@@ -17,35 +17,11 @@ use tower_x402::svm::{Keypair, SvmAsset, SvmSettler, SvmVerifier, program};
 use tower_x402::verify::EvmVerifier;
 use tower_x402::{Network, PaymentLayer, PaymentOption};
 
-use chain::Chain;
+use chain::{Chain, fee_payer, pay_to, payer};
 use common::Hits;
 
-fn fee_payer() -> Keypair {
-    Keypair::from_seed([1; 32])
-}
-
-fn payer() -> Keypair {
-    Keypair::from_seed([2; 32])
-}
-
-fn pay_to() -> Keypair {
-    Keypair::from_seed([3; 32])
-}
-
-/// The chain poses as devnet (the official client knows only the public clusters' ids; its
-/// RPC is ours): devnet USDC's mint address, the payer funded with 5 USDC.
 fn start_chain(deps: &std::path::Path) -> Chain {
-    Chain::start(
-        deps,
-        json!({
-            "mint": program::USDC_DEVNET.to_string(),
-            "decimals": 6,
-            "payer": payer().pubkey().to_string(),
-            "payerBalance": 5_000_000,
-            "feePayer": fee_payer().pubkey().to_string(),
-            "payTo": pay_to().pubkey().to_string(),
-        }),
-    )
+    Chain::devnet(deps)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,12 +59,19 @@
 //! never panics, a facilitator's `payer` must be the authorization's `from`, and reason
 //! strings reach clients only if they are known x402 codes; others become
 //! `facilitator_rejected`, their text kept (bounded) in the error for logs.
+//!
+//! Solana `exact` (features `facilitator` + `svm`): the transaction is checked in-process as
+//! [`SvmVerifier`](crate::svm::SvmVerifier) does before `/verify`; the route advertises the
+//! facilitator's fee payer ([`Supported::svm_fee_payer`]); a settlement's `transaction` must be
+//! the fee payer's signature over that very transaction (else the outcome is unknown, as for a
+//! malformed reply) and lands in [`Settlement::signature`].
 
 mod auth;
 mod builder;
 mod error;
 mod http;
 mod supported;
+mod svm;
 pub mod wire;
 
 use std::sync::Arc;
@@ -292,6 +299,11 @@ impl FacilitatorClient {
             .now()
             .saturating_add(req.max_timeout_seconds)
             .saturating_add(self.inner.max_skew);
+        // Solana: the proof's claim lasts until its blockhash has surely expired (svm.rs).
+        #[cfg(feature = "svm")]
+        if req.network.is_solana() {
+            return svm::precheck(payload, req, &self.inner.clock);
+        }
         // The layer needs the typed proof (replay key, expiry, handler info), so only the
         // payload shapes it knows can pass, whatever else the facilitator supports.
         let verified = match req.scheme.as_str() {
@@ -417,6 +429,11 @@ impl Verifier for FacilitatorClient {
                     answer.invalid_message.as_deref(),
                 ),
             });
+        }
+        #[cfg(feature = "svm")]
+        if let (Some(proof), Some(payer)) = (verified.svm(), &answer.payer) {
+            svm::same_payer(proof, payer)?;
+            return Ok(verified.with_backend_data(FacilitatorRequest(body)));
         }
         if let Some(payer) = &answer.payer {
             let Ok(payer) = payer.parse::<Address>() else {
@@ -552,6 +569,11 @@ fn settle_reply(
             reason,
             transaction,
         });
+    }
+    // Solana: the id is a base58 signature, checked against the transaction (svm.rs).
+    #[cfg(feature = "svm")]
+    if let Some(proof) = payment.svm() {
+        return svm::settled(proof, payment.network, &answer).map_err(|e| unknown(e, None));
     }
     let Some(transaction) = transaction else {
         return Err(unknown(

@@ -42,7 +42,7 @@ pub struct SupportedKind {
 }
 
 impl SupportedKind {
-    fn covers(&self, network: Network) -> bool {
+    pub(super) fn covers(&self, network: Network) -> bool {
         if let Some(prefix) = self.network.strip_suffix('*') {
             return network.caip2().starts_with(prefix);
         }

@@ -185,10 +185,12 @@ pub mod reason {
     /// The static code for a facilitator's reason string, or [`FACILITATOR_REJECTED`].
     ///
     /// Facilitators are remote and untrusted: a reason copied into our 402 goes to clients, so
-    /// only codes from [`KNOWN`] pass; anything else (free text, a stack trace, markup, a
+    /// only codes from [`KNOWN`] (and the catalogue's `invalid_exact_svm_*` codes, the
+    /// `@x402/svm` facilitator's) pass; anything else (free text, a stack trace, markup, a
     /// megabyte) becomes the generic code.
     pub fn map(raw: Option<&str>) -> crate::reason::Reason {
-        raw.filter(|r| KNOWN.contains(r))
+        // Solana codes: the catalogue's `invalid_exact_svm_*` rows (`from_wire` keeps the rest out).
+        raw.filter(|r| KNOWN.contains(r) || r.starts_with("invalid_exact_svm_"))
             .and_then(crate::reason::Reason::from_wire)
             .unwrap_or(FACILITATOR_REJECTED)
     }
@@ -241,6 +243,15 @@ mod tests {
             assert_eq!(reason::map(Some(hostile)), reason::FACILITATOR_REJECTED);
         }
         assert_eq!(reason::map(None), reason::FACILITATOR_REJECTED);
+        // Solana: the catalogue's `invalid_exact_svm_*` codes pass, an unknown one does not.
+        assert_eq!(
+            reason::map(Some("invalid_exact_svm_payload_amount_mismatch")),
+            "invalid_exact_svm_payload_amount_mismatch"
+        );
+        assert_eq!(
+            reason::map(Some("invalid_exact_svm_made_up")),
+            reason::FACILITATOR_REJECTED
+        );
         // Codes are plain snake_case ASCII: safe in a header and a JSON body.
         // Every code passed through is in the one catalogue.
         for k in reason::KNOWN {

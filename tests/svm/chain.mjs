@@ -151,7 +151,16 @@ const methods = {
   },
   simulateTransaction: ([encoded, config]) => {
     const tx = decodeTx(encoded, config?.encoding);
-    const result = svm.simulateTransaction(tx);
+    // `sigVerify` defaults to false in Solana's RPC: the reference facilitator simulates the
+    // client's transaction before it co-signs. Synchronous, so no other call sees the switch.
+    const verify = config?.sigVerify === true;
+    svm.withSigverify(verify);
+    let result;
+    try {
+      result = svm.simulateTransaction(tx);
+    } finally {
+      svm.withSigverify(true);
+    }
     if (result instanceof FailedTransactionMetadata) {
       return { context: context(), value: { err: errText(result), logs: result.meta().logs(), unitsConsumed: 0 } };
     }
