@@ -9,8 +9,10 @@
 //! [`ChannelState`]: the voucher's ceiling must be exactly `charged + price` (a `refund`:
 //! exactly `charged`), above the claimed total, and within the balance (plus the deposit).
 //!
-//! Not checked here: vouchers of channels whose `payerAuthorizer` is zero (EIP-1271 through
-//! the payer needs the chain) and Permit2 deposits; both are refused. Each refusal has the
+//! Vouchers of channels whose `payerAuthorizer` is zero are signed by the payer's contract
+//! wallet (EIP-1271): [`authenticate_with_contracts`] asks the chain through a
+//! [`ContractSignatures`] after every in-process check ([`authenticate`] alone refuses them).
+//! Permit2 deposits are refused. Each refusal has the
 //! reference's wire code ([`BatchError::code`]), catalogued as a typed `Reason`
 //! ([`BatchError::reason`]) with its row in [`crate::rejection`].
 
@@ -25,6 +27,7 @@ use super::{
 use crate::proto::batch::{BatchEvmPayload, ChannelConfig, Deposit, Voucher};
 use crate::proto::{PaymentPayload, v2::PaymentRequirements};
 use crate::verify::exact::recover_signer;
+use crate::verify::wallet::{ContractSignatureError, ContractSignatures};
 
 /// Seconds a deposit authorization must still be valid for: the reference's margin for the
 /// deposit transaction to be mined.
@@ -552,4 +555,69 @@ pub fn against_state(
         signature: voucher.signature.clone(),
         charged_before: charged,
     })
+}
+
+// EIP-1271 vouchers (issue #19 item 2): the payer's contract judges the voucher, through the
+// chain. Kept apart from the in-process checks above.
+
+/// Why [`authenticate_with_contracts`] refused a payload.
+#[derive(Debug, thiserror::Error)]
+pub enum ContractAuthError {
+    /// A check failed (the chain's "invalid" is [`BatchError::VoucherSignature`]).
+    #[error(transparent)]
+    Refused(BatchError),
+    /// The chain could not judge the voucher (timeout, RPC failure): retry later, nothing
+    /// was charged.
+    #[error("the chain could not check the voucher's contract signature")]
+    Unavailable(#[source] ContractSignatureError),
+}
+
+/// [`authenticate`], with vouchers of channels whose `payerAuthorizer` is zero checked by the
+/// payer's contract (`isValidSignature`, ERC-1271; or ERC-6492 for a wallet yet to be
+/// deployed) through `contracts`, only after every in-process check passed (so a malformed or
+/// mismatched payload costs no RPC). Without `contracts` such vouchers are refused as by
+/// [`authenticate`]. A checker that has no RPC for the chain refuses too.
+pub async fn authenticate_with_contracts(
+    terms: &ChannelTerms,
+    payload: &BatchEvmPayload,
+    now: u64,
+    contracts: Option<&dyn ContractSignatures>,
+) -> Result<Authentic, ContractAuthError> {
+    let config = payload.channel_config();
+    let voucher = payload.voucher();
+    let Some(contracts) = contracts.filter(|_| config.payer_authorizer.is_zero()) else {
+        return authenticate(terms, payload, now).map_err(ContractAuthError::Refused);
+    };
+    let refused = ContractAuthError::Refused;
+    check_config(terms, config, voucher.channel_id).map_err(refused)?;
+    let max_claimable = ceiling(voucher).map_err(refused)?;
+    let digest = voucher_digest(
+        terms.chain_id,
+        voucher.channel_id,
+        voucher.max_claimable_amount,
+    )
+    .ok_or(refused(BatchError::VoucherPayload))?;
+    if voucher.signature.is_empty()
+        || voucher.signature.len() > crate::verify::wallet::MAX_SIGNATURE_BYTES
+    {
+        return Err(refused(BatchError::VoucherSignature));
+    }
+    let deposit = match payload {
+        BatchEvmPayload::Deposit { deposit, .. } => {
+            Some(check_deposit(terms, config, voucher.channel_id, deposit, now).map_err(refused)?)
+        }
+        _ => None,
+    };
+    match contracts
+        .is_valid(terms.chain_id, config.payer, digest, &voucher.signature)
+        .await
+    {
+        Ok(true) => Ok(Authentic {
+            max_claimable,
+            deposit,
+        }),
+        Ok(false) => Err(refused(BatchError::VoucherSignature)),
+        Err(e) if e.is_unsupported_chain() => Err(refused(BatchError::VoucherSignature)),
+        Err(e) => Err(ContractAuthError::Unavailable(e)),
+    }
 }
