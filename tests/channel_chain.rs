@@ -1630,4 +1630,116 @@ mod manager {
         let on_chain = f.view(channelsCall { channelId: f.id }).await;
         assert_eq!(on_chain.totalClaimed, PRICE);
     }
+
+    /// The `PAYMENT-REQUIRED` header's JSON.
+    fn required(res: &http::Response<axum::body::Body>) -> serde_json::Value {
+        use base64::Engine;
+        let raw = res
+            .headers()
+            .get("payment-required")
+            .expect("PAYMENT-REQUIRED");
+        let json = base64::engine::general_purpose::STANDARD
+            .decode(raw.as_bytes())
+            .expect("base64");
+        serde_json::from_slice(&json).expect("json")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn over_http_an_eip1271_voucher_is_served_a_wrong_one_refused_and_an_outage_is_503() {
+        use tower::ServiceExt;
+        use tower_x402::channel::AssetTransferMethod;
+        use tower_x402::{Asset, PaymentLayer, PaymentOption};
+
+        let Some(mut f) = Fixture::start("manager_eip1271_http").await else {
+            return;
+        };
+        let settler = settler(f.chain.url()).await;
+        let store = Arc::new(MemoryChannelStore::new());
+        let owner = signer(chain::PAYER4_KEY);
+        wallet_channel(&mut f, &owner, &store).await;
+        // The checker reaches the chain through a proxy the test cuts.
+        let proxy = RpcProxy::start(f.chain.url()).await;
+        let checker = self::settler(proxy.url())
+            .await
+            .with_rpc_timeout(Duration::from_millis(500));
+        let option = PaymentOption::batch_settlement(
+            &Asset::usdc_base_sepolia(),
+            U256::from(PRICE),
+            PAY_TO,
+            f.authorizer.address(),
+            900,
+            AssetTransferMethod::Eip3009,
+        )
+        .expect("option");
+        let layer = PaymentLayer::builder()
+            .accept(option)
+            .channels(
+                Channels::new(store.clone(), settler.clone()).with_contract_signatures(checker),
+            )
+            .build()
+            .expect("layer");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let app = axum::Router::new()
+            .route(
+                "/paid",
+                axum::routing::get(move || {
+                    let runs = counted.clone();
+                    async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        "paid"
+                    }
+                }),
+            )
+            .layer(layer);
+        let get = |header: Option<http::HeaderValue>| {
+            let mut req = http::Request::get("/paid");
+            if let Some(h) = header {
+                req = req.header("payment-signature", h);
+            }
+            app.clone()
+                .oneshot(req.body(axum::body::Body::empty()).expect("request"))
+        };
+        let challenge = get(None).await.expect("infallible");
+        assert_eq!(challenge.status(), http::StatusCode::PAYMENT_REQUIRED);
+        // Bound challenges: echo the 402's requirement, as the official client does.
+        let accepted = required(&challenge)["accepts"][0].clone();
+        let voucher = |key: &PrivateKeySigner| {
+            let digest = channel::voucher_digest(CHAIN_ID, f.id, U256::from(PRICE)).expect("u128");
+            let payload = serde_json::json!({
+                "type": "voucher",
+                "channelConfig": serde_json::to_value(&f.config).expect("config"),
+                "voucher": {
+                    "channelId": f.id,
+                    "maxClaimableAmount": PRICE.to_string(),
+                    "signature": sign(key, digest),
+                },
+            });
+            tower_x402::test_util::encode(&serde_json::json!({
+                "x402Version": 2, "accepted": accepted, "payload": payload,
+            }))
+        };
+
+        let wrong = get(Some(voucher(&f.payer))).await.expect("infallible");
+        assert_eq!(wrong.status(), http::StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(
+            required(&wrong)["error"],
+            serde_json::json!("invalid_batch_settlement_evm_voucher_signature")
+        );
+        assert!(wrong.headers().get("payment-response").is_none());
+
+        proxy.cut();
+        let outage = get(Some(voucher(&owner))).await.expect("infallible");
+        assert_eq!(outage.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(outage.headers().contains_key("retry-after"), "Retry-After");
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "no handler run");
+
+        proxy.restore();
+        let paid = get(Some(voucher(&owner))).await.expect("infallible");
+        assert_eq!(paid.status(), http::StatusCode::OK);
+        assert!(paid.headers().contains_key("payment-response"), "a receipt");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "one handler run");
+        let record = store.load(f.id).await.expect("load").expect("record");
+        assert_eq!(record.charged_cumulative, PRICE);
+    }
 }

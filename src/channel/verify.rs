@@ -76,8 +76,8 @@ pub enum BatchError {
     /// The withdraw delay is outside 15 minutes to 30 days.
     #[error("the withdraw delay is outside 15 minutes to 30 days")]
     WithdrawDelayOutOfRange,
-    /// The voucher is not signed by the payer authorizer (or the channel has none: EIP-1271
-    /// vouchers need the chain).
+    /// The voucher is not signed by the payer authorizer (or, the authorizer zero, the
+    /// payer's contract refused it, or no contract-signature checker is configured).
     #[error("the voucher is not signed by the payer authorizer")]
     VoucherSignature,
     /// The deposit has no EIP-3009 authorization.
