@@ -764,22 +764,27 @@ impl tower_x402::settle::onchain::ReceiverAuthorizer for KeyAuthorizer {
 }
 
 impl Fixture {
+    /// A `voucher` payload's JSON for `ceiling`, signed by `key`.
+    fn voucher_json(&self, key: &PrivateKeySigner, ceiling: u128) -> serde_json::Value {
+        let digest = channel::voucher_digest(CHAIN_ID, self.id, U256::from(ceiling)).expect("u128");
+        serde_json::json!({
+            "type": "voucher",
+            "channelConfig": serde_json::to_value(&self.config).expect("config"),
+            "voucher": {
+                "channelId": self.id,
+                "maxClaimableAmount": ceiling.to_string(),
+                "signature": sign(key, digest),
+            },
+        })
+    }
+
     /// A `voucher` payload for `ceiling`, or a `deposit` of `deposit` with it.
     fn payload(
         &self,
         ceiling: u128,
         deposit: Option<u128>,
     ) -> tower_x402::proto::batch::BatchEvmPayload {
-        let digest = channel::voucher_digest(CHAIN_ID, self.id, U256::from(ceiling)).expect("u128");
-        let mut raw = serde_json::json!({
-            "type": "voucher",
-            "channelConfig": serde_json::to_value(&self.config).expect("config"),
-            "voucher": {
-                "channelId": self.id,
-                "maxClaimableAmount": ceiling.to_string(),
-                "signature": sign(&self.payer, digest),
-            },
-        });
+        let mut raw = self.voucher_json(&self.payer, ceiling);
         if let Some(amount) = deposit {
             let data = self.deposit_call(amount, B256::repeat_byte(0x44));
             let decoded = depositCall::abi_decode(&data).expect("decode");
@@ -801,11 +806,81 @@ impl Fixture {
     }
 }
 
+/// The server's terms for the fixture's channels at `price` per request.
+fn channel_terms(f: &Fixture, price: u128) -> tower_x402::channel::verify::ChannelTerms {
+    tower_x402::channel::verify::ChannelTerms {
+        chain_id: CHAIN_ID,
+        receiver: PAY_TO,
+        receiver_authorizer: f.authorizer.address(),
+        token: TOKEN,
+        withdraw_delay: 900,
+        token_name: "USDC".into(),
+        token_version: "2".into(),
+        price,
+    }
+}
+
+/// Moves anvil's clock `seconds` ahead and mines a block at the new time.
+async fn advance(chain: &Chain, seconds: u64) {
+    use alloy_provider::Provider;
+    let _: serde_json::Value = chain
+        .provider()
+        .raw_request("evm_increaseTime".into(), (seconds,))
+        .await
+        .expect("evm_increaseTime");
+    chain.mine().await;
+}
+
+/// The payer starts a timed withdrawal of its whole deposit.
+async fn initiate_withdraw(f: &Fixture) {
+    let withdraw = initiateWithdrawCall {
+        config: sol_config(&f.config),
+        amount: DEPOSIT,
+    };
+    f.chain
+        .send_as(
+            f.config.payer,
+            BATCH_SETTLEMENT,
+            withdraw.abi_encode().into(),
+        )
+        .await;
+}
+
+/// The payer finalizes its withdrawal (its delay elapsed) and the receiver settles: the
+/// receiver gets exactly `charged`, the payer all the rest of what was minted to it.
+async fn finalize_and_settle(
+    f: &Fixture,
+    settler: &tower_x402::settle::onchain::OnchainSettler,
+    charged: u128,
+) {
+    let finalize = finalizeWithdrawCall {
+        config: sol_config(&f.config),
+    };
+    f.chain
+        .send_as(
+            f.config.payer,
+            BATCH_SETTLEMENT,
+            finalize.abi_encode().into(),
+        )
+        .await;
+    let before = f.chain.balance(PAY_TO).await;
+    settler
+        .settle_channels(PAY_TO, TOKEN)
+        .await
+        .expect("settle")
+        .expect("owed");
+    assert_eq!(f.chain.balance(PAY_TO).await - before, U256::from(charged));
+    assert_eq!(
+        f.chain.balance(f.config.payer).await,
+        U256::from(MINTED) - U256::from(charged),
+        "the payer got back exactly what it did not spend: no voucher lost to the withdrawal"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_vouchers() {
     use tower_x402::channel::serve::Channels;
     use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
-    use tower_x402::channel::verify::ChannelTerms;
     use tower_x402::settle::onchain::OnchainSettler;
 
     let Some(f) = Fixture::start("the_manager_claims_before_a_timed_withdrawal").await else {
@@ -817,16 +892,7 @@ async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_voucher
         .expect("settler");
     let store = std::sync::Arc::new(MemoryChannelStore::new());
     let channels = Channels::new(store.clone(), settler.clone());
-    let terms = ChannelTerms {
-        chain_id: CHAIN_ID,
-        receiver: PAY_TO,
-        receiver_authorizer: f.authorizer.address(),
-        token: TOKEN,
-        withdraw_delay: 900,
-        token_name: "USDC".into(),
-        token_version: "2".into(),
-        price: PRICE,
-    };
+    let terms = channel_terms(&f, PRICE);
     for call in 0..5u128 {
         let payload = f.payload((call + 1) * PRICE, (call == 0).then_some(DEPOSIT));
         channels
@@ -849,17 +915,7 @@ async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_voucher
     );
 
     // The payer starts a timed withdrawal of the whole deposit, vouchers unclaimed.
-    let withdraw = initiateWithdrawCall {
-        config: sol_config(&f.config),
-        amount: DEPOSIT,
-    };
-    f.chain
-        .send_as(
-            f.config.payer,
-            BATCH_SETTLEMENT,
-            withdraw.abi_encode().into(),
-        )
-        .await;
+    initiate_withdraw(&f).await;
     let round = settler
         .watch_channels(&*store, &authorizer, now(), u128::MAX)
         .await
@@ -882,36 +938,8 @@ async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_voucher
     assert_eq!(again.claimed, 0);
 
     // The delay elapses; the payer takes back only what is unclaimed.
-    use alloy_provider::Provider;
-    let _: serde_json::Value = f
-        .chain
-        .provider()
-        .raw_request("evm_increaseTime".into(), (901u64,))
-        .await
-        .expect("evm_increaseTime");
-    f.chain.mine().await;
-    let finalize = finalizeWithdrawCall {
-        config: sol_config(&f.config),
-    };
-    f.chain
-        .send_as(
-            f.config.payer,
-            BATCH_SETTLEMENT,
-            finalize.abi_encode().into(),
-        )
-        .await;
-    let before = f.chain.balance(PAY_TO).await;
-    settler
-        .settle_channels(PAY_TO, TOKEN)
-        .await
-        .expect("settle")
-        .expect("owed");
-    assert_eq!(f.chain.balance(PAY_TO).await - before, U256::from(charged));
-    assert_eq!(
-        f.chain.balance(f.config.payer).await,
-        U256::from(MINTED) - U256::from(charged),
-        "the payer got back exactly what it did not spend"
-    );
+    advance(&f.chain, 901).await;
+    finalize_and_settle(&f, &settler, charged).await;
     assert_eq!(f.chain.balance(BATCH_SETTLEMENT).await, U256::ZERO);
 }
 
@@ -1059,16 +1087,7 @@ mod manager {
     type Engine = Channels<Arc<MemoryChannelStore>, OnchainSettler>;
 
     fn terms(f: &Fixture) -> ChannelTerms {
-        ChannelTerms {
-            chain_id: CHAIN_ID,
-            receiver: PAY_TO,
-            receiver_authorizer: f.authorizer.address(),
-            token: TOKEN,
-            withdraw_delay: 900,
-            token_name: "USDC".into(),
-            token_version: "2".into(),
-            price: PRICE,
-        }
+        channel_terms(f, PRICE)
     }
 
     async fn settler(url: &str) -> OnchainSettler {
@@ -1122,16 +1141,6 @@ mod manager {
             assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    /// Moves anvil's clock `seconds` ahead and mines a block at the new time.
-    async fn advance(chain: &Chain, seconds: u64) {
-        let _: serde_json::Value = chain
-            .provider()
-            .raw_request("evm_increaseTime".into(), (seconds,))
-            .await
-            .expect("evm_increaseTime");
-        chain.mine().await;
     }
 
     /// The one Prometheus recorder of this test binary.
@@ -1288,17 +1297,7 @@ mod manager {
         .claim_before_withdrawal(300)
         .settle(false)
         .build();
-        let withdraw = initiateWithdrawCall {
-            config: sol_config(&f.config),
-            amount: DEPOSIT,
-        };
-        f.chain
-            .send_as(
-                f.config.payer,
-                BATCH_SETTLEMENT,
-                withdraw.abi_encode().into(),
-            )
-            .await;
+        initiate_withdraw(&f).await;
         // 900 s to go: not yet.
         let early = manager.run_once().await.expect("round");
         assert_eq!((early.withdrawing, early.claimed), (1, 0), "{early:?}");
@@ -1311,28 +1310,7 @@ mod manager {
             "claimed before it finalized"
         );
         advance(&f.chain, 300).await;
-        let finalize = finalizeWithdrawCall {
-            config: sol_config(&f.config),
-        };
-        f.chain
-            .send_as(
-                f.config.payer,
-                BATCH_SETTLEMENT,
-                finalize.abi_encode().into(),
-            )
-            .await;
-        let before = f.chain.balance(PAY_TO).await;
-        settler
-            .settle_channels(PAY_TO, TOKEN)
-            .await
-            .expect("settle")
-            .expect("owed");
-        assert_eq!(f.chain.balance(PAY_TO).await - before, U256::from(charged));
-        assert_eq!(
-            f.chain.balance(f.config.payer).await,
-            U256::from(MINTED) - U256::from(charged),
-            "no voucher lost to the withdrawal"
-        );
+        finalize_and_settle(&f, &settler, charged).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1465,7 +1443,18 @@ mod manager {
     /// A smart-wallet payer (`TestWallet`, ERC-1271, owned by `owner`) with a funded channel
     /// whose `payerAuthorizer` is zero, the deposit sent straight to the escrow (the deposit's
     /// authorization is checked by the token through ERC-1271), and the server's record of it.
-    async fn wallet_channel(f: &mut Fixture, owner: &PrivateKeySigner, store: &MemoryChannelStore) {
+    async fn wallet_channel(
+        test: &str,
+    ) -> Option<(
+        Fixture,
+        OnchainSettler,
+        Arc<MemoryChannelStore>,
+        PrivateKeySigner,
+    )> {
+        let mut f = Fixture::start(test).await?;
+        let settler = settler(f.chain.url()).await;
+        let store = Arc::new(MemoryChannelStore::new());
+        let owner = signer(chain::PAYER4_KEY);
         f.chain.set_code(FACTORY, FACTORY_HEX).await;
         let salt = B256::repeat_byte(0x12);
         f.chain
@@ -1520,17 +1509,15 @@ mod manager {
             last_request_at: now(),
         };
         assert!(store.commit(f.id, None, state).await.expect("commit"));
+        Some((f, settler, store, owner))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn eip1271_vouchers_are_checked_through_the_chain_after_every_in_process_check() {
-        let Some(mut f) = Fixture::start("manager_eip1271_vouchers").await else {
+        let Some((f, settler, store, owner)) = wallet_channel("manager_eip1271_vouchers").await
+        else {
             return;
         };
-        let settler = settler(f.chain.url()).await;
-        let store = Arc::new(MemoryChannelStore::new());
-        let owner = signer(chain::PAYER4_KEY);
-        wallet_channel(&mut f, &owner, &store).await;
         let terms = terms(&f);
         let runs = Arc::new(AtomicUsize::new(0));
         let handler = |runs: Arc<AtomicUsize>| {
@@ -1540,18 +1527,8 @@ mod manager {
             }
         };
         let voucher_by = |key: &PrivateKeySigner, ceiling: u128| {
-            let digest =
-                channel::voucher_digest(CHAIN_ID, f.id, U256::from(ceiling)).expect("u128");
-            let raw = serde_json::json!({
-                "type": "voucher",
-                "channelConfig": serde_json::to_value(&f.config).expect("config"),
-                "voucher": {
-                    "channelId": f.id,
-                    "maxClaimableAmount": ceiling.to_string(),
-                    "signature": sign(key, digest),
-                },
-            });
-            tower_x402::channel::verify::parse_raw(&raw.to_string()).expect("payload")
+            let raw = f.voucher_json(key, ceiling).to_string();
+            tower_x402::channel::verify::parse_raw(&raw).expect("payload")
         };
         let refused = |e: PayError<std::convert::Infallible>| match e {
             PayError::Refused { error, .. } => error,
@@ -1650,13 +1627,9 @@ mod manager {
         use tower_x402::channel::AssetTransferMethod;
         use tower_x402::{Asset, PaymentLayer, PaymentOption};
 
-        let Some(mut f) = Fixture::start("manager_eip1271_http").await else {
+        let Some((f, settler, store, owner)) = wallet_channel("manager_eip1271_http").await else {
             return;
         };
-        let settler = settler(f.chain.url()).await;
-        let store = Arc::new(MemoryChannelStore::new());
-        let owner = signer(chain::PAYER4_KEY);
-        wallet_channel(&mut f, &owner, &store).await;
         // The checker reaches the chain through a proxy the test cuts.
         let proxy = RpcProxy::start(f.chain.url()).await;
         let checker = self::settler(proxy.url())
@@ -1705,18 +1678,8 @@ mod manager {
         // Bound challenges: echo the 402's requirement, as the official client does.
         let accepted = required(&challenge)["accepts"][0].clone();
         let voucher = |key: &PrivateKeySigner| {
-            let digest = channel::voucher_digest(CHAIN_ID, f.id, U256::from(PRICE)).expect("u128");
-            let payload = serde_json::json!({
-                "type": "voucher",
-                "channelConfig": serde_json::to_value(&f.config).expect("config"),
-                "voucher": {
-                    "channelId": f.id,
-                    "maxClaimableAmount": PRICE.to_string(),
-                    "signature": sign(key, digest),
-                },
-            });
             tower_x402::test_util::encode(&serde_json::json!({
-                "x402Version": 2, "accepted": accepted, "payload": payload,
+                "x402Version": 2, "accepted": accepted, "payload": f.voucher_json(key, PRICE),
             }))
         };
 

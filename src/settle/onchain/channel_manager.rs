@@ -148,22 +148,13 @@ struct Inner<S> {
 
 /// Builds a [`ChannelManager`].
 pub struct ChannelManagerBuilder<S> {
-    settler: OnchainSettler,
-    store: S,
-    authorizer: Arc<dyn ReceiverAuthorizer>,
-    policy: Policy,
-    clock: Arc<dyn Clock>,
-    lease_seconds: u64,
-    #[cfg(feature = "channel-manager")]
-    interval: Duration,
-    #[cfg(feature = "metrics")]
-    labels: Vec<::metrics::Label>,
+    inner: Inner<S>,
 }
 
 impl<S> std::fmt::Debug for ChannelManagerBuilder<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChannelManagerBuilder")
-            .field("policy", &self.policy)
+            .field("policy", &self.inner.policy)
             .finish_non_exhaustive()
     }
 }
@@ -179,16 +170,19 @@ impl<S: ChannelStore> ChannelManager<S> {
         authorizer: impl ReceiverAuthorizer + 'static,
     ) -> ChannelManagerBuilder<S> {
         ChannelManagerBuilder {
-            settler,
-            store,
-            authorizer: Arc::new(authorizer),
-            policy: Policy::default(),
-            clock: Arc::new(crate::clock::SystemClock),
-            lease_seconds: 60,
-            #[cfg(feature = "channel-manager")]
-            interval: Duration::from_secs(60),
-            #[cfg(feature = "metrics")]
-            labels: Vec::new(),
+            inner: Inner {
+                settler,
+                store,
+                authorizer: Arc::new(authorizer),
+                policy: Policy::default(),
+                clock: Arc::new(crate::clock::SystemClock),
+                lease_seconds: 60,
+                #[cfg(feature = "channel-manager")]
+                interval: Duration::from_secs(60),
+                #[cfg(feature = "metrics")]
+                labels: Vec::new(),
+                pending: tokio::sync::Mutex::new(Vec::new()),
+            },
         }
     }
 
@@ -243,46 +237,46 @@ impl<S: ChannelStore> ChannelManagerBuilder<S> {
     /// Claims a channel once this much is unclaimed on it (default: only for withdrawals and
     /// idle refunds).
     pub fn claim_threshold(mut self, atomic_units: u128) -> Self {
-        self.policy.threshold = atomic_units.max(1);
+        self.inner.policy.threshold = atomic_units.max(1);
         self
     }
 
     /// Claims a withdrawing channel once its withdrawal finalizes within `seconds` (chain
     /// time); default: at once. Keep it well above the round interval.
     pub fn claim_before_withdrawal(mut self, seconds: u64) -> Self {
-        self.policy.claim_before_withdrawal = seconds;
+        self.inner.policy.claim_before_withdrawal = seconds;
         self
     }
 
     /// At most this many channels per `claimWithSignature` transaction (default 32, at
     /// least 1): more go in further transactions of the same round.
     pub fn max_per_transaction(mut self, channels: usize) -> Self {
-        self.policy.max_per_transaction = channels.max(1);
+        self.inner.policy.max_per_transaction = channels.max(1);
         self
     }
 
     /// Claims and refunds channels without a paid request for `seconds` (by the store's
     /// `last_request_at`); default: never.
     pub fn refund_idle_after(mut self, seconds: Option<u64>) -> Self {
-        self.policy.idle_refund_after = seconds;
+        self.inner.policy.idle_refund_after = seconds;
         self
     }
 
     /// Whether rounds sweep claimed funds to the receivers with `settle` (default true).
     pub fn settle(mut self, on: bool) -> Self {
-        self.policy.settle = on;
+        self.inner.policy.settle = on;
         self
     }
 
     /// How long a refund holds its channel's lease (default 60 seconds).
     pub fn lease_seconds(mut self, seconds: u64) -> Self {
-        self.lease_seconds = seconds.max(1);
+        self.inner.lease_seconds = seconds.max(1);
         self
     }
 
     /// The clock idle time is measured on (default the system's).
     pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
-        self.clock = Arc::new(clock);
+        self.inner.clock = Arc::new(clock);
         self
     }
 
@@ -291,7 +285,7 @@ impl<S: ChannelStore> ChannelManagerBuilder<S> {
     #[cfg(feature = "channel-manager")]
     #[cfg_attr(docsrs, doc(cfg(feature = "channel-manager")))]
     pub fn interval(mut self, every: Duration) -> Self {
-        self.interval = every;
+        self.inner.interval = every;
         self
     }
 
@@ -303,26 +297,14 @@ impl<S: ChannelStore> ChannelManagerBuilder<S> {
         key: impl Into<::metrics::SharedString>,
         value: impl Into<::metrics::SharedString>,
     ) -> Self {
-        self.labels.push(::metrics::Label::new(key, value));
+        self.inner.labels.push(::metrics::Label::new(key, value));
         self
     }
 
     /// The manager.
     pub fn build(self) -> ChannelManager<S> {
         ChannelManager {
-            inner: Arc::new(Inner {
-                settler: self.settler,
-                store: self.store,
-                authorizer: self.authorizer,
-                policy: self.policy,
-                clock: self.clock,
-                lease_seconds: self.lease_seconds,
-                #[cfg(feature = "channel-manager")]
-                interval: self.interval,
-                #[cfg(feature = "metrics")]
-                labels: self.labels,
-                pending: tokio::sync::Mutex::new(Vec::new()),
-            }),
+            inner: Arc::new(self.inner),
         }
     }
 }
