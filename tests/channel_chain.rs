@@ -633,7 +633,7 @@ impl BatchEvmPayloadJson {
 async fn claims_batch_31_channels_in_one_transaction_and_one_settle_pays_the_receiver() {
     use tower_x402::channel::serve::Channels;
     use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
-    use tower_x402::channel::verify::{ChannelTerms, parse_raw};
+    use tower_x402::channel::verify::parse_raw;
     use tower_x402::settle::onchain::{ChannelClaim, OnchainSettler, claim_digest};
 
     let Some(mut f) = Fixture::start("claims_batch_31_channels_in_one_transaction").await else {
@@ -646,16 +646,7 @@ async fn claims_batch_31_channels_in_one_transaction_and_one_settle_pays_the_rec
         .await
         .expect("settler");
     let channels = Channels::new(MemoryChannelStore::new(), settler.clone());
-    let terms = ChannelTerms {
-        chain_id: CHAIN_ID,
-        receiver: PAY_TO,
-        receiver_authorizer: f.authorizer.address(),
-        token: TOKEN,
-        withdraw_delay: 900,
-        token_name: "USDC".into(),
-        token_version: "2".into(),
-        price: PRICE,
-    };
+    let terms = channel_terms(&f, PRICE);
     let mut ids = Vec::new();
     for n in 0..CHANNELS {
         f.config.salt = B256::with_last_byte(u8::try_from(n).expect("u8"));
@@ -1097,6 +1088,17 @@ mod manager {
             .with_poll_interval(Duration::from_millis(20))
     }
 
+    /// A chain with the escrow, a settler, a memory store and the channel engine on them.
+    async fn setup(
+        test: &str,
+    ) -> Option<(Fixture, OnchainSettler, Arc<MemoryChannelStore>, Engine)> {
+        let f = Fixture::start(test).await?;
+        let settler = settler(f.chain.url()).await;
+        let store = Arc::new(MemoryChannelStore::new());
+        let engine = Channels::new(store.clone(), settler.clone());
+        Some((f, settler, store, engine))
+    }
+
     /// Opens `n` channels (salts `first..first + n`) with a deposit and `calls` paid
     /// requests each, at Unix time `at`; their ids.
     async fn open(
@@ -1166,13 +1168,10 @@ mod manager {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn the_manager_task_claims_many_channels_in_one_transaction_and_counts_them() {
-        let Some(mut f) = Fixture::start("manager_task_claims_many").await else {
+        let Some((mut f, settler, store, engine)) = setup("manager_task_claims_many").await else {
             return;
         };
         recorder();
-        let settler = settler(f.chain.url()).await;
-        let store = Arc::new(MemoryChannelStore::new());
-        let engine = Channels::new(store.clone(), settler.clone());
         const CHANNELS: u8 = 6;
         const CALLS: u128 = 3;
         let ids = open(&mut f, &engine, 0, CHANNELS, CALLS, now()).await;
@@ -1238,12 +1237,9 @@ mod manager {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_small_max_per_transaction_splits_the_claim_and_idle_channels_are_refunded() {
-        let Some(mut f) = Fixture::start("manager_split_and_idle").await else {
+        let Some((mut f, settler, store, engine)) = setup("manager_split_and_idle").await else {
             return;
         };
-        let settler = settler(f.chain.url()).await;
-        let store = Arc::new(MemoryChannelStore::new());
-        let engine = Channels::new(store.clone(), settler.clone());
         // Three channels last used two hours ago: idle after an hour.
         let ids = open(&mut f, &engine, 10, 3, 2, now() - 7200).await;
         let manager = ChannelManager::builder(
@@ -1281,12 +1277,9 @@ mod manager {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn the_manager_claims_once_a_withdrawal_is_about_to_finalize_by_chain_time() {
-        let Some(mut f) = Fixture::start("manager_withdrawal_margin").await else {
+        let Some((mut f, settler, store, engine)) = setup("manager_withdrawal_margin").await else {
             return;
         };
-        let settler = settler(f.chain.url()).await;
-        let store = Arc::new(MemoryChannelStore::new());
-        let engine = Channels::new(store.clone(), settler.clone());
         let ids = open(&mut f, &engine, 20, 1, 4, now()).await;
         let charged = 4 * PRICE;
         let manager = ChannelManager::builder(
@@ -1315,12 +1308,9 @@ mod manager {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_claim_whose_rpc_is_lost_after_the_send_is_reconciled_and_never_sent_twice() {
-        let Some(mut f) = Fixture::start("manager_rpc_lost").await else {
+        let Some((mut f, _, store, engine)) = setup("manager_rpc_lost").await else {
             return;
         };
-        let direct = settler(f.chain.url()).await;
-        let store = Arc::new(MemoryChannelStore::new());
-        let engine = Channels::new(store.clone(), direct);
         let ids = open(&mut f, &engine, 30, 2, 2, now()).await;
         let proxy = RpcProxy::start(f.chain.url()).await;
         let settler = settler(proxy.url())
@@ -1380,12 +1370,10 @@ mod manager {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn shutdown_waits_for_the_round_in_flight() {
-        let Some(mut f) = Fixture::start("manager_shutdown").await else {
+        let Some((mut f, settler, store, engine)) = setup("manager_shutdown").await else {
             return;
         };
-        let settler = settler(f.chain.url()).await.with_replace_after(None);
-        let store = Arc::new(MemoryChannelStore::new());
-        let engine = Channels::new(store.clone(), settler.clone());
+        let settler = settler.with_replace_after(None);
         let ids = open(&mut f, &engine, 40, 1, 3, now()).await;
         let manager =
             ChannelManager::builder(settler, store.clone(), KeyAuthorizer(f.authorizer.clone()))
@@ -1451,9 +1439,7 @@ mod manager {
         Arc<MemoryChannelStore>,
         PrivateKeySigner,
     )> {
-        let mut f = Fixture::start(test).await?;
-        let settler = settler(f.chain.url()).await;
-        let store = Arc::new(MemoryChannelStore::new());
+        let (mut f, settler, store, _) = setup(test).await?;
         let owner = signer(chain::PAYER4_KEY);
         f.chain.set_code(FACTORY, FACTORY_HEX).await;
         let salt = B256::repeat_byte(0x12);
