@@ -110,6 +110,14 @@ pub struct RoundReport {
     pub gas_used: u64,
 }
 
+impl RoundReport {
+    /// Counts a failed step and raises it.
+    fn failed(&mut self, kind: Alert, cause: &dyn std::error::Error, what: &str) {
+        self.failures += 1;
+        alert!(kind, cause = cause, "channel manager: {what}");
+    }
+}
+
 /// Runs the receiver's side of payment channels in rounds; see the [module docs](self).
 pub struct ChannelManager<S> {
     inner: Arc<Inner<S>>,
@@ -393,12 +401,10 @@ pub(crate) async fn round<S: ChannelStore>(
                 still.push(p);
             }
             Err(e) => {
-                report.failures += 1;
-                alert!(
+                report.failed(
                     Alert::SettlementRetry,
-                    cause = &e,
-                    "channel manager: could not read where an earlier send stands; its \
-                     channels wait for the next round"
+                    &e,
+                    "could not read where an earlier send stands; its channels wait",
                 );
                 held.extend(&p.channels);
                 held_sweeps.extend(p.sweep);
@@ -416,12 +422,10 @@ pub(crate) async fn round<S: ChannelStore>(
             Ok(t) => Some(t),
             Err(e) => {
                 // Without chain time every withdrawal counts as pressing: claim early.
-                report.failures += 1;
-                alert!(
+                report.failed(
                     Alert::SettlementRetry,
-                    cause = &e,
-                    "channel manager: could not read the chain's time; claiming every \
-                     withdrawing channel now"
+                    &e,
+                    "could not read the chain's time; claiming every withdrawing channel now",
                 );
                 None
             }
@@ -437,12 +441,10 @@ pub(crate) async fn round<S: ChannelStore>(
         let chain = match settler.read_channel(id).await {
             Ok(c) => c,
             Err(e) => {
-                report.failures += 1;
-                alert!(
+                report.failed(
                     Alert::SettlementRetry,
-                    cause = &e,
-                    "channel manager: could not read a channel's escrow state; retried next \
-                     round"
+                    &e,
+                    "could not read a channel's escrow state; retried next round",
                 );
                 continue;
             }
@@ -458,11 +460,10 @@ pub(crate) async fn round<S: ChannelStore>(
             // A request committed meanwhile: next round.
             Ok(false) => continue,
             Err(e) => {
-                report.failures += 1;
-                alert!(
+                report.failed(
                     Alert::ChannelState,
-                    cause = &e,
-                    "channel manager: a channel's mirrored state was not stored"
+                    &e,
+                    "a channel's mirrored state was not stored",
                 );
                 continue;
             }
@@ -628,11 +629,10 @@ async fn load<S: ChannelStore>(
     match store.load(id).await {
         Ok(state) => state,
         Err(e) => {
-            report.failures += 1;
-            alert!(
+            report.failed(
                 Alert::ChannelState,
-                cause = &e,
-                "channel manager: could not load a channel's record; retried next round"
+                &e,
+                "could not load a channel's record; retried next round",
             );
             None
         }
@@ -654,11 +654,10 @@ async fn mirror_claim<S: ChannelStore>(store: &S, id: B256, total: u128, report:
     let expected = state.charged_cumulative;
     state.total_claimed = state.total_claimed.max(total);
     if let Err(e) = store.commit(id, Some(expected), state).await {
-        report.failures += 1;
-        alert!(
+        report.failed(
             Alert::ChannelState,
-            cause = &e,
-            "a claimed total was not mirrored: the next round reads it from the chain"
+            &e,
+            "a claimed total was not mirrored: the next round reads it from the chain",
         );
     }
 }
@@ -679,11 +678,10 @@ async fn refund_idle<S: ChannelStore>(
         Ok(Some(lease)) => lease,
         Ok(None) => return, // a request holds it: not idle
         Err(e) => {
-            report.failures += 1;
-            alert!(
+            report.failed(
                 Alert::ChannelState,
-                cause = &e,
-                "channel manager: could not take an idle channel's lease"
+                &e,
+                "could not take an idle channel's lease",
             );
             return;
         }
@@ -746,12 +744,10 @@ async fn refund_held<S: ChannelStore>(
     let mirror = match refunded {
         Ok(m) => m,
         Err(e) => {
-            report.failures += 1;
-            alert!(
+            report.failed(
                 Alert::SettlementRetry,
-                cause = &e,
-                "channel manager: refunding an idle channel failed; the next round reads \
-                 the chain and retries"
+                &e,
+                "refunding an idle channel failed; the next round reads the chain and retries",
             );
             return;
         }
@@ -769,11 +765,10 @@ async fn refund_held<S: ChannelStore>(
         store.commit(id, Some(expected), state).await
     };
     if let Err(e) = stored {
-        report.failures += 1;
-        alert!(
+        report.failed(
             Alert::ChannelState,
-            cause = &e,
-            "a refund's channel state was not stored: the next round reads it from the chain"
+            &e,
+            "a refund's channel state was not stored: the next round reads it from the chain",
         );
     }
 }
