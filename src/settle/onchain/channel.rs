@@ -182,7 +182,7 @@ impl OnchainSettler {
 
     /// Claims the latest vouchers of many channels in one `claimWithSignature` transaction,
     /// relayed by the relayer and authorized by `authorizer_signature` (the channels' common
-    /// receiver authorizer's signature of [`claim_digest`]). Claims are cumulative, so sending
+    /// receiver authorizer's signature of [`claim_digest`](crate::channel::claim_digest)). Claims are cumulative, so sending
     /// one again after an unknown outcome is harmless: rows already claimed are no-ops.
     /// Returns the transaction and the gas it used.
     pub async fn claim_channels(

@@ -1,31 +1,4 @@
-//! The channel manager (issue #19 item 5): the receiver's side of `batch-settlement` channels,
-//! run in rounds. A round
-//!
-//! 1. reconciles its earlier sends whose outcome was unknown (the RPC was lost after the
-//!    send): a transaction still in the node's pool holds its channels for this round, one
-//!    mined or unknown to the node is done with, and the chain's `totalClaimed` (read next)
-//!    says what landed; nothing is sent again blindly;
-//! 2. refreshes every stored channel's mirrored state from the chain (`channels`,
-//!    `pendingWithdrawals`, `refundNonce`), compare-and-set against the charged amount;
-//! 3. claims, `max_per_transaction` channels per `claimWithSignature` transaction, every
-//!    channel with unclaimed vouchers that has a timed withdrawal finalizing within
-//!    `claim_before_withdrawal` (by chain time), at least `threshold` unclaimed, or is idle;
-//! 4. refunds idle channels (no paid request for `idle_refund_after`) with
-//!    `refundWithSignature`, under the channel's lease, and deletes their record when nothing
-//!    is left in them;
-//! 5. sweeps what was claimed to each receiver with `settle`.
-//!
-//! Claims are cumulative (a repeated claim moves nothing) and a refund is bound to its
-//! `refundNonce` (a repeated one reverts), so even a send repeated after a lost RPC cannot
-//! move money twice; the manager still never repeats one while the first may be mined.
-//!
-//! [`ChannelManager::run_once`] runs one round (a cron-style command, `examples/channel_manager.rs`);
-//! with the `channel-manager` feature [`ChannelManager::spawn`] runs rounds on an interval in
-//! a tokio task until [`ChannelManagerHandle::shutdown`], which waits for the round in flight.
-//!
-//! Every round is a `tracing` span `x402.channel_round` (feature `tracing`); with `metrics`
-//! its counts go to the `x402_channel_*` counters ([`crate::metrics`]); failures raise
-//! [`Alert::SettlementRetry`] (retried next round) or [`Alert::ChannelState`].
+//! The channel manager (issue #19 item 5); see [`ChannelManager`].
 
 use std::sync::Arc;
 #[cfg(feature = "channel-manager")]
@@ -118,7 +91,35 @@ impl RoundReport {
     }
 }
 
-/// Runs the receiver's side of payment channels in rounds; see the [module docs](self).
+/// The channel manager (issue #19 item 5): the receiver's side of `batch-settlement` channels,
+/// run in rounds. A round
+///
+/// 1. reconciles its earlier sends whose outcome was unknown (the RPC was lost after the
+///    send): a transaction still in the node's pool holds its channels for this round, one
+///    mined or unknown to the node is done with, and the chain's `totalClaimed` (read next)
+///    says what landed; nothing is sent again blindly;
+/// 2. refreshes every stored channel's mirrored state from the chain (`channels`,
+///    `pendingWithdrawals`, `refundNonce`), compare-and-set against the charged amount;
+/// 3. claims, `max_per_transaction` channels per `claimWithSignature` transaction, every
+///    channel with unclaimed vouchers that has a timed withdrawal finalizing within
+///    `claim_before_withdrawal` (by chain time), at least `threshold` unclaimed, or is idle;
+/// 4. refunds idle channels (no paid request for `idle_refund_after`) with
+///    `refundWithSignature`, under the channel's lease, and deletes their record when nothing
+///    is left in them;
+/// 5. sweeps what was claimed to each receiver with `settle`.
+///
+/// Claims are cumulative (a repeated claim moves nothing) and a refund is bound to its
+/// `refundNonce` (a repeated one reverts), so even a send repeated after a lost RPC cannot
+/// move money twice; the manager still never repeats one while the first may be mined.
+///
+/// [`run_once`](Self::run_once) runs one round (a cron-style command,
+/// `examples/channel_manager.rs`); with the `channel-manager` feature `spawn` runs rounds on an
+/// interval in a tokio task until `ChannelManagerHandle::shutdown`, which waits for the round
+/// in flight.
+///
+/// Every round is a `tracing` span `x402.channel_round` (feature `tracing`); with `metrics`
+/// its counts go to the `x402_channel_*` counters (`tower_x402::metrics`); failures raise
+/// [`Alert::SettlementRetry`] (retried next round) or [`Alert::ChannelState`].
 pub struct ChannelManager<S> {
     inner: Arc<Inner<S>>,
 }
@@ -199,7 +200,7 @@ impl<S: ChannelStore> ChannelManager<S> {
         &self.inner.store
     }
 
-    /// Runs one round now (after the round in flight, if any); see the [module docs](self).
+    /// Runs one round now (after the round in flight, if any); see the [type docs](ChannelManager).
     /// An error only when the store cannot list its channels; every other failure is
     /// counted in the report, alerted, and retried next round.
     pub async fn run_once(&self) -> Result<RoundReport, EscrowError> {
@@ -369,7 +370,7 @@ impl ChannelManagerHandle {
     }
 }
 
-/// One round; see the module docs. `now` stamps refreshed records and measures idleness.
+/// One round; see [`ChannelManager`]. `now` stamps refreshed records and measures idleness.
 pub(crate) async fn round<S: ChannelStore>(
     settler: &OnchainSettler,
     store: &S,
