@@ -8,6 +8,9 @@
 #![cfg(all(feature = "onchain", feature = "test-util", feature = "axum"))]
 
 mod chain;
+#[cfg(all(feature = "channel-manager", feature = "redis"))]
+#[path = "common/redis_server.rs"]
+mod redis_server;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -1101,9 +1104,9 @@ mod manager {
 
     /// Opens `n` channels (salts `first..first + n`) with a deposit and `calls` paid
     /// requests each, at Unix time `at`; their ids.
-    async fn open(
+    async fn open<S: ChannelStore>(
         f: &mut Fixture,
-        engine: &Engine,
+        engine: &Channels<S, OnchainSettler>,
         first: u8,
         n: u8,
         calls: u128,
@@ -1690,5 +1693,52 @@ mod manager {
         assert_eq!(runs.load(Ordering::SeqCst), 1, "one handler run");
         let record = store.load(f.id).await.expect("load").expect("record");
         assert_eq!(record.charged_cumulative, PRICE);
+    }
+
+    /// `examples/channel_manager.rs`, the cron-style command, runs one round over the channels
+    /// a server keeps in Redis: one claim transaction for all of them, one settle.
+    #[cfg(feature = "redis")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_cron_command_claims_and_settles_the_channels_kept_in_redis() {
+        use tower_x402::channel::redis::RedisChannelStore;
+
+        let Some(redis) = crate::redis_server::RedisServer::start("manager_cron_command") else {
+            return;
+        };
+        let Some((mut f, settler, _, _)) = setup("manager_cron_command").await else {
+            return;
+        };
+        let store = RedisChannelStore::connect(&redis.url())
+            .await
+            .expect("redis");
+        let engine = Channels::new(store.clone(), settler.clone());
+        let ids = open(&mut f, &engine, 60, 3, 2, now()).await;
+        let (txs, before) = (relayer_txs(&f.chain).await, f.chain.balance(PAY_TO).await);
+        let mut cmd = std::process::Command::new(chain::process::example_bin("channel_manager"));
+        cmd.args(["--rpc", f.chain.url(), "--redis", &redis.url()])
+            .args(["--threshold", &PRICE.to_string()])
+            .env("X402_RELAYER_KEY", chain::RELAYER_KEY)
+            .env("X402_RECEIVER_AUTHORIZER_KEY", AUTHORIZER_KEY);
+        let out =
+            tokio::task::spawn_blocking(move || chain::process::run(&mut cmd, WAIT, String::new))
+                .await
+                .expect("no panic");
+        assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("claimed: 3,"), "{}", out.stdout);
+        assert_eq!(
+            relayer_txs(&f.chain).await - txs,
+            2,
+            "one claim, one settle"
+        );
+        assert_eq!(
+            f.chain.balance(PAY_TO).await - before,
+            U256::from(3 * 2 * PRICE)
+        );
+        for id in &ids {
+            let on_chain = f.view(channelsCall { channelId: *id }).await;
+            assert_eq!(on_chain.totalClaimed, 2 * PRICE);
+            let mirrored = store.load(*id).await.expect("load").expect("record");
+            assert_eq!(mirrored.total_claimed, 2 * PRICE, "mirrored in Redis");
+        }
     }
 }
