@@ -571,18 +571,16 @@ pub(crate) async fn round<S: ChannelStore>(
     }
 
     // 4. Idle refunds (their claims landed, or they had nothing to claim).
+    let refunds = Refunds {
+        settler,
+        store,
+        authorizer,
+        now,
+        policy,
+        lease_seconds,
+    };
     for id in idle.into_iter().filter(|id| !failed_claims.contains(id)) {
-        refund_idle(
-            settler,
-            store,
-            authorizer,
-            id,
-            now,
-            policy,
-            lease_seconds,
-            &mut report,
-        )
-        .await;
+        refund_idle(&refunds, id, &mut report).await;
     }
 
     // 5. Sweep to the receivers.
@@ -663,18 +661,23 @@ async fn mirror_claim<S: ChannelStore>(store: &S, id: B256, total: u128, report:
     }
 }
 
-/// Refunds an idle channel under its lease (a request on it meanwhile: not idle, skipped).
-#[allow(clippy::too_many_arguments)]
-async fn refund_idle<S: ChannelStore>(
-    settler: &OnchainSettler,
-    store: &S,
-    authorizer: &dyn ReceiverAuthorizer,
-    id: B256,
+/// What a round's refunds need.
+struct Refunds<'a, S> {
+    settler: &'a OnchainSettler,
+    store: &'a S,
+    authorizer: &'a dyn ReceiverAuthorizer,
     now: u64,
-    policy: &Policy,
+    policy: &'a Policy,
     lease_seconds: u64,
-    report: &mut RoundReport,
-) {
+}
+
+/// Refunds an idle channel under its lease (a request on it meanwhile: not idle, skipped).
+async fn refund_idle<S: ChannelStore>(r: &Refunds<'_, S>, id: B256, report: &mut RoundReport) {
+    let Refunds {
+        store,
+        lease_seconds,
+        ..
+    } = *r;
     let lease = match store.lock(id, lease_seconds).await {
         Ok(Some(lease)) => lease,
         Ok(None) => return, // a request holds it: not idle
@@ -687,7 +690,7 @@ async fn refund_idle<S: ChannelStore>(
             return;
         }
     };
-    refund_held(settler, store, authorizer, id, now, policy, report).await;
+    refund_held(r, id, report).await;
     if let Err(e) = store.unlock(lease).await {
         alert!(
             Alert::ChannelState,
@@ -697,15 +700,15 @@ async fn refund_idle<S: ChannelStore>(
     }
 }
 
-async fn refund_held<S: ChannelStore>(
-    settler: &OnchainSettler,
-    store: &S,
-    authorizer: &dyn ReceiverAuthorizer,
-    id: B256,
-    now: u64,
-    policy: &Policy,
-    report: &mut RoundReport,
-) {
+async fn refund_held<S: ChannelStore>(r: &Refunds<'_, S>, id: B256, report: &mut RoundReport) {
+    let Refunds {
+        settler,
+        store,
+        authorizer,
+        now,
+        policy,
+        ..
+    } = *r;
     let Some(mut state) = load(store, id, report).await else {
         return;
     };
