@@ -621,3 +621,146 @@ pub async fn authenticate_with_contracts(
         Err(e) => Err(ContractAuthError::Unavailable(e)),
     }
 }
+
+#[cfg(test)]
+mod contract_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use alloy_primitives::Bytes;
+    use async_trait::async_trait;
+
+    use super::*;
+
+    /// A checker that answers `reply` and counts its calls (with the digest it was asked).
+    struct Fake {
+        calls: AtomicUsize,
+        reply: fn() -> Result<bool, ContractSignatureError>,
+        asked: std::sync::Mutex<Option<(Address, B256)>>,
+    }
+
+    #[async_trait]
+    impl ContractSignatures for Fake {
+        async fn is_valid(
+            &self,
+            _chain_id: u64,
+            signer: Address,
+            hash: B256,
+            _signature: &Bytes,
+        ) -> Result<bool, ContractSignatureError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            *self.asked.lock().expect("lock") = Some((signer, hash));
+            (self.reply)()
+        }
+    }
+
+    fn fake(reply: fn() -> Result<bool, ContractSignatureError>) -> Fake {
+        Fake {
+            calls: AtomicUsize::new(0),
+            reply,
+            asked: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn terms() -> ChannelTerms {
+        ChannelTerms {
+            chain_id: 84532,
+            receiver: Address::repeat_byte(2),
+            receiver_authorizer: Address::repeat_byte(3),
+            token: Address::repeat_byte(4),
+            withdraw_delay: 900,
+            token_name: "USDC".into(),
+            token_version: "2".into(),
+            price: 1_000,
+        }
+    }
+
+    /// A voucher of a contract payer (zero `payerAuthorizer`) for `ceiling`.
+    fn voucher(t: &ChannelTerms, ceiling: u64) -> BatchEvmPayload {
+        let config = ChannelConfig {
+            payer: Address::repeat_byte(0x77),
+            payer_authorizer: Address::ZERO,
+            receiver: t.receiver,
+            receiver_authorizer: t.receiver_authorizer,
+            token: t.token,
+            withdraw_delay: t.withdraw_delay,
+            salt: B256::ZERO,
+        };
+        BatchEvmPayload::Voucher {
+            voucher: Voucher {
+                channel_id: channel_id(t.chain_id, &config),
+                max_claimable_amount: U256::from(ceiling),
+                signature: Bytes::from(vec![1u8; 65]),
+            },
+            channel_config: config,
+        }
+    }
+
+    async fn check(
+        checker: Option<&Fake>,
+        payload: &BatchEvmPayload,
+    ) -> Result<Authentic, ContractAuthError> {
+        let checker = checker.map(|c| c as &dyn ContractSignatures);
+        authenticate_with_contracts(&terms(), payload, 0, checker).await
+    }
+
+    #[tokio::test]
+    async fn the_payers_contract_judges_a_zero_authorizer_voucher_after_the_in_process_checks() {
+        let t = terms();
+        let good = voucher(&t, 1_000);
+        let yes = fake(|| Ok(true));
+        let authentic = check(Some(&yes), &good).await.expect("valid");
+        assert_eq!(authentic.max_claimable, 1_000);
+        let (signer, hash) = yes.asked.lock().expect("lock").expect("asked");
+        assert_eq!(signer, good.channel_config().payer, "the payer's contract");
+        let digest = voucher_digest(t.chain_id, good.voucher().channel_id, U256::from(1_000));
+        assert_eq!(Some(hash), digest, "over the voucher's EIP-712 digest");
+
+        // Without a checker: refused, as by `authenticate`.
+        let e = check(None, &good).await.expect_err("no checker");
+        assert!(matches!(
+            e,
+            ContractAuthError::Refused(BatchError::VoucherSignature)
+        ));
+
+        // A failed in-process check never reaches the chain.
+        let mut bad = good.clone();
+        if let BatchEvmPayload::Voucher { voucher, .. } = &mut bad {
+            voucher.channel_id = B256::repeat_byte(9);
+        }
+        let counted = fake(|| Ok(true));
+        let e = check(Some(&counted), &bad).await.expect_err("wrong id");
+        assert!(matches!(
+            e,
+            ContractAuthError::Refused(BatchError::ChannelIdMismatch)
+        ));
+        let mut empty = good.clone();
+        if let BatchEvmPayload::Voucher { voucher, .. } = &mut empty {
+            voucher.signature = Bytes::new();
+        }
+        let e = check(Some(&counted), &empty)
+            .await
+            .expect_err("no signature");
+        assert!(matches!(
+            e,
+            ContractAuthError::Refused(BatchError::VoucherSignature)
+        ));
+        assert_eq!(counted.calls.load(Ordering::SeqCst), 0, "no chain call");
+
+        // The contract says no; no RPC for the chain: refused. The RPC fails: unavailable.
+        let no = fake(|| Ok(false));
+        let e = check(Some(&no), &good).await.expect_err("invalid");
+        assert!(matches!(
+            e,
+            ContractAuthError::Refused(BatchError::VoucherSignature)
+        ));
+        let other_chain = fake(|| Err(ContractSignatureError::UnsupportedChain(1)));
+        let e = check(Some(&other_chain), &good).await.expect_err("no rpc");
+        assert!(matches!(
+            e,
+            ContractAuthError::Refused(BatchError::VoucherSignature)
+        ));
+        let down = fake(|| Err(ContractSignatureError::rpc("connection refused")));
+        let e = check(Some(&down), &good).await.expect_err("down");
+        assert!(matches!(e, ContractAuthError::Unavailable(_)), "{e:?}");
+    }
+}
