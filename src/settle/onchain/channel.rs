@@ -111,18 +111,10 @@ impl Escrow for OnchainSettler {
             Err(Submit::NotSent(f)) => return Err(EscrowError(f.into_settle_error().into())),
             Err(Submit::Unknown { source, .. }) => return Err(EscrowError(source)),
         };
-        let read = TransactionRequest::default()
-            .with_to(BATCH_SETTLEMENT)
-            .with_input(channelsCall { channelId: channel }.abi_encode());
-        let out = with_timeout(
-            self.config.rpc_timeout,
-            self.provider
-                .call(read)
-                .block(BlockId::latest())
-                .into_future(),
-        )
-        .await
-        .map_err(|f| EscrowError(f.into_settle_error().into()))?;
+        let out = self
+            .escrow_view(channelsCall { channelId: channel }.abi_encode())
+            .await
+            .map_err(|f| EscrowError(f.into_settle_error().into()))?;
         let state = channelsCall::abi_decode_returns(&out)
             .map_err(|_| escrow_error("channels() returned malformed data"))?;
         Ok(Mirror {
@@ -244,18 +236,10 @@ impl OnchainSettler {
         receiver: alloy_primitives::Address,
         token: alloy_primitives::Address,
     ) -> Result<Option<(B256, u64, u128)>, EscrowSendError> {
-        let read = TransactionRequest::default()
-            .with_to(BATCH_SETTLEMENT)
-            .with_input(receiversCall { receiver, token }.abi_encode());
-        let out = with_timeout(
-            self.config.rpc_timeout,
-            self.provider
-                .call(read)
-                .block(BlockId::latest())
-                .into_future(),
-        )
-        .await
-        .map_err(|f| EscrowSendError::not_sent(EscrowError(f.into_settle_error().into())))?;
+        let out = self
+            .escrow_view(receiversCall { receiver, token }.abi_encode())
+            .await
+            .map_err(|f| EscrowSendError::not_sent(EscrowError(f.into_settle_error().into())))?;
         let totals = receiversCall::abi_decode_returns(&out).map_err(|_| {
             EscrowSendError::not_sent(escrow_error("receivers() returned malformed data"))
         })?;
@@ -403,6 +387,21 @@ pub struct WatchReport {
 }
 
 impl OnchainSettler {
+    /// An `eth_call` of the escrow at the latest block, within the RPC timeout.
+    async fn escrow_view(&self, input: Vec<u8>) -> Result<alloy_primitives::Bytes, super::Failure> {
+        let read = TransactionRequest::default()
+            .with_to(BATCH_SETTLEMENT)
+            .with_input(input);
+        with_timeout(
+            self.config.rpc_timeout,
+            self.provider
+                .call(read)
+                .block(BlockId::latest())
+                .into_future(),
+        )
+        .await
+    }
+
     /// The latest block's timestamp: the time `finalizeWithdraw` is judged by.
     pub(crate) async fn chain_time(&self) -> Result<u64, EscrowError> {
         let block = with_timeout(
@@ -420,18 +419,7 @@ impl OnchainSettler {
 
     /// Reads a channel's escrow state (`channels`, `pendingWithdrawals`, `refundNonce`).
     pub async fn read_channel(&self, channel: B256) -> Result<OnchainChannel, EscrowError> {
-        let view = |input: Vec<u8>| {
-            let read = TransactionRequest::default()
-                .with_to(BATCH_SETTLEMENT)
-                .with_input(input);
-            with_timeout(
-                self.config.rpc_timeout,
-                self.provider
-                    .call(read)
-                    .block(BlockId::latest())
-                    .into_future(),
-            )
-        };
+        let view = |input: Vec<u8>| self.escrow_view(input);
         let (c, w, n) = tokio::join!(
             view(channelsCall { channelId: channel }.abi_encode()),
             view(pendingWithdrawalsCall { channelId: channel }.abi_encode()),
