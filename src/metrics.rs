@@ -37,6 +37,14 @@
 //! | `x402_onchain_transactions_sent_total` | counter | — | with `onchain`, fed by [`PaymentMetrics::record_onchain`]: transactions the settler sent |
 //! | `x402_onchain_gas_used_total` | counter | — | same: gas used by every mined settlement, reverted ones included |
 //! | `x402_onchain_fees_wei_total` | counter | — | same: fees paid by the relayer, in wei |
+//! | `x402_channel_rounds_total` | counter | — | with `onchain`: rounds of the payment-channel manager (`settle::onchain::ChannelManager`) |
+//! | `x402_channels_claimed_total` | counter | — | same: channels claimed |
+//! | `x402_channels_refunded_total` | counter | — | same: idle channels refunded |
+//! | `x402_channel_amount_total` | counter | `op` | same: atomic units claimed, settled or refunded (`op` `claim`, `settle`, `refund`) |
+//! | `x402_channel_transactions_total` | counter | `op` | same: transactions mined, by `op` |
+//! | `x402_channel_failures_total` | counter | `op` | same: failed steps (`op` `round`), or rounds that could not list the channels (`list`); each raised an alert |
+//! | `x402_channel_unknown_total` | counter | — | same: sends whose outcome was unknown, reconciled from the chain next round |
+//! | `x402_channel_gas_used_total` | counter | — | same: gas used by claims and settles |
 //!
 //! Label values: `network` is CAIP-2 (`eip155:84532`), `asset` the checksummed token address,
 //! `version` `1` or `2`, `status` the HTTP status code, `reason` the x402 reason code (`none`
@@ -101,6 +109,22 @@ pub mod name {
     pub const ONCHAIN_GAS_USED: &str = "x402_onchain_gas_used_total";
     /// Counter (absolute): fees an on-chain settler's relayer paid, in wei.
     pub const ONCHAIN_FEES_WEI: &str = "x402_onchain_fees_wei_total";
+    /// Counter: channel manager rounds run.
+    pub const CHANNEL_ROUNDS: &str = "x402_channel_rounds_total";
+    /// Counter: channels claimed by the channel manager.
+    pub const CHANNELS_CLAIMED: &str = "x402_channels_claimed_total";
+    /// Counter: idle channels the channel manager refunded.
+    pub const CHANNELS_REFUNDED: &str = "x402_channels_refunded_total";
+    /// Counter: atomic units the channel manager claimed, settled or refunded, by `op`.
+    pub const CHANNEL_AMOUNT: &str = "x402_channel_amount_total";
+    /// Counter: channel manager transactions mined, by `op` (`claim`, `settle`, `refund`).
+    pub const CHANNEL_TRANSACTIONS: &str = "x402_channel_transactions_total";
+    /// Counter: failed channel manager steps, by `op` (`round`, `list`).
+    pub const CHANNEL_FAILURES: &str = "x402_channel_failures_total";
+    /// Counter: channel manager sends whose outcome was unknown (reconciled next round).
+    pub const CHANNEL_UNKNOWN: &str = "x402_channel_unknown_total";
+    /// Counter: gas used by the channel manager's claims and settles.
+    pub const CHANNEL_GAS_USED: &str = "x402_channel_gas_used_total";
 }
 
 /// A [hook](crate::hooks) that records every payment in the `metrics` facade. See the

@@ -8,6 +8,9 @@
 #![cfg(all(feature = "onchain", feature = "test-util", feature = "axum"))]
 
 mod chain;
+#[cfg(all(feature = "channel-manager", feature = "redis"))]
+#[path = "common/redis_server.rs"]
+mod redis_server;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -633,7 +636,7 @@ impl BatchEvmPayloadJson {
 async fn claims_batch_31_channels_in_one_transaction_and_one_settle_pays_the_receiver() {
     use tower_x402::channel::serve::Channels;
     use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
-    use tower_x402::channel::verify::{ChannelTerms, parse_raw};
+    use tower_x402::channel::verify::parse_raw;
     use tower_x402::settle::onchain::{ChannelClaim, OnchainSettler, claim_digest};
 
     let Some(mut f) = Fixture::start("claims_batch_31_channels_in_one_transaction").await else {
@@ -646,17 +649,7 @@ async fn claims_batch_31_channels_in_one_transaction_and_one_settle_pays_the_rec
         .await
         .expect("settler");
     let channels = Channels::new(MemoryChannelStore::new(), settler.clone());
-    let terms = ChannelTerms {
-        chain_id: CHAIN_ID,
-        receiver: PAY_TO,
-        receiver_authorizer: f.authorizer.address(),
-        token: TOKEN,
-        withdraw_delay: 900,
-        token_name: "USDC".into(),
-        token_version: "2".into(),
-        price: PRICE,
-        asset_transfer_method: tower_x402::channel::AssetTransferMethod::Eip3009,
-    };
+    let terms = channel_terms(&f, PRICE);
     let mut ids = Vec::new();
     for n in 0..CHANNELS {
         f.config.salt = B256::with_last_byte(u8::try_from(n).expect("u8"));
@@ -765,22 +758,27 @@ impl tower_x402::settle::onchain::ReceiverAuthorizer for KeyAuthorizer {
 }
 
 impl Fixture {
+    /// A `voucher` payload's JSON for `ceiling`, signed by `key`.
+    fn voucher_json(&self, key: &PrivateKeySigner, ceiling: u128) -> serde_json::Value {
+        let digest = channel::voucher_digest(CHAIN_ID, self.id, U256::from(ceiling)).expect("u128");
+        serde_json::json!({
+            "type": "voucher",
+            "channelConfig": serde_json::to_value(&self.config).expect("config"),
+            "voucher": {
+                "channelId": self.id,
+                "maxClaimableAmount": ceiling.to_string(),
+                "signature": sign(key, digest),
+            },
+        })
+    }
+
     /// A `voucher` payload for `ceiling`, or a `deposit` of `deposit` with it.
     fn payload(
         &self,
         ceiling: u128,
         deposit: Option<u128>,
     ) -> tower_x402::proto::batch::BatchEvmPayload {
-        let digest = channel::voucher_digest(CHAIN_ID, self.id, U256::from(ceiling)).expect("u128");
-        let mut raw = serde_json::json!({
-            "type": "voucher",
-            "channelConfig": serde_json::to_value(&self.config).expect("config"),
-            "voucher": {
-                "channelId": self.id,
-                "maxClaimableAmount": ceiling.to_string(),
-                "signature": sign(&self.payer, digest),
-            },
-        });
+        let mut raw = self.voucher_json(&self.payer, ceiling);
         if let Some(amount) = deposit {
             let data = self.deposit_call(amount, B256::repeat_byte(0x44));
             let decoded = depositCall::abi_decode(&data).expect("decode");
@@ -802,11 +800,82 @@ impl Fixture {
     }
 }
 
+/// The server's terms for the fixture's channels at `price` per request.
+fn channel_terms(f: &Fixture, price: u128) -> tower_x402::channel::verify::ChannelTerms {
+    tower_x402::channel::verify::ChannelTerms {
+        chain_id: CHAIN_ID,
+        receiver: PAY_TO,
+        receiver_authorizer: f.authorizer.address(),
+        token: TOKEN,
+        withdraw_delay: 900,
+        token_name: "USDC".into(),
+        token_version: "2".into(),
+        price,
+        asset_transfer_method: tower_x402::channel::AssetTransferMethod::Eip3009,
+    }
+}
+
+/// Moves anvil's clock `seconds` ahead and mines a block at the new time.
+async fn advance(chain: &Chain, seconds: u64) {
+    use alloy_provider::Provider;
+    let _: serde_json::Value = chain
+        .provider()
+        .raw_request("evm_increaseTime".into(), (seconds,))
+        .await
+        .expect("evm_increaseTime");
+    chain.mine().await;
+}
+
+/// The payer starts a timed withdrawal of its whole deposit.
+async fn initiate_withdraw(f: &Fixture) {
+    let withdraw = initiateWithdrawCall {
+        config: sol_config(&f.config),
+        amount: DEPOSIT,
+    };
+    f.chain
+        .send_as(
+            f.config.payer,
+            BATCH_SETTLEMENT,
+            withdraw.abi_encode().into(),
+        )
+        .await;
+}
+
+/// The payer finalizes its withdrawal (its delay elapsed) and the receiver settles: the
+/// receiver gets exactly `charged`, the payer all the rest of what was minted to it.
+async fn finalize_and_settle(
+    f: &Fixture,
+    settler: &tower_x402::settle::onchain::OnchainSettler,
+    charged: u128,
+) {
+    let finalize = finalizeWithdrawCall {
+        config: sol_config(&f.config),
+    };
+    f.chain
+        .send_as(
+            f.config.payer,
+            BATCH_SETTLEMENT,
+            finalize.abi_encode().into(),
+        )
+        .await;
+    let before = f.chain.balance(PAY_TO).await;
+    settler
+        .settle_channels(PAY_TO, TOKEN)
+        .await
+        .expect("settle")
+        .expect("owed");
+    assert_eq!(f.chain.balance(PAY_TO).await - before, U256::from(charged));
+    assert_eq!(
+        f.chain.balance(f.config.payer).await,
+        U256::from(MINTED) - U256::from(charged),
+        "the payer got back exactly what it did not spend: no voucher lost to the withdrawal"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_vouchers() {
     use tower_x402::channel::serve::Channels;
     use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
-    use tower_x402::channel::verify::ChannelTerms;
     use tower_x402::settle::onchain::OnchainSettler;
 
     let Some(f) = Fixture::start("the_manager_claims_before_a_timed_withdrawal").await else {
@@ -818,17 +887,7 @@ async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_voucher
         .expect("settler");
     let store = std::sync::Arc::new(MemoryChannelStore::new());
     let channels = Channels::new(store.clone(), settler.clone());
-    let terms = ChannelTerms {
-        chain_id: CHAIN_ID,
-        receiver: PAY_TO,
-        receiver_authorizer: f.authorizer.address(),
-        token: TOKEN,
-        withdraw_delay: 900,
-        token_name: "USDC".into(),
-        token_version: "2".into(),
-        price: PRICE,
-        asset_transfer_method: tower_x402::channel::AssetTransferMethod::Eip3009,
-    };
+    let terms = channel_terms(&f, PRICE);
     for call in 0..5u128 {
         let payload = f.payload((call + 1) * PRICE, (call == 0).then_some(DEPOSIT));
         channels
@@ -851,17 +910,7 @@ async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_voucher
     );
 
     // The payer starts a timed withdrawal of the whole deposit, vouchers unclaimed.
-    let withdraw = initiateWithdrawCall {
-        config: sol_config(&f.config),
-        amount: DEPOSIT,
-    };
-    f.chain
-        .send_as(
-            f.config.payer,
-            BATCH_SETTLEMENT,
-            withdraw.abi_encode().into(),
-        )
-        .await;
+    initiate_withdraw(&f).await;
     let round = settler
         .watch_channels(&*store, &authorizer, now(), u128::MAX)
         .await
@@ -884,36 +933,8 @@ async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_voucher
     assert_eq!(again.claimed, 0);
 
     // The delay elapses; the payer takes back only what is unclaimed.
-    use alloy_provider::Provider;
-    let _: serde_json::Value = f
-        .chain
-        .provider()
-        .raw_request("evm_increaseTime".into(), (901u64,))
-        .await
-        .expect("evm_increaseTime");
-    f.chain.mine().await;
-    let finalize = finalizeWithdrawCall {
-        config: sol_config(&f.config),
-    };
-    f.chain
-        .send_as(
-            f.config.payer,
-            BATCH_SETTLEMENT,
-            finalize.abi_encode().into(),
-        )
-        .await;
-    let before = f.chain.balance(PAY_TO).await;
-    settler
-        .settle_channels(PAY_TO, TOKEN)
-        .await
-        .expect("settle")
-        .expect("owed");
-    assert_eq!(f.chain.balance(PAY_TO).await - before, U256::from(charged));
-    assert_eq!(
-        f.chain.balance(f.config.payer).await,
-        U256::from(MINTED) - U256::from(charged),
-        "the payer got back exactly what it did not spend"
-    );
+    advance(&f.chain, 901).await;
+    finalize_and_settle(&f, &settler, charged).await;
     assert_eq!(f.chain.balance(BATCH_SETTLEMENT).await, U256::ZERO);
 }
 
@@ -1028,4 +1049,697 @@ async fn a_client_that_lost_its_state_recovers_through_our_corrective_402() {
     );
     let out = recover(corrective(&forged));
     assert_eq!(out["recovered"], false, "{out}");
+}
+
+/// The channel manager (`ChannelManager`, issue #19 item 5) on anvil: many channels claimed
+/// per transaction by its task, claims timed against a withdrawal by chain time, a claim whose
+/// RPC is lost after the send reconciled from the chain and never sent twice, a shutdown that
+/// waits for the round in flight, idle refunds, its metrics; and EIP-1271 vouchers of a
+/// smart-wallet payer checked through the chain.
+#[cfg(all(
+    feature = "channel-manager",
+    feature = "metrics",
+    feature = "dev-heavy"
+))]
+mod manager {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use alloy_provider::Provider;
+    use tower_x402::alert::{self, Alert};
+    use tower_x402::channel::serve::{Channels, PayError};
+    use tower_x402::channel::store::{ChannelState, ChannelStore, MemoryChannelStore};
+    use tower_x402::channel::verify::{BatchError, ChannelTerms};
+    use tower_x402::settle::onchain::{ChannelManager, OnchainSettler};
+
+    use super::*;
+    use chain::RpcProxy;
+
+    const PRICE: u128 = 1_000;
+    const WAIT: Duration = Duration::from_secs(30);
+
+    type Engine = Channels<Arc<MemoryChannelStore>, OnchainSettler>;
+
+    fn terms(f: &Fixture) -> ChannelTerms {
+        channel_terms(f, PRICE)
+    }
+
+    async fn settler(url: &str) -> OnchainSettler {
+        OnchainSettler::connect(url, signer(chain::RELAYER_KEY))
+            .await
+            .expect("settler")
+            .with_poll_interval(Duration::from_millis(20))
+    }
+
+    /// A chain with the escrow, a settler, a memory store and the channel engine on them.
+    async fn setup(
+        test: &str,
+    ) -> Option<(Fixture, OnchainSettler, Arc<MemoryChannelStore>, Engine)> {
+        let f = Fixture::start(test).await?;
+        let settler = settler(f.chain.url()).await;
+        let store = Arc::new(MemoryChannelStore::new());
+        let engine = Channels::new(store.clone(), settler.clone());
+        Some((f, settler, store, engine))
+    }
+
+    /// Opens `n` channels (salts `first..first + n`) with a deposit and `calls` paid
+    /// requests each, at Unix time `at`; their ids.
+    async fn open<S: ChannelStore>(
+        f: &mut Fixture,
+        engine: &Channels<S, OnchainSettler>,
+        first: u8,
+        n: u8,
+        calls: u128,
+        at: u64,
+    ) -> Vec<B256> {
+        let terms = terms(f);
+        let mut ids = Vec::new();
+        for salt in first..first + n {
+            f.config.salt = B256::with_last_byte(salt);
+            f.id = channel::channel_id(CHAIN_ID, &f.config);
+            ids.push(f.id);
+            for call in 0..calls {
+                let payload = f.payload((call + 1) * PRICE, (call == 0).then_some(DEPOSIT));
+                engine
+                    .pay(&terms, &payload, at, |_| async {
+                        Ok::<_, std::convert::Infallible>(((), PRICE))
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("channel {salt} call {call}: {e:?}"));
+            }
+        }
+        ids
+    }
+
+    async fn relayer_txs(chain: &Chain) -> u64 {
+        chain
+            .provider()
+            .get_transaction_count(RELAYER)
+            .latest()
+            .await
+            .expect("nonce")
+    }
+
+    async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !done().await {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The one Prometheus recorder of this test binary.
+    fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+        static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+            std::sync::OnceLock::new();
+        HANDLE.get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).expect("no other recorder in this binary");
+            handle
+        })
+    }
+
+    /// The value of the series `name{labels}` (labels as rendered, e.g. `op="claim",test="x"`).
+    fn metric(name: &str, labels: &str) -> u64 {
+        let text = recorder().render();
+        let series = format!("{name}{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0, |v| v.trim().parse::<f64>().expect("a number") as u64)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_manager_task_claims_many_channels_in_one_transaction_and_counts_them() {
+        let Some((mut f, settler, store, engine)) = setup("manager_task_claims_many").await else {
+            return;
+        };
+        recorder();
+        const CHANNELS: u8 = 6;
+        const CALLS: u128 = 3;
+        let ids = open(&mut f, &engine, 0, CHANNELS, CALLS, now()).await;
+        let total = PRICE * CALLS * u128::from(CHANNELS);
+        let manager = ChannelManager::builder(
+            settler.clone(),
+            store.clone(),
+            KeyAuthorizer(f.authorizer.clone()),
+        )
+        .claim_threshold(PRICE)
+        .interval(Duration::from_millis(200))
+        .metrics_label("test", "many")
+        .build();
+        let (txs, before) = (relayer_txs(&f.chain).await, f.chain.balance(PAY_TO).await);
+
+        let handle = manager.spawn();
+        until("every channel claimed and settled", async || {
+            f.chain.balance(PAY_TO).await - before == U256::from(total)
+        })
+        .await;
+        let rounds = handle.shutdown().await.expect("no panic");
+        assert!(rounds >= 1);
+        assert_eq!(
+            relayer_txs(&f.chain).await - txs,
+            2,
+            "one claim transaction for the {CHANNELS} channels, one settle"
+        );
+        for id in &ids {
+            let on_chain = f.view(channelsCall { channelId: *id }).await;
+            assert_eq!(on_chain.totalClaimed, CALLS * PRICE);
+            let mirrored = store.load(*id).await.expect("load").expect("record");
+            assert_eq!(mirrored.total_claimed, CALLS * PRICE, "mirrored");
+        }
+        assert_eq!(
+            metric("x402_channels_claimed_total", r#"test="many""#),
+            u64::from(CHANNELS)
+        );
+        assert_eq!(
+            metric("x402_channel_amount_total", r#"test="many",op="claim""#),
+            total as u64
+        );
+        assert_eq!(
+            metric("x402_channel_amount_total", r#"test="many",op="settle""#),
+            total as u64
+        );
+        assert_eq!(
+            metric(
+                "x402_channel_transactions_total",
+                r#"test="many",op="claim""#
+            ),
+            1
+        );
+        assert!(metric("x402_channel_gas_used_total", r#"test="many""#) > 0);
+        assert_eq!(
+            metric("x402_channel_rounds_total", r#"test="many""#),
+            rounds
+        );
+        assert_eq!(
+            metric("x402_channel_failures_total", r#"test="many",op="round""#),
+            0
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_small_max_per_transaction_splits_the_claim_and_idle_channels_are_refunded() {
+        let Some((mut f, settler, store, engine)) = setup("manager_split_and_idle").await else {
+            return;
+        };
+        // Three channels last used two hours ago: idle after an hour.
+        let ids = open(&mut f, &engine, 10, 3, 2, now() - 7200).await;
+        let manager = ChannelManager::builder(
+            settler.clone(),
+            store.clone(),
+            KeyAuthorizer(f.authorizer.clone()),
+        )
+        .max_per_transaction(2)
+        .refund_idle_after(Some(3600))
+        .build();
+        let txs = relayer_txs(&f.chain).await;
+        let report = manager.run_once().await.expect("round");
+        assert_eq!(report.claimed, 3, "{report:?}");
+        assert_eq!(report.claim_transactions.len(), 2, "2 + 1 channels");
+        assert_eq!(report.refunded, 3);
+        assert_eq!(report.refunded_amount, 3 * (DEPOSIT - 2 * PRICE));
+        assert_eq!(report.settled_amount, 3 * 2 * PRICE);
+        assert_eq!(report.failures, 0);
+        assert_eq!(relayer_txs(&f.chain).await - txs, 2 + 3 + 1);
+        for id in &ids {
+            assert_eq!(store.load(*id).await.expect("load"), None, "fully refunded");
+            let on_chain = f.view(channelsCall { channelId: *id }).await;
+            assert_eq!(on_chain.balance, on_chain.totalClaimed);
+        }
+        assert_eq!(
+            f.chain.balance(f.config.payer).await,
+            U256::from(MINTED) - U256::from(3 * 2 * PRICE),
+            "the payer got back exactly what it did not spend"
+        );
+        // Nothing left: a second round sends nothing.
+        let again = manager.run_once().await.expect("round");
+        assert_eq!((again.claimed, again.refunded), (0, 0));
+        assert_eq!(relayer_txs(&f.chain).await - txs, 6);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_manager_claims_once_a_withdrawal_is_about_to_finalize_by_chain_time() {
+        let Some((mut f, settler, store, engine)) = setup("manager_withdrawal_margin").await else {
+            return;
+        };
+        let ids = open(&mut f, &engine, 20, 1, 4, now()).await;
+        let charged = 4 * PRICE;
+        let manager = ChannelManager::builder(
+            settler.clone(),
+            store.clone(),
+            KeyAuthorizer(f.authorizer.clone()),
+        )
+        .claim_before_withdrawal(300)
+        .settle(false)
+        .build();
+        initiate_withdraw(&f).await;
+        // 900 s to go: not yet.
+        let early = manager.run_once().await.expect("round");
+        assert_eq!((early.withdrawing, early.claimed), (1, 0), "{early:?}");
+        advance(&f.chain, 650).await;
+        let due = manager.run_once().await.expect("round");
+        assert_eq!((due.withdrawing, due.claimed), (1, 1), "{due:?}");
+        let on_chain = f.view(channelsCall { channelId: ids[0] }).await;
+        assert_eq!(
+            on_chain.totalClaimed, charged,
+            "claimed before it finalized"
+        );
+        advance(&f.chain, 300).await;
+        finalize_and_settle(&f, &settler, charged).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_claim_whose_rpc_is_lost_after_the_send_is_reconciled_and_never_sent_twice() {
+        let Some((mut f, _, store, engine)) = setup("manager_rpc_lost").await else {
+            return;
+        };
+        let ids = open(&mut f, &engine, 30, 2, 2, now()).await;
+        let proxy = RpcProxy::start(f.chain.url()).await;
+        let settler = settler(proxy.url())
+            .await
+            .with_receipt_timeout(Duration::from_secs(2))
+            .with_replace_after(None)
+            .with_rpc_timeout(Duration::from_secs(2));
+        let manager =
+            ChannelManager::builder(settler, store.clone(), KeyAuthorizer(f.authorizer.clone()))
+                .claim_threshold(PRICE)
+                .settle(false)
+                .build();
+        let retries = alert::count(Alert::SettlementRetry);
+        f.chain.set_automine(false).await;
+        let round = tokio::spawn({
+            let manager = manager.clone();
+            async move { manager.run_once().await }
+        });
+        // The claim reaches the node; then the RPC dies before any receipt.
+        until("the claim sent", async || {
+            proxy.calls("eth_sendRawTransaction") == 1
+        })
+        .await;
+        proxy.cut();
+        let lost = round.await.expect("no panic").expect("round");
+        assert_eq!((lost.claimed, lost.unknown), (0, 1), "{lost:?}");
+        assert!(alert::count(Alert::SettlementRetry) > retries, "raised");
+        proxy.restore();
+        assert_eq!(f.chain.pool().await.len(), 1, "the claim waits in the pool");
+
+        // Still in the pool: its channels wait, nothing is sent again.
+        let waiting = manager.run_once().await.expect("round");
+        assert_eq!((waiting.in_flight, waiting.claimed), (1, 0), "{waiting:?}");
+        assert_eq!(proxy.calls("eth_sendRawTransaction"), 1);
+
+        // Mined: reconciled from the chain, still nothing sent again.
+        f.chain.mine().await;
+        f.chain.set_automine(true).await;
+        let reconciled = manager.run_once().await.expect("round");
+        assert_eq!(
+            (
+                reconciled.reconciled,
+                reconciled.claimed,
+                reconciled.failures
+            ),
+            (1, 0, 0),
+            "{reconciled:?}"
+        );
+        assert_eq!(proxy.calls("eth_sendRawTransaction"), 1, "sent once");
+        for id in &ids {
+            let on_chain = f.view(channelsCall { channelId: *id }).await;
+            assert_eq!(on_chain.totalClaimed, 2 * PRICE);
+            let mirrored = store.load(*id).await.expect("load").expect("record");
+            assert_eq!(mirrored.total_claimed, 2 * PRICE, "mirrored from the chain");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn shutdown_waits_for_the_round_in_flight() {
+        let Some((mut f, settler, store, engine)) = setup("manager_shutdown").await else {
+            return;
+        };
+        let settler = settler.with_replace_after(None);
+        let ids = open(&mut f, &engine, 40, 1, 3, now()).await;
+        let manager =
+            ChannelManager::builder(settler, store.clone(), KeyAuthorizer(f.authorizer.clone()))
+                .claim_threshold(PRICE)
+                .settle(false)
+                .interval(Duration::from_secs(3600))
+                .build();
+        f.chain.set_automine(false).await;
+        let handle = manager.spawn();
+        until("the claim in the pool", async || {
+            f.chain.pool().await.len() == 1
+        })
+        .await;
+        let done = Arc::new(AtomicUsize::new(0));
+        let stopping = tokio::spawn({
+            let done = done.clone();
+            async move {
+                let rounds = handle.shutdown().await.expect("no panic");
+                done.store(1, Ordering::SeqCst);
+                rounds
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            0,
+            "shutdown waits while the claim is unmined"
+        );
+        f.chain.mine().await;
+        let rounds = tokio::time::timeout(WAIT, stopping)
+            .await
+            .expect("stopped")
+            .expect("no panic");
+        assert_eq!(rounds, 1, "stopped after the round in flight");
+        let mirrored = store.load(ids[0]).await.expect("load").expect("record");
+        assert_eq!(
+            mirrored.total_claimed,
+            3 * PRICE,
+            "the round finished its bookkeeping before shutdown returned"
+        );
+        f.chain.set_automine(true).await;
+    }
+
+    // ---- EIP-1271 vouchers ---------------------------------------------------------------
+
+    sol! {
+        function deploy(address owner, bytes32 salt) external returns (address wallet);
+        function walletAddress(address owner, bytes32 salt) external view returns (address);
+    }
+
+    const FACTORY: Address =
+        alloy_primitives::address!("0x000000000000000000000000000000000000FAC7");
+    const FACTORY_HEX: &str = include_str!("chain/contracts/TestWalletFactory.runtime.hex");
+
+    /// A smart-wallet payer (`TestWallet`, ERC-1271, owned by `owner`) with a funded channel
+    /// whose `payerAuthorizer` is zero, the deposit sent straight to the escrow (the deposit's
+    /// authorization is checked by the token through ERC-1271), and the server's record of it.
+    async fn wallet_channel(
+        test: &str,
+    ) -> Option<(
+        Fixture,
+        OnchainSettler,
+        Arc<MemoryChannelStore>,
+        PrivateKeySigner,
+    )> {
+        let (mut f, settler, store, _) = setup(test).await?;
+        let owner = signer(chain::PAYER4_KEY);
+        f.chain.set_code(FACTORY, FACTORY_HEX).await;
+        let salt = B256::repeat_byte(0x12);
+        f.chain
+            .send_as(
+                chain::FUNDED[0],
+                FACTORY,
+                deployCall {
+                    owner: owner.address(),
+                    salt,
+                }
+                .abi_encode()
+                .into(),
+            )
+            .await;
+        let out = f
+            .chain
+            .call_as(
+                Address::ZERO,
+                FACTORY,
+                walletAddressCall {
+                    owner: owner.address(),
+                    salt,
+                }
+                .abi_encode()
+                .into(),
+            )
+            .await
+            .expect("walletAddress");
+        let wallet = walletAddressCall::abi_decode_returns(&out).expect("address");
+        f.chain.mint(wallet, U256::from(DEPOSIT)).await;
+        f.config.payer = wallet;
+        f.config.payer_authorizer = Address::ZERO;
+        f.config.salt = B256::repeat_byte(0x50);
+        f.id = channel::channel_id(CHAIN_ID, &f.config);
+        // The deposit's EIP-3009 authorization, signed by the wallet's owner.
+        let payer = std::mem::replace(&mut f.payer, owner.clone());
+        let deposit = f.deposit_call(DEPOSIT, B256::repeat_byte(0x51));
+        f.chain.send_as(RELAYER, BATCH_SETTLEMENT, deposit).await;
+        f.payer = payer;
+        let on_chain = f.view(channelsCall { channelId: f.id }).await;
+        assert_eq!(on_chain.balance, DEPOSIT, "the wallet's deposit landed");
+        let state = ChannelState {
+            config: f.config.clone(),
+            charged_cumulative: 0,
+            signed_max_claimable: 0,
+            signature: Bytes::new(),
+            balance: DEPOSIT,
+            total_claimed: 0,
+            withdraw_requested_at: 0,
+            refund_nonce: U256::ZERO,
+            onchain_synced_at: now(),
+            last_request_at: now(),
+        };
+        assert!(store.commit(f.id, None, state).await.expect("commit"));
+        Some((f, settler, store, owner))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn eip1271_vouchers_are_checked_through_the_chain_after_every_in_process_check() {
+        let Some((f, settler, store, owner)) = wallet_channel("manager_eip1271_vouchers").await
+        else {
+            return;
+        };
+        let terms = terms(&f);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let handler = |runs: Arc<AtomicUsize>| {
+            move |_| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::convert::Infallible>(((), PRICE))
+            }
+        };
+        let voucher_by = |key: &PrivateKeySigner, ceiling: u128| {
+            let raw = f.voucher_json(key, ceiling).to_string();
+            tower_x402::channel::verify::parse_raw(&raw).expect("payload")
+        };
+        let refused = |e: PayError<std::convert::Infallible>| match e {
+            PayError::Refused { error, .. } => error,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+
+        // Without a checker: refused (no RPC), handler not run.
+        let plain = Channels::new(store.clone(), settler.clone());
+        let good = voucher_by(&owner, PRICE);
+        let e = plain
+            .pay(&terms, &good, now(), handler(runs.clone()))
+            .await
+            .expect_err("no checker");
+        assert_eq!(refused(e), BatchError::VoucherSignature);
+
+        let checked =
+            Channels::new(store.clone(), settler.clone()).with_contract_signatures(settler.clone());
+        // Signed by another key: the wallet says no; the spec's reason, handler not run.
+        let wrong = voucher_by(&f.payer, PRICE);
+        let e = checked
+            .pay(&terms, &wrong, now(), handler(runs.clone()))
+            .await
+            .expect_err("wrong signer");
+        let e = refused(e);
+        assert_eq!(e, BatchError::VoucherSignature);
+        assert_eq!(e.code(), "invalid_batch_settlement_evm_voucher_signature");
+        // An in-process check fails first: no chain call needed (wrong channel id).
+        let mut bad = voucher_by(&owner, PRICE);
+        if let tower_x402::proto::batch::BatchEvmPayload::Voucher { voucher, .. } = &mut bad {
+            voucher.channel_id = B256::repeat_byte(9);
+        }
+        let e = checked
+            .pay(&terms, &bad, now(), handler(runs.clone()))
+            .await
+            .expect_err("wrong id");
+        assert_eq!(refused(e), BatchError::ChannelIdMismatch);
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            0,
+            "no handler run on a refusal"
+        );
+
+        // The chain cannot answer: unavailable (503 + Retry-After on the layer), not refused.
+        let proxy = RpcProxy::start(f.chain.url()).await;
+        let through = self::settler(proxy.url())
+            .await
+            .with_rpc_timeout(Duration::from_millis(500));
+        proxy.cut();
+        let outage =
+            Channels::new(store.clone(), settler.clone()).with_contract_signatures(through);
+        let e = outage
+            .pay(&terms, &good, now(), handler(runs.clone()))
+            .await
+            .expect_err("no chain");
+        assert!(matches!(e, PayError::Escrow(_)), "{e:?}");
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+        // Signed by the wallet's owner: accepted, one handler run.
+        let paid = checked
+            .pay(&terms, &good, now(), handler(runs.clone()))
+            .await
+            .expect("accepted");
+        assert_eq!(paid.charged, PRICE);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+        // The escrow takes the wallet's voucher too: the manager claims it.
+        let manager = ChannelManager::builder(
+            settler.clone(),
+            store.clone(),
+            KeyAuthorizer(f.authorizer.clone()),
+        )
+        .claim_threshold(PRICE)
+        .build();
+        let report = manager.run_once().await.expect("round");
+        assert_eq!((report.claimed, report.failures), (1, 0), "{report:?}");
+        let on_chain = f.view(channelsCall { channelId: f.id }).await;
+        assert_eq!(on_chain.totalClaimed, PRICE);
+    }
+
+    /// The `PAYMENT-REQUIRED` header's JSON.
+    fn required(res: &http::Response<axum::body::Body>) -> serde_json::Value {
+        use base64::Engine;
+        let raw = res
+            .headers()
+            .get("payment-required")
+            .expect("PAYMENT-REQUIRED");
+        let json = base64::engine::general_purpose::STANDARD
+            .decode(raw.as_bytes())
+            .expect("base64");
+        serde_json::from_slice(&json).expect("json")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn over_http_an_eip1271_voucher_is_served_a_wrong_one_refused_and_an_outage_is_503() {
+        use tower::ServiceExt;
+        use tower_x402::channel::AssetTransferMethod;
+        use tower_x402::{Asset, PaymentLayer, PaymentOption};
+
+        let Some((f, settler, store, owner)) = wallet_channel("manager_eip1271_http").await else {
+            return;
+        };
+        // The checker reaches the chain through a proxy the test cuts.
+        let proxy = RpcProxy::start(f.chain.url()).await;
+        let checker = self::settler(proxy.url())
+            .await
+            .with_rpc_timeout(Duration::from_millis(500));
+        let option = PaymentOption::batch_settlement(
+            &Asset::usdc_base_sepolia(),
+            U256::from(PRICE),
+            PAY_TO,
+            f.authorizer.address(),
+            900,
+            AssetTransferMethod::Eip3009,
+        )
+        .expect("option");
+        let layer = PaymentLayer::builder()
+            .accept(option)
+            .channels(
+                Channels::new(store.clone(), settler.clone()).with_contract_signatures(checker),
+            )
+            .build()
+            .expect("layer");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let app = axum::Router::new()
+            .route(
+                "/paid",
+                axum::routing::get(move || {
+                    let runs = counted.clone();
+                    async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        "paid"
+                    }
+                }),
+            )
+            .layer(layer);
+        let get = |header: Option<http::HeaderValue>| {
+            let mut req = http::Request::get("/paid");
+            if let Some(h) = header {
+                req = req.header("payment-signature", h);
+            }
+            app.clone()
+                .oneshot(req.body(axum::body::Body::empty()).expect("request"))
+        };
+        let challenge = get(None).await.expect("infallible");
+        assert_eq!(challenge.status(), http::StatusCode::PAYMENT_REQUIRED);
+        // Bound challenges: echo the 402's requirement, as the official client does.
+        let accepted = required(&challenge)["accepts"][0].clone();
+        let voucher = |key: &PrivateKeySigner| {
+            tower_x402::test_util::encode(&serde_json::json!({
+                "x402Version": 2, "accepted": accepted, "payload": f.voucher_json(key, PRICE),
+            }))
+        };
+
+        let wrong = get(Some(voucher(&f.payer))).await.expect("infallible");
+        assert_eq!(wrong.status(), http::StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(
+            required(&wrong)["error"],
+            serde_json::json!("invalid_batch_settlement_evm_voucher_signature")
+        );
+        assert!(wrong.headers().get("payment-response").is_none());
+
+        proxy.cut();
+        let outage = get(Some(voucher(&owner))).await.expect("infallible");
+        assert_eq!(outage.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(outage.headers().contains_key("retry-after"), "Retry-After");
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "no handler run");
+
+        proxy.restore();
+        let paid = get(Some(voucher(&owner))).await.expect("infallible");
+        assert_eq!(paid.status(), http::StatusCode::OK);
+        assert!(paid.headers().contains_key("payment-response"), "a receipt");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "one handler run");
+        let record = store.load(f.id).await.expect("load").expect("record");
+        assert_eq!(record.charged_cumulative, PRICE);
+    }
+
+    /// `examples/channel_manager.rs`, the cron-style command, runs one round over the channels
+    /// a server keeps in Redis: one claim transaction for all of them, one settle.
+    #[cfg(feature = "redis")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_cron_command_claims_and_settles_the_channels_kept_in_redis() {
+        use tower_x402::channel::redis::RedisChannelStore;
+
+        let Some(redis) = crate::redis_server::RedisServer::start("manager_cron_command") else {
+            return;
+        };
+        let Some((mut f, settler, _, _)) = setup("manager_cron_command").await else {
+            return;
+        };
+        let store = RedisChannelStore::connect(&redis.url())
+            .await
+            .expect("redis");
+        let engine = Channels::new(store.clone(), settler.clone());
+        let ids = open(&mut f, &engine, 60, 3, 2, now()).await;
+        let (txs, before) = (relayer_txs(&f.chain).await, f.chain.balance(PAY_TO).await);
+        let mut cmd = std::process::Command::new(chain::process::example_bin("channel_manager"));
+        cmd.args(["--rpc", f.chain.url(), "--redis", &redis.url()])
+            .args(["--threshold", &PRICE.to_string()])
+            .env("X402_RELAYER_KEY", chain::RELAYER_KEY)
+            .env("X402_RECEIVER_AUTHORIZER_KEY", AUTHORIZER_KEY);
+        let out =
+            tokio::task::spawn_blocking(move || chain::process::run(&mut cmd, WAIT, String::new))
+                .await
+                .expect("no panic");
+        assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("claimed: 3,"), "{}", out.stdout);
+        assert_eq!(
+            relayer_txs(&f.chain).await - txs,
+            2,
+            "one claim, one settle"
+        );
+        assert_eq!(
+            f.chain.balance(PAY_TO).await - before,
+            U256::from(3 * 2 * PRICE)
+        );
+        for id in &ids {
+            let on_chain = f.view(channelsCall { channelId: *id }).await;
+            assert_eq!(on_chain.totalClaimed, 2 * PRICE);
+            let mirrored = store.load(*id).await.expect("load").expect("record");
+            assert_eq!(mirrored.total_claimed, 2 * PRICE, "mirrored in Redis");
+        }
+    }
 }

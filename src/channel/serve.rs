@@ -108,7 +108,8 @@ pub enum PayError<E> {
     /// The receiver authorizer could not sign.
     #[error("the receiver authorizer could not sign")]
     Authorizer(crate::store::BoxError),
-    /// The deposit did not land: the handler did not run.
+    /// The deposit did not land, or the chain could not judge an EIP-1271 voucher: the
+    /// handler did not run.
     #[error(transparent)]
     Escrow(EscrowError),
     /// The store failed.
@@ -149,6 +150,7 @@ pub struct Channels<S, X> {
     escrow: X,
     lease_seconds: u64,
     authorizer: Option<std::sync::Arc<dyn ReceiverAuthorizer>>,
+    contracts: Option<std::sync::Arc<dyn crate::verify::wallet::ContractSignatures>>,
 }
 
 impl<S: std::fmt::Debug, X: std::fmt::Debug> std::fmt::Debug for Channels<S, X> {
@@ -170,7 +172,38 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
             escrow,
             lease_seconds: 60,
             authorizer: None,
+            contracts: None,
         }
+    }
+
+    /// Checks vouchers of channels whose `payerAuthorizer` is zero with the payer's contract
+    /// through the chain (EIP-1271), e.g. with an `OnchainSettler`; see
+    /// [`verify::authenticate_with_contracts`]. Without it they are refused.
+    pub fn with_contract_signatures(
+        mut self,
+        checker: impl crate::verify::wallet::ContractSignatures,
+    ) -> Self {
+        self.contracts = Some(std::sync::Arc::new(checker));
+        self
+    }
+
+    /// [`verify::authenticate_with_contracts`] with this engine's checker.
+    async fn authenticate<E>(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+        now: u64,
+    ) -> Result<verify::Authentic, PayError<E>> {
+        verify::authenticate_with_contracts(terms, payload, now, self.contracts.as_deref())
+            .await
+            .map_err(|e| match e {
+                verify::ContractAuthError::Refused(error) => {
+                    PayError::Refused { error, state: None }
+                }
+                verify::ContractAuthError::Unavailable(e) => {
+                    PayError::Escrow(EscrowError(e.into()))
+                }
+            })
     }
 
     /// The server's receiver authorizer key: signs the claim and the refund of a
@@ -212,7 +245,7 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         if matches!(payload, BatchEvmPayload::Refund { .. }) {
             return Err(PayError::RefundUnsupported);
         }
-        let authentic = verify::authenticate(terms, payload, now).map_err(|e| refused(e, None))?;
+        let authentic = self.authenticate(terms, payload, now).await?;
         let channel = payload.voucher().channel_id;
         let lease = self
             .store
@@ -247,7 +280,7 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         let (BatchEvmPayload::Refund { .. }, Some(authorizer)) = (payload, &self.authorizer) else {
             return Err(PayError::RefundUnsupported);
         };
-        let authentic = verify::authenticate(terms, payload, now).map_err(refused)?;
+        let authentic = self.authenticate(terms, payload, now).await?;
         let channel = payload.voucher().channel_id;
         let lease = self
             .store

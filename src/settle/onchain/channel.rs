@@ -12,19 +12,18 @@ use std::future::IntoFuture;
 use alloy_network::{ReceiptResponse, TransactionBuilder};
 use alloy_primitives::{B256, U256, aliases::U40};
 use alloy_provider::Provider;
-use alloy_rpc_types_eth::{BlockId, TransactionRequest};
+use alloy_rpc_types_eth::{BlockId, BlockNumberOrTag, TransactionRequest};
 use alloy_sol_types::{SolCall, SolValue, sol};
 use async_trait::async_trait;
 
 use super::relayer::with_timeout;
 use super::{OnchainSettler, Sent, Submit};
-use crate::alert::{Alert, alert};
 use crate::channel::serve::{Escrow, EscrowError, Mirror};
 use crate::channel::store::ChannelStore;
 use crate::channel::verify::BatchError;
 use crate::channel::{
     BATCH_SETTLEMENT, ChannelClaim, ERC3009_DEPOSIT_COLLECTOR, PERMIT2_DEPOSIT_COLLECTOR,
-    ReceiverAuthorizer, claim_digest,
+    ReceiverAuthorizer,
 };
 use crate::proto::batch::{ChannelConfig, Deposit};
 
@@ -160,16 +159,9 @@ impl OnchainSettler {
         to: alloy_primitives::Address,
         input: Vec<u8>,
     ) -> Result<alloy_primitives::Bytes, EscrowError> {
-        let read = TransactionRequest::default().with_to(to).with_input(input);
-        with_timeout(
-            self.config.rpc_timeout,
-            self.provider
-                .call(read)
-                .block(BlockId::latest())
-                .into_future(),
-        )
-        .await
-        .map_err(|f| EscrowError(f.into_settle_error().into()))
+        self.call_at(to, input)
+            .await
+            .map_err(|f| EscrowError(f.into_settle_error().into()))
     }
 
     /// A Permit2 deposit needs the payer's allowance to Permit2 on the token; without it the
@@ -242,7 +234,7 @@ impl OnchainSettler {
 
     /// Claims the latest vouchers of many channels in one `claimWithSignature` transaction,
     /// relayed by the relayer and authorized by `authorizer_signature` (the channels' common
-    /// receiver authorizer's signature of [`claim_digest`]). Claims are cumulative, so sending
+    /// receiver authorizer's signature of [`claim_digest`](crate::channel::claim_digest)). Claims are cumulative, so sending
     /// one again after an unknown outcome is harmless: rows already claimed are no-ops.
     /// Returns the transaction and the gas it used.
     pub async fn claim_channels(
@@ -250,6 +242,18 @@ impl OnchainSettler {
         claims: &[ChannelClaim],
         authorizer_signature: alloy_primitives::Bytes,
     ) -> Result<(B256, u64), EscrowError> {
+        self.claim_channels_tracked(claims, authorizer_signature)
+            .await
+            .map_err(|e| e.error)
+    }
+
+    /// [`claim_channels`](Self::claim_channels), telling a send whose outcome is unknown
+    /// (its hash) from one that surely did not go out.
+    pub(crate) async fn claim_channels_tracked(
+        &self,
+        claims: &[ChannelClaim],
+        authorizer_signature: alloy_primitives::Bytes,
+    ) -> Result<(B256, u64), EscrowSendError> {
         let call = claimWithSignatureCall {
             voucherClaims: claims
                 .iter()
@@ -265,7 +269,7 @@ impl OnchainSettler {
             authorizerSignature: authorizer_signature,
         };
         let calls = u64::try_from(claims.len()).unwrap_or(u64::MAX);
-        self.send_escrow(
+        self.send_escrow_tracked(
             call.abi_encode(),
             calls,
             Self::CHANNEL_CLAIM_GAS_PER_CHANNEL,
@@ -280,26 +284,31 @@ impl OnchainSettler {
         receiver: alloy_primitives::Address,
         token: alloy_primitives::Address,
     ) -> Result<Option<(B256, u64, u128)>, EscrowError> {
-        let read = TransactionRequest::default()
-            .with_to(BATCH_SETTLEMENT)
-            .with_input(receiversCall { receiver, token }.abi_encode());
-        let out = with_timeout(
-            self.config.rpc_timeout,
-            self.provider
-                .call(read)
-                .block(BlockId::latest())
-                .into_future(),
-        )
-        .await
-        .map_err(|f| EscrowError(f.into_settle_error().into()))?;
-        let totals = receiversCall::abi_decode_returns(&out)
-            .map_err(|_| escrow_error("receivers() returned malformed data"))?;
+        self.settle_channels_tracked(receiver, token)
+            .await
+            .map_err(|e| e.error)
+    }
+
+    /// [`settle_channels`](Self::settle_channels), with the hash of a send whose outcome is
+    /// unknown.
+    pub(crate) async fn settle_channels_tracked(
+        &self,
+        receiver: alloy_primitives::Address,
+        token: alloy_primitives::Address,
+    ) -> Result<Option<(B256, u64, u128)>, EscrowSendError> {
+        let out = self
+            .escrow_view(receiversCall { receiver, token }.abi_encode())
+            .await
+            .map_err(|f| EscrowSendError::not_sent(EscrowError(f.into_settle_error().into())))?;
+        let totals = receiversCall::abi_decode_returns(&out).map_err(|_| {
+            EscrowSendError::not_sent(escrow_error("receivers() returned malformed data"))
+        })?;
         let owed = totals.totalClaimed.saturating_sub(totals.totalSettled);
         if owed == 0 {
             return Ok(None);
         }
         let (hash, gas) = self
-            .send_escrow(settleCall { receiver, token }.abi_encode(), 1, 120_000)
+            .send_escrow_tracked(settleCall { receiver, token }.abi_encode(), 1, 120_000)
             .await?;
         Ok(Some((hash, gas, owed)))
     }
@@ -310,29 +319,105 @@ impl OnchainSettler {
         calls: u64,
         per_call: u64,
     ) -> Result<(B256, u64), EscrowError> {
+        self.send_escrow_tracked(input, calls, per_call)
+            .await
+            .map_err(|e| e.error)
+    }
+
+    async fn send_escrow_tracked(
+        &self,
+        input: Vec<u8>,
+        calls: u64,
+        per_call: u64,
+    ) -> Result<(B256, u64), EscrowSendError> {
         let chain_id = self
             .chain_id()
             .await
-            .map_err(|f| EscrowError(f.into_settle_error().into()))?;
+            .map_err(|f| EscrowSendError::not_sent(EscrowError(f.into_settle_error().into())))?;
         let tx = TransactionRequest::default()
             .with_to(BATCH_SETTLEMENT)
             .with_input(input)
             .with_chain_id(chain_id);
         // `submit` uses the per-call limit as is for one call: give a lone claim its own.
+        let sent = |hash, error| EscrowSendError {
+            sent: Some(hash),
+            error,
+        };
         match self.submit(tx, calls.max(2), per_call, None).await {
             Ok(Sent::Mined(receipt)) if receipt.status() => {
                 Ok((receipt.transaction_hash(), receipt.gas_used()))
             }
-            Ok(Sent::Mined(_)) => Err(escrow_error("the escrow transaction reverted")),
-            Ok(Sent::Unconfirmed(_)) => {
-                Err(escrow_error("the escrow transaction was not confirmed"))
-            }
+            // Mined and reverted: final, nothing to reconcile.
+            Ok(Sent::Mined(_)) => Err(EscrowSendError::not_sent(escrow_error(
+                "the escrow transaction reverted",
+            ))),
+            Ok(Sent::Unconfirmed(hash)) => Err(sent(
+                hash,
+                escrow_error("the escrow transaction was not confirmed"),
+            )),
             // Claims are cumulative: a rolled-back claim is sent again by the next round.
-            Ok(Sent::RolledBack(r)) => Err(EscrowError(Box::new(r))),
-            Err(Submit::NotSent(f)) => Err(EscrowError(f.into_settle_error().into())),
-            Err(Submit::Unknown { source, .. }) => Err(EscrowError(source)),
+            Ok(Sent::RolledBack(r)) => Err(sent(r.transaction, EscrowError(Box::new(r)))),
+            Err(Submit::NotSent(f)) => Err(EscrowSendError::not_sent(EscrowError(
+                f.into_settle_error().into(),
+            ))),
+            Err(Submit::Unknown { hash, source }) => Err(sent(hash, EscrowError(source))),
         }
     }
+
+    /// Where an escrow transaction of ours stands: mined (and whether it succeeded, its gas),
+    /// waiting in the node's pool, or unknown to the node.
+    pub(crate) async fn escrow_transaction(&self, hash: B256) -> Result<TxState, EscrowError> {
+        let limit = self.config.rpc_timeout;
+        let rpc = |f: super::Failure| EscrowError(f.into_settle_error().into());
+        let receipt = with_timeout(limit, self.provider.get_transaction_receipt(hash))
+            .await
+            .map_err(rpc)?;
+        if let Some(r) = receipt.filter(|r| r.block_number().is_some()) {
+            return Ok(TxState::Mined {
+                success: r.status(),
+                gas_used: r.gas_used(),
+            });
+        }
+        let known = with_timeout(limit, self.provider.get_transaction_by_hash(hash))
+            .await
+            .map_err(rpc)?;
+        Ok(if known.is_some() {
+            TxState::Pending
+        } else {
+            TxState::Unknown
+        })
+    }
+}
+
+/// An escrow transaction that did not end mined and successful.
+#[derive(Debug)]
+pub(crate) struct EscrowSendError {
+    /// The hash of a transaction that may have gone out (`None`: surely nothing is pending).
+    pub(crate) sent: Option<B256>,
+    /// Why.
+    pub(crate) error: EscrowError,
+}
+
+impl EscrowSendError {
+    fn not_sent(error: EscrowError) -> Self {
+        Self { sent: None, error }
+    }
+}
+
+/// Where a transaction stands ([`OnchainSettler::escrow_transaction`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TxState {
+    /// In a block.
+    Mined {
+        /// Its status.
+        success: bool,
+        /// Gas it used.
+        gas_used: u64,
+    },
+    /// In the node's pool: it may still be mined.
+    Pending,
+    /// The node does not know it: it will not be mined (unless rebroadcast by someone).
+    Unknown,
 }
 
 /// A channel's escrow state, as the chain has it now.
@@ -362,20 +447,46 @@ pub struct WatchReport {
 }
 
 impl OnchainSettler {
+    /// An `eth_call` of the escrow at the latest block, within the RPC timeout.
+    async fn escrow_view(&self, input: Vec<u8>) -> Result<alloy_primitives::Bytes, super::Failure> {
+        self.call_at(BATCH_SETTLEMENT, input).await
+    }
+
+    /// An `eth_call` to `to` at the latest block, within the RPC timeout.
+    async fn call_at(
+        &self,
+        to: alloy_primitives::Address,
+        input: Vec<u8>,
+    ) -> Result<alloy_primitives::Bytes, super::Failure> {
+        let read = TransactionRequest::default().with_to(to).with_input(input);
+        with_timeout(
+            self.config.rpc_timeout,
+            self.provider
+                .call(read)
+                .block(BlockId::latest())
+                .into_future(),
+        )
+        .await
+    }
+
+    /// The latest block's timestamp: the time `finalizeWithdraw` is judged by.
+    pub(crate) async fn chain_time(&self) -> Result<u64, EscrowError> {
+        let block = with_timeout(
+            self.config.rpc_timeout,
+            self.provider
+                .get_block_by_number(BlockNumberOrTag::Latest)
+                .into_future(),
+        )
+        .await
+        .map_err(|f| EscrowError(f.into_settle_error().into()))?;
+        block
+            .map(|b| b.header.timestamp)
+            .ok_or_else(|| escrow_error("the node has no latest block"))
+    }
+
     /// Reads a channel's escrow state (`channels`, `pendingWithdrawals`, `refundNonce`).
     pub async fn read_channel(&self, channel: B256) -> Result<OnchainChannel, EscrowError> {
-        let view = |input: Vec<u8>| {
-            let read = TransactionRequest::default()
-                .with_to(BATCH_SETTLEMENT)
-                .with_input(input);
-            with_timeout(
-                self.config.rpc_timeout,
-                self.provider
-                    .call(read)
-                    .block(BlockId::latest())
-                    .into_future(),
-            )
-        };
+        let view = |input: Vec<u8>| self.escrow_view(input);
         let (c, w, n) = tokio::join!(
             view(channelsCall { channelId: channel }.abi_encode()),
             view(pendingWithdrawalsCall { channelId: channel }.abi_encode()),
@@ -402,6 +513,8 @@ impl OnchainSettler {
     /// shortest `withdrawDelay`, or once from a cron-style command. A channel whose record
     /// changes meanwhile is left for the next round (compare-and-set); claims are cumulative,
     /// so a round repeated after an unknown outcome claims nothing twice.
+    /// [`ChannelManager`](super::ChannelManager) runs such rounds on an interval, with
+    /// refunds, settles, metrics and reconciliation of unknown outcomes across rounds.
     pub async fn watch_channels<S: ChannelStore>(
         &self,
         store: &S,
@@ -409,64 +522,28 @@ impl OnchainSettler {
         now: u64,
         threshold: u128,
     ) -> Result<WatchReport, EscrowError> {
-        let store_error = |e: crate::store::StoreError| EscrowError(Box::new(e));
-        let mut report = WatchReport::default();
-        let mut due = Vec::new();
-        for id in store.list().await.map_err(store_error)? {
-            let Some(mut state) = store.load(id).await.map_err(store_error)? else {
-                continue;
-            };
-            let chain = self.read_channel(id).await?;
-            let expected = state.charged_cumulative;
-            state.balance = chain.balance;
-            state.total_claimed = chain.total_claimed;
-            state.withdraw_requested_at = chain.withdraw_requested_at;
-            state.refund_nonce = chain.refund_nonce;
-            state.onchain_synced_at = now;
-            if !store
-                .commit(id, Some(expected), state.clone())
-                .await
-                .map_err(store_error)?
-            {
-                continue;
-            }
-            report.refreshed += 1;
-            if state.withdraw_requested_at != 0 {
-                report.withdrawing += 1;
-            }
-            let pressing =
-                state.withdraw_requested_at != 0 || state.unclaimed() >= threshold.max(1);
-            if let Some(claim) = ChannelClaim::of(&state).filter(|_| pressing) {
-                due.push((id, claim));
-            }
+        let policy = super::channel_manager::Policy {
+            threshold: threshold.max(1),
+            settle: false,
+            max_per_transaction: usize::MAX,
+            ..Default::default()
+        };
+        let mut pending = Vec::new();
+        let r =
+            super::channel_manager::round(self, store, authorizer, now, &policy, &mut pending, 60)
+                .await?;
+        // One call, nothing carried to a next round: a failed step fails the call (the
+        // alert names it).
+        if r.failures > 0 {
+            return Err(escrow_error(
+                "a step of the channel round failed (see the alerts)",
+            ));
         }
-        if due.is_empty() {
-            return Ok(report);
-        }
-        let claims: Vec<ChannelClaim> = due.iter().map(|(_, c)| c.clone()).collect();
-        let chain_id = self
-            .chain_id()
-            .await
-            .map_err(|f| EscrowError(f.into_settle_error().into()))?;
-        let signature = authorizer
-            .sign_digest(claim_digest(chain_id, &claims))
-            .map_err(EscrowError)?;
-        report.transaction = Some(self.claim_channels(&claims, signature).await?);
-        report.claimed = claims.len();
-        // Mirror the new claimed totals (a record that moved is refreshed next round).
-        for (id, claim) in due {
-            if let Some(mut state) = store.load(id).await.map_err(store_error)? {
-                let expected = state.charged_cumulative;
-                state.total_claimed = state.total_claimed.max(claim.total_claimed);
-                if let Err(e) = store.commit(id, Some(expected), state).await {
-                    alert!(
-                        Alert::ChannelState,
-                        cause = &e,
-                        "a claimed total was not mirrored: the next round reads it from the chain"
-                    );
-                }
-            }
-        }
-        Ok(report)
+        Ok(WatchReport {
+            refreshed: r.refreshed,
+            withdrawing: r.withdrawing,
+            claimed: r.claimed,
+            transaction: r.claim_transactions.first().copied(),
+        })
     }
 }

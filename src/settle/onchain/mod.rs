@@ -164,6 +164,11 @@ mod batch;
 mod channel;
 pub use crate::channel::{ChannelClaim, ReceiverAuthorizer, claim_digest};
 pub use channel::{OnchainChannel, WatchReport};
+// The channel manager (issue #19 item 5): rounds of claims, refunds, settles.
+mod channel_manager;
+#[cfg(feature = "channel-manager")]
+pub use channel_manager::ChannelManagerHandle;
+pub use channel_manager::{ChannelManager, ChannelManagerBuilder, RoundReport};
 mod relayer;
 mod revert;
 mod stats;
