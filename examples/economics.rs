@@ -1062,7 +1062,7 @@ fn curves(
         let label = match *key {
             "after" => "exact, one transfer per call".to_owned(),
             "prepaid" => format!("prepaid bundle of {bundle} calls"),
-            _ => row.mode.clone(),
+            _ => row.mode.replacen("Deferred", "deferred", 1),
         };
         let cost: Box<dyn Fn(u64) -> f64> = if *key == "prepaid" {
             let total = per_call * row.payments as f64;
@@ -1159,7 +1159,7 @@ fn write_chart(
             svg,
             r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{BOTTOM}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
             BOTTOM + 18.0,
-            [1, 10, 100, 1_000, 10_000][d as usize]
+            ["1", "10", "100", "1,000", "10,000"][d as usize]
         )?;
     }
     let mut e = lo as i32;
@@ -1196,12 +1196,6 @@ fn write_chart(
         (TOP + BOTTOM) / 2.0,
         (TOP + BOTTOM) / 2.0
     )?;
-    // The price line.
-    let y = py(price_usd);
-    writeln!(
-        svg,
-        r##"<line x1="{LEFT}" y1="{y:.1}" x2="{RIGHT}" y2="{y:.1}" stroke="#000" stroke-width="2" stroke-dasharray="2,4"/>"##
-    )?;
     let mut legend = vec![(
         format!("price per call (${price_usd})"),
         "#000",
@@ -1221,6 +1215,12 @@ fn write_chart(
         )?;
         legend.push((c.label.clone(), c.colour, dash.to_owned()));
     }
+    // The price line, over the curves (a mode at the price would hide it).
+    let y = py(price_usd);
+    writeln!(
+        svg,
+        r##"<line x1="{LEFT}" y1="{y:.1}" x2="{RIGHT}" y2="{y:.1}" stroke="#000" stroke-width="2" stroke-dasharray="2,4"/>"##
+    )?;
     for (i, (label, colour, dash)) in legend.iter().enumerate() {
         let y = TOP + 14.0 + 24.0 * i as f64;
         writeln!(
