@@ -32,6 +32,23 @@
 //!   for busier blocks) and $2500 per ETH (the reference price of that page). Only the L2
 //!   execution gas is measured: on Base an L1 data fee comes on top, per byte of calldata.
 //!
+//! Payment channels (`batch-settlement`, issue #19; `--modes channels` alone): real
+//! transactions through the relayer into the escrow (`OnchainSettler` as the channel
+//! `Escrow`, `claim_channels`, `settle_channels`): for 10, 100, 1,000 and 10,000 calls per
+//! deposit and claims batched over 1 and 32 channels, each channel gets one EIP-3009 deposit
+//! of exactly its calls' worth, one claim of its last cumulative voucher (the vouchers before
+//! it cost no gas) and its share of one `settle`; the table gives deposit, claim and settle
+//! gas per channel from the receipts, gas and $ per call, the share of the price and which
+//! step dominates. A first unmeasured round fills the escrow and the receiver's claim record
+//! (zero-to-nonzero storage, once per deployment), so the rows are the steady state. Locally
+//! the payer needs ~$370 of the test token (minted); with `--rpc-url`, as much test USDC.
+//!
+//! A full run (no `--modes`) also draws `docs/economics.svg` (`--svg PATH` elsewhere, also
+//! with `--modes`): on-chain cost per call against calls per payer (1 to 10,000, log scales)
+//! for each measured mode and the channels, with the price line. One-by-one modes are flat;
+//! a prepaid bundle costs its payment over the calls used of each bundle bought; a channel
+//! its deposit + claim + settle over the calls of its one deposit.
+//!
 //! With `svm-settle` and `svm-client` (`--all-features`), a last table gives the Solana row
 //! (`--modes svm` alone): `--payments` payments by our `PayingLayer` to a route settled by
 //! `SvmSettler` on the local litesvm chain of the tests (`tests/svm/chain.mjs`): the fee per
