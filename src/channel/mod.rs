@@ -143,6 +143,8 @@ pub fn domain(chain_id: u64) -> Eip712Domain {
 
 /// The config as the escrow's `ChannelConfig` struct (`withdrawDelay` is a `uint40`: larger
 /// values are cut to 40 bits, which gives another id, never a collision with a valid config).
+/// The reference [`channel_id`] is checked against (it hashes the same words directly).
+#[cfg(test)]
 pub(crate) fn sol_config(config: &ChannelConfig) -> eip712::ChannelConfig {
     eip712::ChannelConfig {
         payer: config.payer,
