@@ -32,6 +32,23 @@
 //!   for busier blocks) and $2500 per ETH (the reference price of that page). Only the L2
 //!   execution gas is measured: on Base an L1 data fee comes on top, per byte of calldata.
 //!
+//! Payment channels (`batch-settlement`, issue #19; `--modes channels` alone): real
+//! transactions through the relayer into the escrow (`OnchainSettler` as the channel
+//! `Escrow`, `claim_channels`, `settle_channels`): for 10, 100, 1,000 and 10,000 calls per
+//! deposit and claims batched over 1 and 32 channels, each channel gets one EIP-3009 deposit
+//! of exactly its calls' worth, one claim of its last cumulative voucher (the vouchers before
+//! it cost no gas) and its share of one `settle`; the table gives deposit, claim and settle
+//! gas per channel from the receipts, gas and $ per call, the share of the price and which
+//! step dominates. A first unmeasured round fills the escrow and the receiver's claim record
+//! (zero-to-nonzero storage, once per deployment), so the rows are the steady state. Locally
+//! the payer needs ~$370 of the test token (minted); with `--rpc-url`, as much test USDC.
+//!
+//! A full run (no `--modes`) also draws `docs/economics.svg` (`--svg PATH` elsewhere, also
+//! with `--modes`): on-chain cost per call against calls per payer (1 to 10,000, log scales)
+//! for each measured mode and the channels, with the price line. One-by-one modes are flat;
+//! a prepaid bundle costs its payment over the calls used of each bundle bought; a channel
+//! its deposit + claim + settle over the calls of its one deposit.
+//!
 //! With `svm-settle` and `svm-client` (`--all-features`), a last table gives the Solana row
 //! (`--modes svm` alone): `--payments` payments by our `PayingLayer` to a route settled by
 //! `SvmSettler` on the local litesvm chain of the tests (`tests/svm/chain.mjs`): the fee per
@@ -85,6 +102,9 @@ struct Args {
     bundle: u64,
     modes: Option<Vec<String>>,
     sol_usd: f64,
+    /// Where the chart goes: `--svg PATH`; by default docs/economics.svg on a full run
+    /// (all modes), nowhere with `--modes`.
+    svg: Option<String>,
 }
 
 fn parse_args() -> Result<Args, BoxError> {
@@ -109,6 +129,11 @@ fn parse_args() -> Result<Args, BoxError> {
         bundle: get("--bundle")?.map_or(Ok(100), str::parse)?,
         modes: get("--modes")?.map(|m| m.split(',').map(str::to_owned).collect()),
         sol_usd: get("--sol-usd")?.map_or(Ok(150.0), str::parse)?,
+        svg: match (get("--svg")?, get("--modes")?) {
+            (Some(path), _) => Some(path.to_owned()),
+            (None, Some(_)) => None,
+            (None, None) => Some(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/economics.svg").into()),
+        },
     })
 }
 
@@ -587,6 +612,7 @@ async fn main() -> Result<(), BoxError> {
         println!();
     }
     let mut rows = Vec::new();
+    let mut keys = Vec::new();
     let all = [
         "after",
         "before",
@@ -607,6 +633,7 @@ async fn main() -> Result<(), BoxError> {
         let row = run_mode(&env, &args, mode).await?;
         eprintln!("{}: done", row.mode);
         rows.push(row);
+        keys.push(mode);
     }
 
     let usd_per_gas = args.gas_price_gwei * 1e-9 * args.eth_usd;
@@ -647,6 +674,28 @@ async fn main() -> Result<(), BoxError> {
         "\ngas price {} gwei, ETH ${}: 1 gas = ${:.3e}. Break-even price: the price at which the settlement gas eats the whole payment (L2 execution gas only; Base adds an L1 data fee).",
         args.gas_price_gwei, args.eth_usd, usd_per_gas
     );
+    let channels = if args
+        .modes
+        .as_ref()
+        .is_none_or(|m| m.iter().any(|x| x == "channels"))
+    {
+        let rows = channel_rows(&env).await?;
+        print_channel_rows(&rows, usd_per_gas, args.price_usd, single);
+        rows
+    } else {
+        Vec::new()
+    };
+    if let Some(path) = &args.svg {
+        let curves = curves(&keys, &rows, &channels, usd_per_gas, args.bundle);
+        write_chart(
+            path,
+            &curves,
+            args.price_usd,
+            args.gas_price_gwei,
+            args.eth_usd,
+        )?;
+        println!("\nchart: {path}");
+    }
     #[cfg(all(feature = "svm-settle", feature = "svm-client"))]
     if args
         .modes
@@ -764,5 +813,444 @@ async fn svm_row(args: &Args) -> Result<(), BoxError> {
         "\nSOL ${}: fee = the fee payer's lamports spent (5,000 per signature, two signatures, plus the 20,000 CU x 1 micro-lamport priority fee). The paid request includes the client's two RPC reads (blockhash; the mint once) and the server's simulation.",
         args.sol_usd
     );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Payment channels (`batch-settlement`, issue #19): deposit, claim and settle gas, measured.
+
+/// Calls per deposit of the channel rows.
+const CHANNEL_CALLS: [u64; 4] = [10, 100, 1_000, 10_000];
+/// Channels per claim transaction.
+const CHANNEL_BATCHES: [usize; 2] = [1, 32];
+
+/// One channel row: `channels` channels, each funded for `calls` calls by one deposit,
+/// claimed together in one `claimWithSignature` and swept by one `settle`.
+struct ChannelRow {
+    calls: u64,
+    channels: usize,
+    /// Mean gas of one deposit (EIP-3009 `receiveWithAuthorization` into the escrow through
+    /// the collector, plus the channel's storage).
+    deposit: u64,
+    /// The claim transaction's gas over its channels.
+    claim: u64,
+    /// The settle transaction's gas over the channels it sweeps.
+    settle: u64,
+}
+
+impl ChannelRow {
+    fn per_channel(&self) -> u64 {
+        self.deposit + self.claim + self.settle
+    }
+    fn gas_per_call(&self) -> f64 {
+        self.per_channel() as f64 / self.calls as f64
+    }
+}
+
+/// A receiver authorizer of the benchmark (a fresh key: it signs, it pays no gas).
+struct Authorizer(PrivateKeySigner);
+
+impl tower_x402::channel::ReceiverAuthorizer for Authorizer {
+    fn sign_digest(
+        &self,
+        digest: tower_x402::primitives::B256,
+    ) -> Result<tower_x402::primitives::Bytes, tower_x402::store::BoxError> {
+        use alloy_signer::SignerSync;
+        Ok(self.0.sign_hash_sync(&digest)?.as_bytes().to_vec().into())
+    }
+}
+
+/// The channel rows: for every calls-per-deposit and channels-per-claim pair, real
+/// transactions on the chain through the relayer (`OnchainSettler`): `channels` deposits of
+/// `calls` prices each (fresh channels), one claim of every channel's last voucher (cumulative
+/// `calls` prices: the vouchers before it are off-chain and cost no gas), one `settle` to the
+/// receiver. Gas from each transaction's receipt.
+async fn channel_rows(env: &Env) -> Result<Vec<ChannelRow>, BoxError> {
+    use alloy_provider::Provider as _;
+    use alloy_signer::SignerSync;
+    use tower_x402::channel::serve::Escrow as _;
+    use tower_x402::channel::{self, ChannelClaim, ReceiverAuthorizer as _};
+    use tower_x402::primitives::{B256, Bytes as ABytes};
+    use tower_x402::proto::batch::{
+        ChannelConfig, Deposit, DepositAuthorization, Erc3009Authorization,
+    };
+
+    let settler = OnchainSettler::connect(&env.rpc_url, env.relayer.clone()).await?;
+    let provider =
+        alloy_provider::RootProvider::<alloy_network::Ethereum>::connect(&env.rpc_url).await?;
+    let chain_id = provider.get_chain_id().await?;
+    let gas_of = async |hash: B256| -> Result<u64, BoxError> {
+        let receipt = provider
+            .get_transaction_receipt(hash)
+            .await?
+            .ok_or("no receipt")?;
+        Ok(alloy_network::ReceiptResponse::gas_used(&receipt))
+    };
+    let token = Asset::usdc_base_sepolia().address;
+    let price = u128::try_from(env.option.requirements().amount)?;
+    let authorizer = Authorizer(PrivateKeySigner::random());
+    // The payer least used by the other modes.
+    let payer = env.payers.last().ok_or("no payer")?;
+    let sign = |digest: B256| -> Result<ABytes, BoxError> {
+        Ok(payer.sign_hash_sync(&digest)?.as_bytes().to_vec().into())
+    };
+    let run = std::process::id() as u64;
+    let mut rows = Vec::new();
+    // A first round, not measured: the first deposit into an empty escrow and the receiver's
+    // first claim write zero-to-nonzero storage (about 17k gas more each), once in the life of
+    // a deployment. It leaves one price unclaimed in the escrow, so the measured rounds see
+    // the steady state of a shared escrow (its token balance never back to zero).
+    let rounds = std::iter::once((1, 2, true)).chain(
+        CHANNEL_BATCHES
+            .into_iter()
+            .flat_map(|b| CHANNEL_CALLS.into_iter().map(move |c| (b, c, false))),
+    );
+    for (channels, calls, warm_up) in rounds {
+        {
+            let amount = price * u128::from(calls);
+            let claimed = if warm_up { price } else { amount };
+            let mut claims = Vec::with_capacity(channels);
+            let mut deposit_gas = 0u64;
+            for i in 0..channels {
+                let salt = B256::from(U256::from_limbs([i as u64, calls, channels as u64, run]));
+                let config = ChannelConfig {
+                    payer: payer.address(),
+                    payer_authorizer: payer.address(),
+                    receiver: chain::PAY_TO,
+                    receiver_authorizer: authorizer.0.address(),
+                    token,
+                    withdraw_delay: 900,
+                    salt,
+                };
+                let id = channel::channel_id(chain_id, &config);
+                let valid_before = U256::from(now() + 3600);
+                let deposit_salt = B256::repeat_byte(0x5a);
+                let digest = channel::receive_authorization_digest(
+                    &channel::token_domain(chain_id, token, "USDC", "2"),
+                    payer.address(),
+                    U256::from(amount),
+                    U256::ZERO,
+                    valid_before,
+                    channel::deposit_nonce(id, deposit_salt),
+                );
+                let deposit = Deposit {
+                    amount: U256::from(amount),
+                    authorization: DepositAuthorization {
+                        erc3009_authorization: Some(Erc3009Authorization {
+                            valid_after: U256::ZERO,
+                            valid_before,
+                            salt: deposit_salt,
+                            signature: sign(digest)?,
+                        }),
+                        permit2_authorization: None,
+                    },
+                };
+                let mirror = settler
+                    .deposit(&config, id, &deposit)
+                    .await
+                    .map_err(|e| format!("deposit: {e}"))?;
+                if mirror.balance != amount {
+                    return Err(format!("deposit: balance {} != {amount}", mirror.balance).into());
+                }
+                deposit_gas += gas_of(mirror.transaction).await?;
+                // The last voucher of the channel: `calls` prices, cumulative.
+                let ceiling = channel::voucher_digest(chain_id, id, U256::from(claimed))
+                    .ok_or("voucher amount")?;
+                claims.push(ChannelClaim {
+                    config,
+                    max_claimable: claimed,
+                    signature: sign(ceiling)?,
+                    total_claimed: claimed,
+                });
+            }
+            let signature = authorizer
+                .sign_digest(channel::claim_digest(chain_id, &claims))
+                .map_err(|e| format!("authorizer: {e}"))?;
+            let (claim_tx, _) = settler
+                .claim_channels(&claims, signature)
+                .await
+                .map_err(|e| format!("claim: {e}"))?;
+            let claim_gas = gas_of(claim_tx).await?;
+            let (settle_tx, _, owed) = settler
+                .settle_channels(chain::PAY_TO, token)
+                .await
+                .map_err(|e| format!("settle: {e}"))?
+                .ok_or("settle: nothing to settle")?;
+            if owed != claimed * channels as u128 {
+                return Err(format!(
+                    "settle swept {owed}, expected {}",
+                    claimed * channels as u128
+                )
+                .into());
+            }
+            let settle_gas = gas_of(settle_tx).await?;
+            let n = channels as u64;
+            if !warm_up {
+                rows.push(ChannelRow {
+                    calls,
+                    channels,
+                    deposit: deposit_gas / n,
+                    claim: claim_gas / n,
+                    settle: settle_gas / n,
+                });
+            }
+        }
+    }
+    eprintln!("channels: done");
+    Ok(rows)
+}
+
+fn print_channel_rows(rows: &[ChannelRow], usd_per_gas: f64, price_usd: f64, exact: Option<u64>) {
+    println!(
+        "\n| calls per deposit | channels per claim | deposit gas / channel | claim gas / channel | settle gas / channel | gas / call | vs one exact tx | cost / call | share of ${price_usd} | dominant |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let per_call = r.gas_per_call();
+        let cost = per_call * usd_per_gas;
+        let dominant = [
+            ("deposit", r.deposit),
+            ("claim", r.claim),
+            ("settle", r.settle),
+        ]
+        .into_iter()
+        .max_by_key(|(_, g)| *g)
+        .map(|(what, g)| {
+            format!(
+                "{what} ({:.0} %)",
+                100.0 * g as f64 / r.per_channel().max(1) as f64
+            )
+        })
+        .unwrap_or_default();
+        let ratio = exact
+            .filter(|g| *g > 0)
+            .map(|g| format!("{:.2} %", 100.0 * per_call / g as f64))
+            .unwrap_or_default();
+        println!(
+            "| {} | {} | {} | {} | {} | {per_call:.1} | {ratio} | ${cost:.9} | {:.4} % | {dominant} |",
+            r.calls,
+            r.channels,
+            r.deposit,
+            r.claim,
+            r.settle,
+            100.0 * cost / price_usd,
+        );
+    }
+    println!(
+        "\nchannels: every deposit funds exactly its calls; the vouchers in between are off-chain (no gas); one claim per channel carries its last voucher, one settle sweeps every channel of the claim. Gas from the receipts of real transactions."
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// The chart: on-chain cost per call against calls per payer, every mode, hand-written SVG.
+
+/// One line of the chart: its label, colour and cost per call ($) at `n` calls per payer.
+struct Curve {
+    label: String,
+    colour: &'static str,
+    dashed: bool,
+    cost: Box<dyn Fn(u64) -> f64>,
+}
+
+/// The curves of the measured modes: one-by-one modes are flat (each call pays its own
+/// transaction); a prepaid bundle of `B` calls costs its one payment over the calls used of
+/// each bundle bought (`ceil(n / B)` bundles); a channel costs its deposit, claim and settle
+/// over the `n` calls of its one deposit.
+fn curves(
+    keys: &[&str],
+    rows: &[Row],
+    channels: &[ChannelRow],
+    usd_per_gas: f64,
+    bundle: u64,
+) -> Vec<Curve> {
+    let mut out = Vec::new();
+    for (key, row) in keys.iter().zip(rows) {
+        let Some(gas) = row.gas_per_payment else {
+            continue;
+        };
+        let per_call = gas as f64 * usd_per_gas;
+        let (colour, dashed) = match *key {
+            "after" => ("#d62728", false),
+            "deferred-batch" => ("#ff7f0e", false),
+            "upto" => ("#9467bd", false),
+            "prepaid" => ("#2ca02c", false),
+            _ => continue,
+        };
+        let label = match *key {
+            "after" => "exact, one transfer per call".to_owned(),
+            "prepaid" => format!("prepaid bundle of {bundle} calls"),
+            _ => row.mode.replacen("Deferred", "deferred", 1),
+        };
+        let cost: Box<dyn Fn(u64) -> f64> = if *key == "prepaid" {
+            let total = per_call * row.payments as f64;
+            Box::new(move |n| total * n.div_ceil(bundle) as f64 / n as f64)
+        } else {
+            Box::new(move |_| per_call)
+        };
+        out.push(Curve {
+            label,
+            colour,
+            dashed,
+            cost,
+        });
+    }
+    for (batch, colour, dashed) in [(1, "#1f77b4", true), (32, "#17becf", false)] {
+        let rows: Vec<&ChannelRow> = channels.iter().filter(|r| r.channels == batch).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        // Deposit, claim and settle do not depend on the amount: their mean over the rows.
+        let gas = rows.iter().map(|r| r.per_channel()).sum::<u64>() as f64 / rows.len() as f64;
+        let per_channel = gas * usd_per_gas;
+        out.push(Curve {
+            label: format!(
+                "channel, one deposit, claims of {batch} channel{}",
+                if batch == 1 { "" } else { "s" }
+            ),
+            colour,
+            dashed,
+            cost: Box::new(move |n| per_channel / n as f64),
+        });
+    }
+    out
+}
+
+/// Writes the chart: log x (calls per payer, 1 to 10,000), log y (on-chain $ per call), one
+/// polyline per curve, the price as a horizontal line, a legend.
+fn write_chart(
+    path: &str,
+    curves: &[Curve],
+    price_usd: f64,
+    gas_price_gwei: f64,
+    eth_usd: f64,
+) -> Result<(), BoxError> {
+    use std::fmt::Write as _;
+    const W: f64 = 960.0;
+    const H: f64 = 520.0;
+    const LEFT: f64 = 90.0;
+    const RIGHT: f64 = 600.0;
+    const TOP: f64 = 50.0;
+    const BOTTOM: f64 = 450.0;
+    const X_MAX: f64 = 4.0; // log10(10,000)
+    let xs: Vec<u64> = {
+        let mut v: Vec<u64> = (0..=160)
+            .map(|i| 10f64.powf(X_MAX * i as f64 / 160.0).round() as u64)
+            .collect();
+        v.dedup();
+        v
+    };
+    let mut lo = price_usd.log10();
+    let mut hi = lo;
+    for c in curves {
+        for &n in &xs {
+            let y = (c.cost)(n);
+            if y > 0.0 {
+                lo = lo.min(y.log10());
+                hi = hi.max(y.log10());
+            }
+        }
+    }
+    let (lo, hi) = (lo.floor(), hi.ceil().max(lo.floor() + 1.0));
+    let px = |n: f64| LEFT + (RIGHT - LEFT) * n.log10() / X_MAX;
+    let py = |y: f64| BOTTOM - (BOTTOM - TOP) * (y.log10() - lo) / (hi - lo);
+    let mut svg = String::new();
+    writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="Helvetica, Arial, sans-serif" font-size="13">"#
+    )?;
+    writeln!(svg, r#"<rect width="{W}" height="{H}" fill="white"/>"#)?;
+    writeln!(
+        svg,
+        r#"<text x="{}" y="24" font-size="16" text-anchor="middle" font-weight="bold">On-chain cost per call against calls per payer</text>"#,
+        (LEFT + RIGHT) / 2.0
+    )?;
+    writeln!(
+        svg,
+        r##"<text x="{}" y="40" font-size="11" text-anchor="middle" fill="#555">measured on anvil; gas at {gas_price_gwei} gwei, ETH ${eth_usd}; L2 execution gas only</text>"##,
+        (LEFT + RIGHT) / 2.0
+    )?;
+    // Grid and ticks.
+    for d in 0..=4 {
+        let x = px(10f64.powi(d));
+        writeln!(
+            svg,
+            r##"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{BOTTOM}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            BOTTOM + 18.0,
+            ["1", "10", "100", "1,000", "10,000"][d as usize]
+        )?;
+    }
+    let mut e = lo as i32;
+    while e <= hi as i32 {
+        let y = py(10f64.powi(e));
+        let label = if e >= 0 {
+            format!("${}", 10u64.pow(e as u32))
+        } else {
+            format!("${:.*}", (-e) as usize, 10f64.powi(e))
+        };
+        writeln!(
+            svg,
+            r##"<line x1="{LEFT}" y1="{y:.1}" x2="{RIGHT}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{label}</text>"##,
+            LEFT - 6.0,
+            y + 4.0
+        )?;
+        e += 1;
+    }
+    writeln!(
+        svg,
+        r##"<rect x="{LEFT}" y="{TOP}" width="{}" height="{}" fill="none" stroke="#333"/>"##,
+        RIGHT - LEFT,
+        BOTTOM - TOP
+    )?;
+    writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">calls per payer (log scale)</text>"#,
+        (LEFT + RIGHT) / 2.0,
+        BOTTOM + 40.0
+    )?;
+    writeln!(
+        svg,
+        r#"<text x="22" y="{}" text-anchor="middle" transform="rotate(-90 22 {})">on-chain cost per call, USD (log scale)</text>"#,
+        (TOP + BOTTOM) / 2.0,
+        (TOP + BOTTOM) / 2.0
+    )?;
+    let mut legend = vec![(
+        format!("price per call (${price_usd})"),
+        "#000",
+        "2,4".to_owned(),
+    )];
+    for c in curves {
+        let points: Vec<String> = xs
+            .iter()
+            .map(|&n| format!("{:.1},{:.1}", px(n as f64), py((c.cost)(n))))
+            .collect();
+        let dash = if c.dashed { "6,4" } else { "none" };
+        writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{}" stroke-width="2.2" stroke-dasharray="{dash}" points="{}"/>"#,
+            c.colour,
+            points.join(" ")
+        )?;
+        legend.push((c.label.clone(), c.colour, dash.to_owned()));
+    }
+    // The price line, over the curves (a mode at the price would hide it).
+    let y = py(price_usd);
+    writeln!(
+        svg,
+        r##"<line x1="{LEFT}" y1="{y:.1}" x2="{RIGHT}" y2="{y:.1}" stroke="#000" stroke-width="2" stroke-dasharray="2,4"/>"##
+    )?;
+    for (i, (label, colour, dash)) in legend.iter().enumerate() {
+        let y = TOP + 14.0 + 24.0 * i as f64;
+        writeln!(
+            svg,
+            r#"<line x1="{}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="{colour}" stroke-width="2.2" stroke-dasharray="{dash}"/><text x="{}" y="{:.1}">{}</text>"#,
+            RIGHT + 14.0,
+            RIGHT + 44.0,
+            RIGHT + 50.0,
+            y + 4.0,
+            label.replace('&', "&amp;").replace('<', "&lt;")
+        )?;
+    }
+    svg.push_str("</svg>\n");
+    std::fs::write(path, svg)?;
     Ok(())
 }

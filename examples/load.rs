@@ -20,6 +20,10 @@
 //!   → 200, `SvmVerifier` in-process, `MemoryNonceStore`, no settlement, no RPC; against its
 //!   own limit, a loop of the ed25519 verifications it makes (`svm-verify`, core 1);
 //! * `paid-redis`: the same with `RedisNonceStore` on a local `redis-server` (pinned to core 0);
+//! * `voucher-memory`, `voucher-redis`: paid by `batch-settlement` vouchers (issue #19), with
+//!   `MemoryChannelStore` / `RedisChannelStore`: the channels are seeded into the store at
+//!   start (deposit mirrored), the escrow is absent (no RPC per request), each connection
+//!   walks one channel's pre-signed cumulative vouchers;
 //! * `paid-deferred`: the same with `DeferredSettler` over `OnchainSettler` (Multicall3
 //!   batches) on a local anvil (core 0), pre-check on as a seller runs it: each request reads
 //!   the payer's balance and the nonce's state on-chain, then is journaled (fdatasync, in a
@@ -321,6 +325,7 @@ fn serve(args: &[String]) -> Result<(), BoxError> {
                         .route(PATH, hello)
                         .route_layer(layer(Some(store), None)?)
                 }
+                "voucher-memory" | "voucher-redis" => voucher_router(&scenario, &value).await?,
                 "paid-deferred" | "deferred-optimistic" => {
                     let settler = deferred_settler(&value, scenario == "paid-deferred").await?;
                     Router::new()
@@ -590,11 +595,33 @@ enum Source {
     Fixed(HeaderValue),
     /// Headers signed while the run goes (the million-request run).
     Stream(Rc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<HeaderValue>>>),
+    /// Cumulative vouchers per channel, sent in order: each connection takes the next unused
+    /// channel (the shared counter) on its first request, then walks that channel's list
+    /// (its own cursor: see [`Source::for_connection`]).
+    Vouchers(
+        Rc<Vec<Vec<HeaderValue>>>,
+        Rc<RefCell<usize>>,
+        Rc<RefCell<Option<(usize, usize)>>>,
+    ),
 }
 
 impl Source {
     fn signed(headers: &Rc<Vec<HeaderValue>>) -> Self {
         Self::Signed(headers.clone(), Rc::new(RefCell::new(0)), headers.len())
+    }
+
+    fn vouchers(channels: Vec<Vec<HeaderValue>>) -> Self {
+        Self::Vouchers(Rc::new(channels), Rc::default(), Rc::default())
+    }
+
+    /// The source of one new connection: a voucher source gets a cursor of its own.
+    fn for_connection(&self) -> Self {
+        match self {
+            Self::Vouchers(all, next, _) => {
+                Self::Vouchers(all.clone(), next.clone(), Rc::default())
+            }
+            other => other.clone(),
+        }
     }
 
     /// Splits off the last quarter of the headers (for the one-connection phase), so the
@@ -628,6 +655,21 @@ impl Source {
             }
             Self::Fixed(h) => Ok(Some(h.clone())),
             Self::Stream(rx) => rx.lock().await.recv().await.map(Some).ok_or(()),
+            Self::Vouchers(all, next, mine) => {
+                let mut mine = mine.borrow_mut();
+                let (channel, at) = mine.get_or_insert_with(|| {
+                    let mut next = next.borrow_mut();
+                    *next += 1;
+                    (*next - 1, 0)
+                });
+                let h = all
+                    .get(*channel)
+                    .and_then(|v| v.get(*at))
+                    .cloned()
+                    .ok_or(())?;
+                *at += 1;
+                Ok(Some(h))
+            }
         }
     }
 }
@@ -781,7 +823,7 @@ async fn run_load(
             tokio::task::spawn_local(connection(
                 addr,
                 header.clone(),
-                source.clone(),
+                source.for_connection(),
                 expect,
                 window,
                 shared.clone(),
@@ -1159,6 +1201,7 @@ async fn drive(cfg: Config) -> Result<(), BoxError> {
             "SKIPPED: redis-server not installed",
         )),
     }
+    rows.extend(voucher_rows(&cfg).await?);
 
     // Deferred settlement on a fresh anvil each, with payments signed for it (the run's first
     // batch would have expired by the last rows: a proof is valid for 300 s). The smoke run
@@ -1619,8 +1662,9 @@ fn challenge_check(args: &[String]) -> Result<(), BoxError> {
 /// user-space instructions, process start and shutdown cancelled out. System calls (socket
 /// reads and writes, epoll) run in the kernel and are not counted: they are the part of the
 /// server's CPU time per request that this count leaves out. Prints `IR <scenario> <per req>`.
-/// Scenarios: `bare`, `challenge`, `paid-memory` and `bound` (as in `kernel`; its server
-/// answers one 402 first in both runs, so that cancels too).
+/// Scenarios: `bare`, `challenge`, `paid-memory`, `bound` (as in `kernel`; its server
+/// answers one 402 first in both runs, so that cancels too) and `voucher-memory` (one
+/// channel's cumulative vouchers, memory channel store, no chain).
 async fn http_count(args: &[String]) -> Result<(), BoxError> {
     let value = |name: &str| {
         args.iter()
@@ -1643,7 +1687,13 @@ async fn http_count(args: &[String]) -> Result<(), BoxError> {
         }
     }
     if scenarios.is_empty() {
-        scenarios = vec!["bare", "challenge", "paid-memory", "bound"];
+        scenarios = vec![
+            "bare",
+            "challenge",
+            "paid-memory",
+            "bound",
+            "voucher-memory",
+        ];
     }
     let req = option().requirements().clone();
     let ours: Arc<Wrap> = {
@@ -1651,6 +1701,11 @@ async fn http_count(args: &[String]) -> Result<(), BoxError> {
         Arc::new(move |p| v2_json(&req, p, None))
     };
     let signed = sign_headers(&req, n2, ours);
+    // One channel's cumulative vouchers: requests one after the other on one connection.
+    let vouchers = match scenarios.contains(&"voucher-memory") {
+        true => sign_vouchers(&[n2]).pop().unwrap_or_default(),
+        false => Vec::new(),
+    };
     let exe = std::env::current_exe()?;
     for scenario in scenarios {
         let (headers, expect) = match scenario {
@@ -1658,6 +1713,7 @@ async fn http_count(args: &[String]) -> Result<(), BoxError> {
             "challenge" => (None, StatusCode::PAYMENT_REQUIRED),
             "paid-memory" => (Some(&signed[..]), StatusCode::OK),
             "bound" => (None, StatusCode::OK),
+            "voucher-memory" => (Some(&vouchers[..]), StatusCode::OK),
             other => return Err(format!("http-count: no scenario {other}").into()),
         };
         let mut ir = Vec::new();
@@ -1981,6 +2037,7 @@ fn report(cfg: &Config, rows: &[Row], recover: (f64, f64), million: Option<&Mill
             redis.rps / mem.rps
         );
     }
+    voucher_report(rows, recover_cpu);
     if let Some(m) = million {
         println!(
             "\n1M distinct paid requests (memory store, entries expire after 10 s): {} in {:.0} s ({:.0} req/s), {} errors",
@@ -2149,4 +2206,284 @@ async fn svm_row(cfg: &Config) -> Result<Row, BoxError> {
         );
     }
     Ok(row)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Payment channels (`batch-settlement`, issue #19): requests paid by cumulative vouchers.
+//
+// The server (`serve voucher-memory` / `serve voucher-redis`) seeds `--channels N` channel
+// records directly into its store (deposited balance mirrored, nothing charged yet): a voucher
+// needs no chain, and its escrow ([`NoChain`]) fails any call, so a voucher row proves that
+// no RPC is made per request. The client pre-signs each channel's vouchers (the k-th has the
+// ceiling k prices: cumulative) and gives each connection a channel of its own.
+
+/// The price of a voucher request (atomic USDC: $0.001).
+const VOUCHER_PRICE: u128 = 1_000;
+/// The receiver authorizer the voucher option names (anvil #5's address; it signs nothing here).
+const VOUCHER_AUTHORIZER: Address = address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc");
+
+fn voucher_option() -> PaymentOption {
+    PaymentOption::batch_settlement(
+        &Asset::usdc_base_sepolia(),
+        U256::from(VOUCHER_PRICE),
+        PAY_TO,
+        VOUCHER_AUTHORIZER,
+        900,
+        tower_x402::channel::AssetTransferMethod::Eip3009,
+    )
+    .expect("valid option")
+}
+
+/// Channel `i` of the demo payer (its own payer authorizer), salt `i`.
+fn voucher_channel(i: usize) -> (tower_x402::proto::batch::ChannelConfig, B256) {
+    let req = voucher_option().requirements().clone();
+    let config = tower_x402::proto::batch::ChannelConfig {
+        payer: demo_payer().address(),
+        payer_authorizer: demo_payer().address(),
+        receiver: PAY_TO,
+        receiver_authorizer: VOUCHER_AUTHORIZER,
+        token: req.asset.evm().unwrap_or_default(),
+        withdraw_delay: 900,
+        salt: B256::from(U256::from(i)),
+    };
+    let id = tower_x402::channel::channel_id(req.network.chain_id(), &config);
+    (config, id)
+}
+
+/// The voucher scenarios' escrow: there is no chain. Voucher-only requests never call it;
+/// a call fails the request (and the row) loudly.
+struct NoChain;
+
+#[async_trait::async_trait]
+impl tower_x402::channel::serve::Escrow for NoChain {
+    async fn deposit(
+        &self,
+        _: &tower_x402::proto::batch::ChannelConfig,
+        _: B256,
+        _: &tower_x402::proto::batch::Deposit,
+    ) -> Result<tower_x402::channel::serve::Mirror, tower_x402::channel::serve::EscrowError> {
+        Err(tower_x402::channel::serve::EscrowError(
+            "the voucher scenarios have no chain: no RPC per request".into(),
+        ))
+    }
+    async fn refund(
+        &self,
+        _: &tower_x402::proto::batch::ChannelConfig,
+        _: B256,
+        _: Option<(tower_x402::channel::ChannelClaim, ABytes)>,
+        _: u128,
+        _: U256,
+        _: ABytes,
+    ) -> Result<tower_x402::channel::serve::Mirror, tower_x402::channel::serve::EscrowError> {
+        Err(tower_x402::channel::serve::EscrowError(
+            "the voucher scenarios have no chain: no RPC per request".into(),
+        ))
+    }
+}
+
+/// The voucher server's layer: channels `0..channels` seeded into `store` with a deposit
+/// mirrored and nothing charged.
+async fn voucher_layer<S: tower_x402::channel::store::ChannelStore>(
+    store: S,
+    channels: usize,
+) -> Result<PaymentLayer, BoxError> {
+    use tower_x402::channel::store::ChannelState;
+    let now = unix_now();
+    for i in 0..channels {
+        let (config, id) = voucher_channel(i);
+        let state = ChannelState {
+            config,
+            charged_cumulative: 0,
+            signed_max_claimable: 0,
+            signature: ABytes::new(),
+            balance: 1_000_000_000_000,
+            total_claimed: 0,
+            withdraw_requested_at: 0,
+            refund_nonce: U256::ZERO,
+            onchain_synced_at: now,
+            last_request_at: now,
+        };
+        if !store.commit(id, None, state).await? {
+            return Err(format!("channel {i} already has a record").into());
+        }
+    }
+    Ok(PaymentLayer::builder()
+        // Vouchers are signed before timing starts, from requirements built here, not a 402.
+        .no_challenge_binding()
+        .accept(voucher_option())
+        .channels(tower_x402::channel::serve::Channels::new(store, NoChain))
+        .build()?)
+}
+
+/// The router of `serve voucher-memory` / `serve voucher-redis` (`--channels N`, default 1;
+/// Redis keys under a prefix of this process's own, so a shared Redis starts empty).
+async fn voucher_router(
+    scenario: &str,
+    value: &dyn Fn(&str) -> Option<String>,
+) -> Result<Router, BoxError> {
+    let channels: usize = value("--channels").map_or(Ok(1), |v| v.parse())?;
+    let layer = match scenario {
+        "voucher-memory" => {
+            voucher_layer(
+                tower_x402::channel::store::MemoryChannelStore::new(),
+                channels,
+            )
+            .await?
+        }
+        _ => {
+            let url = value("--redis").ok_or("voucher-redis needs --redis URL")?;
+            let store = tower_x402::channel::redis::RedisChannelStore::connect(&url)
+                .await?
+                .with_prefix(format!("bench:{}:channel:", std::process::id()));
+            voucher_layer(store, channels).await?
+        }
+    };
+    Ok(Router::new()
+        .route(PATH, get(|| async { "hello" }))
+        .route_layer(layer))
+}
+
+/// Pre-signed voucher headers: for channel `i`, `per[i]` cumulative vouchers (ceilings 1, 2,
+/// ... prices), signed on every core with libsecp256k1 (before any measurement).
+fn sign_vouchers(per: &[usize]) -> Vec<Vec<HeaderValue>> {
+    use tower_x402::proto::batch::{BatchEvmPayload, Voucher};
+    let t0 = Instant::now();
+    let accepted = serde_json::to_value(voucher_option().requirements()).expect("json");
+    let chain_id = voucher_option().requirements().network.chain_id();
+    let key = FastSigner::new(option().requirements().clone()).key;
+    let sign_channel = |i: usize, n: usize| -> Vec<HeaderValue> {
+        let (config, id) = voucher_channel(i);
+        (1..=n)
+            .map(|k| {
+                let ceiling = U256::from(VOUCHER_PRICE * k as u128);
+                let digest = tower_x402::channel::voucher_digest(chain_id, id, ceiling)
+                    .expect("ceiling fits in u128");
+                let (recid, rs) = SECP256K1
+                    .sign_ecdsa_recoverable(Message::from_digest(digest.0), &key)
+                    .serialize_compact();
+                let mut sig = rs.to_vec();
+                sig.push(27 + i32::from(recid) as u8);
+                let payload = BatchEvmPayload::Voucher {
+                    channel_config: config.clone(),
+                    voucher: Voucher {
+                        channel_id: id,
+                        max_claimable_amount: ceiling,
+                        signature: ABytes::from(sig),
+                    },
+                };
+                encode(&json!({ "x402Version": 2, "accepted": accepted, "payload": payload }))
+            })
+            .collect()
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+    let out: Vec<Vec<HeaderValue>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let sign_channel = &sign_channel;
+                s.spawn(move || {
+                    (t..per.len())
+                        .step_by(threads)
+                        .map(|i| (i, sign_channel(i, per[i])))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<(usize, Vec<HeaderValue>)> = handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("signer thread"))
+            .collect();
+        all.sort_by_key(|(i, _)| *i);
+        all.into_iter().map(|(_, v)| v).collect()
+    });
+    eprintln!(
+        "  signed {} vouchers on {} channels in {:.1} s",
+        per.iter().sum::<usize>(),
+        per.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    out
+}
+
+/// The voucher rows of `drive`, memory then Redis: `conns` channels for the loaded phase and
+/// one more, with a quarter of the vouchers, for the one-connection phase.
+async fn voucher_rows(cfg: &Config) -> Result<Vec<Row>, BoxError> {
+    let mut per = vec![(cfg.headers * 3 / 4 / cfg.conns).max(1); cfg.conns];
+    per.push((cfg.headers / 4).max(1));
+    let channels = per.len().to_string();
+    let mut rows = Vec::new();
+    let server = our_server(cfg, "voucher-memory", &["--channels", &channels])?;
+    let source = Source::vouchers(sign_vouchers(&per));
+    rows.push(
+        measure(
+            cfg,
+            "voucher-memory",
+            &server,
+            PAYMENT_SIGNATURE,
+            source,
+            StatusCode::OK,
+        )
+        .await?,
+    );
+    drop(server);
+    match Redis::start(cfg)? {
+        Some(redis) => {
+            let server = our_server(
+                cfg,
+                "voucher-redis",
+                &["--channels", &channels, "--redis", &redis.url()],
+            )?;
+            let source = Source::vouchers(sign_vouchers(&per));
+            rows.push(
+                measure(
+                    cfg,
+                    "voucher-redis",
+                    &server,
+                    PAYMENT_SIGNATURE,
+                    source,
+                    StatusCode::OK,
+                )
+                .await?,
+            );
+        }
+        None => rows.push(Row::skipped(
+            "voucher-redis",
+            "SKIPPED: redis-server not installed",
+        )),
+    }
+    Ok(rows)
+}
+
+/// The voucher rows' targets (issue #19 item 9): server CPU per request ≤ bare axum's + 1.10 ×
+/// one recovery, in the same run.
+fn voucher_report(rows: &[Row], recover_cpu: f64) {
+    let get = |name: &str| {
+        rows.iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.loaded.as_ref())
+    };
+    let Some(bare) = get("bare") else {
+        return;
+    };
+    let recovery = 1e6 / recover_cpu;
+    let limit = bare.cpu_us_per_req + 1.10 * recovery;
+    for name in ["voucher-memory", "voucher-redis"] {
+        if let Some(v) = get(name) {
+            println!(
+                "  {name:<14} CPU µs/req          = {:.1}   (bare {:.1} + {:.2} × recovery {:.1}; target ≤ {limit:.1} = bare + 1.10 × recovery: {})",
+                v.cpu_us_per_req,
+                bare.cpu_us_per_req,
+                (v.cpu_us_per_req - bare.cpu_us_per_req) / recovery,
+                recovery,
+                verdict(v.cpu_us_per_req <= limit)
+            );
+        }
+    }
+    if let (Some(v), Some(p)) = (get("voucher-memory"), get("paid-memory")) {
+        println!(
+            "  voucher(memory) / paid(memory), req/s = {:.2}   ({:.0} vs {:.0})",
+            v.rps / p.rps,
+            v.rps,
+            p.rps
+        );
+    }
 }

@@ -8,6 +8,8 @@
 //! verify_count bare K      # K × the same inner service without the layer (baseline)
 //! verify_count paid K N    # K × PaymentLayer's whole paid path (memory store, verify-only),
 //!                          # K distinct payments out of N signed ones (N ≥ K, default K)
+//! verify_count voucher K   # K × a batch-settlement voucher's in-process check (channel id,
+//!                          # voucher digest, recovery: `channel::verify::authenticate`)
 //! ```
 //!
 //! Setup is the same for every K (64 pre-made payloads, cycled; `paid` signs N whatever K),
@@ -90,7 +92,7 @@ fn main() {
         args.get(1).and_then(|k| k.parse::<usize>().ok()),
     ) else {
         eprintln!(
-            "usage: verify_count <verify|verify-upto|recover|decode|bare|challenge|paid> <K>"
+            "usage: verify_count <verify|verify-upto|recover|decode|bare|challenge|paid|voucher> <K>"
         );
         std::process::exit(2);
     };
@@ -174,6 +176,7 @@ fn main() {
                 ok += usize::from(recover_signer(black_box(*digest), black_box(sig)).is_ok());
             }
         }
+        "voucher" => ok = vouchers(&signer, k),
         "decode" => {
             for i in 0..k {
                 ok += usize::from(decode(black_box(&headers[i % MADE])).is_some());
@@ -186,4 +189,53 @@ fn main() {
     }
     assert_eq!(ok, k, "every operation must succeed");
     println!("{mode} {k} ok");
+}
+
+/// K voucher checks (`channel::verify::authenticate`) over 64 pre-signed vouchers of one
+/// channel: how many succeed.
+fn vouchers(signer: &tower_x402::test_util::PrivateKeySigner, k: usize) -> usize {
+    use alloy_signer::SignerSync;
+    use tower_x402::channel::{self, AssetTransferMethod, verify};
+    use tower_x402::primitives::U256;
+    use tower_x402::proto::batch::{BatchEvmPayload, ChannelConfig, Voucher};
+    let pay_to = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
+    let authorizer = address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc");
+    let option = PaymentOption::batch_settlement(
+        &Asset::usdc_base_sepolia(),
+        U256::from(1_000),
+        pay_to,
+        authorizer,
+        900,
+        AssetTransferMethod::Eip3009,
+    )
+    .expect("option");
+    let terms = verify::ChannelTerms::from_requirements(option.requirements()).expect("terms");
+    let config = ChannelConfig {
+        payer: signer.address(),
+        payer_authorizer: signer.address(),
+        receiver: pay_to,
+        receiver_authorizer: authorizer,
+        token: terms.token,
+        withdraw_delay: 900,
+        salt: B256::ZERO,
+    };
+    let id = channel::channel_id(terms.chain_id, &config);
+    let payloads: Vec<BatchEvmPayload> = (1..=MADE as u128)
+        .map(|n| {
+            let ceiling = U256::from(n * 1_000);
+            let digest = channel::voucher_digest(terms.chain_id, id, ceiling).expect("u128");
+            let signature = signer.sign_hash_sync(&digest).expect("sign").as_bytes();
+            BatchEvmPayload::Voucher {
+                channel_config: config.clone(),
+                voucher: Voucher {
+                    channel_id: id,
+                    max_claimable_amount: ceiling,
+                    signature: Bytes::from(signature.to_vec()),
+                },
+            }
+        })
+        .collect();
+    (0..k)
+        .filter(|i| verify::authenticate(&terms, black_box(&payloads[i % MADE]), NOW).is_ok())
+        .count()
 }

@@ -143,6 +143,8 @@ pub fn domain(chain_id: u64) -> Eip712Domain {
 
 /// The config as the escrow's `ChannelConfig` struct (`withdrawDelay` is a `uint40`: larger
 /// values are cut to 40 bits, which gives another id, never a collision with a valid config).
+/// The reference [`channel_id`] is checked against (it hashes the same words directly).
+#[cfg(test)]
 pub(crate) fn sol_config(config: &ChannelConfig) -> eip712::ChannelConfig {
     eip712::ChannelConfig {
         payer: config.payer,
@@ -155,9 +157,70 @@ pub(crate) fn sol_config(config: &ChannelConfig) -> eip712::ChannelConfig {
     }
 }
 
+/// The fixed parts of the voucher path's EIP-712 hashes, hashed once: the generic
+/// `eip712_signing_hash` rebuilds and hashes the type string and the whole domain (four
+/// Keccaks) on every call, five of a digest's seven Keccaks (`tests::fast_hashes_are_alloys`).
+struct Fixed {
+    config_type: B256,
+    voucher_type: B256,
+    /// The domain separator of the first chain id asked for (a server has one).
+    separator: std::sync::OnceLock<(u64, B256)>,
+}
+
+static FIXED: std::sync::LazyLock<Fixed> = std::sync::LazyLock::new(|| Fixed {
+    config_type: keccak256(eip712::ChannelConfig::eip712_encode_type().as_bytes()),
+    voucher_type: keccak256(eip712::Voucher::eip712_encode_type().as_bytes()),
+    separator: std::sync::OnceLock::new(),
+});
+
+fn separator(chain_id: u64) -> B256 {
+    let (id, sep) = *FIXED
+        .separator
+        .get_or_init(|| (chain_id, domain(chain_id).hash_struct()));
+    if id == chain_id {
+        sep
+    } else {
+        domain(chain_id).hash_struct()
+    }
+}
+
+/// `keccak256(0x1901 ‖ separator ‖ struct_hash)`.
+fn signing_hash(chain_id: u64, struct_hash: B256) -> B256 {
+    let mut input = [0u8; 66];
+    input[..2].copy_from_slice(&[0x19, 0x01]);
+    input[2..34].copy_from_slice(separator(chain_id).as_slice());
+    input[34..].copy_from_slice(struct_hash.as_slice());
+    keccak256(input)
+}
+
+/// An address as an ABI word (left-padded).
+fn word(address: Address) -> [u8; 32] {
+    let mut w = [0u8; 32];
+    w[12..].copy_from_slice(address.as_slice());
+    w
+}
+
 /// The channel id: the EIP-712 hash of `config` under the escrow's domain on `chain_id`.
 pub fn channel_id(chain_id: u64, config: &ChannelConfig) -> B256 {
-    sol_config(config).eip712_signing_hash(&domain(chain_id))
+    let mut data = [0u8; 32 * 8];
+    data[..32].copy_from_slice(FIXED.config_type.as_slice());
+    for (i, a) in [
+        config.payer,
+        config.payer_authorizer,
+        config.receiver,
+        config.receiver_authorizer,
+        config.token,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        data[32 * (i + 1)..32 * (i + 2)].copy_from_slice(&word(a));
+    }
+    // `uint40`: larger values cut to 40 bits, as `sol_config` does.
+    let delay = config.withdraw_delay & 0xff_ffff_ffff;
+    data[32 * 7 - 8..32 * 7].copy_from_slice(&delay.to_be_bytes());
+    data[32 * 7..].copy_from_slice(config.salt.as_slice());
+    signing_hash(chain_id, keccak256(data))
 }
 
 /// Amounts are `uint128` on chain: `None` above.
@@ -168,13 +231,12 @@ fn u128_of(v: U256) -> Option<u128> {
 /// The digest a payer (authorizer) signs for a voucher of `max_claimable` on `channel`, or
 /// `None` when the amount does not fit the escrow's `uint128`.
 pub fn voucher_digest(chain_id: u64, channel: B256, max_claimable: U256) -> Option<B256> {
-    Some(
-        eip712::Voucher {
-            channelId: channel,
-            maxClaimableAmount: u128_of(max_claimable)?,
-        }
-        .eip712_signing_hash(&domain(chain_id)),
-    )
+    let amount = u128_of(max_claimable)?;
+    let mut data = [0u8; 32 * 3];
+    data[..32].copy_from_slice(FIXED.voucher_type.as_slice());
+    data[32..64].copy_from_slice(channel.as_slice());
+    data[80..].copy_from_slice(&amount.to_be_bytes());
+    Some(signing_hash(chain_id, keccak256(data)))
 }
 
 /// The digest the receiver authorizer signs for `refundWithSignature`.
@@ -346,4 +408,46 @@ pub fn receipt_extra(
     }
     extra.insert("channelState".into(), channel_state_json(channel, state));
     extra
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cached-hash paths give alloy's generic EIP-712 hashes, on the first chain id and
+    /// on others, for withdraw delays in and beyond 40 bits.
+    #[test]
+    fn fast_hashes_are_alloys() {
+        for (n, chain_id) in [84532u64, 8453, 1, 84532].into_iter().enumerate() {
+            let byte = u8::try_from(n).unwrap_or(0) + 1;
+            for delay in [900u64, 2_592_000, 1 << 40, u64::MAX] {
+                let config = ChannelConfig {
+                    payer: Address::repeat_byte(byte),
+                    payer_authorizer: Address::repeat_byte(byte + 1),
+                    receiver: Address::repeat_byte(byte + 2),
+                    receiver_authorizer: Address::repeat_byte(byte + 3),
+                    token: Address::repeat_byte(byte + 4),
+                    withdraw_delay: delay,
+                    salt: B256::repeat_byte(byte + 5),
+                };
+                let id = channel_id(chain_id, &config);
+                assert_eq!(
+                    id,
+                    sol_config(&config).eip712_signing_hash(&domain(chain_id))
+                );
+                for amount in [0u128, 1, 1_000, u128::MAX] {
+                    let alloy = eip712::Voucher {
+                        channelId: id,
+                        maxClaimableAmount: amount,
+                    }
+                    .eip712_signing_hash(&domain(chain_id));
+                    assert_eq!(
+                        voucher_digest(chain_id, id, U256::from(amount)),
+                        Some(alloy)
+                    );
+                }
+            }
+        }
+        assert_eq!(voucher_digest(1, B256::ZERO, U256::MAX), None);
+    }
 }
