@@ -207,7 +207,7 @@ pub fn decode_payload(
         return Err(refusal(&json, None));
     }
     let typed = if want == 2 {
-        serde_json::from_str::<v2::PaymentPayload>(&json)
+        v2::PaymentPayload::from_json(&json)
             .map(|p| (u64::from(p.x402_version), PaymentPayload::V2(p)))
     } else {
         serde_json::from_str::<v1::PaymentPayload>(&json)
