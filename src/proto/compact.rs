@@ -85,22 +85,23 @@ impl<'a> Cursor<'a> {
     pub(super) fn raw_object(&mut self) -> Option<Box<serde_json::value::RawValue>> {
         let rest = self.text.get(self.at..)?;
         (rest.as_bytes().first() == Some(&b'{')).then_some(())?;
-        let mut values =
-            serde_json::Deserializer::from_str(rest).into_iter::<Box<serde_json::value::RawValue>>();
+        let mut values = serde_json::Deserializer::from_str(rest)
+            .into_iter::<Box<serde_json::value::RawValue>>();
         let raw = values.next()?.ok()?;
         self.at += values.byte_offset();
         Some(raw)
     }
 
-    /// `{"k":v,...}`: calls `field` for each key (read as [`Self::text`]), the cursor on its
-    /// value. `{}` is `None` (rare; serde reads it).
+    /// `{"k":v,...}`: calls `field` for each key (read as [`Self::string`]: a caller that
+    /// takes any key must refuse escapes, see [`plain`]), the cursor on its value. `{}` is
+    /// `None` (rare; serde reads it).
     pub(super) fn object(
         &mut self,
         mut field: impl FnMut(&mut Self, &'a str) -> Option<()>,
     ) -> Option<()> {
         self.expect(b'{')?;
         loop {
-            let key = self.text()?;
+            let key = self.string(0)?;
             self.expect(b':')?;
             field(self, key)?;
             match self.next()? {
@@ -145,6 +146,23 @@ fn special(bytes: &[u8]) -> Option<usize> {
     tail.iter()
         .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
         .map(|i| at + i)
+}
+
+/// Whether `key`, read by [`Cursor::string`], is its own value: no escape nor control
+/// character.
+pub(super) fn plain(key: &str) -> bool {
+    !key.bytes().any(|b| b == b'\\' || b < 0x20)
+}
+
+/// `direct`'s value, or serde's answer when the direct path declines `json`.
+pub(super) fn or_serde<'a, T: serde::Deserialize<'a>>(
+    json: &'a str,
+    direct: fn(&str) -> Option<T>,
+) -> Result<T, serde_json::Error> {
+    match direct(json) {
+        Some(value) => Ok(value),
+        None => serde_json::from_str(json),
+    }
 }
 
 /// Sets `slot` once: a repeated field is serde's error to report.

@@ -42,10 +42,7 @@ impl ExactEvmPayload {
     /// once) takes a direct path, a fifth of serde's cost on the paid path; anything else,
     /// errors included, goes through serde.
     pub(crate) fn from_json(json: &str) -> Result<Self, serde_json::Error> {
-        match compact::payload(json) {
-            Some(payload) => Ok(payload),
-            None => serde_json::from_str(json),
-        }
+        super::compact::or_serde(json, compact::payload)
     }
 }
 

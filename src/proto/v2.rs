@@ -143,10 +143,7 @@ impl PaymentPayload {
     /// input. The compact form clients send (no whitespace, no escapes, each field once, no
     /// `extensions`) takes a direct path; anything else, errors included, goes through serde.
     pub(crate) fn from_json(json: &str) -> Result<Self, serde_json::Error> {
-        match compact::payload(json) {
-            Some(payload) => Ok(payload),
-            None => serde_json::from_str(json),
-        }
+        super::compact::or_serde(json, compact::payload)
     }
 }
 
@@ -158,7 +155,7 @@ impl PaymentPayload {
 mod compact {
     use serde_json::{Map, Value};
 
-    use super::super::compact::{Cursor, once};
+    use super::super::compact::{Cursor, once, plain};
     use super::super::decimal;
     use super::{PaymentPayload, PaymentRequirements, ResourceInfo};
 
@@ -210,6 +207,7 @@ mod compact {
     fn strings(c: &mut Cursor<'_>) -> Option<Map<String, Value>> {
         let mut map = Map::new();
         c.object(|c, key| {
+            plain(key).then_some(())?;
             let value = Value::String(c.text()?.to_owned());
             // serde_json keeps the last of a repeated key: rare, left to it.
             map.insert(key.to_owned(), value).is_none().then_some(())
@@ -287,7 +285,10 @@ mod tests {
         // A repeated key, an unknown one, `extensions`, `null`s, `{}`, a non-string `extra`.
         for (from, to) in [
             (r#""x402Version":2"#, r#""x402Version":2,"x402Version":2"#),
-            (r#""scheme":"exact""#, r#""scheme":"exact","scheme":"exact""#),
+            (
+                r#""scheme":"exact""#,
+                r#""scheme":"exact","scheme":"exact""#,
+            ),
             (r#""name":"USDC""#, r#""name":"USDC","name":"USDC""#),
             (r#""name":"USDC""#, r#""name":"USDC","challenge":"abc""#),
             (r#""name":"USDC""#, r#""name":1"#),
@@ -298,8 +299,14 @@ mod tests {
             (r#""x402Version":2"#, r#""x402Version":2,"other":1"#),
             (r#","payload""#, r#","extra":null,"payload""#),
             (r#"{"name":"USDC","version":"2"}"#, "{}"),
-            (r#""maxTimeoutSeconds":60"#, r#""maxTimeoutSeconds":18446744073709551616"#),
-            (r#""maxTimeoutSeconds":60"#, r#""maxTimeoutSeconds":18446744073709551615"#),
+            (
+                r#""maxTimeoutSeconds":60"#,
+                r#""maxTimeoutSeconds":18446744073709551616"#,
+            ),
+            (
+                r#""maxTimeoutSeconds":60"#,
+                r#""maxTimeoutSeconds":18446744073709551615"#,
+            ),
             (r#""x402Version":2"#, r#""x402Version":255"#),
         ] {
             for seed in &seeds {
