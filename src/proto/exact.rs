@@ -42,10 +42,7 @@ impl ExactEvmPayload {
     /// once) takes a direct path, a fifth of serde's cost on the paid path; anything else,
     /// errors included, goes through serde.
     pub(crate) fn from_json(json: &str) -> Result<Self, serde_json::Error> {
-        match compact::payload(json) {
-            Some(payload) => Ok(payload),
-            None => serde_json::from_str(json),
-        }
+        super::compact::or_serde(json, compact::payload)
     }
 }
 
@@ -57,67 +54,11 @@ impl ExactEvmPayload {
 mod compact {
     use alloy_primitives::hex::{self, FromHex};
 
+    use super::super::compact::{Cursor, once};
     use super::{Authorization, ExactEvmPayload};
 
-    struct Cursor<'a> {
-        text: &'a str,
-        at: usize,
-    }
-
-    impl<'a> Cursor<'a> {
-        fn next(&mut self) -> Option<u8> {
-            let b = *self.text.as_bytes().get(self.at)?;
-            self.at += 1;
-            Some(b)
-        }
-
-        fn expect(&mut self, want: u8) -> Option<()> {
-            (self.next()? == want).then_some(())
-        }
-
-        /// A string's raw content, up to the next quote, which is looked for first where it
-        /// usually is (`usual` bytes on: an address, a nonce). Escapes and control characters
-        /// are not looked for: keys must equal a known name and values must be hex or decimal
-        /// digits, so content with either, or cut at an escaped or a later quote, never passes.
-        fn string(&mut self, usual: usize) -> Option<&'a str> {
-            self.expect(b'"')?;
-            let rest = self.text.as_bytes().get(self.at..)?;
-            let len = match rest.get(usual) {
-                Some(b'"') => usual,
-                _ => rest.iter().position(|&b| b == b'"')?,
-            };
-            let content = self.text.get(self.at..self.at + len)?;
-            self.at += len + 1;
-            Some(content)
-        }
-
-        /// `{"k":v,...}`: calls `field` for each key, the cursor on its value.
-        fn object(&mut self, mut field: impl FnMut(&mut Self, &str) -> Option<()>) -> Option<()> {
-            self.expect(b'{')?;
-            loop {
-                let key = self.string(0)?;
-                self.expect(b':')?;
-                field(self, key)?;
-                match self.next()? {
-                    b',' => {}
-                    b'}' => return Some(()),
-                    _ => return None,
-                }
-            }
-        }
-    }
-
-    /// Sets `slot` once: a repeated field is serde's error to report.
-    fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
-        if slot.is_some() {
-            return None;
-        }
-        *slot = Some(value?);
-        Some(())
-    }
-
     pub(super) fn payload(text: &str) -> Option<ExactEvmPayload> {
-        let mut c = Cursor { text, at: 0 };
+        let mut c = Cursor::new(text);
         let (mut signature, mut authorization) = (None, None);
         c.object(|c, key| match key {
             "signature" => once(
@@ -128,7 +69,7 @@ mod compact {
             "authorization" => once(&mut authorization, auth(c)),
             _ => None,
         })?;
-        (c.at == text.len()).then_some(())?;
+        c.done().then_some(())?;
         Some(ExactEvmPayload {
             signature: signature?,
             authorization: authorization?,

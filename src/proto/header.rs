@@ -119,7 +119,9 @@ fn base64_decode(raw: &[u8]) -> Option<Vec<u8>> {
         return STANDARD.decode(raw).ok();
     }
     let (bulk, last) = raw.split_at(raw.len() - 4);
-    let mut out = vec![0u8; bulk.len() / 4 * 3];
+    // Room for the last quantum's bytes too: extending an exact-size vector reallocates.
+    let mut out = Vec::with_capacity(bulk.len() / 4 * 3 + 3);
+    out.resize(bulk.len() / 4 * 3, 0);
     let mut bad = 0u32;
     for (quad, three) in bulk.chunks_exact(4).zip(out.chunks_exact_mut(3)) {
         let v = SEXTETS[0][usize::from(quad[0])]
@@ -207,7 +209,7 @@ pub fn decode_payload(
         return Err(refusal(&json, None));
     }
     let typed = if want == 2 {
-        serde_json::from_str::<v2::PaymentPayload>(&json)
+        v2::PaymentPayload::from_json(&json)
             .map(|p| (u64::from(p.x402_version), PaymentPayload::V2(p)))
     } else {
         serde_json::from_str::<v1::PaymentPayload>(&json)

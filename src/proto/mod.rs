@@ -14,6 +14,7 @@ pub mod upto;
 pub mod v1;
 pub mod v2;
 
+mod compact;
 mod receipt;
 pub use receipt::SettleResponse;
 

@@ -137,3 +137,199 @@ pub struct PaymentPayload {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extensions: Option<Map<String, Value>>,
 }
+
+impl PaymentPayload {
+    /// Parses a proof's JSON as `serde_json::from_str` does, with the same result for every
+    /// input. The compact form clients send (no whitespace, no escapes, each field once, no
+    /// `extensions`) takes a direct path; anything else, errors included, goes through serde.
+    pub(crate) fn from_json(json: &str) -> Result<Self, serde_json::Error> {
+        super::compact::or_serde(json, compact::payload)
+    }
+}
+
+/// The direct path of [`PaymentPayload::from_json`]. Typed values are read by their own
+/// `Deserialize` from the borrowed string (as serde_json hands it to them), amounts by
+/// [`super::decimal::parse`], `payload` by serde_json as a `RawValue`; anything it
+/// does not expect (other keys, `null`, a non-string in `extra`, a repeated key) is `None`, left
+/// to serde (`tests::compact_path_agrees_with_serde`).
+mod compact {
+    use serde_json::{Map, Value};
+
+    use super::super::compact::{Cursor, once, plain};
+    use super::super::decimal;
+    use super::{PaymentPayload, PaymentRequirements, ResourceInfo};
+
+    pub(super) fn payload(text: &str) -> Option<PaymentPayload> {
+        let mut c = Cursor::new(text);
+        let (mut version, mut resource, mut accepted, mut payload) = (None, None, None, None);
+        c.object(|c, key| match key {
+            "x402Version" => once(&mut version, c.uint().and_then(|n| u8::try_from(n).ok())),
+            "resource" => once(&mut resource, resource_info(c)),
+            "accepted" => once(&mut accepted, requirements(c)),
+            "payload" => once(&mut payload, c.raw_object()),
+            _ => None,
+        })?;
+        c.done().then_some(())?;
+        Some(PaymentPayload {
+            x402_version: version?,
+            resource,
+            accepted: accepted?,
+            payload: payload?,
+            extensions: None,
+        })
+    }
+
+    fn requirements(c: &mut Cursor<'_>) -> Option<PaymentRequirements> {
+        let (mut scheme, mut network, mut amount, mut asset) = (None, None, None, None);
+        let (mut pay_to, mut max_timeout_seconds, mut extra) = (None, None, None);
+        c.object(|c, key| match key {
+            "scheme" => once(&mut scheme, c.text().map(str::to_owned)),
+            "network" => once(&mut network, c.parsed()),
+            "amount" => once(&mut amount, decimal::parse(c.text()?)),
+            "asset" => once(&mut asset, c.parsed()),
+            "payTo" => once(&mut pay_to, c.parsed()),
+            "maxTimeoutSeconds" => once(&mut max_timeout_seconds, c.uint()),
+            "extra" => once(&mut extra, strings(c)),
+            _ => None,
+        })?;
+        Some(PaymentRequirements {
+            scheme: scheme?,
+            network: network?,
+            amount: amount?,
+            asset: asset?,
+            pay_to: pay_to?,
+            max_timeout_seconds: max_timeout_seconds?,
+            extra,
+        })
+    }
+
+    /// An object of strings (`name`, `version`, `challenge`).
+    fn strings(c: &mut Cursor<'_>) -> Option<Map<String, Value>> {
+        let mut map = Map::new();
+        c.object(|c, key| {
+            plain(key).then_some(())?;
+            let value = Value::String(c.text()?.to_owned());
+            // serde_json keeps the last of a repeated key: rare, left to it.
+            map.insert(key.to_owned(), value).is_none().then_some(())
+        })?;
+        Some(map)
+    }
+
+    fn resource_info(c: &mut Cursor<'_>) -> Option<ResourceInfo> {
+        let (mut url, mut description, mut mime_type) = (None, None, None);
+        c.object(|c, key| match key {
+            "url" => once(&mut url, c.text().map(str::to_owned)),
+            "description" => once(&mut description, c.text().map(str::to_owned)),
+            "mimeType" => once(&mut mime_type, c.text().map(str::to_owned)),
+            _ => None,
+        })?;
+        Some(ResourceInfo {
+            url: url?,
+            description,
+            mime_type,
+            service_name: None,
+            tags: None,
+            icon_url: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAYLOAD: &str = r#"{"authorization":{"from":"0x857b06519E91e3A54538791bDbb0E22373e36b66","nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480","to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","validAfter":"1740672089","validBefore":"1740672154","value":"10000"},"signature":"0x2d6a75","x":[1,{"y":null}]}"#;
+
+    /// What a caller can tell apart: the value, or serde's error text.
+    fn outcome(r: Result<PaymentPayload, serde_json::Error>) -> String {
+        match r {
+            Ok(p) => format!("{p:?}"),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    #[test]
+    fn compact_path_agrees_with_serde() {
+        let accepted = r#"{"amount":"10000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","extra":{"name":"USDC","version":"2"},"maxTimeoutSeconds":60,"network":"eip155:84532","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","scheme":"exact"}"#;
+        let svm = r#"{"scheme":"exact","network":"solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1","amount":"1","asset":"EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v","payTo":"9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin","maxTimeoutSeconds":0}"#;
+        let resource = r#"{"url":"https://api.example.com/weather?city=x","description":"Weather","mimeType":"application/json"}"#;
+        let mut docs = vec![
+            // As `test_util::v2_json` writes it (keys sorted).
+            format!(r#"{{"accepted":{accepted},"payload":{PAYLOAD},"x402Version":2}}"#),
+            // As official clients write it, `resource` echoed.
+            format!(
+                r#"{{"x402Version":2,"resource":{resource},"accepted":{accepted},"payload":{PAYLOAD}}}"#
+            ),
+            format!(r#"{{"x402Version":2,"accepted":{svm},"payload":{{"transaction":"AQ=="}}}}"#),
+        ];
+        assert!(docs.iter().all(|d| compact::payload(d).is_some()));
+        // Every byte of each document replaced, dropped or doubled: the direct path never
+        // accepts what serde refuses, nor reads another value.
+        let replacements: &[&str] = &[
+            "", " ", "\"", "\\", "\\u0030", "\\\"", "0", "9", "a", "A", "x", "g", ",", ":", "{",
+            "}", "[", "]", "\n", "\u{1}", "é", "1e3", ".5", "-", "null", "256",
+        ];
+        let seeds = docs.clone();
+        for doc in &seeds {
+            for (i, ch) in doc.char_indices() {
+                let end = i + ch.len_utf8();
+                for r in replacements {
+                    docs.push(format!("{}{r}{}", &doc[..i], &doc[end..]));
+                }
+                docs.push(format!("{}{ch}{}", &doc[..end], &doc[end..]));
+            }
+            docs.push(format!("{doc} "));
+            docs.push(format!(" {doc}"));
+            docs.push(format!("{doc}{{}}"));
+        }
+        // A repeated key, an unknown one, `extensions`, `null`s, `{}`, a non-string `extra`.
+        for (from, to) in [
+            (r#""x402Version":2"#, r#""x402Version":2,"x402Version":2"#),
+            (
+                r#""scheme":"exact""#,
+                r#""scheme":"exact","scheme":"exact""#,
+            ),
+            (r#""name":"USDC""#, r#""name":"USDC","name":"USDC""#),
+            (r#""name":"USDC""#, r#""name":"USDC","challenge":"abc""#),
+            (r#""name":"USDC""#, r#""name":1"#),
+            (r#""url":"#, r#""url":"x","url":"#),
+            (r#""url":"#, r#""tags":["a",1],"url":"#),
+            (r#""x402Version":2"#, r#""x402Version":2,"extensions":{}"#),
+            (r#""x402Version":2"#, r#""x402Version":2,"resource":null"#),
+            (r#""x402Version":2"#, r#""x402Version":2,"other":1"#),
+            (r#","payload""#, r#","extra":null,"payload""#),
+            (r#"{"name":"USDC","version":"2"}"#, "{}"),
+            (
+                r#""maxTimeoutSeconds":60"#,
+                r#""maxTimeoutSeconds":18446744073709551616"#,
+            ),
+            (
+                r#""maxTimeoutSeconds":60"#,
+                r#""maxTimeoutSeconds":18446744073709551615"#,
+            ),
+            (r#""x402Version":2"#, r#""x402Version":255"#),
+        ] {
+            for seed in &seeds {
+                docs.push(seed.replacen(from, to, 1));
+            }
+        }
+        let mut direct = 0;
+        for doc in &docs {
+            if let Some(p) = compact::payload(doc) {
+                direct += 1;
+                let serde: PaymentPayload = serde_json::from_str(doc).unwrap_or_else(|e| {
+                    panic!("serde refuses what the direct path took: {doc}: {e}")
+                });
+                assert_eq!(format!("{p:?}"), format!("{serde:?}"), "{doc}");
+            }
+            assert_eq!(
+                outcome(PaymentPayload::from_json(doc)),
+                outcome(serde_json::from_str(doc)),
+                "{doc}"
+            );
+        }
+        // Some mutations keep a valid compact document (another digit, case): the direct
+        // path takes them too.
+        assert!(direct > seeds.len() * 20, "{direct}");
+    }
+}

@@ -1,0 +1,175 @@
+//! A reader for the compact JSON clients send (no whitespace, no escapes), the direct path of
+//! [`super::exact::ExactEvmPayload::from_json`] and [`super::v2::PaymentPayload::from_json`].
+//! Anything it does not expect is `None`, and the caller then hands the whole document to
+//! serde: it may refuse what serde accepts, never the other way round.
+
+use serde::Deserialize;
+use serde::de::value::BorrowedStrDeserializer;
+
+pub(super) struct Cursor<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub(super) fn new(text: &'a str) -> Self {
+        Self { text, at: 0 }
+    }
+
+    /// Whether the whole text was read (serde refuses trailing text).
+    pub(super) fn done(&self) -> bool {
+        self.at == self.text.len()
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    pub(super) fn next(&mut self) -> Option<u8> {
+        let b = self.peek()?;
+        self.at += 1;
+        Some(b)
+    }
+
+    pub(super) fn expect(&mut self, want: u8) -> Option<()> {
+        (self.next()? == want).then_some(())
+    }
+
+    /// A string's raw content, up to the next quote, which is looked for first where it
+    /// usually is (`usual` bytes on: an address, a nonce). Escapes and control characters
+    /// are not looked for: for keys that must equal a known name and values that must be hex
+    /// or decimal digits, content with either, or cut at an escaped or a later quote, never
+    /// passes. Any other string is read with [`Self::text`].
+    pub(super) fn string(&mut self, usual: usize) -> Option<&'a str> {
+        self.expect(b'"')?;
+        let rest = self.text.as_bytes().get(self.at..)?;
+        let len = match rest.get(usual) {
+            Some(b'"') => usual,
+            _ => rest.iter().position(|&b| b == b'"')?,
+        };
+        let content = self.text.get(self.at..self.at + len)?;
+        self.at += len + 1;
+        Some(content)
+    }
+
+    /// A string whose content is taken as is: `None` on an escape or a control character
+    /// (serde decodes the one and refuses the other).
+    pub(super) fn text(&mut self) -> Option<&'a str> {
+        self.expect(b'"')?;
+        let rest = self.text.as_bytes().get(self.at..)?;
+        let len = special(rest)?;
+        (rest[len] == b'"').then_some(())?;
+        let content = self.text.get(self.at..self.at + len)?;
+        self.at += len + 1;
+        Some(content)
+    }
+
+    /// An unsigned JSON integer as serde reads it into `u64`: `0` or digits without a leading
+    /// zero, no sign, fraction or exponent, no overflow.
+    pub(super) fn uint(&mut self) -> Option<u64> {
+        let start = self.at;
+        let mut n = 0u64;
+        while let Some(b @ b'0'..=b'9') = self.peek() {
+            n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+            self.at += 1;
+        }
+        let digits = &self.text.as_bytes()[start..self.at];
+        let canonical = !digits.is_empty() && (digits == b"0" || digits[0] != b'0');
+        // `1.5`, `1e3`: serde reads a float, which `u64` refuses; leave it the error.
+        let whole = !matches!(self.peek(), Some(b'.' | b'e' | b'E'));
+        (canonical && whole).then_some(n)
+    }
+
+    /// An object value as a `RawValue`, found and checked by serde_json itself (as when it
+    /// reads the field of a struct), so its extent and validity are serde's.
+    pub(super) fn raw_object(&mut self) -> Option<Box<serde_json::value::RawValue>> {
+        let rest = self.text.get(self.at..)?;
+        (rest.as_bytes().first() == Some(&b'{')).then_some(())?;
+        let mut values = serde_json::Deserializer::from_str(rest)
+            .into_iter::<Box<serde_json::value::RawValue>>();
+        let raw = values.next()?.ok()?;
+        self.at += values.byte_offset();
+        Some(raw)
+    }
+
+    /// `{"k":v,...}`: calls `field` for each key (read as [`Self::string`]: a caller that
+    /// takes any key must refuse escapes, see [`plain`]), the cursor on its value. `{}` is
+    /// `None` (rare; serde reads it).
+    pub(super) fn object(
+        &mut self,
+        mut field: impl FnMut(&mut Self, &'a str) -> Option<()>,
+    ) -> Option<()> {
+        self.expect(b'{')?;
+        loop {
+            let key = self.string(0)?;
+            self.expect(b':')?;
+            field(self, key)?;
+            match self.next()? {
+                b',' => {}
+                b'}' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// A string value read by `T`'s own `Deserialize` (its visitor's `visit_borrowed_str`,
+    /// as serde_json calls it for a string without escapes).
+    pub(super) fn parsed<T: Deserialize<'a>>(&mut self) -> Option<T> {
+        let s = self.text()?;
+        T::deserialize(BorrowedStrDeserializer::<serde_json::Error>::new(s)).ok()
+    }
+}
+
+/// The index of the first `"`, `\\` or control character of `bytes`: eight bytes at a time
+/// (strings here are addresses, hashes and signatures of 40-132 characters).
+fn special(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Nonzero iff some byte of `v` is below `n` (n <= 128): its subtraction borrows.
+    let below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGH;
+    let mut at = 0;
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let v = u64::from_ne_bytes(word);
+        let hit = below(v ^ (ONES * u64::from(b'"')), 1)
+            | below(v ^ (ONES * u64::from(b'\\')), 1)
+            | below(v, 0x20);
+        if hit != 0 {
+            break;
+        }
+        at += 8;
+    }
+    // The chunk with the hit (the bit trick may flag a byte past it, never miss one), or the
+    // tail.
+    let tail = bytes.get(at..)?;
+    tail.iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|i| at + i)
+}
+
+/// Whether `key`, read by [`Cursor::string`], is its own value: no escape nor control
+/// character.
+pub(super) fn plain(key: &str) -> bool {
+    !key.bytes().any(|b| b == b'\\' || b < 0x20)
+}
+
+/// `direct`'s value, or serde's answer when the direct path declines `json`.
+pub(super) fn or_serde<'a, T: serde::Deserialize<'a>>(
+    json: &'a str,
+    direct: fn(&str) -> Option<T>,
+) -> Result<T, serde_json::Error> {
+    match direct(json) {
+        Some(value) => Ok(value),
+        None => serde_json::from_str(json),
+    }
+}
+
+/// Sets `slot` once: a repeated field is serde's error to report.
+pub(super) fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(value?);
+    Some(())
+}
