@@ -14,6 +14,8 @@
 
 #[cfg(feature = "onchain")]
 mod chain;
+#[path = "common/channel_fac.rs"]
+mod channel_fac;
 mod common;
 
 use std::net::SocketAddr;
@@ -45,8 +47,6 @@ const CHAIN: u64 = 84532;
 const TOKEN: Address = address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e");
 const RECEIVER: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
 const AUTHORIZER: Address = address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc");
-/// Anvil #5, whose address is [`AUTHORIZER`].
-const AUTHORIZER_KEY: &str = "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
 
 fn now() -> u64 {
     SystemTime::now()
@@ -179,8 +179,8 @@ impl Server {
         let layer = PaymentLayer::builder()
             .accept(option)
             .channels(if authorizer {
-                let key: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
-                Channels::new(store.clone(), escrow.clone()).with_authorizer(KeyAuthorizer(key))
+                Channels::new(store.clone(), escrow.clone())
+                    .with_authorizer(channel_fac::KeyAuthorizer::anvil5())
             } else {
                 Channels::new(store.clone(), escrow.clone())
             })
@@ -595,9 +595,7 @@ async fn a_deposit_that_does_not_land_is_a_503_and_runs_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_official_client_pays_100_calls_over_http_recovers_lost_state_and_refunds_exact_to_the_unit()
  {
-    use axum::routing::get;
     use tower_x402::settle::onchain::OnchainSettler;
-    use tower_x402::upto::Usage;
 
     let test = "the_official_client_pays_100_calls_over_http";
     let Some(deps) = chain::process::test_deps(
@@ -612,153 +610,16 @@ async fn the_official_client_pays_100_calls_over_http_recovers_lost_state_and_re
     let Some(c) = chain::Chain::start(test).await else {
         return;
     };
-    const CALLS: u128 = 100;
-    let authorizer: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
     let payer: PrivateKeySigner = chain::PAYER3_KEY.parse().expect("key");
     let relayer: PrivateKeySigner = chain::RELAYER_KEY.parse().expect("key");
-    let option = PaymentOption::batch_settlement(
-        &Asset::usdc_base_sepolia(),
-        U256::from(PRICE),
-        chain::PAY_TO,
-        authorizer.address(),
-        900,
-        AssetTransferMethod::Eip3009,
-    )
-    .expect("option");
     let settler = OnchainSettler::connect(c.url(), relayer)
         .await
         .expect("settler");
-    let store = Arc::new(MemoryChannelStore::new());
-    let layer = PaymentLayer::builder()
-        .accept(option)
-        .channels(
-            Channels::new(store.clone(), settler.clone())
-                .with_authorizer(KeyAuthorizer(authorizer)),
-        )
-        .build()
-        .expect("layer");
-    // Metered: every third call charges 600 of the 1000 maximum, the others the full price.
-    let runs = Arc::new(AtomicUsize::new(0));
-    let counted = runs.clone();
-    let app = axum::Router::new()
-        .route(
-            "/paid",
-            get(move |req: axum::extract::Request| {
-                let runs = counted.clone();
-                async move {
-                    let call = runs.fetch_add(1, Ordering::SeqCst);
-                    if call % 3 == 2 {
-                        let usage = req.extensions().get::<Usage>().expect("a meter");
-                        usage.charge_atomic(600).expect("within the price");
-                    }
-                    "paid"
-                }
-            }),
-        )
-        .layer(layer);
-    let (addr, _task) = serve(app).await;
+    let (addr, runs, _task) = channel_fac::metered_server(settler.clone()).await;
     let receiver_before = c.balance(chain::PAY_TO).await;
     let payer_before = c.balance(payer.address()).await;
-
-    // A first client process pays 40 calls and forgets its channel (in-memory storage); a
-    // second one, on the same channel (same salt), meets our corrective 402, recovers and
-    // pays the other 60, then refunds.
-    let run = |calls: u128, refund: &str| {
-        let mut cmd = std::process::Command::new("node");
-        cmd.arg(chain::process::repo().join("tests/clients/batch-pay.mjs"))
-            .arg(chain::PAYER3_KEY)
-            .arg(format!("http://{addr}/paid"))
-            .arg(calls.to_string())
-            .arg(c.url())
-            .arg((CALLS + 10).to_string())
-            .arg(B256::ZERO.to_string())
-            .arg(refund)
-            .env("X402_TEST_DEPS", &deps);
-        chain::process::run_json(&mut cmd, std::time::Duration::from_secs(300), || c.log())
-    };
-    let first = run(40, "no-refund");
-    assert_eq!(first["error"], Value::Null, "{first}");
-    assert_eq!(first["refusals"], json!([]), "{first}");
-    let mut out = run(CALLS - 40, "refund");
-    assert_eq!(out["error"], Value::Null, "{out}");
-    assert_eq!(
-        out["refusals"],
-        json!(["invalid_batch_settlement_evm_cumulative_amount_mismatch"]),
-        "the client without state met one corrective 402: {out}"
-    );
-    let mut statuses = first["statuses"].as_array().expect("statuses").clone();
-    statuses.extend(
-        out["statuses"]
-            .as_array()
-            .expect("statuses")
-            .iter()
-            .cloned(),
-    );
-    let mut receipts = first["receipts"].as_array().expect("receipts").clone();
-    receipts.extend(
-        out["receipts"]
-            .as_array()
-            .expect("receipts")
-            .iter()
-            .cloned(),
-    );
-    out["statuses"] = json!(statuses);
-    out["receipts"] = json!(receipts);
-    let statuses = out["statuses"].as_array().expect("statuses");
-    assert_eq!(statuses.len(), CALLS as usize, "{out}");
-    assert!(statuses.iter().all(|s| s == &json!(200)), "{statuses:?}");
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        CALLS as usize,
-        "one handler run per call"
-    );
-    let charges: Vec<u128> = (0..CALLS)
-        .map(|i| if i % 3 == 2 { 600 } else { PRICE })
-        .collect();
-    let total: u128 = charges.iter().sum();
-    let receipts = out["receipts"].as_array().expect("receipts");
-    let mut cumulative = 0;
-    for (i, (r, charge)) in receipts.iter().zip(&charges).enumerate() {
-        cumulative += charge;
-        assert_eq!(r["success"], json!(true), "call {i}: {r}");
-        assert_eq!(
-            r["extra"]["chargedAmount"],
-            json!(charge.to_string()),
-            "call {i}"
-        );
-        assert_eq!(
-            r["extra"]["channelState"]["chargedCumulativeAmount"],
-            json!(cumulative.to_string()),
-            "call {i}"
-        );
-        let tx = r["transaction"].as_str().expect("transaction");
-        assert_eq!(
-            i == 0,
-            !tx.is_empty(),
-            "call {i}: only the deposit has a transaction"
-        );
-    }
-    let deposit = (CALLS + 10) * PRICE;
-    assert_eq!(
-        receipts[0]["extra"]["channelState"]["balance"],
-        json!(deposit.to_string())
-    );
-    let refund = &out["refund"];
-    assert_eq!(refund["success"], json!(true), "{refund}");
-    assert!(
-        !refund["transaction"].as_str().unwrap_or("").is_empty(),
-        "{refund}"
-    );
-    assert_eq!(
-        refund["amount"],
-        json!((deposit - total).to_string()),
-        "{refund}"
-    );
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        CALLS as usize,
-        "the refund ran no handler"
-    );
+    let channel_fac::OfficialRun { total, deposit, .. } =
+        channel_fac::official_client_pays_and_refunds(&c, &deps, addr, &runs);
 
     settler
         .settle_channels(chain::PAY_TO, chain::TOKEN)
@@ -775,7 +636,10 @@ async fn the_official_client_pays_100_calls_over_http_recovers_lost_state_and_re
         U256::from(total)
     );
     assert_eq!(c.balance(chain::BATCH_SETTLEMENT).await, U256::ZERO);
-    println!("official client over HTTP: {CALLS} calls, {total} charged, {deposit} deposited");
+    println!(
+        "official client over HTTP: {} calls, {total} charged, {deposit} deposited",
+        channel_fac::CALLS
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,0 +1,217 @@
+//! Shared by the channel tests over HTTP (`#[path]`-included, as `common/redis_server.rs`): the
+//! receiver authorizer's key, and (feature `onchain`) the official `@x402/evm` batch-settlement
+//! client paying 100 metered calls on our axum server and refunding, whatever escrow backs the
+//! channels (our relayer in tests/channel_http.rs, the reference facilitator in
+//! tests/channel_facilitator.rs). The caller settles and checks the balances.
+#![allow(dead_code)]
+
+use alloy_signer::SignerSync;
+use alloy_signer_local::PrivateKeySigner;
+use tower_x402::channel;
+use tower_x402::primitives::{B256, Bytes};
+
+/// The receiver authorizer's key (anvil #5).
+pub const AUTHORIZER_KEY: &str =
+    "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
+
+/// The receiver authorizer (anvil #5), signing claims and refunds.
+pub struct KeyAuthorizer(pub PrivateKeySigner);
+
+impl KeyAuthorizer {
+    /// Anvil #5.
+    pub fn anvil5() -> Self {
+        Self(AUTHORIZER_KEY.parse().expect("key"))
+    }
+}
+
+impl channel::ReceiverAuthorizer for KeyAuthorizer {
+    fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
+        Ok(Bytes::from(
+            self.0.sign_hash_sync(&digest)?.as_bytes().to_vec(),
+        ))
+    }
+}
+
+#[cfg(feature = "onchain")]
+pub use official::*;
+
+#[cfg(feature = "onchain")]
+mod official {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::routing::get;
+    use serde_json::{Value, json};
+    use tower_x402::channel::AssetTransferMethod;
+    use tower_x402::channel::serve::{Channels, Escrow};
+    use tower_x402::channel::store::MemoryChannelStore;
+    use tower_x402::primitives::{B256, U256};
+    use tower_x402::upto::Usage;
+    use tower_x402::{Asset, PaymentLayer, PaymentOption};
+
+    use super::KeyAuthorizer;
+    use crate::chain;
+
+    /// The route's price (the per-call maximum).
+    pub const PRICE: u128 = 1_000;
+    /// Calls paid.
+    pub const CALLS: u128 = 100;
+
+    /// What the official client paid.
+    pub struct OfficialRun {
+        /// The sum charged over the calls.
+        pub total: u128,
+        /// The deposit.
+        pub deposit: u128,
+        /// Handler runs.
+        pub runs: usize,
+    }
+
+    /// A paid `GET /paid` served with channels in memory, deposits and refunds through
+    /// `escrow`. Metered: every third call charges 600 of the 1000 maximum, the others the
+    /// full price. Returns its address and the handler-run counter.
+    pub async fn metered_server<X: Escrow>(
+        escrow: X,
+    ) -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+        let authorizer = KeyAuthorizer::anvil5();
+        let option = PaymentOption::batch_settlement(
+            &Asset::usdc_base_sepolia(),
+            U256::from(PRICE),
+            chain::PAY_TO,
+            authorizer.0.address(),
+            900,
+            AssetTransferMethod::Eip3009,
+        )
+        .expect("option");
+        let layer = PaymentLayer::builder()
+            .accept(option)
+            .channels(
+                Channels::new(Arc::new(MemoryChannelStore::new()), escrow)
+                    .with_authorizer(authorizer),
+            )
+            .build()
+            .expect("layer");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let app = axum::Router::new()
+            .route(
+                "/paid",
+                get(move |req: axum::extract::Request| {
+                    let runs = counted.clone();
+                    async move {
+                        let call = runs.fetch_add(1, Ordering::SeqCst);
+                        if call % 3 == 2 {
+                            let usage = req.extensions().get::<Usage>().expect("a meter");
+                            usage.charge_atomic(600).expect("within the price");
+                        }
+                        "paid"
+                    }
+                }),
+            )
+            .layer(layer);
+        let (addr, task) = crate::common::serve(app).await;
+        (addr, runs, task)
+    }
+
+    /// The official client pays [`CALLS`] calls of `url` on chain `c` (payer: anvil's
+    /// `PAYER3`): a first process pays 40 and forgets its channel (in-memory storage), a second
+    /// one on the same channel meets the corrective 402, recovers, pays the other 60 and
+    /// refunds. Checks every status, receipt, the refund and one handler run per call.
+    pub fn official_client_pays_and_refunds(
+        c: &chain::Chain,
+        deps: &Path,
+        addr: SocketAddr,
+        runs: &AtomicUsize,
+    ) -> OfficialRun {
+        let run = |calls: u128, refund: &str| {
+            let mut cmd = std::process::Command::new("node");
+            cmd.arg(chain::process::repo().join("tests/clients/batch-pay.mjs"))
+                .arg(chain::PAYER3_KEY)
+                .arg(format!("http://{addr}/paid"))
+                .arg(calls.to_string())
+                .arg(c.url())
+                .arg((CALLS + 10).to_string())
+                .arg(B256::ZERO.to_string())
+                .arg(refund)
+                .env("X402_TEST_DEPS", deps);
+            chain::process::run_json(&mut cmd, std::time::Duration::from_secs(300), || c.log())
+        };
+        let first = run(40, "no-refund");
+        assert_eq!(first["error"], Value::Null, "{first}");
+        assert_eq!(first["refusals"], json!([]), "{first}");
+        let out = run(CALLS - 40, "refund");
+        assert_eq!(out["error"], Value::Null, "{out}");
+        assert_eq!(
+            out["refusals"],
+            json!(["invalid_batch_settlement_evm_cumulative_amount_mismatch"]),
+            "the client without state met one corrective 402: {out}"
+        );
+        let both = |key: &str| -> Vec<Value> {
+            let mut all = first[key].as_array().expect(key).clone();
+            all.extend(out[key].as_array().expect(key).iter().cloned());
+            all
+        };
+        let statuses = both("statuses");
+        assert_eq!(statuses.len(), CALLS as usize, "{out}");
+        assert!(statuses.iter().all(|s| s == &json!(200)), "{statuses:?}");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            CALLS as usize,
+            "one handler run per call"
+        );
+        let charges: Vec<u128> = (0..CALLS)
+            .map(|i| if i % 3 == 2 { 600 } else { PRICE })
+            .collect();
+        let total: u128 = charges.iter().sum();
+        let receipts = both("receipts");
+        let mut cumulative = 0;
+        for (i, (r, charge)) in receipts.iter().zip(&charges).enumerate() {
+            cumulative += charge;
+            assert_eq!(r["success"], json!(true), "call {i}: {r}");
+            assert_eq!(
+                r["extra"]["chargedAmount"],
+                json!(charge.to_string()),
+                "call {i}"
+            );
+            assert_eq!(
+                r["extra"]["channelState"]["chargedCumulativeAmount"],
+                json!(cumulative.to_string()),
+                "call {i}"
+            );
+            let tx = r["transaction"].as_str().expect("transaction");
+            assert_eq!(
+                i == 0,
+                !tx.is_empty(),
+                "call {i}: only the deposit has a transaction"
+            );
+        }
+        let deposit = (CALLS + 10) * PRICE;
+        assert_eq!(
+            receipts[0]["extra"]["channelState"]["balance"],
+            json!(deposit.to_string())
+        );
+        let refund = &out["refund"];
+        assert_eq!(refund["success"], json!(true), "{refund}");
+        assert!(
+            !refund["transaction"].as_str().unwrap_or("").is_empty(),
+            "{refund}"
+        );
+        assert_eq!(
+            refund["amount"],
+            json!((deposit - total).to_string()),
+            "{refund}"
+        );
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            CALLS as usize,
+            "the refund ran no handler"
+        );
+        OfficialRun {
+            total,
+            deposit,
+            runs: runs.load(Ordering::SeqCst),
+        }
+    }
+}
