@@ -68,6 +68,7 @@
 
 mod auth;
 mod builder;
+pub mod channel;
 mod error;
 mod http;
 mod supported;
@@ -118,6 +119,8 @@ struct Inner {
     refresh_every: Duration,
     retry_every: Duration,
     cache: Cache,
+    /// Channel deposits whose outcome is unknown (`channel.rs`).
+    deposits: channel::InDoubt,
     clock: Arc<dyn Clock>,
     max_skew: u64,
     v1_resource: String,
