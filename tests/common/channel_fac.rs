@@ -7,8 +7,13 @@
 
 use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
+use std::time::{SystemTime, UNIX_EPOCH};
 use tower_x402::channel;
-use tower_x402::primitives::{B256, Bytes};
+
+use tower_x402::primitives::{Address, B256, Bytes, U256, address};
+use tower_x402::proto::batch::{
+    BatchEvmPayload, ChannelConfig, Deposit, DepositAuthorization, Erc3009Authorization, Voucher,
+};
 
 /// The receiver authorizer's key (anvil #5).
 pub const AUTHORIZER_KEY: &str =
@@ -29,6 +34,114 @@ impl channel::ReceiverAuthorizer for KeyAuthorizer {
         Ok(Bytes::from(
             self.0.sign_hash_sync(&digest)?.as_bytes().to_vec(),
         ))
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// The chain of the tests (Base Sepolia's id, anvil's too).
+pub const CHAIN: u64 = 84532;
+/// The route's token (Base Sepolia USDC; the test USDC on anvil).
+pub const TOKEN: Address = address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e");
+/// The route's `payTo` (anvil #2).
+pub const RECEIVER: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
+/// The receiver authorizer's address (anvil #5).
+pub const AUTHORIZER: Address = address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc");
+
+/// A payer and its channel (payer = payer authorizer).
+pub struct Payer {
+    /// The payer's key.
+    pub key: PrivateKeySigner,
+    /// Its channel.
+    pub config: ChannelConfig,
+    /// The channel's id.
+    pub id: B256,
+}
+
+impl Payer {
+    pub fn new(salt: u8) -> Self {
+        let key: PrivateKeySigner =
+            "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"
+                .parse()
+                .expect("key");
+        Self::with(key, salt, |_| {})
+    }
+
+    /// A channel whose config `edit` changed (its id recomputed: the config is consistent).
+    pub fn with(key: PrivateKeySigner, salt: u8, edit: impl FnOnce(&mut ChannelConfig)) -> Self {
+        let mut config = ChannelConfig {
+            payer: key.address(),
+            payer_authorizer: key.address(),
+            receiver: RECEIVER,
+            receiver_authorizer: AUTHORIZER,
+            token: TOKEN,
+            withdraw_delay: 900,
+            salt: B256::repeat_byte(salt),
+        };
+        edit(&mut config);
+        let id = channel::channel_id(CHAIN, &config);
+        Payer { key, config, id }
+    }
+
+    pub fn sign(&self, digest: B256) -> Bytes {
+        Bytes::from(
+            self.key
+                .sign_hash_sync(&digest)
+                .expect("sign")
+                .as_bytes()
+                .to_vec(),
+        )
+    }
+
+    pub fn voucher(&self, ceiling: u128) -> Voucher {
+        let digest = channel::voucher_digest(CHAIN, self.id, U256::from(ceiling)).expect("u128");
+        Voucher {
+            channel_id: self.id,
+            max_claimable_amount: U256::from(ceiling),
+            signature: self.sign(digest),
+        }
+    }
+
+    pub fn pay(&self, ceiling: u128) -> BatchEvmPayload {
+        BatchEvmPayload::Voucher {
+            channel_config: self.config.clone(),
+            voucher: self.voucher(ceiling),
+        }
+    }
+
+    pub fn deposit(&self, amount: u128, ceiling: u128) -> BatchEvmPayload {
+        let salt = B256::repeat_byte(0x5a);
+        let valid_before = U256::from(now() + 600);
+        let digest = channel::receive_authorization_digest(
+            &channel::token_domain(CHAIN, TOKEN, "USDC", "2"),
+            self.config.payer,
+            U256::from(amount),
+            U256::ZERO,
+            valid_before,
+            channel::deposit_nonce(self.id, salt),
+        );
+        BatchEvmPayload::Deposit {
+            channel_config: self.config.clone(),
+            voucher: self.voucher(ceiling),
+            deposit: Deposit {
+                amount: U256::from(amount),
+                authorization: DepositAuthorization {
+                    erc3009_authorization: Some(Erc3009Authorization {
+                        valid_after: U256::ZERO,
+                        valid_before,
+                        salt,
+                        signature: self.sign(digest),
+                    }),
+                    permit2_authorization: None,
+                },
+            },
+        }
     }
 }
 
