@@ -58,7 +58,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::http::{Failure, Reply, backoff, retry_after};
+use super::http::{Failure, Reply};
 use super::{Endpoint, FacilitatorClient, FacilitatorError, parse, status_error, tx_hash};
 use crate::Network;
 use crate::alert::{Alert, alert};
@@ -116,6 +116,8 @@ struct VerifyReply {
     invalid_reason: Option<String>,
     #[serde(default)]
     invalid_message: Option<String>,
+    #[serde(default)]
+    payer: Option<String>,
     #[serde(default)]
     extra: Option<ChainState>,
 }
@@ -277,6 +279,7 @@ impl FacilitatorClient {
     async fn channel_verify(
         &self,
         body: bytes::Bytes,
+        config: &ChannelConfig,
         channel: B256,
     ) -> Result<Result<(u128, u128), (Option<String>, String)>, FacilitatorError> {
         let i = &self.inner;
@@ -297,32 +300,25 @@ impl FacilitatorClient {
             );
             return Ok(Err((answer.invalid_reason, detail)));
         }
+        if let Some(payer) = &answer.payer
+            && payer.parse::<Address>() != Ok(config.payer)
+        {
+            return Err(FacilitatorError::Inconsistent("vouches for another payer"));
+        }
         let state = answer.extra.ok_or(FacilitatorError::Inconsistent(
             "valid without the channel state",
         ))?;
         state.of(channel).map(Ok)
     }
 
-    /// One `/settle`, repeated only while it surely did not reach the facilitator.
+    /// One `/settle` ([`FacilitatorClient::settle_call`]) and what it came to.
     async fn channel_settle(&self, body: bytes::Bytes, network: Network) -> Settled {
-        let i = &self.inner;
-        let mut attempt = 1;
-        let reply = loop {
-            match i
-                .transport
-                .call(Endpoint::Settle, Some(body.clone()), i.settle_timeout)
-                .await
-            {
-                Ok(reply) => break reply,
-                Err(Failure::NotSent(_)) if attempt < i.attempts => {
-                    tokio::time::sleep(backoff(attempt, i.backoff_base, i.backoff_cap)).await;
-                    attempt += 1;
-                }
-                Err(Failure::NotSent(e)) => return Settled::NotSent(e),
-                Err(Failure::MaybeSent(e)) => return Settled::Unknown(e, None),
-            }
+        let reply = match self.settle_call(body).await {
+            Ok(reply) => reply,
+            Err(Failure::NotSent(e)) => return Settled::NotSent(e),
+            Err(Failure::MaybeSent(e)) => return Settled::Unknown(e, None),
         };
-        settled(&reply, network, i.max_retry_after)
+        settled(&reply, network)
     }
 
     /// Claims the latest vouchers of many channels in one `claimWithSignature` transaction
@@ -401,7 +397,7 @@ impl FacilitatorClient {
             "voucher": voucher,
         });
         let state = self
-            .channel_verify(body(req, probe), voucher.channel_id)
+            .channel_verify(body(req, probe), config, voucher.channel_id)
             .await
             .map_err(escrow)?;
         match state {
@@ -431,9 +427,9 @@ const NOTHING_TO_SETTLE: &str = "invalid_batch_settlement_evm_nothing_to_settle"
 const SETTLEMENT_PENDING: &str = "settlement_pending";
 
 /// What a `/settle` reply means.
-fn settled(reply: &Reply, network: Network, cap: std::time::Duration) -> Settled {
+fn settled(reply: &Reply, network: Network) -> Settled {
+    // Rate limited: not processed (the layer answers 503 with its own `Retry-After`).
     if reply.status == http::StatusCode::TOO_MANY_REQUESTS {
-        let _ = retry_after(&reply.headers, cap);
         return Settled::NotSent(status_error(reply));
     }
     // It may have broadcast before failing.
@@ -545,7 +541,7 @@ impl Escrow for FacilitatorClient {
         }
         let body = body(&req, serde_json::to_value(payload).unwrap_or_default());
         let (before, _) = self
-            .channel_verify(body.clone(), channel)
+            .channel_verify(body.clone(), channel_config, channel)
             .await
             .map_err(escrow)?
             .map_err(|(r, d)| refusal(r.as_deref(), d))?;
@@ -660,49 +656,39 @@ mod tests {
     #[test]
     fn settle_replies_are_classified_strictly() {
         let n = Network::BASE_SEPOLIA;
-        let cap = std::time::Duration::from_secs(60);
         let tx = format!("0x{}", "ab".repeat(32));
         let ok = format!(r#"{{"success":true,"transaction":"{tx}","network":"eip155:84532"}}"#);
-        assert!(matches!(
-            settled(&reply(200, &ok), n, cap),
-            Settled::Done(..)
-        ));
+        assert!(matches!(settled(&reply(200, &ok), n), Settled::Done(..)));
         let other = ok.replace("84532", "8453");
         assert!(matches!(
-            settled(&reply(200, &other), n, cap),
+            settled(&reply(200, &other), n),
+            Settled::Unknown(..)
+        ));
+        assert!(matches!(settled(&reply(500, &ok), n), Settled::Unknown(..)));
+        assert!(matches!(
+            settled(&reply(200, "[true]"), n),
             Settled::Unknown(..)
         ));
         assert!(matches!(
-            settled(&reply(500, &ok), n, cap),
+            settled(&reply(200, r#"{"success":true}"#), n),
             Settled::Unknown(..)
         ));
+        assert!(matches!(settled(&reply(429, ""), n), Settled::NotSent(..)));
         assert!(matches!(
-            settled(&reply(200, "[true]"), n, cap),
-            Settled::Unknown(..)
-        ));
-        assert!(matches!(
-            settled(&reply(200, r#"{"success":true}"#), n, cap),
-            Settled::Unknown(..)
-        ));
-        assert!(matches!(
-            settled(&reply(429, ""), n, cap),
-            Settled::NotSent(..)
-        ));
-        assert!(matches!(
-            settled(&reply(404, "nope"), n, cap),
+            settled(&reply(404, "nope"), n),
             Settled::NotSent(..)
         ));
         let pending = format!(
             r#"{{"success":false,"errorReason":"settlement_pending","transaction":"{tx}"}}"#
         );
         assert!(matches!(
-            settled(&reply(200, &pending), n, cap),
+            settled(&reply(200, &pending), n),
             Settled::Unknown(FacilitatorError::Pending { .. }, Some(_))
         ));
         let no =
             r#"{"success":false,"errorReason":"invalid_batch_settlement_evm_nothing_to_settle"}"#;
         assert!(matches!(
-            settled(&reply(200, no), n, cap),
+            settled(&reply(200, no), n),
             Settled::Refused(Some(_), _)
         ));
     }

@@ -8,7 +8,8 @@
 use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tower_x402::channel;
+use tower_x402::channel::{self, AssetTransferMethod};
+use tower_x402::{Asset, PaymentOption};
 
 use tower_x402::primitives::{Address, B256, Bytes, U256, address};
 use tower_x402::proto::batch::{
@@ -145,6 +146,23 @@ impl Payer {
     }
 }
 
+/// The route's `batch-settlement` option: [`PRICE`] per call at most, paid to [`RECEIVER`],
+/// claims and refunds signed by [`AUTHORIZER`], EIP-3009 deposits.
+pub fn option() -> PaymentOption {
+    PaymentOption::batch_settlement(
+        &Asset::usdc_base_sepolia(),
+        U256::from(PRICE),
+        RECEIVER,
+        AUTHORIZER,
+        900,
+        AssetTransferMethod::Eip3009,
+    )
+    .expect("option")
+}
+
+/// The route's price (the per-call maximum).
+pub const PRICE: u128 = 1_000;
+
 #[cfg(feature = "onchain")]
 pub use official::*;
 
@@ -157,18 +175,15 @@ mod official {
 
     use axum::routing::get;
     use serde_json::{Value, json};
-    use tower_x402::channel::AssetTransferMethod;
+    use tower_x402::PaymentLayer;
     use tower_x402::channel::serve::{Channels, Escrow};
     use tower_x402::channel::store::MemoryChannelStore;
-    use tower_x402::primitives::{B256, U256};
+    use tower_x402::primitives::B256;
     use tower_x402::upto::Usage;
-    use tower_x402::{Asset, PaymentLayer, PaymentOption};
 
-    use super::KeyAuthorizer;
+    use super::{KeyAuthorizer, PRICE};
     use crate::chain;
 
-    /// The route's price (the per-call maximum).
-    pub const PRICE: u128 = 1_000;
     /// Calls paid.
     pub const CALLS: u128 = 100;
 
@@ -189,15 +204,7 @@ mod official {
         escrow: X,
     ) -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
         let authorizer = KeyAuthorizer::anvil5();
-        let option = PaymentOption::batch_settlement(
-            &Asset::usdc_base_sepolia(),
-            U256::from(PRICE),
-            chain::PAY_TO,
-            authorizer.0.address(),
-            900,
-            AssetTransferMethod::Eip3009,
-        )
-        .expect("option");
+        let option = super::option();
         let layer = PaymentLayer::builder()
             .accept(option)
             .channels(
