@@ -38,7 +38,7 @@ use common::{Hits, Reply, WireClient, app, client, serve, wire};
 use http::HeaderName;
 use serde_json::{Value, json};
 use tower_x402::channel::serve::Channels;
-use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
+use tower_x402::channel::store::MemoryChannelStore;
 use tower_x402::facilitator::FacilitatorClient;
 use tower_x402::primitives::{B256, U256};
 use tower_x402::proto::batch::BatchEvmPayload;
@@ -286,11 +286,7 @@ impl Server {
     }
 
     async fn charged(&self, id: B256) -> u128 {
-        self.store
-            .load(id)
-            .await
-            .expect("load")
-            .map_or(0, |s| s.charged_cumulative)
+        channel_fac::charged(self.store.as_ref(), id).await
     }
 }
 

@@ -8,6 +8,7 @@
 use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
 use std::time::{SystemTime, UNIX_EPOCH};
+use tower_x402::channel::store::ChannelStore;
 use tower_x402::channel::{self, AssetTransferMethod};
 use tower_x402::{Asset, PaymentOption};
 
@@ -158,6 +159,15 @@ pub fn option() -> PaymentOption {
         AssetTransferMethod::Eip3009,
     )
     .expect("option")
+}
+
+/// What `store` records as charged on channel `id` (0 without a record).
+pub async fn charged(store: &impl ChannelStore, id: B256) -> u128 {
+    store
+        .load(id)
+        .await
+        .expect("load")
+        .map_or(0, |s| s.charged_cumulative)
 }
 
 /// The route's price (the per-call maximum).
