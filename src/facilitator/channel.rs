@@ -47,7 +47,7 @@
 //! facilitator had named it, else the zero hash) and nothing is sent; only if it did not is it
 //! verified and sent again, and then the authorization's EIP-3009 nonce still makes a second
 //! transfer impossible on chain. The record of doubtful deposits lives in this client (shared
-//! by its clones), so a retry reaching another server instance is reconciled by the chain
+//! by its clones; a record goes once its authorization expired), so a retry reaching another server instance is reconciled by the chain
 //! alone (the reference facilitator also keeps its own record of pending deposits).
 
 use std::collections::HashMap;
@@ -80,14 +80,20 @@ struct Doubt {
     amount: u128,
     /// Its transaction, if the facilitator named one.
     transaction: Option<B256>,
+    /// The authorization's `validBefore`: after it the deposit cannot land any more, and the
+    /// layer refuses the payload, so the record is dropped.
+    valid_before: u64,
 }
 
 impl InDoubt {
     fn get(&self, key: &B256) -> Option<Doubt> {
         self.0.lock().ok()?.get(key).copied()
     }
-    fn put(&self, key: B256, doubt: Doubt) {
+    /// Records `doubt`, dropping the records that expired by `now` (so the map is bounded by
+    /// the deposits in doubt within one authorization lifetime).
+    fn put(&self, key: B256, doubt: Doubt, now: u64) {
         if let Ok(mut map) = self.0.lock() {
+            map.retain(|_, d| d.valid_before > now);
             map.insert(key, doubt);
         }
     }
@@ -545,13 +551,23 @@ impl Escrow for FacilitatorClient {
             .await
             .map_err(escrow)?
             .map_err(|(r, d)| refusal(r.as_deref(), d))?;
+        let valid_before = deposit
+            .authorization
+            .erc3009_authorization
+            .as_ref()
+            .map_or(u64::MAX, |a| {
+                u64::try_from(a.valid_before).unwrap_or(u64::MAX)
+            });
         let doubt = |transaction| Doubt {
             before,
             amount: deposited,
             transaction,
+            valid_before,
         };
         let unknown = |e: FacilitatorError, transaction| {
-            self.inner.deposits.put(key, doubt(transaction));
+            self.inner
+                .deposits
+                .put(key, doubt(transaction), self.inner.clock.now());
             alert!(
                 Alert::SettlementUnknown,
                 cause = &e,
@@ -707,6 +723,25 @@ mod tests {
         assert!(s("-1", "0").of(id).is_err());
         assert!(s(&U256::MAX.to_string(), "0").of(id).is_err());
         assert!(s("1e3", "0").of(id).is_err());
+    }
+
+    #[test]
+    fn expired_doubts_are_dropped() {
+        let doubts = InDoubt::default();
+        let d = |valid_before| Doubt {
+            before: 0,
+            amount: 1,
+            transaction: None,
+            valid_before,
+        };
+        doubts.put(B256::repeat_byte(1), d(100), 50);
+        doubts.put(B256::repeat_byte(2), d(1_000), 50);
+        assert!(doubts.get(&B256::repeat_byte(1)).is_some());
+        doubts.put(B256::repeat_byte(3), d(1_000), 100);
+        assert!(doubts.get(&B256::repeat_byte(1)).is_none(), "expired");
+        assert!(doubts.get(&B256::repeat_byte(2)).is_some());
+        doubts.forget(&B256::repeat_byte(2));
+        assert!(doubts.get(&B256::repeat_byte(2)).is_none());
     }
 
     #[test]
