@@ -20,128 +20,27 @@ mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
 
 use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::{Value, json};
+use tower_x402::PaymentLayer;
+use tower_x402::channel;
 use tower_x402::channel::serve::Channels;
 use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
-use tower_x402::channel::{self, AssetTransferMethod};
-use tower_x402::primitives::{Address, B256, Bytes, U256, address};
-use tower_x402::proto::batch::{
-    BatchEvmPayload, ChannelConfig, Deposit, DepositAuthorization, Erc3009Authorization, Voucher,
-};
+use tower_x402::primitives::{Address, B256, Bytes, U256};
+use tower_x402::proto::batch::BatchEvmPayload;
 use tower_x402::test_util::encode;
-use tower_x402::{Asset, PaymentLayer, PaymentOption};
 
-use common::channel::{DEPOSIT_TX, KeyAuthorizer, REFUND_TX, RecordingEscrow};
+use channel_fac::{CHAIN, Payer, now};
+use common::channel::{DEPOSIT_TX, REFUND_TX, RecordingEscrow};
 use common::{Hits, Reply, STATUS_HEADER, WireClient, app, client, serve, wire};
 
 const PRICE: u128 = 1_000;
 const DEPOSIT: u128 = 100_000;
-const CHAIN: u64 = 84532;
-const TOKEN: Address = address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e");
-const RECEIVER: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
-const AUTHORIZER: Address = address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc");
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-}
-
-/// A payer and its channel (payer = payer authorizer).
-struct Payer {
-    key: PrivateKeySigner,
-    config: ChannelConfig,
-    id: B256,
-}
-
-impl Payer {
-    fn new(salt: u8) -> Self {
-        let key: PrivateKeySigner =
-            "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"
-                .parse()
-                .expect("key");
-        Self::with(key, salt, |_| {})
-    }
-
-    /// A channel whose config `edit` changed (its id recomputed: the config is consistent).
-    fn with(key: PrivateKeySigner, salt: u8, edit: impl FnOnce(&mut ChannelConfig)) -> Self {
-        let mut config = ChannelConfig {
-            payer: key.address(),
-            payer_authorizer: key.address(),
-            receiver: RECEIVER,
-            receiver_authorizer: AUTHORIZER,
-            token: TOKEN,
-            withdraw_delay: 900,
-            salt: B256::repeat_byte(salt),
-        };
-        edit(&mut config);
-        let id = channel::channel_id(CHAIN, &config);
-        Payer { key, config, id }
-    }
-
-    fn sign(&self, digest: B256) -> Bytes {
-        Bytes::from(
-            self.key
-                .sign_hash_sync(&digest)
-                .expect("sign")
-                .as_bytes()
-                .to_vec(),
-        )
-    }
-
-    fn voucher(&self, ceiling: u128) -> Voucher {
-        let digest = channel::voucher_digest(CHAIN, self.id, U256::from(ceiling)).expect("u128");
-        Voucher {
-            channel_id: self.id,
-            max_claimable_amount: U256::from(ceiling),
-            signature: self.sign(digest),
-        }
-    }
-
-    fn pay(&self, ceiling: u128) -> BatchEvmPayload {
-        BatchEvmPayload::Voucher {
-            channel_config: self.config.clone(),
-            voucher: self.voucher(ceiling),
-        }
-    }
-
-    fn deposit(&self, amount: u128, ceiling: u128) -> BatchEvmPayload {
-        let salt = B256::repeat_byte(0x5a);
-        let valid_before = U256::from(now() + 600);
-        let digest = channel::receive_authorization_digest(
-            &channel::token_domain(CHAIN, TOKEN, "USDC", "2"),
-            self.config.payer,
-            U256::from(amount),
-            U256::ZERO,
-            valid_before,
-            channel::deposit_nonce(self.id, salt),
-        );
-        BatchEvmPayload::Deposit {
-            channel_config: self.config.clone(),
-            voucher: self.voucher(ceiling),
-            deposit: Deposit {
-                amount: U256::from(amount),
-                authorization: DepositAuthorization {
-                    erc3009_authorization: Some(Erc3009Authorization {
-                        valid_after: U256::ZERO,
-                        valid_before,
-                        salt,
-                        signature: self.sign(digest),
-                    }),
-                    permit2_authorization: None,
-                },
-            },
-        }
-    }
-}
 
 struct Server {
     addr: SocketAddr,
@@ -167,15 +66,7 @@ impl Server {
         hits: Hits,
         authorizer: bool,
     ) -> Self {
-        let option = PaymentOption::batch_settlement(
-            &Asset::usdc_base_sepolia(),
-            U256::from(PRICE),
-            RECEIVER,
-            AUTHORIZER,
-            900,
-            AssetTransferMethod::Eip3009,
-        )
-        .expect("option");
+        let option = channel_fac::option();
         let layer = PaymentLayer::builder()
             .accept(option)
             .channels(if authorizer {
@@ -239,11 +130,7 @@ impl Server {
     }
 
     async fn charged(&self, id: B256) -> u128 {
-        self.store
-            .load(id)
-            .await
-            .expect("load")
-            .map_or(0, |s| s.charged_cumulative)
+        channel_fac::charged(self.store.as_ref(), id).await
     }
 }
 
@@ -730,15 +617,7 @@ async fn a_cooperative_refund_over_http_runs_no_handler_and_refuses_what_is_not_
 
 #[test]
 fn a_batch_settlement_option_without_channels_does_not_build() {
-    let option = PaymentOption::batch_settlement(
-        &Asset::usdc_base_sepolia(),
-        U256::from(PRICE),
-        RECEIVER,
-        AUTHORIZER,
-        900,
-        AssetTransferMethod::Eip3009,
-    )
-    .expect("option");
+    let option = channel_fac::option();
     let built = PaymentLayer::builder().accept(option).build();
     assert!(
         matches!(built, Err(tower_x402::error::ConfigError::Contradictory(m)) if m.contains(".channels")),
@@ -763,15 +642,7 @@ impl tower_x402::hooks::PaymentHooks for Refuse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_before_verify_hook_refuses_a_channel_payment_before_the_engine() {
-    let option = PaymentOption::batch_settlement(
-        &Asset::usdc_base_sepolia(),
-        U256::from(PRICE),
-        RECEIVER,
-        AUTHORIZER,
-        900,
-        AssetTransferMethod::Eip3009,
-    )
-    .expect("option");
+    let option = channel_fac::option();
     let escrow = Arc::new(RecordingEscrow::default());
     let layer = PaymentLayer::builder()
         .accept(option)

@@ -21,21 +21,13 @@ use tower_x402::proto::batch::{
 pub const AUTHORIZER_KEY: &str =
     "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
 
-/// The receiver authorizer (anvil #5), signing claims and refunds.
-pub struct KeyAuthorizer(pub PrivateKeySigner);
+/// The receiver authorizer of the channel tests (`tests/common/channel.rs`).
+pub use crate::common::channel::KeyAuthorizer;
 
 impl KeyAuthorizer {
     /// Anvil #5.
     pub fn anvil5() -> Self {
         Self(AUTHORIZER_KEY.parse().expect("key"))
-    }
-}
-
-impl channel::ReceiverAuthorizer for KeyAuthorizer {
-    fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
-        Ok(Bytes::from(
-            self.0.sign_hash_sync(&digest)?.as_bytes().to_vec(),
-        ))
     }
 }
 
