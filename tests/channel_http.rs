@@ -14,134 +14,33 @@
 
 #[cfg(feature = "onchain")]
 mod chain;
+#[path = "common/channel_fac.rs"]
+mod channel_fac;
 mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::Ordering;
 
 use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::{Value, json};
+use tower_x402::PaymentLayer;
+use tower_x402::channel;
 use tower_x402::channel::serve::Channels;
 use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
-use tower_x402::channel::{self, AssetTransferMethod};
-use tower_x402::primitives::{Address, B256, Bytes, U256, address};
-use tower_x402::proto::batch::{
-    BatchEvmPayload, ChannelConfig, Deposit, DepositAuthorization, Erc3009Authorization, Voucher,
-};
+use tower_x402::primitives::{Address, B256, Bytes, U256};
+use tower_x402::proto::batch::BatchEvmPayload;
 use tower_x402::test_util::encode;
-use tower_x402::{Asset, PaymentLayer, PaymentOption};
 
-use common::channel::{DEPOSIT_TX, KeyAuthorizer, REFUND_TX, RecordingEscrow};
+use channel_fac::{CHAIN, Payer, now};
+use common::channel::{DEPOSIT_TX, REFUND_TX, RecordingEscrow};
 use common::{Hits, Reply, STATUS_HEADER, WireClient, app, client, serve, wire};
 
 const PRICE: u128 = 1_000;
 const DEPOSIT: u128 = 100_000;
-const CHAIN: u64 = 84532;
-const TOKEN: Address = address!("0x036CbD53842c5426634e7929541eC2318f3dCF7e");
-const RECEIVER: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
-const AUTHORIZER: Address = address!("0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc");
-/// Anvil #5, whose address is [`AUTHORIZER`].
-const AUTHORIZER_KEY: &str = "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-}
-
-/// A payer and its channel (payer = payer authorizer).
-struct Payer {
-    key: PrivateKeySigner,
-    config: ChannelConfig,
-    id: B256,
-}
-
-impl Payer {
-    fn new(salt: u8) -> Self {
-        let key: PrivateKeySigner =
-            "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6"
-                .parse()
-                .expect("key");
-        Self::with(key, salt, |_| {})
-    }
-
-    /// A channel whose config `edit` changed (its id recomputed: the config is consistent).
-    fn with(key: PrivateKeySigner, salt: u8, edit: impl FnOnce(&mut ChannelConfig)) -> Self {
-        let mut config = ChannelConfig {
-            payer: key.address(),
-            payer_authorizer: key.address(),
-            receiver: RECEIVER,
-            receiver_authorizer: AUTHORIZER,
-            token: TOKEN,
-            withdraw_delay: 900,
-            salt: B256::repeat_byte(salt),
-        };
-        edit(&mut config);
-        let id = channel::channel_id(CHAIN, &config);
-        Payer { key, config, id }
-    }
-
-    fn sign(&self, digest: B256) -> Bytes {
-        Bytes::from(
-            self.key
-                .sign_hash_sync(&digest)
-                .expect("sign")
-                .as_bytes()
-                .to_vec(),
-        )
-    }
-
-    fn voucher(&self, ceiling: u128) -> Voucher {
-        let digest = channel::voucher_digest(CHAIN, self.id, U256::from(ceiling)).expect("u128");
-        Voucher {
-            channel_id: self.id,
-            max_claimable_amount: U256::from(ceiling),
-            signature: self.sign(digest),
-        }
-    }
-
-    fn pay(&self, ceiling: u128) -> BatchEvmPayload {
-        BatchEvmPayload::Voucher {
-            channel_config: self.config.clone(),
-            voucher: self.voucher(ceiling),
-        }
-    }
-
-    fn deposit(&self, amount: u128, ceiling: u128) -> BatchEvmPayload {
-        let salt = B256::repeat_byte(0x5a);
-        let valid_before = U256::from(now() + 600);
-        let digest = channel::receive_authorization_digest(
-            &channel::token_domain(CHAIN, TOKEN, "USDC", "2"),
-            self.config.payer,
-            U256::from(amount),
-            U256::ZERO,
-            valid_before,
-            channel::deposit_nonce(self.id, salt),
-        );
-        BatchEvmPayload::Deposit {
-            channel_config: self.config.clone(),
-            voucher: self.voucher(ceiling),
-            deposit: Deposit {
-                amount: U256::from(amount),
-                authorization: DepositAuthorization {
-                    erc3009_authorization: Some(Erc3009Authorization {
-                        valid_after: U256::ZERO,
-                        valid_before,
-                        salt,
-                        signature: self.sign(digest),
-                    }),
-                    permit2_authorization: None,
-                },
-            },
-        }
-    }
-}
 
 struct Server {
     addr: SocketAddr,
@@ -167,20 +66,12 @@ impl Server {
         hits: Hits,
         authorizer: bool,
     ) -> Self {
-        let option = PaymentOption::batch_settlement(
-            &Asset::usdc_base_sepolia(),
-            U256::from(PRICE),
-            RECEIVER,
-            AUTHORIZER,
-            900,
-            AssetTransferMethod::Eip3009,
-        )
-        .expect("option");
+        let option = channel_fac::option();
         let layer = PaymentLayer::builder()
             .accept(option)
             .channels(if authorizer {
-                let key: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
-                Channels::new(store.clone(), escrow.clone()).with_authorizer(KeyAuthorizer(key))
+                Channels::new(store.clone(), escrow.clone())
+                    .with_authorizer(channel_fac::KeyAuthorizer::anvil5())
             } else {
                 Channels::new(store.clone(), escrow.clone())
             })
@@ -239,11 +130,7 @@ impl Server {
     }
 
     async fn charged(&self, id: B256) -> u128 {
-        self.store
-            .load(id)
-            .await
-            .expect("load")
-            .map_or(0, |s| s.charged_cumulative)
+        channel_fac::charged(self.store.as_ref(), id).await
     }
 }
 
@@ -595,9 +482,7 @@ async fn a_deposit_that_does_not_land_is_a_503_and_runs_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_official_client_pays_100_calls_over_http_recovers_lost_state_and_refunds_exact_to_the_unit()
  {
-    use axum::routing::get;
     use tower_x402::settle::onchain::OnchainSettler;
-    use tower_x402::upto::Usage;
 
     let test = "the_official_client_pays_100_calls_over_http";
     let Some(deps) = chain::process::test_deps(
@@ -612,153 +497,16 @@ async fn the_official_client_pays_100_calls_over_http_recovers_lost_state_and_re
     let Some(c) = chain::Chain::start(test).await else {
         return;
     };
-    const CALLS: u128 = 100;
-    let authorizer: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
     let payer: PrivateKeySigner = chain::PAYER3_KEY.parse().expect("key");
     let relayer: PrivateKeySigner = chain::RELAYER_KEY.parse().expect("key");
-    let option = PaymentOption::batch_settlement(
-        &Asset::usdc_base_sepolia(),
-        U256::from(PRICE),
-        chain::PAY_TO,
-        authorizer.address(),
-        900,
-        AssetTransferMethod::Eip3009,
-    )
-    .expect("option");
     let settler = OnchainSettler::connect(c.url(), relayer)
         .await
         .expect("settler");
-    let store = Arc::new(MemoryChannelStore::new());
-    let layer = PaymentLayer::builder()
-        .accept(option)
-        .channels(
-            Channels::new(store.clone(), settler.clone())
-                .with_authorizer(KeyAuthorizer(authorizer)),
-        )
-        .build()
-        .expect("layer");
-    // Metered: every third call charges 600 of the 1000 maximum, the others the full price.
-    let runs = Arc::new(AtomicUsize::new(0));
-    let counted = runs.clone();
-    let app = axum::Router::new()
-        .route(
-            "/paid",
-            get(move |req: axum::extract::Request| {
-                let runs = counted.clone();
-                async move {
-                    let call = runs.fetch_add(1, Ordering::SeqCst);
-                    if call % 3 == 2 {
-                        let usage = req.extensions().get::<Usage>().expect("a meter");
-                        usage.charge_atomic(600).expect("within the price");
-                    }
-                    "paid"
-                }
-            }),
-        )
-        .layer(layer);
-    let (addr, _task) = serve(app).await;
+    let (addr, runs, _task) = channel_fac::metered_server(settler.clone()).await;
     let receiver_before = c.balance(chain::PAY_TO).await;
     let payer_before = c.balance(payer.address()).await;
-
-    // A first client process pays 40 calls and forgets its channel (in-memory storage); a
-    // second one, on the same channel (same salt), meets our corrective 402, recovers and
-    // pays the other 60, then refunds.
-    let run = |calls: u128, refund: &str| {
-        let mut cmd = std::process::Command::new("node");
-        cmd.arg(chain::process::repo().join("tests/clients/batch-pay.mjs"))
-            .arg(chain::PAYER3_KEY)
-            .arg(format!("http://{addr}/paid"))
-            .arg(calls.to_string())
-            .arg(c.url())
-            .arg((CALLS + 10).to_string())
-            .arg(B256::ZERO.to_string())
-            .arg(refund)
-            .env("X402_TEST_DEPS", &deps);
-        chain::process::run_json(&mut cmd, std::time::Duration::from_secs(300), || c.log())
-    };
-    let first = run(40, "no-refund");
-    assert_eq!(first["error"], Value::Null, "{first}");
-    assert_eq!(first["refusals"], json!([]), "{first}");
-    let mut out = run(CALLS - 40, "refund");
-    assert_eq!(out["error"], Value::Null, "{out}");
-    assert_eq!(
-        out["refusals"],
-        json!(["invalid_batch_settlement_evm_cumulative_amount_mismatch"]),
-        "the client without state met one corrective 402: {out}"
-    );
-    let mut statuses = first["statuses"].as_array().expect("statuses").clone();
-    statuses.extend(
-        out["statuses"]
-            .as_array()
-            .expect("statuses")
-            .iter()
-            .cloned(),
-    );
-    let mut receipts = first["receipts"].as_array().expect("receipts").clone();
-    receipts.extend(
-        out["receipts"]
-            .as_array()
-            .expect("receipts")
-            .iter()
-            .cloned(),
-    );
-    out["statuses"] = json!(statuses);
-    out["receipts"] = json!(receipts);
-    let statuses = out["statuses"].as_array().expect("statuses");
-    assert_eq!(statuses.len(), CALLS as usize, "{out}");
-    assert!(statuses.iter().all(|s| s == &json!(200)), "{statuses:?}");
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        CALLS as usize,
-        "one handler run per call"
-    );
-    let charges: Vec<u128> = (0..CALLS)
-        .map(|i| if i % 3 == 2 { 600 } else { PRICE })
-        .collect();
-    let total: u128 = charges.iter().sum();
-    let receipts = out["receipts"].as_array().expect("receipts");
-    let mut cumulative = 0;
-    for (i, (r, charge)) in receipts.iter().zip(&charges).enumerate() {
-        cumulative += charge;
-        assert_eq!(r["success"], json!(true), "call {i}: {r}");
-        assert_eq!(
-            r["extra"]["chargedAmount"],
-            json!(charge.to_string()),
-            "call {i}"
-        );
-        assert_eq!(
-            r["extra"]["channelState"]["chargedCumulativeAmount"],
-            json!(cumulative.to_string()),
-            "call {i}"
-        );
-        let tx = r["transaction"].as_str().expect("transaction");
-        assert_eq!(
-            i == 0,
-            !tx.is_empty(),
-            "call {i}: only the deposit has a transaction"
-        );
-    }
-    let deposit = (CALLS + 10) * PRICE;
-    assert_eq!(
-        receipts[0]["extra"]["channelState"]["balance"],
-        json!(deposit.to_string())
-    );
-    let refund = &out["refund"];
-    assert_eq!(refund["success"], json!(true), "{refund}");
-    assert!(
-        !refund["transaction"].as_str().unwrap_or("").is_empty(),
-        "{refund}"
-    );
-    assert_eq!(
-        refund["amount"],
-        json!((deposit - total).to_string()),
-        "{refund}"
-    );
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        CALLS as usize,
-        "the refund ran no handler"
-    );
+    let channel_fac::OfficialRun { total, deposit, .. } =
+        channel_fac::official_client_pays_and_refunds(&c, &deps, addr, &runs);
 
     settler
         .settle_channels(chain::PAY_TO, chain::TOKEN)
@@ -775,7 +523,10 @@ async fn the_official_client_pays_100_calls_over_http_recovers_lost_state_and_re
         U256::from(total)
     );
     assert_eq!(c.balance(chain::BATCH_SETTLEMENT).await, U256::ZERO);
-    println!("official client over HTTP: {CALLS} calls, {total} charged, {deposit} deposited");
+    println!(
+        "official client over HTTP: {} calls, {total} charged, {deposit} deposited",
+        channel_fac::CALLS
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -866,15 +617,7 @@ async fn a_cooperative_refund_over_http_runs_no_handler_and_refuses_what_is_not_
 
 #[test]
 fn a_batch_settlement_option_without_channels_does_not_build() {
-    let option = PaymentOption::batch_settlement(
-        &Asset::usdc_base_sepolia(),
-        U256::from(PRICE),
-        RECEIVER,
-        AUTHORIZER,
-        900,
-        AssetTransferMethod::Eip3009,
-    )
-    .expect("option");
+    let option = channel_fac::option();
     let built = PaymentLayer::builder().accept(option).build();
     assert!(
         matches!(built, Err(tower_x402::error::ConfigError::Contradictory(m)) if m.contains(".channels")),
@@ -899,15 +642,7 @@ impl tower_x402::hooks::PaymentHooks for Refuse {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_before_verify_hook_refuses_a_channel_payment_before_the_engine() {
-    let option = PaymentOption::batch_settlement(
-        &Asset::usdc_base_sepolia(),
-        U256::from(PRICE),
-        RECEIVER,
-        AUTHORIZER,
-        900,
-        AssetTransferMethod::Eip3009,
-    )
-    .expect("option");
+    let option = channel_fac::option();
     let escrow = Arc::new(RecordingEscrow::default());
     let layer = PaymentLayer::builder()
         .accept(option)

@@ -12,7 +12,7 @@
 //! voucher check ([`verify`]) and the channel state ([`store`]).
 //!
 //! [`serve::Channels`] serves one paid request on a channel end to end (lease, checks, deposit
-//! through an [`serve::Escrow`] such as `OnchainSettler`, handler, commit);
+//! through an [`serve::Escrow`] such as `OnchainSettler` or `FacilitatorClient`, handler, commit);
 //! `PaymentOption::batch_settlement` builds the challenge, and
 //! [`PaymentLayerBuilder::channels`](crate::layer::PaymentLayerBuilder::channels) makes a
 //! `PaymentLayer` serve the scheme over HTTP with it (receipts with [`receipt_extra`], the

@@ -62,6 +62,54 @@ pub trait Escrow: Send + Sync + 'static {
         nonce: U256,
         refund_signature: Bytes,
     ) -> Result<Mirror, EscrowError>;
+
+    /// Sends the deposit of `payload` (a `deposit` payload already checked against `terms`
+    /// and the channel's state): what [`Channels::pay`] calls. The default is
+    /// [`Escrow::deposit`]; a backend that needs the whole payment (a facilitator re-verifies
+    /// the voucher against the server's requirements) overrides it.
+    async fn deposit_payment(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+    ) -> Result<Mirror, EscrowError> {
+        let _ = terms;
+        match payload {
+            BatchEvmPayload::Deposit {
+                channel_config,
+                voucher,
+                deposit,
+            } => {
+                self.deposit(channel_config, voucher.channel_id, deposit)
+                    .await
+            }
+            _ => Err(EscrowError("not a deposit payload".into())),
+        }
+    }
+
+    /// The cooperative refund of `payload` (a `refund` payload): what [`Channels::refund`]
+    /// calls. The default is [`Escrow::refund`]; a backend that needs the chain and the
+    /// voucher (a facilitator) overrides it.
+    async fn refund_payment(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+        claim: Option<(ChannelClaim, Bytes)>,
+        amount: u128,
+        nonce: U256,
+        refund_signature: Bytes,
+    ) -> Result<Mirror, EscrowError> {
+        let _ = terms;
+        let channel = payload.voucher().channel_id;
+        self.refund(
+            payload.channel_config(),
+            channel,
+            claim,
+            amount,
+            nonce,
+            refund_signature,
+        )
+        .await
+    }
 }
 
 #[async_trait]
@@ -85,6 +133,26 @@ impl<T: Escrow + ?Sized> Escrow for std::sync::Arc<T> {
     ) -> Result<Mirror, EscrowError> {
         (**self)
             .refund(config, channel, claim, amount, nonce, refund_signature)
+            .await
+    }
+    async fn deposit_payment(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+    ) -> Result<Mirror, EscrowError> {
+        (**self).deposit_payment(terms, payload).await
+    }
+    async fn refund_payment(
+        &self,
+        terms: &ChannelTerms,
+        payload: &BatchEvmPayload,
+        claim: Option<(ChannelClaim, Bytes)>,
+        amount: u128,
+        nonce: U256,
+        refund_signature: Bytes,
+    ) -> Result<Mirror, EscrowError> {
+        (**self)
+            .refund_payment(terms, payload, claim, amount, nonce, refund_signature)
             .await
     }
 }
@@ -344,16 +412,16 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
             .map_err(PayError::Authorizer)?;
         let mirror = self
             .escrow
-            .refund(
-                &accepted.config,
-                channel,
+            .refund_payment(
+                terms,
+                payload,
                 claim,
                 amount,
                 state.refund_nonce,
                 refund_signature,
             )
             .await
-            .map_err(PayError::Escrow)?;
+            .map_err(escrow_refusal)?;
         let expected = state.charged_cumulative;
         state.balance = mirror.balance;
         state.total_claimed = mirror.total_claimed;
@@ -410,12 +478,12 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         let expected = stored.as_ref().map(|s| s.charged_cumulative);
         let mut state = stored.unwrap_or_else(|| fresh(&accepted, now));
         let mut mirrored = None;
-        if let (Request::Deposit { .. }, BatchEvmPayload::Deposit { deposit, .. }) =
+        if let (Request::Deposit { .. }, BatchEvmPayload::Deposit { .. }) =
             (&accepted.request, payload)
         {
             let m = self
                 .escrow
-                .deposit(&accepted.config, channel, deposit)
+                .deposit_payment(terms, payload)
                 .await
                 .map_err(escrow_refusal)?;
             state.balance = m.balance;

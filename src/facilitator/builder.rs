@@ -230,6 +230,7 @@ impl FacilitatorClientBuilder {
                 refresh_every: self.refresh_every,
                 retry_every: self.retry_every,
                 cache: Cache::default(),
+                deposits: Default::default(),
                 clock: self.clock,
                 max_skew: self.max_skew,
                 v1_resource: self.v1_resource,

@@ -59,6 +59,13 @@ pub enum FacilitatorError {
         /// Its reason and message, sanitized (for logs).
         detail: String,
     },
+    /// The facilitator refused a channel operation with a reason this crate has no code for
+    /// (e.g. the payer's balance); nothing happened on chain.
+    #[error("facilitator refused: {detail}")]
+    Refused {
+        /// Its reason and message, sanitized (for logs).
+        detail: String,
+    },
     /// The auth header provider failed; nothing was sent.
     #[error("facilitator auth headers could not be made")]
     Auth(#[source] BoxError),

@@ -54,6 +54,10 @@
 //! | other 4xx, 3xx | 503 | 503, proof released (it refused to process the call) |
 //! | oversized, malformed or inconsistent reply | 503 | `Unknown` (2xx) |
 //!
+//! Payment channels (`batch-settlement`): a `FacilitatorClient` is also a channel
+//! [`Escrow`](crate::channel::serve::Escrow) (deposits, cooperative refunds) and claims and
+//! settles channels; see [`channel`].
+//!
 //! Every reply is hostile input: bodies are capped
 //! ([`max_body_bytes`](FacilitatorClientBuilder::max_body_bytes), 64 KiB), typed parsing
 //! never panics, a facilitator's `payer` must be the authorization's `from`, and reason
@@ -68,6 +72,7 @@
 
 mod auth;
 mod builder;
+pub mod channel;
 mod error;
 mod http;
 mod supported;
@@ -118,6 +123,8 @@ struct Inner {
     refresh_every: Duration,
     retry_every: Duration,
     cache: Cache,
+    /// Channel deposits whose outcome is unknown (`channel.rs`).
+    deposits: channel::InDoubt,
     clock: Arc<dyn Clock>,
     max_skew: u64,
     v1_resource: String,
@@ -484,38 +491,47 @@ impl Settler for FacilitatorClient {
         } else {
             body
         };
+        let reply = match self.settle_call(body).await {
+            Ok(reply) => reply,
+            Err(Failure::NotSent(e)) => {
+                return Err(SettleError::Unavailable {
+                    retry_after: None,
+                    source: Box::new(e),
+                });
+            }
+            // May have reached it, and it has no status endpoint to ask: never resent.
+            Err(Failure::MaybeSent(e)) => {
+                return Err(SettleError::Unknown {
+                    transaction: None,
+                    retry_after: None,
+                    source: Box::new(e),
+                });
+            }
+        };
+        settle_reply(i, payment, &reply)
+    }
+}
+
+impl FacilitatorClient {
+    /// One `POST /settle`, repeated only while it surely did not reach the facilitator
+    /// (repeating cannot settle twice); the last failure otherwise.
+    async fn settle_call(&self, body: Bytes) -> Result<Reply, Failure> {
+        let i = &self.inner;
         let mut attempt = 1;
-        let reply = loop {
+        loop {
             match i
                 .transport
                 .call(Endpoint::Settle, Some(body.clone()), i.settle_timeout)
                 .await
             {
-                Ok(reply) => break reply,
-                // Never reached the facilitator: repeating cannot settle twice.
-                Err(Failure::NotSent(e)) if attempt < i.attempts => {
-                    // Dropped: the next attempt's error, if any, is the one reported.
-                    let _ = e;
+                // Dropped: the next attempt's error, if any, is the one reported.
+                Err(Failure::NotSent(_)) if attempt < i.attempts => {
                     tokio::time::sleep(backoff(attempt, i.backoff_base, i.backoff_cap)).await;
                     attempt += 1;
                 }
-                Err(Failure::NotSent(e)) => {
-                    return Err(SettleError::Unavailable {
-                        retry_after: None,
-                        source: Box::new(e),
-                    });
-                }
-                // May have reached it, and it has no status endpoint to ask: never resent.
-                Err(Failure::MaybeSent(e)) => {
-                    return Err(SettleError::Unknown {
-                        transaction: None,
-                        retry_after: None,
-                        source: Box::new(e),
-                    });
-                }
+                other => return other,
             }
-        };
-        settle_reply(i, payment, &reply)
+        }
     }
 }
 

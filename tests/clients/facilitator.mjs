@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 // The reference x402 facilitator (@x402/core x402Facilitator + @x402/evm exact scheme, v2 and v1, and
 // the v2 upto scheme) on loopback, settling on a local chain (tests/chain: anvil, chain id 84532, TestUSDC at the Base
-// Sepolia USDC address) from anvil account #0. Used by tests/facilitator.rs.
+// Sepolia USDC address) from anvil account #0, and the v2 batch-settlement scheme (deposits, claims,
+// settles and refunds into the x402BatchSettlement escrow; no authorizer key of its own: the server
+// signs claims and refunds). Used by tests/facilitator.rs and tests/channel_facilitator.rs.
 //   node facilitator.mjs --rpc URL [--port 0] [--key HEX]
 // First stdout line: `listening on http://127.0.0.1:PORT`. Then one stderr line per call.
 // HTTP: GET /supported, POST /verify, POST /settle with {x402Version, paymentPayload,
@@ -47,6 +49,7 @@ const { privateKeyToAccount } = need("viem/accounts");
 const { x402Facilitator } = need("@x402/core/facilitator");
 const { registerExactEvmScheme } = need("@x402/evm/exact/facilitator");
 const { UptoEvmScheme } = need("@x402/evm/upto/facilitator");
+const { BatchSettlementEvmScheme } = need("@x402/evm/batch-settlement/facilitator");
 const { toFacilitatorEvmSigner } = need("@x402/evm");
 
 const chain = defineChain({
@@ -66,6 +69,9 @@ registerExactEvmScheme(facilitator, { signer, networks: `eip155:${CHAIN_ID}` });
 // v2 `upto` (Permit2 through the x402 upto proxy); /supported advertises the settling account
 // as `extra.facilitatorAddress`.
 facilitator.register(`eip155:${CHAIN_ID}`, new UptoEvmScheme(signer));
+// v2 `batch-settlement` without an authorizer signer: /supported advertises no
+// `receiverAuthorizer`, so servers supply the claim and refund signatures.
+facilitator.register(`eip155:${CHAIN_ID}`, new BatchSettlementEvmScheme(signer));
 
 const json = (obj) => JSON.stringify(obj, (_k, v) => (typeof v === "bigint" ? v.toString() : v));
 function send(res, status, obj) {
