@@ -9,7 +9,7 @@ use ::redis::Script;
 use alloy_primitives::{Address, hex};
 use async_trait::async_trait;
 
-use super::ledger::{CreditLedger, Debit, Grant};
+use super::ledger::{CreditLedger, Debit, Grant, secs};
 use crate::nonce::StoreError;
 use crate::store::redis::{MAX_EXPIRY_MS, run_script, unavailable};
 
@@ -88,11 +88,6 @@ if n > MAX then n = MAX end
 put(string.format('%d', n), e)
 return 1
 ";
-
-/// Largest call count and Unix second handed to the scripts: their arithmetic stays exact
-/// (Lua numbers are doubles).
-const MAX_CALLS: u64 = MAX_EXPIRY_MS;
-const MAX_SECS: u64 = MAX_EXPIRY_MS / 1000;
 
 struct Scripts {
     grant: Script,
@@ -291,18 +286,14 @@ impl RedisCreditLedger {
 #[error("unexpected credit ledger reply {0}")]
 struct UnexpectedReply(i64);
 
-fn secs(t: u64) -> String {
-    t.min(MAX_SECS).to_string()
-}
-
 #[async_trait]
 impl CreditLedger for RedisCreditLedger {
     async fn grant(&self, payer: Address, grant: Grant, now: u64) -> Result<(), StoreError> {
-        let calls = grant
-            .calls
-            .map_or_else(String::new, |n| n.min(MAX_CALLS).to_string());
-        let expires_at = grant.expires_at.map_or_else(String::new, secs);
-        let now = secs(now);
+        // Capped, so that the scripts' arithmetic stays exact (Lua numbers are doubles).
+        let grant = grant.capped();
+        let calls = grant.calls.map_or_else(String::new, |n| n.to_string());
+        let expires_at = grant.expires_at.map_or_else(String::new, |t| t.to_string());
+        let now = secs(now).to_string();
         self.run(
             &self.scripts.grant,
             payer,
@@ -313,7 +304,7 @@ impl CreditLedger for RedisCreditLedger {
     }
 
     async fn debit(&self, payer: Address, now: u64) -> Result<Debit, StoreError> {
-        let now = secs(now);
+        let now = secs(now).to_string();
         match self
             .run(&self.scripts.debit, payer, &[now.as_bytes()])
             .await?
