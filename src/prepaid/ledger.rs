@@ -74,9 +74,10 @@ impl<T: CreditLedger + ?Sized> CreditLedger for std::sync::Arc<T> {
 }
 
 /// The largest call count a shared ledger stores, the same in Redis and PostgreSQL so both
-/// answer alike: a sum of two stays exact in a Lua number (a double) and fits a `BIGINT`.
+/// answer alike: exact in a Lua number (a double; the Redis scripts saturate at it too), and
+/// a sum of two fits a `BIGINT`.
 #[cfg(any(feature = "redis", feature = "postgres"))]
-pub(crate) const MAX_CALLS: u64 = 1 << 52;
+pub(crate) const MAX_CALLS: u64 = (1 << 53) - 1;
 /// The largest Unix second a shared ledger stores (its milliseconds fit as [`MAX_CALLS`] does).
 #[cfg(any(feature = "redis", feature = "postgres"))]
 const MAX_SECS: u64 = MAX_CALLS / 1000;

@@ -90,6 +90,25 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable { .. } | Self::Full { .. })
     }
+
+    /// The answer to an operation on a claim: `Ok` when it changed the entry the caller
+    /// holds, else [`StoreError::NotHeld`] (a stranger's token, or an expired claim).
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    pub(crate) fn held(changed: bool) -> Result<(), Self> {
+        if changed { Ok(()) } else { Err(Self::NotHeld) }
+    }
+}
+
+/// [`StoreError::Unavailable`] with `retry_after` and `source`.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn unavailable(
+    retry_after: Option<Duration>,
+    source: impl Into<BoxError>,
+) -> StoreError {
+    StoreError::Unavailable {
+        retry_after,
+        source: source.into(),
+    }
 }
 
 #[cfg(test)]

@@ -506,15 +506,7 @@ where
     }
 }
 
-pub(crate) fn unavailable(
-    retry_after: Option<Duration>,
-    source: impl Into<BoxError>,
-) -> StoreError {
-    StoreError::Unavailable {
-        retry_after,
-        source: source.into(),
-    }
-}
+pub(crate) use super::unavailable;
 
 /// A PostgreSQL operation ran past its deadline.
 #[derive(Debug, thiserror::Error)]
