@@ -169,17 +169,6 @@ impl RedisIdempotencyStore {
         out.push_str(id);
         out
     }
-
-    async fn run<T: ::redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        key: &IdempotencyKey,
-        args: &[&[u8]],
-        retry: bool,
-    ) -> Result<T, StoreError> {
-        let key = self.redis_key(key);
-        self.redis.run(script, &key, args, retry).await
-    }
 }
 
 fn token_hex(token: ClaimToken) -> String {
@@ -212,9 +201,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
             .to_string();
         let (lo, hi) = (millis(self.min_ttl), millis(self.max_ttl));
         let found: Option<Vec<u8>> = self
+            .redis
             .run(
                 &self.scripts.begin,
-                key,
+                &self.redis_key(key),
                 &[&mine, at.as_bytes(), lo.as_bytes(), hi.as_bytes()],
                 true,
             )
@@ -246,9 +236,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
         let stored: i64 = self
+            .redis
             .run(
                 &self.scripts.complete,
-                key,
+                &self.redis_key(key),
                 &[token_hex(token).as_bytes(), &response.to_bytes()],
                 true,
             )
@@ -258,9 +249,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
 
     async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError> {
         let deleted: i64 = self
+            .redis
             .run(
                 &self.scripts.abort,
-                key,
+                &self.redis_key(key),
                 &[token_hex(token).as_bytes()],
                 false,
             )

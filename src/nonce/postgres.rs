@@ -220,7 +220,8 @@ impl NonceStore for PostgresNonceStore {
         let (k, t) = (Self::row_key(key), token.0.to_be_bytes());
         let at = expires_at.saturating_mul(1000).min(MAX_EXPIRY_MS) as i64;
         let min_ttl = self.min_ttl.as_millis().clamp(1, u128::from(u32::MAX)) as i64;
-        let row = (self.pg)
+        let row = self
+            .pg
             .query_one(
                 &self.pg.sql.reserve,
                 &[&&k[..], &&t[..], &at, &min_ttl],

@@ -211,7 +211,8 @@ impl NonceStore for RedisNonceStore {
             .as_millis()
             .clamp(1, u128::from(u32::MAX))
             .to_string();
-        let found: Option<String> = (self.redis)
+        let found: Option<String> = self
+            .redis
             .run(
                 &self.scripts.reserve,
                 &self.redis_key(key),
@@ -232,7 +233,8 @@ impl NonceStore for RedisNonceStore {
     }
 
     async fn consume(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
-        let done: i64 = (self.redis)
+        let done: i64 = self
+            .redis
             .run(
                 &self.scripts.consume,
                 &self.redis_key(key),
@@ -244,7 +246,8 @@ impl NonceStore for RedisNonceStore {
     }
 
     async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
-        let done: i64 = (self.redis)
+        let done: i64 = self
+            .redis
             .run(
                 &self.scripts.release,
                 &self.redis_key(key),

@@ -251,7 +251,8 @@ impl CreditLedger for PostgresCreditLedger {
 
     async fn debit(&self, payer: Address, now: u64) -> Result<Debit, StoreError> {
         let now = at(now);
-        let rows = (self.pg)
+        let rows = self
+            .pg
             .query(&self.pg.sql.debit, &[&payer.as_slice(), &now], false)
             .await?;
         let bad = |what| self.pg.unavailable(UnexpectedRow(what));
@@ -274,7 +275,7 @@ impl CreditLedger for PostgresCreditLedger {
     }
 
     async fn refund(&self, payer: Address) -> Result<(), StoreError> {
-        (self.pg)
+        self.pg
             .execute(&self.pg.sql.refund, &[&payer.as_slice()], false)
             .await
             .map(|_| ())

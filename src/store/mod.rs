@@ -99,6 +99,23 @@ impl StoreError {
     }
 }
 
+/// `name`'s `Debug` with the settings every shared store has (never its connection: the
+/// address may carry a password); the caller adds its own fields and finishes it.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn debug_settings<'a, 'b>(
+    f: &'a mut std::fmt::Formatter<'b>,
+    name: &str,
+    prefix: &str,
+    timeout: Duration,
+    retry_after: Option<Duration>,
+) -> std::fmt::DebugStruct<'a, 'b> {
+    let mut d = f.debug_struct(name);
+    d.field("prefix", &prefix)
+        .field("timeout", &timeout)
+        .field("retry_after", &retry_after);
+    d
+}
+
 /// [`StoreError::Unavailable`] with `retry_after` and `source`.
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) fn unavailable(

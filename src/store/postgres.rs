@@ -248,18 +248,15 @@ impl<S> Base<S> {
         }
     }
 
-    /// `name`'s `Debug` with the settings every store has (not the pool: its configuration
-    /// may carry a password); the caller adds its own and finishes it.
+    /// `name`'s `Debug` with these settings and the clean-up interval; the caller adds its own
+    /// and finishes it.
     pub(crate) fn debug<'a, 'b>(
         &self,
         f: &'a mut std::fmt::Formatter<'b>,
         name: &str,
     ) -> std::fmt::DebugStruct<'a, 'b> {
-        let mut d = f.debug_struct(name);
-        d.field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
-            .field("retry_after", &self.retry_after)
-            .field("cleanup_interval", &self.cleanup.interval());
+        let mut d = super::debug_settings(f, name, &self.prefix, self.timeout, self.retry_after);
+        d.field("cleanup_interval", &self.cleanup.interval());
         d
     }
 
@@ -310,34 +307,18 @@ impl<S> Base<S> {
             .await
     }
 
-    /// As [`Base::execute`], for the one row it returns (none is an error).
+    /// [`Base::query`] of a statement that always returns one row: that row (none fails
+    /// closed).
     pub(crate) async fn query_one(
         &self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
         retry: bool,
     ) -> Result<Row, StoreError> {
-        self.call(
-            sql,
-            retry,
-            |c, s| async move { c.query_one(&s, params).await },
-        )
-        .await
-    }
-
-    /// As [`Base::execute`], for the row it returns, if any.
-    pub(crate) async fn query_opt(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        retry: bool,
-    ) -> Result<Option<Row>, StoreError> {
-        self.call(
-            sql,
-            retry,
-            |c, s| async move { c.query_opt(&s, params).await },
-        )
-        .await
+        let rows = self.query(sql, params, retry).await?;
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| self.unavailable("the statement returned no row"))
     }
 
     async fn call<T, F, Fut>(&self, sql: &str, retry: bool, op: F) -> Result<T, StoreError>

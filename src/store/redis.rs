@@ -269,18 +269,13 @@ impl Base {
         }
     }
 
-    /// `name`'s `Debug` with the settings every store has (not the connection: its address
-    /// may carry a password); the caller adds its own and finishes it.
+    /// `name`'s `Debug` with these settings; the caller adds its own and finishes it.
     pub(crate) fn debug<'a, 'b>(
         &self,
         f: &'a mut std::fmt::Formatter<'b>,
         name: &str,
     ) -> std::fmt::DebugStruct<'a, 'b> {
-        let mut d = f.debug_struct(name);
-        d.field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
-            .field("retry_after", &self.retry_after);
-        d
+        super::debug_settings(f, name, &self.prefix, self.timeout, self.retry_after)
     }
 
     /// The prefix and `raw` in lowercase hex, with room for `more` bytes.

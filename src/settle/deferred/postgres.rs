@@ -308,11 +308,9 @@ impl SettlementQueue for PostgresSettlementQueue {
                 &json,
                 &at,
             ];
-            let row = self
-                .pg
-                .query_opt(&self.pg.sql.append, &params, true)
-                .await?;
-            Ok(match row {
+            // One row when inserted, none for a duplicate.
+            let rows = self.pg.query(&self.pg.sql.append, &params, true).await?;
+            Ok(match rows.first() {
                 Some(row) => Appended::Accepted(row.get::<_, i64>(0) as u64),
                 None => Appended::Duplicate,
             })
@@ -376,7 +374,8 @@ impl SettlementQueue for PostgresSettlementQueue {
         let ripe = i64::try_from(req.ripe_ms).unwrap_or(i64::MAX);
         let owner = req.owner.0.to_be_bytes();
         let ttl = ms(req.ttl);
-        let rows = (self.pg)
+        let rows = self
+            .pg
             .query(&self.pg.sql.lease, &[&max, &ripe, &&owner[..], &ttl], true)
             .await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -424,7 +423,8 @@ impl SettlementQueue for PostgresSettlementQueue {
             .map(|(id, _)| i64::try_from(*id).unwrap_or(i64::MAX))
             .collect();
         let texts: Vec<String> = outcomes.iter().map(|(_, f)| outcome_json(f)).collect();
-        let rows = (self.pg)
+        let rows = self
+            .pg
             .query(&self.pg.sql.finish, &[&ids, &texts], true)
             .await?;
         let done: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
@@ -439,7 +439,8 @@ impl SettlementQueue for PostgresSettlementQueue {
         let ids = ids_of(ids);
         let owner = owner.0.to_be_bytes();
         let ttl = ms(ttl);
-        let row = (self.pg)
+        let row = self
+            .pg
             .query_one(&self.pg.sql.renew, &[&ids, &&owner[..], &ttl], true)
             .await?;
         let (renewed, open): (i64, i64) = (self.pg.get(&row, 0)?, self.pg.get(&row, 1)?);
