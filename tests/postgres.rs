@@ -712,8 +712,8 @@ async fn credit_rows_keep_the_layout_and_dead_credit_is_deleted_after_the_retent
         .unwrap();
     assert_eq!(
         row.get::<_, Option<i64>>(0),
-        Some(1 << 52),
-        "capped, never overflowed"
+        Some((1 << 53) - 1),
+        "capped as in Redis, never overflowed"
     );
     assert_eq!(row.get::<_, Option<i64>>(1), None, "no time limit absorbs");
 

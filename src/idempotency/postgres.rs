@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::OnceCell;
 
 use super::{
     Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotencyStore, StoreError, StoredResponse,
@@ -129,66 +128,42 @@ impl Sql {
 /// ```
 #[derive(Clone)]
 pub struct PostgresIdempotencyStore {
-    pool: PostgresPool,
-    prefix: String,
-    sql: Arc<Sql>,
-    schema: Arc<OnceCell<()>>,
-    timeout: Duration,
+    pg: pg::Base<Sql>,
     min_ttl: Duration,
     max_ttl: Duration,
-    retry_after: Option<Duration>,
-    cleanup: Arc<pg::Cleanup>,
 }
 
 pg::postgres_store_builders!(
     PostgresIdempotencyStore,
     "idempotency",
     "`<prefix>idempotency`",
+    base = pg,
     min_ttl
 );
 
 impl std::fmt::Debug for PostgresIdempotencyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The pool is left out: its configuration may carry a password.
-        f.debug_struct("PostgresIdempotencyStore")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+        self.pg
+            .debug(f, "PostgresIdempotencyStore")
             .field("min_ttl", &self.min_ttl)
             .field("max_ttl", &self.max_ttl)
-            .field("retry_after", &self.retry_after)
-            .field("cleanup_interval", &self.cleanup.interval())
             .finish_non_exhaustive()
     }
 }
 
 impl PostgresIdempotencyStore {
-    /// Default table prefix.
-    pub const DEFAULT_PREFIX: &str = "x402_";
-    /// Default deadline of each operation.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
     /// Default minimum TTL of an entry.
     pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(1);
     /// Default maximum TTL of an entry.
     pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
-    /// Default interval between two clean-ups of expired rows by one instance.
-    pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
-    /// The longest [`PostgresIdempotencyStore::connect`] and
-    /// [`PostgresIdempotencyStore::migrate`] wait.
-    pub const CONNECT_TIMEOUT: Duration = pg::CONNECT_TIMEOUT;
 
     /// A store on `pool` (e.g. [`PostgresNonceStore::pool`](crate::nonce::PostgresNonceStore::pool)),
     /// with the defaults.
     pub fn new(pool: PostgresPool) -> Self {
         Self {
-            pool,
-            prefix: Self::DEFAULT_PREFIX.to_owned(),
-            sql: Arc::new(Sql::new(Self::DEFAULT_PREFIX)),
-            schema: Arc::new(OnceCell::new()),
-            timeout: Self::DEFAULT_TIMEOUT,
+            pg: pg::Base::new(pool, Sql::new, "idempotency", MIGRATIONS, None),
             min_ttl: Self::DEFAULT_MIN_TTL,
             max_ttl: Self::DEFAULT_MAX_TTL,
-            retry_after: None,
-            cleanup: Arc::new(pg::Cleanup::new(Self::DEFAULT_CLEANUP_INTERVAL)),
         }
     }
 
@@ -198,7 +173,7 @@ impl PostgresIdempotencyStore {
         self
     }
 
-    /// `sql` with `(payer, id, token, extra)`; the count of rows changed.
+    /// `sql` with `(payer, id, token, extra)`: `NotHeld` when it changed no row.
     async fn change(
         &self,
         sql: &str,
@@ -206,18 +181,20 @@ impl PostgresIdempotencyStore {
         token: ClaimToken,
         extra: Option<&[u8]>,
         retry: bool,
-    ) -> Result<u64, StoreError> {
-        self.schema_within(self.timeout).await?;
+    ) -> Result<(), StoreError> {
         let (payer, id, t) = (key.payer.as_slice(), key.id.as_str(), token.0.to_be_bytes());
-        pg::run(self.timeout, self.retry_after, retry, || async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(match extra {
-                Some(x) => client.execute(&stmt, &[&payer, &id, &&t[..], &x]).await?,
-                None => client.execute(&stmt, &[&payer, &id, &&t[..]]).await?,
-            })
-        })
-        .await
+        let changed = match extra {
+            Some(x) => {
+                self.pg
+                    .execute(sql, &[&payer, &id, &&t[..], &x], retry)
+                    .await?
+            }
+            None => self.pg.execute(sql, &[&payer, &id, &&t[..]], retry).await?,
+        };
+        match changed {
+            0 => Err(StoreError::NotHeld),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -233,7 +210,6 @@ impl IdempotencyStore for PostgresIdempotencyStore {
         fingerprint: Fingerprint,
         expires_at: u64,
     ) -> Result<Begin, StoreError> {
-        self.schema_within(self.timeout).await?;
         let token = ClaimToken::random();
         let mine = token.0.to_be_bytes();
         let (payer, id, fp) = (
@@ -243,23 +219,16 @@ impl IdempotencyStore for PostgresIdempotencyStore {
         );
         let at = expires_at.saturating_mul(1000).min(MAX_EXPIRY_MS) as i64;
         let (lo, hi) = (millis(self.min_ttl), millis(self.max_ttl));
-        let sql = self.sql.begin.as_str();
-        let (holder, theirs, response): (Vec<u8>, Vec<u8>, Option<Vec<u8>>) =
-            pg::run(self.timeout, self.retry_after, true, || async {
-                let client = self.pool.get().await?;
-                let stmt = client.prepare_cached(sql).await?;
-                let row = client
-                    .query_one(&stmt, &[&payer, &id, &fp, &&mine[..], &at, &lo, &hi])
-                    .await?;
-                Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
-            })
-            .await?;
-        self.cleanup.maybe_run(
-            &self.pool,
-            self.sql.cleanup.clone(),
-            self.timeout,
-            "idempotency store",
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
+            [&payer, &id, &fp, &&mine[..], &at, &lo, &hi];
+        let row = self.pg.query_one(&self.pg.sql.begin, &params, true).await?;
+        let (holder, theirs, response): (Vec<u8>, Vec<u8>, Option<Vec<u8>>) = (
+            self.pg.get(&row, 0)?,
+            self.pg.get(&row, 1)?,
+            self.pg.get(&row, 2)?,
         );
+        self.pg
+            .maybe_clean(self.pg.sql.cleanup.clone(), "idempotency store");
         if holder == mine {
             return Ok(Begin::Started(token));
         }
@@ -270,7 +239,7 @@ impl IdempotencyStore for PostgresIdempotencyStore {
             None => Ok(Begin::InProgress),
             Some(raw) => StoredResponse::from_bytes(&raw)
                 .map(|r| Begin::Done(Box::new(r)))
-                .map_err(|e| pg::unavailable(self.retry_after, e)),
+                .map_err(|e| self.pg.unavailable(e)),
         }
     }
 
@@ -281,23 +250,11 @@ impl IdempotencyStore for PostgresIdempotencyStore {
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
         let bytes = response.to_bytes();
-        match self
-            .change(&self.sql.complete, key, token, Some(&bytes), true)
-            .await?
-        {
-            0 => Err(StoreError::NotHeld),
-            _ => Ok(()),
-        }
+        (self.change(&self.pg.sql.complete, key, token, Some(&bytes), true)).await
     }
 
     async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError> {
-        match self
-            .change(&self.sql.abort, key, token, None, false)
-            .await?
-        {
-            0 => Err(StoreError::NotHeld),
-            _ => Ok(()),
-        }
+        (self.change(&self.pg.sql.abort, key, token, None, false)).await
     }
 
     fn is_shared(&self) -> bool {

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use super::{
     Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotencyStore, StoreError, StoredResponse,
 };
-use crate::store::redis::{MAX_EXPIRY_MS, new_token, run_script, unavailable};
+use crate::store::redis::{self, MAX_EXPIRY_MS, new_token};
 
 /// `KEYS[1]` the key, `ARGV[1]` the in-progress value, `ARGV[2]` expiry in Unix ms,
 /// `ARGV[3]` minimum and `ARGV[4]` maximum TTL in ms, `ARGV[5]` `"1"` on a retry. Returns nil
@@ -110,57 +110,42 @@ struct Scripts {
 /// ```
 #[derive(Clone)]
 pub struct RedisIdempotencyStore {
-    conn: RedisConnection,
+    redis: redis::Base,
     scripts: Arc<Scripts>,
-    prefix: String,
-    timeout: Duration,
     min_ttl: Duration,
     max_ttl: Duration,
-    retry_after: Option<Duration>,
 }
 
-crate::store::redis::redis_store_builders!(RedisIdempotencyStore, "x402:idem:");
+redis::redis_store_builders!(RedisIdempotencyStore, "x402:idem:", base = redis);
 
 impl std::fmt::Debug for RedisIdempotencyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The connection is left out: its address may carry a password.
-        f.debug_struct("RedisIdempotencyStore")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+        self.redis
+            .debug(f, "RedisIdempotencyStore")
             .field("min_ttl", &self.min_ttl)
             .field("max_ttl", &self.max_ttl)
-            .field("retry_after", &self.retry_after)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisIdempotencyStore {
-    /// Default key prefix.
-    pub const DEFAULT_PREFIX: &str = "x402:idem:";
-    /// Default deadline of each operation.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
     /// Default minimum TTL of an entry.
     pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(1);
     /// Default maximum TTL of an entry.
     pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
-    /// The longest [`RedisIdempotencyStore::connect`] waits for the first connection.
-    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// A store on `conn` (e.g. [`RedisNonceStore::connection`](crate::nonce::RedisNonceStore::connection)),
     /// with the defaults.
     pub fn new(conn: impl Into<RedisConnection>) -> Self {
         Self {
-            conn: conn.into(),
+            redis: redis::Base::new(conn.into(), Self::DEFAULT_PREFIX),
             scripts: Arc::new(Scripts {
                 begin: Script::new(BEGIN),
                 complete: Script::new(COMPLETE),
                 abort: Script::new(ABORT),
             }),
-            prefix: Self::DEFAULT_PREFIX.to_owned(),
-            timeout: Self::DEFAULT_TIMEOUT,
             min_ttl: Self::DEFAULT_MIN_TTL,
             max_ttl: Self::DEFAULT_MAX_TTL,
-            retry_after: None,
         }
     }
 
@@ -179,32 +164,10 @@ impl RedisIdempotencyStore {
     /// The Redis key of `key` (see the [type docs](RedisIdempotencyStore)).
     pub fn redis_key(&self, key: &IdempotencyKey) -> String {
         let id = key.id.as_str();
-        let mut out = String::with_capacity(self.prefix.len() + 41 + id.len());
-        out.push_str(&self.prefix);
-        out.push_str(&hex::encode(key.payer.as_slice()));
+        let mut out = self.redis.key(key.payer.as_slice(), 1 + id.len());
         out.push(':');
         out.push_str(id);
         out
-    }
-
-    async fn run<T: ::redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        key: &IdempotencyKey,
-        args: &[&[u8]],
-        retry: bool,
-    ) -> Result<T, StoreError> {
-        let key = self.redis_key(key);
-        run_script(
-            &self.conn,
-            script,
-            &key,
-            args,
-            retry,
-            self.timeout,
-            self.retry_after,
-        )
-        .await
     }
 }
 
@@ -238,9 +201,10 @@ impl IdempotencyStore for RedisIdempotencyStore {
             .to_string();
         let (lo, hi) = (millis(self.min_ttl), millis(self.max_ttl));
         let found: Option<Vec<u8>> = self
+            .redis
             .run(
                 &self.scripts.begin,
-                key,
+                &self.redis_key(key),
                 &[&mine, at.as_bytes(), lo.as_bytes(), hi.as_bytes()],
                 true,
             )
@@ -249,7 +213,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
             return Ok(Begin::Started(token));
         };
         let fp = hex::encode(fingerprint.0);
-        let corrupt = || unavailable(self.retry_after, super::CorruptResponse);
+        let corrupt = || self.redis.unavailable(super::CorruptResponse);
         let (Some(kind), Some(theirs)) = (found.first(), found.get(1..65)) else {
             return Err(corrupt());
         };
@@ -272,34 +236,28 @@ impl IdempotencyStore for RedisIdempotencyStore {
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
         let stored: i64 = self
+            .redis
             .run(
                 &self.scripts.complete,
-                key,
+                &self.redis_key(key),
                 &[token_hex(token).as_bytes(), &response.to_bytes()],
                 true,
             )
             .await?;
-        if stored == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::NotHeld)
-        }
+        StoreError::held(stored == 1)
     }
 
     async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError> {
         let deleted: i64 = self
+            .redis
             .run(
                 &self.scripts.abort,
-                key,
+                &self.redis_key(key),
                 &[token_hex(token).as_bytes()],
                 false,
             )
             .await?;
-        if deleted == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::NotHeld)
-        }
+        StoreError::held(deleted == 1)
     }
 
     fn is_shared(&self) -> bool {

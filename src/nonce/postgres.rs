@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::OnceCell;
 
 use super::{ClaimToken, NonceKey, NonceStore, Reservation, StoreError};
 use crate::store::postgres::{self as pg, NOW_MS, PostgresPool};
@@ -153,55 +152,37 @@ impl Sql {
 /// ```
 #[derive(Clone)]
 pub struct PostgresNonceStore {
-    pool: PostgresPool,
-    prefix: String,
-    sql: Arc<Sql>,
-    schema: Arc<OnceCell<()>>,
-    timeout: Duration,
+    pg: pg::Base<Sql>,
     min_ttl: Duration,
-    retry_after: Option<Duration>,
-    cleanup: Arc<pg::Cleanup>,
 }
 
-pg::postgres_store_builders!(PostgresNonceStore, "nonce", "`<prefix>nonces`", min_ttl);
+pg::postgres_store_builders!(
+    PostgresNonceStore,
+    "nonce",
+    "`<prefix>nonces`",
+    base = pg,
+    min_ttl
+);
 
 impl std::fmt::Debug for PostgresNonceStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The pool is left out: its configuration may carry a password.
-        f.debug_struct("PostgresNonceStore")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+        self.pg
+            .debug(f, "PostgresNonceStore")
             .field("min_ttl", &self.min_ttl)
-            .field("retry_after", &self.retry_after)
-            .field("cleanup_interval", &self.cleanup.interval())
             .finish_non_exhaustive()
     }
 }
 
 impl PostgresNonceStore {
-    /// Default table prefix.
-    pub const DEFAULT_PREFIX: &str = "x402_";
-    /// Default deadline for each operation.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
     /// Default minimum TTL of a reservation (see [`PostgresNonceStore::with_min_ttl`]).
     pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(1);
-    /// Default interval between two clean-ups of expired rows by one instance.
-    pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
-    /// The longest [`PostgresNonceStore::connect`] and [`PostgresNonceStore::migrate`] wait.
-    pub const CONNECT_TIMEOUT: Duration = pg::CONNECT_TIMEOUT;
 
     /// A store on `pool`, with the defaults: prefix `"x402_"`, 500 ms per operation, no
     /// `Retry-After` of its own (the layer's applies).
     pub fn new(pool: PostgresPool) -> Self {
         Self {
-            pool,
-            prefix: Self::DEFAULT_PREFIX.to_owned(),
-            sql: Arc::new(Sql::new(Self::DEFAULT_PREFIX)),
-            schema: Arc::new(OnceCell::new()),
-            timeout: Self::DEFAULT_TIMEOUT,
+            pg: pg::Base::new(pool, Sql::new, "nonce", MIGRATIONS, None),
             min_ttl: Self::DEFAULT_MIN_TTL,
-            retry_after: None,
-            cleanup: Arc::new(pg::Cleanup::new(Self::DEFAULT_CLEANUP_INTERVAL)),
         }
     }
 
@@ -215,50 +196,41 @@ impl PostgresNonceStore {
         raw
     }
 
-    /// Runs one statement on `key` and `token`; returns the count of rows it changed.
-    async fn execute(
+    /// Runs `sql` (consume or release) on `key` held with `token`: `NotHeld` when it
+    /// changed no row.
+    async fn settle(
         &self,
         sql: &str,
         key: &NonceKey,
         token: ClaimToken,
         retry: bool,
-    ) -> Result<u64, StoreError> {
-        self.schema_within(self.timeout).await?;
+    ) -> Result<(), StoreError> {
         let (k, t) = (Self::row_key(key), token.0.to_be_bytes());
-        pg::run(self.timeout, self.retry_after, retry, || async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(client.execute(&stmt, &[&&k[..], &&t[..]]).await?)
-        })
-        .await
+        match self.pg.execute(sql, &[&&k[..], &&t[..]], retry).await? {
+            0 => Err(StoreError::NotHeld),
+            _ => Ok(()),
+        }
     }
 }
 
 #[async_trait]
 impl NonceStore for PostgresNonceStore {
     async fn reserve(&self, key: &NonceKey, expires_at: u64) -> Result<Reservation, StoreError> {
-        self.schema_within(self.timeout).await?;
         let token = ClaimToken::random();
         let (k, t) = (Self::row_key(key), token.0.to_be_bytes());
         let at = expires_at.saturating_mul(1000).min(MAX_EXPIRY_MS) as i64;
         let min_ttl = self.min_ttl.as_millis().clamp(1, u128::from(u32::MAX)) as i64;
-        let sql = self.sql.reserve.as_str();
-        let (won, used): (bool, Option<bool>) =
-            pg::run(self.timeout, self.retry_after, true, || async {
-                let client = self.pool.get().await?;
-                let stmt = client.prepare_cached(sql).await?;
-                let row = client
-                    .query_one(&stmt, &[&&k[..], &&t[..], &at, &min_ttl])
-                    .await?;
-                Ok((row.try_get(0)?, row.try_get(1)?))
-            })
+        let row = self
+            .pg
+            .query_one(
+                &self.pg.sql.reserve,
+                &[&&k[..], &&t[..], &at, &min_ttl],
+                true,
+            )
             .await?;
-        self.cleanup.maybe_run(
-            &self.pool,
-            self.sql.cleanup.clone(),
-            self.timeout,
-            "nonce store",
-        );
+        let (won, used): (bool, Option<bool>) = (self.pg.get(&row, 0)?, self.pg.get(&row, 1)?);
+        self.pg
+            .maybe_clean(self.pg.sql.cleanup.clone(), "nonce store");
         Ok(match (won, used) {
             (true, _) => Reservation::Reserved(token),
             (false, Some(true)) => Reservation::Used,
@@ -268,17 +240,11 @@ impl NonceStore for PostgresNonceStore {
     }
 
     async fn consume(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
-        match self.execute(&self.sql.consume, key, token, true).await? {
-            0 => Err(StoreError::NotHeld),
-            _ => Ok(()),
-        }
+        self.settle(&self.pg.sql.consume, key, token, true).await
     }
 
     async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
-        match self.execute(&self.sql.release, key, token, false).await? {
-            0 => Err(StoreError::NotHeld),
-            _ => Ok(()),
-        }
+        self.settle(&self.pg.sql.release, key, token, false).await
     }
 
     fn is_shared(&self) -> bool {

@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use crate::store::RedisConnection;
 use ::redis::Script;
-use alloy_primitives::hex;
 use async_trait::async_trait;
 
 use super::{ClaimToken, NonceKey, NonceStore, Reservation, StoreError};
 pub(crate) use crate::store::redis::MAX_EXPIRY_MS;
-use crate::store::redis::{new_token, run_script};
+use crate::store::redis::{self, new_token};
 
 /// `KEYS[1]` the key, `ARGV[1]` `<token>:r`, `ARGV[2]` expiry in Unix ms, `ARGV[3]` minimum
 /// TTL in ms, `ARGV[4]` `"1"` on a retry. Returns nil when this caller holds the key now, else
@@ -139,37 +138,25 @@ struct Scripts {
 /// ```
 #[derive(Clone)]
 pub struct RedisNonceStore {
-    conn: RedisConnection,
+    redis: redis::Base,
     scripts: Arc<Scripts>,
-    prefix: String,
-    timeout: Duration,
     min_ttl: Duration,
-    retry_after: Option<Duration>,
 }
 
-crate::store::redis::redis_store_builders!(RedisNonceStore, "x402:nonce:");
+redis::redis_store_builders!(RedisNonceStore, "x402:nonce:", base = redis);
 
 impl std::fmt::Debug for RedisNonceStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The connection is left out: its address may carry a password.
-        f.debug_struct("RedisNonceStore")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+        self.redis
+            .debug(f, "RedisNonceStore")
             .field("min_ttl", &self.min_ttl)
-            .field("retry_after", &self.retry_after)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisNonceStore {
-    /// Default key prefix.
-    pub const DEFAULT_PREFIX: &str = "x402:nonce:";
-    /// Default deadline for each command.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
     /// Default minimum TTL of a reservation (see [`RedisNonceStore::with_min_ttl`]).
     pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(1);
-    /// The longest [`RedisNonceStore::connect`] waits for the first connection.
-    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// A store on `conn`, with the defaults: prefix `"x402:nonce:"`, 500 ms per command, no
     /// `Retry-After` of its own (the layer's applies).
@@ -178,16 +165,13 @@ impl RedisNonceStore {
     /// chooses one suited to fail-fast use.
     pub fn new(conn: impl Into<RedisConnection>) -> Self {
         Self {
-            conn: conn.into(),
+            redis: redis::Base::new(conn.into(), Self::DEFAULT_PREFIX),
             scripts: Arc::new(Scripts {
                 reserve: Script::new(RESERVE),
                 consume: Script::new(CONSUME),
                 release: Script::new(RELEASE),
             }),
-            prefix: Self::DEFAULT_PREFIX.to_owned(),
-            timeout: Self::DEFAULT_TIMEOUT,
             min_ttl: Self::DEFAULT_MIN_TTL,
-            retry_after: None,
         }
     }
 
@@ -206,30 +190,7 @@ impl RedisNonceStore {
         raw[8..28].copy_from_slice(key.asset.as_slice());
         raw[28..48].copy_from_slice(key.from.as_slice());
         raw[48..].copy_from_slice(key.nonce.as_slice());
-        let mut out = String::with_capacity(self.prefix.len() + 160);
-        out.push_str(&self.prefix);
-        out.push_str(&hex::encode(raw));
-        out
-    }
-
-    /// Runs `script` under the deadline; with `retry`, once more after a connection error.
-    async fn run<T: ::redis::FromRedisValue>(
-        &self,
-        script: &Script,
-        key: &str,
-        args: &[&[u8]],
-        retry: bool,
-    ) -> Result<T, StoreError> {
-        run_script(
-            &self.conn,
-            script,
-            key,
-            args,
-            retry,
-            self.timeout,
-            self.retry_after,
-        )
-        .await
+        self.redis.key(&raw, 0)
     }
 }
 
@@ -251,6 +212,7 @@ impl NonceStore for RedisNonceStore {
             .clamp(1, u128::from(u32::MAX))
             .to_string();
         let found: Option<String> = self
+            .redis
             .run(
                 &self.scripts.reserve,
                 &self.redis_key(key),
@@ -272,6 +234,7 @@ impl NonceStore for RedisNonceStore {
 
     async fn consume(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
         let done: i64 = self
+            .redis
             .run(
                 &self.scripts.consume,
                 &self.redis_key(key),
@@ -279,15 +242,12 @@ impl NonceStore for RedisNonceStore {
                 true,
             )
             .await?;
-        if done == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::NotHeld)
-        }
+        StoreError::held(done == 1)
     }
 
     async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
         let done: i64 = self
+            .redis
             .run(
                 &self.scripts.release,
                 &self.redis_key(key),
@@ -295,11 +255,7 @@ impl NonceStore for RedisNonceStore {
                 false,
             )
             .await?;
-        if done == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::NotHeld)
-        }
+        StoreError::held(done == 1)
     }
 
     fn is_shared(&self) -> bool {

@@ -73,6 +73,32 @@ impl<T: CreditLedger + ?Sized> CreditLedger for std::sync::Arc<T> {
     }
 }
 
+/// The largest call count a shared ledger stores, the same in Redis and PostgreSQL so both
+/// answer alike: exact in a Lua number (a double; the Redis scripts saturate at it too), and
+/// a sum of two fits a `BIGINT`.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) const MAX_CALLS: u64 = (1 << 53) - 1;
+/// The largest Unix second a shared ledger stores (its milliseconds fit as [`MAX_CALLS`] does).
+#[cfg(any(feature = "redis", feature = "postgres"))]
+const MAX_SECS: u64 = MAX_CALLS / 1000;
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+impl Grant {
+    /// This grant within the shared ledgers' caps.
+    pub(crate) fn capped(self) -> Self {
+        Self {
+            calls: self.calls.map(|n| n.min(MAX_CALLS)),
+            expires_at: self.expires_at.map(secs),
+        }
+    }
+}
+
+/// A Unix second within the shared ledgers' caps.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn secs(t: u64) -> u64 {
+    t.min(MAX_SECS)
+}
+
 /// A payer's credit, as both ledgers keep it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Credit {

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use alloy_primitives::Address;
 use async_trait::async_trait;
-use tokio::sync::OnceCell;
 
-use super::ledger::{CreditLedger, Debit, Grant};
+use super::ledger::{CreditLedger, Debit, Grant, MAX_CALLS, secs};
 use crate::nonce::StoreError;
 use crate::store::postgres::{self as pg, NOW_MS, PostgresPool};
 
@@ -22,10 +21,6 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS {p}credits (
         updated_ms BIGINT NOT NULL);
     CREATE INDEX IF NOT EXISTS {p}credits_expires ON {p}credits (expires_at);"];
 
-/// Largest call count and Unix second stored: the same caps as the Redis ledger, so both
-/// answer alike, and a sum of two never overflows a `BIGINT`.
-const MAX_CALLS: i64 = 1 << 52;
-const MAX_SECS: i64 = (1 << 52) / 1000;
 /// Rows deleted per clean-up statement.
 const CLEANUP_BATCH: i64 = 10_000;
 
@@ -185,56 +180,37 @@ impl Sql {
 /// ```
 #[derive(Clone)]
 pub struct PostgresCreditLedger {
-    pool: PostgresPool,
-    prefix: String,
-    sql: Arc<Sql>,
-    schema: Arc<OnceCell<()>>,
-    timeout: Duration,
+    pg: pg::Base<Sql>,
     retention: Duration,
-    retry_after: Option<Duration>,
-    cleanup: Arc<pg::Cleanup>,
 }
 
-pg::postgres_store_builders!(PostgresCreditLedger, "credit", "`<prefix>credits`");
+pg::postgres_store_builders!(
+    PostgresCreditLedger,
+    "credit",
+    "`<prefix>credits`",
+    base = pg
+);
 
 impl std::fmt::Debug for PostgresCreditLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The pool is left out: its configuration may carry a password.
-        f.debug_struct("PostgresCreditLedger")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+        self.pg
+            .debug(f, "PostgresCreditLedger")
             .field("retention", &self.retention)
-            .field("retry_after", &self.retry_after)
-            .field("cleanup_interval", &self.cleanup.interval())
             .finish_non_exhaustive()
     }
 }
 
 impl PostgresCreditLedger {
-    /// Default table prefix.
-    pub const DEFAULT_PREFIX: &str = "x402_";
-    /// Default deadline of each operation.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
     /// Default time spent or expired credit is kept.
     pub const DEFAULT_RETENTION: Duration = Duration::from_secs(86_400);
-    /// Default interval between two clean-ups by one instance.
-    pub const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
-    /// The longest [`PostgresCreditLedger::connect`] and [`PostgresCreditLedger::migrate`] wait.
-    pub const CONNECT_TIMEOUT: Duration = pg::CONNECT_TIMEOUT;
 
     /// A ledger on `pool` (e.g. [`PostgresNonceStore::pool`](crate::nonce::PostgresNonceStore::pool)),
     /// with the defaults: prefix `"x402_"`, 500 ms per operation, 1 day of retention, no
     /// `Retry-After` of its own (the layer's applies).
     pub fn new(pool: PostgresPool) -> Self {
         Self {
-            pool,
-            prefix: Self::DEFAULT_PREFIX.to_owned(),
-            sql: Arc::new(Sql::new(Self::DEFAULT_PREFIX)),
-            schema: Arc::new(OnceCell::new()),
-            timeout: Self::DEFAULT_TIMEOUT,
+            pg: pg::Base::new(pool, Sql::new, "credit", MIGRATIONS, None),
             retention: Self::DEFAULT_RETENTION,
-            retry_after: None,
-            cleanup: Arc::new(pg::Cleanup::new(Self::DEFAULT_CLEANUP_INTERVAL)),
         }
     }
 
@@ -245,24 +221,11 @@ impl PostgresCreditLedger {
         self.retention = retention;
         self
     }
-
-    async fn query(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-        self.schema_within(self.timeout).await?;
-        pg::run(self.timeout, self.retry_after, false, || async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(client.query(&stmt, params).await?)
-        })
-        .await
-    }
 }
 
-fn secs(t: u64) -> i64 {
-    i64::try_from(t).map_or(MAX_SECS, |t| t.min(MAX_SECS))
+/// A capped Unix second as PostgreSQL stores it.
+fn at(t: u64) -> i64 {
+    secs(t) as i64
 }
 
 /// A row that cannot come from the statements: fail closed.
@@ -273,45 +236,34 @@ struct UnexpectedRow(&'static str);
 #[async_trait]
 impl CreditLedger for PostgresCreditLedger {
     async fn grant(&self, payer: Address, grant: Grant, now: u64) -> Result<(), StoreError> {
-        let calls: Option<i64> = grant
-            .calls
-            .map(|n| i64::try_from(n).map_or(MAX_CALLS, |n| n.min(MAX_CALLS)));
-        let expires_at: Option<i64> = grant.expires_at.map(secs);
-        let now = secs(now);
-        self.query(
-            &self.sql.grant,
-            &[&payer.as_slice(), &calls, &expires_at, &now],
-        )
-        .await?;
-        let keep_ms = self.retention.as_millis().clamp(1, MAX_CALLS as u128) as i64;
-        self.cleanup.maybe_run(
-            &self.pool,
-            cleanup(&self.prefix, keep_ms),
-            self.timeout,
-            "credit ledger",
-        );
+        let grant = grant.capped();
+        let calls: Option<i64> = grant.calls.map(|n| n as i64);
+        let expires_at: Option<i64> = grant.expires_at.map(|t| t as i64);
+        let now = at(now);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&payer.as_slice(), &calls, &expires_at, &now];
+        self.pg.execute(&self.pg.sql.grant, &params, false).await?;
+        let keep_ms = self.retention.as_millis().clamp(1, u128::from(MAX_CALLS)) as i64;
+        self.pg
+            .maybe_clean(cleanup(&self.pg.prefix, keep_ms), "credit ledger");
         Ok(())
     }
 
     async fn debit(&self, payer: Address, now: u64) -> Result<Debit, StoreError> {
-        let now = secs(now);
+        let now = at(now);
         let rows = self
-            .query(&self.sql.debit, &[&payer.as_slice(), &now])
+            .pg
+            .query(&self.pg.sql.debit, &[&payer.as_slice(), &now], false)
             .await?;
-        let bad = |what| pg::unavailable(self.retry_after, UnexpectedRow(what));
+        let bad = |what| self.pg.unavailable(UnexpectedRow(what));
         let row = rows.first().ok_or_else(|| bad("no row"))?;
-        let get = |i| -> Result<Option<i64>, StoreError> {
-            row.try_get(i)
-                .map_err(|e| pg::unavailable(self.retry_after, e))
-        };
+        let get = |i| -> Result<Option<i64>, StoreError> { self.pg.get(row, i) };
         if let Some(left) = get(0)? {
             return u64::try_from(left)
                 .map(|n| Debit::Debited { remaining: Some(n) })
                 .map_err(|_| bad("negative calls"));
         }
-        let exists: bool = row
-            .try_get(1)
-            .map_err(|e| pg::unavailable(self.retry_after, e))?;
+        let exists: bool = self.pg.get(row, 1)?;
         let (calls, expires_at) = (get(2)?, get(3)?);
         Ok(match (exists, calls, expires_at) {
             (false, ..) => Debit::Exhausted,
@@ -323,7 +275,8 @@ impl CreditLedger for PostgresCreditLedger {
     }
 
     async fn refund(&self, payer: Address) -> Result<(), StoreError> {
-        self.query(&self.sql.refund, &[&payer.as_slice()])
+        self.pg
+            .execute(&self.pg.sql.refund, &[&payer.as_slice()], false)
             .await
             .map(|_| ())
     }

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use crate::store::RedisConnection;
 use ::redis::Script;
-use alloy_primitives::{Address, hex};
+use alloy_primitives::Address;
 use async_trait::async_trait;
 
-use super::ledger::{CreditLedger, Debit, Grant};
+use super::ledger::{CreditLedger, Debit, Grant, secs};
 use crate::nonce::StoreError;
-use crate::store::redis::{MAX_EXPIRY_MS, run_script, unavailable};
+use crate::store::redis::{self, MAX_EXPIRY_MS};
 
 /// Shared head of the three scripts. An entry is `<calls>:<expires_at>`, each side decimal
 /// digits or empty (`None`). `ARGV[1]` is the retention in ms. `put` writes an entry with its
@@ -88,11 +88,6 @@ if n > MAX then n = MAX end
 put(string.format('%d', n), e)
 return 1
 ";
-
-/// Largest call count and Unix second handed to the scripts: their arithmetic stays exact
-/// (Lua numbers are doubles).
-const MAX_CALLS: u64 = MAX_EXPIRY_MS;
-const MAX_SECS: u64 = MAX_EXPIRY_MS / 1000;
 
 struct Scripts {
     grant: Script,
@@ -192,37 +187,25 @@ struct Scripts {
 /// ```
 #[derive(Clone)]
 pub struct RedisCreditLedger {
-    conn: RedisConnection,
+    redis: redis::Base,
     scripts: Arc<Scripts>,
-    prefix: String,
-    timeout: Duration,
     retention: Duration,
-    retry_after: Option<Duration>,
 }
 
-crate::store::redis::redis_store_builders!(RedisCreditLedger, "x402:credit:");
+redis::redis_store_builders!(RedisCreditLedger, "x402:credit:", base = redis);
 
 impl std::fmt::Debug for RedisCreditLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The connection is left out: its address may carry a password.
-        f.debug_struct("RedisCreditLedger")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+        self.redis
+            .debug(f, "RedisCreditLedger")
             .field("retention", &self.retention)
-            .field("retry_after", &self.retry_after)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisCreditLedger {
-    /// Default key prefix.
-    pub const DEFAULT_PREFIX: &str = "x402:credit:";
-    /// Default deadline of each operation.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
     /// Default time Redis keeps spent or expired credit.
     pub const DEFAULT_RETENTION: Duration = Duration::from_secs(86_400);
-    /// The longest [`RedisCreditLedger::connect`] waits for the first connection.
-    pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
     /// A ledger on `conn` (e.g. [`RedisNonceStore::connection`](crate::nonce::RedisNonceStore::connection)),
     /// with the defaults: prefix `"x402:credit:"`, 500 ms per operation, 1 day of retention,
@@ -230,16 +213,13 @@ impl RedisCreditLedger {
     pub fn new(conn: impl Into<RedisConnection>) -> Self {
         let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Self {
-            conn: conn.into(),
+            redis: redis::Base::new(conn.into(), Self::DEFAULT_PREFIX),
             scripts: Arc::new(Scripts {
                 grant: script(GRANT),
                 debit: script(DEBIT),
                 refund: script(REFUND),
             }),
-            prefix: Self::DEFAULT_PREFIX.to_owned(),
-            timeout: Self::DEFAULT_TIMEOUT,
             retention: Self::DEFAULT_RETENTION,
-            retry_after: None,
         }
     }
 
@@ -253,10 +233,7 @@ impl RedisCreditLedger {
 
     /// The Redis key of `payer`: the prefix and 40 lowercase hex digits.
     pub fn redis_key(&self, payer: Address) -> String {
-        let mut out = String::with_capacity(self.prefix.len() + 40);
-        out.push_str(&self.prefix);
-        out.push_str(&hex::encode(payer.as_slice()));
-        out
+        self.redis.key(payer.as_slice(), 0)
     }
 
     async fn run(
@@ -273,16 +250,9 @@ impl RedisCreditLedger {
         let mut all: Vec<&[u8]> = Vec::with_capacity(args.len() + 1);
         all.push(keep.as_bytes());
         all.extend_from_slice(args);
-        run_script(
-            &self.conn,
-            script,
-            &self.redis_key(payer),
-            &all,
-            false,
-            self.timeout,
-            self.retry_after,
-        )
-        .await
+        self.redis
+            .run(script, &self.redis_key(payer), &all, false)
+            .await
     }
 }
 
@@ -291,18 +261,14 @@ impl RedisCreditLedger {
 #[error("unexpected credit ledger reply {0}")]
 struct UnexpectedReply(i64);
 
-fn secs(t: u64) -> String {
-    t.min(MAX_SECS).to_string()
-}
-
 #[async_trait]
 impl CreditLedger for RedisCreditLedger {
     async fn grant(&self, payer: Address, grant: Grant, now: u64) -> Result<(), StoreError> {
-        let calls = grant
-            .calls
-            .map_or_else(String::new, |n| n.min(MAX_CALLS).to_string());
-        let expires_at = grant.expires_at.map_or_else(String::new, secs);
-        let now = secs(now);
+        // Capped, so that the scripts' arithmetic stays exact (Lua numbers are doubles).
+        let grant = grant.capped();
+        let calls = grant.calls.map_or_else(String::new, |n| n.to_string());
+        let expires_at = grant.expires_at.map_or_else(String::new, |t| t.to_string());
+        let now = secs(now).to_string();
         self.run(
             &self.scripts.grant,
             payer,
@@ -313,7 +279,7 @@ impl CreditLedger for RedisCreditLedger {
     }
 
     async fn debit(&self, payer: Address, now: u64) -> Result<Debit, StoreError> {
-        let now = secs(now);
+        let now = secs(now).to_string();
         match self
             .run(&self.scripts.debit, payer, &[now.as_bytes()])
             .await?
@@ -323,7 +289,7 @@ impl CreditLedger for RedisCreditLedger {
             -3 => Ok(Debit::Debited { remaining: None }),
             n => u64::try_from(n)
                 .map(|n| Debit::Debited { remaining: Some(n) })
-                .map_err(|_| unavailable(self.retry_after, UnexpectedReply(n))),
+                .map_err(|_| self.redis.unavailable(UnexpectedReply(n))),
         }
     }
 

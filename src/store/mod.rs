@@ -90,6 +90,42 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable { .. } | Self::Full { .. })
     }
+
+    /// The answer to an operation on a claim: `Ok` when it changed the entry the caller
+    /// holds, else [`StoreError::NotHeld`] (a stranger's token, or an expired claim).
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    pub(crate) fn held(changed: bool) -> Result<(), Self> {
+        if changed { Ok(()) } else { Err(Self::NotHeld) }
+    }
+}
+
+/// `name`'s `Debug` with the settings every shared store has (never its connection: the
+/// address may carry a password); the caller adds its own fields and finishes it.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn debug_settings<'a, 'b>(
+    f: &'a mut std::fmt::Formatter<'b>,
+    name: &str,
+    prefix: &str,
+    timeout: Duration,
+    retry_after: Option<Duration>,
+) -> std::fmt::DebugStruct<'a, 'b> {
+    let mut d = f.debug_struct(name);
+    d.field("prefix", &prefix)
+        .field("timeout", &timeout)
+        .field("retry_after", &retry_after);
+    d
+}
+
+/// [`StoreError::Unavailable`] with `retry_after` and `source`.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn unavailable(
+    retry_after: Option<Duration>,
+    source: impl Into<BoxError>,
+) -> StoreError {
+    StoreError::Unavailable {
+        retry_after,
+        source: source.into(),
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use tokio::sync::OnceCell;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
 
 use super::{BoxError, StoreError};
 
@@ -35,14 +37,46 @@ pub(crate) const POOL_SIZE: usize = 16;
 /// The longest a new connection may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The connection and builder methods every PostgreSQL store of this crate shares; the type
-/// has `pool`, `prefix`, `sql: Arc<Sql>`, `schema`, `timeout`, `retry_after` and `cleanup`
-/// fields (and `min_ttl` with the `min_ttl` form), `new(PostgresPool)` and a `CONNECT_TIMEOUT`, and its module a `Sql::new`
-/// and its `MIGRATIONS`. `$migration` names its migrations, `$tables` its tables (for docs).
+/// The connection and builder methods every PostgreSQL store of this crate shares. The type
+/// holds `pool`, `prefix`, `sql: Arc<Sql>`, `schema`, `timeout`, `retry_after` and `cleanup`,
+/// either as its own fields or in a [`Base`] field named after `base =` (which also brings
+/// the `DEFAULT_*` and `CONNECT_TIMEOUT` constants); `min_ttl` adds `with_min_ttl` (a
+/// `min_ttl` field of the type); `retry_after = "(default …)"` documents a default
+/// `Retry-After` other than none.
+/// Its module has a `Sql::new` and its `MIGRATIONS`; `$migration` names the migrations,
+/// `$tables` the tables (for docs).
 macro_rules! postgres_store_builders {
+    ($ty:ident, $migration:literal, $tables:literal, base = $base:ident, min_ttl) => {
+        $crate::store::postgres::postgres_store_builders!($ty, $migration, $tables, base = $base);
+        $crate::store::postgres::postgres_store_builders!(@min_ttl $ty);
+    };
+    ($ty:ident, $migration:literal, $tables:literal, base = $base:ident $(, retry_after = $retry:literal)?) => {
+        impl $ty {
+            /// Default table prefix.
+            pub const DEFAULT_PREFIX: &str = $crate::store::postgres::DEFAULT_PREFIX;
+            /// Default deadline of each operation.
+            pub const DEFAULT_TIMEOUT: ::std::time::Duration =
+                $crate::store::postgres::DEFAULT_TIMEOUT;
+            /// Default interval between two clean-ups of expired rows by one instance.
+            pub const DEFAULT_CLEANUP_INTERVAL: ::std::time::Duration =
+                $crate::store::postgres::DEFAULT_CLEANUP_INTERVAL;
+            #[doc = concat!("The longest [`", stringify!($ty), "::connect`] and [`",
+                stringify!($ty), "::migrate`] wait.")]
+            pub const CONNECT_TIMEOUT: ::std::time::Duration =
+                $crate::store::postgres::CONNECT_TIMEOUT;
+        }
+        $crate::store::postgres::postgres_store_builders!(@methods $ty, $migration, $tables, [$base],
+            [$($retry)? "(default none: the layer's own `retry_after` applies)"]);
+    };
     ($ty:ident, $migration:literal, $tables:literal, min_ttl) => {
         $crate::store::postgres::postgres_store_builders!($ty, $migration, $tables);
-
+        $crate::store::postgres::postgres_store_builders!(@min_ttl $ty);
+    };
+    ($ty:ident, $migration:literal, $tables:literal) => {
+        $crate::store::postgres::postgres_store_builders!(@methods $ty, $migration, $tables, [],
+            ["(default none: the layer's own `retry_after` applies)"]);
+    };
+    (@min_ttl $ty:ident) => {
         impl $ty {
             /// Sets the shortest life of an entry, by PostgreSQL's clock (default 1 s; whole
             /// milliseconds). An expiry closer than that, or already past, is held this long
@@ -51,10 +85,9 @@ macro_rules! postgres_store_builders {
                 self.min_ttl = ttl;
                 self
             }
-
         }
     };
-    ($ty:ident, $migration:literal, $tables:literal) => {
+    (@methods $ty:ident, $migration:literal, $tables:literal, [$($base:ident)?], [$retry_doc:literal $($_default:literal)?]) => {
         impl $ty {
             #[doc = concat!(
                 "Connects to `url` (`postgres://user[:password]@host[:port]/database`, or the ",
@@ -75,7 +108,7 @@ macro_rules! postgres_store_builders {
             /// The pool (cheap to clone): open the crate's other PostgreSQL stores on the
             /// same database with it.
             pub fn pool(&self) -> $crate::store::PostgresPool {
-                self.pool.clone()
+                self$(.$base)?.pool.clone()
             }
 
             #[doc = concat!(
@@ -90,34 +123,35 @@ macro_rules! postgres_store_builders {
                 if let Err(e) = $crate::store::postgres::check_prefix(&prefix) {
                     panic!(concat!(stringify!($ty), "::with_prefix: {}"), e);
                 }
-                self.sql = ::std::sync::Arc::new(Sql::new(&prefix));
-                self.schema = ::std::sync::Arc::new(::tokio::sync::OnceCell::new());
-                self.prefix = prefix;
+                self$(.$base)?.sql = ::std::sync::Arc::new(Sql::new(&prefix));
+                self$(.$base)?.schema = ::std::sync::Arc::new(::tokio::sync::OnceCell::new());
+                self$(.$base)?.prefix = prefix;
                 self
             }
 
             /// The table prefix.
             pub fn prefix(&self) -> &str {
-                &self.prefix
+                &self$(.$base)?.prefix
             }
 
             /// Sets the deadline of each operation, retry included (default 500 ms). Past it
-            /// the request fails closed with 503.
+            /// the operation fails closed with [`StoreError::Unavailable`](crate::store::StoreError::Unavailable)
+            /// (503 for a request).
             pub fn with_timeout(mut self, timeout: ::std::time::Duration) -> Self {
-                self.timeout = timeout;
+                self$(.$base)?.timeout = timeout;
                 self
             }
 
-            /// Sets the `Retry-After` suggested when PostgreSQL is unavailable (default none:
-            /// the layer's own `retry_after` applies).
+            #[doc = concat!("Sets the `Retry-After` suggested when PostgreSQL is unavailable ",
+                $retry_doc, ".")]
             pub fn with_retry_after(mut self, wait: ::std::time::Duration) -> Self {
-                self.retry_after = Some(wait);
+                self$(.$base)?.retry_after = Some(wait);
                 self
             }
 
             /// Sets how often one instance deletes expired rows (default 60 s).
             pub fn with_cleanup_interval(mut self, interval: ::std::time::Duration) -> Self {
-                self.cleanup =
+                self$(.$base)?.cleanup =
                     ::std::sync::Arc::new($crate::store::postgres::Cleanup::new(interval));
                 self
             }
@@ -132,32 +166,210 @@ macro_rules! postgres_store_builders {
             /// did not answer within `CONNECT_TIMEOUT`, or refused the DDL (e.g. no `CREATE`
             /// privilege).
             pub async fn migrate(&self) -> Result<(), $crate::store::StoreError> {
-                self.schema_within(Self::CONNECT_TIMEOUT.max(self.timeout))
-                    .await
+                let timeout = Self::CONNECT_TIMEOUT.max(self$(.$base)?.timeout);
+                self.schema_within(timeout).await
             }
 
             async fn schema_within(
                 &self,
                 timeout: ::std::time::Duration,
             ) -> Result<(), $crate::store::StoreError> {
-                self.schema
-                    .get_or_try_init(|| {
-                        $crate::store::postgres::run(timeout, self.retry_after, false, || {
-                            $crate::store::postgres::migrate(
-                                &self.pool,
-                                &self.prefix,
-                                $migration,
-                                MIGRATIONS,
-                            )
-                        })
-                    })
-                    .await
-                    .map(|_| ())
+                let s = &self$(.$base)?;
+                $crate::store::postgres::ensure_schema(
+                    &s.schema, &s.pool, &s.prefix, s.retry_after, timeout, $migration, MIGRATIONS,
+                )
+                .await
             }
         }
     };
 }
 pub(crate) use postgres_store_builders;
+
+/// Default table prefix of every PostgreSQL store.
+pub(crate) const DEFAULT_PREFIX: &str = "x402_";
+/// Default deadline of each operation.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default interval between two clean-ups of expired rows by one instance.
+pub(crate) const DEFAULT_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What every PostgreSQL store holds (one field of it, named to
+/// [`postgres_store_builders!`]): the pool, its prefix's statements `S`, whether the schema
+/// is in place, and the settings the builder methods set.
+pub(crate) struct Base<S> {
+    pub(crate) pool: PostgresPool,
+    pub(crate) prefix: String,
+    pub(crate) sql: Arc<S>,
+    pub(crate) schema: Arc<OnceCell<()>>,
+    pub(crate) timeout: Duration,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) cleanup: Arc<Cleanup>,
+    component: &'static str,
+    migrations: &'static [&'static str],
+}
+
+// By hand: `S` is shared behind its `Arc`, it need not be `Clone` itself.
+impl<S> Clone for Base<S> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            prefix: self.prefix.clone(),
+            sql: self.sql.clone(),
+            schema: self.schema.clone(),
+            timeout: self.timeout,
+            retry_after: self.retry_after,
+            cleanup: self.cleanup.clone(),
+            component: self.component,
+            migrations: self.migrations,
+        }
+    }
+}
+
+impl<S> Base<S> {
+    /// The defaults on `pool`: prefix `"x402_"` (its statements from `sql`), 500 ms per
+    /// operation, a clean-up every 60 s; `component` names the `migrations` in
+    /// `<prefix>migrations`.
+    pub(crate) fn new(
+        pool: PostgresPool,
+        sql: fn(&str) -> S,
+        component: &'static str,
+        migrations: &'static [&'static str],
+        retry_after: Option<Duration>,
+    ) -> Self {
+        Self {
+            pool,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            sql: Arc::new(sql(DEFAULT_PREFIX)),
+            schema: Arc::new(OnceCell::new()),
+            timeout: DEFAULT_TIMEOUT,
+            retry_after,
+            cleanup: Arc::new(Cleanup::new(DEFAULT_CLEANUP_INTERVAL)),
+            component,
+            migrations,
+        }
+    }
+
+    /// `name`'s `Debug` with these settings and the clean-up interval; the caller adds its own
+    /// and finishes it.
+    pub(crate) fn debug<'a, 'b>(
+        &self,
+        f: &'a mut std::fmt::Formatter<'b>,
+        name: &str,
+    ) -> std::fmt::DebugStruct<'a, 'b> {
+        let mut d = super::debug_settings(f, name, &self.prefix, self.timeout, self.retry_after);
+        d.field("cleanup_interval", &self.cleanup.interval());
+        d
+    }
+
+    /// An `Unavailable` error with this store's `Retry-After`.
+    pub(crate) fn unavailable(&self, source: impl Into<BoxError>) -> StoreError {
+        unavailable(self.retry_after, source)
+    }
+
+    /// `row`'s column `i`, or `Unavailable` (fail closed) when it does not read as a `T`.
+    pub(crate) fn get<'r, T: tokio_postgres::types::FromSql<'r>>(
+        &self,
+        row: &'r Row,
+        i: usize,
+    ) -> Result<T, StoreError> {
+        row.try_get(i).map_err(|e| self.unavailable(e))
+    }
+
+    /// Starts the clean-up `sql` in the background if its interval has passed (see
+    /// [`Cleanup::maybe_run`]).
+    pub(crate) fn maybe_clean(&self, sql: Arc<str>, what: &'static str) {
+        self.cleanup.maybe_run(&self.pool, sql, self.timeout, what);
+    }
+
+    /// Runs `sql` with `params` once the schema is in place, under the deadline (`retry`: see
+    /// [`run`]); the rows changed.
+    pub(crate) async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        retry: bool,
+    ) -> Result<u64, StoreError> {
+        self.call(
+            sql,
+            retry,
+            |c, s| async move { c.execute(&s, params).await },
+        )
+        .await
+    }
+
+    /// As [`Base::execute`], for the rows it returns.
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        retry: bool,
+    ) -> Result<Vec<Row>, StoreError> {
+        self.call(sql, retry, |c, s| async move { c.query(&s, params).await })
+            .await
+    }
+
+    /// [`Base::query`] of a statement that always returns one row: that row (none fails
+    /// closed).
+    pub(crate) async fn query_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        retry: bool,
+    ) -> Result<Row, StoreError> {
+        let rows = self.query(sql, params, retry).await?;
+        rows.into_iter()
+            .next()
+            .ok_or_else(|| self.unavailable("the statement returned no row"))
+    }
+
+    async fn call<T, F, Fut>(&self, sql: &str, retry: bool, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(deadpool_postgres::Object, tokio_postgres::Statement) -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        self.schema_within(self.timeout).await?;
+        run(self.timeout, self.retry_after, retry, || async {
+            let client = self.pool.get().await?;
+            let stmt = client.prepare_cached(sql).await?;
+            Ok(op(client, stmt).await?)
+        })
+        .await
+    }
+
+    /// Brings the schema to this version within `timeout`, once per store.
+    pub(crate) async fn schema_within(&self, timeout: Duration) -> Result<(), StoreError> {
+        ensure_schema(
+            &self.schema,
+            &self.pool,
+            &self.prefix,
+            self.retry_after,
+            timeout,
+            self.component,
+            self.migrations,
+        )
+        .await
+    }
+}
+
+/// Applies `migrations` (see [`migrate`]) under `timeout`, unless `schema` says this store
+/// already did.
+pub(crate) async fn ensure_schema(
+    schema: &OnceCell<()>,
+    pool: &PostgresPool,
+    prefix: &str,
+    retry_after: Option<Duration>,
+    timeout: Duration,
+    component: &str,
+    migrations: &[&str],
+) -> Result<(), StoreError> {
+    schema
+        .get_or_try_init(|| {
+            run(timeout, retry_after, false, || {
+                migrate(pool, prefix, component, migrations)
+            })
+        })
+        .await
+        .map(|_| ())
+}
 
 /// A pool on `url` that answered `SELECT 1` within `within`.
 pub(crate) async fn connect(url: &str, within: Duration) -> Result<PostgresPool, StoreError> {
@@ -275,15 +487,7 @@ where
     }
 }
 
-pub(crate) fn unavailable(
-    retry_after: Option<Duration>,
-    source: impl Into<BoxError>,
-) -> StoreError {
-    StoreError::Unavailable {
-        retry_after,
-        source: source.into(),
-    }
-}
+pub(crate) use super::unavailable;
 
 /// A PostgreSQL operation ran past its deadline.
 #[derive(Debug, thiserror::Error)]

@@ -163,7 +163,7 @@ impl RedisConnection {
 }
 
 /// How long [`RedisConnection::connect`] waits for the first connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// rustls needs one process-wide crypto provider; with several compiled in (reqwest brings
 /// aws-lc-rs) it cannot pick one itself. Ours is ring, unless the application installed one.
@@ -172,10 +172,29 @@ fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The builder methods every Redis store of this crate shares; the type has `conn`, `prefix`,
-/// `timeout` and `retry_after` fields and `new(impl Into<RedisConnection>)`.
+/// The builder methods every Redis store of this crate shares. The type holds `conn`,
+/// `prefix`, `timeout` and `retry_after`, either as its own fields or in a [`Base`] field
+/// named after `base =` (which also brings the `DEFAULT_*` and `CONNECT_TIMEOUT`
+/// constants), and has `new(impl Into<RedisConnection>)`; `$prefix` is its default prefix.
 macro_rules! redis_store_builders {
+    ($ty:ident, $prefix:literal, base = $base:ident) => {
+        impl $ty {
+            /// Default key prefix.
+            pub const DEFAULT_PREFIX: &str = $prefix;
+            /// Default deadline of each operation.
+            pub const DEFAULT_TIMEOUT: ::std::time::Duration =
+                $crate::store::redis::DEFAULT_TIMEOUT;
+            #[doc = concat!("The longest [`", stringify!($ty),
+                "::connect`] waits for the first connection.")]
+            pub const CONNECT_TIMEOUT: ::std::time::Duration =
+                $crate::store::redis::CONNECT_TIMEOUT;
+        }
+        $crate::store::redis::redis_store_builders!(@methods $ty, $prefix, [$base]);
+    };
     ($ty:ident, $prefix:literal) => {
+        $crate::store::redis::redis_store_builders!(@methods $ty, $prefix, []);
+    };
+    (@methods $ty:ident, $prefix:literal, [$($base:ident)?]) => {
         impl $ty {
             #[doc = concat!(
                 "Connects to one Redis node at `url` (`redis://[:password@]host[:port][/db]`, ",
@@ -196,7 +215,7 @@ macro_rules! redis_store_builders {
             /// The connection (cheap to clone): open the crate's other Redis stores (nonces,
             /// idempotency, prepaid credit) on the same Redis with it.
             pub fn connection(&self) -> $crate::store::RedisConnection {
-                self.conn.clone()
+                self$(.$base)?.conn.clone()
             }
 
             #[doc = concat!(
@@ -204,27 +223,86 @@ macro_rules! redis_store_builders {
                 "each prepaid route) sharing a Redis its own."
             )]
             pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-                self.prefix = prefix.into();
+                self$(.$base)?.prefix = prefix.into();
                 self
             }
 
             /// Sets the deadline of each operation, retry included (default 500 ms). Past it
             /// the request fails closed with 503.
             pub fn with_timeout(mut self, timeout: ::std::time::Duration) -> Self {
-                self.timeout = timeout;
+                self$(.$base)?.timeout = timeout;
                 self
             }
 
             /// Sets the `Retry-After` suggested when Redis is unavailable (default none: the
             /// layer's own `retry_after` applies).
             pub fn with_retry_after(mut self, wait: ::std::time::Duration) -> Self {
-                self.retry_after = Some(wait);
+                self$(.$base)?.retry_after = Some(wait);
                 self
             }
         }
     };
 }
 pub(crate) use redis_store_builders;
+
+/// Default deadline of each operation.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What every Redis store holds (one field of it, named to [`redis_store_builders!`]): the
+/// connection and the settings the builder methods set.
+#[derive(Clone)]
+pub(crate) struct Base {
+    pub(crate) conn: RedisConnection,
+    pub(crate) prefix: String,
+    pub(crate) timeout: Duration,
+    pub(crate) retry_after: Option<Duration>,
+}
+
+impl Base {
+    /// The defaults on `conn`: `prefix`, 500 ms per operation, no `Retry-After` of its own.
+    pub(crate) fn new(conn: RedisConnection, prefix: &str) -> Self {
+        Self {
+            conn,
+            prefix: prefix.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            retry_after: None,
+        }
+    }
+
+    /// `name`'s `Debug` with these settings; the caller adds its own and finishes it.
+    pub(crate) fn debug<'a, 'b>(
+        &self,
+        f: &'a mut std::fmt::Formatter<'b>,
+        name: &str,
+    ) -> std::fmt::DebugStruct<'a, 'b> {
+        super::debug_settings(f, name, &self.prefix, self.timeout, self.retry_after)
+    }
+
+    /// The prefix and `raw` in lowercase hex, with room for `more` bytes.
+    pub(crate) fn key(&self, raw: &[u8], more: usize) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + 2 * raw.len() + more);
+        out.push_str(&self.prefix);
+        out.push_str(&alloy_primitives::hex::encode(raw));
+        out
+    }
+
+    /// Runs `script` on `key` under this store's deadline (see [`run_script`]).
+    pub(crate) async fn run<T: ::redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[&[u8]],
+        retry: bool,
+    ) -> Result<T, StoreError> {
+        let (timeout, wait) = (self.timeout, self.retry_after);
+        run_script(&self.conn, script, key, args, retry, timeout, wait).await
+    }
+
+    /// An `Unavailable` error with this store's `Retry-After`.
+    pub(crate) fn unavailable(&self, source: impl Into<BoxError>) -> StoreError {
+        unavailable(self.retry_after, source)
+    }
+}
 
 /// Runs `script` on `key` under `timeout`; with `retry`, once more after a connection error,
 /// with a last argument `"1"` (`"0"` on the first attempt) so the script can recognise its
@@ -265,15 +343,7 @@ pub(crate) async fn run_script<T: ::redis::FromRedisValue>(
     }
 }
 
-pub(crate) fn unavailable(
-    retry_after: Option<Duration>,
-    source: impl Into<BoxError>,
-) -> StoreError {
-    StoreError::Unavailable {
-        retry_after,
-        source: source.into(),
-    }
-}
+pub(crate) use super::unavailable;
 
 fn is_connection_error(e: &RedisError) -> bool {
     e.is_io_error()

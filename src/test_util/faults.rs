@@ -180,6 +180,19 @@ impl Faults {
             YieldNow(false).await;
         }
     }
+
+    /// `call` (the wrapped store's operation `op`) between [`Faults::enter`], which may fail
+    /// it instead, and a pause after it.
+    async fn around<T>(
+        &self,
+        op: Op,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.enter(op).await?;
+        let out = call.await;
+        self.pause().await;
+        out
+    }
 }
 
 /// Returns `Pending` once (waking itself at once): lets the scheduler run other tasks.
@@ -246,22 +259,19 @@ wrapper!(
 #[async_trait]
 impl<S: NonceStore> NonceStore for FaultyNonceStore<S> {
     async fn reserve(&self, key: &NonceKey, expires_at: u64) -> Result<Reservation, StoreError> {
-        self.faults.enter(Op::Reserve).await?;
-        let out = self.inner.reserve(key, expires_at).await;
-        self.faults.pause().await;
-        out
+        self.faults
+            .around(Op::Reserve, self.inner.reserve(key, expires_at))
+            .await
     }
     async fn consume(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
-        self.faults.enter(Op::Consume).await?;
-        let out = self.inner.consume(key, token).await;
-        self.faults.pause().await;
-        out
+        self.faults
+            .around(Op::Consume, self.inner.consume(key, token))
+            .await
     }
     async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
-        self.faults.enter(Op::Release).await?;
-        let out = self.inner.release(key, token).await;
-        self.faults.pause().await;
-        out
+        self.faults
+            .around(Op::Release, self.inner.release(key, token))
+            .await
     }
 
     fn is_shared(&self) -> bool {
@@ -277,10 +287,9 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultyIdempotencyStore<S> {
         fingerprint: Fingerprint,
         expires_at: u64,
     ) -> Result<Begin, StoreError> {
-        self.faults.enter(Op::Begin).await?;
-        let out = self.inner.begin(key, fingerprint, expires_at).await;
-        self.faults.pause().await;
-        out
+        self.faults
+            .around(Op::Begin, self.inner.begin(key, fingerprint, expires_at))
+            .await
     }
     async fn complete(
         &self,
@@ -288,16 +297,14 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultyIdempotencyStore<S> {
         token: ClaimToken,
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
-        self.faults.enter(Op::Complete).await?;
-        let out = self.inner.complete(key, token, response).await;
-        self.faults.pause().await;
-        out
+        self.faults
+            .around(Op::Complete, self.inner.complete(key, token, response))
+            .await
     }
     async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError> {
-        self.faults.enter(Op::Abort).await?;
-        let out = self.inner.abort(key, token).await;
-        self.faults.pause().await;
-        out
+        self.faults
+            .around(Op::Abort, self.inner.abort(key, token))
+            .await
     }
 
     fn is_shared(&self) -> bool {
@@ -308,22 +315,19 @@ impl<S: IdempotencyStore> IdempotencyStore for FaultyIdempotencyStore<S> {
 #[async_trait]
 impl<S: CreditLedger> CreditLedger for FaultyLedger<S> {
     async fn grant(&self, payer: Address, grant: Grant, now: u64) -> Result<(), StoreError> {
-        self.faults.enter(Op::Grant).await?;
-        let out = self.inner.grant(payer, grant, now).await;
-        self.faults.pause().await;
-        out
+        self.faults
+            .around(Op::Grant, self.inner.grant(payer, grant, now))
+            .await
     }
     async fn debit(&self, payer: Address, now: u64) -> Result<Debit, StoreError> {
-        self.faults.enter(Op::Debit).await?;
-        let out = self.inner.debit(payer, now).await;
-        self.faults.pause().await;
-        out
+        self.faults
+            .around(Op::Debit, self.inner.debit(payer, now))
+            .await
     }
     async fn refund(&self, payer: Address) -> Result<(), StoreError> {
-        self.faults.enter(Op::Refund).await?;
-        let out = self.inner.refund(payer).await;
-        self.faults.pause().await;
-        out
+        self.faults
+            .around(Op::Refund, self.inner.refund(payer))
+            .await
     }
 
     fn is_shared(&self) -> bool {

@@ -710,29 +710,14 @@ mod tests {
         assert_eq!(next, 2);
         // Appends after the cut are readable.
         j.append(&[pending(2)]).await.unwrap();
-        drop(j);
-        let (_, live, next) = open(&path);
-        assert_eq!(live.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(next, 3);
+        reopen(j, &path, &[1, 2], 3, "appended after the cut");
     }
 
     #[tokio::test]
     async fn compaction_keeps_only_live_payments() {
         let d = dir("compact");
         let path = d.join("j.log");
-        let (j, _, _) = open(&path);
-        for id in 0..50 {
-            j.append(&[pending(id)]).await.unwrap();
-            if id != 17 {
-                j.append(&[Record::Failed {
-                    id,
-                    reason: "x".into(),
-                    tx: None,
-                }])
-                .await
-                .unwrap();
-            }
-        }
+        let j = compactable(&path, &JournalFaults::default()).await;
         j.append(&[Record::Sent {
             ids: vec![17],
             tx: B256::repeat_byte(4),
@@ -745,11 +730,8 @@ mod tests {
         assert!(std::fs::metadata(&path).unwrap().len() < before / 10);
         assert_eq!(j.sizes(), (3, 1));
         j.append(&[pending(50)]).await.unwrap();
-        drop(j);
-        let (_, live, next) = open(&path);
-        assert_eq!(live.keys().copied().collect::<Vec<_>>(), vec![17, 50]);
+        let live = reopen(j, &path, &[17, 50], 51, "only the live payments");
         assert_eq!(live[&17].sent, vec![B256::repeat_byte(4)]);
-        assert_eq!(next, 51);
     }
 
     fn open(path: &Path) -> (Journal, BTreeMap<u64, Live>, u64) {
@@ -758,6 +740,17 @@ mod tests {
 
     fn ids(live: &BTreeMap<u64, Live>) -> Vec<u64> {
         live.keys().copied().collect()
+    }
+
+    /// Closes `j` and opens its file again: it must hold the payments `ids`, live, and give
+    /// `next` to the next one (`what` says why). Returns them.
+    #[track_caller]
+    fn reopen(j: Journal, path: &Path, ids: &[u64], next: u64, what: &str) -> BTreeMap<u64, Live> {
+        drop(j);
+        let (_, live, n) = open(path);
+        assert_eq!(self::ids(&live), ids, "{what}");
+        assert_eq!(n, next, "{what}: the next id");
+        live
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -814,14 +807,8 @@ mod tests {
             (2, 2),
             "the refused record is not counted or live"
         );
-        drop(j);
-        let (_, live, next) = open(&path);
-        assert_eq!(
-            ids(&live),
-            vec![0, 2],
-            "accepted ones kept, the refused one gone"
-        );
-        assert_eq!(next, 3);
+        let what = "accepted ones kept, the refused one gone";
+        reopen(j, &path, &[0, 2], 3, what);
     }
 
     #[tokio::test]
@@ -902,10 +889,7 @@ mod tests {
         assert!(j.compact().is_err());
         assert_eq!(j.sizes(), (99, 1), "the old file, as it was");
         j.append(&[pending(50)]).await.unwrap();
-        drop(j);
-        let (_, live, next) = open(&path);
-        assert_eq!(ids(&live), vec![17, 50]);
-        assert_eq!(next, 51);
+        reopen(j, &path, &[17, 50], 51, "compacted");
         assert!(!d.join("j.compacting").exists(), "no temporary file left");
     }
 
@@ -923,14 +907,7 @@ mod tests {
         assert!(j.append(&[pending(50)]).await.is_err());
         j.append(&[pending(51)]).await.unwrap();
         assert_eq!(j.sizes(), (3, 2));
-        drop(j);
-        let (_, live, next) = open(&path);
-        assert_eq!(
-            ids(&live),
-            vec![17, 51],
-            "nothing went to the unlinked file"
-        );
-        assert_eq!(next, 52);
+        reopen(j, &path, &[17, 51], 52, "nothing went to the unlinked file");
     }
 
     #[tokio::test]

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use alloy_primitives::{B256, U256};
 use async_trait::async_trait;
-use tokio::sync::OnceCell;
 
 use super::journal::StoredPayment;
 use super::queue::{Appended, Exposure, Final, LeaseOwner, LeaseRequest, Leased, SettlementQueue};
@@ -205,14 +204,8 @@ impl Sql {
 /// reconnects by itself once PostgreSQL is back.
 #[derive(Clone)]
 pub struct PostgresSettlementQueue {
-    pool: PostgresPool,
-    prefix: String,
-    sql: Arc<Sql>,
-    schema: Arc<OnceCell<()>>,
-    timeout: Duration,
-    retry_after: Option<Duration>,
+    pg: pg::Base<Sql>,
     retention: Duration,
-    cleanup: Arc<pg::Cleanup>,
     /// The backlog as last counted, and when (Unix ms; see `exposure`).
     counted: Arc<(AtomicU64, AtomicU64)>,
 }
@@ -220,125 +213,43 @@ pub struct PostgresSettlementQueue {
 /// How long a backlog count serves `exposure` before it is counted again.
 const COUNT_FOR: u64 = 100;
 
+pg::postgres_store_builders!(
+    PostgresSettlementQueue,
+    "settlement_queue",
+    "`<prefix>settlements` (every instance that should settle the others' payments uses the same prefix)",
+    base = pg,
+    retry_after = "(default 1 s)"
+);
+
 impl std::fmt::Debug for PostgresSettlementQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The pool is left out: its configuration may carry a password.
-        f.debug_struct("PostgresSettlementQueue")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
+        self.pg
+            .debug(f, "PostgresSettlementQueue")
             .field("retention", &self.retention)
             .finish_non_exhaustive()
     }
 }
 
 impl PostgresSettlementQueue {
-    /// Default table prefix.
-    pub const DEFAULT_PREFIX: &str = "x402_";
-    /// Default deadline for each operation.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
     /// Default time final rows are kept.
     pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-    /// The longest [`PostgresSettlementQueue::connect`] and
-    /// [`PostgresSettlementQueue::migrate`] wait.
-    pub const CONNECT_TIMEOUT: Duration = pg::CONNECT_TIMEOUT;
 
     /// A queue on `pool` (share it with the crate's other PostgreSQL stores), with the
-    /// defaults: prefix `"x402_"`, 500 ms per operation, no `Retry-After` of its own.
+    /// defaults: prefix `"x402_"`, 500 ms per operation, `Retry-After: 1` when PostgreSQL
+    /// is unavailable.
     pub fn new(pool: PostgresPool) -> Self {
+        let retry_after = Some(Duration::from_secs(1));
         Self {
-            pool,
-            prefix: Self::DEFAULT_PREFIX.to_owned(),
-            sql: Arc::new(Sql::new(Self::DEFAULT_PREFIX)),
-            schema: Arc::new(OnceCell::new()),
-            timeout: Self::DEFAULT_TIMEOUT,
-            retry_after: None,
+            pg: pg::Base::new(pool, Sql::new, "settlement_queue", MIGRATIONS, retry_after),
             retention: Self::DEFAULT_RETENTION,
-            cleanup: Arc::new(pg::Cleanup::new(Duration::from_secs(60))),
             counted: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
         }
-    }
-
-    /// Connects to `url` (`postgres://user[:password]@host[:port]/database`, or libpq's
-    /// `key=value` form) with a pool of 16 connections, and checks that the server answers.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`]: the URL does not parse, or PostgreSQL cannot be reached
-    /// within [`PostgresSettlementQueue::CONNECT_TIMEOUT`].
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Ok(Self::new(pg::connect(url, Self::CONNECT_TIMEOUT).await?))
-    }
-
-    /// The pool (cheap to clone).
-    pub fn pool(&self) -> PostgresPool {
-        self.pool.clone()
-    }
-
-    /// Sets the table prefix (default `"x402_"`): the table is `<prefix>settlements`, next
-    /// to `<prefix>migrations`. Every instance that should settle the others' payments uses
-    /// the same one.
-    ///
-    /// # Panics
-    /// When `prefix` is not at most 40 ASCII letters, digits and `_` (not starting with a
-    /// digit): it is spliced into SQL, so anything else is refused at start-up.
-    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        let prefix = prefix.into();
-        if let Err(e) = pg::check_prefix(&prefix) {
-            panic!("PostgresSettlementQueue::with_prefix: {e}");
-        }
-        self.sql = Arc::new(Sql::new(&prefix));
-        self.schema = Arc::new(OnceCell::new());
-        self.prefix = prefix;
-        self
-    }
-
-    /// The table prefix.
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    /// Sets the deadline of each operation, retry included (default 500 ms). Past it an
-    /// append fails (503) and a worker step is retried with backoff.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Sets the `Retry-After` suggested when PostgreSQL is unavailable (default: 1 s).
-    pub fn with_retry_after(mut self, wait: Duration) -> Self {
-        self.retry_after = Some(wait);
-        self
     }
 
     /// Sets how long final rows are kept before the clean-up deletes them (default 7 days).
     pub fn with_retention(mut self, keep: Duration) -> Self {
         self.retention = keep;
         self
-    }
-
-    /// Creates the table, or brings it to this version, if needed (once per queue). Every
-    /// operation does it on first use; calling it at start-up surfaces a wrong URL, prefix
-    /// or permission before the first request.
-    ///
-    /// # Errors
-    /// [`StoreError::Unavailable`].
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        self.schema_within(Self::CONNECT_TIMEOUT.max(self.timeout))
-            .await
-    }
-
-    async fn schema_within(&self, timeout: Duration) -> Result<(), StoreError> {
-        self.schema
-            .get_or_try_init(|| {
-                pg::run(timeout, self.retry_after, false, || {
-                    pg::migrate(&self.pool, &self.prefix, "settlement_queue", MIGRATIONS)
-                })
-            })
-            .await
-            .map(|_| ())
-    }
-
-    fn retry_after(&self) -> Option<Duration> {
-        Some(self.retry_after.unwrap_or(Duration::from_secs(1)))
     }
 }
 
@@ -383,33 +294,23 @@ impl SettlementQueue for PostgresSettlementQueue {
                 )
             })?;
             let json = serde_json::to_string(&stored).map_err(|e| pg::unavailable(None, e))?;
-            self.schema_within(self.timeout).await?;
             let k = PostgresNonceStore::row_key(&payment.nonce_key());
             let mut token = [0u8; 16];
             token.copy_from_slice(&LeaseOwner::random().0.to_be_bytes());
             let amount = payment.amount.to_string();
             let at = i64::try_from(accepted_ms).unwrap_or(i64::MAX);
-            let sql = self.sql.append.as_str();
-            let row = pg::run(self.timeout, self.retry_after(), true, || async {
-                let client = self.pool.get().await?;
-                let stmt = client.prepare_cached(sql).await?;
-                Ok(client
-                    .query_opt(
-                        &stmt,
-                        &[
-                            &&k[..],
-                            &&token[..],
-                            &payment.asset.as_slice(),
-                            &payment.payer.as_slice(),
-                            &amount,
-                            &json,
-                            &at,
-                        ],
-                    )
-                    .await?)
-            })
-            .await?;
-            Ok(match row {
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+                &&k[..],
+                &&token[..],
+                &payment.asset.as_slice(),
+                &payment.payer.as_slice(),
+                &amount,
+                &json,
+                &at,
+            ];
+            // One row when inserted, none for a duplicate.
+            let rows = self.pg.query(&self.pg.sql.append, &params, true).await?;
+            Ok(match rows.first() {
                 Some(row) => Appended::Accepted(row.get::<_, i64>(0) as u64),
                 None => Appended::Duplicate,
             })
@@ -427,7 +328,6 @@ impl SettlementQueue for PostgresSettlementQueue {
     }
 
     async fn exposure(&self, payment: &VerifiedPayment) -> Result<Exposure, StoreError> {
-        self.schema_within(self.timeout).await?;
         let k = PostgresNonceStore::row_key(&payment.nonce_key());
         // Counting every open row on every request would cost more than the request: the
         // backlog is counted at most every 100 ms per instance (a soft bound either way).
@@ -435,31 +335,22 @@ impl SettlementQueue for PostgresSettlementQueue {
         let (count, at) = &*self.counted;
         let recount = now.saturating_sub(at.load(Ordering::Relaxed)) >= COUNT_FOR;
         let sql = if recount {
-            self.sql.exposure.as_str()
+            &self.pg.sql.exposure
         } else {
-            self.sql.owed.as_str()
+            &self.pg.sql.owed
         };
-        let (pending, owed, queued): (Option<i64>, String, bool) =
-            pg::run(self.timeout, self.retry_after(), true, || async {
-                let client = self.pool.get().await?;
-                let stmt = client.prepare_cached(sql).await?;
-                let row = client
-                    .query_one(
-                        &stmt,
-                        &[
-                            &payment.payer.as_slice(),
-                            &payment.asset.as_slice(),
-                            &&k[..],
-                        ],
-                    )
-                    .await?;
-                if recount {
-                    Ok((Some(row.try_get(0)?), row.try_get(1)?, row.try_get(2)?))
-                } else {
-                    Ok((None, row.try_get(0)?, row.try_get(1)?))
-                }
-            })
-            .await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [
+            &payment.payer.as_slice(),
+            &payment.asset.as_slice(),
+            &&k[..],
+        ];
+        let row = self.pg.query_one(sql, &params, true).await?;
+        // With a recount, the backlog comes first.
+        let (pending, i): (Option<i64>, usize) = match recount {
+            true => (Some(self.pg.get(&row, 0)?), 1),
+            false => (None, 0),
+        };
+        let (owed, queued): (String, bool) = (self.pg.get(&row, i)?, self.pg.get(&row, i + 1)?);
         let pending = match pending {
             Some(n) => {
                 let n = u64::try_from(n).unwrap_or(0);
@@ -479,20 +370,14 @@ impl SettlementQueue for PostgresSettlementQueue {
     }
 
     async fn lease(&self, req: LeaseRequest) -> Result<Vec<Leased>, StoreError> {
-        self.schema_within(self.timeout).await?;
         let max = i64::try_from(req.max).unwrap_or(i64::MAX);
         let ripe = i64::try_from(req.ripe_ms).unwrap_or(i64::MAX);
         let owner = req.owner.0.to_be_bytes();
         let ttl = ms(req.ttl);
-        let sql = self.sql.lease.as_str();
-        let rows = pg::run(self.timeout, self.retry_after(), true, || async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(client
-                .query(&stmt, &[&max, &ripe, &&owner[..], &ttl])
-                .await?)
-        })
-        .await?;
+        let rows = self
+            .pg
+            .query(&self.pg.sql.lease, &[&max, &ripe, &&owner[..], &ttl], true)
+            .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let id: i64 = row.get(0);
@@ -520,19 +405,12 @@ impl SettlementQueue for PostgresSettlementQueue {
     }
 
     async fn sent(&self, owner: LeaseOwner, ids: &[u64], tx: B256) -> Result<(), StoreError> {
-        self.schema_within(self.timeout).await?;
         let ids = ids_of(ids);
         let n = ids.len() as i64;
         let owner = owner.0.to_be_bytes();
-        let sql = self.sql.sent.as_str();
-        let changed = pg::run(self.timeout, self.retry_after(), true, || async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(client
-                .execute(&stmt, &[&ids, &&owner[..], &tx.as_slice(), &n])
-                .await?)
-        })
-        .await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&ids, &&owner[..], &tx.as_slice(), &n];
+        let changed = self.pg.execute(&self.pg.sql.sent, &params, true).await?;
         if changed as i64 != n {
             return Err(StoreError::NotHeld);
         }
@@ -540,43 +418,32 @@ impl SettlementQueue for PostgresSettlementQueue {
     }
 
     async fn finish(&self, outcomes: &[(u64, Final)]) -> Result<Vec<bool>, StoreError> {
-        self.schema_within(self.timeout).await?;
         let ids: Vec<i64> = outcomes
             .iter()
             .map(|(id, _)| i64::try_from(*id).unwrap_or(i64::MAX))
             .collect();
         let texts: Vec<String> = outcomes.iter().map(|(_, f)| outcome_json(f)).collect();
-        let sql = self.sql.finish.as_str();
-        let rows = pg::run(self.timeout, self.retry_after(), true, || async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(client.query(&stmt, &[&ids, &texts]).await?)
-        })
-        .await?;
+        let rows = self
+            .pg
+            .query(&self.pg.sql.finish, &[&ids, &texts], true)
+            .await?;
         let done: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
-        self.cleanup.maybe_run(
-            &self.pool,
-            Sql::cleanup(&self.prefix, self.retention),
-            self.timeout,
+        self.pg.maybe_clean(
+            Sql::cleanup(&self.pg.prefix, self.retention),
             "settlement queue",
         );
         Ok(ids.iter().map(|id| done.contains(id)).collect())
     }
 
     async fn renew(&self, owner: LeaseOwner, ids: &[u64], ttl: Duration) -> Result<(), StoreError> {
-        self.schema_within(self.timeout).await?;
         let ids = ids_of(ids);
         let owner = owner.0.to_be_bytes();
         let ttl = ms(ttl);
-        let sql = self.sql.renew.as_str();
-        let (renewed, open): (i64, i64) =
-            pg::run(self.timeout, self.retry_after(), true, || async {
-                let client = self.pool.get().await?;
-                let stmt = client.prepare_cached(sql).await?;
-                let row = client.query_one(&stmt, &[&ids, &&owner[..], &ttl]).await?;
-                Ok((row.try_get(0)?, row.try_get(1)?))
-            })
+        let row = self
+            .pg
+            .query_one(&self.pg.sql.renew, &[&ids, &&owner[..], &ttl], true)
             .await?;
+        let (renewed, open): (i64, i64) = (self.pg.get(&row, 0)?, self.pg.get(&row, 1)?);
         if renewed < open {
             return Err(StoreError::NotHeld);
         }
@@ -590,32 +457,21 @@ impl SettlementQueue for PostgresSettlementQueue {
         retry_in: Duration,
         failed: bool,
     ) -> Result<(), StoreError> {
-        self.schema_within(self.timeout).await?;
         let ids = ids_of(ids);
         let owner = owner.0.to_be_bytes();
         let wait = ms(retry_in);
         let inc = i32::from(failed);
-        let sql = self.sql.release.as_str();
-        pg::run(self.timeout, self.retry_after(), false, || async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(client
-                .execute(&stmt, &[&ids, &&owner[..], &wait, &inc])
-                .await?)
-        })
-        .await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&ids, &&owner[..], &wait, &inc];
+        self.pg
+            .execute(&self.pg.sql.release, &params, false)
+            .await?;
         Ok(())
     }
 
     async fn pending(&self) -> Result<usize, StoreError> {
-        self.schema_within(self.timeout).await?;
-        let sql = self.sql.pending.as_str();
-        let n: i64 = pg::run(self.timeout, self.retry_after(), true, || async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(client.query_one(&stmt, &[]).await?.try_get(0)?)
-        })
-        .await?;
+        let row = self.pg.query_one(&self.pg.sql.pending, &[], true).await?;
+        let n: i64 = self.pg.get(&row, 0)?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 

@@ -211,6 +211,21 @@ impl Relayer {
         rpc_timeout: Duration,
         before: Option<BeforeSend<'_>>,
     ) -> Result<B256, SendError> {
+        let (hash, raw) = self.sign(tx, nonce, before).await?;
+        match broadcast(provider, hash, &raw, rpc_timeout).await {
+            Broadcast::Accepted => Ok(hash),
+            Broadcast::NonceTaken(e) | Broadcast::Failed(e) => Err(e),
+        }
+    }
+
+    /// Signs `tx` from the relayer with `nonce` and shows its hash to `before` (nothing is
+    /// broadcast yet, so the nonce is still ours if that fails): the hash and the raw bytes.
+    async fn sign(
+        &self,
+        tx: TransactionRequest,
+        nonce: u64,
+        before: Option<BeforeSend<'_>>,
+    ) -> Result<(B256, Vec<u8>), SendError> {
         let envelope = tx
             .with_from(self.address)
             .with_nonce(nonce)
@@ -223,22 +238,7 @@ impl Relayer {
                 .await
                 .map_err(|e| SendError::Refused(Failure::rpc(e)))?;
         }
-        let raw = envelope.encoded_2718();
-        match tokio::time::timeout(rpc_timeout, provider.send_raw_transaction(&raw)).await {
-            Ok(Ok(_)) => Ok(hash),
-            Ok(Err(e)) if revert::is_already_known(&e) => Ok(hash),
-            Ok(Err(e @ alloy_json_rpc::RpcError::ErrorResp(_))) => {
-                Err(SendError::Refused(revert::classify(e)))
-            }
-            Ok(Err(e)) => Err(SendError::Unknown {
-                hash,
-                source: Box::new(e),
-            }),
-            Err(elapsed) => Err(SendError::Unknown {
-                hash,
-                source: Box::new(elapsed),
-            }),
-        }
+        Ok((hash, envelope.encoded_2718()))
     }
 
     /// Signs `tx` (complete but for `from` and `nonce`) with the next nonce and sends it,
@@ -264,59 +264,70 @@ impl Relayer {
                 .map_err(SendError::Refused)?,
             };
             let after = following(nonce).map_err(|e| SendError::Refused(Failure::rpc(e)))?;
-            let envelope = tx
-                .clone()
-                .with_from(self.address)
-                .with_nonce(nonce)
-                .build(&self.wallet)
-                .await
-                .map_err(|e| SendError::Refused(Failure::rpc(e)))?;
-            let hash = *envelope.tx_hash();
-            if let Some(before) = before {
-                // Nothing was broadcast: the nonce is still ours.
-                before(hash)
-                    .await
-                    .map_err(|e| SendError::Refused(Failure::rpc(e)))?;
-            }
-            let raw = envelope.encoded_2718();
-            match tokio::time::timeout(rpc_timeout, provider.send_raw_transaction(&raw)).await {
-                Ok(Ok(_)) => {
-                    *next = Some(after);
-                    return Ok((hash, nonce));
-                }
-                // The same bytes were already received (e.g. by a send that timed out).
-                Ok(Err(e)) if revert::is_already_known(&e) => {
+            let (hash, raw) = self.sign(tx.clone(), nonce, before).await?;
+            match broadcast(provider, hash, &raw, rpc_timeout).await {
+                Broadcast::Accepted => {
                     *next = Some(after);
                     return Ok((hash, nonce));
                 }
                 // The nonce is taken (the account was used elsewhere, or a dropped send got
                 // through): re-read the pending count once.
-                Ok(Err(e)) if revert::is_nonce_taken(&e) && !retried => {
+                Broadcast::NonceTaken(_) if !retried => {
                     *next = None;
                     retried = true;
                 }
-                Ok(Err(e)) => {
+                Broadcast::NonceTaken(e) | Broadcast::Failed(e) => {
                     *next = None;
-                    return Err(match e {
-                        e @ alloy_json_rpc::RpcError::ErrorResp(_) => {
-                            SendError::Refused(revert::classify(e))
-                        }
-                        e => SendError::Unknown {
-                            hash,
-                            source: Box::new(e),
-                        },
-                    });
-                }
-                Err(elapsed) => {
-                    *next = None;
-                    return Err(SendError::Unknown {
-                        hash,
-                        source: Box::new(elapsed),
-                    });
+                    return Err(e);
                 }
             }
         }
     }
+}
+
+/// Broadcasts the signed transaction `raw` (hash `hash`) within `rpc_timeout`.
+async fn broadcast(
+    provider: &DynProvider,
+    hash: B256,
+    raw: &[u8],
+    rpc_timeout: Duration,
+) -> Broadcast {
+    match tokio::time::timeout(rpc_timeout, provider.send_raw_transaction(raw)).await {
+        Ok(Ok(_)) => Broadcast::Accepted,
+        // The same bytes were already received (e.g. by a send that timed out).
+        Ok(Err(e)) if revert::is_already_known(&e) => Broadcast::Accepted,
+        Ok(Err(e)) => {
+            let taken = revert::is_nonce_taken(&e);
+            let e = match e {
+                e @ alloy_json_rpc::RpcError::ErrorResp(_) => {
+                    SendError::Refused(revert::classify(e))
+                }
+                e => SendError::Unknown {
+                    hash,
+                    source: Box::new(e),
+                },
+            };
+            if taken {
+                Broadcast::NonceTaken(e)
+            } else {
+                Broadcast::Failed(e)
+            }
+        }
+        Err(elapsed) => Broadcast::Failed(SendError::Unknown {
+            hash,
+            source: Box::new(elapsed),
+        }),
+    }
+}
+
+/// What the node said to one broadcast.
+enum Broadcast {
+    /// Accepted, now or before.
+    Accepted,
+    /// Refused: the nonce is taken.
+    NonceTaken(SendError),
+    /// Refused otherwise, or no answer in time.
+    Failed(SendError),
 }
 
 /// Awaits an RPC call for at most `limit`; a timeout is an RPC failure.
