@@ -167,6 +167,7 @@ pub use channel::{OnchainChannel, WatchReport};
 // The channel manager (issue #19 item 5): rounds of claims, refunds, settles.
 mod channel_manager;
 #[cfg(feature = "channel-manager")]
+#[cfg_attr(docsrs, doc(cfg(feature = "channel-manager")))]
 pub use channel_manager::ChannelManagerHandle;
 pub use channel_manager::{ChannelManager, ChannelManagerBuilder, RoundReport};
 mod relayer;
