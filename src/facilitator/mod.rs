@@ -65,7 +65,7 @@
 //! `facilitator_rejected`, their text kept (bounded) in the error for logs.
 //!
 //! Solana `exact` (features `facilitator` + `svm`): the transaction is checked in-process as
-//! [`SvmVerifier`](crate::svm::SvmVerifier) does before `/verify`; the route advertises the
+//! `svm::SvmVerifier` does before `/verify`; the route advertises the
 //! facilitator's fee payer ([`Supported::svm_fee_payer`]); a settlement's `transaction` must be
 //! the fee payer's signature over that very transaction (else the outcome is unknown, as for a
 //! malformed reply) and lands in [`Settlement::signature`].

@@ -22,7 +22,7 @@ use super::Supported;
 impl Supported {
     /// The fee payer this facilitator co-signs Solana `exact` payments with on `network`
     /// (`extra.feePayer` of its v2 `exact` kind): what to pass to
-    /// [`PaymentOption::exact_svm`](crate::PaymentOption::exact_svm) when it settles.
+    /// `PaymentOption::exact_svm` (feature `svm`) when it settles.
     pub fn svm_fee_payer(&self, network: Network) -> Option<Pubkey> {
         self.kinds
             .iter()

@@ -93,7 +93,7 @@ impl StoreError {
 
     /// The answer to an operation on a claim: `Ok` when it changed the entry the caller
     /// holds, else [`StoreError::NotHeld`] (a stranger's token, or an expired claim).
-    #[cfg(any(feature = "redis", feature = "postgres"))]
+    #[cfg(feature = "redis")]
     pub(crate) fn held(changed: bool) -> Result<(), Self> {
         if changed { Ok(()) } else { Err(Self::NotHeld) }
     }
