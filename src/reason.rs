@@ -233,6 +233,8 @@ reasons! {
     /// `upto_facilitator_mismatch`
     UptoFacilitatorMismatch = "upto_facilitator_mismatch",
     // Solana `exact` (the `@x402/svm` 2.27 facilitator's codes, issue #20).
+    /// `duplicate_settlement`
+    DuplicateSettlement = "duplicate_settlement",
     /// `invalid_exact_svm_unsupported_scheme`
     InvalidExactSvmUnsupportedScheme = "invalid_exact_svm_unsupported_scheme",
     /// `invalid_exact_svm_network_mismatch`
@@ -435,6 +437,10 @@ pub const CHALLENGE_EXPIRED: Reason = Reason::ChallengeExpired;
 
 /// The proof was already used, or is being used by a concurrent request.
 pub const NONCE_ALREADY_USED: Reason = Reason::InvalidExactEvmNonceAlreadyUsed;
+
+/// A Solana proof (its transaction) was already used, or is being used by a concurrent
+/// request: the `@x402/svm` facilitator's code for the same refusal as [`NONCE_ALREADY_USED`].
+pub const DUPLICATE_SETTLEMENT: Reason = Reason::DuplicateSettlement;
 
 /// A dependency (nonce store, verifier, settler) is down: retry later.
 pub const SERVICE_UNAVAILABLE: Reason = Reason::ServiceUnavailable;

@@ -169,7 +169,7 @@ async fn a_solana_payment_runs_the_handler_once_and_its_replay_is_refused() {
         again.outcome(),
         (
             StatusCode::PAYMENT_REQUIRED,
-            Some(common::NONCE_USED.into())
+            Some("duplicate_settlement".into())
         )
     );
     // The same message under another client signature is the same transaction on chain.

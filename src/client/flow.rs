@@ -20,7 +20,7 @@ use super::signer::{self, Proof};
 use super::{PaymentOutcome, PaymentReport};
 use crate::body::ResponseBody;
 use crate::proto::{SettleResponse, X402Version};
-use crate::reason::NONCE_ALREADY_USED;
+use crate::reason::{DUPLICATE_SETTLEMENT, NONCE_ALREADY_USED};
 use crate::verify::BoxError;
 
 pub(crate) async fn run<S, Sg, B, ResBody>(
@@ -399,7 +399,8 @@ where
     };
     // Without a receipt now, keep the one an earlier (outcome unknown) answer gave.
     report.receipt = receipt.or(report.receipt.take());
-    report.outcome = if unknown && reason.as_deref() == Some(NONCE_ALREADY_USED.as_str()) {
+    let used = [NONCE_ALREADY_USED.as_str(), DUPLICATE_SETTLEMENT.as_str()];
+    report.outcome = if unknown && reason.as_deref().is_some_and(|r| used.contains(&r)) {
         // An earlier attempt with this very proof may have gone through: spent or pending.
         PaymentOutcome::AlreadyUsed
     } else {

@@ -171,6 +171,8 @@ pub mod reason {
         "permit2_token_mismatch",
         // generic (spec §9)
         "insufficient_funds",
+        // exact SVM: a transaction already settled or in settlement
+        "duplicate_settlement",
         "invalid_network",
         "invalid_payload",
         "invalid_payment_requirements",

@@ -94,7 +94,11 @@ async fn claim<'f, B: Send>(
         Ok(Reservation::Reserved(token)) => return Ok(Claim::new(store, key, token)),
         Ok(Reservation::InUse | Reservation::Used) => (
             Rejection::Pay {
-                reason: Some(reason::NONCE_ALREADY_USED),
+                // Each chain's reference code for a proof already used.
+                reason: Some(match verified.svm() {
+                    Some(_) => reason::DUPLICATE_SETTLEMENT,
+                    None => reason::NONCE_ALREADY_USED,
+                }),
             },
             None,
         ),
