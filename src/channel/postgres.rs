@@ -2,14 +2,12 @@
 //! instance of a server and durable as the database is. The documentation is on the type.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use alloy_primitives::B256;
 use async_trait::async_trait;
-use tokio::sync::OnceCell;
 
 use super::store::{ChannelState, ChannelStore, Lease};
-use crate::store::postgres::{self as pg, NOW_MS, PostgresPool};
+use crate::store::postgres::{self as pg, CLEANUP_BATCH, NOW_MS, PostgresPool};
 use crate::store::{ClaimToken, StoreError};
 
 /// The schema, one migration per version (`{p}` is the table prefix). Never edit a released
@@ -25,8 +23,6 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS {p}channels (
 
 /// Longest lease, as the Redis store's (a crashed holder blocks a channel at most this long).
 const MAX_LEASE_SECS: u64 = 86_400;
-/// Expired leases deleted per clean-up statement.
-const CLEANUP_BATCH: i64 = 10_000;
 
 /// The statements of one table prefix.
 struct Sql {
@@ -132,80 +128,33 @@ impl Sql {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct PostgresChannelStore {
-    pool: PostgresPool,
-    prefix: String,
-    sql: Arc<Sql>,
-    schema: Arc<OnceCell<()>>,
-    timeout: Duration,
-    retry_after: Option<Duration>,
-    cleanup: Arc<pg::Cleanup>,
+    pg: pg::Base<Sql>,
 }
 
 pg::postgres_store_builders!(
     PostgresChannelStore,
-    "channel",
-    "`<prefix>channels`, `<prefix>channel_leases`"
+    "`<prefix>channels`, `<prefix>channel_leases`",
+    base = pg
 );
 
-impl std::fmt::Debug for PostgresChannelStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The pool is left out: its configuration may carry a password.
-        f.debug_struct("PostgresChannelStore")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
-            .field("retry_after", &self.retry_after)
-            .finish_non_exhaustive()
-    }
-}
-
 impl PostgresChannelStore {
-    /// The longest [`PostgresChannelStore::connect`] and [`PostgresChannelStore::migrate`] wait.
-    pub const CONNECT_TIMEOUT: Duration = pg::CONNECT_TIMEOUT;
-
     /// A store on `pool`, with the defaults: prefix `"x402_"`, 500 ms per operation, no
     /// `Retry-After` of its own (the layer's applies).
     pub fn new(pool: PostgresPool) -> Self {
         Self {
-            pool,
-            prefix: "x402_".to_owned(),
-            sql: Arc::new(Sql::new("x402_")),
-            schema: Arc::new(OnceCell::new()),
-            timeout: Duration::from_millis(500),
-            retry_after: None,
-            cleanup: Arc::new(pg::Cleanup::new(Duration::from_secs(60))),
+            pg: pg::Base::new(pool, Sql::new, "channel", MIGRATIONS, None),
         }
     }
 
-    async fn rows(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-        retry: bool,
-    ) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-        self.schema_within(self.timeout).await?;
-        pg::run(self.timeout, self.retry_after, retry, || async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(client.query(&stmt, params).await?)
-        })
-        .await
-    }
-
+    /// Runs one write (never retried: see the type docs): whether it changed a row.
     async fn changed(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<bool, StoreError> {
-        self.schema_within(self.timeout).await?;
-        let n = pg::run(self.timeout, self.retry_after, false, || async {
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(sql).await?;
-            Ok(client.execute(&stmt, params).await?)
-        })
-        .await?;
-        Ok(n > 0)
+        Ok(self.pg.execute(sql, params, false).await? > 0)
     }
 }
 
@@ -213,18 +162,17 @@ impl PostgresChannelStore {
 impl ChannelStore for PostgresChannelStore {
     async fn load(&self, channel: B256) -> Result<Option<ChannelState>, StoreError> {
         let rows = self
-            .rows(&self.sql.load, &[&channel.as_slice()], true)
+            .pg
+            .query(&self.pg.sql.load, &[&channel.as_slice()], true)
             .await?;
         let Some(row) = rows.first() else {
             return Ok(None);
         };
-        let json: String = row
-            .try_get(0)
-            .map_err(|e| pg::unavailable(self.retry_after, e))?;
+        let json: String = self.pg.get(row, 0)?;
         // A row that does not parse (a downgrade, a hand edit) fails closed.
         serde_json::from_str(&json)
             .map(Some)
-            .map_err(|e| pg::unavailable(self.retry_after, e))
+            .map_err(|e| self.pg.unavailable(e))
     }
 
     async fn lock(&self, channel: B256, seconds: u64) -> Result<Option<Lease>, StoreError> {
@@ -232,20 +180,16 @@ impl ChannelStore for PostgresChannelStore {
         let ms = (seconds.clamp(1, MAX_LEASE_SECS) * 1000) as i64;
         let t = token.0.to_be_bytes();
         let taken = self
-            .changed(&self.sql.lock, &[&channel.as_slice(), &&t[..], &ms])
+            .changed(&self.pg.sql.lock, &[&channel.as_slice(), &&t[..], &ms])
             .await?;
-        self.cleanup.maybe_run(
-            &self.pool,
-            self.sql.cleanup.clone(),
-            self.timeout,
-            "channel leases",
-        );
+        self.pg
+            .maybe_clean(self.pg.sql.cleanup.clone(), "channel leases");
         Ok(taken.then_some(Lease { channel, token }))
     }
 
     async fn unlock(&self, lease: Lease) -> Result<(), StoreError> {
         let t = lease.token.0.to_be_bytes();
-        self.changed(&self.sql.unlock, &[&lease.channel.as_slice(), &&t[..]])
+        self.changed(&self.pg.sql.unlock, &[&lease.channel.as_slice(), &&t[..]])
             .await
             .map(|_| ())
     }
@@ -260,13 +204,13 @@ impl ChannelStore for PostgresChannelStore {
         let json = serde_json::to_string(&next).map_err(|e| pg::unavailable(None, e))?;
         match expected {
             None => {
-                self.changed(&self.sql.insert, &[&channel.as_slice(), &charged, &json])
+                self.changed(&self.pg.sql.insert, &[&channel.as_slice(), &charged, &json])
                     .await
             }
             Some(e) => {
                 let e = e.to_string();
                 self.changed(
-                    &self.sql.update,
+                    &self.pg.sql.update,
                     &[&channel.as_slice(), &charged, &json, &e],
                 )
                 .await
@@ -276,20 +220,18 @@ impl ChannelStore for PostgresChannelStore {
 
     async fn remove(&self, channel: B256, expected: u128) -> Result<bool, StoreError> {
         self.changed(
-            &self.sql.remove,
+            &self.pg.sql.remove,
             &[&channel.as_slice(), &expected.to_string()],
         )
         .await
     }
 
     async fn list(&self) -> Result<Vec<B256>, StoreError> {
-        let rows = self.rows(&self.sql.list, &[], true).await?;
+        let rows = self.pg.query(&self.pg.sql.list, &[], true).await?;
         rows.iter()
             .map(|r| {
-                let id: Vec<u8> = r
-                    .try_get(0)
-                    .map_err(|e| pg::unavailable(self.retry_after, e))?;
-                B256::try_from(id.as_slice()).map_err(|e| pg::unavailable(self.retry_after, e))
+                let id: Vec<u8> = self.pg.get(r, 0)?;
+                B256::try_from(id.as_slice()).map_err(|e| self.pg.unavailable(e))
             })
             .collect()
     }

@@ -21,33 +21,42 @@
 //! the vouchers of the last second on a crash; the spec lets the server fall back to the
 //! on-chain claimed total, forfeiting what it had not claimed).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::LazyLock;
 
 use ::redis::Script;
 use alloy_primitives::{B256, hex};
 use async_trait::async_trait;
 
 use super::store::{ChannelState, ChannelStore, Lease};
-use crate::store::redis::{new_token, run_script, unavailable};
+use crate::store::redis::{self, new_token, unavailable};
 use crate::store::{RedisConnection, StoreError};
 
 /// `KEYS[1]` the lease, `ARGV[1]` the token, `ARGV[2]` the lease in ms (Redis's clock
 /// decides it). 1: taken.
-const LOCK: &str = r"
+static LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
-";
+",
+    )
+});
 
 /// `KEYS[1]` the lease, `ARGV[1]` the token.
-const UNLOCK: &str = r"
+static UNLOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-";
+",
+    )
+});
 
 /// `KEYS[1]` the state, `ARGV[1]` the expected charged amount (`-` for none), `ARGV[2]` the
 /// new one, `ARGV[3]` the JSON. 1: written.
-const COMMIT: &str = r"
+static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local c = redis.call('HGET', KEYS[1], 'c')
 if ARGV[1] == '-' then
   if c then return 0 end
@@ -56,70 +65,47 @@ elseif c ~= ARGV[1] then
 end
 redis.call('HSET', KEYS[1], 'c', ARGV[2], 'j', ARGV[3])
 return 1
-";
+",
+    )
+});
 
 /// `KEYS[1]` the state, `ARGV[1]` the expected charged amount. 1: deleted.
-const REMOVE: &str = r"
+static REMOVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-";
-
-struct Scripts {
-    lock: Script,
-    unlock: Script,
-    commit: Script,
-    remove: Script,
-}
+",
+    )
+});
 
 /// A [`ChannelStore`] in Redis: leases and compare-and-set commits shared by every instance.
 /// See the [module docs](self) for the key layout and durability.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RedisChannelStore {
-    conn: RedisConnection,
-    scripts: Arc<Scripts>,
-    prefix: String,
-    timeout: Duration,
-    retry_after: Option<Duration>,
+    redis: redis::Base,
 }
 
-crate::store::redis::redis_store_builders!(RedisChannelStore, "x402:channel:");
-
-impl std::fmt::Debug for RedisChannelStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisChannelStore")
-            .field("prefix", &self.prefix)
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
-    }
-}
+redis::redis_store_builders!(RedisChannelStore, "x402:channel:", base = redis);
 
 impl RedisChannelStore {
     /// A store on `conn`: prefix `"x402:channel:"`, 500 ms per command.
     pub fn new(conn: impl Into<RedisConnection>) -> Self {
         Self {
-            conn: conn.into(),
-            scripts: Arc::new(Scripts {
-                lock: Script::new(LOCK),
-                unlock: Script::new(UNLOCK),
-                commit: Script::new(COMMIT),
-                remove: Script::new(REMOVE),
-            }),
-            prefix: "x402:channel:".to_owned(),
-            timeout: Duration::from_millis(500),
-            retry_after: None,
+            redis: redis::Base::new(conn.into(), Self::DEFAULT_PREFIX),
         }
     }
 
     fn state_key(&self, channel: B256) -> String {
-        format!("{}s:{}", self.prefix, hex::encode(channel))
+        format!("{}s:{}", self.redis.prefix, hex::encode(channel))
     }
 
     fn lease_key(&self, channel: B256) -> String {
-        format!("{}l:{}", self.prefix, hex::encode(channel))
+        format!("{}l:{}", self.redis.prefix, hex::encode(channel))
     }
 
     fn index_key(&self) -> String {
-        format!("{}index", self.prefix)
+        format!("{}index", self.redis.prefix)
     }
 
     /// One plain command under the deadline.
@@ -127,11 +113,11 @@ impl RedisChannelStore {
         &self,
         cmd: &::redis::Cmd,
     ) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        tokio::time::timeout(self.timeout, cmd.query_async(&mut conn))
+        let mut conn = self.redis.conn.clone();
+        tokio::time::timeout(self.redis.timeout, cmd.query_async(&mut conn))
             .await
-            .map_err(|_| unavailable(self.retry_after, "redis did not answer in time"))?
-            .map_err(|e| unavailable(self.retry_after, e))
+            .map_err(|_| self.redis.unavailable("redis did not answer in time"))?
+            .map_err(|e| self.redis.unavailable(e))
     }
 
     async fn script<T: ::redis::FromRedisValue>(
@@ -141,16 +127,7 @@ impl RedisChannelStore {
         args: &[&[u8]],
     ) -> Result<T, StoreError> {
         // No retry: a commit repeated after a lost reply would compare against its own write.
-        run_script(
-            &self.conn,
-            script,
-            key,
-            args,
-            false,
-            self.timeout,
-            self.retry_after,
-        )
-        .await
+        self.redis.run(script, key, args, false).await
     }
 }
 
@@ -160,7 +137,7 @@ impl ChannelStore for RedisChannelStore {
         let json: Option<String> = self
             .command(::redis::cmd("HGET").arg(self.state_key(channel)).arg("j"))
             .await?;
-        json.map(|j| serde_json::from_str(&j).map_err(|e| unavailable(self.retry_after, e)))
+        json.map(|j| serde_json::from_str(&j).map_err(|e| self.redis.unavailable(e)))
             .transpose()
     }
 
@@ -169,7 +146,7 @@ impl ChannelStore for RedisChannelStore {
         let at = seconds.clamp(1, 86_400).saturating_mul(1000).to_string();
         let taken: i64 = self
             .script(
-                &self.scripts.lock,
+                &LOCK,
                 &self.lease_key(channel),
                 &[token.0.to_string().as_bytes(), at.as_bytes()],
             )
@@ -180,7 +157,7 @@ impl ChannelStore for RedisChannelStore {
     async fn unlock(&self, lease: Lease) -> Result<(), StoreError> {
         let _: i64 = self
             .script(
-                &self.scripts.unlock,
+                &UNLOCK,
                 &self.lease_key(lease.channel),
                 &[lease.token.0.to_string().as_bytes()],
             )
@@ -209,7 +186,7 @@ impl ChannelStore for RedisChannelStore {
         let json = serde_json::to_string(&next).map_err(|e| unavailable(None, e))?;
         let written: i64 = self
             .script(
-                &self.scripts.commit,
+                &COMMIT,
                 &self.state_key(channel),
                 &[expected.as_bytes(), charged.as_bytes(), json.as_bytes()],
             )
@@ -220,7 +197,7 @@ impl ChannelStore for RedisChannelStore {
     async fn remove(&self, channel: B256, expected: u128) -> Result<bool, StoreError> {
         let deleted: i64 = self
             .script(
-                &self.scripts.remove,
+                &REMOVE,
                 &self.state_key(channel),
                 &[expected.to_string().as_bytes()],
             )

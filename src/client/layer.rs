@@ -26,39 +26,24 @@ use crate::verify::BoxError;
 /// A tower layer for outgoing HTTP requests that pays x402 challenges. See the
 /// [module docs](super).
 pub struct PayingLayer<Sg> {
-    signer: Arc<Sg>,
-    policy: Policy,
-    retry: RetryPolicy,
-    clock: Arc<dyn Clock>,
-    balance: Option<Arc<dyn BalanceSource>>,
-    only_version: Option<X402Version>,
-    #[cfg(feature = "svm-client")]
-    svm: Option<Arc<super::SvmPayer>>,
-    channels: Option<Arc<super::channel::Channels>>,
+    shared: Shared<Sg>,
 }
 
 impl<Sg> Clone for PayingLayer<Sg> {
     fn clone(&self) -> Self {
         Self {
-            signer: self.signer.clone(),
-            policy: self.policy.clone(),
-            retry: self.retry.clone(),
-            clock: self.clock.clone(),
-            balance: self.balance.clone(),
-            only_version: self.only_version,
-            #[cfg(feature = "svm-client")]
-            svm: self.svm.clone(),
-            channels: self.channels.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
 
 impl<Sg> fmt::Debug for PayingLayer<Sg> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.shared;
         f.debug_struct("PayingLayer")
-            .field("policy", &self.policy)
-            .field("retry", &self.retry)
-            .field("balance_check", &self.balance.is_some())
+            .field("policy", &s.policy)
+            .field("retry", &s.retry)
+            .field("balance_check", &s.balance.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -68,15 +53,17 @@ impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
     /// `policy`, with the default [`RetryPolicy`], the system clock and no balance check.
     pub fn new(signer: Sg, policy: Policy) -> Self {
         Self {
-            signer: Arc::new(signer),
-            policy,
-            retry: RetryPolicy::default(),
-            clock: Arc::new(SystemClock),
-            balance: None,
-            only_version: None,
-            #[cfg(feature = "svm-client")]
-            svm: None,
-            channels: None,
+            shared: Shared {
+                signer: Arc::new(signer),
+                policy,
+                retry: RetryPolicy::default(),
+                clock: Arc::new(SystemClock),
+                balance: None,
+                only_version: None,
+                #[cfg(feature = "svm-client")]
+                svm: None,
+                channels: None,
+            },
         }
     }
 
@@ -89,8 +76,8 @@ impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
     /// [`ChannelPolicy`]: super::ChannelPolicy
     #[must_use]
     pub fn channels(mut self, policy: super::ChannelPolicy) -> Self {
-        self.policy.channels = true;
-        self.channels = Some(Arc::new(super::channel::Channels::new(policy)));
+        self.shared.policy.channels = true;
+        self.shared.channels = Some(Arc::new(super::channel::Channels::new(policy)));
         self
     }
 
@@ -107,28 +94,28 @@ impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
     #[cfg_attr(docsrs, doc(cfg(feature = "svm-client")))]
     #[must_use]
     pub fn svm(mut self, payer: super::SvmPayer) -> Self {
-        self.svm = Some(Arc::new(payer));
+        self.shared.svm = Some(Arc::new(payer));
         self
     }
 
     /// Replaces the retry rules. Default: [`RetryPolicy::default`].
     #[must_use]
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
+        self.shared.retry = retry;
         self
     }
 
     /// The clock the validity window is computed from. Default: the system clock.
     #[must_use]
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.shared.clock = Arc::new(clock);
         self
     }
 
     /// Checks the payer's balance before signing. Default: no check.
     #[must_use]
     pub fn balance_source(mut self, source: impl BalanceSource) -> Self {
-        self.balance = Some(Arc::new(source));
+        self.shared.balance = Some(Arc::new(source));
         self
     }
 
@@ -137,30 +124,20 @@ impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
     /// both forms. Useful for a server that advertises both forms but accepts only v1.
     #[must_use]
     pub fn only_version(mut self, version: X402Version) -> Self {
-        self.only_version = Some(version);
+        self.shared.only_version = Some(version);
         self
     }
 
     /// The shared budget, to read what was spent.
     pub fn budget(&self) -> Option<&Budget> {
-        self.policy.shared_budget()
+        self.shared.policy.shared_budget()
     }
 }
 
 impl<Sg> PayingLayer<Sg> {
     /// The configuration every call of a built client shares.
     pub(crate) fn shared(&self) -> Shared<Sg> {
-        Shared {
-            signer: self.signer.clone(),
-            policy: self.policy.clone(),
-            retry: self.retry.clone(),
-            clock: self.clock.clone(),
-            balance: self.balance.clone(),
-            only_version: self.only_version,
-            #[cfg(feature = "svm-client")]
-            svm: self.svm.clone(),
-            channels: self.channels.clone(),
-        }
+        self.shared.clone()
     }
 }
 
@@ -186,6 +163,23 @@ pub(crate) struct Shared<Sg> {
     #[cfg(feature = "svm-client")]
     pub(crate) svm: Option<Arc<super::SvmPayer>>,
     pub(crate) channels: Option<Arc<super::channel::Channels>>,
+}
+
+// By hand: the signer is shared behind its `Arc`, it need not be `Clone` itself.
+impl<Sg> Clone for Shared<Sg> {
+    fn clone(&self) -> Self {
+        Self {
+            signer: self.signer.clone(),
+            policy: self.policy.clone(),
+            retry: self.retry.clone(),
+            clock: self.clock.clone(),
+            balance: self.balance.clone(),
+            only_version: self.only_version,
+            #[cfg(feature = "svm-client")]
+            svm: self.svm.clone(),
+            channels: self.channels.clone(),
+        }
+    }
 }
 
 impl<Sg> Shared<Sg> {

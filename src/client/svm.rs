@@ -70,27 +70,9 @@ impl SvmPayer {
     }
 
     async fn call(&self, method: &str, params: Value) -> Result<Value, alloy_signer::Error> {
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        let res = self
-            .http
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
+        crate::svm::rpc::call(&self.http, &self.url, method, params, MAX_REPLY_BYTES)
             .await
-            .map_err(err)?;
-        if !res.status().is_success() {
-            return Err(err(format_args!("RPC answered HTTP {}", res.status())));
-        }
-        let bytes = res.bytes().await.map_err(err)?;
-        if bytes.len() > MAX_REPLY_BYTES {
-            return Err(err("RPC reply too large"));
-        }
-        let mut reply: Value = serde_json::from_slice(&bytes).map_err(err)?;
-        if let Some(e) = reply.get("error") {
-            return Err(err(format_args!("RPC error {e}")));
-        }
-        Ok(reply["result"].take())
+            .map_err(err)
     }
 
     /// The mint's token program and decimals, from its account.

@@ -7,7 +7,7 @@ use super::auth::{AuthHeaders, Endpoint, NoAuth};
 use super::error::BuildError;
 use super::http::{Target, Transport};
 use super::supported::Cache;
-use super::{FacilitatorClient, Inner};
+use super::{FacilitatorClient, Inner, Settings};
 use crate::clock::{Clock, SystemClock};
 
 /// Configures a [`FacilitatorClient`]. Every setting has a default suited to a public
@@ -17,19 +17,9 @@ pub struct FacilitatorClientBuilder {
     url: String,
     auth: Arc<dyn AuthHeaders>,
     connect_timeout: Duration,
-    verify_timeout: Duration,
-    settle_timeout: Duration,
-    supported_timeout: Duration,
-    attempts: u32,
-    backoff_base: Duration,
-    backoff_cap: Duration,
-    max_retry_after: Duration,
+    settings: Settings,
     max_body: usize,
-    check_supported: bool,
-    refresh_every: Duration,
-    retry_every: Duration,
     clock: Arc<dyn Clock>,
-    max_skew: u64,
     v1_resource: String,
 }
 
@@ -47,19 +37,21 @@ impl FacilitatorClientBuilder {
             url,
             auth: Arc::new(NoAuth),
             connect_timeout: Duration::from_secs(3),
-            verify_timeout: Duration::from_secs(10),
-            settle_timeout: Duration::from_secs(60),
-            supported_timeout: Duration::from_secs(10),
-            attempts: 3,
-            backoff_base: Duration::from_millis(100),
-            backoff_cap: Duration::from_secs(2),
-            max_retry_after: Duration::from_secs(60),
+            settings: Settings {
+                verify_timeout: Duration::from_secs(10),
+                settle_timeout: Duration::from_secs(60),
+                supported_timeout: Duration::from_secs(10),
+                attempts: 3,
+                backoff_base: Duration::from_millis(100),
+                backoff_cap: Duration::from_secs(2),
+                max_retry_after: Duration::from_secs(60),
+                check_supported: true,
+                refresh_every: Duration::from_secs(600),
+                retry_every: Duration::from_secs(30),
+                max_skew: crate::verify::ExactEvmVerifier::DEFAULT_MAX_SKEW,
+            },
             max_body: 64 * 1024,
-            check_supported: true,
-            refresh_every: Duration::from_secs(600),
-            retry_every: Duration::from_secs(30),
             clock: Arc::new(SystemClock),
-            max_skew: crate::verify::ExactEvmVerifier::DEFAULT_MAX_SKEW,
             v1_resource: "x402:resource".to_owned(),
         }
     }
@@ -79,41 +71,41 @@ impl FacilitatorClientBuilder {
 
     /// Deadline of one `/verify` attempt, reply body included (default 10 s).
     pub fn verify_timeout(mut self, timeout: Duration) -> Self {
-        self.verify_timeout = timeout;
+        self.settings.verify_timeout = timeout;
         self
     }
 
     /// Deadline of the `/settle` call, reply body included (default 60 s: facilitators wait
     /// for the transaction's receipt). Past it the outcome is unknown (503, proof kept).
     pub fn settle_timeout(mut self, timeout: Duration) -> Self {
-        self.settle_timeout = timeout;
+        self.settings.settle_timeout = timeout;
         self
     }
 
     /// Deadline of one `/supported` attempt (default 10 s).
     pub fn supported_timeout(mut self, timeout: Duration) -> Self {
-        self.supported_timeout = timeout;
+        self.settings.supported_timeout = timeout;
         self
     }
 
     /// Attempts per call where repeating is safe (default 3, at least 1): `/verify` and
     /// `/supported` on transport errors, 408 and 5xx; `/settle` only when nothing was sent.
     pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.attempts = attempts;
+        self.settings.attempts = attempts;
         self
     }
 
     /// Backoff before retry n: a random wait in `[d, 1.5 d]`, `d = base * 2^(n-1)` at most
     /// `cap` (default 100 ms and 2 s): jitter never shortens the wait.
     pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
-        self.backoff_base = base;
-        self.backoff_cap = cap;
+        self.settings.backoff_base = base;
+        self.settings.backoff_cap = cap;
         self
     }
 
     /// Longest `Retry-After` passed on from the facilitator (default 60 s).
     pub fn max_retry_after(mut self, cap: Duration) -> Self {
-        self.max_retry_after = cap;
+        self.settings.max_retry_after = cap;
         self
     }
 
@@ -125,14 +117,14 @@ impl FacilitatorClientBuilder {
 
     /// Refuse early (402) payments the cached `/supported` rules out (default on).
     pub fn check_supported(mut self, on: bool) -> Self {
-        self.check_supported = on;
+        self.settings.check_supported = on;
         self
     }
 
     /// How old the cached `/supported` may get before a background refresh (default 10 min).
     /// After a failed fetch, the next is tried after 30 s.
     pub fn supported_refresh(mut self, every: Duration) -> Self {
-        self.refresh_every = every;
+        self.settings.refresh_every = every;
         self
     }
 
@@ -145,7 +137,7 @@ impl FacilitatorClientBuilder {
     /// Accepts `validBefore` up to `now + maxTimeoutSeconds + secs` (default 60), as
     /// [`ExactEvmVerifier::with_max_skew`](crate::verify::ExactEvmVerifier::with_max_skew).
     pub fn max_skew(mut self, secs: u64) -> Self {
-        self.max_skew = secs;
+        self.settings.max_skew = secs;
         self
     }
 
@@ -180,16 +172,17 @@ impl FacilitatorClientBuilder {
             target(Endpoint::Settle)?,
             target(Endpoint::Supported)?,
         );
-        let shortest = self
+        let set = &self.settings;
+        let shortest = set
             .verify_timeout
-            .min(self.settle_timeout)
-            .min(self.supported_timeout);
+            .min(set.settle_timeout)
+            .min(set.supported_timeout);
         if self.connect_timeout >= shortest {
             return Err(BuildError::Setting(
                 "connect timeout must be shorter than every call timeout",
             ));
         }
-        if self.attempts == 0 {
+        if set.attempts == 0 {
             return Err(BuildError::Setting("max_attempts must be at least 1"));
         }
         if self.max_body < 1024 {
@@ -219,20 +212,10 @@ impl FacilitatorClientBuilder {
                     max_body: self.max_body,
                 },
                 base,
-                verify_timeout: self.verify_timeout,
-                settle_timeout: self.settle_timeout,
-                supported_timeout: self.supported_timeout,
-                attempts: self.attempts,
-                backoff_base: self.backoff_base,
-                backoff_cap: self.backoff_cap,
-                max_retry_after: self.max_retry_after,
-                check_supported: self.check_supported,
-                refresh_every: self.refresh_every,
-                retry_every: self.retry_every,
+                settings: self.settings,
                 cache: Cache::default(),
                 deposits: Default::default(),
                 clock: self.clock,
-                max_skew: self.max_skew,
                 v1_resource: self.v1_resource,
             }),
         })

@@ -290,7 +290,7 @@ impl FacilitatorClient {
     ) -> Result<Result<(u128, u128), (Option<String>, String)>, FacilitatorError> {
         let i = &self.inner;
         let reply = self
-            .idempotent(Endpoint::Verify, Some(body), i.verify_timeout)
+            .idempotent(Endpoint::Verify, Some(body), i.settings.verify_timeout)
             .await
             .map_err(|(e, _)| e)?;
         let answer = match parse::<VerifyReply>(&reply.body) {

@@ -112,6 +112,17 @@ pub struct FacilitatorClient {
 struct Inner {
     transport: Transport,
     base: String,
+    settings: Settings,
+    cache: Cache,
+    /// Channel deposits whose outcome is unknown (`channel.rs`).
+    deposits: channel::InDoubt,
+    clock: Arc<dyn Clock>,
+    v1_resource: String,
+}
+
+/// What [`FacilitatorClientBuilder`] sets and every call reads, kept as it was built.
+#[derive(Clone, Copy, Debug)]
+struct Settings {
     verify_timeout: Duration,
     settle_timeout: Duration,
     supported_timeout: Duration,
@@ -122,12 +133,7 @@ struct Inner {
     check_supported: bool,
     refresh_every: Duration,
     retry_every: Duration,
-    cache: Cache,
-    /// Channel deposits whose outcome is unknown (`channel.rs`).
-    deposits: channel::InDoubt,
-    clock: Arc<dyn Clock>,
     max_skew: u64,
-    v1_resource: String,
 }
 
 impl std::fmt::Debug for FacilitatorClient {
@@ -135,9 +141,9 @@ impl std::fmt::Debug for FacilitatorClient {
         let i = &self.inner;
         f.debug_struct("FacilitatorClient")
             .field("url", &i.base)
-            .field("verify_timeout", &i.verify_timeout)
-            .field("settle_timeout", &i.settle_timeout)
-            .field("max_attempts", &i.attempts)
+            .field("verify_timeout", &i.settings.verify_timeout)
+            .field("settle_timeout", &i.settings.settle_timeout)
+            .field("max_attempts", &i.settings.attempts)
             .finish_non_exhaustive()
     }
 }
@@ -190,12 +196,12 @@ impl FacilitatorClient {
     async fn fetch_supported_with(&self, retry: bool) -> Result<Supported, FacilitatorError> {
         let i = &self.inner;
         let reply = if retry {
-            self.idempotent(Endpoint::Supported, None, i.supported_timeout)
+            self.idempotent(Endpoint::Supported, None, i.settings.supported_timeout)
                 .await
                 .map_err(|(e, _)| e)?
         } else {
             i.transport
-                .call(Endpoint::Supported, None, i.supported_timeout)
+                .call(Endpoint::Supported, None, i.settings.supported_timeout)
                 .await
                 .map_err(Failure::into_error)?
         };
@@ -209,12 +215,15 @@ impl FacilitatorClient {
     /// yet. `None` when allowed, or when nothing is known (`/verify` then decides).
     async fn supported_refusal(&self, payload: &PaymentPayload) -> Option<crate::reason::Reason> {
         let i = &self.inner;
-        if !i.check_supported {
+        if !i.settings.check_supported {
             return None;
         }
         let refusal =
             |s: &Supported| s.refusal(payload.version(), payload.scheme(), payload.network());
-        match i.cache.lookup(i.refresh_every, i.retry_every) {
+        match i
+            .cache
+            .lookup(i.settings.refresh_every, i.settings.retry_every)
+        {
             Lookup::Cached { copy, refresh } => {
                 if refresh {
                     self.spawn_refresh();
@@ -225,7 +234,10 @@ impl FacilitatorClient {
             Lookup::Missing => {
                 let _first = i.cache.first_fetch().await;
                 // Whoever held the lock before us may have fetched it (or failed to).
-                if let Lookup::Missing = i.cache.lookup(i.refresh_every, i.retry_every) {
+                if let Lookup::Missing = i
+                    .cache
+                    .lookup(i.settings.refresh_every, i.settings.retry_every)
+                {
                     // One bounded attempt: paying requests wait for it, and `/verify` decides
                     // without it.
                     let fetched = self.fetch_supported_with(false).await;
@@ -268,13 +280,13 @@ impl FacilitatorClient {
                 Ok(reply) if !retryable_status(reply.status) => return Ok(reply),
                 Ok(reply) => (
                     status_error(&reply),
-                    retry_after(&reply.headers, i.max_retry_after),
+                    retry_after(&reply.headers, i.settings.max_retry_after),
                 ),
                 Err(failure) => (failure.into_error(), None),
             };
             // A facilitator asking for a longer pause than our backoff is not hammered.
-            let pause = backoff(attempt, i.backoff_base, i.backoff_cap);
-            if attempt >= i.attempts || wait.is_some_and(|w| w > i.backoff_cap) {
+            let pause = backoff(attempt, i.settings.backoff_base, i.settings.backoff_cap);
+            if attempt >= i.settings.attempts || wait.is_some_and(|w| w > i.settings.backoff_cap) {
                 return Err((error, wait));
             }
             tokio::time::sleep(wait.map_or(pause, |w| w.max(pause))).await;
@@ -305,7 +317,7 @@ impl FacilitatorClient {
             .clock
             .now()
             .saturating_add(req.max_timeout_seconds)
-            .saturating_add(self.inner.max_skew);
+            .saturating_add(self.inner.settings.max_skew);
         // Solana: the proof's claim lasts until its blockhash has surely expired (svm.rs).
         #[cfg(feature = "svm")]
         if req.network.is_solana() {
@@ -410,12 +422,16 @@ impl Verifier for FacilitatorClient {
         })?;
         let body = Bytes::from(body);
         let reply = self
-            .idempotent(Endpoint::Verify, Some(body.clone()), i.verify_timeout)
+            .idempotent(
+                Endpoint::Verify,
+                Some(body.clone()),
+                i.settings.verify_timeout,
+            )
             .await
             .map_err(|(e, wait)| unavailable(e, wait))?;
         if reply.status == StatusCode::TOO_MANY_REQUESTS {
             return Err(VerifyError::RateLimited {
-                retry_after: retry_after(&reply.headers, i.max_retry_after),
+                retry_after: retry_after(&reply.headers, i.settings.max_retry_after),
             });
         }
         let answer = match parse::<wire::VerifyReply>(&reply.body) {
@@ -521,12 +537,21 @@ impl FacilitatorClient {
         loop {
             match i
                 .transport
-                .call(Endpoint::Settle, Some(body.clone()), i.settle_timeout)
+                .call(
+                    Endpoint::Settle,
+                    Some(body.clone()),
+                    i.settings.settle_timeout,
+                )
                 .await
             {
                 // Dropped: the next attempt's error, if any, is the one reported.
-                Err(Failure::NotSent(_)) if attempt < i.attempts => {
-                    tokio::time::sleep(backoff(attempt, i.backoff_base, i.backoff_cap)).await;
+                Err(Failure::NotSent(_)) if attempt < i.settings.attempts => {
+                    tokio::time::sleep(backoff(
+                        attempt,
+                        i.settings.backoff_base,
+                        i.settings.backoff_cap,
+                    ))
+                    .await;
                     attempt += 1;
                 }
                 other => return other,
@@ -541,7 +566,7 @@ fn settle_reply(
     payment: &VerifiedPayment,
     reply: &Reply,
 ) -> Result<Settlement, SettleError> {
-    let wait = retry_after(&reply.headers, i.max_retry_after);
+    let wait = retry_after(&reply.headers, i.settings.max_retry_after);
     let unknown = |e: FacilitatorError, transaction| SettleError::Unknown {
         transaction,
         retry_after: wait,

@@ -100,10 +100,8 @@
 
 mod memory;
 #[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 mod postgres;
 #[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 mod redis;
 
 pub use memory::MemoryIdempotencyStore;

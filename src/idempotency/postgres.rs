@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use super::{
     Begin, ClaimToken, Fingerprint, IdempotencyKey, IdempotencyStore, StoreError, StoredResponse,
 };
-use crate::store::postgres::{self as pg, NOW_MS, PostgresPool};
+use crate::store::postgres::{self as pg, CLEANUP_BATCH, MAX_EXPIRY_MS, NOW_MS, PostgresPool};
 
 /// The schema, one migration per version (`{p}` is the table prefix). Never edit a released
 /// one: add the next.
@@ -21,11 +21,6 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS {p}idempotency (
         expires_ms BIGINT NOT NULL,
         PRIMARY KEY (payer, id));
     CREATE INDEX IF NOT EXISTS {p}idempotency_expires ON {p}idempotency (expires_ms);"];
-
-/// Largest expiry stored, in Unix ms (no overflow when a TTL is added in SQL).
-const MAX_EXPIRY_MS: u64 = 1 << 52;
-/// Expired rows deleted per clean-up statement.
-const CLEANUP_BATCH: i64 = 10_000;
 
 struct Sql {
     begin: String,
@@ -126,7 +121,7 @@ impl Sql {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct PostgresIdempotencyStore {
     pg: pg::Base<Sql>,
     min_ttl: Duration,
@@ -135,21 +130,10 @@ pub struct PostgresIdempotencyStore {
 
 pg::postgres_store_builders!(
     PostgresIdempotencyStore,
-    "idempotency",
     "`<prefix>idempotency`",
     base = pg,
     min_ttl
 );
-
-impl std::fmt::Debug for PostgresIdempotencyStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.pg
-            .debug(f, "PostgresIdempotencyStore")
-            .field("min_ttl", &self.min_ttl)
-            .field("max_ttl", &self.max_ttl)
-            .finish_non_exhaustive()
-    }
-}
 
 impl PostgresIdempotencyStore {
     /// Default minimum TTL of an entry.

@@ -1,6 +1,6 @@
 //! [`RedisIdempotencyStore`]: payment ids in Redis (feature `redis`).
 
-use std::sync::Arc;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use crate::store::RedisConnection;
@@ -16,7 +16,9 @@ use crate::store::redis::{self, MAX_EXPIRY_MS, new_token};
 /// `KEYS[1]` the key, `ARGV[1]` the in-progress value, `ARGV[2]` expiry in Unix ms,
 /// `ARGV[3]` minimum and `ARGV[4]` maximum TTL in ms, `ARGV[5]` `"1"` on a retry. Returns nil
 /// when this caller holds the key now, else the value found.
-const BEGIN: &str = r"
+static BEGIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local at = tonumber(ARGV[2])
@@ -28,12 +30,16 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PXAT', string.format('%d', at)) th
 local v = redis.call('GET', KEYS[1])
 if ARGV[5] == '1' and v == ARGV[1] then return false end
 return v
-";
+",
+    )
+});
 
 /// `KEYS[1]` the key, `ARGV[1]` the holder's token (32 hex digits), `ARGV[2]` the encoded
 /// response. Keeps the fingerprint, swaps in-progress for done. Returns 1 when stored (now or
 /// by an earlier attempt), else 0.
-const COMPLETE: &str = r"
+static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local kind = string.sub(v, 1, 1)
@@ -43,22 +49,22 @@ if kind == 'p' and string.sub(v, 66) == ARGV[1] then
 end
 if kind == 'd' and string.sub(v, 66) == ARGV[2] then return 1 end
 return 0
-";
+",
+    )
+});
 
 /// `KEYS[1]` the key, `ARGV[1]` the holder's token. Returns 1 when deleted.
-const ABORT: &str = r"
+static ABORT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, 1) == 'p' and string.sub(v, 66) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-";
-
-struct Scripts {
-    begin: Script,
-    complete: Script,
-    abort: Script,
-}
+",
+    )
+});
 
 /// An [`IdempotencyStore`] in Redis: one atomic claim per (payer, id) across every instance
 /// sharing the Redis, and the stored response for all of them.
@@ -108,25 +114,14 @@ struct Scripts {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RedisIdempotencyStore {
     redis: redis::Base,
-    scripts: Arc<Scripts>,
     min_ttl: Duration,
     max_ttl: Duration,
 }
 
 redis::redis_store_builders!(RedisIdempotencyStore, "x402:idem:", base = redis);
-
-impl std::fmt::Debug for RedisIdempotencyStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.redis
-            .debug(f, "RedisIdempotencyStore")
-            .field("min_ttl", &self.min_ttl)
-            .field("max_ttl", &self.max_ttl)
-            .finish_non_exhaustive()
-    }
-}
 
 impl RedisIdempotencyStore {
     /// Default minimum TTL of an entry.
@@ -139,11 +134,6 @@ impl RedisIdempotencyStore {
     pub fn new(conn: impl Into<RedisConnection>) -> Self {
         Self {
             redis: redis::Base::new(conn.into(), Self::DEFAULT_PREFIX),
-            scripts: Arc::new(Scripts {
-                begin: Script::new(BEGIN),
-                complete: Script::new(COMPLETE),
-                abort: Script::new(ABORT),
-            }),
             min_ttl: Self::DEFAULT_MIN_TTL,
             max_ttl: Self::DEFAULT_MAX_TTL,
         }
@@ -203,7 +193,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let found: Option<Vec<u8>> = self
             .redis
             .run(
-                &self.scripts.begin,
+                &BEGIN,
                 &self.redis_key(key),
                 &[&mine, at.as_bytes(), lo.as_bytes(), hi.as_bytes()],
                 true,
@@ -238,7 +228,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let stored: i64 = self
             .redis
             .run(
-                &self.scripts.complete,
+                &COMPLETE,
                 &self.redis_key(key),
                 &[token_hex(token).as_bytes(), &response.to_bytes()],
                 true,
@@ -251,7 +241,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let deleted: i64 = self
             .redis
             .run(
-                &self.scripts.abort,
+                &ABORT,
                 &self.redis_key(key),
                 &[token_hex(token).as_bytes()],
                 false,

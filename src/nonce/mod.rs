@@ -24,10 +24,8 @@
 
 mod memory;
 #[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub(crate) mod postgres;
 #[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub(crate) mod redis;
 
 #[cfg(feature = "postgres")]

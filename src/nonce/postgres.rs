@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{ClaimToken, NonceKey, NonceStore, Reservation, StoreError};
-use crate::store::postgres::{self as pg, NOW_MS, PostgresPool};
+use crate::store::postgres::{self as pg, CLEANUP_BATCH, MAX_EXPIRY_MS, NOW_MS, PostgresPool};
 
 /// The schema, one migration per version (`{p}` is the table prefix). Never edit a released
 /// one: add the next.
@@ -17,12 +17,6 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS {p}nonces (
         used BOOLEAN NOT NULL,
         expires_ms BIGINT NOT NULL);
     CREATE INDEX IF NOT EXISTS {p}nonces_expires ON {p}nonces (expires_ms);"];
-
-/// Largest expiry stored, in Unix ms (far past any `validBefore` that matters, and no
-/// overflow when the minimum TTL is added in SQL).
-const MAX_EXPIRY_MS: u64 = 1 << 52;
-/// Expired rows deleted per clean-up statement.
-const CLEANUP_BATCH: i64 = 10_000;
 
 /// The statements of one table prefix.
 struct Sql {
@@ -150,28 +144,13 @@ impl Sql {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct PostgresNonceStore {
     pg: pg::Base<Sql>,
     min_ttl: Duration,
 }
 
-pg::postgres_store_builders!(
-    PostgresNonceStore,
-    "nonce",
-    "`<prefix>nonces`",
-    base = pg,
-    min_ttl
-);
-
-impl std::fmt::Debug for PostgresNonceStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.pg
-            .debug(f, "PostgresNonceStore")
-            .field("min_ttl", &self.min_ttl)
-            .finish_non_exhaustive()
-    }
-}
+pg::postgres_store_builders!(PostgresNonceStore, "`<prefix>nonces`", base = pg, min_ttl);
 
 impl PostgresNonceStore {
     /// Default minimum TTL of a reservation (see [`PostgresNonceStore::with_min_ttl`]).

@@ -1,7 +1,7 @@
 //! [`RedisNonceStore`]: the replay guard in Redis (feature `redis`). The documentation
 //! (key layout, scripts, atomicity, failure behaviour) is on the type.
 
-use std::sync::Arc;
+use std::sync::LazyLock;
 
 use std::time::Duration;
 
@@ -16,7 +16,9 @@ use crate::store::redis::{self, new_token};
 /// `KEYS[1]` the key, `ARGV[1]` `<token>:r`, `ARGV[2]` expiry in Unix ms, `ARGV[3]` minimum
 /// TTL in ms, `ARGV[4]` `"1"` on a retry. Returns nil when this caller holds the key now, else
 /// the value found.
-const RESERVE: &str = r"
+static RESERVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local t = redis.call('TIME')
 local floor = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
 local at = ARGV[2]
@@ -25,11 +27,15 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PXAT', at) then return false end
 local v = redis.call('GET', KEYS[1])
 if ARGV[4] == '1' and v == ARGV[1] then return false end
 return v
-";
+",
+    )
+});
 
 /// `KEYS[1]` the key, `ARGV[1]` `<token>:r`, `ARGV[2]` `<token>:u`. Returns 1 when the holder
 /// consumed it (now or before), 0 otherwise.
-const CONSUME: &str = r"
+static CONSUME: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 local v = redis.call('GET', KEYS[1])
 if v == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
@@ -37,19 +43,19 @@ if v == ARGV[1] then
 end
 if v == ARGV[2] then return 1 end
 return 0
-";
+",
+    )
+});
 
 /// `KEYS[1]` the key, `ARGV[1]` `<token>:r`. Returns 1 when the holder released it, else 0.
-const RELEASE: &str = r"
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-";
-
-struct Scripts {
-    reserve: Script,
-    consume: Script,
-    release: Script,
-}
+",
+    )
+});
 
 /// A [`NonceStore`] in Redis: one atomic claim per proof across every instance that shares
 /// the Redis.
@@ -136,23 +142,13 @@ struct Scripts {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RedisNonceStore {
     redis: redis::Base,
-    scripts: Arc<Scripts>,
     min_ttl: Duration,
 }
 
 redis::redis_store_builders!(RedisNonceStore, "x402:nonce:", base = redis);
-
-impl std::fmt::Debug for RedisNonceStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.redis
-            .debug(f, "RedisNonceStore")
-            .field("min_ttl", &self.min_ttl)
-            .finish_non_exhaustive()
-    }
-}
 
 impl RedisNonceStore {
     /// Default minimum TTL of a reservation (see [`RedisNonceStore::with_min_ttl`]).
@@ -166,11 +162,6 @@ impl RedisNonceStore {
     pub fn new(conn: impl Into<RedisConnection>) -> Self {
         Self {
             redis: redis::Base::new(conn.into(), Self::DEFAULT_PREFIX),
-            scripts: Arc::new(Scripts {
-                reserve: Script::new(RESERVE),
-                consume: Script::new(CONSUME),
-                release: Script::new(RELEASE),
-            }),
             min_ttl: Self::DEFAULT_MIN_TTL,
         }
     }
@@ -214,7 +205,7 @@ impl NonceStore for RedisNonceStore {
         let found: Option<String> = self
             .redis
             .run(
-                &self.scripts.reserve,
+                &RESERVE,
                 &self.redis_key(key),
                 &[
                     value(token, 'r').as_bytes(),
@@ -236,7 +227,7 @@ impl NonceStore for RedisNonceStore {
         let done: i64 = self
             .redis
             .run(
-                &self.scripts.consume,
+                &CONSUME,
                 &self.redis_key(key),
                 &[value(token, 'r').as_bytes(), value(token, 'u').as_bytes()],
                 true,
@@ -249,7 +240,7 @@ impl NonceStore for RedisNonceStore {
         let done: i64 = self
             .redis
             .run(
-                &self.scripts.release,
+                &RELEASE,
                 &self.redis_key(key),
                 &[value(token, 'r').as_bytes()],
                 false,

@@ -93,10 +93,8 @@
 
 pub mod ledger;
 #[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 mod postgres;
 #[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 mod redis;
 pub mod siwx;
 pub mod wallets;

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::ledger::{CreditLedger, Debit, Grant, MAX_CALLS, secs};
 use crate::nonce::StoreError;
-use crate::store::postgres::{self as pg, NOW_MS, PostgresPool};
+use crate::store::postgres::{self as pg, CLEANUP_BATCH, NOW_MS, PostgresPool};
 
 /// The schema, one migration per version (`{p}` is the table prefix). Never edit a released
 /// one: add the next.
@@ -20,9 +20,6 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS {p}credits (
         expires_at BIGINT,
         updated_ms BIGINT NOT NULL);
     CREATE INDEX IF NOT EXISTS {p}credits_expires ON {p}credits (expires_at);"];
-
-/// Rows deleted per clean-up statement.
-const CLEANUP_BATCH: i64 = 10_000;
 
 /// The statements of one table prefix.
 struct Sql {
@@ -178,27 +175,13 @@ impl Sql {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct PostgresCreditLedger {
     pg: pg::Base<Sql>,
     retention: Duration,
 }
 
-pg::postgres_store_builders!(
-    PostgresCreditLedger,
-    "credit",
-    "`<prefix>credits`",
-    base = pg
-);
-
-impl std::fmt::Debug for PostgresCreditLedger {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.pg
-            .debug(f, "PostgresCreditLedger")
-            .field("retention", &self.retention)
-            .finish_non_exhaustive()
-    }
-}
+pg::postgres_store_builders!(PostgresCreditLedger, "`<prefix>credits`", base = pg);
 
 impl PostgresCreditLedger {
     /// Default time spent or expired credit is kept.

@@ -1,7 +1,7 @@
 //! [`RedisCreditLedger`]: prepaid credit in Redis (feature `redis`), shared by every instance.
 //! The documentation (key layout, scripts, expiry, failure behaviour) is on the type.
 
-use std::sync::Arc;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use crate::store::RedisConnection;
@@ -40,10 +40,17 @@ local function put(c, e)
 end
 ";
 
+/// A script with [`PRELUDE`] ahead of `body`.
+fn with_prelude(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}{body}"))
+}
+
 /// `ARGV[2]` now, `ARGV[3]` calls granted, `ARGV[4]` their expiry (empty: `None`). Live credit
 /// is topped up (calls add, the later expiry wins, a `None` absorbs); absent or expired
 /// credit is replaced. Returns 1.
-const GRANT: &str = r"
+static GRANT: LazyLock<Script> = LazyLock::new(|| {
+    with_prelude(
+        r"
 local now = tonumber(ARGV[2])
 local c, e = ARGV[3], ARGV[4]
 local v = redis.call('GET', KEYS[1])
@@ -60,11 +67,15 @@ if v then
 end
 put(c, e)
 return 1
-";
+",
+    )
+});
 
 /// `ARGV[2]` now. Returns the calls left after taking one, `-3` for a window (nothing taken),
 /// `-1` exhausted (absent or zero), `-2` expired.
-const DEBIT: &str = r"
+static DEBIT: LazyLock<Script> = LazyLock::new(|| {
+    with_prelude(
+        r"
 local v = redis.call('GET', KEYS[1])
 if not v then return -1 end
 local c, e = parse(v)
@@ -75,10 +86,14 @@ if n < 1 then return -1 end
 n = n - 1
 put(string.format('%d', n), e)
 return n
-";
+",
+    )
+});
 
 /// Gives one call back to counted credit. Returns 1 when it did, 0 otherwise.
-const REFUND: &str = r"
+static REFUND: LazyLock<Script> = LazyLock::new(|| {
+    with_prelude(
+        r"
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 local c, e = parse(v)
@@ -87,13 +102,9 @@ local n = tonumber(c) + 1
 if n > MAX then n = MAX end
 put(string.format('%d', n), e)
 return 1
-";
-
-struct Scripts {
-    grant: Script,
-    debit: Script,
-    refund: Script,
-}
+",
+    )
+});
 
 /// A [`CreditLedger`] in Redis: every instance that shares the Redis sees the same credit,
 /// and concurrent debits on any number of instances never take more calls than were granted.
@@ -185,23 +196,13 @@ struct Scripts {
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct RedisCreditLedger {
     redis: redis::Base,
-    scripts: Arc<Scripts>,
     retention: Duration,
 }
 
 redis::redis_store_builders!(RedisCreditLedger, "x402:credit:", base = redis);
-
-impl std::fmt::Debug for RedisCreditLedger {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.redis
-            .debug(f, "RedisCreditLedger")
-            .field("retention", &self.retention)
-            .finish_non_exhaustive()
-    }
-}
 
 impl RedisCreditLedger {
     /// Default time Redis keeps spent or expired credit.
@@ -211,14 +212,8 @@ impl RedisCreditLedger {
     /// with the defaults: prefix `"x402:credit:"`, 500 ms per operation, 1 day of retention,
     /// no `Retry-After` of its own (the layer's applies).
     pub fn new(conn: impl Into<RedisConnection>) -> Self {
-        let script = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
         Self {
             redis: redis::Base::new(conn.into(), Self::DEFAULT_PREFIX),
-            scripts: Arc::new(Scripts {
-                grant: script(GRANT),
-                debit: script(DEBIT),
-                refund: script(REFUND),
-            }),
             retention: Self::DEFAULT_RETENTION,
         }
     }
@@ -270,7 +265,7 @@ impl CreditLedger for RedisCreditLedger {
         let expires_at = grant.expires_at.map_or_else(String::new, |t| t.to_string());
         let now = secs(now).to_string();
         self.run(
-            &self.scripts.grant,
+            &GRANT,
             payer,
             &[now.as_bytes(), calls.as_bytes(), expires_at.as_bytes()],
         )
@@ -280,10 +275,7 @@ impl CreditLedger for RedisCreditLedger {
 
     async fn debit(&self, payer: Address, now: u64) -> Result<Debit, StoreError> {
         let now = secs(now).to_string();
-        match self
-            .run(&self.scripts.debit, payer, &[now.as_bytes()])
-            .await?
-        {
+        match self.run(&DEBIT, payer, &[now.as_bytes()]).await? {
             -1 => Ok(Debit::Exhausted),
             -2 => Ok(Debit::Expired),
             -3 => Ok(Debit::Debited { remaining: None }),
@@ -294,7 +286,7 @@ impl CreditLedger for RedisCreditLedger {
     }
 
     async fn refund(&self, payer: Address) -> Result<(), StoreError> {
-        self.run(&self.scripts.refund, payer, &[]).await.map(|_| ())
+        self.run(&REFUND, payer, &[]).await.map(|_| ())
     }
 
     fn is_shared(&self) -> bool {

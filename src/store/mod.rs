@@ -92,7 +92,8 @@ impl StoreError {
     }
 
     /// The answer to an operation on a claim: `Ok` when it changed the entry the caller
-    /// holds, else [`StoreError::NotHeld`] (a stranger's token, or an expired claim).
+    /// holds, else [`StoreError::NotHeld`] (a stranger's token, or an expired claim). The
+    /// Redis scripts answer 1 or 0; the PostgreSQL stores read their rows instead.
     #[cfg(feature = "redis")]
     pub(crate) fn held(changed: bool) -> Result<(), Self> {
         if changed { Ok(()) } else { Err(Self::NotHeld) }

@@ -37,20 +37,25 @@ pub(crate) const POOL_SIZE: usize = 16;
 /// The longest a new connection may take.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The connection and builder methods every PostgreSQL store of this crate shares. The type
-/// holds `pool`, `prefix`, `sql: Arc<Sql>`, `schema`, `timeout`, `retry_after` and `cleanup`,
-/// either as its own fields or in a [`Base`] field named after `base =` (which also brings
-/// the `DEFAULT_*` and `CONNECT_TIMEOUT` constants); `min_ttl` adds `with_min_ttl` (a
-/// `min_ttl` field of the type); `retry_after = "(default …)"` documents a default
-/// `Retry-After` other than none.
-/// Its module has a `Sql::new` and its `MIGRATIONS`; `$migration` names the migrations,
-/// `$tables` the tables (for docs).
+/// The builder methods every PostgreSQL store of this crate shares, on the [`Base`] field
+/// named after `base =` (which also brings the `DEFAULT_*` and `CONNECT_TIMEOUT` constants);
+/// `min_ttl` adds `with_min_ttl` (a `min_ttl` field of the type); `retry_after = "(default …)"`
+/// documents a default `Retry-After` other than none. Its module has a `Sql::new`; `$tables`
+/// names the tables (for docs).
 macro_rules! postgres_store_builders {
-    ($ty:ident, $migration:literal, $tables:literal, base = $base:ident, min_ttl) => {
-        $crate::store::postgres::postgres_store_builders!($ty, $migration, $tables, base = $base);
-        $crate::store::postgres::postgres_store_builders!(@min_ttl $ty);
+    ($ty:ident, $tables:literal, base = $base:ident, min_ttl) => {
+        $crate::store::postgres::postgres_store_builders!($ty, $tables, base = $base);
+        impl $ty {
+            /// Sets the shortest life of an entry, by PostgreSQL's clock (default 1 s; whole
+            /// milliseconds). An expiry closer than that, or already past, is held this long
+            /// instead: never forever, and long enough for the holder to finish.
+            pub fn with_min_ttl(mut self, ttl: ::std::time::Duration) -> Self {
+                self.min_ttl = ttl;
+                self
+            }
+        }
     };
-    ($ty:ident, $migration:literal, $tables:literal, base = $base:ident $(, retry_after = $retry:literal)?) => {
+    ($ty:ident, $tables:literal, base = $base:ident $(, retry_after = $retry:literal)?) => {
         impl $ty {
             /// Default table prefix.
             pub const DEFAULT_PREFIX: &str = $crate::store::postgres::DEFAULT_PREFIX;
@@ -65,29 +70,10 @@ macro_rules! postgres_store_builders {
             pub const CONNECT_TIMEOUT: ::std::time::Duration =
                 $crate::store::postgres::CONNECT_TIMEOUT;
         }
-        $crate::store::postgres::postgres_store_builders!(@methods $ty, $migration, $tables, [$base],
+        $crate::store::postgres::postgres_store_builders!(@methods $ty, $tables, $base,
             [$($retry)? "(default none: the layer's own `retry_after` applies)"]);
     };
-    ($ty:ident, $migration:literal, $tables:literal, min_ttl) => {
-        $crate::store::postgres::postgres_store_builders!($ty, $migration, $tables);
-        $crate::store::postgres::postgres_store_builders!(@min_ttl $ty);
-    };
-    ($ty:ident, $migration:literal, $tables:literal) => {
-        $crate::store::postgres::postgres_store_builders!(@methods $ty, $migration, $tables, [],
-            ["(default none: the layer's own `retry_after` applies)"]);
-    };
-    (@min_ttl $ty:ident) => {
-        impl $ty {
-            /// Sets the shortest life of an entry, by PostgreSQL's clock (default 1 s; whole
-            /// milliseconds). An expiry closer than that, or already past, is held this long
-            /// instead: never forever, and long enough for the holder to finish.
-            pub fn with_min_ttl(mut self, ttl: ::std::time::Duration) -> Self {
-                self.min_ttl = ttl;
-                self
-            }
-        }
-    };
-    (@methods $ty:ident, $migration:literal, $tables:literal, [$($base:ident)?], [$retry_doc:literal $($_default:literal)?]) => {
+    (@methods $ty:ident, $tables:literal, $base:ident, [$retry_doc:literal $($_default:literal)?]) => {
         impl $ty {
             #[doc = concat!(
                 "Connects to `url` (`postgres://user[:password]@host[:port]/database`, or the ",
@@ -108,7 +94,7 @@ macro_rules! postgres_store_builders {
             /// The pool (cheap to clone): open the crate's other PostgreSQL stores on the
             /// same database with it.
             pub fn pool(&self) -> $crate::store::PostgresPool {
-                self$(.$base)?.pool.clone()
+                self.$base.pool.clone()
             }
 
             #[doc = concat!(
@@ -123,35 +109,35 @@ macro_rules! postgres_store_builders {
                 if let Err(e) = $crate::store::postgres::check_prefix(&prefix) {
                     panic!(concat!(stringify!($ty), "::with_prefix: {}"), e);
                 }
-                self$(.$base)?.sql = ::std::sync::Arc::new(Sql::new(&prefix));
-                self$(.$base)?.schema = ::std::sync::Arc::new(::tokio::sync::OnceCell::new());
-                self$(.$base)?.prefix = prefix;
+                self.$base.sql = ::std::sync::Arc::new(Sql::new(&prefix));
+                self.$base.schema = ::std::sync::Arc::new(::tokio::sync::OnceCell::new());
+                self.$base.prefix = prefix;
                 self
             }
 
             /// The table prefix.
             pub fn prefix(&self) -> &str {
-                &self$(.$base)?.prefix
+                &self.$base.prefix
             }
 
             /// Sets the deadline of each operation, retry included (default 500 ms). Past it
             /// the operation fails closed with [`StoreError::Unavailable`](crate::store::StoreError::Unavailable)
             /// (503 for a request).
             pub fn with_timeout(mut self, timeout: ::std::time::Duration) -> Self {
-                self$(.$base)?.timeout = timeout;
+                self.$base.timeout = timeout;
                 self
             }
 
             #[doc = concat!("Sets the `Retry-After` suggested when PostgreSQL is unavailable ",
                 $retry_doc, ".")]
             pub fn with_retry_after(mut self, wait: ::std::time::Duration) -> Self {
-                self$(.$base)?.retry_after = Some(wait);
+                self.$base.retry_after = Some(wait);
                 self
             }
 
             /// Sets how often one instance deletes expired rows (default 60 s).
             pub fn with_cleanup_interval(mut self, interval: ::std::time::Duration) -> Self {
-                self$(.$base)?.cleanup =
+                self.$base.cleanup =
                     ::std::sync::Arc::new($crate::store::postgres::Cleanup::new(interval));
                 self
             }
@@ -166,19 +152,8 @@ macro_rules! postgres_store_builders {
             /// did not answer within `CONNECT_TIMEOUT`, or refused the DDL (e.g. no `CREATE`
             /// privilege).
             pub async fn migrate(&self) -> Result<(), $crate::store::StoreError> {
-                let timeout = Self::CONNECT_TIMEOUT.max(self$(.$base)?.timeout);
-                self.schema_within(timeout).await
-            }
-
-            async fn schema_within(
-                &self,
-                timeout: ::std::time::Duration,
-            ) -> Result<(), $crate::store::StoreError> {
-                let s = &self$(.$base)?;
-                $crate::store::postgres::ensure_schema(
-                    &s.schema, &s.pool, &s.prefix, s.retry_after, timeout, $migration, MIGRATIONS,
-                )
-                .await
+                let timeout = Self::CONNECT_TIMEOUT.max(self.$base.timeout);
+                self.$base.schema_within(timeout).await
             }
         }
     };
@@ -224,6 +199,15 @@ impl<S> Clone for Base<S> {
     }
 }
 
+// The stores derive their `Debug` through this one.
+impl<S> std::fmt::Debug for Base<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        super::debug_settings(f, "Postgres", &self.prefix, self.timeout, self.retry_after)
+            .field("cleanup_interval", &self.cleanup.interval())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S> Base<S> {
     /// The defaults on `pool`: prefix `"x402_"` (its statements from `sql`), 500 ms per
     /// operation, a clean-up every 60 s; `component` names the `migrations` in
@@ -246,18 +230,6 @@ impl<S> Base<S> {
             component,
             migrations,
         }
-    }
-
-    /// `name`'s `Debug` with these settings and the clean-up interval; the caller adds its own
-    /// and finishes it.
-    pub(crate) fn debug<'a, 'b>(
-        &self,
-        f: &'a mut std::fmt::Formatter<'b>,
-        name: &str,
-    ) -> std::fmt::DebugStruct<'a, 'b> {
-        let mut d = super::debug_settings(f, name, &self.prefix, self.timeout, self.retry_after);
-        d.field("cleanup_interval", &self.cleanup.interval());
-        d
     }
 
     /// An `Unavailable` error with this store's `Retry-After`.
@@ -608,6 +580,12 @@ impl Cleanup {
         });
     }
 }
+
+/// Largest expiry stored, in Unix ms: far past any `validBefore` that matters, and no
+/// overflow when a TTL is added in SQL.
+pub(crate) const MAX_EXPIRY_MS: u64 = 1 << 52;
+/// Expired rows deleted per clean-up statement.
+pub(crate) const CLEANUP_BATCH: i64 = 10_000;
 
 /// Now by PostgreSQL's clock, in Unix milliseconds (SQL).
 pub(crate) const NOW_MS: &str = "(extract(epoch FROM now()) * 1000)::bigint";

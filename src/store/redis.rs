@@ -172,10 +172,9 @@ fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The builder methods every Redis store of this crate shares. The type holds `conn`,
-/// `prefix`, `timeout` and `retry_after`, either as its own fields or in a [`Base`] field
-/// named after `base =` (which also brings the `DEFAULT_*` and `CONNECT_TIMEOUT`
-/// constants), and has `new(impl Into<RedisConnection>)`; `$prefix` is its default prefix.
+/// The builder methods every Redis store of this crate shares, on the [`Base`] field named
+/// after `base =`, and the `DEFAULT_*` and `CONNECT_TIMEOUT` constants. The type has
+/// `new(impl Into<RedisConnection>)`; `$prefix` is its default prefix.
 macro_rules! redis_store_builders {
     ($ty:ident, $prefix:literal, base = $base:ident) => {
         impl $ty {
@@ -189,12 +188,6 @@ macro_rules! redis_store_builders {
             pub const CONNECT_TIMEOUT: ::std::time::Duration =
                 $crate::store::redis::CONNECT_TIMEOUT;
         }
-        $crate::store::redis::redis_store_builders!(@methods $ty, $prefix, [$base]);
-    };
-    ($ty:ident, $prefix:literal) => {
-        $crate::store::redis::redis_store_builders!(@methods $ty, $prefix, []);
-    };
-    (@methods $ty:ident, $prefix:literal, [$($base:ident)?]) => {
         impl $ty {
             #[doc = concat!(
                 "Connects to one Redis node at `url` (`redis://[:password@]host[:port][/db]`, ",
@@ -215,7 +208,7 @@ macro_rules! redis_store_builders {
             /// The connection (cheap to clone): open the crate's other Redis stores (nonces,
             /// idempotency, prepaid credit) on the same Redis with it.
             pub fn connection(&self) -> $crate::store::RedisConnection {
-                self$(.$base)?.conn.clone()
+                self.$base.conn.clone()
             }
 
             #[doc = concat!(
@@ -223,21 +216,21 @@ macro_rules! redis_store_builders {
                 "each prepaid route) sharing a Redis its own."
             )]
             pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-                self$(.$base)?.prefix = prefix.into();
+                self.$base.prefix = prefix.into();
                 self
             }
 
             /// Sets the deadline of each operation, retry included (default 500 ms). Past it
             /// the request fails closed with 503.
             pub fn with_timeout(mut self, timeout: ::std::time::Duration) -> Self {
-                self$(.$base)?.timeout = timeout;
+                self.$base.timeout = timeout;
                 self
             }
 
             /// Sets the `Retry-After` suggested when Redis is unavailable (default none: the
             /// layer's own `retry_after` applies).
             pub fn with_retry_after(mut self, wait: ::std::time::Duration) -> Self {
-                self$(.$base)?.retry_after = Some(wait);
+                self.$base.retry_after = Some(wait);
                 self
             }
         }
@@ -258,6 +251,14 @@ pub(crate) struct Base {
     pub(crate) retry_after: Option<Duration>,
 }
 
+// The stores derive their `Debug` through this one.
+impl std::fmt::Debug for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        super::debug_settings(f, "Redis", &self.prefix, self.timeout, self.retry_after)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Base {
     /// The defaults on `conn`: `prefix`, 500 ms per operation, no `Retry-After` of its own.
     pub(crate) fn new(conn: RedisConnection, prefix: &str) -> Self {
@@ -267,15 +268,6 @@ impl Base {
             timeout: DEFAULT_TIMEOUT,
             retry_after: None,
         }
-    }
-
-    /// `name`'s `Debug` with these settings; the caller adds its own and finishes it.
-    pub(crate) fn debug<'a, 'b>(
-        &self,
-        f: &'a mut std::fmt::Formatter<'b>,
-        name: &str,
-    ) -> std::fmt::DebugStruct<'a, 'b> {
-        super::debug_settings(f, name, &self.prefix, self.timeout, self.retry_after)
     }
 
     /// The prefix and `raw` in lowercase hex, with room for `more` bytes.
@@ -307,7 +299,7 @@ impl Base {
 /// Runs `script` on `key` under `timeout`; with `retry`, once more after a connection error,
 /// with a last argument `"1"` (`"0"` on the first attempt) so the script can recognise its
 /// own earlier write. Every failure is [`StoreError::Unavailable`].
-pub(crate) async fn run_script<T: ::redis::FromRedisValue>(
+async fn run_script<T: ::redis::FromRedisValue>(
     conn: &RedisConnection,
     script: &Script,
     key: &str,

@@ -31,8 +31,9 @@
 pub mod ata;
 mod keypair;
 pub mod pay;
+#[cfg(any(feature = "svm-settle", feature = "svm-client"))]
+pub(crate) mod rpc;
 #[cfg(feature = "svm-settle")]
-#[cfg_attr(docsrs, doc(cfg(feature = "svm-settle")))]
 mod settle;
 pub mod tx;
 mod verify;

@@ -21,6 +21,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 use super::Keypair;
+use super::rpc::{self, Failure};
 use super::tx;
 use crate::Network;
 use crate::alert::{Alert, alert};
@@ -35,7 +36,7 @@ const MAX_REPLY_BYTES: usize = 1 << 20;
 const PREFLIGHT_FAILURE: i64 = -32002;
 
 /// Settles Solana `exact` payments as their fee payer, through one RPC endpoint.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct SvmSettler {
     http: reqwest::Client,
     url: String,
@@ -43,26 +44,6 @@ pub struct SvmSettler {
     network: Network,
     confirm_timeout: Duration,
     poll: Duration,
-}
-
-impl std::fmt::Debug for SvmSettler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SvmSettler")
-            .field("url", &self.url)
-            .field("fee_payer", &self.fee_payer)
-            .field("network", &self.network)
-            .finish_non_exhaustive()
-    }
-}
-
-/// How one RPC call failed.
-enum Failure {
-    /// Nothing reached the endpoint (connection refused, an HTTP error status).
-    NotSent(crate::store::BoxError),
-    /// The request may have been processed (timeout, reset, an unreadable reply).
-    Lost(crate::store::BoxError),
-    /// A JSON-RPC error object.
-    Rpc { code: i64, message: String },
 }
 
 impl SvmSettler {
@@ -101,44 +82,7 @@ impl SvmSettler {
     }
 
     async fn call(&self, method: &str, params: Value) -> Result<Value, Failure> {
-        let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        let res = self
-            .http
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    Failure::NotSent(e.into())
-                } else {
-                    Failure::Lost(e.into())
-                }
-            })?;
-        if !res.status().is_success() {
-            return Err(Failure::NotSent(
-                format!("RPC answered HTTP {}", res.status()).into(),
-            ));
-        }
-        let bytes = res.bytes().await.map_err(|e| Failure::Lost(e.into()))?;
-        if bytes.len() > MAX_REPLY_BYTES {
-            return Err(Failure::Lost("RPC reply too large".into()));
-        }
-        let reply: Value = serde_json::from_slice(&bytes).map_err(|e| Failure::Lost(e.into()))?;
-        if let Some(err) = reply.get("error") {
-            return Err(Failure::Rpc {
-                code: err.get("code").and_then(Value::as_i64).unwrap_or_default(),
-                message: err
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .chars()
-                    .take(300)
-                    .collect(),
-            });
-        }
-        Ok(reply.get("result").cloned().unwrap_or(Value::Null))
+        rpc::call(&self.http, &self.url, method, params, MAX_REPLY_BYTES).await
     }
 
     /// The proof, if it is ours to settle.

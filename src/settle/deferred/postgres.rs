@@ -14,7 +14,7 @@ use super::queue::{Appended, Exposure, Final, LeaseOwner, LeaseRequest, Leased, 
 use crate::alert::{Alert, alert};
 use crate::nonce::PostgresNonceStore;
 use crate::store::StoreError;
-use crate::store::postgres::{self as pg, NOW_MS, PostgresPool};
+use crate::store::postgres::{self as pg, CLEANUP_BATCH, NOW_MS, PostgresPool};
 use crate::verify::VerifiedPayment;
 
 /// The schema, one migration per version (`{p}` is the table prefix). Never edit a released
@@ -41,9 +41,6 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS {p}settlements (
     CREATE INDEX IF NOT EXISTS {p}settlements_owed
         ON {p}settlements (payer, asset) WHERE NOT done;
     CREATE INDEX IF NOT EXISTS {p}settlements_done ON {p}settlements (done_ms) WHERE done;"];
-
-/// Final rows deleted per clean-up statement.
-const CLEANUP_BATCH: i64 = 10_000;
 
 /// The statements of one table prefix.
 struct Sql {
@@ -202,7 +199,7 @@ impl Sql {
 /// the others while its client got 503: a retry of that proof is then refused as already
 /// used, and the payer pays once. The worker retries everything else with backoff; the pool
 /// reconnects by itself once PostgreSQL is back.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct PostgresSettlementQueue {
     pg: pg::Base<Sql>,
     retention: Duration,
@@ -215,20 +212,10 @@ const COUNT_FOR: u64 = 100;
 
 pg::postgres_store_builders!(
     PostgresSettlementQueue,
-    "settlement_queue",
     "`<prefix>settlements` (every instance that should settle the others' payments uses the same prefix)",
     base = pg,
     retry_after = "(default 1 s)"
 );
-
-impl std::fmt::Debug for PostgresSettlementQueue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.pg
-            .debug(f, "PostgresSettlementQueue")
-            .field("retention", &self.retention)
-            .finish_non_exhaustive()
-    }
-}
 
 impl PostgresSettlementQueue {
     /// Default time final rows are kept.

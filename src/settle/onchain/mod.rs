@@ -261,16 +261,7 @@ pub fn transfer_calldata(authorization: &Authorization, signature: &[u8]) -> Byt
     let a = authorization;
     let wrapped = crate::verify::wallet::Erc6492::decode(signature).and_then(Result::ok);
     let encoded = match wrapped {
-        Some(w) => IEip3009::transferWithAuthorization_1Call {
-            from: a.from,
-            to: a.to,
-            value: a.value,
-            validAfter: a.valid_after,
-            validBefore: a.valid_before,
-            nonce: a.nonce,
-            signature: w.signature,
-        }
-        .abi_encode(),
+        Some(w) => bytes_calldata(a, w.signature),
         None => plain_calldata(a, signature),
     };
     encoded.into()
@@ -284,17 +275,7 @@ pub fn payment_calldata(payment: &VerifiedPayment) -> Option<Bytes> {
     let (authorization, signature) = payment.eip3009()?;
     let contract = payment.signer == crate::verify::wallet::SignerKind::Contract;
     if contract && signature.len() == 65 {
-        let a = authorization;
-        let call = IEip3009::transferWithAuthorization_1Call {
-            from: a.from,
-            to: a.to,
-            value: a.value,
-            validAfter: a.valid_after,
-            validBefore: a.valid_before,
-            nonce: a.nonce,
-            signature: signature.clone(),
-        };
-        return Some(call.abi_encode().into());
+        return Some(bytes_calldata(authorization, signature.clone()).into());
     }
     Some(transfer_calldata(authorization, signature))
 }
@@ -321,17 +302,22 @@ fn plain_calldata(a: &Authorization, signature: &[u8]) -> Vec<u8> {
             }
             .abi_encode()
         }
-        Err(_) => IEip3009::transferWithAuthorization_1Call {
-            from: a.from,
-            to: a.to,
-            value: a.value,
-            validAfter: a.valid_after,
-            validBefore: a.valid_before,
-            nonce: a.nonce,
-            signature: Bytes::copy_from_slice(signature),
-        }
-        .abi_encode(),
+        Err(_) => bytes_calldata(a, Bytes::copy_from_slice(signature)),
     }
+}
+
+/// The `bytes signature` overload of `transferWithAuthorization`, `signature` as given.
+fn bytes_calldata(a: &Authorization, signature: Bytes) -> Vec<u8> {
+    IEip3009::transferWithAuthorization_1Call {
+        from: a.from,
+        to: a.to,
+        value: a.value,
+        validAfter: a.valid_after,
+        validBefore: a.valid_before,
+        nonce: a.nonce,
+        signature,
+    }
+    .abi_encode()
 }
 
 /// The source of the [`SettleError::Unknown`] returned when a sent transaction was not
