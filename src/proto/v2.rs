@@ -3,7 +3,6 @@
 
 use alloy_primitives::U256;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::Network;
@@ -132,7 +131,7 @@ pub struct PaymentPayload {
     /// against what it offers now and verifies against its own copy.
     pub accepted: PaymentRequirements,
     /// Scheme-specific proof ([`super::exact::ExactEvmPayload`] for `exact`).
-    pub payload: Box<RawValue>,
+    pub payload: super::SchemePayload,
     /// Extensions echoed or added by the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extensions: Option<Map<String, Value>>,
@@ -156,7 +155,7 @@ mod compact {
     use serde_json::{Map, Value};
 
     use super::super::compact::{Cursor, once, plain};
-    use super::super::decimal;
+    use super::super::{SchemePayload, decimal};
     use super::{PaymentPayload, PaymentRequirements, ResourceInfo};
 
     pub(super) fn payload(text: &str) -> Option<PaymentPayload> {
@@ -166,7 +165,7 @@ mod compact {
             "x402Version" => once(&mut version, c.uint().and_then(|n| u8::try_from(n).ok())),
             "resource" => once(&mut resource, resource_info(c)),
             "accepted" => once(&mut accepted, requirements(c)),
-            "payload" => once(&mut payload, c.raw_object()),
+            "payload" => once(&mut payload, scheme_payload(c)),
             _ => None,
         })?;
         c.done().then_some(())?;
@@ -177,6 +176,17 @@ mod compact {
             payload: payload?,
             extensions: None,
         })
+    }
+
+    /// `payload`: read as an `exact` EVM payload when it is one (the verifier then does not
+    /// parse it again), else delimited by serde as a `RawValue`.
+    fn scheme_payload(c: &mut Cursor<'_>) -> Option<SchemePayload> {
+        let start = c.at();
+        if let Some(exact) = super::super::exact::read_compact(c) {
+            return Some(SchemePayload::read_exact(c.since(start)?, exact));
+        }
+        c.back_to(start);
+        c.raw_object().map(SchemePayload::from)
     }
 
     fn requirements(c: &mut Cursor<'_>) -> Option<PaymentRequirements> {

@@ -255,7 +255,7 @@ impl Verifier for EvmVerifier {
     ) -> Result<VerifiedPayment, VerifyError> {
         match requirements.scheme.as_str() {
             upto::SCHEME => upto::verify(payload, requirements, &self.exact.timing),
-            _ => self.exact.verify(payload, requirements).await,
+            _ => self.exact.verify_unboxed(payload, requirements).await,
         }
     }
 }
