@@ -250,6 +250,8 @@ mod tests {
 
     const PAYLOAD: &str = r#"{"authorization":{"from":"0x857b06519E91e3A54538791bDbb0E22373e36b66","nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480","to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","validAfter":"1740672089","validBefore":"1740672154","value":"10000"},"signature":"0x2d6a75","x":[1,{"y":null}]}"#;
 
+    const EXACT: &str = r#"{"signature":"0x2d6a7588d6acca505cbf0d9a4a227e0c52c6c34008c8e8986a1283259764173608a2ce6496642e377d6da8dbbf5836e9bd15092f9ecab05ded3d6293af148b571c","authorization":{"from":"0x857b06519E91e3A54538791bDbb0E22373e36b66","to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","value":"10000","validAfter":"1740672089","validBefore":"1740672154","nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480"}}"#;
+
     /// What a caller can tell apart: the value, or serde's error text.
     fn outcome(r: Result<PaymentPayload, serde_json::Error>) -> String {
         match r {
@@ -271,8 +273,13 @@ mod tests {
                 r#"{{"x402Version":2,"resource":{resource},"accepted":{accepted},"payload":{PAYLOAD}}}"#
             ),
             format!(r#"{{"x402Version":2,"accepted":{svm},"payload":{{"transaction":"AQ=="}}}}"#),
+            // An `exact` EVM payload as clients send it.
+            format!(r#"{{"x402Version":2,"accepted":{accepted},"payload":{EXACT}}}"#),
         ];
         assert!(docs.iter().all(|d| compact::payload(d).is_some()));
+        // An `exact` EVM payload is read on the way (the verifier then does not parse it).
+        assert!(compact::payload(&docs[3]).is_some_and(|p| p.payload.exact().is_some()));
+        assert!(compact::payload(&docs[0]).is_some_and(|p| p.payload.exact().is_none()));
         // Every byte of each document replaced, dropped or doubled: the direct path never
         // accepts what serde refuses, nor reads another value.
         let replacements: &[&str] = &[
@@ -331,6 +338,12 @@ mod tests {
                     panic!("serde refuses what the direct path took: {doc}: {e}")
                 });
                 assert_eq!(format!("{p:?}"), format!("{serde:?}"), "{doc}");
+                // The `exact` payload read on the way is the one its text holds.
+                if let Some(exact) = p.payload.exact() {
+                    let text: super::super::exact::ExactEvmPayload =
+                        serde_json::from_str(p.payload.get()).expect("the text is the payload");
+                    assert_eq!(exact, &text, "{doc}");
+                }
             }
             assert_eq!(
                 outcome(PaymentPayload::from_json(doc)),
