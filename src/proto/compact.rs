@@ -21,6 +21,22 @@ impl<'a> Cursor<'a> {
         self.at == self.text.len()
     }
 
+    /// Where the cursor is, to come back to ([`Self::back_to`]) or to cut the text read
+    /// since ([`Self::since`]).
+    pub(super) fn at(&self) -> usize {
+        self.at
+    }
+
+    /// Moves the cursor back to `at` (from [`Self::at`]).
+    pub(super) fn back_to(&mut self, at: usize) {
+        self.at = at;
+    }
+
+    /// The text read since `at` (from [`Self::at`]).
+    pub(super) fn since(&self, at: usize) -> Option<&'a str> {
+        self.text.get(at..self.at)
+    }
+
     fn peek(&self) -> Option<u8> {
         self.text.as_bytes().get(self.at).copied()
     }

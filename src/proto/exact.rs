@@ -46,6 +46,11 @@ impl ExactEvmPayload {
     }
 }
 
+/// The compact `exact` EVM payload at `c` (see [`compact`]), for a document that embeds one.
+pub(super) fn read_compact(c: &mut super::compact::Cursor<'_>) -> Option<ExactEvmPayload> {
+    compact::object(c)
+}
+
 /// The direct path of [`ExactEvmPayload::from_json`]. Values are read by the very functions
 /// serde's visitors call (`hex::decode`, `FromHex`, [`super::decimal::parse`]), and anything
 /// it does not expect (whitespace, escapes, control characters, other keys, a repeated or
@@ -59,6 +64,12 @@ mod compact {
 
     pub(super) fn payload(text: &str) -> Option<ExactEvmPayload> {
         let mut c = Cursor::new(text);
+        let exact = object(&mut c)?;
+        c.done().then_some(exact)
+    }
+
+    /// The object at the cursor, which is left after it.
+    pub(in crate::proto) fn object(c: &mut Cursor<'_>) -> Option<ExactEvmPayload> {
         let (mut signature, mut authorization) = (None, None);
         c.object(|c, key| match key {
             "signature" => once(
@@ -69,7 +80,6 @@ mod compact {
             "authorization" => once(&mut authorization, auth(c)),
             _ => None,
         })?;
-        c.done().then_some(())?;
         Some(ExactEvmPayload {
             signature: signature?,
             authorization: authorization?,

@@ -85,12 +85,97 @@ impl PaymentPayload {
         }
     }
 
-    /// The scheme-specific `payload` object, still as raw JSON.
-    pub fn raw_payload(&self) -> &serde_json::value::RawValue {
+    /// The scheme-specific `payload` object, still as JSON text.
+    pub fn raw_payload(&self) -> &SchemePayload {
         match self {
             Self::V1(p) => &p.payload,
             Self::V2(p) => &p.payload,
         }
+    }
+}
+
+/// The scheme-specific `payload` object of a proof: its JSON text, as sent ([`Self::get`]),
+/// and, when the header decoder read it on its way as an `exact` EVM payload, that typed
+/// payload too, so the verifier does not parse the text a second time.
+///
+/// Serialized as the JSON it holds and deserialized from any JSON value, as a
+/// `Box<RawValue>` is (the type this replaces). Equality, `Debug` and `Display` are the
+/// text's.
+#[derive(Clone)]
+pub struct SchemePayload {
+    json: Box<str>,
+    exact: Option<exact::ExactEvmPayload>,
+}
+
+impl SchemePayload {
+    /// A JSON value's text (checked to be one JSON value, as `RawValue::from_string` does).
+    pub fn new(json: impl Into<String>) -> Result<Self, serde_json::Error> {
+        serde_json::value::RawValue::from_string(json.into()).map(Self::from)
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        &self.json
+    }
+
+    /// The text read by the header decoder's direct path as an `exact` EVM payload: valid
+    /// JSON by construction (only hex and decimal strings under known keys pass that path).
+    pub(crate) fn read_exact(json: &str, exact: exact::ExactEvmPayload) -> Self {
+        Self {
+            json: json.into(),
+            exact: Some(exact),
+        }
+    }
+
+    /// The `exact` EVM payload this text holds, when the header decoder already read it;
+    /// `None` says nothing (parse [`Self::get`]).
+    pub(crate) fn exact(&self) -> Option<&exact::ExactEvmPayload> {
+        self.exact.as_ref()
+    }
+}
+
+impl From<Box<serde_json::value::RawValue>> for SchemePayload {
+    fn from(raw: Box<serde_json::value::RawValue>) -> Self {
+        Self {
+            json: raw.into(),
+            exact: None,
+        }
+    }
+}
+
+impl PartialEq for SchemePayload {
+    fn eq(&self, other: &Self) -> bool {
+        self.json == other.json
+    }
+}
+impl Eq for SchemePayload {}
+
+impl std::fmt::Debug for SchemePayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SchemePayload")
+            .field(&format_args!("{}", self.json))
+            .finish()
+    }
+}
+
+impl std::fmt::Display for SchemePayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.json)
+    }
+}
+
+impl serde::Serialize for SchemePayload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Borrowed: the text is one JSON value, so this only re-checks it.
+        let raw: &serde_json::value::RawValue =
+            serde_json::from_str(&self.json).map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SchemePayload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<serde_json::value::RawValue>::deserialize(d).map(Self::from)
     }
 }
 

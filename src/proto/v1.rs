@@ -3,7 +3,6 @@
 
 use alloy_primitives::U256;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::Network;
@@ -68,5 +67,5 @@ pub struct PaymentPayload {
     #[serde(with = "v1_name")]
     pub network: Network,
     /// Scheme-specific proof.
-    pub payload: Box<RawValue>,
+    pub payload: super::SchemePayload,
 }

@@ -3,7 +3,6 @@
 
 use alloy_primitives::U256;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::Network;
@@ -132,7 +131,7 @@ pub struct PaymentPayload {
     /// against what it offers now and verifies against its own copy.
     pub accepted: PaymentRequirements,
     /// Scheme-specific proof ([`super::exact::ExactEvmPayload`] for `exact`).
-    pub payload: Box<RawValue>,
+    pub payload: super::SchemePayload,
     /// Extensions echoed or added by the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extensions: Option<Map<String, Value>>,
@@ -156,7 +155,7 @@ mod compact {
     use serde_json::{Map, Value};
 
     use super::super::compact::{Cursor, once, plain};
-    use super::super::decimal;
+    use super::super::{SchemePayload, decimal};
     use super::{PaymentPayload, PaymentRequirements, ResourceInfo};
 
     pub(super) fn payload(text: &str) -> Option<PaymentPayload> {
@@ -166,7 +165,7 @@ mod compact {
             "x402Version" => once(&mut version, c.uint().and_then(|n| u8::try_from(n).ok())),
             "resource" => once(&mut resource, resource_info(c)),
             "accepted" => once(&mut accepted, requirements(c)),
-            "payload" => once(&mut payload, c.raw_object()),
+            "payload" => once(&mut payload, scheme_payload(c)),
             _ => None,
         })?;
         c.done().then_some(())?;
@@ -177,6 +176,17 @@ mod compact {
             payload: payload?,
             extensions: None,
         })
+    }
+
+    /// `payload`: read as an `exact` EVM payload when it is one (the verifier then does not
+    /// parse it again), else delimited by serde as a `RawValue`.
+    fn scheme_payload(c: &mut Cursor<'_>) -> Option<SchemePayload> {
+        let start = c.at();
+        if let Some(exact) = super::super::exact::read_compact(c) {
+            return Some(SchemePayload::read_exact(c.since(start)?, exact));
+        }
+        c.back_to(start);
+        c.raw_object().map(SchemePayload::from)
     }
 
     fn requirements(c: &mut Cursor<'_>) -> Option<PaymentRequirements> {
@@ -240,6 +250,8 @@ mod tests {
 
     const PAYLOAD: &str = r#"{"authorization":{"from":"0x857b06519E91e3A54538791bDbb0E22373e36b66","nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480","to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","validAfter":"1740672089","validBefore":"1740672154","value":"10000"},"signature":"0x2d6a75","x":[1,{"y":null}]}"#;
 
+    const EXACT: &str = r#"{"signature":"0x2d6a7588d6acca505cbf0d9a4a227e0c52c6c34008c8e8986a1283259764173608a2ce6496642e377d6da8dbbf5836e9bd15092f9ecab05ded3d6293af148b571c","authorization":{"from":"0x857b06519E91e3A54538791bDbb0E22373e36b66","to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","value":"10000","validAfter":"1740672089","validBefore":"1740672154","nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480"}}"#;
+
     /// What a caller can tell apart: the value, or serde's error text.
     fn outcome(r: Result<PaymentPayload, serde_json::Error>) -> String {
         match r {
@@ -261,8 +273,13 @@ mod tests {
                 r#"{{"x402Version":2,"resource":{resource},"accepted":{accepted},"payload":{PAYLOAD}}}"#
             ),
             format!(r#"{{"x402Version":2,"accepted":{svm},"payload":{{"transaction":"AQ=="}}}}"#),
+            // An `exact` EVM payload as clients send it.
+            format!(r#"{{"x402Version":2,"accepted":{accepted},"payload":{EXACT}}}"#),
         ];
         assert!(docs.iter().all(|d| compact::payload(d).is_some()));
+        // An `exact` EVM payload is read on the way (the verifier then does not parse it).
+        assert!(compact::payload(&docs[3]).is_some_and(|p| p.payload.exact().is_some()));
+        assert!(compact::payload(&docs[0]).is_some_and(|p| p.payload.exact().is_none()));
         // Every byte of each document replaced, dropped or doubled: the direct path never
         // accepts what serde refuses, nor reads another value.
         let replacements: &[&str] = &[
@@ -321,6 +338,12 @@ mod tests {
                     panic!("serde refuses what the direct path took: {doc}: {e}")
                 });
                 assert_eq!(format!("{p:?}"), format!("{serde:?}"), "{doc}");
+                // The `exact` payload read on the way is the one its text holds.
+                if let Some(exact) = p.payload.exact() {
+                    let text: super::super::exact::ExactEvmPayload =
+                        serde_json::from_str(p.payload.get()).expect("the text is the payload");
+                    assert_eq!(exact, &text, "{doc}");
+                }
             }
             assert_eq!(
                 outcome(PaymentPayload::from_json(doc)),

@@ -125,7 +125,7 @@ impl<S> Payment<S> {
                 let flow = Box::pin(channel::channel(
                     shared, inner, parts, body, options, payload,
                 ));
-                return ResponseFuture::paid(Box::pin(trace::instrument(flow)));
+                return ResponseFuture::paid(trace::boxed(flow));
             }
             Ok(Some(payload)) => {
                 // The readied instance goes into the future; the clone waits for the next
@@ -135,7 +135,7 @@ impl<S> Payment<S> {
                 // Boxed before the span wraps it: the flow is ~6 KiB, and each move by value
                 // is a memcpy (five of them cost 16k instructions per request).
                 let flow = Box::pin(paid(shared, inner, parts, body, options, payload));
-                return ResponseFuture::paid(Box::pin(trace::instrument(flow)));
+                return ResponseFuture::paid(trace::boxed(flow));
             }
             Ok(None) if shared.prepaid.is_some() && parts.headers.contains_key(SIGN_IN_WITH_X) => {
                 let clone = self.inner.clone();

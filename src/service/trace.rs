@@ -57,6 +57,13 @@ mod imp {
         .instrument(span)
     }
 
+    /// [`instrument`] for a flow already boxed (the paid flow is, being large).
+    pub(in crate::service) fn boxed<B: 'static, E: 'static>(
+        flow: super::Boxed<B, E>,
+    ) -> super::Boxed<B, E> {
+        Box::pin(instrument(flow))
+    }
+
     pub(in crate::service) fn verified(payment: &VerifiedPayment, elapsed: Duration) {
         let span = Span::current();
         span.record("payer", tracing::field::display(payment.payer));
@@ -106,6 +113,10 @@ mod imp {
     pub(in crate::service) fn instrument<F>(flow: F) -> F {
         flow
     }
+    /// Without spans a boxed flow is sent as it is: no second box.
+    pub(in crate::service) fn boxed<B, E>(flow: super::Boxed<B, E>) -> super::Boxed<B, E> {
+        flow
+    }
     pub(in crate::service) fn verified(_: &VerifiedPayment, _: Duration) {}
     pub(in crate::service) fn settled(_: &Settlement, _: Duration) {}
     pub(in crate::service) fn failed(
@@ -129,6 +140,10 @@ mod imp {
 }
 
 pub(super) use imp::*;
+
+/// A boxed flow's type.
+pub(super) type Boxed<B, E> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<http::Response<B>, E>> + Send>>;
 
 #[cfg(all(test, not(feature = "tracing")))]
 mod tests {

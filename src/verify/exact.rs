@@ -61,8 +61,12 @@ pub(crate) fn paying(
             req.scheme, req.network
         )));
     };
-    let exact: ExactEvmPayload = ExactEvmPayload::from_json(payload.raw_payload().get())
-        .map_err(VerifyError::InvalidPayload)?;
+    // Read already when the header decoder's direct path took it (the usual case).
+    let raw = payload.raw_payload();
+    let exact: ExactEvmPayload = match raw.exact() {
+        Some(exact) => exact.clone(),
+        None => ExactEvmPayload::from_json(raw.get()).map_err(VerifyError::InvalidPayload)?,
+    };
     let auth = &exact.authorization;
     if auth.to != pay_to {
         return Err(VerifyError::RecipientMismatch {
@@ -446,6 +450,18 @@ fn accept(
 #[async_trait::async_trait]
 impl super::Verifier for ExactEvmVerifier {
     async fn verify(
+        &self,
+        payload: &PaymentPayload,
+        req: &PaymentRequirements,
+    ) -> Result<VerifiedPayment, VerifyError> {
+        self.verify_unboxed(payload, req).await
+    }
+}
+
+impl ExactEvmVerifier {
+    /// [`Verifier::verify`](super::Verifier::verify) as a plain future: [`super::EvmVerifier`]
+    /// awaits it inside its own boxed future instead of boxing a second one.
+    pub(super) async fn verify_unboxed(
         &self,
         payload: &PaymentPayload,
         req: &PaymentRequirements,

@@ -257,7 +257,8 @@ impl Verifier for EvmVerifier {
         if requirements.scheme == upto::SCHEME {
             return self.verify_sync(payload, requirements);
         }
-        self.exact.verify(payload, requirements).await
+        // Unboxed: the trait's own future is the only box on this path.
+        self.exact.verify_unboxed(payload, requirements).await
     }
 }
 
