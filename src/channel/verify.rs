@@ -326,7 +326,8 @@ pub fn parse(
 
 /// Parses a raw `payload` object, naming the malformed part by the payload's `type`.
 pub fn parse_raw(raw: &str) -> Result<BatchEvmPayload, BatchError> {
-    match serde_json::from_str::<BatchEvmPayload>(raw) {
+    // A compact voucher takes a direct path; the result is serde's for every input.
+    match BatchEvmPayload::from_json(raw) {
         Ok(p) => Ok(p),
         Err(_) => {
             #[derive(serde::Deserialize)]
