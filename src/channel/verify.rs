@@ -354,7 +354,7 @@ pub fn check_config(
     config: &ChannelConfig,
     claimed: B256,
 ) -> Result<(), BatchError> {
-    if channel_id(terms.chain_id, config) != claimed {
+    if !super::is_channel_id(terms.chain_id, config, claimed) {
         return Err(BatchError::ChannelIdMismatch);
     }
     if config.receiver != terms.receiver {
