@@ -291,15 +291,35 @@ fn receipt(
         let _ = write!(out, "{}", req.network);
     }
     out.extend_from_slice(b"\",\"payer\":\"");
-    let mut checksum = [0u8; 42];
-    let payer = batch.channel_config().payer;
-    out.extend_from_slice(payer.to_checksum_raw(&mut checksum, None).as_bytes());
+    out.extend_from_slice(&checksummed(batch.channel_config().payer));
     out.extend_from_slice(b"\",\"success\":true,\"transaction\":\"");
     if let Some(m) = mirror {
         hex(&mut out, m.transaction.as_slice());
     }
     out.extend_from_slice(b"\"}");
     out
+}
+
+/// Payers' EIP-55 forms, remembered: a payer pays many vouchers, and each checksum is a
+/// Keccak (~5k instructions a receipt). Bounded: emptied when full.
+static CHECKSUMS: std::sync::LazyLock<
+    Mutex<std::collections::HashMap<alloy_primitives::Address, [u8; 42]>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// `payer` in its EIP-55 checksummed form (as `Address::to_checksum(None)`).
+fn checksummed(payer: alloy_primitives::Address) -> [u8; 42] {
+    let checksums = || CHECKSUMS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(known) = checksums().get(&payer) {
+        return *known;
+    }
+    let mut buf = [0u8; 42];
+    let _ = payer.to_checksum_raw(&mut buf, None);
+    let mut checksums = checksums();
+    if checksums.len() >= 4096 {
+        checksums.clear();
+    }
+    checksums.insert(payer, buf);
+    buf
 }
 
 /// `n` in decimal; amounts fit a `u64` (one division per digit, not `u128`'s slow one).
