@@ -236,7 +236,7 @@ const KNOWN_MAX: usize = 4096;
 
 /// Whether `config` hashes to `claimed` on `chain_id` (as `channel_id(chain_id, config) ==
 /// claimed`), remembering the channels met lately.
-pub fn is_channel_id(chain_id: u64, config: &ChannelConfig, claimed: B256) -> bool {
+pub(crate) fn is_channel_id(chain_id: u64, config: &ChannelConfig, claimed: B256) -> bool {
     // A poisoned lock: a panic mid-insert of a plain map; the entries are still whole.
     let known = || {
         KNOWN
