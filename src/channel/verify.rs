@@ -26,7 +26,7 @@ use serde_json::Value;
 use super::store::ChannelState;
 use super::{
     AssetTransferMethod, MAX_WITHDRAW_DELAY, MIN_WITHDRAW_DELAY, PERMIT2_DEPOSIT_COLLECTOR, SCHEME,
-    channel_id, deposit_nonce, extra, receive_authorization_digest, token_domain, voucher_digest,
+    deposit_nonce, extra, receive_authorization_digest, token_domain, voucher_digest,
 };
 use crate::proto::batch::{
     BatchEvmPayload, ChannelConfig, Deposit, Permit2DepositAuthorization, Voucher,
@@ -778,6 +778,7 @@ mod contract_tests {
     use async_trait::async_trait;
 
     use super::*;
+    use crate::channel::channel_id;
 
     /// A checker that answers `reply` and counts its calls (with the digest it was asked).
     struct Fake {
