@@ -222,6 +222,43 @@ pub fn channel_id(chain_id: u64, config: &ChannelConfig) -> B256 {
     signing_hash(chain_id, keccak256(data))
 }
 
+/// Channels whose id was computed lately, by id: a channel pays many vouchers with the same
+/// config, and hashing it (three Keccak permutations) cost each voucher ~15k instructions.
+/// Only ids that [`channel_id`] computed are kept, so a hit (same id, chain and config) is the
+/// hash's own answer. Bounded: emptied when full.
+static KNOWN: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<B256, (u64, ChannelConfig)>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// How many channel ids [`is_channel_id`] remembers.
+const KNOWN_MAX: usize = 4096;
+
+/// Whether `config` hashes to `claimed` on `chain_id` (as `channel_id(chain_id, config) ==
+/// claimed`), remembering the channels met lately.
+pub(crate) fn is_channel_id(chain_id: u64, config: &ChannelConfig, claimed: B256) -> bool {
+    // A poisoned lock: a panic mid-insert of a plain map; the entries are still whole.
+    let known = || {
+        KNOWN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if known()
+        .get(&claimed)
+        .is_some_and(|(chain, c)| *chain == chain_id && c == config)
+    {
+        return true;
+    }
+    if channel_id(chain_id, config) != claimed {
+        return false;
+    }
+    let mut known = known();
+    if known.len() >= KNOWN_MAX {
+        known.clear();
+    }
+    known.insert(claimed, (chain_id, config.clone()));
+    true
+}
+
 /// Amounts are `uint128` on chain: `None` above.
 fn u128_of(v: U256) -> Option<u128> {
     u128::try_from(v).ok()
@@ -448,5 +485,30 @@ mod tests {
             }
         }
         assert_eq!(voucher_digest(1, B256::ZERO, U256::MAX), None);
+    }
+
+    /// The remembered ids answer as the hash does: a hit needs the same id, chain and config.
+    #[test]
+    fn known_channel_ids_answer_as_the_hash() {
+        let config = ChannelConfig {
+            payer: Address::repeat_byte(0x61),
+            payer_authorizer: Address::repeat_byte(0x62),
+            receiver: Address::repeat_byte(0x63),
+            receiver_authorizer: Address::repeat_byte(0x64),
+            token: Address::repeat_byte(0x65),
+            withdraw_delay: 900,
+            salt: B256::repeat_byte(0x66),
+        };
+        let id = channel_id(84532, &config);
+        let mut other = config.clone();
+        other.salt = B256::repeat_byte(0x67);
+        for _ in 0..2 {
+            // First computed, then remembered: the same answers.
+            assert!(is_channel_id(84532, &config, id));
+            assert!(!is_channel_id(8453, &config, id), "another chain");
+            assert!(!is_channel_id(84532, &other, id), "another config");
+            assert!(!is_channel_id(84532, &config, B256::repeat_byte(1)));
+            assert!(is_channel_id(84532, &other, channel_id(84532, &other)));
+        }
     }
 }

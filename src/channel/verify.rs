@@ -26,7 +26,7 @@ use serde_json::Value;
 use super::store::ChannelState;
 use super::{
     AssetTransferMethod, MAX_WITHDRAW_DELAY, MIN_WITHDRAW_DELAY, PERMIT2_DEPOSIT_COLLECTOR, SCHEME,
-    channel_id, deposit_nonce, extra, receive_authorization_digest, token_domain, voucher_digest,
+    deposit_nonce, extra, receive_authorization_digest, token_domain, voucher_digest,
 };
 use crate::proto::batch::{
     BatchEvmPayload, ChannelConfig, Deposit, Permit2DepositAuthorization, Voucher,
@@ -326,7 +326,8 @@ pub fn parse(
 
 /// Parses a raw `payload` object, naming the malformed part by the payload's `type`.
 pub fn parse_raw(raw: &str) -> Result<BatchEvmPayload, BatchError> {
-    match serde_json::from_str::<BatchEvmPayload>(raw) {
+    // A compact voucher takes a direct path; the result is serde's for every input.
+    match BatchEvmPayload::from_json(raw) {
         Ok(p) => Ok(p),
         Err(_) => {
             #[derive(serde::Deserialize)]
@@ -353,7 +354,7 @@ pub fn check_config(
     config: &ChannelConfig,
     claimed: B256,
 ) -> Result<(), BatchError> {
-    if channel_id(terms.chain_id, config) != claimed {
+    if !super::is_channel_id(terms.chain_id, config, claimed) {
         return Err(BatchError::ChannelIdMismatch);
     }
     if config.receiver != terms.receiver {
@@ -777,6 +778,7 @@ mod contract_tests {
     use async_trait::async_trait;
 
     use super::*;
+    use crate::channel::channel_id;
 
     /// A checker that answers `reply` and counts its calls (with the digest it was asked).
     struct Fake {

@@ -175,6 +175,94 @@ impl BatchEvmPayload {
     }
 }
 
+impl BatchEvmPayload {
+    /// Parses a raw `payload` object as `serde_json::from_str` does, with the same result for
+    /// every input. A `voucher` payload in the compact form clients send (no whitespace, no
+    /// escapes, each field once) takes a direct path: serde's internally tagged enum buffers
+    /// the whole object into an intermediate tree before it can read the `type`. Anything
+    /// else, `deposit` and `refund` payloads and errors included, goes through serde.
+    pub(crate) fn from_json(json: &str) -> Result<Self, serde_json::Error> {
+        super::compact::or_serde(json, compact::payload)
+    }
+}
+
+/// The direct path of [`BatchEvmPayload::from_json`], for `voucher` payloads only (one per
+/// paid request; a deposit or refund is rare). Values are read by the functions serde's
+/// visitors call (`FromHex`, `hex::decode`, [`super::decimal::parse`]); anything it does not
+/// expect (whitespace, escapes, another `type`, other keys, a repeated or missing field,
+/// trailing text) is `None`, left to serde (`tests::compact_path_agrees_with_serde`).
+mod compact {
+    use alloy_primitives::hex::{self, FromHex};
+
+    use super::super::compact::{Cursor, once};
+    use super::{BatchEvmPayload, ChannelConfig, Voucher};
+
+    pub(super) fn payload(text: &str) -> Option<BatchEvmPayload> {
+        let mut c = Cursor::new(text);
+        let (mut kind, mut channel_config, mut voucher) = (None, None, None);
+        c.object(|c, key| match key {
+            "type" => once(&mut kind, c.text().filter(|k| *k == "voucher")),
+            "channelConfig" => once(&mut channel_config, config(c)),
+            "voucher" => once(&mut voucher, signed(c)),
+            _ => None,
+        })?;
+        c.done().then_some(())?;
+        kind?;
+        Some(BatchEvmPayload::Voucher {
+            channel_config: channel_config?,
+            voucher: voucher?,
+        })
+    }
+
+    fn config(c: &mut Cursor<'_>) -> Option<ChannelConfig> {
+        let (mut payer, mut payer_authorizer, mut receiver) = (None, None, None);
+        let (mut receiver_authorizer, mut token) = (None, None);
+        let (mut withdraw_delay, mut salt) = (None, None);
+        let address = |c: &mut Cursor<'_>| FromHex::from_hex(c.string(42)?).ok();
+        c.object(|c, key| match key {
+            "payer" => once(&mut payer, address(c)),
+            "payerAuthorizer" => once(&mut payer_authorizer, address(c)),
+            "receiver" => once(&mut receiver, address(c)),
+            "receiverAuthorizer" => once(&mut receiver_authorizer, address(c)),
+            "token" => once(&mut token, address(c)),
+            "withdrawDelay" => once(&mut withdraw_delay, c.uint()),
+            "salt" => once(&mut salt, FromHex::from_hex(c.string(66)?).ok()),
+            _ => None,
+        })?;
+        Some(ChannelConfig {
+            payer: payer?,
+            payer_authorizer: payer_authorizer?,
+            receiver: receiver?,
+            receiver_authorizer: receiver_authorizer?,
+            token: token?,
+            withdraw_delay: withdraw_delay?,
+            salt: salt?,
+        })
+    }
+
+    fn signed(c: &mut Cursor<'_>) -> Option<Voucher> {
+        let (mut channel_id, mut max_claimable_amount, mut signature) = (None, None, None);
+        c.object(|c, key| match key {
+            "channelId" => once(&mut channel_id, FromHex::from_hex(c.string(66)?).ok()),
+            "maxClaimableAmount" => once(
+                &mut max_claimable_amount,
+                super::super::decimal::parse(c.string(0)?),
+            ),
+            // 65 bytes: an EOA's signature.
+            "signature" => once(
+                &mut signature,
+                hex::decode(c.string(132)?).ok().map(Into::into),
+            ),
+            _ => None,
+        })?;
+        Some(Voucher {
+            channel_id: channel_id?,
+            max_claimable_amount: max_claimable_amount?,
+            signature: signature?,
+        })
+    }
+}
+
 mod opt_decimal {
     use alloy_primitives::U256;
     use serde::{Deserializer, Serializer};
@@ -188,5 +276,150 @@ mod opt_decimal {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<U256>, D::Error> {
         super::super::decimal::deserialize(d).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIG: &str = "0x2d6a7588d6acca505cbf0d9a4a227e0c52c6c34008c8e8986a1283259764173608a2ce6496642e377d6da8dbbf5836e9bd15092f9ecab05ded3d6293af148b571c";
+    const ID: &str = "0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480";
+
+    /// The config's fields in the order of `order`.
+    fn config(order: [usize; 7]) -> String {
+        let fields = [
+            r#""payer":"0x857b06519E91e3A54538791bDbb0E22373e36b66""#,
+            r#""payerAuthorizer":"0x857b06519E91e3A54538791bDbb0E22373e36b66""#,
+            r#""receiver":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C""#,
+            r#""receiverAuthorizer":"0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc""#,
+            r#""token":"0x036CbD53842c5426634e7929541eC2318f3dCF7e""#,
+            r#""withdrawDelay":900"#,
+            r#""salt":"0x0000000000000000000000000000000000000000000000000000000000000007""#,
+        ];
+        let parts: Vec<&str> = order.iter().map(|&i| fields[i]).collect();
+        format!("{{{}}}", parts.join(","))
+    }
+
+    /// What a caller can tell apart: the value, or serde's error text.
+    fn outcome(r: Result<BatchEvmPayload, serde_json::Error>) -> String {
+        match r {
+            Ok(p) => format!("{p:?}"),
+            Err(e) => format!("error: {e}"),
+        }
+    }
+
+    #[test]
+    fn compact_path_agrees_with_serde() {
+        let voucher =
+            format!(r#"{{"channelId":"{ID}","maxClaimableAmount":"25000","signature":"{SIG}"}}"#);
+        let mut docs = vec![
+            // As the official client writes it.
+            format!(
+                r#"{{"type":"voucher","channelConfig":{},"voucher":{voucher}}}"#,
+                config([0, 1, 2, 3, 4, 5, 6])
+            ),
+            // Keys sorted, as a `serde_json::Value` writes it (`examples/load.rs`).
+            format!(
+                r#"{{"channelConfig":{},"type":"voucher","voucher":{{"signature":"{SIG}","maxClaimableAmount":"1","channelId":"{ID}"}}}}"#,
+                config([0, 1, 2, 3, 6, 4, 5])
+            ),
+            // A refund: serde's, whatever the direct path says.
+            format!(
+                r#"{{"type":"refund","channelConfig":{},"voucher":{voucher},"amount":"5"}}"#,
+                config([6, 5, 4, 3, 2, 1, 0])
+            ),
+        ];
+        assert!(docs[..2].iter().all(|d| compact::payload(d).is_some()));
+        assert!(compact::payload(&docs[2]).is_none());
+        // Every byte of each document replaced, dropped or doubled: the direct path never
+        // accepts what serde refuses, nor reads another value.
+        let replacements: &[&str] = &[
+            "", " ", "\"", "\\", "\\u0030", "0", "9", "a", "A", "x", "X", "g", ",", ":", "{", "}",
+            "[", "\n", "\u{1}", "é", "1e3", "-", "null",
+        ];
+        let seeds = docs.clone();
+        for doc in &seeds {
+            for (i, ch) in doc.char_indices() {
+                let end = i + ch.len_utf8();
+                for r in replacements {
+                    docs.push(format!("{}{r}{}", &doc[..i], &doc[end..]));
+                }
+                docs.push(format!("{}{ch}{}", &doc[..end], &doc[end..]));
+            }
+            docs.push(format!("{doc} "));
+            docs.push(format!(" {doc}"));
+            docs.push(format!("{doc}{{}}"));
+        }
+        // A repeated, unknown, escaped or missing field; another type; numbers at the edges.
+        for (from, to) in [
+            (
+                r#""type":"voucher""#,
+                r#""type":"voucher","type":"voucher""#,
+            ),
+            (r#""type":"voucher""#, r#""type":"deposit""#),
+            (r#""type":"voucher""#, r#""type":"vouch\u0065r""#),
+            (r#""type":"voucher""#, r#""type":"voucher","x":1"#),
+            (r#""type":"voucher","#, ""),
+            (r#","type":"voucher""#, ""),
+            (
+                r#""payer":"#,
+                r#""payer":"0x857b06519E91e3A54538791bDbb0E22373e36b66","payer":"#,
+            ),
+            (r#""payer":"#, r#""other":1,"payer":"#),
+            (r#""payer":"#, r#""p\u0061yer":"#),
+            (r#""salt":"#, r#""salt":null,"salt":"#),
+            (r#""withdrawDelay":900"#, r#""withdrawDelay":"900""#),
+            (r#""withdrawDelay":900"#, r#""withdrawDelay":-0"#),
+            (r#""withdrawDelay":900"#, r#""withdrawDelay":900.0"#),
+            (
+                r#""withdrawDelay":900"#,
+                r#""withdrawDelay":18446744073709551615"#,
+            ),
+            (
+                r#""withdrawDelay":900"#,
+                r#""withdrawDelay":18446744073709551616"#,
+            ),
+            (
+                r#""maxClaimableAmount":"#,
+                r#""maxClaimableAmount":"1","maxClaimableAmount":"#,
+            ),
+            (r#""25000""#, r#""340282366920938463463374607431768211456""#),
+            (
+                r#""25000""#,
+                r#""115792089237316195423570985008687907853269984665640564039457584007913129639936""#,
+            ),
+            (r#""25000""#, "25000"),
+            (&format!(r#""{SIG}""#), r#""0x""#),
+            (&format!(r#""{SIG}""#), r#""0x01""#),
+            (&format!(r#""{SIG}""#), "[1,2,3]"),
+            (&format!(r#""{SIG}""#), &format!(r#""{}""#, &SIG[2..])),
+            (&format!(r#""{SIG}""#), &format!(r#""{SIG}00""#)),
+            (&format!(r#","signature":"{SIG}""#), ""),
+            (ID, &ID[2..]),
+            (ID, &ID.to_uppercase()),
+        ] {
+            for seed in &seeds {
+                docs.push(seed.replacen(from, to, 1));
+            }
+        }
+        let mut direct = 0;
+        for doc in &docs {
+            if let Some(p) = compact::payload(doc) {
+                direct += 1;
+                let serde: BatchEvmPayload = serde_json::from_str(doc).unwrap_or_else(|e| {
+                    panic!("serde refuses what the direct path took: {doc}: {e}")
+                });
+                assert_eq!(p, serde, "{doc}");
+            }
+            assert_eq!(
+                outcome(BatchEvmPayload::from_json(doc)),
+                outcome(serde_json::from_str(doc)),
+                "{doc}"
+            );
+        }
+        // Some mutations keep a valid compact voucher (another digit, hex case): the direct
+        // path takes them too.
+        assert!(direct > seeds.len() * 20, "{direct}");
     }
 }
