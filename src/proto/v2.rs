@@ -149,7 +149,8 @@ impl PaymentPayload {
 /// The direct path of [`PaymentPayload::from_json`]. Typed values are read by their own
 /// `Deserialize` from the borrowed string (as serde_json hands it to them), amounts by
 /// [`super::decimal::parse`], `payload` by serde_json as a `RawValue`; anything it
-/// does not expect (other keys, `null`, a non-string in `extra`, a repeated key) is `None`, left
+/// does not expect (other keys, `null`, in `extra` anything but strings and unsigned
+/// integers, a repeated key) is `None`, left
 /// to serde (`tests::compact_path_agrees_with_serde`).
 mod compact {
     use serde_json::{Map, Value};
@@ -213,12 +214,21 @@ mod compact {
         })
     }
 
-    /// An object of strings (`name`, `version`, `challenge`).
+    /// An object of strings and unsigned integers (`name`, `version`, `challenge`; a
+    /// channel's `withdrawDelay`). Anything else (a float, a sign, an object) is serde's.
     fn strings(c: &mut Cursor<'_>) -> Option<Map<String, Value>> {
         let mut map = Map::new();
         c.object(|c, key| {
             plain(key).then_some(())?;
-            let value = Value::String(c.text()?.to_owned());
+            let start = c.at();
+            let value = match c.text() {
+                Some(text) => Value::String(text.to_owned()),
+                // Not a plain string: from the value's first byte again, as an integer.
+                None => {
+                    c.back_to(start);
+                    Value::from(c.uint()?)
+                }
+            };
             // serde_json keeps the last of a repeated key: rare, left to it.
             map.insert(key.to_owned(), value).is_none().then_some(())
         })?;
@@ -264,6 +274,7 @@ mod tests {
     fn compact_path_agrees_with_serde() {
         let accepted = r#"{"amount":"10000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","extra":{"name":"USDC","version":"2"},"maxTimeoutSeconds":60,"network":"eip155:84532","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","scheme":"exact"}"#;
         let svm = r#"{"scheme":"exact","network":"solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1","amount":"1","asset":"EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v","payTo":"9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin","maxTimeoutSeconds":0}"#;
+        let channel = r#"{"scheme":"batch-settlement","network":"eip155:84532","amount":"1000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","maxTimeoutSeconds":60,"extra":{"receiverAuthorizer":"0x857b06519E91e3A54538791bDbb0E22373e36b66","withdrawDelay":900,"name":"USDC","version":"2"}}"#;
         let resource = r#"{"url":"https://api.example.com/weather?city=x","description":"Weather","mimeType":"application/json"}"#;
         let mut docs = vec![
             // As `test_util::v2_json` writes it (keys sorted).
@@ -275,6 +286,8 @@ mod tests {
             format!(r#"{{"x402Version":2,"accepted":{svm},"payload":{{"transaction":"AQ=="}}}}"#),
             // An `exact` EVM payload as clients send it.
             format!(r#"{{"x402Version":2,"accepted":{accepted},"payload":{EXACT}}}"#),
+            // A channel's option: a number in `extra`.
+            format!(r#"{{"x402Version":2,"accepted":{channel},"payload":{PAYLOAD}}}"#),
         ];
         assert!(docs.iter().all(|d| compact::payload(d).is_some()));
         // An `exact` EVM payload is read on the way (the verifier then does not parse it).
@@ -309,6 +322,11 @@ mod tests {
             (r#""name":"USDC""#, r#""name":"USDC","name":"USDC""#),
             (r#""name":"USDC""#, r#""name":"USDC","challenge":"abc""#),
             (r#""name":"USDC""#, r#""name":1"#),
+            (r#""name":"USDC""#, r#""name":1.5"#),
+            (r#""name":"USDC""#, r#""name":-1"#),
+            (r#""name":"USDC""#, r#""name":18446744073709551616"#),
+            (r#""name":"USDC""#, r#""name":{}"#),
+            (r#""withdrawDelay":900"#, r#""withdrawDelay":0900"#),
             (r#""url":"#, r#""url":"x","url":"#),
             (r#""url":"#, r#""tags":["a",1],"url":"#),
             (r#""x402Version":2"#, r#""x402Version":2,"extensions":{}"#),
