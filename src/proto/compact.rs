@@ -189,3 +189,38 @@ pub(super) fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
     *slot = Some(value?);
     Some(())
 }
+
+/// What a caller can tell apart of a parse: the value, or serde's error text (the tests that
+/// hold a direct path to serde's answers compare these).
+#[cfg(test)]
+pub(super) fn outcome<T: std::fmt::Debug>(r: Result<T, serde_json::Error>) -> String {
+    match r {
+        Ok(p) => format!("{p:?}"),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+/// Holds the direct path `direct` to serde over `docs`: what it takes, serde reads to the
+/// same value, and [`or_serde`] answers as serde does for every document. Returns how many
+/// the direct path took.
+#[cfg(test)]
+pub(super) fn agrees_with_serde<T>(docs: &[String], direct: fn(&str) -> Option<T>) -> usize
+where
+    T: serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let mut taken = 0;
+    for doc in docs {
+        if let Some(p) = direct(doc) {
+            taken += 1;
+            let serde: T = serde_json::from_str(doc)
+                .unwrap_or_else(|e| panic!("serde refuses what the direct path took: {doc}: {e}"));
+            assert_eq!(p, serde, "{doc}");
+        }
+        assert_eq!(
+            outcome(or_serde(doc, direct)),
+            outcome(serde_json::from_str::<T>(doc)),
+            "{doc}"
+        );
+    }
+    taken
+}

@@ -262,14 +262,6 @@ mod tests {
 
     const EXACT: &str = r#"{"signature":"0x2d6a7588d6acca505cbf0d9a4a227e0c52c6c34008c8e8986a1283259764173608a2ce6496642e377d6da8dbbf5836e9bd15092f9ecab05ded3d6293af148b571c","authorization":{"from":"0x857b06519E91e3A54538791bDbb0E22373e36b66","to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","value":"10000","validAfter":"1740672089","validBefore":"1740672154","nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480"}}"#;
 
-    /// What a caller can tell apart: the value, or serde's error text.
-    fn outcome(r: Result<PaymentPayload, serde_json::Error>) -> String {
-        match r {
-            Ok(p) => format!("{p:?}"),
-            Err(e) => format!("error: {e}"),
-        }
-    }
-
     #[test]
     fn compact_path_agrees_with_serde() {
         let accepted = r#"{"amount":"10000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","extra":{"name":"USDC","version":"2"},"maxTimeoutSeconds":60,"network":"eip155:84532","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","scheme":"exact"}"#;
@@ -364,8 +356,8 @@ mod tests {
                 }
             }
             assert_eq!(
-                outcome(PaymentPayload::from_json(doc)),
-                outcome(serde_json::from_str(doc)),
+                super::super::compact::outcome(PaymentPayload::from_json(doc)),
+                super::super::compact::outcome(serde_json::from_str::<PaymentPayload>(doc)),
                 "{doc}"
             );
         }
