@@ -120,57 +120,80 @@ impl<S> Payment<S> {
         let rejection = match decode(&shared, &parts.headers) {
             Ok(Some(payload)) if payload.scheme() == crate::channel::SCHEME => {
                 // A channel: its engine in place of verify → claim → settle.
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
-                let flow = Box::pin(channel::channel(
-                    shared, inner, parts, body, options, payload,
+                let flow =
+                    channel::channel(shared, self.take_ready(), parts, body, options, payload);
+                return ResponseFuture::paid(trace::boxed(Box::pin(flow)));
+            }
+            Ok(Some(payload)) => {
+                // Boxed before the span wraps it: the flow is ~6 KiB, and each move by value
+                // is a memcpy (five of them cost 16k instructions per request).
+                let flow = Box::pin(paid(
+                    shared,
+                    self.take_ready(),
+                    parts,
+                    body,
+                    options,
+                    payload,
                 ));
                 return ResponseFuture::paid(trace::boxed(flow));
             }
-            Ok(Some(payload)) => {
-                // The readied instance goes into the future; the clone waits for the next
-                // poll_ready.
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
-                // Boxed before the span wraps it: the flow is ~6 KiB, and each move by value
-                // is a memcpy (five of them cost 16k instructions per request).
-                let flow = Box::pin(paid(shared, inner, parts, body, options, payload));
-                return ResponseFuture::paid(trace::boxed(flow));
-            }
             Ok(None) if shared.prepaid.is_some() && parts.headers.contains_key(SIGN_IN_WITH_X) => {
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
-                let flow = signed_in(shared, inner, parts, body, options);
+                let flow = signed_in(shared, self.take_ready(), parts, body, options);
                 return ResponseFuture::paid(Box::pin(trace::instrument(flow)));
             }
             Ok(None) => None,
             Err(rejection) => Some(rejection),
         };
-        let resource = response::Resource::of(&parts);
-        let challenge = rejection.is_none();
-        let rejection = rejection.unwrap_or(Rejection::Pay { reason: None });
-        let res = response::reject(&shared, &options, &resource, rejection);
-        #[cfg(feature = "paywall")]
-        let res = match &shared.paywall {
-            Some(page) if challenge && crate::paywall::is_browser(&parts.headers) => {
-                response::paywall(&shared, page, &options, &resource, res)
-            }
-            _ => res,
-        };
-        if shared.hooks.is_empty() {
-            return ResponseFuture::ready(res);
-        }
-        // Hooks are async: only layers that have some pay for boxing the refusal.
-        ResponseFuture::paid(Box::pin(async move {
-            let flow = Flow::new(&shared, &options, resource, parts.method);
-            if challenge {
-                for hook in shared.hooks.iter() {
-                    hook.on_challenge(&flow.method, flow.resource.uri()).await;
-                }
-            } else {
-                flow.failed(Stage::Decode, &res, None, None).await;
-            }
-            Ok(res)
-        }))
+        refuse(shared, parts, &options, rejection)
     }
+
+    /// The readied instance goes into the future; the clone waits for the next `poll_ready`.
+    fn take_ready(&mut self) -> S
+    where
+        S: Clone,
+    {
+        let clone = self.inner.clone();
+        std::mem::replace(&mut self.inner, clone)
+    }
+}
+
+/// No payment to run on: the 402 challenge (or, to a browser, the paywall page), or the header
+/// decode's refusal, with the hooks told.
+fn refuse<F, ResB, E>(
+    shared: Arc<Shared>,
+    parts: http::request::Parts,
+    options: &Arc<[PaymentOption]>,
+    rejection: Option<Rejection>,
+) -> ResponseFuture<F, ResB, E>
+where
+    ResB: Body<Data = Bytes> + Send + 'static,
+    E: Send + 'static,
+{
+    let resource = response::Resource::of(&parts);
+    let challenge = rejection.is_none();
+    let rejection = rejection.unwrap_or(Rejection::Pay { reason: None });
+    let res = response::reject(&shared, options, &resource, rejection);
+    #[cfg(feature = "paywall")]
+    let res = match &shared.paywall {
+        Some(page) if challenge && crate::paywall::is_browser(&parts.headers) => {
+            response::paywall(&shared, page, options, &resource, res)
+        }
+        _ => res,
+    };
+    if shared.hooks.is_empty() {
+        return ResponseFuture::ready(res);
+    }
+    // Hooks are async: only layers that have some pay for boxing the refusal.
+    let options = options.clone();
+    ResponseFuture::paid(Box::pin(async move {
+        let flow = Flow::new(&shared, &options, resource, parts.method);
+        if challenge {
+            for hook in shared.hooks.iter() {
+                hook.on_challenge(&flow.method, flow.resource.uri()).await;
+            }
+        } else {
+            flow.failed(Stage::Decode, &res, None, None).await;
+        }
+        Ok(res)
+    }))
 }
