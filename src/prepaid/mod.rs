@@ -421,11 +421,12 @@ pub(crate) enum Refusal {
 
 /// Reason codes of prepaid refusals (sign-in reasons are in [`siwx::reason`]).
 pub mod reason {
+    use crate::reason::Reason;
+
     /// A valid sign-in with no calls left: buy another bundle.
-    pub const CREDIT_EXHAUSTED: crate::reason::Reason =
-        crate::reason::Reason::PrepaidCreditExhausted;
+    pub const CREDIT_EXHAUSTED: Reason = Reason::PrepaidCreditExhausted;
     /// A valid sign-in whose credit expired: buy another bundle.
-    pub const CREDIT_EXPIRED: crate::reason::Reason = crate::reason::Reason::PrepaidCreditExpired;
+    pub const CREDIT_EXPIRED: Reason = Reason::PrepaidCreditExpired;
 }
 
 impl State {

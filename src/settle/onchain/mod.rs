@@ -199,40 +199,34 @@ use crate::verify::{BoxError, Proof, VerifiedPayment};
 
 /// The `errorReason` codes this settler answers with.
 pub mod reason {
+    use crate::reason::Reason;
+
     /// `check`: the payer's balance is below the value.
-    pub const INSUFFICIENT_FUNDS: crate::reason::Reason = crate::reason::Reason::InsufficientFunds;
+    pub const INSUFFICIENT_FUNDS: Reason = Reason::InsufficientFunds;
     /// `settle`: the transfer reverted with "transfer amount exceeds balance".
-    pub const INSUFFICIENT_BALANCE: crate::reason::Reason =
-        crate::reason::Reason::InvalidExactEvmInsufficientBalance;
+    pub const INSUFFICIENT_BALANCE: Reason = Reason::InvalidExactEvmInsufficientBalance;
     /// The authorization's nonce is used or canceled on-chain.
-    pub const NONCE_ALREADY_USED: crate::reason::Reason = crate::reason::NONCE_ALREADY_USED;
+    pub const NONCE_ALREADY_USED: Reason = crate::reason::NONCE_ALREADY_USED;
     /// The authorization expired (`validBefore` passed).
-    pub const VALID_BEFORE: crate::reason::Reason =
-        crate::reason::Reason::InvalidExactEvmPayloadAuthorizationValidBefore;
+    pub const VALID_BEFORE: Reason = Reason::InvalidExactEvmPayloadAuthorizationValidBefore;
     /// The authorization is not valid yet (`validAfter` not passed).
-    pub const VALID_AFTER: crate::reason::Reason =
-        crate::reason::Reason::InvalidExactEvmPayloadAuthorizationValidAfter;
+    pub const VALID_AFTER: Reason = Reason::InvalidExactEvmPayloadAuthorizationValidAfter;
     /// The token refused the signature.
-    pub const SIGNATURE: crate::reason::Reason = crate::reason::Reason::InvalidExactEvmSignature;
+    pub const SIGNATURE: Reason = Reason::InvalidExactEvmSignature;
     /// Any other revert, or a transaction mined with status 0.
-    pub const TRANSACTION_FAILED: crate::reason::Reason =
-        crate::reason::Reason::InvalidExactEvmTransactionFailed;
+    pub const TRANSACTION_FAILED: Reason = Reason::InvalidExactEvmTransactionFailed;
     /// The payment's network is not the RPC's chain.
-    pub const INVALID_NETWORK: crate::reason::Reason = crate::reason::INVALID_NETWORK;
+    pub const INVALID_NETWORK: Reason = crate::reason::INVALID_NETWORK;
     /// `check`: no contract at the asset's address on this chain (a misconfigured token).
-    pub const ASSET_NOT_DEPLOYED: crate::reason::Reason =
-        crate::reason::Reason::AssetNotDeployedContract;
+    pub const ASSET_NOT_DEPLOYED: Reason = Reason::AssetNotDeployedContract;
     /// An ERC-6492 signature names a factory this settler may not call
     /// ([`OnchainSettler::with_eip6492_factories`](super::OnchainSettler::with_eip6492_factories)).
-    pub const FACTORY_NOT_ALLOWED: crate::reason::Reason =
-        crate::reason::Reason::Eip6492FactoryNotAllowed;
+    pub const FACTORY_NOT_ALLOWED: Reason = Reason::Eip6492FactoryNotAllowed;
     /// `settle`: the factory call deploying the payer's wallet reverted.
-    pub const DEPLOYMENT_FAILED: crate::reason::Reason =
-        crate::reason::Reason::SmartWalletDeploymentFailed;
+    pub const DEPLOYMENT_FAILED: Reason = Reason::SmartWalletDeploymentFailed;
     /// `check` of a batched (deferred) payment: ERC-6492 signatures of wallets to be deployed
     /// do not go into batches.
-    pub const UNDEPLOYED_SMART_WALLET: crate::reason::Reason =
-        crate::reason::Reason::InvalidExactEvmPayloadUndeployedSmartWallet;
+    pub const UNDEPLOYED_SMART_WALLET: Reason = Reason::InvalidExactEvmPayloadUndeployedSmartWallet;
 }
 
 sol! {
