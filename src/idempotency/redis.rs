@@ -139,16 +139,12 @@ impl RedisIdempotencyStore {
         }
     }
 
-    /// Sets the longest life of an entry (default 1 h), by Redis's clock.
-    pub fn with_max_ttl(mut self, ttl: Duration) -> Self {
-        self.max_ttl = ttl;
-        self
-    }
+    setters! {
+        /// Sets the longest life of an entry (default 1 h), by Redis's clock.
+        pub fn with_max_ttl(ttl: Duration) => max_ttl = ttl;
 
-    /// Sets the shortest life of an entry (default 1 s), by Redis's clock.
-    pub fn with_min_ttl(mut self, ttl: Duration) -> Self {
-        self.min_ttl = ttl;
-        self
+        /// Sets the shortest life of an entry (default 1 s), by Redis's clock.
+        pub fn with_min_ttl(ttl: Duration) => min_ttl = ttl;
     }
 
     /// The Redis key of `key` (see the [type docs](RedisIdempotencyStore)).
