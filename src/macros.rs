@@ -1,10 +1,9 @@
 //! Macros used across the crate.
 
-/// Builder methods that only store their argument. Each
-/// `$(#[attr])* $vis fn name(arg: Type) => field = value;` becomes
-/// `$(#[attr])* $vis fn name(mut self, arg: Type) -> Self { self.field = value; self }`
-/// (`field` may be a path of fields: `config.gas_limit`),
-/// its docs and attributes kept.
+/// Builder methods that only store their argument, docs and attributes kept:
+/// `$(#[attr])* $vis fn name(arg: Type) => field = value;` is
+/// `$(#[attr])* $vis fn name(mut self, arg: Type) -> Self { self.field = value; self }`,
+/// where `field` may be a path (`config.gas_limit`). Anything more is written out.
 macro_rules! setters {
     ($(
         $(#[$attr:meta])*
