@@ -209,8 +209,7 @@ where
     S::Future: Send,
     S::Error: Into<BoxError>,
     B: Clone + Send + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
     Sg: Signer + Send + Sync + 'static,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -252,11 +251,9 @@ impl<S, Sg> Paying<S, Sg> {
         amount: Option<alloy_primitives::U256>,
     ) -> Result<super::ChannelRefund, Error>
     where
-        S: Service<Request<B>, Response = Response<ResBody>>,
-        S::Error: Into<BoxError>,
+        S: Service<Request<B>, Response = Response<ResBody>, Error: Into<BoxError>>,
         B: Clone,
-        ResBody: Body<Data = Bytes>,
-        ResBody::Error: Into<BoxError>,
+        ResBody: Body<Data = Bytes, Error: Into<BoxError>>,
         Sg: Signer + Send + Sync,
     {
         flow::refund(&self.shared, &mut self.inner, req, amount).await
