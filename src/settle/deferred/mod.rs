@@ -368,7 +368,6 @@ impl DeferredSettlerBuilder {
 
         /// Longest a payment waits for its batch to fill before it is sent anyway (default 2 s).
         pub fn max_wait(wait: Duration) => max_wait = wait;
-
     }
 
     /// First and longest wait between retries of a failed round (default 1 s and 5 min; the
