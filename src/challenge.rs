@@ -357,31 +357,21 @@ impl ChallengeKeys {
         self.ephemeral
     }
 
-    /// Also verifies ids issued with `previous` (the key being rotated out; default none).
-    pub fn with_previous(mut self, previous: [u8; 32]) -> Self {
-        self.previous = Some(Key::new(&previous));
-        self
-    }
+    setters! {
+        /// Also verifies ids issued with `previous` (the key being rotated out; default none).
+        pub fn with_previous(previous: [u8; 32]) => previous = Some(Key::new(&previous));
 
-    /// How long an issued id stays valid (default: the requirement's `maxTimeoutSeconds`).
-    /// Whole seconds; at least one.
-    pub fn with_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = Some(ttl.as_secs().max(1));
-        self
-    }
+        /// How long an issued id stays valid (default: the requirement's `maxTimeoutSeconds`).
+        /// Whole seconds; at least one.
+        pub fn with_ttl(ttl: Duration) => ttl = Some(ttl.as_secs().max(1));
 
-    /// The clock for expiry (default: the system clock; tests inject a
-    /// [`FixedClock`](crate::clock::FixedClock)).
-    pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
+        /// The clock for expiry (default: the system clock; tests inject a
+        /// [`FixedClock`](crate::clock::FixedClock)).
+        pub fn with_clock(clock: impl Clock) => clock = Arc::new(clock);
 
-    /// Lets v1 proofs through unbound (default `true`, since a v1 payload cannot echo a
-    /// challenge). `false` refuses them with 402 `invalid_x402_version`: v2 clients only.
-    pub fn accept_unbound_v1(mut self, on: bool) -> Self {
-        self.unbound_v1 = on;
-        self
+        /// Lets v1 proofs through unbound (default `true`, since a v1 payload cannot echo a
+        /// challenge). `false` refuses them with 402 `invalid_x402_version`: v2 clients only.
+        pub fn accept_unbound_v1(on: bool) => unbound_v1 = on;
     }
 
     /// Whether v1 proofs are let through unbound.

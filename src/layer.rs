@@ -158,34 +158,21 @@ impl Default for PaymentLayerBuilder {
 }
 
 impl PaymentLayerBuilder {
-    /// Who gets paid (for the simple `price` form). Required with [`Self::price`].
-    pub fn pay_to(mut self, address: Address) -> Self {
-        self.pay_to = Some(address);
-        self
-    }
+    setters! {
+        /// Who gets paid (for the simple `price` form). Required with [`Self::price`].
+        pub fn pay_to(address: Address) => pay_to = Some(address);
 
-    /// The price of each request, e.g. `"$0.001"` (exact decimal in the asset's units).
-    pub fn price(mut self, price: impl Into<String>) -> Self {
-        self.price = Some(price.into());
-        self
-    }
+        /// The price of each request, e.g. `"$0.001"` (exact decimal in the asset's units).
+        pub fn price(price: impl Into<String>) => price = Some(price.into());
 
-    /// The network; with no [`Self::asset`], its USDC preset is the asset.
-    pub fn network(mut self, network: Network) -> Self {
-        self.network = Some(network);
-        self
-    }
+        /// The network; with no [`Self::asset`], its USDC preset is the asset.
+        pub fn network(network: Network) => network = Some(network);
 
-    /// The token to be paid in (default: USDC of [`Self::network`]).
-    pub fn asset(mut self, asset: Asset) -> Self {
-        self.asset = Some(asset);
-        self
-    }
+        /// The token to be paid in (default: USDC of [`Self::network`]).
+        pub fn asset(asset: Asset) => asset = Some(asset);
 
-    /// `maxTimeoutSeconds` of the simple price (default 300).
-    pub fn max_timeout(mut self, secs: u64) -> Self {
-        self.max_timeout = Some(secs);
-        self
+        /// `maxTimeoutSeconds` of the simple price (default 300).
+        pub fn max_timeout(secs: u64) => max_timeout = Some(secs);
     }
 
     /// Adds a payment option to `accepts` (several may be offered, e.g. two networks).
@@ -230,68 +217,41 @@ impl PaymentLayerBuilder {
         self
     }
 
-    /// Replaces the verifier (default: in-process [`EvmVerifier`], `exact` and `upto`, on the system clock).
-    pub fn verifier(mut self, verifier: impl Verifier) -> Self {
-        self.verifier = Arc::new(verifier);
-        self
-    }
+    setters! {
+        /// Replaces the verifier (default: in-process [`EvmVerifier`], `exact` and `upto`, on the system clock).
+        pub fn verifier(verifier: impl Verifier) => verifier = Arc::new(verifier);
 
-    /// Replaces the replay guard (default: one [`MemoryNonceStore`] shared by every layer of
-    /// the process). Instances behind one load balancer must share a store (Redis).
-    pub fn nonce_store(mut self, store: impl NonceStore) -> Self {
-        self.store = Some(Arc::new(store));
-        self
-    }
+        /// Replaces the replay guard (default: one [`MemoryNonceStore`] shared by every layer of
+        /// the process). Instances behind one load balancer must share a store (Redis).
+        pub fn nonce_store(store: impl NonceStore) => store = Some(Arc::new(store));
 
-    /// Replaces the settler (default: [`VerifyOnly`], which moves no money).
-    pub fn settler(mut self, settler: impl Settler) -> Self {
-        self.settler = Arc::new(settler);
-        self
-    }
+        /// Replaces the settler (default: [`VerifyOnly`], which moves no money).
+        pub fn settler(settler: impl Settler) => settler = Arc::new(settler);
 
-    /// When to settle relative to the handler (default [`SettlementMode::AfterHandler`]).
-    pub fn settlement_mode(mut self, mode: SettlementMode) -> Self {
-        self.mode = mode;
-        self
-    }
+        /// When to settle relative to the handler (default [`SettlementMode::AfterHandler`]).
+        pub fn settlement_mode(mode: SettlementMode) => mode = mode;
 
-    /// Base URL for `resource.url` (e.g. `https://api.example.com`); the request path is
-    /// appended. Default: `http://` + the request's `Host` + path.
-    pub fn resource_base(mut self, base: impl Into<String>) -> Self {
-        self.resource_base = Some(base.into().trim_end_matches('/').to_owned());
-        self
-    }
+        /// Base URL for `resource.url` (e.g. `https://api.example.com`); the request path is
+        /// appended. Default: `http://` + the request's `Host` + path.
+        pub fn resource_base(base: impl Into<String>)
+            => resource_base = Some(base.into().trim_end_matches('/').to_owned());
 
-    /// Human description of what is sold (default none).
-    pub fn description(mut self, text: impl Into<String>) -> Self {
-        self.description = Some(text.into());
-        self
-    }
+        /// Human description of what is sold (default none).
+        pub fn description(text: impl Into<String>) => description = Some(text.into());
 
-    /// MIME type of the paid response (default none).
-    pub fn mime_type(mut self, mime: impl Into<String>) -> Self {
-        self.mime_type = Some(mime.into());
-        self
-    }
+        /// MIME type of the paid response (default none).
+        pub fn mime_type(mime: impl Into<String>) => mime_type = Some(mime.into());
 
-    /// Largest payment header accepted, in bytes (default 8 KiB); larger gets 431.
-    pub fn max_header_bytes(mut self, bytes: usize) -> Self {
-        self.max_header_bytes = bytes;
-        self
-    }
+        /// Largest payment header accepted, in bytes (default 8 KiB); larger gets 431.
+        pub fn max_header_bytes(bytes: usize) => max_header_bytes = bytes;
 
-    /// Adds `Access-Control-Expose-Headers: PAYMENT-REQUIRED, PAYMENT-RESPONSE,
-    /// X-PAYMENT-RESPONSE` to every response of the layer, so browser clients can read them
-    /// cross-origin (default off; your CORS layer must also allow the request headers).
-    pub fn expose_headers(mut self, on: bool) -> Self {
-        self.expose_headers = on;
-        self
-    }
+        /// Adds `Access-Control-Expose-Headers: PAYMENT-REQUIRED, PAYMENT-RESPONSE,
+        /// X-PAYMENT-RESPONSE` to every response of the layer, so browser clients can read them
+        /// cross-origin (default off; your CORS layer must also allow the request headers).
+        pub fn expose_headers(on: bool) => expose_headers = on;
 
-    /// `Retry-After` sent with 503 when a dependency is down (default 5 s).
-    pub fn retry_after(mut self, wait: Duration) -> Self {
-        self.retry_after = wait;
-        self
+        /// `Retry-After` sent with 503 when a dependency is down (default 5 s).
+        pub fn retry_after(wait: Duration) => retry_after = wait;
     }
 
     /// Which protocol versions are accepted (default both). The 402 always carries both
@@ -309,66 +269,59 @@ impl PaymentLayerBuilder {
         self
     }
 
-    /// Caps the verifications in flight in this layer (default: no cap). Beyond it a paid
-    /// request is answered 503 `overloaded` with `Retry-After` at once, before any signature
-    /// work: back-pressure under a flood of (possibly bogus) proofs, and a bound on
-    /// concurrent calls to a remote verifier.
-    pub fn max_concurrent_verifications(mut self, max: usize) -> Self {
-        self.max_verifications = Some(max);
-        self
-    }
+    setters! {
+        /// Caps the verifications in flight in this layer (default: no cap). Beyond it a paid
+        /// request is answered 503 `overloaded` with `Retry-After` at once, before any signature
+        /// work: back-pressure under a flood of (possibly bogus) proofs, and a bound on
+        /// concurrent calls to a remote verifier.
+        pub fn max_concurrent_verifications(max: usize) => max_verifications = Some(max);
 
-    /// How a v2 proof's echoed `resource.url` must name the request it pays for (default
-    /// [`ResourceCheck::Path`]: same path and query, any origin); one naming another resource
-    /// is refused with 402 `resource_mismatch` before verification. [`ResourceCheck::Url`]
-    /// compares scheme and host too, [`ResourceCheck::Off`] nothing.
-    ///
-    /// ```
-    /// use tower_x402::{Network, PaymentLayer, ResourceCheck};
-    /// use tower_x402::primitives::address;
-    /// let layer = PaymentLayer::builder()
-    ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
-    ///     .price("$0.001")
-    ///     .network(Network::BASE_SEPOLIA)
-    ///     .resource_base("https://api.example.com")
-    ///     .resource_check(ResourceCheck::Url)
-    ///     .build()
-    ///     .unwrap();
-    /// # let _ = layer;
-    /// ```
-    pub fn resource_check(mut self, check: ResourceCheck) -> Self {
-        self.resource_check = check;
-        self
-    }
+        /// How a v2 proof's echoed `resource.url` must name the request it pays for (default
+        /// [`ResourceCheck::Path`]: same path and query, any origin); one naming another resource
+        /// is refused with 402 `resource_mismatch` before verification. [`ResourceCheck::Url`]
+        /// compares scheme and host too, [`ResourceCheck::Off`] nothing.
+        ///
+        /// ```
+        /// use tower_x402::{Network, PaymentLayer, ResourceCheck};
+        /// use tower_x402::primitives::address;
+        /// let layer = PaymentLayer::builder()
+        ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+        ///     .price("$0.001")
+        ///     .network(Network::BASE_SEPOLIA)
+        ///     .resource_base("https://api.example.com")
+        ///     .resource_check(ResourceCheck::Url)
+        ///     .build()
+        ///     .unwrap();
+        /// # let _ = layer;
+        /// ```
+        pub fn resource_check(check: ResourceCheck) => resource_check = check;
 
-    /// The keys that bind each v2 402 requirement to this resource, method and price with a
-    /// signed, expiring challenge id in `extra.challenge`, which v2 clients echo back; a proof
-    /// without a valid one gets 402 `invalid_challenge` or `challenge_expired`. v1 proofs
-    /// cannot echo it and are served unbound unless
-    /// [`ChallengeKeys::accept_unbound_v1`]`(false)`. See [`crate::challenge`].
-    ///
-    /// Binding is **on by default** with a random key of this process. Set the keys when
-    /// several instances serve the same routes (every instance the same keys): a layer with a
-    /// shared store and no keys does not build
-    /// ([`ConfigError::ChallengeKeyRequired`]).
-    ///
-    /// ```
-    /// use tower_x402::challenge::ChallengeKeys;
-    /// use tower_x402::{Network, PaymentLayer};
-    /// use tower_x402::primitives::address;
-    /// let key = [7u8; 32]; // in production: 32 random bytes from your secret store
-    /// let layer = PaymentLayer::builder()
-    ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
-    ///     .price("$0.001")
-    ///     .network(Network::BASE_SEPOLIA)
-    ///     .bind_challenges(ChallengeKeys::new(key))
-    ///     .build()
-    ///     .unwrap();
-    /// # let _ = layer;
-    /// ```
-    pub fn bind_challenges(mut self, keys: ChallengeKeys) -> Self {
-        self.challenges = Binding::Keys(Box::new(keys));
-        self
+        /// The keys that bind each v2 402 requirement to this resource, method and price with a
+        /// signed, expiring challenge id in `extra.challenge`, which v2 clients echo back; a proof
+        /// without a valid one gets 402 `invalid_challenge` or `challenge_expired`. v1 proofs
+        /// cannot echo it and are served unbound unless
+        /// [`ChallengeKeys::accept_unbound_v1`]`(false)`. See [`crate::challenge`].
+        ///
+        /// Binding is **on by default** with a random key of this process. Set the keys when
+        /// several instances serve the same routes (every instance the same keys): a layer with a
+        /// shared store and no keys does not build
+        /// ([`ConfigError::ChallengeKeyRequired`]).
+        ///
+        /// ```
+        /// use tower_x402::challenge::ChallengeKeys;
+        /// use tower_x402::{Network, PaymentLayer};
+        /// use tower_x402::primitives::address;
+        /// let key = [7u8; 32]; // in production: 32 random bytes from your secret store
+        /// let layer = PaymentLayer::builder()
+        ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+        ///     .price("$0.001")
+        ///     .network(Network::BASE_SEPOLIA)
+        ///     .bind_challenges(ChallengeKeys::new(key))
+        ///     .build()
+        ///     .unwrap();
+        /// # let _ = layer;
+        /// ```
+        pub fn bind_challenges(keys: ChallengeKeys) => challenges = Binding::Keys(Box::new(keys));
     }
 
     /// Turns challenge binding off (default on, see [`Self::bind_challenges`]): any valid
@@ -381,47 +334,41 @@ impl PaymentLayerBuilder {
         self
     }
 
-    /// Enables idempotent retries with the x402 `payment-identifier` extension (default off):
-    /// the v2 challenge advertises it, and a v2 payment carrying an id is served once, its
-    /// response replayed to retries with the same id and proof. See [`crate::idempotency`]
-    /// for the rules. Instances behind a load balancer must share the store (Redis).
-    ///
-    /// ```
-    /// use tower_x402::{Network, PaymentLayer};
-    /// use tower_x402::idempotency::{Idempotency, MemoryIdempotencyStore};
-    /// use tower_x402::primitives::address;
-    /// let layer = PaymentLayer::builder()
-    ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
-    ///     .price("$0.001")
-    ///     .network(Network::BASE_SEPOLIA)
-    ///     .idempotency(Idempotency::new(MemoryIdempotencyStore::new()).required(true))
-    ///     .build()
-    ///     .unwrap();
-    /// ```
-    ///
-    /// A bare store is taken too (`.idempotency(store)`: ids optional, 64 KiB bodies).
-    pub fn idempotency(mut self, idempotency: impl Into<Idempotency>) -> Self {
-        self.idempotency = Some(idempotency.into());
-        self
-    }
+    setters! {
+        /// Enables idempotent retries with the x402 `payment-identifier` extension (default off):
+        /// the v2 challenge advertises it, and a v2 payment carrying an id is served once, its
+        /// response replayed to retries with the same id and proof. See [`crate::idempotency`]
+        /// for the rules. Instances behind a load balancer must share the store (Redis).
+        ///
+        /// ```
+        /// use tower_x402::{Network, PaymentLayer};
+        /// use tower_x402::idempotency::{Idempotency, MemoryIdempotencyStore};
+        /// use tower_x402::primitives::address;
+        /// let layer = PaymentLayer::builder()
+        ///     .pay_to(address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"))
+        ///     .price("$0.001")
+        ///     .network(Network::BASE_SEPOLIA)
+        ///     .idempotency(Idempotency::new(MemoryIdempotencyStore::new()).required(true))
+        ///     .build()
+        ///     .unwrap();
+        /// ```
+        ///
+        /// A bare store is taken too (`.idempotency(store)`: ids optional, 64 KiB bodies).
+        pub fn idempotency(idempotency: impl Into<Idempotency>)
+            => idempotency = Some(idempotency.into());
 
-    /// Requires a payment identifier in v2 payments (default `false`; advertised as
-    /// `info.required`): a v2 payment without one gets 400 `payment_identifier_required`.
-    /// v1 payments cannot carry one and are served without idempotency. Only with
-    /// [`Self::idempotency`] (else [`build`](Self::build) fails): prefer
-    /// [`Idempotency::required`](crate::idempotency::Idempotency::required).
-    pub fn idempotency_required(mut self, required: bool) -> Self {
-        self.idempotency_required = Some(required);
-        self
-    }
+        /// Requires a payment identifier in v2 payments (default `false`; advertised as
+        /// `info.required`): a v2 payment without one gets 400 `payment_identifier_required`.
+        /// v1 payments cannot carry one and are served without idempotency. Only with
+        /// [`Self::idempotency`] (else [`build`](Self::build) fails): prefer
+        /// [`Idempotency::required`](crate::idempotency::Idempotency::required).
+        pub fn idempotency_required(required: bool) => idempotency_required = Some(required);
 
-    /// Largest response body stored for replay (default 64 KiB). Larger and streaming bodies
-    /// pass through unbuffered and are not replayable (see [`crate::idempotency`]). Only with
-    /// [`Self::idempotency`] (else [`build`](Self::build) fails): prefer
-    /// [`Idempotency::max_body`](crate::idempotency::Idempotency::max_body).
-    pub fn idempotency_max_body(mut self, bytes: usize) -> Self {
-        self.idempotency_max_body = Some(bytes);
-        self
+        /// Largest response body stored for replay (default 64 KiB). Larger and streaming bodies
+        /// pass through unbuffered and are not replayable (see [`crate::idempotency`]). Only with
+        /// [`Self::idempotency`] (else [`build`](Self::build) fails): prefer
+        /// [`Idempotency::max_body`](crate::idempotency::Idempotency::max_body).
+        pub fn idempotency_max_body(bytes: usize) => idempotency_max_body = Some(bytes);
     }
 
     /// Serves `batch-settlement` payments on the routes that offer
@@ -466,39 +413,30 @@ impl PaymentLayerBuilder {
         self
     }
 
-    /// Sells a prepaid [`Bundle`](crate::prepaid::Bundle) instead of single calls (default
-    /// off): the 402 asks for the bundle price and declares `sign-in-with-x`; later calls sign
-    /// in with `SIGN-IN-WITH-X` and spend the credit. Requires [`Self::resource_base`]. See
-    /// [`crate::prepaid`].
-    pub fn prepaid(mut self, prepaid: impl Into<crate::prepaid::Prepaid>) -> Self {
-        self.prepaid = Some(prepaid.into());
-        self
-    }
+    setters! {
+        /// Sells a prepaid [`Bundle`](crate::prepaid::Bundle) instead of single calls (default
+        /// off): the 402 asks for the bundle price and declares `sign-in-with-x`; later calls sign
+        /// in with `SIGN-IN-WITH-X` and spend the credit. Requires [`Self::resource_base`]. See
+        /// [`crate::prepaid`].
+        pub fn prepaid(prepaid: impl Into<crate::prepaid::Prepaid>)
+            => prepaid = Some(prepaid.into());
 
-    /// Serves browsers an HTML page that says what the route costs and pays from their
-    /// wallet, instead of the 402 JSON (default off; other clients get the same 402 either
-    /// way). See [`crate::paywall`].
-    #[cfg(feature = "paywall")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "paywall")))]
-    pub fn paywall(mut self, paywall: crate::paywall::Paywall) -> Self {
-        self.paywall = Some(paywall);
-        self
-    }
+        /// Serves browsers an HTML page that says what the route costs and pays from their
+        /// wallet, instead of the 402 JSON (default off; other clients get the same 402 either
+        /// way). See [`crate::paywall`].
+        #[cfg(feature = "paywall")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "paywall")))]
+        pub fn paywall(paywall: crate::paywall::Paywall) => paywall = Some(paywall);
 
-    /// Describes how to call the route and what it returns, for discovery: the v2 challenge
-    /// carries it as `extensions.bazaar`, as `@x402/extensions` declares it, and a
-    /// [`Manifest`](crate::discovery::Manifest) lists it (default none). See
-    /// [`crate::discovery`].
-    pub fn bazaar(mut self, bazaar: crate::discovery::Bazaar) -> Self {
-        self.bazaar = Some(bazaar);
-        self
-    }
+        /// Describes how to call the route and what it returns, for discovery: the v2 challenge
+        /// carries it as `extensions.bazaar`, as `@x402/extensions` declares it, and a
+        /// [`Manifest`](crate::discovery::Manifest) lists it (default none). See
+        /// [`crate::discovery`].
+        pub fn bazaar(bazaar: crate::discovery::Bazaar) => bazaar = Some(bazaar);
 
-    /// Human name of the service, sent as `resource.serviceName` for discovery catalogues
-    /// (default none). Printable ASCII, 1 to 32 characters, else [`build`](Self::build) fails.
-    pub fn service_name(mut self, name: impl Into<String>) -> Self {
-        self.service_name = Some(name.into());
-        self
+        /// Human name of the service, sent as `resource.serviceName` for discovery catalogues
+        /// (default none). Printable ASCII, 1 to 32 characters, else [`build`](Self::build) fails.
+        pub fn service_name(name: impl Into<String>) => service_name = Some(name.into());
     }
 
     /// Topical tags, sent as `resource.tags` for discovery catalogues (default none): at most

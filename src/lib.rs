@@ -214,6 +214,9 @@
 #![warn(clippy::unwrap_used)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[macro_use]
+mod macros;
+
 pub mod alert;
 pub mod body;
 pub mod challenge;

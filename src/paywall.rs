@@ -82,22 +82,15 @@ impl Paywall {
         Self::default()
     }
 
-    /// The name shown as the page's title and heading (default: "Payment required").
-    pub fn app_name(mut self, name: impl Into<String>) -> Self {
-        self.app_name = Some(name.into());
-        self
-    }
+    setters! {
+        /// The name shown as the page's title and heading (default: "Payment required").
+        pub fn app_name(name: impl Into<String>) => app_name = Some(name.into());
 
-    /// A logo shown above the heading: an `https://`, `http://`, `/path` or `data:image/` URL.
-    pub fn logo_url(mut self, url: impl Into<String>) -> Self {
-        self.logo_url = Some(url.into());
-        self
-    }
+        /// A logo shown above the heading: an `https://`, `http://`, `/path` or `data:image/` URL.
+        pub fn logo_url(url: impl Into<String>) => logo_url = Some(url.into());
 
-    /// CSS added after the built-in style (it may override any of it; no `<`).
-    pub fn css(mut self, css: impl Into<String>) -> Self {
-        self.css = Some(css.into());
-        self
+        /// CSS added after the built-in style (it may override any of it; no `<`).
+        pub fn css(css: impl Into<String>) => css = Some(css.into());
     }
 
     /// Checks the configuration and fixes what every page shares (style and policy).

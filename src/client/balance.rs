@@ -30,18 +30,6 @@ pub trait BalanceSource: Send + Sync + 'static {
     ) -> Result<Option<U256>, BoxError>;
 }
 
-#[async_trait]
-impl<T: BalanceSource + ?Sized> BalanceSource for std::sync::Arc<T> {
-    async fn balance(
-        &self,
-        network: Network,
-        asset: Address,
-        owner: Address,
-    ) -> Result<Option<U256>, BoxError> {
-        (**self).balance(network, asset, owner).await
-    }
-}
-
 #[cfg(feature = "onchain")]
 #[cfg_attr(docsrs, doc(cfg(feature = "onchain")))]
 pub use onchain::ProviderBalance;

@@ -158,25 +158,18 @@ impl ChannelPolicy {
         }
     }
 
-    /// Deposits `multiplier × price` (at least what the voucher needs, at most the cap).
-    #[must_use]
-    pub fn deposit_multiplier(mut self, multiplier: u32) -> Self {
-        self.multiplier = multiplier.max(1);
-        self
-    }
+    setters! {
+        /// Deposits `multiplier × price` (at least what the voucher needs, at most the cap).
+        #[must_use]
+        pub fn deposit_multiplier(multiplier: u32) => multiplier = multiplier.max(1);
 
-    /// The channel config's salt (another salt, another channel with the same server).
-    #[must_use]
-    pub fn salt(mut self, salt: B256) -> Self {
-        self.salt = salt;
-        self
-    }
+        /// The channel config's salt (another salt, another channel with the same server).
+        #[must_use]
+        pub fn salt(salt: B256) => salt = salt;
 
-    /// Keeps records in `book` (persist them across restarts with your own implementation).
-    #[must_use]
-    pub fn book(mut self, book: impl ChannelBook) -> Self {
-        self.book = Arc::new(book);
-        self
+        /// Keeps records in `book` (persist them across restarts with your own implementation).
+        #[must_use]
+        pub fn book(book: impl ChannelBook) => book = Arc::new(book);
     }
 
     /// The cap on one deposit.

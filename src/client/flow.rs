@@ -29,11 +29,9 @@ pub(crate) async fn run<S, Sg, B, ResBody>(
     req: Request<B>,
 ) -> Result<Response<ResponseBody<ResBody>>, Error>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    S::Error: Into<BoxError>,
+    S: Service<Request<B>, Response = Response<ResBody>, Error: Into<BoxError>>,
     B: Clone,
-    ResBody: Body<Data = Bytes>,
-    ResBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes, Error: Into<BoxError>>,
     Sg: Signer + Send + Sync,
 {
     let retry = &shared.retry;
@@ -153,11 +151,9 @@ pub(crate) async fn refund<S, Sg, B, ResBody>(
     amount: Option<U256>,
 ) -> Result<channel::ChannelRefund, Error>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    S::Error: Into<BoxError>,
+    S: Service<Request<B>, Response = Response<ResBody>, Error: Into<BoxError>>,
     B: Clone,
-    ResBody: Body<Data = Bytes>,
-    ResBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes, Error: Into<BoxError>>,
     Sg: Signer + Send + Sync,
 {
     let res = send(svc, req.clone(), false)
@@ -190,8 +186,7 @@ where
 /// Waits for readiness (except for the first attempt, readied by the caller) and calls.
 async fn send<S, B, R>(svc: &mut S, req: Request<B>, readied: bool) -> Result<R, BoxError>
 where
-    S: Service<Request<B>, Response = R>,
-    S::Error: Into<BoxError>,
+    S: Service<Request<B>, Response = R, Error: Into<BoxError>>,
 {
     if !readied {
         std::future::poll_fn(|cx| svc.poll_ready(cx))
@@ -204,8 +199,7 @@ where
 /// Reads the body, at most `MAX_CHALLENGE_BYTES`.
 async fn read_body<B>(body: B) -> Result<Bytes, BoxError>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: Body<Data = Bytes, Error: Into<BoxError>>,
 {
     Ok(Limited::new(body, MAX_CHALLENGE_BYTES)
         .collect()
@@ -217,8 +211,7 @@ where
 /// client speaks only one version).
 async fn read_challenge<B>(res: Response<B>, only: Option<X402Version>) -> Result<Challenge, Error>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: Body<Data = Bytes, Error: Into<BoxError>>,
 {
     if only != Some(X402Version::V1)
         && let Some(c) = Challenge::from_headers(res.headers())?
@@ -372,8 +365,7 @@ async fn refused<B>(
     unknown: bool,
 ) -> Response<ResponseBody<B>>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: Body<Data = Bytes, Error: Into<BoxError>>,
 {
     let (mut parts, body) = res.into_parts();
     let receipt = decoded_receipt(&parts.headers);

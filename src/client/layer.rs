@@ -81,51 +81,39 @@ impl<Sg: Signer + Send + Sync + 'static> PayingLayer<Sg> {
         self
     }
 
-    /// Also pays Solana `exact` offers, with `payer` (an ed25519 key and the RPC the
-    /// transaction is built against), within the same [`Policy`] and [`Budget`] as EVM
-    /// offers. Default: Solana offers are refused ([`Refusal::Network`](super::Refusal)).
-    ///
-    /// The transaction is the official client's: compute-unit limit and price, one
-    /// `TransferChecked` to `payTo`'s associated token account, a memo; its fee payer is the
-    /// server's `extra.feePayer` (an offer naming the payer's own key is refused), signed by
-    /// the payer as the transfer authority only. The [`BalanceSource`] is not consulted for
-    /// Solana offers.
-    #[cfg(feature = "svm-client")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "svm-client")))]
-    #[must_use]
-    pub fn svm(mut self, payer: super::SvmPayer) -> Self {
-        self.shared.svm = Some(Arc::new(payer));
-        self
-    }
+    setters! {
+        /// Also pays Solana `exact` offers, with `payer` (an ed25519 key and the RPC the
+        /// transaction is built against), within the same [`Policy`] and [`Budget`] as EVM
+        /// offers. Default: Solana offers are refused ([`Refusal::Network`](super::Refusal)).
+        ///
+        /// The transaction is the official client's: compute-unit limit and price, one
+        /// `TransferChecked` to `payTo`'s associated token account, a memo; its fee payer is the
+        /// server's `extra.feePayer` (an offer naming the payer's own key is refused), signed by
+        /// the payer as the transfer authority only. The [`BalanceSource`] is not consulted for
+        /// Solana offers.
+        #[cfg(feature = "svm-client")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "svm-client")))]
+        #[must_use]
+        pub fn svm(payer: super::SvmPayer) => shared.svm = Some(Arc::new(payer));
 
-    /// Replaces the retry rules. Default: [`RetryPolicy::default`].
-    #[must_use]
-    pub fn retry(mut self, retry: RetryPolicy) -> Self {
-        self.shared.retry = retry;
-        self
-    }
+        /// Replaces the retry rules. Default: [`RetryPolicy::default`].
+        #[must_use]
+        pub fn retry(retry: RetryPolicy) => shared.retry = retry;
 
-    /// The clock the validity window is computed from. Default: the system clock.
-    #[must_use]
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.shared.clock = Arc::new(clock);
-        self
-    }
+        /// The clock the validity window is computed from. Default: the system clock.
+        #[must_use]
+        pub fn clock(clock: impl Clock) => shared.clock = Arc::new(clock);
 
-    /// Checks the payer's balance before signing. Default: no check.
-    #[must_use]
-    pub fn balance_source(mut self, source: impl BalanceSource) -> Self {
-        self.shared.balance = Some(Arc::new(source));
-        self
-    }
+        /// Checks the payer's balance before signing. Default: no check.
+        #[must_use]
+        pub fn balance_source(source: impl BalanceSource)
+            => shared.balance = Some(Arc::new(source));
 
-    /// Speaks only `version`: reads only its form of the challenge (v2 `PAYMENT-REQUIRED`
-    /// header, v1 JSON body) and pays in it. Default: both, preferring v2 when a server offers
-    /// both forms. Useful for a server that advertises both forms but accepts only v1.
-    #[must_use]
-    pub fn only_version(mut self, version: X402Version) -> Self {
-        self.shared.only_version = Some(version);
-        self
+        /// Speaks only `version`: reads only its form of the challenge (v2 `PAYMENT-REQUIRED`
+        /// header, v1 JSON body) and pays in it. Default: both, preferring v2 when a server offers
+        /// both forms. Useful for a server that advertises both forms but accepts only v1.
+        #[must_use]
+        pub fn only_version(version: X402Version) => shared.only_version = Some(version);
     }
 
     /// The shared budget, to read what was spent.
@@ -221,8 +209,7 @@ where
     S::Future: Send,
     S::Error: Into<BoxError>,
     B: Clone + Send + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static,
     Sg: Signer + Send + Sync + 'static,
 {
     type Response = Response<ResponseBody<ResBody>>;
@@ -264,11 +251,9 @@ impl<S, Sg> Paying<S, Sg> {
         amount: Option<alloy_primitives::U256>,
     ) -> Result<super::ChannelRefund, Error>
     where
-        S: Service<Request<B>, Response = Response<ResBody>>,
-        S::Error: Into<BoxError>,
+        S: Service<Request<B>, Response = Response<ResBody>, Error: Into<BoxError>>,
         B: Clone,
-        ResBody: Body<Data = Bytes>,
-        ResBody::Error: Into<BoxError>,
+        ResBody: Body<Data = Bytes, Error: Into<BoxError>>,
         Sg: Signer + Send + Sync,
     {
         flow::refund(&self.shared, &mut self.inner, req, amount).await

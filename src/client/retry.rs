@@ -76,18 +76,14 @@ impl RetryPolicy {
         self
     }
 
-    /// Longest wait. Default: 60 s.
-    #[must_use]
-    pub fn max_delay(mut self, max: Duration) -> Self {
-        self.max_delay = max;
-        self
-    }
+    setters! {
+        /// Longest wait. Default: 60 s.
+        #[must_use]
+        pub fn max_delay(max: Duration) => max_delay = max;
 
-    /// Randomizes the waits (see the type docs). Default: on.
-    #[must_use]
-    pub fn jitter(mut self, on: bool) -> Self {
-        self.jitter = on;
-        self
+        /// Randomizes the waits (see the type docs). Default: on.
+        #[must_use]
+        pub fn jitter(on: bool) => jitter = on;
     }
 
     /// The wait before rate-limit retry `n`, `None` when there is no retry left.

@@ -40,21 +40,17 @@ impl Idempotency {
         }
     }
 
-    /// Requires a payment identifier in v2 payments (default `false`; advertised as
-    /// `info.required`): a v2 payment without one gets 400 `payment_identifier_required`.
-    /// v1 payments cannot carry one and are served without idempotency.
-    #[must_use]
-    pub fn required(mut self, required: bool) -> Self {
-        self.required = required;
-        self
-    }
+    setters! {
+        /// Requires a payment identifier in v2 payments (default `false`; advertised as
+        /// `info.required`): a v2 payment without one gets 400 `payment_identifier_required`.
+        /// v1 payments cannot carry one and are served without idempotency.
+        #[must_use]
+        pub fn required(required: bool) => required = required;
 
-    /// Largest response body stored for replay (default 64 KiB). Larger and streaming bodies
-    /// pass through unbuffered and are not replayable.
-    #[must_use]
-    pub fn max_body(mut self, bytes: usize) -> Self {
-        self.max_body = bytes;
-        self
+        /// Largest response body stored for replay (default 64 KiB). Larger and streaming bodies
+        /// pass through unbuffered and are not replayable.
+        #[must_use]
+        pub fn max_body(bytes: usize) => max_body = bytes;
     }
 }
 

@@ -146,16 +146,12 @@ impl ManifestBuilder {
         self
     }
 
-    /// A one-line description of the service (`description`, default none).
-    pub fn description(mut self, text: impl Into<String>) -> Self {
-        self.description = Some(text.into());
-        self
-    }
+    setters! {
+        /// A one-line description of the service (`description`, default none).
+        pub fn description(text: impl Into<String>) => description = Some(text.into());
 
-    /// Free-text guidance for agents (`instructions` of x402scan's document, default none).
-    pub fn instructions(mut self, text: impl Into<String>) -> Self {
-        self.instructions = Some(text.into());
-        self
+        /// Free-text guidance for agents (`instructions` of x402scan's document, default none).
+        pub fn instructions(text: impl Into<String>) => instructions = Some(text.into());
     }
 
     /// Adds an ownership proof (`ownershipProofs` of x402scan's document: a signature over

@@ -282,48 +282,33 @@ impl Bazaar {
         }
     }
 
-    /// Example input: the query parameters (an object) or the body (default `{}`).
-    pub fn input_example(mut self, example: Value) -> Self {
-        self.input = Some(example);
-        self
-    }
+    setters! {
+        /// Example input: the query parameters (an object) or the body (default `{}`).
+        pub fn input_example(example: Value) => input = Some(example);
 
-    /// JSON Schema of the input: of the query parameters' object (its `properties`,
-    /// `required`, ...) or of the body (default `{"properties": {}}`, anything).
-    pub fn input_schema(mut self, schema: Value) -> Self {
-        self.input_schema = Some(schema);
-        self
-    }
+        /// JSON Schema of the input: of the query parameters' object (its `properties`,
+        /// `required`, ...) or of the body (default `{"properties": {}}`, anything).
+        pub fn input_schema(schema: Value) => input_schema = Some(schema);
 
-    /// Example response (default none: no `output` is declared).
-    pub fn output_example(mut self, example: Value) -> Self {
-        self.output_example = Some(example);
-        self
-    }
+        /// Example response (default none: no `output` is declared).
+        pub fn output_example(example: Value) => output_example = Some(example);
 
-    /// JSON Schema of the example response, merged into `{"type": "object"}` as the
-    /// reference does (needs [`Self::output_example`]).
-    pub fn output_schema(mut self, schema: Value) -> Self {
-        self.output_schema = Some(schema);
-        self
-    }
+        /// JSON Schema of the example response, merged into `{"type": "object"}` as the
+        /// reference does (needs [`Self::output_example`]).
+        pub fn output_schema(schema: Value) => output_schema = Some(schema);
 
-    /// The route's template, e.g. `/weather/:city`, for a route with path parameters (default
-    /// none): the challenge carries it as `routeTemplate`, and `info.input.pathParams` with
-    /// the values of the request's path (`{"city": "paris"}` for `/weather/paris`), as the
-    /// reference's server extension does, so that catalogues list the route once. Each
-    /// parameter is a whole path segment, `:name`; the template matches the request's path
-    /// (not `resource_base`'s).
-    pub fn route_template(mut self, template: impl Into<String>) -> Self {
-        self.route_template = Some(template.into());
-        self
-    }
+        /// The route's template, e.g. `/weather/:city`, for a route with path parameters (default
+        /// none): the challenge carries it as `routeTemplate`, and `info.input.pathParams` with
+        /// the values of the request's path (`{"city": "paris"}` for `/weather/paris`), as the
+        /// reference's server extension does, so that catalogues list the route once. Each
+        /// parameter is a whole path segment, `:name`; the template matches the request's path
+        /// (not `resource_base`'s).
+        pub fn route_template(template: impl Into<String>)
+            => route_template = Some(template.into());
 
-    /// JSON Schema of the path parameters' object (its `properties`, `required`, ...),
-    /// merged into `{"type": "object"}` (default: `{"type": "object"}` with a template).
-    pub fn path_params_schema(mut self, schema: Value) -> Self {
-        self.path_params_schema = Some(schema);
-        self
+        /// JSON Schema of the path parameters' object (its `properties`, `required`, ...),
+        /// merged into `{"type": "object"}` (default: `{"type": "object"}` with a template).
+        pub fn path_params_schema(schema: Value) => path_params_schema = Some(schema);
     }
 
     /// The declared HTTP method.

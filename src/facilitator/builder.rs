@@ -56,43 +56,29 @@ impl FacilitatorClientBuilder {
         }
     }
 
-    /// Auth headers for every call (default: none). See [`AuthHeaders`].
-    pub fn auth(mut self, auth: impl AuthHeaders) -> Self {
-        self.auth = Arc::new(auth);
-        self
+    setters! {
+        /// Auth headers for every call (default: none). See [`AuthHeaders`].
+        pub fn auth(auth: impl AuthHeaders) => auth = Arc::new(auth);
+
+        /// Time to open a connection (TCP + TLS), default 3 s. Must be shorter than every call
+        /// timeout: a call that fails to connect surely sent nothing, and may be retried.
+        pub fn connect_timeout(timeout: Duration) => connect_timeout = timeout;
     }
 
-    /// Time to open a connection (TCP + TLS), default 3 s. Must be shorter than every call
-    /// timeout: a call that fails to connect surely sent nothing, and may be retried.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
+    setters! {
+        /// Deadline of one `/verify` attempt, reply body included (default 10 s).
+        pub fn verify_timeout(timeout: Duration) => settings.verify_timeout = timeout;
 
-    /// Deadline of one `/verify` attempt, reply body included (default 10 s).
-    pub fn verify_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.verify_timeout = timeout;
-        self
-    }
+        /// Deadline of the `/settle` call, reply body included (default 60 s: facilitators wait
+        /// for the transaction's receipt). Past it the outcome is unknown (503, proof kept).
+        pub fn settle_timeout(timeout: Duration) => settings.settle_timeout = timeout;
 
-    /// Deadline of the `/settle` call, reply body included (default 60 s: facilitators wait
-    /// for the transaction's receipt). Past it the outcome is unknown (503, proof kept).
-    pub fn settle_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.settle_timeout = timeout;
-        self
-    }
+        /// Deadline of one `/supported` attempt (default 10 s).
+        pub fn supported_timeout(timeout: Duration) => settings.supported_timeout = timeout;
 
-    /// Deadline of one `/supported` attempt (default 10 s).
-    pub fn supported_timeout(mut self, timeout: Duration) -> Self {
-        self.settings.supported_timeout = timeout;
-        self
-    }
-
-    /// Attempts per call where repeating is safe (default 3, at least 1): `/verify` and
-    /// `/supported` on transport errors, 408 and 5xx; `/settle` only when nothing was sent.
-    pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.settings.attempts = attempts;
-        self
+        /// Attempts per call where repeating is safe (default 3, at least 1): `/verify` and
+        /// `/supported` on transport errors, 408 and 5xx; `/settle` only when nothing was sent.
+        pub fn max_attempts(attempts: u32) => settings.attempts = attempts;
     }
 
     /// Backoff before retry n: a random wait in `[d, 1.5 d]`, `d = base * 2^(n-1)` at most
@@ -103,49 +89,30 @@ impl FacilitatorClientBuilder {
         self
     }
 
-    /// Longest `Retry-After` passed on from the facilitator (default 60 s).
-    pub fn max_retry_after(mut self, cap: Duration) -> Self {
-        self.settings.max_retry_after = cap;
-        self
-    }
+    setters! {
+        /// Longest `Retry-After` passed on from the facilitator (default 60 s).
+        pub fn max_retry_after(cap: Duration) => settings.max_retry_after = cap;
 
-    /// Largest reply body read (default 64 KiB, at least 1 KiB); larger replies fail the call.
-    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
-        self.max_body = bytes;
-        self
-    }
+        /// Largest reply body read (default 64 KiB, at least 1 KiB); larger replies fail the call.
+        pub fn max_body_bytes(bytes: usize) => max_body = bytes;
 
-    /// Refuse early (402) payments the cached `/supported` rules out (default on).
-    pub fn check_supported(mut self, on: bool) -> Self {
-        self.settings.check_supported = on;
-        self
-    }
+        /// Refuse early (402) payments the cached `/supported` rules out (default on).
+        pub fn check_supported(on: bool) => settings.check_supported = on;
 
-    /// How old the cached `/supported` may get before a background refresh (default 10 min).
-    /// After a failed fetch, the next is tried after 30 s.
-    pub fn supported_refresh(mut self, every: Duration) -> Self {
-        self.settings.refresh_every = every;
-        self
-    }
+        /// How old the cached `/supported` may get before a background refresh (default 10 min).
+        /// After a failed fetch, the next is tried after 30 s.
+        pub fn supported_refresh(every: Duration) => settings.refresh_every = every;
 
-    /// Time source for the upper bound on `validBefore` (tests inject a fixed clock).
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
+        /// Time source for the upper bound on `validBefore` (tests inject a fixed clock).
+        pub fn clock(clock: impl Clock) => clock = Arc::new(clock);
 
-    /// Accepts `validBefore` up to `now + maxTimeoutSeconds + secs` (default 60), as
-    /// [`ExactEvmVerifier::with_max_skew`](crate::verify::ExactEvmVerifier::with_max_skew).
-    pub fn max_skew(mut self, secs: u64) -> Self {
-        self.settings.max_skew = secs;
-        self
-    }
+        /// Accepts `validBefore` up to `now + maxTimeoutSeconds + secs` (default 60), as
+        /// [`ExactEvmVerifier::with_max_skew`](crate::verify::ExactEvmVerifier::with_max_skew).
+        pub fn max_skew(secs: u64) => settings.max_skew = secs;
 
-    /// `resource` of the v1 requirements sent for v1 payments (a verifier does not see the
-    /// request URL, and v1 facilitators require a non-empty string; default `x402:resource`).
-    pub fn v1_resource(mut self, resource: impl Into<String>) -> Self {
-        self.v1_resource = resource.into();
-        self
+        /// `resource` of the v1 requirements sent for v1 payments (a verifier does not see the
+        /// request URL, and v1 facilitators require a non-empty string; default `x402:resource`).
+        pub fn v1_resource(resource: impl Into<String>) => v1_resource = resource.into();
     }
 
     /// Builds the client.

@@ -110,13 +110,14 @@ pub(crate) fn with_amount(
 
 /// Reason codes: the facilitator's strings mapped onto the crate's static ones.
 pub mod reason {
+    use crate::reason::Reason;
+
     /// A facilitator refusal whose reason this crate does not know. The facilitator's own
     /// words stay in the error, for logs; clients see only this code.
-    pub const FACILITATOR_REJECTED: crate::reason::Reason =
-        crate::reason::Reason::FacilitatorRejected;
+    pub const FACILITATOR_REJECTED: Reason = Reason::FacilitatorRejected;
     /// `settlement_pending`: the facilitator broadcast the transaction but has no receipt yet
     /// (the outcome is unknown, never a refusal).
-    pub const SETTLEMENT_PENDING: crate::reason::Reason = crate::reason::Reason::SettlementPending;
+    pub const SETTLEMENT_PENDING: Reason = Reason::SettlementPending;
 
     /// The x402 reason codes passed through to clients as they are: the reference
     /// facilitator's (`@x402/evm` 2.27 `exact` EIP-3009 and Permit2, current and pre-2026-03
@@ -190,10 +191,10 @@ pub mod reason {
     /// only codes from [`KNOWN`] (and the catalogue's `invalid_exact_svm_*` codes, the
     /// `@x402/svm` facilitator's) pass; anything else (free text, a stack trace, markup, a
     /// megabyte) becomes the generic code.
-    pub fn map(raw: Option<&str>) -> crate::reason::Reason {
+    pub fn map(raw: Option<&str>) -> Reason {
         // Solana codes: the catalogue's `invalid_exact_svm_*` rows (`from_wire` keeps the rest out).
         raw.filter(|r| KNOWN.contains(r) || r.starts_with("invalid_exact_svm_"))
-            .and_then(crate::reason::Reason::from_wire)
+            .and_then(Reason::from_wire)
             .unwrap_or(FACILITATOR_REJECTED)
     }
 }

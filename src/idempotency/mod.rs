@@ -112,7 +112,6 @@ pub use postgres::PostgresIdempotencyStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::RedisIdempotencyStore;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use alloy_primitives::{Address, B256, keccak256};
@@ -417,33 +416,6 @@ pub trait IdempotencyStore: Send + Sync + 'static {
     /// requires a challenge key configured the same on every instance. Default `false`.
     fn is_shared(&self) -> bool {
         false
-    }
-}
-
-#[async_trait]
-impl<T: IdempotencyStore + ?Sized> IdempotencyStore for Arc<T> {
-    async fn begin(
-        &self,
-        key: &IdempotencyKey,
-        fingerprint: Fingerprint,
-        expires_at: u64,
-    ) -> Result<Begin, StoreError> {
-        (**self).begin(key, fingerprint, expires_at).await
-    }
-    async fn complete(
-        &self,
-        key: &IdempotencyKey,
-        token: ClaimToken,
-        response: &StoredResponse,
-    ) -> Result<(), StoreError> {
-        (**self).complete(key, token, response).await
-    }
-    async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError> {
-        (**self).abort(key, token).await
-    }
-
-    fn is_shared(&self) -> bool {
-        (**self).is_shared()
     }
 }
 

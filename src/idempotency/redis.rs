@@ -139,16 +139,12 @@ impl RedisIdempotencyStore {
         }
     }
 
-    /// Sets the longest life of an entry (default 1 h), by Redis's clock.
-    pub fn with_max_ttl(mut self, ttl: Duration) -> Self {
-        self.max_ttl = ttl;
-        self
-    }
+    setters! {
+        /// Sets the longest life of an entry (default 1 h), by Redis's clock.
+        pub fn with_max_ttl(ttl: Duration) => max_ttl = ttl;
 
-    /// Sets the shortest life of an entry (default 1 s), by Redis's clock.
-    pub fn with_min_ttl(mut self, ttl: Duration) -> Self {
-        self.min_ttl = ttl;
-        self
+        /// Sets the shortest life of an entry (default 1 s), by Redis's clock.
+        pub fn with_min_ttl(ttl: Duration) => min_ttl = ttl;
     }
 
     /// The Redis key of `key` (see the [type docs](RedisIdempotencyStore)).
@@ -225,29 +221,22 @@ impl IdempotencyStore for RedisIdempotencyStore {
         token: ClaimToken,
         response: &StoredResponse,
     ) -> Result<(), StoreError> {
-        let stored: i64 = self
-            .redis
-            .run(
+        let (token, response) = (token_hex(token), response.to_bytes());
+        self.redis
+            .run_held(
                 &COMPLETE,
                 &self.redis_key(key),
-                &[token_hex(token).as_bytes(), &response.to_bytes()],
+                &[token.as_bytes(), &response],
                 true,
             )
-            .await?;
-        StoreError::held(stored == 1)
+            .await
     }
 
     async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError> {
-        let deleted: i64 = self
-            .redis
-            .run(
-                &ABORT,
-                &self.redis_key(key),
-                &[token_hex(token).as_bytes()],
-                false,
-            )
-            .await?;
-        StoreError::held(deleted == 1)
+        let token = token_hex(token);
+        self.redis
+            .run_held(&ABORT, &self.redis_key(key), &[token.as_bytes()], false)
+            .await
     }
 
     fn is_shared(&self) -> bool {

@@ -224,29 +224,27 @@ impl NonceStore for RedisNonceStore {
     }
 
     async fn consume(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
-        let done: i64 = self
-            .redis
-            .run(
+        let (reserved, used) = (value(token, 'r'), value(token, 'u'));
+        self.redis
+            .run_held(
                 &CONSUME,
                 &self.redis_key(key),
-                &[value(token, 'r').as_bytes(), value(token, 'u').as_bytes()],
+                &[reserved.as_bytes(), used.as_bytes()],
                 true,
             )
-            .await?;
-        StoreError::held(done == 1)
+            .await
     }
 
     async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
-        let done: i64 = self
-            .redis
-            .run(
+        let reserved = value(token, 'r');
+        self.redis
+            .run_held(
                 &RELEASE,
                 &self.redis_key(key),
-                &[value(token, 'r').as_bytes()],
+                &[reserved.as_bytes()],
                 false,
             )
-            .await?;
-        StoreError::held(done == 1)
+            .await
     }
 
     fn is_shared(&self) -> bool {

@@ -153,17 +153,13 @@ impl Bundle {
         }
     }
 
-    /// Limits the bundle's calls to `window` from the payment.
-    pub fn within(mut self, window: Duration) -> Self {
-        self.window = Some(window);
-        self
-    }
+    setters! {
+        /// Limits the bundle's calls to `window` from the payment.
+        pub fn within(window: Duration) => window = Some(window);
 
-    /// The bundle's price, e.g. `"$0.10"`; replaces the layer's
-    /// [`price`](crate::PaymentLayerBuilder::price) (default: that price).
-    pub fn for_price(mut self, price: impl Into<String>) -> Self {
-        self.price = Some(price.into());
-        self
+        /// The bundle's price, e.g. `"$0.10"`; replaces the layer's
+        /// [`price`](crate::PaymentLayerBuilder::price) (default: that price).
+        pub fn for_price(price: impl Into<String>) => price = Some(price.into());
     }
 
     /// What a payment at `now` adds to the ledger: the paying call is already taken.
@@ -216,35 +212,22 @@ impl Prepaid {
         }
     }
 
-    /// Replaces the ledger (default: a [`MemoryCreditLedger`] of this layer only).
-    pub fn ledger(mut self, ledger: impl CreditLedger) -> Self {
-        self.ledger = Arc::new(ledger);
-        self
-    }
+    setters! {
+        /// Replaces the ledger (default: a [`MemoryCreditLedger`] of this layer only).
+        pub fn ledger(ledger: impl CreditLedger) => ledger = Arc::new(ledger);
 
-    /// Replaces the clock of nonces, messages and credit expiry (default: system clock).
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
+        /// Replaces the clock of nonces, messages and credit expiry (default: system clock).
+        pub fn clock(clock: impl Clock) => clock = Arc::new(clock);
 
-    /// The key that authenticates nonces (default: random per layer). Instances behind one
-    /// load balancer must share it, or a nonce issued by one is refused by the others.
-    pub fn nonce_key(mut self, key: [u8; 32]) -> Self {
-        self.nonce_key = Some(key);
-        self
-    }
+        /// The key that authenticates nonces (default: random per layer). Instances behind one
+        /// load balancer must share it, or a nonce issued by one is refused by the others.
+        pub fn nonce_key(key: [u8; 32]) => nonce_key = Some(key);
 
-    /// How long a challenge's sign-in message stays valid (default 5 minutes, whole seconds).
-    pub fn message_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl;
-        self
-    }
+        /// How long a challenge's sign-in message stays valid (default 5 minutes, whole seconds).
+        pub fn message_ttl(ttl: Duration) => ttl = ttl;
 
-    /// A human statement shown by wallets in the message (default none).
-    pub fn statement(mut self, text: impl Into<String>) -> Self {
-        self.statement = Some(text.into());
-        self
+        /// A human statement shown by wallets in the message (default none).
+        pub fn statement(text: impl Into<String>) => statement = Some(text.into());
     }
 
     /// Lets smart wallets sign in: signatures that do not recover in-process to the claimed
@@ -421,11 +404,12 @@ pub(crate) enum Refusal {
 
 /// Reason codes of prepaid refusals (sign-in reasons are in [`siwx::reason`]).
 pub mod reason {
+    use crate::reason::Reason;
+
     /// A valid sign-in with no calls left: buy another bundle.
-    pub const CREDIT_EXHAUSTED: crate::reason::Reason =
-        crate::reason::Reason::PrepaidCreditExhausted;
+    pub const CREDIT_EXHAUSTED: Reason = Reason::PrepaidCreditExhausted;
     /// A valid sign-in whose credit expired: buy another bundle.
-    pub const CREDIT_EXPIRED: crate::reason::Reason = crate::reason::Reason::PrepaidCreditExpired;
+    pub const CREDIT_EXPIRED: Reason = Reason::PrepaidCreditExpired;
 }
 
 impl State {

@@ -122,31 +122,28 @@ impl SiwxError {
 
 /// Reason codes of sign-in refusals.
 pub mod reason {
+    use crate::reason::Reason;
+
     /// The header is not base64 JSON of a sign-in message.
-    pub const INVALID_SIWX_PAYLOAD: crate::reason::Reason =
-        crate::reason::Reason::InvalidSiwxPayload;
+    pub const INVALID_SIWX_PAYLOAD: Reason = Reason::InvalidSiwxPayload;
     /// The signature is not 65 bytes of hex (or too long, or a broken ERC-6492 wrapping).
-    pub const MALFORMED_SIGNATURE: crate::reason::Reason =
-        crate::reason::Reason::InvalidSiwxMalformedSignature;
+    pub const MALFORMED_SIGNATURE: Reason = Reason::InvalidSiwxMalformedSignature;
     /// `domain` is not this server's.
-    pub const DOMAIN_MISMATCH: crate::reason::Reason =
-        crate::reason::Reason::InvalidSiwxDomainMismatch;
+    pub const DOMAIN_MISMATCH: Reason = Reason::InvalidSiwxDomainMismatch;
     /// `uri` is not on this server's origin.
-    pub const URI_MISMATCH: crate::reason::Reason = crate::reason::Reason::InvalidSiwxUriMismatch;
+    pub const URI_MISMATCH: Reason = Reason::InvalidSiwxUriMismatch;
     /// Version, signature type or chain not offered.
-    pub const UNSUPPORTED_CHAIN: crate::reason::Reason =
-        crate::reason::Reason::InvalidSiwxUnsupportedChain;
+    pub const UNSUPPORTED_CHAIN: Reason = Reason::InvalidSiwxUnsupportedChain;
     /// The nonce was not issued by this server.
-    pub const INVALID_NONCE: crate::reason::Reason = crate::reason::Reason::InvalidSiwxNonce;
+    pub const INVALID_NONCE: Reason = Reason::InvalidSiwxNonce;
     /// The nonce was already used: a replayed message.
-    pub const NONCE_REUSED: crate::reason::Reason = crate::reason::Reason::InvalidSiwxNonceReused;
+    pub const NONCE_REUSED: Reason = Reason::InvalidSiwxNonceReused;
     /// The message expired.
-    pub const EXPIRED: crate::reason::Reason = crate::reason::Reason::InvalidSiwxExpired;
+    pub const EXPIRED: Reason = Reason::InvalidSiwxExpired;
     /// `notBefore` is not supported.
-    pub const NOT_BEFORE: crate::reason::Reason = crate::reason::Reason::InvalidSiwxNotBefore;
+    pub const NOT_BEFORE: Reason = Reason::InvalidSiwxNotBefore;
     /// The signature does not recover to `address`, and the chain (if asked) refused it.
-    pub const INVALID_SIGNATURE: crate::reason::Reason =
-        crate::reason::Reason::InvalidSiwxSignature;
+    pub const INVALID_SIGNATURE: Reason = Reason::InvalidSiwxSignature;
 }
 
 /// The `SIGN-IN-WITH-X` payload (field names of `@x402/extensions`' `SIWxPayloadSchema`).

@@ -290,6 +290,19 @@ impl Base {
         run_script(&self.conn, script, key, args, retry, timeout, wait).await
     }
 
+    /// Runs a holder's `script` on `key` (see [`Base::run`]): it answers 1 when the caller
+    /// holds the key, else [`StoreError::NotHeld`].
+    pub(crate) async fn run_held(
+        &self,
+        script: &Script,
+        key: &str,
+        args: &[&[u8]],
+        retry: bool,
+    ) -> Result<(), StoreError> {
+        let done: i64 = self.run(script, key, args, retry).await?;
+        StoreError::held(done == 1)
+    }
+
     /// An `Unavailable` error with this store's `Retry-After`.
     pub(crate) fn unavailable(&self, source: impl Into<BoxError>) -> StoreError {
         unavailable(self.retry_after, source)

@@ -85,39 +85,27 @@ impl SvmVerifier {
         }
     }
 
-    /// Refuses a compute-unit limit above `units` (default: no cap, as the reference).
-    #[must_use]
-    pub fn with_max_compute_units(mut self, units: u32) -> Self {
-        self.max_compute_units = Some(units);
-        self
-    }
+    setters! {
+        /// Refuses a compute-unit limit above `units` (default: no cap, as the reference).
+        #[must_use]
+        pub fn with_max_compute_units(units: u32) => max_compute_units = Some(units);
 
-    /// Refuses a compute-unit price above `micro_lamports` (default 5,000,000).
-    #[must_use]
-    pub fn with_max_compute_unit_price(mut self, micro_lamports: u64) -> Self {
-        self.max_compute_unit_price = micro_lamports;
-        self
-    }
+        /// Refuses a compute-unit price above `micro_lamports` (default 5,000,000).
+        #[must_use]
+        pub fn with_max_compute_unit_price(micro_lamports: u64)
+            => max_compute_unit_price = micro_lamports;
 
-    /// Keeps a claimed transaction blocked `secs` (default 600).
-    #[must_use]
-    pub fn with_claim_ttl(mut self, secs: u64) -> Self {
-        self.claim_ttl = secs;
-        self
-    }
+        /// Keeps a claimed transaction blocked `secs` (default 600).
+        #[must_use]
+        pub fn with_claim_ttl(secs: u64) => claim_ttl = secs;
 
-    /// Uses `clock` for the claim's expiry (tests inject a fixed clock).
-    #[must_use]
-    pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
+        /// Uses `clock` for the claim's expiry (tests inject a fixed clock).
+        #[must_use]
+        pub fn with_clock(clock: impl Clock) => clock = Arc::new(clock);
 
-    /// Verifies requirements on EVM networks with `evm` (a route offering both).
-    #[must_use]
-    pub fn with_evm(mut self, evm: EvmVerifier) -> Self {
-        self.evm = Some(evm);
-        self
+        /// Verifies requirements on EVM networks with `evm` (a route offering both).
+        #[must_use]
+        pub fn with_evm(evm: EvmVerifier) => evm = Some(evm);
     }
 
     /// The whole check, synchronously (EVM requirements go to the EVM verifier's

@@ -210,8 +210,15 @@ impl Future for YieldNow {
     }
 }
 
+/// A fault wrapper of a store trait: the struct, and the trait's impl in which each listed
+/// method (all return `Result<T, StoreError>`) asks the switchboard about its [`Op`] first.
 macro_rules! wrapper {
-    ($(#[$doc:meta])* $name:ident) => {
+    (
+        $(#[$doc:meta])*
+        $name:ident: $trait:ident {
+            $($op:ident => fn $method:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*
+        }
+    ) => {
         $(#[$doc])*
         #[derive(Clone, Debug)]
         pub struct $name<S> {
@@ -240,98 +247,47 @@ macro_rules! wrapper {
                 &self.inner
             }
         }
+
+        #[async_trait]
+        impl<S: $trait> $trait for $name<S> {
+            $(
+                async fn $method(&self, $($arg: $ty),*) -> Result<$ret, StoreError> {
+                    self.faults.around(Op::$op, self.inner.$method($($arg),*)).await
+                }
+            )*
+
+            fn is_shared(&self) -> bool {
+                self.inner.is_shared()
+            }
+        }
     };
 }
 
-wrapper!(
+wrapper! {
     /// A [`NonceStore`] whose `reserve`, `consume` and `release` fail on command.
-    FaultyNonceStore
-);
-wrapper!(
+    FaultyNonceStore: NonceStore {
+        Reserve => fn reserve(key: &NonceKey, expires_at: u64) -> Reservation;
+        Consume => fn consume(key: &NonceKey, token: ClaimToken) -> ();
+        Release => fn release(key: &NonceKey, token: ClaimToken) -> ();
+    }
+}
+
+wrapper! {
     /// An [`IdempotencyStore`] whose `begin`, `complete` and `abort` fail on command.
-    FaultyIdempotencyStore
-);
-wrapper!(
+    FaultyIdempotencyStore: IdempotencyStore {
+        Begin => fn begin(key: &IdempotencyKey, fingerprint: Fingerprint, expires_at: u64) -> Begin;
+        Complete => fn complete(key: &IdempotencyKey, token: ClaimToken, response: &StoredResponse)
+            -> ();
+        Abort => fn abort(key: &IdempotencyKey, token: ClaimToken) -> ();
+    }
+}
+
+wrapper! {
     /// A [`CreditLedger`] whose `grant`, `debit` and `refund` fail on command.
-    FaultyLedger
-);
-
-#[async_trait]
-impl<S: NonceStore> NonceStore for FaultyNonceStore<S> {
-    async fn reserve(&self, key: &NonceKey, expires_at: u64) -> Result<Reservation, StoreError> {
-        self.faults
-            .around(Op::Reserve, self.inner.reserve(key, expires_at))
-            .await
-    }
-    async fn consume(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
-        self.faults
-            .around(Op::Consume, self.inner.consume(key, token))
-            .await
-    }
-    async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
-        self.faults
-            .around(Op::Release, self.inner.release(key, token))
-            .await
-    }
-
-    fn is_shared(&self) -> bool {
-        self.inner.is_shared()
-    }
-}
-
-#[async_trait]
-impl<S: IdempotencyStore> IdempotencyStore for FaultyIdempotencyStore<S> {
-    async fn begin(
-        &self,
-        key: &IdempotencyKey,
-        fingerprint: Fingerprint,
-        expires_at: u64,
-    ) -> Result<Begin, StoreError> {
-        self.faults
-            .around(Op::Begin, self.inner.begin(key, fingerprint, expires_at))
-            .await
-    }
-    async fn complete(
-        &self,
-        key: &IdempotencyKey,
-        token: ClaimToken,
-        response: &StoredResponse,
-    ) -> Result<(), StoreError> {
-        self.faults
-            .around(Op::Complete, self.inner.complete(key, token, response))
-            .await
-    }
-    async fn abort(&self, key: &IdempotencyKey, token: ClaimToken) -> Result<(), StoreError> {
-        self.faults
-            .around(Op::Abort, self.inner.abort(key, token))
-            .await
-    }
-
-    fn is_shared(&self) -> bool {
-        self.inner.is_shared()
-    }
-}
-
-#[async_trait]
-impl<S: CreditLedger> CreditLedger for FaultyLedger<S> {
-    async fn grant(&self, payer: Address, grant: Grant, now: u64) -> Result<(), StoreError> {
-        self.faults
-            .around(Op::Grant, self.inner.grant(payer, grant, now))
-            .await
-    }
-    async fn debit(&self, payer: Address, now: u64) -> Result<Debit, StoreError> {
-        self.faults
-            .around(Op::Debit, self.inner.debit(payer, now))
-            .await
-    }
-    async fn refund(&self, payer: Address) -> Result<(), StoreError> {
-        self.faults
-            .around(Op::Refund, self.inner.refund(payer))
-            .await
-    }
-
-    fn is_shared(&self) -> bool {
-        self.inner.is_shared()
+    FaultyLedger: CreditLedger {
+        Grant => fn grant(payer: Address, grant: Grant, now: u64) -> ();
+        Debit => fn debit(payer: Address, now: u64) -> Debit;
+        Refund => fn refund(payer: Address) -> ();
     }
 }
 

@@ -44,36 +44,33 @@ pub const FACILITATOR_ADDRESS: &str = "facilitatorAddress";
 
 /// The `invalidReason` codes of `upto` refusals (the reference facilitator's names).
 pub mod reason {
+    use crate::reason::Reason;
+
     /// Scheme is not `upto`.
-    pub const SCHEME: crate::reason::Reason = crate::reason::Reason::InvalidUptoEvmScheme;
+    pub const SCHEME: Reason = Reason::InvalidUptoEvmScheme;
     /// Payload and requirement name different networks.
-    pub const NETWORK_MISMATCH: crate::reason::Reason =
-        crate::reason::Reason::InvalidUptoEvmNetworkMismatch;
+    pub const NETWORK_MISMATCH: Reason = Reason::InvalidUptoEvmNetworkMismatch;
     /// The permit's spender is not the upto proxy.
-    pub const SPENDER: crate::reason::Reason = crate::reason::Reason::InvalidPermit2Spender;
+    pub const SPENDER: Reason = Reason::InvalidPermit2Spender;
     /// `witness.to` is not `payTo`.
-    pub const RECIPIENT_MISMATCH: crate::reason::Reason =
-        crate::reason::Reason::InvalidPermit2RecipientMismatch;
+    pub const RECIPIENT_MISMATCH: Reason = Reason::InvalidPermit2RecipientMismatch;
     /// `witness.facilitator` is not the server's settling account.
-    pub const FACILITATOR_MISMATCH: crate::reason::Reason =
-        crate::reason::Reason::UptoFacilitatorMismatch;
+    pub const FACILITATOR_MISMATCH: Reason = Reason::UptoFacilitatorMismatch;
     /// The deadline passed, or is too close to settle.
-    pub const DEADLINE_EXPIRED: crate::reason::Reason =
-        crate::reason::Reason::Permit2DeadlineExpired;
+    pub const DEADLINE_EXPIRED: Reason = Reason::Permit2DeadlineExpired;
     /// The deadline is further ahead than `maxTimeoutSeconds` allows.
-    pub const DEADLINE_TOO_FAR: crate::reason::Reason =
-        crate::reason::Reason::Permit2DeadlineTooFar;
+    pub const DEADLINE_TOO_FAR: Reason = Reason::Permit2DeadlineTooFar;
     /// `validAfter` is in the future.
-    pub const NOT_YET_VALID: crate::reason::Reason = crate::reason::Reason::Permit2NotYetValid;
+    pub const NOT_YET_VALID: Reason = Reason::Permit2NotYetValid;
     /// The permitted maximum differs from the requirement's amount.
-    pub const AMOUNT_MISMATCH: crate::reason::Reason = crate::reason::Reason::Permit2AmountMismatch;
+    pub const AMOUNT_MISMATCH: Reason = Reason::Permit2AmountMismatch;
     /// The permit is for another token.
-    pub const TOKEN_MISMATCH: crate::reason::Reason = crate::reason::Reason::Permit2TokenMismatch;
+    pub const TOKEN_MISMATCH: Reason = Reason::Permit2TokenMismatch;
     /// The signature is malformed or not the payer's.
-    pub const SIGNATURE: crate::reason::Reason = crate::reason::Reason::InvalidPermit2Signature;
+    pub const SIGNATURE: Reason = Reason::InvalidPermit2Signature;
     /// The metered usage is above the signed maximum: nothing is settled.
-    pub const SETTLEMENT_EXCEEDS_AMOUNT: crate::reason::Reason =
-        crate::reason::Reason::InvalidUptoEvmPayloadSettlementExceedsAmount;
+    pub const SETTLEMENT_EXCEEDS_AMOUNT: Reason =
+        Reason::InvalidUptoEvmPayloadSettlementExceedsAmount;
 }
 
 /// The EIP-712 structs, crate-private: `sol!` makes its items `pub`, and they are not API.

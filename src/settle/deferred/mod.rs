@@ -339,51 +339,35 @@ impl std::fmt::Debug for DeferredSettlerBuilder {
 }
 
 impl DeferredSettlerBuilder {
-    /// The journal file (created if missing): a [`JournalQueue`], one process per file on a
-    /// local disk. This or [`queue`](Self::queue) is required.
-    pub fn journal(mut self, path: impl AsRef<Path>) -> Self {
-        self.journal = Some(path.as_ref().to_owned());
-        self
-    }
+    setters! {
+        /// The journal file (created if missing): a [`JournalQueue`], one process per file on a
+        /// local disk. This or [`queue`](Self::queue) is required.
+        pub fn journal(path: impl AsRef<Path>) => journal = Some(path.as_ref().to_owned());
 
-    /// Keeps accepted payments in `queue` instead of a journal file: e.g. a
-    /// `PostgresSettlementQueue` (feature `postgres`) that several instances share, each
-    /// instance's worker settling what any of them accepted. Overrides
-    /// [`journal`](Self::journal).
-    pub fn queue(mut self, queue: impl SettlementQueue) -> Self {
-        self.queue = Some(Arc::new(queue));
-        self
-    }
+        /// Keeps accepted payments in `queue` instead of a journal file: e.g. a
+        /// `PostgresSettlementQueue` (feature `postgres`) that several instances share, each
+        /// instance's worker settling what any of them accepted. Overrides
+        /// [`journal`](Self::journal).
+        pub fn queue(queue: impl SettlementQueue) => queue = Some(Arc::new(queue));
 
-    /// How long a worker's lease on a batch holds unless renewed (default 60 s; renewed every
-    /// third of it while the round runs). When an instance dies, another instance's worker
-    /// takes its leased payments over after this long, reading each one's chain state before
-    /// anything is resent. Keep it well above a round's longest RPC call.
-    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = ttl.max(Duration::from_millis(100));
-        self
-    }
+        /// How long a worker's lease on a batch holds unless renewed (default 60 s; renewed every
+        /// third of it while the round runs). When an instance dies, another instance's worker
+        /// takes its leased payments over after this long, reading each one's chain state before
+        /// anything is resent. Keep it well above a round's longest RPC call.
+        pub fn lease_ttl(ttl: Duration) => lease_ttl = ttl.max(Duration::from_millis(100));
 
-    /// How often an idle worker asks the queue for due payments (default: the shorter of
-    /// `max_wait` and the first retry wait, between 10 ms and 1 s). New payments of this
-    /// instance wake it at once; the poll finds ripe batches, retries and, on a shared queue,
-    /// other instances' payments and expired leases.
-    pub fn poll_interval(mut self, every: Duration) -> Self {
-        self.poll = Some(every.max(Duration::from_millis(1)));
-        self
-    }
+        /// How often an idle worker asks the queue for due payments (default: the shorter of
+        /// `max_wait` and the first retry wait, between 10 ms and 1 s). New payments of this
+        /// instance wake it at once; the poll finds ripe batches, retries and, on a shared queue,
+        /// other instances' payments and expired leases.
+        pub fn poll_interval(every: Duration) => poll = Some(every.max(Duration::from_millis(1)));
 
-    /// Most payments per settlement transaction (default 32; at least 1). 1 settles each
-    /// payment with its own `transferWithAuthorization`.
-    pub fn max_batch(mut self, n: usize) -> Self {
-        self.max_batch = n.max(1);
-        self
-    }
+        /// Most payments per settlement transaction (default 32; at least 1). 1 settles each
+        /// payment with its own `transferWithAuthorization`.
+        pub fn max_batch(n: usize) => max_batch = n.max(1);
 
-    /// Longest a payment waits for its batch to fill before it is sent anyway (default 2 s).
-    pub fn max_wait(mut self, wait: Duration) -> Self {
-        self.max_wait = wait;
-        self
+        /// Longest a payment waits for its batch to fill before it is sent anyway (default 2 s).
+        pub fn max_wait(wait: Duration) => max_wait = wait;
     }
 
     /// First and longest wait between retries of a failed round (default 1 s and 5 min; the
@@ -393,71 +377,56 @@ impl DeferredSettlerBuilder {
         self
     }
 
-    /// Compact the journal once it holds more than this many records and more than twice the
-    /// live ones (default 10 000). For [`journal`](Self::journal) only: a queue given with
-    /// [`queue`](Self::queue) keeps its own storage.
-    pub fn compact_after(mut self, records: u64) -> Self {
-        self.compact_after = records;
-        self
-    }
+    setters! {
+        /// Compact the journal once it holds more than this many records and more than twice the
+        /// live ones (default 10 000). For [`journal`](Self::journal) only: a queue given with
+        /// [`queue`](Self::queue) keeps its own storage.
+        pub fn compact_after(records: u64) => compact_after = records;
 
-    /// Whether [`check`](Settler::check) asks the chain before the handler runs (default on).
-    /// Off, a paid request costs no RPC round trip at all (verification and the journal's
-    /// sync only), and a proof is refused before the handler only when its nonce is already
-    /// journaled: a payer without the funds, or whose authorization is already used on-chain,
-    /// is served and the payment fails later in the worker. For sellers who price that risk
-    /// in (tiny prices, known payers).
-    pub fn precheck(mut self, on: bool) -> Self {
-        self.precheck = on;
-        self
-    }
+        /// Whether [`check`](Settler::check) asks the chain before the handler runs (default on).
+        /// Off, a paid request costs no RPC round trip at all (verification and the journal's
+        /// sync only), and a proof is refused before the handler only when its nonce is already
+        /// journaled: a payer without the funds, or whose authorization is already used on-chain,
+        /// is served and the payment fails later in the worker. For sellers who price that risk
+        /// in (tiny prices, known payers).
+        pub fn precheck(on: bool) => precheck = on;
 
-    /// Refuses new payments while this many are queued and not final yet (default: no
-    /// limit; with a shared queue, counted over every instance): [`check`](Settler::check) answers unavailable, the layer 503 with
-    /// `Retry-After: 1`, the handler does not run and the client keeps its proof.
-    ///
-    /// Backpressure for when requests arrive faster than the chain settles them: a payment
-    /// must settle before its `validBefore` (`maxTimeoutSeconds`, 300 s by default, after the
-    /// client signed it), or the seller served it for nothing. Size it below what the worker
-    /// settles in that time: on a local anvil the load harness measured about 220 settled
-    /// payments per second in batches of 32 while accepting 7,600 per second, a backlog that
-    /// `max_pending(50_000)` would have held to what drains in under four minutes.
-    pub fn max_pending(mut self, n: usize) -> Self {
-        self.max_pending = Some(n);
-        self
-    }
+        /// Refuses new payments while this many are queued and not final yet (default: no
+        /// limit; with a shared queue, counted over every instance): [`check`](Settler::check) answers unavailable, the layer 503 with
+        /// `Retry-After: 1`, the handler does not run and the client keeps its proof.
+        ///
+        /// Backpressure for when requests arrive faster than the chain settles them: a payment
+        /// must settle before its `validBefore` (`maxTimeoutSeconds`, 300 s by default, after the
+        /// client signed it), or the seller served it for nothing. Size it below what the worker
+        /// settles in that time: on a local anvil the load harness measured about 220 settled
+        /// payments per second in batches of 32 while accepting 7,600 per second, a backlog that
+        /// `max_pending(50_000)` would have held to what drains in under four minutes.
+        pub fn max_pending(n: usize) => max_pending = Some(n);
 
-    /// Most settlement rounds (batch transactions) in flight at once (default 1; at least 1).
-    ///
-    /// With one, the worker sends a batch and waits for its receipt before it sends the next:
-    /// it uses at most one transaction per block, so it settles at most `max_batch` payments
-    /// per block (batches of 32 and 2 s blocks: ~16 payments/s), whatever the chain could
-    /// take. With `n`, up to `n` rounds run at once on disjoint payments (no payment is ever
-    /// in two rounds), so up to `n` batches can land in one block. An
-    /// `OnchainSettler` hands concurrent sends consecutive
-    /// relayer nonces; a [`BatchSettler`] of your own must be safe to call concurrently.
-    /// Each round still waits `max_wait` for a full batch, and the backlog bound
-    /// ([`max_pending`](Self::max_pending)) is unchanged.
-    pub fn in_flight(mut self, n: usize) -> Self {
-        self.in_flight = n.max(1);
-        self
-    }
+        /// Most settlement rounds (batch transactions) in flight at once (default 1; at least 1).
+        ///
+        /// With one, the worker sends a batch and waits for its receipt before it sends the next:
+        /// it uses at most one transaction per block, so it settles at most `max_batch` payments
+        /// per block (batches of 32 and 2 s blocks: ~16 payments/s), whatever the chain could
+        /// take. With `n`, up to `n` rounds run at once on disjoint payments (no payment is ever
+        /// in two rounds), so up to `n` batches can land in one block. An
+        /// `OnchainSettler` hands concurrent sends consecutive
+        /// relayer nonces; a [`BatchSettler`] of your own must be safe to call concurrently.
+        /// Each round still waits `max_wait` for a full batch, and the backlog bound
+        /// ([`max_pending`](Self::max_pending)) is unchanged.
+        pub fn in_flight(n: usize) => in_flight = n.max(1);
 
-    /// Called with each payment's final outcome, from the worker task (keep it quick: send it
-    /// to a channel for anything slow).
-    pub fn on_outcome(mut self, hook: impl Fn(&Outcome) + Send + Sync + 'static) -> Self {
-        self.hook = Some(Arc::new(hook));
-        self
-    }
+        /// Called with each payment's final outcome, from the worker task (keep it quick: send it
+        /// to a channel for anything slow).
+        pub fn on_outcome(hook: impl Fn(&Outcome) + Send + Sync + 'static)
+            => hook = Some(Arc::new(hook));
 
-    /// Makes the journal's writes, syncs, compaction rename and directory syncs fail on
-    /// command (test builds only: the `test-util` feature; for [`journal`](Self::journal)
-    /// only). See [`JournalFaults`].
-    #[cfg(any(test, feature = "test-util"))]
-    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
-    pub fn journal_faults(mut self, faults: JournalFaults) -> Self {
-        self.faults = faults;
-        self
+        /// Makes the journal's writes, syncs, compaction rename and directory syncs fail on
+        /// command (test builds only: the `test-util` feature; for [`journal`](Self::journal)
+        /// only). See [`JournalFaults`].
+        #[cfg(any(test, feature = "test-util"))]
+        #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+        pub fn journal_faults(faults: JournalFaults) => faults = faults;
     }
 
     /// Opens the journal (or takes the queue), and starts the worker.

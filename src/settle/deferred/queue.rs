@@ -3,7 +3,6 @@
 //! implementation (one process, local disk); `PostgresSettlementQueue` (feature `postgres`) is
 //! shared by every instance on one database.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use alloy_primitives::{B256, U256};
@@ -240,46 +239,5 @@ pub trait SettlementQueue: Send + Sync + 'static {
     /// payments); false for one process's queue (the default).
     fn is_shared(&self) -> bool {
         false
-    }
-}
-
-#[async_trait]
-impl<T: SettlementQueue + ?Sized> SettlementQueue for Arc<T> {
-    async fn append(
-        &self,
-        payment: &VerifiedPayment,
-        accepted_ms: u64,
-    ) -> Result<Appended, StoreError> {
-        (**self).append(payment, accepted_ms).await
-    }
-    async fn exposure(&self, payment: &VerifiedPayment) -> Result<Exposure, StoreError> {
-        (**self).exposure(payment).await
-    }
-    async fn lease(&self, req: LeaseRequest) -> Result<Vec<Leased>, StoreError> {
-        (**self).lease(req).await
-    }
-    async fn sent(&self, owner: LeaseOwner, ids: &[u64], tx: B256) -> Result<(), StoreError> {
-        (**self).sent(owner, ids, tx).await
-    }
-    async fn finish(&self, outcomes: &[(u64, Final)]) -> Result<Vec<bool>, StoreError> {
-        (**self).finish(outcomes).await
-    }
-    async fn renew(&self, owner: LeaseOwner, ids: &[u64], ttl: Duration) -> Result<(), StoreError> {
-        (**self).renew(owner, ids, ttl).await
-    }
-    async fn release(
-        &self,
-        owner: LeaseOwner,
-        ids: &[u64],
-        retry_in: Duration,
-        failed: bool,
-    ) -> Result<(), StoreError> {
-        (**self).release(owner, ids, retry_in, failed).await
-    }
-    async fn pending(&self) -> Result<usize, StoreError> {
-        (**self).pending().await
-    }
-    fn is_shared(&self) -> bool {
-        (**self).is_shared()
     }
 }

@@ -243,59 +243,39 @@ impl<S: ChannelStore> ChannelManagerBuilder<S> {
     /// The default number of channels per claim transaction.
     pub const DEFAULT_MAX_PER_TRANSACTION: usize = DEFAULT_MAX_PER_TRANSACTION;
 
-    /// Claims a channel once this much is unclaimed on it (default: only for withdrawals and
-    /// idle refunds).
-    pub fn claim_threshold(mut self, atomic_units: u128) -> Self {
-        self.inner.policy.threshold = atomic_units.max(1);
-        self
-    }
+    setters! {
+        /// Claims a channel once this much is unclaimed on it (default: only for withdrawals and
+        /// idle refunds).
+        pub fn claim_threshold(atomic_units: u128) => inner.policy.threshold = atomic_units.max(1);
 
-    /// Claims a withdrawing channel once its withdrawal finalizes within `seconds` (chain
-    /// time); default: at once. Keep it well above the round interval.
-    pub fn claim_before_withdrawal(mut self, seconds: u64) -> Self {
-        self.inner.policy.claim_before_withdrawal = seconds;
-        self
-    }
+        /// Claims a withdrawing channel once its withdrawal finalizes within `seconds` (chain
+        /// time); default: at once. Keep it well above the round interval.
+        pub fn claim_before_withdrawal(seconds: u64)
+            => inner.policy.claim_before_withdrawal = seconds;
 
-    /// At most this many channels per `claimWithSignature` transaction (default 32, at
-    /// least 1): more go in further transactions of the same round.
-    pub fn max_per_transaction(mut self, channels: usize) -> Self {
-        self.inner.policy.max_per_transaction = channels.max(1);
-        self
-    }
+        /// At most this many channels per `claimWithSignature` transaction (default 32, at
+        /// least 1): more go in further transactions of the same round.
+        pub fn max_per_transaction(channels: usize)
+            => inner.policy.max_per_transaction = channels.max(1);
 
-    /// Claims and refunds channels without a paid request for `seconds` (by the store's
-    /// `last_request_at`); default: never.
-    pub fn refund_idle_after(mut self, seconds: Option<u64>) -> Self {
-        self.inner.policy.idle_refund_after = seconds;
-        self
-    }
+        /// Claims and refunds channels without a paid request for `seconds` (by the store's
+        /// `last_request_at`); default: never.
+        pub fn refund_idle_after(seconds: Option<u64>) => inner.policy.idle_refund_after = seconds;
 
-    /// Whether rounds sweep claimed funds to the receivers with `settle` (default true).
-    pub fn settle(mut self, on: bool) -> Self {
-        self.inner.policy.settle = on;
-        self
-    }
+        /// Whether rounds sweep claimed funds to the receivers with `settle` (default true).
+        pub fn settle(on: bool) => inner.policy.settle = on;
 
-    /// How long a refund holds its channel's lease (default 60 seconds).
-    pub fn lease_seconds(mut self, seconds: u64) -> Self {
-        self.inner.lease_seconds = seconds.max(1);
-        self
-    }
+        /// How long a refund holds its channel's lease (default 60 seconds).
+        pub fn lease_seconds(seconds: u64) => inner.lease_seconds = seconds.max(1);
 
-    /// The clock idle time is measured on (default the system's).
-    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
-        self.inner.clock = Arc::new(clock);
-        self
-    }
+        /// The clock idle time is measured on (default the system's).
+        pub fn clock(clock: impl Clock + 'static) => inner.clock = Arc::new(clock);
 
-    /// The pause between rounds of [`ChannelManager::spawn`] (default 60 s); keep it well
-    /// below the shortest `withdrawDelay` minus `claim_before_withdrawal`.
-    #[cfg(feature = "channel-manager")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "channel-manager")))]
-    pub fn interval(mut self, every: Duration) -> Self {
-        self.inner.interval = every;
-        self
+        /// The pause between rounds of [`ChannelManager::spawn`] (default 60 s); keep it well
+        /// below the shortest `withdrawDelay` minus `claim_before_withdrawal`.
+        #[cfg(feature = "channel-manager")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "channel-manager")))]
+        pub fn interval(every: Duration) => inner.interval = every;
     }
 
     /// Adds a constant label to the manager's metrics.

@@ -199,40 +199,34 @@ use crate::verify::{BoxError, Proof, VerifiedPayment};
 
 /// The `errorReason` codes this settler answers with.
 pub mod reason {
+    use crate::reason::Reason;
+
     /// `check`: the payer's balance is below the value.
-    pub const INSUFFICIENT_FUNDS: crate::reason::Reason = crate::reason::Reason::InsufficientFunds;
+    pub const INSUFFICIENT_FUNDS: Reason = Reason::InsufficientFunds;
     /// `settle`: the transfer reverted with "transfer amount exceeds balance".
-    pub const INSUFFICIENT_BALANCE: crate::reason::Reason =
-        crate::reason::Reason::InvalidExactEvmInsufficientBalance;
+    pub const INSUFFICIENT_BALANCE: Reason = Reason::InvalidExactEvmInsufficientBalance;
     /// The authorization's nonce is used or canceled on-chain.
-    pub const NONCE_ALREADY_USED: crate::reason::Reason = crate::reason::NONCE_ALREADY_USED;
+    pub const NONCE_ALREADY_USED: Reason = crate::reason::NONCE_ALREADY_USED;
     /// The authorization expired (`validBefore` passed).
-    pub const VALID_BEFORE: crate::reason::Reason =
-        crate::reason::Reason::InvalidExactEvmPayloadAuthorizationValidBefore;
+    pub const VALID_BEFORE: Reason = Reason::InvalidExactEvmPayloadAuthorizationValidBefore;
     /// The authorization is not valid yet (`validAfter` not passed).
-    pub const VALID_AFTER: crate::reason::Reason =
-        crate::reason::Reason::InvalidExactEvmPayloadAuthorizationValidAfter;
+    pub const VALID_AFTER: Reason = Reason::InvalidExactEvmPayloadAuthorizationValidAfter;
     /// The token refused the signature.
-    pub const SIGNATURE: crate::reason::Reason = crate::reason::Reason::InvalidExactEvmSignature;
+    pub const SIGNATURE: Reason = Reason::InvalidExactEvmSignature;
     /// Any other revert, or a transaction mined with status 0.
-    pub const TRANSACTION_FAILED: crate::reason::Reason =
-        crate::reason::Reason::InvalidExactEvmTransactionFailed;
+    pub const TRANSACTION_FAILED: Reason = Reason::InvalidExactEvmTransactionFailed;
     /// The payment's network is not the RPC's chain.
-    pub const INVALID_NETWORK: crate::reason::Reason = crate::reason::INVALID_NETWORK;
+    pub const INVALID_NETWORK: Reason = crate::reason::INVALID_NETWORK;
     /// `check`: no contract at the asset's address on this chain (a misconfigured token).
-    pub const ASSET_NOT_DEPLOYED: crate::reason::Reason =
-        crate::reason::Reason::AssetNotDeployedContract;
+    pub const ASSET_NOT_DEPLOYED: Reason = Reason::AssetNotDeployedContract;
     /// An ERC-6492 signature names a factory this settler may not call
     /// ([`OnchainSettler::with_eip6492_factories`](super::OnchainSettler::with_eip6492_factories)).
-    pub const FACTORY_NOT_ALLOWED: crate::reason::Reason =
-        crate::reason::Reason::Eip6492FactoryNotAllowed;
+    pub const FACTORY_NOT_ALLOWED: Reason = Reason::Eip6492FactoryNotAllowed;
     /// `settle`: the factory call deploying the payer's wallet reverted.
-    pub const DEPLOYMENT_FAILED: crate::reason::Reason =
-        crate::reason::Reason::SmartWalletDeploymentFailed;
+    pub const DEPLOYMENT_FAILED: Reason = Reason::SmartWalletDeploymentFailed;
     /// `check` of a batched (deferred) payment: ERC-6492 signatures of wallets to be deployed
     /// do not go into batches.
-    pub const UNDEPLOYED_SMART_WALLET: crate::reason::Reason =
-        crate::reason::Reason::InvalidExactEvmPayloadUndeployedSmartWallet;
+    pub const UNDEPLOYED_SMART_WALLET: Reason = Reason::InvalidExactEvmPayloadUndeployedSmartWallet;
 }
 
 sol! {
@@ -452,102 +446,69 @@ impl OnchainSettler {
         Ok(Self::new(provider, relayer))
     }
 
-    /// The gas limit of each settlement transaction (default 120 000; a FiatToken transfer
-    /// uses 60-90k). A transfer estimated above it is refused, not sent.
-    pub fn with_gas_limit(mut self, gas: u64) -> Self {
-        self.config.gas_limit = gas;
-        self
-    }
+    setters! {
+        /// The gas limit of each settlement transaction (default 120 000; a FiatToken transfer
+        /// uses 60-90k). A transfer estimated above it is refused, not sent.
+        pub fn with_gas_limit(gas: u64) => config.gas_limit = gas;
 
-    /// The most the relayer pays per gas, in wei (default 5 gwei). Fees are clamped to it;
-    /// when the next base fee plus tip is above it, settlements answer unavailable (503)
-    /// instead of sending.
-    pub fn with_max_fee_per_gas(mut self, wei: u128) -> Self {
-        self.config.max_fee_per_gas = wei;
-        self
-    }
+        /// The most the relayer pays per gas, in wei (default 5 gwei). Fees are clamped to it;
+        /// when the next base fee plus tip is above it, settlements answer unavailable (503)
+        /// instead of sending.
+        pub fn with_max_fee_per_gas(wei: u128) => config.max_fee_per_gas = wei;
 
-    /// How long to wait for the receipt (default 30 s). See the module docs for what happens
-    /// after.
-    pub fn with_receipt_timeout(mut self, wait: Duration) -> Self {
-        self.config.receipt_timeout = wait;
-        self
-    }
+        /// How long to wait for the receipt (default 30 s). See the module docs for what happens
+        /// after.
+        pub fn with_receipt_timeout(wait: Duration) => config.receipt_timeout = wait;
 
-    /// Blocks the settlement must be buried under, counting its own (default 1: mined is
-    /// settled). With 2 or more, the settler waits until the head is that deep and reads the
-    /// receipt again: a transaction no longer in the block it was first seen in (a reorg) is
-    /// an unknown outcome, never a settlement (see the module docs, "Reorgs"). Each block
-    /// more adds a block time to every settlement's latency.
-    pub fn with_confirmations(mut self, blocks: u64) -> Self {
-        self.config.confirmations = blocks.max(1);
-        self
-    }
+        /// Blocks the settlement must be buried under, counting its own (default 1: mined is
+        /// settled). With 2 or more, the settler waits until the head is that deep and reads the
+        /// receipt again: a transaction no longer in the block it was first seen in (a reorg) is
+        /// an unknown outcome, never a settlement (see the module docs, "Reorgs"). Each block
+        /// more adds a block time to every settlement's latency.
+        pub fn with_confirmations(blocks: u64) => config.confirmations = blocks.max(1);
 
-    /// How long a sent transaction may stay unmined before it is replaced (same nonce, both
-    /// fees raised by at least 12.5 %, capped by [`with_max_fee_per_gas`](Self::with_max_fee_per_gas));
-    /// again after each such wait, until the receipt timeout. Default 12 s; `None` never
-    /// replaces. Every replacement's hash goes through the batch's
-    /// `SendLog` (the `deferred` feature) before it is broadcast, like the first.
-    pub fn with_replace_after(mut self, wait: Option<Duration>) -> Self {
-        self.config.replace_after = wait;
-        self
-    }
+        /// How long a sent transaction may stay unmined before it is replaced (same nonce, both
+        /// fees raised by at least 12.5 %, capped by [`with_max_fee_per_gas`](Self::with_max_fee_per_gas));
+        /// again after each such wait, until the receipt timeout. Default 12 s; `None` never
+        /// replaces. Every replacement's hash goes through the batch's
+        /// `SendLog` (the `deferred` feature) before it is broadcast, like the first.
+        pub fn with_replace_after(wait: Option<Duration>) => config.replace_after = wait;
 
-    /// Longest interval between receipt polls (default 200 ms). The first poll is immediate,
-    /// the next ones 25 ms, 50 ms, ... apart up to this interval.
-    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
-        self.config.poll_interval = interval;
-        self
-    }
+        /// Longest interval between receipt polls (default 200 ms). The first poll is immediate,
+        /// the next ones 25 ms, 50 ms, ... apart up to this interval.
+        pub fn with_poll_interval(interval: Duration) => config.poll_interval = interval;
 
-    /// Limit on each RPC call (default 5 s); a call over it counts as the RPC being down.
-    pub fn with_rpc_timeout(mut self, limit: Duration) -> Self {
-        self.config.rpc_timeout = limit;
-        self
-    }
+        /// Limit on each RPC call (default 5 s); a call over it counts as the RPC being down.
+        pub fn with_rpc_timeout(limit: Duration) => config.rpc_timeout = limit;
 
-    /// Whether `check` also simulates the transfer (default on): it catches every revert
-    /// before the handler runs, for one more `eth_call` in the same batch.
-    pub fn with_simulation(mut self, on: bool) -> Self {
-        self.config.simulate = on;
-        self
-    }
+        /// Whether `check` also simulates the transfer (default on): it catches every revert
+        /// before the handler runs, for one more `eth_call` in the same batch.
+        pub fn with_simulation(on: bool) => config.simulate = on;
 
-    /// Whether `check` sends its calls as one JSON-RPC batch (default on) or as concurrent
-    /// requests, for endpoints that refuse batches.
-    pub fn with_batched_check(mut self, on: bool) -> Self {
-        self.config.batched_check = on;
-        self
-    }
+        /// Whether `check` sends its calls as one JSON-RPC batch (default on) or as concurrent
+        /// requests, for endpoints that refuse batches.
+        pub fn with_batched_check(on: bool) => config.batched_check = on;
 
-    /// The Multicall3 contract batched settlements go through (default [`Self::MULTICALL3`]).
-    /// Only the `deferred` feature's batches use it.
-    pub fn with_multicall(mut self, address: Address) -> Self {
-        self.config.multicall = address;
-        self
-    }
+        /// The Multicall3 contract batched settlements go through (default [`Self::MULTICALL3`]).
+        /// Only the `deferred` feature's batches use it.
+        pub fn with_multicall(address: Address) => config.multicall = address;
 
-    /// The ERC-6492 factories the relayer may call to deploy a payer's smart wallet before
-    /// its transfer (replaces the list; default none, which refuses every wrapped signature).
-    ///
-    /// A wrapped signature carries a factory address and call data; settling it sends that
-    /// call from the relayer, so only factories you trust may be listed (the reference
-    /// facilitator's `eip6492AllowedFactories`): anything else would let a payer make the
-    /// relayer call any contract with any data. A payment naming another factory is refused
-    /// with [`reason::FACTORY_NOT_ALLOWED`] by [`check`](Settler::check), before the handler.
-    /// A verifier given this settler as its checker
-    /// ([`EvmVerifier::with_contract_signatures`](crate::verify::EvmVerifier::with_contract_signatures))
-    /// accepts the same factories.
-    pub fn with_eip6492_factories(mut self, factories: impl IntoIterator<Item = Address>) -> Self {
-        self.factories = Arc::new(factories.into_iter().collect());
-        self
-    }
+        /// The ERC-6492 factories the relayer may call to deploy a payer's smart wallet before
+        /// its transfer (replaces the list; default none, which refuses every wrapped signature).
+        ///
+        /// A wrapped signature carries a factory address and call data; settling it sends that
+        /// call from the relayer, so only factories you trust may be listed (the reference
+        /// facilitator's `eip6492AllowedFactories`): anything else would let a payer make the
+        /// relayer call any contract with any data. A payment naming another factory is refused
+        /// with [`reason::FACTORY_NOT_ALLOWED`] by [`check`](Settler::check), before the handler.
+        /// A verifier given this settler as its checker
+        /// ([`EvmVerifier::with_contract_signatures`](crate::verify::EvmVerifier::with_contract_signatures))
+        /// accepts the same factories.
+        pub fn with_eip6492_factories(factories: impl IntoIterator<Item = Address>)
+            => factories = Arc::new(factories.into_iter().collect());
 
-    /// The chain id of the RPC, if known (default: read with `eth_chainId` on first use).
-    pub fn with_chain_id(mut self, chain_id: u64) -> Self {
-        self.config.chain_id = Some(chain_id);
-        self
+        /// The chain id of the RPC, if known (default: read with `eth_chainId` on first use).
+        pub fn with_chain_id(chain_id: u64) => config.chain_id = Some(chain_id);
     }
 
     /// The relayer's address (fund it with the chain's native coin).

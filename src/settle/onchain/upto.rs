@@ -9,24 +9,22 @@ pub(super) use crate::verify::upto::{PERMIT2, UPTO_PROXY};
 
 /// Reasons of `upto` refusals at check or settle time.
 pub(super) mod reason {
+    use crate::reason::Reason;
     pub(in super::super) use crate::verify::upto::reason::{
         FACILITATOR_MISMATCH, SETTLEMENT_EXCEEDS_AMOUNT,
     };
+
     /// The payer has not approved Permit2 for enough of the token (the reference's code).
-    pub(in super::super) const ALLOWANCE_REQUIRED: crate::reason::Reason =
-        crate::reason::Reason::Permit2AllowanceRequired;
+    pub(in super::super) const ALLOWANCE_REQUIRED: Reason = Reason::Permit2AllowanceRequired;
     /// Permit2 refused the nonce (used) — the reference's code.
-    pub(in super::super) const INVALID_NONCE: crate::reason::Reason =
-        crate::reason::Reason::Permit2InvalidNonce;
+    pub(in super::super) const INVALID_NONCE: Reason = Reason::Permit2InvalidNonce;
     /// Permit2 refused the deadline.
-    pub(in super::super) const DEADLINE_EXPIRED: crate::reason::Reason =
+    pub(in super::super) const DEADLINE_EXPIRED: Reason =
         crate::verify::upto::reason::DEADLINE_EXPIRED;
     /// Permit2 refused the signature.
-    pub(in super::super) const SIGNATURE: crate::reason::Reason =
-        crate::verify::upto::reason::SIGNATURE;
+    pub(in super::super) const SIGNATURE: Reason = crate::verify::upto::reason::SIGNATURE;
     /// The proxy refused: `validAfter` not reached.
-    pub(in super::super) const PAYMENT_TOO_EARLY: crate::reason::Reason =
-        crate::reason::Reason::Permit2PaymentTooEarly;
+    pub(in super::super) const PAYMENT_TOO_EARLY: Reason = Reason::Permit2PaymentTooEarly;
 }
 
 sol! {
