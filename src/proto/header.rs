@@ -93,6 +93,17 @@ pub fn decode_bytes(value: &HeaderValue, max: usize) -> Result<Vec<u8>, HeaderEr
 /// [`decode_bytes`] as text: parsed with `serde_json::from_str`, whose strings need no
 /// second UTF-8 check (`from_slice` validates every string it reads: 2k instructions a proof).
 fn decode_text(value: &HeaderValue, max: usize) -> Result<String, HeaderError> {
+    let raw = within(value, max)?;
+    // The STANDARD engine refuses '-', '_', whitespace, missing or excess padding and
+    // non-zero trailing bits, so every proof has exactly one accepted encoding.
+    let bytes = base64_decode(raw).ok_or(HeaderError::Base64)?;
+    // serde_json skips the strings of unknown fields without checking their UTF-8, so a
+    // proof with invalid bytes there would otherwise pass (found by the `layer` fuzz target).
+    String::from_utf8(bytes).map_err(|_| HeaderError::Utf8)
+}
+
+/// The encoded value, if it is at most `max` bytes long.
+fn within(value: &HeaderValue, max: usize) -> Result<&[u8], HeaderError> {
     let raw = value.as_bytes();
     if raw.len() > max {
         return Err(HeaderError::TooLarge {
@@ -100,12 +111,7 @@ fn decode_text(value: &HeaderValue, max: usize) -> Result<String, HeaderError> {
             max,
         });
     }
-    // The STANDARD engine refuses '-', '_', whitespace, missing or excess padding and
-    // non-zero trailing bits, so every proof has exactly one accepted encoding.
-    let bytes = base64_decode(raw).ok_or(HeaderError::Base64)?;
-    // serde_json skips the strings of unknown fields without checking their UTF-8, so a
-    // proof with invalid bytes there would otherwise pass (found by the `layer` fuzz target).
-    String::from_utf8(bytes).map_err(|_| HeaderError::Utf8)
+    Ok(raw)
 }
 
 /// Standard padded base64, decoded as `STANDARD.decode` does (same bytes, same refusals).
@@ -256,13 +262,7 @@ pub fn decode_payload(
 /// A v2 proof: its start from [`PREFIXES`] when a kept one matches (only the rest is decoded
 /// and parsed), else the whole, whose start is then kept.
 fn decode_v2(value: &HeaderValue, max: usize) -> Result<PaymentPayload, HeaderError> {
-    let raw = value.as_bytes();
-    if raw.len() > max {
-        return Err(HeaderError::TooLarge {
-            len: raw.len(),
-            max,
-        });
-    }
+    let raw = within(value, max)?;
     if let Some(resumed) = PREFIXES.with_borrow(|prefixes| Some(resume(raw, prefixes.find(raw)?))) {
         return resumed;
     }
