@@ -199,7 +199,7 @@ proptest! {
         let header = encode_json(&serde_json::to_vec(&checks::v2_doc(&req, &payload)).unwrap());
         let json = decode_bytes(&header, 8 * 1024).unwrap();
         let v2: v2::PaymentPayload = serde_json::from_slice(&json).unwrap();
-        prop_assert_eq!(&v2.accepted, &req);
+        prop_assert_eq!(&*v2.accepted, &req);
         let exact: ExactEvmPayload = serde_json::from_str(v2.payload.get()).unwrap();
         prop_assert_eq!(&exact, &payload);
         let verified = checks::verifier().verify_sync(&PaymentPayload::V2(v2), &req).unwrap();

@@ -113,9 +113,27 @@ impl<'a> Cursor<'a> {
     /// `None` (rare; serde reads it).
     pub(super) fn object(
         &mut self,
-        mut field: impl FnMut(&mut Self, &'a str) -> Option<()>,
+        field: impl FnMut(&mut Self, &'a str) -> Option<()>,
     ) -> Option<()> {
         self.expect(b'{')?;
+        self.members(field)
+    }
+
+    /// The rest of an object from just after a member's value (its `,` or `}`), as
+    /// [`Self::object`] reads it: to resume reading an object from the middle.
+    pub(super) fn more_members(
+        &mut self,
+        field: impl FnMut(&mut Self, &'a str) -> Option<()>,
+    ) -> Option<()> {
+        match self.next()? {
+            b',' => self.members(field),
+            b'}' => Some(()),
+            _ => None,
+        }
+    }
+
+    /// `"k":v,...}`, the members of an object whose `{` was read.
+    fn members(&mut self, mut field: impl FnMut(&mut Self, &'a str) -> Option<()>) -> Option<()> {
         loop {
             let key = self.string(0)?;
             self.expect(b':')?;
@@ -198,6 +216,47 @@ pub(super) fn outcome<T: std::fmt::Debug>(r: Result<T, serde_json::Error>) -> St
         Ok(p) => format!("{p:?}"),
         Err(e) => format!("error: {e}"),
     }
+}
+
+/// An EOA's 65-byte signature as clients write it (the x402 spec's example).
+#[cfg(test)]
+pub(super) const SIG: &str = "0x2d6a7588d6acca505cbf0d9a4a227e0c52c6c34008c8e8986a1283259764173608a2ce6496642e377d6da8dbbf5836e9bd15092f9ecab05ded3d6293af148b571c";
+
+/// `{..}` of the fields `fields[i]` in the order `order` names them.
+#[cfg(test)]
+pub(super) fn object_of(fields: &[&str], order: &[usize]) -> String {
+    let parts: Vec<&str> = order.iter().map(|&i| fields[i]).collect();
+    format!("{{{}}}", parts.join(","))
+}
+
+/// `seeds`, then each seed with every character replaced by each of `replacements` (`""`
+/// drops it) or doubled, with a space after, a space before and `{}` after: text that is
+/// almost a document, for the tests that hold a direct path to serde's answers.
+#[cfg(test)]
+pub(super) fn mutations(seeds: &[String], replacements: &[&str]) -> Vec<String> {
+    let mut docs = seeds.to_vec();
+    for doc in seeds {
+        for (i, ch) in doc.char_indices() {
+            let end = i + ch.len_utf8();
+            for r in replacements {
+                docs.push(format!("{}{r}{}", &doc[..i], &doc[end..]));
+            }
+            docs.push(format!("{}{ch}{}", &doc[..end], &doc[end..]));
+        }
+        docs.push(format!("{doc} "));
+        docs.push(format!(" {doc}"));
+        docs.push(format!("{doc}{{}}"));
+    }
+    docs
+}
+
+/// Each seed with the first `from` of each edit replaced by its `to`.
+#[cfg(test)]
+pub(super) fn edited(seeds: &[String], edits: &[(&str, &str)]) -> Vec<String> {
+    edits
+        .iter()
+        .flat_map(|(from, to)| seeds.iter().map(move |seed| seed.replacen(from, to, 1)))
+        .collect()
 }
 
 /// Holds the direct path `direct` to serde over `docs`: what it takes, serde reads to the

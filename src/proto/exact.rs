@@ -114,7 +114,7 @@ mod compact {
 mod tests {
     use super::*;
 
-    const SIG: &str = "0x2d6a7588d6acca505cbf0d9a4a227e0c52c6c34008c8e8986a1283259764173608a2ce6496642e377d6da8dbbf5836e9bd15092f9ecab05ded3d6293af148b571c";
+    use super::super::compact::SIG;
 
     fn auth(order: [usize; 6]) -> String {
         let fields = [
@@ -125,13 +125,12 @@ mod tests {
             r#""validBefore":"1740672154""#,
             r#""nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480""#,
         ];
-        let parts: Vec<&str> = order.iter().map(|&i| fields[i]).collect();
-        format!("{{{}}}", parts.join(","))
+        super::super::compact::object_of(&fields, &order)
     }
 
     #[test]
     fn compact_path_agrees_with_serde() {
-        let mut docs = vec![
+        let docs = vec![
             format!(
                 r#"{{"signature":"{SIG}","authorization":{}}}"#,
                 auth([0, 1, 2, 3, 4, 5])
@@ -155,19 +154,8 @@ mod tests {
             "", " ", "\"", "\\", "\\u0030", "0", "9", "a", "A", "x", "g", ",", ":", "{", "}", "[",
             "\n", "\u{1}", "é", "1e3", "-",
         ];
-        let seeds = docs.clone();
-        for doc in &seeds {
-            for (i, ch) in doc.char_indices() {
-                let end = i + ch.len_utf8();
-                for r in replacements {
-                    docs.push(format!("{}{r}{}", &doc[..i], &doc[end..]));
-                }
-                docs.push(format!("{}{ch}{}", &doc[..end], &doc[end..]));
-            }
-            docs.push(format!("{doc} "));
-            docs.push(format!(" {doc}"));
-            docs.push(format!("{doc}{{}}"));
-        }
+        let seeds = docs;
+        let mut docs = super::super::compact::mutations(&seeds, replacements);
         // A repeated, unknown or missing field.
         docs.push(format!(
             r#"{{"signature":"{SIG}","signature":"{SIG}","authorization":{}}}"#,

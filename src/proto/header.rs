@@ -93,6 +93,17 @@ pub fn decode_bytes(value: &HeaderValue, max: usize) -> Result<Vec<u8>, HeaderEr
 /// [`decode_bytes`] as text: parsed with `serde_json::from_str`, whose strings need no
 /// second UTF-8 check (`from_slice` validates every string it reads: 2k instructions a proof).
 fn decode_text(value: &HeaderValue, max: usize) -> Result<String, HeaderError> {
+    let raw = within(value, max)?;
+    // The STANDARD engine refuses '-', '_', whitespace, missing or excess padding and
+    // non-zero trailing bits, so every proof has exactly one accepted encoding.
+    let bytes = base64_decode(raw).ok_or(HeaderError::Base64)?;
+    // serde_json skips the strings of unknown fields without checking their UTF-8, so a
+    // proof with invalid bytes there would otherwise pass (found by the `layer` fuzz target).
+    String::from_utf8(bytes).map_err(|_| HeaderError::Utf8)
+}
+
+/// The encoded value, if it is at most `max` bytes long.
+fn within(value: &HeaderValue, max: usize) -> Result<&[u8], HeaderError> {
     let raw = value.as_bytes();
     if raw.len() > max {
         return Err(HeaderError::TooLarge {
@@ -100,12 +111,7 @@ fn decode_text(value: &HeaderValue, max: usize) -> Result<String, HeaderError> {
             max,
         });
     }
-    // The STANDARD engine refuses '-', '_', whitespace, missing or excess padding and
-    // non-zero trailing bits, so every proof has exactly one accepted encoding.
-    let bytes = base64_decode(raw).ok_or(HeaderError::Base64)?;
-    // serde_json skips the strings of unknown fields without checking their UTF-8, so a
-    // proof with invalid bytes there would otherwise pass (found by the `layer` fuzz target).
-    String::from_utf8(bytes).map_err(|_| HeaderError::Utf8)
+    Ok(raw)
 }
 
 /// Standard padded base64, decoded as `STANDARD.decode` does (same bytes, same refusals).
@@ -115,30 +121,67 @@ fn decode_text(value: &HeaderValue, max: usize) -> Result<String, HeaderError> {
 /// trailing bits are checked, and any input with a character outside the alphabet, go to the
 /// engine.
 fn base64_decode(raw: &[u8]) -> Option<Vec<u8>> {
+    // Room for the last quantum's bytes too: extending an exact-size vector reallocates.
+    let mut out = Vec::with_capacity(raw.len() / 4 * 3 + 3);
+    base64_append(raw, &mut out).then_some(out)
+}
+
+/// [`base64_decode`], appending to `out`; false (and `out` in any state) if refused.
+fn base64_append(raw: &[u8], out: &mut Vec<u8>) -> bool {
     if !raw.len().is_multiple_of(4) || raw.len() < 8 {
-        return STANDARD.decode(raw).ok();
+        return STANDARD.decode_vec(raw, out).is_ok();
     }
     let (bulk, last) = raw.split_at(raw.len() - 4);
-    // Room for the last quantum's bytes too: extending an exact-size vector reallocates.
-    let mut out = Vec::with_capacity(bulk.len() / 4 * 3 + 3);
-    out.resize(bulk.len() / 4 * 3, 0);
+    let start = out.len();
+    let len = bulk.len() / 4 * 3;
+    out.resize(start + len, 0);
+    let quad = |q: &[u8]| {
+        SEXTETS[0][usize::from(q[0])]
+            | SEXTETS[1][usize::from(q[1])]
+            | SEXTETS[2][usize::from(q[2])]
+            | SEXTETS[3][usize::from(q[3])]
+    };
     let mut bad = 0u32;
-    for (quad, three) in bulk.chunks_exact(4).zip(out.chunks_exact_mut(3)) {
-        let v = SEXTETS[0][usize::from(quad[0])]
-            | SEXTETS[1][usize::from(quad[1])]
-            | SEXTETS[2][usize::from(quad[2])]
-            | SEXTETS[3][usize::from(quad[3])];
+    let pairs = bulk.chunks_exact(8);
+    let odd = pairs.remainder();
+    // Two quanta a step: their six bytes as one word.
+    for (eight, dst) in pairs.zip(out[start..].chunks_exact_mut(6)) {
+        let (a, b) = (quad(&eight[..4]), quad(&eight[4..]));
+        bad |= a | b;
+        let word = (u64::from(a) << 40) | (u64::from(b) << 16);
+        dst.copy_from_slice(&word.to_be_bytes()[..6]);
+    }
+    if !odd.is_empty() {
+        let v = quad(odd);
         bad |= v;
-        three.copy_from_slice(&v.to_be_bytes()[1..]);
+        out[start + len - 3..].copy_from_slice(&v.to_be_bytes()[1..]);
     }
     if bad & INVALID != 0 {
         // The engine finds the bad character (or refuses the same input): one answer.
-        return STANDARD.decode(raw).ok();
+        out.truncate(start);
+        return STANDARD.decode_vec(raw, out).is_ok();
     }
-    let mut tail = [0u8; 3];
-    let n = STANDARD.decode_slice(last, &mut tail).ok()?;
-    out.extend_from_slice(&tail[..n]);
-    Some(out)
+    last_quantum(last, out)
+}
+
+/// The last quantum of canonical padded base64 (`xxxx`, `xxx=` or `xx==`, the bits past the
+/// last byte zero), as the engine decodes it; false where the engine refuses it.
+fn last_quantum(last: &[u8], out: &mut Vec<u8>) -> bool {
+    let sextet = |place: usize, c: u8| SEXTETS[place][usize::from(c)];
+    let [a, b, c, d] = [last[0], last[1], last[2], last[3]];
+    let head = sextet(0, a) | sextet(1, b);
+    let (v, n) = match (c, d) {
+        (b'=', b'=') => (head, 1),
+        (_, b'=') => (head | sextet(2, c), 2),
+        _ => (head | sextet(2, c) | sextet(3, d), 3),
+    };
+    let bytes = v.to_be_bytes();
+    // A bad character, or bits set past the last byte (`=` is INVALID in its place too).
+    if v & INVALID != 0 || bytes[1 + n..].iter().any(|&x| x != 0) {
+        return false;
+    }
+    out.extend_from_slice(&bytes[1..1 + n]);
+    true
 }
 
 /// Set in a [`SEXTETS`] entry of a byte outside the alphabet (`=` included).
@@ -204,21 +247,142 @@ pub fn decode_payload(
         (Some(v), None) => (v, 2, limits.v2),
         (None, Some(v)) => (v, 1, limits.v1),
     };
+    if want == 2 && enabled {
+        return decode_v2(value, limits.max_bytes).map(Some);
+    }
     let json = decode_text(value, limits.max_bytes)?;
     if !enabled {
         return Err(refusal(&json, None));
     }
-    let typed = if want == 2 {
-        v2::PaymentPayload::from_json(&json)
-            .map(|p| (u64::from(p.x402_version), PaymentPayload::V2(p)))
-    } else {
-        serde_json::from_str::<v1::PaymentPayload>(&json)
-            .map(|p| (u64::from(p.x402_version), PaymentPayload::V1(p)))
-    };
+    let typed = serde_json::from_str::<v1::PaymentPayload>(&json)
+        .map(|p| (u64::from(p.x402_version), PaymentPayload::V1(p)));
+    typed_or_refusal(&json, 1, typed).map(Some)
+}
+
+/// A v2 proof: its start from [`PREFIXES`] when a kept one matches (only the rest is decoded
+/// and parsed), else the whole, whose start is then kept.
+fn decode_v2(value: &HeaderValue, max: usize) -> Result<PaymentPayload, HeaderError> {
+    let raw = within(value, max)?;
+    if let Some(resumed) = PREFIXES.with_borrow(|prefixes| Some(resume(raw, prefixes.find(raw)?))) {
+        return resumed;
+    }
+    let json = decode_text(value, max)?;
+    let (typed, mark) = v2::PaymentPayload::from_json_marked(&json);
+    if let (Ok(payload), Some(mark)) = (&typed, mark) {
+        PREFIXES.with_borrow_mut(|prefixes| prefixes.keep(raw, &json, payload, mark));
+    }
+    v2_or_refusal(&json, typed)
+}
+
+/// A v2 proof that starts with `prefix`'s text: only the rest is decoded and read. The kept
+/// text is whole quanta without padding, so `raw` is canonical base64 iff the rest is, and
+/// decodes to the kept bytes followed by the rest's; the kept bytes before the `payload`
+/// value are UTF-8 and end at a character, so the whole is UTF-8 iff the rest is.
+fn resume(raw: &[u8], prefix: &Prefix) -> Result<PaymentPayload, HeaderError> {
+    let encoded = &raw[prefix.b64.len()..];
+    let mut bytes = Vec::with_capacity(prefix.start.len() + encoded.len() / 4 * 3 + 3);
+    bytes.extend_from_slice(prefix.start.as_bytes());
+    if !base64_append(encoded, &mut bytes) {
+        return Err(HeaderError::Base64);
+    }
+    let rest = String::from_utf8(bytes).map_err(|_| HeaderError::Utf8)?;
+    if let Some(payload) = v2::PaymentPayload::read_after(&rest, &prefix.head) {
+        return v2_or_refusal(&rest, Ok(payload));
+    }
+    // Declined by the direct path: serde's answer for the whole, as `from_json` gives it.
+    let whole = [&*prefix.before, &rest].concat();
+    v2_or_refusal(&whole, serde_json::from_str(&whole))
+}
+
+fn v2_or_refusal(
+    json: &str,
+    typed: Result<v2::PaymentPayload, serde_json::Error>,
+) -> Result<PaymentPayload, HeaderError> {
+    let typed = typed.map(|p| (u64::from(p.x402_version), PaymentPayload::V2(p)));
+    typed_or_refusal(json, 2, typed)
+}
+
+/// The proof if it names the version `want`, else the refusal that says why not.
+fn typed_or_refusal(
+    json: &str,
+    want: u64,
+    typed: Result<(u64, PaymentPayload), serde_json::Error>,
+) -> Result<PaymentPayload, HeaderError> {
     match typed {
-        Ok((found, payload)) if found == want => Ok(Some(payload)),
+        Ok((found, payload)) if found == want => Ok(payload),
         Ok((found, _)) => Err(HeaderError::Version { found }),
-        Err(e) => Err(refusal(&json, Some((want, e)))),
+        Err(e) => Err(refusal(json, Some((want, e)))),
+    }
+}
+
+thread_local! {
+    /// The starts of recent v2 proofs on this thread.
+    static PREFIXES: std::cell::RefCell<Prefixes> = const {
+        std::cell::RefCell::new(Prefixes { slots: Vec::new(), next: 0 })
+    };
+}
+
+/// The starts of recent v2 proofs: the base64 text up to a proof's `payload` value (whole
+/// quanta), its bytes and what the direct parser read from them ([`v2::Head`]). Every proof
+/// paying one option of one route starts with the same text (`x402Version`, the `resource`
+/// and `accepted` echoes, in the client's key order) whoever pays: only the rest, the
+/// payer's own, is decoded and parsed. A bound challenge's start is not kept (its id is
+/// new with every challenge).
+struct Prefixes {
+    slots: Vec<Prefix>,
+    /// The slot the next start replaces once all are taken.
+    next: usize,
+}
+
+struct Prefix {
+    /// Whole quanta of base64, the last one holding the first byte of the `payload` value.
+    b64: Box<[u8]>,
+    /// Their bytes before the `payload` value (what `head` was read from).
+    before: Box<str>,
+    /// Their bytes from the `payload` value on (one or two).
+    start: Box<str>,
+    head: v2::Head,
+}
+
+impl Prefixes {
+    /// Starts kept per thread: a server has a few routes and options, a client one key order.
+    const SLOTS: usize = 8;
+
+    /// The kept start `raw` begins with, followed by at least one quantum.
+    fn find(&self, raw: &[u8]) -> Option<&Prefix> {
+        self.slots
+            .iter()
+            .find(|p| raw.len() >= p.b64.len() + 4 && raw.starts_with(&p.b64))
+    }
+
+    /// Keeps the start of `raw` (decoded to `json`, parsed to `payload`, its `payload` value
+    /// at `mark`): the whole quanta that cover the text before that value, when at least
+    /// one quantum follows them.
+    fn keep(&mut self, raw: &[u8], json: &str, payload: &v2::PaymentPayload, mark: v2::Mark) {
+        let quanta = mark.at().div_ceil(3);
+        let (Some(b64), Some(before), Some(start)) = (
+            raw.get(..quanta * 4)
+                .filter(|_| quanta * 4 + 4 <= raw.len()),
+            json.get(..mark.at()),
+            json.get(mark.at()..quanta * 3),
+        ) else {
+            return;
+        };
+        let Some(head) = v2::Head::new(payload, mark) else {
+            return;
+        };
+        let prefix = Prefix {
+            b64: b64.into(),
+            before: before.into(),
+            start: start.into(),
+            head,
+        };
+        if self.slots.len() < Self::SLOTS {
+            self.slots.push(prefix);
+        } else {
+            self.slots[self.next] = prefix;
+            self.next = (self.next + 1) % Self::SLOTS;
+        }
     }
 }
 
@@ -390,6 +554,89 @@ mod tests {
 
     fn header(json: &[u8]) -> HeaderValue {
         HeaderValue::try_from(STANDARD.encode(json)).unwrap()
+    }
+
+    /// A v2 proof without the cache: the whole decoded and parsed.
+    fn whole(value: &HeaderValue) -> Result<PaymentPayload, HeaderError> {
+        let json = decode_text(value, usize::MAX)?;
+        v2_or_refusal(&json, v2::PaymentPayload::from_json(&json))
+    }
+
+    fn described(r: Result<PaymentPayload, HeaderError>) -> String {
+        match r {
+            Ok(p) => format!("{p:?}"),
+            Err(e) => format!("{} / {e}", e.reason()),
+        }
+    }
+
+    #[test]
+    fn a_kept_start_decodes_as_the_whole() {
+        use super::super::compact::SIG;
+        let accepted = r#"{"amount":"10000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","extra":{"name":"USDC","version":"2"},"maxTimeoutSeconds":60,"network":"eip155:84532","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","scheme":"exact"}"#;
+        let payload = format!(
+            r#"{{"signature":"{SIG}","authorization":{{"from":"0x857b06519E91e3A54538791bDbb0E22373e36b66","to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","value":"10000","validAfter":"1740672089","validBefore":"1740672154","nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480"}}}}"#
+        );
+        let resource = r#"{"url":"https://api.example.com/weather","description":"Wéather"}"#;
+        let seeds = [
+            // Keys sorted (`test_util::v2_json`): `x402Version` after `payload`.
+            format!(r#"{{"accepted":{accepted},"payload":{payload},"x402Version":2}}"#),
+            // The official clients' order, `resource` echoed.
+            format!(
+                r#"{{"x402Version":2,"resource":{resource},"accepted":{accepted},"payload":{payload}}}"#
+            ),
+        ];
+        let mut hits = 0;
+        for seed in &seeds {
+            PREFIXES.with_borrow_mut(|p| p.slots.clear());
+            assert!(decode_v2(&header(seed.as_bytes()), usize::MAX).is_ok());
+            let at = seed.find(r#""payload":"#).unwrap() + 10;
+            // Bytes around where `payload` starts and at the end, replaced, dropped or
+            // doubled; and each document also cut or padded as base64 text.
+            let mut docs = Vec::new();
+            for (i, ch) in seed.char_indices() {
+                if (i + 8 < at || i > at + 40) && i + 24 < seed.len() {
+                    continue;
+                }
+                let end = i + ch.len_utf8();
+                for r in ["", " ", "\"", "\\", "0", "}", ",", "é", "\u{1}", "null"] {
+                    docs.push(format!("{}{r}{}", &seed[..i], &seed[end..]).into_bytes());
+                }
+                docs.push(format!("{}{ch}{}", &seed[..end], &seed[end..]).into_bytes());
+            }
+            docs.push([&seed.as_bytes()[..at], b"{\"x\":\"\xe3\"}}"].concat());
+            docs.push(
+                seed.replacen(r#""x402Version":2"#, r#""x402Version":1"#, 1)
+                    .into_bytes(),
+            );
+            for (n, doc) in docs.iter().enumerate() {
+                let good = STANDARD.encode(doc);
+                let mut texts = vec![good.clone()];
+                // Cut, padded or with a bad character, for some.
+                if n % 8 == 0 {
+                    texts.push(format!("{good}="));
+                    texts.push(good[..good.len() - 1].to_owned());
+                    let (a, b) = good.split_at(good.len() - 8);
+                    texts.push(format!("{a}-{}", &b[1..]));
+                }
+                for text in texts {
+                    let value = HeaderValue::try_from(text).unwrap();
+                    hits +=
+                        usize::from(PREFIXES.with_borrow(|p| p.find(value.as_bytes()).is_some()));
+                    assert_eq!(
+                        described(decode_v2(&value, usize::MAX)),
+                        described(whole(&value)),
+                        "{}",
+                        String::from_utf8_lossy(doc)
+                    );
+                }
+            }
+        }
+        assert!(hits > 500, "{hits}");
+        // A bound challenge's start is not kept.
+        PREFIXES.with_borrow_mut(|p| p.slots.clear());
+        let bound = seeds[0].replacen(r#""version":"2""#, r#""version":"2","challenge":"c1""#, 1);
+        assert!(decode_v2(&header(bound.as_bytes()), usize::MAX).is_ok());
+        assert!(PREFIXES.with_borrow(|p| p.slots.is_empty()));
     }
 
     #[test]

@@ -275,24 +275,34 @@ impl serde::Serialize for Account {
 
 impl<'de> Deserialize<'de> for Account {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Text;
-        impl serde::de::Visitor<'_> for Text {
-            type Value = Account;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an EVM address or a base58 Solana address")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Account, E> {
-                // Hex first, as alloy's `Address` reads it (with or without `0x`): every EVM
-                // address reads as before (unprefixed hex can also be base58).
-                if let Ok(a) = s.parse::<alloy_primitives::Address>() {
-                    return Ok(Account::Evm(a));
-                }
-                s.parse::<svm::Pubkey>()
-                    .map(Account::Svm)
-                    .map_err(|_| E::custom("expected an EVM address or a base58 Solana address"))
-            }
-        }
-        d.deserialize_str(Text)
+        d.deserialize_str(Text {
+            expecting: "an EVM address or a base58 Solana address",
+            refusal: "expected an EVM address or a base58 Solana address",
+            // Hex first, as alloy's `Address` reads it (with or without `0x`): every EVM
+            // address reads as before (unprefixed hex can also be base58).
+            parse: |s| match s.parse::<alloy_primitives::Address>() {
+                Ok(a) => Some(Account::Evm(a)),
+                Err(_) => s.parse().ok().map(Account::Svm),
+            },
+        })
+    }
+}
+
+/// A visitor of a string value, read by `parse` from the borrowed text (no `String` per
+/// value); `refusal` is the error when `parse` says `None`.
+struct Text<T> {
+    expecting: &'static str,
+    refusal: &'static str,
+    parse: fn(&str) -> Option<T>,
+}
+
+impl<T> serde::de::Visitor<'_> for Text<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+        (self.parse)(s).ok_or_else(|| E::custom(self.refusal))
     }
 }
 
@@ -317,17 +327,11 @@ pub mod decimal {
     /// Reads a canonical decimal string; see [`parse`].
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
         // A visitor on the borrowed text: `Cow<str>` would allocate a `String` per amount.
-        struct Decimal;
-        impl serde::de::Visitor<'_> for Decimal {
-            type Value = U256;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<U256, E> {
-                parse(s).ok_or_else(|| E::custom("expected a canonical decimal uint256 string"))
-            }
-        }
-        d.deserialize_str(Decimal)
+        d.deserialize_str(super::Text {
+            expecting: "a string",
+            refusal: "expected a canonical decimal uint256 string",
+            parse,
+        })
     }
 
     /// `^(0|[1-9][0-9]*)$` and at most 2^256-1, else `None`. No sign, hex, space or exponent.

@@ -1,8 +1,10 @@
 //! x402 v2 messages: the challenge travels in `PAYMENT-REQUIRED`, the proof in
 //! `PAYMENT-SIGNATURE`, the receipt in `PAYMENT-RESPONSE`.
 
+use std::sync::Arc;
+
 use alloy_primitives::U256;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::Network;
@@ -124,12 +126,18 @@ pub struct PaymentRequired {
 pub struct PaymentPayload {
     /// Always 2.
     pub x402_version: u8,
-    /// Echo of the challenge's resource.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resource: Option<ResourceInfo>,
+    /// Echo of the challenge's resource. Shared: every proof for a route echoes the same one,
+    /// and the header decoder reads it once (see [`super::header::decode_payload`]).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "shared_option"
+    )]
+    pub resource: Option<Arc<ResourceInfo>>,
     /// The client's copy of the requirements it chose. Never trusted: the server matches it
-    /// against what it offers now and verifies against its own copy.
-    pub accepted: PaymentRequirements,
+    /// against what it offers now and verifies against its own copy. Shared, as `resource`.
+    #[serde(with = "shared")]
+    pub accepted: Arc<PaymentRequirements>,
     /// Scheme-specific proof ([`super::exact::ExactEvmPayload`] for `exact`).
     pub payload: super::SchemePayload,
     /// Extensions echoed or added by the client.
@@ -137,12 +145,111 @@ pub struct PaymentPayload {
     pub extensions: Option<Map<String, Value>>,
 }
 
+/// Serde for an `Arc` field as the value it holds (serde's `rc` feature, for one field).
+mod shared {
+    use super::{Arc, Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<T: Serialize, S: Serializer>(
+        v: &Arc<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        T::serialize(v, s)
+    }
+
+    pub(super) fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Arc<T>, D::Error> {
+        T::deserialize(d).map(Arc::new)
+    }
+}
+
+/// [`shared`] for an optional field.
+mod shared_option {
+    use super::{Arc, Deserialize, Deserializer, Serialize, Serializer};
+
+    #[allow(clippy::ref_option)] // serde's `with` passes `&Option<T>`
+    pub(super) fn serialize<T: Serialize, S: Serializer>(
+        v: &Option<Arc<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        v.as_deref().serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Arc<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(|v| v.map(Arc::new))
+    }
+}
+
 impl PaymentPayload {
     /// Parses a proof's JSON as `serde_json::from_str` does, with the same result for every
     /// input. The compact form clients send (no whitespace, no escapes, each field once, no
     /// `extensions`) takes a direct path; anything else, errors included, goes through serde.
+    #[cfg(test)]
     pub(crate) fn from_json(json: &str) -> Result<Self, serde_json::Error> {
         super::compact::or_serde(json, compact::payload)
+    }
+
+    /// [`Self::from_json`], and where its `payload` value starts when the direct path read
+    /// the document (to keep its [`Head`]).
+    pub(crate) fn from_json_marked(json: &str) -> (Result<Self, serde_json::Error>, Option<Mark>) {
+        match compact::read(json, None) {
+            Some((payload, mark)) => (Ok(payload), mark),
+            None => (serde_json::from_str(json), None),
+        }
+    }
+
+    /// The direct path's reading of a proof from its `payload` value on: `rest` is the
+    /// document from [`Mark::at`] on, and `head` holds what the bytes before it say (the
+    /// direct path reads nothing past its cursor, so it is the state it would reach reading
+    /// them). `None` where the direct path declines the document: serde then reads the
+    /// whole, as [`Self::from_json`] would.
+    pub(crate) fn read_after(rest: &str, head: &Head) -> Option<Self> {
+        compact::read(rest, Some(head)).map(|(payload, _)| payload)
+    }
+}
+
+/// Where the direct path met a proof's `payload` value, and which fields it had read before
+/// it (the rest of a [`Head`], taken from the parsed proof only when one is kept).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mark {
+    at: usize,
+    version: bool,
+    resource: bool,
+    accepted: bool,
+}
+
+impl Mark {
+    /// The offset of the `payload` value.
+    pub(crate) fn at(self) -> usize {
+        self.at
+    }
+}
+
+/// What the direct path read of a proof before its `payload` value: the text every proof
+/// paying one option of a route starts with (the `accepted` echo, `resource`). The header
+/// decoder keeps a few, to read only the rest of a proof that starts the same.
+#[derive(Clone, Debug)]
+pub(crate) struct Head {
+    version: Option<u8>,
+    resource: Option<Arc<ResourceInfo>>,
+    accepted: Option<Arc<PaymentRequirements>>,
+}
+
+impl Head {
+    /// The head of `payload`, which the direct path read and marked with `mark`; `None` for
+    /// a bound challenge's (its id is new with every challenge: not worth keeping).
+    pub(crate) fn new(payload: &PaymentPayload, mark: Mark) -> Option<Self> {
+        let bound = |a: &PaymentRequirements| a.extra_str("challenge").is_some();
+        if mark.accepted && bound(&payload.accepted) {
+            return None;
+        }
+        Some(Self {
+            version: mark.version.then_some(payload.x402_version),
+            resource: mark.resource.then(|| payload.resource.clone()).flatten(),
+            accepted: mark.accepted.then(|| payload.accepted.clone()),
+        })
     }
 }
 
@@ -153,30 +260,78 @@ impl PaymentPayload {
 /// integers, a repeated key) is `None`, left
 /// to serde (`tests::compact_path_agrees_with_serde`).
 mod compact {
+    use std::sync::Arc;
+
     use serde_json::{Map, Value};
 
     use super::super::compact::{Cursor, once, plain};
     use super::super::{SchemePayload, decimal};
-    use super::{PaymentPayload, PaymentRequirements, ResourceInfo};
+    use super::{Head, Mark, PaymentPayload, PaymentRequirements, ResourceInfo};
 
+    #[cfg(test)]
     pub(super) fn payload(text: &str) -> Option<PaymentPayload> {
+        read(text, None).map(|(payload, _)| payload)
+    }
+
+    /// The proof in `text`, read from the start or, with a head, from its `payload` value on
+    /// (`text` then starts there); from the start, also where `payload` was met.
+    pub(super) fn read(text: &str, head: Option<&Head>) -> Option<(PaymentPayload, Option<Mark>)> {
         let mut c = Cursor::new(text);
-        let (mut version, mut resource, mut accepted, mut payload) = (None, None, None, None);
-        c.object(|c, key| match key {
-            "x402Version" => once(&mut version, c.uint().and_then(|n| u8::try_from(n).ok())),
-            "resource" => once(&mut resource, resource_info(c)),
-            "accepted" => once(&mut accepted, requirements(c)),
-            "payload" => once(&mut payload, scheme_payload(c)),
-            _ => None,
-        })?;
+        let mut f = Fields::default();
+        let mut mark = None;
+        match head {
+            Some(head) => {
+                f.version = head.version;
+                f.resource.clone_from(&head.resource);
+                f.accepted.clone_from(&head.accepted);
+                f.payload = Some(scheme_payload(&mut c)?);
+                c.more_members(|c, key| f.field(c, key))?;
+            }
+            None => c.object(|c, key| {
+                if key == "payload" {
+                    mark = Some(Mark {
+                        at: c.at(),
+                        version: f.version.is_some(),
+                        resource: f.resource.is_some(),
+                        accepted: f.accepted.is_some(),
+                    });
+                }
+                f.field(c, key)
+            })?,
+        }
         c.done().then_some(())?;
-        Some(PaymentPayload {
-            x402_version: version?,
-            resource,
-            accepted: accepted?,
-            payload: payload?,
+        let payload = PaymentPayload {
+            x402_version: f.version?,
+            resource: f.resource,
+            accepted: f.accepted?,
+            payload: f.payload?,
             extensions: None,
-        })
+        };
+        Some((payload, mark))
+    }
+
+    /// The top-level fields read so far.
+    #[derive(Default)]
+    struct Fields {
+        version: Option<u8>,
+        resource: Option<Arc<ResourceInfo>>,
+        accepted: Option<Arc<PaymentRequirements>>,
+        payload: Option<SchemePayload>,
+    }
+
+    impl Fields {
+        fn field(&mut self, c: &mut Cursor<'_>, key: &str) -> Option<()> {
+            match key {
+                "x402Version" => once(
+                    &mut self.version,
+                    c.uint().and_then(|n| u8::try_from(n).ok()),
+                ),
+                "resource" => once(&mut self.resource, resource_info(c).map(Arc::new)),
+                "accepted" => once(&mut self.accepted, requirements(c).map(Arc::new)),
+                "payload" => once(&mut self.payload, scheme_payload(c)),
+                _ => None,
+            }
+        }
     }
 
     /// `payload`: read as an `exact` EVM payload when it is one (the verifier then does not
@@ -268,7 +423,7 @@ mod tests {
         let svm = r#"{"scheme":"exact","network":"solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1","amount":"1","asset":"EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v","payTo":"9xQeWvG816bUx9EPjHmaT23yvVM2ZWbrrpZb9PusVFin","maxTimeoutSeconds":0}"#;
         let channel = r#"{"scheme":"batch-settlement","network":"eip155:84532","amount":"1000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","maxTimeoutSeconds":60,"extra":{"receiverAuthorizer":"0x857b06519E91e3A54538791bDbb0E22373e36b66","withdrawDelay":900,"name":"USDC","version":"2"}}"#;
         let resource = r#"{"url":"https://api.example.com/weather?city=x","description":"Weather","mimeType":"application/json"}"#;
-        let mut docs = vec![
+        let docs = vec![
             // As `test_util::v2_json` writes it (keys sorted).
             format!(r#"{{"accepted":{accepted},"payload":{PAYLOAD},"x402Version":2}}"#),
             // As official clients write it, `resource` echoed.
@@ -291,55 +446,43 @@ mod tests {
             "", " ", "\"", "\\", "\\u0030", "\\\"", "0", "9", "a", "A", "x", "g", ",", ":", "{",
             "}", "[", "]", "\n", "\u{1}", "é", "1e3", ".5", "-", "null", "256",
         ];
-        let seeds = docs.clone();
-        for doc in &seeds {
-            for (i, ch) in doc.char_indices() {
-                let end = i + ch.len_utf8();
-                for r in replacements {
-                    docs.push(format!("{}{r}{}", &doc[..i], &doc[end..]));
-                }
-                docs.push(format!("{}{ch}{}", &doc[..end], &doc[end..]));
-            }
-            docs.push(format!("{doc} "));
-            docs.push(format!(" {doc}"));
-            docs.push(format!("{doc}{{}}"));
-        }
+        let seeds = docs;
+        let mut docs = super::super::compact::mutations(&seeds, replacements);
         // A repeated key, an unknown one, `extensions`, `null`s, `{}`, a non-string `extra`.
-        for (from, to) in [
-            (r#""x402Version":2"#, r#""x402Version":2,"x402Version":2"#),
-            (
-                r#""scheme":"exact""#,
-                r#""scheme":"exact","scheme":"exact""#,
-            ),
-            (r#""name":"USDC""#, r#""name":"USDC","name":"USDC""#),
-            (r#""name":"USDC""#, r#""name":"USDC","challenge":"abc""#),
-            (r#""name":"USDC""#, r#""name":1"#),
-            (r#""name":"USDC""#, r#""name":1.5"#),
-            (r#""name":"USDC""#, r#""name":-1"#),
-            (r#""name":"USDC""#, r#""name":18446744073709551616"#),
-            (r#""name":"USDC""#, r#""name":{}"#),
-            (r#""withdrawDelay":900"#, r#""withdrawDelay":0900"#),
-            (r#""url":"#, r#""url":"x","url":"#),
-            (r#""url":"#, r#""tags":["a",1],"url":"#),
-            (r#""x402Version":2"#, r#""x402Version":2,"extensions":{}"#),
-            (r#""x402Version":2"#, r#""x402Version":2,"resource":null"#),
-            (r#""x402Version":2"#, r#""x402Version":2,"other":1"#),
-            (r#","payload""#, r#","extra":null,"payload""#),
-            (r#"{"name":"USDC","version":"2"}"#, "{}"),
-            (
-                r#""maxTimeoutSeconds":60"#,
-                r#""maxTimeoutSeconds":18446744073709551616"#,
-            ),
-            (
-                r#""maxTimeoutSeconds":60"#,
-                r#""maxTimeoutSeconds":18446744073709551615"#,
-            ),
-            (r#""x402Version":2"#, r#""x402Version":255"#),
-        ] {
-            for seed in &seeds {
-                docs.push(seed.replacen(from, to, 1));
-            }
-        }
+        docs.extend(super::super::compact::edited(
+            &seeds,
+            &[
+                (r#""x402Version":2"#, r#""x402Version":2,"x402Version":2"#),
+                (
+                    r#""scheme":"exact""#,
+                    r#""scheme":"exact","scheme":"exact""#,
+                ),
+                (r#""name":"USDC""#, r#""name":"USDC","name":"USDC""#),
+                (r#""name":"USDC""#, r#""name":"USDC","challenge":"abc""#),
+                (r#""name":"USDC""#, r#""name":1"#),
+                (r#""name":"USDC""#, r#""name":1.5"#),
+                (r#""name":"USDC""#, r#""name":-1"#),
+                (r#""name":"USDC""#, r#""name":18446744073709551616"#),
+                (r#""name":"USDC""#, r#""name":{}"#),
+                (r#""withdrawDelay":900"#, r#""withdrawDelay":0900"#),
+                (r#""url":"#, r#""url":"x","url":"#),
+                (r#""url":"#, r#""tags":["a",1],"url":"#),
+                (r#""x402Version":2"#, r#""x402Version":2,"extensions":{}"#),
+                (r#""x402Version":2"#, r#""x402Version":2,"resource":null"#),
+                (r#""x402Version":2"#, r#""x402Version":2,"other":1"#),
+                (r#","payload""#, r#","extra":null,"payload""#),
+                (r#"{"name":"USDC","version":"2"}"#, "{}"),
+                (
+                    r#""maxTimeoutSeconds":60"#,
+                    r#""maxTimeoutSeconds":18446744073709551616"#,
+                ),
+                (
+                    r#""maxTimeoutSeconds":60"#,
+                    r#""maxTimeoutSeconds":18446744073709551615"#,
+                ),
+                (r#""x402Version":2"#, r#""x402Version":255"#),
+            ],
+        ));
         let mut direct = 0;
         for doc in &docs {
             if let Some(p) = compact::payload(doc) {

@@ -456,9 +456,23 @@ impl super::Verifier for ExactEvmVerifier {
     ) -> Result<VerifiedPayment, VerifyError> {
         self.verify_unboxed(payload, req).await
     }
+
+    fn verify_now(
+        &self,
+        payload: &PaymentPayload,
+        req: &PaymentRequirements,
+    ) -> Option<Result<VerifiedPayment, VerifyError>> {
+        (!self.asks_chain()).then(|| self.verify_sync(payload, req))
+    }
 }
 
 impl ExactEvmVerifier {
+    /// Whether a signature that does not recover to `from` goes to the chain (a checker is
+    /// configured): otherwise [`Self::verify_sync`] is the whole of `verify`.
+    pub(super) fn asks_chain(&self) -> bool {
+        self.wallets.is_some()
+    }
+
     /// [`Verifier::verify`](super::Verifier::verify) as a plain future: [`super::EvmVerifier`]
     /// awaits it inside its own boxed future instead of boxing a second one.
     pub(super) async fn verify_unboxed(

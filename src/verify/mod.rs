@@ -102,6 +102,18 @@ pub trait Verifier: Send + Sync + 'static {
         payload: &PaymentPayload,
         requirements: &PaymentRequirements,
     ) -> Result<VerifiedPayment, VerifyError>;
+
+    /// [`Self::verify`]'s answer at once, when this verifier needs no I/O for it (the
+    /// in-process ones); `None`, the default, says to await `verify`. The layer asks this
+    /// first: an answer here saves the boxed future of `verify`. Must agree with `verify`.
+    fn verify_now(
+        &self,
+        payload: &PaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Option<Result<VerifiedPayment, VerifyError>> {
+        let _ = (payload, requirements);
+        None
+    }
 }
 
 #[async_trait]
@@ -112,6 +124,14 @@ impl<T: Verifier + ?Sized> Verifier for Arc<T> {
         requirements: &PaymentRequirements,
     ) -> Result<VerifiedPayment, VerifyError> {
         (**self).verify(payload, requirements).await
+    }
+
+    fn verify_now(
+        &self,
+        payload: &PaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Option<Result<VerifiedPayment, VerifyError>> {
+        (**self).verify_now(payload, requirements)
     }
 }
 
@@ -149,6 +169,14 @@ macro_rules! in_process_verifier {
                 requirements: &$crate::proto::v2::PaymentRequirements,
             ) -> Result<$crate::verify::VerifiedPayment, $crate::verify::VerifyError> {
                 self.verify_sync(payload, requirements)
+            }
+
+            fn verify_now(
+                &self,
+                payload: &$crate::proto::PaymentPayload,
+                requirements: &$crate::proto::v2::PaymentRequirements,
+            ) -> Option<Result<$crate::verify::VerifiedPayment, $crate::verify::VerifyError>> {
+                Some(self.verify_sync(payload, requirements))
             }
         }
     };
@@ -259,6 +287,16 @@ impl Verifier for EvmVerifier {
         }
         // Unboxed: the trait's own future is the only box on this path.
         self.exact.verify_unboxed(payload, requirements).await
+    }
+
+    fn verify_now(
+        &self,
+        payload: &PaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Option<Result<VerifiedPayment, VerifyError>> {
+        // Only a smart-wallet checker makes `exact` ask the chain; `upto` never does.
+        (requirements.scheme == upto::SCHEME || !self.exact.asks_chain())
+            .then(|| self.verify_sync(payload, requirements))
     }
 }
 
