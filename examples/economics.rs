@@ -946,7 +946,13 @@ async fn channel_rows(env: &Env) -> Result<Vec<ChannelRow>, BoxError> {
                     },
                 };
                 let mirror = settler
-                    .deposit(&config, id, &deposit)
+                    .deposit(
+                        tower_x402::channel::serve::EscrowChannel {
+                            config: &config,
+                            id,
+                        },
+                        &deposit,
+                    )
                     .await
                     .map_err(|e| format!("deposit: {e}"))?;
                 if mirror.balance != amount {

@@ -2258,8 +2258,7 @@ struct NoChain;
 impl tower_x402::channel::serve::Escrow for NoChain {
     async fn deposit(
         &self,
-        _: &tower_x402::proto::batch::ChannelConfig,
-        _: B256,
+        _: tower_x402::channel::serve::EscrowChannel<'_>,
         _: &tower_x402::proto::batch::Deposit,
     ) -> Result<tower_x402::channel::serve::Mirror, tower_x402::channel::serve::EscrowError> {
         Err(tower_x402::channel::serve::EscrowError(
@@ -2268,12 +2267,8 @@ impl tower_x402::channel::serve::Escrow for NoChain {
     }
     async fn refund(
         &self,
-        _: &tower_x402::proto::batch::ChannelConfig,
-        _: B256,
-        _: Option<(tower_x402::channel::ChannelClaim, ABytes)>,
-        _: u128,
-        _: U256,
-        _: ABytes,
+        _: tower_x402::channel::serve::EscrowChannel<'_>,
+        _: tower_x402::channel::serve::CooperativeRefund,
     ) -> Result<tower_x402::channel::serve::Mirror, tower_x402::channel::serve::EscrowError> {
         Err(tower_x402::channel::serve::EscrowError(
             "the voucher scenarios have no chain: no RPC per request".into(),

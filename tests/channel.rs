@@ -12,7 +12,9 @@ use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
 use async_trait::async_trait;
 use tower_x402::channel;
-use tower_x402::channel::serve::{Channels, Escrow, EscrowError, Mirror, PayError};
+use tower_x402::channel::serve::{
+    Channels, CooperativeRefund, Escrow, EscrowChannel, EscrowError, Mirror, PayError,
+};
 use tower_x402::channel::store::{ChannelStore, MemoryChannelStore};
 use tower_x402::channel::verify::{BatchError, ChannelTerms};
 use tower_x402::primitives::{Address, B256, Bytes, U256, address};
@@ -45,8 +47,7 @@ struct RecordingEscrow {
 impl Escrow for RecordingEscrow {
     async fn deposit(
         &self,
-        _config: &ChannelConfig,
-        _channel: B256,
+        _channel: EscrowChannel<'_>,
         deposit: &Deposit,
     ) -> Result<Mirror, EscrowError> {
         if self.fail.load(Ordering::SeqCst) {
@@ -69,13 +70,15 @@ impl Escrow for RecordingEscrow {
 
     async fn refund(
         &self,
-        _config: &ChannelConfig,
-        _channel: B256,
-        claim: Option<(tower_x402::channel::ChannelClaim, Bytes)>,
-        amount: u128,
-        nonce: U256,
-        _signature: Bytes,
+        _channel: EscrowChannel<'_>,
+        refund: CooperativeRefund,
     ) -> Result<Mirror, EscrowError> {
+        let CooperativeRefund {
+            claim,
+            amount,
+            nonce,
+            ..
+        } = refund;
         self.refunds.lock().expect("lock").push((
             amount,
             nonce,

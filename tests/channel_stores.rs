@@ -24,10 +24,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use alloy_signer::SignerSync;
 use alloy_signer_local::PrivateKeySigner;
 use async_trait::async_trait;
-use tower_x402::channel::serve::{Channels, Escrow, EscrowError, Mirror, PayError};
+use tower_x402::channel;
+use tower_x402::channel::serve::{
+    Channels, CooperativeRefund, Escrow, EscrowChannel, EscrowError, Mirror, PayError,
+};
 use tower_x402::channel::store::{ChannelStore, conformance};
 use tower_x402::channel::verify::{BatchError, ChannelTerms};
-use tower_x402::channel::{self, ChannelClaim};
 use tower_x402::primitives::{Address, B256, Bytes, U256, address};
 use tower_x402::proto::batch::{
     BatchEvmPayload, ChannelConfig, Deposit, DepositAuthorization, Erc3009Authorization, Voucher,
@@ -54,8 +56,7 @@ struct Landing;
 impl Escrow for Landing {
     async fn deposit(
         &self,
-        _config: &ChannelConfig,
-        _channel: B256,
+        _channel: EscrowChannel<'_>,
         deposit: &Deposit,
     ) -> Result<Mirror, EscrowError> {
         Ok(Mirror {
@@ -66,12 +67,8 @@ impl Escrow for Landing {
     }
     async fn refund(
         &self,
-        _config: &ChannelConfig,
-        _channel: B256,
-        _claim: Option<(ChannelClaim, Bytes)>,
-        _amount: u128,
-        _nonce: U256,
-        _signature: Bytes,
+        _channel: EscrowChannel<'_>,
+        _refund: CooperativeRefund,
     ) -> Result<Mirror, EscrowError> {
         Err(EscrowError("not in this test".into()))
     }

@@ -3,15 +3,15 @@
 //! in place of verify → claim → settle: for a channel, the proof's fate is the channel's
 //! lease and its compare-and-set commit, not a nonce claim.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 
 use async_trait::async_trait;
 
-use super::serve::{Channels, Escrow, Paid, PayError, Refunded};
+use super::serve::{Channels, Escrow, EscrowPayment, Paid, PayError, Refunded};
 use super::store::ChannelStore;
-use super::verify::ChannelTerms;
-use crate::proto::batch::BatchEvmPayload;
+use crate::clock::{Clock, SystemClock};
 
 /// The handler as the engine sees it: the most it may charge in, what it charged out (`Err`:
 /// it failed, nothing is charged). The response itself stays with the caller.
@@ -21,43 +21,29 @@ pub(crate) type Handler<'a> = Box<
         + 'a,
 >;
 
-/// The layer's view of [`Channels`].
+/// The layer's view of [`Channels`], at the system clock's time.
 #[async_trait]
 pub(crate) trait Serve: Send + Sync + 'static {
     async fn pay<'a>(
         &'a self,
-        terms: &'a ChannelTerms,
-        payload: &'a BatchEvmPayload,
-        now: u64,
+        payment: EscrowPayment<'a>,
         handler: Handler<'a>,
     ) -> Result<Paid<()>, PayError<()>>;
 
-    async fn refund(
-        &self,
-        terms: &ChannelTerms,
-        payload: &BatchEvmPayload,
-        now: u64,
-    ) -> Result<Refunded, PayError<std::convert::Infallible>>;
+    async fn refund(&self, payment: EscrowPayment<'_>) -> Result<Refunded, PayError<Infallible>>;
 }
 
 #[async_trait]
 impl<S: ChannelStore, X: Escrow> Serve for Channels<S, X> {
     async fn pay<'a>(
         &'a self,
-        terms: &'a ChannelTerms,
-        payload: &'a BatchEvmPayload,
-        now: u64,
+        p: EscrowPayment<'a>,
         handler: Handler<'a>,
     ) -> Result<Paid<()>, PayError<()>> {
-        Channels::pay(self, terms, payload, now, handler).await
+        Channels::pay(self, p.terms, p.payload, SystemClock.now(), handler).await
     }
 
-    async fn refund(
-        &self,
-        terms: &ChannelTerms,
-        payload: &BatchEvmPayload,
-        now: u64,
-    ) -> Result<Refunded, PayError<std::convert::Infallible>> {
-        Channels::refund(self, terms, payload, now).await
+    async fn refund(&self, p: EscrowPayment<'_>) -> Result<Refunded, PayError<Infallible>> {
+        Channels::refund(self, p.terms, p.payload, SystemClock.now()).await
     }
 }

@@ -37,125 +37,111 @@ pub struct Mirror {
 #[error("deposit failed: {0}")]
 pub struct EscrowError(pub crate::store::BoxError);
 
+/// A channel as the escrow names it: its config and id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EscrowChannel<'a> {
+    /// The channel's config.
+    pub config: &'a ChannelConfig,
+    /// The channel's id (the config's EIP-712 hash).
+    pub id: B256,
+}
+
+/// A client's payment as the engine hands it to an [`Escrow`]: the server's terms and the
+/// checked payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EscrowPayment<'a> {
+    /// The terms of the option paid.
+    pub terms: &'a ChannelTerms,
+    /// The payload, checked against the terms and the channel's state.
+    pub payload: &'a BatchEvmPayload,
+}
+
+impl<'a> EscrowPayment<'a> {
+    /// The payload's channel.
+    pub fn channel(&self) -> EscrowChannel<'a> {
+        EscrowChannel {
+            config: self.payload.channel_config(),
+            id: self.payload.voucher().channel_id,
+        }
+    }
+}
+
+/// A cooperative refund: first the claim of the channel's unclaimed charges (when given),
+/// then `refundWithSignature(config, amount, nonce, signature)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CooperativeRefund {
+    /// The claim and the receiver authorizer's `ClaimBatch` signature of it.
+    pub claim: Option<(ChannelClaim, Bytes)>,
+    /// The amount returned to the payer.
+    pub amount: u128,
+    /// The channel's `refundNonce`.
+    pub nonce: U256,
+    /// The receiver authorizer's signature of the refund ([`refund_digest`]).
+    pub signature: Bytes,
+}
+
 /// Submits deposits into the escrow (our relayer, or a facilitator).
 #[async_trait]
 pub trait Escrow: Send + Sync + 'static {
-    /// Sends `deposit` into the channel of `config` and waits for it: the channel's state
-    /// after it. An error caused by a [`BatchError`] is a refusal (402, nothing was sent,
-    /// e.g. no Permit2 allowance); any other is an outage (503).
+    /// Sends `deposit` into `channel` and waits for it: the channel's state after it. An
+    /// error caused by a [`BatchError`] is a refusal (402, nothing was sent, e.g. no Permit2
+    /// allowance); any other is an outage (503).
     async fn deposit(
         &self,
-        config: &ChannelConfig,
-        channel: B256,
+        channel: EscrowChannel<'_>,
         deposit: &Deposit,
     ) -> Result<Mirror, EscrowError>;
 
-    /// A cooperative refund: first `claim` (the channel's unclaimed charges, authorized by
-    /// `claim_signature`) when given, then `refundWithSignature(config, amount, nonce,
-    /// refund_signature)`. The channel's state after both.
+    /// Sends the cooperative `refund` of `channel`: the channel's state after it.
     async fn refund(
         &self,
-        config: &ChannelConfig,
-        channel: B256,
-        claim: Option<(ChannelClaim, Bytes)>,
-        amount: u128,
-        nonce: U256,
-        refund_signature: Bytes,
+        channel: EscrowChannel<'_>,
+        refund: CooperativeRefund,
     ) -> Result<Mirror, EscrowError>;
 
-    /// Sends the deposit of `payload` (a `deposit` payload already checked against `terms`
+    /// Sends the deposit of `payment` (a `deposit` payload already checked against the terms
     /// and the channel's state): what [`Channels::pay`] calls. The default is
     /// [`Escrow::deposit`]; a backend that needs the whole payment (a facilitator re-verifies
     /// the voucher against the server's requirements) overrides it.
-    async fn deposit_payment(
-        &self,
-        terms: &ChannelTerms,
-        payload: &BatchEvmPayload,
-    ) -> Result<Mirror, EscrowError> {
-        let _ = terms;
-        match payload {
-            BatchEvmPayload::Deposit {
-                channel_config,
-                voucher,
-                deposit,
-            } => {
-                self.deposit(channel_config, voucher.channel_id, deposit)
-                    .await
+    async fn deposit_payment(&self, payment: EscrowPayment<'_>) -> Result<Mirror, EscrowError> {
+        match payment.payload {
+            BatchEvmPayload::Deposit { deposit, .. } => {
+                self.deposit(payment.channel(), deposit).await
             }
             _ => Err(EscrowError("not a deposit payload".into())),
         }
     }
 
-    /// The cooperative refund of `payload` (a `refund` payload): what [`Channels::refund`]
+    /// The cooperative refund of `payment` (a `refund` payload): what [`Channels::refund`]
     /// calls. The default is [`Escrow::refund`]; a backend that needs the chain and the
     /// voucher (a facilitator) overrides it.
     async fn refund_payment(
         &self,
-        terms: &ChannelTerms,
-        payload: &BatchEvmPayload,
-        claim: Option<(ChannelClaim, Bytes)>,
-        amount: u128,
-        nonce: U256,
-        refund_signature: Bytes,
+        payment: EscrowPayment<'_>,
+        refund: CooperativeRefund,
     ) -> Result<Mirror, EscrowError> {
-        let _ = terms;
-        let channel = payload.voucher().channel_id;
-        self.refund(
-            payload.channel_config(),
-            channel,
-            claim,
-            amount,
-            nonce,
-            refund_signature,
-        )
-        .await
+        self.refund(payment.channel(), refund).await
     }
 }
 
 #[async_trait]
 impl<T: Escrow + ?Sized> Escrow for std::sync::Arc<T> {
-    async fn deposit(
-        &self,
-        config: &ChannelConfig,
-        channel: B256,
-        deposit: &Deposit,
-    ) -> Result<Mirror, EscrowError> {
-        (**self).deposit(config, channel, deposit).await
+    async fn deposit(&self, c: EscrowChannel<'_>, d: &Deposit) -> Landed {
+        (**self).deposit(c, d).await
     }
-    async fn refund(
-        &self,
-        config: &ChannelConfig,
-        channel: B256,
-        claim: Option<(ChannelClaim, Bytes)>,
-        amount: u128,
-        nonce: U256,
-        refund_signature: Bytes,
-    ) -> Result<Mirror, EscrowError> {
-        (**self)
-            .refund(config, channel, claim, amount, nonce, refund_signature)
-            .await
+    async fn refund(&self, c: EscrowChannel<'_>, r: CooperativeRefund) -> Landed {
+        (**self).refund(c, r).await
     }
-    async fn deposit_payment(
-        &self,
-        terms: &ChannelTerms,
-        payload: &BatchEvmPayload,
-    ) -> Result<Mirror, EscrowError> {
-        (**self).deposit_payment(terms, payload).await
+    async fn deposit_payment(&self, p: EscrowPayment<'_>) -> Landed {
+        (**self).deposit_payment(p).await
     }
-    async fn refund_payment(
-        &self,
-        terms: &ChannelTerms,
-        payload: &BatchEvmPayload,
-        claim: Option<(ChannelClaim, Bytes)>,
-        amount: u128,
-        nonce: U256,
-        refund_signature: Bytes,
-    ) -> Result<Mirror, EscrowError> {
-        (**self)
-            .refund_payment(terms, payload, claim, amount, nonce, refund_signature)
-            .await
+    async fn refund_payment(&self, p: EscrowPayment<'_>, r: CooperativeRefund) -> Landed {
+        (**self).refund_payment(p, r).await
     }
 }
+
+/// What an [`Escrow`] call answers (the forwarding impl's shorthand).
+type Landed = Result<Mirror, EscrowError>;
 
 /// Why a paid request on a channel did not run (or did not commit).
 #[derive(Debug, thiserror::Error)]
@@ -306,31 +292,15 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         F: FnOnce(u128) -> Fut,
         Fut: Future<Output = Result<(T, u128), E>>,
     {
-        let refused = |error, state: Option<ChannelState>| PayError::Refused {
-            error,
-            state: state.map(Box::new),
-        };
         if matches!(payload, BatchEvmPayload::Refund { .. }) {
             return Err(PayError::RefundUnsupported);
         }
         let authentic = self.authenticate(terms, payload, now).await?;
-        let channel = payload.voucher().channel_id;
-        let lease = self
-            .store
-            .lock(channel, self.lease_seconds)
-            .await
-            .map_err(PayError::Store)?
-            .ok_or_else(|| refused(BatchError::ChannelBusy, None))?;
-        let result = self.pay_held(terms, payload, authentic, now, handler).await;
-        if let Err(e) = self.store.unlock(lease).await {
-            // The lease expires on its own; the channel is only blocked until then.
-            alert!(
-                Alert::ChannelState,
-                cause = &e,
-                "channel lease not released: the channel waits for its expiry"
-            );
-        }
-        result
+        let payment = EscrowPayment { terms, payload };
+        self.leased(payment, |stored| {
+            self.pay_held(payment, authentic, stored, now, handler)
+        })
+        .await
     }
 
     /// Serves a `refund` payload (no handler): checks its zero-charge voucher against the
@@ -344,22 +314,43 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         payload: &BatchEvmPayload,
         now: u64,
     ) -> Result<Refunded, PayError<std::convert::Infallible>> {
-        let refused = |error| PayError::Refused { error, state: None };
         let (BatchEvmPayload::Refund { .. }, Some(authorizer)) = (payload, &self.authorizer) else {
             return Err(PayError::RefundUnsupported);
         };
         let authentic = self.authenticate(terms, payload, now).await?;
-        let channel = payload.voucher().channel_id;
+        let payment = EscrowPayment { terms, payload };
+        self.leased(payment, |stored| {
+            self.refund_held(payment, authentic, stored, authorizer.as_ref())
+        })
+        .await
+    }
+
+    /// Runs `held` under the channel's lease, with the channel's record as it stands then; a
+    /// channel held by another request is `channel_busy`.
+    async fn leased<T, E, Fut>(
+        &self,
+        payment: EscrowPayment<'_>,
+        held: impl FnOnce(Option<ChannelState>) -> Fut,
+    ) -> Result<T, PayError<E>>
+    where
+        Fut: Future<Output = Result<T, PayError<E>>>,
+    {
+        let channel = payment.payload.voucher().channel_id;
         let lease = self
             .store
             .lock(channel, self.lease_seconds)
             .await
             .map_err(PayError::Store)?
-            .ok_or_else(|| refused(BatchError::ChannelBusy))?;
-        let result = self
-            .refund_held(terms, payload, authentic, authorizer.as_ref())
-            .await;
+            .ok_or(PayError::Refused {
+                error: BatchError::ChannelBusy,
+                state: None,
+            })?;
+        let result = match self.store.load(channel).await {
+            Ok(stored) => held(stored).await,
+            Err(e) => Err(PayError::Store(e)),
+        };
         if let Err(e) = self.store.unlock(lease).await {
+            // The lease expires on its own; the channel is only blocked until then.
             alert!(
                 Alert::ChannelState,
                 cause = &e,
@@ -371,58 +362,23 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
 
     async fn refund_held(
         &self,
-        terms: &ChannelTerms,
-        payload: &BatchEvmPayload,
+        payment: EscrowPayment<'_>,
         authentic: verify::Authentic,
+        stored: Option<ChannelState>,
         authorizer: &dyn ReceiverAuthorizer,
     ) -> Result<Refunded, PayError<std::convert::Infallible>> {
-        let channel = payload.voucher().channel_id;
-        let stored = self.store.load(channel).await.map_err(PayError::Store)?;
-        let accepted =
-            verify::against_state(terms, payload, authentic, stored.as_ref()).map_err(|error| {
-                PayError::Refused {
-                    error,
-                    state: stored.clone().map(Box::new),
-                }
-            })?;
-        let (Request::Refund { amount }, Some(mut state)) = (accepted.request, stored) else {
+        let accepted = against_state(payment, authentic, &stored)?;
+        let (Request::Refund { amount }, Some(mut state)) = (&accepted.request, stored) else {
             return Err(PayError::RefundUnsupported);
         };
-        let claim = if state.charged_cumulative > state.total_claimed {
-            let claim = ChannelClaim {
-                config: accepted.config.clone(),
-                max_claimable: accepted.max_claimable,
-                signature: accepted.signature.clone(),
-                total_claimed: state.charged_cumulative,
-            };
-            let signature = authorizer
-                .sign_digest(claim_digest(terms.chain_id, std::slice::from_ref(&claim)))
-                .map_err(PayError::Authorizer)?;
-            Some((claim, signature))
-        } else {
-            None
-        };
-        let refund_signature = authorizer
-            .sign_digest(refund_digest(
-                terms.chain_id,
-                channel,
-                state.refund_nonce,
-                amount,
-            ))
-            .map_err(PayError::Authorizer)?;
+        let amount = *amount;
+        let refund = cooperative(payment, &accepted, &state, amount, authorizer)?;
         let mirror = self
             .escrow
-            .refund_payment(
-                terms,
-                payload,
-                claim,
-                amount,
-                state.refund_nonce,
-                refund_signature,
-            )
+            .refund_payment(payment, refund)
             .await
             .map_err(escrow_refusal)?;
-        let expected = state.charged_cumulative;
+        let (channel, expected) = (accepted.channel_id, state.charged_cumulative);
         state.balance = mirror.balance;
         state.total_claimed = mirror.total_claimed;
         state.refund_nonce += U256::from(1);
@@ -454,9 +410,9 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
 
     async fn pay_held<F, Fut, T, E>(
         &self,
-        terms: &ChannelTerms,
-        payload: &BatchEvmPayload,
+        payment: EscrowPayment<'_>,
         authentic: verify::Authentic,
+        stored: Option<ChannelState>,
         now: u64,
         handler: F,
     ) -> Result<Paid<T>, PayError<E>>
@@ -464,109 +420,127 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         F: FnOnce(u128) -> Fut,
         Fut: Future<Output = Result<(T, u128), E>>,
     {
-        let channel = payload.voucher().channel_id;
-        let stored = self.store.load(channel).await.map_err(PayError::Store)?;
-        let accepted = match verify::against_state(terms, payload, authentic, stored.as_ref()) {
-            Ok(a) => a,
-            Err(error) => {
-                return Err(PayError::Refused {
-                    error,
-                    state: stored.map(Box::new),
-                });
-            }
-        };
+        let accepted = against_state(payment, authentic, &stored)?;
         let expected = stored.as_ref().map(|s| s.charged_cumulative);
         let mut state = stored.unwrap_or_else(|| fresh(&accepted, now));
-        let mut mirrored = None;
-        if let (Request::Deposit { .. }, BatchEvmPayload::Deposit { .. }) =
-            (&accepted.request, payload)
-        {
-            let m = self
-                .escrow
-                .deposit_payment(terms, payload)
-                .await
-                .map_err(escrow_refusal)?;
-            state.balance = m.balance;
-            state.total_claimed = m.total_claimed;
-            state.onchain_synced_at = now;
-            mirrored = Some(m);
-            // The chain, not the payload, says what the channel holds now.
-            if accepted.max_claimable > m.balance {
-                self.keep_deposit(channel, expected, &state, mirrored).await;
-                return Err(PayError::Refused {
-                    error: BatchError::CumulativeExceedsBalance,
-                    state: None,
-                });
-            }
-        }
-        let committed_before = expected;
+        let deposit = self
+            .deposit_held(payment, &accepted, expected, &mut state, now)
+            .await?;
+        let held = Held {
+            channel: accepted.channel_id,
+            expected,
+            deposit,
+        };
         match handler(accepted.max_charge()).await {
-            Ok((response, charged)) => {
-                if charged > accepted.max_charge() {
-                    self.keep_deposit(channel, committed_before, &state, mirrored)
-                        .await;
-                    return Err(PayError::Refused {
-                        error: BatchError::ChargeExceedsSignedCumulative,
-                        state: None,
-                    });
-                }
+            Ok((response, charged)) if charged <= accepted.max_charge() => {
                 state.charged_cumulative = accepted.charged_before + charged;
                 state.signed_max_claimable = accepted.max_claimable;
-                state.signature = accepted.signature.clone();
+                state.signature = accepted.signature;
                 state.last_request_at = now;
-                match self
-                    .store
-                    .commit(channel, committed_before, state.clone())
-                    .await
-                {
-                    Ok(true) => Ok(Paid {
-                        response,
-                        charged,
-                        deposit: mirrored,
-                        state,
-                    }),
-                    Ok(false) => {
-                        alert!(
-                            Alert::ChannelState,
-                            "channel state changed under a held lease (it expired mid-handler): \
-                             this request's charge is not recorded, the client is not charged twice"
-                        );
-                        Err(PayError::Refused {
-                            error: BatchError::ChannelBusy,
-                            state: None,
-                        })
-                    }
-                    Err(e) => {
-                        alert!(
-                            Alert::ChannelState,
-                            cause = &e,
-                            "channel commit failed after the handler ran: the charge and voucher are lost"
-                        );
-                        Err(PayError::Store(e))
-                    }
-                }
+                self.commit_charge(&held, &state).await?;
+                Ok(Paid {
+                    response,
+                    charged,
+                    deposit,
+                    state,
+                })
+            }
+            Ok(_) => {
+                self.keep_deposit(&held, &state).await;
+                Err(PayError::Refused {
+                    error: BatchError::ChargeExceedsSignedCumulative,
+                    state: None,
+                })
             }
             Err(e) => {
-                self.keep_deposit(channel, committed_before, &state, mirrored)
-                    .await;
+                self.keep_deposit(&held, &state).await;
                 Err(PayError::Handler(e))
+            }
+        }
+    }
+
+    /// Sends the deposit a `deposit` payload carries and mirrors the chain's answer into
+    /// `state`; `None` for a voucher alone. A ceiling above what landed is refused (the
+    /// deposit kept).
+    async fn deposit_held<E>(
+        &self,
+        payment: EscrowPayment<'_>,
+        accepted: &Accepted,
+        expected: Option<u128>,
+        state: &mut ChannelState,
+        now: u64,
+    ) -> Result<Option<Mirror>, PayError<E>> {
+        let (Request::Deposit { .. }, BatchEvmPayload::Deposit { .. }) =
+            (&accepted.request, payment.payload)
+        else {
+            return Ok(None);
+        };
+        let m = self
+            .escrow
+            .deposit_payment(payment)
+            .await
+            .map_err(escrow_refusal)?;
+        state.balance = m.balance;
+        state.total_claimed = m.total_claimed;
+        state.onchain_synced_at = now;
+        // The chain, not the payload, says what the channel holds now.
+        if accepted.max_claimable > m.balance {
+            let held = Held {
+                channel: accepted.channel_id,
+                expected,
+                deposit: Some(m),
+            };
+            self.keep_deposit(&held, state).await;
+            return Err(PayError::Refused {
+                error: BatchError::CumulativeExceedsBalance,
+                state: None,
+            });
+        }
+        Ok(Some(m))
+    }
+
+    /// Commits the handler's charge; a record changed under the lease or a store failure
+    /// refuses it (and is raised: the charge is not recorded).
+    async fn commit_charge<E>(&self, held: &Held, state: &ChannelState) -> Result<(), PayError<E>> {
+        match self
+            .store
+            .commit(held.channel, held.expected, state.clone())
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                alert!(
+                    Alert::ChannelState,
+                    "channel state changed under a held lease (it expired mid-handler): \
+                     this request's charge is not recorded, the client is not charged twice"
+                );
+                Err(PayError::Refused {
+                    error: BatchError::ChannelBusy,
+                    state: None,
+                })
+            }
+            Err(e) => {
+                alert!(
+                    Alert::ChannelState,
+                    cause = &e,
+                    "channel commit failed after the handler ran: the charge and voucher are lost"
+                );
+                Err(PayError::Store(e))
             }
         }
     }
 
     /// A deposit that landed is recorded even when the request fails afterwards (the money
     /// is in the escrow; the charge is unchanged).
-    async fn keep_deposit(
-        &self,
-        channel: B256,
-        expected: Option<u128>,
-        state: &ChannelState,
-        mirrored: Option<Mirror>,
-    ) {
-        if mirrored.is_none() {
+    async fn keep_deposit(&self, held: &Held, state: &ChannelState) {
+        if held.deposit.is_none() {
             return;
         }
-        match self.store.commit(channel, expected, state.clone()).await {
+        match self
+            .store
+            .commit(held.channel, held.expected, state.clone())
+            .await
+        {
             Ok(true) => {}
             Ok(false) => alert!(
                 Alert::ChannelState,
@@ -579,6 +553,64 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
             ),
         }
     }
+}
+
+/// A request holding a channel's lease: the channel, the charged amount its commit expects
+/// (`None`: no record yet) and the deposit that landed, if any.
+struct Held {
+    channel: B256,
+    expected: Option<u128>,
+    deposit: Option<Mirror>,
+}
+
+/// [`verify::against_state`] of `payment`; a refusal carries the server's record (for the
+/// corrective 402).
+fn against_state<E>(
+    payment: EscrowPayment<'_>,
+    authentic: verify::Authentic,
+    stored: &Option<ChannelState>,
+) -> Result<Accepted, PayError<E>> {
+    verify::against_state(payment.terms, payment.payload, authentic, stored.as_ref()).map_err(
+        |error| PayError::Refused {
+            error,
+            state: stored.clone().map(Box::new),
+        },
+    )
+}
+
+/// The cooperative refund of `amount` from `state`'s channel, signed by `authorizer`: with
+/// the claim of its unclaimed charges (by the refund's zero-charge voucher) when there are any.
+fn cooperative<E>(
+    payment: EscrowPayment<'_>,
+    accepted: &Accepted,
+    state: &ChannelState,
+    amount: u128,
+    authorizer: &dyn ReceiverAuthorizer,
+) -> Result<CooperativeRefund, PayError<E>> {
+    let chain_id = payment.terms.chain_id;
+    let claim = if state.charged_cumulative > state.total_claimed {
+        let claim = ChannelClaim {
+            config: accepted.config.clone(),
+            max_claimable: accepted.max_claimable,
+            signature: accepted.signature.clone(),
+            total_claimed: state.charged_cumulative,
+        };
+        let signature = authorizer
+            .sign_digest(claim_digest(chain_id, std::slice::from_ref(&claim)))
+            .map_err(PayError::Authorizer)?;
+        Some((claim, signature))
+    } else {
+        None
+    };
+    let digest = refund_digest(chain_id, accepted.channel_id, state.refund_nonce, amount);
+    Ok(CooperativeRefund {
+        claim,
+        amount,
+        nonce: state.refund_nonce,
+        signature: authorizer
+            .sign_digest(digest)
+            .map_err(PayError::Authorizer)?,
+    })
 }
 
 /// An escrow error caused by a [`BatchError`] (refused before sending) is a refusal.

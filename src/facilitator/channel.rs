@@ -53,7 +53,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use alloy_primitives::{Address, B256, Bytes, U256, keccak256};
+use alloy_primitives::{Address, B256, Bytes, keccak256};
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -62,7 +62,9 @@ use super::http::{Failure, Reply};
 use super::{Endpoint, FacilitatorClient, FacilitatorError, parse, status_error, tx_hash};
 use crate::Network;
 use crate::alert::{Alert, alert};
-use crate::channel::serve::{Escrow, EscrowError, Mirror};
+use crate::channel::serve::{
+    CooperativeRefund, Escrow, EscrowChannel, EscrowError, EscrowPayment, Mirror,
+};
 use crate::channel::verify::{BatchError, ChannelTerms};
 use crate::channel::{ChannelClaim, SCHEME};
 use crate::proto::batch::{BatchEvmPayload, ChannelConfig, Deposit};
@@ -490,12 +492,7 @@ fn settled_state(answer: &SettleReply, channel: B256) -> Result<(u128, u128), Fa
 #[async_trait]
 impl Escrow for FacilitatorClient {
     /// Not used: a facilitator needs the whole payment, [`Escrow::deposit_payment`].
-    async fn deposit(
-        &self,
-        _: &ChannelConfig,
-        _: B256,
-        _: &Deposit,
-    ) -> Result<Mirror, EscrowError> {
+    async fn deposit(&self, _: EscrowChannel<'_>, _: &Deposit) -> Result<Mirror, EscrowError> {
         Err(escrow(FacilitatorError::Inconsistent(
             "a facilitator deposit needs the payment (Escrow::deposit_payment)",
         )))
@@ -504,23 +501,16 @@ impl Escrow for FacilitatorClient {
     /// Not used: a facilitator needs the chain and the voucher, [`Escrow::refund_payment`].
     async fn refund(
         &self,
-        _: &ChannelConfig,
-        _: B256,
-        _: Option<(ChannelClaim, Bytes)>,
-        _: u128,
-        _: U256,
-        _: Bytes,
+        _: EscrowChannel<'_>,
+        _: CooperativeRefund,
     ) -> Result<Mirror, EscrowError> {
         Err(escrow(FacilitatorError::Inconsistent(
             "a facilitator refund needs the payment (Escrow::refund_payment)",
         )))
     }
 
-    async fn deposit_payment(
-        &self,
-        terms: &ChannelTerms,
-        payload: &BatchEvmPayload,
-    ) -> Result<Mirror, EscrowError> {
+    async fn deposit_payment(&self, payment: EscrowPayment<'_>) -> Result<Mirror, EscrowError> {
+        let EscrowPayment { terms, payload } = payment;
         let BatchEvmPayload::Deposit {
             channel_config,
             voucher,
@@ -605,13 +595,16 @@ impl Escrow for FacilitatorClient {
 
     async fn refund_payment(
         &self,
-        terms: &ChannelTerms,
-        payload: &BatchEvmPayload,
-        claim: Option<(ChannelClaim, Bytes)>,
-        amount: u128,
-        nonce: U256,
-        refund_signature: Bytes,
+        payment: EscrowPayment<'_>,
+        refund: CooperativeRefund,
     ) -> Result<Mirror, EscrowError> {
+        let EscrowPayment { terms, payload } = payment;
+        let CooperativeRefund {
+            claim,
+            amount,
+            nonce,
+            signature: refund_signature,
+        } = refund;
         let channel = payload.voucher().channel_id;
         let network = Network::eip155(terms.chain_id);
         let req = requirements(terms);
@@ -659,6 +652,8 @@ impl Escrow for FacilitatorClient {
 
 #[cfg(test)]
 mod tests {
+    use alloy_primitives::U256;
+
     use super::*;
 
     fn reply(status: u16, body: &str) -> Reply {

@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use alloy_primitives::B256;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{Request, Response};
@@ -16,27 +17,41 @@ use tower_service::Service;
 
 use super::flow::{Answer, Flow, stage};
 use crate::body::ResponseBody;
-use crate::channel::serve::{Mirror, PayError};
+use crate::channel::serve::{EscrowPayment, Mirror, Paid, PayError};
 use crate::channel::store::ChannelState;
 use crate::channel::verify::{self, BatchError, ChannelTerms};
-use crate::channel::{self as ch, Handler};
-use crate::clock::{Clock, SystemClock};
+use crate::channel::{self as ch, Handler, Serve};
 use crate::config::Shared;
 use crate::hooks::Stage;
 use crate::option::PaymentOption;
 use crate::proto::batch::BatchEvmPayload;
+use crate::proto::v2::PaymentRequirements;
 use crate::proto::{PaymentPayload, header};
 use crate::rejection::{Rejection, reason};
 use crate::response;
 use crate::upto::Usage;
 
-/// What the handler left: its response, or the service's error.
-type Outcome<R, E> = Arc<Mutex<Option<Result<R, E>>>>;
+impl<'a> Flow<'a> {
+    /// The flow of a request whose head is `parts`.
+    pub(super) fn of(shared: &'a Shared, options: &'a [PaymentOption], parts: &Parts) -> Self {
+        Flow::new(
+            shared,
+            options,
+            response::Resource::of(parts),
+            parts.method.clone(),
+        )
+    }
+}
 
-/// Serves a request paid on a channel.
+/// What the handler left: its response, or the service's error.
+type Outcome<R, E> = Mutex<Option<Result<R, E>>>;
+
+/// Serves a request paid on a channel, in stages: [`admit`] (select, terms, parse), then the
+/// engine's cooperative [`refund`], or the paid request: the handler [`run`] inside the
+/// engine's [`Serve::pay`] (lease, checks, deposit, commit), then its [`answer`].
 pub(super) async fn channel<S, ReqB, ResB>(
     shared: Arc<Shared>,
-    mut inner: S,
+    inner: S,
     mut parts: Parts,
     body: ReqB,
     options: Arc<[PaymentOption]>,
@@ -49,102 +64,176 @@ where
     ReqB: Send,
     ResB: Body<Data = Bytes> + Send,
 {
-    let flow = Flow::new(
-        &shared,
-        &options,
-        response::Resource::of(&parts),
-        parts.method.clone(),
-    );
-    let refuse = |error: BatchError| Rejection::Pay {
+    let flow = Flow::of(&shared, &options, &parts);
+    let admitted = stage!(admit(&flow, &parts, &payload).await);
+    if matches!(admitted.batch, BatchEvmPayload::Refund { .. }) {
+        return Ok(refund(&flow, &admitted).await);
+    }
+    // The handler meters the call when it wants to charge less than the price.
+    let meter = Usage::new(admitted.req().amount);
+    parts.extensions.insert(meter.clone());
+    let slot: Outcome<Response<ResB>, S::Error> = Mutex::new(None);
+    let handler = run(&slot, &meter, inner, Request::from_parts(parts, body));
+    let result = admitted.channels.pay(admitted.payment(), handler).await;
+    let handled = slot.into_inner().unwrap_or_else(PoisonError::into_inner);
+    answer(&flow, &admitted, result, handled, &meter).await
+}
+
+/// A channel payment past selection: the engine, the option it pays, that option's terms and
+/// the parsed payload.
+struct Admitted<'a> {
+    channels: &'a dyn Serve,
+    option: &'a PaymentOption,
+    terms: ChannelTerms,
+    batch: BatchEvmPayload,
+}
+
+impl Admitted<'_> {
+    fn req(&self) -> &PaymentRequirements {
+        self.option.requirements()
+    }
+
+    fn channel(&self) -> B256 {
+        self.batch.voucher().channel_id
+    }
+
+    fn payment(&self) -> EscrowPayment<'_> {
+        EscrowPayment {
+            terms: &self.terms,
+            payload: &self.batch,
+        }
+    }
+}
+
+/// A refusal with the scheme's reason.
+fn refuse(error: BatchError) -> Rejection {
+    Rejection::Pay {
         reason: Some(error.reason()),
-    };
-    let Some(channels) = &shared.channels else {
+    }
+}
+
+/// The stages before the engine: the layer has channels, the `before_verify` hooks, the
+/// route's option this payload pays (a v2 payload), its terms, the payload parsed.
+async fn admit<'a, B: Send>(
+    flow: &Flow<'a>,
+    parts: &Parts,
+    payload: &PaymentPayload,
+) -> Result<Admitted<'a>, Answer<B>> {
+    let Some(channels) = flow.shared.channels.as_deref() else {
         let r = Rejection::Pay {
             reason: Some(reason::UNSUPPORTED_SCHEME),
         };
-        return Ok(flow.reject(Stage::Select, r, None, None).await);
+        return Err(flow.reject(Stage::Select, r, None, None).await);
     };
-    stage!(flow.before_verify(&parts, &payload).await);
-    let candidates = stage!(flow.select(&payload).await);
-    let PaymentPayload::V2(p) = &payload else {
+    flow.before_verify(parts, payload).await?;
+    let candidates = flow.select(payload).await?;
+    let PaymentPayload::V2(p) = payload else {
         // `select` refuses v1 already: channels are v2 only.
         let r = refuse(BatchError::PayloadType);
-        return Ok(flow.reject(Stage::Decode, r, None, None).await);
+        return Err(flow.reject(Stage::Decode, r, None, None).await);
     };
-    let Some(option) = candidates.first() else {
+    let Some(&option) = candidates.first() else {
         let r = Rejection::Pay {
             reason: Some(reason::INVALID_PAYMENT_REQUIREMENTS),
         };
-        return Ok(flow.reject(Stage::Select, r, None, None).await);
+        return Err(flow.reject(Stage::Select, r, None, None).await);
     };
-    let req = option.requirements();
-    let terms = match ChannelTerms::from_requirements(req) {
+    let terms = match ChannelTerms::from_requirements(option.requirements()) {
         Ok(t) => t,
-        Err(e) => return Ok(flow.reject(Stage::Select, refuse(e), None, None).await),
+        Err(e) => return Err(flow.reject(Stage::Select, refuse(e), None, None).await),
     };
-    let batch = match verify::parse_raw(p.payload.get()) {
-        Ok(b) => b,
-        Err(e) => return Ok(flow.reject(Stage::Decode, refuse(e), None, None).await),
-    };
-    let channel = batch.voucher().channel_id;
-    let now = SystemClock.now();
-    if matches!(batch, BatchEvmPayload::Refund { .. }) {
-        return Ok(match channels.refund(&terms, &batch, now).await {
-            Ok(done) => {
-                let mut res = Response::new(ResponseBody::full(Bytes::new()));
-                let extra = done.state.as_ref().map(|s| (None, channel, s));
-                let receipt = receipt(req, &batch, Some(done.mirror), done.amount, extra);
-                res.headers_mut()
-                    .insert(header::PAYMENT_RESPONSE, header::encode_json(&receipt));
-                response::mark(&shared, res.headers_mut());
-                res
-            }
-            Err(e) => refused(&flow, option, channel, e.into_unit()).await,
-        });
+    match verify::parse_raw(p.payload.get()) {
+        Ok(batch) => Ok(Admitted {
+            channels,
+            option,
+            terms,
+            batch,
+        }),
+        Err(e) => Err(flow.reject(Stage::Decode, refuse(e), None, None).await),
     }
+}
 
-    // The handler meters the call when it wants to charge less than the price.
-    let meter = Usage::new(req.amount);
-    parts.extensions.insert(meter.clone());
-    let outcome: Outcome<Response<ResB>, S::Error> = Arc::default();
-    let slot = outcome.clone();
-    let metered = meter.clone();
-    let handler: Handler<'_> = Box::new(move |max: u128| {
+/// A `refund` payload: the engine's cooperative refund, no handler; 200 with its receipt.
+async fn refund<B: Send>(flow: &Flow<'_>, a: &Admitted<'_>) -> Answer<B> {
+    match a.channels.refund(a.payment()).await {
+        Ok(done) => {
+            let receipt = Receipt {
+                req: a.req(),
+                batch: &a.batch,
+                mirror: Some(done.mirror),
+                amount: done.amount,
+                extra: done.state.as_ref().map(|s| (None, a.channel(), s)),
+            };
+            let res = Response::new(ResponseBody::full(Bytes::new()));
+            with_receipt(flow.shared, res, &receipt)
+        }
+        Err(e) => refused(flow, a.option, a.channel(), e.into_unit()).await,
+    }
+}
+
+/// The handler as the engine calls it: the response (or error) left in `slot`; what it
+/// charged is the metered total, or the most it may charge when it metered nothing; a
+/// 4xx/5xx answer or an overrun meter charges nothing.
+fn run<'a, S, ReqB, ResB>(
+    slot: &'a Outcome<Response<ResB>, S::Error>,
+    meter: &'a Usage,
+    mut inner: S,
+    req: Request<ReqB>,
+) -> Handler<'a>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'a,
+    S::Future: Send,
+    S::Error: Send,
+    ReqB: Send + 'a,
+    ResB: Send,
+{
+    Box::new(move |max: u128| {
         Box::pin(async move {
-            let res = inner.call(Request::from_parts(parts, body)).await;
+            let res = inner.call(req).await;
             let ok = matches!(&res, Ok(r) if !r.status().is_client_error() && !r.status().is_server_error());
             *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(res);
-            if !ok || metered.is_overrun() {
+            if !ok || meter.is_overrun() {
                 return Err(());
             }
             // Unmetered: the full price.
-            let total = u128::try_from(metered.total()).unwrap_or(u128::MAX);
+            let total = u128::try_from(meter.total()).unwrap_or(u128::MAX);
             Ok(((), if total == 0 { max } else { total }))
         })
-    });
-    let result = channels.pay(&terms, &batch, now, handler).await;
-    let handled = outcome
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .take();
+    })
+}
+
+/// The answer to a paid request: the handler's response with the receipt when the engine
+/// committed; the handler's own answer (or error) when it failed, nothing charged.
+async fn answer<B: Send, E>(
+    flow: &Flow<'_>,
+    a: &Admitted<'_>,
+    result: Result<Paid<()>, PayError<()>>,
+    handled: Option<Result<Response<B>, E>>,
+    meter: &Usage,
+) -> Result<Answer<B>, E> {
     match result {
         Ok(paid) => {
             let Some(Ok(res)) = handled else {
                 // The engine commits only after the handler answered Ok.
                 let r = Rejection::Unavailable {
-                    retry_after: shared.retry_after,
+                    retry_after: flow.shared.retry_after,
                     reason: reason::SERVICE_UNAVAILABLE,
                 };
                 return Ok(flow.reject(Stage::Settle, r, None, None).await);
             };
-            let extra = (Some(paid.charged), channel, &paid.state);
-            let receipt = receipt(req, &batch, paid.deposit, paid.charged, Some(extra));
+            let receipt = Receipt {
+                req: a.req(),
+                batch: &a.batch,
+                mirror: paid.deposit,
+                amount: paid.charged,
+                extra: Some((Some(paid.charged), a.channel(), &paid.state)),
+            };
             // Charged: a body that fails now is raised as for a settled payment.
-            let mut res = res.map(ResponseBody::paid);
-            res.headers_mut()
-                .insert(header::PAYMENT_RESPONSE, header::encode_json(&receipt));
-            response::mark(&shared, res.headers_mut());
-            Ok(res)
+            Ok(with_receipt(
+                flow.shared,
+                res.map(ResponseBody::paid),
+                &receipt,
+            ))
         }
         // The handler failed: its own answer (or error), nothing charged.
         Err(PayError::Handler(())) => match handled {
@@ -155,8 +244,18 @@ where
                 Ok(flow.reject(Stage::Settle, r, None, None).await)
             }
         },
-        Err(e) => Ok(refused(&flow, option, channel, e.into_unit()).await),
+        Err(e) => Ok(refused(flow, a.option, a.channel(), e).await),
     }
+}
+
+/// `res` with `receipt` as its `PAYMENT-RESPONSE` and the layer's marks.
+fn with_receipt<B>(shared: &Shared, mut res: Answer<B>, receipt: &Receipt<'_>) -> Answer<B> {
+    res.headers_mut().insert(
+        header::PAYMENT_RESPONSE,
+        header::encode_json(&receipt.json()),
+    );
+    response::mark(shared, res.headers_mut());
+    res
 }
 
 /// The answer to a request the engine refused: a 402 with the reason (the corrective 402
@@ -165,7 +264,7 @@ where
 async fn refused<B: Send>(
     flow: &Flow<'_>,
     option: &PaymentOption,
-    channel: alloy_primitives::B256,
+    channel: B256,
     e: PayError<()>,
 ) -> Answer<B> {
     let unavailable = |_: &dyn std::fmt::Display| Rejection::Unavailable {
@@ -213,7 +312,7 @@ async fn refused<B: Send>(
 async fn corrective<B: Send>(
     flow: &Flow<'_>,
     option: &PaymentOption,
-    channel: alloy_primitives::B256,
+    channel: B256,
     state: &ChannelState,
 ) -> Answer<B> {
     let fixed: Vec<PaymentOption> = flow
@@ -241,70 +340,80 @@ async fn corrective<B: Send>(
 
 /// The channel's part of a receipt: what the handler charged (`None`: a refund), the
 /// channel and its record after the request.
-type ReceiptExtra<'a> = (Option<u128>, alloy_primitives::B256, &'a ChannelState);
+type ReceiptExtra<'a> = (Option<u128>, B256, &'a ChannelState);
 
 /// The receipt (`PAYMENT-RESPONSE`): the deposit's or refund's transaction, `""` for a
-/// voucher alone, and the channel's `extra` ([`ch::receipt_extra`]). Written straight into
-/// the bytes the header's base64 encodes, keys in the order of `serde_json`'s sorted map
-/// (the bytes are those of the `serde_json::Value` it replaces: `tests::receipt_is_serde_json`);
-/// building that `Value` (a tree of maps and strings) cost a voucher request ~20k
-/// instructions. Every value is a decimal, hex or CAIP-2 string: nothing to escape.
-fn receipt(
-    req: &crate::proto::v2::PaymentRequirements,
-    batch: &BatchEvmPayload,
+/// voucher alone, and the channel's `extra` ([`ch::receipt_extra`]).
+struct Receipt<'a> {
+    req: &'a PaymentRequirements,
+    batch: &'a BatchEvmPayload,
     mirror: Option<Mirror>,
     amount: u128,
-    extra: Option<ReceiptExtra<'_>>,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(b"{\"amount\":\"");
-    decimal(&mut out, amount);
-    out.push(b'"');
-    if let Some((charged, channel, state)) = extra {
-        out.extend_from_slice(b",\"extra\":{\"channelState\":{\"balance\":\"");
-        decimal(&mut out, state.balance);
-        out.extend_from_slice(b"\",\"channelId\":\"");
-        hex(&mut out, channel.as_slice());
-        out.extend_from_slice(b"\",\"chargedCumulativeAmount\":\"");
-        decimal(&mut out, state.charged_cumulative);
-        out.extend_from_slice(b"\",\"refundNonce\":\"");
-        match u128::try_from(state.refund_nonce) {
-            Ok(n) => decimal(&mut out, n),
-            Err(_) => out.extend_from_slice(state.refund_nonce.to_string().as_bytes()),
+    extra: Option<ReceiptExtra<'a>>,
+}
+
+impl Receipt<'_> {
+    /// The receipt's JSON, written straight into the bytes the header's base64 encodes, keys
+    /// in the order of `serde_json`'s sorted map (the bytes are those of the
+    /// `serde_json::Value` it replaces: `tests::receipt_is_serde_json`); building that
+    /// `Value` (a tree of maps and strings) cost a voucher request ~20k instructions. Every
+    /// value is a decimal, hex or CAIP-2 string: nothing to escape.
+    fn json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512);
+        out.extend_from_slice(b"{\"amount\":\"");
+        decimal(&mut out, self.amount);
+        out.push(b'"');
+        if let Some((charged, channel, state)) = self.extra {
+            out.extend_from_slice(b",\"extra\":{\"channelState\":");
+            channel_state(&mut out, channel, state);
+            if let Some(charged) = charged {
+                out.extend_from_slice(b",\"chargedAmount\":\"");
+                decimal(&mut out, charged);
+                out.push(b'"');
+            }
+            out.push(b'}');
         }
-        out.extend_from_slice(b"\",\"totalClaimed\":\"");
-        decimal(&mut out, state.total_claimed);
-        out.extend_from_slice(b"\",\"withdrawRequestedAt\":");
-        decimal(&mut out, u128::from(state.withdraw_requested_at));
-        out.push(b'}');
-        if let Some(charged) = charged {
-            out.extend_from_slice(b",\"chargedAmount\":\"");
-            decimal(&mut out, charged);
-            out.push(b'"');
+        out.extend_from_slice(b",\"network\":\"");
+        {
+            use std::io::Write;
+            // Writing to a `Vec` cannot fail.
+            let _ = write!(out, "{}", self.req.network);
         }
-        out.push(b'}');
+        out.extend_from_slice(b"\",\"payer\":\"");
+        out.extend_from_slice(&checksummed(self.batch.channel_config().payer));
+        out.extend_from_slice(b"\",\"success\":true,\"transaction\":\"");
+        if let Some(m) = self.mirror {
+            hex(&mut out, m.transaction.as_slice());
+        }
+        out.extend_from_slice(b"\"}");
+        out
     }
-    out.extend_from_slice(b",\"network\":\"");
-    {
-        use std::io::Write;
-        // Writing to a `Vec` cannot fail.
-        let _ = write!(out, "{}", req.network);
+}
+
+/// [`ch::channel_state_json`]'s object, keys sorted as `serde_json` sorts them.
+fn channel_state(out: &mut Vec<u8>, channel: B256, state: &ChannelState) {
+    out.extend_from_slice(b"{\"balance\":\"");
+    decimal(out, state.balance);
+    out.extend_from_slice(b"\",\"channelId\":\"");
+    hex(out, channel.as_slice());
+    out.extend_from_slice(b"\",\"chargedCumulativeAmount\":\"");
+    decimal(out, state.charged_cumulative);
+    out.extend_from_slice(b"\",\"refundNonce\":\"");
+    match u128::try_from(state.refund_nonce) {
+        Ok(n) => decimal(out, n),
+        Err(_) => out.extend_from_slice(state.refund_nonce.to_string().as_bytes()),
     }
-    out.extend_from_slice(b"\",\"payer\":\"");
-    out.extend_from_slice(&checksummed(batch.channel_config().payer));
-    out.extend_from_slice(b"\",\"success\":true,\"transaction\":\"");
-    if let Some(m) = mirror {
-        hex(&mut out, m.transaction.as_slice());
-    }
-    out.extend_from_slice(b"\"}");
-    out
+    out.extend_from_slice(b"\",\"totalClaimed\":\"");
+    decimal(out, state.total_claimed);
+    out.extend_from_slice(b"\",\"withdrawRequestedAt\":");
+    decimal(out, u128::from(state.withdraw_requested_at));
+    out.push(b'}');
 }
 
 /// Payers' EIP-55 forms, remembered: a payer pays many vouchers, and each checksum is a
 /// Keccak (~5k instructions a receipt). Bounded: emptied when full.
-static CHECKSUMS: std::sync::LazyLock<
-    Mutex<std::collections::HashMap<alloy_primitives::Address, [u8; 42]>>,
-> = std::sync::LazyLock::new(Default::default);
+static CHECKSUMS: std::sync::LazyLock<Mutex<alloy_primitives::map::AddressMap<[u8; 42]>>> =
+    std::sync::LazyLock::new(Default::default);
 
 /// `payer` in its EIP-55 checksummed form (as `Address::to_checksum(None)`).
 fn checksummed(payer: alloy_primitives::Address) -> [u8; 42] {
@@ -378,31 +487,70 @@ impl<E> PayError<E> {
 
 #[cfg(test)]
 mod tests {
-    use alloy_primitives::{Address, B256, U256};
+    use alloy_primitives::{Address, U256};
 
     use super::*;
     use crate::proto::batch::{ChannelConfig, Voucher};
 
     /// The receipt as it was built before: a `serde_json::Value`, then serialized.
-    fn through_value(
-        req: &crate::proto::v2::PaymentRequirements,
-        batch: &BatchEvmPayload,
-        mirror: Option<Mirror>,
-        amount: u128,
-        extra: Option<ReceiptExtra<'_>>,
-    ) -> Vec<u8> {
+    fn through_value(r: &Receipt<'_>) -> Vec<u8> {
         let mut json = serde_json::json!({
             "success": true,
-            "payer": batch.channel_config().payer.to_checksum(None),
-            "transaction": mirror.map(|m| m.transaction.to_string()).unwrap_or_default(),
-            "network": req.network.caip2(),
-            "amount": amount.to_string(),
+            "payer": r.batch.channel_config().payer.to_checksum(None),
+            "transaction": r.mirror.map(|m| m.transaction.to_string()).unwrap_or_default(),
+            "network": r.req.network.caip2(),
+            "amount": r.amount.to_string(),
         });
-        if let (Some((charged, channel, state)), Some(obj)) = (extra, json.as_object_mut()) {
+        if let (Some((charged, channel, state)), Some(obj)) = (r.extra, json.as_object_mut()) {
             let extra = ch::receipt_extra(charged, channel, state);
             obj.insert("extra".into(), extra.into());
         }
         serde_json::to_vec(&json).unwrap_or_default()
+    }
+
+    /// Every width of amount, from zero to the `u128` and `U256` extremes.
+    const AMOUNTS: [u128; 6] = [0, 7, 1_000, u64::MAX as u128, 1 << 64, u128::MAX];
+
+    /// A channel record whose fields take the `i`-th widths.
+    fn state(config: &ChannelConfig, i: usize) -> ChannelState {
+        let n = AMOUNTS[i];
+        ChannelState {
+            config: config.clone(),
+            charged_cumulative: n,
+            signed_max_claimable: n,
+            signature: Default::default(),
+            balance: AMOUNTS[(i + 1) % AMOUNTS.len()],
+            total_claimed: AMOUNTS[(i + 2) % AMOUNTS.len()],
+            withdraw_requested_at: [0, 1_700_000_000, u64::MAX][i % 3],
+            refund_nonce: [U256::ZERO, U256::from(n), U256::MAX][i % 3],
+            onchain_synced_at: 0,
+            last_request_at: 0,
+        }
+    }
+
+    /// A voucher payload on `config` and a requirement on `network`.
+    fn payment(
+        config: &ChannelConfig,
+        network: crate::Network,
+    ) -> (BatchEvmPayload, PaymentRequirements) {
+        let batch = BatchEvmPayload::Voucher {
+            channel_config: config.clone(),
+            voucher: Voucher {
+                channel_id: B256::repeat_byte(0x5c),
+                max_claimable_amount: U256::from(1_000),
+                signature: Default::default(),
+            },
+        };
+        let req = PaymentRequirements {
+            scheme: crate::channel::SCHEME.into(),
+            network,
+            amount: U256::from(1_000),
+            asset: Address::repeat_byte(4).into(),
+            pay_to: Address::repeat_byte(2).into(),
+            max_timeout_seconds: 60,
+            extra: None,
+        };
+        (batch, req)
     }
 
     #[test]
@@ -416,13 +564,10 @@ mod tests {
             withdraw_delay: 900,
             salt: B256::ZERO,
         };
-        let batch = BatchEvmPayload::Voucher {
-            channel_config: config.clone(),
-            voucher: Voucher {
-                channel_id: B256::repeat_byte(0x5c),
-                max_claimable_amount: U256::from(1_000),
-                signature: Default::default(),
-            },
+        let mirror = Mirror {
+            transaction: B256::repeat_byte(0xe7),
+            balance: 0,
+            total_claimed: 0,
         };
         let mut checked = 0;
         for network in [
@@ -430,46 +575,27 @@ mod tests {
             crate::Network::eip155(1),
             crate::Network::eip155(u64::MAX),
         ] {
-            let req = crate::proto::v2::PaymentRequirements {
-                scheme: crate::channel::SCHEME.into(),
-                network,
-                amount: U256::from(1_000),
-                asset: Address::repeat_byte(4).into(),
-                pay_to: Address::repeat_byte(2).into(),
-                max_timeout_seconds: 60,
-                extra: None,
-            };
-            // Every width of amount, from zero to the `u128` and `U256` extremes.
-            let amounts = [0u128, 7, 1_000, u128::from(u64::MAX), 1 << 64, u128::MAX];
-            for (i, &n) in amounts.iter().enumerate() {
-                let state = ChannelState {
-                    config: config.clone(),
-                    charged_cumulative: n,
-                    signed_max_claimable: n,
-                    signature: Default::default(),
-                    balance: amounts[(i + 1) % amounts.len()],
-                    total_claimed: amounts[(i + 2) % amounts.len()],
-                    withdraw_requested_at: [0, 1_700_000_000, u64::MAX][i % 3],
-                    refund_nonce: [U256::ZERO, U256::from(n), U256::MAX][i % 3],
-                    onchain_synced_at: 0,
-                    last_request_at: 0,
-                };
-                let mirror = Mirror {
-                    transaction: B256::repeat_byte(0xe7),
-                    balance: 0,
-                    total_claimed: 0,
-                };
+            let (batch, req) = payment(&config, network);
+            for i in 0..AMOUNTS.len() {
+                let state = state(&config, i);
+                let charged = AMOUNTS[(i + 3) % AMOUNTS.len()];
                 for mirror in [None, Some(mirror)] {
                     for extra in [
                         None,
                         Some((None, B256::repeat_byte(0x5c), &state)),
-                        Some((Some(amounts[(i + 3) % amounts.len()]), B256::ZERO, &state)),
+                        Some((Some(charged), B256::ZERO, &state)),
                     ] {
-                        let ours = receipt(&req, &batch, mirror, n, extra);
-                        let theirs = through_value(&req, &batch, mirror, n, extra);
+                        let (req, batch, amount) = (&req, &batch, AMOUNTS[i]);
+                        let r = Receipt {
+                            req,
+                            batch,
+                            mirror,
+                            amount,
+                            extra,
+                        };
                         assert_eq!(
-                            String::from_utf8_lossy(&ours),
-                            String::from_utf8_lossy(&theirs)
+                            String::from_utf8_lossy(&r.json()),
+                            String::from_utf8_lossy(&through_value(&r))
                         );
                         checked += 1;
                     }

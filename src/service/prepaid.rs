@@ -29,12 +29,7 @@ where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     ResB: Body<Data = Bytes> + Send,
 {
-    let flow = Flow::new(
-        &shared,
-        &options,
-        response::Resource::of(&parts),
-        parts.method.clone(),
-    );
+    let flow = Flow::of(&shared, &options, &parts);
     let Some(prepaid) = &shared.prepaid else {
         let pay = Rejection::Pay { reason: None };
         return Ok(flow.reject(Stage::Decode, pay, None, None).await);

@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use alloy_signer::SignerSync;
 use async_trait::async_trait;
-use tower_x402::channel::serve::{Escrow, EscrowError, Mirror};
+use tower_x402::channel::serve::{CooperativeRefund, Escrow, EscrowChannel, EscrowError, Mirror};
 use tower_x402::channel::{self};
-use tower_x402::primitives::{B256, Bytes, U256};
-use tower_x402::proto::batch::{ChannelConfig, Deposit};
+use tower_x402::primitives::{B256, Bytes};
+use tower_x402::proto::batch::Deposit;
 use tower_x402::test_util::PrivateKeySigner;
 
 /// The deposit transaction the recording escrow reports.
@@ -30,10 +30,10 @@ pub struct RecordingEscrow {
 impl Escrow for RecordingEscrow {
     async fn deposit(
         &self,
-        _config: &ChannelConfig,
-        channel: B256,
+        channel: EscrowChannel<'_>,
         deposit: &Deposit,
     ) -> Result<Mirror, EscrowError> {
+        let channel = channel.id;
         if self.fail.load(Ordering::SeqCst) {
             return Err(EscrowError("injected: the deposit reverted".into()));
         }
@@ -50,13 +50,10 @@ impl Escrow for RecordingEscrow {
 
     async fn refund(
         &self,
-        _config: &ChannelConfig,
-        channel: B256,
-        claim: Option<(channel::ChannelClaim, Bytes)>,
-        amount: u128,
-        _nonce: U256,
-        _signature: Bytes,
+        channel: EscrowChannel<'_>,
+        refund: CooperativeRefund,
     ) -> Result<Mirror, EscrowError> {
+        let (channel, claim, amount) = (channel.id, refund.claim, refund.amount);
         if self.fail.load(Ordering::SeqCst) {
             return Err(EscrowError("injected: the refund reverted".into()));
         }

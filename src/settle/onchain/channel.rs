@@ -18,7 +18,7 @@ use async_trait::async_trait;
 
 use super::relayer::with_timeout;
 use super::{OnchainSettler, Sent, Submit};
-use crate::channel::serve::{Escrow, EscrowError, Mirror};
+use crate::channel::serve::{CooperativeRefund, Escrow, EscrowChannel, EscrowError, Mirror};
 use crate::channel::store::ChannelStore;
 use crate::channel::verify::BatchError;
 use crate::channel::{
@@ -70,10 +70,13 @@ fn escrow_error(what: &'static str) -> EscrowError {
 impl Escrow for OnchainSettler {
     async fn deposit(
         &self,
-        config: &ChannelConfig,
-        channel: B256,
+        channel: EscrowChannel<'_>,
         deposit: &Deposit,
     ) -> Result<Mirror, EscrowError> {
+        let EscrowChannel {
+            config,
+            id: channel,
+        } = channel;
         let amount = u128::try_from(deposit.amount)
             .map_err(|_| escrow_error("deposit amount beyond uint128"))?;
         let (collector, collector_data) = deposit_collector(deposit)?;
@@ -123,27 +126,23 @@ impl Escrow for OnchainSettler {
 
     async fn refund(
         &self,
-        config: &ChannelConfig,
-        channel: B256,
-        claim: Option<(ChannelClaim, alloy_primitives::Bytes)>,
-        amount: u128,
-        nonce: U256,
-        refund_signature: alloy_primitives::Bytes,
+        channel: EscrowChannel<'_>,
+        refund: CooperativeRefund,
     ) -> Result<Mirror, EscrowError> {
-        if let Some((claim, signature)) = claim {
+        if let Some((claim, signature)) = refund.claim {
             self.claim_channels(std::slice::from_ref(&claim), signature)
                 .await?;
         }
         let call = refundWithSignatureCall {
-            config: escrow_config(config),
-            amount,
-            nonce,
-            receiverAuthorizerSignature: refund_signature,
+            config: escrow_config(channel.config),
+            amount: refund.amount,
+            nonce: refund.nonce,
+            receiverAuthorizerSignature: refund.signature,
         };
         let (transaction, _) = self
             .send_escrow(call.abi_encode(), 1, Self::CHANNEL_CLAIM_GAS_PER_CHANNEL)
             .await?;
-        let state = self.read_channel(channel).await?;
+        let state = self.read_channel(channel.id).await?;
         Ok(Mirror {
             transaction,
             balance: state.balance,

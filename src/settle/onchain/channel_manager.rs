@@ -9,7 +9,7 @@ use alloy_primitives::{Address, B256, U256};
 use super::OnchainSettler;
 use super::channel::TxState;
 use crate::alert::{Alert, alert};
-use crate::channel::serve::{Escrow, EscrowError};
+use crate::channel::serve::{CooperativeRefund, Escrow, EscrowChannel, EscrowError};
 use crate::channel::store::{ChannelState, ChannelStore};
 use crate::channel::{ChannelClaim, ReceiverAuthorizer, claim_digest, refund_digest};
 use crate::clock::Clock;
@@ -712,16 +712,17 @@ async fn refund_held<S: ChannelStore>(r: &Refunds<'_, S>, id: B256, report: &mut
     // the next round reads the nonce and balance from the chain.
     let refunded = match signed {
         Ok(signature) => {
-            settler
-                .refund(
-                    &state.config,
-                    id,
-                    None,
-                    amount,
-                    state.refund_nonce,
-                    signature,
-                )
-                .await
+            let channel = EscrowChannel {
+                config: &state.config,
+                id,
+            };
+            let refund = CooperativeRefund {
+                claim: None,
+                amount,
+                nonce: state.refund_nonce,
+                signature,
+            };
+            settler.refund(channel, refund).await
         }
         Err(e) => Err(e),
     };
