@@ -226,8 +226,9 @@ pub fn channel_id(chain_id: u64, config: &ChannelConfig) -> B256 {
 /// config, and hashing it (three Keccak permutations) cost each voucher ~15k instructions.
 /// Only ids that [`channel_id`] computed are kept, so a hit (same id, chain and config) is the
 /// hash's own answer. Bounded: emptied when full.
+/// (A fixed-bytes hasher: the ids are hashes already, SipHash cost each lookup ~300 instructions.)
 static KNOWN: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<B256, (u64, ChannelConfig)>>,
+    std::sync::Mutex<alloy_primitives::map::B256Map<(u64, ChannelConfig)>>,
 > = std::sync::LazyLock::new(Default::default);
 
 /// How many channel ids [`is_channel_id`] remembers.

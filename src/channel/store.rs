@@ -14,9 +14,9 @@
 //! forgets every unclaimed voucher); Redis with AOF `fsync always` or PostgreSQL are (issue #19
 //! lists them; not here yet).
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
+use alloy_primitives::map::B256Map;
 use alloy_primitives::{B256, Bytes, U256};
 use async_trait::async_trait;
 
@@ -151,8 +151,11 @@ impl std::fmt::Debug for MemoryChannelStore {
 
 #[derive(Default)]
 struct Inner {
-    states: HashMap<B256, ChannelState>,
-    leases: HashMap<B256, (ClaimToken, u64)>,
+    // Keyed by channel id (a hash already): a fixed-bytes hasher, not SipHash.
+    states: B256Map<ChannelState>,
+    leases: B256Map<(ClaimToken, u64)>,
+    /// The last lease token handed out.
+    next_token: u128,
 }
 
 impl MemoryChannelStore {
@@ -197,7 +200,10 @@ impl ChannelStore for MemoryChannelStore {
         {
             return Ok(None);
         }
-        let token = ClaimToken::random();
+        // Unique within this store is enough (no other process shares it), and a counter
+        // costs no `getrandom` system call per request.
+        inner.next_token = inner.next_token.wrapping_add(1);
+        let token = ClaimToken(inner.next_token);
         inner.leases.insert(channel, (token, expires_at));
         Ok(Some(Lease { channel, token }))
     }
