@@ -297,8 +297,10 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         }
         let authentic = self.authenticate(terms, payload, now).await?;
         let payment = EscrowPayment { terms, payload };
-        self.leased(payment, |stored| {
-            self.pay_held(payment, authentic, stored, now, handler)
+        self.leased(payment, move |stored| async move {
+            let ready = self.ready(payment, authentic, stored, now).await?;
+            let outcome = handler(ready.accepted.max_charge()).await;
+            self.charge(ready, outcome, now).await
         })
         .await
     }
@@ -408,18 +410,15 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         })
     }
 
-    async fn pay_held<F, Fut, T, E>(
+    /// The checks against the channel's `stored` record and the deposit, under the lease:
+    /// what the handler may charge.
+    async fn ready<E>(
         &self,
         payment: EscrowPayment<'_>,
         authentic: verify::Authentic,
         stored: Option<ChannelState>,
         now: u64,
-        handler: F,
-    ) -> Result<Paid<T>, PayError<E>>
-    where
-        F: FnOnce(u128) -> Fut,
-        Fut: Future<Output = Result<(T, u128), E>>,
-    {
+    ) -> Result<Ready, PayError<E>> {
         let accepted = against_state(payment, authentic, &stored)?;
         let expected = stored.as_ref().map(|s| s.charged_cumulative);
         let mut state = stored.unwrap_or_else(|| fresh(&accepted, now));
@@ -431,7 +430,27 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
             expected,
             deposit,
         };
-        match handler(accepted.max_charge()).await {
+        Ok(Ready {
+            accepted,
+            state,
+            held,
+        })
+    }
+
+    /// Commits what the handler charged (at most its ceiling); a failed handler or an
+    /// overcharge commits nothing but a deposit that landed.
+    async fn charge<T, E>(
+        &self,
+        ready: Ready,
+        outcome: Result<(T, u128), E>,
+        now: u64,
+    ) -> Result<Paid<T>, PayError<E>> {
+        let Ready {
+            accepted,
+            mut state,
+            held,
+        } = ready;
+        match outcome {
             Ok((response, charged)) if charged <= accepted.max_charge() => {
                 state.charged_cumulative = accepted.charged_before + charged;
                 state.signed_max_claimable = accepted.max_claimable;
@@ -441,7 +460,7 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
                 Ok(Paid {
                     response,
                     charged,
-                    deposit,
+                    deposit: held.deposit,
                     state,
                 })
             }
@@ -553,6 +572,14 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
             ),
         }
     }
+}
+
+/// A paid request checked under its lease, before its handler runs: the accepted payload,
+/// the record to commit and what the commit expects.
+struct Ready {
+    accepted: Accepted,
+    state: ChannelState,
+    held: Held,
 }
 
 /// A request holding a channel's lease: the channel, the charged amount its commit expects
