@@ -1,4 +1,5 @@
-//! The module graph of the core has no import cycle (docs/ARCHITECTURE.md). Read from the
+//! The module graph of the core has no import cycle, and no function of the request path is
+//! longer than a screen (docs/ARCHITECTURE.md). The graph is read from the
 //! source: every `crate::<module>` a file of a top-level module names outside comments and
 //! its test module is an edge; the core's induced graph must be acyclic.
 
@@ -157,4 +158,67 @@ fn outside_modules_use_only_public_modules_and_the_core_never_imports_them() {
             );
         }
     }
+}
+
+/// The longest a function of the request path may be (issue #17: "no function in the request
+/// path longer than a screen"). A screen of rustfmt'd code, signature and closing brace included.
+const SCREEN: usize = 60;
+
+/// `(file:line name, lines)` of every function in `dir`'s files, test modules left out. The
+/// code is rustfmt'd: a function ends at the first line that is its indentation plus `}`.
+fn function_lengths(dir: &Path) -> Vec<(String, usize)> {
+    let mut paths = Vec::new();
+    files(dir, &mut paths);
+    let mut out = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).expect("a source file");
+        let lines: Vec<&str> = text.lines().collect();
+        // The unit tests at the end of a file are not the request path.
+        let end = lines
+            .iter()
+            .position(|l| *l == "#[cfg(test)]")
+            .unwrap_or(lines.len());
+        for (i, line) in lines[..end].iter().enumerate() {
+            let body = line.trim_start();
+            let indent = &line[..line.len() - body.len()];
+            let name = ["pub(crate) ", "pub(super) ", "pub "]
+                .iter()
+                .fold(body, |b, p| b.strip_prefix(p).unwrap_or(b));
+            let name = name.strip_prefix("async ").unwrap_or(name);
+            let Some(name) = name.strip_prefix("fn ") else {
+                continue;
+            };
+            if line.ends_with(';') {
+                continue; // a declaration in a trait
+            }
+            let close = format!("{indent}}}");
+            if let Some(len) = lines[i..end].iter().position(|l| *l == close) {
+                let name: String = name
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                let file = path
+                    .strip_prefix(dir)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
+                out.push((format!("{file}:{} {name}", i + 1), len + 1));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_function_in_the_request_path_is_longer_than_a_screen() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/service");
+    let lengths = function_lengths(&dir);
+    // The scan finds the stages it should (one that found none would pass vacuously).
+    assert!(lengths.len() > 40, "{lengths:?}");
+    assert!(
+        lengths.iter().any(|(f, _)| f.ends_with(" serve")),
+        "{lengths:?}"
+    );
+    let long: Vec<_> = lengths.iter().filter(|(_, n)| *n > SCREEN).collect();
+    assert!(long.is_empty(), "longer than {SCREEN} lines: {long:?}");
 }
