@@ -91,6 +91,9 @@ const PRICE: &str = "$0.001";
 const PATH: &str = "/weather";
 /// CPU a `bare-spin` handler burns per request (about a paid request's user time).
 const SPIN: Duration = Duration::from_micros(40);
+/// Signatures `bare-recover-fresh` signs at start and cycles through (~10 MB, as many as the
+/// nonces a paid run's memory store holds).
+const FRESH_SIGNATURES: usize = 100_000;
 /// The `bound` server's challenge key (a benchmark's, not a secret).
 const BENCH_CHALLENGE_KEY: [u8; 32] = [0x42; 32];
 
@@ -310,6 +313,32 @@ fn serve(args: &[String]) -> Result<(), BoxError> {
                                 let ok = recover_signer(made.0, &made.1).is_ok();
                                 if ok { "hello" } else { "bad" }
                             }
+                        }),
+                    )
+                }
+                // A new signature every request, as a paid server sees them (libsecp256k1's
+                // table walk then misses the caches as it does there), and none of the layer:
+                // the honest floor under `paid-memory`.
+                "bare-recover-fresh" => {
+                    let signer = FastSigner::new(option().requirements().clone());
+                    let now = unix_now();
+                    let made: Arc<[(B256, ABytes)]> = (0..FRESH_SIGNATURES)
+                        .map(|_| {
+                            let p = signer.payload(now, 300);
+                            (
+                                signing_hash(signer.separator, &p.authorization),
+                                p.signature,
+                            )
+                        })
+                        .collect();
+                    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                    Router::new().route(
+                        PATH,
+                        get(move || {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let (digest, sig) = &made[i % made.len()];
+                            let ok = recover_signer(*digest, sig).is_ok();
+                            async move { if ok { "hello" } else { "bad" } }
                         }),
                     )
                 }
@@ -1397,6 +1426,8 @@ async fn deferred_row(
 ///   its memory traffic;
 /// * `bare-recover`: a handler that recovers one signature (libsecp256k1's tables in the
 ///   caches, as in verification), without the layer;
+/// * `bare-recover-fresh`: the same with a signature it has not recovered before on every
+///   request (100,000 signed at start), as a paid server sees them: the floor under `paid-memory`;
 /// * `paid-memory`: the paid route, memory store, verify-only;
 /// * `bound`: the same with bound challenges (`bind_challenges`): each payment echoes the
 ///   challenge id and `resource` of a 402 fetched from the server at start, as official
@@ -1434,6 +1465,7 @@ async fn kernel(args: &[String]) -> Result<(), BoxError> {
             "bare-big",
             "bare-spin",
             "bare-recover",
+            "bare-recover-fresh",
             "paid-memory",
             "bound",
         ];
@@ -1472,7 +1504,7 @@ async fn kernel(args: &[String]) -> Result<(), BoxError> {
     );
     for scenario in scenarios {
         let (serve_as, header, source, expect) = match scenario {
-            "bare" | "bare-spin" | "bare-recover" => {
+            "bare" | "bare-spin" | "bare-recover" | "bare-recover-fresh" => {
                 (scenario, PAYMENT_SIGNATURE, Source::None, StatusCode::OK)
             }
             "bare-big" => (
