@@ -112,6 +112,14 @@ fn refuse(error: BatchError) -> Rejection {
     }
 }
 
+/// The store, the chain or the authorizer failed: 503, nothing charged, retry the same payload.
+fn unavailable(flow: &Flow<'_>) -> Rejection {
+    Rejection::Unavailable {
+        retry_after: flow.shared.retry_after,
+        reason: reason::SERVICE_UNAVAILABLE,
+    }
+}
+
 /// The stages before the engine: the layer has channels, the `before_verify` hooks, the
 /// route's option this payload pays (a v2 payload), its terms, the payload parsed.
 async fn admit<'a, B: Send>(
@@ -215,11 +223,9 @@ async fn answer<B: Send, E>(
         Ok(paid) => {
             let Some(Ok(res)) = handled else {
                 // The engine commits only after the handler answered Ok.
-                let r = Rejection::Unavailable {
-                    retry_after: flow.shared.retry_after,
-                    reason: reason::SERVICE_UNAVAILABLE,
-                };
-                return Ok(flow.reject(Stage::Settle, r, None, None).await);
+                return Ok(flow
+                    .reject(Stage::Settle, unavailable(flow), None, None)
+                    .await);
             };
             let receipt = Receipt {
                 req: a.req(),
@@ -267,42 +273,29 @@ async fn refused<B: Send>(
     channel: B256,
     e: PayError<()>,
 ) -> Answer<B> {
-    let unavailable = |_: &dyn std::fmt::Display| Rejection::Unavailable {
-        retry_after: flow.shared.retry_after,
-        reason: reason::SERVICE_UNAVAILABLE,
-    };
     match e {
         PayError::Refused {
             error: BatchError::CumulativeAmountMismatch,
             state: Some(state),
         } => corrective(flow, option, channel, &state).await,
         PayError::Refused { error, .. } => {
-            let r = Rejection::Pay {
-                reason: Some(error.reason()),
-            };
-            flow.reject(Stage::Verify, r, None, None).await
+            flow.reject(Stage::Verify, refuse(error), None, None).await
         }
         PayError::RefundUnsupported => {
-            let r = Rejection::Pay {
-                reason: Some(BatchError::RefundPayload.reason()),
-            };
+            let r = refuse(BatchError::RefundPayload);
             flow.reject(Stage::Verify, r, None, None).await
         }
         PayError::Escrow(e) => {
-            let r = unavailable(&e);
-            flow.reject(Stage::Settle, r, None, Some(&e)).await
+            flow.reject(Stage::Settle, unavailable(flow), None, Some(&e))
+                .await
         }
         PayError::Store(e) => {
-            let r = unavailable(&e);
-            flow.reject(Stage::Reserve, r, None, Some(&e)).await
+            flow.reject(Stage::Reserve, unavailable(flow), None, Some(&e))
+                .await
         }
-        PayError::Authorizer(e) => {
-            let r = unavailable(&e);
-            flow.reject(Stage::Settle, r, None, None).await
-        }
-        PayError::Handler(()) => {
-            let r = unavailable(&"handler");
-            flow.reject(Stage::Settle, r, None, None).await
+        PayError::Authorizer(_) | PayError::Handler(()) => {
+            flow.reject(Stage::Settle, unavailable(flow), None, None)
+                .await
         }
     }
 }
@@ -330,9 +323,7 @@ async fn corrective<B: Send>(
             }
         })
         .collect();
-    let r = Rejection::Pay {
-        reason: Some(BatchError::CumulativeAmountMismatch.reason()),
-    };
+    let r = refuse(BatchError::CumulativeAmountMismatch);
     let res = response::reject(flow.shared, &fixed, &flow.resource, r);
     flow.failed(Stage::Verify, &res, None, None).await;
     res
