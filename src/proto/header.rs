@@ -93,7 +93,11 @@ pub fn decode_bytes(value: &HeaderValue, max: usize) -> Result<Vec<u8>, HeaderEr
 /// [`decode_bytes`] as text: parsed with `serde_json::from_str`, whose strings need no
 /// second UTF-8 check (`from_slice` validates every string it reads: 2k instructions a proof).
 fn decode_text(value: &HeaderValue, max: usize) -> Result<String, HeaderError> {
-    let raw = within(value, max)?;
+    text(within(value, max)?)
+}
+
+/// The text an encoded value (size already checked) stands for.
+fn text(raw: &[u8]) -> Result<String, HeaderError> {
     // The STANDARD engine refuses '-', '_', whitespace, missing or excess padding and
     // non-zero trailing bits, so every proof has exactly one accepted encoding.
     let bytes = base64_decode(raw).ok_or(HeaderError::Base64)?;
@@ -266,7 +270,7 @@ fn decode_v2(value: &HeaderValue, max: usize) -> Result<PaymentPayload, HeaderEr
     if let Some(resumed) = PREFIXES.with_borrow(|prefixes| Some(resume(raw, prefixes.find(raw)?))) {
         return resumed;
     }
-    let json = decode_text(value, max)?;
+    let json = text(raw)?;
     let (typed, mark) = v2::PaymentPayload::from_json_marked(&json);
     if let (Ok(payload), Some(mark)) = (&typed, mark) {
         PREFIXES.with_borrow_mut(|prefixes| prefixes.keep(raw, &json, payload, mark));
