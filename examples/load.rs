@@ -266,6 +266,32 @@ async fn deferred_settler(
     Ok(builder.start()?)
 }
 
+/// A route whose handler recovers one of `count` signatures made at start, in turn, and
+/// nothing else (`bare-recover`: one, repeated; `bare-recover-fresh`: a new one each request).
+fn recover_router(count: usize) -> Router {
+    let signer = FastSigner::new(option().requirements().clone());
+    let now = unix_now();
+    let made: Arc<[(B256, ABytes)]> = (0..count)
+        .map(|_| {
+            let p = signer.payload(now, 300);
+            (
+                signing_hash(signer.separator, &p.authorization),
+                p.signature,
+            )
+        })
+        .collect();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    Router::new().route(
+        PATH,
+        get(move || {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (digest, sig) = &made[i % made.len()];
+            let ok = recover_signer(*digest, sig).is_ok();
+            async move { if ok { "hello" } else { "bad" } }
+        }),
+    )
+}
+
 /// `load serve <scenario> [--redis URL] [--rpc URL --journal PATH [--max-wait-ms MS]]`: prints
 /// `LISTENING <port>`, serves on one thread until stdin closes.
 fn serve(args: &[String]) -> Result<(), BoxError> {
@@ -297,51 +323,11 @@ fn serve(args: &[String]) -> Result<(), BoxError> {
                         "hello"
                     }),
                 ),
-                "bare-recover" => {
-                    let signer = FastSigner::new(option().requirements().clone());
-                    let p = signer.payload(unix_now(), 300);
-                    let made = (
-                        signing_hash(signer.separator, &p.authorization),
-                        p.signature,
-                    );
-                    let made = Arc::new(made);
-                    Router::new().route(
-                        PATH,
-                        get(move || {
-                            let made = made.clone();
-                            async move {
-                                let ok = recover_signer(made.0, &made.1).is_ok();
-                                if ok { "hello" } else { "bad" }
-                            }
-                        }),
-                    )
-                }
+                "bare-recover" => recover_router(1),
                 // A new signature every request, as a paid server sees them (libsecp256k1's
                 // table walk then misses the caches as it does there), and none of the layer:
                 // the honest floor under `paid-memory`.
-                "bare-recover-fresh" => {
-                    let signer = FastSigner::new(option().requirements().clone());
-                    let now = unix_now();
-                    let made: Arc<[(B256, ABytes)]> = (0..FRESH_SIGNATURES)
-                        .map(|_| {
-                            let p = signer.payload(now, 300);
-                            (
-                                signing_hash(signer.separator, &p.authorization),
-                                p.signature,
-                            )
-                        })
-                        .collect();
-                    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                    Router::new().route(
-                        PATH,
-                        get(move || {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let (digest, sig) = &made[i % made.len()];
-                            let ok = recover_signer(*digest, sig).is_ok();
-                            async move { if ok { "hello" } else { "bad" } }
-                        }),
-                    )
-                }
+                "bare-recover-fresh" => recover_router(FRESH_SIGNATURES),
                 "challenge" | "paid-memory" => Router::new()
                     .route(PATH, hello)
                     .route_layer(layer(None, None)?),
