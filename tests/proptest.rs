@@ -427,28 +427,21 @@ fn kept_fuzz_inputs_pass() {
     assert!(seen >= 10, "the seeds are missing: {seen} kept inputs");
 }
 
-/// Writes the seed inputs of the fuzz targets (`cargo test --features dev-heavy --test proptest -- --ignored`):
-/// valid documents and headers, so the fuzzer starts next to the paths that pay.
-#[test]
-#[ignore = "writes fuzz/seeds/; run by hand when the message formats change"]
-fn write_fuzz_seeds() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+/// The seed inputs of the fuzz targets, as `(target, file name, bytes)`: valid documents and
+/// headers, so the fuzzer starts next to the paths that pay.
+fn fuzz_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    let mut seeds = Vec::new();
     let docs = checks::template_docs().map(|d| serde_json::to_vec(&d).unwrap());
-    let write = |target: &str, name: &str, data: &[u8]| {
-        let dir = root.join(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(name), data).unwrap();
-    };
     for (doc, name) in docs.iter().zip(["v2", "v1", "v2-bound"]) {
-        write("payload", name, doc);
-        write("header", name, STANDARD.encode(doc).as_bytes());
+        seeds.push(("payload", name.to_owned(), doc.clone()));
+        seeds.push(("header", name.to_owned(), STANDARD.encode(doc).into_bytes()));
         // Selector: odd is X-PAYMENT, even PAYMENT-SIGNATURE (0 would be the separator).
         let mut json_mode = vec![Mode::Json.flag(), if name == "v1" { 1 } else { 2 }];
         if name == "v2-bound" {
             json_mode[0] |= flag::BOUND;
         }
         json_mode.extend(doc);
-        write("layer", &format!("json-{name}"), &json_mode);
+        seeds.push(("layer", format!("json-{name}"), json_mode));
     }
     for (mode, name) in [
         (Mode::TemplateV2, "tmpl-v2"),
@@ -460,18 +453,64 @@ fn write_fuzz_seeds() {
         } else {
             0
         };
-        write("layer", name, &[mode.flag() | bound | flag::TWICE]);
+        seeds.push((
+            "layer",
+            name.to_owned(),
+            vec![mode.flag() | bound | flag::TWICE],
+        ));
     }
-    write(
+    seeds.push((
         "layer",
-        "tmpl-v1-bound-unbound-v1",
-        &[Mode::TemplateV1.flag() | flag::BOUND | flag::UNBOUND_V1],
-    );
+        "tmpl-v1-bound-unbound-v1".to_owned(),
+        vec![Mode::TemplateV1.flag() | flag::BOUND | flag::UNBOUND_V1],
+    ));
     let challenge = serde_json::to_vec(&json!({
         "x402Version": 2,
         "resource": { "url": checks::URL },
         "accepts": [checks::requirements()],
     }))
     .unwrap();
-    write("payload", "challenge", &challenge);
+    seeds.push(("payload", "challenge".to_owned(), challenge));
+    seeds
+}
+
+/// `fuzz/seeds/` holds what [`fuzz_seeds`] makes today: the same files, each passing its
+/// target's checks, with the same bytes but for a bound document's challenge id (its salt is
+/// random). When the message formats change, rewrite them with
+/// `X402_WRITE_FUZZ_SEEDS=1 cargo test --all-features --test proptest fuzz_seeds`.
+#[test]
+fn fuzz_seeds_are_current() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
+    let seeds = fuzz_seeds();
+    if std::env::var_os("X402_WRITE_FUZZ_SEEDS").is_some() {
+        for (target, name, data) in &seeds {
+            let dir = root.join(target);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(name), data).unwrap();
+        }
+    }
+    let mut made: Vec<String> = seeds.iter().map(|(t, n, _)| format!("{t}/{n}")).collect();
+    made.sort();
+    let mut kept = Vec::new();
+    for target in ["header", "layer", "payload"] {
+        for entry in std::fs::read_dir(root.join(target)).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            kept.push(format!("{target}/{name}"));
+        }
+    }
+    kept.sort();
+    assert_eq!(made, kept, "fuzz/seeds/ is not what fuzz_seeds() makes");
+    for (target, name, data) in &seeds {
+        let check = match *target {
+            "header" => checks::header as fn(&[u8]),
+            "payload" => checks::payload,
+            _ => checks::layer,
+        };
+        check(data);
+        // A document with a challenge id differs in the id's random salt only.
+        if !name.contains("bound") || name.starts_with("tmpl") {
+            let file = std::fs::read(root.join(target).join(name)).unwrap();
+            assert_eq!(&file, data, "fuzz/seeds/{target}/{name} is out of date");
+        }
+    }
 }
