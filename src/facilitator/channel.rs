@@ -11,7 +11,9 @@
 //! # use tower_x402::primitives::{B256, Bytes};
 //! # struct MyAuthorizer;
 //! # impl tower_x402::channel::ReceiverAuthorizer for MyAuthorizer {
-//! #     fn sign_digest(&self, _: B256) -> Result<Bytes, tower_x402::store::BoxError> { unimplemented!() }
+//! #     fn sign_digest(&self, _: B256) -> Result<Bytes, tower_x402::store::BoxError> {
+//! #         Err("sign with the receiver-authorizer key (a local key, a KMS)".into())
+//! #     }
 //! # }
 //! use tower_x402::facilitator::FacilitatorClient;
 //!
