@@ -6,7 +6,6 @@
 # re-run an instant no-op. Exits non-zero if anything cannot be installed, so CI fails loudly
 # instead of the interop tests silently skipping.
 # Env: X402_TEST_DEPS (install dir, default <repo>/target/test-deps), X402_PYTHON (default python3).
-# Also installs cargo-hack into target/tools (see below).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,18 +19,6 @@ log() { printf '[install-test-deps] %s\n' "$*" >&2; }
 die() { printf '[install-test-deps] ERROR: %s\n' "$*" >&2; exit 1; }
 # The browser of the paywall test (tests/paywall.rs reads X402_CHROMIUM too).
 CHROMIUM="${X402_CHROMIUM:-/usr/bin/chromium}"
-
-# cargo-hack for scripts/check-package (the feature matrix), from crates.io into target/tools,
-# pinned; a no-op when that version is installed. `install-test-deps.sh cargo-hack` installs
-# only this (no node or python needed).
-CARGO_HACK_VERSION=0.6.46
-TOOLS="$ROOT/target/tools"
-if [ "$("$TOOLS/bin/cargo-hack" hack --version 2>/dev/null)" != "cargo-hack $CARGO_HACK_VERSION" ]; then
-  log "cargo install cargo-hack $CARGO_HACK_VERSION into $TOOLS"
-  cargo install --quiet --locked --root "$TOOLS" --version "$CARGO_HACK_VERSION" cargo-hack \
-    || die "cannot install cargo-hack $CARGO_HACK_VERSION from crates.io"
-fi
-[ "${1:-}" = cargo-hack ] && exit 0
 
 command -v node >/dev/null || die "node (>= 20) is required"
 command -v npm >/dev/null || die "npm is required"
