@@ -59,7 +59,7 @@ impl AuthorizerKeyError {
 /// use tower_x402::primitives::{B256, U256, address};
 /// use tower_x402::verify::exact::recover_signer;
 ///
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # fn main() -> Result<(), tower_x402::store::BoxError> {
 /// // In production: `LocalAuthorizer::from_env()?` (X402_RECEIVER_AUTHORIZER_KEY).
 /// let authorizer =
 ///     LocalAuthorizer::from_hex("0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba")?;
