@@ -19,23 +19,10 @@
 
 use std::time::Duration;
 
+use tower_x402::channel::LocalAuthorizer;
 use tower_x402::channel::redis::RedisChannelStore;
-use tower_x402::settle::onchain::{ChannelManager, OnchainSettler, ReceiverAuthorizer};
+use tower_x402::settle::onchain::{ChannelManager, OnchainSettler};
 use tower_x402::test_util::PrivateKeySigner;
-
-/// The receiver authorizer as a local key.
-struct Key(PrivateKeySigner);
-
-impl ReceiverAuthorizer for Key {
-    fn sign_digest(
-        &self,
-        digest: tower_x402::primitives::B256,
-    ) -> Result<tower_x402::primitives::Bytes, tower_x402::store::BoxError> {
-        use alloy_signer::SignerSync;
-        let sig = self.0.sign_hash_sync(&digest)?;
-        Ok(sig.as_bytes().to_vec().into())
-    }
-}
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -64,9 +51,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = arg(&args, "--redis").unwrap_or_else(|| "redis://127.0.0.1:6379/".into());
     let settler = OnchainSettler::connect(&rpc, key("X402_RELAYER_KEY")).await?;
     let store = RedisChannelStore::connect(&redis).await?;
-    let mut builder =
-        ChannelManager::builder(settler, store, Key(key("X402_RECEIVER_AUTHORIZER_KEY")))
-            .refund_idle_after(number(&args, "--refund-idle-after"));
+    // The channels' receiverAuthorizer, from X402_RECEIVER_AUTHORIZER_KEY.
+    let authorizer = LocalAuthorizer::from_env()?;
+    let mut builder = ChannelManager::builder(settler, store, authorizer)
+        .refund_idle_after(number(&args, "--refund-idle-after"));
     if let Some(t) = number(&args, "--threshold") {
         builder = builder.claim_threshold(t);
     }

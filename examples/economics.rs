@@ -847,19 +847,6 @@ impl ChannelRow {
     }
 }
 
-/// A receiver authorizer of the benchmark (a fresh key: it signs, it pays no gas).
-struct Authorizer(PrivateKeySigner);
-
-impl tower_x402::channel::ReceiverAuthorizer for Authorizer {
-    fn sign_digest(
-        &self,
-        digest: tower_x402::primitives::B256,
-    ) -> Result<tower_x402::primitives::Bytes, tower_x402::store::BoxError> {
-        use alloy_signer::SignerSync;
-        Ok(self.0.sign_hash_sync(&digest)?.as_bytes().to_vec().into())
-    }
-}
-
 /// The channel rows: for every calls-per-deposit and channels-per-claim pair, real
 /// transactions on the chain through the relayer (`OnchainSettler`): `channels` deposits of
 /// `calls` prices each (fresh channels), one claim of every channel's last voucher (cumulative
@@ -888,7 +875,8 @@ async fn channel_rows(env: &Env) -> Result<Vec<ChannelRow>, BoxError> {
     };
     let token = Asset::usdc_base_sepolia().address;
     let price = u128::try_from(env.option.requirements().amount)?;
-    let authorizer = Authorizer(PrivateKeySigner::random());
+    // The receiver authorizer: a fresh key (it signs the claims, it pays no gas).
+    let authorizer = channel::LocalAuthorizer::random()?;
     // The payer least used by the other modes.
     let payer = env.payers.last().ok_or("no payer")?;
     let sign = |digest: B256| -> Result<ABytes, BoxError> {
@@ -917,7 +905,7 @@ async fn channel_rows(env: &Env) -> Result<Vec<ChannelRow>, BoxError> {
                     payer: payer.address(),
                     payer_authorizer: payer.address(),
                     receiver: chain::PAY_TO,
-                    receiver_authorizer: authorizer.0.address(),
+                    receiver_authorizer: authorizer.address(),
                     token,
                     withdraw_delay: 900,
                     salt,

@@ -843,24 +843,16 @@ async fn a_commit_failing_after_the_handler_raises_an_alert_and_keeps_the_old_st
     assert_eq!(again.state.charged_cumulative, 2 * PRICE);
 }
 
-/// The test authorizer (signs claims and refunds).
-struct TestAuthorizer;
-
-impl tower_x402::channel::ReceiverAuthorizer for TestAuthorizer {
-    fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
-        let key: PrivateKeySigner =
-            "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba".parse()?;
-        Ok(Bytes::from(
-            key.sign_hash_sync(&digest)?.as_bytes().to_vec(),
-        ))
-    }
-}
-
 #[tokio::test]
 async fn a_cooperative_refund_claims_first_then_refunds_and_runs_no_handler() {
     let store = Arc::new(MemoryChannelStore::new());
     let escrow = Arc::new(RecordingEscrow::default());
-    let engine = Channels::new(store.clone(), escrow.clone()).with_authorizer(TestAuthorizer);
+    let engine = Channels::new(store.clone(), escrow.clone()).with_authorizer(
+        tower_x402::channel::LocalAuthorizer::from_hex(
+            "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba",
+        )
+        .expect("anvil #5"),
+    );
     let payer = Payer::new();
     let runs = AtomicUsize::new(0);
     serve(&engine, &payer.deposit(DEPOSIT, PRICE), &runs, PRICE)

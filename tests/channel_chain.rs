@@ -545,7 +545,7 @@ async fn the_official_client_opens_a_channel_through_our_relayer_and_pays_with_v
         .await
         .expect("settler");
     let channels = Channels::new(MemoryChannelStore::new(), settler.clone())
-        .with_authorizer(KeyAuthorizer(signer(AUTHORIZER_KEY)));
+        .with_authorizer(authorizer(&signer(AUTHORIZER_KEY)));
     let runs = std::sync::atomic::AtomicUsize::new(0);
     let deposit = verify::parse_raw(&official["deposit"]["payload"].to_string()).expect("deposit");
     let mut payloads = vec![deposit];
@@ -748,13 +748,9 @@ async fn claims_batch_31_channels_in_one_transaction_and_one_settle_pays_the_rec
     );
 }
 
-/// The receiver authorizer's key, as the manager's signer.
-struct KeyAuthorizer(PrivateKeySigner);
-
-impl tower_x402::settle::onchain::ReceiverAuthorizer for KeyAuthorizer {
-    fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
-        Ok(sign(&self.0, digest))
-    }
+/// The crate's local-key receiver authorizer with `key`: the engine's and the manager's signer.
+fn authorizer(key: &PrivateKeySigner) -> tower_x402::channel::LocalAuthorizer {
+    tower_x402::channel::LocalAuthorizer::from_bytes(key.to_bytes().0).expect("a signer's key")
 }
 
 impl Fixture {
@@ -898,7 +894,7 @@ async fn the_manager_claims_before_a_timed_withdrawal_can_take_unclaimed_voucher
             .unwrap_or_else(|e| panic!("call {call}: {e:?}"));
     }
     let charged = 5 * PRICE;
-    let authorizer = KeyAuthorizer(signer(AUTHORIZER_KEY));
+    let authorizer = authorizer(&signer(AUTHORIZER_KEY));
     // Nothing pressing: no withdrawal, below the threshold.
     let quiet = settler
         .watch_channels(&*store, &authorizer, now(), u128::MAX)
@@ -1180,15 +1176,12 @@ mod manager {
         const CALLS: u128 = 3;
         let ids = open(&mut f, &engine, 0, CHANNELS, CALLS, now()).await;
         let total = PRICE * CALLS * u128::from(CHANNELS);
-        let manager = ChannelManager::builder(
-            settler.clone(),
-            store.clone(),
-            KeyAuthorizer(f.authorizer.clone()),
-        )
-        .claim_threshold(PRICE)
-        .interval(Duration::from_millis(200))
-        .metrics_label("test", "many")
-        .build();
+        let manager =
+            ChannelManager::builder(settler.clone(), store.clone(), authorizer(&f.authorizer))
+                .claim_threshold(PRICE)
+                .interval(Duration::from_millis(200))
+                .metrics_label("test", "many")
+                .build();
         let (txs, before) = (relayer_txs(&f.chain).await, f.chain.balance(PAY_TO).await);
 
         let handle = manager.spawn();
@@ -1246,14 +1239,11 @@ mod manager {
         };
         // Three channels last used two hours ago: idle after an hour.
         let ids = open(&mut f, &engine, 10, 3, 2, now() - 7200).await;
-        let manager = ChannelManager::builder(
-            settler.clone(),
-            store.clone(),
-            KeyAuthorizer(f.authorizer.clone()),
-        )
-        .max_per_transaction(2)
-        .refund_idle_after(Some(3600))
-        .build();
+        let manager =
+            ChannelManager::builder(settler.clone(), store.clone(), authorizer(&f.authorizer))
+                .max_per_transaction(2)
+                .refund_idle_after(Some(3600))
+                .build();
         let txs = relayer_txs(&f.chain).await;
         let report = manager.run_once().await.expect("round");
         assert_eq!(report.claimed, 3, "{report:?}");
@@ -1286,14 +1276,11 @@ mod manager {
         };
         let ids = open(&mut f, &engine, 20, 1, 4, now()).await;
         let charged = 4 * PRICE;
-        let manager = ChannelManager::builder(
-            settler.clone(),
-            store.clone(),
-            KeyAuthorizer(f.authorizer.clone()),
-        )
-        .claim_before_withdrawal(300)
-        .settle(false)
-        .build();
+        let manager =
+            ChannelManager::builder(settler.clone(), store.clone(), authorizer(&f.authorizer))
+                .claim_before_withdrawal(300)
+                .settle(false)
+                .build();
         initiate_withdraw(&f).await;
         // 900 s to go: not yet.
         let early = manager.run_once().await.expect("round");
@@ -1322,11 +1309,10 @@ mod manager {
             .with_receipt_timeout(Duration::from_secs(2))
             .with_replace_after(None)
             .with_rpc_timeout(Duration::from_secs(2));
-        let manager =
-            ChannelManager::builder(settler, store.clone(), KeyAuthorizer(f.authorizer.clone()))
-                .claim_threshold(PRICE)
-                .settle(false)
-                .build();
+        let manager = ChannelManager::builder(settler, store.clone(), authorizer(&f.authorizer))
+            .claim_threshold(PRICE)
+            .settle(false)
+            .build();
         let retries = alert::count(Alert::SettlementRetry);
         f.chain.set_automine(false).await;
         let round = tokio::spawn({
@@ -1379,12 +1365,11 @@ mod manager {
         };
         let settler = settler.with_replace_after(None);
         let ids = open(&mut f, &engine, 40, 1, 3, now()).await;
-        let manager =
-            ChannelManager::builder(settler, store.clone(), KeyAuthorizer(f.authorizer.clone()))
-                .claim_threshold(PRICE)
-                .settle(false)
-                .interval(Duration::from_secs(3600))
-                .build();
+        let manager = ChannelManager::builder(settler, store.clone(), authorizer(&f.authorizer))
+            .claim_threshold(PRICE)
+            .settle(false)
+            .interval(Duration::from_secs(3600))
+            .build();
         f.chain.set_automine(false).await;
         let handle = manager.spawn();
         until("the claim in the pool", async || {
@@ -1585,13 +1570,10 @@ mod manager {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
 
         // The escrow takes the wallet's voucher too: the manager claims it.
-        let manager = ChannelManager::builder(
-            settler.clone(),
-            store.clone(),
-            KeyAuthorizer(f.authorizer.clone()),
-        )
-        .claim_threshold(PRICE)
-        .build();
+        let manager =
+            ChannelManager::builder(settler.clone(), store.clone(), authorizer(&f.authorizer))
+                .claim_threshold(PRICE)
+                .build();
         let report = manager.run_once().await.expect("round");
         assert_eq!((report.claimed, report.failures), (1, 0), "{report:?}");
         let on_chain = f.view(channelsCall { channelId: f.id }).await;

@@ -263,7 +263,7 @@ impl Server {
             .accept(channel_fac::option())
             .channels(
                 Channels::new(store.clone(), facilitator)
-                    .with_authorizer(channel_fac::KeyAuthorizer::anvil5()),
+                    .with_authorizer(channel_fac::authorizer()),
             )
             .build()
             .expect("layer");

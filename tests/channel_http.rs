@@ -71,7 +71,7 @@ impl Server {
             .accept(option)
             .channels(if authorizer {
                 Channels::new(store.clone(), escrow.clone())
-                    .with_authorizer(channel_fac::KeyAuthorizer::anvil5())
+                    .with_authorizer(channel_fac::authorizer())
             } else {
                 Channels::new(store.clone(), escrow.clone())
             })

@@ -227,20 +227,6 @@ mod on_chain {
 
     const PRICE: u128 = 1_000;
     const CHAIN_ID: u64 = 84532;
-    /// The receiver authorizer's key (anvil #5), signing claims and refunds.
-    const AUTHORIZER_KEY: &str =
-        "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
-
-    struct KeyAuthorizer(PrivateKeySigner);
-
-    impl channel::ReceiverAuthorizer for KeyAuthorizer {
-        fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
-            Ok(Bytes::from(
-                self.0.sign_hash_sync(&digest)?.as_bytes().to_vec(),
-            ))
-        }
-    }
-
     fn now() -> u64 {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -251,7 +237,7 @@ mod on_chain {
     /// Our server on `c`: a permit2 batch-settlement route whose handler counts its runs,
     /// deposits through our relayer.
     async fn server(c: &chain::Chain) -> (SocketAddr, OnchainSettler, Arc<AtomicUsize>) {
-        let authorizer: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
+        let authorizer = common::channel::authorizer();
         let relayer: PrivateKeySigner = chain::RELAYER_KEY.parse().expect("key");
         let option = PaymentOption::batch_settlement(
             &Asset::usdc_base_sepolia(),
@@ -273,7 +259,7 @@ mod on_chain {
             .accept(option)
             .channels(
                 Channels::new(Arc::new(MemoryChannelStore::new()), settler.clone())
-                    .with_authorizer(KeyAuthorizer(authorizer)),
+                    .with_authorizer(authorizer),
             )
             .build()
             .expect("layer");
@@ -399,7 +385,7 @@ mod on_chain {
     impl Payer {
         fn new(key: &str) -> Self {
             let key: PrivateKeySigner = key.parse().expect("key");
-            let authorizer: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
+            let authorizer = common::channel::authorizer();
             let config = ChannelConfig {
                 payer: key.address(),
                 payer_authorizer: key.address(),

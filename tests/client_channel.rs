@@ -44,13 +44,11 @@ use tower_x402::test_util::{PrivateKeySigner, encode};
 use tower_x402::upto::Usage;
 use tower_x402::{Asset, PaymentLayer, PaymentOption};
 
-use common::channel::{KeyAuthorizer, RecordingEscrow};
+use common::channel::{RecordingEscrow, authorizer};
 use common::paying::Counting;
 use common::serve;
 
 const PRICE: u128 = 1_000;
-/// Anvil #5: the server's receiver authorizer.
-const AUTHORIZER_KEY: &str = "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
 const RECEIVER: Address = address!("0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC");
 const CHAIN: u64 = 84532;
 
@@ -59,12 +57,11 @@ type Payer<Sg> = Paying<Http, Sg>;
 type Answer = Response<ResponseBody<hyper::body::Incoming>>;
 
 fn option() -> PaymentOption {
-    let authorizer: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
     PaymentOption::batch_settlement(
         &Asset::usdc_base_sepolia(),
         U256::from(PRICE),
         RECEIVER,
-        authorizer.address(),
+        authorizer().address(),
         900,
         AssetTransferMethod::Eip3009,
     )
@@ -77,10 +74,9 @@ async fn server<X: Escrow>(
     store: Arc<MemoryChannelStore>,
     escrow: X,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
-    let authorizer: PrivateKeySigner = AUTHORIZER_KEY.parse().expect("key");
     let layer = PaymentLayer::builder()
         .accept(option())
-        .channels(Channels::new(store, escrow).with_authorizer(KeyAuthorizer(authorizer)))
+        .channels(Channels::new(store, escrow).with_authorizer(authorizer()))
         .build()
         .expect("layer");
     let runs = Arc::new(AtomicUsize::new(0));

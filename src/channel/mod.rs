@@ -18,6 +18,7 @@
 //! `PaymentLayer` serve the scheme over HTTP with it (receipts with [`receipt_extra`], the
 //! corrective 402 with [`corrective_requirements`], refusals as catalogued `Reason`s).
 
+mod authorizer;
 mod dispatch;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -25,6 +26,7 @@ mod postgres;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 pub mod serve;
+pub use authorizer::{AuthorizerKeyError, LocalAuthorizer};
 pub(crate) use dispatch::{Handler, Serve};
 pub mod store;
 pub mod verify;

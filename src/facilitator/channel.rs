@@ -6,23 +6,18 @@
 //! only deposits, refunds, claims and settles go to the facilitator.
 //!
 //! ```no_run
+//! use tower_x402::channel::LocalAuthorizer;
 //! use tower_x402::channel::serve::Channels;
 //! use tower_x402::channel::store::MemoryChannelStore;
-//! # use tower_x402::primitives::{B256, Bytes};
-//! # struct MyAuthorizer;
-//! # impl tower_x402::channel::ReceiverAuthorizer for MyAuthorizer {
-//! #     fn sign_digest(&self, _: B256) -> Result<Bytes, tower_x402::store::BoxError> {
-//! #         Err("sign with the receiver-authorizer key (a local key, a KMS)".into())
-//! #     }
-//! # }
 //! use tower_x402::facilitator::FacilitatorClient;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let facilitator = FacilitatorClient::new("https://facilitator.example")?;
 //! // Deposits and cooperative refunds go through the facilitator; the server keeps its own
-//! // receiver-authorizer key (it signs the claims and refunds the facilitator submits).
+//! // receiver-authorizer key (it signs the claims and refunds the facilitator submits), here
+//! // from `X402_RECEIVER_AUTHORIZER_KEY` (a key in a KMS: implement `ReceiverAuthorizer`).
 //! let channels = Channels::new(MemoryChannelStore::new(), facilitator.clone())
-//!     .with_authorizer(MyAuthorizer);
+//!     .with_authorizer(LocalAuthorizer::from_env()?);
 //! // then `PaymentLayer::builder().accept(batch_option).channels(channels)`, and from a
 //! // manager task: `facilitator.claim_channels(..)`, `facilitator.settle_channels(..)`.
 //! # let _ = channels; Ok(()) }

@@ -1,15 +1,13 @@
 //! Shared pieces of the channel tests (`batch-settlement`): an escrow that records deposits
-//! and refunds (and can be told to fail), and a receiver authorizer from a local key.
+//! and refunds (and can be told to fail), and the receiver authorizer.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use alloy_signer::SignerSync;
 use async_trait::async_trait;
+use tower_x402::channel::LocalAuthorizer;
 use tower_x402::channel::serve::{CooperativeRefund, Escrow, EscrowChannel, EscrowError, Mirror};
-use tower_x402::channel::{self};
-use tower_x402::primitives::{B256, Bytes};
+use tower_x402::primitives::B256;
 use tower_x402::proto::batch::Deposit;
-use tower_x402::test_util::PrivateKeySigner;
 
 /// The deposit transaction the recording escrow reports.
 pub const DEPOSIT_TX: B256 = B256::repeat_byte(0xde);
@@ -72,13 +70,9 @@ impl Escrow for RecordingEscrow {
     }
 }
 
-/// The receiver authorizer's key (anvil #5), signing claims and refunds.
-pub struct KeyAuthorizer(pub PrivateKeySigner);
-
-impl channel::ReceiverAuthorizer for KeyAuthorizer {
-    fn sign_digest(&self, digest: B256) -> Result<Bytes, tower_x402::store::BoxError> {
-        Ok(Bytes::from(
-            self.0.sign_hash_sync(&digest)?.as_bytes().to_vec(),
-        ))
-    }
+/// The receiver authorizer of the channel tests: the crate's `LocalAuthorizer` with anvil #5's
+/// key, signing claims and refunds.
+pub fn authorizer() -> LocalAuthorizer {
+    LocalAuthorizer::from_hex("0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba")
+        .expect("anvil #5")
 }

@@ -17,19 +17,8 @@ use tower_x402::proto::batch::{
     BatchEvmPayload, ChannelConfig, Deposit, DepositAuthorization, Erc3009Authorization, Voucher,
 };
 
-/// The receiver authorizer's key (anvil #5).
-pub const AUTHORIZER_KEY: &str =
-    "0x8b3a350cf5c34c9194ca85829a2df0ec3153be0318b5e2d3348e872092edffba";
-
-/// The receiver authorizer of the channel tests (`tests/common/channel.rs`).
-pub use crate::common::channel::KeyAuthorizer;
-
-impl KeyAuthorizer {
-    /// Anvil #5.
-    pub fn anvil5() -> Self {
-        Self(AUTHORIZER_KEY.parse().expect("key"))
-    }
-}
+/// The receiver authorizer of the channel tests (`tests/common/channel.rs`): anvil #5.
+pub use crate::common::channel::authorizer;
 
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
@@ -183,7 +172,7 @@ mod official {
     use tower_x402::primitives::B256;
     use tower_x402::upto::Usage;
 
-    use super::{KeyAuthorizer, PRICE};
+    use super::{PRICE, authorizer};
     use crate::chain;
 
     /// Calls paid.
@@ -205,7 +194,7 @@ mod official {
     pub async fn metered_server<X: Escrow>(
         escrow: X,
     ) -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
-        let authorizer = KeyAuthorizer::anvil5();
+        let authorizer = authorizer();
         let option = super::option();
         let layer = PaymentLayer::builder()
             .accept(option)

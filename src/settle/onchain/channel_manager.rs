@@ -170,9 +170,10 @@ impl<S> std::fmt::Debug for ChannelManagerBuilder<S> {
 
 impl<S: ChannelStore> ChannelManager<S> {
     /// A manager of the channels in `store`, sending through `settler` (its relayer pays the
-    /// gas) and signing claims and refunds with the channels' receiver `authorizer`.
-    /// Defaults: claim at once when a withdrawal starts, no threshold otherwise, 32 channels
-    /// per claim transaction, no idle refunds, settle every round, a round a minute.
+    /// gas) and signing claims and refunds with the channels' receiver `authorizer` (a key in
+    /// process: [`LocalAuthorizer`](crate::channel::LocalAuthorizer)). Defaults: claim at
+    /// once when a withdrawal starts, no threshold otherwise, 32 channels per claim
+    /// transaction, no idle refunds, settle every round, a round a minute.
     pub fn builder(
         settler: OnchainSettler,
         store: S,
