@@ -33,17 +33,22 @@
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 1 | format version, `1` |
+//! | 1 | format version, `2` (ids of format `1` are still accepted) |
 //! | 4 | key id: the first 4 bytes of `HMAC-SHA256(key, "tower-x402 challenge key id")` |
 //! | 8 | expiry, Unix seconds, big-endian |
 //! | 16 | random salt |
 //! | 16 | `HMAC-SHA256(key, …)` truncated to 128 bits |
 //!
-//! The MAC covers a domain tag, the version, key id, expiry and salt, then the resource URL
-//! (as in `resource.url`), the HTTP method, and the requirement's scheme, network (chain id),
-//! amount, asset and `payTo`, each length-prefixed or fixed-width. It is compared in constant
-//! time. Clients treat the id as opaque: the official ones copy the requirement they chose,
-//! `extra` included, into `accepted`.
+//! The MAC covers a domain tag, the resource URL (as in `resource.url`), the HTTP method, and
+//! the requirement's scheme, network (chain id), amount, asset and `payTo`, each
+//! length-prefixed or fixed-width, zero-padded to whole SHA-256 blocks; then the version, key
+//! id, expiry and salt. It is compared in constant time. The binding comes first so that the
+//! hash state after it is the same for every id of one resource, method and price: it is
+//! kept per thread, and issuing or checking an id costs two SHA-256 compressions instead of
+//! five. (Format `1` absorbed the id's fields first, then the same binding unpadded, under
+//! another domain tag; such ids are still checked, as issued.) Clients treat the id as
+//! opaque: the official ones copy the requirement they chose, `extra` included, into
+//! `accepted`.
 //!
 //! The EIP-712 domain is taken from the server's own requirement (`extra.name` and
 //! `extra.version`), which carries no challenge: adding one changes nothing the payer signs.
@@ -85,7 +90,9 @@ pub const ENV_KEY: &str = "X402_CHALLENGE_KEY";
 /// The environment variable [`ChallengeKeys::from_env`] reads the previous key from (optional).
 pub const ENV_PREVIOUS_KEY: &str = "X402_CHALLENGE_KEY_PREVIOUS";
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// The first format: the id's fields absorbed before the binding ([`Key::mac_v1`]).
+const VERSION_1: u8 = 1;
 const KEY_ID_LEN: usize = 4;
 const SALT_LEN: usize = 16;
 const MAC_LEN: usize = 16;
@@ -93,7 +100,10 @@ const MAC_LEN: usize = 16;
 const RAW_LEN: usize = 1 + KEY_ID_LEN + 8 + SALT_LEN + MAC_LEN;
 /// Encoded length (unpadded base64 of [`RAW_LEN`] bytes).
 const ENCODED_LEN: usize = (RAW_LEN * 4).div_ceil(3);
-const DOMAIN: &[u8] = b"tower-x402 challenge v1\0";
+const DOMAIN_V1: &[u8] = b"tower-x402 challenge v1\0";
+const DOMAIN: &[u8] = b"tower-x402 challenge v2\0";
+/// SHA-256's block: the binding is padded to whole ones.
+const BLOCK: usize = 64;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -102,6 +112,9 @@ type HmacSha256 = Hmac<Sha256>;
 #[derive(Clone)]
 struct Key {
     id: [u8; KEY_ID_LEN],
+    /// Tells this key's states apart in the per-thread cache ([`BINDINGS`]): 128 bits of
+    /// `HMAC(key, "…key id")` (the id is its first 4 bytes).
+    print: [u8; 16],
     mac: HmacSha256,
 }
 
@@ -114,14 +127,28 @@ impl Key {
         let full = ider.finalize().into_bytes();
         let mut id = [0u8; KEY_ID_LEN];
         id.copy_from_slice(&full[..KEY_ID_LEN]);
-        Self { id, mac }
+        let mut print = [0u8; 16];
+        print.copy_from_slice(&full[..16]);
+        Self { id, print, mac }
     }
 
-    /// The MAC state over everything the id binds, ready to finalize.
+    /// The MAC state over everything a format-2 id binds, ready to finalize: the state after
+    /// the binding's blocks (from the per-thread cache), then the id's own fields (29 bytes:
+    /// with SHA-256's padding, one block).
     fn mac(&self, expiry: u64, salt: &[u8; SALT_LEN], binding: &Binding<'_>) -> HmacSha256 {
-        let mut m = self.mac.clone();
-        m.update(DOMAIN);
+        let mut m = BINDINGS.with_borrow_mut(|cache| cache.state(self, binding));
         m.update(&[VERSION]);
+        m.update(&self.id);
+        m.update(&expiry.to_be_bytes());
+        m.update(salt);
+        m
+    }
+
+    /// The MAC state over everything a format-1 id binds: the id's fields, then the binding.
+    fn mac_v1(&self, expiry: u64, salt: &[u8; SALT_LEN], binding: &Binding<'_>) -> HmacSha256 {
+        let mut m = self.mac.clone();
+        m.update(DOMAIN_V1);
+        m.update(&[VERSION_1]);
         m.update(&self.id);
         m.update(&expiry.to_be_bytes());
         m.update(salt);
@@ -140,6 +167,84 @@ impl Key {
         m.update(r.asset.as_slice());
         m.update(r.pay_to.as_slice());
         m
+    }
+}
+
+/// The bytes of `binding` a format-2 MAC starts with: the domain tag, then each field
+/// length-prefixed or fixed-width (so the fields are read back unambiguously), zero-padded to
+/// whole blocks.
+fn binding_blocks(binding: &Binding<'_>, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(DOMAIN);
+    let field = |out: &mut Vec<u8>, bytes: &[u8]| {
+        out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        out.extend_from_slice(bytes);
+    };
+    field(out, binding.url.as_bytes());
+    field(out, binding.method.as_bytes());
+    let r = binding.requirements;
+    field(out, r.scheme.as_bytes());
+    field(out, b"eip155");
+    out.extend_from_slice(&r.network.chain_id().to_be_bytes());
+    out.extend_from_slice(&r.amount.to_be_bytes::<32>());
+    out.extend_from_slice(r.asset.as_slice());
+    out.extend_from_slice(r.pay_to.as_slice());
+    out.resize(out.len().next_multiple_of(BLOCK), 0);
+}
+
+thread_local! {
+    /// The HMAC states after recent bindings' blocks, on this thread.
+    static BINDINGS: std::cell::RefCell<Bindings> = const {
+        std::cell::RefCell::new(Bindings { slots: Vec::new(), next: 0, scratch: Vec::new() })
+    };
+}
+
+/// The HMAC states after the binding blocks of recent (key, binding) pairs: every id of one
+/// resource, method and price starts its MAC the same, so only its own fields are hashed.
+/// A state is found by the key's [`Key::print`] and the binding's very bytes.
+struct Bindings {
+    slots: Vec<BindingState>,
+    /// The slot the next state replaces once all are taken.
+    next: usize,
+    /// The binding's bytes, built per call (kept: no allocation once grown).
+    scratch: Vec<u8>,
+}
+
+struct BindingState {
+    print: [u8; 16],
+    blocks: Box<[u8]>,
+    state: HmacSha256,
+}
+
+impl Bindings {
+    /// States kept per thread: a server has a few routes, methods and prices.
+    const SLOTS: usize = 8;
+
+    /// `key`'s HMAC state after `binding`'s blocks.
+    fn state(&mut self, key: &Key, binding: &Binding<'_>) -> HmacSha256 {
+        binding_blocks(binding, &mut self.scratch);
+        let blocks = &self.scratch[..];
+        if let Some(kept) = self
+            .slots
+            .iter()
+            .find(|s| s.print == key.print && *s.blocks == *blocks)
+        {
+            return kept.state.clone();
+        }
+        let mut state = key.mac.clone();
+        state.update(blocks);
+        let kept = BindingState {
+            print: key.print,
+            blocks: blocks.into(),
+            state: state.clone(),
+        };
+        if self.slots.len() < Self::SLOTS {
+            self.slots.push(kept);
+        } else {
+            self.slots[self.next] = kept;
+            self.next = (self.next + 1) % Self::SLOTS;
+        }
+        state
     }
 }
 
@@ -417,9 +522,11 @@ impl ChallengeKeys {
         let (version, rest) = head.split_at(1);
         let (key_id, rest) = rest.split_at(KEY_ID_LEN);
         let (expiry, salt) = rest.split_at(8);
-        if version != [VERSION] {
-            return Err(ChallengeError::Malformed);
-        }
+        let v1 = match version {
+            [VERSION] => false,
+            [VERSION_1] => true,
+            _ => return Err(ChallengeError::Malformed),
+        };
         let expiry = u64::from_be_bytes(expiry.try_into().map_err(|_| ChallengeError::Malformed)?);
         let salt: &[u8; SALT_LEN] = salt.try_into().map_err(|_| ChallengeError::Malformed)?;
         let mut known = false;
@@ -429,12 +536,12 @@ impl ChallengeKeys {
                 continue;
             }
             known = true;
+            let mac = match v1 {
+                true => key.mac_v1(expiry, salt, binding),
+                false => key.mac(expiry, salt, binding),
+            };
             // Constant-time comparison of the truncated tag.
-            if key
-                .mac(expiry, salt, binding)
-                .verify_truncated_left(tag)
-                .is_ok()
-            {
+            if mac.verify_truncated_left(tag).is_ok() {
                 authentic = true;
                 break;
             }
@@ -624,13 +731,98 @@ mod tests {
             assert!(got.is_err(), "{bad:?}");
             assert_eq!(got.unwrap_err().reason(), "invalid_challenge", "{bad:?}");
         }
-        // The version byte is checked.
+        // The version byte is checked (format 1 is checked as format 1: its MAC differs).
         let mut raw = URL_SAFE_NO_PAD.decode(&id).unwrap();
-        raw[0] = 2;
+        raw[0] = 1;
+        assert_eq!(
+            keys.check(&URL_SAFE_NO_PAD.encode(&raw), &b),
+            Err(ChallengeError::Mismatch)
+        );
+        raw[0] = 3;
         assert_eq!(
             keys.check(&URL_SAFE_NO_PAD.encode(raw), &b),
             Err(ChallengeError::Malformed)
         );
+    }
+
+    /// A format-1 id, made as the first format made it.
+    fn issue_v1(keys: &ChallengeKeys, expiry: u64, binding: &Binding<'_>) -> String {
+        let salt = [9u8; SALT_LEN];
+        let tag = keys
+            .current
+            .mac_v1(expiry, &salt, binding)
+            .finalize()
+            .into_bytes();
+        let mut raw = vec![VERSION_1];
+        raw.extend_from_slice(&keys.current.id);
+        raw.extend_from_slice(&expiry.to_be_bytes());
+        raw.extend_from_slice(&salt);
+        raw.extend_from_slice(&tag[..MAC_LEN]);
+        URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    #[test]
+    fn format_1_ids_are_still_checked() {
+        let keys = ChallengeKeys::new([1; 32]).with_clock(FixedClock::new(1_000));
+        let r = req();
+        let id = issue_v1(&keys, 2_000, &binding(&r));
+        assert_eq!(keys.check(&id, &binding(&r)), Ok(()));
+        let post = Binding {
+            method: "POST",
+            ..binding(&r)
+        };
+        assert_eq!(keys.check(&id, &post), Err(ChallengeError::Mismatch));
+        // The same fields under format 2 are another MAC.
+        let mut raw = URL_SAFE_NO_PAD.decode(&id).unwrap();
+        raw[0] = VERSION;
+        let as_v2 = URL_SAFE_NO_PAD.encode(raw);
+        assert_eq!(
+            keys.check(&as_v2, &binding(&r)),
+            Err(ChallengeError::Mismatch)
+        );
+    }
+
+    /// The per-thread states give the MAC computed from scratch, whatever was cached before:
+    /// more bindings than slots, in turn, under two keys, one of them with the other's id.
+    #[test]
+    fn cached_binding_states_are_the_uncached_mac() {
+        let (k1, k2) = (Key::new(&[1; 32]), Key::new(&[2; 32]));
+        // A key sharing k1's id (4 bytes) but not its secret: never k1's state.
+        let twin = Key {
+            id: k1.id,
+            ..k2.clone()
+        };
+        let r = req();
+        let urls: Vec<String> = (0..20)
+            .map(|i| format!("http://api.test/{}", "x".repeat(i * 7)))
+            .collect();
+        let salt = [5u8; SALT_LEN];
+        let scratch = |key: &Key, b: &Binding<'_>| {
+            let mut blocks = Vec::new();
+            binding_blocks(b, &mut blocks);
+            assert_eq!(blocks.len() % BLOCK, 0);
+            let mut m = key.mac.clone();
+            m.update(&blocks);
+            m.update(&[VERSION]);
+            m.update(&key.id);
+            m.update(&7u64.to_be_bytes());
+            m.update(&salt);
+            m.finalize().into_bytes()
+        };
+        for round in 0..3 {
+            for (i, url) in urls.iter().enumerate() {
+                let b = Binding {
+                    url,
+                    method: if i % 2 == 0 { "GET" } else { "POST" },
+                    requirements: &r,
+                };
+                for key in [&k1, &twin, &k2] {
+                    let got = key.mac(7, &salt, &b).finalize().into_bytes();
+                    assert_eq!(got, scratch(key, &b), "round {round} url {i}");
+                }
+                assert_ne!(scratch(&k1, &b), scratch(&twin, &b));
+            }
+        }
     }
 
     #[test]

@@ -157,9 +157,8 @@ fn sweep(shard: &mut Shard<NonceKey, Entry>, now: u32, min: usize) {
     shard.sweep(min, |_, e| e.expires_at > now);
 }
 
-#[async_trait]
-impl NonceStore for MemoryNonceStore {
-    async fn reserve(&self, key: &NonceKey, expires_at: u64) -> Result<Reservation, StoreError> {
+impl MemoryNonceStore {
+    fn reserve_sync(&self, key: &NonceKey, expires_at: u64) -> Result<Reservation, StoreError> {
         use alloy_primitives::map::hash_map::Entry as Slot;
         let now = self.inner.offset(self.inner.clock.now());
         let cap = self.inner.entries.capacity_per_shard();
@@ -196,6 +195,14 @@ impl NonceStore for MemoryNonceStore {
         }
         Ok(Reservation::Reserved(ClaimToken(u128::from(t))))
     }
+}
+
+/// Every answer is at hand: the `*_now` methods give it without a boxed future.
+#[async_trait]
+impl NonceStore for MemoryNonceStore {
+    async fn reserve(&self, key: &NonceKey, expires_at: u64) -> Result<Reservation, StoreError> {
+        self.reserve_sync(key, expires_at)
+    }
 
     async fn consume(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
         self.update(key, token, true)
@@ -203,6 +210,22 @@ impl NonceStore for MemoryNonceStore {
 
     async fn release(&self, key: &NonceKey, token: ClaimToken) -> Result<(), StoreError> {
         self.update(key, token, false)
+    }
+
+    fn reserve_now(
+        &self,
+        key: &NonceKey,
+        expires_at: u64,
+    ) -> Option<Result<Reservation, StoreError>> {
+        Some(self.reserve_sync(key, expires_at))
+    }
+
+    fn consume_now(&self, key: &NonceKey, token: ClaimToken) -> Option<Result<(), StoreError>> {
+        Some(self.update(key, token, true))
+    }
+
+    fn release_now(&self, key: &NonceKey, token: ClaimToken) -> Option<Result<(), StoreError>> {
+        Some(self.update(key, token, false))
     }
 }
 

@@ -99,6 +99,32 @@ pub trait NonceStore: Send + Sync + 'static {
     fn is_shared(&self) -> bool {
         false
     }
+
+    /// [`Self::reserve`]'s answer at once, when this store needs no I/O for it (the memory
+    /// store); `None`, the default, says to await `reserve`. The layer asks this first: an
+    /// answer here saves the boxed future of `reserve`. Must agree with `reserve`.
+    fn reserve_now(
+        &self,
+        key: &NonceKey,
+        expires_at: u64,
+    ) -> Option<Result<Reservation, StoreError>> {
+        let _ = (key, expires_at);
+        None
+    }
+
+    /// [`Self::consume`] at once, as [`Self::reserve_now`]; `None` (the default): await
+    /// `consume`, which then has not run.
+    fn consume_now(&self, key: &NonceKey, token: ClaimToken) -> Option<Result<(), StoreError>> {
+        let _ = (key, token);
+        None
+    }
+
+    /// [`Self::release`] at once, as [`Self::reserve_now`]; `None` (the default): await
+    /// `release`, which then has not run.
+    fn release_now(&self, key: &NonceKey, token: ClaimToken) -> Option<Result<(), StoreError>> {
+        let _ = (key, token);
+        None
+    }
 }
 
 #[async_trait]
@@ -114,5 +140,18 @@ impl<T: NonceStore + ?Sized> NonceStore for Arc<T> {
     }
     fn is_shared(&self) -> bool {
         (**self).is_shared()
+    }
+    fn reserve_now(
+        &self,
+        key: &NonceKey,
+        expires_at: u64,
+    ) -> Option<Result<Reservation, StoreError>> {
+        (**self).reserve_now(key, expires_at)
+    }
+    fn consume_now(&self, key: &NonceKey, token: ClaimToken) -> Option<Result<(), StoreError>> {
+        (**self).consume_now(key, token)
+    }
+    fn release_now(&self, key: &NonceKey, token: ClaimToken) -> Option<Result<(), StoreError>> {
+        (**self).release_now(key, token)
     }
 }

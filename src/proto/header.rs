@@ -267,7 +267,7 @@ pub fn decode_payload(
 /// and parsed), else the whole, whose start is then kept.
 fn decode_v2(value: &HeaderValue, max: usize) -> Result<PaymentPayload, HeaderError> {
     let raw = within(value, max)?;
-    if let Some(resumed) = PREFIXES.with_borrow(|prefixes| Some(resume(raw, prefixes.find(raw)?))) {
+    if let Some(resumed) = PREFIXES.with_borrow(|prefixes| resume(raw, prefixes.find(raw)?)) {
         return resumed;
     }
     let json = text(raw)?;
@@ -282,20 +282,42 @@ fn decode_v2(value: &HeaderValue, max: usize) -> Result<PaymentPayload, HeaderEr
 /// text is whole quanta without padding, so `raw` is canonical base64 iff the rest is, and
 /// decodes to the kept bytes followed by the rest's; the kept bytes before the `payload`
 /// value are UTF-8 and end at a character, so the whole is UTF-8 iff the rest is.
-fn resume(raw: &[u8], prefix: &Prefix) -> Result<PaymentPayload, HeaderError> {
+///
+/// With a bound challenge ([`IdSlot`]) the quanta holding its id are decoded too: when they
+/// hold the kept bytes around an id of plain base64url characters, the document is the kept
+/// one with another id (read as the kept head with that id); anything else is `None`, and the
+/// whole is decoded as without a kept start.
+fn resume(raw: &[u8], prefix: &Prefix) -> Option<Result<PaymentPayload, HeaderError>> {
+    let bound;
+    let (head, id) = match &prefix.id {
+        None => (&prefix.head, None),
+        Some(slot) => {
+            let id = slot.read(raw, &prefix.before)?;
+            bound = prefix.head.with_challenge(id.as_str());
+            (&bound, Some((slot, id)))
+        }
+    };
     let encoded = &raw[prefix.b64.len()..];
     let mut bytes = Vec::with_capacity(prefix.start.len() + encoded.len() / 4 * 3 + 3);
     bytes.extend_from_slice(prefix.start.as_bytes());
     if !base64_append(encoded, &mut bytes) {
-        return Err(HeaderError::Base64);
+        return Some(Err(HeaderError::Base64));
     }
-    let rest = String::from_utf8(bytes).map_err(|_| HeaderError::Utf8)?;
-    if let Some(payload) = v2::PaymentPayload::read_after(&rest, &prefix.head) {
-        return v2_or_refusal(&rest, Ok(payload));
+    let Ok(rest) = String::from_utf8(bytes) else {
+        return Some(Err(HeaderError::Utf8));
+    };
+    if let Some(payload) = v2::PaymentPayload::read_after(&rest, head) {
+        return Some(v2_or_refusal(&rest, Ok(payload)));
     }
     // Declined by the direct path: serde's answer for the whole, as `from_json` gives it.
-    let whole = [&*prefix.before, &rest].concat();
-    v2_or_refusal(&whole, serde_json::from_str(&whole))
+    let whole = match id {
+        None => [&*prefix.before, &rest].concat(),
+        Some((slot, id)) => {
+            let (lead, trail) = slot.around(&prefix.before);
+            [lead, id.as_str(), trail, &rest].concat()
+        }
+    };
+    Some(v2_or_refusal(&whole, serde_json::from_str(&whole)))
 }
 
 fn v2_or_refusal(
@@ -330,8 +352,8 @@ thread_local! {
 /// quanta), its bytes and what the direct parser read from them ([`v2::Head`]). Every proof
 /// paying one option of one route starts with the same text (`x402Version`, the `resource`
 /// and `accepted` echoes, in the client's key order) whoever pays: only the rest, the
-/// payer's own, is decoded and parsed. A bound challenge's start is not kept (its id is
-/// new with every challenge).
+/// payer's own, is decoded and parsed. A bound challenge's id is new with every challenge:
+/// the quanta that hold it are decoded per proof ([`IdSlot`]), the text around them is kept.
 struct Prefixes {
     slots: Vec<Prefix>,
     /// The slot the next start replaces once all are taken.
@@ -346,6 +368,116 @@ struct Prefix {
     /// Their bytes from the `payload` value on (one or two).
     start: Box<str>,
     head: v2::Head,
+    /// Where a bound challenge's id sits in them: its quanta differ from proof to proof.
+    id: Option<IdSlot>,
+}
+
+impl Prefix {
+    /// Whether `raw` starts with this start (the id's quanta aside), followed by at least
+    /// one quantum.
+    fn matches(&self, raw: &[u8]) -> bool {
+        let n = self.b64.len();
+        if raw.len() < n + 4 {
+            return false;
+        }
+        match &self.id {
+            None => raw.starts_with(&self.b64),
+            Some(slot) => {
+                let (from, to) = (slot.first * 4, slot.end * 4);
+                raw[..from] == self.b64[..from] && raw[to..n] == self.b64[to..]
+            }
+        }
+    }
+}
+
+/// A bound challenge's id in a kept start: the id's text is new with every challenge, the
+/// text around it the same. Quanta `first..end` hold it (with kept bytes before and after it
+/// in the first and the last); the id starts at byte `at` and is `len` long.
+struct IdSlot {
+    first: usize,
+    end: usize,
+    at: usize,
+    len: usize,
+}
+
+/// The characters of a challenge id (base64url): plain JSON string content, no escape.
+fn id_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+impl IdSlot {
+    /// Longest id kept: its quanta are decoded on the stack.
+    const MAX_LEN: usize = 90;
+
+    /// Where `id`, the challenge the direct parser read before the `payload` value, sits in
+    /// `before` (the text it read it from): its one `"challenge":"id"` (keys and strings
+    /// the direct path takes hold no quote or escape, so that text is the `extra` entry).
+    fn new(before: &str, id: &str) -> Option<Self> {
+        let ok = !id.is_empty() && id.len() <= Self::MAX_LEN && id.bytes().all(id_char);
+        let entry = format!("\"{}\":\"{id}\"", v2::CHALLENGE);
+        let mut found = before.match_indices(&entry);
+        let (Some((i, _)), None, true) = (found.next(), found.next(), ok) else {
+            return None;
+        };
+        let at = i + entry.len() - id.len() - 1;
+        let end = (at + id.len()).div_ceil(3);
+        (end * 3 <= before.len()).then_some(Self {
+            first: at / 3,
+            end,
+            at,
+            len: id.len(),
+        })
+    }
+
+    /// The kept text before the `payload` value, before and after the id.
+    fn around<'b>(&self, before: &'b str) -> (&'b str, &'b str) {
+        (&before[..self.at], &before[self.at + self.len..])
+    }
+
+    /// The id `raw` carries where the kept start has one: its quanta, decoded, must be the
+    /// kept bytes around `len` id characters. `None` otherwise (bad base64 included).
+    fn read(&self, raw: &[u8], before: &str) -> Option<IdText> {
+        let mut bytes = [0u8; Self::MAX_LEN + 6];
+        let quanta = raw.get(self.first * 4..self.end * 4)?;
+        let dst = bytes.get_mut(..quanta.len() / 4 * 3)?;
+        let mut bad = 0;
+        for (q, out) in quanta.chunks_exact(4).zip(dst.chunks_exact_mut(3)) {
+            let v = SEXTETS[0][usize::from(q[0])]
+                | SEXTETS[1][usize::from(q[1])]
+                | SEXTETS[2][usize::from(q[2])]
+                | SEXTETS[3][usize::from(q[3])];
+            bad |= v;
+            out.copy_from_slice(&v.to_be_bytes()[1..]);
+        }
+        let lead = self.at - self.first * 3;
+        let kept = before.as_bytes();
+        let ok = bad & INVALID == 0
+            && dst[..lead] == kept[self.first * 3..self.at]
+            && dst[lead + self.len..] == kept[self.at + self.len..self.end * 3]
+            && dst[lead..lead + self.len].iter().all(|&b| id_char(b));
+        if !ok {
+            return None;
+        }
+        let mut id = IdText {
+            bytes: [0; Self::MAX_LEN],
+            len: self.len,
+        };
+        id.bytes[..self.len].copy_from_slice(&dst[lead..lead + self.len]);
+        Some(id)
+    }
+}
+
+/// A challenge id read by [`IdSlot::read`]: id characters only.
+struct IdText {
+    bytes: [u8; IdSlot::MAX_LEN],
+    len: usize,
+}
+
+impl IdText {
+    fn as_str(&self) -> &str {
+        // ASCII by construction: never the empty fallback.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
 }
 
 impl Prefixes {
@@ -354,9 +486,7 @@ impl Prefixes {
 
     /// The kept start `raw` begins with, followed by at least one quantum.
     fn find(&self, raw: &[u8]) -> Option<&Prefix> {
-        self.slots
-            .iter()
-            .find(|p| raw.len() >= p.b64.len() + 4 && raw.starts_with(&p.b64))
+        self.slots.iter().find(|p| p.matches(raw))
     }
 
     /// Keeps the start of `raw` (decoded to `json`, parsed to `payload`, its `payload` value
@@ -372,14 +502,20 @@ impl Prefixes {
         ) else {
             return;
         };
-        let Some(head) = v2::Head::new(payload, mark) else {
-            return;
+        let head = v2::Head::new(payload, mark);
+        let id = match head.challenge() {
+            Some(id) => match IdSlot::new(before, id) {
+                Some(slot) => Some(slot),
+                None => return,
+            },
+            None => None,
         };
         let prefix = Prefix {
             b64: b64.into(),
             before: before.into(),
             start: start.into(),
             head,
+            id,
         };
         if self.slots.len() < Self::SLOTS {
             self.slots.push(prefix);
@@ -573,36 +709,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_kept_start_decodes_as_the_whole() {
-        use super::super::compact::SIG;
-        let accepted = r#"{"amount":"10000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","extra":{"name":"USDC","version":"2"},"maxTimeoutSeconds":60,"network":"eip155:84532","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","scheme":"exact"}"#;
-        let payload = format!(
-            r#"{{"signature":"{SIG}","authorization":{{"from":"0x857b06519E91e3A54538791bDbb0E22373e36b66","to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","value":"10000","validAfter":"1740672089","validBefore":"1740672154","nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480"}}}}"#
-        );
-        let resource = r#"{"url":"https://api.example.com/weather","description":"Wéather"}"#;
-        let seeds = [
-            // Keys sorted (`test_util::v2_json`): `x402Version` after `payload`.
-            format!(r#"{{"accepted":{accepted},"payload":{payload},"x402Version":2}}"#),
-            // The official clients' order, `resource` echoed.
-            format!(
-                r#"{{"x402Version":2,"resource":{resource},"accepted":{accepted},"payload":{payload}}}"#
-            ),
-        ];
+    /// Each seed decoded once (its start kept), then every byte near each of its seams
+    /// (`seams` gives their offsets) replaced, dropped or doubled, and some documents cut,
+    /// padded or broken as base64: the same payload or the same refusal as without the kept
+    /// start. Returns how many went through a kept start.
+    fn kept_starts_agree(seeds: &[String], seams: impl Fn(&str) -> Vec<usize>) -> usize {
         let mut hits = 0;
-        for seed in &seeds {
+        for seed in seeds {
             PREFIXES.with_borrow_mut(|p| p.slots.clear());
             assert!(decode_v2(&header(seed.as_bytes()), usize::MAX).is_ok());
+            assert_eq!(PREFIXES.with_borrow(|p| p.slots.len()), 1, "{seed}");
             let at = seed.find(r#""payload":"#).unwrap() + 10;
-            // Bytes around where `payload` starts and at the end, replaced, dropped or
-            // doubled; and each document also cut or padded as base64 text.
+            let near = seams(seed);
             let mut docs = Vec::new();
             for (i, ch) in seed.char_indices() {
-                if (i + 8 < at || i > at + 40) && i + 24 < seed.len() {
+                let close = near.iter().any(|&s| i + 8 >= s && i <= s + 8);
+                if !close && (i + 8 < at || i > at + 40) && i + 24 < seed.len() {
                     continue;
                 }
                 let end = i + ch.len_utf8();
-                for r in ["", " ", "\"", "\\", "0", "}", ",", "é", "\u{1}", "null"] {
+                for r in [
+                    "", " ", "\"", "\\", "0", "}", ",", "é", "\u{1}", "null", "-", "+",
+                ] {
                     docs.push(format!("{}{r}{}", &seed[..i], &seed[end..]).into_bytes());
                 }
                 docs.push(format!("{}{ch}{}", &seed[..end], &seed[end..]).into_bytes());
@@ -635,12 +763,88 @@ mod tests {
                 }
             }
         }
+        hits
+    }
+
+    const ACCEPTED: &str = r#"{"amount":"10000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","extra":{"name":"USDC","version":"2"},"maxTimeoutSeconds":60,"network":"eip155:84532","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","scheme":"exact"}"#;
+
+    /// A proof in the harness's key order (sorted) and in the official clients' order
+    /// (`resource` echoed), `accepted` as given.
+    fn seeds(accepted: &str) -> [String; 2] {
+        use super::super::compact::SIG;
+        let payload = format!(
+            r#"{{"signature":"{SIG}","authorization":{{"from":"0x857b06519E91e3A54538791bDbb0E22373e36b66","to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","value":"10000","validAfter":"1740672089","validBefore":"1740672154","nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480"}}}}"#
+        );
+        let resource = r#"{"url":"https://api.example.com/weather","description":"Wéather"}"#;
+        [
+            // Keys sorted (`test_util::v2_json`): `x402Version` after `payload`.
+            format!(r#"{{"accepted":{accepted},"payload":{payload},"x402Version":2}}"#),
+            format!(
+                r#"{{"x402Version":2,"resource":{resource},"accepted":{accepted},"payload":{payload}}}"#
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_kept_start_decodes_as_the_whole() {
+        let hits = kept_starts_agree(&seeds(ACCEPTED), |_| Vec::new());
         assert!(hits > 500, "{hits}");
-        // A bound challenge's start is not kept.
-        PREFIXES.with_borrow_mut(|p| p.slots.clear());
-        let bound = seeds[0].replacen(r#""version":"2""#, r#""version":"2","challenge":"c1""#, 1);
-        assert!(decode_v2(&header(bound.as_bytes()), usize::MAX).is_ok());
-        assert!(PREFIXES.with_borrow(|p| p.slots.is_empty()));
+    }
+
+    /// A bound challenge's start is kept around its id: proofs with other ids (each offset of
+    /// the id modulo a quantum) read the kept text and decode as the whole does, and every
+    /// byte near the id's ends altered, dropped or doubled gives the uncached answer.
+    #[test]
+    fn a_kept_bound_start_decodes_as_the_whole() {
+        let id = "AQAAAAAAAGlw4y5UPEjx-zrnMfVd_0zzpTj4SbZzn2TGkF3dFjsY9Jq0Ua6R";
+        assert_eq!(id.len(), 60);
+        let mut hits = 0;
+        // Three places of the id in its quanta (the lead before it: 0, 1 or 2 bytes).
+        for pad in ["", "x", "xy"] {
+            let entry = format!(r#""a":"{pad}","challenge":"{id}","name":"USDC""#);
+            let accepted = ACCEPTED.replacen(r#""name":"USDC""#, &entry, 1);
+            let seeds = seeds(&accepted);
+            hits += kept_starts_agree(&seeds, |seed| {
+                let at = seed.find(id).unwrap();
+                vec![at, at + id.len()]
+            });
+            for seed in &seeds {
+                PREFIXES.with_borrow_mut(|p| p.slots.clear());
+                assert!(decode_v2(&header(seed.as_bytes()), usize::MAX).is_ok());
+                // Other ids: fresh ones hit and read their own id; others (another length,
+                // a character outside base64url, an escape) decode as the whole does.
+                let others = [
+                    "B".repeat(60),
+                    "-_09azAZ".repeat(8)[..60].to_owned(),
+                    id[..59].to_owned(),
+                    format!("{id}A"),
+                    format!("{}+", &id[..59]),
+                    format!("{}=", &id[..59]),
+                    format!("{}\\u0041", &id[..54]),
+                    format!("{}\"", &id[..59]),
+                    format!("é{}", &id[..58]),
+                ];
+                for (n, other) in others.iter().enumerate() {
+                    let doc = seed.replacen(id, other, 1);
+                    let value = header(doc.as_bytes());
+                    let hit = PREFIXES.with_borrow(|p| {
+                        p.find(value.as_bytes())
+                            .and_then(|k| resume(value.as_bytes(), k))
+                    });
+                    assert_eq!(hit.is_some(), n < 2, "{doc}");
+                    let got = decode_v2(&value, usize::MAX);
+                    assert_eq!(described(got), described(whole(&value)), "{doc}");
+                    if n < 2 {
+                        let Ok(PaymentPayload::V2(p)) = decode_v2(&value, usize::MAX) else {
+                            panic!("{doc}")
+                        };
+                        assert_eq!(p.accepted.extra_str("challenge"), Some(other.as_str()));
+                        hits += 1;
+                    }
+                }
+            }
+        }
+        assert!(hits > 500, "{hits}");
     }
 
     #[test]

@@ -227,6 +227,10 @@ impl Mark {
     }
 }
 
+/// The key of `extra` carrying a bound challenge id (`challenge::EXTRA_FIELD`, named here so
+/// that `proto` does not import `challenge`, which imports it).
+pub(crate) const CHALLENGE: &str = "challenge";
+
 /// What the direct path read of a proof before its `payload` value: the text every proof
 /// paying one option of a route starts with (the `accepted` echo, `resource`). The header
 /// decoder keeps a few, to read only the rest of a proof that starts the same.
@@ -238,18 +242,48 @@ pub(crate) struct Head {
 }
 
 impl Head {
-    /// The head of `payload`, which the direct path read and marked with `mark`; `None` for
-    /// a bound challenge's (its id is new with every challenge: not worth keeping).
-    pub(crate) fn new(payload: &PaymentPayload, mark: Mark) -> Option<Self> {
-        let bound = |a: &PaymentRequirements| a.extra_str("challenge").is_some();
-        if mark.accepted && bound(&payload.accepted) {
-            return None;
-        }
-        Some(Self {
+    /// The head of `payload`, which the direct path read and marked with `mark`.
+    pub(crate) fn new(payload: &PaymentPayload, mark: Mark) -> Self {
+        Self {
             version: mark.version.then_some(payload.x402_version),
             resource: mark.resource.then(|| payload.resource.clone()).flatten(),
             accepted: mark.accepted.then(|| payload.accepted.clone()),
-        })
+        }
+    }
+
+    /// The bound challenge id of the `accepted` echo read in this head, if any.
+    pub(crate) fn challenge(&self) -> Option<&str> {
+        self.accepted.as_ref()?.extra_str(CHALLENGE)
+    }
+
+    /// This head with `id` as the challenge of its `accepted` echo (which has one): what the
+    /// direct path reads from the same text with another id of plain characters.
+    pub(crate) fn with_challenge(&self, id: &str) -> Self {
+        let accepted = self.accepted.as_ref().map(|a| {
+            let extra = a.extra.as_ref().map(|extra| {
+                extra
+                    .iter()
+                    .map(|(k, v)| match k.as_str() {
+                        CHALLENGE => (k.clone(), Value::String(id.to_owned())),
+                        _ => (k.clone(), v.clone()),
+                    })
+                    .collect()
+            });
+            Arc::new(PaymentRequirements {
+                scheme: a.scheme.clone(),
+                network: a.network,
+                amount: a.amount,
+                asset: a.asset,
+                pay_to: a.pay_to,
+                max_timeout_seconds: a.max_timeout_seconds,
+                extra,
+            })
+        });
+        Self {
+            version: self.version,
+            resource: self.resource.clone(),
+            accepted,
+        }
     }
 }
 

@@ -44,7 +44,11 @@ where
         Ok(claim) => claim,
         Err(res) => return Ok((res, false)),
     };
-    if let Err(e) = shared.settler.check(verified).await {
+    let checked = match shared.settler.check_now(verified) {
+        Some(checked) => checked,
+        None => shared.settler.check(verified).await,
+    };
+    if let Err(e) = checked {
         // Nothing moved and the handler did not run: the proof may be retried (e.g. after
         // topping up the balance).
         claim.end(fate(End::Refused)).await;
@@ -90,7 +94,11 @@ async fn claim<'f, B: Send>(
 ) -> Result<Claim<'f>, Answer<B>> {
     let store = &*flow.shared.store;
     let key = verified.nonce_key();
-    let (rejection, e) = match store.reserve(&key, verified.valid_before).await {
+    let reserved = match store.reserve_now(&key, verified.valid_before) {
+        Some(reserved) => reserved,
+        None => store.reserve(&key, verified.valid_before).await,
+    };
+    let (rejection, e) = match reserved {
         Ok(Reservation::Reserved(token)) => return Ok(Claim::new(store, key, token)),
         Ok(Reservation::InUse | Reservation::Used) => (
             Rejection::Pay {
@@ -124,7 +132,7 @@ where
     ResB: Send,
 {
     let started = Instant::now();
-    let result = flow.shared.settler.settle(verified).await;
+    let result = settle(flow.shared, verified).await;
     let elapsed = started.elapsed();
     let fate = fate(End::Settled {
         handler_ran: false,
@@ -161,7 +169,7 @@ async fn settle_after<B: Send>(
     claim: Claim<'_>,
 ) -> (Answer<B>, bool) {
     let started = Instant::now();
-    let result = flow.shared.settler.settle(payment).await.map(|mut s| {
+    let result = settle(flow.shared, payment).await.map(|mut s| {
         if payment.is_upto() {
             s.amount = Some(payment.amount);
         }
@@ -219,6 +227,14 @@ async fn metered<B: Send>(
             metered.amount = total;
             settle_after(flow, res, &metered, claim).await
         }
+    }
+}
+
+/// The settler's answer: at once when it has one (`Settler::settle_now`), else awaited.
+async fn settle(shared: &Shared, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
+    match shared.settler.settle_now(payment) {
+        Some(result) => result,
+        None => shared.settler.settle(payment).await,
     }
 }
 

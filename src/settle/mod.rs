@@ -162,6 +162,21 @@ pub trait Settler: Send + Sync + 'static {
     fn is_shared(&self) -> bool {
         false
     }
+
+    /// [`Self::check`]'s answer at once, when this settler needs no I/O for it (the
+    /// in-process ones); `None`, the default, says to await `check`. The layer asks this
+    /// first: an answer here saves the boxed future of `check`. Must agree with `check`.
+    fn check_now(&self, payment: &VerifiedPayment) -> Option<Result<(), SettleError>> {
+        let _ = payment;
+        None
+    }
+
+    /// [`Self::settle`] at once, as [`Self::check_now`]; `None` (the default): await
+    /// `settle`, which then has not run.
+    fn settle_now(&self, payment: &VerifiedPayment) -> Option<Result<Settlement, SettleError>> {
+        let _ = payment;
+        None
+    }
 }
 
 #[async_trait]
@@ -175,6 +190,12 @@ impl<T: Settler + ?Sized> Settler for std::sync::Arc<T> {
     fn is_shared(&self) -> bool {
         (**self).is_shared()
     }
+    fn check_now(&self, payment: &VerifiedPayment) -> Option<Result<(), SettleError>> {
+        (**self).check_now(payment)
+    }
+    fn settle_now(&self, payment: &VerifiedPayment) -> Option<Result<Settlement, SettleError>> {
+        (**self).settle_now(payment)
+    }
 }
 
 /// Verify-only mode: no money moves, no transaction is sent, and the receipt's `transaction`
@@ -187,5 +208,13 @@ pub struct VerifyOnly;
 impl Settler for VerifyOnly {
     async fn settle(&self, _payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
         Ok(Settlement::default())
+    }
+
+    fn check_now(&self, _payment: &VerifiedPayment) -> Option<Result<(), SettleError>> {
+        Some(Ok(()))
+    }
+
+    fn settle_now(&self, _payment: &VerifiedPayment) -> Option<Result<Settlement, SettleError>> {
+        Some(Ok(Settlement::default()))
     }
 }
