@@ -186,6 +186,12 @@ impl BatchEvmPayload {
     }
 }
 
+/// The compact `voucher` payload at `c` (see [`compact`]), for a document that embeds one (the
+/// header decoder reads a proof's `payload` with it, so the channel path parses nothing again).
+pub(super) fn read_compact(c: &mut super::compact::Cursor<'_>) -> Option<BatchEvmPayload> {
+    compact::object(c)
+}
+
 /// The direct path of [`BatchEvmPayload::from_json`], for `voucher` payloads only (one per
 /// paid request; a deposit or refund is rare). Values are read by the functions serde's
 /// visitors call (`FromHex`, `hex::decode`, [`super::decimal::parse`]); anything it does not
@@ -199,6 +205,12 @@ mod compact {
 
     pub(super) fn payload(text: &str) -> Option<BatchEvmPayload> {
         let mut c = Cursor::new(text);
+        let batch = object(&mut c)?;
+        c.done().then_some(batch)
+    }
+
+    /// The object at the cursor, which is left after it.
+    pub(in crate::proto) fn object(c: &mut Cursor<'_>) -> Option<BatchEvmPayload> {
         let (mut kind, mut channel_config, mut voucher) = (None, None, None);
         c.object(|c, key| match key {
             "type" => once(&mut kind, c.text().filter(|k| *k == "voucher")),
@@ -206,7 +218,6 @@ mod compact {
             "voucher" => once(&mut voucher, signed(c)),
             _ => None,
         })?;
-        c.done().then_some(())?;
         kind?;
         Some(BatchEvmPayload::Voucher {
             channel_config: channel_config?,

@@ -6,6 +6,7 @@
 //! the verification cap do not (there is no `VerifiedPayment`, and a voucher costs one
 //! signature recovery).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use alloy_primitives::B256;
@@ -66,7 +67,7 @@ where
 {
     let flow = Flow::of(&shared, &options, &parts);
     let admitted = stage!(admit(&flow, &parts, &payload).await);
-    if matches!(admitted.batch, BatchEvmPayload::Refund { .. }) {
+    if matches!(*admitted.batch, BatchEvmPayload::Refund { .. }) {
         return Ok(refund(&flow, &admitted).await);
     }
     // The handler meters the call when it wants to charge less than the price.
@@ -80,15 +81,15 @@ where
 }
 
 /// A channel payment past selection: the engine, the option it pays, that option's terms and
-/// the parsed payload.
-struct Admitted<'a> {
+/// the parsed payload (the header decoder's, when it read a voucher on its way).
+struct Admitted<'a, 'p> {
     channels: &'a dyn Serve,
     option: &'a PaymentOption,
     terms: ChannelTerms,
-    batch: BatchEvmPayload,
+    batch: Cow<'p, BatchEvmPayload>,
 }
 
-impl Admitted<'_> {
+impl Admitted<'_, '_> {
     fn req(&self) -> &PaymentRequirements {
         self.option.requirements()
     }
@@ -122,11 +123,11 @@ fn unavailable(flow: &Flow<'_>) -> Rejection {
 
 /// The stages before the engine: the layer has channels, the `before_verify` hooks, the
 /// route's option this payload pays (a v2 payload), its terms, the payload parsed.
-async fn admit<'a, B: Send>(
+async fn admit<'a, 'p, B: Send>(
     flow: &Flow<'a>,
     parts: &Parts,
-    payload: &PaymentPayload,
-) -> Result<Admitted<'a>, Answer<B>> {
+    payload: &'p PaymentPayload,
+) -> Result<Admitted<'a, 'p>, Answer<B>> {
     let Some(channels) = flow.shared.channels.as_deref() else {
         let r = Rejection::Pay {
             reason: Some(reason::UNSUPPORTED_SCHEME),
@@ -150,19 +151,24 @@ async fn admit<'a, B: Send>(
         Ok(t) => t,
         Err(e) => return Err(flow.reject(Stage::Select, refuse(e), None, None).await),
     };
-    match verify::parse_raw(p.payload.get()) {
-        Ok(batch) => Ok(Admitted {
-            channels,
-            option,
-            terms,
-            batch,
-        }),
-        Err(e) => Err(flow.reject(Stage::Decode, refuse(e), None, None).await),
-    }
+    // Read by the header decoder already (a compact voucher), else parsed here.
+    let batch = match p.payload.batch() {
+        Some(batch) => Cow::Borrowed(batch),
+        None => match verify::parse_raw(p.payload.get()) {
+            Ok(batch) => Cow::Owned(batch),
+            Err(e) => return Err(flow.reject(Stage::Decode, refuse(e), None, None).await),
+        },
+    };
+    Ok(Admitted {
+        channels,
+        option,
+        terms,
+        batch,
+    })
 }
 
 /// A `refund` payload: the engine's cooperative refund, no handler; 200 with its receipt.
-async fn refund<B: Send>(flow: &Flow<'_>, a: &Admitted<'_>) -> Answer<B> {
+async fn refund<B: Send>(flow: &Flow<'_>, a: &Admitted<'_, '_>) -> Answer<B> {
     match a.channels.refund(a.payment()).await {
         Ok(done) => {
             let receipt = Receipt {
@@ -214,7 +220,7 @@ where
 /// committed; the handler's own answer (or error) when it failed, nothing charged.
 async fn answer<B: Send, E>(
     flow: &Flow<'_>,
-    a: &Admitted<'_>,
+    a: &Admitted<'_, '_>,
     result: Result<Paid<()>, PayError<()>>,
     handled: Option<Result<Response<B>, E>>,
     meter: &Usage,
@@ -594,5 +600,153 @@ mod tests {
             }
         }
         assert_eq!(checked, 3 * 6 * 2 * 3);
+    }
+
+    /// An escrow whose deposits land at once, into an empty channel.
+    struct Landing;
+
+    #[async_trait::async_trait]
+    impl crate::channel::serve::Escrow for Landing {
+        async fn deposit(
+            &self,
+            _: crate::channel::serve::EscrowChannel<'_>,
+            deposit: &crate::proto::batch::Deposit,
+        ) -> Result<Mirror, crate::channel::serve::EscrowError> {
+            Ok(Mirror {
+                transaction: B256::repeat_byte(0xde),
+                balance: u128::try_from(deposit.amount).unwrap_or(u128::MAX),
+                total_claimed: 0,
+            })
+        }
+
+        async fn refund(
+            &self,
+            _: crate::channel::serve::EscrowChannel<'_>,
+            _: crate::channel::serve::CooperativeRefund,
+        ) -> Result<Mirror, crate::channel::serve::EscrowError> {
+            Err(crate::channel::serve::EscrowError("no refunds here".into()))
+        }
+    }
+
+    /// A layer's channels run on the engine's clock: a deposit signed valid until a time long
+    /// past pays at that time on a fixed clock (the record stamped with it), and is refused as
+    /// expired on the system clock.
+    #[tokio::test]
+    async fn channels_run_on_the_engines_clock() {
+        use alloy_signer::SignerSync;
+        use tower_layer::Layer;
+        use tower_service::Service;
+
+        use crate::channel::serve::Channels;
+        use crate::channel::store::{ChannelStore, MemoryChannelStore};
+        use crate::channel::{
+            AssetTransferMethod, channel_id, deposit_nonce, receive_authorization_digest,
+            token_domain, voucher_digest,
+        };
+        use crate::proto::batch::{Deposit, DepositAuthorization, Erc3009Authorization};
+
+        const THEN: u64 = 1_000_000_000; // 2001: every system clock is past it
+        let asset = crate::Asset::usdc_base_sepolia();
+        let chain = asset.network.chain_id();
+        let (receiver, authorizer) = (Address::repeat_byte(2), Address::repeat_byte(3));
+        let option = PaymentOption::batch_settlement(
+            &asset,
+            U256::from(1_000),
+            receiver,
+            authorizer,
+            900,
+            AssetTransferMethod::Eip3009,
+        )
+        .unwrap();
+        let payer = alloy_signer_local::PrivateKeySigner::random();
+        let config = ChannelConfig {
+            payer: payer.address(),
+            payer_authorizer: payer.address(),
+            receiver,
+            receiver_authorizer: authorizer,
+            token: asset.address,
+            withdraw_delay: 900,
+            salt: B256::repeat_byte(7),
+        };
+        let id = channel_id(chain, &config);
+        let sign = |digest: B256| {
+            let sig = payer.sign_hash_sync(&digest).unwrap();
+            alloy_primitives::Bytes::from(sig.as_bytes().to_vec())
+        };
+        let (amount, valid_before, salt) = (U256::from(10_000), U256::from(THEN + 60), B256::ZERO);
+        let digest = receive_authorization_digest(
+            &token_domain(chain, asset.address, "USDC", "2"),
+            payer.address(),
+            amount,
+            U256::ZERO,
+            valid_before,
+            deposit_nonce(id, salt),
+        );
+        let batch = BatchEvmPayload::Deposit {
+            voucher: Voucher {
+                channel_id: id,
+                max_claimable_amount: U256::from(1_000),
+                signature: sign(voucher_digest(chain, id, U256::from(1_000)).unwrap()),
+            },
+            deposit: Deposit {
+                amount,
+                authorization: DepositAuthorization {
+                    erc3009_authorization: Some(Erc3009Authorization {
+                        valid_after: U256::ZERO,
+                        valid_before,
+                        salt,
+                        signature: sign(digest),
+                    }),
+                    permit2_authorization: None,
+                },
+            },
+            channel_config: config,
+        };
+        let proof = serde_json::json!({
+            "x402Version": 2,
+            "accepted": option.requirements(),
+            "payload": batch,
+        });
+        let header = header::encode_json(&serde_json::to_vec(&proof).unwrap());
+        for fixed in [true, false] {
+            let store = Arc::new(MemoryChannelStore::new());
+            let channels = Channels::new(store.clone(), Landing);
+            let channels = match fixed {
+                true => channels.with_clock(crate::clock::FixedClock::new(THEN)),
+                false => channels,
+            };
+            let layer = crate::PaymentLayer::builder()
+                .no_challenge_binding()
+                .accept(option.clone())
+                .channels(channels)
+                .build()
+                .unwrap();
+            let mut svc = layer.layer(tower::service_fn(|_: Request<String>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(String::from("paid")))
+            }));
+            let req = Request::get("http://api.example/paid")
+                .header(header::PAYMENT_SIGNATURE, header.clone())
+                .body(String::new())
+                .unwrap();
+            let res = svc.call(req).await.unwrap();
+            let record = store.load(id).await.unwrap();
+            if fixed {
+                assert_eq!(res.status(), http::StatusCode::OK);
+                let record = record.expect("the deposit opened the channel");
+                assert_eq!(record.charged_cumulative, 1_000);
+                assert_eq!(
+                    (record.last_request_at, record.onchain_synced_at),
+                    (THEN, THEN)
+                );
+            } else {
+                assert_eq!(res.status(), http::StatusCode::PAYMENT_REQUIRED);
+                let required = res.headers().get(header::PAYMENT_REQUIRED).unwrap();
+                let required: serde_json::Value =
+                    serde_json::from_slice(&header::decode_bytes(required, 1 << 16).unwrap())
+                        .unwrap();
+                assert_eq!(required["error"], BatchError::ValidBefore.code());
+                assert_eq!(record, None, "nothing stored");
+            }
+        }
     }
 }
