@@ -66,7 +66,7 @@ where
     ResB: Body<Data = Bytes> + Send,
 {
     let flow = Flow::of(&shared, &options, &parts);
-    let admitted = stage!(admit(&flow, &parts, &payload).await);
+    let admitted = stage!(admit(&flow, &options, &parts, &payload).await);
     if matches!(*admitted.batch, BatchEvmPayload::Refund { .. }) {
         return Ok(refund(&flow, &admitted).await);
     }
@@ -85,7 +85,7 @@ where
 struct Admitted<'a, 'p> {
     channels: &'a dyn Serve,
     option: &'a PaymentOption,
-    terms: ChannelTerms,
+    terms: Arc<ChannelTerms>,
     batch: Cow<'p, BatchEvmPayload>,
 }
 
@@ -125,6 +125,7 @@ fn unavailable(flow: &Flow<'_>) -> Rejection {
 /// route's option this payload pays (a v2 payload), its terms, the payload parsed.
 async fn admit<'a, 'p, B: Send>(
     flow: &Flow<'a>,
+    options: &Arc<[PaymentOption]>,
     parts: &Parts,
     payload: &'p PaymentPayload,
 ) -> Result<Admitted<'a, 'p>, Answer<B>> {
@@ -147,7 +148,7 @@ async fn admit<'a, 'p, B: Send>(
         };
         return Err(flow.reject(Stage::Select, r, None, None).await);
     };
-    let terms = match ChannelTerms::from_requirements(option.requirements()) {
+    let terms = match terms_of(options, option) {
         Ok(t) => t,
         Err(e) => return Err(flow.reject(Stage::Select, refuse(e), None, None).await),
     };
@@ -165,6 +166,57 @@ async fn admit<'a, 'p, B: Send>(
         terms,
         batch,
     })
+}
+
+/// Options whose terms were read lately on this thread: the options they belong to (held,
+/// so that their memory is not reused while kept: the same address is the same option), the
+/// option's address in them, its terms. Reused round-robin.
+type KeptTerms = (
+    Arc<[PaymentOption]>,
+    *const PaymentOption,
+    Arc<ChannelTerms>,
+);
+
+/// How many options' terms a thread keeps (a server has a few channel routes).
+const TERMS_SLOTS: usize = 4;
+
+thread_local! {
+    /// Reading an option's terms (its `extra` map's lookups, the authorizer's hex, two
+    /// `String`s) cost every voucher ~1.6k instructions; a route's options are the same
+    /// `Arc` for every request (a dynamic price makes new ones: those miss and are read).
+    static TERMS: std::cell::RefCell<(Vec<KeptTerms>, usize)> =
+        const { std::cell::RefCell::new((Vec::new(), 0)) };
+}
+
+/// The terms of `option`, one of `options`: kept per thread, as [`TERMS`] says.
+fn terms_of(
+    options: &Arc<[PaymentOption]>,
+    option: &PaymentOption,
+) -> Result<Arc<ChannelTerms>, BatchError> {
+    let at: *const PaymentOption = option;
+    let kept = TERMS.with_borrow(|(slots, _)| {
+        slots
+            .iter()
+            .find(|(o, p, _)| Arc::ptr_eq(o, options) && std::ptr::eq(*p, at))
+            .map(|(_, _, terms)| terms.clone())
+    });
+    if let Some(terms) = kept {
+        return Ok(terms);
+    }
+    let terms = Arc::new(ChannelTerms::from_requirements(option.requirements())?);
+    // Only an option of `options` is kept under their `Arc` (a caller's own copy is not).
+    if options.iter().any(|o| std::ptr::eq(o, at)) {
+        TERMS.with_borrow_mut(|(slots, next)| {
+            let entry = (options.clone(), at, terms.clone());
+            if slots.len() < TERMS_SLOTS {
+                slots.push(entry);
+            } else {
+                slots[*next] = entry;
+                *next = (*next + 1) % TERMS_SLOTS;
+            }
+        });
+    }
+    Ok(terms)
 }
 
 /// A `refund` payload: the engine's cooperative refund, no handler; 200 with its receipt.
@@ -262,13 +314,56 @@ async fn answer<B: Send, E>(
 
 /// `res` with `receipt` as its `PAYMENT-RESPONSE` and the layer's marks.
 fn with_receipt<B>(shared: &Shared, mut res: Answer<B>, receipt: &Receipt<'_>) -> Answer<B> {
-    res.headers_mut().insert(
-        header::PAYMENT_RESPONSE,
-        header::encode_json(&receipt.json()),
-    );
+    res.headers_mut()
+        .insert(header::PAYMENT_RESPONSE, encoded(&receipt.json()));
     response::mark(shared, res.headers_mut());
     res
 }
+
+/// `json` as a header value of standard padded base64: the value of
+/// `header::encode_json(json)` (`tests::receipts_encode_as_the_engine`), three bytes at a
+/// time through a table of character pairs (the engine's loop cost a receipt ~3.6k
+/// instructions, this ~1.5k).
+fn encoded(json: &[u8]) -> http::HeaderValue {
+    let mut out = vec![0u8; json.len().div_ceil(3) * 4];
+    let pair = |bits: u32| PAIRS[(bits & 0xfff) as usize];
+    let mut quads = out.chunks_exact_mut(4);
+    let triples = json.chunks_exact(3);
+    let rest = triples.remainder();
+    for (t, q) in triples.zip(&mut quads) {
+        let n = (u32::from(t[0]) << 16) | (u32::from(t[1]) << 8) | u32::from(t[2]);
+        q[..2].copy_from_slice(&pair(n >> 12));
+        q[2..].copy_from_slice(&pair(n));
+    }
+    if let Some(q) = quads.next() {
+        // One or two bytes left: their bits, then `=` padding.
+        let n = rest
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        q[..2].copy_from_slice(&pair(n >> 12));
+        q[2..].copy_from_slice(&pair(n));
+        q[3] = b'=';
+        if rest.len() == 1 {
+            q[2] = b'=';
+        }
+    }
+    // Base64 is always a valid header value.
+    http::HeaderValue::from_maybe_shared(Bytes::from(out))
+        .unwrap_or_else(|_| http::HeaderValue::from_static(""))
+}
+
+/// The two base64 characters of every 12 bits.
+static PAIRS: [[u8; 2]; 4096] = {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut t = [[0u8; 2]; 4096];
+    let mut i = 0;
+    while i < 4096 {
+        t[i] = [alphabet[i >> 6], alphabet[i & 63]];
+        i += 1;
+    }
+    t
+};
 
 /// The answer to a request the engine refused: a 402 with the reason (the corrective 402
 /// with the server's channel state when the cumulative amount is off), 503 when the store or
@@ -370,17 +465,13 @@ impl Receipt<'_> {
             }
             out.push(b'}');
         }
-        out.extend_from_slice(b",\"network\":\"");
-        {
-            use std::io::Write;
-            // Writing to a `Vec` cannot fail.
-            let _ = write!(out, "{}", self.req.network);
-        }
-        out.extend_from_slice(b"\",\"payer\":\"");
-        out.extend_from_slice(&checksummed(self.batch.channel_config().payer));
-        out.extend_from_slice(b"\",\"success\":true,\"transaction\":\"");
+        tail(
+            &mut out,
+            self.req.network,
+            self.batch.channel_config().payer,
+        );
         if let Some(m) = self.mirror {
-            hex(&mut out, m.transaction.as_slice());
+            hex(&mut out, &m.transaction.0);
         }
         out.extend_from_slice(b"\"}");
         out
@@ -392,7 +483,7 @@ fn channel_state(out: &mut Vec<u8>, channel: B256, state: &ChannelState) {
     out.extend_from_slice(b"{\"balance\":\"");
     decimal(out, state.balance);
     out.extend_from_slice(b"\",\"channelId\":\"");
-    hex(out, channel.as_slice());
+    hex(out, &channel.0);
     out.extend_from_slice(b"\",\"chargedCumulativeAmount\":\"");
     decimal(out, state.charged_cumulative);
     out.extend_from_slice(b"\",\"refundNonce\":\"");
@@ -407,25 +498,35 @@ fn channel_state(out: &mut Vec<u8>, channel: B256, state: &ChannelState) {
     out.push(b'}');
 }
 
-/// Payers' EIP-55 forms, remembered: a payer pays many vouchers, and each checksum is a
-/// Keccak (~5k instructions a receipt). Bounded: emptied when full.
-static CHECKSUMS: std::sync::LazyLock<Mutex<alloy_primitives::map::AddressMap<[u8; 42]>>> =
-    std::sync::LazyLock::new(Default::default);
+/// Payers' receipt tails (see [`tail`]) by payer, with their network, remembered: a payer pays
+/// many vouchers, and each EIP-55 checksum is a Keccak (~5k instructions a receipt), the
+/// network's name a formatting. Bounded: emptied when full.
+static TAILS: std::sync::LazyLock<
+    Mutex<alloy_primitives::map::AddressMap<(crate::Network, Box<[u8]>)>>,
+> = std::sync::LazyLock::new(Default::default);
 
-/// `payer` in its EIP-55 checksummed form (as `Address::to_checksum(None)`).
-fn checksummed(payer: alloy_primitives::Address) -> [u8; 42] {
-    let checksums = || CHECKSUMS.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(known) = checksums().get(&payer) {
-        return *known;
+/// Appends `,"network":"<CAIP-2>","payer":"<EIP-55>","success":true,"transaction":"`: the
+/// part of a receipt that is the same for every voucher of a payer on a network.
+fn tail(out: &mut Vec<u8>, network: crate::Network, payer: alloy_primitives::Address) {
+    let tails = || TAILS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, known)) = tails().get(&payer).filter(|(n, _)| *n == network) {
+        out.extend_from_slice(known);
+        return;
     }
-    let mut buf = [0u8; 42];
-    let _ = payer.to_checksum_raw(&mut buf, None);
-    let mut checksums = checksums();
-    if checksums.len() >= 4096 {
-        checksums.clear();
+    let mut checksum = [0u8; 42];
+    let _ = payer.to_checksum_raw(&mut checksum, None);
+    let mut text = Vec::with_capacity(128);
+    text.extend_from_slice(b",\"network\":\"");
+    text.extend_from_slice(network.caip2().as_bytes());
+    text.extend_from_slice(b"\",\"payer\":\"");
+    text.extend_from_slice(&checksum);
+    text.extend_from_slice(b"\",\"success\":true,\"transaction\":\"");
+    out.extend_from_slice(&text);
+    let mut tails = tails();
+    if tails.len() >= 4096 {
+        tails.clear();
     }
-    checksums.insert(payer, buf);
-    buf
+    tails.insert(payer, (network, text.into_boxed_slice()));
 }
 
 /// `n` in decimal; amounts fit a `u64` (one division per digit, not `u128`'s slow one).
@@ -458,14 +559,13 @@ fn decimal(out: &mut Vec<u8>, n: u128) {
     out.extend_from_slice(&digits[at..]);
 }
 
-/// `0x` and lowercase hex, as alloy's serializer writes a `B256`.
-fn hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.extend_from_slice(b"0x");
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0xf)]);
-    }
+/// `0x` and lowercase hex of 32 bytes, as alloy's serializer writes a `B256`.
+fn hex(out: &mut Vec<u8>, bytes: &[u8; 32]) {
+    let mut text = [0u8; 66];
+    text[..2].copy_from_slice(b"0x");
+    // 64 characters for 32 bytes: the slice has exactly that room.
+    let _ = alloy_primitives::hex::encode_to_slice(bytes, &mut text[2..]);
+    out.extend_from_slice(&text);
 }
 
 impl<E> PayError<E> {
@@ -600,6 +700,61 @@ mod tests {
             }
         }
         assert_eq!(checked, 3 * 6 * 2 * 3);
+    }
+
+    #[test]
+    fn receipts_encode_as_the_engine() {
+        // Every length's last quantum (none, one or two bytes), every byte value in each place.
+        let bytes: Vec<u8> = [0, 255, 0, 255]
+            .into_iter()
+            .flat_map(|from: u8| (0..=255u8).map(move |b| b ^ from))
+            .collect();
+        for len in (0..40).chain([253, 254, 255, 256, 511, 512, 768]) {
+            for from in [0, 1, 2, 100] {
+                let json = &bytes[from..from + len];
+                assert_eq!(
+                    encoded(json),
+                    header::encode_json(json),
+                    "{len} from {from}"
+                );
+            }
+        }
+    }
+
+    /// An option's terms are read once per thread while its options live; another option,
+    /// or another `Arc` of equal options, gets its own (equal to a fresh reading).
+    #[test]
+    fn kept_terms_are_the_options() {
+        let option = |max: u64| {
+            PaymentOption::batch_settlement(
+                &crate::Asset::usdc_base_sepolia(),
+                U256::from(max),
+                Address::repeat_byte(2),
+                Address::repeat_byte(3),
+                900,
+                crate::channel::AssetTransferMethod::Eip3009,
+            )
+            .unwrap()
+        };
+        let options: Arc<[PaymentOption]> = Arc::from(vec![option(1_000), option(2_000)]);
+        let again: Arc<[PaymentOption]> = Arc::from(options.to_vec());
+        for _ in 0..2 {
+            for set in [&options, &again] {
+                for o in set.iter() {
+                    let terms = terms_of(set, o).unwrap();
+                    assert_eq!(
+                        *terms,
+                        ChannelTerms::from_requirements(o.requirements()).unwrap()
+                    );
+                    assert!(Arc::ptr_eq(&terms, &terms_of(set, o).unwrap()), "kept");
+                }
+            }
+        }
+        // An option outside the `Arc` is read, not kept.
+        let lone = option(1_000);
+        let terms = terms_of(&options, &lone).unwrap();
+        assert!(!Arc::ptr_eq(&terms, &terms_of(&options, &lone).unwrap()));
+        assert_eq!(terms.price, 1_000);
     }
 
     /// An escrow whose deposits land at once, into an empty channel.
