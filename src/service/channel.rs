@@ -314,56 +314,13 @@ async fn answer<B: Send, E>(
 
 /// `res` with `receipt` as its `PAYMENT-RESPONSE` and the layer's marks.
 fn with_receipt<B>(shared: &Shared, mut res: Answer<B>, receipt: &Receipt<'_>) -> Answer<B> {
-    res.headers_mut()
-        .insert(header::PAYMENT_RESPONSE, encoded(&receipt.json()));
+    res.headers_mut().insert(
+        header::PAYMENT_RESPONSE,
+        header::encode_json(&receipt.json()),
+    );
     response::mark(shared, res.headers_mut());
     res
 }
-
-/// `json` as a header value of standard padded base64: the value of
-/// `header::encode_json(json)` (`tests::receipts_encode_as_the_engine`), three bytes at a
-/// time through a table of character pairs (the engine's loop cost a receipt ~3.6k
-/// instructions, this ~1.5k).
-fn encoded(json: &[u8]) -> http::HeaderValue {
-    let mut out = vec![0u8; json.len().div_ceil(3) * 4];
-    let pair = |bits: u32| PAIRS[(bits & 0xfff) as usize];
-    let mut quads = out.chunks_exact_mut(4);
-    let triples = json.chunks_exact(3);
-    let rest = triples.remainder();
-    for (t, q) in triples.zip(&mut quads) {
-        let n = (u32::from(t[0]) << 16) | (u32::from(t[1]) << 8) | u32::from(t[2]);
-        q[..2].copy_from_slice(&pair(n >> 12));
-        q[2..].copy_from_slice(&pair(n));
-    }
-    if let Some(q) = quads.next() {
-        // One or two bytes left: their bits, then `=` padding.
-        let n = rest
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        q[..2].copy_from_slice(&pair(n >> 12));
-        q[2..].copy_from_slice(&pair(n));
-        q[3] = b'=';
-        if rest.len() == 1 {
-            q[2] = b'=';
-        }
-    }
-    // Base64 is always a valid header value.
-    http::HeaderValue::from_maybe_shared(Bytes::from(out))
-        .unwrap_or_else(|_| http::HeaderValue::from_static(""))
-}
-
-/// The two base64 characters of every 12 bits.
-static PAIRS: [[u8; 2]; 4096] = {
-    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut t = [[0u8; 2]; 4096];
-    let mut i = 0;
-    while i < 4096 {
-        t[i] = [alphabet[i >> 6], alphabet[i & 63]];
-        i += 1;
-    }
-    t
-};
 
 /// The answer to a request the engine refused: a 402 with the reason (the corrective 402
 /// with the server's channel state when the cumulative amount is off), 503 when the store or
@@ -700,25 +657,6 @@ mod tests {
             }
         }
         assert_eq!(checked, 3 * 6 * 2 * 3);
-    }
-
-    #[test]
-    fn receipts_encode_as_the_engine() {
-        // Every length's last quantum (none, one or two bytes), every byte value in each place.
-        let bytes: Vec<u8> = [0, 255, 0, 255]
-            .into_iter()
-            .flat_map(|from: u8| (0..=255u8).map(move |b| b ^ from))
-            .collect();
-        for len in (0..40).chain([253, 254, 255, 256, 511, 512, 768]) {
-            for from in [0, 1, 2, 100] {
-                let json = &bytes[from..from + len];
-                assert_eq!(
-                    encoded(json),
-                    header::encode_json(json),
-                    "{len} from {from}"
-                );
-            }
-        }
     }
 
     /// An option's terms are read once per thread while its options live; another option,
