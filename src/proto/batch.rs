@@ -228,12 +228,15 @@ mod compact {
     /// How many channel configs a thread keeps the text of.
     const CONFIG_SLOTS: usize = 4;
 
+    /// Kept configs with their text, and the slot to reuse next.
+    type Kept = (Vec<(Box<str>, ChannelConfig)>, usize);
+
     thread_local! {
         /// The text of channel configs read lately on this thread, and what it reads as: a
         /// channel resends its config with every voucher, and reading its seven fields (five
         /// addresses, a salt) cost each voucher ~2.5k instructions; comparing the text, a
         /// `memcmp`. Reused round-robin.
-        static CONFIGS: std::cell::RefCell<(Vec<(Box<str>, ChannelConfig)>, usize)> =
+        static CONFIGS: std::cell::RefCell<Kept> =
             const { std::cell::RefCell::new((Vec::new(), 0)) };
     }
 

@@ -458,9 +458,10 @@ fn channel_state(out: &mut Vec<u8>, channel: B256, state: &ChannelState) {
 /// Payers' receipt tails (see [`tail`]) by payer, with their network, remembered: a payer pays
 /// many vouchers, and each EIP-55 checksum is a Keccak (~5k instructions a receipt), the
 /// network's name a formatting. Bounded: emptied when full.
-static TAILS: std::sync::LazyLock<
-    Mutex<alloy_primitives::map::AddressMap<(crate::Network, Box<[u8]>)>>,
-> = std::sync::LazyLock::new(Default::default);
+static TAILS: std::sync::LazyLock<Mutex<Tails>> = std::sync::LazyLock::new(Default::default);
+
+/// Receipt tails by payer, each with its network.
+type Tails = alloy_primitives::map::AddressMap<(crate::Network, Box<[u8]>)>;
 
 /// Appends `,"network":"<CAIP-2>","payer":"<EIP-55>","success":true,"transaction":"`: the
 /// part of a receipt that is the same for every voucher of a payer on a network.
