@@ -11,7 +11,6 @@ use async_trait::async_trait;
 
 use super::serve::{Channels, Escrow, EscrowPayment, Paid, PayError, Refunded};
 use super::store::ChannelStore;
-use crate::clock::{Clock, SystemClock};
 
 /// The handler as the engine sees it: the most it may charge in, what it charged out (`Err`:
 /// it failed, nothing is charged). The response itself stays with the caller.
@@ -21,7 +20,8 @@ pub(crate) type Handler<'a> = Box<
         + 'a,
 >;
 
-/// The layer's view of [`Channels`], at the system clock's time.
+/// The layer's view of [`Channels`], at the time of the engine's clock
+/// ([`Channels::with_clock`]).
 #[async_trait]
 pub(crate) trait Serve: Send + Sync + 'static {
     async fn pay<'a>(
@@ -40,10 +40,10 @@ impl<S: ChannelStore, X: Escrow> Serve for Channels<S, X> {
         p: EscrowPayment<'a>,
         handler: Handler<'a>,
     ) -> Result<Paid<()>, PayError<()>> {
-        Channels::pay(self, p.terms, p.payload, SystemClock.now(), handler).await
+        Channels::pay(self, p.terms, p.payload, self.now(), handler).await
     }
 
     async fn refund(&self, p: EscrowPayment<'_>) -> Result<Refunded, PayError<Infallible>> {
-        Channels::refund(self, p.terms, p.payload, SystemClock.now()).await
+        Channels::refund(self, p.terms, p.payload, self.now()).await
     }
 }

@@ -18,6 +18,7 @@ use super::store::{ChannelState, ChannelStore};
 use super::verify::{self, Accepted, BatchError, ChannelTerms, Request};
 use super::{ChannelClaim, ReceiverAuthorizer, claim_digest, refund_digest};
 use crate::alert::{Alert, alert};
+use crate::clock::{Clock, SystemClock};
 use crate::proto::batch::{BatchEvmPayload, ChannelConfig, Deposit};
 use crate::store::StoreError;
 
@@ -205,6 +206,7 @@ pub struct Channels<S, X> {
     lease_seconds: u64,
     authorizer: Option<std::sync::Arc<dyn ReceiverAuthorizer>>,
     contracts: Option<std::sync::Arc<dyn crate::verify::wallet::ContractSignatures>>,
+    clock: std::sync::Arc<dyn Clock>,
 }
 
 impl<S: std::fmt::Debug, X: std::fmt::Debug> std::fmt::Debug for Channels<S, X> {
@@ -227,7 +229,23 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
             lease_seconds: 60,
             authorizer: None,
             contracts: None,
+            clock: std::sync::Arc::new(SystemClock),
         }
+    }
+
+    /// The clock a layer serving these channels reads the time of each request from: deposit
+    /// and permit validity, the record's timestamps (default: the system clock; tests inject a
+    /// [`FixedClock`](crate::clock::FixedClock)). Give it the clock the layer's verifier
+    /// runs on. [`Channels::pay`] and [`Channels::refund`] take the time as an argument.
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = std::sync::Arc::new(clock);
+        self
+    }
+
+    /// Now, by [`Self::with_clock`]'s clock.
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.now()
     }
 
     /// Checks vouchers of channels whose `payerAuthorizer` is zero with the payer's contract

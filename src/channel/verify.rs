@@ -321,7 +321,11 @@ pub fn parse(
     if payload.network() != req.network {
         return Err(BatchError::NetworkMismatch);
     }
-    parse_raw(payload.raw_payload().get())
+    // The header decoder's reading, when it read the payload on its way.
+    match payload.raw_payload().batch() {
+        Some(batch) => Ok(batch.clone()),
+        None => parse_raw(payload.raw_payload().get()),
+    }
 }
 
 /// Parses a raw `payload` object, naming the malformed part by the payload's `type`.

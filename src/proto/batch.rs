@@ -186,6 +186,12 @@ impl BatchEvmPayload {
     }
 }
 
+/// The compact `voucher` payload at `c` (see [`compact`]), for a document that embeds one (the
+/// header decoder reads a proof's `payload` with it, so the channel path parses nothing again).
+pub(super) fn read_compact(c: &mut super::compact::Cursor<'_>) -> Option<BatchEvmPayload> {
+    compact::object(c)
+}
+
 /// The direct path of [`BatchEvmPayload::from_json`], for `voucher` payloads only (one per
 /// paid request; a deposit or refund is rare). Values are read by the functions serde's
 /// visitors call (`FromHex`, `hex::decode`, [`super::decimal::parse`]); anything it does not
@@ -199,6 +205,12 @@ mod compact {
 
     pub(super) fn payload(text: &str) -> Option<BatchEvmPayload> {
         let mut c = Cursor::new(text);
+        let batch = object(&mut c)?;
+        c.done().then_some(batch)
+    }
+
+    /// The object at the cursor, which is left after it.
+    pub(in crate::proto) fn object(c: &mut Cursor<'_>) -> Option<BatchEvmPayload> {
         let (mut kind, mut channel_config, mut voucher) = (None, None, None);
         c.object(|c, key| match key {
             "type" => once(&mut kind, c.text().filter(|k| *k == "voucher")),
@@ -206,7 +218,6 @@ mod compact {
             "voucher" => once(&mut voucher, signed(c)),
             _ => None,
         })?;
-        c.done().then_some(())?;
         kind?;
         Some(BatchEvmPayload::Voucher {
             channel_config: channel_config?,
@@ -214,7 +225,51 @@ mod compact {
         })
     }
 
+    /// How many channel configs a thread keeps the text of.
+    const CONFIG_SLOTS: usize = 4;
+
+    /// Kept configs with their text, and the slot to reuse next.
+    type Kept = (Vec<(Box<str>, ChannelConfig)>, usize);
+
+    thread_local! {
+        /// The text of channel configs read lately on this thread, and what it reads as: a
+        /// channel resends its config with every voucher, and reading its seven fields (five
+        /// addresses, a salt) cost each voucher ~2.5k instructions; comparing the text, a
+        /// `memcmp`. Reused round-robin.
+        static CONFIGS: std::cell::RefCell<Kept> =
+            const { std::cell::RefCell::new((Vec::new(), 0)) };
+    }
+
+    /// The config object at the cursor: a kept one when the text starts with its text (the
+    /// object's extent and value depend on its own bytes only, and the reader reads nothing
+    /// past its `}`), else read and kept.
     fn config(c: &mut Cursor<'_>) -> Option<ChannelConfig> {
+        let start = c.at();
+        let kept = CONFIGS.with_borrow(|(slots, _)| {
+            slots.iter().find_map(|(text, config)| {
+                c.back_to(start + text.len());
+                (c.since(start) == Some(&**text)).then(|| config.clone())
+            })
+        });
+        if kept.is_some() {
+            return kept;
+        }
+        c.back_to(start);
+        let config = read_config(c)?;
+        let text = c.since(start)?;
+        CONFIGS.with_borrow_mut(|(slots, next)| {
+            let entry = (Box::from(text), config.clone());
+            if slots.len() < CONFIG_SLOTS {
+                slots.push(entry);
+            } else {
+                slots[*next] = entry;
+                *next = (*next + 1) % CONFIG_SLOTS;
+            }
+        });
+        Some(config)
+    }
+
+    fn read_config(c: &mut Cursor<'_>) -> Option<ChannelConfig> {
         let (mut payer, mut payer_authorizer, mut receiver) = (None, None, None);
         let (mut receiver_authorizer, mut token) = (None, None);
         let (mut withdraw_delay, mut salt) = (None, None);

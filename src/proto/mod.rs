@@ -95,8 +95,9 @@ impl PaymentPayload {
 }
 
 /// The scheme-specific `payload` object of a proof: its JSON text, as sent ([`Self::get`]),
-/// and, when the header decoder read it on its way as an `exact` EVM payload, that typed
-/// payload too, so the verifier does not parse the text a second time.
+/// and, when the header decoder read it on its way as a payload it knows (an `exact` EVM
+/// payload, a `batch-settlement` voucher), that typed payload too, so the verifier does not
+/// parse the text a second time.
 ///
 /// Serialized as the JSON it holds and deserialized from any JSON value, as a
 /// `Box<RawValue>` is (the type this replaces). Equality, `Debug` and `Display` are the
@@ -104,7 +105,15 @@ impl PaymentPayload {
 #[derive(Clone)]
 pub struct SchemePayload {
     json: Box<str>,
-    exact: Option<exact::ExactEvmPayload>,
+    typed: Option<Typed>,
+}
+
+/// A payload the header decoder read on its way (the batch one boxed: it is twice the size
+/// of an `exact` one, and every proof carries this field).
+#[derive(Clone)]
+enum Typed {
+    Exact(exact::ExactEvmPayload),
+    Batch(Box<batch::BatchEvmPayload>),
 }
 
 impl SchemePayload {
@@ -123,14 +132,35 @@ impl SchemePayload {
     pub(crate) fn read_exact(json: &str, exact: exact::ExactEvmPayload) -> Self {
         Self {
             json: json.into(),
-            exact: Some(exact),
+            typed: Some(Typed::Exact(exact)),
+        }
+    }
+
+    /// The text read by the header decoder's direct path as a `batch-settlement` payload
+    /// (valid JSON by construction, as for [`Self::read_exact`]).
+    pub(crate) fn read_batch(json: &str, batch: batch::BatchEvmPayload) -> Self {
+        Self {
+            json: json.into(),
+            typed: Some(Typed::Batch(Box::new(batch))),
         }
     }
 
     /// The `exact` EVM payload this text holds, when the header decoder already read it;
     /// `None` says nothing (parse [`Self::get`]).
     pub(crate) fn exact(&self) -> Option<&exact::ExactEvmPayload> {
-        self.exact.as_ref()
+        match &self.typed {
+            Some(Typed::Exact(exact)) => Some(exact),
+            _ => None,
+        }
+    }
+
+    /// The `batch-settlement` payload this text holds, when the header decoder already read
+    /// it; `None` says nothing (parse [`Self::get`]).
+    pub(crate) fn batch(&self) -> Option<&batch::BatchEvmPayload> {
+        match &self.typed {
+            Some(Typed::Batch(batch)) => Some(batch),
+            _ => None,
+        }
     }
 }
 
@@ -138,7 +168,7 @@ impl From<Box<serde_json::value::RawValue>> for SchemePayload {
     fn from(raw: Box<serde_json::value::RawValue>) -> Self {
         Self {
             json: raw.into(),
-            exact: None,
+            typed: None,
         }
     }
 }

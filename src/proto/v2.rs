@@ -368,12 +368,17 @@ mod compact {
         }
     }
 
-    /// `payload`: read as an `exact` EVM payload when it is one (the verifier then does not
-    /// parse it again), else delimited by serde as a `RawValue`.
+    /// `payload`: read as an `exact` EVM payload or a `batch-settlement` voucher when it is
+    /// one (the verifier or the channel engine then does not parse it again), else delimited
+    /// by serde as a `RawValue`.
     fn scheme_payload(c: &mut Cursor<'_>) -> Option<SchemePayload> {
         let start = c.at();
         if let Some(exact) = super::super::exact::read_compact(c) {
             return Some(SchemePayload::read_exact(c.since(start)?, exact));
+        }
+        c.back_to(start);
+        if let Some(batch) = super::super::batch::read_compact(c) {
+            return Some(SchemePayload::read_batch(c.since(start)?, batch));
         }
         c.back_to(start);
         c.raw_object().map(SchemePayload::from)
@@ -451,6 +456,9 @@ mod tests {
 
     const EXACT: &str = r#"{"signature":"0x2d6a7588d6acca505cbf0d9a4a227e0c52c6c34008c8e8986a1283259764173608a2ce6496642e377d6da8dbbf5836e9bd15092f9ecab05ded3d6293af148b571c","authorization":{"from":"0x857b06519E91e3A54538791bDbb0E22373e36b66","to":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","value":"10000","validAfter":"1740672089","validBefore":"1740672154","nonce":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480"}}"#;
 
+    /// A `batch-settlement` voucher payload as the official client writes it.
+    const VOUCHER: &str = r#"{"type":"voucher","channelConfig":{"payer":"0x857b06519E91e3A54538791bDbb0E22373e36b66","payerAuthorizer":"0x857b06519E91e3A54538791bDbb0E22373e36b66","receiver":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","receiverAuthorizer":"0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc","token":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","withdrawDelay":900,"salt":"0x0000000000000000000000000000000000000000000000000000000000000007"},"voucher":{"channelId":"0xf3746613c2d920b5fdabc0856f2aeb2d4f88ee6037b8cc5d04a71a4462f13480","maxClaimableAmount":"25000","signature":"0x2d6a7588d6acca505cbf0d9a4a227e0c52c6c34008c8e8986a1283259764173608a2ce6496642e377d6da8dbbf5836e9bd15092f9ecab05ded3d6293af148b571c"}}"#;
+
     #[test]
     fn compact_path_agrees_with_serde() {
         let accepted = r#"{"amount":"10000","asset":"0x036CbD53842c5426634e7929541eC2318f3dCF7e","extra":{"name":"USDC","version":"2"},"maxTimeoutSeconds":60,"network":"eip155:84532","payTo":"0x209693Bc6afc0C5328bA36FaF03C514EF312287C","scheme":"exact"}"#;
@@ -469,11 +477,16 @@ mod tests {
             format!(r#"{{"x402Version":2,"accepted":{accepted},"payload":{EXACT}}}"#),
             // A channel's option: a number in `extra`.
             format!(r#"{{"x402Version":2,"accepted":{channel},"payload":{PAYLOAD}}}"#),
+            // A channel's voucher, as the official client sends it.
+            format!(r#"{{"x402Version":2,"accepted":{channel},"payload":{VOUCHER}}}"#),
         ];
         assert!(docs.iter().all(|d| compact::payload(d).is_some()));
         // An `exact` EVM payload is read on the way (the verifier then does not parse it).
         assert!(compact::payload(&docs[3]).is_some_and(|p| p.payload.exact().is_some()));
         assert!(compact::payload(&docs[0]).is_some_and(|p| p.payload.exact().is_none()));
+        // So is a channel's voucher (the channel engine then does not parse it).
+        assert!(compact::payload(&docs[5]).is_some_and(|p| p.payload.batch().is_some()));
+        assert!(compact::payload(&docs[3]).is_some_and(|p| p.payload.batch().is_none()));
         // Every byte of each document replaced, dropped or doubled: the direct path never
         // accepts what serde refuses, nor reads another value.
         let replacements: &[&str] = &[
@@ -515,6 +528,12 @@ mod tests {
                     r#""maxTimeoutSeconds":18446744073709551615"#,
                 ),
                 (r#""x402Version":2"#, r#""x402Version":255"#),
+                // Another payload type, or a voucher field repeated: serde's.
+                (r#""type":"voucher""#, r#""type":"refund""#),
+                (
+                    r#""maxClaimableAmount":"#,
+                    r#""maxClaimableAmount":"1","maxClaimableAmount":"#,
+                ),
             ],
         ));
         let mut direct = 0;
@@ -530,6 +549,12 @@ mod tests {
                     let text: super::super::exact::ExactEvmPayload =
                         serde_json::from_str(p.payload.get()).expect("the text is the payload");
                     assert_eq!(exact, &text, "{doc}");
+                }
+                // So is the voucher.
+                if let Some(batch) = p.payload.batch() {
+                    let text: super::super::batch::BatchEvmPayload =
+                        serde_json::from_str(p.payload.get()).expect("the text is the payload");
+                    assert_eq!(batch, &text, "{doc}");
                 }
             }
             assert_eq!(

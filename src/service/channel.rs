@@ -6,6 +6,7 @@
 //! the verification cap do not (there is no `VerifiedPayment`, and a voucher costs one
 //! signature recovery).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use alloy_primitives::B256;
@@ -65,8 +66,8 @@ where
     ResB: Body<Data = Bytes> + Send,
 {
     let flow = Flow::of(&shared, &options, &parts);
-    let admitted = stage!(admit(&flow, &parts, &payload).await);
-    if matches!(admitted.batch, BatchEvmPayload::Refund { .. }) {
+    let admitted = stage!(admit(&flow, &options, &parts, &payload).await);
+    if matches!(*admitted.batch, BatchEvmPayload::Refund { .. }) {
         return Ok(refund(&flow, &admitted).await);
     }
     // The handler meters the call when it wants to charge less than the price.
@@ -80,15 +81,15 @@ where
 }
 
 /// A channel payment past selection: the engine, the option it pays, that option's terms and
-/// the parsed payload.
-struct Admitted<'a> {
+/// the parsed payload (the header decoder's, when it read a voucher on its way).
+struct Admitted<'a, 'p> {
     channels: &'a dyn Serve,
     option: &'a PaymentOption,
-    terms: ChannelTerms,
-    batch: BatchEvmPayload,
+    terms: Arc<ChannelTerms>,
+    batch: Cow<'p, BatchEvmPayload>,
 }
 
-impl Admitted<'_> {
+impl Admitted<'_, '_> {
     fn req(&self) -> &PaymentRequirements {
         self.option.requirements()
     }
@@ -122,11 +123,12 @@ fn unavailable(flow: &Flow<'_>) -> Rejection {
 
 /// The stages before the engine: the layer has channels, the `before_verify` hooks, the
 /// route's option this payload pays (a v2 payload), its terms, the payload parsed.
-async fn admit<'a, B: Send>(
+async fn admit<'a, 'p, B: Send>(
     flow: &Flow<'a>,
+    options: &Arc<[PaymentOption]>,
     parts: &Parts,
-    payload: &PaymentPayload,
-) -> Result<Admitted<'a>, Answer<B>> {
+    payload: &'p PaymentPayload,
+) -> Result<Admitted<'a, 'p>, Answer<B>> {
     let Some(channels) = flow.shared.channels.as_deref() else {
         let r = Rejection::Pay {
             reason: Some(reason::UNSUPPORTED_SCHEME),
@@ -146,23 +148,79 @@ async fn admit<'a, B: Send>(
         };
         return Err(flow.reject(Stage::Select, r, None, None).await);
     };
-    let terms = match ChannelTerms::from_requirements(option.requirements()) {
+    let terms = match terms_of(options, option) {
         Ok(t) => t,
         Err(e) => return Err(flow.reject(Stage::Select, refuse(e), None, None).await),
     };
-    match verify::parse_raw(p.payload.get()) {
-        Ok(batch) => Ok(Admitted {
-            channels,
-            option,
-            terms,
-            batch,
-        }),
-        Err(e) => Err(flow.reject(Stage::Decode, refuse(e), None, None).await),
+    // Read by the header decoder already (a compact voucher), else parsed here.
+    let batch = match p.payload.batch() {
+        Some(batch) => Cow::Borrowed(batch),
+        None => match verify::parse_raw(p.payload.get()) {
+            Ok(batch) => Cow::Owned(batch),
+            Err(e) => return Err(flow.reject(Stage::Decode, refuse(e), None, None).await),
+        },
+    };
+    Ok(Admitted {
+        channels,
+        option,
+        terms,
+        batch,
+    })
+}
+
+/// Options whose terms were read lately on this thread: the options they belong to (held,
+/// so that their memory is not reused while kept: the same address is the same option), the
+/// option's address in them, its terms. Reused round-robin.
+type KeptTerms = (
+    Arc<[PaymentOption]>,
+    *const PaymentOption,
+    Arc<ChannelTerms>,
+);
+
+/// How many options' terms a thread keeps (a server has a few channel routes).
+const TERMS_SLOTS: usize = 4;
+
+thread_local! {
+    /// Reading an option's terms (its `extra` map's lookups, the authorizer's hex, two
+    /// `String`s) cost every voucher ~1.6k instructions; a route's options are the same
+    /// `Arc` for every request (a dynamic price makes new ones: those miss and are read).
+    static TERMS: std::cell::RefCell<(Vec<KeptTerms>, usize)> =
+        const { std::cell::RefCell::new((Vec::new(), 0)) };
+}
+
+/// The terms of `option`, one of `options`: kept per thread, as [`TERMS`] says.
+fn terms_of(
+    options: &Arc<[PaymentOption]>,
+    option: &PaymentOption,
+) -> Result<Arc<ChannelTerms>, BatchError> {
+    let at: *const PaymentOption = option;
+    let kept = TERMS.with_borrow(|(slots, _)| {
+        slots
+            .iter()
+            .find(|(o, p, _)| Arc::ptr_eq(o, options) && std::ptr::eq(*p, at))
+            .map(|(_, _, terms)| terms.clone())
+    });
+    if let Some(terms) = kept {
+        return Ok(terms);
     }
+    let terms = Arc::new(ChannelTerms::from_requirements(option.requirements())?);
+    // Only an option of `options` is kept under their `Arc` (a caller's own copy is not).
+    if options.iter().any(|o| std::ptr::eq(o, at)) {
+        TERMS.with_borrow_mut(|(slots, next)| {
+            let entry = (options.clone(), at, terms.clone());
+            if slots.len() < TERMS_SLOTS {
+                slots.push(entry);
+            } else {
+                slots[*next] = entry;
+                *next = (*next + 1) % TERMS_SLOTS;
+            }
+        });
+    }
+    Ok(terms)
 }
 
 /// A `refund` payload: the engine's cooperative refund, no handler; 200 with its receipt.
-async fn refund<B: Send>(flow: &Flow<'_>, a: &Admitted<'_>) -> Answer<B> {
+async fn refund<B: Send>(flow: &Flow<'_>, a: &Admitted<'_, '_>) -> Answer<B> {
     match a.channels.refund(a.payment()).await {
         Ok(done) => {
             let receipt = Receipt {
@@ -214,7 +272,7 @@ where
 /// committed; the handler's own answer (or error) when it failed, nothing charged.
 async fn answer<B: Send, E>(
     flow: &Flow<'_>,
-    a: &Admitted<'_>,
+    a: &Admitted<'_, '_>,
     result: Result<Paid<()>, PayError<()>>,
     handled: Option<Result<Response<B>, E>>,
     meter: &Usage,
@@ -364,17 +422,13 @@ impl Receipt<'_> {
             }
             out.push(b'}');
         }
-        out.extend_from_slice(b",\"network\":\"");
-        {
-            use std::io::Write;
-            // Writing to a `Vec` cannot fail.
-            let _ = write!(out, "{}", self.req.network);
-        }
-        out.extend_from_slice(b"\",\"payer\":\"");
-        out.extend_from_slice(&checksummed(self.batch.channel_config().payer));
-        out.extend_from_slice(b"\",\"success\":true,\"transaction\":\"");
+        tail(
+            &mut out,
+            self.req.network,
+            self.batch.channel_config().payer,
+        );
         if let Some(m) = self.mirror {
-            hex(&mut out, m.transaction.as_slice());
+            hex(&mut out, &m.transaction.0);
         }
         out.extend_from_slice(b"\"}");
         out
@@ -386,7 +440,7 @@ fn channel_state(out: &mut Vec<u8>, channel: B256, state: &ChannelState) {
     out.extend_from_slice(b"{\"balance\":\"");
     decimal(out, state.balance);
     out.extend_from_slice(b"\",\"channelId\":\"");
-    hex(out, channel.as_slice());
+    hex(out, &channel.0);
     out.extend_from_slice(b"\",\"chargedCumulativeAmount\":\"");
     decimal(out, state.charged_cumulative);
     out.extend_from_slice(b"\",\"refundNonce\":\"");
@@ -401,25 +455,36 @@ fn channel_state(out: &mut Vec<u8>, channel: B256, state: &ChannelState) {
     out.push(b'}');
 }
 
-/// Payers' EIP-55 forms, remembered: a payer pays many vouchers, and each checksum is a
-/// Keccak (~5k instructions a receipt). Bounded: emptied when full.
-static CHECKSUMS: std::sync::LazyLock<Mutex<alloy_primitives::map::AddressMap<[u8; 42]>>> =
-    std::sync::LazyLock::new(Default::default);
+/// Payers' receipt tails (see [`tail`]) by payer, with their network, remembered: a payer pays
+/// many vouchers, and each EIP-55 checksum is a Keccak (~5k instructions a receipt), the
+/// network's name a formatting. Bounded: emptied when full.
+static TAILS: std::sync::LazyLock<Mutex<Tails>> = std::sync::LazyLock::new(Default::default);
 
-/// `payer` in its EIP-55 checksummed form (as `Address::to_checksum(None)`).
-fn checksummed(payer: alloy_primitives::Address) -> [u8; 42] {
-    let checksums = || CHECKSUMS.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(known) = checksums().get(&payer) {
-        return *known;
+/// Receipt tails by payer, each with its network.
+type Tails = alloy_primitives::map::AddressMap<(crate::Network, Box<[u8]>)>;
+
+/// Appends `,"network":"<CAIP-2>","payer":"<EIP-55>","success":true,"transaction":"`: the
+/// part of a receipt that is the same for every voucher of a payer on a network.
+fn tail(out: &mut Vec<u8>, network: crate::Network, payer: alloy_primitives::Address) {
+    let tails = || TAILS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((_, known)) = tails().get(&payer).filter(|(n, _)| *n == network) {
+        out.extend_from_slice(known);
+        return;
     }
-    let mut buf = [0u8; 42];
-    let _ = payer.to_checksum_raw(&mut buf, None);
-    let mut checksums = checksums();
-    if checksums.len() >= 4096 {
-        checksums.clear();
+    let mut checksum = [0u8; 42];
+    let _ = payer.to_checksum_raw(&mut checksum, None);
+    let mut text = Vec::with_capacity(128);
+    text.extend_from_slice(b",\"network\":\"");
+    text.extend_from_slice(network.caip2().as_bytes());
+    text.extend_from_slice(b"\",\"payer\":\"");
+    text.extend_from_slice(&checksum);
+    text.extend_from_slice(b"\",\"success\":true,\"transaction\":\"");
+    out.extend_from_slice(&text);
+    let mut tails = tails();
+    if tails.len() >= 4096 {
+        tails.clear();
     }
-    checksums.insert(payer, buf);
-    buf
+    tails.insert(payer, (network, text.into_boxed_slice()));
 }
 
 /// `n` in decimal; amounts fit a `u64` (one division per digit, not `u128`'s slow one).
@@ -452,14 +517,13 @@ fn decimal(out: &mut Vec<u8>, n: u128) {
     out.extend_from_slice(&digits[at..]);
 }
 
-/// `0x` and lowercase hex, as alloy's serializer writes a `B256`.
-fn hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.extend_from_slice(b"0x");
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 0xf)]);
-    }
+/// `0x` and lowercase hex of 32 bytes, as alloy's serializer writes a `B256`.
+fn hex(out: &mut Vec<u8>, bytes: &[u8; 32]) {
+    let mut text = [0u8; 66];
+    text[..2].copy_from_slice(b"0x");
+    // 64 characters for 32 bytes: the slice has exactly that room.
+    let _ = alloy_primitives::hex::encode_to_slice(bytes, &mut text[2..]);
+    out.extend_from_slice(&text);
 }
 
 impl<E> PayError<E> {
@@ -594,5 +658,189 @@ mod tests {
             }
         }
         assert_eq!(checked, 3 * 6 * 2 * 3);
+    }
+
+    /// An option's terms are read once per thread while its options live; another option,
+    /// or another `Arc` of equal options, gets its own (equal to a fresh reading).
+    #[test]
+    fn kept_terms_are_the_options() {
+        let option = |max: u64| {
+            PaymentOption::batch_settlement(
+                &crate::Asset::usdc_base_sepolia(),
+                U256::from(max),
+                Address::repeat_byte(2),
+                Address::repeat_byte(3),
+                900,
+                crate::channel::AssetTransferMethod::Eip3009,
+            )
+            .unwrap()
+        };
+        let options: Arc<[PaymentOption]> = Arc::from(vec![option(1_000), option(2_000)]);
+        let again: Arc<[PaymentOption]> = Arc::from(options.to_vec());
+        for _ in 0..2 {
+            for set in [&options, &again] {
+                for o in set.iter() {
+                    let terms = terms_of(set, o).unwrap();
+                    assert_eq!(
+                        *terms,
+                        ChannelTerms::from_requirements(o.requirements()).unwrap()
+                    );
+                    assert!(Arc::ptr_eq(&terms, &terms_of(set, o).unwrap()), "kept");
+                }
+            }
+        }
+        // An option outside the `Arc` is read, not kept.
+        let lone = option(1_000);
+        let terms = terms_of(&options, &lone).unwrap();
+        assert!(!Arc::ptr_eq(&terms, &terms_of(&options, &lone).unwrap()));
+        assert_eq!(terms.price, 1_000);
+    }
+
+    /// An escrow whose deposits land at once, into an empty channel.
+    struct Landing;
+
+    #[async_trait::async_trait]
+    impl crate::channel::serve::Escrow for Landing {
+        async fn deposit(
+            &self,
+            _: crate::channel::serve::EscrowChannel<'_>,
+            deposit: &crate::proto::batch::Deposit,
+        ) -> Result<Mirror, crate::channel::serve::EscrowError> {
+            Ok(Mirror {
+                transaction: B256::repeat_byte(0xde),
+                balance: u128::try_from(deposit.amount).unwrap_or(u128::MAX),
+                total_claimed: 0,
+            })
+        }
+
+        async fn refund(
+            &self,
+            _: crate::channel::serve::EscrowChannel<'_>,
+            _: crate::channel::serve::CooperativeRefund,
+        ) -> Result<Mirror, crate::channel::serve::EscrowError> {
+            Err(crate::channel::serve::EscrowError("no refunds here".into()))
+        }
+    }
+
+    /// A layer's channels run on the engine's clock: a deposit signed valid until a time long
+    /// past pays at that time on a fixed clock (the record stamped with it), and is refused as
+    /// expired on the system clock.
+    #[tokio::test]
+    async fn channels_run_on_the_engines_clock() {
+        use alloy_signer::SignerSync;
+        use tower_layer::Layer;
+        use tower_service::Service;
+
+        use crate::channel::serve::Channels;
+        use crate::channel::store::{ChannelStore, MemoryChannelStore};
+        use crate::channel::{
+            AssetTransferMethod, channel_id, deposit_nonce, receive_authorization_digest,
+            token_domain, voucher_digest,
+        };
+        use crate::proto::batch::{Deposit, DepositAuthorization, Erc3009Authorization};
+
+        const THEN: u64 = 1_000_000_000; // 2001: every system clock is past it
+        let asset = crate::Asset::usdc_base_sepolia();
+        let chain = asset.network.chain_id();
+        let (receiver, authorizer) = (Address::repeat_byte(2), Address::repeat_byte(3));
+        let option = PaymentOption::batch_settlement(
+            &asset,
+            U256::from(1_000),
+            receiver,
+            authorizer,
+            900,
+            AssetTransferMethod::Eip3009,
+        )
+        .unwrap();
+        let payer = alloy_signer_local::PrivateKeySigner::random();
+        let config = ChannelConfig {
+            payer: payer.address(),
+            payer_authorizer: payer.address(),
+            receiver,
+            receiver_authorizer: authorizer,
+            token: asset.address,
+            withdraw_delay: 900,
+            salt: B256::repeat_byte(7),
+        };
+        let id = channel_id(chain, &config);
+        let sign = |digest: B256| {
+            let sig = payer.sign_hash_sync(&digest).unwrap();
+            alloy_primitives::Bytes::from(sig.as_bytes().to_vec())
+        };
+        let (amount, valid_before, salt) = (U256::from(10_000), U256::from(THEN + 60), B256::ZERO);
+        let digest = receive_authorization_digest(
+            &token_domain(chain, asset.address, "USDC", "2"),
+            payer.address(),
+            amount,
+            U256::ZERO,
+            valid_before,
+            deposit_nonce(id, salt),
+        );
+        let batch = BatchEvmPayload::Deposit {
+            voucher: Voucher {
+                channel_id: id,
+                max_claimable_amount: U256::from(1_000),
+                signature: sign(voucher_digest(chain, id, U256::from(1_000)).unwrap()),
+            },
+            deposit: Deposit {
+                amount,
+                authorization: DepositAuthorization {
+                    erc3009_authorization: Some(Erc3009Authorization {
+                        valid_after: U256::ZERO,
+                        valid_before,
+                        salt,
+                        signature: sign(digest),
+                    }),
+                    permit2_authorization: None,
+                },
+            },
+            channel_config: config,
+        };
+        let proof = serde_json::json!({
+            "x402Version": 2,
+            "accepted": option.requirements(),
+            "payload": batch,
+        });
+        let header = header::encode_json(&serde_json::to_vec(&proof).unwrap());
+        for fixed in [true, false] {
+            let store = Arc::new(MemoryChannelStore::new());
+            let channels = Channels::new(store.clone(), Landing);
+            let channels = match fixed {
+                true => channels.with_clock(crate::clock::FixedClock::new(THEN)),
+                false => channels,
+            };
+            let layer = crate::PaymentLayer::builder()
+                .no_challenge_binding()
+                .accept(option.clone())
+                .channels(channels)
+                .build()
+                .unwrap();
+            let mut svc = layer.layer(tower::service_fn(|_: Request<String>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(String::from("paid")))
+            }));
+            let req = Request::get("http://api.example/paid")
+                .header(header::PAYMENT_SIGNATURE, header.clone())
+                .body(String::new())
+                .unwrap();
+            let res = svc.call(req).await.unwrap();
+            let record = store.load(id).await.unwrap();
+            if fixed {
+                assert_eq!(res.status(), http::StatusCode::OK);
+                let record = record.expect("the deposit opened the channel");
+                assert_eq!(record.charged_cumulative, 1_000);
+                assert_eq!(
+                    (record.last_request_at, record.onchain_synced_at),
+                    (THEN, THEN)
+                );
+            } else {
+                assert_eq!(res.status(), http::StatusCode::PAYMENT_REQUIRED);
+                let required = res.headers().get(header::PAYMENT_REQUIRED).unwrap();
+                let required: serde_json::Value =
+                    serde_json::from_slice(&header::decode_bytes(required, 1 << 16).unwrap())
+                        .unwrap();
+                assert_eq!(required["error"], BatchError::ValidBefore.code());
+                assert_eq!(record, None, "nothing stored");
+            }
+        }
     }
 }
