@@ -85,14 +85,7 @@ where
     let domain = domain(req).ok_or_else(|| {
         alloy_signer::Error::other("requirement lacks the EIP-712 name/version in extra")
     })?;
-    let message = TransferWithAuthorization {
-        from: auth.from,
-        to: auth.to,
-        value: auth.value,
-        validAfter: auth.valid_after,
-        validBefore: auth.valid_before,
-        nonce: auth.nonce,
-    };
+    let message = TransferWithAuthorization::from(auth);
     let sig = signer.sign_typed_data(&message, &domain).await?;
     // USDC rejects high-s; remote signers do not all normalize.
     let sig = sig.normalize_s().unwrap_or(sig);

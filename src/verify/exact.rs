@@ -100,6 +100,20 @@ mod eip712 {
 #[cfg(any(feature = "client", test))]
 pub(crate) use eip712::TransferWithAuthorization;
 
+#[cfg(any(feature = "client", test))]
+impl From<&Authorization> for TransferWithAuthorization {
+    fn from(auth: &Authorization) -> Self {
+        Self {
+            from: auth.from,
+            to: auth.to,
+            value: auth.value,
+            validAfter: auth.valid_after,
+            validBefore: auth.valid_before,
+            nonce: auth.nonce,
+        }
+    }
+}
+
 /// secp256k1 n/2: USDC's ECRecover reverts on any larger `s`.
 const HALF_N: [u8; 32] = [
     0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
@@ -602,14 +616,7 @@ mod tests {
         for value in [U256::ZERO, U256::from(1), U256::MAX] {
             auth.value = value;
             auth.nonce = B256::repeat_byte(0xff);
-            let sol = TransferWithAuthorization {
-                from: auth.from,
-                to: auth.to,
-                value: auth.value,
-                validAfter: auth.valid_after,
-                validBefore: auth.valid_before,
-                nonce: auth.nonce,
-            };
+            let sol = TransferWithAuthorization::from(&auth);
             assert_eq!(struct_hash(&auth), sol.eip712_hash_struct());
             assert_eq!(sol.eip712_type_hash(), TRANSFER_WITH_AUTHORIZATION_TYPEHASH);
         }
@@ -628,14 +635,7 @@ mod tests {
                 auth.valid_after = U256::from(round) << 192 | U256::from(payer);
                 auth.valid_before = U256::from(1_000 + u64::from(round));
                 auth.nonce = B256::repeat_byte(round ^ payer);
-                let sol = TransferWithAuthorization {
-                    from: auth.from,
-                    to: auth.to,
-                    value: auth.value,
-                    validAfter: auth.valid_after,
-                    validBefore: auth.valid_before,
-                    nonce: auth.nonce,
-                };
+                let sol = TransferWithAuthorization::from(&auth);
                 assert_eq!(
                     struct_hash(&auth),
                     sol.eip712_hash_struct(),
