@@ -80,6 +80,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::clock::{Clock, SystemClock};
+use crate::kept::Kept;
 use crate::proto::v2::PaymentRequirements;
 
 /// The key of `extra` that carries the challenge id.
@@ -195,7 +196,7 @@ fn binding_blocks(binding: &Binding<'_>, out: &mut Vec<u8>) {
 thread_local! {
     /// The HMAC states after recent bindings' blocks, on this thread.
     static BINDINGS: std::cell::RefCell<Bindings> = const {
-        std::cell::RefCell::new(Bindings { slots: Vec::new(), next: 0, scratch: Vec::new() })
+        std::cell::RefCell::new(Bindings { slots: Kept::new(), scratch: Vec::new() })
     };
 }
 
@@ -203,9 +204,7 @@ thread_local! {
 /// resource, method and price starts its MAC the same, so only its own fields are hashed.
 /// A state is found by the key's [`Key::print`] and the binding's very bytes.
 struct Bindings {
-    slots: Vec<BindingState>,
-    /// The slot the next state replaces once all are taken.
-    next: usize,
+    slots: Kept<BindingState, { Bindings::SLOTS }>,
     /// The binding's bytes, built per call (kept: no allocation once grown).
     scratch: Vec<u8>,
 }
@@ -238,12 +237,7 @@ impl Bindings {
             blocks: blocks.into(),
             state: state.clone(),
         };
-        if self.slots.len() < Self::SLOTS {
-            self.slots.push(kept);
-        } else {
-            self.slots[self.next] = kept;
-            self.next = (self.next + 1) % Self::SLOTS;
-        }
+        self.slots.keep(kept);
         state
     }
 }

@@ -241,6 +241,7 @@ mod future;
 pub mod grpc;
 pub mod hooks;
 pub mod idempotency;
+mod kept;
 mod layer;
 #[cfg(feature = "mcp")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mcp")))]

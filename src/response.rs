@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::body::ResponseBody;
 use crate::challenge::{Binding, EXTRA_FIELD};
 use crate::config::Shared;
+use crate::kept::Kept;
 use crate::option::PaymentOption;
 use crate::proto::header::{self, PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
 use crate::proto::v2::PaymentRequirements;
@@ -177,7 +178,7 @@ thread_local! {
     /// A priced route answers every unpaid request with the same 402. Building it costs about
     /// 50,000 instructions (two JSON documents, four EIP-55 checksums, base64); finding it
     /// here costs a URL and a few comparisons. Slots are reused round-robin.
-    static CHALLENGES: RefCell<(Vec<CachedChallenge>, usize)> = const { RefCell::new((Vec::new(), 0)) };
+    static CHALLENGES: RefCell<Kept<CachedChallenge, CHALLENGE_SLOTS>> = const { RefCell::new(Kept::new()) };
 }
 
 /// The encoded challenge for `resource` and `reason`: from this thread's cache, or built (and
@@ -213,8 +214,8 @@ fn encoded_challenge(
                 .zip(options)
                 .all(|(r, o)| r == o.requirements())
     };
-    CHALLENGES.with_borrow_mut(|(slots, next)| {
-        if let Some(c) = slots.iter().find(|c| same(c)) {
+    CHALLENGES.with_borrow_mut(|kept| {
+        if let Some(c) = kept.iter().find(|c| same(c)) {
             return (c.header.clone(), c.body.clone());
         }
         let url = resource.url(shared);
@@ -233,12 +234,7 @@ fn encoded_challenge(
             header: header.clone(),
             body: body.clone(),
         };
-        if slots.len() < CHALLENGE_SLOTS {
-            slots.push(entry);
-        } else {
-            slots[*next] = entry;
-            *next = (*next + 1) % CHALLENGE_SLOTS;
-        }
+        kept.keep(entry);
         (header, body)
     })
 }
@@ -403,8 +399,7 @@ thread_local! {
     /// of one payer and price. Encoding it costs about 10,000 instructions (half of them the
     /// payer's EIP-55 checksum, a Keccak; then JSON and base64); finding it here, a few
     /// comparisons. Slots are reused round-robin.
-    static RECEIPTS: RefCell<(Vec<CachedReceipt>, usize)> =
-        const { RefCell::new((Vec::new(), 0)) };
+    static RECEIPTS: RefCell<Kept<CachedReceipt, RECEIPT_SLOTS>> = const { RefCell::new(Kept::new()) };
 }
 
 /// Adds the receipt in the header of the client's protocol version.
@@ -427,18 +422,12 @@ fn encoded_receipt(version: X402Version, receipt: &SettleResponse) -> HeaderValu
     if receipt.transaction.is_some() || receipt.signature.is_some() {
         return encode();
     }
-    RECEIPTS.with_borrow_mut(|(slots, next)| {
-        if let Some((_, _, value)) = slots.iter().find(|(v, r, _)| *v == version && r == receipt) {
+    RECEIPTS.with_borrow_mut(|kept| {
+        if let Some((_, _, value)) = kept.iter().find(|(v, r, _)| *v == version && r == receipt) {
             return value.clone();
         }
         let value = encode();
-        let entry = (version, receipt.clone(), value.clone());
-        if slots.len() < RECEIPT_SLOTS {
-            slots.push(entry);
-        } else {
-            slots[*next] = entry;
-            *next = (*next + 1) % RECEIPT_SLOTS;
-        }
+        kept.keep((version, receipt.clone(), value.clone()));
         value
     })
 }

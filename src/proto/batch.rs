@@ -228,16 +228,15 @@ mod compact {
     /// How many channel configs a thread keeps the text of.
     const CONFIG_SLOTS: usize = 4;
 
-    /// Kept configs with their text, and the slot to reuse next.
-    type Kept = (Vec<(Box<str>, ChannelConfig)>, usize);
+    /// Kept configs with their text.
+    type Kept = crate::kept::Kept<(Box<str>, ChannelConfig), CONFIG_SLOTS>;
 
     thread_local! {
         /// The text of channel configs read lately on this thread, and what it reads as: a
         /// channel resends its config with every voucher, and reading its seven fields (five
         /// addresses, a salt) cost each voucher ~2.5k instructions; comparing the text, a
         /// `memcmp`. Reused round-robin.
-        static CONFIGS: std::cell::RefCell<Kept> =
-            const { std::cell::RefCell::new((Vec::new(), 0)) };
+        static CONFIGS: std::cell::RefCell<Kept> = const { std::cell::RefCell::new(Kept::new()) };
     }
 
     /// The config object at the cursor: a kept one when the text starts with its text (the
@@ -245,8 +244,8 @@ mod compact {
     /// past its `}`), else read and kept.
     fn config(c: &mut Cursor<'_>) -> Option<ChannelConfig> {
         let start = c.at();
-        let kept = CONFIGS.with_borrow(|(slots, _)| {
-            slots.iter().find_map(|(text, config)| {
+        let kept = CONFIGS.with_borrow(|kept| {
+            kept.iter().find_map(|(text, config)| {
                 c.back_to(start + text.len());
                 (c.since(start) == Some(&**text)).then(|| config.clone())
             })
@@ -257,15 +256,7 @@ mod compact {
         c.back_to(start);
         let config = read_config(c)?;
         let text = c.since(start)?;
-        CONFIGS.with_borrow_mut(|(slots, next)| {
-            let entry = (Box::from(text), config.clone());
-            if slots.len() < CONFIG_SLOTS {
-                slots.push(entry);
-            } else {
-                slots[*next] = entry;
-                *next = (*next + 1) % CONFIG_SLOTS;
-            }
-        });
+        CONFIGS.with_borrow_mut(|kept| kept.keep((Box::from(text), config.clone())));
         Some(config)
     }
 

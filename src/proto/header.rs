@@ -6,6 +6,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 
 use super::{PaymentPayload, VersionProbe, v1, v2};
+use crate::kept::Kept;
 
 /// v2 challenge header (server → client).
 pub const PAYMENT_REQUIRED: HeaderName = HeaderName::from_static("payment-required");
@@ -344,7 +345,7 @@ fn typed_or_refusal(
 thread_local! {
     /// The starts of recent v2 proofs on this thread.
     static PREFIXES: std::cell::RefCell<Prefixes> = const {
-        std::cell::RefCell::new(Prefixes { slots: Vec::new(), next: 0 })
+        std::cell::RefCell::new(Prefixes { slots: Kept::new() })
     };
 }
 
@@ -355,9 +356,7 @@ thread_local! {
 /// payer's own, is decoded and parsed. A bound challenge's id is new with every challenge:
 /// the quanta that hold it are decoded per proof ([`IdSlot`]), the text around them is kept.
 struct Prefixes {
-    slots: Vec<Prefix>,
-    /// The slot the next start replaces once all are taken.
-    next: usize,
+    slots: Kept<Prefix, { Prefixes::SLOTS }>,
 }
 
 struct Prefix {
@@ -517,12 +516,7 @@ impl Prefixes {
             head,
             id,
         };
-        if self.slots.len() < Self::SLOTS {
-            self.slots.push(prefix);
-        } else {
-            self.slots[self.next] = prefix;
-            self.next = (self.next + 1) % Self::SLOTS;
-        }
+        self.slots.keep(prefix);
     }
 }
 

@@ -24,6 +24,7 @@ use crate::channel::verify::{self, BatchError, ChannelTerms};
 use crate::channel::{self as ch, Handler, Serve};
 use crate::config::Shared;
 use crate::hooks::Stage;
+use crate::kept::Kept;
 use crate::option::PaymentOption;
 use crate::proto::batch::BatchEvmPayload;
 use crate::proto::v2::PaymentRequirements;
@@ -184,8 +185,8 @@ thread_local! {
     /// Reading an option's terms (its `extra` map's lookups, the authorizer's hex, two
     /// `String`s) cost every voucher ~1.6k instructions; a route's options are the same
     /// `Arc` for every request (a dynamic price makes new ones: those miss and are read).
-    static TERMS: std::cell::RefCell<(Vec<KeptTerms>, usize)> =
-        const { std::cell::RefCell::new((Vec::new(), 0)) };
+    static TERMS: std::cell::RefCell<Kept<KeptTerms, TERMS_SLOTS>> =
+        const { std::cell::RefCell::new(Kept::new()) };
 }
 
 /// The terms of `option`, one of `options`: kept per thread, as [`TERMS`] says.
@@ -194,9 +195,8 @@ fn terms_of(
     option: &PaymentOption,
 ) -> Result<Arc<ChannelTerms>, BatchError> {
     let at: *const PaymentOption = option;
-    let kept = TERMS.with_borrow(|(slots, _)| {
-        slots
-            .iter()
+    let kept = TERMS.with_borrow(|kept| {
+        kept.iter()
             .find(|(o, p, _)| Arc::ptr_eq(o, options) && std::ptr::eq(*p, at))
             .map(|(_, _, terms)| terms.clone())
     });
@@ -206,15 +206,7 @@ fn terms_of(
     let terms = Arc::new(ChannelTerms::from_requirements(option.requirements())?);
     // Only an option of `options` is kept under their `Arc` (a caller's own copy is not).
     if options.iter().any(|o| std::ptr::eq(o, at)) {
-        TERMS.with_borrow_mut(|(slots, next)| {
-            let entry = (options.clone(), at, terms.clone());
-            if slots.len() < TERMS_SLOTS {
-                slots.push(entry);
-            } else {
-                slots[*next] = entry;
-                *next = (*next + 1) % TERMS_SLOTS;
-            }
-        });
+        TERMS.with_borrow_mut(|kept| kept.keep((options.clone(), at, terms.clone())));
     }
     Ok(terms)
 }

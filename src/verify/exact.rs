@@ -45,6 +45,7 @@ use secp256k1::ecdsa::{RecoverableSignature, RecoveryId};
 use super::wallet::{ContractSignatures, Erc6492, MAX_SIGNATURE_BYTES};
 use super::{SignatureError, VerifiedPayment, VerifyError};
 
+use crate::kept::Kept;
 use crate::proto::exact::{Authorization, ExactEvmPayload};
 use crate::proto::{PaymentPayload, v2::PaymentRequirements};
 
@@ -177,8 +178,7 @@ const FIRST_BLOCK: usize = 136;
 /// after each, replaced in turn.
 #[derive(Default)]
 struct FirstBlocks {
-    slots: Vec<([u8; FIRST_BLOCK], Keccak256)>,
-    next: usize,
+    slots: Kept<([u8; FIRST_BLOCK], Keccak256), { FirstBlocks::SLOTS }>,
 }
 
 impl FirstBlocks {
@@ -193,12 +193,7 @@ impl FirstBlocks {
         hasher.update(block);
         let mut kept = [0u8; FIRST_BLOCK];
         kept.copy_from_slice(block);
-        if self.slots.len() < Self::SLOTS {
-            self.slots.push((kept, hasher.clone()));
-        } else {
-            self.slots[self.next] = (kept, hasher.clone());
-            self.next = (self.next + 1) % Self::SLOTS;
-        }
+        self.slots.keep((kept, hasher.clone()));
         hasher
     }
 }
