@@ -567,12 +567,22 @@ impl ChallengeKeys {
 
 /// 32 bytes from 64 hex digits (optional `0x`, surrounding whitespace ignored).
 fn parse_key(text: &str, what: &'static str) -> Result<[u8; 32], ChallengeKeyError> {
+    secret_from_hex(text).ok_or(ChallengeKeyError::Malformed(what))
+}
+
+/// A 32-byte secret from 64 hex digits (optional `0x`, surrounding whitespace ignored), as
+/// the crate's keys are kept in secret stores and environment variables; `None` otherwise,
+/// with what a failed decode had written zeroed.
+pub(crate) fn secret_from_hex(text: &str) -> Option<[u8; 32]> {
     let text = text.trim();
     let digits = text.strip_prefix("0x").unwrap_or(text);
     let mut key = [0u8; 32];
-    alloy_primitives::hex::decode_to_slice(digits, &mut key)
-        .map_err(|_| ChallengeKeyError::Malformed(what))?;
-    Ok(key)
+    if alloy_primitives::hex::decode_to_slice(digits, &mut key).is_ok() {
+        return Some(key);
+    }
+    key.fill(0);
+    std::hint::black_box(&mut key);
+    None
 }
 
 /// 16 random bytes. The salt only has to make ids unique (the key is the secret), so if the OS

@@ -134,13 +134,9 @@ impl LocalAuthorizer {
     }
 
     fn parse(text: &str, what: &'static str) -> Result<Self, AuthorizerKeyError> {
-        let text = text.trim();
-        let digits = text.strip_prefix("0x").unwrap_or(text);
-        let mut bytes = [0u8; 32];
-        let decoded = alloy_primitives::hex::decode_to_slice(digits, &mut bytes);
-        let key = decoded
-            .map_err(|_| AuthorizerKeyError::Malformed(what))
-            .and_then(|()| Self::named(bytes, what));
+        let mut bytes =
+            crate::challenge::secret_from_hex(text).ok_or(AuthorizerKeyError::Malformed(what))?;
+        let key = Self::named(bytes, what);
         erase(&mut bytes);
         key
     }
