@@ -20,7 +20,7 @@ use super::{ChannelClaim, ReceiverAuthorizer, claim_digest, refund_digest};
 use crate::alert::{Alert, alert};
 use crate::clock::{Clock, SystemClock};
 use crate::proto::batch::{BatchEvmPayload, ChannelConfig, Deposit};
-use crate::store::StoreError;
+use crate::store::{StoreError, now_or};
 
 /// The escrow's state of a channel after a transaction, as the chain reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -356,20 +356,22 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         Fut: Future<Output = Result<T, PayError<E>>>,
     {
         let channel = payment.payload.voucher().channel_id;
-        let lease = self
-            .store
-            .lock(channel, self.lease_seconds)
-            .await
-            .map_err(PayError::Store)?
-            .ok_or(PayError::Refused {
-                error: BatchError::ChannelBusy,
-                state: None,
-            })?;
-        let result = match self.store.load(channel).await {
+        let seconds = self.lease_seconds;
+        let lease = now_or(self.store.lock_now(channel, seconds), || {
+            self.store.lock(channel, seconds)
+        })
+        .await
+        .map_err(PayError::Store)?
+        .ok_or(PayError::Refused {
+            error: BatchError::ChannelBusy,
+            state: None,
+        })?;
+        let stored = now_or(self.store.load_now(channel), || self.store.load(channel)).await;
+        let result = match stored {
             Ok(stored) => held(stored).await,
             Err(e) => Err(PayError::Store(e)),
         };
-        if let Err(e) = self.store.unlock(lease).await {
+        if let Err(e) = now_or(self.store.unlock_now(lease), || self.store.unlock(lease)).await {
             // The lease expires on its own; the channel is only blocked until then.
             alert!(
                 Alert::ChannelState,
@@ -539,11 +541,7 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
     /// Commits the handler's charge; a record changed under the lease or a store failure
     /// refuses it (and is raised: the charge is not recorded).
     async fn commit_charge<E>(&self, held: &Held, state: &ChannelState) -> Result<(), PayError<E>> {
-        match self
-            .store
-            .commit(held.channel, held.expected, state.clone())
-            .await
-        {
+        match self.commit(held, state).await {
             Ok(true) => Ok(()),
             Ok(false) => {
                 alert!(
@@ -569,15 +567,20 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
 
     /// A deposit that landed is recorded even when the request fails afterwards (the money
     /// is in the escrow; the charge is unchanged).
+    /// `state` committed as `held` expects.
+    async fn commit(&self, held: &Held, state: &ChannelState) -> Result<bool, StoreError> {
+        let (channel, expected) = (held.channel, held.expected);
+        now_or(self.store.commit_now(channel, expected, state), || {
+            self.store.commit(channel, expected, state.clone())
+        })
+        .await
+    }
+
     async fn keep_deposit(&self, held: &Held, state: &ChannelState) {
         if held.deposit.is_none() {
             return;
         }
-        match self
-            .store
-            .commit(held.channel, held.expected, state.clone())
-            .await
-        {
+        match self.commit(held, state).await {
             Ok(true) => {}
             Ok(false) => alert!(
                 Alert::ChannelState,

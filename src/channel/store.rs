@@ -100,6 +100,40 @@ pub trait ChannelStore: Send + Sync + 'static {
     fn is_shared(&self) -> bool {
         false
     }
+
+    /// [`Self::load`]'s answer at once, when this store needs no I/O for it (the memory
+    /// store); `None`, the default, says to await `load`. The engine asks this first: an
+    /// answer here saves `load`'s boxed future. Must agree with `load`.
+    fn load_now(&self, channel: B256) -> Option<Result<Option<ChannelState>, StoreError>> {
+        let _ = channel;
+        None
+    }
+
+    /// [`Self::lock`] at once, as [`Self::load_now`]; `None` (the default): await `lock`,
+    /// which then has not run.
+    fn lock_now(&self, channel: B256, seconds: u64) -> Option<Result<Option<Lease>, StoreError>> {
+        let _ = (channel, seconds);
+        None
+    }
+
+    /// [`Self::unlock`] at once, as [`Self::load_now`]; `None` (the default): await
+    /// `unlock`, which then has not run.
+    fn unlock_now(&self, lease: Lease) -> Option<Result<(), StoreError>> {
+        let _ = lease;
+        None
+    }
+
+    /// [`Self::commit`] at once (of a copy of `next`), as [`Self::load_now`]; `None` (the
+    /// default): await `commit`, which then has not run.
+    fn commit_now(
+        &self,
+        channel: B256,
+        expected: Option<u128>,
+        next: &ChannelState,
+    ) -> Option<Result<bool, StoreError>> {
+        let _ = (channel, expected, next);
+        None
+    }
 }
 
 #[async_trait]
@@ -129,6 +163,23 @@ impl<T: ChannelStore + ?Sized> ChannelStore for std::sync::Arc<T> {
     }
     fn is_shared(&self) -> bool {
         (**self).is_shared()
+    }
+    fn load_now(&self, channel: B256) -> Option<Result<Option<ChannelState>, StoreError>> {
+        (**self).load_now(channel)
+    }
+    fn lock_now(&self, channel: B256, seconds: u64) -> Option<Result<Option<Lease>, StoreError>> {
+        (**self).lock_now(channel, seconds)
+    }
+    fn unlock_now(&self, lease: Lease) -> Option<Result<(), StoreError>> {
+        (**self).unlock_now(lease)
+    }
+    fn commit_now(
+        &self,
+        channel: B256,
+        expected: Option<u128>,
+        next: &ChannelState,
+    ) -> Option<Result<bool, StoreError>> {
+        (**self).commit_now(channel, expected, next)
     }
 }
 
@@ -185,30 +236,29 @@ impl MemoryChannelStore {
     }
 }
 
-#[async_trait]
-impl ChannelStore for MemoryChannelStore {
-    async fn load(&self, channel: B256) -> Result<Option<ChannelState>, StoreError> {
-        Ok(self.inner().states.get(&channel).cloned())
+impl MemoryChannelStore {
+    fn load_held(&self, channel: B256) -> Option<ChannelState> {
+        self.inner().states.get(&channel).cloned()
     }
 
-    async fn lock(&self, channel: B256, seconds: u64) -> Result<Option<Lease>, StoreError> {
+    fn lock_held(&self, channel: B256, seconds: u64) -> Option<Lease> {
         let now = self.now();
         let expires_at = now.saturating_add(seconds.max(1));
         let mut inner = self.inner();
         if let Some((_, until)) = inner.leases.get(&channel)
             && *until > now
         {
-            return Ok(None);
+            return None;
         }
         // Unique within this store is enough (no other process shares it), and a counter
         // costs no `getrandom` system call per request.
         inner.next_token = inner.next_token.wrapping_add(1);
         let token = ClaimToken(inner.next_token);
         inner.leases.insert(channel, (token, expires_at));
-        Ok(Some(Lease { channel, token }))
+        Some(Lease { channel, token })
     }
 
-    async fn unlock(&self, lease: Lease) -> Result<(), StoreError> {
+    fn unlock_held(&self, lease: Lease) {
         let mut inner = self.inner();
         if inner
             .leases
@@ -217,6 +267,30 @@ impl ChannelStore for MemoryChannelStore {
         {
             inner.leases.remove(&lease.channel);
         }
+    }
+
+    fn commit_held(&self, channel: B256, expected: Option<u128>, next: &ChannelState) -> bool {
+        let mut inner = self.inner();
+        if inner.states.get(&channel).map(|s| s.charged_cumulative) != expected {
+            return false;
+        }
+        inner.states.insert(channel, next.clone());
+        true
+    }
+}
+
+#[async_trait]
+impl ChannelStore for MemoryChannelStore {
+    async fn load(&self, channel: B256) -> Result<Option<ChannelState>, StoreError> {
+        Ok(self.load_held(channel))
+    }
+
+    async fn lock(&self, channel: B256, seconds: u64) -> Result<Option<Lease>, StoreError> {
+        Ok(self.lock_held(channel, seconds))
+    }
+
+    async fn unlock(&self, lease: Lease) -> Result<(), StoreError> {
+        self.unlock_held(lease);
         Ok(())
     }
 
@@ -226,12 +300,7 @@ impl ChannelStore for MemoryChannelStore {
         expected: Option<u128>,
         next: ChannelState,
     ) -> Result<bool, StoreError> {
-        let mut inner = self.inner();
-        if inner.states.get(&channel).map(|s| s.charged_cumulative) != expected {
-            return Ok(false);
-        }
-        inner.states.insert(channel, next);
-        Ok(true)
+        Ok(self.commit_held(channel, expected, &next))
     }
 
     async fn remove(&self, channel: B256, expected: u128) -> Result<bool, StoreError> {
@@ -245,6 +314,28 @@ impl ChannelStore for MemoryChannelStore {
 
     async fn list(&self) -> Result<Vec<B256>, StoreError> {
         Ok(self.inner().states.keys().copied().collect())
+    }
+
+    fn load_now(&self, channel: B256) -> Option<Result<Option<ChannelState>, StoreError>> {
+        Some(Ok(self.load_held(channel)))
+    }
+
+    fn lock_now(&self, channel: B256, seconds: u64) -> Option<Result<Option<Lease>, StoreError>> {
+        Some(Ok(self.lock_held(channel, seconds)))
+    }
+
+    fn unlock_now(&self, lease: Lease) -> Option<Result<(), StoreError>> {
+        self.unlock_held(lease);
+        Some(Ok(()))
+    }
+
+    fn commit_now(
+        &self,
+        channel: B256,
+        expected: Option<u128>,
+        next: &ChannelState,
+    ) -> Option<Result<bool, StoreError>> {
+        Some(Ok(self.commit_held(channel, expected, next)))
     }
 }
 
@@ -372,5 +463,67 @@ mod tests {
             std::future::ready(())
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn memory_store_answers_now_as_it_answers_later() {
+        let store = MemoryChannelStore::with_clock(FixedClock::new(1_700_000_000));
+        let id = B256::repeat_byte(0xc1);
+        let mut state = ChannelState {
+            config: ChannelConfig {
+                payer: alloy_primitives::Address::repeat_byte(1),
+                payer_authorizer: alloy_primitives::Address::repeat_byte(1),
+                receiver: alloy_primitives::Address::repeat_byte(2),
+                receiver_authorizer: alloy_primitives::Address::repeat_byte(3),
+                token: alloy_primitives::Address::repeat_byte(4),
+                withdraw_delay: 900,
+                salt: B256::ZERO,
+            },
+            charged_cumulative: 10,
+            signed_max_claimable: 10,
+            signature: Bytes::from(vec![7u8; 65]),
+            balance: 1_000,
+            total_claimed: 0,
+            withdraw_requested_at: 0,
+            refund_nonce: U256::ZERO,
+            onchain_synced_at: 0,
+            last_request_at: 0,
+        };
+        let now = |r: Option<Result<bool, StoreError>>| r.expect("sync").expect("commit");
+        assert_eq!(store.load_now(id).expect("sync").expect("load"), None);
+        let lease = store
+            .lock_now(id, 30)
+            .expect("sync")
+            .expect("lock")
+            .expect("free");
+        assert_eq!(
+            store.lock(id, 30).await.expect("lock"),
+            None,
+            "held, seen later"
+        );
+        assert!(now(store.commit_now(id, None, &state)));
+        let again = store.commit(id, None, state.clone()).await.expect("commit");
+        assert!(!again, "a second first commit");
+        assert_eq!(store.load(id).await.expect("load").as_ref(), Some(&state));
+        state.charged_cumulative = 20;
+        assert!(!now(store.commit_now(id, Some(5), &state)));
+        assert!(now(store.commit_now(id, Some(10), &state)));
+        assert_eq!(
+            store.load_now(id).expect("sync").expect("load"),
+            Some(state)
+        );
+        store.unlock_now(lease).expect("sync").expect("unlock");
+        assert!(
+            store.lock(id, 30).await.expect("lock").is_some(),
+            "free, seen later"
+        );
+        assert!(
+            store
+                .lock_now(id, 30)
+                .expect("sync")
+                .expect("lock")
+                .is_none(),
+            "held, seen now"
+        );
     }
 }

@@ -32,7 +32,7 @@ use crate::proto::batch::{
     BatchEvmPayload, ChannelConfig, Deposit, Permit2DepositAuthorization, Voucher,
 };
 use crate::proto::{PaymentPayload, v2::PaymentRequirements};
-use crate::verify::exact::recover_signer;
+use crate::verify::exact::recover_signer_kept;
 use crate::verify::wallet::{ContractSignatureError, ContractSignatures};
 
 /// Seconds a deposit authorization must still be valid for: the reference's margin for the
@@ -396,7 +396,7 @@ pub fn check_voucher_signature(
     }
     let digest = voucher_digest(chain_id, voucher.channel_id, voucher.max_claimable_amount)
         .ok_or(BatchError::VoucherPayload)?;
-    match recover_signer(digest, &voucher.signature) {
+    match recover_signer_kept(digest, &voucher.signature) {
         Ok(signer) if signer == config.payer_authorizer => Ok(()),
         _ => Err(BatchError::VoucherSignature),
     }
@@ -457,7 +457,7 @@ pub fn check_deposit(
         auth.valid_before,
         deposit_nonce(channel, auth.salt),
     );
-    match recover_signer(digest, &auth.signature) {
+    match recover_signer_kept(digest, &auth.signature) {
         Ok(signer) if signer == config.payer => Ok(amount),
         _ => Err(BatchError::ReceiveAuthorizationSignature),
     }
@@ -700,7 +700,7 @@ pub fn check_permit2_deposit(
     if permit.deadline < U256::from(now.saturating_add(VALID_BEFORE_MARGIN)) {
         return Err(BatchError::Permit2DeadlineExpired);
     }
-    match recover_signer(
+    match recover_signer_kept(
         permit2_deposit_digest(terms.chain_id, permit),
         &permit.signature,
     ) {

@@ -24,7 +24,7 @@ use alloy_primitives::{Address, B256, U256, address, keccak256};
 #[cfg(any(feature = "client", test))]
 use alloy_sol_types::Eip712Domain;
 
-use super::exact::recover_signer;
+use super::exact::recover_signer_kept;
 use super::{VerifiedPayment, VerifyError};
 
 use crate::proto::upto::{Permit2Authorization, UptoEvmPayload};
@@ -353,7 +353,7 @@ pub(super) fn verify(
         return Err(UptoError::NotYetValid.into());
     }
     let digest = signing_hash(req.network.chain_id(), permit);
-    match recover_signer(digest, &upto.signature) {
+    match recover_signer_kept(digest, &upto.signature) {
         Ok(signer) if signer == permit.from => {}
         _ => return Err(UptoError::Signature.into()),
     }
