@@ -1418,6 +1418,8 @@ async fn deferred_row(
 /// * `bound`: the same with bound challenges (`bind_challenges`): each payment echoes the
 ///   challenge id and `resource` of a 402 fetched from the server at start, as official
 ///   clients do, and the layer checks the id's HMAC (not run by default).
+/// * `voucher-memory`: paid by `batch-settlement` vouchers, memory channel store, one channel
+///   per connection (not run by default).
 ///
 /// `--perf` adds `perf stat` counts per request: the server's system calls, the wake-ups it
 /// issues (`sched:sched_waking`, mostly of the load generator's thread) and context switches,
@@ -1507,13 +1509,24 @@ async fn kernel(args: &[String]) -> Result<(), BoxError> {
             ),
             // Signed below, against the server's own challenge.
             "bound" => (scenario, PAYMENT_SIGNATURE, Source::None, StatusCode::OK),
+            // Vouchers on one channel per connection, signed below.
+            "voucher-memory" => (scenario, PAYMENT_SIGNATURE, Source::None, StatusCode::OK),
             other => return Err(format!("kernel: no scenario {other}").into()),
         };
-        let server = our_server(&cfg, serve_as, &[])?;
-        let source = if scenario == "bound" {
-            Source::signed(&Rc::new(sign_for(server.addr, cfg.headers).await?))
-        } else {
-            source
+        let channels = cfg.conns.to_string();
+        let extra: &[&str] = match scenario {
+            "voucher-memory" => &["--channels", &channels],
+            _ => &[],
+        };
+        let server = our_server(&cfg, serve_as, extra)?;
+        let source = match scenario {
+            "bound" => Source::signed(&Rc::new(sign_for(server.addr, cfg.headers).await?)),
+            "voucher-memory" => Source::vouchers(sign_vouchers(&vec![
+                (cfg.headers / cfg.conns)
+                    .max(1);
+                cfg.conns
+            ])),
+            _ => source,
         };
         let pid = server.pid();
         let window = Duration::from_millis(20) + cfg.warmup + cfg.measure;

@@ -20,7 +20,7 @@ use super::{ChannelClaim, ReceiverAuthorizer, claim_digest, refund_digest};
 use crate::alert::{Alert, alert};
 use crate::clock::{Clock, SystemClock};
 use crate::proto::batch::{BatchEvmPayload, ChannelConfig, Deposit};
-use crate::store::{StoreError, now_or};
+use crate::store::StoreError;
 
 /// The escrow's state of a channel after a transaction, as the chain reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -357,21 +357,21 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
     {
         let channel = payment.payload.voucher().channel_id;
         let seconds = self.lease_seconds;
-        let lease = now_or(self.store.lock_now(channel, seconds), || {
+        let lease = now_or!(
+            self.store.lock_now(channel, seconds),
             self.store.lock(channel, seconds)
-        })
-        .await
+        )
         .map_err(PayError::Store)?
         .ok_or(PayError::Refused {
             error: BatchError::ChannelBusy,
             state: None,
         })?;
-        let stored = now_or(self.store.load_now(channel), || self.store.load(channel)).await;
+        let stored = now_or!(self.store.load_now(channel), self.store.load(channel));
         let result = match stored {
             Ok(stored) => held(stored).await,
             Err(e) => Err(PayError::Store(e)),
         };
-        if let Err(e) = now_or(self.store.unlock_now(lease), || self.store.unlock(lease)).await {
+        if let Err(e) = now_or!(self.store.unlock_now(lease), self.store.unlock(lease)) {
             // The lease expires on its own; the channel is only blocked until then.
             alert!(
                 Alert::ChannelState,
@@ -570,10 +570,10 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
     /// `state` committed as `held` expects.
     async fn commit(&self, held: &Held, state: &ChannelState) -> Result<bool, StoreError> {
         let (channel, expected) = (held.channel, held.expected);
-        now_or(self.store.commit_now(channel, expected, state), || {
+        now_or!(
+            self.store.commit_now(channel, expected, state),
             self.store.commit(channel, expected, state.clone())
-        })
-        .await
+        )
     }
 
     async fn keep_deposit(&self, held: &Held, state: &ChannelState) {

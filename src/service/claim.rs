@@ -97,10 +97,10 @@ impl<'s> Claim<'s> {
     /// Marks the proof used. A failure leaves it reserved until it expires: still never
     /// accepted twice, so it is raised, not returned.
     pub(crate) async fn consume(self) {
-        let done = match self.store.consume_now(&self.key, self.token) {
-            Some(done) => done,
-            None => self.store.consume(&self.key, self.token).await,
-        };
+        let done = now_or!(
+            self.store.consume_now(&self.key, self.token),
+            self.store.consume(&self.key, self.token)
+        );
         if let Err(e) = done {
             alert!(
                 Alert::NonceConsume,
@@ -113,10 +113,10 @@ impl<'s> Claim<'s> {
     /// Gives the proof back. A failure leaves it blocked until it expires (the client signs a
     /// new one; never charged twice), so it is raised, not returned.
     pub(crate) async fn release(self) {
-        let done = match self.store.release_now(&self.key, self.token) {
-            Some(done) => done,
-            None => self.store.release(&self.key, self.token).await,
-        };
+        let done = now_or!(
+            self.store.release_now(&self.key, self.token),
+            self.store.release(&self.key, self.token)
+        );
         if let Err(e) = done {
             alert!(
                 Alert::NonceRelease,

@@ -172,10 +172,11 @@ impl<'a> Flow<'a> {
         };
         let mut outcome = None;
         for option in candidates {
-            let result = match shared.verifier.verify_now(payload, option.requirements()) {
-                Some(result) => result,
-                None => shared.verifier.verify(payload, option.requirements()).await,
-            };
+            let req = option.requirements();
+            let result = now_or!(
+                shared.verifier.verify_now(payload, req),
+                shared.verifier.verify(payload, req)
+            );
             let done = !matches!(&result, Err(e) if !e.is_retryable());
             // Keep the first refusal: it is about the best-matching option.
             if done || outcome.is_none() {

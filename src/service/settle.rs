@@ -44,10 +44,10 @@ where
         Ok(claim) => claim,
         Err(res) => return Ok((res, false)),
     };
-    let checked = match shared.settler.check_now(verified) {
-        Some(checked) => checked,
-        None => shared.settler.check(verified).await,
-    };
+    let checked = now_or!(
+        shared.settler.check_now(verified),
+        shared.settler.check(verified)
+    );
     if let Err(e) = checked {
         // Nothing moved and the handler did not run: the proof may be retried (e.g. after
         // topping up the balance).
@@ -94,10 +94,10 @@ async fn claim<'f, B: Send>(
 ) -> Result<Claim<'f>, Answer<B>> {
     let store = &*flow.shared.store;
     let key = verified.nonce_key();
-    let reserved = match store.reserve_now(&key, verified.valid_before) {
-        Some(reserved) => reserved,
-        None => store.reserve(&key, verified.valid_before).await,
-    };
+    let reserved = now_or!(
+        store.reserve_now(&key, verified.valid_before),
+        store.reserve(&key, verified.valid_before)
+    );
     let (rejection, e) = match reserved {
         Ok(Reservation::Reserved(token)) => return Ok(Claim::new(store, key, token)),
         Ok(Reservation::InUse | Reservation::Used) => (
@@ -232,10 +232,10 @@ async fn metered<B: Send>(
 
 /// The settler's answer: at once when it has one (`Settler::settle_now`), else awaited.
 async fn settle(shared: &Shared, payment: &VerifiedPayment) -> Result<Settlement, SettleError> {
-    match shared.settler.settle_now(payment) {
-        Some(result) => result,
-        None => shared.settler.settle(payment).await,
-    }
+    now_or!(
+        shared.settler.settle_now(payment),
+        shared.settler.settle(payment)
+    )
 }
 
 async fn after_settle(

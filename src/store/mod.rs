@@ -100,18 +100,6 @@ impl StoreError {
     }
 }
 
-/// A store's answer given at once by its `*_now` method, else `later`'s, awaited (`later`
-/// runs only then): the synchronous stores skip a boxed future per call.
-pub(crate) async fn now_or<T, Fut: std::future::Future<Output = T>>(
-    now: Option<T>,
-    later: impl FnOnce() -> Fut,
-) -> T {
-    match now {
-        Some(answer) => answer,
-        None => later().await,
-    }
-}
-
 /// `name`'s `Debug` with the settings every shared store has (never its connection: the
 /// address may carry a password); the caller adds its own fields and finishes it.
 #[cfg(any(feature = "redis", feature = "postgres"))]
