@@ -339,21 +339,10 @@ impl ChannelStore for MemoryChannelStore {
     }
 }
 
-/// The contract every [`ChannelStore`] must meet, as one async check: run it against a fresh
-/// store (the memory store's unit test does; a Redis or PostgreSQL store's test should).
-/// Leases are taken for `seconds`; `now` stamps the records; `advance(seconds)` moves the clock the
-/// store's leases expire on (a Redis store: waits).
+/// A whole record charged `charged`, stamped `now`: what the contract checks write and read.
 #[cfg(any(test, feature = "test-util"))]
-#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
-pub async fn conformance<S, F, Fut>(store: &S, now: u64, seconds: u64, advance: F)
-where
-    S: ChannelStore,
-    F: Fn(u64) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let id = B256::repeat_byte(0xc1);
-    let other = B256::repeat_byte(0xc2);
-    let state = |charged: u128| ChannelState {
+fn sample_state(charged: u128, now: u64) -> ChannelState {
+    ChannelState {
         config: ChannelConfig {
             payer: alloy_primitives::Address::repeat_byte(1),
             payer_authorizer: alloy_primitives::Address::repeat_byte(1),
@@ -372,7 +361,24 @@ where
         refund_nonce: U256::ZERO,
         onchain_synced_at: now,
         last_request_at: now,
-    };
+    }
+}
+
+/// The contract every [`ChannelStore`] must meet, as one async check: run it against a fresh
+/// store (the memory store's unit test does; a Redis or PostgreSQL store's test should).
+/// Leases are taken for `seconds`; `now` stamps the records; `advance(seconds)` moves the clock the
+/// store's leases expire on (a Redis store: waits).
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub async fn conformance<S, F, Fut>(store: &S, now: u64, seconds: u64, advance: F)
+where
+    S: ChannelStore,
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let id = B256::repeat_byte(0xc1);
+    let other = B256::repeat_byte(0xc2);
+    let state = |charged: u128| sample_state(charged, now);
     assert_eq!(store.load(id).await.expect("load"), None, "fresh store");
 
     // Commit is a compare-and-set on the charged amount.
@@ -469,26 +475,7 @@ mod tests {
     async fn memory_store_answers_now_as_it_answers_later() {
         let store = MemoryChannelStore::with_clock(FixedClock::new(1_700_000_000));
         let id = B256::repeat_byte(0xc1);
-        let mut state = ChannelState {
-            config: ChannelConfig {
-                payer: alloy_primitives::Address::repeat_byte(1),
-                payer_authorizer: alloy_primitives::Address::repeat_byte(1),
-                receiver: alloy_primitives::Address::repeat_byte(2),
-                receiver_authorizer: alloy_primitives::Address::repeat_byte(3),
-                token: alloy_primitives::Address::repeat_byte(4),
-                withdraw_delay: 900,
-                salt: B256::ZERO,
-            },
-            charged_cumulative: 10,
-            signed_max_claimable: 10,
-            signature: Bytes::from(vec![7u8; 65]),
-            balance: 1_000,
-            total_claimed: 0,
-            withdraw_requested_at: 0,
-            refund_nonce: U256::ZERO,
-            onchain_synced_at: 0,
-            last_request_at: 0,
-        };
+        let mut state = sample_state(10, 0);
         let now = |r: Option<Result<bool, StoreError>>| r.expect("sync").expect("commit");
         assert_eq!(store.load_now(id).expect("sync").expect("load"), None);
         let lease = store
