@@ -224,6 +224,8 @@ impl Settler for FailingSettler {
 
 #[tokio::test]
 async fn settlement_failures_and_replays_are_counted_by_reason() {
+    // Installed before the first request: counted into the no-op recorder, it would be lost.
+    let recorder = recorder();
     let clock = clock();
     let hits = Hits::new();
     let refusing = app(&hits).route_layer(
@@ -259,7 +261,7 @@ async fn settlement_failures_and_replays_are_counted_by_reason() {
     let unavailable = get_with(&down, "/paid", [proof_v2()]).await;
     assert_eq!(unavailable.status, StatusCode::SERVICE_UNAVAILABLE);
 
-    let text = recorder().render();
+    let text = recorder.render();
     let samples = parse(&text);
     let rejected = |status, reason, stage| {
         value(
@@ -331,6 +333,8 @@ async fn settlement_failures_and_replays_are_counted_by_reason() {
 
 #[tokio::test]
 async fn v1_payments_and_networks_get_their_labels() {
+    // Installed before the first request: counted into the no-op recorder, it would be lost.
+    let recorder = recorder();
     let clock = clock();
     let hits = Hits::new();
     let svc = app(&hits).route_layer(
@@ -347,7 +351,7 @@ async fn v1_payments_and_networks_get_their_labels() {
         let res = get_with(&svc, "/paid", [proof_v1()]).await;
         assert_eq!(res.status, StatusCode::OK);
     }
-    let text = recorder().render();
+    let text = recorder.render();
     let samples = parse(&text);
     let usdc = usdc();
     let network = Network::BASE_SEPOLIA.to_string();
