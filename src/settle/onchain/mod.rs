@@ -162,7 +162,7 @@
 mod batch;
 // Payment channels (issue #19): deposits, claims and settle through the relayer.
 mod channel;
-pub use crate::channel::{ChannelClaim, ReceiverAuthorizer, claim_digest};
+pub use crate::channel::{ChannelClaim, LocalAuthorizer, ReceiverAuthorizer, claim_digest};
 pub use channel::{OnchainChannel, WatchReport};
 // The channel manager (issue #19 item 5): rounds of claims, refunds, settles.
 mod channel_manager;
