@@ -1694,8 +1694,9 @@ fn challenge_check(args: &[String]) -> Result<(), BoxError> {
 /// reads and writes, epoll) run in the kernel and are not counted: they are the part of the
 /// server's CPU time per request that this count leaves out. Prints `IR <scenario> <per req>`.
 /// Scenarios: `bare`, `challenge`, `paid-memory`, `bound` (as in `kernel`; its server
-/// answers one 402 first in both runs, so that cancels too) and `voucher-memory` (one
-/// channel's cumulative vouchers, memory channel store, no chain).
+/// answers one 402 first in both runs, so that cancels too), `voucher-memory` (one
+/// channel's cumulative vouchers, memory channel store, no chain) and `voucher-32` (the same
+/// on 32 channels taken in turn: each run opens all 32, so that cancels).
 async fn http_count(args: &[String]) -> Result<(), BoxError> {
     let value = |name: &str| {
         args.iter()
@@ -1737,6 +1738,17 @@ async fn http_count(args: &[String]) -> Result<(), BoxError> {
         true => sign_vouchers(&[n2]).pop().unwrap_or_default(),
         false => Vec::new(),
     };
+    // 32 channels' vouchers, taken in turn (a server paid on many channels at once).
+    let many = match scenarios.contains(&"voucher-32") {
+        true => {
+            let channels = sign_vouchers(&[n2.div_ceil(32); 32]);
+            (0..n2.div_ceil(32))
+                .flat_map(|k| channels.iter().map(move |c| c[k].clone()))
+                .take(n2)
+                .collect()
+        }
+        false => Vec::new(),
+    };
     let exe = std::env::current_exe()?;
     for scenario in scenarios {
         let (headers, expect) = match scenario {
@@ -1745,6 +1757,7 @@ async fn http_count(args: &[String]) -> Result<(), BoxError> {
             "paid-memory" => (Some(&signed[..]), StatusCode::OK),
             "bound" => (None, StatusCode::OK),
             "voucher-memory" => (Some(&vouchers[..]), StatusCode::OK),
+            "voucher-32" => (Some(&many[..]), StatusCode::OK),
             other => return Err(format!("http-count: no scenario {other}").into()),
         };
         let mut ir = Vec::new();
@@ -1755,8 +1768,11 @@ async fn http_count(args: &[String]) -> Result<(), BoxError> {
             cmd.arg("--tool=callgrind")
                 .arg(format!("--callgrind-out-file={}", file.display()))
                 .arg(format!("--log-file={}", log.display()))
-                .arg(&exe)
-                .args(["serve", scenario]);
+                .arg(&exe);
+            match scenario {
+                "voucher-32" => cmd.args(["serve", "voucher-memory", "--channels", "32"]),
+                _ => cmd.args(["serve", scenario]),
+            };
             let server = Server::spawn(scenario, cmd)?;
             // bound: one 402 first (in both runs, so it cancels), then payments against it.
             let own = match scenario {

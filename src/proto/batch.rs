@@ -199,6 +199,7 @@ pub(super) fn read_compact(c: &mut super::compact::Cursor<'_>) -> Option<BatchEv
 /// trailing text) is `None`, left to serde (`tests::compact_path_agrees_with_serde`).
 mod compact {
     use alloy_primitives::hex::{self, FromHex};
+    use alloy_primitives::map::HashMap;
 
     use super::super::compact::{Cursor, once};
     use super::{BatchEvmPayload, ChannelConfig, Voucher};
@@ -225,38 +226,43 @@ mod compact {
         })
     }
 
-    /// How many channel configs a thread keeps the text of.
-    const CONFIG_SLOTS: usize = 4;
-
-    /// Kept configs with their text.
-    type Kept = crate::kept::Kept<(Box<str>, ChannelConfig), CONFIG_SLOTS>;
+    /// How many channel configs a thread keeps the text of (emptied when full).
+    pub(super) const CONFIGS_MAX: usize = 256;
 
     thread_local! {
         /// The text of channel configs read lately on this thread, and what it reads as: a
         /// channel resends its config with every voucher, and reading its seven fields (five
-        /// addresses, a salt) cost each voucher ~2.5k instructions; comparing the text, a
-        /// `memcmp`. Reused round-robin.
-        static CONFIGS: std::cell::RefCell<Kept> = const { std::cell::RefCell::new(Kept::new()) };
+        /// addresses, a salt) cost each voucher ~2.5k instructions; finding its text, a hash
+        /// of it. A map, not a few slots: a server is paid on many channels at once (four
+        /// slots missed every voucher of the load harness's 33 channels).
+        static CONFIGS: std::cell::RefCell<HashMap<Box<str>, ChannelConfig>> =
+            std::cell::RefCell::new(HashMap::default());
     }
 
-    /// The config object at the cursor: a kept one when the text starts with its text (the
-    /// object's extent and value depend on its own bytes only, and the reader reads nothing
-    /// past its `}`), else read and kept.
+    /// The config object at the cursor: a kept one when the text up to the first `}` is a
+    /// kept text (a config object holds no `}` but its last: its values are hex and a
+    /// number, and only such texts are kept; its extent and value depend on its own bytes
+    /// only), else read and kept.
     fn config(c: &mut Cursor<'_>) -> Option<ChannelConfig> {
         let start = c.at();
-        let kept = CONFIGS.with_borrow(|kept| {
-            kept.iter().find_map(|(text, config)| {
+        let rest = c.rest();
+        if let Some(end) = memchr::memchr(b'}', rest.as_bytes()) {
+            let text = &rest[..=end];
+            if let Some(config) = CONFIGS.with_borrow(|kept| kept.get(text).cloned()) {
                 c.back_to(start + text.len());
-                (c.since(start) == Some(&**text)).then(|| config.clone())
-            })
-        });
-        if kept.is_some() {
-            return kept;
+                return Some(config);
+            }
         }
-        c.back_to(start);
         let config = read_config(c)?;
         let text = c.since(start)?;
-        CONFIGS.with_borrow_mut(|kept| kept.keep((Box::from(text), config.clone())));
+        if text.find('}') == text.len().checked_sub(1) {
+            CONFIGS.with_borrow_mut(|kept| {
+                if kept.len() >= CONFIGS_MAX {
+                    kept.clear();
+                }
+                kept.insert(Box::from(text), config.clone());
+            });
+        }
         Some(config)
     }
 
@@ -344,6 +350,32 @@ mod tests {
             r#""salt":"0x0000000000000000000000000000000000000000000000000000000000000007""#,
         ];
         super::super::compact::object_of(&fields, &order)
+    }
+
+    #[test]
+    fn kept_configs_read_as_the_whole() {
+        // More channels than a thread keeps, each met twice in a row and again after the
+        // others: every answer is serde's.
+        let voucher =
+            format!(r#"{{"channelId":"{ID}","maxClaimableAmount":"25000","signature":"{SIG}"}}"#);
+        let docs: Vec<String> = (0..super::compact::CONFIGS_MAX + 44)
+            .map(|i| {
+                let salt = format!("{:064x}", i);
+                let doc = format!(
+                    r#"{{"type":"voucher","channelConfig":{},"voucher":{voucher}}}"#,
+                    config([0, 1, 2, 3, 4, 5, 6])
+                );
+                doc.replace(&format!("{:064x}", 7), &salt)
+            })
+            .collect();
+        for _ in 0..2 {
+            for doc in &docs {
+                let serde: BatchEvmPayload = serde_json::from_str(doc).expect("valid");
+                for _ in 0..2 {
+                    assert_eq!(compact::payload(doc).as_ref(), Some(&serde), "{doc}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -32,6 +32,11 @@ impl<'a> Cursor<'a> {
         self.at = at;
     }
 
+    /// The text from the cursor on.
+    pub(super) fn rest(&self) -> &'a str {
+        self.text.get(self.at..).unwrap_or_default()
+    }
+
     /// The text read since `at` (from [`Self::at`]).
     pub(super) fn since(&self, at: usize) -> Option<&'a str> {
         self.text.get(at..self.at)
