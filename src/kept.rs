@@ -1,5 +1,6 @@
 //! [`Kept`]: the last few values a thread keeps of something costly to make again (a proof's
-//! start, a challenge, a receipt, a MAC or Keccak state, a channel's config or terms).
+//! start, a challenge, a receipt, a MAC or Keccak state, a signer's address, a channel's
+//! terms).
 
 /// Up to `N` values, the oldest replaced once all slots are taken. Not a map: each caller
 /// finds by its own test (a text prefix, a pointer, a whole block), so a miss costs at most

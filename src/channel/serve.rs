@@ -565,8 +565,6 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         }
     }
 
-    /// A deposit that landed is recorded even when the request fails afterwards (the money
-    /// is in the escrow; the charge is unchanged).
     /// `state` committed as `held` expects.
     async fn commit(&self, held: &Held, state: &ChannelState) -> Result<bool, StoreError> {
         let (channel, expected) = (held.channel, held.expected);
@@ -576,6 +574,8 @@ impl<S: ChannelStore, X: Escrow> Channels<S, X> {
         )
     }
 
+    /// A deposit that landed is recorded even when the request fails afterwards (the money
+    /// is in the escrow; the charge is unchanged).
     async fn keep_deposit(&self, held: &Held, state: &ChannelState) {
         if held.deposit.is_none() {
             return;

@@ -14,6 +14,7 @@
 //! forgets every unclaimed voucher); Redis with AOF `fsync always` or PostgreSQL are (issue #19
 //! lists them; not here yet).
 
+use std::borrow::Cow;
 use std::sync::Mutex;
 
 use alloy_primitives::map::B256Map;
@@ -269,12 +270,18 @@ impl MemoryChannelStore {
         }
     }
 
-    fn commit_held(&self, channel: B256, expected: Option<u128>, next: &ChannelState) -> bool {
+    /// `next` (copied only when it is written) iff the charged amount is still `expected`.
+    fn commit_held(
+        &self,
+        channel: B256,
+        expected: Option<u128>,
+        next: Cow<'_, ChannelState>,
+    ) -> bool {
         let mut inner = self.inner();
         if inner.states.get(&channel).map(|s| s.charged_cumulative) != expected {
             return false;
         }
-        inner.states.insert(channel, next.clone());
+        inner.states.insert(channel, next.into_owned());
         true
     }
 }
@@ -300,7 +307,7 @@ impl ChannelStore for MemoryChannelStore {
         expected: Option<u128>,
         next: ChannelState,
     ) -> Result<bool, StoreError> {
-        Ok(self.commit_held(channel, expected, &next))
+        Ok(self.commit_held(channel, expected, Cow::Owned(next)))
     }
 
     async fn remove(&self, channel: B256, expected: u128) -> Result<bool, StoreError> {
@@ -335,7 +342,7 @@ impl ChannelStore for MemoryChannelStore {
         expected: Option<u128>,
         next: &ChannelState,
     ) -> Option<Result<bool, StoreError>> {
-        Some(Ok(self.commit_held(channel, expected, next)))
+        Some(Ok(self.commit_held(channel, expected, Cow::Borrowed(next))))
     }
 }
 

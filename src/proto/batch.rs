@@ -255,7 +255,7 @@ mod compact {
         }
         let config = read_config(c)?;
         let text = c.since(start)?;
-        if text.find('}') == text.len().checked_sub(1) {
+        if memchr::memchr(b'}', text.as_bytes()) == text.len().checked_sub(1) {
             CONFIGS.with_borrow_mut(|kept| {
                 if kept.len() >= CONFIGS_MAX {
                     kept.clear();

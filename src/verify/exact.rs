@@ -226,19 +226,16 @@ pub(crate) fn recover_signer_kept(
     signature: &[u8],
 ) -> Result<Address, SignatureError> {
     let key = recover_key(digest, signature)?;
-    let kept = ADDRESSES.with_borrow(|kept| {
-        kept.iter()
-            .find(|(k, _)| k[..] == key[1..])
-            .map(|(_, address)| *address)
-    });
-    if let Some(address) = kept {
-        return Ok(address);
-    }
-    let address = address_of(&key);
-    let mut point = [0u8; 64];
-    point.copy_from_slice(&key[1..]);
-    ADDRESSES.with_borrow_mut(|kept| kept.keep((point, address)));
-    Ok(address)
+    Ok(ADDRESSES.with_borrow_mut(|kept| {
+        if let Some((_, address)) = kept.iter().find(|(k, _)| k[..] == key[1..]) {
+            return *address;
+        }
+        let address = address_of(&key);
+        let mut point = [0u8; 64];
+        point.copy_from_slice(&key[1..]);
+        kept.keep((point, address));
+        address
+    }))
 }
 
 thread_local! {
